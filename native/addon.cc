@@ -1,0 +1,10 @@
+// Entry point of the blockrelay native addon. Each exported thing lives in its
+// own .cc/.h pair; this file only registers them.
+#include <napi.h>
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("addonVersion", Napi::Number::New(env, 1));
+  return exports;
+}
+
+NODE_API_MODULE(blockrelay, Init)

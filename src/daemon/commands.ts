@@ -1,0 +1,9 @@
+import type { Command } from './command';
+
+/**
+ * Every subcommand, in the order `--help` lists them. Each domain exports its
+ * commands from its own folder; this list only gathers them.
+ */
+export function allCommands(): Command[] {
+  return [];
+}
