@@ -1,0 +1,66 @@
+/**
+ * The one interface every replication target and every disk spec opens to:
+ * raw files and block devices, VMDK (sparse and flat), fixed VHD, Azure page
+ * blobs, and NBD exports (read side). Every implementation runs the same
+ * conformance suite (`test/targets/conformance.ts`).
+ *
+ * Offsets and lengths are byte counts held in JS numbers: exact up to 2^53,
+ * far above the 8 TiB page-blob limit. Requests outside `[0, sizeBytes)` or
+ * off the target's alignment are refused with coded errors, never clipped.
+ */
+export interface DiskTargetCapabilities {
+  /** Unwritten ranges cost no storage and read as zeroes. */
+  readonly sparse: boolean;
+  /** `discard` really releases storage (otherwise it writes zeroes). */
+  readonly discard: boolean;
+  /** Offsets and lengths of writes must be multiples of this (1 = any byte). */
+  readonly alignmentBytes: number;
+  /** The target refuses writes. */
+  readonly readOnly: boolean;
+}
+
+/** A byte range of a disk. */
+export interface Extent {
+  readonly offset: number;
+  readonly length: number;
+}
+
+/** An extent reported by `extents()`: `zero` means it reads as zeroes without data stored. */
+export interface AllocationExtent extends Extent {
+  readonly zero: boolean;
+}
+
+export interface DiskTarget {
+  /** The disk spec this target was opened from, e.g. `vmdk:/data/disk0.vmdk`. */
+  readonly spec: string;
+  readonly sizeBytes: number;
+  readonly capabilities: DiskTargetCapabilities;
+  /** The disk's identity where the format stores one (VMDK ddb.uuid, VHD unique id), else undefined. */
+  readonly diskUuid: string | undefined;
+
+  /** Reads `length` bytes at `offset`; holes read as zeroes. */
+  read(offset: number, length: number): Promise<Buffer>;
+  /** Writes `data` at `offset`. Durable only after `flush()`. */
+  write(offset: number, data: Buffer): Promise<void>;
+  /** Makes `[offset, offset + length)` read as zeroes, sparsely where the format can. */
+  writeZeroes(offset: number, length: number): Promise<void>;
+  /** Hints that the range is unused; afterwards it reads as zeroes. */
+  discard(offset: number, length: number): Promise<void>;
+  /** Makes every completed write durable. */
+  flush(): Promise<void>;
+  /**
+   * Allocation map of `[offset, offset + length)` in order, covering the whole
+   * range: data extents and zero extents. Targets that cannot tell report one
+   * data extent for the whole range.
+   */
+  extents(offset: number, length: number): AsyncIterable<AllocationExtent>;
+  /** Flushes, releases locks and leases, and marks the image clean. Idempotent. */
+  close(): Promise<void>;
+}
+
+/** How to open a disk spec. */
+export interface OpenOptions {
+  /** Create the disk with this size; refused if a disk that is not ours exists there. */
+  readonly create?: { readonly sizeBytes: number; readonly diskUuid?: string };
+  readonly readOnly?: boolean;
+}
