@@ -42,6 +42,19 @@ export const ERROR_CODES = {
   // --- tracking (MS-HRL logs, change tracker) ---
 
   // --- targets ---
+  BR_TARGET_SPEC_INVALID: { recoverable: false, description: 'A disk spec is malformed; expected raw:PATH, vmdk:PATH, vmdk-flat:PATH, vhd:PATH, blob:URL or nbd://HOST:PORT/EXPORT.' },
+  BR_TARGET_UNSUPPORTED: { recoverable: false, description: 'The disk kind or a feature of this image (e.g. a VMDK subformat) is not supported.' },
+  BR_TARGET_OUT_OF_RANGE: { recoverable: false, description: 'A request reaches outside the disk.' },
+  BR_TARGET_UNALIGNED: { recoverable: false, description: 'A request offset or length is not a multiple of the target alignment.' },
+  BR_TARGET_READ_ONLY: { recoverable: false, description: 'The disk is open read-only and refuses writes.' },
+  BR_TARGET_CLOSED: { recoverable: false, description: 'The disk was used after close.' },
+  BR_TARGET_NAME_CONFLICT: { recoverable: false, description: 'A disk that is not ours already exists where a disk was to be created.', asrCode: 78052 },
+  BR_TARGET_DUPLICATE_UUID: { recoverable: false, description: 'Another open disk in this process has the same disk UUID.' },
+  BR_TARGET_HAS_PARENT: { recoverable: false, description: 'The image is a child in a snapshot chain (it has a parent); the master target needs a disk without snapshots.' },
+  BR_TARGET_IS_PARENT: { recoverable: false, description: 'The image is the parent of another image (a snapshot exists); writing it would corrupt the child.' },
+  BR_TARGET_TOO_MANY_DISKS: { recoverable: false, description: 'The master target already has the maximum of 60 attached disks.' },
+  BR_TARGET_CORRUPT: { recoverable: false, description: 'The disk image is damaged (bad magic, bad checksum, pointers past the end, truncated); the message names the byte offset.' },
+  BR_TARGET_SIZE_MISMATCH: { recoverable: false, description: 'The disks of a copy differ in size, or a size is not valid for the format.' },
 
   // --- tap (NBD) ---
 
