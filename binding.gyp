@@ -3,7 +3,8 @@
     {
       "target_name": "blockrelay",
       "sources": [
-        "native/addon.cc"
+        "native/addon.cc",
+        "native/checksum.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": [

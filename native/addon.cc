@@ -2,8 +2,11 @@
 // own .cc/.h pair; this file only registers them.
 #include <napi.h>
 
+#include "checksum.h"
+
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("addonVersion", Napi::Number::New(env, 1));
+  blockrelay::InitChecksum(env, exports);
   return exports;
 }
 
