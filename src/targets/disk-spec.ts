@@ -1,6 +1,7 @@
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget, OpenOptions } from './disk-target';
 import { RawTarget } from './raw/raw-target';
+import { VhdTarget } from './vhd/vhd-target';
 
 /**
  * Disk specs, parsed in one place (DESIGN.md "Outward contracts"):
@@ -72,7 +73,7 @@ export async function openDisk(spec: string, options: OpenOptions = {}): Promise
     case 'vmdk-flat':
       return notWired(parsed);
     case 'vhd':
-      return notWired(parsed);
+      return VhdTarget.open(parsed.path, options, spec);
     case 'blob':
       return notWired(parsed);
     case 'nbd':

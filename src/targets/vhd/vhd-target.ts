@@ -1,0 +1,259 @@
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import type { Clock } from '../../platform/clock';
+import { systemClock } from '../../platform/clock';
+import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
+import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, OpenOptions } from '../disk-target';
+import { claimDiskUuid, type DiskUuidClaim } from '../disk-uuid-registry';
+import { checkOpen, checkRequest } from '../request-bounds';
+import {
+  VHD_FOOTER_SIZE_BYTES,
+  VHD_SECTOR_SIZE_BYTES,
+  checkFixedVhdFooter,
+  decodeVhdFooter,
+  encodeVhdFooter,
+  isUuid,
+  newFixedVhdFooter,
+  type VhdFooter,
+} from './vhd-footer';
+
+/** Largest zero buffer writeZeroes writes at once: bounds memory for huge ranges. */
+const ZERO_CHUNK_BYTES = 1024 * 1024;
+
+export interface VhdOpenOptions extends OpenOptions {
+  /** Source of the footer timestamp on create; the system clock by default. */
+  readonly clock?: Clock;
+}
+
+/**
+ * Reads and validates the footer at the end of an open VHD file of
+ * `fileSizeBytes`. Every failure is coded and names the byte offset.
+ */
+async function readFixedFooter(handle: fsp.FileHandle, fileSizeBytes: number, path: string): Promise<VhdFooter> {
+  if (fileSizeBytes < VHD_FOOTER_SIZE_BYTES) {
+    throw new BlockrelayError('BR_VHD_FOOTER_CORRUPT', `${path}: file is ${fileSizeBytes} bytes, too short for the 512-byte VHD footer at byte offset 0`, {
+      details: { offset: 0, where: path, fileSizeBytes },
+    });
+  }
+  const footerOffset = fileSizeBytes - VHD_FOOTER_SIZE_BYTES;
+  const buf = Buffer.alloc(VHD_FOOTER_SIZE_BYTES);
+  try {
+    await handle.read(buf, 0, VHD_FOOTER_SIZE_BYTES, footerOffset);
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot read the VHD footer of ${path}`);
+  }
+  const footer = decodeVhdFooter(buf, footerOffset, path);
+  checkFixedVhdFooter(footer, fileSizeBytes, path);
+  return footer;
+}
+
+/**
+ * A fixed VHD file: the disk's bytes, then a 512-byte footer
+ * (`docs/formats/vhd.md`). Disk byte i is file byte i, so I/O goes straight
+ * to the file; the footer is written once at create and never rewritten, so
+ * no write can damage it. Requests are 512-byte aligned (the VHD sector).
+ *
+ * Node has no fallocate or SEEK_DATA, so like the raw target this one creates
+ * a sparse file (ftruncate), writes zeroes for writeZeroes and discard, and
+ * reports one data extent.
+ */
+export class VhdTarget implements DiskTarget {
+  readonly capabilities: DiskTargetCapabilities;
+  private closed = false;
+
+  private constructor(
+    readonly spec: string,
+    private readonly path: string,
+    private readonly handle: fsp.FileHandle,
+    private readonly footer: VhdFooter,
+    private readonly uuidClaim: DiskUuidClaim,
+    readOnly: boolean,
+  ) {
+    this.capabilities = { sparse: true, discard: false, alignmentBytes: VHD_SECTOR_SIZE_BYTES, readOnly };
+  }
+
+  get sizeBytes(): number {
+    return this.footer.currentSizeBytes;
+  }
+
+  get diskUuid(): string {
+    return this.footer.uniqueId;
+  }
+
+  /**
+   * Opens the fixed VHD at `path`, or creates it with `options.create`.
+   *
+   * Opening validates the footer whole (cookie, checksum, version, fixed
+   * type, current size = file size - 512) before anything else touches the
+   * file. Creating refuses a size that is not a positive multiple of 512
+   * (BR_TARGET_SIZE_MISMATCH) and anything already at `path` except an empty
+   * file or a fixed VHD with the same unique id and size, which is ours and is
+   * opened (BR_TARGET_NAME_CONFLICT otherwise).
+   */
+  static async open(path: string, options: VhdOpenOptions = {}, spec = `vhd:${path}`): Promise<VhdTarget> {
+    const readOnly = options.readOnly === true;
+    const create = options.create;
+    if (create !== undefined && readOnly) throw new BlockrelayError('BR_USAGE', `cannot create ${spec} read-only`);
+    let stat: fs.Stats | undefined;
+    try {
+      stat = await fsp.stat(path);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw wrapError(err, 'BR_IO', `cannot stat ${path}`);
+    }
+    if (create !== undefined) {
+      const { sizeBytes, diskUuid } = create;
+      if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % VHD_SECTOR_SIZE_BYTES !== 0) {
+        throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `cannot create ${spec} with size ${sizeBytes}: a VHD size is a positive multiple of 512 bytes`, {
+          details: { spec, sizeBytes },
+        });
+      }
+      if (diskUuid !== undefined && !isUuid(diskUuid)) {
+        throw new BlockrelayError('BR_USAGE', `disk uuid ${JSON.stringify(diskUuid)} for ${spec} is not a UUID`, { details: { spec } });
+      }
+      if (stat !== undefined && !(stat.isFile() && stat.size === 0)) {
+        const existing = await VhdTarget.openExistingIfOurs(path, spec, stat, sizeBytes, diskUuid);
+        if (existing !== undefined) return existing;
+        throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} already exists and is not this disk; refusing to create ${spec} over it`, {
+          details: { spec, path },
+        });
+      }
+      const footer = newFixedVhdFooter(sizeBytes, { uniqueId: diskUuid, nowMs: (options.clock ?? systemClock).now() });
+      const uuidClaim = claimDiskUuid(footer.uniqueId, spec, true);
+      let handle: fsp.FileHandle | undefined;
+      try {
+        handle = await openHandle(path, stat === undefined ? 'wx+' : 'r+');
+        // Size first, then the footer, then make both durable: a crash before
+        // the footer lands leaves a file that opens as damaged, never as a
+        // disk with a stale footer.
+        await handle.truncate(sizeBytes + VHD_FOOTER_SIZE_BYTES);
+        await writeAll(handle, encodeVhdFooter(footer), sizeBytes);
+        await handle.sync();
+      } catch (err) {
+        uuidClaim.release();
+        await handle?.close();
+        throw wrapError(err, 'BR_IO', `cannot create ${spec}`);
+      }
+      return new VhdTarget(spec, path, handle, footer, uuidClaim, false);
+    }
+    if (stat === undefined) throw new BlockrelayError('BR_FILE_NOT_FOUND', `${path} does not exist`, { details: { spec, path } });
+    if (!stat.isFile()) throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${path} is not a regular file`, { details: { spec, path } });
+    const handle = await openHandle(path, readOnly ? 'r' : 'r+');
+    try {
+      const footer = await readFixedFooter(handle, stat.size, path);
+      const uuidClaim = claimDiskUuid(footer.uniqueId, spec, !readOnly);
+      return new VhdTarget(spec, path, handle, footer, uuidClaim, readOnly);
+    } catch (err) {
+      await handle.close();
+      throw err;
+    }
+  }
+
+  /** On create over an existing file: opens it if it is a valid fixed VHD with the asked unique id and size. */
+  private static async openExistingIfOurs(
+    path: string,
+    spec: string,
+    stat: fs.Stats,
+    sizeBytes: number,
+    diskUuid: string | undefined,
+  ): Promise<VhdTarget | undefined> {
+    if (diskUuid === undefined || !stat.isFile() || stat.size !== sizeBytes + VHD_FOOTER_SIZE_BYTES) return undefined;
+    const handle = await openHandle(path, 'r+');
+    try {
+      const footer = await readFixedFooter(handle, stat.size, path);
+      if (footer.uniqueId.toLowerCase() !== diskUuid.toLowerCase()) {
+        await handle.close();
+        return undefined;
+      }
+      return new VhdTarget(spec, path, handle, footer, claimDiskUuid(footer.uniqueId, spec, true), false);
+    } catch (err) {
+      await handle.close();
+      if (err instanceof BlockrelayError && err.code.startsWith('BR_VHD_')) return undefined;
+      throw err;
+    }
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'read', offset, length);
+    const out = Buffer.alloc(length);
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await this.io(() => this.handle.read(out, done, length - done, offset + done), 'read');
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return out;
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'write', offset, data.length);
+    await this.io(() => writeAll(this.handle, data, offset), 'write');
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'writeZeroes', offset, length);
+    const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK_BYTES));
+    for (let at = offset; at < offset + length; at += zeroes.length) {
+      const n = Math.min(zeroes.length, offset + length - at);
+      await this.io(() => writeAll(this.handle, n === zeroes.length ? zeroes : zeroes.subarray(0, n), at), 'writeZeroes');
+    }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'discard', offset, length);
+    await this.writeZeroes(offset, length);
+  }
+
+  async flush(): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    if (this.capabilities.readOnly) return;
+    await this.io(() => this.handle.datasync(), 'flush');
+  }
+
+  async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'extents', offset, length);
+    if (length > 0) yield { offset, length, zero: false };
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (!this.capabilities.readOnly) await this.io(() => this.handle.datasync(), 'flush');
+    } finally {
+      this.closed = true;
+      this.uuidClaim.release();
+      await this.handle.close();
+    }
+  }
+
+  private async io<T>(op: () => Promise<T>, what: string): Promise<T> {
+    try {
+      return await op();
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `${what} on ${this.path} failed`);
+    }
+  }
+}
+
+async function writeAll(handle: fsp.FileHandle, data: Buffer, position: number): Promise<void> {
+  let done = 0;
+  while (done < data.length) {
+    const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
+    done += bytesWritten;
+  }
+}
+
+async function openHandle(path: string, flags: string): Promise<fsp.FileHandle> {
+  try {
+    return await fsp.open(path, flags);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+      throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} appeared while creating it`, { cause: err, details: { path } });
+    }
+    throw wrapError(err, 'BR_IO', `cannot open ${path}`);
+  }
+}
