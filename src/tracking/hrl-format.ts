@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { hrlChecksumReference } from './hrl-checksum';
+import { hrlChecksum as hrlChecksumNative } from './hrl-checksum';
 
 /**
  * The [MS-HRL] version 2 on-disk layout: every offset and size as a named
@@ -101,12 +101,11 @@ export function hrlTimestampToIso(seconds: number): string {
 
 /**
  * The §2.6 checksum (bitwise NOT of the 32-bit byte sum, skipping the 4 bytes
- * at `ignoreOffset`). One place to switch to the native fast path.
+ * at `ignoreOffset`; negative ignores nothing): the addon's fast path for
+ * payloads, the JS loop for 32-byte structures.
  */
 export function hrlChecksum(data: Uint8Array, ignoreOffset = -1): number {
-  // "Ignore nothing" is passed as an offset past the end: the reference's
-  // default of -1 would skip bytes 0..2 (the range [-1, 3)).
-  return hrlChecksumReference(data, ignoreOffset < 0 ? data.length : ignoreOffset);
+  return hrlChecksumNative(data, ignoreOffset < 0 ? -1 : ignoreOffset);
 }
 
 /**

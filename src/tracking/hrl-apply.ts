@@ -1,0 +1,74 @@
+import { BlockrelayError } from '../retry/blockrelay-error';
+import type { DiskTarget } from '../targets/disk-target';
+import { HRL_PREVIOUS_UNIQUE_ID_OFFSET } from './hrl-format';
+import { HRL_READ_CHUNK_BYTES, HrlLogFile, hrlDamage, type HrlVerifiedLog } from './hrl-reader';
+
+export interface HrlApplyOptions {
+  /** Require each log's PreviousUniqueId to equal the UniqueId of the log before it (default true). */
+  readonly checkChain?: boolean;
+  /** Called after each log is applied (used by callers that record progress). */
+  readonly onLogApplied?: (log: HrlVerifiedLog) => void;
+}
+
+export interface HrlApplyResult {
+  readonly logs: readonly HrlVerifiedLog[];
+  readonly entriesApplied: number;
+  readonly bytesApplied: number;
+}
+
+/**
+ * Applies logs to a disk, all or nothing with respect to validation: every
+ * log is verified completely (structure, checksums, payloads, disk bounds,
+ * target alignment, chain order) before the first byte is written. Entries
+ * are written in apply order, payloads in chunks of at most
+ * HRL_READ_CHUNK_BYTES, and the target is flushed at the end.
+ *
+ * The log files stay open from verification to apply; a file replaced or
+ * rewritten in between by another process is outside this guarantee.
+ */
+export async function applyHrlLogs(target: DiskTarget, files: readonly string[], options: HrlApplyOptions = {}): Promise<HrlApplyResult> {
+  if (target.capabilities.readOnly) {
+    throw new BlockrelayError('BR_TARGET_READ_ONLY', `${target.spec} is read-only; cannot apply logs`, { details: { spec: target.spec } });
+  }
+  const opened: HrlLogFile[] = [];
+  try {
+    const verified: HrlVerifiedLog[] = [];
+    for (const file of files) {
+      const log = await HrlLogFile.open(file);
+      opened.push(log);
+      verified.push(await log.verify({ diskSizeBytes: target.sizeBytes, alignmentBytes: target.capabilities.alignmentBytes }));
+    }
+    if (options.checkChain ?? true) {
+      for (let i = 1; i < verified.length; i++) {
+        const prev = verified[i - 1]!.header;
+        const cur = verified[i]!.header;
+        if (cur.previousUniqueId !== prev.uniqueId) {
+          throw hrlDamage('BR_HRL_CHAIN_BROKEN', files[i]!, HRL_PREVIOUS_UNIQUE_ID_OFFSET, `PreviousUniqueId ${cur.previousUniqueId} is not the UniqueId ${prev.uniqueId} of ${files[i - 1]}`, { expected: prev.uniqueId });
+        }
+      }
+    }
+    let entries = 0;
+    let bytes = 0;
+    const chunk = Buffer.alloc(HRL_READ_CHUNK_BYTES);
+    for (let i = 0; i < opened.length; i++) {
+      const log = opened[i]!;
+      for await (const entry of log.entries(verified[i]!)) {
+        for (let done = 0; done < entry.dataLength; ) {
+          const n = Math.min(chunk.length, entry.dataLength - done);
+          const data = await log.readPayload(entry, done, n, chunk);
+          // The target may keep the buffer until the write completes; the
+          // next read waits for that, so one chunk buffer is enough.
+          await target.write(entry.byteOffset + done, data.subarray(0, n));
+          done += n;
+        }
+        entries++;
+        bytes += entry.dataLength;
+      }
+      options.onLogApplied?.(verified[i]!);
+    }
+    await target.flush();
+    return { logs: verified, entriesApplied: entries, bytesApplied: bytes };
+  } finally {
+    for (const log of opened) await log.close();
+  }
+}

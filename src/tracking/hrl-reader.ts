@@ -1,0 +1,374 @@
+import * as fsp from 'node:fs/promises';
+import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import type { ErrorCode } from '../retry/error-codes';
+import {
+  HRL_COOKIE,
+  HRL_COOKIE_COMPARED_BYTES,
+  HRL_EOL_LOCATION_OFFSET,
+  HRL_FILE_TYPE_HRL,
+  HRL_FILE_TYPE_OFFSET,
+  HRL_FLAGS_OFFSET,
+  HRL_HEADER_CHECKSUM_OFFSET,
+  HRL_HEADER_RESERVED_OFFSET,
+  HRL_HEADER_SIZE,
+  HRL_LOG_FORMAT_VERSION_OFFSET,
+  HRL_MAX_METADATA_SIZE,
+  HRL_METADATA_ENTRY_SIZE,
+  HRL_METADATA_HEADER_SIZE,
+  HRL_METADATA_SIZE_OFFSET,
+  HRL_META_OPERATION_WRITE,
+  HRL_ME_CHECKSUM_OFFSET,
+  HRL_ME_LOCATION_OFFSET,
+  HRL_ME_META_OPERATION_OFFSET,
+  HRL_ME_RESERVED_OFFSET,
+  HRL_ME_RESERVED_SIZE,
+  HRL_MH_CHECKSUM_OFFSET,
+  HRL_MH_PREVIOUS_LOCATION_OFFSET,
+  HRL_MH_RESERVED_OFFSET,
+  HRL_MH_RESERVED_SIZE,
+  HRL_MH_VALID_ENTRIES_OFFSET,
+  HRL_MIN_METADATA_SIZE,
+  HRL_TOTAL_METADATA_ENTRIES_OFFSET,
+  HRL_VERSION_1,
+  HRL_VERSION_2,
+  computeHrlHeaderChecksum,
+  computeHrlMetadataEntryChecksum,
+  computeHrlMetadataHeaderChecksum,
+  decodeHrlHeader,
+  decodeHrlMetadataEntry,
+  decodeHrlMetadataHeader,
+  hrlByteSum,
+  hrlChecksumFromSum,
+  hrlEntriesPerBlock,
+  isAllZero,
+  type HrlHeader,
+} from './hrl-format';
+
+/** How much payload the verifier and the apply loop read at once. */
+export const HRL_READ_CHUNK_BYTES = 4 * 1024 * 1024;
+
+export interface HrlVerifyOptions {
+  /** Refuse entries reaching past this disk size (BR_HRL_PAST_DISK_END). */
+  readonly diskSizeBytes?: number;
+  /** Refuse entries whose offset or length is not a multiple of this (BR_HRL_MISALIGNED). */
+  readonly alignmentBytes?: number;
+}
+
+export interface HrlBlockInfo {
+  /** File offset of the metadata block. */
+  readonly offset: number;
+  readonly previousMetadataLocation: number;
+  readonly validEntries: number;
+  /** File offset where this block's payloads start. */
+  readonly payloadStart: number;
+}
+
+/** One logged write, in apply order. */
+export interface HrlLogEntry {
+  /** 0-based position in apply order. */
+  readonly index: number;
+  /** File offset of the 32-byte entry. */
+  readonly entryFileOffset: number;
+  /** File offset of the payload. */
+  readonly payloadFileOffset: number;
+  readonly byteOffset: number;
+  readonly dataLength: number;
+  readonly timestamp: number;
+  readonly dataChecksum: number;
+}
+
+/** The result of a full verification. */
+export interface HrlVerifiedLog {
+  readonly path: string;
+  readonly fileSizeBytes: number;
+  readonly header: HrlHeader;
+  /** Metadata blocks in file (apply) order. */
+  readonly blocks: readonly HrlBlockInfo[];
+  readonly entryCount: number;
+  readonly payloadBytes: number;
+  /** Entries with DataChecksum 0, whose payload cannot be checked (see docs/formats/ms-hrl.md). */
+  readonly unverifiedPayloads: number;
+}
+
+/** Builds the coded error for damage at `offset` in `file`. */
+export function hrlDamage(code: ErrorCode, file: string, offset: number, message: string, details: Record<string, string | number> = {}): BlockrelayError {
+  return new BlockrelayError(code, `${file} at byte ${offset}: ${message}`, { details: { file, offset, ...details } });
+}
+
+/**
+ * A log file opened for verification and reading. `verify()` checks every
+ * structure ([MS-HRL] §2.2-§2.6 plus the sanity rules of the notes §3) and
+ * every payload before anything is yielded; `entries()` then walks the
+ * verified blocks in apply order and `readPayload()` reads their data.
+ */
+export class HrlLogFile {
+  private constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly fileSizeBytes: number) {}
+
+  static async open(filePath: string): Promise<HrlLogFile> {
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(filePath, 'r');
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `cannot open HRL log ${filePath}`);
+    }
+    try {
+      const st = await fh.stat();
+      return new HrlLogFile(filePath, fh, st.size);
+    } catch (err) {
+      await fh.close().catch(() => undefined);
+      throw wrapError(err, 'BR_IO', `cannot stat HRL log ${filePath}`);
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close().catch(() => undefined);
+  }
+
+  /** Reads exactly `length` bytes at `offset`, or fails with BR_HRL_TRUNCATED. */
+  async readExact(offset: number, length: number, what: string, into?: Buffer): Promise<Buffer> {
+    if (offset + length > this.fileSizeBytes) {
+      throw hrlDamage('BR_HRL_TRUNCATED', this.path, offset, `${what} needs ${length} bytes but the file ends at ${this.fileSizeBytes}`, { fileSizeBytes: this.fileSizeBytes });
+    }
+    const buf = into ?? Buffer.alloc(length);
+    let done = 0;
+    while (done < length) {
+      let n: number;
+      try {
+        ({ bytesRead: n } = await this.fh.read(buf, done, length - done, offset + done));
+      } catch (err) {
+        throw wrapError(err, 'BR_IO', `reading ${this.path} at byte ${offset + done}`);
+      }
+      if (n === 0) throw hrlDamage('BR_HRL_TRUNCATED', this.path, offset + done, `${what} is cut short`);
+      done += n;
+    }
+    return buf;
+  }
+
+  /** Reads and checks the file header (cookie, version, checksum, fields), not EOLLocation. */
+  async readHeader(): Promise<HrlHeader> {
+    if (this.fileSizeBytes < HRL_HEADER_SIZE) {
+      throw hrlDamage('BR_HRL_TRUNCATED', this.path, this.fileSizeBytes, `file is ${this.fileSizeBytes} bytes, shorter than the ${HRL_HEADER_SIZE}-byte header`);
+    }
+    const buf = await this.readExact(0, HRL_HEADER_SIZE, 'header');
+    checkHeaderBytes(buf, this.path);
+    return decodeHrlHeader(buf);
+  }
+
+  /**
+   * Verifies the whole log. Throws the first damage found as a coded,
+   * non-recoverable error naming the byte offset.
+   */
+  async verify(options: HrlVerifyOptions = {}): Promise<HrlVerifiedLog> {
+    const header = await this.readHeader();
+    const ms = header.metadataSize;
+    const eol = header.eolLocation;
+    if (eol === 0) throw hrlDamage('BR_HRL_UNSEALED', this.path, HRL_EOL_LOCATION_OFFSET, 'EOLLocation is 0: the log was not closed');
+    if (eol < HRL_HEADER_SIZE + ms) {
+      throw hrlDamage('BR_HRL_EOL_OUT_OF_RANGE', this.path, HRL_EOL_LOCATION_OFFSET, `EOLLocation ${eol} leaves no room for the header and one ${ms}-byte metadata block`);
+    }
+    if (eol > this.fileSizeBytes) {
+      throw hrlDamage('BR_HRL_TRUNCATED', this.path, this.fileSizeBytes, `EOLLocation is ${eol} but the file ends at ${this.fileSizeBytes}`, { eolLocation: eol });
+    }
+    const blockOffsets = await this.walkChain(eol - ms, ms);
+    const blocks: HrlBlockInfo[] = [];
+    const block = Buffer.alloc(ms);
+    let payloadStart = HRL_HEADER_SIZE;
+    let entryCount = 0;
+    let payloadBytes = 0;
+    let unverified = 0;
+    for (let i = blockOffsets.length - 1; i >= 0; i--) {
+      const offset = blockOffsets[i]!;
+      await this.readExact(offset, ms, 'metadata block', block);
+      const checked = checkBlockEntries(block, offset, payloadStart, this.path, options);
+      await this.verifyPayloads(block, offset, payloadStart, checked.validEntries);
+      unverified += checked.unverified;
+      blocks.push({ offset, previousMetadataLocation: checked.previousMetadataLocation, validEntries: checked.validEntries, payloadStart });
+      entryCount += checked.validEntries;
+      payloadBytes += offset - payloadStart;
+      payloadStart = offset + ms;
+    }
+    if (entryCount !== header.totalMetadataEntries) {
+      throw hrlDamage('BR_HRL_ENTRY_COUNT_MISMATCH', this.path, HRL_TOTAL_METADATA_ENTRIES_OFFSET, `TotalMetadataEntries is ${header.totalMetadataEntries} but the blocks hold ${entryCount} valid entries`, { expected: entryCount });
+    }
+    return { path: this.path, fileSizeBytes: this.fileSizeBytes, header, blocks, entryCount, payloadBytes, unverifiedPayloads: unverified };
+  }
+
+  /**
+   * The entries of a verified log in apply order. Each block is read again
+   * and its checksums compared again, so a file changed since `verify()`
+   * stops the walk instead of yielding different data.
+   */
+  async *entries(verified: HrlVerifiedLog): AsyncGenerator<HrlLogEntry> {
+    const ms = verified.header.metadataSize;
+    const block = Buffer.alloc(ms);
+    let index = 0;
+    for (const info of verified.blocks) {
+      await this.readExact(info.offset, ms, 'metadata block', block);
+      checkBlockEntries(block, info.offset, info.payloadStart, this.path, {});
+      let payload = info.payloadStart;
+      for (let e = 0; e < info.validEntries; e++) {
+        const at = HRL_METADATA_HEADER_SIZE + e * HRL_METADATA_ENTRY_SIZE;
+        const d = decodeHrlMetadataEntry(block, at);
+        yield { index: index++, entryFileOffset: info.offset + at, payloadFileOffset: payload, byteOffset: d.byteOffset, dataLength: d.dataLength, timestamp: d.timestamp, dataChecksum: d.dataChecksum };
+        payload += d.dataLength;
+      }
+    }
+  }
+
+  /** Reads `length` payload bytes of `entry` starting `from` bytes into it. */
+  async readPayload(entry: HrlLogEntry, from: number, length: number, into?: Buffer): Promise<Buffer> {
+    return this.readExact(entry.payloadFileOffset + from, length, 'payload', into);
+  }
+
+  /**
+   * Pass 1 of [MS-HRL] §2.5: from the last block back to the first, checking
+   * each metadata header. Returns block offsets, last block first. The chain
+   * must move back by at least one whole block each step, so it ends.
+   */
+  private async walkChain(lastOffset: number, ms: number): Promise<number[]> {
+    const offsets: number[] = [];
+    const head = Buffer.alloc(HRL_METADATA_HEADER_SIZE);
+    let cur = lastOffset;
+    for (;;) {
+      await this.readExact(cur, HRL_METADATA_HEADER_SIZE, 'metadata header', head);
+      checkMetadataHeader(head, cur, ms, this.path);
+      offsets.push(cur);
+      const raw = head.readBigUInt64LE(HRL_MH_PREVIOUS_LOCATION_OFFSET);
+      if (raw === 0n) return offsets;
+      if (raw >= 1n << 63n || raw < BigInt(ms)) {
+        throw hrlDamage('BR_HRL_CHAIN_LOOP', this.path, cur + HRL_MH_PREVIOUS_LOCATION_OFFSET, `PreviousMetadataLocation ${raw} does not move back past a whole ${ms}-byte block; the chain would loop`, { value: raw.toString() });
+      }
+      const prev = cur - Number(raw);
+      if (prev < HRL_HEADER_SIZE) {
+        throw hrlDamage('BR_HRL_CHAIN_OUT_OF_RANGE', this.path, cur + HRL_MH_PREVIOUS_LOCATION_OFFSET, `PreviousMetadataLocation ${raw} points to ${prev}, before the end of the header`, { value: raw.toString() });
+      }
+      cur = prev;
+    }
+  }
+
+  /** Checks every payload of a block against its DataChecksum, reading in bounded chunks. */
+  private async verifyPayloads(block: Buffer, blockOffset: number, payloadStart: number, validEntries: number): Promise<void> {
+    const chunk = Buffer.alloc(Math.min(HRL_READ_CHUNK_BYTES, Math.max(1, blockOffset - payloadStart)));
+    let payload = payloadStart;
+    for (let e = 0; e < validEntries; e++) {
+      const at = HRL_METADATA_HEADER_SIZE + e * HRL_METADATA_ENTRY_SIZE;
+      const d = decodeHrlMetadataEntry(block, at);
+      if (d.dataChecksum !== 0) {
+        let sum = 0;
+        for (let done = 0; done < d.dataLength; ) {
+          const n = Math.min(chunk.length, d.dataLength - done);
+          const part = await this.readExact(payload + done, n, 'payload', chunk);
+          sum = (sum + hrlByteSum(part.subarray(0, n))) >>> 0;
+          done += n;
+        }
+        const actual = hrlChecksumFromSum(sum);
+        if (actual !== d.dataChecksum) {
+          throw hrlDamage('BR_HRL_DATA_CHECKSUM', this.path, payload, `payload of the entry at byte ${blockOffset + at} has checksum 0x${hex32(actual)}, DataChecksum says 0x${hex32(d.dataChecksum)}`, { entryOffset: blockOffset + at });
+        }
+      }
+      payload += d.dataLength;
+    }
+  }
+}
+
+function hex32(n: number): string {
+  return n.toString(16).padStart(8, '0');
+}
+
+/** Cookie, version, checksum and must-be-zero fields of a 4096-byte header. */
+export function checkHeaderBytes(buf: Buffer, file: string): void {
+  if (!buf.subarray(0, HRL_COOKIE_COMPARED_BYTES).equals(HRL_COOKIE.subarray(0, HRL_COOKIE_COMPARED_BYTES))) {
+    throw hrlDamage('BR_HRL_BAD_COOKIE', file, 0, `cookie is '${buf.subarray(0, 8).toString('latin1').replace(/[^\x20-\x7e]/g, '.')}', not 'msctlog'`);
+  }
+  const version = buf.readUInt32LE(HRL_LOG_FORMAT_VERSION_OFFSET);
+  if (version !== HRL_VERSION_2) {
+    const why = version === HRL_VERSION_1 ? 'version 1 (Windows Server 2012 local format) is not supported' : 'unknown version';
+    throw hrlDamage('BR_HRL_UNSUPPORTED_VERSION', file, HRL_LOG_FORMAT_VERSION_OFFSET, `LogFormatVersion 0x${hex32(version)}: ${why}; expected 0x00020000`, { version });
+  }
+  const stored = buf.readUInt32LE(HRL_HEADER_CHECKSUM_OFFSET);
+  const actual = computeHrlHeaderChecksum(buf);
+  if (stored !== actual) {
+    throw hrlDamage('BR_HRL_HEADER_CHECKSUM', file, HRL_HEADER_CHECKSUM_OFFSET, `header checksum is 0x${hex32(stored)}, computed 0x${hex32(actual)}`);
+  }
+  const fileType = buf.readUInt32LE(HRL_FILE_TYPE_OFFSET);
+  if (fileType !== HRL_FILE_TYPE_HRL) throw hrlDamage('BR_HRL_HEADER_FIELD', file, HRL_FILE_TYPE_OFFSET, `FileType is ${fileType}, expected 0`);
+  if (buf.readUInt16LE(HRL_FLAGS_OFFSET) !== 0) throw hrlDamage('BR_HRL_HEADER_FIELD', file, HRL_FLAGS_OFFSET, 'Flags must be 0');
+  for (let i = HRL_HEADER_RESERVED_OFFSET; i < HRL_HEADER_SIZE; i++) {
+    if (buf[i] !== 0) throw hrlDamage('BR_HRL_HEADER_FIELD', file, i, 'header Reserved bytes must be 0');
+  }
+  const ms = buf.readUInt32LE(HRL_METADATA_SIZE_OFFSET);
+  if (ms < HRL_MIN_METADATA_SIZE || ms > HRL_MAX_METADATA_SIZE || ms % HRL_METADATA_ENTRY_SIZE !== 0) {
+    throw hrlDamage('BR_HRL_HEADER_FIELD', file, HRL_METADATA_SIZE_OFFSET, `MetadataSize ${ms} is not a multiple of 32 in [${HRL_MIN_METADATA_SIZE}, ${HRL_MAX_METADATA_SIZE}]`);
+  }
+}
+
+/** Checksum, Reserved and ValidMetadataEntries of the 32-byte metadata header at the start of `head`. */
+export function checkMetadataHeader(head: Buffer, blockOffset: number, ms: number, file: string): void {
+  const stored = head.readUInt32LE(HRL_MH_CHECKSUM_OFFSET);
+  const actual = computeHrlMetadataHeaderChecksum(head, 0);
+  if (stored !== actual) {
+    throw hrlDamage('BR_HRL_METADATA_CHECKSUM', file, blockOffset + HRL_MH_CHECKSUM_OFFSET, `metadata header checksum is 0x${hex32(stored)}, computed 0x${hex32(actual)}`, { blockOffset });
+  }
+  if (!isAllZero(head, HRL_MH_RESERVED_OFFSET, HRL_MH_RESERVED_OFFSET + HRL_MH_RESERVED_SIZE)) {
+    throw hrlDamage('BR_HRL_METADATA_FIELD', file, blockOffset + HRL_MH_RESERVED_OFFSET, 'metadata header Reserved bytes must be 0', { blockOffset });
+  }
+  const valid = head.readUInt32LE(HRL_MH_VALID_ENTRIES_OFFSET);
+  const capacity = hrlEntriesPerBlock(ms);
+  if (valid > capacity) {
+    throw hrlDamage('BR_HRL_METADATA_FIELD', file, blockOffset + HRL_MH_VALID_ENTRIES_OFFSET, `ValidMetadataEntries ${valid} exceeds the ${capacity} slots of a ${ms}-byte block`, { blockOffset });
+  }
+}
+
+/**
+ * Checks a whole metadata block read into `block`: its header, each valid
+ * entry (checksum, operation, must-be-zero bytes, range, disk bounds) and
+ * that the payload lengths fill `[payloadStart, blockOffset)` exactly.
+ */
+export function checkBlockEntries(block: Buffer, blockOffset: number, payloadStart: number, file: string, options: HrlVerifyOptions): { validEntries: number; previousMetadataLocation: number; unverified: number } {
+  checkMetadataHeader(block, blockOffset, block.length, file);
+  const head = decodeHrlMetadataHeader(block, 0);
+  let total = 0;
+  let unverified = 0;
+  const align = options.alignmentBytes ?? 1;
+  for (let e = 0; e < head.validMetadataEntries; e++) {
+    const at = HRL_METADATA_HEADER_SIZE + e * HRL_METADATA_ENTRY_SIZE;
+    const entryOffset = blockOffset + at;
+    const stored = block.readUInt32LE(at + HRL_ME_CHECKSUM_OFFSET);
+    const actual = computeHrlMetadataEntryChecksum(block, at);
+    if (stored !== actual) {
+      throw hrlDamage('BR_HRL_ENTRY_CHECKSUM', file, entryOffset + HRL_ME_CHECKSUM_OFFSET, `metadata entry checksum is 0x${hex32(stored)}, computed 0x${hex32(actual)}`, { entryOffset });
+    }
+    const d = decodeHrlMetadataEntry(block, at);
+    if (d.metaOperation !== HRL_META_OPERATION_WRITE) {
+      throw hrlDamage('BR_HRL_UNSUPPORTED_OPERATION', file, entryOffset + HRL_ME_META_OPERATION_OFFSET, `MetaOperation ${d.metaOperation} is not 1 (write)`, { entryOffset });
+    }
+    if (block[at + HRL_ME_LOCATION_OFFSET] !== 0 || !isAllZero(block, at + HRL_ME_RESERVED_OFFSET, at + HRL_ME_RESERVED_OFFSET + HRL_ME_RESERVED_SIZE)) {
+      throw hrlDamage('BR_HRL_ENTRY_FIELD', file, entryOffset + HRL_ME_LOCATION_OFFSET, 'entry Location and Reserved bytes must be 0', { entryOffset });
+    }
+    if (!Number.isFinite(d.byteOffset) || d.byteOffset + d.dataLength > Number.MAX_SAFE_INTEGER) {
+      throw hrlDamage('BR_HRL_ENTRY_FIELD', file, entryOffset, 'entry ByteOffset + DataLength exceeds 2^53', { entryOffset });
+    }
+    if (options.diskSizeBytes !== undefined && d.byteOffset + d.dataLength > options.diskSizeBytes) {
+      throw hrlDamage('BR_HRL_PAST_DISK_END', file, entryOffset, `entry writes [${d.byteOffset}, ${d.byteOffset + d.dataLength}) past the disk end ${options.diskSizeBytes}`, { entryOffset, byteOffset: d.byteOffset, dataLength: d.dataLength, diskSizeBytes: options.diskSizeBytes });
+    }
+    if (d.byteOffset % align !== 0 || d.dataLength % align !== 0) {
+      throw hrlDamage('BR_HRL_MISALIGNED', file, entryOffset, `entry [${d.byteOffset}, +${d.dataLength}) is not aligned to ${align} bytes`, { entryOffset, alignmentBytes: align });
+    }
+    if (d.dataChecksum === 0) unverified++;
+    total += d.dataLength;
+  }
+  if (payloadStart + total !== blockOffset) {
+    throw hrlDamage('BR_HRL_PAYLOAD_MISFIT', file, blockOffset, `payload lengths sum to ${total} but the space from ${payloadStart} to this block is ${blockOffset - payloadStart}`, { payloadStart, payloadBytes: total });
+  }
+  return { validEntries: head.validMetadataEntries, previousMetadataLocation: head.previousMetadataLocation, unverified };
+}
+
+/** Opens, verifies and closes a log. */
+export async function verifyHrlLog(filePath: string, options: HrlVerifyOptions = {}): Promise<HrlVerifiedLog> {
+  const log = await HrlLogFile.open(filePath);
+  try {
+    return await log.verify(options);
+  } finally {
+    await log.close();
+  }
+}

@@ -1,0 +1,330 @@
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { systemClock, type Clock } from '../platform/clock';
+import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import {
+  HRL_DEFAULT_METADATA_SIZE,
+  HRL_HEADER_SIZE,
+  HRL_MAX_DATA_LENGTH,
+  HRL_MAX_METADATA_SIZE,
+  HRL_METADATA_ENTRY_SIZE,
+  HRL_METADATA_HEADER_SIZE,
+  HRL_MIN_METADATA_SIZE,
+  NIL_GUID,
+  encodeHrlHeader,
+  encodeHrlMetadataEntry,
+  encodeHrlMetadataHeader,
+  hrlChecksum,
+  hrlEntriesPerBlock,
+  hrlTimestampFromMs,
+  randomGuid,
+} from './hrl-format';
+
+/** Defaults, units in the names. */
+export const HRL_WRITER_DEFAULTS = {
+  metadataSizeBytes: HRL_DEFAULT_METADATA_SIZE,
+  /** Writes longer than this become several entries (bounds reader and apply buffers). */
+  maxEntryBytes: 1024 * 1024,
+  /** Small payloads are gathered here before one positional write. */
+  stagingBytes: 1024 * 1024,
+} as const;
+
+export interface HrlWriterOptions {
+  readonly uniqueId?: string;
+  /** UniqueId of the previous log of this disk; the nil GUID for the first. */
+  readonly previousUniqueId?: string;
+  readonly vhd2DataWriteGuid?: string;
+  readonly metadataSizeBytes?: number;
+  readonly maxEntryBytes?: number;
+  readonly stagingBytes?: number;
+  readonly clock?: Clock;
+}
+
+/** What `seal()` reports. */
+export interface HrlSealedLog {
+  readonly path: string;
+  readonly uniqueId: string;
+  readonly previousUniqueId: string;
+  /** EOLLocation = file size. */
+  readonly sizeBytes: number;
+  readonly entryCount: number;
+}
+
+const ZERO_CHUNK_CHECKSUM = 0xffff_ffff;
+
+/**
+ * Appends writes to a new [MS-HRL] v2 log. Layout: the 4096-byte header
+ * (EOLLocation 0 while open), an empty anchor metadata block at 4096, then
+ * payloads each followed by the metadata block describing them.
+ *
+ * Memory is bounded by one metadata block plus the staging buffer; payloads
+ * larger than the staging buffer are written straight from the caller's
+ * buffer before `append` resolves, so callers may reuse buffers afterwards.
+ *
+ * `flush()` closes the current (possibly partial) metadata block and
+ * fdatasyncs, so everything appended before it survives a crash and is found
+ * by `recoverHrlLog` (hrl-recovery.ts). `seal()` writes EOLLocation,
+ * CurrentSize, TotalMetadataEntries and the header checksum.
+ *
+ * Operations are serialised internally; concurrent calls run in call order.
+ */
+export class HrlWriter {
+  readonly path: string;
+  readonly uniqueId: string;
+  readonly previousUniqueId: string;
+  readonly metadataSizeBytes: number;
+  private readonly vhd2DataWriteGuid: string;
+  private readonly maxEntryBytes: number;
+  private readonly clock: Clock;
+  private readonly createdTimestamp: number;
+  private readonly entriesPerBlock: number;
+  private readonly block: Buffer;
+  private readonly staging: Buffer;
+  private stagedBytes = 0;
+  /** Everything before this file offset has been handed to the kernel. */
+  private writtenEnd = 0;
+  private entriesInBlock = 0;
+  private lastBlockOffset = HRL_HEADER_SIZE;
+  private totalEntries = 0;
+  private durableEnd = 0;
+  private state: 'open' | 'sealed' | 'closed' = 'open';
+  private queue: Promise<unknown> = Promise.resolve();
+  private zeroChunk: Buffer | undefined;
+
+  private constructor(private readonly fh: fsp.FileHandle, filePath: string, options: HrlWriterOptions) {
+    this.path = filePath;
+    this.uniqueId = options.uniqueId ?? randomGuid();
+    this.previousUniqueId = options.previousUniqueId ?? NIL_GUID;
+    this.vhd2DataWriteGuid = options.vhd2DataWriteGuid ?? NIL_GUID;
+    this.metadataSizeBytes = options.metadataSizeBytes ?? HRL_WRITER_DEFAULTS.metadataSizeBytes;
+    this.maxEntryBytes = options.maxEntryBytes ?? HRL_WRITER_DEFAULTS.maxEntryBytes;
+    this.clock = options.clock ?? systemClock;
+    this.createdTimestamp = hrlTimestampFromMs(this.clock.now());
+    this.entriesPerBlock = hrlEntriesPerBlock(this.metadataSizeBytes);
+    this.block = Buffer.alloc(this.metadataSizeBytes);
+    this.staging = Buffer.alloc(options.stagingBytes ?? HRL_WRITER_DEFAULTS.stagingBytes);
+  }
+
+  /**
+   * Creates the log (refusing an existing file), writes the open header and
+   * the anchor block, and makes both durable together with the directory entry.
+   */
+  static async create(filePath: string, options: HrlWriterOptions = {}): Promise<HrlWriter> {
+    const ms = options.metadataSizeBytes ?? HRL_WRITER_DEFAULTS.metadataSizeBytes;
+    if (!Number.isInteger(ms) || ms < HRL_MIN_METADATA_SIZE || ms > HRL_MAX_METADATA_SIZE || ms % HRL_METADATA_ENTRY_SIZE !== 0) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `metadataSizeBytes must be a multiple of 32 in [${HRL_MIN_METADATA_SIZE}, ${HRL_MAX_METADATA_SIZE}], got ${ms}`);
+    }
+    const maxEntry = options.maxEntryBytes ?? HRL_WRITER_DEFAULTS.maxEntryBytes;
+    if (!Number.isInteger(maxEntry) || maxEntry < 1 || maxEntry > HRL_MAX_DATA_LENGTH) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `maxEntryBytes must be in [1, ${HRL_MAX_DATA_LENGTH}], got ${maxEntry}`);
+    }
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(filePath, 'wx+');
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `cannot create HRL log ${filePath}`);
+    }
+    const writer = new HrlWriter(fh, filePath, options);
+    try {
+      await writer.writeAnchor();
+      await syncDirectory(path.dirname(filePath));
+    } catch (err) {
+      await fh.close().catch(() => undefined);
+      throw wrapError(err, 'BR_IO', `cannot initialise HRL log ${filePath}`);
+    }
+    return writer;
+  }
+
+  /** Bytes the log occupies once everything appended is written (payloads plus the open block). */
+  get sizeBytes(): number {
+    return this.writtenEnd + this.stagedBytes + (this.entriesInBlock > 0 ? this.metadataSizeBytes : 0);
+  }
+
+  /** Entries appended so far. */
+  get entryCount(): number {
+    return this.totalEntries + this.entriesInBlock;
+  }
+
+  /** End of the last block made durable by `flush()` (or by creation). */
+  get durableEndBytes(): number {
+    return this.durableEnd;
+  }
+
+  /** Logs `data` for disk bytes `[byteOffset, byteOffset + data.length)`. */
+  append(byteOffset: number, data: Uint8Array): Promise<void> {
+    checkRange(byteOffset, data.length);
+    return this.serial(async () => {
+      for (let at = 0; at < data.length; at += this.maxEntryBytes) {
+        const piece = data.subarray(at, Math.min(data.length, at + this.maxEntryBytes));
+        await this.appendPiece(byteOffset + at, piece, hrlChecksum(piece));
+      }
+    });
+  }
+
+  /**
+   * Logs that `[byteOffset, byteOffset + length)` now reads as zeroes.
+   * [MS-HRL] has only write operations, so the range becomes zero-filled
+   * write entries of at most `maxEntryBytes` each.
+   */
+  appendZeroes(byteOffset: number, length: number): Promise<void> {
+    checkRange(byteOffset, length);
+    return this.serial(async () => {
+      this.zeroChunk ??= Buffer.alloc(this.maxEntryBytes);
+      for (let at = 0; at < length; at += this.maxEntryBytes) {
+        const n = Math.min(this.maxEntryBytes, length - at);
+        await this.appendPiece(byteOffset + at, this.zeroChunk.subarray(0, n), ZERO_CHUNK_CHECKSUM);
+      }
+    });
+  }
+
+  /** Closes the current metadata block (if it holds entries) and makes the log durable. */
+  flush(): Promise<void> {
+    return this.serial(async () => {
+      if (this.entriesInBlock > 0) await this.closeBlock();
+      await this.io('fdatasync', () => this.fh.datasync());
+      this.durableEnd = this.writtenEnd;
+    });
+  }
+
+  /** Finishes the log: last block, EOLLocation, counts and checksum, fsync, close. */
+  seal(): Promise<HrlSealedLog> {
+    return this.serial(async () => {
+      if (this.entriesInBlock > 0) await this.closeBlock();
+      const eol = this.writtenEnd;
+      const header = encodeHrlHeader({
+        timestamp: this.createdTimestamp,
+        originalSize: 0,
+        currentSize: eol,
+        eolLocation: eol,
+        metadataSize: this.metadataSizeBytes,
+        uniqueId: this.uniqueId,
+        previousUniqueId: this.previousUniqueId,
+        lastModifiedTimestamp: hrlTimestampFromMs(this.clock.now()),
+        totalMetadataEntries: this.totalEntries,
+        vhd2DataWriteGuid: this.vhd2DataWriteGuid,
+      });
+      await this.io('seal', async () => {
+        // The payloads and blocks must be durable before the header claims them.
+        await this.fh.datasync();
+        await this.fh.write(header, 0, header.length, 0);
+        await this.fh.datasync();
+        await this.fh.close();
+      });
+      this.durableEnd = eol;
+      this.state = 'sealed';
+      return { path: this.path, uniqueId: this.uniqueId, previousUniqueId: this.previousUniqueId, sizeBytes: eol, entryCount: this.totalEntries };
+    });
+  }
+
+  /** Closes the file without sealing (the log stays recoverable up to its last flush). Idempotent. */
+  async close(): Promise<void> {
+    if (this.state !== 'open') return;
+    this.state = 'closed';
+    await this.queue.catch(() => undefined);
+    await this.fh.close().catch(() => undefined);
+  }
+
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = async (): Promise<T> => {
+      if (this.state !== 'open') throw new BlockrelayError('BR_HRL_CLOSED', `HRL log ${this.path} is ${this.state}`);
+      return fn();
+    };
+    const next = this.queue.then(run, run);
+    this.queue = next.catch(() => undefined);
+    return next;
+  }
+
+  private async writeAnchor(): Promise<void> {
+    const header = encodeHrlHeader({
+      timestamp: this.createdTimestamp,
+      originalSize: 0,
+      currentSize: 0,
+      eolLocation: 0,
+      metadataSize: this.metadataSizeBytes,
+      uniqueId: this.uniqueId,
+      previousUniqueId: this.previousUniqueId,
+      lastModifiedTimestamp: this.createdTimestamp,
+      totalMetadataEntries: 0,
+      vhd2DataWriteGuid: this.vhd2DataWriteGuid,
+    });
+    // The empty first block at 4096 (as in the spec's example) anchors the
+    // chain, so recovery of an unsealed log can find every later block by
+    // its PreviousMetadataLocation.
+    const anchor = Buffer.alloc(this.metadataSizeBytes);
+    encodeHrlMetadataHeader({ previousMetadataLocation: 0, validMetadataEntries: 0 }, anchor, 0);
+    await this.fh.writev([header, anchor], 0);
+    await this.fh.datasync();
+    this.writtenEnd = HRL_HEADER_SIZE + this.metadataSizeBytes;
+    this.durableEnd = this.writtenEnd;
+  }
+
+  private async appendPiece(byteOffset: number, piece: Uint8Array, dataChecksum: number): Promise<void> {
+    if (this.entriesInBlock === this.entriesPerBlock) await this.closeBlock();
+    encodeHrlMetadataEntry(
+      { byteOffset, dataLength: piece.length, timestamp: hrlTimestampFromMs(this.clock.now()), dataChecksum },
+      this.block,
+      HRL_METADATA_HEADER_SIZE + this.entriesInBlock * HRL_METADATA_ENTRY_SIZE,
+    );
+    this.entriesInBlock++;
+    if (piece.length <= this.staging.length - this.stagedBytes) {
+      this.staging.set(piece, this.stagedBytes);
+      this.stagedBytes += piece.length;
+      return;
+    }
+    await this.writeStaged();
+    if (piece.length >= this.staging.length) {
+      const buf = Buffer.from(piece.buffer, piece.byteOffset, piece.length);
+      await this.io('write', () => this.fh.write(buf, 0, buf.length, this.writtenEnd));
+      this.writtenEnd += piece.length;
+    } else {
+      this.staging.set(piece, 0);
+      this.stagedBytes = piece.length;
+    }
+  }
+
+  private async writeStaged(): Promise<void> {
+    if (this.stagedBytes === 0) return;
+    const n = this.stagedBytes;
+    await this.io('write', () => this.fh.write(this.staging, 0, n, this.writtenEnd));
+    this.writtenEnd += n;
+    this.stagedBytes = 0;
+  }
+
+  /** Writes staged payloads and the current block right after them. */
+  private async closeBlock(): Promise<void> {
+    const blockOffset = this.writtenEnd + this.stagedBytes;
+    encodeHrlMetadataHeader({ previousMetadataLocation: blockOffset - this.lastBlockOffset, validMetadataEntries: this.entriesInBlock }, this.block, 0);
+    const parts = this.stagedBytes > 0 ? [this.staging.subarray(0, this.stagedBytes), this.block] : [this.block];
+    await this.io('write', () => this.fh.writev(parts, this.writtenEnd));
+    this.writtenEnd = blockOffset + this.metadataSizeBytes;
+    this.stagedBytes = 0;
+    this.lastBlockOffset = blockOffset;
+    this.totalEntries += this.entriesInBlock;
+    this.entriesInBlock = 0;
+    this.block.fill(0);
+  }
+
+  private async io<T>(what: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `HRL log ${this.path}: ${what} failed`);
+    }
+  }
+}
+
+function checkRange(byteOffset: number, length: number): void {
+  if (!Number.isSafeInteger(byteOffset) || byteOffset < 0 || !Number.isSafeInteger(length) || length < 0 || byteOffset + length > Number.MAX_SAFE_INTEGER) {
+    throw new BlockrelayError('BR_INTERNAL', `HRL append range out of bounds: offset ${byteOffset}, length ${length}`);
+  }
+}
+
+/** fsyncs a directory so a created or renamed entry survives a crash. */
+export async function syncDirectory(dir: string): Promise<void> {
+  const fh = await fsp.open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}

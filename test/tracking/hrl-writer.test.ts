@@ -1,0 +1,125 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { SimulatedClock } from '../../src/platform/clock';
+import { openDisk } from '../../src/targets/disk-spec';
+import { applyHrlLogs } from '../../src/tracking/hrl-apply';
+import { hrlChecksum, HRL_HEADER_SIZE } from '../../src/tracking/hrl-format';
+import { HrlLogFile, verifyHrlLog } from '../../src/tracking/hrl-reader';
+import { HrlWriter } from '../../src/tracking/hrl-writer';
+import { useTempDirs } from '../helpers/tmp';
+
+const tempDir = useTempDirs();
+
+/** Deterministic pseudo-random bytes. */
+function bytes(seed: number, length: number): Buffer {
+  const b = Buffer.alloc(length);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    b[i] = x & 0xff;
+  }
+  return b;
+}
+
+async function readAllEntries(file: string): Promise<{ byteOffset: number; data: Buffer }[]> {
+  const log = await HrlLogFile.open(file);
+  try {
+    const v = await log.verify();
+    const out: { byteOffset: number; data: Buffer }[] = [];
+    for await (const e of log.entries(v)) out.push({ byteOffset: e.byteOffset, data: await log.readPayload(e, 0, e.dataLength) });
+    return out;
+  } finally {
+    await log.close();
+  }
+}
+
+describe('HrlWriter -> HrlLogFile round trip', () => {
+  it('reads back every write in order, across full and partial metadata blocks', async () => {
+    const file = path.join(tempDir(), 'a.hrl');
+    const w = await HrlWriter.create(file, { metadataSizeBytes: 256, stagingBytes: 8192 });
+    const writes: { byteOffset: number; data: Buffer }[] = [];
+    for (let i = 0; i < 40; i++) {
+      const data = bytes(i + 1, 512 * (1 + (i % 7)) + (i % 3));
+      writes.push({ byteOffset: i * 3000, data });
+      await w.append(i * 3000, data);
+      if (i % 9 === 0) await w.flush();
+    }
+    const sealed = await w.seal();
+    expect(sealed.entryCount).toBe(40);
+    expect(fs.statSync(file).size).toBe(sealed.sizeBytes);
+    const v = await verifyHrlLog(file);
+    expect(v.entryCount).toBe(40);
+    expect(v.header.eolLocation).toBe(sealed.sizeBytes);
+    expect(v.header.totalMetadataEntries).toBe(40);
+    expect(v.blocks[0]).toMatchObject({ offset: HRL_HEADER_SIZE, validEntries: 0, previousMetadataLocation: 0 });
+    expect(v.unverifiedPayloads).toBe(0);
+    expect(await readAllEntries(file)).toEqual(writes);
+  });
+
+  it('splits writes larger than maxEntryBytes and logs zero ranges as zero-filled entries', async () => {
+    const file = path.join(tempDir(), 'b.hrl');
+    const w = await HrlWriter.create(file, { maxEntryBytes: 4096, stagingBytes: 4096 });
+    const big = bytes(7, 10_000);
+    await w.append(1_000_000, big);
+    await w.appendZeroes(50_000, 9000);
+    await w.seal();
+    const got = await readAllEntries(file);
+    expect(got.map((e) => [e.byteOffset, e.data.length])).toEqual([
+      [1_000_000, 4096], [1_004_096, 4096], [1_008_192, 1808],
+      [50_000, 4096], [54_096, 4096], [58_192, 808],
+    ]);
+    expect(Buffer.concat(got.slice(0, 3).map((e) => e.data))).toEqual(big);
+    expect(got.slice(3).every((e) => e.data.every((b) => b === 0))).toBe(true);
+  });
+
+  it('writes the header with EOLLocation 0 while open and the real end, counts and times once sealed', async () => {
+    const clock = new SimulatedClock(Date.UTC(2026, 0, 1));
+    const file = path.join(tempDir(), 'c.hrl');
+    const w = await HrlWriter.create(file, { clock, previousUniqueId: 'a8ae4b46-f7ad-4402-87aa-5b33e9f89c77' });
+    await w.append(0, bytes(3, 4096));
+    await w.flush();
+    const open = fs.readFileSync(file);
+    expect(open.readBigUInt64LE(44)).toBe(0n);
+    expect(open.readUInt32LE(40)).toBe(hrlChecksum(open.subarray(0, 4096), 40));
+    await clock.advance(5000);
+    const sealed = await w.seal();
+    const v = await verifyHrlLog(file);
+    expect(v.header).toMatchObject({ eolLocation: sealed.sizeBytes, currentSize: sealed.sizeBytes, previousUniqueId: 'a8ae4b46-f7ad-4402-87aa-5b33e9f89c77', uniqueId: w.uniqueId });
+    expect(v.header.lastModifiedTimestamp - v.header.timestamp).toBe(5);
+  });
+
+  it('refuses use after seal with BR_HRL_CLOSED', async () => {
+    const w = await HrlWriter.create(path.join(tempDir(), 'd.hrl'));
+    await w.seal();
+    await expect(w.append(0, Buffer.alloc(1))).rejects.toMatchObject({ code: 'BR_HRL_CLOSED' });
+  });
+
+  it('applies sealed, chained logs to a raw disk exactly as the writes would', async () => {
+    const dir = tempDir();
+    const sizeBytes = 1 << 20;
+    const model = Buffer.alloc(sizeBytes);
+    const files: string[] = [];
+    let prev: string | undefined;
+    for (let l = 0; l < 3; l++) {
+      const file = path.join(dir, `log-${l}.hrl`);
+      const w = await HrlWriter.create(file, { previousUniqueId: prev, metadataSizeBytes: 512 });
+      for (let i = 0; i < 30; i++) {
+        const off = ((l * 31 + i * 17) % 200) * 4096;
+        const data = bytes(l * 100 + i + 1, 4096 + 512 * (i % 3));
+        await w.append(off, data);
+        data.copy(model, off);
+      }
+      prev = (await w.seal()).uniqueId;
+      files.push(file);
+    }
+    const target = await openDisk(`raw:${path.join(dir, 'disk.img')}`, { create: { sizeBytes } });
+    try {
+      const result = await applyHrlLogs(target, files);
+      expect(result.entriesApplied).toBe(90);
+    } finally {
+      await target.close();
+    }
+    expect(fs.readFileSync(path.join(dir, 'disk.img'))).toEqual(model);
+  });
+});
