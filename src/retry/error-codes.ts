@@ -102,6 +102,12 @@ export const ERROR_CODES = {
   // --- transport ---
 
   // --- resync ---
+  BR_RESYNC_SIZE_MISMATCH: { recoverable: false, description: 'Resync source and target disks differ in size.' },
+  BR_RESYNC_PROTOCOL: { recoverable: false, description: 'A resync message between source and target side is malformed.' },
+  BR_RESYNC_STATE_CORRUPT: { recoverable: false, description: 'A resync state file failed validation; remove it to start the resync over.' },
+  BR_RESYNC_STATE_MISMATCH: { recoverable: false, description: 'A resync state file belongs to another source/target pair.' },
+  BR_RESYNC_EXTENTS_INVALID: { recoverable: false, description: 'The extents given to a resync are malformed or outside the disk.' },
+  BR_RESYNC_ABORTED: { recoverable: true, description: 'A resync was stopped before it finished; its progress is saved and it resumes.' },
 
   // --- retention ---
 } as const satisfies Record<string, ErrorSpec>;

@@ -1,0 +1,229 @@
+import { isBlockrelayError } from '../retry/blockrelay-error';
+import type { DiskTarget } from '../targets/disk-target';
+import { HASH_BYTES, type BlockHasher } from './block-hasher';
+import {
+  decodeHashReply,
+  decodeInfoReply,
+  decodeRequest,
+  encodeErrorReply,
+  encodeFlushReply,
+  encodeFlushRequest,
+  encodeHashReply,
+  encodeHashRequest,
+  encodeInfoReply,
+  encodeInfoRequest,
+  encodeWriteReply,
+  encodeWriteRequest,
+  expectReply,
+  hashCountForRange,
+  MAX_WRITE_DATA_BYTES,
+  MSG_FLUSH,
+  MSG_FLUSH_REPLY,
+  MSG_HASH,
+  MSG_INFO,
+  MSG_WRITE,
+  MSG_WRITE_REPLY,
+  type HashRequest,
+  type TargetInfo,
+  type WriteRun,
+} from './resync-wire';
+
+/**
+ * The seam between the source side of a resync and the target side. The
+ * source side (the engine) sends encoded requests and gets encoded replies;
+ * only hashes and the data of differing blocks cross it. In process the
+ * channel calls a ResyncTargetService directly; over the network the
+ * transport carries the same bytes (one HTTP request body, one response
+ * body per exchange) to a ResyncTargetService on the far side.
+ */
+export interface ResyncChannel {
+  /** Sends one encoded request and resolves with the encoded reply. */
+  exchange(request: Buffer): Promise<Buffer>;
+}
+
+/** Bytes that crossed the seam, counted as encoded. */
+export interface SeamCounters {
+  /** Source → target: every request byte (headers, ranges, block data). */
+  bytesSent: number;
+  /** Target → source: every reply byte (headers and hashes). */
+  bytesReceived: number;
+  /** Hash bytes inside the replies. */
+  hashBytes: number;
+  /** Block data bytes inside the write requests. */
+  dataBytes: number;
+  exchanges: number;
+}
+
+/**
+ * The source side's handle on the target side: typed calls over a channel,
+ * counting every byte that crosses.
+ */
+export class ResyncPeer {
+  readonly counters: SeamCounters = { bytesSent: 0, bytesReceived: 0, hashBytes: 0, dataBytes: 0, exchanges: 0 };
+
+  constructor(private readonly channel: ResyncChannel) {}
+
+  private async exchange(request: Buffer): Promise<Buffer> {
+    this.counters.bytesSent += request.length;
+    this.counters.exchanges++;
+    const reply = await this.channel.exchange(request);
+    this.counters.bytesReceived += reply.length;
+    return reply;
+  }
+
+  async info(): Promise<TargetInfo> {
+    return decodeInfoReply(await this.exchange(encodeInfoRequest()));
+  }
+
+  /**
+   * Target-side hashes of `ranges`: fine blocks of `fineBlockBytes`, grouped
+   * `groupBlocks` at a time (see BlockHasher.groupHashes), in range order.
+   */
+  async hashRanges(request: HashRequest): Promise<Buffer> {
+    let expected = 0;
+    for (const r of request.ranges) expected += hashCountForRange(r.length, request.fineBlockBytes, request.groupBlocks);
+    const hashes = decodeHashReply(await this.exchange(encodeHashRequest(request)), expected);
+    this.counters.hashBytes += hashes.length;
+    return hashes;
+  }
+
+  /** Writes runs of block data on the target, split into bounded requests. */
+  async writeRuns(runs: readonly WriteRun[]): Promise<void> {
+    let batch: WriteRun[] = [];
+    let batchBytes = 0;
+    const send = async (): Promise<void> => {
+      if (batch.length === 0) return;
+      const count = expectReply(await this.exchange(encodeWriteRequest(batch)), MSG_WRITE_REPLY);
+      if (count !== batch.length) throw new Error(`target acknowledged ${count} runs of ${batch.length}`);
+      this.counters.dataBytes += batchBytes;
+      batch = [];
+      batchBytes = 0;
+    };
+    for (const run of runs) {
+      if (batchBytes + run.data.length > MAX_WRITE_DATA_BYTES) await send();
+      batch.push(run);
+      batchBytes += run.data.length;
+    }
+    await send();
+  }
+
+  /** Makes every acknowledged write durable on the target. */
+  async flush(): Promise<void> {
+    expectReply(await this.exchange(encodeFlushRequest()), MSG_FLUSH_REPLY);
+  }
+}
+
+/** Largest piece the target side reads at once while hashing a long range. */
+const TARGET_READ_CHUNK_BYTES = 8 * 1024 * 1024;
+/** Ranges whose fine hashes the target side keeps for the finer passes that follow. */
+const HASH_CACHE_ENTRIES = 64;
+/** Longest range the cache holds (its hashes are 1/512 of it at 4 KiB blocks). */
+const HASH_CACHE_MAX_RANGE_BYTES = 64 * 1024 * 1024;
+
+interface CachedHashes {
+  readonly offset: number;
+  readonly end: number;
+  readonly fineBlockBytes: number;
+  readonly fine: Buffer;
+}
+
+/**
+ * The target side of the seam: answers encoded requests against a
+ * DiskTarget. Replies are never thrown; failures travel as error replies
+ * carrying the BR_ code, as they would over the network.
+ *
+ * Coarse hashes are derived from fine ones, so the first (coarse) request
+ * for a range reads and hashes it once at the fine block size; the fine
+ * hashes are kept in a small cache so the finer passes over the same range
+ * need no second read. The cache is only an optimization: a miss rereads,
+ * and writes drop every entry they touch.
+ */
+export class ResyncTargetService {
+  private cache: CachedHashes[] = [];
+  private writeChain: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    private readonly target: DiskTarget,
+    private readonly hasher: BlockHasher,
+  ) {}
+
+  /** Drops cached hashes; whoever writes the target outside this service calls it. */
+  invalidate(): void {
+    this.cache = [];
+  }
+
+  async handle(request: Buffer): Promise<Buffer> {
+    try {
+      const req = decodeRequest(request);
+      switch (req.type) {
+        case MSG_INFO:
+          // Each resync begins with INFO: hashes cached for an earlier one
+          // may predate writes made outside this service since.
+          this.invalidate();
+          return encodeInfoReply({ sizeBytes: this.target.sizeBytes, alignmentBytes: this.target.capabilities.alignmentBytes, spec: this.target.spec });
+        case MSG_HASH:
+          return encodeHashReply(await this.hash(req.request));
+        case MSG_WRITE:
+          await this.serialized(() => this.write(req.runs));
+          return encodeWriteReply(req.runs.length);
+        case MSG_FLUSH:
+          await this.serialized(() => this.target.flush());
+          return encodeFlushReply();
+      }
+    } catch (err) {
+      const code = isBlockrelayError(err) ? err.code : 'BR_INTERNAL';
+      return encodeErrorReply(code, err instanceof Error ? err.message : String(err));
+    }
+  }
+
+  /** Writes and flushes run one at a time, so a flush covers every write acknowledged before it. */
+  private serialized<T>(fn: () => Promise<T>): Promise<T> {
+    const next = this.writeChain.then(fn, fn);
+    this.writeChain = next.catch(() => undefined);
+    return next;
+  }
+
+  private async write(runs: readonly WriteRun[]): Promise<void> {
+    for (const run of runs) {
+      const end = run.offset + run.data.length;
+      this.cache = this.cache.filter((c) => c.end <= run.offset || c.offset >= end);
+      await this.target.write(run.offset, run.data);
+    }
+  }
+
+  private async hash(req: HashRequest): Promise<Buffer> {
+    const parts: Buffer[] = [];
+    for (const r of req.ranges) {
+      const fine = await this.fineHashes(r.offset, r.length, req.fineBlockBytes);
+      parts.push(this.hasher.groupHashes(fine, req.groupBlocks));
+    }
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
+  }
+
+  private async fineHashes(offset: number, length: number, fineBlockBytes: number): Promise<Buffer> {
+    const end = offset + length;
+    const hit = this.cache.find((c) => c.fineBlockBytes === fineBlockBytes && c.offset <= offset && end <= c.end && (offset - c.offset) % fineBlockBytes === 0);
+    if (hit !== undefined && (end === hit.end || length % fineBlockBytes === 0)) {
+      const first = (offset - hit.offset) / fineBlockBytes;
+      return hit.fine.subarray(first * HASH_BYTES, (first + Math.ceil(length / fineBlockBytes)) * HASH_BYTES);
+    }
+    const parts: Buffer[] = [];
+    // Block sizes are powers of two, so the chunk is a whole number of blocks.
+    const chunkBytes = Math.max(TARGET_READ_CHUNK_BYTES, fineBlockBytes);
+    for (let pos = offset; pos < end; pos += chunkBytes) {
+      const data = await this.target.read(pos, Math.min(chunkBytes, end - pos));
+      parts.push(this.hasher.hashBlocks(data, fineBlockBytes));
+    }
+    const fine = parts.length === 1 ? parts[0] : Buffer.concat(parts);
+    if (length <= HASH_CACHE_MAX_RANGE_BYTES) {
+      this.cache.push({ offset, end, fineBlockBytes, fine });
+      if (this.cache.length > HASH_CACHE_ENTRIES) this.cache.shift();
+    }
+    return fine;
+  }
+}
+
+/** A channel that hands requests to a target service in this process. */
+export function inProcessChannel(service: ResyncTargetService): ResyncChannel {
+  return { exchange: (request) => service.handle(request) };
+}

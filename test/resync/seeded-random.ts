@@ -1,0 +1,25 @@
+/** mulberry32: a small seeded PRNG, so random test data is the same on every run. */
+export function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Fills `buf` with seeded pseudo-random bytes. */
+export function fillRandom(buf: Buffer, random: () => number): Buffer {
+  for (let i = 0; i + 4 <= buf.length; i += 4) buf.writeUInt32LE(Math.floor(random() * 4294967296), i);
+  for (let i = buf.length - (buf.length % 4); i < buf.length; i++) buf[i] = Math.floor(random() * 256);
+  return buf;
+}
+
+/** Picks `count` distinct block indexes below `blocks`. */
+export function pickBlocks(blocks: number, count: number, random: () => number): number[] {
+  const picked = new Set<number>();
+  while (picked.size < count) picked.add(Math.floor(random() * blocks));
+  return [...picked].sort((a, b) => a - b);
+}
