@@ -1,6 +1,7 @@
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget, OpenOptions } from './disk-target';
 import { RawTarget } from './raw/raw-target';
+import { openVmdk } from './vmdk/vmdk-disk';
 import { VhdTarget } from './vhd/vhd-target';
 
 /**
@@ -69,9 +70,9 @@ export async function openDisk(spec: string, options: OpenOptions = {}): Promise
     case 'raw':
       return RawTarget.open(parsed.path, options, spec);
     case 'vmdk':
-      return notWired(parsed);
+      return openVmdk(parsed.path, options, 'monolithicSparse', spec);
     case 'vmdk-flat':
-      return notWired(parsed);
+      return openVmdk(parsed.path, options, 'monolithicFlat', spec);
     case 'vhd':
       return VhdTarget.open(parsed.path, options, spec);
     case 'blob':

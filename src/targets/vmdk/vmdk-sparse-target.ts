@@ -1,0 +1,607 @@
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
+import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
+import type { DiskUuidClaim } from '../disk-uuid-registry';
+import { checkOpen, checkRequest } from '../request-bounds';
+import { defaultDdb, descriptorSectorsNeeded, fromVmwareUuid, NO_PARENT_CID, parseDescriptor, randomCid, renderDescriptor, type VmdkDescriptor } from './vmdk-descriptor';
+import {
+  corrupt,
+  decodeSparseHeader,
+  encodeSparseHeader,
+  FLAG_REDUNDANT_GRAIN_TABLE,
+  FLAG_ZEROED_GRAIN_GTE,
+  GTE_BYTES,
+  GTE_UNALLOCATED,
+  GTE_ZEROED,
+  HDR,
+  HEADER_BYTES,
+  MAX_CAPACITY_SECTORS,
+  planSparseLayout,
+  SECTOR_BYTES,
+  gtCount,
+  gtSectors,
+  type SparseHeader,
+} from './vmdk-format';
+
+/** Clean grain tables kept in memory (2 KiB each: 8 MiB, mapping 128 GiB). Dirty ones stay until flushed. */
+const MAX_CACHED_GTS = 4096;
+/** New grains written before metadata is flushed on its own (1 GiB of 64 KiB grains): bounds dirty state and loss on a crash. */
+const MAX_UNFLUSHED_GRAINS = 16384;
+/** Largest read when scanning grain tables at open. */
+const TABLE_SCAN_BYTES = 1024 * 1024;
+/** Shared, never-written zero source for zero checks and zero writes (max grain is 1 MiB). */
+const ZEROES = Buffer.alloc(1024 * 1024);
+
+function isAllZero(buf: Buffer): boolean {
+  for (let at = 0; at < buf.length; at += ZEROES.length) {
+    const n = Math.min(ZEROES.length, buf.length - at);
+    if (!buf.subarray(at, at + n).equals(ZEROES.subarray(0, n))) return false;
+  }
+  return true;
+}
+
+interface FileRun {
+  position: number;
+  buffers: Buffer[];
+  bytes: number;
+}
+
+/** Groups (position, buffer) pieces into runs of adjacent file positions for readv/writev. */
+function coalesce(pieces: Array<{ position: number; buffer: Buffer }>): FileRun[] {
+  const runs: FileRun[] = [];
+  for (const p of pieces) {
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.position + last.bytes === p.position && last.buffers.length < 512) {
+      last.buffers.push(p.buffer);
+      last.bytes += p.buffer.length;
+    } else {
+      runs.push({ position: p.position, buffers: [p.buffer], bytes: p.buffer.length });
+    }
+  }
+  return runs;
+}
+
+/**
+ * A monolithicSparse VMDK: one hosted sparse extent with its descriptor
+ * embedded. Data lives in 64 KiB grains appended at the end of the file;
+ * grain tables (GTs) map grains, and a grain directory (GD) plus a redundant
+ * copy (RGD) map GTs.
+ *
+ * Crash order: a new grain's data is written at the end of the file, but its
+ * GT entry is only changed in memory; `flush()` first makes the data durable
+ * (fdatasync), then writes the GT entries to both the GD's and the RGD's GT,
+ * then syncs again. A crash therefore never leaves a GT entry pointing at a
+ * grain whose data did not reach the disk; at worst unflushed grains are
+ * orphaned at the end of the file. While open for writing the header's
+ * `uncleanShutdown` byte is 1; a clean close sets it back to 0. An image
+ * found unclean is checked before use: every GT entry of both directories is
+ * validated and the copies compared; the redundant copy is repaired from the
+ * primary when they differ.
+ *
+ * Requests are serialised: allocation order and GT updates must not
+ * interleave, and the master target applies one log at a time anyway.
+ */
+export class VmdkSparseTarget implements DiskTarget {
+  readonly capabilities: DiskTargetCapabilities;
+  readonly diskUuid: string | undefined;
+  readonly sizeBytes: number;
+  private readonly grainBytes: number;
+  private readonly gtSectors: number;
+  private readonly zeroedGrainGte: boolean;
+  private readonly cache = new Map<number, Uint32Array>();
+  private readonly loading = new Map<number, Promise<Uint32Array | undefined>>();
+  private readonly dirty = new Map<number, Uint32Array>();
+  private gdDirty = false;
+  private nextGrainSector: number;
+  /** Sector after the last byte GT entries may point into. */
+  private dataEndSector: number;
+  private unflushedGrains = 0;
+  private wroteData = false;
+  private closed = false;
+  private tail: Promise<unknown> = Promise.resolve();
+
+  private constructor(
+    readonly spec: string,
+    private readonly file: string,
+    private readonly handle: fsp.FileHandle,
+    private header: SparseHeader,
+    readonly descriptor: VmdkDescriptor | undefined,
+    private readonly gd: Uint32Array,
+    private readonly rgd: Uint32Array | undefined,
+    fileSizeBytes: number,
+    readOnly: boolean,
+    private readonly claim: DiskUuidClaim | undefined,
+  ) {
+    this.sizeBytes = header.capacitySectors * SECTOR_BYTES;
+    this.grainBytes = header.grainSectors * SECTOR_BYTES;
+    this.gtSectors = gtSectors(header);
+    this.zeroedGrainGte = (header.flags & FLAG_ZEROED_GRAIN_GTE) !== 0;
+    const fileSectors = Math.floor(fileSizeBytes / SECTOR_BYTES);
+    this.dataEndSector = fileSectors;
+    this.nextGrainSector = Math.max(header.overheadSectors, Math.ceil(fileSizeBytes / this.grainBytes) * header.grainSectors);
+    this.capabilities = { sparse: true, discard: false, alignmentBytes: SECTOR_BYTES, readOnly };
+    this.diskUuid = fromVmwareUuid(descriptor?.ddb.get('ddb.uuid'));
+  }
+
+  /**
+   * Writes a new, empty monolithicSparse image at `file` (which must not
+   * exist) in the layout VMware and qemu use: header, descriptor (20
+   * sectors), RGD and its GTs, GD and its GTs, grains from overHead on.
+   */
+  static async createImage(file: string, sizeBytes: number, diskUuid: string): Promise<void> {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % SECTOR_BYTES !== 0 || sizeBytes / SECTOR_BYTES > MAX_CAPACITY_SECTORS) {
+      throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `a sparse VMDK must be a positive multiple of 512 bytes below 2 TiB, not ${sizeBytes}`, { details: { file, sizeBytes } });
+    }
+    const capacitySectors = sizeBytes / SECTOR_BYTES;
+    const layout = planSparseLayout(capacitySectors);
+    const h = layout.header;
+    const text = renderDescriptor({
+      version: 1,
+      cid: randomCid(),
+      parentCid: NO_PARENT_CID,
+      createType: 'monolithicSparse',
+      parentFileNameHint: undefined,
+      extents: [{ access: 'RW', sectors: capacitySectors, type: 'SPARSE', fileName: path.basename(file), offsetSectors: 0 }],
+      ddb: defaultDdb(capacitySectors, diskUuid),
+    });
+    if (descriptorSectorsNeeded(text) > h.descriptorSectors) throw new BlockrelayError('BR_INTERNAL', `descriptor for ${file} does not fit its ${h.descriptorSectors} sectors`);
+    const tables = gtCount(h);
+    const dir = (firstGt: number): Buffer => {
+      const b = Buffer.alloc(layout.gdSectors * SECTOR_BYTES);
+      for (let i = 0; i < tables; i++) b.writeUInt32LE(firstGt + i * gtSectors(h), i * GTE_BYTES);
+      return b;
+    };
+    let handle: fsp.FileHandle;
+    try {
+      handle = await fsp.open(file, 'wx');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+        throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${file} already exists`, { cause: err, details: { file } });
+      }
+      throw wrapError(err, 'BR_IO', `cannot create ${file}`);
+    }
+    try {
+      await handle.write(encodeSparseHeader(h), 0, HEADER_BYTES, 0);
+      await handle.write(Buffer.from(text, 'utf8'), 0, Buffer.byteLength(text), h.descriptorOffsetSectors * SECTOR_BYTES);
+      const rgd = dir(layout.rgdFirstGtSector);
+      await handle.write(rgd, 0, rgd.length, h.rgdOffsetSectors * SECTOR_BYTES);
+      const gd = dir(layout.gdFirstGtSector);
+      await handle.write(gd, 0, gd.length, h.gdOffsetSectors * SECTOR_BYTES);
+      // The GTs themselves are all zeroes: the truncate leaves them as holes.
+      await handle.truncate(h.overheadSectors * SECTOR_BYTES);
+      await handle.datasync();
+    } catch (err) {
+      await handle.close();
+      await fsp.rm(file, { force: true });
+      throw wrapError(err, 'BR_IO', `cannot write new image ${file}`);
+    } finally {
+      await handle.close().catch(() => undefined);
+    }
+  }
+
+  /** Reads the header and embedded descriptor only, for identity checks before opening. */
+  static async probe(file: string): Promise<{ header: SparseHeader; descriptor: VmdkDescriptor | undefined }> {
+    const handle = await openFile(file, 'r');
+    try {
+      const size = (await handle.stat()).size;
+      const head = Buffer.alloc(HEADER_BYTES);
+      await handle.read(head, 0, HEADER_BYTES, 0);
+      const header = decodeSparseHeader(head, size, file);
+      return { header, descriptor: await readEmbeddedDescriptor(handle, header, file) };
+    } finally {
+      await handle.close();
+    }
+  }
+
+  /**
+   * Opens an existing sparse extent. Validates the header, descriptor, both
+   * directories and every grain table before the first request, so damage is
+   * found at open as a coded error and never causes a write. Opening for
+   * writing sets `uncleanShutdown`.
+   */
+  static async open(file: string, spec: string, readOnly: boolean, claim?: DiskUuidClaim): Promise<VmdkSparseTarget> {
+    const handle = await openFile(file, readOnly ? 'r' : 'r+');
+    try {
+      const size = (await handle.stat()).size;
+      const head = Buffer.alloc(HEADER_BYTES);
+      await handle.read(head, 0, HEADER_BYTES, 0);
+      const header = decodeSparseHeader(head, size, file);
+      const descriptor = await readEmbeddedDescriptor(handle, header, file);
+      if (descriptor !== undefined && descriptor.parentCid !== NO_PARENT_CID) {
+        throw new BlockrelayError('BR_TARGET_HAS_PARENT', `${file} is a snapshot child (parentCID ${descriptor.parentCid.toString(16)}); refusing it`, { details: { file } });
+      }
+      const tables = gtCount(header);
+      const gd = await readDirectory(handle, header.gdOffsetSectors, tables);
+      const rgd = (header.flags & FLAG_REDUNDANT_GRAIN_TABLE) !== 0 ? await readDirectory(handle, header.rgdOffsetSectors, tables) : undefined;
+      const target = new VmdkSparseTarget(spec, file, handle, header, descriptor, gd, rgd, size, readOnly, claim);
+      await target.validateTables(header.uncleanShutdown);
+      if (!readOnly) await target.writeHeader(true);
+      return target;
+    } catch (err) {
+      await handle.close();
+      throw err;
+    }
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'read', offset, length);
+    return this.exclusive(async () => {
+      const out = Buffer.alloc(length);
+      const pieces: Array<{ position: number; buffer: Buffer }> = [];
+      for (const g of this.grainsOf(offset, length)) {
+        const gte = await this.gte(g.index);
+        if (this.allocated(gte)) pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: out.subarray(g.at - offset, g.at - offset + g.length) });
+      }
+      for (const run of coalesce(pieces)) await this.readRun(run);
+      return out;
+    });
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'write', offset, data.length);
+    return this.exclusive(async () => {
+      const pieces: Array<{ position: number; buffer: Buffer }> = [];
+      const updates: Array<{ index: number; sector: number }> = [];
+      for (const g of this.grainsOf(offset, data.length)) {
+        const piece = data.subarray(g.at - offset, g.at - offset + g.length);
+        const gte = await this.gte(g.index);
+        if (this.allocated(gte)) {
+          pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: piece });
+          continue;
+        }
+        // Zeroes into an unallocated or zeroed grain change nothing a
+        // reader sees; keeping the grain unallocated keeps the disk sparse.
+        if (isAllZero(piece)) continue;
+        let grain = piece;
+        if (piece.length !== this.grainBytes) {
+          grain = Buffer.alloc(this.grainBytes);
+          piece.copy(grain, g.inGrain);
+        }
+        const sector = this.nextGrainSector;
+        this.nextGrainSector += this.header.grainSectors;
+        pieces.push({ position: sector * SECTOR_BYTES, buffer: grain });
+        updates.push({ index: g.index, sector });
+      }
+      for (const run of coalesce(pieces)) await this.writeRun(run);
+      // GT entries change only after their grains are written (see class doc).
+      for (const u of updates) await this.setGte(u.index, u.sector);
+      this.dataEndSector = Math.max(this.dataEndSector, this.nextGrainSector);
+      this.unflushedGrains += updates.length;
+      this.wroteData ||= pieces.length > 0;
+      if (this.unflushedGrains >= MAX_UNFLUSHED_GRAINS) await this.flushLocked();
+    });
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'writeZeroes', offset, length);
+    return this.exclusive(() => this.zeroLocked(offset, length));
+  }
+
+  /** Frees nothing (VMDK has no way to return a grain), but the range reads as zeroes afterwards. */
+  async discard(offset: number, length: number): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'discard', offset, length);
+    return this.exclusive(() => this.zeroLocked(offset, length));
+  }
+
+  async flush(): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    return this.exclusive(() => this.flushLocked());
+  }
+
+  async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'extents', offset, length);
+    let pending: { offset: number; length: number; zero: boolean } | undefined;
+    for (const g of this.grainsOf(offset, length)) {
+      const zero = !this.allocated(await this.gte(g.index));
+      if (pending !== undefined && pending.zero === zero) {
+        pending.length += g.length;
+        continue;
+      }
+      if (pending !== undefined) yield pending;
+      pending = { offset: g.at, length: g.length, zero };
+    }
+    if (pending !== undefined) yield pending;
+  }
+
+  close(): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    this.closed = true;
+    return this.exclusive(async () => {
+      try {
+        if (!this.capabilities.readOnly) {
+          await this.flushLocked();
+          await this.writeHeader(false);
+          await this.io(() => this.handle.datasync(), 'sync');
+        }
+      } finally {
+        this.claim?.release();
+        await this.handle.close();
+      }
+    });
+  }
+
+  // --- internals ---
+
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.tail.then(fn, fn);
+    this.tail = run.catch(() => undefined);
+    return run;
+  }
+
+  private *grainsOf(offset: number, length: number): Generator<{ index: number; at: number; inGrain: number; length: number }> {
+    const end = offset + length;
+    for (let at = offset; at < end; ) {
+      const index = Math.floor(at / this.grainBytes);
+      const inGrain = at - index * this.grainBytes;
+      const n = Math.min(this.grainBytes - inGrain, end - at);
+      yield { index, at, inGrain, length: n };
+      at += n;
+    }
+  }
+
+  private allocated(gte: number): boolean {
+    return gte !== GTE_UNALLOCATED && !(gte === GTE_ZEROED && this.zeroedGrainGte);
+  }
+
+  private async zeroLocked(offset: number, length: number): Promise<void> {
+    const pieces: Array<{ position: number; buffer: Buffer }> = [];
+    for (const g of this.grainsOf(offset, length)) {
+      const gte = await this.gte(g.index);
+      if (!this.allocated(gte)) continue;
+      if (g.length === this.grainBytes && this.zeroedGrainGte) {
+        await this.setGte(g.index, GTE_ZEROED);
+        continue;
+      }
+      pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: ZEROES.subarray(0, g.length) });
+    }
+    for (const run of coalesce(pieces)) await this.writeRun(run);
+    this.wroteData ||= pieces.length > 0;
+  }
+
+  private async flushLocked(): Promise<void> {
+    if (this.capabilities.readOnly) return;
+    if (this.dirty.size === 0 && !this.gdDirty) {
+      if (this.wroteData) await this.io(() => this.handle.datasync(), 'sync');
+      this.wroteData = false;
+      return;
+    }
+    // 1. grains durable before anything points at them
+    await this.io(() => this.handle.datasync(), 'sync');
+    // 2. grain tables, primary then redundant copy
+    const gtBytes = this.gtSectors * SECTOR_BYTES;
+    for (const [index, table] of [...this.dirty].sort((a, b) => a[0] - b[0])) {
+      const bytes = Buffer.from(table.buffer, table.byteOffset, gtBytes);
+      await this.io(() => this.handle.write(bytes, 0, gtBytes, this.gd[index]! * SECTOR_BYTES), 'write grain table');
+      if (this.rgd !== undefined) await this.io(() => this.handle.write(bytes, 0, gtBytes, this.rgd![index]! * SECTOR_BYTES), 'write redundant grain table');
+    }
+    // 3. directories only once the GTs they point at are durable
+    if (this.gdDirty) {
+      await this.io(() => this.handle.datasync(), 'sync');
+      const dir = (d: Uint32Array): Buffer => Buffer.from(d.buffer, d.byteOffset, d.length * GTE_BYTES);
+      await this.io(() => this.handle.write(dir(this.gd), 0, this.gd.length * GTE_BYTES, this.header.gdOffsetSectors * SECTOR_BYTES), 'write grain directory');
+      if (this.rgd !== undefined) await this.io(() => this.handle.write(dir(this.rgd!), 0, this.rgd!.length * GTE_BYTES, this.header.rgdOffsetSectors * SECTOR_BYTES), 'write redundant grain directory');
+    }
+    await this.io(() => this.handle.datasync(), 'sync');
+    this.dirty.clear();
+    this.gdDirty = false;
+    this.unflushedGrains = 0;
+    this.wroteData = false;
+  }
+
+  private async writeHeader(unclean: boolean): Promise<void> {
+    this.header = { ...this.header, uncleanShutdown: unclean };
+    const byte = Buffer.from([unclean ? 1 : 0]);
+    // Only the flag byte changes: the rest of a foreign header stays as its tool wrote it.
+    await this.io(() => this.handle.write(byte, 0, 1, HDR.uncleanShutdown), 'write header');
+    await this.io(() => this.handle.datasync(), 'sync');
+  }
+
+  /** The GT entry of grain `index` (0 when its GT is not allocated). */
+  private async gte(index: number): Promise<number> {
+    const table = await this.table(Math.floor(index / this.header.gtesPerGt));
+    return table === undefined ? GTE_UNALLOCATED : table[index % this.header.gtesPerGt]!;
+  }
+
+  private async setGte(index: number, value: number): Promise<void> {
+    const gtIndex = Math.floor(index / this.header.gtesPerGt);
+    let table = await this.table(gtIndex);
+    if (table === undefined) table = this.allocateTable(gtIndex);
+    table[index % this.header.gtesPerGt] = value;
+    this.dirty.set(gtIndex, table);
+  }
+
+  /**
+   * A GT the directory does not point at yet (foreign images may leave GTs
+   * unallocated): room for it and its redundant copy is taken from the end
+   * of the file as one grain, and the directories are written at flush.
+   */
+  private allocateTable(gtIndex: number): Uint32Array {
+    const sector = this.nextGrainSector;
+    this.nextGrainSector += this.header.grainSectors;
+    this.dataEndSector = Math.max(this.dataEndSector, this.nextGrainSector);
+    this.gd[gtIndex] = sector;
+    if (this.rgd !== undefined) this.rgd[gtIndex] = sector + this.gtSectors;
+    this.gdDirty = true;
+    const table = new Uint32Array((this.gtSectors * SECTOR_BYTES) / GTE_BYTES);
+    this.cache.set(gtIndex, table);
+    this.dirty.set(gtIndex, table);
+    return table;
+  }
+
+  private table(gtIndex: number): Promise<Uint32Array | undefined> | Uint32Array | undefined {
+    const dirty = this.dirty.get(gtIndex);
+    if (dirty !== undefined) return dirty;
+    const cached = this.cache.get(gtIndex);
+    if (cached !== undefined) return cached;
+    if (this.gd[gtIndex] === 0) return undefined;
+    let load = this.loading.get(gtIndex);
+    if (load === undefined) {
+      load = this.loadTable(this.gd[gtIndex]!).then((t) => {
+        this.loading.delete(gtIndex);
+        this.remember(gtIndex, t);
+        return t;
+      }, (err) => {
+        this.loading.delete(gtIndex);
+        throw err;
+      });
+      this.loading.set(gtIndex, load);
+    }
+    return load;
+  }
+
+  private remember(gtIndex: number, table: Uint32Array): void {
+    this.cache.set(gtIndex, table);
+    if (this.cache.size <= MAX_CACHED_GTS) return;
+    for (const key of this.cache.keys()) {
+      if (!this.dirty.has(key)) {
+        this.cache.delete(key);
+        break;
+      }
+    }
+  }
+
+  private async loadTable(sector: number): Promise<Uint32Array> {
+    const bytes = Buffer.alloc(this.gtSectors * SECTOR_BYTES);
+    const { bytesRead } = await this.io(() => this.handle.read(bytes, 0, bytes.length, sector * SECTOR_BYTES), 'read grain table');
+    if (bytesRead !== bytes.length) throw corrupt(this.file, sector * SECTOR_BYTES, 'grain table is cut off by the end of the file');
+    const table = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length / GTE_BYTES).slice();
+    this.checkTable(table, sector * SECTOR_BYTES);
+    return table;
+  }
+
+  /** Every entry is unallocated, zeroed (when the flag allows), or a whole grain between overHead and the end of the file. */
+  private checkTable(table: Uint32Array, byteOffset: number): void {
+    const limit = this.dataEndSector - this.header.grainSectors;
+    for (let i = 0; i < this.header.gtesPerGt; i++) {
+      const v = table[i]!;
+      if (v === GTE_UNALLOCATED || (v === GTE_ZEROED && this.zeroedGrainGte)) continue;
+      if (v < this.header.overheadSectors || v > limit) {
+        throw corrupt(this.file, byteOffset + i * GTE_BYTES, `grain table entry ${v} points ${v > limit ? 'past the end of the file' : 'into the metadata'}`);
+      }
+    }
+  }
+
+  /**
+   * Reads every GT of the directory (in runs of up to 1 MiB) and validates
+   * it; for an image found unclean also reads the redundant copies and
+   * compares. A differing redundant GT is rewritten from the primary when
+   * the image is open for writing.
+   */
+  private async validateTables(unclean: boolean): Promise<void> {
+    const fileSectors = this.dataEndSector;
+    const gtBytes = this.gtSectors * SECTOR_BYTES;
+    const checkDir = (dir: Uint32Array, at: number): void => {
+      for (let i = 0; i < dir.length; i++) {
+        const v = dir[i]!;
+        if (v !== 0 && (v < 1 || v + this.gtSectors > fileSectors)) throw corrupt(this.file, at * SECTOR_BYTES + i * GTE_BYTES, `grain directory entry ${v} points past the end of the file`);
+      }
+    };
+    checkDir(this.gd, this.header.gdOffsetSectors);
+    if (this.rgd !== undefined) checkDir(this.rgd, this.header.rgdOffsetSectors);
+    const scan = async (dir: Uint32Array, visit: (index: number, table: Uint32Array) => void): Promise<void> => {
+      for (let i = 0; i < dir.length; ) {
+        if (dir[i] === 0) {
+          i++;
+          continue;
+        }
+        let n = 1;
+        while (i + n < dir.length && dir[i + n] === dir[i]! + n * this.gtSectors && (n + 1) * gtBytes <= TABLE_SCAN_BYTES) n++;
+        const bytes = Buffer.alloc(n * gtBytes);
+        await this.io(() => this.handle.read(bytes, 0, bytes.length, dir[i]! * SECTOR_BYTES), 'read grain tables');
+        for (let k = 0; k < n; k++) {
+          const table = new Uint32Array(bytes.buffer, bytes.byteOffset + k * gtBytes, gtBytes / GTE_BYTES).slice();
+          this.checkTable(table, dir[i + k]! * SECTOR_BYTES);
+          visit(i + k, table);
+        }
+        i += n;
+      }
+    };
+    const primary = new Map<number, Uint32Array>();
+    await scan(this.gd, (index, table) => {
+      if (unclean) primary.set(index, table);
+      else if (this.cache.size < MAX_CACHED_GTS) this.cache.set(index, table);
+    });
+    if (!unclean || this.rgd === undefined) return;
+    for (let i = 0; i < this.gd.length; i++) {
+      if ((this.gd[i] === 0) !== (this.rgd[i] === 0)) throw corrupt(this.file, this.header.rgdOffsetSectors * SECTOR_BYTES + i * GTE_BYTES, 'grain directory and redundant grain directory disagree about an allocated table');
+    }
+    await scan(this.rgd, (index, table) => {
+      const main = primary.get(index)!;
+      const same = table.every((v, k) => v === main[k]);
+      if (!same && !this.capabilities.readOnly) this.dirty.set(index, main);
+    });
+    for (const [index, table] of primary) if (this.cache.size < MAX_CACHED_GTS || this.dirty.has(index)) this.cache.set(index, table);
+    if (this.dirty.size > 0) await this.flushLocked();
+  }
+
+  private async readRun(run: FileRun): Promise<void> {
+    let position = run.position;
+    let buffers = run.buffers;
+    while (buffers.length > 0) {
+      const { bytesRead } = await this.io(() => this.handle.readv(buffers, position), 'read');
+      if (bytesRead === 0) throw corrupt(this.file, position, 'grain data is cut off by the end of the file');
+      position += bytesRead;
+      buffers = advance(buffers, bytesRead);
+    }
+  }
+
+  private async writeRun(run: FileRun): Promise<void> {
+    let position = run.position;
+    let buffers = run.buffers;
+    while (buffers.length > 0) {
+      const { bytesWritten } = await this.io(() => this.handle.writev(buffers, position), 'write');
+      position += bytesWritten;
+      buffers = advance(buffers, bytesWritten);
+    }
+  }
+
+  private async io<T>(op: () => Promise<T>, what: string): Promise<T> {
+    try {
+      return await op();
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `${what} on ${this.file} failed`);
+    }
+  }
+}
+
+/** The buffers left after `n` bytes of them were transferred. */
+function advance(buffers: Buffer[], n: number): Buffer[] {
+  const out: Buffer[] = [];
+  let skip = n;
+  for (const b of buffers) {
+    if (skip >= b.length) {
+      skip -= b.length;
+      continue;
+    }
+    out.push(skip > 0 ? b.subarray(skip) : b);
+    skip = 0;
+  }
+  return out;
+}
+
+async function openFile(file: string, flags: string): Promise<fsp.FileHandle> {
+  try {
+    return await fsp.open(file, flags);
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot open ${file}`);
+  }
+}
+
+async function readDirectory(handle: fsp.FileHandle, sector: number, entries: number): Promise<Uint32Array> {
+  const bytes = Buffer.alloc(entries * GTE_BYTES);
+  await handle.read(bytes, 0, bytes.length, sector * SECTOR_BYTES);
+  return new Uint32Array(bytes.buffer, bytes.byteOffset, entries).slice();
+}
+
+async function readEmbeddedDescriptor(handle: fsp.FileHandle, header: SparseHeader, file: string): Promise<VmdkDescriptor | undefined> {
+  if (header.descriptorOffsetSectors === 0) return undefined;
+  const bytes = Buffer.alloc(header.descriptorSectors * SECTOR_BYTES);
+  await handle.read(bytes, 0, bytes.length, header.descriptorOffsetSectors * SECTOR_BYTES);
+  return parseDescriptor(bytes, file, header.descriptorOffsetSectors * SECTOR_BYTES);
+}
