@@ -98,6 +98,13 @@ export const ERROR_CODES = {
   BR_TARGET_SIZE_MISMATCH: { recoverable: false, description: 'The disks of a copy differ in size, or a size is not valid for the format.' },
 
   // --- tap (NBD) ---
+  BR_NBD_CONNECTION: { recoverable: true, description: 'An NBD connection could not be made or closed before every reply arrived.' },
+  BR_NBD_PROTOCOL: { recoverable: false, description: 'The NBD peer broke the protocol (bad magic, malformed reply, unexpected handle).' },
+  BR_NBD_EXPORT_UNKNOWN: { recoverable: false, description: 'The NBD server has no export of that name.' },
+  BR_NBD_REQUEST_FAILED: { recoverable: false, description: 'The NBD server answered a request with an error value (named in the message).' },
+  BR_NBD_READ_ONLY: { recoverable: false, description: 'The NBD export is read-only; writes are refused.' },
+  BR_NBD_OUT_OF_RANGE: { recoverable: false, description: 'An NBD request lies outside the export or breaks its block size constraints.' },
+  BR_TAP_LISTEN: { recoverable: true, description: 'The source tap could not listen on its address (in use or not permitted).' },
 
   // --- transport ---
 
