@@ -1,0 +1,667 @@
+import type { Socket } from 'node:net';
+import { ByteQueue } from './byte-queue';
+import * as P from './nbd-protocol';
+import type { ServedExport } from './served-export';
+import type { GateTicket } from './write-order-gate';
+import type { Clock, TimerHandle } from '../platform/clock';
+import { isBlockrelayError } from '../retry/blockrelay-error';
+
+/** Bounds on what one client connection may hold. */
+export interface NbdConnectionLimits {
+  /** Requests dispatched and not yet answered; beyond it the socket is paused. */
+  readonly maxInFlightRequests: number;
+  /**
+   * Bytes held for a connection: unparsed input, write payloads in flight,
+   * read data in flight and replies queued on the socket. Beyond it the
+   * socket is paused. Must exceed the max block size plus one header.
+   */
+  readonly maxBufferedBytes: number;
+  /** Option data longer than this ends the session (a denial-of-service guard). */
+  readonly maxOptionBytes: number;
+  /** Options one session may send before it is cut off. */
+  readonly maxOptions: number;
+  /** A client that has not entered transmission by then is disconnected. */
+  readonly handshakeTimeoutMs: number;
+}
+
+export const DEFAULT_NBD_CONNECTION_LIMITS: NbdConnectionLimits = {
+  maxInFlightRequests: 64,
+  maxBufferedBytes: 80 * 1024 * 1024,
+  maxOptionBytes: 64 * 1024,
+  maxOptions: 256,
+  handshakeTimeoutMs: 30_000,
+};
+
+/** What a connection needs from its server. */
+export interface ConnectionHost {
+  readonly limits: NbdConnectionLimits;
+  readonly clock: Clock;
+  readonly shuttingDown: boolean;
+  findExport(name: string): ServedExport | undefined;
+  listExports(): readonly ServedExport[];
+  /** Called once when the connection has closed and every request it started has finished. */
+  connectionFinished(conn: NbdConnection): void;
+  warn(message: string, details?: Record<string, unknown>): void;
+}
+
+const enum Phase {
+  ClientFlags,
+  Options,
+  Transmission,
+  Closed,
+}
+
+/** Counters a connection keeps for tests and metrics. */
+export interface NbdConnectionStats {
+  requests: number;
+  errorReplies: number;
+  bytesWritten: number;
+  bytesRead: number;
+}
+
+/**
+ * One client session: fixed newstyle handshake, then the transmission phase
+ * with many requests in flight and replies in completion order.
+ *
+ * Bad input never throws out of here: a malformed request gets an NBD error
+ * reply where the stream can continue, and a hard disconnect where it cannot
+ * (wrong magic, an option that breaks the framing). A write payload is never
+ * applied unless the whole request was valid and every byte of it arrived.
+ */
+export class NbdConnection {
+  readonly stats: NbdConnectionStats = { requests: 0, errorReplies: 0, bytesWritten: 0, bytesRead: 0 };
+  private readonly input = new ByteQueue();
+  private phase = Phase.ClientFlags;
+  private noZeroes = false;
+  private optionCount = 0;
+  private exp: ServedExport | undefined;
+  private handshakeTimer: TimerHandle | undefined;
+
+  /** Request header being assembled; reused to avoid an allocation per request. */
+  private readonly header: P.RequestHeader = { magic: 0, flags: 0, type: 0, handleHi: 0, handleLo: 0, offset: 0, length: 0 };
+  /** A valid WRITE whose payload has not fully arrived. */
+  private pendingWrite: { flags: number; handleHi: number; handleLo: number; offset: number; length: number } | undefined;
+  /** Payload bytes of a refused WRITE still to be thrown away. */
+  private skipBytes = 0;
+
+  private inFlight = 0;
+  private heldBytes = 0;
+  /** Parsing stops while the connection holds too much (see overLimits). */
+  private parsingBlocked = false;
+  private socketPaused = false;
+  private disconnectRequested = false;
+  private corked = false;
+  private finishedReported = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly host: ConnectionHost,
+  ) {
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('drain', () => this.maybeResume());
+    // A client vanishing produces ECONNRESET/EPIPE; the 'close' that follows does the cleanup.
+    socket.on('error', () => {});
+    socket.on('close', () => this.onClose());
+    this.handshakeTimer = host.clock.setTimer(() => {
+      if (this.phase === Phase.ClientFlags || this.phase === Phase.Options) {
+        host.warn('NBD client did not finish the handshake in time; disconnecting', { remote: this.remote() });
+        this.hardDisconnect();
+      }
+    }, host.limits.handshakeTimeoutMs);
+    this.send(P.encodeGreeting(P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES));
+  }
+
+  /** The export this session entered transmission with, if any. */
+  get exportName(): string | undefined {
+    return this.exp?.name;
+  }
+
+  get requestsInFlight(): number {
+    return this.inFlight;
+  }
+
+  /**
+   * Server shutdown: stop reading requests, let the ones in flight finish and
+   * answer, then close. The client sees a disconnect only after every
+   * request it got an answer for was carried out.
+   */
+  shutdown(): void {
+    if (this.phase === Phase.Closed) return;
+    this.disconnectRequested = true;
+    this.pauseReading();
+    this.input.clear();
+    if (this.inFlight === 0) this.endSession();
+  }
+
+  /** Drops the connection at once (hard disconnect). */
+  hardDisconnect(): void {
+    if (this.phase === Phase.Closed) return;
+    this.phase = Phase.Closed;
+    this.input.clear();
+    this.socket.destroy();
+  }
+
+  private remote(): string {
+    return `${this.socket.remoteAddress ?? '?'}:${this.socket.remotePort ?? '?'}`;
+  }
+
+  // --- input -----------------------------------------------------------------
+
+  private onData(chunk: Buffer): void {
+    if (this.phase === Phase.Closed || this.disconnectRequested) return;
+    this.input.push(chunk);
+    this.process();
+  }
+
+  private process(): void {
+    while (this.phase !== Phase.Closed && !this.disconnectRequested) {
+      let progressed: boolean;
+      switch (this.phase) {
+        case Phase.ClientFlags:
+          progressed = this.readClientFlags();
+          break;
+        case Phase.Options:
+          progressed = this.readOption();
+          break;
+        case Phase.Transmission:
+          progressed = this.readRequest();
+          break;
+        default:
+          progressed = false;
+      }
+      if (!progressed) break;
+    }
+    this.updateSocketFlow();
+  }
+
+  private readClientFlags(): boolean {
+    if (this.input.length < P.CLIENT_FLAGS_BYTES) return false;
+    const flags = this.input.take(P.CLIENT_FLAGS_BYTES).readUInt32BE(0);
+    const known = P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES;
+    if ((flags & ~known) !== 0) {
+      // The protocol requires dropping a client that sets flags we did not offer.
+      this.host.warn('NBD client sent unknown client flags; disconnecting', { remote: this.remote(), flags });
+      this.hardDisconnect();
+      return false;
+    }
+    this.noZeroes = (flags & P.NBD_FLAG_C_NO_ZEROES) !== 0;
+    this.phase = Phase.Options;
+    return true;
+  }
+
+  // --- handshake options ------------------------------------------------------
+
+  private readOption(): boolean {
+    if (this.pendingOption === undefined) {
+      if (this.input.length < P.OPTION_HEADER_BYTES) return false;
+      const head = this.input.take(P.OPTION_HEADER_BYTES);
+      if (!head.subarray(0, 8).equals(P.NBD_OPTS_MAGIC)) {
+        this.host.warn('NBD client sent an option without the IHAVEOPT magic; disconnecting', { remote: this.remote() });
+        this.hardDisconnect();
+        return false;
+      }
+      const option = head.readUInt32BE(8);
+      const dataBytes = head.readUInt32BE(12);
+      if (dataBytes > this.host.limits.maxOptionBytes || ++this.optionCount > this.host.limits.maxOptions) {
+        this.host.warn('NBD client option too long or too many options; disconnecting', { remote: this.remote(), option, dataBytes });
+        this.hardDisconnect();
+        return false;
+      }
+      this.pendingOption = { option, dataBytes };
+    }
+    const pending = this.pendingOption;
+    if (this.input.length < pending.dataBytes) return false;
+    this.pendingOption = undefined;
+    this.handleOption(pending.option, this.input.take(pending.dataBytes));
+    return true;
+  }
+
+  /** An option whose header arrived and whose data has not (fully). */
+  private pendingOption: { option: number; dataBytes: number } | undefined;
+
+  private handleOption(option: number, data: Buffer): void {
+    if (this.host.shuttingDown && option !== P.NBD_OPT_ABORT) {
+      this.send(P.encodeOptionError(option, P.NBD_REP_ERR_SHUTDOWN, 'server is shutting down'));
+      return;
+    }
+    switch (option) {
+      case P.NBD_OPT_EXPORT_NAME: {
+        const exp = this.lookupExport(data.toString('utf8'));
+        if (exp === undefined) {
+          // NBD_OPT_EXPORT_NAME cannot carry an error: the protocol mandates a hard disconnect.
+          this.host.warn('NBD client asked for an unknown export; disconnecting', { remote: this.remote(), name: data.toString('utf8') });
+          this.hardDisconnect();
+          return;
+        }
+        this.send(P.encodeExportNameReply(exp.sizeBytes, exp.transmissionFlags, this.noZeroes));
+        this.enterTransmission(exp);
+        return;
+      }
+      case P.NBD_OPT_ABORT:
+        this.send(P.encodeOptionReply(option, P.NBD_REP_ACK));
+        this.endSession();
+        return;
+      case P.NBD_OPT_LIST:
+        if (data.length !== 0) {
+          this.send(P.encodeOptionError(option, P.NBD_REP_ERR_INVALID, 'NBD_OPT_LIST takes no data'));
+          return;
+        }
+        for (const exp of this.host.listExports()) {
+          this.send(P.encodeOptionReply(option, P.NBD_REP_SERVER, P.encodeServerEntry(exp.name, exp.description)));
+        }
+        this.send(P.encodeOptionReply(option, P.NBD_REP_ACK));
+        return;
+      case P.NBD_OPT_INFO:
+      case P.NBD_OPT_GO:
+        this.handleInfoOrGo(option, data);
+        return;
+      default:
+        // STARTTLS, STRUCTURED_REPLY, meta contexts and anything unknown.
+        this.send(P.encodeOptionError(option, P.NBD_REP_ERR_UNSUP, `option ${option} is not supported by this server`));
+    }
+  }
+
+  private handleInfoOrGo(option: number, data: Buffer): void {
+    const request = P.decodeGoRequest(data);
+    if (request === undefined) {
+      this.send(P.encodeOptionError(option, P.NBD_REP_ERR_INVALID, 'malformed NBD_OPT_INFO/NBD_OPT_GO data'));
+      return;
+    }
+    const exp = this.lookupExport(request.name);
+    if (exp === undefined) {
+      this.send(P.encodeOptionError(option, P.NBD_REP_ERR_UNKNOWN, `no export named '${request.name}'`));
+      return;
+    }
+    this.send(P.encodeOptionReply(option, P.NBD_REP_INFO, P.encodeInfoExport(exp.sizeBytes, exp.transmissionFlags)));
+    // Block sizes are sent whether asked for or not (the protocol allows it),
+    // so clients that read them stay inside our maximum.
+    this.send(P.encodeOptionReply(option, P.NBD_REP_INFO, P.encodeInfoBlockSize(exp.minBlockBytes, exp.preferredBlockBytes, exp.maxBlockBytes)));
+    if (request.infoRequests.includes(P.NBD_INFO_NAME)) {
+      this.send(P.encodeOptionReply(option, P.NBD_REP_INFO, P.encodeInfoString(P.NBD_INFO_NAME, exp.name)));
+    }
+    if (request.infoRequests.includes(P.NBD_INFO_DESCRIPTION) && exp.description !== '') {
+      this.send(P.encodeOptionReply(option, P.NBD_REP_INFO, P.encodeInfoString(P.NBD_INFO_DESCRIPTION, exp.description)));
+    }
+    this.send(P.encodeOptionReply(option, P.NBD_REP_ACK));
+    if (option === P.NBD_OPT_GO) this.enterTransmission(exp);
+  }
+
+  /** The empty name selects the default export, which exists when exactly one is served. */
+  private lookupExport(name: string): ServedExport | undefined {
+    if (name === '') {
+      const all = this.host.listExports();
+      return all.length === 1 ? all[0] : undefined;
+    }
+    return this.host.findExport(name);
+  }
+
+  private enterTransmission(exp: ServedExport): void {
+    this.exp = exp;
+    this.phase = Phase.Transmission;
+    this.handshakeTimer?.cancel();
+    this.handshakeTimer = undefined;
+  }
+
+  // --- transmission -----------------------------------------------------------
+
+  /** Parses at most one request (or one piece of payload); false when it needs more input or must wait. */
+  private readRequest(): boolean {
+    if (this.parsingBlocked) return false;
+    if (this.skipBytes > 0) {
+      this.skipBytes -= this.input.skip(this.skipBytes);
+      return this.skipBytes === 0;
+    }
+    const pending = this.pendingWrite;
+    if (pending !== undefined) {
+      if (this.input.length < pending.length) return false;
+      this.pendingWrite = undefined;
+      const payload = this.input.take(pending.length);
+      this.startWrite(pending.flags, pending.handleHi, pending.handleLo, pending.offset, payload);
+      return true;
+    }
+    if (this.input.length < P.REQUEST_HEADER_BYTES) return false;
+    const h = P.decodeRequestHeader(this.input.take(P.REQUEST_HEADER_BYTES), 0, this.header);
+    if (h.magic !== P.NBD_REQUEST_MAGIC) {
+      // Without a valid header the stream cannot be re-framed.
+      this.host.warn('NBD request with a wrong magic; disconnecting', { remote: this.remote(), magic: h.magic });
+      this.hardDisconnect();
+      return false;
+    }
+    this.stats.requests++;
+    this.dispatch(h);
+    this.checkLimits();
+    return true;
+  }
+
+  private dispatch(h: P.RequestHeader): void {
+    const exp = this.exp!;
+    const { type, flags, handleHi, handleLo, offset, length } = h;
+    const fua = (flags & P.NBD_CMD_FLAG_FUA) !== 0;
+    switch (type) {
+      case P.NBD_CMD_READ: {
+        const error = (flags & ~P.NBD_CMD_FLAG_FUA) !== 0 ? P.NBD_EINVAL : this.checkRange(exp, offset, length, true, P.NBD_EINVAL);
+        if (error !== 0) return this.replyError(error, handleHi, handleLo);
+        this.startRead(handleHi, handleLo, offset, length);
+        return;
+      }
+      case P.NBD_CMD_WRITE: {
+        let error = (flags & ~P.NBD_CMD_FLAG_FUA) !== 0 ? P.NBD_EINVAL : 0;
+        if (error === 0 && exp.readOnly) error = P.NBD_EPERM;
+        if (error === 0) error = this.checkRange(exp, offset, length, true, P.NBD_ENOSPC);
+        if (error !== 0) {
+          // The payload follows regardless; throw it away unbuffered so the stream stays framed.
+          this.skipBytes = length;
+          return this.replyError(error, handleHi, handleLo);
+        }
+        this.pendingWrite = { flags, handleHi, handleLo, offset, length };
+        // Payload bytes count against the buffer bound while they arrive.
+        return;
+      }
+      case P.NBD_CMD_DISC:
+        this.disconnectRequested = true;
+        this.pauseReading();
+        this.input.clear();
+        if (this.inFlight === 0) this.endSession();
+        return;
+      case P.NBD_CMD_FLUSH: {
+        if ((flags & ~P.NBD_CMD_FLAG_FUA) !== 0) return this.replyError(P.NBD_EINVAL, handleHi, handleLo);
+        this.startFlush(handleHi, handleLo);
+        return;
+      }
+      case P.NBD_CMD_TRIM:
+      case P.NBD_CMD_WRITE_ZEROES: {
+        const allowed = type === P.NBD_CMD_TRIM ? P.NBD_CMD_FLAG_FUA : P.NBD_CMD_FLAG_FUA | P.NBD_CMD_FLAG_NO_HOLE;
+        let error = (flags & ~allowed) !== 0 ? P.NBD_EINVAL : 0;
+        if (error === 0 && exp.readOnly) error = P.NBD_EPERM;
+        // TRIM has no payload and no length limit; WRITE_ZEROES obeys the maximum.
+        if (error === 0) error = this.checkRange(exp, offset, length, type === P.NBD_CMD_WRITE_ZEROES, type === P.NBD_CMD_TRIM ? P.NBD_EINVAL : P.NBD_ENOSPC);
+        if (error !== 0) return this.replyError(error, handleHi, handleLo);
+        this.startZero(type, fua, handleHi, handleLo, offset, length);
+        return;
+      }
+      default:
+        // CACHE and BLOCK_STATUS are not advertised; unknown commands get EINVAL.
+        this.replyError(P.NBD_EINVAL, handleHi, handleLo);
+    }
+  }
+
+  /** The NBD error for a request outside the export or its block size constraints, else 0. */
+  private checkRange(exp: ServedExport, offset: number, length: number, limitLength: boolean, pastEndError: number): number {
+    if (limitLength && length > exp.maxBlockBytes) return P.NBD_EINVAL;
+    if (exp.minBlockBytes > 1 && (offset % exp.minBlockBytes !== 0 || length % exp.minBlockBytes !== 0)) return P.NBD_EINVAL;
+    if (offset > exp.sizeBytes || length > exp.sizeBytes - offset) return pastEndError;
+    return 0;
+  }
+
+  private startRead(handleHi: number, handleLo: number, offset: number, length: number): void {
+    this.begin(length);
+    if (length === 0) {
+      this.finish(length);
+      this.send(P.encodeSimpleReply(0, handleHi, handleLo));
+      return;
+    }
+    this.exp!.exp.source.read(offset, length).then(
+      (data) => {
+        if (data.length !== length) {
+          // A source that returns the wrong length is a bug; never send a short payload.
+          this.host.warn('NBD export source returned a short read', { offset, length, got: data.length });
+          this.finish(length);
+          this.replyError(P.NBD_EIO, handleHi, handleLo);
+          return;
+        }
+        this.stats.bytesRead += length;
+        this.finish(length);
+        this.sendReplyWithData(handleHi, handleLo, data);
+      },
+      (err: unknown) => {
+        this.finish(length);
+        this.failRequest(err, 'READ', offset, length, handleHi, handleLo);
+      },
+    );
+  }
+
+  private startWrite(flags: number, handleHi: number, handleLo: number, offset: number, payload: Buffer): void {
+    const exp = this.exp!;
+    const length = payload.length;
+    this.begin(length);
+    if (length === 0) {
+      this.finish(length);
+      this.send(P.encodeSimpleReply(0, handleHi, handleLo));
+      return;
+    }
+    const fua = (flags & P.NBD_CMD_FLAG_FUA) !== 0;
+    const run = (): void => {
+      exp.writer!.write(offset, payload).then(
+        () => {
+          const recorded = exp.exp.recorder?.recordWrite(offset, payload);
+          // Leave the gate right after recording, in the same tick, so a
+          // later overlapping write can neither reach the disk nor the log first.
+          exp.gate.leave(ticket);
+          this.stats.bytesWritten += length;
+          this.completeMutation(recorded, fua, 'WRITE', offset, length, handleHi, handleLo);
+        },
+        (err: unknown) => {
+          exp.gate.leave(ticket);
+          this.finish(length);
+          this.failRequest(err, 'WRITE', offset, length, handleHi, handleLo);
+        },
+      );
+    };
+    const ticket: GateTicket = exp.gate.enter(offset, length, run);
+    if (!ticket.blocked) run();
+  }
+
+  private startZero(type: number, fua: boolean, handleHi: number, handleLo: number, offset: number, length: number): void {
+    const exp = this.exp!;
+    const name = P.NBD_COMMAND_NAMES[type]!;
+    this.begin(0);
+    if (length === 0) {
+      this.finish(0);
+      this.send(P.encodeSimpleReply(0, handleHi, handleLo));
+      return;
+    }
+    const run = (): void => {
+      // TRIM is carried out as a discard, which DiskTarget defines to read back
+      // as zeroes afterwards, so both are recorded as zeroed ranges.
+      const op = type === P.NBD_CMD_TRIM ? exp.writer!.discard(offset, length) : exp.writer!.writeZeroes(offset, length);
+      op.then(
+        () => {
+          const recorded = exp.exp.recorder?.recordZero(offset, length);
+          exp.gate.leave(ticket);
+          this.completeMutation(recorded, fua, name, offset, 0, handleHi, handleLo);
+        },
+        (err: unknown) => {
+          exp.gate.leave(ticket);
+          this.finish(0);
+          this.failRequest(err, name, offset, length, handleHi, handleLo);
+        },
+      );
+    };
+    const ticket: GateTicket = exp.gate.enter(offset, length, run);
+    if (!ticket.blocked) run();
+  }
+
+  /** After a mutation reached the disk and the recorder: await the record, honour FUA, reply. */
+  private completeMutation(
+    recorded: void | Promise<void> | undefined,
+    fua: boolean,
+    name: string,
+    offset: number,
+    heldBytes: number,
+    handleHi: number,
+    handleLo: number,
+  ): void {
+    if (recorded === undefined && !fua) {
+      this.finish(heldBytes);
+      this.send(P.encodeSimpleReply(0, handleHi, handleLo));
+      return;
+    }
+    Promise.resolve(recorded)
+      .then(() => (fua ? this.flushBoth() : undefined))
+      .then(
+        () => {
+          this.finish(heldBytes);
+          this.send(P.encodeSimpleReply(0, handleHi, handleLo));
+        },
+        (err: unknown) => {
+          this.finish(heldBytes);
+          this.failRequest(err, name, offset, heldBytes, handleHi, handleLo);
+        },
+      );
+  }
+
+  private startFlush(handleHi: number, handleLo: number): void {
+    this.begin(0);
+    this.flushBoth().then(
+      () => {
+        this.finish(0);
+        this.send(P.encodeSimpleReply(0, handleHi, handleLo));
+      },
+      (err: unknown) => {
+        this.finish(0);
+        this.failRequest(err, 'FLUSH', 0, 0, handleHi, handleLo);
+      },
+    );
+  }
+
+  /** FLUSH and FUA make the disk and the recorder durable before the reply. */
+  private flushBoth(): Promise<unknown> {
+    const exp = this.exp!;
+    const disk = exp.writer !== undefined ? exp.writer.flush() : Promise.resolve();
+    const rec = exp.exp.recorder?.flush();
+    return rec === undefined ? disk : Promise.all([disk, rec]);
+  }
+
+  private failRequest(err: unknown, name: string, offset: number, length: number, handleHi: number, handleLo: number): void {
+    const code = isBlockrelayError(err) ? err.code : undefined;
+    const error = code === 'BR_DISK_FULL' ? P.NBD_ENOSPC : code === 'BR_NBD_READ_ONLY' ? P.NBD_EPERM : P.NBD_EIO;
+    this.host.warn(`NBD ${name} failed`, {
+      export: this.exp?.name,
+      offset,
+      length,
+      code: code ?? null,
+      message: err instanceof Error ? err.message : String(err),
+    });
+    this.replyError(error, handleHi, handleLo);
+  }
+
+  // --- bounds and back-pressure ----------------------------------------------
+
+  private begin(heldBytes: number): void {
+    this.inFlight++;
+    this.heldBytes += heldBytes;
+  }
+
+  private finish(heldBytes: number): void {
+    this.inFlight--;
+    this.heldBytes -= heldBytes;
+    if (this.inFlight === 0 && (this.disconnectRequested || this.phase === Phase.Closed)) {
+      if (this.phase === Phase.Closed) this.reportFinished();
+      else this.endSessionAfterReplies();
+      return;
+    }
+    this.maybeResume();
+  }
+
+  /**
+   * Whether the connection holds too much to parse further requests. Unparsed
+   * input is left out on purpose: parsing is what drains it, so counting it
+   * here could stall a connection with nothing in flight to wake it.
+   */
+  private overLimits(): boolean {
+    const limits = this.host.limits;
+    return this.inFlight >= limits.maxInFlightRequests || this.heldBytes + this.socket.writableLength >= limits.maxBufferedBytes;
+  }
+
+  private checkLimits(): void {
+    if (this.overLimits()) this.parsingBlocked = true;
+  }
+
+  /** The socket reads while requests can be parsed and unparsed input stays under the bound. */
+  private updateSocketFlow(): void {
+    const pause =
+      this.parsingBlocked || this.disconnectRequested || this.input.length > this.host.limits.maxBufferedBytes;
+    if (pause && !this.socketPaused) {
+      this.socketPaused = true;
+      this.socket.pause();
+    } else if (!pause && this.socketPaused && this.phase !== Phase.Closed) {
+      this.socketPaused = false;
+      this.socket.resume();
+    }
+  }
+
+  private pauseReading(): void {
+    this.parsingBlocked = true;
+    this.updateSocketFlow();
+  }
+
+  private maybeResume(): void {
+    if (!this.parsingBlocked || this.disconnectRequested || this.phase === Phase.Closed) return;
+    if (this.overLimits()) return;
+    this.parsingBlocked = false;
+    // Requests already buffered are parsed before more are read.
+    this.process();
+  }
+
+  // --- output -------------------------------------------------------------------
+
+  private replyError(error: number, handleHi: number, handleLo: number): void {
+    this.stats.errorReplies++;
+    this.send(P.encodeSimpleReply(error, handleHi, handleLo));
+  }
+
+  private sendReplyWithData(handleHi: number, handleLo: number, data: Buffer): void {
+    if (this.phase === Phase.Closed) return;
+    this.cork();
+    this.socket.write(P.encodeSimpleReply(0, handleHi, handleLo));
+    this.socket.write(data);
+  }
+
+  private send(buf: Buffer): void {
+    if (this.phase === Phase.Closed) return;
+    this.cork();
+    this.socket.write(buf);
+  }
+
+  /** Replies finished in one tick leave in one writev. */
+  private cork(): void {
+    if (this.corked) return;
+    this.corked = true;
+    this.socket.cork();
+    process.nextTick(() => {
+      this.corked = false;
+      this.socket.uncork();
+    });
+  }
+
+  // --- ending -------------------------------------------------------------------
+
+  /** Soft end: flush queued replies, then close our side. */
+  private endSession(): void {
+    if (this.phase === Phase.Closed) return;
+    this.phase = Phase.Closed;
+    this.input.clear();
+    this.socket.end();
+  }
+
+  private endSessionAfterReplies(): void {
+    // Replies of the last requests may still be corked for this tick.
+    process.nextTick(() => this.endSession());
+  }
+
+  private onClose(): void {
+    this.phase = Phase.Closed;
+    this.handshakeTimer?.cancel();
+    this.input.clear();
+    this.pendingWrite = undefined;
+    if (this.inFlight === 0) this.reportFinished();
+  }
+
+  private reportFinished(): void {
+    if (this.finishedReported) return;
+    if (!this.socket.destroyed && !this.socket.closed) return;
+    this.finishedReported = true;
+    this.host.connectionFinished(this);
+  }
+}

@@ -1,0 +1,138 @@
+import * as net from 'node:net';
+import { DEFAULT_NBD_CONNECTION_LIMITS, NbdConnection, type ConnectionHost, type NbdConnectionLimits } from './nbd-connection';
+import type { NbdExport } from './nbd-export';
+import { NBD_DEFAULT_MAX_BLOCK_BYTES, ServedExport } from './served-export';
+import { systemClock, type Clock } from '../platform/clock';
+import { BlockrelayError } from '../retry/blockrelay-error';
+
+export interface NbdServerOptions {
+  readonly exports: readonly NbdExport[];
+  /** Per-connection bounds; defaults in DEFAULT_NBD_CONNECTION_LIMITS. */
+  readonly limits?: Partial<NbdConnectionLimits>;
+  /** Largest READ/WRITE/WRITE_ZEROES length advertised and accepted (default 32 MiB). */
+  readonly maxBlockBytes?: number;
+  /** Connections beyond this are closed at once (default 64). */
+  readonly maxConnections?: number;
+  readonly clock?: Clock;
+  /** Where protocol violations and failed requests are reported; silent by default. */
+  readonly warn?: (message: string, details?: Record<string, unknown>) => void;
+}
+
+/** Where the server listens once started. */
+export interface NbdServerAddress {
+  readonly host: string;
+  readonly port: number;
+}
+
+/**
+ * An NBD server (fixed newstyle, simple replies) serving a fixed set of
+ * named exports. Each client connection is an independent `NbdConnection`;
+ * a misbehaving client is answered with errors or dropped without touching
+ * the others.
+ */
+export class NbdServer implements ConnectionHost {
+  readonly limits: NbdConnectionLimits;
+  readonly clock: Clock;
+  private readonly exports = new Map<string, ServedExport>();
+  private readonly exportList: ServedExport[] = [];
+  private readonly connections = new Set<NbdConnection>();
+  private readonly maxConnections: number;
+  private readonly warnSink: (message: string, details?: Record<string, unknown>) => void;
+  private server: net.Server | undefined;
+  private closing = false;
+  private idleWaiters: (() => void)[] = [];
+
+  constructor(options: NbdServerOptions) {
+    this.limits = { ...DEFAULT_NBD_CONNECTION_LIMITS, ...options.limits };
+    this.clock = options.clock ?? systemClock;
+    this.maxConnections = options.maxConnections ?? 64;
+    this.warnSink = options.warn ?? (() => {});
+    const maxBlockBytes = options.maxBlockBytes ?? NBD_DEFAULT_MAX_BLOCK_BYTES;
+    if (this.limits.maxBufferedBytes < maxBlockBytes + 64 * 1024) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `NBD maxBufferedBytes (${this.limits.maxBufferedBytes}) must exceed the max block size (${maxBlockBytes}) by 64 KiB`);
+    }
+    for (const exp of options.exports) {
+      if (this.exports.has(exp.name)) throw new BlockrelayError('BR_CONFIG_INVALID', `two NBD exports are named '${exp.name}'`);
+      const served = new ServedExport(exp, maxBlockBytes);
+      this.exports.set(exp.name, served);
+      this.exportList.push(served);
+    }
+  }
+
+  get shuttingDown(): boolean {
+    return this.closing;
+  }
+
+  /** Number of open client connections. */
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  findExport(name: string): ServedExport | undefined {
+    return this.exports.get(name);
+  }
+
+  listExports(): readonly ServedExport[] {
+    return this.exportList;
+  }
+
+  warn(message: string, details?: Record<string, unknown>): void {
+    this.warnSink(message, details);
+  }
+
+  /** Starts listening; port 0 picks a free port. Resolves with the bound address. */
+  listen(host: string, port: number): Promise<NbdServerAddress> {
+    if (this.server !== undefined) throw new Error('NbdServer.listen called twice');
+    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    this.server = server;
+    return new Promise((resolve, reject) => {
+      server.once('error', (err) => {
+        reject(new BlockrelayError('BR_TAP_LISTEN', `cannot listen on ${host}:${port}: ${err.message}`, { cause: err, details: { host, port } }));
+      });
+      server.listen({ host, port }, () => {
+        const addr = server.address() as net.AddressInfo;
+        server.on('error', (err) => this.warn('NBD server socket error', { message: err.message }));
+        resolve({ host: addr.address, port: addr.port });
+      });
+    });
+  }
+
+  /**
+   * Stops accepting, lets every connection finish the requests it has in
+   * flight (their replies are sent), then closes them. Resolves when all
+   * are closed; after `graceMs` the remaining ones are dropped.
+   */
+  async close(graceMs = 10_000): Promise<void> {
+    this.closing = true;
+    const server = this.server;
+    const closed = server === undefined ? Promise.resolve() : new Promise<void>((resolve) => server.close(() => resolve()));
+    for (const conn of this.connections) conn.shutdown();
+    if (this.connections.size > 0) {
+      const timer = this.clock.setTimer(() => {
+        for (const conn of this.connections) conn.hardDisconnect();
+      }, graceMs);
+      await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+      timer.cancel();
+    }
+    await closed;
+  }
+
+  connectionFinished(conn: NbdConnection): void {
+    this.connections.delete(conn);
+    if (this.connections.size === 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing || this.connections.size >= this.maxConnections) {
+      this.warn('NBD connection refused', { reason: this.closing ? 'shutting down' : 'too many connections', remote: socket.remoteAddress });
+      socket.on('error', () => {});
+      socket.destroy();
+      return;
+    }
+    this.connections.add(new NbdConnection(socket, this));
+  }
+}

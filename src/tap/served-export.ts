@@ -1,0 +1,71 @@
+import {
+  NBD_FLAG_CAN_MULTI_CONN,
+  NBD_FLAG_HAS_FLAGS,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+} from './nbd-protocol';
+import { isWriteSource, type NbdExport, type NbdWriteSource } from './nbd-export';
+import { WriteOrderGate } from './write-order-gate';
+import { BlockrelayError } from '../retry/blockrelay-error';
+
+/** The preferred block size advertised: the page size, where page-cache I/O is cheapest. */
+export const NBD_PREFERRED_BLOCK_BYTES = 4096;
+/** The largest READ/WRITE/WRITE_ZEROES length advertised by default: the protocol's interoperable 32 MiB. */
+export const NBD_DEFAULT_MAX_BLOCK_BYTES = 32 * 1024 * 1024;
+
+/**
+ * An export as the server holds it: the export itself plus what is derived
+ * once (transmission flags, block size constraints) and the write-order gate
+ * every connection to it shares.
+ */
+export class ServedExport {
+  readonly name: string;
+  readonly description: string;
+  readonly readOnly: boolean;
+  readonly exp: NbdExport;
+  /** Set when the export takes writes. */
+  readonly writer: NbdWriteSource | undefined;
+  readonly sizeBytes: number;
+  readonly minBlockBytes: number;
+  readonly preferredBlockBytes: number;
+  readonly maxBlockBytes: number;
+  readonly transmissionFlags: number;
+  readonly gate = new WriteOrderGate();
+
+  constructor(exp: NbdExport, maxBlockBytes: number) {
+    if (Buffer.byteLength(exp.name, 'utf8') > 4096) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `NBD export name is longer than 4096 bytes: '${exp.name.slice(0, 40)}…'`);
+    }
+    if (!exp.readOnly && !isWriteSource(exp.source)) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `NBD export '${exp.name}' is writable but its source cannot write`);
+    }
+    this.name = exp.name;
+    this.description = exp.description ?? '';
+    this.readOnly = exp.readOnly;
+    this.exp = exp;
+    this.writer = exp.readOnly ? undefined : (exp.source as NbdWriteSource);
+    this.sizeBytes = exp.source.sizeBytes;
+    const alignment = exp.source.capabilities?.alignmentBytes ?? 1;
+    if (!Number.isInteger(alignment) || alignment < 1 || alignment > 65536 || (alignment & (alignment - 1)) !== 0) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `NBD export '${exp.name}': alignment ${alignment} is not a power of two up to 64 KiB`);
+    }
+    this.minBlockBytes = alignment;
+    this.preferredBlockBytes = Math.max(NBD_PREFERRED_BLOCK_BYTES, alignment);
+    // The maximum must be a multiple of the minimum.
+    this.maxBlockBytes = Math.floor(maxBlockBytes / alignment) * alignment;
+    let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+    if (exp.readOnly) {
+      flags |= NBD_FLAG_READ_ONLY;
+    } else {
+      flags |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+    }
+    // Every connection shares the one source, recorder and gate, and FLUSH
+    // flushes the whole source (DiskTarget.flush covers every completed
+    // write), so a flush on one connection covers writes completed on any.
+    flags |= NBD_FLAG_CAN_MULTI_CONN;
+    this.transmissionFlags = flags;
+  }
+}
