@@ -247,7 +247,7 @@ export class HrlLogFile {
   }
 
   /** Checks every payload of a block against its DataChecksum, reading in bounded chunks. */
-  private async verifyPayloads(block: Buffer, blockOffset: number, payloadStart: number, validEntries: number): Promise<void> {
+  async verifyPayloads(block: Buffer, blockOffset: number, payloadStart: number, validEntries: number): Promise<void> {
     const chunk = Buffer.alloc(Math.min(HRL_READ_CHUNK_BYTES, Math.max(1, blockOffset - payloadStart)));
     let payload = payloadStart;
     for (let e = 0; e < validEntries; e++) {

@@ -1,0 +1,155 @@
+import * as fsp from 'node:fs/promises';
+import { systemClock, type Clock } from '../platform/clock';
+import { isBlockrelayError, wrapError } from '../retry/blockrelay-error';
+import {
+  HRL_HEADER_SIZE,
+  HRL_MH_PREVIOUS_LOCATION_OFFSET,
+  encodeHrlHeader,
+  encodeHrlMetadataHeader,
+  hrlTimestampFromMs,
+  type HrlHeader,
+} from './hrl-format';
+import { HrlLogFile, checkBlockEntries, type HrlBlockInfo } from './hrl-reader';
+
+/** How much of the file the forward scan reads at once. */
+const SCAN_WINDOW_BYTES = 1024 * 1024;
+
+export interface HrlRecoveryScan {
+  readonly header: HrlHeader;
+  /** Durable, fully valid blocks in file order (the anchor first). Empty when even the anchor is damaged. */
+  readonly blocks: readonly HrlBlockInfo[];
+  readonly entryCount: number;
+  /** End of the last valid block: everything after it is the torn tail. */
+  readonly durableEndBytes: number;
+  readonly fileSizeBytes: number;
+}
+
+export interface HrlRecoveredLog extends HrlRecoveryScan {
+  /** Bytes cut off the end (the torn tail). */
+  readonly discardedBytes: number;
+  /** False when the log was already sealed and left as it was. */
+  readonly wasUnsealed: boolean;
+}
+
+/**
+ * Finds the durable part of an unsealed log (EOLLocation 0).
+ *
+ * blockrelay's writer starts every log with an empty anchor block at 4096,
+ * and every later block stores in PreviousMetadataLocation its distance from
+ * the block before. So, starting from a block at `b`, the next block is the
+ * first position `q` after `b + MetadataSize` whose first 8 bytes equal
+ * `q − b` and whose block passes every check the reader makes: header and
+ * entry checksums, fields, payload lengths filling `[b + MetadataSize, q)`
+ * exactly, and every payload's DataChecksum. The scan stops at the first
+ * block it cannot find; what follows is the torn tail.
+ */
+export async function scanUnsealedHrlLog(filePath: string): Promise<HrlRecoveryScan> {
+  const log = await HrlLogFile.open(filePath);
+  try {
+    const header = await log.readHeader();
+    const ms = header.metadataSize;
+    const blocks: HrlBlockInfo[] = [];
+    const block = Buffer.alloc(ms);
+    let entryCount = 0;
+
+    const tryBlock = async (q: number, payloadStart: number): Promise<HrlBlockInfo | undefined> => {
+      if (q + ms > log.fileSizeBytes) return undefined;
+      await log.readExact(q, ms, 'metadata block', block);
+      try {
+        const checked = checkBlockEntries(block, q, payloadStart, filePath, {});
+        await log.verifyPayloads(block, q, payloadStart, checked.validEntries);
+        return { offset: q, previousMetadataLocation: checked.previousMetadataLocation, validEntries: checked.validEntries, payloadStart };
+      } catch (err) {
+        if (isBlockrelayError(err) && err.code.startsWith('BR_HRL_')) return undefined;
+        throw err;
+      }
+    };
+
+    const anchor = await tryBlock(HRL_HEADER_SIZE, HRL_HEADER_SIZE);
+    if (anchor !== undefined && anchor.previousMetadataLocation === 0) {
+      blocks.push(anchor);
+      let b = anchor.offset;
+      const window = Buffer.alloc(SCAN_WINDOW_BYTES + 8);
+      let q = b + ms;
+      while (q + ms <= log.fileSizeBytes) {
+        const n = Math.min(window.length, log.fileSizeBytes - q);
+        await log.readExact(q, n, 'tail', window);
+        let found: HrlBlockInfo | undefined;
+        let i = 0;
+        for (; i + 8 <= n; i++) {
+          const distance = q + i - b;
+          if (window.readUInt32LE(i + HRL_MH_PREVIOUS_LOCATION_OFFSET) !== distance % 0x1_0000_0000) continue;
+          if (window.readUInt32LE(i + HRL_MH_PREVIOUS_LOCATION_OFFSET + 4) !== Math.floor(distance / 0x1_0000_0000)) continue;
+          found = await tryBlock(q + i, b + ms);
+          if (found !== undefined) break;
+        }
+        if (found !== undefined) {
+          blocks.push(found);
+          entryCount += found.validEntries;
+          b = found.offset;
+          q = b + ms;
+          continue;
+        }
+        // Every position up to q + i − 1 was checked; the last 7 bytes of a
+        // window are checked again at the start of the next one.
+        if (n < window.length) break;
+        q += i;
+      }
+    }
+    const last = blocks[blocks.length - 1];
+    return { header, blocks, entryCount, durableEndBytes: last === undefined ? HRL_HEADER_SIZE : last.offset + ms, fileSizeBytes: log.fileSizeBytes };
+  } finally {
+    await log.close();
+  }
+}
+
+/**
+ * Recovers a log left unsealed by a crash: keeps the durable blocks, cuts
+ * the torn tail, and seals it (EOLLocation, CurrentSize,
+ * TotalMetadataEntries, LastModifiedTimeStamp, checksum; UniqueId and the
+ * other identity fields kept). A log whose anchor block is damaged gets a
+ * fresh anchor and is sealed empty. A sealed log is left untouched.
+ */
+export async function recoverHrlLog(filePath: string, options: { clock?: Clock } = {}): Promise<HrlRecoveredLog> {
+  const clock = options.clock ?? systemClock;
+  const scan = await scanUnsealedHrlLog(filePath);
+  if (scan.header.eolLocation !== 0) return { ...scan, discardedBytes: 0, wasUnsealed: false };
+  const ms = scan.header.metadataSize;
+  let end = scan.durableEndBytes;
+  try {
+    const fh = await fsp.open(filePath, 'r+');
+    try {
+      if (scan.blocks.length === 0) {
+        const anchor = Buffer.alloc(ms);
+        encodeHrlMetadataHeader({ previousMetadataLocation: 0, validMetadataEntries: 0 }, anchor, 0);
+        await fh.write(anchor, 0, ms, HRL_HEADER_SIZE);
+        end = HRL_HEADER_SIZE + ms;
+      }
+      await fh.truncate(end);
+      await fh.datasync();
+      const h = scan.header;
+      const header = encodeHrlHeader({
+        timestamp: h.timestamp,
+        creatorApplication: h.creatorApplication,
+        creatorVersion: h.creatorVersion,
+        errorCode: h.errorCode,
+        originalSize: h.originalSize,
+        currentSize: end,
+        eolLocation: end,
+        metadataSize: ms,
+        uniqueId: h.uniqueId,
+        previousUniqueId: h.previousUniqueId,
+        lastModifiedTimestamp: hrlTimestampFromMs(clock.now()),
+        totalMetadataEntries: scan.entryCount,
+        vhd2DataWriteGuid: h.vhd2DataWriteGuid,
+      });
+      await fh.write(header, 0, header.length, 0);
+      await fh.datasync();
+    } finally {
+      await fh.close();
+    }
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot seal recovered HRL log ${filePath}`);
+  }
+  return { ...scan, durableEndBytes: end, discardedBytes: scan.fileSizeBytes - end, wasUnsealed: true };
+}
