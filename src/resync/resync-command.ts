@@ -49,6 +49,8 @@ export const resyncCommand: Command = {
     if (positionals.length !== 2) throw new BlockrelayError('BR_USAGE', `resync takes SOURCE and TARGET, got ${positionals.length} arguments; usage: ${USAGE}`);
     const [sourceSpec, targetSpec] = positionals;
     const blockSizeBytes = parseIntegerOption('block-size', values['block-size'], RESYNC_DEFAULTS.blockSizeBytes, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES);
+    // Validate the whole command line before opening anything.
+    if ((blockSizeBytes & (blockSizeBytes - 1)) !== 0) throw new BlockrelayError('BR_USAGE', `--block-size must be a power of two (e.g. 4096 or 65536), got ${blockSizeBytes}`);
     const checkpointIntervalMs = parseIntegerOption('checkpoint-ms', values['checkpoint-ms'], RESYNC_DEFAULTS.checkpointIntervalMs, 0, 3_600_000);
     const maxReadRate = values['max-read-rate'] === undefined ? undefined : parseIntegerOption('max-read-rate', values['max-read-rate'], 0, 1);
     if (values.create === true && values.extents !== undefined) throw new BlockrelayError('BR_USAGE', '--create copies the whole disk; it takes no --extents');

@@ -1,0 +1,118 @@
+import { execFileSync, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { runCli } from '../helpers/cli';
+import { useTempDirs } from '../helpers/tmp';
+import { requireTool } from '../helpers/tools';
+import { writeImagePair } from './image-pair';
+
+const MiB = 1024 * 1024;
+const tempDir = useTempDirs();
+const hasQemuImg = requireTool('qemu-img');
+
+/** `qemu-img compare` exit status: 0 identical, 1 different. */
+function qemuCompare(a: string, aFormat: string, b: string, bFormat: string): { status: number | null; out: string } {
+  const r = spawnSync('qemu-img', ['compare', '-f', aFormat, '-F', bFormat, a, b], { encoding: 'utf8' });
+  return { status: r.status, out: `${r.stdout}${r.stderr}` };
+}
+
+async function resyncJson(args: string[]) {
+  const r = await runCli(['resync', ...args, '--json']);
+  expect(r.stderr).not.toMatch(/BR_[A-Z_]+:/);
+  expect(r.status).toBe(0);
+  return JSON.parse(r.stdout) as Record<string, number>;
+}
+
+describe.skipIf(!hasQemuImg)('blockrelay resync (CLI, real targets)', () => {
+  it('leaves a raw target identical to the source for qemu-img compare', async () => {
+    const dir = tempDir();
+    const src = path.join(dir, 'source.img');
+    const dst = path.join(dir, 'target.img');
+    const changed = writeImagePair(src, dst, 32 * MiB, 100, 1);
+    expect(qemuCompare(src, 'raw', dst, 'raw').status).toBe(1);
+    const result = await resyncJson([`raw:${src}`, `raw:${dst}`]);
+    expect(result.blocksSent).toBe(changed.length);
+    expect(result.blocksCompared).toBe(8192);
+    expect(result.bytesSent).toBeGreaterThanOrEqual(changed.length * 4096);
+    expect(result.durationMs).toBeGreaterThanOrEqual(0);
+    expect(qemuCompare(src, 'raw', dst, 'raw').status).toBe(0);
+  });
+
+  it('resyncs into an existing sparse VMDK that qemu-img wrote, sending only the changes', async () => {
+    const dir = tempDir();
+    const src = path.join(dir, 'source.img');
+    const stale = path.join(dir, 'stale.img');
+    const vmdk = path.join(dir, 'target.vmdk');
+    const changed = writeImagePair(src, stale, 32 * MiB, 50, 2);
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', stale, vmdk]);
+    expect(qemuCompare(src, 'raw', vmdk, 'vmdk').status).toBe(1);
+    const result = await resyncJson([`raw:${src}`, `vmdk:${vmdk}`]);
+    expect(result.blocksSent).toBe(changed.length);
+    const cmp = qemuCompare(src, 'raw', vmdk, 'vmdk');
+    expect(cmp.out).toMatch(/identical/i);
+    expect(cmp.status).toBe(0);
+    execFileSync('qemu-img', ['check', vmdk]);
+  });
+
+  it('resyncs a VMDK source into a flat VMDK target', async () => {
+    const dir = tempDir();
+    const src = path.join(dir, 'source.img');
+    const stale = path.join(dir, 'stale.img');
+    const srcVmdk = path.join(dir, 'source.vmdk');
+    const flat = path.join(dir, 'target-flat.vmdk');
+    writeImagePair(src, stale, 16 * MiB, 30, 3);
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', src, srcVmdk]);
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=monolithicFlat', stale, flat]);
+    await resyncJson([`vmdk:${srcVmdk}`, `vmdk-flat:${flat}`]);
+    expect(qemuCompare(srcVmdk, 'vmdk', flat, 'vmdk').status).toBe(0);
+  });
+
+  it('creates a new VMDK with --create (alternate location) and copies every non-zero block', async () => {
+    const dir = tempDir();
+    const src = path.join(dir, 'source.img');
+    const vmdk = path.join(dir, 'new.vmdk');
+    // A mostly sparse source: 3 data blocks in 16 MiB.
+    fs.writeFileSync(src, Buffer.alloc(0));
+    fs.truncateSync(src, 16 * MiB);
+    const fd = fs.openSync(src, 'r+');
+    for (const at of [0, 5 * MiB + 4096, 16 * MiB - 4096]) fs.writeSync(fd, Buffer.alloc(4096, 0xab), 0, 4096, at);
+    fs.closeSync(fd);
+    const result = await resyncJson([`raw:${src}`, `vmdk:${vmdk}`, '--create']);
+    expect(result.blocksSent).toBe(3);
+    expect(result.hashBytes).toBe(0);
+    expect(qemuCompare(src, 'raw', vmdk, 'vmdk').status).toBe(0);
+  });
+
+  it('compares only the extents of an --extents file', async () => {
+    const dir = tempDir();
+    const src = path.join(dir, 'source.img');
+    const dst = path.join(dir, 'target.img');
+    writeImagePair(src, dst, 8 * MiB, 0, 4);
+    const fd = fs.openSync(dst, 'r+');
+    fs.writeSync(fd, Buffer.from('changed'), 0, 7, 1 * MiB + 5);
+    fs.closeSync(fd);
+    const extentsFile = path.join(dir, 'extents.json');
+    fs.writeFileSync(extentsFile, JSON.stringify([{ offset: 1 * MiB, length: 8192 }]));
+    const result = await resyncJson([`raw:${src}`, `raw:${dst}`, '--extents', extentsFile]);
+    expect(result.blocksCompared).toBe(2);
+    expect(result.blocksSent).toBe(1);
+    expect(qemuCompare(src, 'raw', dst, 'raw').status).toBe(0);
+  });
+
+  it('fails with one coded line when the disks differ in size', async () => {
+    const dir = tempDir();
+    fs.writeFileSync(path.join(dir, 'a.img'), Buffer.alloc(1 * MiB));
+    fs.writeFileSync(path.join(dir, 'b.img'), Buffer.alloc(2 * MiB));
+    const r = await runCli(['resync', `raw:${path.join(dir, 'a.img')}`, `raw:${path.join(dir, 'b.img')}`, '--json']);
+    expect(r.status).toBe(1);
+    expect(r.stdout).toBe('');
+    expect(r.stderr.trim().split('\n').pop()).toMatch(/^BR_RESYNC_SIZE_MISMATCH: /);
+  });
+
+  it('refuses a block size that is not a power of two with BR_USAGE', async () => {
+    const r = await runCli(['resync', 'raw:/nonexistent/a', 'raw:/nonexistent/b', '--block-size', '3000']);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/^BR_USAGE: .*--block-size/m);
+  });
+});
