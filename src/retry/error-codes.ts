@@ -38,6 +38,8 @@ export const ERROR_CODES = {
   // --- native addon ---
   BR_NATIVE_UNAVAILABLE: { recoverable: false, description: 'The native addon is not built; run npm install (needs python3, make, g++).' },
   BR_DIRTYMAP_CORRUPT: { recoverable: false, description: 'A persisted dirty map failed validation.' },
+  BR_DIRTYMAP_RANGE: { recoverable: false, description: 'A dirty-map range reaches past the end of the disk it tracks.' },
+  BR_DIRTYMAP_MISMATCH: { recoverable: false, description: 'Two dirty maps of different disk sizes or granularities cannot be merged.' },
 
   // --- tracking (MS-HRL logs, change tracker) ---
   // Damage in a log names the byte offset in the message and in details.offset.
@@ -107,6 +109,22 @@ export const ERROR_CODES = {
   BR_TAP_LISTEN: { recoverable: true, description: 'The source tap could not listen on its address (in use or not permitted).' },
 
   // --- transport ---
+  BR_NET_UNREACHABLE: { recoverable: true, description: 'The next hop refused or reset the connection, or could not be resolved.' },
+  BR_NET_TIMEOUT: { recoverable: true, description: 'The next hop stopped answering within the time allowed.' },
+  BR_PEER_BUSY: { recoverable: true, description: 'The next hop asked us to slow down (HTTP 429 or 503).' },
+  BR_PEER_ERROR: { recoverable: true, description: 'The next hop failed with a server error (HTTP 5xx); it may recover.' },
+  BR_AUTH_FAILED: { recoverable: false, description: 'The shared secret was missing or wrong (HTTP 401); fix the configuration on both ends.' },
+  BR_PROTOCOL: { recoverable: false, description: 'A request or answer did not follow the blockrelay transport protocol.' },
+  BR_DISK_ID_INVALID: { recoverable: false, description: 'A disk id is empty, too long, or holds characters other than letters, digits, ".", "_" and "-".' },
+  BR_DISK_UNKNOWN: { recoverable: false, description: 'The disk is not configured on this role.' },
+  BR_SEQ_GAP: { recoverable: true, description: 'A log arrived ahead of its turn; the sender resends from the sequence number the receiver expects.' },
+  BR_SEQ_CONFLICT: { recoverable: false, description: 'A log arrived with a sequence number already used by a different log.' },
+  BR_UPLOAD_INCOMPLETE: { recoverable: true, description: 'An upload ended before its declared length; it is discarded and resent.' },
+  BR_UPLOAD_HASH_MISMATCH: { recoverable: true, description: 'An upload does not match the xxhash64 its sender declared; it is discarded and resent.' },
+  BR_UPLOAD_TOO_LARGE: { recoverable: false, description: 'An upload is larger than the receiver accepts for one log.' },
+  BR_SPOOL_FULL: { recoverable: true, description: 'The process server cache volume spool reached its size bound; the source keeps logging and resyncs if it overflows.' },
+  BR_DISK_CRITICAL: { recoverable: false, description: 'The disk replication is stopped in state Critical until an operator resumes it.' },
+  BR_APPLY_STATE_CORRUPT: { recoverable: false, description: 'The master target apply state file failed validation.' },
 
   // --- resync ---
   BR_RESYNC_SIZE_MISMATCH: { recoverable: false, description: 'Resync source and target disks differ in size.' },

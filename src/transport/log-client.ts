@@ -1,0 +1,162 @@
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+import * as https from 'node:https';
+import { PassThrough, type Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import lz4 from 'lz4';
+import { BlockrelayError } from '../retry/blockrelay-error';
+import { isErrorCode, type ErrorCode } from '../retry/error-codes';
+import { ThrottleStream, type BandwidthLimiter } from './bandwidth-limiter';
+import { envelopeHeaders, logPath, PROTOCOL_VERSION, type LogEnvelope } from './transport-protocol';
+
+/**
+ * The sending side of the transport protocol: uploads one sealed log to the
+ * next hop and turns every way that can fail into a coded error, so the
+ * retry policy can decide from the code alone.
+ */
+export interface PeerOptions {
+  /** Base URL of the next hop, e.g. `http://127.0.0.1:9440`. */
+  readonly url: string;
+  readonly secret: string;
+  /** CA certificate(s) to trust for an https peer. */
+  readonly ca?: Buffer | undefined;
+  /** Abandon a request that makes no progress for this long. */
+  readonly timeoutMs?: number;
+}
+
+export interface SendOptions {
+  readonly lz4?: boolean;
+  readonly limiter?: BandwidthLimiter | undefined;
+}
+
+const DEFAULT_TIMEOUT_MS = 60_000;
+const agents = { http: new http.Agent({ keepAlive: true, maxSockets: 16 }), https: new https.Agent({ keepAlive: true, maxSockets: 16 }) };
+
+/** Maps a failed HTTP answer to the coded error the peer sent, or one from the status. */
+export function errorFromResponse(status: number, body: string): BlockrelayError {
+  let parsed: { error?: { code?: string; message?: string; details?: Record<string, string | number | boolean | null> } } | undefined;
+  try {
+    parsed = JSON.parse(body) as typeof parsed;
+  } catch {
+    parsed = undefined;
+  }
+  const code = parsed?.error?.code;
+  const message = parsed?.error?.message ?? `HTTP ${status}: ${body.slice(0, 200)}`;
+  if (code !== undefined && isErrorCode(code)) return new BlockrelayError(code, `peer: ${message}`, { details: parsed?.error?.details ?? {} });
+  let mapped: ErrorCode;
+  if (status === 401 || status === 403) mapped = 'BR_AUTH_FAILED';
+  else if (status === 429 || status === 503) mapped = 'BR_PEER_BUSY';
+  else if (status === 507) mapped = 'BR_SPOOL_FULL';
+  else if (status >= 500) mapped = 'BR_PEER_ERROR';
+  else mapped = 'BR_PROTOCOL';
+  return new BlockrelayError(mapped, `peer: ${message}`);
+}
+
+/** Maps a socket-level failure to a coded, recoverable error. */
+export function errorFromNetwork(err: NodeJS.ErrnoException, what: string): BlockrelayError {
+  if (err instanceof BlockrelayError) return err;
+  const timeout = err.code === 'ETIMEDOUT' || err.code === 'ESOCKETTIMEDOUT' || err.message === 'timeout';
+  return new BlockrelayError(timeout ? 'BR_NET_TIMEOUT' : 'BR_NET_UNREACHABLE', `${what}: ${err.code ?? ''} ${err.message}`.trim(), { cause: err });
+}
+
+interface Answer {
+  status: number;
+  body: string;
+}
+
+function request(peer: PeerOptions, method: string, path: string, headers: Record<string, string>, body: Readable | undefined): Promise<Answer> {
+  const url = new URL(path, peer.url);
+  const secure = url.protocol === 'https:';
+  const lib = secure ? https : http;
+  return new Promise<Answer>((resolve, reject) => {
+    let settled = false;
+    const finish = (fn: () => void): void => {
+      if (!settled) {
+        settled = true;
+        fn();
+      }
+    };
+    const req = lib.request(
+      url,
+      {
+        method,
+        headers: { ...headers, authorization: `Bearer ${peer.secret}` },
+        agent: secure ? (peer.ca ? undefined : agents.https) : agents.http,
+        ...(secure && peer.ca ? { ca: peer.ca } : {}),
+        timeout: peer.timeoutMs ?? DEFAULT_TIMEOUT_MS,
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        let size = 0;
+        res.on('data', (c: Buffer) => {
+          // Answers are small JSON documents; bound what we keep.
+          if (size < 64 * 1024) chunks.push(c);
+          size += c.length;
+        });
+        res.on('end', () => finish(() => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') })));
+        res.on('error', (err) => finish(() => reject(errorFromNetwork(err, `${method} ${url.href}`))));
+      },
+    );
+    req.on('timeout', () => req.destroy(Object.assign(new Error('timeout'), { code: 'ETIMEDOUT' })));
+    req.on('error', (err) => finish(() => reject(errorFromNetwork(err, `${method} ${url.href}`))));
+    if (body === undefined) {
+      req.end();
+      return;
+    }
+    pipeline(body, req).catch((err: NodeJS.ErrnoException) => {
+      // The peer may answer (e.g. 401, spool full) before reading the whole
+      // body; its answer, not our broken pipe, is what happened.
+      setTimeout(() => finish(() => reject(errorFromNetwork(err, `${method} ${url.href}`))), 200);
+    });
+  });
+}
+
+export interface SendResult {
+  readonly status: number;
+  readonly duplicate: boolean;
+}
+
+/** Uploads one sealed log file with its envelope; resolves when the peer holds it durably. */
+export async function sendLog(peer: PeerOptions, envelope: LogEnvelope, file: string, options: SendOptions = {}): Promise<SendResult> {
+  const source = fs.createReadStream(file, { highWaterMark: 1 << 20 });
+  const stages: Array<NodeJS.ReadableStream | NodeJS.ReadWriteStream> = [source];
+  if (options.lz4) stages.push(lz4.createEncoderStream({ blockMaxSize: 4 << 20, streamChecksum: false }));
+  if (options.limiter && !options.limiter.unlimited) stages.push(new ThrottleStream(options.limiter));
+  const body = new PassThrough({ highWaterMark: 1 << 20 });
+  const feeding = (pipeline as (...s: unknown[]) => Promise<void>)(...stages, body).catch((err: unknown) => body.destroy(err as Error));
+  const headers: Record<string, string> = {
+    ...envelopeHeaders(envelope),
+    'content-type': 'application/octet-stream',
+  };
+  if (options.lz4) headers['x-blockrelay-encoding'] = 'lz4';
+  else headers['content-length'] = String(envelope.logLength);
+  try {
+    const answer = await request(peer, 'PUT', logPath(envelope.diskId, envelope.seq), headers, body);
+    if (answer.status === 200 || answer.status === 201) return { status: answer.status, duplicate: answer.status === 200 };
+    throw errorFromResponse(answer.status, answer.body);
+  } finally {
+    source.destroy();
+    await feeding;
+  }
+}
+
+/** What a hop knows of a disk: the next sequence number it expects (null: any). */
+export interface DiskState {
+  readonly diskId: string;
+  readonly nextSeq: number | null;
+}
+
+export async function getDiskState(peer: PeerOptions, diskId: string): Promise<DiskState> {
+  const answer = await request(peer, 'GET', `/${PROTOCOL_VERSION}/disks/${encodeURIComponent(diskId)}`, {}, undefined);
+  if (answer.status !== 200) throw errorFromResponse(answer.status, answer.body);
+  return JSON.parse(answer.body) as DiskState;
+}
+
+/** A JSON call to a peer's API (status, tags); used by the CLI. */
+export async function callJson(peer: PeerOptions, method: string, path: string, body?: unknown): Promise<unknown> {
+  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+  const stream = payload === undefined ? undefined : PassThrough.from(payload) as Readable;
+  const answer = await request(peer, method, path, payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': String(payload.length) }, stream);
+  if (answer.status < 200 || answer.status >= 300) throw errorFromResponse(answer.status, answer.body);
+  return answer.body === '' ? undefined : JSON.parse(answer.body);
+}

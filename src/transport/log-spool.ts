@@ -1,0 +1,244 @@
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { Transform, type Readable, type TransformCallback } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import lz4 from 'lz4';
+import xxhash from 'xxhash-wasm';
+import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { seqName, TRANSPORT_LIMITS, validateDiskId, type LogEnvelope } from './transport-protocol';
+
+/**
+ * A durable, ordered, size-bounded store of sealed logs per disk: the process
+ * server's spool on its cache volume, and the master target's inbox.
+ *
+ * Layout: `DIR/<disk>/<seq:20 digits>.hrl` with its envelope beside it in
+ * `<seq>.json`. A log is streamed to a `.tmp` file, hashed on the way,
+ * fsynced, verified, and only then renamed into place (envelope first), with
+ * the directory fsynced: a log is visible only once it is whole and durable,
+ * and anything left as `.tmp` after a crash is discarded on open.
+ * docs/formats/spool.md describes it.
+ */
+export interface SpoolEntry {
+  readonly envelope: LogEnvelope;
+  readonly file: string;
+  readonly sizeBytes: number;
+}
+
+export interface ReceiveOptions {
+  /** The body is an lz4 frame stream of the log. */
+  readonly lz4: boolean;
+  /**
+   * Called on the complete, fsynced temp file before it becomes visible;
+   * throws a coded error to refuse the log (e.g. [MS-HRL] verification).
+   */
+  readonly verify: (file: string, envelope: LogEnvelope) => Promise<void>;
+}
+
+type Hasher = ReturnType<Awaited<ReturnType<typeof xxhash>>['create64']>;
+let hasherFactory: Promise<() => Hasher> | undefined;
+
+/** A fresh streaming xxhash64 (the wasm module is loaded once). */
+export async function newXxhash64(): Promise<Hasher> {
+  hasherFactory ??= xxhash().then((api) => () => api.create64());
+  return (await hasherFactory)();
+}
+
+export function hashHex(hasher: Hasher): string {
+  return hasher.digest().toString(16).padStart(16, '0');
+}
+
+/** xxhash64 of a whole file, streamed. */
+export async function hashFile(file: string): Promise<{ xxhash64: string; sizeBytes: number }> {
+  const hasher = await newXxhash64();
+  let sizeBytes = 0;
+  for await (const chunk of fs.createReadStream(file, { highWaterMark: 1 << 20 })) {
+    hasher.update(chunk as Buffer);
+    sizeBytes += (chunk as Buffer).length;
+  }
+  return { xxhash64: hashHex(hasher), sizeBytes };
+}
+
+/** Counts and hashes bytes passing through, refusing more than `maxBytes`. */
+class HashingCounter extends Transform {
+  bytes = 0;
+  constructor(private readonly hasher: Hasher, private readonly maxBytes: number) {
+    super();
+  }
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    this.bytes += chunk.length;
+    if (this.bytes > this.maxBytes) {
+      done(new BlockrelayError('BR_UPLOAD_TOO_LARGE', `upload is longer than its declared ${this.maxBytes} bytes`));
+      return;
+    }
+    this.hasher.update(chunk);
+    done(null, chunk);
+  }
+}
+
+export class LogSpool {
+  private readonly entries = new Map<string, Map<number, SpoolEntry>>();
+  private usedBytes = 0;
+  private reservedBytes = 0;
+
+  constructor(
+    readonly dir: string,
+    readonly maxBytes: number,
+  ) {}
+
+  /** Loads what a previous run left, discarding incomplete uploads. */
+  async open(): Promise<void> {
+    await fsp.mkdir(this.dir, { recursive: true });
+    for (const disk of await fsp.readdir(this.dir)) {
+      const diskDir = path.join(this.dir, disk);
+      if (!(await fsp.stat(diskDir)).isDirectory()) continue;
+      validateDiskId(disk);
+      for (const name of (await fsp.readdir(diskDir)).sort()) {
+        const full = path.join(diskDir, name);
+        if (name.endsWith('.tmp')) {
+          await fsp.rm(full, { force: true });
+          continue;
+        }
+        if (!name.endsWith('.hrl')) continue;
+        const envelope = JSON.parse(await fsp.readFile(full.replace(/\.hrl$/, '.json'), 'utf8')) as LogEnvelope;
+        const { size } = await fsp.stat(full);
+        this.add({ envelope, file: full, sizeBytes: size });
+      }
+      // An envelope whose log never got renamed into place is a crash leftover.
+      for (const name of await fsp.readdir(diskDir)) {
+        if (name.endsWith('.json') && !fs.existsSync(path.join(diskDir, name.replace(/\.json$/, '.hrl')))) await fsp.rm(path.join(diskDir, name), { force: true });
+      }
+    }
+  }
+
+  get bytesUsed(): number {
+    return this.usedBytes;
+  }
+
+  disks(): string[] {
+    return [...this.entries.keys()].filter((d) => (this.entries.get(d)?.size ?? 0) > 0);
+  }
+
+  /** The disk's spooled logs in sequence order. */
+  list(diskId: string): SpoolEntry[] {
+    return [...(this.entries.get(diskId)?.values() ?? [])].sort((a, b) => a.envelope.seq - b.envelope.seq);
+  }
+
+  get(diskId: string, seq: number): SpoolEntry | undefined {
+    return this.entries.get(diskId)?.get(seq);
+  }
+
+  pendingBytes(diskId: string): number {
+    let n = 0;
+    for (const e of this.entries.get(diskId)?.values() ?? []) n += e.sizeBytes;
+    return n;
+  }
+
+  /**
+   * Streams one upload into the spool. Resolves once the log is verified,
+   * durable and visible; on any failure nothing of it remains.
+   */
+  async receive(envelope: LogEnvelope, body: Readable, options: ReceiveOptions): Promise<SpoolEntry> {
+    if (envelope.logLength > TRANSPORT_LIMITS.maxLogBytes) throw new BlockrelayError('BR_UPLOAD_TOO_LARGE', `log of ${envelope.logLength} bytes exceeds the ${TRANSPORT_LIMITS.maxLogBytes}-byte limit`);
+    if (this.usedBytes + this.reservedBytes + envelope.logLength > this.maxBytes) {
+      throw new BlockrelayError('BR_SPOOL_FULL', `spool ${this.dir} holds ${this.usedBytes} of ${this.maxBytes} bytes; a ${envelope.logLength}-byte log does not fit`);
+    }
+    this.reservedBytes += envelope.logLength;
+    const diskDir = path.join(this.dir, envelope.diskId);
+    const base = path.join(diskDir, seqName(envelope.seq));
+    const tmp = `${base}.hrl.${process.pid}.${Date.now()}.tmp`;
+    try {
+      await fsp.mkdir(diskDir, { recursive: true });
+      const hasher = await newXxhash64();
+      const counter = new HashingCounter(hasher, envelope.logLength);
+      const out = fs.createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 });
+      try {
+        if (options.lz4) await pipeline(body, lz4.createDecoderStream(), counter, out);
+        else await pipeline(body, counter, out);
+      } catch (err) {
+        if (err instanceof BlockrelayError) throw err;
+        if ((err as NodeJS.ErrnoException).code === 'ERR_STREAM_PREMATURE_CLOSE' || (err as NodeJS.ErrnoException).code === 'ECONNRESET' || (err as Error).message === 'aborted') {
+          throw new BlockrelayError('BR_UPLOAD_INCOMPLETE', `upload of ${envelope.diskId} seq ${envelope.seq} ended after ${counter.bytes} bytes`, { cause: err });
+        }
+        if (options.lz4 && !(err as NodeJS.ErrnoException).code?.startsWith?.('E')) {
+          throw new BlockrelayError('BR_PROTOCOL', `lz4 stream of ${envelope.diskId} seq ${envelope.seq} is invalid: ${(err as Error).message}`, { cause: err });
+        }
+        throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
+      }
+      if (counter.bytes !== envelope.logLength) {
+        throw new BlockrelayError('BR_UPLOAD_INCOMPLETE', `upload of ${envelope.diskId} seq ${envelope.seq} has ${counter.bytes} bytes, declared ${envelope.logLength}`);
+      }
+      const actual = hashHex(hasher);
+      if (actual !== envelope.xxhash64) {
+        throw new BlockrelayError('BR_UPLOAD_HASH_MISMATCH', `upload of ${envelope.diskId} seq ${envelope.seq} hashes to ${actual}, declared ${envelope.xxhash64}`);
+      }
+      await fsyncFile(tmp);
+      await options.verify(tmp, envelope);
+      await writeDurably(`${base}.json`, JSON.stringify(envelope));
+      await fsp.rename(tmp, `${base}.hrl`);
+      await fsyncDir(diskDir);
+      const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
+      const prior = this.get(envelope.diskId, envelope.seq);
+      if (prior !== undefined) this.usedBytes -= prior.sizeBytes;
+      this.add(entry);
+      return entry;
+    } catch (err) {
+      await fsp.rm(tmp, { force: true });
+      throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
+    } finally {
+      this.reservedBytes -= envelope.logLength;
+    }
+  }
+
+  /** Deletes a log once the next hop holds it durably (or it was applied). */
+  async remove(diskId: string, seq: number): Promise<void> {
+    const entry = this.get(diskId, seq);
+    if (entry === undefined) return;
+    await fsp.rm(entry.file, { force: true });
+    await fsp.rm(entry.file.replace(/\.hrl$/, '.json'), { force: true });
+    this.entries.get(diskId)?.delete(seq);
+    this.usedBytes -= entry.sizeBytes;
+  }
+
+  private add(entry: SpoolEntry): void {
+    let disk = this.entries.get(entry.envelope.diskId);
+    if (disk === undefined) this.entries.set(entry.envelope.diskId, (disk = new Map()));
+    disk.set(entry.envelope.seq, entry);
+    this.usedBytes += entry.sizeBytes;
+  }
+}
+
+export async function fsyncFile(file: string): Promise<void> {
+  const fh = await fsp.open(file, 'r+');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+export async function fsyncDir(dir: string): Promise<void> {
+  const fh = await fsp.open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Replaces `file` atomically and durably: temp file, fsync, rename, fsync of the directory. */
+let tmpCounter = 0;
+
+export async function writeDurably(file: string, content: string | Buffer): Promise<void> {
+  // Unique per call: two writers of one file must never share a temp file.
+  const tmp = `${file}.${process.pid}.${tmpCounter++}.tmp`;
+  const fh = await fsp.open(tmp, 'w');
+  try {
+    await fh.writeFile(content);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fsp.rename(tmp, file);
+  await fsyncDir(path.dirname(file));
+}

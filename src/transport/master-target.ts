@@ -1,0 +1,290 @@
+import * as path from 'node:path';
+import type { BlockrelayConfig } from '../daemon/config';
+import { createLogger, type Logger } from '../daemon/logger';
+import { createMetrics, HEALTH_GAUGE_VALUE, type Metrics } from '../daemon/metrics';
+import { StateLock } from '../daemon/state-lock';
+import { systemClock, type Clock } from '../platform/clock';
+import { BlockrelayError } from '../retry/blockrelay-error';
+import { DiskHealth } from '../retry/health';
+import type { RetryPolicy } from '../retry/retry-policy';
+import type { DiskTarget } from '../targets/disk-target';
+import { DiskDrain } from './disk-drain';
+import { HttpApi, sendJson, type Route } from './http-api';
+import type { LogOps } from './log-ops';
+import { LogReceiver } from './log-receiver';
+import { LogSpool, type SpoolEntry } from './log-spool';
+import { SequenceLedger } from './sequence-ledger';
+import { openOrCreateTarget } from './target-opener';
+import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
+
+/**
+ * Hooks the retention volume plugs into the apply path: pre-images are made
+ * durable before a log overwrites anything, and a recovery point is recorded
+ * once the log is applied and the target flushed.
+ */
+export interface ApplyHooks {
+  beforeApply?(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void>;
+  afterApply?(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void>;
+}
+
+export interface DiskApplyStatus {
+  readonly diskId: string;
+  readonly target: string;
+  readonly health: string;
+  readonly reasons: string[];
+  readonly state: string;
+  readonly appliedSeq: number | null;
+  readonly nextSeq: number | null;
+  readonly pendingLogs: number;
+  readonly pendingBytes: number;
+  readonly appliedBytesTotal: number;
+  readonly lastPointTimeMs: number | null;
+  readonly rpoSeconds: number | null;
+  readonly recentErrors: ReadonlyArray<{ code: string; message: string; atMs: number }>;
+}
+
+export interface ApplyingHopOptions {
+  readonly stateDir: string;
+  readonly listen: string;
+  readonly secret: string | undefined;
+  readonly tls?: BlockrelayConfig['tls'];
+  /** Spool size bound (inbox of a master target, cache of a process server). */
+  readonly spoolDir: string;
+  readonly spoolMaxBytes: number;
+  readonly rpoThresholdSeconds: number;
+  readonly logOps: LogOps;
+  readonly clock?: Clock;
+  readonly logger?: Logger;
+  readonly metrics?: Metrics;
+  readonly retryPolicy?: RetryPolicy;
+  readonly hooks?: ApplyHooks;
+  readonly hopName: string;
+}
+
+/** Per-disk apply state kept in memory. */
+interface AppliedDisk {
+  readonly diskId: string;
+  readonly spec: string;
+  readonly health: DiskHealth;
+  drain: DiskDrain;
+  target: DiskTarget | undefined;
+  appliedBytesTotal: number;
+  lastPointTimeMs: number | null;
+}
+
+/**
+ * The master target role (and the apply side of an Azure-side process
+ * server): receives logs, verifies and spools them, and applies each exactly
+ * once, in order per disk, to the disk's target.
+ *
+ * Exactly once: the ledger's `appliedSeq` is written only after the log is
+ * applied and the target flushed. A crash before that re-applies the whole
+ * log on restart, which finishes a half-applied log: entries are applied in
+ * order and each overwrites its range, so applying the complete log again
+ * yields the same content as applying it once. A log at or below
+ * `appliedSeq` is never applied again.
+ */
+export class ApplyingHop {
+  readonly clock: Clock;
+  readonly logger: Logger;
+  readonly metrics: Metrics;
+  readonly spool: LogSpool;
+  readonly ledger: SequenceLedger;
+  protected readonly disks = new Map<string, AppliedDisk>();
+  protected readonly lock: StateLock;
+  protected api: HttpApi | undefined;
+  protected readonly receiver: LogReceiver;
+
+  constructor(
+    protected readonly options: ApplyingHopOptions,
+    private readonly diskSpecs: ReadonlyMap<string, string>,
+  ) {
+    this.clock = options.clock ?? systemClock;
+    this.logger = options.logger ?? createLogger({ name: options.hopName });
+    this.metrics = options.metrics ?? createMetrics();
+    this.lock = new StateLock(options.stateDir);
+    this.spool = new LogSpool(options.spoolDir, options.spoolMaxBytes);
+    this.ledger = new SequenceLedger(options.stateDir);
+    this.receiver = new LogReceiver({
+      spool: this.spool,
+      ledger: this.ledger,
+      verify: (file, envelope) => options.logOps.verify(file, envelope.diskSizeBytes),
+      acceptsDisk: (diskId) => this.acceptsDisk(diskId),
+      isCritical: (diskId) => this.disks.get(diskId)?.drain.state === 'critical',
+      onAccepted: (entry) => this.onAccepted(entry),
+      logger: this.logger,
+      metrics: this.metrics,
+      hop: options.hopName,
+    });
+  }
+
+  get url(): string {
+    if (this.api === undefined) throw new Error('not started');
+    return this.api.url;
+  }
+
+  protected acceptsDisk(diskId: string): boolean {
+    return this.diskSpecs.has(diskId);
+  }
+
+  protected onAccepted(entry: SpoolEntry): void {
+    this.disks.get(entry.envelope.diskId)?.drain.wake();
+  }
+
+  async start(): Promise<void> {
+    this.lock.acquire();
+    try {
+      await this.spool.open();
+      this.receiver.reconcile();
+      for (const [diskId, spec] of this.diskSpecs) this.addApplier(diskId, spec);
+      this.api = new HttpApi({ secret: this.options.secret, routes: this.routes(), tls: this.options.tls, logger: this.logger });
+      const [host, port] = splitHostPort(this.options.listen);
+      await this.api.listen(host, port);
+      for (const disk of this.disks.values()) disk.drain.start();
+      this.logger.info({ url: this.api.url, disks: [...this.disks.keys()] }, `${this.options.hopName} listening`);
+    } catch (err) {
+      this.lock.release();
+      throw err;
+    }
+  }
+
+  /** Waits until every disk's spooled logs are applied (or the disk went Critical). */
+  async drain(): Promise<void> {
+    await Promise.all([...this.disks.values()].map((d) => d.drain.whenIdle()));
+  }
+
+  async stop(): Promise<void> {
+    await this.api?.close();
+    await Promise.all([...this.disks.values()].map((d) => d.drain.stop()));
+    for (const d of this.disks.values()) {
+      await d.target?.close();
+      d.target = undefined;
+    }
+    this.lock.release();
+  }
+
+  protected addApplier(diskId: string, spec: string): void {
+    validateDiskId(diskId);
+    const health = new DiskHealth(diskId, this.options.rpoThresholdSeconds * 1000);
+    const disk: AppliedDisk = { diskId, spec, health, drain: undefined as unknown as DiskDrain, target: undefined, appliedBytesTotal: 0, lastPointTimeMs: null };
+    disk.drain = new DiskDrain({
+      diskId,
+      spool: this.spool,
+      stage: 'apply',
+      handle: (entry) => this.apply(disk, entry),
+      clock: this.clock,
+      logger: this.logger,
+      metrics: this.metrics,
+      health,
+      ...(this.options.retryPolicy ? { retryPolicy: this.options.retryPolicy } : {}),
+    });
+    this.disks.set(diskId, disk);
+  }
+
+  private async apply(disk: AppliedDisk, entry: SpoolEntry): Promise<void> {
+    const { seq } = entry.envelope;
+    const ledger = this.ledger.get(disk.diskId);
+    if (ledger.appliedSeq !== null && seq <= ledger.appliedSeq) return;
+    if (ledger.appliedSeq !== null && seq !== ledger.appliedSeq + 1) {
+      throw new BlockrelayError('BR_SEQ_GAP', `disk ${disk.diskId}: log ${seq} is next in the inbox but ${ledger.appliedSeq + 1} was never received`, { details: { expectedSeq: ledger.appliedSeq + 1 } });
+    }
+    const started = process.hrtime.bigint();
+    disk.target ??= await openOrCreateTarget(disk.spec, entry.envelope.diskSizeBytes);
+    await this.options.hooks?.beforeApply?.(disk.diskId, entry, disk.target);
+    const applied = await this.options.logOps.apply(entry.file, disk.target);
+    await disk.target.flush();
+    await this.ledger.applied(disk.diskId, seq);
+    await this.options.hooks?.afterApply?.(disk.diskId, entry, disk.target);
+    disk.appliedBytesTotal += applied.bytes;
+    disk.lastPointTimeMs = entry.envelope.cutTimeMs;
+    this.metrics.appliedBytesTotal.inc({ disk: disk.diskId }, applied.bytes);
+    this.metrics.applySeconds.observe({ disk: disk.diskId }, Number(process.hrtime.bigint() - started) / 1e9);
+    this.updateGauges(disk);
+  }
+
+  protected updateGauges(disk: AppliedDisk): void {
+    const now = this.clock.now();
+    const rpoMs = disk.lastPointTimeMs === null ? undefined : Math.max(0, now - disk.lastPointTimeMs);
+    disk.health.reportRpo(rpoMs, now);
+    if (rpoMs !== undefined) this.metrics.rpoSeconds.set({ disk: disk.diskId }, rpoMs / 1000);
+    this.metrics.pendingBytes.set({ disk: disk.diskId, hop: this.options.hopName }, this.spool.pendingBytes(disk.diskId));
+    this.metrics.health.set({ disk: disk.diskId }, HEALTH_GAUGE_VALUE[disk.health.state]);
+  }
+
+  /** Per-disk status for the JSON endpoint, the status page and `blockrelay status`. */
+  diskStatus(): DiskApplyStatus[] {
+    return [...this.disks.values()].map((d) => {
+      this.updateGauges(d);
+      const ledger = this.ledger.get(d.diskId);
+      const now = this.clock.now();
+      return {
+        diskId: d.diskId,
+        target: d.spec,
+        health: d.health.state,
+        reasons: d.health.reasons.map((r) => `${r.code}: ${r.message}`),
+        state: d.drain.state,
+        appliedSeq: ledger.appliedSeq,
+        nextSeq: ledger.nextSeq,
+        pendingLogs: this.spool.list(d.diskId).length,
+        pendingBytes: this.spool.pendingBytes(d.diskId),
+        appliedBytesTotal: d.appliedBytesTotal,
+        lastPointTimeMs: d.lastPointTimeMs,
+        rpoSeconds: d.lastPointTimeMs === null ? null : Math.max(0, now - d.lastPointTimeMs) / 1000,
+        recentErrors: d.health.recentErrors.map((e) => ({ code: e.code, message: e.message, atMs: e.atMs })),
+      };
+    });
+  }
+
+  protected routes(): Route[] {
+    return [
+      ...this.receiver.routes(),
+      { method: 'GET', pattern: `/${PROTOCOL_VERSION}/status`, public: true, handler: async (ctx) => sendJson(ctx.res, 200, { role: this.options.hopName, disks: this.diskStatus() }) },
+      {
+        method: 'POST',
+        pattern: `/${PROTOCOL_VERSION}/disks/:disk/resume`,
+        handler: async (ctx) => {
+          const disk = this.disks.get(validateDiskId(ctx.params.disk!));
+          if (disk === undefined) throw new BlockrelayError('BR_DISK_UNKNOWN', `disk ${ctx.params.disk} is not served here`);
+          disk.drain.resume();
+          sendJson(ctx.res, 200, { diskId: disk.diskId, state: disk.drain.state });
+        },
+      },
+      {
+        method: 'GET',
+        pattern: '/metrics',
+        public: true,
+        handler: async (ctx) => {
+          for (const d of this.disks.values()) this.updateGauges(d);
+          const text = await this.metrics.registry.metrics();
+          ctx.res.writeHead(200, { 'content-type': this.metrics.registry.contentType });
+          ctx.res.end(text);
+        },
+      },
+    ];
+  }
+}
+
+/** `blockrelay master-target --config FILE`: VMDK targets on a datastore directory by default. */
+export function masterTargetFromConfig(config: BlockrelayConfig, logOps: LogOps, extra: Partial<ApplyingHopOptions> = {}): ApplyingHop {
+  const specs = new Map(config.disks.map((d) => [d.id, d.target]));
+  return new ApplyingHop(
+    {
+      stateDir: config.stateDir,
+      listen: config.listen,
+      secret: config.secret,
+      tls: config.tls,
+      spoolDir: path.join(config.stateDir, 'inbox'),
+      spoolMaxBytes: config.cache?.maxBytes ?? 64 * 1024 ** 3,
+      rpoThresholdSeconds: config.rpoThresholdSeconds,
+      logOps,
+      hopName: 'master-target',
+      ...extra,
+    },
+    specs,
+  );
+}
+
+export function splitHostPort(listen: string): [string, number] {
+  const i = listen.lastIndexOf(':');
+  return [listen.slice(0, i), Number(listen.slice(i + 1))];
+}

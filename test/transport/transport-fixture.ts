@@ -1,0 +1,59 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { silentLogger } from '../../src/daemon/logger';
+import { createMetrics } from '../../src/daemon/metrics';
+import { HrlWriter } from '../../src/tracking/hrl-writer';
+import { hashFile } from '../../src/transport/log-spool';
+import type { LogEnvelope } from '../../src/transport/transport-protocol';
+
+export const SECRET = 'test-secret-0123456789';
+export const DISK_SIZE = 8 * 1024 * 1024;
+
+/** A deterministic pseudo-random generator (mulberry32) so failures replay. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export interface WrittenLog {
+  file: string;
+  envelope: LogEnvelope;
+}
+
+/**
+ * Writes a sealed log of `writes` random 4 KiB-aligned writes, applying the
+ * same writes to `model` (the expected disk content).
+ */
+export async function makeLog(dir: string, diskId: string, seq: number, model: Buffer, rand: () => number, writes = 20): Promise<WrittenLog> {
+  fs.mkdirSync(dir, { recursive: true });
+  const file = path.join(dir, `${diskId}-${String(seq).padStart(6, '0')}.hrl`);
+  const writer = await HrlWriter.create(file);
+  for (let i = 0; i < writes; i++) {
+    const blocks = 1 + Math.floor(rand() * 8);
+    const offset = Math.floor(rand() * (model.length / 4096 - blocks)) * 4096;
+    const data = Buffer.alloc(blocks * 4096);
+    for (let j = 0; j < data.length; j += 4) data.writeUInt32LE(Math.floor(rand() * 2 ** 32), j);
+    await writer.append(offset, data);
+    data.copy(model, offset);
+  }
+  await writer.seal();
+  await writer.close();
+  const { xxhash64, sizeBytes } = await hashFile(file);
+  return {
+    file,
+    envelope: { diskId, seq, xxhash64, logLength: sizeBytes, cutTimeMs: Date.now(), cutId: `cut-${seq}`, group: undefined, appTag: undefined, diskSizeBytes: model.length },
+  };
+}
+
+export function quiet() {
+  return { logger: silentLogger(), metrics: createMetrics({ defaultMetrics: false }) };
+}
+
+/** A retry policy fast enough for tests that use the real clock. */
+export const FAST_RETRY = { scheduleOffsetsMs: [20, 40, 80], steadyIntervalMs: 100, maxRetries: 50 };
