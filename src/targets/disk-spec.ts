@@ -3,6 +3,7 @@ import type { DiskTarget, OpenOptions } from './disk-target';
 import { RawTarget } from './raw/raw-target';
 import { openVmdk } from './vmdk/vmdk-disk';
 import { VhdTarget } from './vhd/vhd-target';
+import { PageBlobTarget } from './blob/page-blob-target';
 
 /**
  * Disk specs, parsed in one place (DESIGN.md "Outward contracts"):
@@ -76,7 +77,7 @@ export async function openDisk(spec: string, options: OpenOptions = {}): Promise
     case 'vhd':
       return VhdTarget.open(parsed.path, options, spec);
     case 'blob':
-      return notWired(parsed);
+      return PageBlobTarget.open(parsed.url, options);
     case 'nbd':
       return notWired(parsed);
   }
