@@ -6,7 +6,7 @@ import type { DiskTarget, OpenOptions } from '../disk-target';
 import { claimDiskUuid } from '../disk-uuid-registry';
 import { fromVmwareUuid, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, parseDescriptor, type VmdkDescriptor } from './vmdk-descriptor';
 import { flatExtentName, VmdkFlatTarget } from './vmdk-flat-target';
-import { corrupt, HEADER_BYTES, SECTOR_BYTES, SPARSE_MAGIC } from './vmdk-format';
+import { corrupt, SECTOR_BYTES, SPARSE_MAGIC } from './vmdk-format';
 import { VmdkSparseTarget } from './vmdk-sparse-target';
 
 export type VmdkSubformat = 'monolithicSparse' | 'monolithicFlat';
@@ -48,8 +48,10 @@ export async function probeVmdk(file: string): Promise<VmdkIdentity> {
   if (head.length >= 4 && head.readUInt32LE(0) === COWD_MAGIC) {
     throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file} is a VMDK3 (COWD) image, which is not supported`, { details: { file } });
   }
-  if (size > MAX_DESCRIPTOR_BYTES || !head.includes('createType')) {
-    throw corrupt(file, 0, size < HEADER_BYTES && size < 4 ? 'file is too short to be a VMDK' : 'bad magic: neither a KDMV sparse extent nor a VMDK text descriptor');
+  // A text descriptor is small and never holds a NUL byte; anything else
+  // without the KDMV magic is not a VMDK we can read.
+  if (size > MAX_DESCRIPTOR_BYTES || head.includes(0) || !head.includes('createType')) {
+    throw corrupt(file, 0, size < 4 ? 'file is too short to be a VMDK' : 'bad magic: neither a KDMV sparse extent nor a VMDK text descriptor');
   }
   const descriptor = parseDescriptor(head, file, 0);
   const kinds = new Set(descriptor.extents.map((e) => e.type));
