@@ -4,7 +4,9 @@
       "target_name": "blockrelay",
       "sources": [
         "native/addon.cc",
-        "native/checksum.cc"
+        "native/checksum.cc",
+        "native/dirty-map.cc",
+        "native/xxhash64.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": [

@@ -3,10 +3,14 @@
 #include <napi.h>
 
 #include "checksum.h"
+#include "dirty-map.h"
+#include "xxhash64.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("addonVersion", Napi::Number::New(env, 1));
   blockrelay::InitChecksum(env, exports);
+  blockrelay::InitDirtyMap(env, exports);
+  blockrelay::InitXxhash64(env, exports);
   return exports;
 }
 
