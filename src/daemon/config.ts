@@ -49,6 +49,8 @@ export const CONFIG_SHAPE = {
       url: field.string({ pattern: /^https?:\/\/[^\s]+$/, what: 'an http(s) URL' }),
       secret: field.string({ minLength: 16, maxLength: 1024, what: 'a shared secret of 16 to 1024 characters' }),
       bandwidthBytesPerSecond: field.integer({ min: 0, default: 0 }),
+      /** A forward that makes no progress for this long is abandoned and retried. */
+      timeoutSeconds: field.integer({ min: 1, max: 3600, default: 60 }),
     },
     { optional: true },
   ),

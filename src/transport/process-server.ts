@@ -164,6 +164,6 @@ export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps
     new Map(config.disks.map((d) => [d.id, d.target])),
     config.forward === undefined
       ? undefined
-      : { peer: { url: config.forward.url, secret: config.forward.secret }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond },
+      : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000 }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond },
   );
 }
