@@ -1,3 +1,4 @@
+import * as os from 'node:os';
 import xxhash from 'xxhash-wasm';
 
 /** Bytes in one block hash on the wire and in memory: an xxh64 digest, little-endian. */
@@ -24,6 +25,10 @@ export class BlockHasher {
 
   /** Loads the wasm module once per process. */
   static async create(): Promise<BlockHasher> {
+    // Hashes are stored through a BigUint64Array (a plain store, far cheaper
+    // than writeBigUInt64LE per block), which uses the host's byte order; the
+    // wire and state formats are little-endian.
+    if (os.endianness() !== 'LE') throw new Error('BlockHasher needs a little-endian host');
     loading ??= xxhash().then((api) => api.h64Raw);
     return new BlockHasher(await loading);
   }
@@ -40,12 +45,12 @@ export class BlockHasher {
    */
   hashBlocks(data: Uint8Array, blockSizeBytes: number): Buffer {
     const count = Math.ceil(data.length / blockSizeBytes);
-    const out = Buffer.allocUnsafe(count * HASH_BYTES);
+    const hashes = new BigUint64Array(count);
     for (let i = 0; i < count; i++) {
       const start = i * blockSizeBytes;
-      out.writeBigUInt64LE(this.h64(data.subarray(start, Math.min(start + blockSizeBytes, data.length)), HASH_SEED), i * HASH_BYTES);
+      hashes[i] = this.h64(data.subarray(start, Math.min(start + blockSizeBytes, data.length)), HASH_SEED);
     }
-    return out;
+    return Buffer.from(hashes.buffer, 0, count * HASH_BYTES);
   }
 
   /**
@@ -59,12 +64,12 @@ export class BlockHasher {
     if (groupBlocks === 1) return fineHashes;
     const fineCount = fineHashes.length / HASH_BYTES;
     const count = Math.ceil(fineCount / groupBlocks);
-    const out = Buffer.allocUnsafe(count * HASH_BYTES);
+    const hashes = new BigUint64Array(count);
     for (let g = 0; g < count; g++) {
       const start = g * groupBlocks * HASH_BYTES;
       const end = Math.min(start + groupBlocks * HASH_BYTES, fineHashes.length);
-      out.writeBigUInt64LE(this.h64(fineHashes.subarray(start, end), HASH_SEED), g * HASH_BYTES);
+      hashes[g] = this.h64(fineHashes.subarray(start, end), HASH_SEED);
     }
-    return out;
+    return Buffer.from(hashes.buffer, 0, count * HASH_BYTES);
   }
 }

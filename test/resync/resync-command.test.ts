@@ -55,16 +55,24 @@ describe.skipIf(!hasQemuImg)('blockrelay resync (CLI, real targets)', () => {
     execFileSync('qemu-img', ['check', vmdk]);
   });
 
-  it('resyncs a VMDK source into a flat VMDK target', async () => {
+  it('resyncs a VMDK source into a flat VMDK target, created and then made stale', async () => {
     const dir = tempDir();
     const src = path.join(dir, 'source.img');
-    const stale = path.join(dir, 'stale.img');
+    const unused = path.join(dir, 'unused.img');
     const srcVmdk = path.join(dir, 'source.vmdk');
-    const flat = path.join(dir, 'target-flat.vmdk');
-    writeImagePair(src, stale, 16 * MiB, 30, 3);
+    const flat = path.join(dir, 'target.vmdk');
+    writeImagePair(src, unused, 16 * MiB, 0, 3);
     execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', src, srcVmdk]);
-    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=monolithicFlat', stale, flat]);
-    await resyncJson([`vmdk:${srcVmdk}`, `vmdk-flat:${flat}`]);
+    await resyncJson([`vmdk:${srcVmdk}`, `vmdk-flat:${flat}`, '--create']);
+    // Make the flat extent stale behind the descriptor's back, as an old copy would be.
+    const extent = path.join(dir, 'target-flat.vmdk');
+    expect(fs.existsSync(extent)).toBe(true);
+    const fd = fs.openSync(extent, 'r+');
+    for (const at of [4096, 7 * MiB + 100, 16 * MiB - 1]) fs.writeSync(fd, Buffer.from([0x42]), 0, 1, at);
+    fs.closeSync(fd);
+    expect(qemuCompare(srcVmdk, 'vmdk', flat, 'vmdk').status).toBe(1);
+    const result = await resyncJson([`vmdk:${srcVmdk}`, `vmdk-flat:${flat}`]);
+    expect(result.blocksSent).toBe(3);
     expect(qemuCompare(srcVmdk, 'vmdk', flat, 'vmdk').status).toBe(0);
   });
 
