@@ -2,11 +2,12 @@ import type { Command } from './command';
 import { resyncCommand } from '../resync/resync-command';
 import { hrlCommands } from '../tracking/hrl-commands';
 import { convertCommand } from '../targets/convert-command';
+import { roleCommands } from './role-commands';
 
 /**
  * Every subcommand, in the order `--help` lists them. Each domain exports its
  * commands from its own folder; this list only gathers them.
  */
 export function allCommands(): Command[] {
-  return [convertCommand, resyncCommand, ...hrlCommands()];
+  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands()];
 }

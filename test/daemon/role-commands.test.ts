@@ -1,0 +1,50 @@
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { cliCommand, runCli } from '../helpers/cli';
+import { useTempDirs } from '../helpers/tmp';
+import { sendLog } from '../../src/transport/log-client';
+import { DISK_SIZE, makeLog, prng, SECRET } from '../transport/transport-fixture';
+
+describe('blockrelay master-target', () => {
+  const tmp = useTempDirs();
+
+  it('refuses a config with an unknown key, naming it', async () => {
+    const dir = tmp();
+    const file = path.join(dir, 'mt.json');
+    fs.writeFileSync(file, JSON.stringify({ stateDir: dir, secret: SECRET, retension: {} }));
+    const r = await runCli(['master-target', '--config', file]);
+    expect(r.status).toBe(1);
+    expect(r.stderr.trim()).toMatch(/^BR_CONFIG_INVALID: config key 'retension' is unknown/);
+  });
+
+  it('applies logs, then drains and exits 0 on SIGTERM', async () => {
+    const dir = tmp();
+    const file = path.join(dir, 'mt.json');
+    const target = path.join(dir, 'disk0.img');
+    fs.writeFileSync(file, JSON.stringify({ stateDir: path.join(dir, 'state'), listen: '127.0.0.1:0', secret: SECRET, disks: [{ id: 'disk0', target: `raw:${target}` }] }));
+    const { command, args } = cliCommand(['master-target', '--config', file]);
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LOG_LEVEL: 'warn' } });
+    let stderr = '';
+    const url = await new Promise<string>((resolve, reject) => {
+      child.stderr.on('data', (d) => {
+        stderr += d;
+        const m = /listening on (http:\/\/\S+)/.exec(stderr);
+        if (m) resolve(m[1]!);
+      });
+      child.on('exit', () => reject(new Error(`exited early: ${stderr}`)));
+    });
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(3);
+    for (let seq = 1; seq <= 3; seq++) {
+      const log = await makeLog(path.join(dir, 'src'), 'disk0', seq, model, rand);
+      await sendLog({ url, secret: SECRET }, log.envelope, log.file);
+    }
+    child.kill('SIGTERM');
+    const status = await new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    expect(status).toBe(0);
+    expect(fs.readFileSync(target).equals(model)).toBe(true);
+    expect(fs.existsSync(path.join(dir, 'state', 'blockrelay.lock'))).toBe(false);
+  });
+});
