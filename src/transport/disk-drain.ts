@@ -7,20 +7,39 @@ import type { DiskHealth } from '../retry/health';
 import { RetryLoop, type RetryPolicy } from '../retry/retry-policy';
 import type { LogSpool, SpoolEntry } from './log-spool';
 
+/** Where a drain takes its work from, oldest first. */
+export interface DrainQueue<T> {
+  /** The oldest item not yet handled, if any. */
+  next(): Promise<T | undefined>;
+  /** Called once `handle` succeeded for the item: drop it from the queue. */
+  complete(item: T): Promise<void>;
+  /** A short name of the item for logs, e.g. its sequence number. */
+  describe(item: T): string;
+}
+
+/** A disk's logs in a spool, as a drain queue. */
+export function spoolQueue(spool: LogSpool, diskId: string): DrainQueue<SpoolEntry> {
+  return {
+    next: async () => spool.list(diskId)[0],
+    complete: (entry) => spool.remove(diskId, entry.envelope.seq),
+    describe: (entry) => `log ${entry.envelope.seq}`,
+  };
+}
+
 /**
- * Drains one disk's spooled logs, oldest first, one at a time: forwards
- * them to the next hop (process server) or applies them to the target
- * (master target). Each log is handled under the retry policy; a log is
- * removed from the spool only after `handle` succeeded, so a crash at any
- * moment leaves it to be handled again. A non-recoverable error stops this
- * disk in state Critical and leaves every other disk running.
+ * Drains one disk's queue of logs, oldest first, one at a time: ships them
+ * from the source, forwards them to the next hop (process server) or
+ * applies them to the target (master target). Each log is handled under the
+ * retry policy; a log leaves the queue only after `handle` succeeded, so a
+ * crash at any moment leaves it to be handled again. A non-recoverable error
+ * stops this disk in state Critical and leaves every other disk running.
  */
-export interface DiskDrainOptions {
+export interface DiskDrainOptions<T> {
   readonly diskId: string;
-  readonly spool: LogSpool;
-  /** 'forward' or 'apply': the health source and metric label. */
+  readonly queue: DrainQueue<T>;
+  /** 'ship', 'forward' or 'apply': the health source and metric label. */
   readonly stage: string;
-  readonly handle: (entry: SpoolEntry) => Promise<void>;
+  readonly handle: (item: T) => Promise<void>;
   readonly clock: Clock;
   readonly logger: Logger;
   readonly metrics: Metrics;
@@ -30,16 +49,17 @@ export interface DiskDrainOptions {
 
 export type DrainState = 'idle' | 'busy' | 'retrying' | 'critical' | 'stopped';
 
-export class DiskDrain {
-  private stateValue: DrainState = 'idle';
+export class DiskDrain<T = SpoolEntry> {
+  private stateValue: DrainState = 'busy';
   private wakeUp: (() => void) | undefined;
+  private woken = false;
   private loopDone: Promise<void> | undefined;
   private retry: RetryLoop<void> | undefined;
   private idleWaiters: Array<() => void> = [];
   private stopping = false;
   lastError: BlockrelayError | undefined;
 
-  constructor(private readonly options: DiskDrainOptions) {}
+  constructor(private readonly options: DiskDrainOptions<T>) {}
 
   get state(): DrainState {
     return this.stateValue;
@@ -59,6 +79,9 @@ export class DiskDrain {
 
   /** A new log arrived: handle it now if the loop is waiting. */
   wake(): void {
+    this.woken = true;
+    // Marked busy at once, so whenIdle() called right after cannot see a stale idle.
+    if (this.stateValue === 'idle') this.stateValue = 'busy';
     this.wakeUp?.();
   }
 
@@ -69,9 +92,9 @@ export class DiskDrain {
     this.start();
   }
 
-  /** Resolves when the spool holds nothing for this disk, or the disk went Critical. */
+  /** Resolves when the queue holds nothing for this disk, or the disk went Critical or stopped. */
   whenIdle(): Promise<void> {
-    if (this.options.spool.list(this.options.diskId).length === 0 || this.stateValue === 'critical' || this.stateValue === 'stopped') return Promise.resolve();
+    if (this.stateValue === 'idle' || this.stateValue === 'critical' || this.stateValue === 'stopped') return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
@@ -90,22 +113,25 @@ export class DiskDrain {
   }
 
   private async loop(): Promise<void> {
-    const { spool, diskId, logger } = this.options;
+    const { queue, diskId, logger } = this.options;
     while (!this.stopping) {
-      const next = spool.list(diskId)[0];
+      this.woken = false;
+      this.stateValue = 'busy';
+      const next = await queue.next();
       if (next === undefined) {
+        if (this.woken) continue;
         this.stateValue = 'idle';
         this.notifyIdle();
         await new Promise<void>((resolve) => {
           this.wakeUp = resolve;
+          if (this.woken || this.stopping) resolve();
         });
         this.wakeUp = undefined;
         continue;
       }
-      this.stateValue = 'busy';
       try {
         await this.handleWithRetry(next);
-        await spool.remove(diskId, next.envelope.seq);
+        await queue.complete(next);
         this.options.health.reportSuccess(this.options.stage);
       } catch (err) {
         const coded = isBlockrelayError(err) ? err : new BlockrelayError('BR_INTERNAL', String(err), { cause: err });
@@ -114,16 +140,16 @@ export class DiskDrain {
         this.options.health.reportError(this.options.stage, coded, this.options.clock.now());
         this.stateValue = 'critical';
         this.options.metrics.health.set({ disk: diskId }, HEALTH_GAUGE_VALUE.Critical);
-        logger.error({ disk: diskId, stage: this.options.stage, code: coded.code, seq: next.envelope.seq }, `disk ${diskId} stopped in state Critical: ${coded.message}`);
+        logger.error({ disk: diskId, stage: this.options.stage, code: coded.code, item: queue.describe(next) }, `disk ${diskId} stopped in state Critical: ${coded.message}`);
         this.notifyIdle();
         return;
       }
     }
   }
 
-  private async handleWithRetry(entry: SpoolEntry): Promise<void> {
-    const { diskId, clock, logger, metrics, health, stage } = this.options;
-    this.retry = new RetryLoop(() => this.options.handle(entry), {
+  private async handleWithRetry(item: T): Promise<void> {
+    const { diskId, clock, logger, metrics, health, stage, queue } = this.options;
+    this.retry = new RetryLoop(() => this.options.handle(item), {
       clock,
       ...(this.options.retryPolicy ? { policy: this.options.retryPolicy } : {}),
       onFailure: (event) => {
@@ -133,7 +159,7 @@ export class DiskDrain {
         this.stateValue = 'retrying';
         metrics.retriesTotal.inc({ disk: diskId, code: event.error.code });
         health.reportError(stage, event.error, clock.now());
-        logger.warn({ disk: diskId, stage, code: event.error.code, seq: entry.envelope.seq, retryAtMs: event.nextAttemptAtMs }, `${stage} of log ${entry.envelope.seq} failed, retrying: ${event.error.message}`);
+        logger.warn({ disk: diskId, stage, code: event.error.code, item: queue.describe(item), retryAtMs: event.nextAttemptAtMs }, `${stage} of ${queue.describe(item)} failed, retrying: ${event.error.message}`);
       },
     });
     try {

@@ -8,7 +8,7 @@ import { BlockrelayError } from '../retry/blockrelay-error';
 import { DiskHealth } from '../retry/health';
 import type { RetryPolicy } from '../retry/retry-policy';
 import type { DiskTarget } from '../targets/disk-target';
-import { DiskDrain } from './disk-drain';
+import { DiskDrain, spoolQueue } from './disk-drain';
 import { HttpApi, sendJson, type Route } from './http-api';
 import type { LogOps } from './log-ops';
 import { LogReceiver } from './log-receiver';
@@ -169,7 +169,7 @@ export class ApplyingHop {
     const disk: AppliedDisk = { diskId, spec, health, drain: undefined as unknown as DiskDrain, target: undefined, appliedBytesTotal: 0, lastPointTimeMs: null };
     disk.drain = new DiskDrain({
       diskId,
-      spool: this.spool,
+      queue: spoolQueue(this.spool, diskId),
       stage: 'apply',
       handle: (entry) => this.apply(disk, entry),
       clock: this.clock,

@@ -3,7 +3,7 @@ import type { BlockrelayConfig } from '../daemon/config';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { DiskHealth } from '../retry/health';
 import { BandwidthLimiter } from './bandwidth-limiter';
-import { DiskDrain } from './disk-drain';
+import { DiskDrain, spoolQueue } from './disk-drain';
 import { sendLog, type PeerOptions } from './log-client';
 import type { LogOps } from './log-ops';
 import type { SpoolEntry } from './log-spool';
@@ -110,7 +110,7 @@ export class ProcessServer extends ApplyingHop {
       forwardedBytesTotal: 0,
       drain: new DiskDrain({
         diskId,
-        spool: this.spool,
+        queue: spoolQueue(this.spool, diskId),
         stage: 'forward',
         handle: (entry) => this.forwardOne(disk, entry),
         clock: this.clock,

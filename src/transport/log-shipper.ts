@@ -1,0 +1,109 @@
+import type { Logger } from '../daemon/logger';
+import type { Metrics } from '../daemon/metrics';
+import type { Clock } from '../platform/clock';
+import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
+import type { DiskHealth } from '../retry/health';
+import type { RetryPolicy } from '../retry/retry-policy';
+import { DiskDrain } from './disk-drain';
+import { sendLog, type PeerOptions } from './log-client';
+import { hashFile } from './log-spool';
+
+/** A sealed log waiting at the source, with what travels beside it. */
+export interface ShippableLog {
+  readonly seq: number;
+  readonly file: string;
+  readonly cutTimeMs: number;
+  readonly cutId: string;
+  readonly group?: string | undefined;
+  readonly appTag?: string | undefined;
+}
+
+/** The source's side of shipping: its sealed logs in order, and deleting one once acknowledged. */
+export interface ShippingSource {
+  readonly diskId: string;
+  readonly diskSizeBytes: number;
+  sealedLogs(): Promise<ShippableLog[]>;
+  /** The process server holds `seq` durably: the source may delete it. */
+  acknowledge(seq: number): Promise<void>;
+}
+
+export interface LogShipperOptions {
+  readonly peer: PeerOptions;
+  readonly clock: Clock;
+  readonly logger: Logger;
+  readonly metrics: Metrics;
+  readonly health: DiskHealth;
+  readonly retryPolicy?: RetryPolicy;
+}
+
+/**
+ * Ships one disk's sealed logs to its process server, oldest first, and
+ * deletes each only after the process server's durable answer (201, or 200
+ * for a log it already held). Failures go through the retry policy; a
+ * non-recoverable one (wrong secret, a sequence gap the process server
+ * cannot fill) stops this disk in Critical.
+ */
+export class LogShipper {
+  readonly drain: DiskDrain<ShippableLog>;
+  shippedBytesTotal = 0;
+
+  constructor(private readonly source: ShippingSource, private readonly options: LogShipperOptions) {
+    this.drain = new DiskDrain<ShippableLog>({
+      diskId: source.diskId,
+      queue: {
+        next: async () => (await source.sealedLogs())[0],
+        complete: (log) => source.acknowledge(log.seq),
+        describe: (log) => `log ${log.seq}`,
+      },
+      stage: 'ship',
+      handle: (log) => this.ship(log),
+      clock: options.clock,
+      logger: options.logger,
+      metrics: options.metrics,
+      health: options.health,
+      ...(options.retryPolicy ? { retryPolicy: options.retryPolicy } : {}),
+    });
+  }
+
+  start(): void {
+    this.drain.start();
+  }
+
+  /** A log was sealed: ship it now if the shipper is waiting. */
+  wake(): void {
+    this.drain.wake();
+  }
+
+  whenIdle(): Promise<void> {
+    return this.drain.whenIdle();
+  }
+
+  stop(): Promise<void> {
+    return this.drain.stop();
+  }
+
+  private async ship(log: ShippableLog): Promise<void> {
+    const { xxhash64, sizeBytes } = await hashFile(log.file);
+    const envelope = {
+      diskId: this.source.diskId,
+      seq: log.seq,
+      xxhash64,
+      logLength: sizeBytes,
+      cutTimeMs: log.cutTimeMs,
+      cutId: log.cutId,
+      group: log.group,
+      appTag: log.appTag,
+      diskSizeBytes: this.source.diskSizeBytes,
+    };
+    try {
+      await sendLog(this.options.peer, envelope, log.file);
+    } catch (err) {
+      if (isBlockrelayError(err) && err.code === 'BR_SEQ_GAP') {
+        throw new BlockrelayError('BR_DISK_CRITICAL', `process server expects log ${String(err.details.expectedSeq)} of disk ${this.source.diskId} but the oldest log here is ${log.seq}; the disk needs a resync`, { cause: err });
+      }
+      throw err;
+    }
+    this.shippedBytesTotal += sizeBytes;
+    this.options.metrics.shippedBytesTotal.inc({ disk: this.source.diskId, hop: 'source' }, sizeBytes);
+  }
+}
