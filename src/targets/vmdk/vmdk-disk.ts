@@ -48,9 +48,12 @@ export async function probeVmdk(file: string): Promise<VmdkIdentity> {
   if (head.length >= 4 && head.readUInt32LE(0) === COWD_MAGIC) {
     throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file} is a VMDK3 (COWD) image, which is not supported`, { details: { file } });
   }
-  // A text descriptor is small and never holds a NUL byte; anything else
+  // A text descriptor is small and holds no NUL byte except as trailing
+  // padding (qemu pads a rewritten descriptor to a sector); anything else
   // without the KDMV magic is not a VMDK we can read.
-  if (size > MAX_DESCRIPTOR_BYTES || head.includes(0) || !head.includes('createType')) {
+  const nul = head.indexOf(0);
+  const binary = nul >= 0 && head.subarray(nul).some((b) => b !== 0);
+  if (size > MAX_DESCRIPTOR_BYTES || binary || !head.subarray(0, nul < 0 ? head.length : nul).includes('createType')) {
     throw corrupt(file, 0, size < 4 ? 'file is too short to be a VMDK' : 'bad magic: neither a KDMV sparse extent nor a VMDK text descriptor');
   }
   const descriptor = parseDescriptor(head, file, 0);
