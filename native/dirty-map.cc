@@ -798,6 +798,7 @@ class DirtyMapWrap : public Napi::ObjectWrap<DirtyMapWrap> {
     return DefineClass(env, "DirtyMap",
                        {
                            InstanceMethod<&DirtyMapWrap::MarkJs>("mark"),
+                           InstanceMethod<&DirtyMapWrap::MarkManyJs>("markMany"),
                            InstanceMethod<&DirtyMapWrap::ClearJs>("clear"),
                            InstanceMethod<&DirtyMapWrap::AnyDirtyJs>("anyDirty"),
                            InstanceMethod<&DirtyMapWrap::ExtentsJs>("extents"),
@@ -839,6 +840,25 @@ class DirtyMapWrap : public Napi::ObjectWrap<DirtyMapWrap> {
     core_.Mark(BlockArg(info, 0), BlockArg(info, 1));
     Report(info.Env());
     return info.Env().Undefined();
+  }
+
+  // markMany(blockPairs: Float64Array): marks [pairs[2i], pairs[2i+1]) for
+  // each i, so a caller with many ranges pays for one call, not one each.
+  Napi::Value MarkManyJs(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsTypedArray()) return env.Undefined();
+    Napi::TypedArray array = info[0].As<Napi::TypedArray>();
+    if (array.TypedArrayType() != napi_float64_array) return env.Undefined();
+    Napi::Float64Array pairs = array.As<Napi::Float64Array>();
+    const double* p = pairs.Data();
+    size_t n = pairs.ElementLength() / 2;
+    auto block = [](double v) -> uint64_t {
+      if (!(v > 0)) return 0;
+      return v >= 9.0e15 ? kMaxBlocks : static_cast<uint64_t>(v);
+    };
+    for (size_t i = 0; i < n; i++) core_.Mark(block(p[2 * i]), block(p[2 * i + 1]));
+    Report(env);
+    return env.Undefined();
   }
 
   Napi::Value ClearJs(const Napi::CallbackInfo& info) {

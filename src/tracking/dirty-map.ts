@@ -50,6 +50,7 @@ export const DIRTY_MAP_EXTENT_BATCH_DEFAULT = 4096;
 
 interface NativeDirtyMap {
   mark(firstBlock: number, endBlock: number): void;
+  markMany(blockPairs: Float64Array): void;
   clear(firstBlock: number, endBlock: number): void;
   anyDirty(firstBlock: number, endBlock: number): boolean;
   extents(fromBlock: number, toBlock: number, maxExtents: number): Float64Array;
@@ -158,6 +159,29 @@ export class DirtyMap {
     if (length === 0) return;
     const g = this.granularityBytes;
     this.#native.mark(Math.floor(offset / g), Math.ceil((offset + length) / g));
+  }
+
+  /**
+   * {@link DirtyMap.mark} for many ranges in one call into the addon, for
+   * callers that hold a batch (folding a log's entries into the map):
+   * `ranges` holds `offset, length` pairs. Every pair is checked before any
+   * is marked, so a bad pair marks nothing.
+   *
+   * @throws BlockrelayError `BR_DIRTYMAP_RANGE` naming the first pair that
+   *   passes the disk end; RangeError for a malformed pair.
+   */
+  markMany(ranges: Float64Array | readonly number[]): void {
+    if (ranges.length % 2 !== 0) throw new RangeError(`DirtyMap.markMany: ranges must hold offset, length pairs, got ${ranges.length} numbers`);
+    const g = this.granularityBytes;
+    const blocks = new Float64Array(ranges.length);
+    for (let i = 0; i < ranges.length; i += 2) {
+      const offset = ranges[i]!;
+      const length = ranges[i + 1]!;
+      this.#checkRange('markMany', offset, length, i / 2);
+      blocks[i] = Math.floor(offset / g);
+      blocks[i + 1] = length === 0 ? blocks[i]! : Math.ceil((offset + length) / g);
+    }
+    this.#native.markMany(blocks);
   }
 
   /**
@@ -372,15 +396,27 @@ export class DirtyMap {
     return this.#native.checkInvariants();
   }
 
-  #checkRange(method: string, offset: number, length: number): void {
-    requireInteger(`DirtyMap.${method}: offset`, offset, 0, DIRTY_MAP_MAX_DISK_SIZE_BYTES);
-    requireInteger(`DirtyMap.${method}: length`, length, 0, DIRTY_MAP_MAX_DISK_SIZE_BYTES);
-    if (offset + length > this.diskSizeBytes) {
-      throw new BlockrelayError(
-        'BR_DIRTYMAP_RANGE',
-        `DirtyMap.${method}: range [${offset}, ${offset + length}) reaches past the disk end at ${this.diskSizeBytes}`,
-        { details: { offset, length, diskSizeBytes: this.diskSizeBytes } },
-      );
+  /**
+   * Checks one range argument. Runs on every write, so the fast path does
+   * plain comparisons and builds no strings; messages are made on failure.
+   */
+  #checkRange(method: string, offset: number, length: number, pair = -1): void {
+    if (
+      Number.isSafeInteger(offset) &&
+      Number.isSafeInteger(length) &&
+      offset >= 0 &&
+      length >= 0 &&
+      offset + length <= this.diskSizeBytes
+    ) {
+      return;
     }
+    const where = pair < 0 ? `DirtyMap.${method}` : `DirtyMap.${method} (pair ${pair})`;
+    requireInteger(`${where}: offset`, offset, 0, DIRTY_MAP_MAX_DISK_SIZE_BYTES);
+    requireInteger(`${where}: length`, length, 0, DIRTY_MAP_MAX_DISK_SIZE_BYTES);
+    throw new BlockrelayError(
+      'BR_DIRTYMAP_RANGE',
+      `${where}: range [${offset}, ${offset + length}) reaches past the disk end at ${this.diskSizeBytes}`,
+      { details: { offset, length, diskSizeBytes: this.diskSizeBytes } },
+    );
   }
 }

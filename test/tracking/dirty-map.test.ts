@@ -120,6 +120,28 @@ describe('DirtyMap marking and querying', () => {
     expect(map.checkInvariants()).toBeNull();
   });
 
+  it('marks a batch of ranges like the same marks one by one, or none when a pair is bad', () => {
+    const random = prng(5);
+    const one = new DirtyMap(1 * GiB, 512);
+    const ranges: number[] = [];
+    for (let i = 0; i < 2000; i++) {
+      const offset = Math.floor(random() * (1 * GiB - 100_000));
+      const length = Math.floor(random() * 100_000);
+      ranges.push(offset, length);
+      one.mark(offset, length);
+    }
+    const many = new DirtyMap(1 * GiB, 512);
+    many.markMany(Float64Array.from(ranges));
+    expect(all(many)).toEqual(all(one));
+    expect(many.dirtyBlockCount).toBe(one.dirtyBlockCount);
+
+    const untouched = new DirtyMap(1 * MiB);
+    expectCode(() => untouched.markMany([0, 4096, 1 * MiB - 10, 11]), 'BR_DIRTYMAP_RANGE', /markMany \(pair 1\)/);
+    expect(() => untouched.markMany([0, 4096, 8192])).toThrow(/ranges must hold offset, length pairs, got 3 numbers/);
+    expect(() => untouched.markMany([0, 4096, -1, 5])).toThrow(/markMany \(pair 1\): offset must be an integer/);
+    expect(untouched.dirtyBlockCount).toBe(0);
+  });
+
   it('treats a zero length as touching nothing', () => {
     const map = new DirtyMap(1 * MiB);
     map.mark(4096, 0);
