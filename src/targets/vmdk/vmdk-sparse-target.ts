@@ -1,4 +1,5 @@
 import * as fsp from 'node:fs/promises';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
@@ -201,6 +202,8 @@ export class VmdkSparseTarget implements DiskTarget {
    * writing sets `uncleanShutdown`.
    */
   static async open(file: string, spec: string, readOnly: boolean, claim?: DiskUuidClaim): Promise<VmdkSparseTarget> {
+    // Grain tables are used as host-order Uint32Arrays over little-endian bytes.
+    if (os.endianness() !== 'LE') throw new BlockrelayError('BR_TARGET_UNSUPPORTED', 'sparse VMDK access needs a little-endian host');
     const handle = await openFile(file, readOnly ? 'r' : 'r+');
     try {
       const size = (await handle.stat()).size;
