@@ -52,6 +52,8 @@ export interface HrlVerifyOptions {
   readonly diskSizeBytes?: number;
   /** Refuse entries whose offset or length is not a multiple of this (BR_HRL_MISALIGNED). */
   readonly alignmentBytes?: number;
+  /** Check payloads against DataChecksum (default true); false reads only the metadata. */
+  readonly checkPayloads?: boolean;
 }
 
 export interface HrlBlockInfo {
@@ -180,7 +182,7 @@ export class HrlLogFile {
       const offset = blockOffsets[i]!;
       await this.readExact(offset, ms, 'metadata block', block);
       const checked = checkBlockEntries(block, offset, payloadStart, this.path, options);
-      await this.verifyPayloads(block, offset, payloadStart, checked.validEntries);
+      if (options.checkPayloads !== false) await this.verifyPayloads(block, offset, payloadStart, checked.validEntries);
       unverified += checked.unverified;
       blocks.push({ offset, previousMetadataLocation: checked.previousMetadataLocation, validEntries: checked.validEntries, payloadStart });
       entryCount += checked.validEntries;

@@ -1,0 +1,687 @@
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
+import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { DIRTY_MAP_DEFAULT_GRANULARITY_BYTES, DirtyMap, type DirtyExtent } from './dirty-map';
+import { NIL_GUID, randomGuid } from './hrl-format';
+import { HrlLogFile } from './hrl-reader';
+import { recoverHrlLog } from './hrl-recovery';
+import { HrlWriter, syncDirectory } from './hrl-writer';
+import {
+  DISK_ID_PATTERN,
+  OPEN_LOG_SUFFIX,
+  SEALED_LOG_SUFFIX,
+  SIDECAR_SUFFIX,
+  TMP_SUFFIX,
+  decodeTrackerMaps,
+  encodeTrackerMaps,
+  logBaseName,
+  parseLogName,
+  parseSidecar,
+  parseTrackerState,
+  readJsonFile,
+  writeFileAtomic,
+  type LogSidecar,
+  type TrackerMaps,
+  type TrackerState,
+} from './tracker-files';
+
+/** Defaults, units in the names. */
+export const CHANGE_TRACKER_DEFAULTS = {
+  /** Unshipped logs may use this share of the disk size before the tracker folds them into the dirty map. */
+  overflowRatio: 0.5,
+  /** The dirty maps are also persisted this often (besides every flush); 0 turns the timer off. */
+  persistIntervalMs: 1000,
+  /** Extents listed in a resync report (the map itself holds all of them). */
+  reportExtentsMax: 1000,
+} as const;
+
+export interface ChangeTrackerOptions {
+  /** Directory of the logs, sidecars, state and maps (shared by several disks). */
+  readonly dir: string;
+  /** Names the files; letters, digits, `_`, `.` and `-`. */
+  readonly diskId: string;
+  readonly diskSizeBytes: number;
+  readonly granularityBytes?: number;
+  readonly metadataSizeBytes?: number;
+  /** Largest HRL entry; longer writes and zero ranges are split (default 1 MiB). */
+  readonly maxEntryBytes?: number;
+  readonly overflowRatio?: number;
+  readonly persistIntervalMs?: number;
+  readonly clock?: Clock;
+  /** Told whenever extents become resync-required. */
+  readonly onResyncRequired?: (report: ResyncReport) => void;
+}
+
+/** A sealed log waiting to be shipped. */
+export interface SealedLogInfo extends LogSidecar {
+  /** File name, e.g. `disk0-000000000007.hrl`; lexical order is apply order. */
+  readonly name: string;
+  readonly path: string;
+  readonly sidecarPath: string;
+}
+
+export type ResyncReason = 'overflow' | 'dirty-map-lost' | 'torn-tail' | 'log-lost';
+
+export interface ResyncReport {
+  readonly diskId: string;
+  readonly reason: ResyncReason;
+  readonly resyncBytes: number;
+  /** The first extents (up to CHANGE_TRACKER_DEFAULTS.reportExtentsMax); `resyncExtents()` lists all. */
+  readonly extents: readonly DirtyExtent[];
+  readonly extentsTruncated: boolean;
+}
+
+export interface TrackerStatus {
+  readonly diskId: string;
+  readonly mode: 'logging' | 'dirty-only';
+  readonly resyncRequired: boolean;
+  readonly resyncBytes: number;
+  readonly dirtyBytes: number;
+  /** Sealed logs plus the active log, in bytes. */
+  readonly unshippedBytes: number;
+  readonly sealedLogs: number;
+  readonly activeLogEntries: number;
+  readonly lastResyncReason: ResyncReason | null;
+}
+
+export interface CutPoint {
+  readonly cutId: string;
+  readonly cutTimeMs: number;
+}
+
+type Release = () => void;
+
+/**
+ * Tracks the writes of one protected disk: the active [MS-HRL] log holds the
+ * data, the native DirtyMap the extents.
+ *
+ * Maps (persisted together in `ID.maps`):
+ * - `dirty`: every change not yet durably shipped (unshipped sealed logs,
+ *   the active log, and resync extents). Rebuilt on `acknowledge`.
+ * - `pending`: changes since the active log was last made durable. It is
+ *   persisted before the log is fsynced, so after a crash the extents of a
+ *   torn tail are known and become resync extents.
+ * - `resync`: extents to compare and copy by resync (overflow, torn tails,
+ *   a lost dirty map).
+ *
+ * Durability contract: when `flush()` resolves, every write recorded before
+ * it is in a durable log or in the persisted `resync`/`dirty` maps. Writes
+ * recorded but never flushed are covered only up to the last persist (a
+ * flush, a rotate, or the `persistIntervalMs` timer).
+ *
+ * One process owns a tracker directory per disk id; all operations are
+ * serialised on an internal lock.
+ */
+export class ChangeTracker {
+  readonly diskId: string;
+  readonly diskSizeBytes: number;
+  private readonly dir: string;
+  private readonly clock: Clock;
+  private readonly overflowRatio: number;
+  private readonly persistIntervalMs: number;
+  private readonly metadataSizeBytes: number | undefined;
+  private readonly maxEntryBytes: number | undefined;
+  private readonly granularityBytes: number;
+  private readonly onResyncRequired: ((report: ResyncReport) => void) | undefined;
+  private mode: 'logging' | 'dirty-only';
+  private nextSequence: number;
+  private lastUniqueId: string;
+  private writer: HrlWriter | undefined;
+  private activeSequence: number | null = null;
+  private sealed: SealedLogInfo[];
+  private readonly maps: { dirty: DirtyMap; pending: DirtyMap; resync: DirtyMap };
+  /** Extents of the active log only, to rebuild `dirty` on acknowledge. */
+  private readonly activeMap: DirtyMap;
+  private generation = 1;
+  private persistedGeneration = 0;
+  private lockTail: Promise<void> = Promise.resolve();
+  private timer: TimerHandle | undefined;
+  private closed = false;
+  private lastResyncReason: ResyncReason | null = null;
+
+  private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps }) {
+    this.diskId = options.diskId;
+    this.diskSizeBytes = options.diskSizeBytes;
+    this.dir = options.dir;
+    this.clock = options.clock ?? systemClock;
+    this.overflowRatio = options.overflowRatio ?? CHANGE_TRACKER_DEFAULTS.overflowRatio;
+    this.persistIntervalMs = options.persistIntervalMs ?? CHANGE_TRACKER_DEFAULTS.persistIntervalMs;
+    this.metadataSizeBytes = options.metadataSizeBytes;
+    this.maxEntryBytes = options.maxEntryBytes;
+    this.granularityBytes = options.granularityBytes ?? DIRTY_MAP_DEFAULT_GRANULARITY_BYTES;
+    this.onResyncRequired = options.onResyncRequired;
+    this.mode = init.mode;
+    this.nextSequence = init.nextSequence;
+    this.lastUniqueId = init.lastUniqueId;
+    this.sealed = init.sealed;
+    this.maps = init.maps;
+    this.activeMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+  }
+
+  /**
+   * Opens the tracker of a disk, recovering from whatever a crash left:
+   * unsealed logs are recovered up to their last durable block and sealed,
+   * the extents of their torn tails become resync extents, sealed logs
+   * without a sidecar get one, and a new active log is opened.
+   */
+  static async open(options: ChangeTrackerOptions): Promise<ChangeTracker> {
+    if (!DISK_ID_PATTERN.test(options.diskId)) throw new BlockrelayError('BR_CONFIG_INVALID', `disk id '${options.diskId}' must match ${DISK_ID_PATTERN}`);
+    if (!Number.isSafeInteger(options.diskSizeBytes) || options.diskSizeBytes <= 0) throw new BlockrelayError('BR_CONFIG_INVALID', `diskSizeBytes must be a positive integer, got ${options.diskSizeBytes}`);
+    const ratio = options.overflowRatio ?? CHANGE_TRACKER_DEFAULTS.overflowRatio;
+    if (!(ratio > 0 && ratio <= 10)) throw new BlockrelayError('BR_CONFIG_INVALID', `overflowRatio must be in (0, 10], got ${ratio}`);
+    const granularity = options.granularityBytes ?? DIRTY_MAP_DEFAULT_GRANULARITY_BYTES;
+    const { dir, diskId } = options;
+    const clock = options.clock ?? systemClock;
+    try {
+      await fsp.mkdir(dir, { recursive: true });
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `cannot create tracker directory ${dir}`);
+    }
+    const statePath = path.join(dir, `${diskId}.tracker.json`);
+    const mapsPath = path.join(dir, `${diskId}.maps`);
+    const raw = await readJsonFile(statePath);
+    const state = raw === undefined ? undefined : parseTrackerState(raw, statePath);
+    if (state !== undefined && (state.diskSizeBytes !== options.diskSizeBytes || state.granularityBytes !== granularity || state.diskId !== diskId)) {
+      throw new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${statePath} is for ${state.diskId} of ${state.diskSizeBytes} bytes at ${state.granularityBytes}-byte blocks, not ${diskId} of ${options.diskSizeBytes} at ${granularity}`, { details: { file: statePath } });
+    }
+    const names = await listDir(dir);
+    for (const n of names) if (n.startsWith(`${diskId}`) && n.endsWith(TMP_SUFFIX)) await unlinkIfPresent(path.join(dir, n));
+    const openLogs = names.map((n) => ({ n, seq: parseLogName(diskId, n, OPEN_LOG_SUFFIX) })).filter((x) => x.seq !== undefined).sort((a, b) => a.seq! - b.seq!);
+    const sealedNames = () => names.map((n) => ({ n, seq: parseLogName(diskId, n, SEALED_LOG_SUFFIX) })).filter((x) => x.seq !== undefined);
+
+    const reasons: ResyncReason[] = [];
+    let maps: TrackerMaps | undefined;
+    try {
+      maps = decodeTrackerMaps(await fsp.readFile(mapsPath), mapsPath);
+      if (maps.dirty.diskSizeBytes !== options.diskSizeBytes || maps.dirty.granularityBytes !== granularity) maps = undefined;
+    } catch (err) {
+      if (!(isBlockrelayError(err) || (err as NodeJS.ErrnoException).code === 'ENOENT')) throw wrapError(err, 'BR_IO', `cannot read ${mapsPath}`);
+      maps = undefined;
+    }
+    if (maps === undefined) {
+      const fresh = state === undefined && openLogs.length === 0 && sealedNames().length === 0;
+      maps = { dirty: new DirtyMap(options.diskSizeBytes, granularity), pending: new DirtyMap(options.diskSizeBytes, granularity), resync: new DirtyMap(options.diskSizeBytes, granularity), pendingLogSequence: 0, pendingLogEndBytes: 0 };
+      if (!fresh) {
+        // Without the dirty map nothing says what changed: the one case of a whole-disk resync.
+        maps.resync.mark(0, options.diskSizeBytes);
+        reasons.push('dirty-map-lost');
+      }
+    }
+
+    // Unsealed logs: recover the durable part, seal, give them a sidecar and their final name.
+    for (const { n, seq } of openLogs) {
+      const file = path.join(dir, n);
+      try {
+        const rec = await recoverHrlLog(file, { clock });
+        const sidecar: LogSidecar = {
+          version: 1, diskId, sequence: seq!, uniqueId: rec.header.uniqueId, previousUniqueId: rec.header.previousUniqueId,
+          sizeBytes: rec.durableEndBytes, entryCount: rec.entryCount, cutId: `recovered-${randomGuid()}`, cutTime: new Date(clock.now()).toISOString(), cutTimeMs: clock.now(), recovered: true,
+        };
+        await writeFileAtomic(path.join(dir, logBaseName(diskId, seq!) + SIDECAR_SUFFIX), JSON.stringify(sidecar, null, 2));
+        await fsp.rename(file, path.join(dir, logBaseName(diskId, seq!) + SEALED_LOG_SUFFIX));
+        names.push(logBaseName(diskId, seq!) + SEALED_LOG_SUFFIX);
+        // The writes persisted as pending are all in the recovered log when it
+        // reaches the end recorded with them; otherwise its tail was torn.
+        const pendingHeld = seq === maps.pendingLogSequence && rec.durableEndBytes >= maps.pendingLogEndBytes;
+        if (seq === maps.pendingLogSequence && !pendingHeld && maps.pending.dirtyBlockCount > 0) {
+          maps.resync.merge(maps.pending);
+          reasons.push('torn-tail');
+        }
+      } catch (err) {
+        if (!(isBlockrelayError(err) && err.code.startsWith('BR_HRL_'))) throw err;
+        // The header itself is damaged: nothing in the log can be trusted; every unshipped extent is resynced.
+        await fsp.rename(file, `${file}.corrupt`).catch(() => undefined);
+        maps.resync.merge(maps.dirty);
+        reasons.push('log-lost');
+      }
+    }
+    if (maps.pendingLogSequence !== 0 && !openLogs.some((o) => o.seq === maps!.pendingLogSequence) && !sealedNames().some((o) => o.seq === maps!.pendingLogSequence) && maps.pending.dirtyBlockCount > 0) {
+      // The log the pending writes went to is gone altogether.
+      maps.resync.merge(maps.pending);
+      reasons.push('log-lost');
+    }
+    maps.pending.clearAll();
+    await syncDirectory(dir);
+
+    // Sealed logs: load (or rebuild) their sidecars.
+    const sealed: SealedLogInfo[] = [];
+    for (const { n, seq } of sealedNames().sort((a, b) => a.seq! - b.seq!)) {
+      const file = path.join(dir, n);
+      const sidecarPath = path.join(dir, logBaseName(diskId, seq!) + SIDECAR_SUFFIX);
+      let sidecar: LogSidecar | undefined;
+      try {
+        const json = await readJsonFile(sidecarPath);
+        sidecar = json === undefined ? undefined : parseSidecar(json, sidecarPath);
+        if (sidecar === undefined) {
+          const log = await HrlLogFile.open(file);
+          const header = await log.readHeader().finally(() => log.close());
+          sidecar = { version: 1, diskId, sequence: seq!, uniqueId: header.uniqueId, previousUniqueId: header.previousUniqueId, sizeBytes: header.eolLocation, entryCount: header.totalMetadataEntries, cutId: `recovered-${randomGuid()}`, cutTime: new Date(clock.now()).toISOString(), cutTimeMs: clock.now(), recovered: true };
+          await writeFileAtomic(sidecarPath, JSON.stringify(sidecar, null, 2));
+        }
+      } catch (err) {
+        if (!(isBlockrelayError(err) && (err.code.startsWith('BR_HRL_') || err.code === 'BR_TRACKER_STATE_CORRUPT'))) throw err;
+        await fsp.rename(file, `${file}.corrupt`).catch(() => undefined);
+        maps.resync.merge(maps.dirty);
+        reasons.push('log-lost');
+        continue;
+      }
+      sealed.push({ ...sidecar, name: n, path: file, sidecarPath });
+    }
+
+    const mode = state?.mode ?? 'logging';
+    const maxSeq = Math.max(0, ...names.map((n) => parseLogName(diskId, n, SEALED_LOG_SUFFIX) ?? parseLogName(diskId, n, OPEN_LOG_SUFFIX) ?? 0));
+    const lastUniqueId = sealed.length > 0 ? sealed[sealed.length - 1]!.uniqueId : state?.lastUniqueId ?? NIL_GUID;
+    maps.dirty.merge(maps.resync);
+    const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId, sealed, maps });
+    if (mode === 'dirty-only') {
+      // An overflow was under way: finish dropping the logs.
+      await tracker.dropAllLogs();
+      await tracker.writeState();
+    } else {
+      await tracker.openActiveLog();
+    }
+    await tracker.persistMaps(true);
+    for (const reason of new Set(reasons)) tracker.report(reason);
+    tracker.scheduleTimer();
+    return tracker;
+  }
+
+  /**
+   * Several trackers rotate at one cut: new writes on all of them wait while
+   * every active log is sealed and the next one opened, so the sealed logs
+   * end at one crash-consistent point shared by all the disks. Returns the
+   * sealed logs in the order of `trackers`.
+   */
+  static async cut(trackers: readonly ChangeTracker[], options: { cutId?: string; clock?: Clock } = {}): Promise<(SealedLogInfo | undefined)[]> {
+    const ordered = [...new Set(trackers)].sort((a, b) => (a.dir + a.diskId < b.dir + b.diskId ? -1 : 1));
+    const releases: Release[] = [];
+    try {
+      // Queue on every lock at once, synchronously: any write recorded after
+      // cut() was called lands behind the cut, in the next logs.
+      const queued = ordered.map((t) => t.acquire());
+      for (const q of queued) releases.push(await q);
+      const point: CutPoint = { cutId: options.cutId ?? randomGuid(), cutTimeMs: (options.clock ?? ordered[0]?.clock ?? systemClock).now() };
+      const sealed = await Promise.all(ordered.map((t) => t.rotateHeld(point)));
+      return trackers.map((t) => sealed[ordered.indexOf(t)]);
+    } finally {
+      for (const r of releases.reverse()) r();
+    }
+  }
+
+  /** Records a write the source made (call before or with the write to the disk). */
+  async recordWrite(offset: number, data: Uint8Array): Promise<void> {
+    this.checkRange(offset, data.length);
+    return this.locked(async () => {
+      if (data.length === 0) return;
+      this.markChanged(offset, data.length);
+      if (this.writer !== undefined) {
+        await this.writer.append(offset, data);
+        await this.checkOverflow();
+      }
+    });
+  }
+
+  /**
+   * Records that a range now reads as zeroes (write-zeroes or trim). [MS-HRL]
+   * has only writes, so the range is logged as zero-filled entries of at most
+   * `maxEntryBytes` each; the overflow rule bounds how much of it is logged.
+   */
+  async recordZeroes(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    return this.locked(async () => {
+      if (length === 0) return;
+      this.markChanged(offset, length);
+      if (this.writer !== undefined) {
+        await this.writer.appendZeroes(offset, length);
+        await this.checkOverflow();
+      }
+    });
+  }
+
+  /** A trim is logged like write-zeroes (a replica that reads zeroes there is correct). */
+  recordTrim(offset: number, length: number): Promise<void> {
+    return this.recordZeroes(offset, length);
+  }
+
+  /**
+   * The source's FLUSH/FUA: persists the maps (so a torn tail is known),
+   * then makes the active log durable up to here.
+   */
+  flush(): Promise<void> {
+    return this.locked(async () => {
+      this.assertOpen();
+      await this.persistMaps(false);
+      if (this.writer !== undefined) {
+        await this.writer.flush();
+        this.maps.pending.clearAll();
+        this.generation++;
+      }
+    });
+  }
+
+  /** Seals the active log and opens the next in one step; undefined in dirty-only mode. */
+  rotate(): Promise<SealedLogInfo | undefined> {
+    return this.locked(() => this.rotateHeld({ cutId: randomGuid(), cutTimeMs: this.clock.now() }));
+  }
+
+  /** Sealed logs not yet acknowledged, in apply order. */
+  sealedLogs(): SealedLogInfo[] {
+    return this.sealed.slice();
+  }
+
+  /**
+   * The receiver has made `name` durable: delete it and its sidecar, and
+   * rebuild the dirty map from what is still unshipped, so nothing a newer
+   * log (or the active log, or a pending resync) covers is cleared. Returns
+   * false when the log is not (any longer) listed, e.g. dropped by overflow.
+   */
+  acknowledge(name: string): Promise<boolean> {
+    return this.locked(async () => {
+      const i = this.sealed.findIndex((s) => s.name === name);
+      if (i < 0) return false;
+      const [log] = this.sealed.splice(i, 1);
+      await unlinkIfPresent(log!.path);
+      await unlinkIfPresent(log!.sidecarPath);
+      await syncDirectory(this.dir);
+      await this.rebuildDirty();
+      await this.persistMaps(true);
+      return true;
+    });
+  }
+
+  /** Every extent that must be resynced. */
+  resyncExtents(): Generator<DirtyExtent> {
+    return this.maps.resync.extents();
+  }
+
+  /**
+   * Starts a resync: returns a copy of the resync extents and, after an
+   * overflow, goes back to logging (writes from now on are logged, so the
+   * resync only needs the extents in the copy). Pass the copy to
+   * `completeResync` once the replica holds those extents.
+   */
+  beginResync(): Promise<DirtyMap> {
+    return this.locked(async () => {
+      this.assertOpen();
+      const snapshot = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+      snapshot.merge(this.maps.resync);
+      if (this.mode === 'dirty-only') {
+        this.mode = 'logging';
+        await this.openActiveLog();
+      }
+      return snapshot;
+    });
+  }
+
+  /** Clears the resynced extents of `snapshot` from the resync and dirty maps. */
+  completeResync(snapshot: DirtyMap): Promise<void> {
+    return this.locked(async () => {
+      this.assertOpen();
+      for (const e of snapshot.extents()) this.maps.resync.clear(e.offset, e.length);
+      await this.rebuildDirty();
+      await this.persistMaps(true);
+    });
+  }
+
+  status(): TrackerStatus {
+    const resyncBytes = this.maps.resync.dirtyBytes();
+    return {
+      diskId: this.diskId,
+      mode: this.mode,
+      resyncRequired: resyncBytes > 0,
+      resyncBytes,
+      dirtyBytes: this.maps.dirty.dirtyBytes(),
+      unshippedBytes: this.unshippedBytes(),
+      sealedLogs: this.sealed.length,
+      activeLogEntries: this.writer?.entryCount ?? 0,
+      lastResyncReason: this.lastResyncReason,
+    };
+  }
+
+  /** The dirty extents (everything not yet durably shipped, plus resync extents). */
+  dirtyExtents(): Generator<DirtyExtent> {
+    return this.maps.dirty.extents();
+  }
+
+  /**
+   * Stops the tracker. With `seal` (default) the active log is sealed as a
+   * last log; without, it is flushed and left open for recovery at the next
+   * open. The maps are persisted either way.
+   */
+  close(options: { seal?: boolean } = {}): Promise<void> {
+    return this.locked(async () => {
+      if (this.closed) return;
+      this.timer?.cancel();
+      this.timer = undefined;
+      if (this.writer !== undefined) {
+        if (options.seal ?? true) {
+          await this.sealActive({ cutId: randomGuid(), cutTimeMs: this.clock.now() });
+          this.activeSequence = null;
+          await this.writeState();
+        } else {
+          await this.persistMaps(false);
+          await this.writer.flush();
+          await this.writer.close();
+          this.writer = undefined;
+          this.maps.pending.clearAll();
+          this.generation++;
+        }
+      }
+      await this.persistMaps(false);
+      this.closed = true;
+    });
+  }
+
+  // ---- internals ----
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.diskSizeBytes) {
+      throw new BlockrelayError('BR_TARGET_OUT_OF_RANGE', `${this.diskId}: write [${offset}, +${length}) is outside the ${this.diskSizeBytes}-byte disk`, { details: { offset, length, diskSizeBytes: this.diskSizeBytes } });
+    }
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new BlockrelayError('BR_HRL_CLOSED', `change tracker of ${this.diskId} is closed`);
+  }
+
+  private markChanged(offset: number, length: number): void {
+    this.assertOpen();
+    this.maps.dirty.mark(offset, length);
+    this.maps.pending.mark(offset, length);
+    if (this.mode === 'dirty-only') this.maps.resync.mark(offset, length);
+    else this.activeMap.mark(offset, length);
+    this.generation++;
+  }
+
+  private acquire(): Promise<Release> {
+    const previous = this.lockTail;
+    let release!: Release;
+    this.lockTail = new Promise<void>((resolve) => { release = resolve; });
+    return previous.then(() => release);
+  }
+
+  private async locked<T>(fn: () => Promise<T>): Promise<T> {
+    const release = await this.acquire();
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+
+  private logPath(sequence: number, suffix: string): string {
+    return path.join(this.dir, logBaseName(this.diskId, sequence) + suffix);
+  }
+
+  private async openActiveLog(): Promise<void> {
+    const sequence = this.nextSequence++;
+    this.writer = await HrlWriter.create(this.logPath(sequence, OPEN_LOG_SUFFIX), {
+      previousUniqueId: this.lastUniqueId,
+      metadataSizeBytes: this.metadataSizeBytes,
+      maxEntryBytes: this.maxEntryBytes,
+      clock: this.clock,
+    });
+    this.activeSequence = sequence;
+    this.lastUniqueId = this.writer.uniqueId;
+    await this.writeState();
+  }
+
+  private async writeState(): Promise<void> {
+    const state: TrackerState = {
+      version: 1, diskId: this.diskId, diskSizeBytes: this.diskSizeBytes, granularityBytes: this.granularityBytes,
+      mode: this.mode, nextSequence: this.nextSequence, lastUniqueId: this.lastUniqueId, activeSequence: this.activeSequence,
+    };
+    await writeFileAtomic(path.join(this.dir, `${this.diskId}.tracker.json`), JSON.stringify(state, null, 2));
+  }
+
+  private async persistMaps(force: boolean): Promise<void> {
+    if (!force && this.generation === this.persistedGeneration) return;
+    const generation = this.generation;
+    const pendingLogSequence = this.writer === undefined ? 0 : this.activeSequence ?? 0;
+    const pendingLogEndBytes = this.writer?.sizeBytes ?? 0;
+    await writeFileAtomic(path.join(this.dir, `${this.diskId}.maps`), encodeTrackerMaps({ ...this.maps, pendingLogSequence, pendingLogEndBytes }));
+    this.persistedGeneration = generation;
+  }
+
+  private async sealActive(point: CutPoint): Promise<SealedLogInfo> {
+    const writer = this.writer!;
+    const sequence = this.activeSequence!;
+    const done = await writer.seal();
+    this.writer = undefined;
+    const sidecar: LogSidecar = {
+      version: 1, diskId: this.diskId, sequence, uniqueId: done.uniqueId, previousUniqueId: done.previousUniqueId, sizeBytes: done.sizeBytes, entryCount: done.entryCount,
+      cutId: point.cutId, cutTime: new Date(point.cutTimeMs).toISOString(), cutTimeMs: point.cutTimeMs, recovered: false,
+    };
+    const sidecarPath = this.logPath(sequence, SIDECAR_SUFFIX);
+    await writeFileAtomic(sidecarPath, JSON.stringify(sidecar, null, 2));
+    const sealedPath = this.logPath(sequence, SEALED_LOG_SUFFIX);
+    try {
+      await fsp.rename(this.logPath(sequence, OPEN_LOG_SUFFIX), sealedPath);
+      await syncDirectory(this.dir);
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `cannot rename sealed log ${sealedPath}`);
+    }
+    const info: SealedLogInfo = { ...sidecar, name: path.basename(sealedPath), path: sealedPath, sidecarPath };
+    this.sealed.push(info);
+    // Everything in the sealed log is durable: its extents stay in `dirty` until acknowledged.
+    this.activeMap.clearAll();
+    this.maps.pending.clearAll();
+    this.generation++;
+    return info;
+  }
+
+  private async rotateHeld(point: CutPoint): Promise<SealedLogInfo | undefined> {
+    this.assertOpen();
+    if (this.writer === undefined) return undefined;
+    const info = await this.sealActive(point);
+    await this.openActiveLog();
+    await this.persistMaps(false);
+    return info;
+  }
+
+  private unshippedBytes(): number {
+    let total = this.writer?.sizeBytes ?? 0;
+    for (const s of this.sealed) total += s.sizeBytes;
+    return total;
+  }
+
+  private async checkOverflow(): Promise<void> {
+    if (this.unshippedBytes() <= this.overflowRatio * this.diskSizeBytes) return;
+    // Fold everything unshipped into the resync map, then drop the logs.
+    this.maps.resync.merge(this.maps.dirty);
+    this.mode = 'dirty-only';
+    this.generation++;
+    await this.persistMaps(true);
+    await this.writeState();
+    await this.dropAllLogs();
+    this.report('overflow');
+  }
+
+  /** Deletes the active log and every sealed log with its sidecar. */
+  private async dropAllLogs(): Promise<void> {
+    if (this.writer !== undefined) {
+      await this.writer.close();
+      await unlinkIfPresent(this.writer.path);
+      this.writer = undefined;
+      this.activeSequence = null;
+    }
+    for (const s of this.sealed) {
+      await unlinkIfPresent(s.path);
+      await unlinkIfPresent(s.sidecarPath);
+    }
+    this.sealed = [];
+    for (const n of await listDir(this.dir)) {
+      if (parseLogName(this.diskId, n, OPEN_LOG_SUFFIX) !== undefined) await unlinkIfPresent(path.join(this.dir, n));
+    }
+    this.activeMap.clearAll();
+    await syncDirectory(this.dir);
+  }
+
+  /** dirty = extents of the remaining sealed logs ∪ active log ∪ resync. */
+  private async rebuildDirty(): Promise<void> {
+    const fresh = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+    try {
+      for (const s of this.sealed) {
+        const log = await HrlLogFile.open(s.path);
+        try {
+          const v = await log.verify({ checkPayloads: false });
+          for await (const e of log.entries(v)) if (e.dataLength > 0) fresh.mark(e.byteOffset, e.dataLength);
+        } finally {
+          await log.close();
+        }
+      }
+    } catch (err) {
+      // A log that cannot be read leaves the old map (a superset) in place.
+      if (isBlockrelayError(err)) return;
+      throw err;
+    }
+    fresh.merge(this.activeMap);
+    fresh.merge(this.maps.resync);
+    this.maps.dirty.clearAll();
+    this.maps.dirty.merge(fresh);
+    this.generation++;
+  }
+
+  private report(reason: ResyncReason): void {
+    this.lastResyncReason = reason;
+    if (this.onResyncRequired === undefined) return;
+    const extents: DirtyExtent[] = [];
+    let truncated = false;
+    for (const e of this.maps.resync.extents()) {
+      if (extents.length >= CHANGE_TRACKER_DEFAULTS.reportExtentsMax) {
+        truncated = true;
+        break;
+      }
+      extents.push(e);
+    }
+    this.onResyncRequired({ diskId: this.diskId, reason, resyncBytes: this.maps.resync.dirtyBytes(), extents, extentsTruncated: truncated });
+  }
+
+  private scheduleTimer(): void {
+    if (this.persistIntervalMs <= 0 || this.closed) return;
+    this.timer = this.clock.setTimer(() => {
+      this.timer = undefined;
+      if (this.closed) return;
+      this.locked(async () => {
+        if (!this.closed) await this.persistMaps(false);
+      }).catch(() => undefined).finally(() => this.scheduleTimer());
+    }, this.persistIntervalMs);
+  }
+}
+
+async function listDir(dir: string): Promise<string[]> {
+  try {
+    return await fsp.readdir(dir);
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot list ${dir}`);
+  }
+}
+
+async function unlinkIfPresent(file: string): Promise<void> {
+  try {
+    await fsp.unlink(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw wrapError(err, 'BR_IO', `cannot delete ${file}`);
+  }
+}

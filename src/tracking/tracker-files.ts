@@ -1,0 +1,198 @@
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { DirtyMap } from './dirty-map';
+import { syncDirectory } from './hrl-writer';
+
+/**
+ * The change tracker's files in its log directory, for disk `ID`:
+ *
+ * - `ID-SSSSSSSSSSSS.hrl.open`  the active log (unsealed, EOLLocation 0)
+ * - `ID-SSSSSSSSSSSS.hrl`       a sealed log; the 12-digit sequence makes lexical order apply order
+ * - `ID-SSSSSSSSSSSS.hrl.json`  its sidecar: cut id/time and sequence (never inside the log)
+ * - `ID.tracker.json`           tracker state (mode, next sequence, chain)
+ * - `ID.maps`                   the persisted dirty maps (see docs/formats/ms-hrl.md)
+ *
+ * Every file but the active log is replaced atomically (write a temporary,
+ * fsync, rename, fsync the directory).
+ */
+export const SEQUENCE_DIGITS = 12;
+export const OPEN_LOG_SUFFIX = '.hrl.open';
+export const SEALED_LOG_SUFFIX = '.hrl';
+export const SIDECAR_SUFFIX = '.hrl.json';
+export const TMP_SUFFIX = '.tmp';
+/** Largest state or sidecar JSON file read (they are a few hundred bytes). */
+const MAX_JSON_BYTES = 64 * 1024;
+
+/** Disk ids become file names, so they are restricted. */
+export const DISK_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+
+export function logBaseName(diskId: string, sequence: number): string {
+  return `${diskId}-${String(sequence).padStart(SEQUENCE_DIGITS, '0')}`;
+}
+
+/** Parses `ID-SSSSSSSSSSSS<suffix>` back into its sequence, or undefined for another disk or kind. */
+export function parseLogName(diskId: string, name: string, suffix: string): number | undefined {
+  if (!name.startsWith(`${diskId}-`) || !name.endsWith(suffix)) return undefined;
+  const seq = name.slice(diskId.length + 1, name.length - suffix.length);
+  return new RegExp(`^\\d{${SEQUENCE_DIGITS}}$`).test(seq) ? Number(seq) : undefined;
+}
+
+/** Writes a file atomically and durably. */
+export async function writeFileAtomic(file: string, data: Uint8Array | string): Promise<void> {
+  const tmp = `${file}${TMP_SUFFIX}`;
+  try {
+    const fh = await fsp.open(tmp, 'w');
+    try {
+      await fh.writeFile(data);
+      await fh.datasync();
+    } finally {
+      await fh.close();
+    }
+    await fsp.rename(tmp, file);
+    await syncDirectory(path.dirname(file));
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot write ${file}`);
+  }
+}
+
+/** Reads a small JSON file; undefined when it does not exist; BR_TRACKER_STATE_CORRUPT when it is not JSON. */
+export async function readJsonFile(file: string): Promise<unknown> {
+  let text: string;
+  try {
+    const st = await fsp.stat(file);
+    if (st.size > MAX_JSON_BYTES) throw new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file} is ${st.size} bytes, more than ${MAX_JSON_BYTES}`, { details: { file } });
+    text = await fsp.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    if (isBlockrelayError(err)) throw err;
+    throw wrapError(err, 'BR_IO', `cannot read ${file}`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file} is not valid JSON`, { cause: err, details: { file } });
+  }
+}
+
+/** The tracker's persisted state (`ID.tracker.json`). */
+export interface TrackerState {
+  readonly version: 1;
+  readonly diskId: string;
+  readonly diskSizeBytes: number;
+  readonly granularityBytes: number;
+  /** 'logging': writes go to the active log; 'dirty-only': after overflow, to the dirty map only. */
+  readonly mode: 'logging' | 'dirty-only';
+  /** Sequence the next log gets. */
+  readonly nextSequence: number;
+  /** UniqueId of the newest log created (the next log's PreviousUniqueId). */
+  readonly lastUniqueId: string;
+  /** Sequence of the active log, if one is open. */
+  readonly activeSequence: number | null;
+}
+
+export function parseTrackerState(value: unknown, file: string): TrackerState {
+  const bad = (why: string): BlockrelayError => new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file}: ${why}`, { details: { file } });
+  if (typeof value !== 'object' || value === null) throw bad('not an object');
+  const v = value as Record<string, unknown>;
+  if (v.version !== 1) throw bad(`version ${String(v.version)} is not 1`);
+  const int = (k: string): number => {
+    const n = v[k];
+    if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) throw bad(`${k} is not a whole number`);
+    return n;
+  };
+  if (typeof v.diskId !== 'string') throw bad('diskId missing');
+  if (v.mode !== 'logging' && v.mode !== 'dirty-only') throw bad(`mode ${String(v.mode)} is unknown`);
+  if (typeof v.lastUniqueId !== 'string') throw bad('lastUniqueId missing');
+  const active = v.activeSequence === null ? null : int('activeSequence');
+  return { version: 1, diskId: v.diskId, diskSizeBytes: int('diskSizeBytes'), granularityBytes: int('granularityBytes'), mode: v.mode, nextSequence: int('nextSequence'), lastUniqueId: v.lastUniqueId, activeSequence: active };
+}
+
+/** A sealed log's sidecar (`ID-SSSSSSSSSSSS.hrl.json`). */
+export interface LogSidecar {
+  readonly version: 1;
+  readonly diskId: string;
+  readonly sequence: number;
+  readonly uniqueId: string;
+  readonly previousUniqueId: string;
+  readonly sizeBytes: number;
+  readonly entryCount: number;
+  /** The cut that sealed it, shared by every disk sealed at the same cut. */
+  readonly cutId: string;
+  readonly cutTime: string;
+  readonly cutTimeMs: number;
+  /** True when the log was recovered after a crash rather than sealed by a cut. */
+  readonly recovered: boolean;
+}
+
+export function parseSidecar(value: unknown, file: string): LogSidecar {
+  const bad = (why: string): BlockrelayError => new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file}: ${why}`, { details: { file } });
+  if (typeof value !== 'object' || value === null) throw bad('not an object');
+  const v = value as Record<string, unknown>;
+  if (v.version !== 1) throw bad('version is not 1');
+  for (const k of ['diskId', 'uniqueId', 'previousUniqueId', 'cutId', 'cutTime']) if (typeof v[k] !== 'string') throw bad(`${k} missing`);
+  for (const k of ['sequence', 'sizeBytes', 'entryCount', 'cutTimeMs']) if (typeof v[k] !== 'number' || !Number.isSafeInteger(v[k])) throw bad(`${k} is not a whole number`);
+  if (typeof v.recovered !== 'boolean') throw bad('recovered missing');
+  return v as unknown as LogSidecar;
+}
+
+// ---- the maps file ----
+
+/** "BRTRKMP1": tracker maps, version 1. */
+export const MAPS_MAGIC = Buffer.from('BRTRKMP1', 'latin1');
+/** Magic, three map lengths, pendingLogSequence, pendingLogEndBytes. */
+export const MAPS_HEADER_BYTES = 8 + 3 * 8 + 2 * 8;
+const MAPS_PENDING_SEQUENCE_OFFSET = 32;
+const MAPS_PENDING_END_OFFSET = 40;
+
+/**
+ * The three dirty maps the tracker persists, in one file so they change
+ * together: `dirty` (every change not yet durably shipped), `pending`
+ * (changes since the active log was last made durable: the candidates of a
+ * torn tail) and `resync` (extents that must be resynced: overflow, torn
+ * tails, a lost log).
+ */
+export interface TrackerMaps {
+  readonly dirty: DirtyMap;
+  readonly pending: DirtyMap;
+  readonly resync: DirtyMap;
+  /** The active log `pending` belongs to (0: none). */
+  readonly pendingLogSequence: number;
+  /**
+   * The size that log reaches once everything in `pending` is durable: a
+   * recovered log at least this long holds every pending write, so its
+   * extents need no resync.
+   */
+  readonly pendingLogEndBytes: number;
+}
+
+/** Layout: magic, three u64 lengths, then the three serialized maps (each with its own checksums). */
+export function encodeTrackerMaps(maps: TrackerMaps): Buffer {
+  const parts = [maps.dirty.serialize(), maps.pending.serialize(), maps.resync.serialize()];
+  const head = Buffer.alloc(MAPS_HEADER_BYTES);
+  MAPS_MAGIC.copy(head, 0);
+  parts.forEach((p, i) => head.writeBigUInt64LE(BigInt(p.length), 8 + i * 8));
+  head.writeBigUInt64LE(BigInt(maps.pendingLogSequence), MAPS_PENDING_SEQUENCE_OFFSET);
+  head.writeBigUInt64LE(BigInt(maps.pendingLogEndBytes), MAPS_PENDING_END_OFFSET);
+  return Buffer.concat([head, ...parts]);
+}
+
+/** Decodes a maps file; BR_TRACKER_STATE_CORRUPT or BR_DIRTYMAP_CORRUPT on damage. */
+export function decodeTrackerMaps(buf: Buffer, file: string): TrackerMaps {
+  const bad = (offset: number, why: string): BlockrelayError => new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file} at byte ${offset}: ${why}`, { details: { file, offset } });
+  if (buf.length < MAPS_HEADER_BYTES) throw bad(buf.length, 'shorter than its header');
+  if (!buf.subarray(0, 8).equals(MAPS_MAGIC)) throw bad(0, 'magic is not BRTRKMP1');
+  const maps: DirtyMap[] = [];
+  let at = MAPS_HEADER_BYTES;
+  for (let i = 0; i < 3; i++) {
+    const len = Number(buf.readBigUInt64LE(8 + i * 8));
+    if (at + len > buf.length) throw bad(8 + i * 8, `map ${i} of ${len} bytes runs past the end at ${buf.length}`);
+    maps.push(DirtyMap.deserialize(buf.subarray(at, at + len)));
+    at += len;
+  }
+  if (at !== buf.length) throw bad(at, 'bytes after the last map');
+  const seq = Number(buf.readBigUInt64LE(MAPS_PENDING_SEQUENCE_OFFSET));
+  const end = Number(buf.readBigUInt64LE(MAPS_PENDING_END_OFFSET));
+  if (!Number.isSafeInteger(seq) || !Number.isSafeInteger(end)) throw bad(MAPS_PENDING_SEQUENCE_OFFSET, 'pending log position out of range');
+  return { dirty: maps[0]!, pending: maps[1]!, resync: maps[2]!, pendingLogSequence: seq, pendingLogEndBytes: end };
+}
