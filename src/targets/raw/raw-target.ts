@@ -101,13 +101,17 @@ export class RawTarget implements DiskTarget {
   async read(offset: number, length: number): Promise<Buffer> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'read', offset, length);
-    const out = Buffer.alloc(length);
+    // Every byte is either read or zero-filled below, so the buffer need not
+    // be cleared first (a measurable cost when a copy reads a whole disk).
+    const out = Buffer.allocUnsafe(length);
     let done = 0;
     while (done < length) {
       const { bytesRead } = await this.io(() => this.handle.read(out, done, length - done, offset + done), 'read');
-      // A file shortened behind our back reads as zeroes past its end, which
-      // Buffer.alloc already holds.
-      if (bytesRead === 0) break;
+      // A file shortened behind our back reads as zeroes past its end.
+      if (bytesRead === 0) {
+        out.fill(0, done);
+        break;
+      }
       done += bytesRead;
     }
     return out;
