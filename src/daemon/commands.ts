@@ -3,11 +3,12 @@ import { resyncCommand } from '../resync/resync-command';
 import { hrlCommands } from '../tracking/hrl-commands';
 import { convertCommand } from '../targets/convert-command';
 import { roleCommands } from './role-commands';
+import { statusCommand } from './status-command';
 
 /**
  * Every subcommand, in the order `--help` lists them. Each domain exports its
  * commands from its own folder; this list only gathers them.
  */
 export function allCommands(): Command[] {
-  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands()];
+  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands(), statusCommand];
 }

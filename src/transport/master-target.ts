@@ -15,6 +15,7 @@ import { LogReceiver } from './log-receiver';
 import { LogSpool, type SpoolEntry } from './log-spool';
 import { SequenceLedger } from './sequence-ledger';
 import { openOrCreateTarget } from './target-opener';
+import { STATUS_PAGE_HTML } from '../daemon/status-page';
 import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
 
 /**
@@ -238,6 +239,15 @@ export class ApplyingHop {
   protected routes(): Route[] {
     return [
       ...this.receiver.routes(),
+      {
+        method: 'GET',
+        pattern: '/',
+        public: true,
+        handler: async (ctx) => {
+          ctx.res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+          ctx.res.end(STATUS_PAGE_HTML);
+        },
+      },
       { method: 'GET', pattern: `/${PROTOCOL_VERSION}/status`, public: true, handler: async (ctx) => sendJson(ctx.res, 200, { role: this.options.hopName, disks: this.diskStatus() }) },
       {
         method: 'POST',

@@ -48,3 +48,35 @@ describe('blockrelay master-target', () => {
     expect(fs.existsSync(path.join(dir, 'state', 'blockrelay.lock'))).toBe(false);
   });
 });
+
+describe('blockrelay status', () => {
+  const tmp = useTempDirs();
+
+  it("prints a role's disks and health, and one JSON document with --json", async () => {
+    const { validateConfig } = await import('../../src/daemon/config');
+    const { masterTargetFromConfig } = await import('../../src/transport/master-target');
+    const { hrlLogOps } = await import('../../src/transport/hrl-log-ops');
+    const { quiet } = await import('../transport/transport-fixture');
+    const dir = tmp();
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: dir, listen: '127.0.0.1:0', secret: SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'd.img')}` }] }), hrlLogOps, quiet());
+    await mt.start();
+    try {
+      const text = await runCli(['status', '--url', mt.url]);
+      expect(text.status).toBe(0);
+      expect(text.stdout).toMatch(/master-target: 1 disk/);
+      expect(text.stdout).toMatch(/disk0\s+OK/);
+      const json = await runCli(['status', '--url', mt.url, '--json']);
+      expect(JSON.parse(json.stdout)).toMatchObject({ role: 'master-target', disks: [{ diskId: 'disk0', health: 'OK' }] });
+      const page = await (await fetch(mt.url)).text();
+      expect(page).toContain('<title>blockrelay status</title>');
+    } finally {
+      await mt.stop();
+    }
+  });
+
+  it('fails with BR_NET_UNREACHABLE when nothing answers', async () => {
+    const r = await runCli(['status', '--url', 'http://127.0.0.1:9']);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^BR_NET_UNREACHABLE: /);
+  });
+});
