@@ -173,8 +173,10 @@ describe('damaged VMDK inputs', () => {
       try {
         const t = await openDisk(`vmdk:${file}`, { readOnly: true });
         try {
-          for (let at = 0; at < t.sizeBytes; at += 256 * 1024) await t.read(at, Math.min(256 * 1024, t.sizeBytes - at));
-          for await (const e of t.extents(0, t.sizeBytes)) expect(e.length).toBeGreaterThan(0);
+          // A mutated capacity can claim up to 2 TiB: read only the start so an iteration stays bounded.
+          const span = Math.min(t.sizeBytes, 2 * MiB);
+          for (let at = 0; at < span; at += 256 * 1024) await t.read(at, Math.min(256 * 1024, span - at));
+          for await (const e of t.extents(0, span)) expect(e.length).toBeGreaterThan(0);
         } finally {
           await t.close();
         }
