@@ -44,7 +44,11 @@ export async function resyncDisks(sourceSpec: string, targetSpec: string, option
     return await runResync({ ...options, source, peer: new ResyncPeer(channel), hasher, job, fullCopy: options.create === true });
   } finally {
     // Close the target first: its close flushes, and the source is read-only.
-    for (const disk of opened.reverse()) await disk.close();
+    try {
+      for (const disk of opened.reverse()) await disk.close();
+    } finally {
+      await job.close();
+    }
   }
 }
 

@@ -44,6 +44,8 @@ export class ResyncJob {
   private identity: ResyncIdentity | undefined;
   private startedAtMs = 0;
 
+  private lockHeld = false;
+
   private constructor(
     readonly statePath: string | undefined,
     private readonly hasher: BlockHasher,
@@ -59,13 +61,28 @@ export class ResyncJob {
    */
   static async open(statePath: string | undefined, hasher: BlockHasher): Promise<ResyncJob> {
     if (statePath === undefined) return new ResyncJob(undefined, hasher, undefined);
-    let bytes: Buffer | undefined;
+    await acquireLock(`${statePath}${LOCK_SUFFIX}`);
     try {
-      bytes = await fsp.readFile(statePath);
+      let bytes: Buffer | undefined;
+      try {
+        bytes = await fsp.readFile(statePath);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw wrapError(err, 'BR_IO', `cannot read resync state ${statePath}`);
+      }
+      const job = new ResyncJob(statePath, hasher, bytes === undefined ? undefined : decodeState(bytes, statePath, hasher));
+      job.lockHeld = true;
+      return job;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw wrapError(err, 'BR_IO', `cannot read resync state ${statePath}`);
+      await fsp.rm(`${statePath}${LOCK_SUFFIX}`, { force: true });
+      throw err;
     }
-    return new ResyncJob(statePath, hasher, bytes === undefined ? undefined : decodeState(bytes, statePath, hasher));
+  }
+
+  /** Releases the state file's lock. Idempotent; the state file itself stays for a later resume. */
+  async close(): Promise<void> {
+    if (!this.lockHeld || this.statePath === undefined) return;
+    this.lockHeld = false;
+    await fsp.rm(`${this.statePath}${LOCK_SUFFIX}`, { force: true });
   }
 
   /** The saved state this job was opened with, if any. */
@@ -172,6 +189,40 @@ export class ResyncJob {
       throw wrapError(err, 'BR_IO', `cannot remove resync state ${this.statePath}`);
     }
   }
+}
+
+/** The lock file next to a state file: `STATE.lock`, holding the owner's process id. */
+export const LOCK_SUFFIX = '.lock';
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Takes the lock file exclusively, so two resyncs never share one state file
+ * (their cursors would overwrite each other). A lock left by a process that
+ * no longer runs (killed, crashed) is taken over.
+ */
+async function acquireLock(lockPath: string): Promise<void> {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      await fsp.writeFile(lockPath, `${process.pid}\n`, { flag: 'wx' });
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw wrapError(err, 'BR_IO', `cannot create lock ${lockPath}`);
+    }
+    const owner = Number.parseInt(await fsp.readFile(lockPath, 'utf8').catch(() => ''), 10);
+    if (Number.isSafeInteger(owner) && owner > 0 && processAlive(owner)) {
+      throw new BlockrelayError('BR_LOCKED', `resync state ${lockPath.slice(0, -LOCK_SUFFIX.length)} is in use by process ${owner}`, { details: { lockPath, pid: owner } });
+    }
+    await fsp.rm(lockPath, { force: true });
+  }
+  throw new BlockrelayError('BR_LOCKED', `could not take the lock ${lockPath}: another process keeps taking it`, { details: { lockPath } });
 }
 
 async function fsyncDir(dir: string): Promise<void> {

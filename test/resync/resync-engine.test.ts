@@ -22,10 +22,22 @@ function pair(sizeBytes: number, changed: number, seed = 1): { source: MemoryDis
   return { source, target, changedBlocks };
 }
 
+/** Runs a resync over the in-process seam; a job given is closed (lock released) afterwards. */
 async function resync(source: MemoryDisk, target: MemoryDisk, extra: Partial<ResyncOptions> = {}) {
   const hasher = await BlockHasher.create();
   const peer = new ResyncPeer(inProcessChannel(new ResyncTargetService(target, hasher)));
-  return runResync({ source, peer, hasher, ...extra });
+  try {
+    return await runResync({ source, peer, hasher, ...extra });
+  } finally {
+    await extra.job?.close();
+  }
+}
+
+/** The progress saved in a state file, read the way a restarted resync reads it. */
+async function savedState(statePath: string) {
+  const job = await ResyncJob.open(statePath, await BlockHasher.create());
+  await job.close();
+  return job.savedState;
 }
 
 describe('runResync', () => {
@@ -120,7 +132,7 @@ describe('runResync', () => {
     target.failWritesAfter = 60; // fails somewhere in the middle
     const first = resync(source, target, { job: await ResyncJob.open(statePath, hasher), checkpointIntervalMs: 0, concurrency: 2 });
     await expect(first).rejects.toThrow(/injected write failure/);
-    const saved = (await ResyncJob.open(statePath, hasher)).savedState;
+    const saved = await savedState(statePath);
     expect(saved?.cursorBytes).toBeGreaterThan(0);
     expect(saved!.cursorBytes).toBeLessThan(32 * MiB);
 
@@ -148,7 +160,7 @@ describe('runResync', () => {
       signal: controller.signal,
     });
     await expect(run).rejects.toMatchObject({ code: 'BR_RESYNC_ABORTED', recoverable: true });
-    const saved = (await ResyncJob.open(statePath, hasher)).savedState;
+    const saved = await savedState(statePath);
     expect(saved?.cursorBytes).toBe(8 * MiB);
     const rest = await resync(source, target, { job: await ResyncJob.open(statePath, hasher) });
     expect(rest.blocksCompared).toBe(2048);
@@ -200,5 +212,18 @@ describe('runResync', () => {
     job.noteWrite(4096, 4096);
     const result = await resync(source, target, { job });
     expect(result.writesDuringResync).toEqual([{ offset: 0, length: 8192 }]);
+  });
+
+  it('refuses a second resync on a state file in use, and takes over a lock left by a dead process', async () => {
+    const statePath = path.join(tempDir(), 'resync.state');
+    const hasher = await BlockHasher.create();
+    const first = await ResyncJob.open(statePath, hasher);
+    await expect(ResyncJob.open(statePath, hasher)).rejects.toMatchObject({ code: 'BR_LOCKED' });
+    await first.close();
+    // A killed process leaves its lock behind; a pid that cannot be running stands for it.
+    fs.writeFileSync(`${statePath}.lock`, '2147483646\n');
+    const second = await ResyncJob.open(statePath, hasher);
+    await second.close();
+    expect(fs.existsSync(`${statePath}.lock`)).toBe(false);
   });
 });
