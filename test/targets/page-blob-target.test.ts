@@ -11,6 +11,7 @@ import { openDisk } from '../../src/targets/disk-spec';
 import { VHD_FOOTER_OFFSETS, decodeVhdFooter } from '../../src/targets/vhd/vhd-footer';
 import { useAzurite } from '../helpers/azurite';
 import { AzuriteProxy } from '../helpers/azurite-proxy';
+import { runCli } from '../helpers/cli';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
 import { runConformanceSuite } from './conformance';
@@ -270,5 +271,39 @@ describe('page blob target through a recording proxy', () => {
     expect(attemptsAtMs).toEqual([0, 60_000, 120_000]);
     expect((await t.read(512, 1024)).equals(Buffer.alloc(1024, 0x4d))).toBe(true);
     await t.close();
+  });
+});
+
+describe('blockrelay convert with blob:', () => {
+  it('uploads a raw disk to a page blob and downloads it to a VHD file, identical to the source', async () => {
+    const dir = tempDir();
+    const rawFile = path.join(dir, 'src.raw');
+    const data = Buffer.alloc(8 * MiB);
+    randomBytes(MiB).copy(data, MiB);
+    randomBytes(512).copy(data, 7 * MiB + 512);
+    fs.writeFileSync(rawFile, data);
+    const url = newBlobUrl();
+    const env = { AZURE_STORAGE_CONNECTION_STRING: azurite().connectionString };
+    const up = await runCli(['convert', `raw:${rawFile}`, `blob:${url}`], { env });
+    expect(up.stderr).not.toMatch(/BR_/);
+    expect(up.status).toBe(0);
+    const blob = container.getPageBlobClient(url.slice(url.lastIndexOf('/') + 1));
+    const downloaded = await blob.downloadToBuffer();
+    expect(downloaded.length).toBe(8 * MiB + 512);
+    expect(downloaded.subarray(0, 8 * MiB).equals(data)).toBe(true);
+    // Holes stayed holes: only the two data regions hold pages.
+    const ranges = [];
+    for await (const r of blob.listPageRanges(0, 8 * MiB)) ranges.push(r);
+    expect(ranges.reduce((n, r) => n + (r.end + 1 - r.start), 0)).toBeLessThanOrEqual(MiB + 64 * 1024);
+    expect((await blob.getProperties()).leaseState).toBe('available');
+
+    const vhdFile = path.join(dir, 'down.vhd');
+    const down = await runCli(['convert', `blob:${url}`, `vhd:${vhdFile}`], { env });
+    expect(down.status).toBe(0);
+    expect(fs.readFileSync(vhdFile).subarray(0, 8 * MiB).equals(data)).toBe(true);
+
+    const noCreds = await runCli(['convert', `raw:${rawFile}`, `blob:${newBlobUrl()}`], { env: { AZURE_STORAGE_CONNECTION_STRING: '' } });
+    expect(noCreds.status).not.toBe(0);
+    expect(noCreds.stderr).toContain('BR_BLOB_CREDENTIALS');
   });
 });

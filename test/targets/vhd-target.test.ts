@@ -7,6 +7,7 @@ import { SimulatedClock } from '../../src/platform/clock';
 import { openDisk } from '../../src/targets/disk-spec';
 import { VHD_FOOTER_OFFSETS, decodeVhdFooter, encodeVhdFooter, newFixedVhdFooter } from '../../src/targets/vhd/vhd-footer';
 import { VhdTarget } from '../../src/targets/vhd/vhd-target';
+import { runCli } from '../helpers/cli';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
 import { runConformanceSuite } from './conformance';
@@ -200,5 +201,33 @@ describe('fixed VHD damage and creation rules', () => {
     expect(footer.diskType).toBe(2);
     expect(footer.dataOffset).toBe(0xffffffffffffffffn);
     expect(footer.originalSizeBytes).toBe(3 * MiB);
+  });
+});
+
+describe('blockrelay convert with vhd:', () => {
+  it('converts raw to vhd and back, byte for byte, and qemu-img agrees', async () => {
+    const dir = tempDir();
+    const rawFile = path.join(dir, 'src.raw');
+    const vhdFile = path.join(dir, 'out.vhd');
+    const backFile = path.join(dir, 'back.raw');
+    const data = makeRawSource(rawFile, 6 * MiB);
+    const toVhd = await runCli(['convert', `raw:${rawFile}`, `vhd:${vhdFile}`]);
+    expect(toVhd.stderr).not.toMatch(/BR_/);
+    expect(toVhd.status).toBe(0);
+    expect(fs.statSync(vhdFile).size).toBe(6 * MiB + 512);
+    const back = await runCli(['convert', `vhd:${vhdFile}`, `raw:${backFile}`]);
+    expect(back.status).toBe(0);
+    expect(fs.readFileSync(backFile).equals(data)).toBe(true);
+    if (requireTool('qemu-img')) {
+      expect(qemu(['qemu-img', 'compare', '-f', 'vpc', '-F', 'raw', vhdFile, rawFile])).toContain('Images are identical');
+    }
+    // A damaged VHD source fails with its code and creates nothing.
+    const fd = fs.openSync(vhdFile, 'r+');
+    fs.writeSync(fd, Buffer.from('X'), 0, 1, 6 * MiB);
+    fs.closeSync(fd);
+    const bad = await runCli(['convert', `vhd:${vhdFile}`, `raw:${path.join(dir, 'never.raw')}`]);
+    expect(bad.status).not.toBe(0);
+    expect(bad.stderr).toContain('BR_VHD_FOOTER_CORRUPT');
+    expect(fs.existsSync(path.join(dir, 'never.raw'))).toBe(false);
   });
 });
