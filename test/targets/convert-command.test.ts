@@ -70,6 +70,16 @@ describe('blockrelay convert', () => {
     expect(compare(raw, 'raw', path.join(dir, 'b.vmdk'), 'vmdk')).toBe(0);
   });
 
+  it.skipIf(!haveQemu)('converts raw -> fixed VHD -> sparse VMDK -> raw without changing a byte', async () => {
+    const dir = tempDir();
+    const raw = path.join(dir, 'src.img');
+    const data = makeRaw(raw, 8 * MiB, 16);
+    const steps = [`raw:${raw}`, `vhd:${path.join(dir, 'b.vhd')}`, `vmdk:${path.join(dir, 'c.vmdk')}`, `raw:${path.join(dir, 'd.img')}`];
+    for (let i = 0; i + 1 < steps.length; i++) expect((await runCli(['convert', steps[i]!, steps[i + 1]!])).status).toBe(0);
+    expect(fs.readFileSync(path.join(dir, 'd.img')).equals(data)).toBe(true);
+    expect(compare(raw, 'raw', path.join(dir, 'b.vhd'), 'vpc')).toBe(0);
+  });
+
   it('refuses to convert onto an existing file with BR_TARGET_NAME_CONFLICT and leaves it alone', async () => {
     const dir = tempDir();
     const raw = path.join(dir, 'src.img');
