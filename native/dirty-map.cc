@@ -877,6 +877,7 @@ class DirtyMapWrap : public Napi::ObjectWrap<DirtyMapWrap> {
     uint64_t maxExtents = std::min<uint64_t>(BlockArg(info, 2), kMaxExtentsPerCall);
     uint64_t resume = core_.Extents(BlockArg(info, 0), BlockArg(info, 1), static_cast<size_t>(maxExtents), pairs);
     Napi::Float64Array out = Napi::Float64Array::New(info.Env(), pairs.size() + 1);
+    if (out.IsEmpty()) return Napi::Value();
     out[0] = static_cast<double>(resume);
     for (size_t i = 0; i < pairs.size(); i++) out[i + 1] = static_cast<double>(pairs[i]);
     return out;
@@ -918,6 +919,8 @@ class DirtyMapWrap : public Napi::ObjectWrap<DirtyMapWrap> {
     size_t reserve = static_cast<size_t>(std::min<uint64_t>(BlockArg(info, 0), 4096));
     size_t size = core_.BodySize();
     Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(info.Env(), reserve + size);
+    // A failed allocation leaves a pending JavaScript exception; let it rise.
+    if (out.IsEmpty() || out.Data() == nullptr) return Napi::Value();
     std::memset(out.Data(), 0, reserve);
     core_.WriteBody(out.Data() + reserve, size);
     return out;

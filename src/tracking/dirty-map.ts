@@ -252,7 +252,7 @@ export class DirtyMap {
    * a map fragmented into millions of extents never becomes one huge array.
    * Changes made to the map while iterating are seen from the next batch on.
    */
-  *extents(offset = 0, length = this.diskSizeBytes - offset, batchSize = DIRTY_MAP_EXTENT_BATCH_DEFAULT): Generator<DirtyExtent, void, undefined> {
+  *extents(offset = 0, length = Math.max(0, this.diskSizeBytes - offset), batchSize = DIRTY_MAP_EXTENT_BATCH_DEFAULT): Generator<DirtyExtent, void, undefined> {
     this.#checkRange('extents', offset, length);
     const end = offset + length;
     let next: number | undefined = offset;

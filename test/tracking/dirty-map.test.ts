@@ -265,6 +265,24 @@ describe('DirtyMap extents', () => {
     expect(collected).toHaveLength(10_000);
   });
 
+  it('visits every extent once when the caller clears each one while iterating', () => {
+    const map = new DirtyMap(1 * GiB, 4096);
+    for (let i = 0; i < 1000; i++) map.mark(i * 5 * 4096, 2 * 4096);
+    const seen: DirtyExtent[] = [];
+    for (const extent of map.extents(0, 1 * GiB, 7)) {
+      seen.push(extent);
+      map.clear(extent.offset, extent.length);
+    }
+    expect(seen).toHaveLength(1000);
+    expect(seen[999]).toEqual({ offset: 999 * 5 * 4096, length: 8192 });
+    expect(map.dirtyBlockCount).toBe(0);
+  });
+
+  it('refuses an extents range that starts past the disk end', () => {
+    const map = new DirtyMap(1 * MiB);
+    expectCode(() => [...map.extents(2 * MiB)], 'BR_DIRTYMAP_RANGE');
+  });
+
   it('iterates a fully dirty 2 TiB map as one extent', () => {
     const map = new DirtyMap(2 * TiB);
     map.mark(0, 2 * TiB);
@@ -404,10 +422,13 @@ describe('DirtyMap serialize', () => {
   it('checksums with XXH64 exactly as the xxhash-wasm package computes it', async () => {
     const { h64Raw } = await xxhashWasm();
     const random = prng(3);
-    for (const length of [0, 1, 3, 4, 7, 8, 31, 32, 33, 63, 64, 100, 1000, 4096 + 5]) {
+    for (const length of [0, 1, 3, 4, 7, 8, 31, 32, 33, 63, 64, 100, 1000, 4096 + 5, (1 << 20) + 3]) {
       const data = Uint8Array.from({ length }, () => Math.floor(random() * 256));
       expect(xxh64(data), `length ${length}`).toBe(h64Raw(data));
     }
+    const backing = Uint8Array.from({ length: 300 }, () => Math.floor(random() * 256));
+    expect(xxh64(backing, 17, 200)).toBe(h64Raw(backing.subarray(17, 217)));
+    expect(() => xxh64(backing, 250, 100)).toThrow(/xxh64: length must be an integer from 0 to 50, got 100/);
     const map = new DirtyMap(1 * GiB);
     map.mark(12345, 678_901);
     const bytes = map.serialize();
