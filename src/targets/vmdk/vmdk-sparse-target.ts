@@ -299,15 +299,42 @@ export class VmdkSparseTarget implements DiskTarget {
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'extents', offset, length);
+    // Walked one grain table at a time, so a mostly empty 2 TiB disk takes
+    // one await per 32 MiB instead of one per grain.
     let pending: { offset: number; length: number; zero: boolean } | undefined;
-    for (const g of this.grainsOf(offset, length)) {
-      const zero = !this.allocated(await this.gte(g.index));
-      if (pending !== undefined && pending.zero === zero) {
-        pending.length += g.length;
-        continue;
+    const end = offset + length;
+    const tableBytes = this.grainBytes * this.header.gtesPerGt;
+    for (let at = offset; at < end; ) {
+      const gtIndex = Math.floor(at / tableBytes);
+      const tableEnd = Math.min(end, (gtIndex + 1) * tableBytes);
+      const table = await this.table(gtIndex);
+      const runs: Array<{ offset: number; length: number; zero: boolean }> = [];
+      if (table === undefined) {
+        runs.push({ offset: at, length: tableEnd - at, zero: true });
+      } else {
+        const gtes = this.header.gtesPerGt;
+        const firstGrain = Math.floor(at / this.grainBytes);
+        const lastGrain = Math.floor((tableEnd - 1) / this.grainBytes);
+        let runStart = at;
+        let runZero = !this.allocated(table[firstGrain % gtes]!);
+        for (let gi = firstGrain + 1; gi <= lastGrain; gi++) {
+          const zero = !this.allocated(table[gi % gtes]!);
+          if (zero === runZero) continue;
+          runs.push({ offset: runStart, length: gi * this.grainBytes - runStart, zero: runZero });
+          runStart = gi * this.grainBytes;
+          runZero = zero;
+        }
+        runs.push({ offset: runStart, length: tableEnd - runStart, zero: runZero });
       }
-      if (pending !== undefined) yield pending;
-      pending = { offset: g.at, length: g.length, zero };
+      for (const run of runs) {
+        if (pending !== undefined && pending.zero === run.zero) {
+          pending.length += run.length;
+          continue;
+        }
+        if (pending !== undefined) yield pending;
+        pending = run;
+      }
+      at = tableEnd;
     }
     if (pending !== undefined) yield pending;
   }
