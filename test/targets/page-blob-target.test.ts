@@ -150,6 +150,28 @@ describe('page blob target against Azurite', () => {
     expect((await container.getPageBlobClient(blobName(t)).getProperties()).leaseState).toBe('available');
   });
 
+  it('lets writes in flight finish under the lease when closed meanwhile', async () => {
+    const t = await PageBlobTarget.open(newBlobUrl(), { create: { sizeBytes: 16 * MiB } });
+    const data = randomBytes(12 * MiB);
+    const writing = t.write(MiB, data);
+    await t.close();
+    await writing;
+    const blob = container.getPageBlobClient(blobName(t));
+    expect((await blob.downloadToBuffer(MiB, 12 * MiB)).equals(data)).toBe(true);
+    expect((await blob.getProperties()).leaseState).toBe('available');
+  });
+
+  it('warns when a created disk is not a whole MiB, which Azure cannot attach', async () => {
+    const warnings: unknown[] = [];
+    const logger = { warn: (...args: unknown[]) => void warnings.push(args) };
+    const odd = await PageBlobTarget.open(newBlobUrl(), { create: { sizeBytes: MiB + 512 }, logger });
+    await odd.close();
+    expect(warnings).toHaveLength(1);
+    const even = await PageBlobTarget.open(newBlobUrl(), { create: { sizeBytes: 2 * MiB }, logger });
+    await even.close();
+    expect(warnings).toHaveLength(1);
+  });
+
   it('refuses disks that do not fit the 8 TiB page blob limit, before any request', async () => {
     const url = newBlobUrl();
     const err = await expectCode(PageBlobTarget.open(url, { create: { sizeBytes: 8 * 1024 * 1024 * MiB } }), 'BR_BLOB_TOO_LARGE');

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { ContainerClient, PageBlobClient, type BlobLeaseClient, type StoragePipelineOptions } from '@azure/storage-blob';
+import type { Logger } from '../../daemon/logger';
 import { systemClock, type Clock, type TimerHandle } from '../../platform/clock';
 import { BlockrelayError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, OpenOptions } from '../disk-target';
@@ -66,7 +67,12 @@ export interface PageBlobOpenOptions extends OpenOptions {
   readonly maxInFlightRequests?: number;
   /** SDK tries per request (1 = no SDK retry). */
   readonly sdkMaxTries?: number;
+  /** Where to warn about a created size Azure cannot attach (not a whole MiB). */
+  readonly logger?: Pick<Logger, 'warn'>;
 }
+
+/** Azure attaches a disk only if its virtual size is a whole number of MiB. */
+export const AZURE_DISK_SIZE_MULTIPLE_BYTES = MiB;
 
 interface Lease {
   readonly id: string;
@@ -107,6 +113,7 @@ export class PageBlobTarget implements DiskTarget {
   private renewing: Promise<void> | undefined;
   private leaseError: BlockrelayError | undefined;
   private readonly limit: InFlightLimit;
+  private readonly pending = new Set<Promise<unknown>>();
 
   private constructor(
     readonly spec: string,
@@ -150,7 +157,14 @@ export class PageBlobTarget implements DiskTarget {
     const readOnly = options.readOnly === true;
     const create = options.create;
     if (create !== undefined && readOnly) throw new BlockrelayError('BR_USAGE', `cannot create ${spec} read-only`);
-    if (create !== undefined) checkCreateRequest(spec, create.sizeBytes, create.diskUuid);
+    if (create !== undefined) {
+      checkCreateRequest(spec, create.sizeBytes, create.diskUuid);
+      // A replica keeps its source's size, so this is a warning, not a refusal:
+      // whoever provisions the Azure disk from the blob must round it up.
+      if (create.sizeBytes % AZURE_DISK_SIZE_MULTIPLE_BYTES !== 0) {
+        options.logger?.warn({ spec, sizeBytes: create.sizeBytes }, 'disk size is not a whole MiB; Azure will not attach this page blob as a disk without resizing it');
+      }
+    }
     const leaseDurationSeconds = options.leaseDurationSeconds ?? PAGE_BLOB_DEFAULTS.leaseDurationSeconds;
     const leaseRenewIntervalMs = options.leaseRenewIntervalMs ?? PAGE_BLOB_DEFAULTS.leaseRenewIntervalMs;
     if (!Number.isInteger(leaseDurationSeconds) || leaseDurationSeconds < 15 || leaseDurationSeconds > 60) {
@@ -264,7 +278,23 @@ export class PageBlobTarget implements DiskTarget {
     return new PageBlobTarget(spec, client, footer, lease, claim, context.clock, context.leaseRenewIntervalMs, context.maxInFlightRequests);
   }
 
-  async read(offset: number, length: number): Promise<Buffer> {
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.track(() => this.readNow(offset, length));
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.track(() => this.writeNow(offset, data));
+  }
+
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.track(() => this.writeZeroesNow(offset, length, 'writeZeroes'));
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.track(() => this.writeZeroesNow(offset, length, 'discard'));
+  }
+
+  private async readNow(offset: number, length: number): Promise<Buffer> {
     this.checkUsable();
     checkRequest(this, 'read', offset, length);
     const out = Buffer.alloc(length);
@@ -277,7 +307,7 @@ export class PageBlobTarget implements DiskTarget {
     return out;
   }
 
-  async write(offset: number, data: Buffer): Promise<void> {
+  private async writeNow(offset: number, data: Buffer): Promise<void> {
     this.checkWritable();
     checkRequest(this, 'write', offset, data.length);
     const leaseId = this.lease!.id;
@@ -297,9 +327,9 @@ export class PageBlobTarget implements DiskTarget {
     });
   }
 
-  async writeZeroes(offset: number, length: number): Promise<void> {
+  private async writeZeroesNow(offset: number, length: number, kind: 'writeZeroes' | 'discard'): Promise<void> {
     this.checkWritable();
-    checkRequest(this, 'writeZeroes', offset, length);
+    checkRequest(this, kind, offset, length);
     if (length === 0) return;
     const release = await this.limit.acquire();
     try {
@@ -310,12 +340,6 @@ export class PageBlobTarget implements DiskTarget {
     } finally {
       release();
     }
-  }
-
-  async discard(offset: number, length: number): Promise<void> {
-    this.checkWritable();
-    checkRequest(this, 'discard', offset, length);
-    await this.writeZeroes(offset, length);
   }
 
   /** Acknowledged page writes are already durable; flush reports a lost lease. */
@@ -368,6 +392,9 @@ export class PageBlobTarget implements DiskTarget {
     this.renewTimer?.cancel();
     this.renewTimer = undefined;
     try {
+      // Requests already in flight finish under the lease before it is let go
+      // (each is bounded by the request timeout); their callers see their results.
+      await Promise.allSettled([...this.pending]);
       await this.renewing;
       if (this.lease !== undefined && this.leaseError === undefined) {
         await this.lease.client.releaseLease().catch((err: unknown) => {
@@ -397,7 +424,8 @@ export class PageBlobTarget implements DiskTarget {
   private async renewLease(): Promise<void> {
     if (this.closed || this.lease === undefined) return;
     try {
-      await this.lease.client.renewLease();
+      // Bounded by the renewal period, so a hung renewal cannot outlive the lease unnoticed.
+      await this.lease.client.renewLease({ abortSignal: AbortSignal.timeout(this.leaseRenewIntervalMs) });
       this.leaseRenewals++;
     } catch (err) {
       const e = wrapBlobError(err, 'Renew Lease', this.spec);
@@ -407,6 +435,17 @@ export class PageBlobTarget implements DiskTarget {
       }
     }
     if (!this.closed) this.scheduleRenewal();
+  }
+
+  /** Runs a request, remembering it until it settles so close() can wait for it. */
+  private track<T>(op: () => Promise<T>): Promise<T> {
+    const p = op();
+    this.pending.add(p);
+    const forget = (): void => {
+      this.pending.delete(p);
+    };
+    p.then(forget, forget);
+    return p;
   }
 
   private checkUsable(): void {
