@@ -274,6 +274,15 @@ describe('page blob target through a recording proxy', () => {
     await t.close();
   });
 
+  it('removes a blob it created when writing the footer fails, so nothing half-made is left', async () => {
+    const url = newBlobUrl(proxy.blobEndpoint);
+    proxy.injectFault({ match: (r) => r.comp === 'page' && r.pageWrite === 'update', status: 403, errorCode: 'AuthorizationPermissionMismatch', times: 1 });
+    await expectCode(PageBlobTarget.open(url, { create: { sizeBytes: MiB }, sdkMaxTries: 1 }), 'BR_BLOB_AUTH');
+    await expect(container.getPageBlobClient(url.slice(url.lastIndexOf('/') + 1)).exists()).resolves.toBe(false);
+    const t = await PageBlobTarget.open(url, { create: { sizeBytes: MiB } });
+    await t.close();
+  });
+
   it('succeeds under the project retry policy once throttling ends', async () => {
     const t = await PageBlobTarget.open(newBlobUrl(proxy.blobEndpoint), { create: { sizeBytes: 4 * MiB }, sdkMaxTries: 1 });
     proxy.injectFault({ match: (r) => r.comp === 'page' && r.pageWrite === 'update', status: 503, errorCode: 'ServerBusy', times: 2 });

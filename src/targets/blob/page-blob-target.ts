@@ -173,6 +173,10 @@ export class PageBlobTarget implements DiskTarget {
     if (!(leaseRenewIntervalMs > 0 && leaseRenewIntervalMs < leaseDurationSeconds * 1000)) {
       throw new BlockrelayError('BR_CONFIG_INVALID', `leaseRenewIntervalMs must be above 0 and below the lease duration, got ${leaseRenewIntervalMs}`);
     }
+    const maxInFlightRequests = options.maxInFlightRequests ?? PAGE_BLOB_DEFAULTS.maxInFlightRequests;
+    if (!Number.isInteger(maxInFlightRequests) || maxInFlightRequests < 1 || maxInFlightRequests > 64) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `maxInFlightRequests must be 1-64, got ${maxInFlightRequests}`);
+    }
     const clock = options.clock ?? systemClock;
     const access = blobAccess(location, options.connectionString ?? process.env[CONNECTION_STRING_ENV]);
     const pipeline: StoragePipelineOptions = {
@@ -191,7 +195,7 @@ export class PageBlobTarget implements DiskTarget {
       clock,
       leaseDurationSeconds,
       leaseRenewIntervalMs,
-      maxInFlightRequests: options.maxInFlightRequests ?? PAGE_BLOB_DEFAULTS.maxInFlightRequests,
+      maxInFlightRequests,
     };
 
     const props = await client.getProperties().catch((err: unknown) => {
@@ -254,6 +258,7 @@ export class PageBlobTarget implements DiskTarget {
     const footer = newFixedVhdFooter(sizeBytes, { uniqueId: diskUuid, nowMs: context.clock.now() });
     const claim = claimDiskUuid(footer.uniqueId, spec, true);
     let lease: Lease | undefined;
+    let created = false;
     try {
       await container.createIfNotExists().catch((err: unknown) => {
         throw wrapBlobError(err, 'Create Container', spec);
@@ -265,6 +270,7 @@ export class PageBlobTarget implements DiskTarget {
         }
         throw wrapBlobError(err, 'Create Page Blob', spec);
       });
+      created = true;
       lease = await acquireLease(client, spec, context.leaseDurationSeconds);
       const footerBytes = encodeVhdFooter(footer);
       await client.uploadPages(footerBytes, sizeBytes, VHD_FOOTER_SIZE_BYTES, { conditions: { leaseId: lease.id } }).catch((err: unknown) => {
@@ -272,7 +278,11 @@ export class PageBlobTarget implements DiskTarget {
       });
     } catch (err) {
       claim.release();
-      if (lease !== undefined) await lease.client.releaseLease().catch(() => undefined);
+      // Leave nothing half-made: a blob without its footer would later read
+      // as damaged and block the next create. Best effort; the error that
+      // matters is the one thrown.
+      if (created) await client.delete({ conditions: lease === undefined ? {} : { leaseId: lease.id } }).catch(() => undefined);
+      else if (lease !== undefined) await lease.client.releaseLease().catch(() => undefined);
       throw err;
     }
     return new PageBlobTarget(spec, client, footer, lease, claim, context.clock, context.leaseRenewIntervalMs, context.maxInFlightRequests);
