@@ -227,3 +227,21 @@ describe('runResync', () => {
     expect(fs.existsSync(`${statePath}.lock`)).toBe(false);
   });
 });
+
+describe('runResync guided by the tracker', () => {
+  it('compares only the extents of a native DirtyMap', async () => {
+    const { DirtyMap } = await import('../../src/tracking/dirty-map');
+    const { source, target } = pair(16 * MiB, 0, 12);
+    const map = new DirtyMap(16 * MiB, 4096);
+    // The guest wrote three places; the target missed them (logs overflowed).
+    for (const at of [4096, 5 * MiB, 5 * MiB + 4096, 15 * MiB]) {
+      source.data.fill(0xee, at, at + 4096);
+      map.mark(at, 4096);
+    }
+    const result = await resync(source, target, { extents: map.extents() });
+    expect(result.blocksCompared).toBe(4);
+    expect(result.blocksSent).toBe(4);
+    expect(result.workBytes).toBe(4 * 4096);
+    expect(target.data.equals(source.data)).toBe(true);
+  });
+});

@@ -96,3 +96,17 @@ describe('resync wire messages', () => {
     });
   });
 });
+
+describe('BlockHasher', () => {
+  it('gives the same hashes from the addon and from xxhash-wasm, so either side may use either', async () => {
+    const best = await BlockHasher.create();
+    const wasm = await BlockHasher.create('wasm');
+    expect(wasm.implementation).toBe('wasm');
+    const data = Buffer.alloc(3 * 4096 + 512);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7919) & 0xff;
+    expect(best.hashBlocks(data, 4096).equals(wasm.hashBlocks(data, 4096))).toBe(true);
+    expect(best.groupHashes(best.hashBlocks(data, 512), 8).equals(wasm.groupHashes(wasm.hashBlocks(data, 512), 8))).toBe(true);
+    // xxh64 of the empty input, seed 0: the published reference value.
+    expect(best.hash(Buffer.alloc(0))).toBe(0xef46db3751d8e999n);
+  });
+});

@@ -1,0 +1,177 @@
+/**
+ * blockrelay resync against rsync on the same image pair, in one run.
+ *
+ *   npx tsx bench/resync.bench.ts [--quick] [--reps N]
+ *
+ * A source image of random data (1 GiB, or 256 MiB with --quick) and a stale
+ * target that differs in 1% of its 4 KiB blocks, scattered at random. Each
+ * repetition makes the target stale again (only the changed blocks are
+ * rewritten, so both tools start from identical files, all in the page
+ * cache) and times:
+ * - blockrelay: `resyncDisks` in this process (the engine, raw targets,
+ *   in-process seam) — the same code the CLI runs, without the tsx start-up;
+ * - rsync: `rsync --no-whole-file --inplace -B 4096 --stats SRC DST` (a
+ *   local copy; --no-whole-file forces the delta algorithm), wall time.
+ * Bytes: ours are counted at the seam; rsync's from --stats (Literal data,
+ * Total bytes sent / received). Also reports xxh64 throughput on 4 KiB and
+ * 64 KiB blocks. Prints one JSON document and writes bench/results/resync.json.
+ */
+import { spawnSync } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BlockHasher } from '../src/resync/block-hasher';
+import { resyncDisks } from '../src/resync/resync-disks';
+
+const MiB = 1024 * 1024;
+const BLOCK = 4096;
+const CHUNK = 8 * MiB;
+
+function arg(name: string): string | undefined {
+  const i = process.argv.indexOf(name);
+  return i < 0 ? undefined : process.argv[i + 1];
+}
+
+const quick = process.argv.includes('--quick');
+const sizeBytes = (quick ? 256 : 1024) * MiB;
+const reps = Number(arg('--reps') ?? (quick ? 3 : 3));
+
+function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  return s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+/** Seeded choice of blocks, so every run changes the same ones. */
+function pickBlocks(blocks: number, count: number, seed: number): number[] {
+  let a = seed >>> 0;
+  const random = (): number => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const picked = new Set<number>();
+  while (picked.size < count) picked.add(Math.floor(random() * blocks));
+  return [...picked].sort((x, y) => x - y);
+}
+
+function writeSource(file: string): void {
+  const fd = fs.openSync(file, 'w');
+  const chunk = Buffer.alloc(CHUNK);
+  for (let pos = 0; pos < sizeBytes; pos += CHUNK) fs.writeSync(fd, randomFillSync(chunk), 0, CHUNK, pos);
+  fs.closeSync(fd);
+}
+
+/** Makes `file` stale again: each changed block gets its first byte flipped. */
+function makeStale(source: string, file: string, blocks: number[]): void {
+  const src = fs.openSync(source, 'r');
+  const dst = fs.openSync(file, 'r+');
+  const one = Buffer.alloc(1);
+  for (const b of blocks) {
+    fs.readSync(src, one, 0, 1, b * BLOCK);
+    one[0] ^= 0xff;
+    fs.writeSync(dst, one, 0, 1, b * BLOCK);
+  }
+  fs.closeSync(src);
+  fs.closeSync(dst);
+}
+
+function statsNumber(stats: string, label: string): number {
+  const m = new RegExp(`${label}: ([\\d,]+)`).exec(stats);
+  if (m === null) throw new Error(`rsync --stats lacks "${label}"`);
+  return Number(m[1].replace(/,/g, ''));
+}
+
+async function hashThroughput(): Promise<Record<string, number>> {
+  const hasher = await BlockHasher.create();
+  const data = randomFillSync(Buffer.alloc(64 * MiB));
+  const out: Record<string, number> = {};
+  for (const block of [4096, 65536]) {
+    const runs: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      const t = process.hrtime.bigint();
+      hasher.hashBlocks(data, block);
+      runs.push(data.length / (Number(process.hrtime.bigint() - t) / 1e9));
+    }
+    out[`xxh64_${block / 1024}KiB_GBps`] = Number((median(runs) / 1e9).toFixed(2));
+  }
+  return out;
+}
+
+async function main(): Promise<void> {
+  const rsyncVersion = spawnSync('rsync', ['--version'], { encoding: 'utf8' });
+  if (rsyncVersion.status !== 0) throw new Error('rsync is not installed');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-bench-resync-'));
+  try {
+    const source = path.join(dir, 'source.img');
+    const ours = path.join(dir, 'target-blockrelay.img');
+    const theirs = path.join(dir, 'target-rsync.img');
+    writeSource(source);
+    fs.copyFileSync(source, ours);
+    fs.copyFileSync(source, theirs);
+    const changed = pickBlocks(sizeBytes / BLOCK, Math.round(sizeBytes / BLOCK / 100), 1024);
+    const changedBytes = changed.length * BLOCK;
+
+    const oursMs: number[] = [];
+    const rsyncMs: number[] = [];
+    let oursBytes: Record<string, number> = {};
+    let rsyncBytes: Record<string, number> = {};
+    for (let rep = 0; rep < reps; rep++) {
+      makeStale(source, ours, changed);
+      makeStale(source, theirs, changed);
+
+      const t0 = process.hrtime.bigint();
+      const r = await resyncDisks(`raw:${source}`, `raw:${ours}`);
+      oursMs.push(Number(process.hrtime.bigint() - t0) / 1e6);
+      if (r.blocksSent !== changed.length) throw new Error(`blockrelay sent ${r.blocksSent} blocks, ${changed.length} differ`);
+      oursBytes = { bytesSent: r.bytesSent, bytesReceived: r.bytesReceived, hashBytes: r.hashBytes, dataBytes: r.bytesDiffering };
+
+      const t1 = process.hrtime.bigint();
+      const rs = spawnSync('rsync', ['--no-whole-file', '--inplace', '-B', String(BLOCK), '--stats', source, theirs], { encoding: 'utf8' });
+      rsyncMs.push(Number(process.hrtime.bigint() - t1) / 1e6);
+      if (rs.status !== 0) throw new Error(`rsync failed: ${rs.stderr}`);
+      rsyncBytes = {
+        bytesSent: statsNumber(rs.stdout, 'Total bytes sent'),
+        bytesReceived: statsNumber(rs.stdout, 'Total bytes received'),
+        literalData: statsNumber(rs.stdout, 'Literal data'),
+      };
+    }
+    for (const target of [ours, theirs]) {
+      const cmp = spawnSync('cmp', ['-s', source, target]);
+      if (cmp.status !== 0) throw new Error(`${target} differs from the source after the run`);
+    }
+
+    const oursMedian = median(oursMs);
+    const rsyncMedian = median(rsyncMs);
+    const result = {
+      bench: 'resync',
+      quick,
+      sizeBytes,
+      changedBlocks: changed.length,
+      changedBytes,
+      reps,
+      cpus: os.cpus().length,
+      loadAverage1m: Number(os.loadavg()[0].toFixed(2)),
+      blockrelay: { medianMs: Number(oursMedian.toFixed(1)), runsMs: oursMs.map((v) => Number(v.toFixed(1))), ...oursBytes, totalBytes: oursBytes.bytesSent + oursBytes.bytesReceived },
+      rsync: { medianMs: Number(rsyncMedian.toFixed(1)), runsMs: rsyncMs.map((v) => Number(v.toFixed(1))), ...rsyncBytes, totalBytes: rsyncBytes.bytesSent + rsyncBytes.bytesReceived, version: rsyncVersion.stdout.split('\n')[0] },
+      speedupVsRsync: Number((rsyncMedian / oursMedian).toFixed(2)),
+      bytesRatioVsRsync: Number(((oursBytes.bytesSent + oursBytes.bytesReceived) / (rsyncBytes.bytesSent + rsyncBytes.bytesReceived)).toFixed(3)),
+      goal: { speedupAtLeast: 4, fewerBytes: true },
+      ...(await hashThroughput()),
+    };
+    const text = `${JSON.stringify(result, null, 2)}\n`;
+    process.stdout.write(text);
+    const resultsDir = path.join(__dirname, 'results');
+    fs.mkdirSync(resultsDir, { recursive: true });
+    fs.writeFileSync(path.join(resultsDir, 'resync.json'), text);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`${(err as Error)?.stack ?? String(err)}\n`);
+  process.exitCode = 1;
+});
