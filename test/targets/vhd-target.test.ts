@@ -175,6 +175,14 @@ describe('fixed VHD damage and creation rules', () => {
     await expectCode(VhdTarget.open(ours, { create: { sizeBytes: MiB, diskUuid: '00000000-0000-4000-8000-000000000001' } }), 'BR_TARGET_NAME_CONFLICT');
   });
 
+  it('removes the file it made when create fails part way', async () => {
+    const file = path.join(tempDir(), 'huge.vhd');
+    // No filesystem here holds a ~8 PiB file: ftruncate fails after the file exists.
+    const sizeBytes = Number.MAX_SAFE_INTEGER - (Number.MAX_SAFE_INTEGER % 512) - 512;
+    await expect(VhdTarget.open(file, { create: { sizeBytes } })).rejects.toMatchObject({ code: expect.stringMatching(/^BR_/) });
+    expect(fs.existsSync(file)).toBe(false);
+  });
+
   it('refuses sizes that are not a positive multiple of 512', async () => {
     const file = path.join(tempDir(), 'odd.vhd');
     await expectCode(VhdTarget.open(file, { create: { sizeBytes: MiB + 1 } }), 'BR_TARGET_SIZE_MISMATCH');

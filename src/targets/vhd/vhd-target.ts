@@ -131,6 +131,9 @@ export class VhdTarget implements DiskTarget {
       } catch (err) {
         uuidClaim.release();
         await handle?.close();
+        // A file we made but could not finish would read as a damaged VHD;
+        // take it away (an empty file that was there before stays).
+        if (handle !== undefined && stat === undefined) await fsp.rm(path, { force: true }).catch(() => undefined);
         throw wrapError(err, 'BR_IO', `cannot create ${spec}`);
       }
       return new VhdTarget(spec, path, handle, footer, uuidClaim, false);
