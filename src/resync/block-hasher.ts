@@ -1,5 +1,5 @@
 import * as os from 'node:os';
-import xxhash from 'xxhash-wasm';
+import { loadXxhash as xxhash } from '../platform/xxhash';
 import { xxh64 as nativeXxh64 } from '../tracking/dirty-map';
 
 /** Bytes in one block hash on the wire and in memory: an xxh64 digest, little-endian. */

@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { Transform, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import lz4 from 'lz4';
-import xxhash from 'xxhash-wasm';
+import { loadXxhash as xxhash } from '../platform/xxhash';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { seqName, TRANSPORT_LIMITS, validateDiskId, type LogEnvelope } from './transport-protocol';
 
