@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -5,6 +6,7 @@ import { BlockrelayError } from '../../src/retry/blockrelay-error';
 import { openDisk } from '../../src/targets/disk-spec';
 import { parseDescriptor } from '../../src/targets/vmdk/vmdk-descriptor';
 import { HDR } from '../../src/targets/vmdk/vmdk-format';
+import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
 import { seededRandom } from './conformance';
 
@@ -137,6 +139,44 @@ describe('damaged VMDK inputs', () => {
     const desc = path.join(dir, 'split.vmdk');
     fs.writeFileSync(desc, '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="twoGbMaxExtentSparse"\nRW 2048 SPARSE "split-s001.vmdk"\n');
     await expectRefused(`vmdk:${desc}`, desc, 'BR_TARGET_UNSUPPORTED');
+  });
+
+  it.skipIf(!requireTool('qemu-img'))('refuses damaged compressed grains and footers of streamOptimized images', async () => {
+    const dir = tempDir();
+    const raw = path.join(dir, 'r.img');
+    fs.writeFileSync(raw, Buffer.concat([Buffer.alloc(64 * 1024, 0x41), Buffer.alloc(MiB - 64 * 1024)]));
+    const vmdk = path.join(dir, 's.vmdk');
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=streamOptimized', raw, vmdk]);
+    const good = fs.readFileSync(vmdk);
+    const gtSectorOfStream = good.readUInt32LE(Number(good.readBigUInt64LE(HDR.gdOffset)) * 512);
+    const grainAt = good.readUInt32LE(gtSectorOfStream * 512) * 512;
+    const readAllRo = async (): Promise<BlockrelayError> => {
+      let caught: unknown;
+      try {
+        const t = await openDisk(`vmdk:${vmdk}`, { readOnly: true });
+        try {
+          await t.read(0, t.sizeBytes);
+        } finally {
+          await t.close();
+        }
+      } catch (err) {
+        caught = err;
+      }
+      expect(caught).toBeInstanceOf(BlockrelayError);
+      return caught as BlockrelayError;
+    };
+    const wrongLba = Buffer.from(good);
+    wrongLba.writeBigUInt64LE(128n, grainAt);
+    fs.writeFileSync(vmdk, wrongLba);
+    expect(await readAllRo()).toMatchObject({ code: 'BR_TARGET_CORRUPT', details: { byteOffset: grainAt } });
+    const badDeflate = Buffer.from(good);
+    badDeflate.fill(0x5a, grainAt + 12, grainAt + 40);
+    fs.writeFileSync(vmdk, badDeflate);
+    expect(await readAllRo()).toMatchObject({ code: 'BR_TARGET_CORRUPT', details: { byteOffset: grainAt + 12 } });
+    const noFooter = Buffer.from(good);
+    noFooter.writeBigUInt64LE(0xffffffffffffffffn, HDR.gdOffset);
+    fs.writeFileSync(vmdk, noFooter);
+    expect((await readAllRo()).message).toMatch(/footer marker is missing/);
   });
 
   it('survives seeded random corruption of header, descriptor and tables: only coded errors, never a crash or a write', async () => {

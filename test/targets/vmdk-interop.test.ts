@@ -92,6 +92,35 @@ describe.skipIf(!haveQemu)('VMDK interoperability with qemu', () => {
     });
   }
 
+  it('reads a compressed streamOptimized VMDK made by qemu-img, also with its grain directory found through a footer, and refuses to write it', async () => {
+    const dir = tempDir();
+    const raw = path.join(dir, 'src.img');
+    makeRawSource(raw, 40 * MiB, 4);
+    const vmdk = path.join(dir, 'stream.vmdk');
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=streamOptimized', raw, vmdk]);
+    await expect(openDisk(`vmdk:${vmdk}`)).rejects.toMatchObject({ code: 'BR_TARGET_UNSUPPORTED' });
+    const t = await openDisk(`vmdk:${vmdk}`, { readOnly: true });
+    expect((await readAll(t)).equals(fs.readFileSync(raw))).toBe(true);
+    await t.close();
+    // VMware writes streams with gdOffset = GD_AT_END and the real header in
+    // a footer before the end-of-stream marker: rebuild this image that way.
+    const bytes = fs.readFileSync(vmdk);
+    const eos = bytes.subarray(bytes.length - 512);
+    expect(eos.equals(Buffer.alloc(512))).toBe(true);
+    const footerMarker = Buffer.alloc(512);
+    footerMarker.writeBigUInt64LE(1n, 0);
+    footerMarker.writeUInt32LE(3, 12);
+    const footer = Buffer.from(bytes.subarray(0, 512));
+    const head = Buffer.from(bytes.subarray(0, bytes.length - 512));
+    head.writeBigUInt64LE(0xffffffffffffffffn, HDR.gdOffset);
+    const atEnd = path.join(dir, 'at-end.vmdk');
+    fs.writeFileSync(atEnd, Buffer.concat([head, footerMarker, footer, eos]));
+    const e = await openDisk(`vmdk:${atEnd}`, { readOnly: true });
+    expect((await readAll(e)).equals(fs.readFileSync(raw))).toBe(true);
+    await e.close();
+    expect(qemuImg(['compare', '-f', 'raw', '-F', 'vmdk', raw, atEnd]).status).toBe(0);
+  });
+
   it('writes into a qemu-made sparse VMDK so that qemu reads the result back', async () => {
     const dir = tempDir();
     const vmdk = path.join(dir, 'q.vmdk');

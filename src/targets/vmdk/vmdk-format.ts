@@ -41,6 +41,23 @@ export const FLAG_COMPRESSED_GRAINS = 1 << 16;
 export const FLAG_MARKERS = 1 << 17;
 const KNOWN_FLAGS = FLAG_VALID_NEWLINE_TEST | FLAG_REDUNDANT_GRAIN_TABLE | FLAG_ZEROED_GRAIN_GTE | FLAG_COMPRESSED_GRAINS | FLAG_MARKERS;
 
+/** compressAlgorithm value for deflate (zlib stream), the only one VMware defines. */
+export const COMPRESSION_DEFLATE = 1;
+/** gdOffset meaning "the grain directory is found through the footer" (streamOptimized). */
+export const GD_AT_END = 0xffffffffffffffffn;
+/** How a decoded header says GD_AT_END (the field does not fit a safe integer). */
+export const GD_OFFSET_AT_END = -1;
+/**
+ * streamOptimized tail: footer marker sector, footer (a header copy with
+ * the real gdOffset), end-of-stream marker sector — the last 1536 bytes.
+ */
+export const FOOTER_MARKER_FROM_END = 1536;
+export const FOOTER_FROM_END = 1024;
+/** Marker types of streamOptimized metadata markers (uint32 at offset 12 of a marker sector). */
+export const MARKER_FOOTER = 3;
+/** A grain marker: uint64 lba (sectors), uint32 compressed size, then the data. */
+export const GRAIN_MARKER_BYTES = 12;
+
 /** Grain table entry values with special meaning. */
 export const GTE_UNALLOCATED = 0;
 export const GTE_ZEROED = 1;
@@ -98,7 +115,7 @@ export function corrupt(file: string, byteOffset: number, why: string): Blockrel
  * Every field a reader relies on is checked here, so later code can index
  * tables without bounds surprises; damage names the field's byte offset.
  */
-export function decodeSparseHeader(buf: Buffer, fileSizeBytes: number, file: string): SparseHeader {
+export function decodeSparseHeader(buf: Buffer, fileSizeBytes: number, file: string, options: { allowGdAtEnd?: boolean } = { allowGdAtEnd: true }): SparseHeader {
   if (buf.length < HEADER_BYTES || fileSizeBytes < HEADER_BYTES) throw corrupt(file, 0, `file of ${fileSizeBytes} bytes is too short for a sparse extent header`);
   if (buf.readUInt32LE(HDR.magic) !== SPARSE_MAGIC) throw corrupt(file, HDR.magic, 'bad magic: not a KDMV sparse extent');
   const version = buf.readUInt32LE(HDR.version);
@@ -106,9 +123,14 @@ export function decodeSparseHeader(buf: Buffer, fileSizeBytes: number, file: str
   const flags = buf.readUInt32LE(HDR.flags);
   if ((flags & ~KNOWN_FLAGS) !== 0) throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file}: unknown header flags 0x${flags.toString(16)}`, { details: { file, byteOffset: HDR.flags } });
   const compressAlgorithm = buf.readUInt16LE(HDR.compressAlgorithm);
-  if ((flags & (FLAG_COMPRESSED_GRAINS | FLAG_MARKERS)) !== 0 || compressAlgorithm !== 0) {
-    throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file}: compressed (streamOptimized) sparse extents are not supported`, { details: { file, byteOffset: HDR.flags } });
+  const compressed = (flags & FLAG_COMPRESSED_GRAINS) !== 0;
+  // streamOptimized: deflate-compressed grains behind markers. Anything
+  // else compressed, or markers without compression, we cannot read.
+  if (compressed !== (compressAlgorithm === COMPRESSION_DEFLATE) || (compressed && (flags & FLAG_MARKERS) === 0) || (!compressed && (flags & FLAG_MARKERS) !== 0)) {
+    throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file}: compression flags 0x${flags.toString(16)} with algorithm ${compressAlgorithm} are not supported (only streamOptimized deflate)`, { details: { file, byteOffset: HDR.flags } });
   }
+  const gdAtEnd = buf.readBigUInt64LE(HDR.gdOffset) === GD_AT_END;
+  if (gdAtEnd && !options.allowGdAtEnd) throw corrupt(file, HDR.gdOffset, 'grain directory is "at the end" but this header is itself the footer');
   const h: SparseHeader = {
     version,
     flags,
@@ -118,7 +140,7 @@ export function decodeSparseHeader(buf: Buffer, fileSizeBytes: number, file: str
     descriptorSectors: u64(buf, HDR.descriptorSize, 'descriptorSize', file),
     gtesPerGt: buf.readUInt32LE(HDR.numGTEsPerGT),
     rgdOffsetSectors: u64(buf, HDR.rgdOffset, 'rgdOffset', file),
-    gdOffsetSectors: u64(buf, HDR.gdOffset, 'gdOffset', file),
+    gdOffsetSectors: gdAtEnd ? GD_OFFSET_AT_END : u64(buf, HDR.gdOffset, 'gdOffset', file),
     overheadSectors: u64(buf, HDR.overHead, 'overHead', file),
     uncleanShutdown: buf[HDR.uncleanShutdown] !== 0,
     compressAlgorithm,
@@ -143,6 +165,8 @@ export function decodeSparseHeader(buf: Buffer, fileSizeBytes: number, file: str
     }
   }
   const gdSectors = Math.ceil((gtCount(h) * GTE_BYTES) / SECTOR_BYTES);
+  // A stream's real header (with the GD) is in the footer; the caller reads it.
+  if (gdAtEnd) return h;
   if (h.gdOffsetSectors === 0 || h.gdOffsetSectors + gdSectors > fileSectors) {
     throw corrupt(file, HDR.gdOffset, `grain directory (sector ${h.gdOffsetSectors}, ${gdSectors} sectors) lies outside the ${fileSectors}-sector file`);
   }

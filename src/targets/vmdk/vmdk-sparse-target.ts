@@ -1,5 +1,6 @@
 import * as fsp from 'node:fs/promises';
 import * as os from 'node:os';
+import * as zlib from 'node:zlib';
 import * as path from 'node:path';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
@@ -10,7 +11,14 @@ import {
   corrupt,
   decodeSparseHeader,
   encodeSparseHeader,
+  FLAG_COMPRESSED_GRAINS,
   FLAG_REDUNDANT_GRAIN_TABLE,
+  FOOTER_FROM_END,
+  FOOTER_MARKER_FROM_END,
+  GD_OFFSET_AT_END,
+  GRAIN_MARKER_BYTES,
+  MARKER_FOOTER,
+  SPARSE_MAGIC,
   FLAG_ZEROED_GRAIN_GTE,
   GTE_BYTES,
   GTE_UNALLOCATED,
@@ -90,6 +98,8 @@ export class VmdkSparseTarget implements DiskTarget {
   private readonly grainBytes: number;
   private readonly gtSectors: number;
   private readonly zeroedGrainGte: boolean;
+  /** streamOptimized: grains are deflate streams behind grain markers; read-only. */
+  private readonly compressed: boolean;
   private readonly cache = new Map<number, Uint32Array>();
   private readonly loading = new Map<number, Promise<Uint32Array | undefined>>();
   private readonly dirty = new Map<number, Uint32Array>();
@@ -118,6 +128,7 @@ export class VmdkSparseTarget implements DiskTarget {
     this.grainBytes = header.grainSectors * SECTOR_BYTES;
     this.gtSectors = gtSectors(header);
     this.zeroedGrainGte = (header.flags & FLAG_ZEROED_GRAIN_GTE) !== 0;
+    this.compressed = (header.flags & FLAG_COMPRESSED_GRAINS) !== 0;
     const fileSectors = Math.floor(fileSizeBytes / SECTOR_BYTES);
     this.dataEndSector = fileSectors;
     this.nextGrainSector = Math.max(header.overheadSectors, Math.ceil(fileSizeBytes / this.grainBytes) * header.grainSectors);
@@ -209,7 +220,11 @@ export class VmdkSparseTarget implements DiskTarget {
       const size = (await handle.stat()).size;
       const head = Buffer.alloc(HEADER_BYTES);
       await handle.read(head, 0, HEADER_BYTES, 0);
-      const header = decodeSparseHeader(head, size, file);
+      let header = decodeSparseHeader(head, size, file);
+      if (header.gdOffsetSectors === GD_OFFSET_AT_END) header = await readFooter(handle, size, file);
+      if ((header.flags & FLAG_COMPRESSED_GRAINS) !== 0 && !readOnly) {
+        throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file} is a compressed streamOptimized VMDK, which blockrelay only reads; open it read-only or convert it`, { details: { file } });
+      }
       const descriptor = await readEmbeddedDescriptor(handle, header, file);
       if (descriptor !== undefined && descriptor.parentCid !== NO_PARENT_CID) {
         throw new BlockrelayError('BR_TARGET_HAS_PARENT', `${file} is a snapshot child (parentCID ${descriptor.parentCid.toString(16)}); refusing it`, { details: { file } });
@@ -235,7 +250,13 @@ export class VmdkSparseTarget implements DiskTarget {
       const pieces: Array<{ position: number; buffer: Buffer }> = [];
       for (const g of this.grainsOf(offset, length)) {
         const gte = await this.gte(g.index);
-        if (this.allocated(gte)) pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: out.subarray(g.at - offset, g.at - offset + g.length) });
+        if (!this.allocated(gte)) continue;
+        if (this.compressed) {
+          const grain = await this.readCompressedGrain(g.index, gte);
+          grain.copy(out, g.at - offset, g.inGrain, g.inGrain + g.length);
+          continue;
+        }
+        pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: out.subarray(g.at - offset, g.at - offset + g.length) });
       }
       for (const run of coalesce(pieces)) await this.readRun(run);
       return out;
@@ -505,9 +526,40 @@ export class VmdkSparseTarget implements DiskTarget {
     return table;
   }
 
-  /** Every entry is unallocated, zeroed (when the flag allows), or a whole grain between overHead and the end of the file. */
+  /**
+   * A compressed grain: a marker (uint64 lba, uint32 size) then a zlib
+   * stream that inflates to at most one grain. The marker's lba must be the
+   * grain's own, and the stream must end inside the file.
+   */
+  private async readCompressedGrain(index: number, sector: number): Promise<Buffer> {
+    const position = sector * SECTOR_BYTES;
+    const marker = Buffer.alloc(GRAIN_MARKER_BYTES);
+    const { bytesRead } = await this.io(() => this.handle.read(marker, 0, GRAIN_MARKER_BYTES, position), 'read grain marker');
+    if (bytesRead !== GRAIN_MARKER_BYTES) throw corrupt(this.file, position, 'grain marker is cut off by the end of the file');
+    const lba = marker.readBigUInt64LE(0);
+    const size = marker.readUInt32LE(8);
+    if (lba !== BigInt(index * this.header.grainSectors)) throw corrupt(this.file, position, `grain marker names sector ${lba}, expected ${index * this.header.grainSectors}`);
+    // Deflate can grow incompressible data only slightly; anything larger is damage.
+    if (size === 0 || size > this.grainBytes + 4096) throw corrupt(this.file, position + 8, `compressed grain size ${size} is out of range`);
+    const data = Buffer.alloc(size);
+    const got = await this.io(() => this.handle.read(data, 0, size, position + GRAIN_MARKER_BYTES), 'read compressed grain');
+    if (got.bytesRead !== size) throw corrupt(this.file, position, 'compressed grain is cut off by the end of the file');
+    let grain: Buffer;
+    try {
+      grain = zlib.inflateSync(data, { maxOutputLength: this.grainBytes });
+    } catch (err) {
+      throw new BlockrelayError('BR_TARGET_CORRUPT', `${this.file}: compressed grain does not inflate (byte offset ${position + GRAIN_MARKER_BYTES})`, { cause: err, details: { file: this.file, byteOffset: position + GRAIN_MARKER_BYTES } });
+    }
+    if (grain.length === this.grainBytes) return grain;
+    // The last grain of a disk whose size is not a whole number of grains may be short.
+    const full = Buffer.alloc(this.grainBytes);
+    grain.copy(full);
+    return full;
+  }
+
+  /** Every entry is unallocated, zeroed (when the flag allows), or a whole grain (compressed: a grain marker) between overHead and the end of the file. */
   private checkTable(table: Uint32Array, byteOffset: number): void {
-    const limit = this.dataEndSector - this.header.grainSectors;
+    const limit = this.dataEndSector - (this.compressed ? 1 : this.header.grainSectors);
     for (let i = 0; i < this.header.gtesPerGt; i++) {
       const v = table[i]!;
       if (v === GTE_UNALLOCATED || (v === GTE_ZEROED && this.zeroedGrainGte)) continue;
@@ -620,6 +672,29 @@ async function openFile(file: string, flags: string): Promise<fsp.FileHandle> {
     return await fsp.open(file, flags);
   } catch (err) {
     throw wrapError(err, 'BR_IO', `cannot open ${file}`);
+  }
+}
+
+/**
+ * The footer of a streamOptimized image written with the GD at the end: a
+ * footer marker sector, then a header copy holding the real gdOffset, then
+ * the end-of-stream marker.
+ */
+async function readFooter(handle: fsp.FileHandle, size: number, file: string): Promise<SparseHeader> {
+  if (size < FOOTER_MARKER_FROM_END + HEADER_BYTES) throw corrupt(file, 0, 'stream image is too short to hold its footer');
+  const tail = Buffer.alloc(FOOTER_MARKER_FROM_END);
+  await handle.read(tail, 0, tail.length, size - FOOTER_MARKER_FROM_END);
+  const markerAt = size - FOOTER_MARKER_FROM_END;
+  if (tail.readUInt32LE(8) !== 0 || tail.readUInt32LE(12) !== MARKER_FOOTER) throw corrupt(file, markerAt, 'footer marker is missing');
+  const footer = tail.subarray(FOOTER_MARKER_FROM_END - FOOTER_FROM_END, FOOTER_MARKER_FROM_END - FOOTER_FROM_END + HEADER_BYTES);
+  if (footer.readUInt32LE(0) !== SPARSE_MAGIC) throw corrupt(file, size - FOOTER_FROM_END, 'footer has a bad magic');
+  try {
+    return decodeSparseHeader(footer, size, file, { allowGdAtEnd: false });
+  } catch (err) {
+    const e = err as BlockrelayError;
+    if (e.code !== 'BR_TARGET_CORRUPT' || typeof e.details.byteOffset !== 'number') throw err;
+    // Re-anchor the offset from the footer copy to the file.
+    throw corrupt(file, size - FOOTER_FROM_END + e.details.byteOffset, e.message.replace(/ \(byte offset \d+\)$/, '').replace(`${file}: `, 'footer: '));
   }
 }
 
