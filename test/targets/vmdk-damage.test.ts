@@ -129,7 +129,7 @@ describe('damaged VMDK inputs', () => {
     expect(err.message).toMatch(/names no file/);
   });
 
-  it('refuses compressed streamOptimized images and unknown createTypes as unsupported', async () => {
+  it('refuses compressed grains without markers and unknown createTypes as unsupported', async () => {
     const dir = tempDir();
     const { file, bytes } = await makeImage(dir);
     bytes.writeUInt32LE(bytes.readUInt32LE(HDR.flags) | (1 << 16), HDR.flags);
