@@ -109,6 +109,7 @@ export const ERROR_CODES = {
   BR_TAP_LISTEN: { recoverable: true, description: 'The source tap could not listen on its address (in use or not permitted).' },
 
   // --- transport ---
+  BR_QUIESCE_FAILED: { recoverable: true, description: 'The application quiesce hook failed or timed out; no app-consistent point was taken.' },
   BR_NET_UNREACHABLE: { recoverable: true, description: 'The next hop refused or reset the connection, or could not be resolved.' },
   BR_NET_TIMEOUT: { recoverable: true, description: 'The next hop stopped answering within the time allowed.' },
   BR_PEER_BUSY: { recoverable: true, description: 'The next hop asked us to slow down (HTTP 429 or 503).' },
@@ -135,6 +136,24 @@ export const ERROR_CODES = {
   BR_RESYNC_ABORTED: { recoverable: true, description: 'A resync was stopped before it finished; its progress is saved and it resumes.' },
 
   // --- retention ---
+  BR_RETENTION_VOLUME_SHARED: { recoverable: false, description: 'The retention volume is the cache or install volume (same device as the state, cache or install directory); give it a volume of its own.' },
+  BR_RETENTION_VOLUME_HOLDS_TARGET: { recoverable: false, description: 'A replication target lies on the retention volume directory; targets and history must be kept apart.' },
+  BR_RETENTION_VOLUME_FAT: { recoverable: false, description: 'The retention volume is FAT/FAT32, which cannot hold the journal safely (no fsync of renames, 4 GiB file limit).' },
+  BR_RETENTION_VOLUME_READ_ONLY: { recoverable: false, description: 'The retention volume is mounted read-only or the directory is not writable.' },
+  BR_RETENTION_VOLUME_NO_CAPACITY: { recoverable: false, description: 'The retention volume reports zero capacity.' },
+  BR_RETENTION_VOLUME_FULL: { recoverable: true, description: 'The retention volume is full: the oldest history was pruned to keep applying; history is shorter than the retention window.' },
+  BR_RETENTION_JOURNAL_CORRUPT: { recoverable: false, description: 'An undo-journal segment failed verification; the message names the file and byte offset. Points newer than the segment are still usable.' },
+  BR_RETENTION_JOURNAL_MISSING: { recoverable: false, description: 'An undo-journal segment a point needs is missing, so the point cannot be rebuilt.' },
+  BR_RETENTION_CATALOG_CORRUPT: { recoverable: false, description: 'The recovery point catalog has a damaged record before its end; the message names the byte offset.' },
+  BR_RETENTION_DISK_UNKNOWN: { recoverable: false, description: 'The retention directory holds no history for this disk (no manifest).' },
+  BR_RETENTION_MANIFEST_INVALID: { recoverable: false, description: 'A retention disk manifest or failover record is unreadable or malformed.' },
+  BR_POINT_NONE: { recoverable: false, description: 'The disk has no recovery point yet, so it cannot fail over.' },
+  BR_POINT_UNKNOWN: { recoverable: false, description: 'No recovery point matches the POINT given (id, cut id, ISO time or latest/latest-processed/latest-app).' },
+  BR_POINT_BEFORE_WINDOW: { recoverable: false, description: 'The time asked for lies before the retention window; that history was pruned.' },
+  BR_POINT_NOT_COMMON: { recoverable: false, description: 'The members of the group share no recovery point matching POINT (a group fails over only to a common cut).' },
+  BR_POINT_OUT_EXISTS: { recoverable: false, description: 'The failover output already exists and is not this disk\'s failed-over copy.', asrCode: 78052 },
+  BR_POINT_NOT_FAILED_OVER: { recoverable: false, description: 'The disk is not failed over; commit ends a failover and deletes the points.' },
+  BR_POINT_PENDING_TIMEOUT: { recoverable: true, description: 'Failover to latest waited too long for pending logs to be applied.' },
 } as const satisfies Record<string, ErrorSpec>;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
