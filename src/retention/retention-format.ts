@@ -1,0 +1,69 @@
+import * as path from 'node:path';
+import { seqName, validateDiskId } from '../transport/transport-protocol';
+
+/**
+ * Layout of a retention volume and the constants of the formats kept on it
+ * (docs/formats/undo-journal.md, docs/formats/recovery-points.md):
+ *
+ * ```
+ * DIR/<disk>/manifest.json                 where the disk's target, state and inbox are
+ * DIR/<disk>/journal/<seq:20>.undo.hrl     pre-images of the ranges log <seq> overwrote
+ * DIR/<disk>/points.log                    the recovery point catalog (checksummed lines)
+ * DIR/<disk>/failover.json                 present while the disk is failed over
+ * ```
+ */
+export const RETENTION_LAYOUT = {
+  manifestName: 'manifest.json',
+  journalDirName: 'journal',
+  catalogName: 'points.log',
+  failoverName: 'failover.json',
+  undoSuffix: '.undo.hrl',
+  /** A pre-image being written; discarded on the next start. */
+  tmpSuffix: '.tmp',
+} as const;
+
+/** Current version of manifest.json and failover.json. */
+export const RETENTION_MANIFEST_VERSION = 1;
+
+/**
+ * A catalog line is `CCCCCCCC JSON\n`: eight lowercase hex digits of the
+ * CRC-32 (zlib polynomial) of the JSON bytes, one space, the record.
+ */
+export const CATALOG_CRC_HEX_DIGITS = 8;
+/** Offset of the JSON text within a line: the CRC digits and the space. */
+export const CATALOG_JSON_OFFSET = CATALOG_CRC_HEX_DIGITS + 1;
+/** A longer line is damage (app tags are bounded at 256 bytes). */
+export const CATALOG_MAX_LINE_BYTES = 4096;
+/** Version field of every catalog record. */
+export const CATALOG_RECORD_VERSION = 1;
+
+/** Paths of one disk's history on a retention volume. */
+export interface DiskRetentionPaths {
+  readonly root: string;
+  readonly manifest: string;
+  readonly journalDir: string;
+  readonly catalog: string;
+  readonly failover: string;
+}
+
+export function diskRetentionPaths(retentionDir: string, diskId: string): DiskRetentionPaths {
+  const root = path.join(retentionDir, validateDiskId(diskId));
+  return {
+    root,
+    manifest: path.join(root, RETENTION_LAYOUT.manifestName),
+    journalDir: path.join(root, RETENTION_LAYOUT.journalDirName),
+    catalog: path.join(root, RETENTION_LAYOUT.catalogName),
+    failover: path.join(root, RETENTION_LAYOUT.failoverName),
+  };
+}
+
+/** The pre-image log of `seq`: fixed-width names, so lexical order is apply order. */
+export function undoFileName(seq: number): string {
+  return `${seqName(seq)}${RETENTION_LAYOUT.undoSuffix}`;
+}
+
+/** The sequence number an undo file name holds, or undefined for any other name. */
+export function seqOfUndoFile(name: string): number | undefined {
+  const m = /^(\d{20})\.undo\.hrl$/.exec(name);
+  return m === null ? undefined : Number(m[1]);
+}

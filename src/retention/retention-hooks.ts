@@ -1,0 +1,249 @@
+import * as path from 'node:path';
+import type { BlockrelayConfig } from '../daemon/config';
+import { silentLogger, type Logger } from '../daemon/logger';
+import { systemClock, type Clock } from '../platform/clock';
+import { KeyedLock } from '../platform/keyed-lock';
+import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import type { DiskTarget } from '../targets/disk-target';
+import { hrlLogOps } from '../transport/hrl-log-ops';
+import type { LogOps } from '../transport/log-ops';
+import type { SpoolEntry } from '../transport/log-spool';
+import type { ApplyHooks } from '../transport/master-target';
+import { readAppliedSeq, writeManifest, type DiskManifest } from './retention-manifest';
+import { DiskHistory } from './retention-pruner';
+import { pointRecordFromEnvelope, type RecoveryPoint } from './recovery-points';
+import { coalesceExtents, undoLogSizeBytes } from './undo-journal';
+import { INSTALL_DIR, systemVolumeProbe, validateRetentionVolume, type VolumeProbe } from './retention-volume';
+
+/** Defaults, units in the names. */
+export const RETENTION_DEFAULTS = {
+  windowHours: 24,
+  /** Free space left on the volume for everything else (catalog appends, the file system itself). */
+  reserveBytes: 64 * 1024 * 1024,
+} as const;
+
+/** Where the hooks report that the volume is full (a recoverable Warning) and that it is no longer. */
+export interface RetentionHealthSink {
+  warn(diskId: string, err: BlockrelayError): void;
+  clear(diskId: string): void;
+}
+
+export interface RetentionHooksOptions {
+  readonly dir: string;
+  readonly windowHours: number;
+  /** The master target's state directory: its ledger says which logs are applied. */
+  readonly stateDir: string;
+  /** The master target's inbox root (`STATE/inbox`); recorded so `failover --point latest` finds pending logs. */
+  readonly inboxDir: string;
+  readonly logOps?: LogOps;
+  readonly clock?: Clock;
+  readonly logger?: Logger;
+  /**
+   * Bytes the history may take in total. Without it, the bound is the
+   * volume's free space (statfs) less `reserveBytes`.
+   */
+  readonly capacityBytes?: number;
+  readonly reserveBytes?: number;
+  readonly probe?: VolumeProbe;
+  readonly health?: RetentionHealthSink;
+}
+
+/**
+ * The master target's retention: an `ApplyHooks` that makes each log's
+ * pre-images durable in the undo journal before the log is applied, records
+ * the recovery point the log ends, and applies the retention window.
+ *
+ * Never stops applying for lack of space: when the volume is full the
+ * oldest points are pruned until the pre-image fits; if even an empty
+ * history cannot hold it, the whole history is dropped (every older point
+ * needs this pre-image) and the log is applied without one. Either way a
+ * BR_RETENTION_VOLUME_FULL Warning goes to the disk's health. Other
+ * failures (I/O errors) are thrown so the apply is retried: applying without
+ * a durable pre-image would silently lose the history.
+ */
+export class RetentionHooks implements ApplyHooks {
+  readonly clock: Clock;
+  private readonly logger: Logger;
+  private readonly logOps: LogOps;
+  private readonly histories = new Map<string, DiskHistory>();
+  private readonly manifests = new Map<string, string>();
+  private readonly locks = new KeyedLock();
+  private health: RetentionHealthSink | undefined;
+
+  constructor(readonly options: RetentionHooksOptions) {
+    this.clock = options.clock ?? systemClock;
+    this.logger = options.logger ?? silentLogger();
+    this.logOps = options.logOps ?? hrlLogOps;
+    this.health = options.health;
+  }
+
+  /** Lets the master target receive the hooks' Warnings (volume full) in its disk health. */
+  attachHealth(sink: RetentionHealthSink): void {
+    this.health = sink;
+  }
+
+  get windowMs(): number {
+    return this.options.windowHours * 3_600_000;
+  }
+
+  /** The disk's history, loaded on first use. */
+  async history(diskId: string): Promise<DiskHistory> {
+    let h = this.histories.get(diskId);
+    if (h === undefined) {
+      h = new DiskHistory(this.options.dir, diskId);
+      await h.open(readAppliedSeq(this.options.stateDir, diskId));
+      this.histories.set(diskId, h);
+    }
+    return h;
+  }
+
+  async beforeApply(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void> {
+    await this.locks.run(diskId, async () => {
+      const h = await this.history(diskId);
+      await this.recordManifest(diskId, entry, target);
+      const { seq } = entry.envelope;
+      const recorded = h.pending?.seq === seq || h.points.some((p) => p.seq === seq);
+      if (!h.journal.has(seq)) {
+        if (recorded) {
+          // The point was recorded, so its pre-image had been written; it is gone
+          // (pruned for space): older points cannot be rebuilt any more.
+          await this.dropHistory(h, seq, 'its pre-image is missing');
+        } else {
+          await this.journal(h, seq, entry, target);
+        }
+      }
+      if (!recorded) {
+        const record = pointRecordFromEnvelope(entry.envelope);
+        await h.catalog.append([record], h.validBytes);
+        h.adopt(await h.catalog.read(readAppliedSeq(this.options.stateDir, diskId)));
+      }
+    });
+  }
+
+  async afterApply(diskId: string, entry: SpoolEntry): Promise<void> {
+    await this.locks.run(diskId, async () => {
+      const h = await this.history(diskId);
+      const { seq } = entry.envelope;
+      await h.catalog.append([{ v: 1, t: 'applied', seq }], h.validBytes);
+      h.adopt(await h.catalog.read(seq));
+      const dropped = await h.pruneWindow(this.clock.now(), this.windowMs);
+      if (dropped > 0) this.logger.info({ disk: diskId, dropped, oldest: h.points[0]?.id }, 'retention window pruned old points');
+    });
+  }
+
+  /** Writes the pre-image of `seq`, pruning oldest points first if the volume cannot hold it. */
+  private async journal(h: DiskHistory, seq: number, entry: SpoolEntry, target: DiskTarget): Promise<void> {
+    const extents = coalesceExtents(await this.logOps.ranges(entry.file));
+    const needBytes = undoLogSizeBytes(extents);
+    let pruned = 0;
+    while (this.availableBytes() < needBytes && h.points.length > 1) {
+      await h.dropOldest(1);
+      pruned++;
+    }
+    if (this.availableBytes() < needBytes) {
+      await this.dropHistory(h, seq, `the ${needBytes}-byte pre-image does not fit even with all history pruned`);
+      return;
+    }
+    try {
+      const { sizeBytes } = await h.journal.write(seq, extents, target);
+      h.journalBytes += sizeBytes;
+    } catch (err) {
+      const coded = wrapError(err, 'BR_IO', `journaling log ${seq} of ${h.diskId}`);
+      if (coded.code !== 'BR_DISK_FULL') throw coded;
+      // The volume filled under us: keep the newest history that fits.
+      while (h.points.length > 1) {
+        await h.dropOldest(1);
+        pruned++;
+        try {
+          const { sizeBytes } = await h.journal.write(seq, extents, target);
+          h.journalBytes += sizeBytes;
+          this.warnFull(h, `pruned the ${pruned} oldest point(s) to journal log ${seq}`);
+          return;
+        } catch (retryErr) {
+          if (wrapError(retryErr, 'BR_IO', 'journal').code !== 'BR_DISK_FULL') throw retryErr;
+        }
+      }
+      await this.dropHistory(h, seq, 'the volume is full');
+      return;
+    }
+    if (pruned > 0) this.warnFull(h, `pruned the ${pruned} oldest point(s) to journal log ${seq}`);
+    else this.health?.clear(h.diskId);
+  }
+
+  /**
+   * Applies `seq` without a pre-image: every older point would need it, so
+   * all of them go (catalog first, then their journal). The point `seq`
+   * ends is still recorded; it needs no journal while it is the newest.
+   */
+  private async dropHistory(h: DiskHistory, seq: number, why: string): Promise<void> {
+    const lost: RecoveryPoint[] = h.points;
+    await h.dropOldest(h.points.length);
+    await h.journal.remove(seq);
+    await h.removeUnneeded();
+    this.warnFull(h, `dropped all ${lost.length} older point(s) of ${h.diskId} before log ${seq}: ${why}`);
+  }
+
+  private warnFull(h: DiskHistory, what: string): void {
+    const err = new BlockrelayError('BR_RETENTION_VOLUME_FULL', `retention volume ${this.options.dir} is full: ${what}; history is shorter than the ${this.options.windowHours} h window`, { details: { disk: h.diskId } });
+    this.logger.warn({ disk: h.diskId, code: err.code }, err.message);
+    this.health?.warn(h.diskId, err);
+  }
+
+  /** Bytes the history may still grow by. */
+  private availableBytes(): number {
+    if (this.options.capacityBytes !== undefined) {
+      let used = 0;
+      for (const h of this.histories.values()) used += h.journalBytes + h.validBytes;
+      return this.options.capacityBytes - used;
+    }
+    const probe = this.options.probe ?? systemVolumeProbe;
+    return probe.capacity(this.options.dir).availableBytes - (this.options.reserveBytes ?? RETENTION_DEFAULTS.reserveBytes);
+  }
+
+  private async recordManifest(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void> {
+    const manifest: DiskManifest = {
+      version: 1,
+      diskId,
+      targetSpec: target.spec,
+      diskSizeBytes: target.sizeBytes,
+      stateDir: path.resolve(this.options.stateDir),
+      inboxDir: path.resolve(this.options.inboxDir, diskId),
+      windowHours: this.options.windowHours,
+      ...(entry.envelope.group !== undefined ? { group: entry.envelope.group } : {}),
+    };
+    const text = JSON.stringify(manifest);
+    if (this.manifests.get(diskId) === text) return;
+    await writeManifest(this.options.dir, manifest);
+    this.manifests.set(diskId, text);
+  }
+}
+
+/**
+ * The retention hooks a master target runs with when `config.retention` is
+ * set (undefined otherwise). Validates the retention volume first: it must
+ * not be the cache/install volume, hold a target, be FAT, read-only or of
+ * zero capacity.
+ */
+export function retentionHooksFromConfig(config: BlockrelayConfig, extra: Partial<RetentionHooksOptions> = {}): RetentionHooks | undefined {
+  if (config.retention === undefined) return undefined;
+  const dir = path.resolve(config.retention.dir);
+  validateRetentionVolume(
+    {
+      dir,
+      excludedDirs: [
+        { what: 'state directory', dir: config.stateDir },
+        ...(config.cache !== undefined ? [{ what: 'cache directory', dir: config.cache.dir }] : []),
+        { what: 'install directory', dir: INSTALL_DIR },
+      ],
+      targetSpecs: config.disks.map((d) => d.target),
+    },
+    extra.probe ?? systemVolumeProbe,
+  );
+  return new RetentionHooks({
+    dir,
+    windowHours: config.retention.windowHours,
+    stateDir: config.stateDir,
+    inboxDir: path.join(config.stateDir, 'inbox'),
+    ...extra,
+  });
+}

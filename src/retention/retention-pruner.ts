@@ -1,0 +1,133 @@
+import * as fs from 'node:fs';
+import { diskRetentionPaths } from './retention-format';
+import { listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
+import { PointCatalog, type CatalogContents, type RecoveryPoint } from './recovery-points';
+import { UndoJournal } from './undo-journal';
+import { systemVolumeProbe, type VolumeProbe } from './retention-volume';
+
+/**
+ * One disk's history as the master target keeps it in memory: the journal,
+ * the catalog and what the catalog holds. Every change goes to disk first
+ * (catalog, then journal files), then to these fields.
+ */
+export class DiskHistory {
+  readonly journal: UndoJournal;
+  readonly catalog: PointCatalog;
+  points: RecoveryPoint[] = [];
+  pending: RecoveryPoint | undefined;
+  validBytes = 0;
+  journalBytes = 0;
+
+  constructor(readonly retentionDir: string, readonly diskId: string) {
+    const paths = diskRetentionPaths(retentionDir, diskId);
+    this.journal = new UndoJournal(paths.journalDir);
+    this.catalog = new PointCatalog(paths.catalog, diskId);
+  }
+
+  /** Loads the catalog (settling a point whose apply the ledger confirms) and discards half-written pre-images. */
+  async open(appliedSeq: number | null): Promise<void> {
+    await this.journal.open();
+    this.adopt(await this.catalog.read(appliedSeq));
+    this.journalBytes = await this.journal.sizeBytes();
+  }
+
+  adopt(contents: CatalogContents): void {
+    this.points = contents.points;
+    this.pending = contents.pending;
+    this.validBytes = contents.validBytes;
+  }
+
+  /**
+   * Drops the `count` oldest points: the catalog is replaced first, then
+   * the pre-images no remaining point needs are deleted, so a crash in
+   * between leaves only unreferenced files (deleted by the next prune),
+   * never a listed point without its journal. Returns the bytes freed.
+   */
+  async dropOldest(count: number): Promise<number> {
+    if (count <= 0) return this.removeUnneeded();
+    const remaining = this.points.slice(count);
+    await this.catalog.rewrite(remaining, this.pending);
+    this.points = remaining;
+    this.validBytes = fs.existsSync(this.catalog.file) ? fs.statSync(this.catalog.file).size : 0;
+    return this.removeUnneeded();
+  }
+
+  /** Deletes pre-images at or below the oldest point (rolling back to it never applies them). */
+  async removeUnneeded(): Promise<number> {
+    const floor = this.points[0]?.seq ?? this.pending?.seq ?? Number.POSITIVE_INFINITY;
+    let freed = 0;
+    for (const seq of await this.journal.list()) {
+      if (seq > floor) break;
+      try {
+        freed += fs.statSync(this.journal.file(seq)).size;
+      } catch {
+        // Already gone.
+      }
+      await this.journal.remove(seq);
+    }
+    this.journalBytes = Math.max(0, this.journalBytes - freed);
+    return freed;
+  }
+
+  /**
+   * Applies the retention window: points older than `nowMs - windowMs`
+   * disappear, except the newest, which needs no journal and is what the
+   * target holds. Returns the number of points dropped.
+   */
+  async pruneWindow(nowMs: number, windowMs: number): Promise<number> {
+    const cutoff = nowMs - windowMs;
+    let drop = 0;
+    while (drop < this.points.length - 1 && this.points[drop]!.timeMs < cutoff) drop++;
+    if (drop > 0) await this.dropOldest(drop);
+    return drop;
+  }
+}
+
+/** Space and history of one disk, for the status page and `blockrelay retention status`. */
+export interface DiskRetentionUsage {
+  readonly diskId: string;
+  readonly journalBytes: number;
+  readonly journalSegments: number;
+  readonly catalogBytes: number;
+  readonly points: number;
+  readonly oldestPointTime: string | null;
+  readonly newestPointTime: string | null;
+  readonly failedOver: boolean;
+}
+
+export interface RetentionUsage {
+  readonly dir: string;
+  readonly volumeTotalBytes: number;
+  readonly volumeAvailableBytes: number;
+  readonly usedBytes: number;
+  readonly disks: DiskRetentionUsage[];
+}
+
+/** Reports the space the history on a retention directory uses, per disk and in total. */
+export async function retentionUsage(retentionDir: string, probe: VolumeProbe = systemVolumeProbe): Promise<RetentionUsage> {
+  const disks: DiskRetentionUsage[] = [];
+  for (const diskId of listRetentionDisks(retentionDir)) {
+    const manifest = await readManifest(retentionDir, diskId);
+    const history = new DiskHistory(retentionDir, diskId);
+    const contents = await history.catalog.read(readAppliedSeq(manifest.stateDir, diskId));
+    const segments = await history.journal.list();
+    disks.push({
+      diskId,
+      journalBytes: await history.journal.sizeBytes(),
+      journalSegments: segments.length,
+      catalogBytes: contents.fileBytes,
+      points: contents.points.length,
+      oldestPointTime: contents.points[0] === undefined ? null : new Date(contents.points[0].timeMs).toISOString(),
+      newestPointTime: contents.points.length === 0 ? null : new Date(contents.points[contents.points.length - 1]!.timeMs).toISOString(),
+      failedOver: (await readFailoverRecord(retentionDir, diskId)) !== undefined,
+    });
+  }
+  const cap = fs.existsSync(retentionDir) ? probe.capacity(retentionDir) : { totalBytes: 0, availableBytes: 0 };
+  return {
+    dir: retentionDir,
+    volumeTotalBytes: cap.totalBytes,
+    volumeAvailableBytes: cap.availableBytes,
+    usedBytes: disks.reduce((n, d) => n + d.journalBytes + d.catalogBytes, 0),
+    disks,
+  };
+}

@@ -1,0 +1,185 @@
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import type { DiskTarget, Extent } from '../targets/disk-target';
+import { HRL_DEFAULT_METADATA_SIZE, HRL_HEADER_SIZE, HRL_METADATA_ENTRY_SIZE, HRL_METADATA_HEADER_SIZE, hrlEntriesPerBlock } from '../tracking/hrl-format';
+import { HrlLogFile, type HrlVerifiedLog } from '../tracking/hrl-reader';
+import { HrlWriter, HRL_WRITER_DEFAULTS, syncDirectory } from '../tracking/hrl-writer';
+import { RETENTION_LAYOUT, seqOfUndoFile, undoFileName } from './retention-format';
+
+/** Pre-images are read from the target in pieces of at most this many bytes (bounds memory). */
+export const UNDO_READ_CHUNK_BYTES = 1024 * 1024;
+
+/**
+ * Sorts ranges and merges overlapping or touching ones. A log may write the
+ * same range several times; its pre-image needs each byte once, and every
+ * pre-image byte is read before the log changes anything, so the merged
+ * ranges hold exactly the content the log is about to overwrite.
+ */
+export function coalesceExtents(ranges: readonly Extent[]): Extent[] {
+  const sorted = ranges.filter((r) => r.length > 0).sort((a, b) => a.offset - b.offset);
+  const out: { offset: number; length: number }[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last !== undefined && r.offset <= last.offset + last.length) {
+      last.length = Math.max(last.length, r.offset + r.length - last.offset);
+    } else {
+      out.push({ offset: r.offset, length: r.length });
+    }
+  }
+  return out;
+}
+
+/** Bytes a pre-image log of these (coalesced) ranges takes: header, anchor block, payloads, metadata blocks. */
+export function undoLogSizeBytes(extents: readonly Extent[]): number {
+  let payload = 0;
+  let entries = 0;
+  for (const e of extents) {
+    payload += e.length;
+    entries += Math.ceil(e.length / HRL_WRITER_DEFAULTS.maxEntryBytes);
+  }
+  const perBlock = hrlEntriesPerBlock(HRL_DEFAULT_METADATA_SIZE);
+  return HRL_HEADER_SIZE + HRL_DEFAULT_METADATA_SIZE * (1 + Math.ceil(entries / perBlock)) + payload;
+}
+
+// The arithmetic above relies on the writer's default block layout.
+if (HRL_METADATA_HEADER_SIZE + hrlEntriesPerBlock(HRL_DEFAULT_METADATA_SIZE) * HRL_METADATA_ENTRY_SIZE > HRL_DEFAULT_METADATA_SIZE) {
+  throw new Error('hrl block layout changed: undoLogSizeBytes must follow');
+}
+
+/**
+ * One disk's undo journal: for each applied log `seq`, an [MS-HRL] log
+ * `<seq>.undo.hrl` holding the old content of every range the log
+ * overwrote. Rolling the target back past `seq` is applying that log, so
+ * rolling back to a point is applying pre-image logs newest first.
+ *
+ * Crash safety: a pre-image is written to `<seq>.undo.hrl.tmp`, sealed
+ * (which fsyncs it), renamed into place and the directory fsynced, and only
+ * then does the master target start applying the log. So after a crash:
+ * - a `.tmp` file means apply had not started: the target still holds the
+ *   old data; the file is discarded and the pre-image written again;
+ * - a complete `<seq>.undo.hrl` may be followed by a half-applied log: it is
+ *   kept and never rewritten, because the target may now hold new data.
+ */
+export class UndoJournal {
+  constructor(readonly dir: string) {}
+
+  /** Creates the directory and discards pre-images a crash left half-written. */
+  async open(): Promise<void> {
+    try {
+      await fsp.mkdir(this.dir, { recursive: true });
+      for (const name of await fsp.readdir(this.dir)) {
+        if (name.endsWith(RETENTION_LAYOUT.tmpSuffix)) await fsp.rm(path.join(this.dir, name), { force: true });
+      }
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `opening undo journal ${this.dir}`);
+    }
+  }
+
+  file(seq: number): string {
+    return path.join(this.dir, undoFileName(seq));
+  }
+
+  /** Whether the complete pre-image of `seq` exists. */
+  has(seq: number): boolean {
+    return fs.existsSync(this.file(seq));
+  }
+
+  /** Sequence numbers with a complete pre-image, ascending. */
+  async list(): Promise<number[]> {
+    let names: string[];
+    try {
+      names = await fsp.readdir(this.dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw wrapError(err, 'BR_IO', `listing undo journal ${this.dir}`);
+    }
+    const seqs: number[] = [];
+    for (const name of names) {
+      const seq = seqOfUndoFile(name);
+      if (seq !== undefined) seqs.push(seq);
+    }
+    return seqs.sort((a, b) => a - b);
+  }
+
+  /** Bytes the complete pre-images take. */
+  async sizeBytes(): Promise<number> {
+    let total = 0;
+    for (const seq of await this.list()) {
+      try {
+        total += (await fsp.stat(this.file(seq))).size;
+      } catch {
+        // Pruned meanwhile.
+      }
+    }
+    return total;
+  }
+
+  /**
+   * Makes the pre-image of `ranges` (read from `target` now) durable as the
+   * undo log of `seq`. Does nothing if a complete one exists (see the class
+   * comment). Returns whether it wrote and the file's size.
+   */
+  async write(seq: number, ranges: readonly Extent[], target: DiskTarget): Promise<{ written: boolean; sizeBytes: number }> {
+    const final = this.file(seq);
+    if (fs.existsSync(final)) return { written: false, sizeBytes: fs.statSync(final).size };
+    const tmp = `${final}${RETENTION_LAYOUT.tmpSuffix}`;
+    await fsp.rm(tmp, { force: true });
+    const extents = coalesceExtents(ranges);
+    for (const e of extents) {
+      if (e.offset < 0 || e.offset + e.length > target.sizeBytes) {
+        throw new BlockrelayError('BR_INTERNAL', `log ${seq} writes [${e.offset}, ${e.offset + e.length}) outside the ${target.sizeBytes}-byte target`);
+      }
+    }
+    const writer = await HrlWriter.create(tmp);
+    try {
+      for (const e of extents) {
+        for (let done = 0; done < e.length; ) {
+          const n = Math.min(UNDO_READ_CHUNK_BYTES, e.length - done);
+          const old = await target.read(e.offset + done, n);
+          if (old.length !== n) throw new BlockrelayError('BR_INTERNAL', `target ${target.spec} returned ${old.length} bytes for a ${n}-byte read`);
+          await writer.append(e.offset + done, old);
+          done += n;
+        }
+      }
+      const sealed = await writer.seal();
+      await fsp.rename(tmp, final);
+      await syncDirectory(this.dir);
+      return { written: true, sizeBytes: sealed.sizeBytes };
+    } catch (err) {
+      await writer.close();
+      await fsp.rm(tmp, { force: true });
+      throw wrapError(err, 'BR_IO', `writing pre-image of log ${seq} to ${tmp}`);
+    }
+  }
+
+  /** Deletes the pre-image of `seq` (pruning or commit). */
+  async remove(seq: number): Promise<void> {
+    await fsp.rm(this.file(seq), { force: true });
+  }
+
+  /**
+   * Opens and fully verifies the pre-image of `seq` against the disk size.
+   * Damage becomes BR_RETENTION_JOURNAL_CORRUPT naming the file and the
+   * byte offset; a missing file BR_RETENTION_JOURNAL_MISSING.
+   */
+  async openVerified(seq: number, diskSizeBytes: number): Promise<{ log: HrlLogFile; verified: HrlVerifiedLog }> {
+    const file = this.file(seq);
+    if (!fs.existsSync(file)) {
+      throw new BlockrelayError('BR_RETENTION_JOURNAL_MISSING', `undo journal segment ${file} (log ${seq}) is missing`, { details: { file, seq } });
+    }
+    const log = await HrlLogFile.open(file);
+    try {
+      const verified = await log.verify({ diskSizeBytes });
+      return { log, verified };
+    } catch (err) {
+      await log.close();
+      const offset = (err as BlockrelayError).details?.offset;
+      throw new BlockrelayError('BR_RETENTION_JOURNAL_CORRUPT', `undo journal segment ${file} (log ${seq}) is damaged${offset === undefined ? '' : ` at byte ${offset}`}: ${(err as Error).message}`, {
+        cause: err,
+        details: { file, seq, offset: typeof offset === 'number' ? offset : null, cause: (err as BlockrelayError).code ?? null },
+      });
+    }
+  }
+}
