@@ -3,6 +3,7 @@ import { resyncCommand } from '../resync/resync-command';
 import { hrlCommands } from '../tracking/hrl-commands';
 import { convertCommand } from '../targets/convert-command';
 import { roleCommands } from './role-commands';
+import { retentionCommands } from '../retention/retention-commands';
 import { statusCommand } from './status-command';
 
 /**
@@ -10,5 +11,5 @@ import { statusCommand } from './status-command';
  * commands from its own folder; this list only gathers them.
  */
 export function allCommands(): Command[] {
-  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands(), statusCommand];
+  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands(), ...retentionCommands(), statusCommand];
 }

@@ -1,0 +1,241 @@
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { silentLogger } from '../daemon/logger';
+import { createMetrics } from '../daemon/metrics';
+import { systemClock, type Clock } from '../platform/clock';
+import { BlockrelayError } from '../retry/blockrelay-error';
+import { copyDisk, type CopyResult } from '../targets/disk-copy';
+import { openDisk, parseDiskSpec } from '../targets/disk-spec';
+import type { DiskTarget } from '../targets/disk-target';
+import { hrlLogOps } from '../transport/hrl-log-ops';
+import { ApplyingHop } from '../transport/master-target';
+import { seqName } from '../transport/transport-protocol';
+import { PointView } from './point-view';
+import { diskRetentionPaths } from './retention-format';
+import { RetentionHooks } from './retention-hooks';
+import { listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest, writeFailoverRecord, type DiskManifest } from './retention-manifest';
+import { PointCatalog, resolvePoint, type RecoveryPoint } from './recovery-points';
+
+/** How long `--point latest` waits for pending logs by default. */
+export const FAILOVER_DRAIN_TIMEOUT_MS = 10 * 60_000;
+/** How often a running master target's inbox is checked while waiting for it. */
+const INBOX_POLL_MS = 200;
+
+/** The disk's applied points, oldest first (the master target's ledger settles the newest). */
+export async function loadPoints(retentionDir: string, diskId: string): Promise<{ manifest: DiskManifest; points: RecoveryPoint[] }> {
+  const manifest = await readManifest(retentionDir, diskId);
+  const catalog = new PointCatalog(diskRetentionPaths(retentionDir, diskId).catalog, diskId);
+  const { points } = await catalog.read(readAppliedSeq(manifest.stateDir, diskId));
+  return { manifest, points };
+}
+
+/** Logs in the disk's inbox not applied yet. */
+export function pendingLogs(manifest: DiskManifest): number[] {
+  if (!fs.existsSync(manifest.inboxDir)) return [];
+  const applied = readAppliedSeq(manifest.stateDir, manifest.diskId) ?? -1;
+  return fs
+    .readdirSync(manifest.inboxDir)
+    .map((n) => /^(\d{20})\.hrl$/.exec(n))
+    .filter((m): m is RegExpExecArray => m !== null)
+    .map((m) => Number(m[1]))
+    .filter((seq) => seq > applied)
+    .sort((a, b) => a - b);
+}
+
+/**
+ * Applies everything still pending in the disk's inbox (for `--point
+ * latest`), journaling as the master target does. If the master target is
+ * running (it holds the state directory's lock), it is the one applying:
+ * this waits until its inbox for the disk is empty.
+ */
+export async function drainPending(retentionDir: string, manifest: DiskManifest, options: { timeoutMs?: number; clock?: Clock } = {}): Promise<{ applied: number }> {
+  const before = pendingLogs(manifest);
+  if (before.length === 0) return { applied: 0 };
+  const timeoutMs = options.timeoutMs ?? FAILOVER_DRAIN_TIMEOUT_MS;
+  const deadline = Date.now() + timeoutMs;
+  const hooks = new RetentionHooks({ dir: retentionDir, windowHours: manifest.windowHours, stateDir: manifest.stateDir, inboxDir: path.dirname(manifest.inboxDir), ...(options.clock ? { clock: options.clock } : {}) });
+  const hop = new ApplyingHop(
+    {
+      stateDir: manifest.stateDir,
+      listen: '127.0.0.1:0',
+      secret: randomBytes(24).toString('hex'),
+      spoolDir: path.dirname(manifest.inboxDir),
+      spoolMaxBytes: Number.MAX_SAFE_INTEGER,
+      rpoThresholdSeconds: 900,
+      logOps: hrlLogOps,
+      hooks,
+      hopName: 'failover-drain',
+      logger: silentLogger(),
+      metrics: createMetrics({ defaultMetrics: false }),
+    },
+    new Map([[manifest.diskId, manifest.targetSpec]]),
+  );
+  let started = false;
+  try {
+    await hop.start();
+    started = true;
+  } catch (err) {
+    if ((err as BlockrelayError).code !== 'BR_LOCKED') throw err;
+  }
+  if (started) {
+    let timer: NodeJS.Timeout | undefined;
+    const done = await Promise.race([hop.drain().then(() => true), new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), timeoutMs)))]);
+    clearTimeout(timer);
+    await hop.stop();
+    if (!done) throw new BlockrelayError('BR_POINT_PENDING_TIMEOUT', `disk ${manifest.diskId}: pending logs were not applied within ${timeoutMs} ms`, { details: { disk: manifest.diskId } });
+  } else {
+    while (pendingLogs(manifest).length > 0) {
+      if (Date.now() > deadline) {
+        throw new BlockrelayError('BR_POINT_PENDING_TIMEOUT', `disk ${manifest.diskId}: the running master target did not apply ${pendingLogs(manifest).length} pending log(s) within ${timeoutMs} ms`, { details: { disk: manifest.diskId } });
+      }
+      await new Promise((r) => setTimeout(r, INBOX_POLL_MS));
+    }
+  }
+  const left = pendingLogs(manifest);
+  if (left.length > 0) {
+    throw new BlockrelayError('BR_POINT_PENDING_TIMEOUT', `disk ${manifest.diskId}: log ${seqName(left[0]!)} could not be applied (the disk went Critical); fail over to latest-processed or fix the log`, { details: { disk: manifest.diskId } });
+  }
+  return { applied: before.length };
+}
+
+/** A bare path means a new monolithicSparse VMDK (DESIGN.md: "a new VMDK by default"). */
+export function normalizeOutSpec(out: string): string {
+  if (out.startsWith('nbd://') || /^[a-z][a-z-]*:/.test(out)) return out;
+  return `vmdk:${out}`;
+}
+
+function outExists(spec: string): boolean | undefined {
+  const parsed = parseDiskSpec(spec);
+  if (parsed.kind === 'blob' || parsed.kind === 'nbd') return undefined;
+  return fs.existsSync(parsed.path);
+}
+
+export interface FailoverOptions {
+  readonly retentionDir: string;
+  readonly diskId: string;
+  /** latest, latest-processed, latest-app, an ISO time, a point id or a cut id. */
+  readonly point: string;
+  readonly out: string;
+  readonly clock?: Clock;
+  readonly drainTimeoutMs?: number;
+}
+
+export interface FailoverResult {
+  readonly diskId: string;
+  readonly point: RecoveryPoint;
+  readonly out: string;
+  /** Pending logs applied first (for `latest`). */
+  readonly drainedLogs: number;
+  /** Pre-image logs read to rebuild the point. */
+  readonly journalSegments: number;
+  readonly copy: CopyResult;
+}
+
+/** Resolves POINT for one disk, draining pending logs first for `latest`. */
+export async function resolveDiskPoint(retentionDir: string, diskId: string, spec: string, options: { clock?: Clock; drainTimeoutMs?: number } = {}): Promise<{ manifest: DiskManifest; point: RecoveryPoint; newestSeq: number; drainedLogs: number }> {
+  let { manifest, points } = await loadPoints(retentionDir, diskId);
+  let drainedLogs = 0;
+  if (spec === 'latest') {
+    drainedLogs = (await drainPending(retentionDir, manifest, { ...(options.drainTimeoutMs !== undefined ? { timeoutMs: options.drainTimeoutMs } : {}), ...(options.clock ? { clock: options.clock } : {}) })).applied;
+    if (drainedLogs > 0) ({ manifest, points } = await loadPoints(retentionDir, diskId));
+  }
+  const clock = options.clock ?? systemClock;
+  const point = resolvePoint(points, spec, { diskId, nowMs: clock.now(), windowMs: manifest.windowHours * 3_600_000 });
+  return { manifest, point, newestSeq: points[points.length - 1]!.seq, drainedLogs };
+}
+
+/**
+ * `blockrelay failover`: writes the disk as it was at POINT to `out`. The
+ * image is read through a point view (target plus pre-images), so nothing
+ * is applied twice and the target and journal are only read.
+ *
+ * Running it again with the same `out` switches the failed-over disk to
+ * another point (the output is overwritten whole). An `out` that exists and
+ * is not this disk's failover output is refused (BR_POINT_OUT_EXISTS).
+ */
+export async function failover(options: FailoverOptions): Promise<FailoverResult> {
+  const out = normalizeOutSpec(options.out);
+  parseDiskSpec(out);
+  const { manifest, point, newestSeq, drainedLogs } = await resolveDiskPoint(options.retentionDir, options.diskId, options.point, options);
+  const record = await readFailoverRecord(options.retentionDir, options.diskId);
+  const exists = outExists(out);
+  const ours = record !== undefined && record.out === out;
+  if (exists === true && !ours) {
+    throw new BlockrelayError('BR_POINT_OUT_EXISTS', `${out} already exists and is not the failed-over copy of ${options.diskId}; choose a new output`, { details: { out, disk: options.diskId } });
+  }
+  const view = await PointView.open({ retentionDir: options.retentionDir, manifest, point, newestSeq });
+  let target: DiskTarget | undefined;
+  try {
+    const reuse = exists === true || (exists === undefined && ours);
+    target = reuse ? await openDisk(out) : await openDisk(out, { create: { sizeBytes: view.sizeBytes } });
+    if (target.sizeBytes !== view.sizeBytes) {
+      throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `${out} holds ${target.sizeBytes} bytes but disk ${options.diskId} has ${view.sizeBytes}`, { details: { out } });
+    }
+    await writeFailoverRecord(options.retentionDir, { version: 1, diskId: options.diskId, out, pointId: point.id, atMs: (options.clock ?? systemClock).now() });
+    const copy = await copyDisk(view, target, { targetIsZero: !reuse && target.capabilities.sparse });
+    return { diskId: options.diskId, point, out, drainedLogs, journalSegments: view.overlayLogs, copy };
+  } finally {
+    await target?.close();
+    await view.close();
+  }
+}
+
+/**
+ * `blockrelay commit`: ends the failover and deletes the disk's points
+ * (catalog first, so no point is ever listed without its journal), its
+ * journal and the failover record. The manifest stays, so history starts
+ * again if replication of the disk goes on.
+ */
+export async function commitFailover(retentionDir: string, diskId: string): Promise<{ diskId: string; out: string; pointId: string; pointsDeleted: number; journalBytesFreed: number }> {
+  const { points } = await loadPoints(retentionDir, diskId);
+  const record = await readFailoverRecord(retentionDir, diskId);
+  if (record === undefined) {
+    throw new BlockrelayError('BR_POINT_NOT_FAILED_OVER', `disk ${diskId} is not failed over; run blockrelay failover first`, { details: { disk: diskId } });
+  }
+  const paths = diskRetentionPaths(retentionDir, diskId);
+  let freed = 0;
+  if (fs.existsSync(paths.journalDir)) for (const name of await fsp.readdir(paths.journalDir)) freed += (await fsp.stat(path.join(paths.journalDir, name))).size;
+  await fsp.rm(paths.catalog, { force: true });
+  await fsp.rm(paths.journalDir, { recursive: true, force: true });
+  await fsp.rm(paths.failover, { force: true });
+  return { diskId, out: record.out, pointId: record.pointId, pointsDeleted: points.length, journalBytesFreed: freed };
+}
+
+/** Members of a replication group with history in the retention directory. */
+export async function groupMembers(retentionDir: string, group: string): Promise<string[]> {
+  const members: string[] = [];
+  for (const diskId of listRetentionDisks(retentionDir)) {
+    if ((await readManifest(retentionDir, diskId)).group === group) members.push(diskId);
+  }
+  return members;
+}
+
+/**
+ * Resolves POINT for a whole group: only cuts every member has a point for
+ * are candidates (a group fails over only to a common point). Returns each
+ * member's point of the chosen cut.
+ */
+export async function resolveGroupPoint(retentionDir: string, group: string, spec: string, options: { clock?: Clock } = {}): Promise<{ cutId: string; members: Map<string, RecoveryPoint> }> {
+  const members = await groupMembers(retentionDir, group);
+  if (members.length === 0) throw new BlockrelayError('BR_RETENTION_DISK_UNKNOWN', `retention directory ${retentionDir} holds no disk of group ${group}`, { details: { group } });
+  const loaded = await Promise.all(members.map((m) => loadPoints(retentionDir, m)));
+  const cutSets = loaded.map((l) => new Set(l.points.map((p) => p.cutId).filter((c) => c !== '')));
+  const common = loaded[0]!.points.filter((p) => cutSets.every((s) => s.has(p.cutId)));
+  const clock = options.clock ?? systemClock;
+  const context = { diskId: `group ${group}`, nowMs: clock.now(), windowMs: loaded[0]!.manifest.windowHours * 3_600_000 };
+  let chosen: RecoveryPoint;
+  try {
+    // A point id of another member names its cut.
+    const byId = loaded.flatMap((l) => l.points).find((p) => p.id === spec);
+    chosen = resolvePoint(common, byId?.cutId ?? spec, context);
+  } catch (err) {
+    const code = (err as BlockrelayError).code;
+    if (code !== 'BR_POINT_NONE' && code !== 'BR_POINT_UNKNOWN') throw err;
+    throw new BlockrelayError('BR_POINT_NOT_COMMON', `the disks of group ${group} (${members.join(', ')}) share no point matching '${spec.slice(0, 80)}'`, { cause: err, details: { group, point: spec.slice(0, 80) } });
+  }
+  const out = new Map<string, RecoveryPoint>();
+  loaded.forEach((l, i) => out.set(members[i]!, l.points.find((p) => p.cutId === chosen.cutId)!));
+  return { cutId: chosen.cutId, members: out };
+}

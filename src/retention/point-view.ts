@@ -1,0 +1,238 @@
+import { BlockrelayError } from '../retry/blockrelay-error';
+import { openDisk } from '../targets/disk-spec';
+import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../targets/disk-target';
+import type { HrlLogFile } from '../tracking/hrl-reader';
+import { diskRetentionPaths } from './retention-format';
+import type { DiskManifest } from './retention-manifest';
+import type { RecoveryPoint } from './recovery-points';
+import { UndoJournal } from './undo-journal';
+
+/** A range of the disk whose content at the point lives in a pre-image log. */
+export interface OverlaySegment {
+  readonly start: number;
+  readonly end: number;
+  /** Index into the view's open pre-image logs. */
+  readonly log: number;
+  /** File offset in that log of the byte at `start`. */
+  readonly fileOffset: number;
+}
+
+/**
+ * Adds `incoming` (sorted, disjoint) to `existing` (sorted, disjoint) only
+ * where `existing` has nothing: the first log to cover a byte keeps it.
+ * Pre-image logs are added oldest first, so each byte ends up with the
+ * pre-image of the oldest log after the point that wrote it, which is the
+ * byte's content at the point. Linear in both lists.
+ */
+export function fillGaps(existing: readonly OverlaySegment[], incoming: readonly OverlaySegment[]): OverlaySegment[] {
+  const out: OverlaySegment[] = [];
+  let i = 0;
+  let coveredEnd = 0;
+  for (const inc of incoming) {
+    while (i < existing.length && existing[i]!.end <= inc.start) {
+      coveredEnd = existing[i]!.end;
+      out.push(existing[i++]!);
+    }
+    let s = Math.max(inc.start, coveredEnd);
+    while (s < inc.end) {
+      const next = existing[i];
+      if (next !== undefined && next.start <= s) {
+        coveredEnd = next.end;
+        out.push(next);
+        i++;
+        s = Math.max(s, next.end);
+        continue;
+      }
+      const gapEnd = next === undefined ? inc.end : Math.min(inc.end, next.start);
+      out.push({ start: s, end: gapEnd, log: inc.log, fileOffset: inc.fileOffset + (s - inc.start) });
+      s = gapEnd;
+    }
+  }
+  while (i < existing.length) out.push(existing[i++]!);
+  return out;
+}
+
+/** Index of the first segment ending after `offset`. */
+function firstEndingAfter(segments: readonly OverlaySegment[], offset: number): number {
+  let lo = 0;
+  let hi = segments.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (segments[mid]!.end <= offset) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+export interface PointViewOptions {
+  readonly retentionDir: string;
+  readonly manifest: DiskManifest;
+  readonly point: RecoveryPoint;
+  /** The newest applied point: every pre-image up to it must exist. */
+  readonly newestSeq: number;
+  /** An open target to read (else the manifest's target is opened read-only and closed with the view). */
+  readonly target?: DiskTarget;
+}
+
+/**
+ * The disk as it was at a recovery point, read on the fly and never copied:
+ * target data overlaid with the pre-images of the logs applied after the
+ * point (for each byte, the oldest such log's pre-image wins).
+ *
+ * It stays correct while the master target keeps applying: a log's
+ * pre-image is durable before the log touches the target, so after each
+ * target read the view looks for pre-images that appeared meanwhile and
+ * adds them (they only fill gaps, being newer than all others). Every
+ * pre-image is verified in full before it is used.
+ */
+export class PointView implements DiskTarget {
+  readonly diskUuid = undefined;
+  readonly capabilities: DiskTargetCapabilities;
+  readonly spec: string;
+  readonly sizeBytes: number;
+  private segments: OverlaySegment[] = [];
+  private readonly logs: HrlLogFile[] = [];
+  private nextSeq: number;
+  private refreshing: Promise<void> = Promise.resolve();
+  private closed = false;
+
+  private constructor(
+    private readonly target: DiskTarget,
+    private readonly ownsTarget: boolean,
+    private readonly journal: UndoJournal,
+    readonly point: RecoveryPoint,
+    readonly diskId: string,
+  ) {
+    this.spec = `point:${diskId}@${point.id}`;
+    this.sizeBytes = target.sizeBytes;
+    this.capabilities = { sparse: false, discard: false, alignmentBytes: target.capabilities.alignmentBytes, readOnly: true };
+    this.nextSeq = point.seq + 1;
+  }
+
+  static async open(options: PointViewOptions): Promise<PointView> {
+    const journal = new UndoJournal(diskRetentionPaths(options.retentionDir, options.manifest.diskId).journalDir);
+    // Check every needed pre-image exists before opening anything.
+    for (let seq = options.point.seq + 1; seq <= options.newestSeq; seq++) {
+      if (!journal.has(seq)) {
+        throw new BlockrelayError('BR_RETENTION_JOURNAL_MISSING', `point ${options.point.id} cannot be rebuilt: undo journal segment ${journal.file(seq)} (log ${seq}) is missing`, { details: { file: journal.file(seq), seq, point: options.point.id } });
+      }
+    }
+    const target = options.target ?? (await openDisk(options.manifest.targetSpec, { readOnly: true }));
+    const view = new PointView(target, options.target === undefined, journal, options.point, options.manifest.diskId);
+    try {
+      await view.addLogsUpTo(options.newestSeq);
+      await view.addNewLogs();
+    } catch (err) {
+      await view.close();
+      throw err;
+    }
+    return view;
+  }
+
+  /** Pre-image logs in the overlay (those applied after the point). */
+  get overlayLogs(): number {
+    return this.logs.length;
+  }
+
+  get overlaySegments(): readonly OverlaySegment[] {
+    return this.segments;
+  }
+
+  private async addLog(seq: number): Promise<void> {
+    const { log, verified } = await this.journal.openVerified(seq, this.sizeBytes);
+    const index = this.logs.length;
+    this.logs.push(log);
+    const incoming: OverlaySegment[] = [];
+    for await (const e of log.entries(verified)) {
+      if (e.dataLength === 0) continue;
+      incoming.push({ start: e.byteOffset, end: e.byteOffset + e.dataLength, log: index, fileOffset: e.payloadFileOffset });
+    }
+    incoming.sort((a, b) => a.start - b.start);
+    // The journal writes disjoint ranges; a foreign log might not, so make them disjoint here.
+    const disjoint: OverlaySegment[] = [];
+    for (const seg of incoming) {
+      const last = disjoint[disjoint.length - 1];
+      const start = last === undefined ? seg.start : Math.max(seg.start, last.end);
+      if (start < seg.end) disjoint.push({ ...seg, start, fileOffset: seg.fileOffset + (start - seg.start) });
+    }
+    this.segments = fillGaps(this.segments, disjoint);
+    this.nextSeq = seq + 1;
+  }
+
+  private async addLogsUpTo(newestSeq: number): Promise<void> {
+    while (this.nextSeq <= newestSeq) await this.addLog(this.nextSeq);
+  }
+
+  /** Adds pre-images of logs applied since the view was opened. */
+  private addNewLogs(): Promise<void> {
+    const run = async (): Promise<void> => {
+      while (this.journal.has(this.nextSeq)) await this.addLog(this.nextSeq);
+    };
+    this.refreshing = this.refreshing.then(run, run);
+    return this.refreshing;
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    if (this.closed) throw new BlockrelayError('BR_TARGET_CLOSED', `${this.spec} is closed`);
+    const buf = await this.target.read(offset, length);
+    // After the target read: a log that started changing those bytes has its pre-image on disk by now.
+    await this.addNewLogs();
+    const end = offset + length;
+    for (let i = firstEndingAfter(this.segments, offset); i < this.segments.length; i++) {
+      const seg = this.segments[i]!;
+      if (seg.start >= end) break;
+      const s = Math.max(seg.start, offset);
+      const e = Math.min(seg.end, end);
+      await this.logs[seg.log]!.readExact(seg.fileOffset + (s - seg.start), e - s, 'pre-image', buf.subarray(s - offset, e - offset));
+    }
+    return buf;
+  }
+
+  async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
+    for await (const ext of this.target.extents(offset, length)) {
+      if (!ext.zero) {
+        yield ext;
+        continue;
+      }
+      // A hole in the target may hold data at the point.
+      let at = ext.offset;
+      const end = ext.offset + ext.length;
+      for (let i = firstEndingAfter(this.segments, at); i < this.segments.length && at < end; i++) {
+        const seg = this.segments[i]!;
+        if (seg.start >= end) break;
+        if (seg.start > at) yield { offset: at, length: seg.start - at, zero: true };
+        const s = Math.max(seg.start, at);
+        const e = Math.min(seg.end, end);
+        yield { offset: s, length: e - s, zero: false };
+        at = e;
+      }
+      if (at < end) yield { offset: at, length: end - at, zero: true };
+    }
+  }
+
+  private refuse(): never {
+    throw new BlockrelayError('BR_TARGET_READ_ONLY', `${this.spec} is a read-only view of a recovery point`, { details: { spec: this.spec } });
+  }
+
+  async write(): Promise<void> {
+    this.refuse();
+  }
+
+  async writeZeroes(): Promise<void> {
+    this.refuse();
+  }
+
+  async discard(): Promise<void> {
+    this.refuse();
+  }
+
+  async flush(): Promise<void> {}
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.refreshing.catch(() => undefined);
+    for (const log of this.logs.splice(0)) await log.close();
+    if (this.ownsTarget) await this.target.close();
+  }
+}
