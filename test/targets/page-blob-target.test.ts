@@ -85,6 +85,14 @@ describe('page blob target against Azurite', () => {
     }
   });
 
+  it('creates the container when it is missing', async () => {
+    const t = await PageBlobTarget.open(`${azurite().blobEndpoint}/new-container/d.vhd`, { create: { sizeBytes: MiB } });
+    await t.write(0, Buffer.alloc(512, 8));
+    await t.close();
+    const blob = BlobServiceClient.fromConnectionString(azurite().connectionString).getContainerClient('new-container').getPageBlobClient('d.vhd');
+    expect((await blob.downloadToBuffer(0, 512)).equals(Buffer.alloc(512, 8))).toBe(true);
+  });
+
   it('keeps holes as holes: all-zero writes and zero ranges leave no page ranges', async () => {
     const t = await PageBlobTarget.open(newBlobUrl(), { create: { sizeBytes: 16 * MiB } });
     await t.write(0, Buffer.alloc(8 * MiB)); // all zero: cleared, not uploaded

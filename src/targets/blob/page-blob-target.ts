@@ -198,15 +198,21 @@ export class PageBlobTarget implements DiskTarget {
       maxInFlightRequests,
     };
 
+    if (create !== undefined) {
+      // Creating first (conditional on absence) saves a round trip for the
+      // common case of a new disk; an existing blob falls through to the
+      // checks below, which decide whether it is ours.
+      const container = new ContainerClient(`${containerUrl(location)}${sas}`, access.credential, pipeline);
+      const made = await PageBlobTarget.createNew(context, container, create.sizeBytes, create.diskUuid);
+      if (made !== 'exists') return made;
+    }
     const props = await client.getProperties().catch((err: unknown) => {
       const e = wrapBlobError(err, 'Get Blob Properties', spec);
       if (e.code === 'BR_BLOB_NOT_FOUND') return undefined;
       throw e;
     });
     if (props === undefined) {
-      if (create === undefined) throw new BlockrelayError('BR_BLOB_NOT_FOUND', `${spec} does not exist`, { details: { spec } });
-      const container = new ContainerClient(`${containerUrl(location)}${sas}`, access.credential, pipeline);
-      return PageBlobTarget.createNew(context, container, create.sizeBytes, create.diskUuid);
+      throw new BlockrelayError('BR_BLOB_NOT_FOUND', `${spec} does not exist${create === undefined ? '' : ' (it was deleted while being created)'}`, { details: { spec } });
     }
     const blobBytes = props.contentLength ?? 0;
     if (props.blobType !== 'PageBlob') {
@@ -253,23 +259,40 @@ export class PageBlobTarget implements DiskTarget {
     container: ContainerClient,
     sizeBytes: number,
     diskUuid: string | undefined,
-  ): Promise<PageBlobTarget> {
+  ): Promise<PageBlobTarget | 'exists'> {
     const { spec, client } = context;
     const footer = newFixedVhdFooter(sizeBytes, { uniqueId: diskUuid, nowMs: context.clock.now() });
     const claim = claimDiskUuid(footer.uniqueId, spec, true);
     let lease: Lease | undefined;
     let created = false;
+    /** Put Blob if none exists; false when one does (409). */
+    const createBlob = (): Promise<boolean> =>
+      client.create(sizeBytes + VHD_FOOTER_SIZE_BYTES, { conditions: { ifNoneMatch: '*' } }).then(
+        () => true,
+        (err: unknown) => {
+          if ((err as { statusCode?: number }).statusCode === 409) return false;
+          throw err;
+        },
+      );
     try {
-      await container.createIfNotExists().catch((err: unknown) => {
-        throw wrapBlobError(err, 'Create Container', spec);
-      });
-      await client.create(sizeBytes + VHD_FOOTER_SIZE_BYTES, { conditions: { ifNoneMatch: '*' } }).catch((err: unknown) => {
-        const e = err as { statusCode?: number };
-        if (e.statusCode === 409) {
-          throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${spec} appeared while creating it`, { cause: err, details: { spec } });
-        }
-        throw wrapBlobError(err, 'Create Page Blob', spec);
-      });
+      let fresh: boolean;
+      try {
+        fresh = await createBlob();
+      } catch (err) {
+        // The container is made only when missing, which costs a request
+        // only the first time a container is used.
+        if ((err as { statusCode?: number }).statusCode !== 404) throw wrapBlobError(err, 'Create Page Blob', spec);
+        await container.createIfNotExists().catch((e: unknown) => {
+          throw wrapBlobError(e, 'Create Container', spec);
+        });
+        fresh = await createBlob().catch((e: unknown) => {
+          throw wrapBlobError(e, 'Create Page Blob', spec);
+        });
+      }
+      if (!fresh) {
+        claim.release();
+        return 'exists';
+      }
       created = true;
       lease = await acquireLease(client, spec, context.leaseDurationSeconds);
       const footerBytes = encodeVhdFooter(footer);
