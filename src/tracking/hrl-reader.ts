@@ -104,6 +104,9 @@ export function hrlDamage(code: ErrorCode, file: string, offset: number, message
  * verified blocks in apply order and `readPayload()` reads their data.
  */
 export class HrlLogFile {
+  /** Payload read buffer, allocated on first use and kept for the file's life. */
+  private chunk: Buffer | undefined;
+
   private constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly fileSizeBytes: number) {}
 
   static async open(filePath: string): Promise<HrlLogFile> {
@@ -248,28 +251,52 @@ export class HrlLogFile {
     }
   }
 
-  /** Checks every payload of a block against its DataChecksum, reading in bounded chunks. */
+  /**
+   * Checks every payload of a block against its DataChecksum. The payload
+   * region `[payloadStart, blockOffset)` is read in chunks of at most
+   * HRL_READ_CHUNK_BYTES (one buffer per log file, reused) and each entry's
+   * byte sum is accumulated across chunk boundaries.
+   */
   async verifyPayloads(block: Buffer, blockOffset: number, payloadStart: number, validEntries: number): Promise<void> {
-    const chunk = Buffer.alloc(Math.min(HRL_READ_CHUNK_BYTES, Math.max(1, blockOffset - payloadStart)));
-    let payload = payloadStart;
-    for (let e = 0; e < validEntries; e++) {
-      const at = HRL_METADATA_HEADER_SIZE + e * HRL_METADATA_ENTRY_SIZE;
-      const d = decodeHrlMetadataEntry(block, at);
-      if (d.dataChecksum !== 0) {
-        let sum = 0;
-        for (let done = 0; done < d.dataLength; ) {
-          const n = Math.min(chunk.length, d.dataLength - done);
-          const part = await this.readExact(payload + done, n, 'payload', chunk);
-          sum = (sum + hrlByteSum(part.subarray(0, n))) >>> 0;
-          done += n;
-        }
-        const actual = hrlChecksumFromSum(sum);
-        if (actual !== d.dataChecksum) {
-          throw hrlDamage('BR_HRL_DATA_CHECKSUM', this.path, payload, `payload of the entry at byte ${blockOffset + at} has checksum 0x${hex32(actual)}, DataChecksum says 0x${hex32(d.dataChecksum)}`, { entryOffset: blockOffset + at });
-        }
+    let entry = -1;
+    let entryLeft = 0;
+    let entryStart = payloadStart;
+    let sum = 0;
+    let expected = 0;
+    const finishEntry = (): void => {
+      if (entry < 0 || expected === 0) return;
+      const actual = hrlChecksumFromSum(sum);
+      if (actual !== expected) {
+        const entryOffset = blockOffset + HRL_METADATA_HEADER_SIZE + entry * HRL_METADATA_ENTRY_SIZE;
+        throw hrlDamage('BR_HRL_DATA_CHECKSUM', this.path, entryStart, `payload of the entry at byte ${entryOffset} has checksum 0x${hex32(actual)}, DataChecksum says 0x${hex32(expected)}`, { entryOffset });
       }
-      payload += d.dataLength;
+    };
+    const nextEntry = (at: number): void => {
+      finishEntry();
+      entry++;
+      const d = decodeHrlMetadataEntry(block, HRL_METADATA_HEADER_SIZE + entry * HRL_METADATA_ENTRY_SIZE);
+      entryLeft = d.dataLength;
+      expected = d.dataChecksum;
+      entryStart = at;
+      sum = 0;
+    };
+    while (entry + 1 < validEntries && entryLeft === 0) nextEntry(payloadStart);
+    for (let at = payloadStart; at < blockOffset; ) {
+      const n = Math.min(HRL_READ_CHUNK_BYTES, blockOffset - at);
+      this.chunk ??= Buffer.allocUnsafe(HRL_READ_CHUNK_BYTES);
+      const chunk = await this.readExact(at, n, 'payload', this.chunk);
+      let pos = 0;
+      while (pos < n) {
+        const take = Math.min(entryLeft, n - pos);
+        if (expected !== 0) sum = (sum + hrlByteSum(chunk.subarray(pos, pos + take))) >>> 0;
+        pos += take;
+        entryLeft -= take;
+        while (entryLeft === 0 && entry + 1 < validEntries) nextEntry(at + pos);
+        if (entryLeft === 0 && pos < n) break; // cannot happen after checkBlockEntries: lengths fill the region
+      }
+      at += n;
     }
+    finishEntry();
   }
 }
 
