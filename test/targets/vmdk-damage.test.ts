@@ -83,6 +83,23 @@ describe('damaged VMDK inputs', () => {
     await expectRefused(`vmdk:${file}`, file);
   });
 
+  it('refuses directory and table entries that would make a flush overwrite the header, descriptor or directories', async () => {
+    const dir = tempDir();
+    const a = await makeImage(dir, 'a.vmdk');
+    a.bytes.writeUInt32LE(1, Number(a.bytes.readBigUInt64LE(HDR.gdOffset)) * 512); // GT 0 "at" the descriptor
+    fs.writeFileSync(a.file, a.bytes);
+    expect((await expectRefused(`vmdk:${a.file}`, a.file)).message).toMatch(/header, descriptor or a directory|disagree/);
+    const b = await makeImage(dir, 'b.vmdk');
+    b.bytes.writeBigUInt64LE(0n, HDR.overHead);
+    b.bytes.writeUInt32LE(1, gtSector(b.bytes) * 512 + 4 * 4); // a grain at sector 1
+    fs.writeFileSync(b.file, b.bytes);
+    expect((await expectRefused(`vmdk:${b.file}`, b.file)).message).toMatch(/into the metadata/);
+    const c = await makeImage(dir, 'c.vmdk');
+    c.bytes.writeUInt32LE(0, Number(c.bytes.readBigUInt64LE(HDR.rgdOffset)) * 512); // RGD lost GT 0, GD still has it
+    fs.writeFileSync(c.file, c.bytes);
+    expect((await expectRefused(`vmdk:${c.file}`, c.file)).message).toMatch(/disagree/);
+  });
+
   it('refuses a file truncated inside the metadata and one truncated inside a grain', async () => {
     const dir = tempDir();
     const { file, bytes } = await makeImage(dir);

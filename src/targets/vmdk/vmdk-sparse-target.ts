@@ -111,6 +111,8 @@ export class VmdkSparseTarget implements DiskTarget {
   private wroteData = false;
   private closed = false;
   private tail: Promise<unknown> = Promise.resolve();
+  /** Sector ranges [from, to) no grain or GT may overlap: header, descriptor, GD, RGD. */
+  private readonly reserved: Array<[number, number]>;
 
   private constructor(
     readonly spec: string,
@@ -134,6 +136,10 @@ export class VmdkSparseTarget implements DiskTarget {
     this.nextGrainSector = Math.max(header.overheadSectors, Math.ceil(fileSizeBytes / this.grainBytes) * header.grainSectors);
     this.capabilities = { sparse: true, discard: false, alignmentBytes: SECTOR_BYTES, readOnly };
     this.diskUuid = fromVmwareUuid(descriptor?.ddb.get('ddb.uuid'));
+    const dirSectors = Math.ceil((gd.length * GTE_BYTES) / SECTOR_BYTES);
+    this.reserved = [[0, 1], [header.gdOffsetSectors, header.gdOffsetSectors + dirSectors]];
+    if (header.descriptorOffsetSectors !== 0) this.reserved.push([header.descriptorOffsetSectors, header.descriptorOffsetSectors + header.descriptorSectors]);
+    if (rgd !== undefined) this.reserved.push([header.rgdOffsetSectors, header.rgdOffsetSectors + dirSectors]);
   }
 
   /**
@@ -563,7 +569,8 @@ export class VmdkSparseTarget implements DiskTarget {
     for (let i = 0; i < this.header.gtesPerGt; i++) {
       const v = table[i]!;
       if (v === GTE_UNALLOCATED || (v === GTE_ZEROED && this.zeroedGrainGte)) continue;
-      if (v < this.header.overheadSectors || v > limit) {
+      const intoMetadata = v < this.header.overheadSectors || this.reserved.some(([from, to]) => v < to && v + this.header.grainSectors > from);
+      if (intoMetadata || v > limit) {
         throw corrupt(this.file, byteOffset + i * GTE_BYTES, `grain table entry ${v} points ${v > limit ? 'past the end of the file' : 'into the metadata'}`);
       }
     }
@@ -578,14 +585,26 @@ export class VmdkSparseTarget implements DiskTarget {
   private async validateTables(unclean: boolean): Promise<void> {
     const fileSectors = this.dataEndSector;
     const gtBytes = this.gtSectors * SECTOR_BYTES;
+    // A GT may not overlap the header, the descriptor or either directory:
+    // flush writes GTs where the directories say, and must never land there.
+    const h = this.header;
+    const reserved = this.reserved;
     const checkDir = (dir: Uint32Array, at: number): void => {
       for (let i = 0; i < dir.length; i++) {
         const v = dir[i]!;
-        if (v !== 0 && (v < 1 || v + this.gtSectors > fileSectors)) throw corrupt(this.file, at * SECTOR_BYTES + i * GTE_BYTES, `grain directory entry ${v} points past the end of the file`);
+        if (v === 0) continue;
+        const where = at * SECTOR_BYTES + i * GTE_BYTES;
+        if (v + this.gtSectors > fileSectors) throw corrupt(this.file, where, `grain directory entry ${v} points past the end of the file`);
+        if (reserved.some(([from, to]) => v < to && v + this.gtSectors > from)) throw corrupt(this.file, where, `grain directory entry ${v} points into the header, descriptor or a directory`);
       }
     };
-    checkDir(this.gd, this.header.gdOffsetSectors);
-    if (this.rgd !== undefined) checkDir(this.rgd, this.header.rgdOffsetSectors);
+    checkDir(this.gd, h.gdOffsetSectors);
+    if (this.rgd !== undefined) {
+      checkDir(this.rgd, h.rgdOffsetSectors);
+      for (let i = 0; i < this.gd.length; i++) {
+        if ((this.gd[i] === 0) !== (this.rgd[i] === 0)) throw corrupt(this.file, h.rgdOffsetSectors * SECTOR_BYTES + i * GTE_BYTES, 'grain directory and redundant grain directory disagree about an allocated table');
+      }
+    }
     const scan = async (dir: Uint32Array, visit: (index: number, table: Uint32Array) => void): Promise<void> => {
       for (let i = 0; i < dir.length; ) {
         if (dir[i] === 0) {
@@ -610,9 +629,6 @@ export class VmdkSparseTarget implements DiskTarget {
       else if (this.cache.size < MAX_CACHED_GTS) this.cache.set(index, table);
     });
     if (!unclean || this.rgd === undefined) return;
-    for (let i = 0; i < this.gd.length; i++) {
-      if ((this.gd[i] === 0) !== (this.rgd[i] === 0)) throw corrupt(this.file, this.header.rgdOffsetSectors * SECTOR_BYTES + i * GTE_BYTES, 'grain directory and redundant grain directory disagree about an allocated table');
-    }
     await scan(this.rgd, (index, table) => {
       const main = primary.get(index)!;
       const same = table.every((v, k) => v === main[k]);
