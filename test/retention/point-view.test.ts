@@ -1,0 +1,148 @@
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { loadPoints } from '../../src/retention/failover';
+import { fillGaps, PointView, type OverlaySegment } from '../../src/retention/point-view';
+import { readManifest } from '../../src/retention/retention-manifest';
+import type { ApplyingHop } from '../../src/transport/master-target';
+import { cliCommand } from '../helpers/cli';
+import { useTempDirs } from '../helpers/tmp';
+import { requireTool } from '../helpers/tools';
+import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from './retention-fixture';
+
+const MINUTE_MS = 60_000;
+
+/** Starts `blockrelay export` and resolves with its NBD URI once it says it is ready. */
+function startExport(args: string[]): Promise<{ child: ChildProcess; uri: string; stderr: () => string }> {
+  const { command, args: full } = cliCommand(['export', ...args]);
+  const child = spawn(command, full, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let text = '';
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`export did not start: ${text}`)), 30_000);
+    child.stderr!.on('data', (d: Buffer) => {
+      text += d.toString();
+      const m = /ready: (nbd:\/\/\S+)/.exec(text);
+      if (m) {
+        clearTimeout(timer);
+        resolve({ child, uri: m[1]!, stderr: () => text });
+      }
+    });
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`export exited ${code}: ${text}`));
+    });
+  });
+}
+
+function exitOf(child: ChildProcess): Promise<number | null> {
+  return new Promise((resolve) => child.once('exit', (code) => resolve(code)));
+}
+
+describe('point view', () => {
+  const tmp = useTempDirs();
+  const retentionTmp = useRetentionDirs();
+  const running: ApplyingHop[] = [];
+  const children: ChildProcess[] = [];
+  afterEach(async () => {
+    for (const c of children.splice(0)) if (c.exitCode === null) c.kill('SIGKILL');
+    for (const mt of running.splice(0)) await mt.stop();
+  });
+
+  it('keeps the oldest pre-image of each byte when overlaying', () => {
+    const seg = (start: number, end: number, log: number, fileOffset = start * 10): OverlaySegment => ({ start, end, log, fileOffset });
+    const older = [seg(10, 20, 0), seg(30, 40, 0)];
+    const newer = [seg(5, 12, 1), seg(15, 35, 1), seg(38, 50, 1)];
+    expect(fillGaps(older, newer)).toEqual([seg(5, 10, 1, 50), seg(10, 20, 0), seg(20, 30, 1, 155), seg(30, 40, 0), seg(40, 50, 1, 382)]);
+    expect(fillGaps([], newer)).toEqual(newer);
+    expect(fillGaps(older, [])).toEqual(older);
+    // An existing segment reaching past one incoming range still shadows the next.
+    expect(fillGaps([seg(0, 100, 0)], [seg(10, 20, 1), seg(50, 120, 1)])).toEqual([seg(0, 100, 0), seg(100, 120, 1, 550)]);
+  });
+
+  it('serves every point through blockrelay export and nbdcopy, while the master target keeps applying', async () => {
+    if (!requireTool('nbdcopy')) return;
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(77);
+    const t0 = Date.now() - 60 * MINUTE_MS;
+    const images = new Map<number, Buffer>();
+    const logs = [];
+    for (let seq = 1; seq <= 4; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, ...(seq === 3 ? { appTag: 'db' } : {}) }, model, rand));
+      images.set(seq, Buffer.from(model));
+    }
+    await sendAll(mt, logs);
+    await mt.drain();
+
+    const exp = await startExport(['--retention', retentionDir, '--disk', 'disk0', '--point', 'disk0-2', '--listen', '127.0.0.1:0']);
+    children.push(exp.child);
+    expect(exp.uri).toMatch(/^nbd:\/\/127\.0\.0\.1:\d+\/disk0$/);
+    const copy = (name: string): Buffer => {
+      const file = path.join(dir, name);
+      execFileSync('nbdcopy', [exp.uri, file]);
+      return fs.readFileSync(file);
+    };
+    expect(copy('view2-a.raw').equals(images.get(2)!)).toBe(true);
+    // Replication goes on underneath the view: two more logs are applied.
+    const more = [];
+    for (let seq = 5; seq <= 6; seq++) more.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 64 }, model, rand));
+    await sendAll(mt, more);
+    await mt.drain();
+    expect(copy('view2-b.raw').equals(images.get(2)!)).toBe(true);
+    exp.child.kill('SIGTERM');
+    expect(await exitOf(exp.child)).toBe(0);
+
+    for (const [point, seq] of [['latest-app', 3], ['disk0-1', 1], ['latest', 6]] as const) {
+      const e = await startExport(['--retention', retentionDir, '--disk', 'disk0', '--point', point, '--listen', '127.0.0.1:0']);
+      children.push(e.child);
+      const file = path.join(dir, `view-${seq}.raw`);
+      execFileSync('nbdcopy', [e.uri, file]);
+      expect(fs.readFileSync(file).equals(seq === 6 ? model : images.get(seq)!), point).toBe(true);
+      e.child.kill('SIGTERM');
+      expect(await exitOf(e.child)).toBe(0);
+    }
+  });
+
+  it('reads every point of a VMDK target in process, at random ranges, as the image was', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir, ['disk0'], 'vmdk');
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(5);
+    const images: Buffer[] = [];
+    const logs = [];
+    for (let seq = 1; seq <= 5; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (10 - seq) * MINUTE_MS }, model, rand));
+      images.push(Buffer.from(model));
+    }
+    await sendAll(mt, logs);
+    await mt.drain();
+    // A VMDK is opened once per process (uuid registry): the view opens it read-only after the master target.
+    await mt.stop();
+    running.splice(0);
+    const manifest = await readManifest(retentionDir, 'disk0');
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    for (const point of points) {
+      const view = await PointView.open({ retentionDir, manifest, point, newestSeq: 5 });
+      try {
+        const expected = images[point.seq - 1]!;
+        for (let i = 0; i < 50; i++) {
+          const a = view.capabilities.alignmentBytes;
+          const offset = Math.floor(rand() * (DISK_BYTES / a - 1)) * a;
+          const length = a * (1 + Math.floor(rand() * Math.min(400, (DISK_BYTES - offset) / a)));
+          expect((await view.read(offset, length)).equals(expected.subarray(offset, offset + length))).toBe(true);
+        }
+        await expect(view.write()).rejects.toMatchObject({ code: 'BR_TARGET_READ_ONLY' });
+      } finally {
+        await view.close();
+      }
+    }
+  });
+});
