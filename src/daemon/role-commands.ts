@@ -1,6 +1,7 @@
 import { hrlLogOps } from '../transport/hrl-log-ops';
 import type { ApplyingHop } from '../transport/master-target';
 import { masterTargetFromConfig } from '../transport/master-target';
+import { retentionHooksFromConfig } from '../retention/retention-hooks';
 import { processServerFromConfig } from '../transport/process-server';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { parseCommandArgs, type Command } from './command';
@@ -59,7 +60,7 @@ export function roleCommands(): Command[] {
       processServerFromConfig(config, hrlLogOps, { logger: createLogger({ level: config.log.level, name: 'process-server' }) }),
     ),
     roleCommand('master-target', 'receive sealed logs and apply each exactly once, in order, to the disk targets', (config) =>
-      masterTargetFromConfig(config, hrlLogOps, { logger: createLogger({ level: config.log.level, name: 'master-target' }) }),
+      masterTargetFromConfig(config, hrlLogOps, { logger: createLogger({ level: config.log.level, name: 'master-target' }), hooks: retentionHooksFromConfig(config) }),
     ),
   ];
 }

@@ -26,6 +26,12 @@ import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
 export interface ApplyHooks {
   beforeApply?(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void>;
   afterApply?(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void>;
+  /**
+   * Called once at start: lets the hooks raise a recoverable Warning on a
+   * disk's health (e.g. BR_RETENTION_VOLUME_FULL) and clear it again,
+   * without failing the apply.
+   */
+  attachHealth?(sink: { warn(diskId: string, err: BlockrelayError): void; clear(diskId: string): void }): void;
 }
 
 export interface DiskApplyStatus {
@@ -138,6 +144,10 @@ export class ApplyingHop {
       await this.spool.open();
       this.receiver.reconcile();
       for (const [diskId, spec] of this.diskSpecs) this.addApplier(diskId, spec);
+      this.options.hooks?.attachHealth?.({
+        warn: (diskId, err) => this.disks.get(diskId)?.health.reportError('retention', err, this.clock.now()),
+        clear: (diskId) => this.disks.get(diskId)?.health.reportSuccess('retention'),
+      });
       this.api = new HttpApi({ secret: this.options.secret, routes: this.routes(), tls: this.options.tls, logger: this.logger });
       const [host, port] = splitHostPort(this.options.listen);
       await this.api.listen(host, port);
