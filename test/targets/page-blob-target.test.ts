@@ -180,6 +180,40 @@ describe('page blob target against Azurite', () => {
     expect(warnings).toHaveLength(1);
   });
 
+  it('takes snapshots as read-only points that open while the disk is being written', async () => {
+    const t = await PageBlobTarget.open(newBlobUrl(), { create: { sizeBytes: 4 * MiB } });
+    await t.write(0, Buffer.alloc(MiB, 0xa1));
+    const first = await t.snapshot();
+    await t.write(512, Buffer.alloc(1024, 0xb2));
+    await t.writeZeroes(2048, 512);
+    const second = await t.snapshot();
+    await t.write(0, Buffer.alloc(4 * MiB, 0xc3));
+    expect(first.spec).toBe(`${t.spec}?snapshot=${encodeURIComponent(first.snapshot)}`);
+
+    await expectCode(openDisk(first.spec), 'BR_TARGET_READ_ONLY');
+    const p1 = await openDisk(first.spec, { readOnly: true });
+    expect(p1.sizeBytes).toBe(4 * MiB);
+    expect(p1.diskUuid).toBe(t.diskUuid);
+    expect((await p1.read(0, 2 * MiB)).equals(Buffer.concat([Buffer.alloc(MiB, 0xa1), Buffer.alloc(MiB)]))).toBe(true);
+    const extents = [];
+    for await (const e of p1.extents(0, 4 * MiB)) extents.push(e);
+    expect(extents).toEqual([{ offset: 0, length: MiB, zero: false }, { offset: MiB, length: 3 * MiB, zero: true }]);
+    await p1.close();
+    const p2 = await openDisk(second.spec, { readOnly: true });
+    const expected = Buffer.alloc(4096, 0xa1);
+    expected.fill(0xb2, 512, 1536);
+    expected.fill(0, 2048, 2560);
+    expect((await p2.read(0, 4096)).equals(expected)).toBe(true);
+    await p2.close();
+
+    expect((await t.listSnapshots()).map((x) => x.snapshot)).toEqual([first.snapshot, second.snapshot]);
+    await t.deleteSnapshot(first.snapshot);
+    expect((await t.listSnapshots()).map((x) => x.snapshot)).toEqual([second.snapshot]);
+    await expectCode(openDisk(first.spec, { readOnly: true }), 'BR_BLOB_NOT_FOUND');
+    expect((await t.read(0, 512)).equals(Buffer.alloc(512, 0xc3))).toBe(true);
+    await t.close();
+  });
+
   it('refuses disks that do not fit the 8 TiB page blob limit, before any request', async () => {
     const url = newBlobUrl();
     const err = await expectCode(PageBlobTarget.open(url, { create: { sizeBytes: 8 * 1024 * 1024 * MiB } }), 'BR_BLOB_TOO_LARGE');

@@ -26,6 +26,7 @@ describe('page blob URLs', () => {
       blobName: 'vm1/disk0.vhd',
       pathStyle: true,
       sasToken: '',
+      snapshot: '',
     });
     expect(blobUrl(loc)).toBe('http://127.0.0.1:10000/devstoreaccount1/disks/vm1/disk0.vhd');
     expect(containerUrl(loc)).toBe('http://127.0.0.1:10000/devstoreaccount1/disks');
@@ -35,6 +36,15 @@ describe('page blob URLs', () => {
     const loc = parseBlobUrl('https://myacct.blob.core.windows.net/vhds/os%20disk.vhd?sv=2024&sig=abc');
     expect(loc).toMatchObject({ accountName: 'myacct', containerName: 'vhds', blobName: 'os disk.vhd', pathStyle: false, sasToken: 'sv=2024&sig=abc' });
     expect(blobSpec(loc)).toBe('blob:https://myacct.blob.core.windows.net/vhds/os%20disk.vhd');
+  });
+
+  it('reads a snapshot parameter apart from the SAS token, which stays byte for byte', () => {
+    const loc = parseBlobUrl('https://acct.blob.core.windows.net/vhds/d.vhd?snapshot=2026-01-02T03%3A04%3A05.1234567Z&sv=1&sig=a%2Bb%3D');
+    expect(loc).toMatchObject({ snapshot: '2026-01-02T03:04:05.1234567Z', sasToken: 'sv=1&sig=a%2Bb%3D' });
+    expect(blobSpec(loc)).toBe('blob:https://acct.blob.core.windows.net/vhds/d.vhd?snapshot=2026-01-02T03%3A04%3A05.1234567Z');
+    expect(parseBlobUrl(blobSpec(loc).slice('blob:'.length)).snapshot).toBe(loc.snapshot);
+    expect(codeOf(() => parseBlobUrl('http://h/devstoreaccount1/disks/d.vhd?snapshot=yesterday'))).toBe('BR_BLOB_URL_INVALID');
+    expect(codeOf(() => parseBlobUrl('http://h/devstoreaccount1/disks/d.vhd?snapshot=2026-01-02T03:04:05Z&snapshot=2026-01-02T03:04:06Z'))).toBe('BR_BLOB_URL_INVALID');
   });
 
   it('takes a container URL plus a blob name', () => {

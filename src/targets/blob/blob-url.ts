@@ -7,7 +7,8 @@ import { BlockrelayError } from '../../retry/blockrelay-error';
  * `http(s)://host[:port]/account/container` plus a blob name given beside it.
  * Hosts of the form `ACCOUNT.blob.<suffix>` (the public Azure endpoints) are
  * read host style: `https://ACCOUNT.blob.core.windows.net/container/blob`.
- * A query string is kept as a shared access signature.
+ * A `snapshot=` query parameter names a blob snapshot (read-only); any
+ * other query string is kept as a shared access signature.
  */
 export interface BlobLocation {
   /** `http:` or `https:`. */
@@ -19,8 +20,10 @@ export interface BlobLocation {
   readonly blobName: string;
   /** True when the account is the first path segment (emulator style). */
   readonly pathStyle: boolean;
-  /** The query string without `?` (a SAS token), or empty. */
+  /** The query string without `?` and without `snapshot=` (a SAS token), or empty. */
   readonly sasToken: string;
+  /** The snapshot time stamp (e.g. `2026-01-01T00:00:00.1234567Z`), or empty for the base blob. */
+  readonly snapshot: string;
 }
 
 /** Storage limits on names (Azure "Naming and referencing containers, blobs, and metadata"). */
@@ -28,6 +31,8 @@ const ACCOUNT_NAME_PATTERN = /^[a-z0-9]{3,24}$/;
 const CONTAINER_NAME_PATTERN = /^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$/;
 const BLOB_NAME_MAX_CHARS = 1024;
 const HOST_STYLE_PATTERN = /^([a-z0-9]{3,24})\.blob\./;
+/** Snapshot ids are ISO-8601 UTC time stamps with up to 7 fractional digits. */
+const SNAPSHOT_PATTERN = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,7})?Z$/;
 
 function invalid(url: string, why: string): BlockrelayError {
   return new BlockrelayError('BR_BLOB_URL_INVALID', `bad page blob URL '${url}': ${why}; expected http(s)://host[:port]/account/container/blob`, {
@@ -82,6 +87,19 @@ export function parseBlobUrl(url: string, blobName?: string): BlobLocation {
   if (name.endsWith('/') || name.split('/').some((s) => s === '' || s === '.' || s === '..')) {
     throw invalid(url, `blob name '${name}' has an empty, '.' or '..' path segment`);
   }
+  // The SAS part is kept byte for byte (re-encoding could change its signature).
+  const params = parsed.search.replace(/^\?/, '').split('&').filter((p) => p !== '');
+  const snapshots = params.filter((p) => p.startsWith('snapshot='));
+  const sasParams = params.filter((p) => !p.startsWith('snapshot='));
+  let snapshot = '';
+  if (snapshots.length > 0) {
+    try {
+      snapshot = decodeURIComponent(snapshots[0]!.slice('snapshot='.length));
+    } catch {
+      throw invalid(url, 'the snapshot holds a malformed %-escape');
+    }
+    if (snapshots.length > 1 || !SNAPSHOT_PATTERN.test(snapshot)) throw invalid(url, `snapshot '${snapshot}' is not one ISO-8601 UTC time stamp`);
+  }
   return {
     protocol: parsed.protocol,
     host: parsed.host,
@@ -89,7 +107,8 @@ export function parseBlobUrl(url: string, blobName?: string): BlobLocation {
     containerName,
     blobName: name,
     pathStyle: hostStyle === null,
-    sasToken: parsed.search.replace(/^\?/, ''),
+    sasToken: sasParams.join('&'),
+    snapshot,
   };
 }
 
@@ -110,7 +129,8 @@ export function blobUrl(location: BlobLocation): string {
   return `${containerUrl(location)}/${blobPath}`;
 }
 
-/** The canonical `blob:` spec for a location (SAS token left out, so it is safe to log). */
+/** The canonical `blob:` spec for a location (SAS token left out, so it is safe to log; snapshot kept). */
 export function blobSpec(location: BlobLocation): string {
-  return `blob:${blobUrl(location)}`;
+  const snapshot = location.snapshot === '' ? '' : `?snapshot=${encodeURIComponent(location.snapshot)}`;
+  return `blob:${blobUrl(location)}${snapshot}`;
 }

@@ -17,7 +17,7 @@ import {
   type VhdFooter,
 } from '../vhd/vhd-footer';
 import { wrapBlobError } from './blob-errors';
-import { blobSpec, blobUrl, containerUrl, parseBlobUrl } from './blob-url';
+import { blobSpec, blobUrl, containerUrl, parseBlobUrl, type BlobLocation } from './blob-url';
 import { InFlightLimit, runBounded } from './in-flight-limit';
 import { CONNECTION_STRING_ENV, blobAccess } from './storage-credentials';
 
@@ -74,6 +74,14 @@ export interface PageBlobOpenOptions extends OpenOptions {
 /** Azure attaches a disk only if its virtual size is a whole number of MiB. */
 export const AZURE_DISK_SIZE_MULTIPLE_BYTES = MiB;
 
+/** A snapshot of a page blob disk: a read-only past point. */
+export interface PageBlobSnapshot {
+  /** The service's snapshot id (a UTC time stamp). */
+  readonly snapshot: string;
+  /** `blob:URL?snapshot=ID`, which opens it read-only. */
+  readonly spec: string;
+}
+
 interface Lease {
   readonly id: string;
   readonly client: BlobLeaseClient;
@@ -117,7 +125,9 @@ export class PageBlobTarget implements DiskTarget {
 
   private constructor(
     readonly spec: string,
+    private readonly location: BlobLocation,
     private readonly client: PageBlobClient,
+    private readonly container: ContainerClient,
     private readonly footer: VhdFooter,
     private readonly lease: Lease | undefined,
     private readonly uuidClaim: DiskUuidClaim,
@@ -157,6 +167,9 @@ export class PageBlobTarget implements DiskTarget {
     const readOnly = options.readOnly === true;
     const create = options.create;
     if (create !== undefined && readOnly) throw new BlockrelayError('BR_USAGE', `cannot create ${spec} read-only`);
+    if (location.snapshot !== '' && !readOnly) {
+      throw new BlockrelayError('BR_TARGET_READ_ONLY', `${spec} is a snapshot, which never changes; open it read-only`, { details: { spec } });
+    }
     if (create !== undefined) {
       checkCreateRequest(spec, create.sizeBytes, create.diskUuid);
       // A replica keeps its source's size, so this is a warning, not a refusal:
@@ -188,10 +201,14 @@ export class PageBlobTarget implements DiskTarget {
       },
     };
     const sas = access.sasToken === '' ? '' : `?${access.sasToken}`;
-    const client = new PageBlobClient(`${blobUrl(location)}${sas}`, access.credential, pipeline);
+    const baseClient = new PageBlobClient(`${blobUrl(location)}${sas}`, access.credential, pipeline);
+    const client = location.snapshot === '' ? baseClient : baseClient.withSnapshot(location.snapshot);
+    const container = new ContainerClient(`${containerUrl(location)}${sas}`, access.credential, pipeline);
     const context = {
       spec,
+      location,
       client,
+      container,
       clock,
       leaseDurationSeconds,
       leaseRenewIntervalMs,
@@ -202,8 +219,7 @@ export class PageBlobTarget implements DiskTarget {
       // Creating first (conditional on absence) saves a round trip for the
       // common case of a new disk; an existing blob falls through to the
       // checks below, which decide whether it is ours.
-      const container = new ContainerClient(`${containerUrl(location)}${sas}`, access.credential, pipeline);
-      const made = await PageBlobTarget.createNew(context, container, create.sizeBytes, create.diskUuid);
+      const made = await PageBlobTarget.createNew(context, create.sizeBytes, create.diskUuid);
       if (made !== 'exists') return made;
     }
     const props = await client.getProperties().catch((err: unknown) => {
@@ -246,8 +262,10 @@ export class PageBlobTarget implements DiskTarget {
           });
         }
       }
-      const claim = claimDiskUuid(footer.uniqueId, spec, !readOnly);
-      return new PageBlobTarget(spec, client, footer, lease, claim, clock, leaseRenewIntervalMs, context.maxInFlightRequests);
+      // A snapshot is a past point of the disk, never written: it may be read
+      // while the disk itself is open for writing, so it claims no identity.
+      const claim = location.snapshot === '' ? claimDiskUuid(footer.uniqueId, spec, !readOnly) : { release: () => undefined };
+      return new PageBlobTarget(spec, location, client, container, footer, lease, claim, clock, leaseRenewIntervalMs, context.maxInFlightRequests);
     } catch (err) {
       if (lease !== undefined) await lease.client.releaseLease().catch(() => undefined);
       throw err;
@@ -255,8 +273,16 @@ export class PageBlobTarget implements DiskTarget {
   }
 
   private static async createNew(
-    context: { spec: string; client: PageBlobClient; clock: Clock; leaseDurationSeconds: number; leaseRenewIntervalMs: number; maxInFlightRequests: number },
-    container: ContainerClient,
+    context: {
+      spec: string;
+      location: BlobLocation;
+      client: PageBlobClient;
+      container: ContainerClient;
+      clock: Clock;
+      leaseDurationSeconds: number;
+      leaseRenewIntervalMs: number;
+      maxInFlightRequests: number;
+    },
     sizeBytes: number,
     diskUuid: string | undefined,
   ): Promise<PageBlobTarget | 'exists'> {
@@ -282,7 +308,7 @@ export class PageBlobTarget implements DiskTarget {
         // The container is made only when missing, which costs a request
         // only the first time a container is used.
         if ((err as { statusCode?: number }).statusCode !== 404) throw wrapBlobError(err, 'Create Page Blob', spec);
-        await container.createIfNotExists().catch((e: unknown) => {
+        await context.container.createIfNotExists().catch((e: unknown) => {
           throw wrapBlobError(e, 'Create Container', spec);
         });
         fresh = await createBlob().catch((e: unknown) => {
@@ -308,7 +334,7 @@ export class PageBlobTarget implements DiskTarget {
       else if (lease !== undefined) await lease.client.releaseLease().catch(() => undefined);
       throw err;
     }
-    return new PageBlobTarget(spec, client, footer, lease, claim, context.clock, context.leaseRenewIntervalMs, context.maxInFlightRequests);
+    return new PageBlobTarget(spec, context.location, client, context.container, footer, lease, claim, context.clock, context.leaseRenewIntervalMs, context.maxInFlightRequests);
   }
 
   read(offset: number, length: number): Promise<Buffer> {
@@ -373,6 +399,58 @@ export class PageBlobTarget implements DiskTarget {
     } finally {
       release();
     }
+  }
+
+  /**
+   * Takes a snapshot of the blob under the lease (for instance a recovery
+   * point on the Azure side: every write acknowledged before the call is in
+   * it). Returns the snapshot id and the `blob:` spec that opens it read-only.
+   */
+  snapshot(): Promise<PageBlobSnapshot> {
+    return this.track(async () => {
+      this.checkWritable();
+      const release = await this.limit.acquire();
+      try {
+        const answer = await this.client.createSnapshot({ conditions: { leaseId: this.lease!.id } });
+        const id = answer.snapshot;
+        if (id === undefined) throw new BlockrelayError('BR_BLOB_REQUEST_FAILED', `Snapshot Blob on ${this.spec} answered without a snapshot id`, { details: { spec: this.spec } });
+        return { snapshot: id, spec: blobSpec({ ...this.location, snapshot: id }) };
+      } catch (err) {
+        throw this.failure(err, 'Snapshot Blob');
+      } finally {
+        release();
+      }
+    });
+  }
+
+  /** Snapshots of this blob, oldest first; more than `maxSnapshots` is refused rather than listed without bound. */
+  async listSnapshots(maxSnapshots = 10_000): Promise<PageBlobSnapshot[]> {
+    this.checkUsable();
+    const out: PageBlobSnapshot[] = [];
+    try {
+      for await (const item of this.container.listBlobsFlat({ prefix: this.location.blobName, includeSnapshots: true })) {
+        if (item.name !== this.location.blobName || item.snapshot === undefined || item.snapshot === '') continue;
+        if (out.length === maxSnapshots) {
+          throw new BlockrelayError('BR_BLOB_REQUEST_FAILED', `${this.spec} has more than ${maxSnapshots} snapshots`, { details: { spec: this.spec } });
+        }
+        out.push({ snapshot: item.snapshot, spec: blobSpec({ ...this.location, snapshot: item.snapshot }) });
+      }
+    } catch (err) {
+      throw this.failure(err, 'List Blobs (snapshots)');
+    }
+    // Snapshot ids are fixed-width UTC time stamps: text order is time order.
+    return out.sort((a, b) => (a.snapshot < b.snapshot ? -1 : a.snapshot > b.snapshot ? 1 : 0));
+  }
+
+  /** Deletes one snapshot of this blob (retention pruning); the disk itself is untouched. */
+  deleteSnapshot(snapshot: string): Promise<void> {
+    return this.track(async () => {
+      this.checkWritable();
+      parseBlobUrl(`${blobUrl(this.location)}?snapshot=${encodeURIComponent(snapshot)}`);
+      await this.client.withSnapshot(snapshot).delete().catch((err: unknown) => {
+        throw this.failure(err, 'Delete Blob (snapshot)');
+      });
+    });
   }
 
   /** Acknowledged page writes are already durable; flush reports a lost lease. */
