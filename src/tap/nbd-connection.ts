@@ -44,6 +44,9 @@ export interface ConnectionHost {
   warn(message: string, details?: Record<string, unknown>): void;
 }
 
+/** How long a soft-closed session waits for the client to close its side before it is dropped. */
+const CLOSE_GRACE_MS = 5_000;
+
 const enum Phase {
   ClientFlags,
   Options,
@@ -643,6 +646,11 @@ export class NbdConnection {
     this.phase = Phase.Closed;
     this.input.clear();
     this.socket.end();
+    // A paused socket never sees the peer's EOF, so it would never close:
+    // let input flow again (it is ignored now) and bound the wait for the peer.
+    this.socket.resume();
+    const timer = this.host.clock.setTimer(() => this.socket.destroy(), CLOSE_GRACE_MS);
+    this.socket.once('close', () => timer.cancel());
   }
 
   private endSessionAfterReplies(): void {

@@ -4,6 +4,7 @@ import { RawTarget } from './raw/raw-target';
 import { openVmdk } from './vmdk/vmdk-disk';
 import { VhdTarget } from './vhd/vhd-target';
 import { PageBlobTarget } from './blob/page-blob-target';
+import { NbdDiskTarget } from '../tap/nbd-disk-target';
 
 /**
  * Disk specs, parsed in one place (DESIGN.md "Outward contracts"):
@@ -57,10 +58,6 @@ export function parseDiskSpec(spec: string): DiskSpec {
   throw invalid(spec, `unknown kind '${kind}'`);
 }
 
-function notWired(parsed: DiskSpec): never {
-  throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `disk kind '${parsed.kind}' is not available in this build (${parsed.spec})`, { details: { spec: parsed.spec, kind: parsed.kind } });
-}
-
 /**
  * Opens (or with `options.create`, creates) the disk a spec names. The one
  * place every command turns a spec into a DiskTarget.
@@ -79,6 +76,6 @@ export async function openDisk(spec: string, options: OpenOptions = {}): Promise
     case 'blob':
       return PageBlobTarget.open(parsed.url, options);
     case 'nbd':
-      return notWired(parsed);
+      return NbdDiskTarget.open(parsed.host, parsed.port, parsed.exportName, options, spec);
   }
 }
