@@ -183,6 +183,16 @@ describe('fixed VHD damage and creation rules', () => {
     expect(fs.existsSync(file)).toBe(false);
   });
 
+  it('warns when a created VHD is not a whole MiB, which Azure will not take as a disk', async () => {
+    const warnings: unknown[] = [];
+    const logger = { warn: (...args: unknown[]) => void warnings.push(args) };
+    const odd = await VhdTarget.open(path.join(tempDir(), 'odd.vhd'), { create: { sizeBytes: MiB + 512 }, logger });
+    await odd.close();
+    const even = await VhdTarget.open(path.join(tempDir(), 'even.vhd'), { create: { sizeBytes: 2 * MiB }, logger });
+    await even.close();
+    expect(warnings).toHaveLength(1);
+  });
+
   it('refuses sizes that are not a positive multiple of 512', async () => {
     const file = path.join(tempDir(), 'odd.vhd');
     await expectCode(VhdTarget.open(file, { create: { sizeBytes: MiB + 1 } }), 'BR_TARGET_SIZE_MISMATCH');

@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
+import type { Logger } from '../../daemon/logger';
 import type { Clock } from '../../platform/clock';
 import { systemClock } from '../../platform/clock';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
@@ -23,7 +24,12 @@ const ZERO_CHUNK_BYTES = 1024 * 1024;
 export interface VhdOpenOptions extends OpenOptions {
   /** Source of the footer timestamp on create; the system clock by default. */
   readonly clock?: Clock;
+  /** Where to warn about a created size Azure cannot attach (not a whole MiB). */
+  readonly logger?: Pick<Logger, 'warn'>;
 }
+
+/** Azure attaches a VHD only if its virtual size is a whole number of MiB. */
+const AZURE_DISK_SIZE_MULTIPLE_BYTES = 1024 * 1024;
 
 /**
  * Reads and validates the footer at the end of an open VHD file of
@@ -106,6 +112,11 @@ export class VhdTarget implements DiskTarget {
         throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `cannot create ${spec} with size ${sizeBytes}: a VHD size is a positive multiple of 512 bytes`, {
           details: { spec, sizeBytes },
         });
+      }
+      // Fixed VHDs are what Azure uploads take; a replica keeps its source's
+      // size, so an odd size is worth a warning, not a refusal.
+      if (sizeBytes % AZURE_DISK_SIZE_MULTIPLE_BYTES !== 0) {
+        options.logger?.warn({ spec, sizeBytes }, 'VHD size is not a whole MiB; Azure will not accept it as a disk without resizing');
       }
       if (diskUuid !== undefined && !isUuid(diskUuid)) {
         throw new BlockrelayError('BR_USAGE', `disk uuid ${JSON.stringify(diskUuid)} for ${spec} is not a UUID`, { details: { spec } });
