@@ -154,7 +154,7 @@ describe('damaged VMDK inputs', () => {
     fs.writeFileSync(file, bytes);
     await expectRefused(`vmdk:${file}`, file, 'BR_TARGET_UNSUPPORTED');
     const desc = path.join(dir, 'split.vmdk');
-    fs.writeFileSync(desc, '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="twoGbMaxExtentSparse"\nRW 2048 SPARSE "split-s001.vmdk"\n');
+    fs.writeFileSync(desc, '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="vmfsSparse"\nRW 2048 VMFSSPARSE "split-delta.vmdk"\n');
     await expectRefused(`vmdk:${desc}`, desc, 'BR_TARGET_UNSUPPORTED');
   });
 

@@ -8,12 +8,13 @@ import { fromVmwareUuid, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID, parseDescriptor, t
 import { flatExtentName, VmdkFlatTarget } from './vmdk-flat-target';
 import { corrupt, SECTOR_BYTES, SPARSE_MAGIC } from './vmdk-format';
 import { VmdkSparseTarget } from './vmdk-sparse-target';
+import { VmdkSplitTarget } from './vmdk-split-target';
 
 export type VmdkSubformat = 'monolithicSparse' | 'monolithicFlat';
 
 /** What a VMDK file is, read without opening it for I/O. */
 export interface VmdkIdentity {
-  readonly layout: 'sparse' | 'flat';
+  readonly layout: 'sparse' | 'flat' | 'split';
   readonly descriptor: VmdkDescriptor | undefined;
   readonly sizeBytes: number;
   readonly diskUuid: string | undefined;
@@ -61,7 +62,10 @@ export async function probeVmdk(file: string): Promise<VmdkIdentity> {
   if ([...kinds].every((k) => k === 'FLAT' || k === 'VMFS')) {
     return { layout: 'flat', descriptor, sizeBytes: descriptor.extents.reduce((n, e) => n + e.sectors * SECTOR_BYTES, 0), diskUuid: fromVmwareUuid(descriptor.ddb.get('ddb.uuid')) };
   }
-  throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file}: createType "${descriptor.createType}" with ${[...kinds].join('/')} extents is not supported (monolithicSparse and flat VMDKs are)`, { details: { file } });
+  if ([...kinds].every((k) => k === 'SPARSE')) {
+    return { layout: 'split', descriptor, sizeBytes: descriptor.extents.reduce((n, e) => n + e.sectors * SECTOR_BYTES, 0), diskUuid: fromVmwareUuid(descriptor.ddb.get('ddb.uuid')) };
+  }
+  throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file}: createType "${descriptor.createType}" with ${[...kinds].join('/')} extents is not supported (sparse, split sparse and flat VMDKs are)`, { details: { file } });
 }
 
 /**
@@ -147,6 +151,7 @@ export async function openVmdk(file: string, options: OpenOptions, subformat: Vm
   const claim = id.diskUuid === undefined ? undefined : claimDiskUuid(id.diskUuid, spec, !readOnly);
   try {
     if (id.layout === 'sparse') return await VmdkSparseTarget.open(file, spec, readOnly, claim);
+    if (id.layout === 'split') return await VmdkSplitTarget.open(file, id.descriptor!, spec, readOnly, claim);
     return await VmdkFlatTarget.open(file, id.descriptor!, spec, readOnly, claim);
   } catch (err) {
     claim?.release();

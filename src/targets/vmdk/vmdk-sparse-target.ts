@@ -724,5 +724,8 @@ async function readEmbeddedDescriptor(handle: fsp.FileHandle, header: SparseHead
   if (header.descriptorOffsetSectors === 0) return undefined;
   const bytes = Buffer.alloc(header.descriptorSectors * SECTOR_BYTES);
   await handle.read(bytes, 0, bytes.length, header.descriptorOffsetSectors * SECTOR_BYTES);
+  // The extents of a split disk reserve descriptor space but leave it empty:
+  // their descriptor is the separate text file.
+  if (bytes[0] === 0) return undefined;
   return parseDescriptor(bytes, file, header.descriptorOffsetSectors * SECTOR_BYTES);
 }

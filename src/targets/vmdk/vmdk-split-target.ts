@@ -1,0 +1,137 @@
+import * as path from 'node:path';
+import { BlockrelayError } from '../../retry/blockrelay-error';
+import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
+import type { DiskUuidClaim } from '../disk-uuid-registry';
+import { checkOpen, checkRequest } from '../request-bounds';
+import { fromVmwareUuid, type VmdkDescriptor } from './vmdk-descriptor';
+import { corrupt, SECTOR_BYTES } from './vmdk-format';
+import { VmdkSparseTarget } from './vmdk-sparse-target';
+
+interface SplitExtent {
+  /** Disk byte offset where this extent starts. */
+  readonly start: number;
+  readonly length: number;
+  readonly target: VmdkSparseTarget;
+}
+
+/**
+ * A VMDK whose descriptor lists several hosted sparse extents, e.g. VMware
+ * Workstation's default twoGbMaxExtentSparse ("split into 2 GB files"):
+ * `disk.vmdk` + `disk-s001.vmdk`, `disk-s002.vmdk`, ... Each extent is a
+ * sparse extent of its own (see VmdkSparseTarget, which also handles its
+ * unclean flag and crash order); this target routes requests by range.
+ * blockrelay opens these but never creates them.
+ */
+export class VmdkSplitTarget implements DiskTarget {
+  readonly capabilities: DiskTargetCapabilities;
+  readonly diskUuid: string | undefined;
+  readonly sizeBytes: number;
+  private closed = false;
+
+  private constructor(
+    readonly spec: string,
+    private readonly parts: readonly SplitExtent[],
+    readonly descriptor: VmdkDescriptor,
+    readOnly: boolean,
+    private readonly claim: DiskUuidClaim | undefined,
+  ) {
+    this.sizeBytes = parts.reduce((n, p) => n + p.length, 0);
+    this.capabilities = { sparse: true, discard: false, alignmentBytes: SECTOR_BYTES, readOnly };
+    this.diskUuid = fromVmwareUuid(descriptor.ddb.get('ddb.uuid'));
+  }
+
+  /** Opens every SPARSE extent the descriptor lists; each must hold at least the sectors the descriptor gives it. */
+  static async open(file: string, descriptor: VmdkDescriptor, spec: string, readOnly: boolean, claim?: DiskUuidClaim): Promise<VmdkSplitTarget> {
+    const parts: SplitExtent[] = [];
+    try {
+      let start = 0;
+      for (const e of descriptor.extents) {
+        if (e.type !== 'SPARSE') throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file}: ${e.type} extents cannot be mixed with SPARSE ones`, { details: { file } });
+        if (e.access !== 'RW' && !readOnly) throw new BlockrelayError('BR_TARGET_READ_ONLY', `${file}: extent ${e.fileName} is ${e.access}; open it read-only`, { details: { file } });
+        const extentFile = path.resolve(path.dirname(file), e.fileName!);
+        const target = await VmdkSparseTarget.open(extentFile, `${spec} (extent ${e.fileName})`, readOnly);
+        const length = e.sectors * SECTOR_BYTES;
+        parts.push({ start, length, target });
+        if (target.sizeBytes < length) throw corrupt(extentFile, 12, `extent capacity ${target.sizeBytes} bytes is less than the ${length} bytes the descriptor gives it`);
+        start += length;
+      }
+      return new VmdkSplitTarget(spec, parts, descriptor, readOnly, claim);
+    } catch (err) {
+      for (const p of parts) await p.target.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'read', offset, length);
+    const out = Buffer.alloc(length);
+    for (const p of this.pieces(offset, length)) (await p.part.target.read(p.inPart, p.length)).copy(out, p.at - offset);
+    return out;
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'write', offset, data.length);
+    for (const p of this.pieces(offset, data.length)) await p.part.target.write(p.inPart, data.subarray(p.at - offset, p.at - offset + p.length));
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'writeZeroes', offset, length);
+    for (const p of this.pieces(offset, length)) await p.part.target.writeZeroes(p.inPart, p.length);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'discard', offset, length);
+    for (const p of this.pieces(offset, length)) await p.part.target.discard(p.inPart, p.length);
+  }
+
+  async flush(): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    for (const p of this.parts) await p.target.flush();
+  }
+
+  async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'extents', offset, length);
+    let pending: { offset: number; length: number; zero: boolean } | undefined;
+    for (const p of this.pieces(offset, length)) {
+      for await (const e of p.part.target.extents(p.inPart, p.length)) {
+        const shifted = { offset: e.offset - p.inPart + p.at, length: e.length, zero: e.zero };
+        if (pending !== undefined && pending.zero === shifted.zero) {
+          pending.length += shifted.length;
+          continue;
+        }
+        if (pending !== undefined) yield pending;
+        pending = shifted;
+      }
+    }
+    if (pending !== undefined) yield pending;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    let first: unknown;
+    for (const p of this.parts) {
+      try {
+        await p.target.close();
+      } catch (err) {
+        first ??= err;
+      }
+    }
+    this.claim?.release();
+    if (first !== undefined) throw first;
+  }
+
+  private *pieces(offset: number, length: number): Generator<{ part: SplitExtent; at: number; inPart: number; length: number }> {
+    const end = offset + length;
+    for (const part of this.parts) {
+      const from = Math.max(offset, part.start);
+      const to = Math.min(end, part.start + part.length);
+      if (from < to) yield { part, at: from, inPart: from - part.start, length: to - from };
+    }
+  }
+}
