@@ -6,7 +6,7 @@ import { loadPoints } from '../../src/retention/failover';
 import { fillGaps, PointView, type OverlaySegment } from '../../src/retention/point-view';
 import { readManifest } from '../../src/retention/retention-manifest';
 import type { ApplyingHop } from '../../src/transport/master-target';
-import { cliCommand } from '../helpers/cli';
+import { REPO_ROOT } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
 import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from './retention-fixture';
@@ -15,8 +15,8 @@ const MINUTE_MS = 60_000;
 
 /** Starts `blockrelay export` and resolves with its NBD URI once it says it is ready. */
 function startExport(args: string[]): Promise<{ child: ChildProcess; uri: string; stderr: () => string }> {
-  const { command, args: full } = cliCommand(['export', ...args]);
-  const child = spawn(command, full, { stdio: ['ignore', 'pipe', 'pipe'] });
+  // Through `--import tsx` the export runs in this one child, so signals reach it directly.
+  const child = spawn(process.execPath, ['--import', 'tsx', path.join(REPO_ROOT, 'src', 'daemon', 'cli.ts'), 'export', ...args], { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   let text = '';
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`export did not start: ${text}`)), 30_000);
