@@ -270,7 +270,10 @@ export class ChangeTracker {
     }
 
     const mode = state?.mode ?? 'logging';
-    const maxSeq = Math.max(0, ...names.map((n) => parseLogName(diskId, n, SEALED_LOG_SUFFIX) ?? parseLogName(diskId, n, OPEN_LOG_SUFFIX) ?? 0));
+    // Every log name counts, set-aside `.corrupt` ones too, so no sequence is used twice.
+    const seqOf = (n: string): number => parseLogName(diskId, n.replace(/\.corrupt$/, ''), SEALED_LOG_SUFFIX) ?? parseLogName(diskId, n.replace(/\.corrupt$/, ''), OPEN_LOG_SUFFIX) ?? 0;
+    let maxSeq = 0;
+    for (const n of await listDir(dir)) maxSeq = Math.max(maxSeq, seqOf(n));
     const lastUniqueId = sealed.length > 0 ? sealed[sealed.length - 1]!.uniqueId : state?.lastUniqueId ?? NIL_GUID;
     maps.dirty.merge(maps.resync);
     const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId, sealed, maps });

@@ -58,7 +58,10 @@ async function loggedWrites(dirs: string[]): Promise<{ keys: Set<string>; logs: 
     }
   }
   logs.sort((a, b) => (a.name < b.name ? -1 : 1));
-  return { keys, logs };
+  // A log copied to shipped/ just before a kill, and so not yet acknowledged,
+  // is in both places (it is shipped again; the receiver drops the repeat).
+  const unique = logs.filter((l, i) => i === 0 || l.name !== logs[i - 1]!.name || l.uniqueId !== logs[i - 1]!.uniqueId);
+  return { keys, logs: unique };
 }
 
 function acknowledgedWrites(journal: string): number[] {
