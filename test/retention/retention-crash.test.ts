@@ -38,6 +38,11 @@ function startChild(configFile: string): Promise<{ child: ChildProcess; url: str
   });
 }
 
+/** The master target's applied sequence number (its disk state answer carries it beside nextSeq). */
+async function appliedSeq(peer: { url: string; secret: string }): Promise<number | null> {
+  return ((await getDiskState(peer, 'disk0')) as unknown as { appliedSeq: number | null }).appliedSeq;
+}
+
 function killed(child: ChildProcess): Promise<void> {
   return new Promise((resolve) => {
     if (child.exitCode !== null || child.signalCode !== null) resolve();
@@ -100,10 +105,10 @@ describe('retention across a SIGKILL of the master target', () => {
       }
       await sending;
       for (let i = 0; i < 600; i++) {
-        if ((await getDiskState(peer, 'disk0')).appliedSeq === LOGS) break;
+        if ((await appliedSeq(peer)) === LOGS) break;
         await new Promise((r) => setTimeout(r, 100));
       }
-      expect((await getDiskState(peer, 'disk0')).appliedSeq).toBe(LOGS);
+      expect(await appliedSeq(peer)).toBe(LOGS);
       child.kill('SIGTERM');
       await killed(child);
       break;
