@@ -3,7 +3,6 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach } from 'vitest';
 import { validateConfig, type BlockrelayConfig } from '../../src/daemon/config';
-import type { Clock } from '../../src/platform/clock';
 import { retentionHooksFromConfig, type RetentionHooks, type RetentionHooksOptions } from '../../src/retention/retention-hooks';
 import { HrlWriter } from '../../src/tracking/hrl-writer';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
@@ -108,10 +107,14 @@ export function retentionSetup(dir: string, retentionDir: string, disks: string[
   return { dir, retentionDir, config: validateConfig(raw), configFile, targetSpec };
 }
 
-/** Starts an in-process master target with the retention hooks of its config. */
-export async function startMasterTarget(setup: RetentionSetup, extra: Partial<RetentionHooksOptions> & { clock?: Clock } = {}): Promise<{ mt: ApplyingHop; hooks: RetentionHooks }> {
+/**
+ * Starts an in-process master target with the retention hooks of its
+ * config. A simulated clock in `extra` drives only the hooks (window
+ * pruning); the master target's retry timers keep real time.
+ */
+export async function startMasterTarget(setup: RetentionSetup, extra: Partial<RetentionHooksOptions> = {}): Promise<{ mt: ApplyingHop; hooks: RetentionHooks }> {
   const hooks = retentionHooksFromConfig(setup.config, extra)!;
-  const mt = masterTargetFromConfig(setup.config, hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY, hooks, ...(extra.clock ? { clock: extra.clock } : {}) });
+  const mt = masterTargetFromConfig(setup.config, hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY, hooks });
   await mt.start();
   return { mt, hooks };
 }

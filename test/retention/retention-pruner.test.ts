@@ -1,0 +1,129 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { SimulatedClock } from '../../src/platform/clock';
+import { failover, loadPoints } from '../../src/retention/failover';
+import { diskRetentionPaths } from '../../src/retention/retention-format';
+import { retentionUsage } from '../../src/retention/retention-pruner';
+import { seqOfUndoFile } from '../../src/retention/retention-format';
+import type { ApplyingHop } from '../../src/transport/master-target';
+import { useTempDirs } from '../helpers/tmp';
+import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from './retention-fixture';
+
+const MINUTE_MS = 60_000;
+
+function journalSeqs(retentionDir: string): number[] {
+  const dir = diskRetentionPaths(retentionDir, 'disk0').journalDir;
+  return fs.readdirSync(dir).map(seqOfUndoFile).filter((s): s is number => s !== undefined).sort((a, b) => a - b);
+}
+
+describe('retention policy', () => {
+  const tmp = useTempDirs();
+  const retentionTmp = useRetentionDirs();
+  const running: ApplyingHop[] = [];
+  afterEach(async () => {
+    for (const mt of running.splice(0)) await mt.stop();
+  });
+
+  it('prunes journal and points older than the window on a simulated clock, keeping the rest rebuildable', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir, ['disk0'], 'raw', 1);
+    const t0 = Date.now() - 3 * 60 * MINUTE_MS;
+    const clock = new SimulatedClock(t0);
+    const { mt } = await startMasterTarget(setup, { clock });
+    running.push(mt);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(11);
+    const images = new Map<number, Buffer>();
+    // One log every 20 minutes; each is applied a minute after its cut.
+    for (let seq = 1; seq <= 7; seq++) {
+      const cutTimeMs = t0 + (seq - 1) * 20 * MINUTE_MS;
+      const log = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs }, model, rand);
+      images.set(seq, Buffer.from(model));
+      await clock.advance(cutTimeMs + MINUTE_MS - clock.now());
+      await sendAll(mt, [log]);
+      await mt.drain();
+    }
+    // Now = t0 + 121 min: the window starts at t0 + 61 min, so points 1-4 (t0 .. t0 + 60 min) are gone.
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([5, 6, 7]);
+    expect(journalSeqs(retentionDir)).toEqual([6, 7]);
+    for (const p of points) {
+      const out = `raw:${path.join(dir, `w${p.seq}.img`)}`;
+      await failover({ retentionDir, diskId: 'disk0', point: p.id, out, clock });
+      expect(fs.readFileSync(out.slice(4)).equals(images.get(p.seq)!)).toBe(true);
+    }
+    await expect(failover({ retentionDir, diskId: 'disk0', point: new Date(t0 + 30 * MINUTE_MS).toISOString(), out: `raw:${path.join(dir, 'old.img')}`, clock })).rejects.toMatchObject({ code: 'BR_POINT_BEFORE_WINDOW' });
+    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-2', out: `raw:${path.join(dir, 'old2.img')}`, clock })).rejects.toMatchObject({ code: 'BR_POINT_UNKNOWN' });
+
+    const usage = await retentionUsage(retentionDir);
+    expect(usage.disks).toHaveLength(1);
+    expect(usage.disks[0]).toMatchObject({ diskId: 'disk0', points: 3, journalSegments: 2, failedOver: true, oldestPointTime: new Date(t0 + 80 * MINUTE_MS).toISOString() });
+    const journalBytes = journalSeqs(retentionDir).reduce((n, s) => n + fs.statSync(path.join(diskRetentionPaths(retentionDir, 'disk0').journalDir, `${String(s).padStart(20, '0')}.undo.hrl`)).size, 0);
+    expect(usage.disks[0]!.journalBytes).toBe(journalBytes);
+    expect(usage.usedBytes).toBeGreaterThan(journalBytes);
+    expect(usage.volumeTotalBytes).toBeGreaterThan(0);
+  });
+
+  it('keeps applying when the volume fills: prunes oldest first, warns on the disk health, and the kept points rebuild', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(12);
+    const images = new Map<number, Buffer>();
+    const logs = [];
+    const t0 = Date.now() - 60 * MINUTE_MS;
+    for (let seq = 1; seq <= 10; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 40 }, model, rand));
+      images.set(seq, Buffer.from(model));
+    }
+    // Room for roughly three pre-images of these logs (each ~350 KiB).
+    const capacityBytes = 1024 * 1024;
+    const { mt } = await startMasterTarget(setup, { capacityBytes });
+    running.push(mt);
+    await sendAll(mt, logs);
+    await mt.drain();
+    const status = mt.diskStatus()[0]!;
+    expect(status.appliedSeq).toBe(10);
+    expect(status.health).toBe('Warning');
+    expect(status.reasons.join('\n')).toContain('BR_RETENTION_VOLUME_FULL');
+    expect(fs.readFileSync(setup.targetSpec('disk0').slice(4)).equals(model)).toBe(true);
+
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.length).toBeGreaterThanOrEqual(2);
+    expect(points.length).toBeLessThan(10);
+    // The newest history is kept: the points are a suffix ending at the newest log.
+    expect(points.map((p) => p.seq)).toEqual(Array.from({ length: points.length }, (_, i) => 11 - points.length + i));
+    const usage = await retentionUsage(retentionDir);
+    expect(usage.usedBytes).toBeLessThanOrEqual(capacityBytes);
+    for (const p of points) {
+      const out = `raw:${path.join(dir, `f${p.seq}.img`)}`;
+      await failover({ retentionDir, diskId: 'disk0', point: p.id, out });
+      expect(fs.readFileSync(out.slice(4)).equals(images.get(p.seq)!)).toBe(true);
+    }
+  });
+
+  it('drops all history but keeps applying when not even one pre-image fits', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(13);
+    const logs = [];
+    for (let seq = 1; seq <= 4; seq++) logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (10 - seq) * MINUTE_MS }, model, rand));
+    const { mt } = await startMasterTarget(setup, { capacityBytes: 16 * 1024 });
+    running.push(mt);
+    await sendAll(mt, logs);
+    await mt.drain();
+    expect(mt.diskStatus()[0]).toMatchObject({ appliedSeq: 4, health: 'Warning' });
+    expect(fs.readFileSync(setup.targetSpec('disk0').slice(4)).equals(model)).toBe(true);
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([4]);
+    expect(journalSeqs(retentionDir)).toEqual([]);
+    const out = `raw:${path.join(dir, 'latest.img')}`;
+    await failover({ retentionDir, diskId: 'disk0', point: 'latest-processed', out });
+    expect(fs.readFileSync(out.slice(4)).equals(model)).toBe(true);
+  });
+});
