@@ -29,6 +29,18 @@ export const HRL_WRITER_DEFAULTS = {
   stagingBytes: 1024 * 1024,
 } as const;
 
+/**
+ * The file operations the writer uses (a subset of fs/promises FileHandle).
+ * Tests pass their own to record writes and syncs and build the images a
+ * power loss could leave.
+ */
+export interface HrlWriterFile {
+  write(buffer: Buffer, offset: number, length: number, position: number): Promise<unknown>;
+  writev(buffers: Buffer[], position: number): Promise<unknown>;
+  datasync(): Promise<void>;
+  close(): Promise<void>;
+}
+
 export interface HrlWriterOptions {
   readonly uniqueId?: string;
   /** UniqueId of the previous log of this disk; the nil GUID for the first. */
@@ -38,6 +50,8 @@ export interface HrlWriterOptions {
   readonly maxEntryBytes?: number;
   readonly stagingBytes?: number;
   readonly clock?: Clock;
+  /** Creates the log file (default: fs/promises open with 'wx+', refusing an existing file). */
+  readonly openFile?: (filePath: string) => Promise<HrlWriterFile>;
 }
 
 /** What `seal()` reports. */
@@ -91,7 +105,7 @@ export class HrlWriter {
   private queue: Promise<unknown> = Promise.resolve();
   private zeroChunk: Buffer | undefined;
 
-  private constructor(private readonly fh: fsp.FileHandle, filePath: string, options: HrlWriterOptions) {
+  private constructor(private readonly fh: HrlWriterFile, filePath: string, options: HrlWriterOptions) {
     this.path = filePath;
     this.uniqueId = options.uniqueId ?? randomGuid();
     this.previousUniqueId = options.previousUniqueId ?? NIL_GUID;
@@ -118,9 +132,9 @@ export class HrlWriter {
     if (!Number.isInteger(maxEntry) || maxEntry < 1 || maxEntry > HRL_MAX_DATA_LENGTH) {
       throw new BlockrelayError('BR_CONFIG_INVALID', `maxEntryBytes must be in [1, ${HRL_MAX_DATA_LENGTH}], got ${maxEntry}`);
     }
-    let fh: fsp.FileHandle;
+    let fh: HrlWriterFile;
     try {
-      fh = await fsp.open(filePath, 'wx+');
+      fh = await (options.openFile ?? ((p: string) => fsp.open(p, 'wx+')))(filePath);
     } catch (err) {
       throw wrapError(err, 'BR_IO', `cannot create HRL log ${filePath}`);
     }
