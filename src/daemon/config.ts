@@ -74,6 +74,9 @@ export const CONFIG_SHAPE = {
 
 export type BlockrelayConfig = InferShape<typeof CONFIG_SHAPE>;
 
+/** BLOCKRELAY_* variables that are not config overrides (read by commands directly). */
+const NON_CONFIG_ENV = new Set(['BLOCKRELAY_CONTROL_SECRET']);
+
 /**
  * Validates a parsed config with environment overrides applied
  * (`BLOCKRELAY_RETENTION__WINDOW_HOURS=48`). Unknown `BLOCKRELAY_*` variables
@@ -86,7 +89,7 @@ export function validateConfig(input: unknown, env: NodeJS.ProcessEnv = {}): Blo
   const merged = structuredClone(input) as Record<string, unknown>;
   const byEnv = new Map(scalarPaths(CONFIG_SHAPE).map((p) => [envName(p.path), p]));
   for (const [name, text] of Object.entries(env)) {
-    if (!name.startsWith('BLOCKRELAY_') || text === undefined) continue;
+    if (!name.startsWith('BLOCKRELAY_') || text === undefined || NON_CONFIG_ENV.has(name)) continue;
     const target = byEnv.get(name);
     if (target === undefined) {
       throw new BlockrelayError('BR_CONFIG_INVALID', `environment variable ${name} names no config key; known: ${[...byEnv.keys()].join(', ')}`, { details: { key: name } });
