@@ -4,6 +4,7 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { openDisk } from '../../src/targets/disk-spec';
 import type { DiskTarget } from '../../src/targets/disk-target';
+import { probeVmdk } from '../../src/targets/vmdk/vmdk-disk';
 import { HDR } from '../../src/targets/vmdk/vmdk-format';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
@@ -203,4 +204,34 @@ describe.skipIf(!haveQemu)('VMDK interoperability with qemu', () => {
     expect(after.readUInt32LE(rgt * 512)).toBe(after.readUInt32LE(gdTable * 512));
     expect(qemuImg(['check', '-f', 'vmdk', vmdk]).status).toBe(0);
   });
+});
+
+describe('VMDK content ID (CID)', () => {
+  for (const kind of ['vmdk', 'vmdk-flat']) {
+    it(`gives a ${kind} disk a new CID when its content first changes in a session, and only then`, async () => {
+      const file = path.join(tempDir(), 'cid.vmdk');
+      const t = await openDisk(`${kind}:${file}`, { create: { sizeBytes: 4 * MiB } });
+      await t.close();
+      const cid0 = (await probeVmdk(file)).descriptor!.cid;
+      const quiet = await openDisk(`${kind}:${file}`);
+      await quiet.read(0, 4096);
+      await quiet.close();
+      expect((await probeVmdk(file)).descriptor!.cid).toBe(cid0);
+      const w = await openDisk(`${kind}:${file}`);
+      await w.write(0, Buffer.alloc(4096, 1));
+      await w.write(MiB, Buffer.alloc(4096, 2));
+      await w.close();
+      const cid1 = (await probeVmdk(file)).descriptor!.cid;
+      expect(cid1).not.toBe(cid0);
+      expect(cid1).not.toBe(0xffffffff);
+      const r = await openDisk(`${kind}:${file}`, { readOnly: true });
+      expect((await r.read(MiB, 4096)).equals(Buffer.alloc(4096, 2))).toBe(true);
+      await r.close();
+      if (haveQemu) {
+        const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', file], { encoding: 'utf8' }));
+        expect(info['format-specific'].data.cid).toBe(cid1);
+        if (kind === 'vmdk') expect(qemuImg(['check', '-f', 'vmdk', file]).status).toBe(0);
+      }
+    });
+  }
 });

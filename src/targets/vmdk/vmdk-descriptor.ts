@@ -172,3 +172,15 @@ export function randomCid(random: () => number = Math.random): number {
 export function descriptorSectorsNeeded(text: string): number {
   return Math.ceil(Buffer.byteLength(text, 'utf8') / SECTOR_BYTES);
 }
+
+const CID_LINE = /^([ \t]*CID[ \t]*=[ \t]*)[0-9a-fA-F]{1,8}/m;
+
+/**
+ * The descriptor text with its CID line set to `cid`, everything else byte
+ * for byte as the writing tool left it (unknown keys, comments, line ends).
+ * Undefined when the text has no CID line.
+ */
+export function replaceCid(text: string, cid: number): string | undefined {
+  if (!CID_LINE.test(text)) return undefined;
+  return text.replace(CID_LINE, `$1${cid.toString(16).padStart(8, '0')}`);
+}

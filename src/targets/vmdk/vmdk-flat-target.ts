@@ -4,6 +4,7 @@ import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { checkOpen, checkRequest } from '../request-bounds';
+import { bumpDescriptorFileCid } from './vmdk-content-id';
 import { defaultDdb, fromVmwareUuid, NO_PARENT_CID, randomCid, renderDescriptor, type VmdkDescriptor } from './vmdk-descriptor';
 import { corrupt, SECTOR_BYTES } from './vmdk-format';
 
@@ -37,9 +38,12 @@ export class VmdkFlatTarget implements DiskTarget {
   readonly diskUuid: string | undefined;
   readonly sizeBytes: number;
   private closed = false;
+  /** The first change of content in a session gives the descriptor a new CID (see vmdk-content-id.ts). */
+  private cidBump: Promise<void> | undefined;
 
   private constructor(
     readonly spec: string,
+    private readonly descriptorFile: string,
     private readonly extentList: readonly FlatExtent[],
     readonly descriptor: VmdkDescriptor,
     readOnly: boolean,
@@ -115,7 +119,7 @@ export class VmdkFlatTarget implements DiskTarget {
         start += length;
       }
       if (start === 0) throw corrupt(file, 0, 'descriptor describes an empty disk');
-      return new VmdkFlatTarget(spec, opened, descriptor, readOnly, claim);
+      return new VmdkFlatTarget(spec, file, opened, descriptor, readOnly, claim);
     } catch (err) {
       for (const e of opened) await e.handle.close();
       throw err;
@@ -140,6 +144,7 @@ export class VmdkFlatTarget implements DiskTarget {
   async write(offset: number, data: Buffer): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'write', offset, data.length);
+    await this.bumpCid();
     for (const p of this.pieces(offset, data.length)) {
       let done = 0;
       while (done < p.length) {
@@ -187,6 +192,15 @@ export class VmdkFlatTarget implements DiskTarget {
       this.claim?.release();
       for (const e of this.extentList) await e.handle.close();
     }
+  }
+
+  /** Once per session; a failed attempt is retried by the next write. */
+  private bumpCid(): Promise<void> {
+    this.cidBump ??= bumpDescriptorFileCid(this.descriptorFile, this.descriptor.cid).catch((err: unknown) => {
+      this.cidBump = undefined;
+      throw err;
+    });
+    return this.cidBump;
   }
 
   private *pieces(offset: number, length: number): Generator<{ extent: FlatExtent; at: number; position: number; length: number }> {

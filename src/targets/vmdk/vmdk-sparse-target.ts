@@ -6,7 +6,8 @@ import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { checkOpen, checkRequest } from '../request-bounds';
-import { defaultDdb, descriptorSectorsNeeded, fromVmwareUuid, NO_PARENT_CID, parseDescriptor, randomCid, renderDescriptor, type VmdkDescriptor } from './vmdk-descriptor';
+import { newCid } from './vmdk-content-id';
+import { defaultDdb, descriptorSectorsNeeded, fromVmwareUuid, NO_PARENT_CID, parseDescriptor, randomCid, renderDescriptor, replaceCid, type VmdkDescriptor } from './vmdk-descriptor';
 import {
   corrupt,
   decodeSparseHeader,
@@ -109,6 +110,8 @@ export class VmdkSparseTarget implements DiskTarget {
   private dataEndSector: number;
   private unflushedGrains = 0;
   private wroteData = false;
+  /** Whether this session already gave the embedded descriptor a new CID. */
+  private cidBumped = false;
   private closed = false;
   private tail: Promise<unknown> = Promise.resolve();
   /** Sector ranges [from, to) no grain or GT may overlap: header, descriptor, GD, RGD. */
@@ -295,6 +298,7 @@ export class VmdkSparseTarget implements DiskTarget {
         pieces.push({ position: sector * SECTOR_BYTES, buffer: grain });
         updates.push({ index: g.index, sector });
       }
+      if (pieces.length > 0) await this.bumpCid();
       for (const run of coalesce(pieces)) await this.writeRun(run);
       // GT entries change only after their grains are written (see class doc).
       for (const u of updates) await this.setGte(u.index, u.sector);
@@ -417,6 +421,7 @@ export class VmdkSparseTarget implements DiskTarget {
       }
       pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: ZEROES.subarray(0, g.length) });
     }
+    if (pieces.length > 0 || this.dirty.size > 0) await this.bumpCid();
     for (const run of coalesce(pieces)) await this.writeRun(run);
     this.wroteData ||= pieces.length > 0;
   }
@@ -449,6 +454,26 @@ export class VmdkSparseTarget implements DiskTarget {
     this.gdDirty = false;
     this.unflushedGrains = 0;
     this.wroteData = false;
+  }
+
+  /**
+   * Gives the embedded descriptor a new CID on the first change of content
+   * in this session, as VMware does. Only the CID line changes; the text
+   * keeps its reserved sectors. Images without an embedded descriptor (the
+   * extents of a split disk) have their CID in the text file instead.
+   */
+  private async bumpCid(): Promise<void> {
+    if (this.cidBumped || this.descriptor === undefined || this.header.descriptorOffsetSectors === 0) return;
+    this.cidBumped = true;
+    const region = Buffer.alloc(this.header.descriptorSectors * SECTOR_BYTES);
+    const position = this.header.descriptorOffsetSectors * SECTOR_BYTES;
+    await this.io(() => this.handle.read(region, 0, region.length, position), 'read descriptor');
+    const nul = region.indexOf(0);
+    const updated = replaceCid(region.subarray(0, nul < 0 ? region.length : nul).toString('latin1'), newCid(this.descriptor.cid));
+    if (updated === undefined || Buffer.byteLength(updated, 'latin1') > region.length) return;
+    const out = Buffer.alloc(region.length);
+    out.write(updated, 0, 'latin1');
+    await this.io(() => this.handle.write(out, 0, out.length, position), 'write descriptor');
   }
 
   private async writeHeader(unclean: boolean): Promise<void> {

@@ -3,6 +3,7 @@ import { BlockrelayError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { checkOpen, checkRequest } from '../request-bounds';
+import { bumpDescriptorFileCid } from './vmdk-content-id';
 import { fromVmwareUuid, type VmdkDescriptor } from './vmdk-descriptor';
 import { corrupt, SECTOR_BYTES } from './vmdk-format';
 import { VmdkSparseTarget } from './vmdk-sparse-target';
@@ -27,9 +28,12 @@ export class VmdkSplitTarget implements DiskTarget {
   readonly diskUuid: string | undefined;
   readonly sizeBytes: number;
   private closed = false;
+  /** The first change of content in a session gives the descriptor a new CID (see vmdk-content-id.ts). */
+  private cidBump: Promise<void> | undefined;
 
   private constructor(
     readonly spec: string,
+    private readonly descriptorFile: string,
     private readonly parts: readonly SplitExtent[],
     readonly descriptor: VmdkDescriptor,
     readOnly: boolean,
@@ -55,7 +59,7 @@ export class VmdkSplitTarget implements DiskTarget {
         if (target.sizeBytes < length) throw corrupt(extentFile, 12, `extent capacity ${target.sizeBytes} bytes is less than the ${length} bytes the descriptor gives it`);
         start += length;
       }
-      return new VmdkSplitTarget(spec, parts, descriptor, readOnly, claim);
+      return new VmdkSplitTarget(spec, file, parts, descriptor, readOnly, claim);
     } catch (err) {
       for (const p of parts) await p.target.close().catch(() => undefined);
       throw err;
@@ -73,18 +77,21 @@ export class VmdkSplitTarget implements DiskTarget {
   async write(offset: number, data: Buffer): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'write', offset, data.length);
+    await this.bumpCid();
     for (const p of this.pieces(offset, data.length)) await p.part.target.write(p.inPart, data.subarray(p.at - offset, p.at - offset + p.length));
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'writeZeroes', offset, length);
+    await this.bumpCid();
     for (const p of this.pieces(offset, length)) await p.part.target.writeZeroes(p.inPart, p.length);
   }
 
   async discard(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'discard', offset, length);
+    await this.bumpCid();
     for (const p of this.pieces(offset, length)) await p.part.target.discard(p.inPart, p.length);
   }
 
@@ -124,6 +131,15 @@ export class VmdkSplitTarget implements DiskTarget {
     }
     this.claim?.release();
     if (first !== undefined) throw first;
+  }
+
+  /** Once per session; a failed attempt is retried by the next write. */
+  private bumpCid(): Promise<void> {
+    this.cidBump ??= bumpDescriptorFileCid(this.descriptorFile, this.descriptor.cid).catch((err: unknown) => {
+      this.cidBump = undefined;
+      throw err;
+    });
+    return this.cidBump;
   }
 
   private *pieces(offset: number, length: number): Generator<{ part: SplitExtent; at: number; inPart: number; length: number }> {
