@@ -1,6 +1,7 @@
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget, Extent } from '../targets/disk-target';
+import { AllocatedReader } from './allocated-reader';
 import { HASH_BYTES, type BlockHasher } from './block-hasher';
 import { collectWorkExtents, mergeExtents, type ExtentSource } from './extent-list';
 import { ResyncJob } from './resync-job';
@@ -255,11 +256,13 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
   progress.setResumed(sumLengths(work, start.cursorBytes));
   const limiter = new ReadLimiter(clock, options.readRateBytesPerSec);
   const zeroBlock = Buffer.alloc(blockSizeBytes);
+  // Holes in the source (unallocated grains, empty blob pages) are not read.
+  const reader = new AllocatedReader(source);
 
   /** Compares one window and sends its differing blocks; resolves once the target acknowledged them. */
   const processWindow = async (w: Window): Promise<void> => {
     await limiter.take(w.bytes);
-    const reads = Promise.all(w.ranges.map((r) => source.read(r.offset, r.length)));
+    const reads = Promise.all(w.ranges.map((r) => reader.read(r.offset, r.length)));
     let runs: WriteRun[];
     if (options.fullCopy === true) {
       runs = nonZeroRuns(w.ranges, await reads, blockSizeBytes, zeroBlock);

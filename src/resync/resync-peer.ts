@@ -1,5 +1,6 @@
 import { isBlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
+import { AllocatedReader } from './allocated-reader';
 import { HASH_BYTES, type BlockHasher } from './block-hasher';
 import {
   decodeHashReply,
@@ -141,15 +142,19 @@ interface CachedHashes {
 export class ResyncTargetService {
   private cache: CachedHashes[] = [];
   private writeChain: Promise<unknown> = Promise.resolve();
+  private reader: AllocatedReader;
 
   constructor(
     private readonly target: DiskTarget,
     private readonly hasher: BlockHasher,
-  ) {}
+  ) {
+    this.reader = new AllocatedReader(target);
+  }
 
   /** Drops cached hashes; whoever writes the target outside this service calls it. */
   invalidate(): void {
     this.cache = [];
+    this.reader = new AllocatedReader(this.target);
   }
 
   async handle(request: Buffer): Promise<Buffer> {
@@ -188,6 +193,8 @@ export class ResyncTargetService {
       const end = run.offset + run.data.length;
       this.cache = this.cache.filter((c) => c.end <= run.offset || c.offset >= end);
       await this.target.write(run.offset, run.data);
+      // The allocation map it read ahead may call this range a hole.
+      this.reader.forget(run.offset, run.data.length);
     }
   }
 
@@ -211,7 +218,7 @@ export class ResyncTargetService {
     // Block sizes are powers of two, so the chunk is a whole number of blocks.
     const chunkBytes = Math.max(TARGET_READ_CHUNK_BYTES, fineBlockBytes);
     for (let pos = offset; pos < end; pos += chunkBytes) {
-      const data = await this.target.read(pos, Math.min(chunkBytes, end - pos));
+      const data = await this.reader.read(pos, Math.min(chunkBytes, end - pos));
       parts.push(this.hasher.hashBlocks(data, fineBlockBytes));
     }
     const fine = parts.length === 1 ? parts[0] : Buffer.concat(parts);

@@ -11,7 +11,10 @@ export class MemoryDisk implements DiskTarget {
   readonly capabilities: DiskTargetCapabilities;
   readonly data: Buffer;
   readCount = 0;
+  readBytes = 0;
   writeCount = 0;
+  /** When set, extents() reports all-zero regions of this size as zero extents, like a sparse format. */
+  zeroExtentBytes: number | undefined;
   failWritesAfter = Number.POSITIVE_INFINITY;
 
   constructor(
@@ -41,6 +44,7 @@ export class MemoryDisk implements DiskTarget {
   async read(offset: number, length: number): Promise<Buffer> {
     this.check(offset, length);
     this.readCount++;
+    this.readBytes += length;
     return Buffer.from(this.data.subarray(offset, offset + length));
   }
 
@@ -63,7 +67,15 @@ export class MemoryDisk implements DiskTarget {
   async flush(): Promise<void> {}
 
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
-    yield { offset, length, zero: false };
+    const unit = this.zeroExtentBytes;
+    if (unit === undefined) {
+      yield { offset, length, zero: false };
+      return;
+    }
+    for (let pos = offset; pos < offset + length; pos += unit) {
+      const end = Math.min(pos + unit, offset + length);
+      yield { offset: pos, length: end - pos, zero: this.data.subarray(pos, end).every((b) => b === 0) };
+    }
   }
 
   async close(): Promise<void> {}

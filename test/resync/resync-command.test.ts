@@ -17,6 +17,18 @@ function qemuCompare(a: string, aFormat: string, b: string, bFormat: string): { 
   return { status: r.status, out: `${r.stdout}${r.stderr}` };
 }
 
+/** Inverts one byte at each offset: a change whatever the random data held there. */
+function flipBytes(file: string, offsets: number[]): void {
+  const fd = fs.openSync(file, 'r+');
+  const one = Buffer.alloc(1);
+  for (const at of offsets) {
+    fs.readSync(fd, one, 0, 1, at);
+    one[0] ^= 0xff;
+    fs.writeSync(fd, one, 0, 1, at);
+  }
+  fs.closeSync(fd);
+}
+
 async function resyncJson(args: string[]) {
   const r = await runCli(['resync', ...args, '--json']);
   expect(r.stderr).not.toMatch(/BR_[A-Z_]+:/);
@@ -67,9 +79,7 @@ describe.skipIf(!hasQemuImg)('blockrelay resync (CLI, real targets)', () => {
     // Make the flat extent stale behind the descriptor's back, as an old copy would be.
     const extent = path.join(dir, 'target-flat.vmdk');
     expect(fs.existsSync(extent)).toBe(true);
-    const fd = fs.openSync(extent, 'r+');
-    for (const at of [4096, 7 * MiB + 100, 16 * MiB - 1]) fs.writeSync(fd, Buffer.from([0x42]), 0, 1, at);
-    fs.closeSync(fd);
+    flipBytes(extent, [4096, 7 * MiB + 100, 16 * MiB - 1]);
     expect(qemuCompare(srcVmdk, 'vmdk', flat, 'vmdk').status).toBe(1);
     const result = await resyncJson([`vmdk:${srcVmdk}`, `vmdk-flat:${flat}`]);
     expect(result.blocksSent).toBe(3);

@@ -113,6 +113,20 @@ describe('runResync', () => {
     expect(result.hashBytes).toBe(0);
   });
 
+  it('does not read what the allocation maps of either side call holes', async () => {
+    const source = new MemoryDisk('mem:source', 32 * MiB);
+    const target = new MemoryDisk('mem:target', 32 * MiB);
+    fillRandom(source.data.subarray(3 * MiB, 4 * MiB), seededRandom(13));
+    target.data.fill(9, 20 * MiB, 20 * MiB + 4096); // stale data where the source has a hole
+    source.zeroExtentBytes = 65536;
+    target.zeroExtentBytes = 65536;
+    const result = await resync(source, target);
+    expect(target.data.equals(source.data)).toBe(true);
+    expect(result.blocksSent).toBe(256 + 1);
+    expect(source.readBytes).toBe(1 * MiB);
+    expect(target.readBytes).toBe(65536); // only the stale 64 KiB; the 1 MiB the source holds reads as a hole there
+  });
+
   it('refuses disks of different sizes before touching the target', async () => {
     const source = new MemoryDisk('mem:source', 2 * MiB);
     const target = new MemoryDisk('mem:target', 4 * MiB);

@@ -1,0 +1,93 @@
+import type { AllocationExtent, DiskTarget } from '../targets/disk-target';
+
+/** Span of the allocation map fetched at once: one extents() call serves many windows. */
+const DEFAULT_SPAN_BYTES = 64 * 1024 * 1024;
+/** Most extents kept from one span; a more fragmented span is fetched again per read. */
+const MAX_CACHED_EXTENTS = 65_536;
+
+/**
+ * Reads a disk for hashing, skipping what its allocation map says reads as
+ * zeroes: unallocated VMDK grains, empty page-blob pages. Those bytes are
+ * zeroes in the returned buffer without any I/O, which matters most where
+ * reads are remote (a page blob being failed back is mostly empty). The map
+ * is fetched a span at a time, ahead of the sequential reads of a resync.
+ */
+interface Span {
+  readonly start: number;
+  readonly end: number;
+  readonly extents: readonly AllocationExtent[];
+}
+
+const EMPTY_SPAN: Span = { start: 0, end: 0, extents: [] };
+
+export class AllocatedReader {
+  // Spans are replaced whole, never changed: concurrent reads each keep the
+  // span they looked at, so none ever uses another range's map.
+  private span: Promise<Span> = Promise.resolve(EMPTY_SPAN);
+
+  constructor(
+    private readonly disk: DiskTarget,
+    private readonly spanBytes = DEFAULT_SPAN_BYTES,
+  ) {}
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const end = offset + length;
+    let span = await this.span;
+    if (offset < span.start || end > span.end) {
+      const fetching = this.fetch(offset, Math.max(length, Math.min(this.spanBytes, this.disk.sizeBytes - offset)));
+      // A failed fetch fails this read, not every later one.
+      this.span = fetching.catch(() => EMPTY_SPAN);
+      span = await fetching;
+    }
+    const data: Array<{ offset: number; end: number }> = [];
+    // Extents are in order: start at the first that ends after `offset`.
+    let lo = 0;
+    let hi = span.extents.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (span.extents[mid].offset + span.extents[mid].length <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    for (let i = lo; i < span.extents.length && span.extents[i].offset < end; i++) {
+      const e = span.extents[i];
+      const s = Math.max(e.offset, offset);
+      const t = Math.min(e.offset + e.length, end);
+      if (s >= t || e.zero) continue;
+      const last = data[data.length - 1];
+      if (last !== undefined && last.end === s) last.end = t;
+      else data.push({ offset: s, end: t });
+    }
+    // The common case (raw files, full disks): one read, no copy.
+    if (data.length === 1 && data[0].offset === offset && data[0].end === end) return this.disk.read(offset, length);
+    const out = Buffer.alloc(length);
+    const align = this.disk.capabilities.alignmentBytes;
+    await Promise.all(
+      data.map(async (d) => {
+        // Extents keep to the disk's alignment, but widen to it anyway: a read must.
+        const s = Math.max(offset, Math.floor(d.offset / align) * align);
+        const t = Math.min(end, Math.ceil(d.end / align) * align);
+        (await this.disk.read(s, t - s)).copy(out, s - offset);
+      }),
+    );
+    return out;
+  }
+
+  /** Drops the map if it covers `[offset, offset + length)`: a write there may fill a hole. */
+  forget(offset: number, length: number): void {
+    const current = this.span;
+    this.span = current.then((span) => (span.end <= offset || span.start >= offset + length ? span : EMPTY_SPAN));
+  }
+
+  private async fetch(offset: number, length: number): Promise<Span> {
+    const extents: AllocationExtent[] = [];
+    let covered = offset;
+    for await (const e of this.disk.extents(offset, length)) {
+      extents.push(e);
+      covered = e.offset + e.length;
+      if (extents.length >= MAX_CACHED_EXTENTS) break;
+    }
+    // Whatever the map did not cover (a bounded, fragmented span) is read as data.
+    if (covered < offset + length) extents.push({ offset: covered, length: offset + length - covered, zero: false });
+    return { start: offset, end: offset + length, extents };
+  }
+}
