@@ -103,6 +103,8 @@ export class HrlWriter {
   private durableEnd = 0;
   private state: 'open' | 'sealed' | 'closed' = 'open';
   private queue: Promise<unknown> = Promise.resolve();
+  /** Operations queued or running; the append fast path needs 0. */
+  private queued = 0;
   private zeroChunk: Buffer | undefined;
 
   private constructor(private readonly fh: HrlWriterFile, filePath: string, options: HrlWriterOptions) {
@@ -167,6 +169,15 @@ export class HrlWriter {
   /** Logs `data` for disk bytes `[byteOffset, byteOffset + data.length)`. */
   append(byteOffset: number, data: Uint8Array): Promise<void> {
     checkRange(byteOffset, data.length);
+    // Fast path: nothing queued and the write fits the open block and the
+    // staging buffer, so it is only a copy; no I/O, no promise chain.
+    if (this.queued === 0 && this.state === 'open' && data.length > 0 && data.length <= this.maxEntryBytes &&
+        this.entriesInBlock < this.entriesPerBlock && data.length <= this.staging.length - this.stagedBytes) {
+      this.addEntry(byteOffset, data, hrlChecksum(data));
+      this.staging.set(data, this.stagedBytes);
+      this.stagedBytes += data.length;
+      return Promise.resolve();
+    }
     return this.serial(async () => {
       for (let at = 0; at < data.length; at += this.maxEntryBytes) {
         const piece = data.subarray(at, Math.min(data.length, at + this.maxEntryBytes));
@@ -240,9 +251,14 @@ export class HrlWriter {
 
   private serial<T>(fn: () => Promise<T>): Promise<T> {
     const run = async (): Promise<T> => {
-      if (this.state !== 'open') throw new BlockrelayError('BR_HRL_CLOSED', `HRL log ${this.path} is ${this.state}`);
-      return fn();
+      try {
+        if (this.state !== 'open') throw new BlockrelayError('BR_HRL_CLOSED', `HRL log ${this.path} is ${this.state}`);
+        return await fn();
+      } finally {
+        this.queued--;
+      }
     };
+    this.queued++;
     const next = this.queue.then(run, run);
     this.queue = next.catch(() => undefined);
     return next;
@@ -272,14 +288,18 @@ export class HrlWriter {
     this.durableEnd = this.writtenEnd;
   }
 
-  private async appendPiece(byteOffset: number, piece: Uint8Array, dataChecksum: number): Promise<void> {
-    if (this.entriesInBlock === this.entriesPerBlock) await this.closeBlock();
+  private addEntry(byteOffset: number, piece: Uint8Array, dataChecksum: number): void {
     encodeHrlMetadataEntry(
       { byteOffset, dataLength: piece.length, timestamp: hrlTimestampFromMs(this.clock.now()), dataChecksum },
       this.block,
       HRL_METADATA_HEADER_SIZE + this.entriesInBlock * HRL_METADATA_ENTRY_SIZE,
     );
     this.entriesInBlock++;
+  }
+
+  private async appendPiece(byteOffset: number, piece: Uint8Array, dataChecksum: number): Promise<void> {
+    if (this.entriesInBlock === this.entriesPerBlock) await this.closeBlock();
+    this.addEntry(byteOffset, piece, dataChecksum);
     if (piece.length <= this.staging.length - this.stagedBytes) {
       this.staging.set(piece, this.stagedBytes);
       this.stagedBytes += piece.length;
