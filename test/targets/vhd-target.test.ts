@@ -222,6 +222,49 @@ describe('fixed VHD damage and creation rules', () => {
   });
 });
 
+describe('fixed VHD files under seeded damage', () => {
+  it('opens damaged files with a coded error or as a valid disk, never crashing and never writing', async () => {
+    const dir = tempDir();
+    const good = path.join(dir, 'good.vhd');
+    const t = await VhdTarget.open(good, { create: { sizeBytes: 64 * 1024 } });
+    await t.write(0, Buffer.alloc(4096, 0x3c));
+    await t.close();
+    const original = fs.readFileSync(good);
+    let seed = 0x7e57;
+    const next = (): number => {
+      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+      return seed / 4294967296;
+    };
+    const codes = new Set<string>();
+    const file = path.join(dir, 'fuzz.vhd');
+    for (let i = 0; i < 300; i++) {
+      let bytes = Buffer.from(original);
+      const r = next();
+      if (r < 0.3) bytes = bytes.subarray(0, Math.floor(next() * bytes.length));
+      else if (r < 0.4) bytes = Buffer.concat([bytes, Buffer.alloc(1 + Math.floor(next() * 2048), Math.floor(next() * 256))]);
+      else {
+        const flips = 1 + Math.floor(next() * 4);
+        for (let f = 0; f < flips; f++) bytes[bytes.length - 512 + Math.floor(next() * 512)] = Math.floor(next() * 256);
+      }
+      fs.writeFileSync(file, bytes);
+      try {
+        const opened = await VhdTarget.open(file);
+        codes.add('ok');
+        await opened.read(0, opened.sizeBytes);
+        await opened.close();
+      } catch (err) {
+        expect(err).toBeInstanceOf(Error);
+        const code = (err as { code?: string }).code ?? 'uncoded';
+        expect(code, (err as Error).message).toMatch(/^BR_VHD_/);
+        expect((err as { details: { offset?: unknown } }).details.offset).toEqual(expect.any(Number));
+        codes.add(code);
+        expect(fs.readFileSync(file).equals(bytes)).toBe(true);
+      }
+    }
+    expect(codes.has('BR_VHD_FOOTER_CORRUPT')).toBe(true);
+  });
+});
+
 describe('blockrelay convert with vhd:', () => {
   it('converts raw to vhd and back, byte for byte, and qemu-img agrees', async () => {
     const dir = tempDir();
