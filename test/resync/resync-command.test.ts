@@ -43,7 +43,10 @@ describe.skipIf(!hasQemuImg)('blockrelay resync (CLI, real targets)', () => {
     const dst = path.join(dir, 'target.img');
     const changed = writeImagePair(src, dst, 32 * MiB, 100, 1);
     expect(qemuCompare(src, 'raw', dst, 'raw').status).toBe(1);
-    const result = await resyncJson([`raw:${src}`, `raw:${dst}`]);
+    const run = await runCli(['resync', `raw:${src}`, `raw:${dst}`, '--json']);
+    // Not a terminal: progress comes as log lines on stderr, the JSON alone on stdout.
+    expect(run.stderr).toMatch(/^resync: compare 100% \(32\.0 of 32\.0 MiB\), 100 blocks/m);
+    const result = JSON.parse(run.stdout) as Record<string, number>;
     expect(result.blocksSent).toBe(changed.length);
     expect(result.blocksCompared).toBe(8192);
     expect(result.bytesSent).toBeGreaterThanOrEqual(changed.length * 4096);
