@@ -1,8 +1,14 @@
 import { spawn } from 'node:child_process';
 import * as path from 'node:path';
+import { pathToFileURL } from 'node:url';
 
 export const REPO_ROOT = path.resolve(__dirname, '..', '..');
-const TSX = path.join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'cli.mjs');
+/**
+ * tsx is loaded into the one node process (`--import`), not through the tsx
+ * CLI, which runs the script in a child: a SIGKILL sent to the pid a test
+ * holds must reach blockrelay itself.
+ */
+const TSX_LOADER = pathToFileURL(path.join(REPO_ROOT, 'node_modules', 'tsx', 'dist', 'loader.mjs')).href;
 const CLI = path.join(REPO_ROOT, 'src', 'daemon', 'cli.ts');
 
 export interface CliResult {
@@ -18,7 +24,7 @@ export interface CliResult {
  */
 export function runCli(args: string[], options: { env?: NodeJS.ProcessEnv; timeoutMs?: number; cwd?: string } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [TSX, CLI, ...args], {
+    const child = spawn(process.execPath, ['--import', TSX_LOADER, CLI, ...args], {
       cwd: options.cwd ?? REPO_ROOT,
       env: { ...process.env, ...options.env },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -38,5 +44,5 @@ export function runCli(args: string[], options: { env?: NodeJS.ProcessEnv; timeo
 
 /** The command line that starts the CLI from sources, for tests that manage the child themselves. */
 export function cliCommand(args: string[]): { command: string; args: string[] } {
-  return { command: process.execPath, args: [TSX, CLI, ...args] };
+  return { command: process.execPath, args: ['--import', TSX_LOADER, CLI, ...args] };
 }
