@@ -9,6 +9,7 @@ import { recoverHrlLog } from './hrl-recovery';
 import { HrlWriter, syncDirectory } from './hrl-writer';
 import {
   DISK_ID_PATTERN,
+  MAX_APP_TAG_BYTES,
   OPEN_LOG_SUFFIX,
   SEALED_LOG_SUFFIX,
   SIDECAR_SUFFIX,
@@ -88,6 +89,8 @@ export interface TrackerStatus {
 export interface CutPoint {
   readonly cutId: string;
   readonly cutTimeMs: number;
+  /** Marks an app-consistent point (see MAX_APP_TAG_BYTES). */
+  readonly appTag?: string;
 }
 
 type Release = () => void;
@@ -296,7 +299,8 @@ export class ChangeTracker {
    * end at one crash-consistent point shared by all the disks. Returns the
    * sealed logs in the order of `trackers`.
    */
-  static async cut(trackers: readonly ChangeTracker[], options: { cutId?: string; clock?: Clock } = {}): Promise<(SealedLogInfo | undefined)[]> {
+  static async cut(trackers: readonly ChangeTracker[], options: { cutId?: string; clock?: Clock; appTag?: string } = {}): Promise<(SealedLogInfo | undefined)[]> {
+    checkAppTag(options.appTag);
     const ordered = [...new Set(trackers)].sort((a, b) => (a.dir + a.diskId < b.dir + b.diskId ? -1 : 1));
     const releases: Release[] = [];
     try {
@@ -304,7 +308,7 @@ export class ChangeTracker {
       // cut() was called lands behind the cut, in the next logs.
       const queued = ordered.map((t) => t.acquire());
       for (const q of queued) releases.push(await q);
-      const point: CutPoint = { cutId: options.cutId ?? randomGuid(), cutTimeMs: (options.clock ?? ordered[0]?.clock ?? systemClock).now() };
+      const point: CutPoint = { cutId: options.cutId ?? randomGuid(), cutTimeMs: (options.clock ?? ordered[0]?.clock ?? systemClock).now(), appTag: options.appTag };
       const sealed = await Promise.all(ordered.map((t) => t.rotateHeld(point)));
       return trackers.map((t) => sealed[ordered.indexOf(t)]);
     } finally {
@@ -364,8 +368,9 @@ export class ChangeTracker {
   }
 
   /** Seals the active log and opens the next in one step; undefined in dirty-only mode. */
-  rotate(): Promise<SealedLogInfo | undefined> {
-    return this.locked(() => this.rotateHeld({ cutId: randomGuid(), cutTimeMs: this.clock.now() }));
+  async rotate(options: { appTag?: string } = {}): Promise<SealedLogInfo | undefined> {
+    checkAppTag(options.appTag);
+    return this.locked(() => this.rotateHeld({ cutId: randomGuid(), cutTimeMs: this.clock.now(), appTag: options.appTag }));
   }
 
   /** Sealed logs not yet acknowledged, in apply order. */
@@ -555,6 +560,7 @@ export class ChangeTracker {
     const sidecar: LogSidecar = {
       version: 1, diskId: this.diskId, sequence, uniqueId: done.uniqueId, previousUniqueId: done.previousUniqueId, sizeBytes: done.sizeBytes, entryCount: done.entryCount,
       cutId: point.cutId, cutTime: new Date(point.cutTimeMs).toISOString(), cutTimeMs: point.cutTimeMs, recovered: false,
+      ...(point.appTag === undefined ? {} : { appTag: point.appTag }),
     };
     const sidecarPath = this.logPath(sequence, SIDECAR_SUFFIX);
     await writeFileAtomic(sidecarPath, JSON.stringify(sidecar, null, 2));
@@ -670,6 +676,12 @@ export class ChangeTracker {
         if (!this.closed) await this.persistMaps(false);
       }).catch(() => undefined).finally(() => this.scheduleTimer());
     }, this.persistIntervalMs);
+  }
+}
+
+function checkAppTag(appTag: string | undefined): void {
+  if (appTag !== undefined && Buffer.byteLength(appTag) > MAX_APP_TAG_BYTES) {
+    throw new BlockrelayError('BR_USAGE', `app tag is ${Buffer.byteLength(appTag)} bytes, more than ${MAX_APP_TAG_BYTES}`);
   }
 }
 

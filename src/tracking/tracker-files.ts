@@ -123,7 +123,12 @@ export interface LogSidecar {
   readonly cutTimeMs: number;
   /** True when the log was recovered after a crash rather than sealed by a cut. */
   readonly recovered: boolean;
+  /** Set when the cut was app-consistent (taken with the application quiesced): the tag's name. */
+  readonly appTag?: string;
 }
+
+/** Longest app tag a sidecar holds, in UTF-8 bytes. */
+export const MAX_APP_TAG_BYTES = 256;
 
 export function parseSidecar(value: unknown, file: string): LogSidecar {
   const bad = (why: string): BlockrelayError => new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file}: ${why}`, { details: { file } });
@@ -133,6 +138,7 @@ export function parseSidecar(value: unknown, file: string): LogSidecar {
   for (const k of ['diskId', 'uniqueId', 'previousUniqueId', 'cutId', 'cutTime']) if (typeof v[k] !== 'string') throw bad(`${k} missing`);
   for (const k of ['sequence', 'sizeBytes', 'entryCount', 'cutTimeMs']) if (typeof v[k] !== 'number' || !Number.isSafeInteger(v[k])) throw bad(`${k} is not a whole number`);
   if (typeof v.recovered !== 'boolean') throw bad('recovered missing');
+  if (v.appTag !== undefined && (typeof v.appTag !== 'string' || Buffer.byteLength(v.appTag) > MAX_APP_TAG_BYTES)) throw bad('appTag is not a string of at most 256 bytes');
   return v as unknown as LogSidecar;
 }
 

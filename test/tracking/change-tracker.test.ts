@@ -112,9 +112,11 @@ describe('ChangeTracker', () => {
     expect(sa!.cutId).toBe(sb!.cutId);
     expect(sa!.cutTimeMs).toBe(sb!.cutTimeMs);
     expect(sa!.entryCount + sb!.entryCount).toBe(2);
-    const [na, nb] = await ChangeTracker.cut([a, b]);
+    const [na, nb] = await ChangeTracker.cut([a, b], { appTag: 'nightly' });
     expect(na!.entryCount).toBe(1);
     expect(nb!.entryCount).toBe(1);
+    expect(JSON.parse(fs.readFileSync(na!.sidecarPath, 'utf8'))).toMatchObject({ appTag: 'nightly', cutId: nb!.cutId });
+    expect(a.sealedLogs().map((l) => l.appTag)).toEqual([undefined, 'nightly']);
     await a.close();
     await b.close();
   });
