@@ -4,6 +4,8 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { copyDisk } from '../../src/targets/disk-copy';
 import { openDisk } from '../../src/targets/disk-spec';
+import { PassThrough } from 'node:stream';
+import { main } from '../../src/daemon/cli';
 import { runCli } from '../helpers/cli';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
@@ -12,6 +14,19 @@ import { seededRandom } from './conformance';
 const tempDir = useTempDirs();
 const haveQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
+
+/** Runs `blockrelay ARGS` in this process (the same main() the binary runs), for speed where the child-process path is already covered. */
+async function runInProcess(args: string[]): Promise<{ status: number; stdout: string; stderr: string }> {
+  const out = new PassThrough();
+  const err = new PassThrough();
+  let stdout = '';
+  let stderr = '';
+  out.on('data', (d) => { stdout += d; });
+  err.on('data', (d) => { stderr += d; });
+  const status = await main(args, { stdout: out, stderr: err });
+  await new Promise((resolve) => setImmediate(resolve));
+  return { status, stdout, stderr };
+}
 
 function makeRaw(file: string, sizeBytes: number, seed: number): Buffer {
   const rand = seededRandom(seed);
@@ -51,7 +66,7 @@ describe('blockrelay convert', () => {
       const q = path.join(dir, `q-${subformat}.vmdk`);
       execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', '-o', `subformat=${subformat}`, raw, q]);
       const back = path.join(dir, `back-${subformat}.img`);
-      const r = await runCli(['convert', `vmdk:${q}`, `raw:${back}`, '--json']);
+      const r = await runInProcess(['convert', `vmdk:${q}`, `raw:${back}`, '--json']);
       expect(r.status).toBe(0);
       const doc = JSON.parse(r.stdout);
       expect(doc).toMatchObject({ from: `vmdk:${q}`, to: `raw:${back}`, sizeBytes: 40 * MiB });
@@ -65,7 +80,7 @@ describe('blockrelay convert', () => {
     const raw = path.join(dir, 'src.img');
     const data = makeRaw(raw, 16 * MiB, 13);
     const steps = [`raw:${raw}`, `vmdk:${path.join(dir, 'a.vmdk')}`, `vmdk-flat:${path.join(dir, 'b.vmdk')}`, `raw:${path.join(dir, 'c.img')}`];
-    for (let i = 0; i + 1 < steps.length; i++) expect((await runCli(['convert', steps[i]!, steps[i + 1]!])).status).toBe(0);
+    for (let i = 0; i + 1 < steps.length; i++) expect((await runInProcess(['convert', steps[i]!, steps[i + 1]!])).status).toBe(0);
     expect(fs.readFileSync(path.join(dir, 'c.img')).equals(data)).toBe(true);
     expect(compare(raw, 'raw', path.join(dir, 'b.vmdk'), 'vmdk')).toBe(0);
   });
@@ -75,7 +90,7 @@ describe('blockrelay convert', () => {
     const raw = path.join(dir, 'src.img');
     const data = makeRaw(raw, 8 * MiB, 16);
     const steps = [`raw:${raw}`, `vhd:${path.join(dir, 'b.vhd')}`, `vmdk:${path.join(dir, 'c.vmdk')}`, `raw:${path.join(dir, 'd.img')}`];
-    for (let i = 0; i + 1 < steps.length; i++) expect((await runCli(['convert', steps[i]!, steps[i + 1]!])).status).toBe(0);
+    for (let i = 0; i + 1 < steps.length; i++) expect((await runInProcess(['convert', steps[i]!, steps[i + 1]!])).status).toBe(0);
     expect(fs.readFileSync(path.join(dir, 'd.img')).equals(data)).toBe(true);
     expect(compare(raw, 'raw', path.join(dir, 'b.vhd'), 'vpc')).toBe(0);
   });
@@ -94,10 +109,10 @@ describe('blockrelay convert', () => {
 
   it('exits non-zero naming the code for bad specs, missing sources and bad usage', async () => {
     const dir = tempDir();
-    const bad = await runCli(['convert', 'qcow2:/x', `raw:${path.join(dir, 'o.img')}`]);
+    const bad = await runInProcess(['convert', 'qcow2:/x', `raw:${path.join(dir, 'o.img')}`]);
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/^BR_TARGET_SPEC_INVALID: /m);
-    const missing = await runCli(['convert', `vmdk:${path.join(dir, 'nope.vmdk')}`, `raw:${path.join(dir, 'o.img')}`]);
+    const missing = await runInProcess(['convert', `vmdk:${path.join(dir, 'nope.vmdk')}`, `raw:${path.join(dir, 'o.img')}`]);
     expect(missing.status).toBe(1);
     expect(missing.stderr).toMatch(/^BR_(FILE_NOT_FOUND|IO): /m);
     expect(fs.existsSync(path.join(dir, 'o.img'))).toBe(false);
@@ -115,7 +130,7 @@ describe('blockrelay convert', () => {
     // Cut the last grain in half: validation at open finds the GT entry pointing past the end.
     fs.truncateSync(vmdk, fs.statSync(vmdk).size - 32 * 1024);
     const out = path.join(dir, 'out.vmdk');
-    const r = await runCli(['convert', `vmdk:${vmdk}`, `vmdk:${out}`]);
+    const r = await runInProcess(['convert', `vmdk:${vmdk}`, `vmdk:${out}`]);
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/^BR_TARGET_CORRUPT: .*byte offset \d+/m);
     expect(fs.existsSync(out)).toBe(false);
