@@ -97,15 +97,3 @@ export function parseExtentFile(text: string, path: string): Extent[] {
     return { offset: e.offset, length: e.length };
   });
 }
-
-/** Whether `[offset, offset + length)` overlaps any extent of a sorted, merged list. */
-export function overlapsAny(sorted: readonly Extent[], offset: number, length: number): boolean {
-  let lo = 0;
-  let hi = sorted.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >> 1;
-    if (sorted[mid].offset + sorted[mid].length <= offset) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo < sorted.length && sorted[lo].offset < offset + length;
-}
