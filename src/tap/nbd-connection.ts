@@ -466,11 +466,17 @@ export class NbdConnection {
     }
     const run = (): void => {
       // TRIM is carried out as a discard, which DiskTarget defines to read back
-      // as zeroes afterwards, so both are recorded as zeroed ranges.
+      // as zeroes afterwards, so the record says the range is zero.
       const op = type === P.NBD_CMD_TRIM ? exp.writer!.discard(offset, length) : exp.writer!.writeZeroes(offset, length);
       op.then(
         () => {
-          const recorded = exp.exp.recorder?.recordZero(offset, length);
+          const recorder = exp.exp.recorder;
+          const recorded =
+            recorder === undefined
+              ? undefined
+              : type === P.NBD_CMD_TRIM && recorder.recordTrim !== undefined
+                ? recorder.recordTrim(offset, length)
+                : recorder.recordZeroes(offset, length);
           exp.gate.leave(ticket);
           this.completeMutation(recorded, fua, name, offset, 0, handleHi, handleLo);
         },

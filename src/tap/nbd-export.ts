@@ -26,16 +26,19 @@ export interface NbdWriteSource extends NbdReadSource {
 /**
  * Receives every write the export completed, in an order consistent with the
  * disk: overlapping writes are recorded in the order they reached the disk.
- * The change tracker implements this; tests use a recorder that keeps a list.
+ * The ChangeTracker (`src/tracking/change-tracker.ts`) satisfies it as is;
+ * protocol tests use a recorder that keeps a list.
  *
  * A record call is made after the disk write succeeded and before the client
  * gets its reply, so every acknowledged write is recorded. The call order is
  * the log order; a returned promise is awaited before the reply.
  */
 export interface WriteRecorder {
-  recordWrite(offset: number, data: Buffer): void | Promise<void>;
-  /** A range that now reads as zeroes (NBD WRITE_ZEROES, and TRIM, which the tap turns into zeroes). */
-  recordZero(offset: number, length: number): void | Promise<void>;
+  recordWrite(offset: number, data: Uint8Array): void | Promise<void>;
+  /** A range that now reads as zeroes (NBD WRITE_ZEROES). */
+  recordZeroes(offset: number, length: number): void | Promise<void>;
+  /** A trimmed range; the tap's disks read trimmed ranges as zeroes. Falls back to recordZeroes. */
+  recordTrim?(offset: number, length: number): void | Promise<void>;
   /** Makes every record made so far durable (NBD FLUSH and FUA). */
   flush(): Promise<void>;
 }

@@ -100,7 +100,9 @@ export class NbdServer implements ConnectionHost {
   /**
    * Stops accepting, lets every connection finish the requests it has in
    * flight (their replies are sent), then closes them. Resolves when all
-   * are closed; after `graceMs` the remaining ones are dropped.
+   * are closed; after `graceMs` the remaining ones are dropped and the
+   * server stops waiting for their requests (a source that never answers
+   * cannot hold the shutdown).
    */
   async close(graceMs = 10_000): Promise<void> {
     this.closing = true;
@@ -108,10 +110,15 @@ export class NbdServer implements ConnectionHost {
     const closed = server === undefined ? Promise.resolve() : new Promise<void>((resolve) => server.close(() => resolve()));
     for (const conn of this.connections) conn.shutdown();
     if (this.connections.size > 0) {
+      const idle = new Promise<void>((resolve) => this.idleWaiters.push(resolve));
       const timer = this.clock.setTimer(() => {
-        for (const conn of this.connections) conn.hardDisconnect();
+        for (const conn of this.connections) {
+          this.warn('NBD connection still busy at shutdown; dropping it', { export: conn.exportName, inFlight: conn.requestsInFlight });
+          conn.hardDisconnect();
+          this.connectionFinished(conn);
+        }
       }, graceMs);
-      await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+      await idle;
       timer.cancel();
     }
     await closed;

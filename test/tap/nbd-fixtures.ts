@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { NbdServer, type NbdServerOptions } from '../../src/tap/nbd-server';
 import type { NbdWriteSource, WriteRecorder } from '../../src/tap/nbd-export';
 import { RawTarget } from '../../src/targets/raw/raw-target';
+import * as P from '../../src/tap/nbd-protocol';
 
 /** One record a ListRecorder saw. */
 export type Record =
@@ -20,11 +21,11 @@ export class ListRecorder implements WriteRecorder {
   readonly records: Record[] = [];
   flushes = 0;
 
-  recordWrite(offset: number, data: Buffer): void {
+  recordWrite(offset: number, data: Uint8Array): void {
     this.records.push({ kind: 'write', offset, data: Buffer.from(data) });
   }
 
-  recordZero(offset: number, length: number): void {
+  recordZeroes(offset: number, length: number): void {
     this.records.push({ kind: 'zero', offset, length });
   }
 
@@ -188,4 +189,40 @@ export class RawPeer {
   destroy(): void {
     this.socket.destroy();
   }
+}
+
+/** Reads one option reply from a raw peer: option, reply type and data. */
+export async function readOptionReply(peer: RawPeer): Promise<{ option: number; type: number; data: Buffer }> {
+  const head = await peer.read(P.OPTION_REPLY_HEADER_BYTES);
+  if (head.readUInt32BE(0) !== P.NBD_REP_MAGIC_HI || head.readUInt32BE(4) !== P.NBD_REP_MAGIC_LO) throw new Error('bad option reply magic');
+  const data = await peer.read(head.readUInt32BE(16));
+  return { option: head.readUInt32BE(8), type: head.readUInt32BE(12), data };
+}
+
+/** Greeting, client flags and NBD_OPT_GO by hand, leaving the raw peer in transmission. */
+export async function rawHandshake(peer: RawPeer, exportName: string): Promise<void> {
+  await peer.read(P.GREETING_BYTES);
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES);
+  peer.send(flags);
+  peer.send(P.encodeOption(P.NBD_OPT_GO, P.encodeGoRequest(exportName, [])));
+  for (;;) {
+    const r = await readOptionReply(peer);
+    if (r.type === P.NBD_REP_ACK) return;
+    if (r.type !== P.NBD_REP_INFO) throw new Error(`NBD_OPT_GO failed with reply type 0x${r.type.toString(16)}`);
+  }
+}
+
+/** A request header (plus payload) as bytes. */
+export function request(type: number, offset: number, length: number, handle: number, options: { flags?: number; payload?: Buffer } = {}): Buffer {
+  const header = Buffer.alloc(P.REQUEST_HEADER_BYTES);
+  P.encodeRequestHeader(header, 0, { flags: options.flags ?? 0, type, handleHi: 0, handleLo: handle, offset, length });
+  return options.payload === undefined ? header : Buffer.concat([header, options.payload]);
+}
+
+/** Reads one simple reply: error and handle. */
+export async function readSimpleReply(peer: RawPeer): Promise<{ error: number; handle: number }> {
+  const r = await peer.read(P.SIMPLE_REPLY_BYTES);
+  if (r.readUInt32BE(0) !== P.NBD_SIMPLE_REPLY_MAGIC) throw new Error('bad simple reply magic');
+  return { error: r.readUInt32BE(4), handle: r.readUInt32BE(12) };
 }
