@@ -284,7 +284,7 @@ export function judgeGoal(name: string, result: BenchResult | undefined, raw?: u
     const bytes = figureMatching(result, /bytes on the wire, blockrelay \/ rsync/i);
     return { text, met: speedup === undefined || bytes === undefined ? null : speedup >= 4 && bytes[1] < 1 };
   }
-  if (name.startsWith('e2e')) {
+  if (name.startsWith('e2e') || name.includes('churn')) {
     const text = '200 MB/s of sustained churn with RPO p99 < 2 s';
     if (typeof selfJudged === 'boolean') return { text, met: selfJudged };
     if (result === undefined) return { text, met: null };
@@ -381,5 +381,13 @@ export function renderMarkdown(summary: Summary): string {
     for (const note of r.notes) lines.push(`- ${note}`);
     if (r.notes.length > 0) lines.push('');
   }
+  lines.push(
+    '## Adding a scenario',
+    '',
+    '`bench/run.ts` runs every `bench/NAME.bench.ts` it finds. A scenario takes `--quick` (under ~30 s), measures blockrelay and its peer in the same run, ' +
+      'prints one JSON document and writes it to `bench/results/NAME.json` with `peer` (text), `ratios` (peer median time / blockrelay median time, ' +
+      'or blockrelay throughput / peer throughput), `figures` (named numbers, units last in the name), `notes` (text) and, if it judges itself, `goal: {"met": true|false}`. ' +
+      'To skip (a tool is missing), exit with status 77 or write `{"skipped": "tool X missing"}`.',
+  );
   return `${lines.join('\n').trimEnd()}\n`;
 }

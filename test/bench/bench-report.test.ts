@@ -112,6 +112,7 @@ describe('bench report normaliser', () => {
     const mib = normaliseResult('e2e-churn', { ratios: {}, figures: { 'churn MiB/s': 191, 'RPO p99 s': 1.2 } });
     expect(judgeGoal('e2e-churn', mib).met).toBe(true);
     expect(judgeGoal('e2e-churn', normaliseResult('e2e-churn', { figures: { other: 1 } })).met).toBeNull();
+    expect(judgeGoal('churn', met).text).toContain('200 MB/s');
   });
 
   it('lets a result judge itself with goal.met', () => {
@@ -194,6 +195,7 @@ describe('benchmarks.md renderer', () => {
     expect(md).toContain('| changed bytes | 2,682,880 |');
     expect(md).toContain('`--quick` run');
     expect(md).toContain('98.8 s of a 105 s budget');
+    expect(md).toContain('## Adding a scenario');
     // A summary round-trips through JSON, as summary.json does.
     const file = path.join(tmp(), 'summary.json');
     const s = summary([{ name: 'convert', status: 'ok', durationMs: 1, result: convert, goal: judgeGoal('convert', convert) }]);
