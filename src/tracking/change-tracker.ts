@@ -496,9 +496,13 @@ export class ChangeTracker {
   private markChanged(offset: number, length: number): void {
     this.assertOpen();
     this.maps.dirty.mark(offset, length);
-    this.maps.pending.mark(offset, length);
-    if (this.mode === 'dirty-only') this.maps.resync.mark(offset, length);
-    else this.activeMap.mark(offset, length);
+    if (this.mode === 'dirty-only') {
+      this.maps.resync.mark(offset, length);
+    } else {
+      // `pending` only matters while a log can have a torn tail.
+      this.maps.pending.mark(offset, length);
+      this.activeMap.mark(offset, length);
+    }
     this.generation++;
   }
 
