@@ -15,6 +15,7 @@ import { LogReceiver } from './log-receiver';
 import { LogSpool, type SpoolEntry } from './log-spool';
 import { SequenceLedger } from './sequence-ledger';
 import { openOrCreateTarget } from './target-opener';
+import { AttachedDisks } from '../targets/attached-disks';
 import { STATUS_PAGE_HTML } from '../daemon/status-page';
 import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
 
@@ -98,6 +99,8 @@ export class ApplyingHop {
   readonly spool: LogSpool;
   readonly ledger: SequenceLedger;
   protected readonly disks = new Map<string, AppliedDisk>();
+  /** The product's limit of 60 disks attached to one master target, enforced where targets are attached. */
+  private readonly attached = new AttachedDisks();
   protected readonly lock: StateLock;
   protected api: HttpApi | undefined;
   protected readonly receiver: LogReceiver;
@@ -176,6 +179,7 @@ export class ApplyingHop {
 
   protected addApplier(diskId: string, spec: string): void {
     validateDiskId(diskId);
+    this.attached.attach(diskId, spec);
     const health = new DiskHealth(diskId, this.options.rpoThresholdSeconds * 1000);
     const disk: AppliedDisk = { diskId, spec, health, drain: undefined as unknown as DiskDrain, target: undefined, appliedBytesTotal: 0, lastPointTimeMs: null };
     disk.drain = new DiskDrain({
