@@ -174,6 +174,28 @@ describe('ChangeTracker', () => {
     await t2.close();
   });
 
+  it('persists the maps on its timer, so an unflushed write lost with the log tail becomes a resync extent', async () => {
+    const dir = tempDir();
+    const clock = new SimulatedClock();
+    const t = await open(dir, { clock, persistIntervalMs: 1000 });
+    const logFile = path.join(dir, 'disk0-000000000001.hrl.open');
+    const anchorEnd = fs.statSync(logFile).size;
+    const mapsFile = path.join(dir, 'disk0.maps');
+    const before = fs.readFileSync(mapsFile);
+    await t.recordWrite(...block(12, 5));
+    await clock.advance(1000);
+    // The timer's persist does real file I/O; wait for it to land.
+    for (let i = 0; i < 200 && fs.readFileSync(mapsFile).equals(before); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(fs.readFileSync(mapsFile).equals(before)).toBe(false);
+    // Crash before any flush: none of the log beyond its anchor reached the disk.
+    fs.truncateSync(logFile, anchorEnd);
+    const t2 = await open(dir);
+    expect(t2.sealedLogs()[0]).toMatchObject({ entryCount: 0, recovered: true });
+    expect([...t2.resyncExtents()]).toEqual([{ offset: 12 * 4096, length: 4096 }]);
+    // `t` stands for the crashed process: it is never used again (its timer runs on the simulated clock only).
+    await t2.close();
+  });
+
   it('asks for a whole-disk resync only when the dirty map is lost', async () => {
     const dir = tempDir();
     const t = await open(dir);
