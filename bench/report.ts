@@ -71,6 +71,25 @@ export const MAX_GENERIC_FIGURES = 24;
 export const MIN_SLOT_MS = 8_000;
 
 /**
+ * The order to run benches in: those that were quick last time first, then
+ * those never seen, then those that timed out or failed, so the budget left
+ * over by short benches goes to the long ones. Ties in name order.
+ */
+export function runOrder(names: readonly string[], previous: Pick<Summary, 'benches'> | undefined): string[] {
+  const last = new Map((previous?.benches ?? []).map((b) => [b.name, b]));
+  const rank = (name: string): [number, number] => {
+    const b = last.get(name);
+    if (b === undefined || b.status === 'not-run' || b.status === 'skipped') return [1, 0];
+    return b.status === 'ok' ? [0, b.durationMs] : [2, b.durationMs];
+  };
+  return [...names].sort((a, b) => {
+    const [ga, da] = rank(a);
+    const [gb, db] = rank(b);
+    return ga - gb || da - db || (a < b ? -1 : a > b ? 1 : 0);
+  });
+}
+
+/**
  * How long the next bench may run: its fair share of what is left of the
  * budget, stretched to half again as much when that still leaves every
  * later bench its minimum slot, and never over the per-bench cap. Time a

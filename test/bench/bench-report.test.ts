@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { judgeGoal, MAX_GENERIC_FIGURES, MIN_SLOT_MS, normaliseResult, NO_TARGET, renderMarkdown, slotMs, type BenchRun, type Summary } from '../../bench/report';
+import { judgeGoal, MAX_GENERIC_FIGURES, MIN_SLOT_MS, normaliseResult, NO_TARGET, renderMarkdown, runOrder, slotMs, type BenchRun, type Summary } from '../../bench/report';
 import { discoverBenches } from '../../bench/run';
 import { useTempDirs } from '../helpers/tmp';
 
@@ -152,6 +152,20 @@ describe('bench time budget', () => {
       remaining -= slot;
       expect(remaining).toBeGreaterThanOrEqual(0);
     }
+  });
+
+  it('runs last time\'s quick benches first, new ones next, and last time\'s timeouts last', () => {
+    const goal = { text: NO_TARGET, met: null };
+    const previous = {
+      benches: [
+        { name: 'blob-upload', status: 'timeout' as const, durationMs: 26_000, goal },
+        { name: 'convert', status: 'ok' as const, durationMs: 3_600, goal },
+        { name: 'failover', status: 'ok' as const, durationMs: 14_400, goal },
+        { name: 'native', status: 'ok' as const, durationMs: 4_700, goal },
+      ],
+    };
+    expect(runOrder(['blob-upload', 'convert', 'e2e', 'failover', 'native', 'tap'], previous)).toEqual(['convert', 'native', 'failover', 'e2e', 'tap', 'blob-upload']);
+    expect(runOrder(['b', 'a'], undefined)).toEqual(['a', 'b']);
   });
 
   it('discovers every *.bench.ts in name order', () => {
