@@ -136,6 +136,8 @@ export class ChangeTracker {
   private readonly maps: { dirty: DirtyMap; pending: DirtyMap; resync: DirtyMap };
   /** Extents of the active log only, to rebuild `dirty` on acknowledge. */
   private readonly activeMap: DirtyMap;
+  /** Extents of each unshipped sealed log, by file name (sparse native maps, no I/O to rebuild `dirty`). */
+  private readonly logMaps: Map<string, DirtyMap>;
   private generation = 1;
   private persistedGeneration = 0;
   private lockTail: Promise<void> = Promise.resolve();
@@ -143,7 +145,7 @@ export class ChangeTracker {
   private closed = false;
   private lastResyncReason: ResyncReason | null = null;
 
-  private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps }) {
+  private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap> }) {
     this.diskId = options.diskId;
     this.diskSizeBytes = options.diskSizeBytes;
     this.dir = options.dir;
@@ -159,6 +161,7 @@ export class ChangeTracker {
     this.lastUniqueId = init.lastUniqueId;
     this.sealed = init.sealed;
     this.maps = init.maps;
+    this.logMaps = init.logMaps;
     this.activeMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
   }
 
@@ -249,11 +252,14 @@ export class ChangeTracker {
 
     // Sealed logs: load (or rebuild) their sidecars.
     const sealed: SealedLogInfo[] = [];
+    const logMaps = new Map<string, DirtyMap>();
     for (const { n, seq } of sealedNames().sort((a, b) => a.seq! - b.seq!)) {
       const file = path.join(dir, n);
       const sidecarPath = path.join(dir, logBaseName(diskId, seq!) + SIDECAR_SUFFIX);
       let sidecar: LogSidecar | undefined;
       try {
+        // Reading the metadata checks the log's structure and gives its extents.
+        logMaps.set(n, await logExtents(file, options.diskSizeBytes, granularity));
         const json = await readJsonFile(sidecarPath);
         sidecar = json === undefined ? undefined : parseSidecar(json, sidecarPath);
         if (sidecar === undefined) {
@@ -265,6 +271,7 @@ export class ChangeTracker {
       } catch (err) {
         if (!(isBlockrelayError(err) && (err.code.startsWith('BR_HRL_') || err.code === 'BR_TRACKER_STATE_CORRUPT'))) throw err;
         await fsp.rename(file, `${file}.corrupt`).catch(() => undefined);
+        logMaps.delete(n);
         maps.resync.merge(maps.dirty);
         reasons.push('log-lost');
         continue;
@@ -279,7 +286,7 @@ export class ChangeTracker {
     for (const n of await listDir(dir)) maxSeq = Math.max(maxSeq, seqOf(n));
     const lastUniqueId = sealed.length > 0 ? sealed[sealed.length - 1]!.uniqueId : state?.lastUniqueId ?? NIL_GUID;
     maps.dirty.merge(maps.resync);
-    const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId, sealed, maps });
+    const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId, sealed, maps, logMaps });
     if (mode === 'dirty-only') {
       // An overflow was under way: finish dropping the logs.
       await tracker.dropAllLogs();
@@ -389,6 +396,7 @@ export class ChangeTracker {
       const i = this.sealed.findIndex((s) => s.name === name);
       if (i < 0) return false;
       const [log] = this.sealed.splice(i, 1);
+      this.logMaps.delete(log!.name);
       await unlinkIfPresent(log!.path);
       await unlinkIfPresent(log!.sidecarPath);
       await syncDirectory(this.dir);
@@ -577,6 +585,9 @@ export class ChangeTracker {
     }
     const info: SealedLogInfo = { ...sidecar, name: path.basename(sealedPath), path: sealedPath, sidecarPath };
     this.sealed.push(info);
+    const logMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+    logMap.merge(this.activeMap);
+    this.logMaps.set(info.name, logMap);
     // Everything in the sealed log is durable: its extents stay in `dirty` until acknowledged.
     this.activeMap.clearAll();
     this.maps.pending.clearAll();
@@ -624,6 +635,7 @@ export class ChangeTracker {
       await unlinkIfPresent(s.sidecarPath);
     }
     this.sealed = [];
+    this.logMaps.clear();
     for (const n of await listDir(this.dir)) {
       if (parseLogName(this.diskId, n, OPEN_LOG_SUFFIX) !== undefined) await unlinkIfPresent(path.join(this.dir, n));
     }
@@ -631,23 +643,13 @@ export class ChangeTracker {
     await syncDirectory(this.dir);
   }
 
-  /** dirty = extents of the remaining sealed logs ∪ active log ∪ resync. */
+  /** dirty = extents of the remaining sealed logs ∪ active log ∪ resync (all held in memory). */
   private async rebuildDirty(): Promise<void> {
     const fresh = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
-    try {
-      for (const s of this.sealed) {
-        const log = await HrlLogFile.open(s.path);
-        try {
-          const v = await log.verify({ checkPayloads: false });
-          for await (const e of log.entries(v)) if (e.dataLength > 0) fresh.mark(e.byteOffset, e.dataLength);
-        } finally {
-          await log.close();
-        }
-      }
-    } catch (err) {
-      // A log that cannot be read leaves the old map (a superset) in place.
-      if (isBlockrelayError(err)) return;
-      throw err;
+    for (const s of this.sealed) {
+      const m = this.logMaps.get(s.name);
+      if (m === undefined) return; // unknown extents: keep the old map, a superset
+      fresh.merge(m);
     }
     fresh.merge(this.activeMap);
     fresh.merge(this.maps.resync);
@@ -681,6 +683,19 @@ export class ChangeTracker {
       }).catch(() => undefined).finally(() => this.scheduleTimer());
     }, this.persistIntervalMs);
   }
+}
+
+/** The extents a sealed log writes, from its metadata alone (which is checked on the way). */
+async function logExtents(file: string, diskSizeBytes: number, granularityBytes: number): Promise<DirtyMap> {
+  const map = new DirtyMap(diskSizeBytes, granularityBytes);
+  const log = await HrlLogFile.open(file);
+  try {
+    const v = await log.verify({ checkPayloads: false, diskSizeBytes });
+    for await (const e of log.entries(v)) if (e.dataLength > 0) map.mark(e.byteOffset, e.dataLength);
+  } finally {
+    await log.close();
+  }
+  return map;
 }
 
 function checkAppTag(appTag: string | undefined): void {
