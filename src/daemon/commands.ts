@@ -6,11 +6,12 @@ import { roleCommands } from './role-commands';
 import { retentionCommands } from '../retention/retention-commands';
 import { statusCommand } from './status-command';
 import { tagCommand } from './tag-command';
+import { sourceCommand } from '../tap/source-command';
 
 /**
  * Every subcommand, in the order `--help` lists them. Each domain exports its
  * commands from its own folder; this list only gathers them.
  */
 export function allCommands(): Command[] {
-  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands(), ...retentionCommands(), statusCommand, tagCommand];
+  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands(), ...retentionCommands(), statusCommand, tagCommand, sourceCommand];
 }

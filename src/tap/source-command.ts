@@ -1,0 +1,117 @@
+import { SOURCE_ROLE_DEFAULTS, SourceRole } from './source-role';
+import { parseCommandArgs, parseIntegerOption, type Command } from '../daemon/command';
+import { createLogger } from '../daemon/logger';
+import { StateLock } from '../daemon/state-lock';
+import { BlockrelayError } from '../retry/blockrelay-error';
+import type { DiskTarget } from '../targets/disk-target';
+import { openDisk } from '../targets/disk-spec';
+
+const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--interval-ms N]';
+
+/** The line a supervisor (or a test) waits for, followed by one JSON object. */
+export const SOURCE_READY_PREFIX = 'BLOCKRELAY_SOURCE_READY ';
+
+/** The NBD port IANA reserved, used when --listen names none. */
+const NBD_DEFAULT_PORT = 10809;
+
+/**
+ * Parses `--listen`: `HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT` (loopback),
+ * or `HOST` alone (default port). The default host is 127.0.0.1: exposing a
+ * protected disk beyond this machine must be asked for.
+ */
+export function parseListen(value: string | undefined): { host: string; port: number } {
+  if (value === undefined || value === '') return { host: '127.0.0.1', port: NBD_DEFAULT_PORT };
+  let host: string;
+  let portText: string | undefined;
+  const v6 = /^\[([^\]]+)\](?::(\d*))?$/.exec(value);
+  if (v6) {
+    host = v6[1]!;
+    portText = v6[2];
+  } else if (/^\d+$/.test(value)) {
+    host = '';
+    portText = value;
+  } else {
+    const colon = value.lastIndexOf(':');
+    if (colon >= 0 && value.indexOf(':') !== colon) throw new BlockrelayError('BR_USAGE', `--listen '${value}': write IPv6 addresses as [ADDR]:PORT`);
+    host = colon >= 0 ? value.slice(0, colon) : value;
+    portText = colon >= 0 ? value.slice(colon + 1) : undefined;
+  }
+  const port = portText === undefined || portText === '' ? NBD_DEFAULT_PORT : parseIntegerOption('listen port', portText, NBD_DEFAULT_PORT, 0, 65535);
+  return { host: host === '' ? '127.0.0.1' : host, port };
+}
+
+/** Parses the `--disk ID=SPEC` flags, refusing duplicates and empty parts. */
+export function parseDiskFlags(values: readonly string[]): { id: string; spec: string }[] {
+  if (values.length === 0) throw new BlockrelayError('BR_USAGE', `at least one --disk ID=SPEC is required; usage: ${usage}`);
+  const seen = new Set<string>();
+  return values.map((v) => {
+    const eq = v.indexOf('=');
+    if (eq <= 0 || eq === v.length - 1) throw new BlockrelayError('BR_USAGE', `--disk expects ID=SPEC, got '${v}'`);
+    const id = v.slice(0, eq);
+    if (seen.has(id)) throw new BlockrelayError('BR_USAGE', `--disk ${id} is given twice`);
+    seen.add(id);
+    return { id, spec: v.slice(eq + 1) };
+  });
+}
+
+/**
+ * `blockrelay source`: the source tap role. Serves each protected disk as an
+ * NBD export named by its id, records every write in the disk's change
+ * tracker, and seals all disks' logs at one cut every `--interval-ms`.
+ * Without a process server (shipping attaches in a later issue) the sealed
+ * logs stay in `--log-dir` as `ID-SEQUENCE.hrl`, lexical order being apply
+ * order per disk. SIGTERM or SIGINT finishes the NBD requests in flight,
+ * seals the active logs and exits 0.
+ */
+export const sourceCommand: Command = {
+  path: ['source'],
+  usage,
+  summary: 'serve protected disks over NBD and record every write in MS-HRL change logs',
+  async run(argv, io) {
+    const { values, positionals } = parseCommandArgs(
+      argv,
+      {
+        disk: { type: 'string', multiple: true },
+        listen: { type: 'string' },
+        'log-dir': { type: 'string' },
+        'interval-ms': { type: 'string' },
+      },
+      usage,
+    );
+    if (positionals.length > 0) throw new BlockrelayError('BR_USAGE', `unexpected argument '${positionals[0]}'; usage: ${usage}`);
+    const disks = parseDiskFlags(values.disk ?? []);
+    const logDir = values['log-dir'];
+    if (logDir === undefined || logDir === '') throw new BlockrelayError('BR_USAGE', `--log-dir is required; usage: ${usage}`);
+    const listen = parseListen(values.listen);
+    const intervalMs = parseIntegerOption('interval-ms', values['interval-ms'], SOURCE_ROLE_DEFAULTS.intervalMs, 10, 24 * 60 * 60 * 1000);
+    const logger = createLogger({ name: 'source' });
+
+    const lock = new StateLock(logDir);
+    lock.acquire();
+    const opened: { id: string; target: DiskTarget }[] = [];
+    let role: SourceRole;
+    try {
+      for (const d of disks) opened.push({ id: d.id, target: await openDisk(d.spec) });
+      role = await SourceRole.start({ disks: opened, logDir, listenHost: listen.host, listenPort: listen.port, intervalMs, logger });
+    } catch (err) {
+      for (const o of opened) await o.target.close().catch(() => undefined);
+      lock.release();
+      throw err;
+    }
+
+    for (const [id, uri] of Object.entries(role.exportUris)) io.stderr.write(`source: disk ${id} at ${uri}\n`);
+    io.stderr.write(`${SOURCE_READY_PREFIX}${JSON.stringify({ listen: `${role.address.host}:${role.address.port}`, exports: role.exportUris, logDir })}\n`);
+
+    const signal = await new Promise<NodeJS.Signals>((resolve) => {
+      process.once('SIGTERM', () => resolve('SIGTERM'));
+      process.once('SIGINT', () => resolve('SIGINT'));
+    });
+    logger.info({ signal }, 'stopping: finishing NBD requests and sealing the active logs');
+    try {
+      await role.stop();
+    } finally {
+      lock.release();
+    }
+    return 0;
+  },
+};
