@@ -6,6 +6,7 @@
         "native/addon.cc",
         "native/checksum.cc",
         "native/dirty-map.cc",
+        "native/file-extents.cc",
         "native/xxhash64.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -4,12 +4,14 @@
 
 #include "checksum.h"
 #include "dirty-map.h"
+#include "file-extents.h"
 #include "xxhash64.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("addonVersion", Napi::Number::New(env, 1));
   blockrelay::InitChecksum(env, exports);
   blockrelay::InitDirtyMap(env, exports);
+  blockrelay::InitFileExtents(env, exports);
   blockrelay::InitXxhash64(env, exports);
   return exports;
 }
