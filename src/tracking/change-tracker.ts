@@ -192,7 +192,11 @@ export class ChangeTracker {
       throw new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${statePath} is for ${state.diskId} of ${state.diskSizeBytes} bytes at ${state.granularityBytes}-byte blocks, not ${diskId} of ${options.diskSizeBytes} at ${granularity}`, { details: { file: statePath } });
     }
     const names = await listDir(dir);
-    for (const n of names) if (n.startsWith(`${diskId}`) && n.endsWith(TMP_SUFFIX)) await unlinkIfPresent(path.join(dir, n));
+    // Only this disk's leftovers: `ID.…tmp` or `ID-SSSSSSSSSSSS.…tmp` (disk1 must not touch disk10's).
+    for (const n of names) {
+      const ours = n.startsWith(`${diskId}.`) || (n.startsWith(`${diskId}-`) && /^\d{12}\./.test(n.slice(diskId.length + 1)));
+      if (ours && n.endsWith(TMP_SUFFIX)) await unlinkIfPresent(path.join(dir, n));
+    }
     const openLogs = names.map((n) => ({ n, seq: parseLogName(diskId, n, OPEN_LOG_SUFFIX) })).filter((x) => x.seq !== undefined).sort((a, b) => a.seq! - b.seq!);
     const sealedNames = () => names.map((n) => ({ n, seq: parseLogName(diskId, n, SEALED_LOG_SUFFIX) })).filter((x) => x.seq !== undefined);
 

@@ -209,6 +209,17 @@ describe('ChangeTracker', () => {
     await t2.close();
   });
 
+  it('cleans up only its own leftovers in a directory shared with disk1 and disk10', async () => {
+    const dir = tempDir();
+    fs.writeFileSync(path.join(dir, 'disk10.maps.tmp'), 'x');
+    fs.writeFileSync(path.join(dir, 'disk10-000000000003.hrl.json.tmp'), 'x');
+    fs.writeFileSync(path.join(dir, 'disk1.maps.tmp'), 'x');
+    fs.writeFileSync(path.join(dir, 'disk1-000000000003.hrl.json.tmp'), 'x');
+    const t = await ChangeTracker.open({ dir, diskId: 'disk1', diskSizeBytes: DISK, persistIntervalMs: 0 });
+    expect(fs.readdirSync(dir).filter((n) => n.endsWith('.tmp')).sort()).toEqual(['disk10-000000000003.hrl.json.tmp', 'disk10.maps.tmp']);
+    await t.close();
+  });
+
   it('refuses writes outside the disk', async () => {
     const t = await open(tempDir());
     await expect(t.recordWrite(DISK - 100, Buffer.alloc(200))).rejects.toMatchObject({ code: 'BR_TARGET_OUT_OF_RANGE' });
