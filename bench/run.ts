@@ -1,5 +1,6 @@
 /**
- * The bench harness: `npm run bench [-- --quick] [-- --only a,b] [-- --budget-seconds N]`.
+ * The bench harness: `npm run bench -- [--quick] [--only a,b] [--budget-seconds N]
+ * [--bench-dir DIR] [--doc FILE]` (the last two for testing the harness itself).
  *
  * Discovers every `bench/*.bench.ts`, runs each as its own child process
  * (`tsx bench/NAME.bench.ts [--quick]`) one after another (two shared cores:
@@ -20,9 +21,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { judgeGoal, normaliseResult, renderMarkdown, runOrder, slotMs, type BenchRun, type Machine, type Summary } from './report';
 
-const benchDir = __dirname;
-const repoDir = path.dirname(benchDir);
-const resultsDir = path.join(benchDir, 'results');
+const repoDir = path.dirname(__dirname);
 
 /** `--quick` must finish in under two minutes in all, harness included. */
 const QUICK_BUDGET_MS = 110_000;
@@ -41,6 +40,9 @@ interface Options {
   quick: boolean;
   only: Set<string> | undefined;
   budgetMs: number;
+  /** Where the benches are; their results go to its `results/` folder. */
+  benchDir: string;
+  docFile: string;
 }
 
 function parseOptions(argv: string[]): Options {
@@ -53,11 +55,17 @@ function parseOptions(argv: string[]): Options {
   const budget = value('--budget-seconds');
   const budgetMs = budget === undefined ? (quick ? QUICK_BUDGET_MS : FULL_BUDGET_MS) : Number(budget) * 1000;
   if (!Number.isFinite(budgetMs) || budgetMs <= 0) throw new Error(`--budget-seconds wants a positive number, got ${budget}`);
-  return { quick, only: only === undefined ? undefined : new Set(only.split(',')), budgetMs };
+  return {
+    quick,
+    only: only === undefined ? undefined : new Set(only.split(',')),
+    budgetMs,
+    benchDir: path.resolve(value('--bench-dir') ?? __dirname),
+    docFile: path.resolve(value('--doc') ?? path.join(repoDir, 'docs', 'benchmarks.md')),
+  };
 }
 
 /** Every `*.bench.ts` beside this file, in name order. */
-export function discoverBenches(dir: string = benchDir): string[] {
+export function discoverBenches(dir: string = __dirname): string[] {
   return fs
     .readdirSync(dir)
     .filter((f) => f.endsWith('.bench.ts'))
@@ -152,7 +160,7 @@ function runChild(file: string, args: string[], timeoutMs: number): Promise<Chil
 }
 
 /** The bench's result: its results file if written during this run, else the JSON it printed. */
-function readResult(name: string, startedAtMs: number, stdout: string): unknown {
+function readResult(resultsDir: string, name: string, startedAtMs: number, stdout: string): unknown {
   const file = path.join(resultsDir, `${name}.json`);
   try {
     if (fs.statSync(file).mtimeMs >= startedAtMs) return JSON.parse(fs.readFileSync(file, 'utf8'));
@@ -180,11 +188,11 @@ function missingTool(stderr: string): string | undefined {
   return m ? `tool ${path.basename(m[1]!)} missing` : undefined;
 }
 
-async function runBench(name: string, quick: boolean, timeoutMs: number): Promise<BenchRun> {
+async function runBench(benchDir: string, name: string, quick: boolean, timeoutMs: number): Promise<BenchRun> {
   const startedAtMs = Date.now();
   process.stderr.write(`bench: ${name} (up to ${(timeoutMs / 1000).toFixed(0)} s)\n`);
   const outcome = await runChild(path.join(benchDir, `${name}.bench.ts`), quick ? ['--quick'] : [], timeoutMs);
-  const raw = outcome.timedOut ? undefined : readResult(name, startedAtMs, outcome.stdout);
+  const raw = outcome.timedOut ? undefined : readResult(path.join(benchDir, 'results'), name, startedAtMs, outcome.stdout);
   const durationMs = Math.round(outcome.durationMs);
   const skippedReason = typeof (raw as { skipped?: unknown } | undefined)?.skipped === 'string' ? (raw as { skipped: string }).skipped : undefined;
   if (outcome.timedOut) {
@@ -221,9 +229,10 @@ async function main(): Promise<void> {
   const options = parseOptions(process.argv.slice(2));
   const started = performance.now();
   const machine = describeMachine();
+  const resultsDir = path.join(options.benchDir, 'results');
   const summaryFile = path.join(resultsDir, 'summary.json');
   const names = runOrder(
-    discoverBenches().filter((n) => options.only === undefined || options.only.has(n)),
+    discoverBenches(options.benchDir).filter((n) => options.only === undefined || options.only.has(n)),
     readPreviousSummary(summaryFile, options.quick),
   );
   const capMs = options.quick ? QUICK_CAP_MS : FULL_CAP_MS;
@@ -235,7 +244,7 @@ async function main(): Promise<void> {
       benches.push({ name, status: 'not-run', durationMs: 0, reason: 'the time budget was spent', goal: judgeGoal(name, undefined) });
       continue;
     }
-    const run = await runBench(name, options.quick, timeoutMs);
+    const run = await runBench(options.benchDir, name, options.quick, timeoutMs);
     process.stderr.write(`bench: ${name}: ${run.status}${run.reason ? ` (${run.reason})` : ''} in ${(run.durationMs / 1000).toFixed(1)} s\n`);
     benches.push(run);
   }
@@ -244,8 +253,8 @@ async function main(): Promise<void> {
   fs.mkdirSync(resultsDir, { recursive: true });
   fs.writeFileSync(summaryFile, `${JSON.stringify(summary, null, 2)}\n`);
   const doc = renderMarkdown(summary);
-  fs.mkdirSync(path.join(repoDir, 'docs'), { recursive: true });
-  fs.writeFileSync(path.join(repoDir, 'docs', 'benchmarks.md'), doc);
+  fs.mkdirSync(path.dirname(options.docFile), { recursive: true });
+  fs.writeFileSync(options.docFile, doc);
   process.stdout.write(doc);
 }
 
