@@ -14,8 +14,8 @@ import {
   SEALED_LOG_SUFFIX,
   SIDECAR_SUFFIX,
   TMP_SUFFIX,
-  decodeTrackerMaps,
-  encodeTrackerMaps,
+  readTrackerMaps,
+  writeTrackerMaps,
   logBaseName,
   parseLogName,
   parseSidecar,
@@ -99,7 +99,7 @@ type Release = () => void;
  * Tracks the writes of one protected disk: the active [MS-HRL] log holds the
  * data, the native DirtyMap the extents.
  *
- * Maps (persisted together in `ID.maps`):
+ * Maps (persisted together in `ID.maps.0`/`ID.maps.1`, alternately):
  * - `dirty`: every change not yet durably shipped (unshipped sealed logs,
  *   the active log, and resync extents). Rebuilt on `acknowledge`.
  * - `pending`: changes since the active log was last made durable. It is
@@ -139,13 +139,15 @@ export class ChangeTracker {
   /** Extents of each unshipped sealed log, by file name (sparse native maps, no I/O to rebuild `dirty`). */
   private readonly logMaps: Map<string, DirtyMap>;
   private generation = 1;
+  /** Generation of the last maps persist; each persist writes generation + 1 into the other slot. */
+  private mapsGeneration: number;
   private persistedGeneration = 0;
   private lockTail: Promise<void> = Promise.resolve();
   private timer: TimerHandle | undefined;
   private closed = false;
   private lastResyncReason: ResyncReason | null = null;
 
-  private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap> }) {
+  private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap>; mapsGeneration: number }) {
     this.diskId = options.diskId;
     this.diskSizeBytes = options.diskSizeBytes;
     this.dir = options.dir;
@@ -162,6 +164,7 @@ export class ChangeTracker {
     this.sealed = init.sealed;
     this.maps = init.maps;
     this.logMaps = init.logMaps;
+    this.mapsGeneration = init.mapsGeneration;
     this.activeMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
   }
 
@@ -185,7 +188,6 @@ export class ChangeTracker {
       throw wrapError(err, 'BR_IO', `cannot create tracker directory ${dir}`);
     }
     const statePath = path.join(dir, `${diskId}.tracker.json`);
-    const mapsPath = path.join(dir, `${diskId}.maps`);
     const raw = await readJsonFile(statePath);
     const state = raw === undefined ? undefined : parseTrackerState(raw, statePath);
     if (state !== undefined && (state.diskSizeBytes !== options.diskSizeBytes || state.granularityBytes !== granularity || state.diskId !== diskId)) {
@@ -201,14 +203,9 @@ export class ChangeTracker {
     const sealedNames = () => names.map((n) => ({ n, seq: parseLogName(diskId, n, SEALED_LOG_SUFFIX) })).filter((x) => x.seq !== undefined);
 
     const reasons: ResyncReason[] = [];
-    let maps: TrackerMaps | undefined;
-    try {
-      maps = decodeTrackerMaps(await fsp.readFile(mapsPath), mapsPath);
-      if (maps.dirty.diskSizeBytes !== options.diskSizeBytes || maps.dirty.granularityBytes !== granularity) maps = undefined;
-    } catch (err) {
-      if (!(isBlockrelayError(err) || (err as NodeJS.ErrnoException).code === 'ENOENT')) throw wrapError(err, 'BR_IO', `cannot read ${mapsPath}`);
-      maps = undefined;
-    }
+    const stored = await readTrackerMaps(dir, diskId);
+    let maps: TrackerMaps | undefined = stored;
+    if (maps !== undefined && (maps.dirty.diskSizeBytes !== options.diskSizeBytes || maps.dirty.granularityBytes !== granularity)) maps = undefined;
     if (maps === undefined) {
       const fresh = state === undefined && openLogs.length === 0 && sealedNames().length === 0;
       maps = { dirty: new DirtyMap(options.diskSizeBytes, granularity), pending: new DirtyMap(options.diskSizeBytes, granularity), resync: new DirtyMap(options.diskSizeBytes, granularity), pendingLogSequence: 0, pendingLogEndBytes: 0 };
@@ -290,7 +287,7 @@ export class ChangeTracker {
     for (const n of await listDir(dir)) maxSeq = Math.max(maxSeq, seqOf(n));
     const lastUniqueId = sealed.length > 0 ? sealed[sealed.length - 1]!.uniqueId : state?.lastUniqueId ?? NIL_GUID;
     maps.dirty.merge(maps.resync);
-    const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId, sealed, maps, logMaps });
+    const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0 });
     if (mode === 'dirty-only') {
       // An overflow was under way: finish dropping the logs.
       await tracker.dropAllLogs();
@@ -564,7 +561,8 @@ export class ChangeTracker {
     const generation = this.generation;
     const pendingLogSequence = this.writer === undefined ? 0 : this.activeSequence ?? 0;
     const pendingLogEndBytes = this.writer?.sizeBytes ?? 0;
-    await writeFileAtomic(path.join(this.dir, `${this.diskId}.maps`), encodeTrackerMaps({ ...this.maps, pendingLogSequence, pendingLogEndBytes }));
+    await writeTrackerMaps(this.dir, this.diskId, { ...this.maps, pendingLogSequence, pendingLogEndBytes }, this.mapsGeneration + 1);
+    this.mapsGeneration++;
     this.persistedGeneration = generation;
   }
 

@@ -1,7 +1,7 @@
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
-import { DirtyMap } from './dirty-map';
+import { DirtyMap, xxh64 } from './dirty-map';
 import { syncDirectory } from './hrl-writer';
 
 /**
@@ -11,10 +11,10 @@ import { syncDirectory } from './hrl-writer';
  * - `ID-SSSSSSSSSSSS.hrl`       a sealed log; the 12-digit sequence makes lexical order apply order
  * - `ID-SSSSSSSSSSSS.hrl.json`  its sidecar: cut id/time and sequence (never inside the log)
  * - `ID.tracker.json`           tracker state (mode, next sequence, chain)
- * - `ID.maps`                   the persisted dirty maps (see docs/formats/ms-hrl.md)
+ * - `ID.maps.0`, `ID.maps.1`    the persisted dirty maps, written alternately (see docs/formats/ms-hrl.md)
  *
- * Every file but the active log is replaced atomically (write a temporary,
- * fsync, rename, fsync the directory).
+ * Every file but the active log and the map slots is replaced atomically
+ * (write a temporary, fsync, rename, fsync the directory).
  */
 export const SEQUENCE_DIGITS = 12;
 export const OPEN_LOG_SUFFIX = '.hrl.open';
@@ -142,14 +142,19 @@ export function parseSidecar(value: unknown, file: string): LogSidecar {
   return v as unknown as LogSidecar;
 }
 
-// ---- the maps file ----
+// ---- the maps files ----
 
 /** "BRTRKMP1": tracker maps, version 1. */
 export const MAPS_MAGIC = Buffer.from('BRTRKMP1', 'latin1');
-/** Magic, three map lengths, pendingLogSequence, pendingLogEndBytes. */
-export const MAPS_HEADER_BYTES = 8 + 3 * 8 + 2 * 8;
+const MAPS_LENGTHS_OFFSET = 8;
 const MAPS_PENDING_SEQUENCE_OFFSET = 32;
 const MAPS_PENDING_END_OFFSET = 40;
+const MAPS_GENERATION_OFFSET = 48;
+const MAPS_HEADER_CHECKSUM_OFFSET = 56;
+/** Magic, three map lengths, pendingLogSequence, pendingLogEndBytes, generation, XXH64 of bytes 0..55. */
+export const MAPS_HEADER_BYTES = 64;
+/** The maps are written alternately to two slots, `ID.maps.0` and `ID.maps.1`. */
+export const MAPS_SLOTS = 2;
 
 /**
  * The three dirty maps the tracker persists, in one file so they change
@@ -172,33 +177,97 @@ export interface TrackerMaps {
   readonly pendingLogEndBytes: number;
 }
 
-/** Layout: magic, three u64 lengths, then the three serialized maps (each with its own checksums). */
-export function encodeTrackerMaps(maps: TrackerMaps): Buffer {
+/** Layout: the 64-byte header, then the three serialized maps (each with its own checksums). */
+export function encodeTrackerMaps(maps: TrackerMaps, generation: number): Buffer {
   const parts = [maps.dirty.serialize(), maps.pending.serialize(), maps.resync.serialize()];
   const head = Buffer.alloc(MAPS_HEADER_BYTES);
   MAPS_MAGIC.copy(head, 0);
-  parts.forEach((p, i) => head.writeBigUInt64LE(BigInt(p.length), 8 + i * 8));
+  parts.forEach((p, i) => head.writeBigUInt64LE(BigInt(p.length), MAPS_LENGTHS_OFFSET + i * 8));
   head.writeBigUInt64LE(BigInt(maps.pendingLogSequence), MAPS_PENDING_SEQUENCE_OFFSET);
   head.writeBigUInt64LE(BigInt(maps.pendingLogEndBytes), MAPS_PENDING_END_OFFSET);
+  head.writeBigUInt64LE(BigInt(generation), MAPS_GENERATION_OFFSET);
+  head.writeBigUInt64LE(xxh64(head, 0, MAPS_HEADER_CHECKSUM_OFFSET), MAPS_HEADER_CHECKSUM_OFFSET);
   return Buffer.concat([head, ...parts]);
 }
 
-/** Decodes a maps file; BR_TRACKER_STATE_CORRUPT or BR_DIRTYMAP_CORRUPT on damage. */
-export function decodeTrackerMaps(buf: Buffer, file: string): TrackerMaps {
+/** Decodes a maps slot; BR_TRACKER_STATE_CORRUPT or BR_DIRTYMAP_CORRUPT on damage (e.g. a torn write). */
+export function decodeTrackerMaps(buf: Buffer, file: string): TrackerMaps & { generation: number } {
   const bad = (offset: number, why: string): BlockrelayError => new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file} at byte ${offset}: ${why}`, { details: { file, offset } });
   if (buf.length < MAPS_HEADER_BYTES) throw bad(buf.length, 'shorter than its header');
   if (!buf.subarray(0, 8).equals(MAPS_MAGIC)) throw bad(0, 'magic is not BRTRKMP1');
+  if (buf.readBigUInt64LE(MAPS_HEADER_CHECKSUM_OFFSET) !== xxh64(buf, 0, MAPS_HEADER_CHECKSUM_OFFSET)) throw bad(MAPS_HEADER_CHECKSUM_OFFSET, 'header checksum does not match');
   const maps: DirtyMap[] = [];
   let at = MAPS_HEADER_BYTES;
   for (let i = 0; i < 3; i++) {
-    const len = Number(buf.readBigUInt64LE(8 + i * 8));
-    if (at + len > buf.length) throw bad(8 + i * 8, `map ${i} of ${len} bytes runs past the end at ${buf.length}`);
+    const len = Number(buf.readBigUInt64LE(MAPS_LENGTHS_OFFSET + i * 8));
+    if (at + len > buf.length) throw bad(MAPS_LENGTHS_OFFSET + i * 8, `map ${i} of ${len} bytes runs past the end at ${buf.length}`);
     maps.push(DirtyMap.deserialize(buf.subarray(at, at + len)));
     at += len;
   }
   if (at !== buf.length) throw bad(at, 'bytes after the last map');
   const seq = Number(buf.readBigUInt64LE(MAPS_PENDING_SEQUENCE_OFFSET));
   const end = Number(buf.readBigUInt64LE(MAPS_PENDING_END_OFFSET));
-  if (!Number.isSafeInteger(seq) || !Number.isSafeInteger(end)) throw bad(MAPS_PENDING_SEQUENCE_OFFSET, 'pending log position out of range');
-  return { dirty: maps[0]!, pending: maps[1]!, resync: maps[2]!, pendingLogSequence: seq, pendingLogEndBytes: end };
+  const generation = Number(buf.readBigUInt64LE(MAPS_GENERATION_OFFSET));
+  if (!Number.isSafeInteger(seq) || !Number.isSafeInteger(end) || !Number.isSafeInteger(generation)) throw bad(MAPS_PENDING_SEQUENCE_OFFSET, 'a position or the generation is out of range');
+  return { dirty: maps[0]!, pending: maps[1]!, resync: maps[2]!, pendingLogSequence: seq, pendingLogEndBytes: end, generation };
+}
+
+/** Path of maps slot `slot` (0 or 1) of disk `diskId`. */
+export function mapsSlotPath(dir: string, diskId: string, slot: number): string {
+  return path.join(dir, `${diskId}.maps.${slot}`);
+}
+
+/**
+ * Reads both slots and returns the valid one with the highest generation,
+ * or undefined when neither is valid. A slot torn by a crash fails its
+ * checksums and the other, one persist older, is used.
+ */
+export async function readTrackerMaps(dir: string, diskId: string): Promise<(TrackerMaps & { generation: number }) | undefined> {
+  let best: (TrackerMaps & { generation: number }) | undefined;
+  for (let slot = 0; slot < MAPS_SLOTS; slot++) {
+    const file = mapsSlotPath(dir, diskId, slot);
+    let buf: Buffer;
+    try {
+      buf = await fsp.readFile(file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+      throw wrapError(err, 'BR_IO', `cannot read ${file}`);
+    }
+    try {
+      const maps = decodeTrackerMaps(buf, file);
+      if (best === undefined || maps.generation > best.generation) best = maps;
+    } catch (err) {
+      if (!isBlockrelayError(err)) throw err;
+    }
+  }
+  return best;
+}
+
+/**
+ * Writes the maps into the slot `generation` selects, in place: truncate,
+ * write, fdatasync (one sync; the other slot keeps the previous state
+ * until this one is complete). `created` says whether the slot file already
+ * existed; a new slot also needs its directory entry synced.
+ */
+export async function writeTrackerMaps(dir: string, diskId: string, maps: TrackerMaps, generation: number): Promise<void> {
+  const file = mapsSlotPath(dir, diskId, generation % MAPS_SLOTS);
+  const data = encodeTrackerMaps(maps, generation);
+  try {
+    let existed = true;
+    try {
+      await fsp.access(file);
+    } catch {
+      existed = false;
+    }
+    const fh = await fsp.open(file, 'w');
+    try {
+      await fh.writeFile(data);
+      await fh.datasync();
+    } finally {
+      await fh.close();
+    }
+    if (!existed) await syncDirectory(dir);
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot write ${file}`);
+  }
 }

@@ -17,6 +17,11 @@ function open(dir: string, extra: Partial<Parameters<typeof ChangeTracker.open>[
 
 const block = (n: number, fillByte: number, length = 4096): [number, Buffer] => [n * 4096, Buffer.alloc(length, fillByte)];
 
+/** Both map slots, for noticing that a persist happened. */
+function mapsBytes(dir: string): Buffer {
+  return Buffer.concat(['disk0.maps.0', 'disk0.maps.1'].map((n) => (fs.existsSync(path.join(dir, n)) ? fs.readFileSync(path.join(dir, n)) : Buffer.alloc(0))));
+}
+
 async function applyTo(files: string[], dir: string): Promise<Buffer> {
   const img = path.join(dir, `img-${Math.random().toString(16).slice(2)}.img`);
   const target = await openDisk(`raw:${img}`, { create: { sizeBytes: DISK } });
@@ -180,13 +185,12 @@ describe('ChangeTracker', () => {
     const t = await open(dir, { clock, persistIntervalMs: 1000 });
     const logFile = path.join(dir, 'disk0-000000000001.hrl.open');
     const anchorEnd = fs.statSync(logFile).size;
-    const mapsFile = path.join(dir, 'disk0.maps');
-    const before = fs.readFileSync(mapsFile);
+    const before = mapsBytes(dir);
     await t.recordWrite(...block(12, 5));
     await clock.advance(1000);
     // The timer's persist does real file I/O; wait for it to land.
-    for (let i = 0; i < 200 && fs.readFileSync(mapsFile).equals(before); i++) await new Promise((r) => setTimeout(r, 10));
-    expect(fs.readFileSync(mapsFile).equals(before)).toBe(false);
+    for (let i = 0; i < 200 && mapsBytes(dir).equals(before); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(mapsBytes(dir).equals(before)).toBe(false);
     // Crash before any flush: none of the log beyond its anchor reached the disk.
     fs.truncateSync(logFile, anchorEnd);
     const t2 = await open(dir);
@@ -196,12 +200,32 @@ describe('ChangeTracker', () => {
     await t2.close();
   });
 
+  it('falls back to the other map slot when the newer one is torn', async () => {
+    const dir = tempDir();
+    const t = await open(dir);
+    await t.recordWrite(...block(3, 1));
+    await t.flush();
+    await t.recordWrite(...block(4, 1));
+    await t.flush();
+    await t.close({ seal: false });
+    const slots = ['disk0.maps.0', 'disk0.maps.1'].map((n) => path.join(dir, n));
+    // The generation is the u64 at byte 48 of a slot (docs/formats/ms-hrl.md).
+    const newer = slots.reduce((a, b) => (fs.readFileSync(a).readBigUInt64LE(48) >= fs.readFileSync(b).readBigUInt64LE(48) ? a : b));
+    fs.truncateSync(newer, 100);
+    const reports: ResyncReport[] = [];
+    const t2 = await open(dir, { onResyncRequired: (r) => reports.push(r) });
+    expect(reports.map((r) => r.reason)).not.toContain('dirty-map-lost');
+    expect(t2.sealedLogs()[0]).toMatchObject({ entryCount: 2 });
+    await t2.close();
+  });
+
   it('asks for a whole-disk resync only when the dirty map is lost', async () => {
     const dir = tempDir();
     const t = await open(dir);
     await t.recordWrite(...block(1, 1));
     await t.close();
-    fs.rmSync(path.join(dir, 'disk0.maps'));
+    fs.rmSync(path.join(dir, 'disk0.maps.0'), { force: true });
+    fs.rmSync(path.join(dir, 'disk0.maps.1'), { force: true });
     const reports: ResyncReport[] = [];
     const t2 = await open(dir, { onResyncRequired: (r) => reports.push(r) });
     expect(reports.map((r) => r.reason)).toEqual(['dirty-map-lost']);
