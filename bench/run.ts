@@ -31,6 +31,8 @@ const QUICK_CAP_MS = 45_000;
 const FULL_CAP_MS = 15 * 60_000;
 /** After SIGTERM, a bench's process group gets this long before SIGKILL. */
 const KILL_GRACE_MS = 2_000;
+/** After a bench exits, how long its pipes may stay open before the harness stops reading. */
+const OUTPUT_DRAIN_MS = 1_000;
 /** Output kept per stream per child (the tail), to bound memory. */
 const MAX_OUTPUT_CHARS = 256 * 1024;
 /** The exit status a bench uses to say it skipped itself. */
@@ -149,12 +151,23 @@ function runChild(file: string, args: string[], timeoutMs: number): Promise<Chil
     child.on('error', (err) => {
       stderr += `\n${err.message}`;
     });
-    child.on('close', (exitCode, signal) => {
+    let settled = false;
+    const finish = (exitCode: number | null, signal: NodeJS.Signals | null): void => {
+      if (settled) return;
+      settled = true;
       clearTimeout(timer);
       clearTimeout(killTimer);
       // Children of the bench may outlive it; end the group either way.
       killGroup('SIGKILL');
+      child.stdout.destroy();
+      child.stderr.destroy();
       resolve({ exitCode, signal, timedOut, stdout, stderr, durationMs: performance.now() - started });
+    };
+    child.on('close', finish);
+    // A grandchild that left the group can hold the pipes open after the
+    // bench exits: give its output a moment to drain, then stop waiting.
+    child.on('exit', (exitCode, signal) => {
+      setTimeout(() => finish(exitCode, signal), OUTPUT_DRAIN_MS);
     });
   });
 }
