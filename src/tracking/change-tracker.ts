@@ -369,8 +369,10 @@ export class ChangeTracker {
       await this.persistMaps(false);
       if (this.writer !== undefined) {
         await this.writer.flush();
-        this.maps.pending.clearAll();
-        this.generation++;
+        if (this.maps.pending.dirtyBlockCount > 0) {
+          this.maps.pending.clearAll();
+          this.generation++;
+        }
       }
     });
   }

@@ -206,6 +206,8 @@ export class HrlWriter {
   flush(): Promise<void> {
     return this.serial(async () => {
       if (this.entriesInBlock > 0) await this.closeBlock();
+      // Nothing written since the last sync: an idle FLUSH costs no fdatasync.
+      if (this.durableEnd === this.writtenEnd) return;
       await this.io('fdatasync', () => this.fh.datasync());
       this.durableEnd = this.writtenEnd;
     });

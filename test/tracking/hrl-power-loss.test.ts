@@ -118,4 +118,16 @@ describe('HrlWriter under simulated power loss', () => {
     }
     expect(images).toBeGreaterThan(300);
   });
+
+  it('syncs on flush only when something was written since the last sync', async () => {
+    const recording = new RecordingFile();
+    const w = await HrlWriter.create(path.join(tempDir(), 'idle.hrl'), { openFile: async () => recording });
+    const afterCreate = recording.syncs.length;
+    await w.flush();
+    expect(recording.syncs.length).toBe(afterCreate);
+    await w.append(0, Buffer.alloc(512, 1));
+    await w.flush();
+    await w.flush();
+    expect(recording.syncs.length).toBe(afterCreate + 1);
+  });
 });
