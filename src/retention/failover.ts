@@ -6,12 +6,13 @@ import { silentLogger } from '../daemon/logger';
 import { createMetrics } from '../daemon/metrics';
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
-import { copyDisk, type CopyResult } from '../targets/disk-copy';
+import { copyDisk, ZERO_SCAN_BYTES, type CopyResult } from '../targets/disk-copy';
 import { openDisk, parseDiskSpec } from '../targets/disk-spec';
-import type { DiskTarget } from '../targets/disk-target';
+import type { AllocationExtent, DiskTarget } from '../targets/disk-target';
 import { hrlLogOps } from '../transport/hrl-log-ops';
 import { ApplyingHop } from '../transport/master-target';
 import { seqName } from '../transport/transport-protocol';
+import { isSnapshotTarget, snapshotIdOf } from './blob-snapshots';
 import { PointView } from './point-view';
 import { diskRetentionPaths } from './retention-format';
 import { RetentionHooks } from './retention-hooks';
@@ -100,6 +101,86 @@ export async function drainPending(retentionDir: string, manifest: DiskManifest,
   return { applied: before.length };
 }
 
+/**
+ * A source whose data extents are widened outward to whole `granularityBytes`
+ * blocks (and merged), everything else zero. copyDisk scans data in 64 KiB
+ * blocks (ZERO_SCAN_BYTES) and, as of this writing, drops the tail of a data
+ * extent whose length is not a multiple of that block; raw files now report
+ * 4 KiB extents and page-blob snapshots 512-byte page ranges, so a point
+ * copied through their own extents came out with holes where it holds data.
+ * Widening costs only reads of a few zero bytes (the copy still skips
+ * all-zero blocks). Disks whose size is not a multiple of 64 KiB still need
+ * the copyDisk fix for their last block.
+ */
+export class AlignedExtents implements DiskTarget {
+  constructor(private readonly inner: DiskTarget, private readonly granularityBytes: number = ZERO_SCAN_BYTES) {}
+  get spec(): string {
+    return this.inner.spec;
+  }
+  get sizeBytes(): number {
+    return this.inner.sizeBytes;
+  }
+  get capabilities(): DiskTarget['capabilities'] {
+    return this.inner.capabilities;
+  }
+  get diskUuid(): string | undefined {
+    return this.inner.diskUuid;
+  }
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.inner.read(offset, length);
+  }
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.inner.write(offset, data);
+  }
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.inner.writeZeroes(offset, length);
+  }
+  discard(offset: number, length: number): Promise<void> {
+    return this.inner.discard(offset, length);
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
+    const end = offset + length;
+    const g = this.granularityBytes;
+    let cursor = offset;
+    let pending: { start: number; end: number } | undefined;
+    for await (const ext of this.inner.extents(offset, length)) {
+      if (ext.zero || ext.length === 0) continue;
+      const s = Math.max(offset, Math.floor(ext.offset / g) * g);
+      const e = Math.min(end, Math.ceil((ext.offset + ext.length) / g) * g);
+      if (pending !== undefined && s <= pending.end) {
+        pending.end = Math.max(pending.end, e);
+        continue;
+      }
+      if (pending !== undefined) {
+        yield { offset: pending.start, length: pending.end - pending.start, zero: false };
+        cursor = pending.end;
+      }
+      if (s > cursor) yield { offset: cursor, length: s - cursor, zero: true };
+      pending = { start: Math.max(s, cursor), end: e };
+    }
+    if (pending !== undefined) {
+      yield { offset: pending.start, length: pending.end - pending.start, zero: false };
+      cursor = pending.end;
+    }
+    if (cursor < end) yield { offset: cursor, length: end - cursor, zero: true };
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+/**
+ * What holds the disk as it was at the point: the page-blob snapshot taken
+ * at it, or else a view of target plus undo journal.
+ */
+export async function openPointSource(retentionDir: string, manifest: DiskManifest, point: RecoveryPoint, newestSeq: number): Promise<DiskTarget> {
+  if (point.snapshot !== undefined) return openDisk(point.snapshot, { readOnly: true });
+  return PointView.open({ retentionDir, manifest, point, newestSeq });
+}
+
 /** A bare path means a new monolithicSparse VMDK (DESIGN.md: "a new VMDK by default"). */
 export function normalizeOutSpec(out: string): string {
   if (out.startsWith('nbd://') || /^[a-z][a-z-]*:/.test(out)) return out;
@@ -165,7 +246,7 @@ export async function failover(options: FailoverOptions): Promise<FailoverResult
   if (exists === true && !ours) {
     throw new BlockrelayError('BR_POINT_OUT_EXISTS', `${out} already exists and is not the failed-over copy of ${options.diskId}; choose a new output`, { details: { out, disk: options.diskId } });
   }
-  const view = await PointView.open({ retentionDir: options.retentionDir, manifest, point, newestSeq });
+  const view = await openPointSource(options.retentionDir, manifest, point, newestSeq);
   let target: DiskTarget | undefined;
   try {
     const reuse = exists === true || (exists === undefined && ours);
@@ -174,8 +255,8 @@ export async function failover(options: FailoverOptions): Promise<FailoverResult
       throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `${out} holds ${target.sizeBytes} bytes but disk ${options.diskId} has ${view.sizeBytes}`, { details: { out } });
     }
     await writeFailoverRecord(options.retentionDir, { version: 1, diskId: options.diskId, out, pointId: point.id, atMs: (options.clock ?? systemClock).now() });
-    const copy = await copyDisk(view, target, { targetIsZero: !reuse && target.capabilities.sparse });
-    return { diskId: options.diskId, point, out, drainedLogs, journalSegments: view.overlayLogs, copy };
+    const copy = await copyDisk(new AlignedExtents(view), target, { targetIsZero: !reuse && target.capabilities.sparse });
+    return { diskId: options.diskId, point, out, drainedLogs, journalSegments: view instanceof PointView ? view.overlayLogs : 0, copy };
   } finally {
     await target?.close();
     await view.close();
@@ -195,6 +276,24 @@ export async function commitFailover(retentionDir: string, diskId: string): Prom
     throw new BlockrelayError('BR_POINT_NOT_FAILED_OVER', `disk ${diskId} is not failed over; run blockrelay failover first`, { details: { disk: diskId } });
   }
   const paths = diskRetentionPaths(retentionDir, diskId);
+  // Page-blob points are snapshots: delete them first (this needs the blob's
+  // lease, so a running master target makes commit fail before anything is deleted).
+  const snapshots = points.filter((p) => p.snapshot !== undefined);
+  if (snapshots.length > 0) {
+    const manifest = await readManifest(retentionDir, diskId);
+    const target = await openDisk(manifest.targetSpec);
+    try {
+      if (!isSnapshotTarget(target)) throw new BlockrelayError('BR_RETENTION_MANIFEST_INVALID', `disk ${diskId} has snapshot points but its target ${manifest.targetSpec} takes no snapshots`, { details: { disk: diskId } });
+      for (const p of snapshots) {
+        // Gone already: an earlier commit was interrupted after deleting it.
+        await target.deleteSnapshot(snapshotIdOf(p.snapshot!)).catch((err: unknown) => {
+          if ((err as BlockrelayError).code !== 'BR_BLOB_NOT_FOUND') throw err;
+        });
+      }
+    } finally {
+      await target.close();
+    }
+  }
   let freed = 0;
   if (fs.existsSync(paths.journalDir)) for (const name of await fsp.readdir(paths.journalDir)) freed += (await fsp.stat(path.join(paths.journalDir, name))).size;
   await fsp.rm(paths.catalog, { force: true });

@@ -194,19 +194,13 @@ export class PointView implements DiskTarget {
         yield ext;
         continue;
       }
-      // A hole in the target may hold data at the point.
-      let at = ext.offset;
-      const end = ext.offset + ext.length;
-      for (let i = firstEndingAfter(this.segments, at); i < this.segments.length && at < end; i++) {
-        const seg = this.segments[i]!;
-        if (seg.start >= end) break;
-        if (seg.start > at) yield { offset: at, length: seg.start - at, zero: true };
-        const s = Math.max(seg.start, at);
-        const e = Math.min(seg.end, end);
-        yield { offset: s, length: e - s, zero: false };
-        at = e;
-      }
-      if (at < end) yield { offset: at, length: end - at, zero: true };
+      // A hole in the target may hold data at the point: then the whole hole
+      // is reported as data (the copy skips its all-zero blocks anyway), so
+      // extents keep the target's own boundaries (grains) and never become
+      // 512-byte slivers, which copyDisk's zero scan mishandles.
+      const i = firstEndingAfter(this.segments, ext.offset);
+      const overlaid = i < this.segments.length && this.segments[i]!.start < ext.offset + ext.length;
+      yield overlaid ? { ...ext, zero: false } : ext;
     }
   }
 

@@ -21,6 +21,11 @@ export interface RecoveryPoint {
   /** Shared by the points of disks cut together (a machine's disks, a replication group). */
   readonly cutId: string;
   readonly group?: string;
+  /**
+   * Page-blob targets: the `blob:URL?snapshot=ID` spec of the snapshot that
+   * holds this point (points of page blobs are snapshots, not journal).
+   */
+  readonly snapshot?: string;
 }
 
 /** What `points list --json` prints per point (DESIGN.md). */
@@ -33,7 +38,7 @@ export interface PointListing {
 
 /** A catalog record (one line; docs/formats/recovery-points.md). */
 export type CatalogRecord =
-  | { v: 1; t: 'point'; seq: number; timeMs: number; kind: PointKind; name?: string; cutId: string; group?: string; applied?: true }
+  | { v: 1; t: 'point'; seq: number; timeMs: number; kind: PointKind; name?: string; cutId: string; group?: string; snapshot?: string; applied?: true }
   | { v: 1; t: 'applied'; seq: number };
 
 export function pointId(diskId: string, seq: number): string {
@@ -66,6 +71,7 @@ function checkRecord(value: unknown): CatalogRecord | undefined {
   if (!Number.isSafeInteger(r.timeMs) || (r.kind !== 'crash' && r.kind !== 'app') || typeof r.cutId !== 'string') return undefined;
   if (r.name !== undefined && typeof r.name !== 'string') return undefined;
   if (r.group !== undefined && typeof r.group !== 'string') return undefined;
+  if (r.snapshot !== undefined && typeof r.snapshot !== 'string') return undefined;
   return r as CatalogRecord;
 }
 
@@ -121,7 +127,7 @@ export function parseCatalog(bytes: Buffer, diskId: string, file: string, applie
     if (record.t === 'applied') applied.add(record.seq);
     else if (!bySeq.has(record.seq)) {
       if (record.applied === true) applied.add(record.seq);
-      const p: RecoveryPoint = { id: pointId(diskId, record.seq), seq: record.seq, timeMs: record.timeMs, kind: record.kind, cutId: record.cutId, ...(record.name !== undefined ? { name: record.name } : {}), ...(record.group !== undefined ? { group: record.group } : {}) };
+      const p: RecoveryPoint = { id: pointId(diskId, record.seq), seq: record.seq, timeMs: record.timeMs, kind: record.kind, cutId: record.cutId, ...(record.name !== undefined ? { name: record.name } : {}), ...(record.group !== undefined ? { group: record.group } : {}), ...(record.snapshot !== undefined ? { snapshot: record.snapshot } : {}) };
       bySeq.set(record.seq, p);
     }
     at = lineEnd + 1;
@@ -179,7 +185,7 @@ export class PointCatalog {
 }
 
 function toRecord(p: RecoveryPoint): CatalogRecord & { t: 'point' } {
-  return { v: 1, t: 'point', seq: p.seq, timeMs: p.timeMs, kind: p.kind, cutId: p.cutId, ...(p.name !== undefined ? { name: p.name } : {}), ...(p.group !== undefined ? { group: p.group } : {}) };
+  return { v: 1, t: 'point', seq: p.seq, timeMs: p.timeMs, kind: p.kind, cutId: p.cutId, ...(p.name !== undefined ? { name: p.name } : {}), ...(p.group !== undefined ? { group: p.group } : {}), ...(p.snapshot !== undefined ? { snapshot: p.snapshot } : {}) };
 }
 
 export function listingOf(p: RecoveryPoint): PointListing {

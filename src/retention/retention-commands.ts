@@ -4,8 +4,7 @@ import { BlockrelayError } from '../retry/blockrelay-error';
 import { NbdServer } from '../tap/nbd-server';
 import { splitHostPort } from '../transport/master-target';
 import { validateDiskId } from '../transport/transport-protocol';
-import { commitFailover, failover, loadPoints, resolveDiskPoint, resolveGroupPoint, type FailoverResult } from './failover';
-import { PointView } from './point-view';
+import { commitFailover, failover, loadPoints, openPointSource, resolveDiskPoint, resolveGroupPoint, type FailoverResult } from './failover';
 import { listingOf } from './recovery-points';
 import { retentionUsage } from './retention-pruner';
 
@@ -116,7 +115,7 @@ export const exportCommand: Command = {
     const listen = required(values, 'listen', EXPORT_USAGE);
     if (!HOST_PORT_PATTERN.test(listen)) throw new BlockrelayError('BR_USAGE', `--listen expects HOST:PORT, got '${listen}'`);
     const { manifest, point, newestSeq } = await resolveDiskPoint(retentionDir, diskId, spec === 'latest' ? 'latest-processed' : spec);
-    const view = await PointView.open({ retentionDir, manifest, point, newestSeq });
+    const view = await openPointSource(retentionDir, manifest, point, newestSeq);
     const server = new NbdServer({ exports: [{ name: diskId, description: `${diskId} at ${point.id} (${new Date(point.timeMs).toISOString()})`, readOnly: true, source: view }] });
     try {
       const [host, port] = splitHostPort(listen);

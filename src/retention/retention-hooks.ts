@@ -13,6 +13,7 @@ import { readAppliedSeq, writeManifest, type DiskManifest } from './retention-ma
 import { DiskHistory } from './retention-pruner';
 import { pointRecordFromEnvelope, type RecoveryPoint } from './recovery-points';
 import { coalesceExtents, undoLogSizeBytes } from './undo-journal';
+import { BLOB_SNAPSHOT_DEFAULTS, isSnapshotTarget, snapshotDue, snapshotIdOf, snapshotPointRecord, type SnapshotTarget } from './blob-snapshots';
 import { INSTALL_DIR, systemVolumeProbe, validateRetentionVolume, type VolumeProbe } from './retention-volume';
 
 /** Defaults, units in the names. */
@@ -46,6 +47,8 @@ export interface RetentionHooksOptions {
   readonly reserveBytes?: number;
   readonly probe?: VolumeProbe;
   readonly health?: RetentionHealthSink;
+  /** Page-blob targets: the least time between crash-consistent snapshots (default 5 minutes). */
+  readonly snapshotIntervalMs?: number;
 }
 
 /**
@@ -101,6 +104,8 @@ export class RetentionHooks implements ApplyHooks {
     await this.locks.run(diskId, async () => {
       const h = await this.history(diskId);
       await this.recordManifest(diskId, entry, target);
+      // A page blob keeps its points as snapshots, taken after the apply.
+      if (isSnapshotTarget(target)) return;
       const { seq } = entry.envelope;
       const recorded = h.pending?.seq === seq || h.points.some((p) => p.seq === seq);
       if (!h.journal.has(seq)) {
@@ -120,15 +125,43 @@ export class RetentionHooks implements ApplyHooks {
     });
   }
 
-  async afterApply(diskId: string, entry: SpoolEntry): Promise<void> {
+  async afterApply(diskId: string, entry: SpoolEntry, target?: DiskTarget): Promise<void> {
     await this.locks.run(diskId, async () => {
       const h = await this.history(diskId);
+      if (target !== undefined && isSnapshotTarget(target)) {
+        await this.snapshotPoint(h, entry, target);
+        return;
+      }
       const { seq } = entry.envelope;
       await h.catalog.append([{ v: 1, t: 'applied', seq }], h.validBytes);
       h.adopt(await h.catalog.read(seq));
       const dropped = await h.pruneWindow(this.clock.now(), this.windowMs);
       if (dropped > 0) this.logger.info({ disk: diskId, dropped, oldest: h.points[0]?.id }, 'retention window pruned old points');
     });
+  }
+
+  /**
+   * Page blobs: snapshots the blob when a point is due (app tags, and every
+   * `snapshotIntervalMs` of cut time), records it, then applies the window:
+   * the catalog drops old points first, then their snapshots are deleted,
+   * so a crash in between leaves only unlisted snapshots, never a listed
+   * point without its snapshot.
+   */
+  private async snapshotPoint(h: DiskHistory, entry: SpoolEntry, target: SnapshotTarget): Promise<void> {
+    const newest = h.points[h.points.length - 1];
+    if (newest !== undefined && newest.seq >= entry.envelope.seq) return; // re-run after a crash
+    if (snapshotDue(newest, entry.envelope, this.options.snapshotIntervalMs ?? BLOB_SNAPSHOT_DEFAULTS.crashIntervalMs)) {
+      const snap = await target.snapshot();
+      await h.catalog.append([snapshotPointRecord(entry.envelope, snap.spec)], h.validBytes);
+      h.adopt(await h.catalog.read(entry.envelope.seq));
+    }
+    const before = h.points;
+    const dropped = await h.pruneWindow(this.clock.now(), this.windowMs);
+    if (dropped === 0) return;
+    for (const p of before.slice(0, dropped)) {
+      if (p.snapshot !== undefined) await target.deleteSnapshot(snapshotIdOf(p.snapshot));
+    }
+    this.logger.info({ disk: h.diskId, dropped, oldest: h.points[0]?.id }, 'retention window pruned old snapshots');
   }
 
   /** Writes the pre-image of `seq`, pruning oldest points first if the volume cannot hold it. */

@@ -2,7 +2,8 @@ import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { loadPoints } from '../../src/retention/failover';
+import { AlignedExtents, loadPoints } from '../../src/retention/failover';
+import type { AllocationExtent, DiskTarget } from '../../src/targets/disk-target';
 import { fillGaps, PointView, type OverlaySegment } from '../../src/retention/point-view';
 import { readManifest } from '../../src/retention/retention-manifest';
 import type { ApplyingHop } from '../../src/transport/master-target';
@@ -58,6 +59,28 @@ describe('point view', () => {
     expect(fillGaps(older, [])).toEqual(older);
     // An existing segment reaching past one incoming range still shadows the next.
     expect(fillGaps([seg(0, 100, 0)], [seg(10, 20, 1), seg(50, 120, 1)])).toEqual([seg(0, 100, 0), seg(100, 120, 1, 550)]);
+  });
+
+  it('widens a source\'s data extents to whole 64 KiB blocks for the copy, covering every data byte', async () => {
+    const K = 1024;
+    const inner: AllocationExtent[] = [
+      { offset: 0, length: 4 * K, zero: true },
+      { offset: 4 * K, length: 512, zero: false },
+      { offset: 4 * K + 512, length: 70 * K, zero: true },
+      { offset: 74.5 * K, length: 1 * K, zero: false },
+      { offset: 75.5 * K, length: 300 * K, zero: true },
+      { offset: 375.5 * K, length: 4.5 * K, zero: false },
+      { offset: 380 * K, length: 132 * K, zero: true },
+    ];
+    const source = { sizeBytes: 512 * K, extents: async function* () { yield* inner; } } as unknown as DiskTarget;
+    const out: AllocationExtent[] = [];
+    for await (const e of new AlignedExtents(source).extents(0, 512 * K)) out.push(e);
+    expect(out).toEqual([
+      { offset: 0, length: 128 * K, zero: false },
+      { offset: 128 * K, length: 192 * K, zero: true },
+      { offset: 320 * K, length: 64 * K, zero: false },
+      { offset: 384 * K, length: 128 * K, zero: true },
+    ]);
   });
 
   it('serves every point through blockrelay export and nbdcopy, while the master target keeps applying', async () => {
