@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
+import { canPunchHoles, fileAllocation, nativeFileExtents, type FileExtentOps } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, OpenOptions } from '../disk-target';
 import { checkOpen, checkRequest } from '../request-bounds';
@@ -7,6 +8,14 @@ import { checkOpen, checkRequest } from '../request-bounds';
 /** Largest zero buffer a raw writeZeroes writes at once: bounds memory for huge ranges. */
 const ZERO_CHUNK_BYTES = 1024 * 1024;
 const SECTOR_BYTES = 512;
+/** Data extents are widened outward to this: the usual filesystem block, and no finer than callers need. */
+export const RAW_EXTENT_GRANULARITY_BYTES = 4096;
+
+/** {@link OpenOptions} plus the seam tests use to stand in for a filesystem without hole support. */
+export interface RawOpenOptions extends OpenOptions {
+  /** How holes are found and punched; default the native addon. */
+  readonly fileExtents?: FileExtentOps;
+}
 
 /** Size of a block device from sysfs: Node has no lseek(SEEK_END) and stat reports 0 for devices. */
 function blockDeviceSizeBytes(stat: fs.Stats, path: string): number {
@@ -24,17 +33,33 @@ function blockDeviceSizeBytes(stat: fs.Stats, path: string): number {
 /**
  * A raw image file or block device: byte i of the disk is byte i of the file.
  *
- * Node has no fallocate or lseek(SEEK_DATA), so this target is honest about
- * what it can do: a file it creates is sparse (ftruncate leaves holes), but
- * writeZeroes writes zeroes except at the tail of a file (where a truncate
- * down and up releases the blocks), discard is the same as writeZeroes, and
- * extents() reports one data extent. Copies still keep holes because the copy
- * engine skips all-zero buffers.
+ * Regular files are sparse: a file this target creates is all hole
+ * (ftruncate), `extents()` walks the file with lseek(SEEK_DATA / SEEK_HOLE)
+ * and reports holes as zero extents (data extents widened outward to
+ * {@link RAW_EXTENT_GRANULARITY_BYTES}, so copies and resyncs never read a
+ * hole), and `writeZeroes` and `discard` punch holes with
+ * fallocate(PUNCH_HOLE | KEEP_SIZE), which frees the space (the kernel zeroes
+ * partial blocks at unaligned edges, so no edge is written and a range that
+ * was already a hole stays one).
+ *
+ * Where the filesystem cannot, the target degrades rather than fails: without
+ * SEEK_DATA `extents()` reports one data extent; without hole punching
+ * (probed at open without touching data, and again on every EOPNOTSUPP)
+ * `writeZeroes` writes zeroes, except at the tail of the file where a
+ * truncate down and up releases the blocks. `capabilities.discard` says
+ * which: true only for a writable regular file that can punch holes.
+ *
+ * Block devices report one data extent and write zeroes for `writeZeroes`
+ * and `discard` (no BLKDISCARD yet).
  */
 export class RawTarget implements DiskTarget {
   readonly diskUuid = undefined;
-  readonly capabilities: DiskTargetCapabilities;
+  private caps: DiskTargetCapabilities;
   private closed = false;
+  /** Hole punches on the thread pool: close() waits for them before the descriptor goes. */
+  private readonly punches = new Set<Promise<unknown>>();
+  /** The same ops, refusing to touch the descriptor once the target is closed. */
+  private readonly fileOps: FileExtentOps;
 
   private constructor(
     readonly spec: string,
@@ -43,8 +68,44 @@ export class RawTarget implements DiskTarget {
     readonly sizeBytes: number,
     private readonly regularFile: boolean,
     readOnly: boolean,
+    punchHoles: boolean,
+    ops: FileExtentOps,
   ) {
-    this.capabilities = { sparse: regularFile, discard: false, alignmentBytes: regularFile ? 1 : SECTOR_BYTES, readOnly };
+    this.caps = { sparse: regularFile, discard: punchHoles, alignmentBytes: regularFile ? 1 : SECTOR_BYTES, readOnly };
+    this.fileOps = {
+      seekData: (fd, offset) => {
+        checkOpen(this.closed, this.spec);
+        return ops.seekData(fd, offset);
+      },
+      seekHole: (fd, offset) => {
+        checkOpen(this.closed, this.spec);
+        return ops.seekHole(fd, offset);
+      },
+      punchHole: (fd, offset, length) => {
+        checkOpen(this.closed, this.spec);
+        return ops.punchHole(fd, offset, length);
+      },
+    };
+  }
+
+  /** What this open target can do; `discard` turns false if the filesystem refuses a punch later. */
+  get capabilities(): DiskTargetCapabilities {
+    return this.caps;
+  }
+
+  /** Builds the target for an open regular file, probing hole punching when it is writable. */
+  private static async forFile(spec: string, path: string, handle: fsp.FileHandle, sizeBytes: number, readOnly: boolean, ops: FileExtentOps): Promise<RawTarget> {
+    let punchHoles = false;
+    if (!readOnly) {
+      try {
+        punchHoles = await canPunchHoles(handle.fd, sizeBytes, ops);
+      } catch {
+        // EPERM (append-only or immutable files) or anything else odd: fall
+        // back to writing zeroes; a real I/O problem shows on the first write.
+        punchHoles = false;
+      }
+    }
+    return new RawTarget(spec, path, handle, sizeBytes, true, readOnly, punchHoles, ops);
   }
 
   /**
@@ -53,7 +114,8 @@ export class RawTarget implements DiskTarget {
    * carries no identity, so anything already there is not provably ours. An
    * empty file or a block device at least as large is used as is.
    */
-  static async open(path: string, options: OpenOptions = {}, spec = `raw:${path}`): Promise<RawTarget> {
+  static async open(path: string, options: RawOpenOptions = {}, spec = `raw:${path}`): Promise<RawTarget> {
+    const ops = options.fileExtents ?? nativeFileExtents;
     const readOnly = options.readOnly === true;
     const create = options.create;
     if (create !== undefined && readOnly) throw new BlockrelayError('BR_USAGE', `cannot create ${spec} read-only`);
@@ -73,7 +135,7 @@ export class RawTarget implements DiskTarget {
           throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `block device ${path} holds ${deviceBytes} bytes, fewer than the ${create.sizeBytes} asked for`, { details: { spec, deviceBytes, sizeBytes: create.sizeBytes } });
         }
         const handle = await openHandle(path, 'r+');
-        return new RawTarget(spec, path, handle, create.sizeBytes, false, false);
+        return new RawTarget(spec, path, handle, create.sizeBytes, false, false, false, ops);
       }
       if (stat !== undefined && !(stat.isFile() && stat.size === 0)) {
         throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} already exists and is not an empty file; refusing to create ${spec} over it`, { details: { spec, path } });
@@ -87,15 +149,19 @@ export class RawTarget implements DiskTarget {
         await handle.close();
         throw wrapError(err, 'BR_IO', `cannot size ${path} to ${create.sizeBytes} bytes`);
       }
-      return new RawTarget(spec, path, handle, create.sizeBytes, true, false);
+      return RawTarget.forFile(spec, path, handle, create.sizeBytes, false, ops);
     }
     if (stat === undefined) throw new BlockrelayError('BR_FILE_NOT_FOUND', `${path} does not exist`, { details: { spec, path } });
     if (!stat.isFile() && !stat.isBlockDevice()) {
       throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${path} is neither a regular file nor a block device`, { details: { spec, path } });
     }
+    if (stat.isBlockDevice()) {
+      const deviceBytes = blockDeviceSizeBytes(stat, path);
+      const handle = await openHandle(path, readOnly ? 'r' : 'r+');
+      return new RawTarget(spec, path, handle, deviceBytes, false, readOnly, false, ops);
+    }
     const handle = await openHandle(path, readOnly ? 'r' : 'r+');
-    const sizeBytes = stat.isBlockDevice() ? blockDeviceSizeBytes(stat, path) : stat.size;
-    return new RawTarget(spec, path, handle, sizeBytes, stat.isFile(), readOnly);
+    return RawTarget.forFile(spec, path, handle, stat.size, readOnly, ops);
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -131,6 +197,7 @@ export class RawTarget implements DiskTarget {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'writeZeroes', offset, length);
     if (length === 0) return;
+    if (this.caps.discard && (await this.punchHole(offset, length))) return;
     if (this.regularFile && offset + length === this.sizeBytes) {
       // The tail of a file can be released without fallocate: cut the file
       // at `offset` and grow it back; the regrown part is a hole.
@@ -145,6 +212,7 @@ export class RawTarget implements DiskTarget {
     }
   }
 
+  /** Same as writeZeroes: on a file that can punch holes both free the space. */
   async discard(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'discard', offset, length);
@@ -160,17 +228,54 @@ export class RawTarget implements DiskTarget {
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'extents', offset, length);
-    if (length > 0) yield { offset, length, zero: false };
+    if (length === 0) return;
+    if (!this.regularFile) {
+      yield { offset, length, zero: false };
+      return;
+    }
+    const walk = fileAllocation(this.handle.fd, offset, length, { granularityBytes: RAW_EXTENT_GRANULARITY_BYTES, ops: this.fileOps });
+    // Pulled by hand so a failed seek is wrapped as BR_IO with the path, while
+    // BR_TARGET_CLOSED (a close during the walk) passes through unchanged.
+    try {
+      for (;;) {
+        // A walk resumed after close() stops, even where its next run is already known.
+        checkOpen(this.closed, this.spec);
+        const next = await this.io(() => walk.next(), 'lseek(SEEK_DATA/SEEK_HOLE)');
+        if (next.done === true) return;
+        yield next.value;
+      }
+    } finally {
+      await walk.return(undefined);
+    }
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     try {
-      if (!this.capabilities.readOnly) await this.io(() => this.handle.datasync(), 'flush');
+      if (!this.caps.readOnly) await this.io(() => this.handle.datasync(), 'flush');
     } finally {
       this.closed = true;
+      // A punch still running on the thread pool holds the descriptor number.
+      await Promise.allSettled([...this.punches]);
       await this.handle.close();
     }
+  }
+
+  /**
+   * Punches `[offset, offset + length)`. False when the filesystem refused
+   * (EOPNOTSUPP): discard support is then withdrawn and the caller writes
+   * zeroes instead.
+   */
+  private async punchHole(offset: number, length: number): Promise<boolean> {
+    const pending = this.io(() => this.fileOps.punchHole(this.handle.fd, offset, length), 'fallocate(PUNCH_HOLE)');
+    this.punches.add(pending);
+    try {
+      if ((await pending) === 'punched') return true;
+    } finally {
+      this.punches.delete(pending);
+    }
+    this.caps = { ...this.caps, discard: false };
+    return false;
   }
 
   private async io<T>(op: () => Promise<T>, what: string): Promise<T> {
