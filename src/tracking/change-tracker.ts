@@ -133,6 +133,8 @@ export class ChangeTracker {
   private writer: HrlWriter | undefined;
   private activeSequence: number | null = null;
   private sealed: SealedLogInfo[];
+  /** Sum of the sealed logs' sizes (checked against the overflow limit on every write). */
+  private sealedBytes: number;
   private readonly maps: { dirty: DirtyMap; pending: DirtyMap; resync: DirtyMap };
   /** Extents of the active log only, to rebuild `dirty` on acknowledge. */
   private readonly activeMap: DirtyMap;
@@ -162,6 +164,7 @@ export class ChangeTracker {
     this.nextSequence = init.nextSequence;
     this.lastUniqueId = init.lastUniqueId;
     this.sealed = init.sealed;
+    this.sealedBytes = init.sealed.reduce((sum, l) => sum + l.sizeBytes, 0);
     this.maps = init.maps;
     this.logMaps = init.logMaps;
     this.mapsGeneration = init.mapsGeneration;
@@ -399,6 +402,7 @@ export class ChangeTracker {
       const i = this.sealed.findIndex((s) => s.name === name);
       if (i < 0) return false;
       const [log] = this.sealed.splice(i, 1);
+      this.sealedBytes -= log!.sizeBytes;
       this.logMaps.delete(log!.name);
       await unlinkIfPresent(log!.path);
       await unlinkIfPresent(log!.sidecarPath);
@@ -589,6 +593,7 @@ export class ChangeTracker {
     }
     const info: SealedLogInfo = { ...sidecar, name: path.basename(sealedPath), path: sealedPath, sidecarPath };
     this.sealed.push(info);
+    this.sealedBytes += info.sizeBytes;
     const logMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
     logMap.merge(this.activeMap);
     this.logMaps.set(info.name, logMap);
@@ -609,9 +614,7 @@ export class ChangeTracker {
   }
 
   private unshippedBytes(): number {
-    let total = this.writer?.sizeBytes ?? 0;
-    for (const s of this.sealed) total += s.sizeBytes;
-    return total;
+    return this.sealedBytes + (this.writer?.sizeBytes ?? 0);
   }
 
   private async checkOverflow(): Promise<void> {
@@ -639,6 +642,7 @@ export class ChangeTracker {
       await unlinkIfPresent(s.sidecarPath);
     }
     this.sealed = [];
+    this.sealedBytes = 0;
     this.logMaps.clear();
     for (const n of await listDir(this.dir)) {
       if (parseLogName(this.diskId, n, OPEN_LOG_SUFFIX) !== undefined) await unlinkIfPresent(path.join(this.dir, n));
