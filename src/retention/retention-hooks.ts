@@ -257,7 +257,7 @@ export class RetentionHooks implements ApplyHooks {
  * not be the cache/install volume, hold a target, be FAT, read-only or of
  * zero capacity.
  */
-export function retentionHooksFromConfig(config: BlockrelayConfig, extra: Partial<RetentionHooksOptions> = {}): RetentionHooks | undefined {
+export function retentionHooksFromConfig(config: BlockrelayConfig, extra: Partial<RetentionHooksOptions> & { allowSharedVolume?: boolean } = {}): RetentionHooks | undefined {
   if (config.retention === undefined) return undefined;
   const dir = path.resolve(config.retention.dir);
   validateRetentionVolume(
@@ -269,14 +269,16 @@ export function retentionHooksFromConfig(config: BlockrelayConfig, extra: Partia
         { what: 'install directory', dir: INSTALL_DIR },
       ],
       targetSpecs: config.disks.map((d) => d.target),
+      ...(extra.allowSharedVolume === true ? { allowSharedVolume: true } : {}),
     },
     extra.probe ?? systemVolumeProbe,
   );
+  const { allowSharedVolume: _allow, ...options } = extra;
   return new RetentionHooks({
     dir,
     windowHours: config.retention.windowHours,
     stateDir: config.stateDir,
     inboxDir: path.join(config.stateDir, 'inbox'),
-    ...extra,
+    ...options,
   });
 }

@@ -79,6 +79,11 @@ export interface RetentionVolumeInput {
   readonly excludedDirs: readonly { readonly what: string; readonly dir: string }[];
   /** Configured replication target specs; none may lie under `dir`. */
   readonly targetSpecs: readonly string[];
+  /**
+   * Skip the shared-volume check: only for `blockrelay demo`, whose layout
+   * (DESIGN.md) puts cache, targets and retention under one data directory.
+   */
+  readonly allowSharedVolume?: boolean;
 }
 
 /** The directory blockrelay runs from (its volume is the install volume). */
@@ -119,7 +124,7 @@ export function validateRetentionVolume(input: RetentionVolumeInput, probe: Volu
     throw new BlockrelayError('BR_RETENTION_VOLUME_NO_CAPACITY', `retention directory ${input.dir} is on a file system of zero capacity`, { details });
   }
   const dev = probe.deviceOf(realDir);
-  for (const excluded of input.excludedDirs) {
+  for (const excluded of input.allowSharedVolume === true ? [] : input.excludedDirs) {
     let other: number;
     try {
       other = probe.deviceOf(excluded.dir);

@@ -72,6 +72,8 @@ describe('retention volume validation', () => {
     expect(() => validateRetentionVolume({ dir: path.join(dir, 'retention'), excludedDirs: [{ what: 'state directory', dir: state }], targetSpecs: [] }, systemVolumeProbe)).toThrow(expect.objectContaining({ code: 'BR_RETENTION_VOLUME_SHARED' }));
     const config = validateConfig({ stateDir: state, secret: SECRET, retention: { dir: path.join(dir, 'retention') }, disks: [] });
     expect(() => retentionHooksFromConfig(config)).toThrow(expect.objectContaining({ code: 'BR_RETENTION_VOLUME_SHARED' }));
+    // The demo keeps everything under one data directory on purpose.
+    expect(retentionHooksFromConfig(config, { allowSharedVolume: true })?.options.dir).toBe(path.join(dir, 'retention'));
     expect(retentionHooksFromConfig(validateConfig({ stateDir: state, secret: SECRET, disks: [] }))).toBeUndefined();
   });
 
