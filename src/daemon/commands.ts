@@ -6,6 +6,7 @@ import { roleCommands } from './role-commands';
 import { retentionCommands } from '../retention/retention-commands';
 import { statusCommand } from './status-command';
 import { tagCommand } from './tag-command';
+import { demoCommand } from './demo-command';
 import { sourceCommand } from '../tap/source-command';
 
 /**
@@ -13,5 +14,5 @@ import { sourceCommand } from '../tap/source-command';
  * commands from its own folder; this list only gathers them.
  */
 export function allCommands(): Command[] {
-  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands(), ...retentionCommands(), statusCommand, tagCommand, sourceCommand];
+  return [convertCommand, resyncCommand, ...hrlCommands(), ...roleCommands(), ...retentionCommands(), sourceCommand, statusCommand, tagCommand, demoCommand];
 }

@@ -1,0 +1,268 @@
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { systemClock, type Clock } from '../platform/clock';
+import { BlockrelayError } from '../retry/blockrelay-error';
+import { RetentionHooks } from '../retention/retention-hooks';
+import { SourceRole } from '../tap/source-role';
+import { openDisk } from '../targets/disk-spec';
+import type { DiskTarget } from '../targets/disk-target';
+import { HttpApi, sendJson, type Route } from '../transport/http-api';
+import { hrlLogOps } from '../transport/hrl-log-ops';
+import { masterTargetFromConfig, splitHostPort, type ApplyingHop } from '../transport/master-target';
+import { processServerFromConfig, type ProcessServer } from '../transport/process-server';
+import { SourceShipping } from '../transport/source-shipping';
+import { PROTOCOL_VERSION } from '../transport/transport-protocol';
+import { AppTagger, type TagRequest } from './app-tagger';
+import { validateConfig } from './config';
+import { createLogger, type Logger } from './logger';
+import { createMetrics, type Metrics } from './metrics';
+import { STATUS_PAGE_HTML } from './status-page';
+import { CONTROL_SECRET_ENV } from './tag-command';
+
+/** Defaults of `blockrelay demo`, units in the names. */
+export const DEMO_DEFAULTS = {
+  sizeBytes: 1024 ** 3,
+  nbdListen: '127.0.0.1:10809',
+  /** Cuts every 2 s: a demo shows points and a low RPO, not a production interval. */
+  intervalMs: 2_000,
+  diskId: 'disk0',
+} as const;
+
+export interface DemoOptions {
+  readonly dataDir: string;
+  readonly sizeBytes: number;
+  readonly nbdListen: string;
+  readonly intervalMs?: number;
+  readonly clock?: Clock;
+  readonly logger?: Logger;
+}
+
+/** The file `demo` writes for tools and people: where to connect. */
+export interface DemoManifest {
+  readonly nbd: string;
+  readonly control: string;
+  readonly metrics: string;
+}
+
+/**
+ * `blockrelay demo`: a whole replication chain in one process, talking over
+ * real loopback HTTP — a source tap with change tracking in front of
+ * `DIR/source/disk0.img`, a process server spooling in `DIR/cache/`, and a
+ * master target applying to `DIR/target/disk0.vmdk` with its undo journal and
+ * recovery points in `DIR/retention/`. Started on an existing DIR it resumes
+ * where it stopped (trackers, spools and ledgers are all on disk).
+ */
+export class Demo {
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  private readonly clock: Clock;
+  private mt: ApplyingHop | undefined;
+  private ps: ProcessServer | undefined;
+  private source: SourceRole | undefined;
+  private shipping: SourceShipping | undefined;
+  private tagger: AppTagger | undefined;
+  private control: HttpApi | undefined;
+  manifest: DemoManifest | undefined;
+
+  constructor(private readonly options: DemoOptions) {
+    this.clock = options.clock ?? systemClock;
+    this.logger = options.logger ?? createLogger({ level: 'warn', name: 'demo' });
+    this.metrics = createMetrics();
+  }
+
+  get layout() {
+    const dir = path.resolve(this.options.dataDir);
+    return {
+      dir,
+      sourceDisk: path.join(dir, 'source', 'disk0.img'),
+      logDir: path.join(dir, 'source', 'logs'),
+      cache: path.join(dir, 'cache'),
+      target: path.join(dir, 'target', 'disk0.vmdk'),
+      retention: path.join(dir, 'retention'),
+      state: path.join(dir, 'state'),
+      manifest: path.join(dir, 'demo.json'),
+    };
+  }
+
+  async start(): Promise<DemoManifest> {
+    const l = this.layout;
+    for (const d of [path.dirname(l.sourceDisk), l.logDir, l.cache, path.dirname(l.target), l.retention, l.state]) fs.mkdirSync(d, { recursive: true });
+    // The roles talk over loopback inside this process: a fresh secret per run is enough.
+    const secret = crypto.randomBytes(24).toString('hex');
+    const quiet = { logger: this.logger, metrics: this.metrics, clock: this.clock };
+
+    const mtConfig = validateConfig({
+      stateDir: path.join(l.state, 'master-target'),
+      listen: '127.0.0.1:0',
+      secret,
+      retention: { dir: l.retention },
+      disks: [{ id: DEMO_DEFAULTS.diskId, target: `vmdk:${l.target}` }],
+    });
+    // The demo keeps every role on one volume; a production master target
+    // refuses a retention volume shared with its state (retentionHooksFromConfig).
+    const hooks = new RetentionHooks({ dir: l.retention, windowHours: mtConfig.retention!.windowHours, stateDir: mtConfig.stateDir, inboxDir: path.join(mtConfig.stateDir, 'inbox') });
+    this.mt = masterTargetFromConfig(mtConfig, hrlLogOps, { ...quiet, hooks });
+    await this.mt.start();
+
+    this.ps = processServerFromConfig(
+      validateConfig({ stateDir: path.join(l.state, 'process-server'), listen: '127.0.0.1:0', secret, cache: { dir: l.cache }, forward: { url: this.mt.url, secret } }),
+      hrlLogOps,
+      quiet,
+    );
+    await this.ps.start();
+
+    const disk = await this.openProtectedDisk();
+    const [host, port] = splitHostPort(this.options.nbdListen);
+    this.source = await SourceRole.start({
+      disks: [{ id: DEMO_DEFAULTS.diskId, target: disk }],
+      logDir: l.logDir,
+      listenHost: host,
+      listenPort: port,
+      intervalMs: this.options.intervalMs ?? DEMO_DEFAULTS.intervalMs,
+      clock: this.clock,
+      logger: this.logger,
+      onSealed: () => this.shipping?.sealed(),
+    });
+    this.shipping = new SourceShipping({ trackers: this.source.trackers, peer: { url: this.ps.url, secret }, ...quiet });
+    this.shipping.start();
+    this.tagger = new AppTagger({
+      clock: this.clock,
+      hook: undefined,
+      intervalMs: 60 * 60_000,
+      select: (r: TagRequest) => this.selectDisks(r),
+      cut: (disks, appTag) => this.shipping!.cutWithTag(disks, appTag),
+      onError: (err) => this.logger.warn({ code: err.code }, `scheduled app-consistent point failed: ${err.message}`),
+    });
+    this.tagger.start();
+
+    this.control = new HttpApi({ secret: process.env[CONTROL_SECRET_ENV], routes: this.controlRoutes(), logger: this.logger });
+    await this.control.listen('127.0.0.1', 0);
+    this.manifest = {
+      nbd: this.source.exportUris[DEMO_DEFAULTS.diskId]!,
+      control: this.control.url,
+      metrics: `${this.control.url}/metrics`,
+    };
+    fs.writeFileSync(l.manifest, `${JSON.stringify(this.manifest, null, 2)}\n`);
+    return this.manifest;
+  }
+
+  /**
+   * SIGTERM: seal the active logs, ship everything, forward everything,
+   * apply everything, then stop. Nothing written before the signal is left
+   * behind on the way to the target.
+   */
+  async drainAndStop(): Promise<void> {
+    this.tagger?.stop();
+    await this.source?.stop();
+    await this.shipping?.drain();
+    await this.ps?.drain();
+    await this.mt?.drain();
+    await this.shipping?.stop();
+    await this.control?.close();
+    await this.ps?.stop();
+    await this.mt?.stop();
+  }
+
+  /** Source, process-server and master-target view of the disk, for the status page and the live line. */
+  status() {
+    const source = this.shipping?.status() ?? [];
+    const ps = this.ps?.diskStatus() ?? [];
+    const mt = this.mt?.diskStatus() ?? [];
+    return {
+      role: 'demo (source + process server + master target)',
+      disks: mt.map((m) => {
+        const s = source.find((d) => d.diskId === m.diskId);
+        const p = ps.find((d) => d.diskId === m.diskId);
+        const healths = [m.health, s?.health, p?.health];
+        const health = healths.includes('Critical') ? 'Critical' : healths.includes('Warning') ? 'Warning' : 'OK';
+        return {
+          ...m,
+          health,
+          reasons: [...(s?.reasons ?? []), ...(p?.reasons ?? []), ...m.reasons],
+          pendingBytes: (s?.pendingBytes ?? 0) + (p?.pendingBytes ?? 0) + m.pendingBytes,
+          pendingBytesByHop: { source: s?.pendingBytes ?? 0, 'process-server': p?.pendingBytes ?? 0, 'master-target': m.pendingBytes },
+          resync: s?.resyncRequired ? { state: 'required', bytes: s.resyncBytes } : undefined,
+          recentErrors: [...(s?.recentErrors ?? []), ...(p?.recentErrors ?? []), ...m.recentErrors].sort((a, b) => a.atMs - b.atMs).slice(-20),
+        };
+      }),
+    };
+  }
+
+  private selectDisks(request: TagRequest): string[] {
+    const all = [...(this.source?.trackers.keys() ?? [])];
+    if (request.diskId !== undefined) {
+      if (!all.includes(request.diskId)) throw new BlockrelayError('BR_DISK_UNKNOWN', `disk ${request.diskId} is not protected here`);
+      return [request.diskId];
+    }
+    // The demo protects one machine: every disk belongs to its one group.
+    return all;
+  }
+
+  private async openProtectedDisk(): Promise<DiskTarget> {
+    const file = this.layout.sourceDisk;
+    if (fs.existsSync(file)) {
+      const disk = await openDisk(`raw:${file}`);
+      if (disk.sizeBytes !== this.options.sizeBytes) this.logger.warn({ sizeBytes: disk.sizeBytes }, `resuming with the existing ${disk.sizeBytes}-byte disk; --size is ignored`);
+      return disk;
+    }
+    return openDisk(`raw:${file}`, { create: { sizeBytes: this.options.sizeBytes } });
+  }
+
+  private controlRoutes(): Route[] {
+    return [
+      {
+        method: 'GET',
+        pattern: '/',
+        public: true,
+        handler: async (ctx) => {
+          ctx.res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+          ctx.res.end(STATUS_PAGE_HTML);
+        },
+      },
+      { method: 'GET', pattern: `/${PROTOCOL_VERSION}/status`, public: true, handler: async (ctx) => sendJson(ctx.res, 200, this.status()) },
+      {
+        method: 'GET',
+        pattern: '/metrics',
+        public: true,
+        handler: async (ctx) => {
+          this.status();
+          ctx.res.writeHead(200, { 'content-type': this.metrics.registry.contentType });
+          ctx.res.end(await this.metrics.registry.metrics());
+        },
+      },
+      {
+        method: 'POST',
+        pattern: `/${PROTOCOL_VERSION}/tags`,
+        handler: async (ctx) => {
+          const body = await readJsonBody(ctx.req);
+          if (body.app !== true) throw new BlockrelayError('BR_PROTOCOL', 'only app-consistent tags can be requested ("app": true)');
+          const result = await this.tagger!.tag({
+            diskId: typeof body.diskId === 'string' ? body.diskId : undefined,
+            group: typeof body.group === 'string' ? body.group : undefined,
+            name: typeof body.name === 'string' ? body.name : undefined,
+          });
+          sendJson(ctx.res, 200, result);
+        },
+      },
+    ];
+  }
+}
+
+/** Reads a small JSON request body (at most 64 KiB). */
+async function readJsonBody(req: import('node:http').IncomingMessage): Promise<Record<string, unknown>> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length;
+    if (size > 64 * 1024) throw new BlockrelayError('BR_PROTOCOL', 'request body larger than 64 KiB');
+    chunks.push(chunk as Buffer);
+  }
+  try {
+    const parsed = JSON.parse(Buffer.concat(chunks).toString('utf8') || '{}') as unknown;
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object');
+    return parsed as Record<string, unknown>;
+  } catch (err) {
+    throw new BlockrelayError('BR_PROTOCOL', `request body is not a JSON object: ${(err as Error).message}`);
+  }
+}
