@@ -48,7 +48,7 @@ export const ERROR_CODES = {
   BR_HRL_UNSUPPORTED_VERSION: { recoverable: false, description: 'The HRL LogFormatVersion is not 0x00020000 (version 1 logs are local to Windows Server 2012 and not read).' },
   BR_HRL_HEADER_CHECKSUM: { recoverable: false, description: 'The HRL file header checksum does not match; the log is corrupt.' },
   BR_HRL_HEADER_FIELD: { recoverable: false, description: 'An HRL header field is out of range (FileType, Flags, Reserved or MetadataSize).' },
-  BR_HRL_UNSEALED: { recoverable: false, description: 'The HRL log was not closed (EOLLocation is 0); recover it with the change tracker before shipping.' },
+  BR_HRL_UNSEALED: { recoverable: false, description: 'The HRL log was not closed (EOLLocation is 0); seal its durable part with blockrelay hrl recover (the change tracker does this at open).' },
   BR_HRL_EOL_OUT_OF_RANGE: { recoverable: false, description: 'The HRL EOLLocation leaves no room for the header and one metadata block.' },
   BR_HRL_METADATA_CHECKSUM: { recoverable: false, description: 'An HRL metadata header checksum does not match.' },
   BR_HRL_METADATA_FIELD: { recoverable: false, description: 'An HRL metadata header has nonzero Reserved bytes or more valid entries than the block holds.' },

@@ -6,6 +6,7 @@ import { openDisk } from '../targets/disk-spec';
 import { applyHrlLogs } from './hrl-apply';
 import { HRL_HEADER_SIZE, decodeHrlHeader, hrlTimestampToIso, type HrlHeader } from './hrl-format';
 import { HrlLogFile, type HrlVerifiedLog } from './hrl-reader';
+import { recoverHrlLog } from './hrl-recovery';
 
 /** Entries `hrl inspect` lists unless `--limit` says otherwise (the count is always complete). */
 export const HRL_INSPECT_DEFAULT_LIMIT = 10_000;
@@ -150,7 +151,26 @@ const apply: Command = {
   },
 };
 
+const recoverUsage = 'hrl recover FILE [--json]';
+
+const recover: Command = {
+  path: ['hrl', 'recover'],
+  usage: recoverUsage,
+  summary: 'seal a log left open by a crash: keep its durable metadata blocks, cut the torn tail (a sealed log is left as it is)',
+  async run(argv: string[], io: CommandIo): Promise<number> {
+    const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' } }, recoverUsage);
+    if (positionals.length !== 1) throw new BlockrelayError('BR_USAGE', `expected one FILE; usage: ${recoverUsage}`);
+    const file = positionals[0]!;
+    const r = await recoverHrlLog(file);
+    const doc = { file, wasUnsealed: r.wasUnsealed, entryCount: r.entryCount, blocks: r.blocks.length, eolLocation: r.durableEndBytes, discardedBytes: r.discardedBytes, uniqueId: r.header.uniqueId };
+    if (values.json === true) writeJson(io, doc);
+    else if (r.wasUnsealed) io.stderr.write(`sealed ${file}: ${r.entryCount} entries in ${r.blocks.length} blocks kept, ${r.discardedBytes} torn bytes cut\n`);
+    else io.stderr.write(`${file} was already sealed; left as it is\n`);
+    return 0;
+  },
+};
+
 /** The `blockrelay hrl …` commands. */
 export function hrlCommands(): Command[] {
-  return [inspect, apply];
+  return [inspect, apply, recover];
 }

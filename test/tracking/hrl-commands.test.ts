@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { runCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
+import { HrlWriter } from '../../src/tracking/hrl-writer';
 import { buildIndependentLog } from './hrl-independent-writer';
 
 const tempDir = useTempDirs();
@@ -82,5 +83,26 @@ describe('blockrelay hrl apply', () => {
     const r = await runCli(['hrl', 'apply', 'raw:/nonexistent']);
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/^BR_USAGE/);
+  });
+});
+
+describe('blockrelay hrl recover', () => {
+  it('seals a log left open so that inspect accepts it, keeping the flushed writes', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'open.hrl');
+    const w = await HrlWriter.create(file, { metadataSizeBytes: 512 });
+    await w.append(0, Buffer.alloc(4096, 1));
+    await w.flush();
+    await w.append(8192, Buffer.alloc(4096, 2));
+    await w.close();
+    const before = await runCli(['hrl', 'inspect', file]);
+    expect(before.status).toBe(1);
+    expect(before.stderr).toMatch(/^BR_HRL_UNSEALED: .* at byte 44/);
+    const r = await runCli(['hrl', 'recover', file, '--json']);
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ wasUnsealed: true, entryCount: 1, uniqueId: w.uniqueId });
+    const after = await runCli(['hrl', 'inspect', file, '--json']);
+    expect(after.status, after.stderr).toBe(0);
+    expect(JSON.parse(after.stdout)).toMatchObject({ verdict: 'valid', entryCount: 1 });
   });
 });
