@@ -155,6 +155,8 @@ export class Demo {
   async drainAndStop(): Promise<void> {
     this.tagger?.stop();
     await this.source?.stop();
+    // Stopping seals every active log without a cut callback: ship those too.
+    this.shipping?.sealed();
     await this.shipping?.drain();
     await this.ps?.drain();
     await this.mt?.drain();
