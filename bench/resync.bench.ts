@@ -140,6 +140,27 @@ async function main(): Promise<void> {
         literalData: statsNumber(rs.stdout, 'Literal data'),
       };
     }
+    // Block size and coarse passes, chosen from this: bytes across the seam per configuration.
+    const sweep: Array<Record<string, unknown>> = [];
+    for (const config of [
+      { blockSizeBytes: 4096, coarseBlockBytes: [1 * MiB, 64 * 1024] },
+      { blockSizeBytes: 4096, coarseBlockBytes: [64 * 1024] },
+      { blockSizeBytes: 4096, coarseBlockBytes: [] },
+      { blockSizeBytes: 16384, coarseBlockBytes: [1 * MiB, 64 * 1024] },
+      { blockSizeBytes: 65536, coarseBlockBytes: [1 * MiB] },
+    ]) {
+      makeStale(source, ours, changed);
+      const t = process.hrtime.bigint();
+      const r = await resyncDisks(`raw:${source}`, `raw:${ours}`, config);
+      sweep.push({
+        blockSizeBytes: config.blockSizeBytes,
+        passBlockBytes: r.passBlockBytes,
+        ms: Number((Number(process.hrtime.bigint() - t) / 1e6).toFixed(1)),
+        hashBytes: r.hashBytes,
+        dataBytes: r.bytesDiffering,
+        totalBytes: r.bytesSent + r.bytesReceived,
+      });
+    }
     for (const target of [ours, theirs]) {
       const cmp = spawnSync('cmp', ['-s', source, target]);
       if (cmp.status !== 0) throw new Error(`${target} differs from the source after the run`);
@@ -161,6 +182,7 @@ async function main(): Promise<void> {
       speedupVsRsync: Number((rsyncMedian / oursMedian).toFixed(2)),
       bytesRatioVsRsync: Number(((oursBytes.bytesSent + oursBytes.bytesReceived) / (rsyncBytes.bytesSent + rsyncBytes.bytesReceived)).toFixed(3)),
       goal: { speedupAtLeast: 4, fewerBytes: true },
+      blockSizeSweep: sweep,
       ...(await hashThroughput()),
     };
     const text = `${JSON.stringify(result, null, 2)}\n`;

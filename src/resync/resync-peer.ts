@@ -1,6 +1,6 @@
 import { isBlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
-import { AllocatedReader } from './allocated-reader';
+import { AllocatedReader, readPieces } from './allocated-reader';
 import { HASH_BYTES, type BlockHasher } from './block-hasher';
 import {
   decodeHashReply,
@@ -114,8 +114,6 @@ export class ResyncPeer {
   }
 }
 
-/** Largest piece the target side reads at once while hashing a long range. */
-const TARGET_READ_CHUNK_BYTES = 8 * 1024 * 1024;
 /** Ranges whose fine hashes the target side keeps for the finer passes that follow. */
 const HASH_CACHE_ENTRIES = 64;
 /** Longest range the cache holds (its hashes are 1/512 of it at 4 KiB blocks). */
@@ -214,14 +212,8 @@ export class ResyncTargetService {
       const first = (offset - hit.offset) / fineBlockBytes;
       return hit.fine.subarray(first * HASH_BYTES, (first + Math.ceil(length / fineBlockBytes)) * HASH_BYTES);
     }
-    const parts: Buffer[] = [];
-    // Block sizes are powers of two, so the chunk is a whole number of blocks.
-    const chunkBytes = Math.max(TARGET_READ_CHUNK_BYTES, fineBlockBytes);
-    for (let pos = offset; pos < end; pos += chunkBytes) {
-      const data = await this.reader.read(pos, Math.min(chunkBytes, end - pos));
-      parts.push(this.hasher.hashBlocks(data, fineBlockBytes));
-    }
-    const fine = parts.length === 1 ? parts[0] : Buffer.concat(parts);
+    // Read in pieces, each hashed as it arrives (see READ_PIECE_BYTES).
+    const { fine } = await readPieces(this.reader, this.hasher, { offset, length }, fineBlockBytes, true);
     if (length <= HASH_CACHE_MAX_RANGE_BYTES) {
       this.cache.push({ offset, end, fineBlockBytes, fine });
       if (this.cache.length > HASH_CACHE_ENTRIES) this.cache.shift();

@@ -78,6 +78,19 @@ describe('runResync', () => {
     expect(result.bytesDiffering).toBe(coarse.size * 65536);
   });
 
+  it('sends a run of differing blocks that spans two read pieces, and blocks larger than a piece', async () => {
+    const { source, target } = pair(4 * MiB, 0, 14);
+    target.data.fill(1, 512 * 1024 - 8192, 512 * 1024 + 8192); // four blocks across the 512 KiB piece boundary
+    const small = await resync(source, target);
+    expect(small.blocksSent).toBe(4);
+    expect(target.data.equals(source.data)).toBe(true);
+    target.data.fill(2, 3 * MiB - 10, 3 * MiB + 10);
+    const large = await resync(source, target, { blockSizeBytes: 1 * MiB });
+    expect(large.blocksSent).toBe(2);
+    expect(large.bytesDiffering).toBe(2 * MiB);
+    expect(target.data.equals(source.data)).toBe(true);
+  });
+
   it('handles a disk whose size is not a multiple of the block size', async () => {
     const size = 3 * MiB + 1536;
     const random = seededRandom(4);
