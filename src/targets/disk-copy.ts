@@ -78,7 +78,9 @@ export async function copyDisk(from: DiskTarget, to: DiskTarget, options: CopyOp
     let runStart = -1;
     let zeroStart = -1;
     const end = data.length;
-    for (let at = 0; at <= end; at += ZERO_SCAN_BYTES) {
+    // Steps are clamped to `end` so the last pass always lands on it exactly
+    // and flushes the final run, whatever the chunk's length.
+    for (let at = 0; ; at = Math.min(at + ZERO_SCAN_BYTES, end)) {
       const zero = at < end ? isZero(data.subarray(at, Math.min(at + ZERO_SCAN_BYTES, end))) : undefined;
       if (zero !== false && runStart >= 0) {
         await to.write(offset + runStart, data.subarray(runStart, at < end ? at : end));
@@ -91,6 +93,7 @@ export async function copyDisk(from: DiskTarget, to: DiskTarget, options: CopyOp
       }
       if (zero === false && runStart < 0) runStart = at;
       if (zero === true && zeroStart < 0) zeroStart = at;
+      if (at >= end) break;
     }
     doneBytes += data.length;
     report(false);
