@@ -4,11 +4,14 @@
  * A raw target of 1 GiB (128 MiB with --quick) full of random data gets an
  * hour of churn: one log per simulated minute, journaled by the retention
  * hooks and applied as the master target does. Then:
- * - failover: `failover()` to the oldest point (an hour before the newest)
- *   into a new raw file, which reads the target once and overlays the
- *   pre-images of the 60 logs after the point, ending with fdatasync;
- * - peer: `dd if=target of=copy bs=4M conv=fsync` (also durable) and `cp`
+ * - failover to raw: `failover()` to the oldest point (an hour before the
+ *   newest) into a new raw file: a kernel copy of the target, then the
+ *   pre-images of the 60 logs after the point written over it, fdatasync;
+ *   peer: `dd if=target of=copy bs=4M conv=fsync` (also durable) and `cp`
  *   (not durable), in the same run;
+ * - failover to a new VMDK (the default output): read through the point
+ *   view and copied by the copy engine; peer: `qemu-img convert -O vmdk` of
+ *   the target (no pre-images to overlay, so it is the lower bound);
  * - instant view: from `PointView.open` to the first 4 KiB read answered
  *   over NBD by an NbdServer to an NbdClient.
  *
@@ -143,7 +146,10 @@ async function main(): Promise<void> {
     const dd: number[] = [];
     const cp: number[] = [];
     const firstRead: number[] = [];
+    const oursVmdk: number[] = [];
+    const qemu: number[] = [];
     let identical = true;
+    let identicalVmdk = true;
     for (let i = 0; i < repetitions; i++) {
       const out = path.join(dir, 'failover.img');
       fs.rmSync(out, { force: true });
@@ -166,13 +172,28 @@ async function main(): Promise<void> {
       fs.rmSync(copy, { force: true });
 
       firstRead.push(await timeToFirstRead(retentionDir));
+
+      const vmdk = path.join(dir, 'failover.vmdk');
+      fs.rmSync(vmdk, { force: true });
+      fs.rmSync(path.join(retentionDir, 'disk0', 'failover.json'), { force: true });
+      started = process.hrtime.bigint();
+      await failover({ retentionDir, diskId: 'disk0', point: oldest.id, out: `vmdk:${vmdk}` });
+      oursVmdk.push(ms(started));
+      if (i === 0) identicalVmdk = spawnSync('qemu-img', ['compare', '-q', '-f', 'vmdk', '-F', 'raw', vmdk, expected]).status === 0;
+      fs.rmSync(vmdk, { force: true });
+      const qemuOut = path.join(dir, 'qemu.vmdk');
+      fs.rmSync(qemuOut, { force: true });
+      started = process.hrtime.bigint();
+      execFileSync('qemu-img', ['convert', '-t', 'writeback', '-f', 'raw', '-O', 'vmdk', targetFile, qemuOut]);
+      qemu.push(ms(started));
+      fs.rmSync(qemuOut, { force: true });
     }
     const journalBytes = fs.readdirSync(path.join(retentionDir, 'disk0', 'journal')).reduce((n, f) => n + fs.statSync(path.join(retentionDir, 'disk0', 'journal', f)).size, 0);
     const result = {
       bench: 'failover',
       quick,
       peer: 'dd bs=4M conv=fsync (and cp) of the target in the same run',
-      ratios: { failoverVsDd: median(dd) / median(ours), failoverVsCp: median(cp) / median(ours) },
+      ratios: { failoverVsDd: median(dd) / median(ours), failoverVsCp: median(cp) / median(ours), failoverVmdkVsQemuImgConvert: median(qemu) / median(oursVmdk) },
       figures: {
         sizeBytes,
         logs: logCount,
@@ -182,19 +203,25 @@ async function main(): Promise<void> {
         failoverMs: median(ours),
         ddFsyncMs: median(dd),
         cpMs: median(cp),
+        failoverVmdkMs: median(oursVmdk),
+        qemuImgConvertVmdkMs: median(qemu),
         instantViewFirstReadMs: median(firstRead),
         churnSetupMs: churnMs,
         identicalToExpected: identical,
+        vmdkIdenticalToExpected: identicalVmdk,
       },
-      samplesMs: { failover: ours, dd, cp, instantViewFirstRead: firstRead },
-      notes: ['failover reads the target through the point view and fdatasyncs its output; cp does not sync'],
+      samplesMs: { failover: ours, dd, cp, instantViewFirstRead: firstRead, failoverVmdk: oursVmdk, qemuImgConvertVmdk: qemu },
+      notes: [
+        'failover to raw: kernel copy of the target plus the pre-images written over it, fdatasync; dd conv=fsync is durable too, cp is not',
+        'failover to VMDK reads through the point view (target plus pre-images); qemu-img convert -t writeback copies the target alone',
+      ],
       when: new Date().toISOString(),
     };
     const json = JSON.stringify(result, null, 2);
     process.stdout.write(`${json}\n`);
     fs.mkdirSync(path.join(__dirname, 'results'), { recursive: true });
     fs.writeFileSync(path.join(__dirname, 'results', 'failover.json'), `${json}\n`);
-    if (!identical) process.exitCode = 1;
+    if (!identical || !identicalVmdk) process.exitCode = 1;
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

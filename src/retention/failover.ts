@@ -181,6 +181,41 @@ export async function openPointSource(retentionDir: string, manifest: DiskManife
   return PointView.open({ retentionDir, manifest, point, newestSeq });
 }
 
+/** Raw target to a new raw file: the case a kernel copy of the target can serve. */
+function rawToNewRaw(targetSpec: string, out: string, exists: boolean | undefined): { from: string; to: string } | undefined {
+  const from = parseDiskSpec(targetSpec);
+  const to = parseDiskSpec(out);
+  if (from.kind !== 'raw' || to.kind !== 'raw' || exists !== false) return undefined;
+  if (!fs.statSync(from.path).isFile()) return undefined;
+  return { from: from.path, to: to.path };
+}
+
+/**
+ * Failover of a raw target to a new raw file: the kernel copies the target
+ * (libuv copyfile, so at `cp` speed and without passing the data through
+ * JavaScript), then only the pre-image bytes are written over it, and the
+ * output is flushed. The result is byte for byte what copying through the
+ * view gives (see PointView.writeOverlayTo). A failure removes the output.
+ */
+async function copyRawThenOverlay(view: PointView, from: string, to: string): Promise<CopyResult> {
+  const started = Date.now();
+  try {
+    await fsp.copyFile(from, to, fs.constants.COPYFILE_EXCL);
+    const out = await openDisk(`raw:${to}`);
+    try {
+      if (out.sizeBytes !== view.sizeBytes) throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `target ${from} changed size during failover`, { details: { from } });
+      const { bytes } = await view.writeOverlayTo(out);
+      await out.flush();
+      return { sizeBytes: view.sizeBytes, dataBytes: view.sizeBytes, writtenBytes: bytes, zeroBytes: 0, durationMs: Date.now() - started };
+    } finally {
+      await out.close();
+    }
+  } catch (err) {
+    await fsp.rm(to, { force: true });
+    throw err;
+  }
+}
+
 /** A bare path means a new monolithicSparse VMDK (DESIGN.md: "a new VMDK by default"). */
 export function normalizeOutSpec(out: string): string {
   if (out.startsWith('nbd://') || /^[a-z][a-z-]*:/.test(out)) return out;
@@ -249,6 +284,12 @@ export async function failover(options: FailoverOptions): Promise<FailoverResult
   const view = await openPointSource(options.retentionDir, manifest, point, newestSeq);
   let target: DiskTarget | undefined;
   try {
+    const fast = view instanceof PointView ? rawToNewRaw(manifest.targetSpec, out, exists) : undefined;
+    if (fast !== undefined && view instanceof PointView) {
+      await writeFailoverRecord(options.retentionDir, { version: 1, diskId: options.diskId, out, pointId: point.id, atMs: (options.clock ?? systemClock).now() });
+      const copy = await copyRawThenOverlay(view, fast.from, fast.to);
+      return { diskId: options.diskId, point, out, drainedLogs, journalSegments: view.overlayLogs, copy };
+    }
     const reuse = exists === true || (exists === undefined && ours);
     target = reuse ? await openDisk(out) : await openDisk(out, { create: { sizeBytes: view.sizeBytes } });
     if (target.sizeBytes !== view.sizeBytes) {

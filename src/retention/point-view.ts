@@ -7,6 +7,12 @@ import type { DiskManifest } from './retention-manifest';
 import type { RecoveryPoint } from './recovery-points';
 import { UndoJournal } from './undo-journal';
 
+/** Largest piece of a pre-image written at once by `writeOverlayTo` (bounds memory). */
+export const POINT_VIEW_OVERLAY_CHUNK_BYTES = 4 * 1024 * 1024;
+
+/** Pre-image reads one view request issues at once. */
+export const POINT_VIEW_PARALLEL_READS = 16;
+
 /** A range of the disk whose content at the point lives in a pre-image log. */
 export interface OverlaySegment {
   readonly start: number;
@@ -178,14 +184,40 @@ export class PointView implements DiskTarget {
     // After the target read: a log that started changing those bytes has its pre-image on disk by now.
     await this.addNewLogs();
     const end = offset + length;
+    // Segments are disjoint, so their reads fill disjoint parts of `buf` and
+    // can run together (bounded, to keep the thread pool for others).
+    const reads: Promise<unknown>[] = [];
     for (let i = firstEndingAfter(this.segments, offset); i < this.segments.length; i++) {
       const seg = this.segments[i]!;
       if (seg.start >= end) break;
       const s = Math.max(seg.start, offset);
       const e = Math.min(seg.end, end);
-      await this.logs[seg.log]!.readExact(seg.fileOffset + (s - seg.start), e - s, 'pre-image', buf.subarray(s - offset, e - offset));
+      reads.push(this.logs[seg.log]!.readExact(seg.fileOffset + (s - seg.start), e - s, 'pre-image', buf.subarray(s - offset, e - offset)));
+      if (reads.length === POINT_VIEW_PARALLEL_READS) await Promise.all(reads.splice(0));
     }
+    await Promise.all(reads);
     return buf;
+  }
+
+  /**
+   * Writes the overlay onto `out`, which already holds a copy of the whole
+   * target taken after this view was opened: a copy of the target is a read
+   * of every byte, so the pre-images that appeared meanwhile are added first,
+   * exactly as `read` does. Together that is the disk at the point, written
+   * with one kernel copy of the target plus the pre-image bytes only.
+   */
+  async writeOverlayTo(out: DiskTarget): Promise<{ bytes: number }> {
+    if (this.closed) throw new BlockrelayError('BR_TARGET_CLOSED', `${this.spec} is closed`);
+    await this.addNewLogs();
+    let bytes = 0;
+    for (const seg of this.segments) {
+      for (let at = seg.start; at < seg.end; at += POINT_VIEW_OVERLAY_CHUNK_BYTES) {
+        const n = Math.min(POINT_VIEW_OVERLAY_CHUNK_BYTES, seg.end - at);
+        await out.write(at, await this.logs[seg.log]!.readExact(seg.fileOffset + (at - seg.start), n, 'pre-image'));
+        bytes += n;
+      }
+    }
+    return { bytes };
   }
 
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
