@@ -12,12 +12,12 @@ const tempDir = useTempDirs();
 const attached: string[] = [];
 
 /** Attaches a loop device over a fresh sparse file; undefined where loop devices cannot be made (not root, a container without /dev/loop-control). */
-function attachLoop(sizeBytes: number, dir: string): string | undefined {
+function attachLoop(sizeBytes: number, dir: string, sectorBytes = 512): string | undefined {
   const file = path.join(dir, `backing-${attached.length}.img`);
   fs.writeFileSync(file, '');
   fs.truncateSync(file, sizeBytes);
   try {
-    const device = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    const device = execFileSync('losetup', ['-f', '--show', '--sector-size', String(sectorBytes), file], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
     attached.push(device);
     return device;
   } catch {
@@ -67,5 +67,42 @@ describe.skipIf(!canLoop)('raw block device', () => {
     expect(t.capabilities).toMatchObject({ alignmentBytes: 512, sparse: false });
     await t.close();
     await expect(openDisk(`raw:${device}`, { create: { sizeBytes: 4 * 1024 * 1024 } })).rejects.toMatchObject({ code: 'BR_TARGET_SIZE_MISMATCH' });
+  });
+
+  it('discards by zeroing without writing where the device can: a loop device punches its backing file', async () => {
+    const dir = tempDir();
+    const device = attachLoop(16 * 1024 * 1024, dir)!;
+    const backing = path.join(dir, `backing-${attached.length - 1}.img`);
+    const t = await openDisk(`raw:${device}`);
+    expect(t.capabilities).toMatchObject({ discard: true, sparse: false });
+    const content = Buffer.alloc(16 * 1024 * 1024, 0x6b);
+    await t.write(0, content);
+    await t.flush();
+    const before = fs.statSync(backing).blocks * 512;
+    await t.discard(1024 * 1024, 8 * 1024 * 1024);
+    await t.writeZeroes(12 * 1024 * 1024 + 512, 1024);
+    await t.flush();
+    content.fill(0, 1024 * 1024, 9 * 1024 * 1024).fill(0, 12 * 1024 * 1024 + 512, 12 * 1024 * 1024 + 1536);
+    expect((await t.read(0, t.sizeBytes)).equals(content)).toBe(true);
+    expect(before - fs.statSync(backing).blocks * 512).toBeGreaterThanOrEqual(8 * 1024 * 1024);
+    await t.close();
+  });
+
+  it('punches whole logical blocks of a 4 KiB-sector device and writes zeroes at the 512-byte edges', async () => {
+    const dir = tempDir();
+    const device = attachLoop(8 * 1024 * 1024, dir, 4096)!;
+    const t = await openDisk(`raw:${device}`);
+    expect(t.capabilities.discard).toBe(true);
+    const content = Buffer.alloc(8 * 1024 * 1024, 0x3c);
+    await t.write(0, content);
+    await t.discard(4096 + 512, 3 * 1024 * 1024);
+    await t.writeZeroes(5 * 1024 * 1024 + 1024, 1024);
+    content.fill(0, 4096 + 512, 4096 + 512 + 3 * 1024 * 1024).fill(0, 5 * 1024 * 1024 + 1024, 5 * 1024 * 1024 + 2048);
+    expect((await t.read(0, t.sizeBytes)).equals(content)).toBe(true);
+    await t.close();
+    const reopened = await openDisk(`raw:${device}`, { readOnly: true });
+    expect(reopened.capabilities.discard).toBe(false);
+    expect((await reopened.read(0, reopened.sizeBytes)).equals(content)).toBe(true);
+    await reopened.close();
   });
 });

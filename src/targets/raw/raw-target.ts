@@ -17,17 +17,45 @@ export interface RawOpenOptions extends OpenOptions {
   readonly fileExtents?: FileExtentOps;
 }
 
-/** Size of a block device from sysfs: Node has no lseek(SEEK_END) and stat reports 0 for devices. */
-function blockDeviceSizeBytes(stat: fs.Stats, path: string): number {
+/** The sysfs directory of a block device (`/sys/dev/block/MAJOR:MINOR`). */
+function blockDeviceSysfs(stat: fs.Stats): string {
   const rdev = stat.rdev;
   const major = Math.floor(rdev / 256) % 4096;
   const minor = (rdev % 256) + Math.floor(rdev / 1048576) * 256;
-  const sysfs = `/sys/dev/block/${major}:${minor}/size`;
+  return `/sys/dev/block/${major}:${minor}`;
+}
+
+/** Size of a block device from sysfs: Node has no lseek(SEEK_END) and stat reports 0 for devices. */
+function blockDeviceSizeBytes(stat: fs.Stats, path: string): number {
+  const sysfs = `${blockDeviceSysfs(stat)}/size`;
   try {
     return Number(fs.readFileSync(sysfs, 'utf8').trim()) * SECTOR_BYTES;
   } catch (err) {
     throw wrapError(err, 'BR_IO', `cannot read the size of block device ${path} from ${sysfs}`);
   }
+}
+
+/**
+ * How a block device zeroes ranges, from its request queue in sysfs (a
+ * partition has none of its own; its disk's is one level up). fallocate
+ * PUNCH_HOLE on a block device (Linux 4.9+) zeroes with unmapping allowed
+ * and no fallback to writing, so it works only where the device has a
+ * write-zeroes command (`write_zeroes_max_bytes` > 0), and only on whole
+ * logical blocks. Unknown answers mean no punching.
+ */
+function blockDeviceZeroing(stat: fs.Stats): { canPunch: boolean; logicalBlockBytes: number } {
+  const base = blockDeviceSysfs(stat);
+  for (const queue of [`${base}/queue`, `${base}/../queue`]) {
+    try {
+      const logicalBlockBytes = Number(fs.readFileSync(`${queue}/logical_block_size`, 'utf8').trim());
+      const writeZeroesMaxBytes = Number(fs.readFileSync(`${queue}/write_zeroes_max_bytes`, 'utf8').trim());
+      if (!Number.isSafeInteger(logicalBlockBytes) || logicalBlockBytes < SECTOR_BYTES || (logicalBlockBytes & (logicalBlockBytes - 1)) !== 0) break;
+      return { canPunch: writeZeroesMaxBytes > 0, logicalBlockBytes };
+    } catch {
+      // Not this directory; try the parent disk's queue.
+    }
+  }
+  return { canPunch: false, logicalBlockBytes: SECTOR_BYTES };
 }
 
 /**
@@ -49,8 +77,11 @@ function blockDeviceSizeBytes(stat: fs.Stats, path: string): number {
  * truncate down and up releases the blocks. `capabilities.discard` says
  * which: true only for a writable regular file that can punch holes.
  *
- * Block devices report one data extent and write zeroes for `writeZeroes`
- * and `discard` (no BLKDISCARD yet).
+ * Block devices report one data extent. Their `writeZeroes` and `discard`
+ * use the same fallocate where the device has a write-zeroes command (sysfs
+ * `write_zeroes_max_bytes`; a loop device passes it on as a hole punch in its
+ * backing file, an SSD may unmap): whole logical blocks are punched, the
+ * rest written as zeroes. Other devices get written zeroes.
  */
 export class RawTarget implements DiskTarget {
   readonly diskUuid = undefined;
@@ -70,6 +101,8 @@ export class RawTarget implements DiskTarget {
     readOnly: boolean,
     punchHoles: boolean,
     ops: FileExtentOps,
+    /** Punches cover whole multiples of this; edges outside are written as zeroes (1 for files: the kernel zeroes partial blocks). */
+    private readonly punchAlignBytes = 1,
   ) {
     this.caps = { sparse: regularFile, discard: punchHoles, alignmentBytes: regularFile ? 1 : SECTOR_BYTES, readOnly };
     this.fileOps = {
@@ -108,6 +141,12 @@ export class RawTarget implements DiskTarget {
     return new RawTarget(spec, path, handle, sizeBytes, true, readOnly, punchHoles, ops);
   }
 
+  /** Builds the target for an open block device; it punches only where sysfs says the device can zero without writing. */
+  private static forBlockDevice(spec: string, path: string, handle: fsp.FileHandle, stat: fs.Stats, sizeBytes: number, readOnly: boolean, ops: FileExtentOps): RawTarget {
+    const zeroing = blockDeviceZeroing(stat);
+    return new RawTarget(spec, path, handle, sizeBytes, false, readOnly, !readOnly && zeroing.canPunch, ops, zeroing.logicalBlockBytes);
+  }
+
   /**
    * Opens `path`, or creates it with `options.create`. Creating refuses an
    * existing non-empty regular file (BR_TARGET_NAME_CONFLICT): a raw file
@@ -135,7 +174,7 @@ export class RawTarget implements DiskTarget {
           throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `block device ${path} holds ${deviceBytes} bytes, fewer than the ${create.sizeBytes} asked for`, { details: { spec, deviceBytes, sizeBytes: create.sizeBytes } });
         }
         const handle = await openHandle(path, 'r+');
-        return new RawTarget(spec, path, handle, create.sizeBytes, false, false, false, ops);
+        return RawTarget.forBlockDevice(spec, path, handle, stat, create.sizeBytes, false, ops);
       }
       if (stat !== undefined && !(stat.isFile() && stat.size === 0)) {
         throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} already exists and is not an empty file; refusing to create ${spec} over it`, { details: { spec, path } });
@@ -158,7 +197,7 @@ export class RawTarget implements DiskTarget {
     if (stat.isBlockDevice()) {
       const deviceBytes = blockDeviceSizeBytes(stat, path);
       const handle = await openHandle(path, readOnly ? 'r' : 'r+');
-      return new RawTarget(spec, path, handle, deviceBytes, false, readOnly, false, ops);
+      return RawTarget.forBlockDevice(spec, path, handle, stat, deviceBytes, readOnly, ops);
     }
     const handle = await openHandle(path, readOnly ? 'r' : 'r+');
     return RawTarget.forFile(spec, path, handle, stat.size, readOnly, ops);
@@ -197,19 +236,25 @@ export class RawTarget implements DiskTarget {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'writeZeroes', offset, length);
     if (length === 0) return;
-    if (this.caps.discard && (await this.punchHole(offset, length))) return;
-    if (this.regularFile && offset + length === this.sizeBytes) {
+    const end = offset + length;
+    if (this.caps.discard) {
+      const align = this.punchAlignBytes;
+      const from = Math.ceil(offset / align) * align;
+      const to = Math.floor(end / align) * align;
+      if (to > from && (await this.punchHole(from, to - from))) {
+        await this.writeZeroBytes(offset, from - offset);
+        await this.writeZeroBytes(to, end - to);
+        return;
+      }
+    }
+    if (this.regularFile && end === this.sizeBytes) {
       // The tail of a file can be released without fallocate: cut the file
       // at `offset` and grow it back; the regrown part is a hole.
       await this.io(() => this.handle.truncate(offset), 'truncate');
       await this.io(() => this.handle.truncate(this.sizeBytes), 'truncate');
       return;
     }
-    const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK_BYTES));
-    for (let at = offset; at < offset + length; at += zeroes.length) {
-      const n = Math.min(zeroes.length, offset + length - at);
-      await this.write(at, n === zeroes.length ? zeroes : zeroes.subarray(0, n));
-    }
+    await this.writeZeroBytes(offset, length);
   }
 
   /** Same as writeZeroes: on a file that can punch holes both free the space. */
@@ -258,6 +303,16 @@ export class RawTarget implements DiskTarget {
       // A punch still running on the thread pool holds the descriptor number.
       await Promise.allSettled([...this.punches]);
       await this.handle.close();
+    }
+  }
+
+  /** Writes `length` zero bytes at `offset` through a bounded buffer. */
+  private async writeZeroBytes(offset: number, length: number): Promise<void> {
+    if (length === 0) return;
+    const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK_BYTES));
+    for (let at = offset; at < offset + length; at += zeroes.length) {
+      const n = Math.min(zeroes.length, offset + length - at);
+      await this.write(at, n === zeroes.length ? zeroes : zeroes.subarray(0, n));
     }
   }
 
