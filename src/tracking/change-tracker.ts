@@ -211,7 +211,7 @@ export class ChangeTracker {
     if (maps !== undefined && (maps.dirty.diskSizeBytes !== options.diskSizeBytes || maps.dirty.granularityBytes !== granularity)) maps = undefined;
     if (maps === undefined) {
       const fresh = state === undefined && openLogs.length === 0 && sealedNames().length === 0;
-      maps = { dirty: new DirtyMap(options.diskSizeBytes, granularity), pending: new DirtyMap(options.diskSizeBytes, granularity), resync: new DirtyMap(options.diskSizeBytes, granularity), pendingLogSequence: 0, pendingLogEndBytes: 0 };
+      maps = { dirty: new DirtyMap(options.diskSizeBytes, granularity), pending: new DirtyMap(options.diskSizeBytes, granularity), resync: new DirtyMap(options.diskSizeBytes, granularity), pendingLogSequence: 0, pendingLogEndBytes: 0, durableLogEndBytes: 0 };
       if (!fresh) {
         // Without the dirty map nothing says what changed: the one case of a whole-disk resync.
         maps.resync.mark(0, options.diskSizeBytes);
@@ -223,7 +223,8 @@ export class ChangeTracker {
     for (const { n, seq } of openLogs) {
       const file = path.join(dir, n);
       try {
-        const rec = await recoverHrlLog(file, { clock });
+        const hints = seq === maps.pendingLogSequence ? [maps.pendingLogEndBytes, maps.durableLogEndBytes] : [];
+        const rec = await recoverHrlLog(file, { clock, hintEndBytes: hints });
         const sidecar: LogSidecar = {
           version: 1, diskId, sequence: seq!, uniqueId: rec.header.uniqueId, previousUniqueId: rec.header.previousUniqueId,
           sizeBytes: rec.durableEndBytes, entryCount: rec.entryCount, cutId: `recovered-${randomGuid()}`, cutTime: new Date(clock.now()).toISOString(), cutTimeMs: clock.now(), recovered: true,
@@ -567,7 +568,8 @@ export class ChangeTracker {
     const generation = this.generation;
     const pendingLogSequence = this.writer === undefined ? 0 : this.activeSequence ?? 0;
     const pendingLogEndBytes = this.writer?.sizeBytes ?? 0;
-    await writeTrackerMaps(this.dir, this.diskId, { ...this.maps, pendingLogSequence, pendingLogEndBytes }, this.mapsGeneration + 1);
+    const durableLogEndBytes = this.writer?.durableEndBytes ?? 0;
+    await writeTrackerMaps(this.dir, this.diskId, { ...this.maps, pendingLogSequence, pendingLogEndBytes, durableLogEndBytes }, this.mapsGeneration + 1);
     this.mapsGeneration++;
     this.persistedGeneration = generation;
   }

@@ -174,7 +174,21 @@ export class HrlLogFile {
     if (eol > this.fileSizeBytes) {
       throw hrlDamage('BR_HRL_TRUNCATED', this.path, this.fileSizeBytes, `EOLLocation is ${eol} but the file ends at ${this.fileSizeBytes}`, { eolLocation: eol });
     }
-    const blockOffsets = await this.walkChain(eol - ms, ms);
+    const { blocks, entryCount, payloadBytes, unverified } = await this.verifyChain(eol - ms, ms, options);
+    if (entryCount !== header.totalMetadataEntries) {
+      throw hrlDamage('BR_HRL_ENTRY_COUNT_MISMATCH', this.path, HRL_TOTAL_METADATA_ENTRIES_OFFSET, `TotalMetadataEntries is ${header.totalMetadataEntries} but the blocks hold ${entryCount} valid entries`, { expected: entryCount });
+    }
+    return { path: this.path, fileSizeBytes: this.fileSizeBytes, header, blocks, entryCount, payloadBytes, unverifiedPayloads: unverified };
+  }
+
+  /**
+   * Verifies the chain that ends with the metadata block at `lastOffset`:
+   * the backward walk, then every block, entry and (unless turned off)
+   * payload in file order. Used by `verify()` with EOLLocation − MetadataSize
+   * and by recovery with a remembered end of an unsealed log.
+   */
+  async verifyChain(lastOffset: number, ms: number, options: HrlVerifyOptions = {}): Promise<{ blocks: HrlBlockInfo[]; entryCount: number; payloadBytes: number; unverified: number }> {
+    const blockOffsets = await this.walkChain(lastOffset, ms);
     const blocks: HrlBlockInfo[] = [];
     const block = Buffer.alloc(ms);
     let payloadStart = HRL_HEADER_SIZE;
@@ -192,10 +206,7 @@ export class HrlLogFile {
       payloadBytes += offset - payloadStart;
       payloadStart = offset + ms;
     }
-    if (entryCount !== header.totalMetadataEntries) {
-      throw hrlDamage('BR_HRL_ENTRY_COUNT_MISMATCH', this.path, HRL_TOTAL_METADATA_ENTRIES_OFFSET, `TotalMetadataEntries is ${header.totalMetadataEntries} but the blocks hold ${entryCount} valid entries`, { expected: entryCount });
-    }
-    return { path: this.path, fileSizeBytes: this.fileSizeBytes, header, blocks, entryCount, payloadBytes, unverifiedPayloads: unverified };
+    return { blocks, entryCount, payloadBytes, unverified };
   }
 
   /**

@@ -42,8 +42,13 @@ export interface HrlRecoveredLog extends HrlRecoveryScan {
  * entry checksums, fields, payload lengths filling `[b + MetadataSize, q)`
  * exactly, and every payload's DataChecksum. The scan stops at the first
  * block it cannot find; what follows is the torn tail.
+ *
+ * `hintEndBytes`, ends remembered elsewhere (the change tracker keeps the
+ * end its last flush made durable and the end the next one will), are tried
+ * first, in order: if the chain ending at one verifies back to the anchor,
+ * only what follows it is scanned.
  */
-export async function scanUnsealedHrlLog(filePath: string): Promise<HrlRecoveryScan> {
+export async function scanUnsealedHrlLog(filePath: string, options: { hintEndBytes?: readonly number[] } = {}): Promise<HrlRecoveryScan> {
   const log = await HrlLogFile.open(filePath);
   try {
     const header = await log.readHeader();
@@ -65,10 +70,25 @@ export async function scanUnsealedHrlLog(filePath: string): Promise<HrlRecoveryS
       }
     };
 
-    const anchor = await tryBlock(HRL_HEADER_SIZE, HRL_HEADER_SIZE);
+    // A remembered durable end (the tracker records one with its maps) lets
+    // the proven part be checked with the backward walk instead of scanned.
+    for (const hint of options.hintEndBytes ?? []) {
+      if (blocks.length > 0) break;
+      if (!Number.isSafeInteger(hint) || hint < HRL_HEADER_SIZE + 2 * ms || hint > log.fileSizeBytes) continue;
+      try {
+        const chain = await log.verifyChain(hint - ms, ms);
+        if (chain.blocks[0]?.offset === HRL_HEADER_SIZE) {
+          blocks.push(...chain.blocks);
+          entryCount = chain.entryCount;
+        }
+      } catch (err) {
+        if (!(isBlockrelayError(err) && err.code.startsWith('BR_HRL_'))) throw err;
+      }
+    }
+    const anchor = blocks.length > 0 ? blocks[0] : await tryBlock(HRL_HEADER_SIZE, HRL_HEADER_SIZE);
     if (anchor !== undefined && anchor.previousMetadataLocation === 0) {
-      blocks.push(anchor);
-      let b = anchor.offset;
+      if (blocks.length === 0) blocks.push(anchor);
+      let b = blocks[blocks.length - 1]!.offset;
       const window = Buffer.alloc(SCAN_WINDOW_BYTES + 8);
       let q = b + ms;
       while (q + ms <= log.fileSizeBytes) {
@@ -76,7 +96,11 @@ export async function scanUnsealedHrlLog(filePath: string): Promise<HrlRecoveryS
         await log.readExact(q, n, 'tail', window);
         let found: HrlBlockInfo | undefined;
         let i = 0;
-        for (; i + 8 <= n; i++) {
+        // The low byte of the distance, advanced with i: one byte compare per
+        // position rejects 255 of 256 positions before any wider read.
+        let low = (q - b) & 0xff;
+        for (; i + 8 <= n; i++, low = (low + 1) & 0xff) {
+          if (window[i + HRL_MH_PREVIOUS_LOCATION_OFFSET] !== low) continue;
           const distance = q + i - b;
           if (window.readUInt32LE(i + HRL_MH_PREVIOUS_LOCATION_OFFSET) !== distance % 0x1_0000_0000) continue;
           if (window.readUInt32LE(i + HRL_MH_PREVIOUS_LOCATION_OFFSET + 4) !== Math.floor(distance / 0x1_0000_0000)) continue;
@@ -110,9 +134,9 @@ export async function scanUnsealedHrlLog(filePath: string): Promise<HrlRecoveryS
  * other identity fields kept). A log whose anchor block is damaged gets a
  * fresh anchor and is sealed empty. A sealed log is left untouched.
  */
-export async function recoverHrlLog(filePath: string, options: { clock?: Clock } = {}): Promise<HrlRecoveredLog> {
+export async function recoverHrlLog(filePath: string, options: { clock?: Clock; hintEndBytes?: readonly number[] } = {}): Promise<HrlRecoveredLog> {
   const clock = options.clock ?? systemClock;
-  const scan = await scanUnsealedHrlLog(filePath);
+  const scan = await scanUnsealedHrlLog(filePath, { hintEndBytes: options.hintEndBytes });
   if (scan.header.eolLocation !== 0) return { ...scan, discardedBytes: 0, wasUnsealed: false };
   const ms = scan.header.metadataSize;
   let end = scan.durableEndBytes;

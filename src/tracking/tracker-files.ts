@@ -150,9 +150,10 @@ const MAPS_LENGTHS_OFFSET = 8;
 const MAPS_PENDING_SEQUENCE_OFFSET = 32;
 const MAPS_PENDING_END_OFFSET = 40;
 const MAPS_GENERATION_OFFSET = 48;
-const MAPS_HEADER_CHECKSUM_OFFSET = 56;
-/** Magic, three map lengths, pendingLogSequence, pendingLogEndBytes, generation, XXH64 of bytes 0..55. */
-export const MAPS_HEADER_BYTES = 64;
+const MAPS_DURABLE_END_OFFSET = 56;
+const MAPS_HEADER_CHECKSUM_OFFSET = 64;
+/** Magic, three map lengths, pendingLogSequence, pendingLogEndBytes, generation, durableLogEndBytes, XXH64 of bytes 0..63. */
+export const MAPS_HEADER_BYTES = 72;
 /** The maps are written alternately to two slots, `ID.maps.0` and `ID.maps.1`. */
 export const MAPS_SLOTS = 2;
 
@@ -175,6 +176,8 @@ export interface TrackerMaps {
    * extents need no resync.
    */
   readonly pendingLogEndBytes: number;
+  /** That log's end made durable by its last completed flush (a recovery hint). */
+  readonly durableLogEndBytes: number;
 }
 
 /** Layout: the 64-byte header, then the three serialized maps (each with its own checksums). */
@@ -186,6 +189,7 @@ export function encodeTrackerMaps(maps: TrackerMaps, generation: number): Buffer
   head.writeBigUInt64LE(BigInt(maps.pendingLogSequence), MAPS_PENDING_SEQUENCE_OFFSET);
   head.writeBigUInt64LE(BigInt(maps.pendingLogEndBytes), MAPS_PENDING_END_OFFSET);
   head.writeBigUInt64LE(BigInt(generation), MAPS_GENERATION_OFFSET);
+  head.writeBigUInt64LE(BigInt(maps.durableLogEndBytes), MAPS_DURABLE_END_OFFSET);
   head.writeBigUInt64LE(xxh64(head, 0, MAPS_HEADER_CHECKSUM_OFFSET), MAPS_HEADER_CHECKSUM_OFFSET);
   return Buffer.concat([head, ...parts]);
 }
@@ -208,8 +212,9 @@ export function decodeTrackerMaps(buf: Buffer, file: string): TrackerMaps & { ge
   const seq = Number(buf.readBigUInt64LE(MAPS_PENDING_SEQUENCE_OFFSET));
   const end = Number(buf.readBigUInt64LE(MAPS_PENDING_END_OFFSET));
   const generation = Number(buf.readBigUInt64LE(MAPS_GENERATION_OFFSET));
-  if (!Number.isSafeInteger(seq) || !Number.isSafeInteger(end) || !Number.isSafeInteger(generation)) throw bad(MAPS_PENDING_SEQUENCE_OFFSET, 'a position or the generation is out of range');
-  return { dirty: maps[0]!, pending: maps[1]!, resync: maps[2]!, pendingLogSequence: seq, pendingLogEndBytes: end, generation };
+  const durable = Number(buf.readBigUInt64LE(MAPS_DURABLE_END_OFFSET));
+  if (![seq, end, generation, durable].every(Number.isSafeInteger)) throw bad(MAPS_PENDING_SEQUENCE_OFFSET, 'a position or the generation is out of range');
+  return { dirty: maps[0]!, pending: maps[1]!, resync: maps[2]!, pendingLogSequence: seq, pendingLogEndBytes: end, durableLogEndBytes: durable, generation };
 }
 
 /** Path of maps slot `slot` (0 or 1) of disk `diskId`. */

@@ -102,6 +102,33 @@ describe('recovery of an unsealed log', () => {
     expect(v.entryCount).toBe(0);
   });
 
+  it('takes a remembered end as a hint, and falls back to scanning when the hint is wrong', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'open.hrl');
+    const w = await HrlWriter.create(file, { metadataSizeBytes: MS });
+    for (let i = 0; i < 10; i++) await w.append(i * 512, payload(i, 300));
+    await w.flush();
+    const durable = w.durableEndBytes;
+    await w.append(9999, payload(50, 77));
+    await w.flush();
+    await w.close();
+    const bytes = fs.readFileSync(file);
+    const expected = await (async () => {
+      const copy = path.join(dir, 'plain.hrl');
+      fs.writeFileSync(copy, bytes);
+      await recoverHrlLog(copy);
+      return entriesOf(copy);
+    })();
+    expect(expected).toHaveLength(11);
+    for (const hints of [[durable], [bytes.length], [durable - 7, 12345, durable], [durable + 5], [bytes.length + 4096]]) {
+      const copy = path.join(dir, `hint-${hints.join('-')}.hrl`);
+      fs.writeFileSync(copy, bytes);
+      const r = await recoverHrlLog(copy, { hintEndBytes: hints });
+      expect(r.entryCount, `hints ${hints}`).toBe(11);
+      expect(await entriesOf(copy)).toEqual(expected);
+    }
+  });
+
   it('leaves a sealed log as it is', async () => {
     const file = path.join(tempDir(), 'sealed.hrl');
     const w = await HrlWriter.create(file);
