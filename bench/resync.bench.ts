@@ -118,22 +118,40 @@ async function main(): Promise<void> {
 
     const oursMs: number[] = [];
     const rsyncMs: number[] = [];
+    // CPU time (user + system) too: on a shared machine it is steadier than wall time.
+    const oursCpuMs: number[] = [];
+    const rsyncCpuMs: number[] = [];
     let oursBytes: Record<string, number> = {};
     let rsyncBytes: Record<string, number> = {};
+    // One unmeasured run first: module loading and JIT warm-up are start-up
+    // costs of a long-running daemon, not of a resync.
+    makeStale(source, ours, changed);
+    await resyncDisks(`raw:${source}`, `raw:${ours}`);
     for (let rep = 0; rep < reps; rep++) {
       makeStale(source, ours, changed);
       makeStale(source, theirs, changed);
+      // Nothing dirty in the page cache: blockrelay flushes the target (fsync)
+      // before it reports success, and must not pay for writing back the
+      // staling writes or the copies; rsync (as specified, without --fsync)
+      // does not flush at all.
+      spawnSync('sync');
 
       const t0 = process.hrtime.bigint();
+      const cpu0 = process.cpuUsage();
       const r = await resyncDisks(`raw:${source}`, `raw:${ours}`);
       oursMs.push(Number(process.hrtime.bigint() - t0) / 1e6);
+      const cpu = process.cpuUsage(cpu0);
+      oursCpuMs.push((cpu.user + cpu.system) / 1000);
       if (r.blocksSent !== changed.length) throw new Error(`blockrelay sent ${r.blocksSent} blocks, ${changed.length} differ`);
       oursBytes = { bytesSent: r.bytesSent, bytesReceived: r.bytesReceived, hashBytes: r.hashBytes, dataBytes: r.bytesDiffering };
 
       const t1 = process.hrtime.bigint();
-      const rs = spawnSync('rsync', ['--no-whole-file', '--inplace', '-B', String(BLOCK), '--stats', source, theirs], { encoding: 'utf8' });
+      // bash's `time` reports the CPU of rsync and the processes it forks.
+      const rs = spawnSync('bash', ['-c', 'TIMEFORMAT="%U %S"; time rsync --no-whole-file --inplace -B "$0" --stats "$1" "$2"', String(BLOCK), source, theirs], { encoding: 'utf8' });
       rsyncMs.push(Number(process.hrtime.bigint() - t1) / 1e6);
       if (rs.status !== 0) throw new Error(`rsync failed: ${rs.stderr}`);
+      const [userS, sysS] = rs.stderr.trim().split('\n').pop()!.split(/\s+/).map(Number);
+      rsyncCpuMs.push((userS + sysS) * 1000);
       rsyncBytes = {
         bytesSent: statsNumber(rs.stdout, 'Total bytes sent'),
         bytesReceived: statsNumber(rs.stdout, 'Total bytes received'),
@@ -150,6 +168,7 @@ async function main(): Promise<void> {
       { blockSizeBytes: 65536, coarseBlockBytes: [1 * MiB] },
     ]) {
       makeStale(source, ours, changed);
+      spawnSync('sync');
       const t = process.hrtime.bigint();
       const r = await resyncDisks(`raw:${source}`, `raw:${ours}`, config);
       sweep.push({
@@ -177,9 +196,10 @@ async function main(): Promise<void> {
       reps,
       cpus: os.cpus().length,
       loadAverage1m: Number(os.loadavg()[0].toFixed(2)),
-      blockrelay: { medianMs: Number(oursMedian.toFixed(1)), minMs: Number(Math.min(...oursMs).toFixed(1)), hasher: (await BlockHasher.create()).implementation, runsMs: oursMs.map((v) => Number(v.toFixed(1))), ...oursBytes, totalBytes: oursBytes.bytesSent + oursBytes.bytesReceived },
-      rsync: { medianMs: Number(rsyncMedian.toFixed(1)), minMs: Number(Math.min(...rsyncMs).toFixed(1)), runsMs: rsyncMs.map((v) => Number(v.toFixed(1))), ...rsyncBytes, totalBytes: rsyncBytes.bytesSent + rsyncBytes.bytesReceived, version: rsyncVersion.stdout.split('\n')[0] },
+      blockrelay: { medianMs: Number(oursMedian.toFixed(1)), minMs: Number(Math.min(...oursMs).toFixed(1)), medianCpuMs: Number(median(oursCpuMs).toFixed(1)), hasher: (await BlockHasher.create()).implementation, runsMs: oursMs.map((v) => Number(v.toFixed(1))), ...oursBytes, totalBytes: oursBytes.bytesSent + oursBytes.bytesReceived },
+      rsync: { medianMs: Number(rsyncMedian.toFixed(1)), minMs: Number(Math.min(...rsyncMs).toFixed(1)), medianCpuMs: Number(median(rsyncCpuMs).toFixed(1)), runsMs: rsyncMs.map((v) => Number(v.toFixed(1))), ...rsyncBytes, totalBytes: rsyncBytes.bytesSent + rsyncBytes.bytesReceived, version: rsyncVersion.stdout.split('\n')[0] },
       speedupVsRsync: Number((rsyncMedian / oursMedian).toFixed(2)),
+      cpuRatioRsyncToOurs: Number((median(rsyncCpuMs) / median(oursCpuMs)).toFixed(2)),
       bytesRatioVsRsync: Number(((oursBytes.bytesSent + oursBytes.bytesReceived) / (rsyncBytes.bytesSent + rsyncBytes.bytesReceived)).toFixed(3)),
       goal: { speedupAtLeast: 4, fewerBytes: true },
       blockSizeSweep: sweep,
