@@ -61,24 +61,25 @@ async function rawHeader(file: string): Promise<HrlHeader | undefined> {
   }
 }
 
-const inspectUsage = 'hrl inspect FILE [--json] [--limit N]';
+const inspectUsage = 'hrl inspect FILE [--json] [--limit N] [--disk-size BYTES]';
 
 const inspect: Command = {
   path: ['hrl', 'inspect'],
   usage: inspectUsage,
   summary: 'validate an [MS-HRL] log fully; print header, metadata blocks, entries and the verdict',
   async run(argv: string[], io: CommandIo): Promise<number> {
-    const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' }, limit: { type: 'string' } }, inspectUsage);
+    const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' }, limit: { type: 'string' }, 'disk-size': { type: 'string' } }, inspectUsage);
     if (positionals.length !== 1) throw new BlockrelayError('BR_USAGE', `expected one FILE; usage: ${inspectUsage}`);
     const file = positionals[0]!;
     const limit = parseIntegerOption('limit', values.limit, HRL_INSPECT_DEFAULT_LIMIT);
+    const diskSize = values['disk-size'] === undefined ? undefined : parseIntegerOption('disk-size', values['disk-size'], 0, 1);
     let verified: HrlVerifiedLog | undefined;
     let failure: BlockrelayError | undefined;
     const entries: InspectEntry[] = [];
     let log: HrlLogFile | undefined;
     try {
       log = await HrlLogFile.open(file);
-      verified = await log.verify();
+      verified = await log.verify({ diskSizeBytes: diskSize });
       for await (const e of log.entries(verified)) {
         if (entries.length >= limit) break;
         entries.push({ index: e.index, byteOffset: e.byteOffset, dataLength: e.dataLength, timestamp: e.timestamp, dataChecksum: `0x${e.dataChecksum.toString(16).padStart(8, '0')}`, payloadFileOffset: e.payloadFileOffset });

@@ -51,6 +51,16 @@ describe('blockrelay hrl inspect', () => {
   });
 });
 
+describe('blockrelay hrl inspect --disk-size', () => {
+  it('refuses entries past the given disk size with BR_HRL_PAST_DISK_END', async () => {
+    const file = path.join(tempDir(), 'a.hrl');
+    fs.writeFileSync(file, buildIndependentLog({ blocks: BLOCKS }));
+    const r = await runCli(['hrl', 'inspect', file, '--disk-size', '8192']);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/^BR_HRL_PAST_DISK_END: .*at byte \d+/);
+  });
+});
+
 describe('blockrelay hrl apply', () => {
   it('applies logs to a raw: disk exactly', async () => {
     const dir = tempDir();
