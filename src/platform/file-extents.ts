@@ -97,7 +97,9 @@ export const nativeFileExtents: FileExtentOps = {
  * Whether `fd` (open for writing, `sizeBytes` long) can punch holes, asked
  * without touching its contents: the probe punches one block just past the
  * end of the file, which filesystems that support punching accept and treat
- * as a no-op (no data lives there; KEEP_SIZE keeps the size).
+ * as a no-op (no data lives there; KEEP_SIZE keeps the size). Like any
+ * fallocate it updates the file's mtime, so probe only files opened to be
+ * written.
  */
 export async function canPunchHoles(fd: number, sizeBytes: number, ops: FileExtentOps = nativeFileExtents): Promise<boolean> {
   const past = Math.ceil(sizeBytes / FILE_EXTENT_GRANULARITY_BYTES) * FILE_EXTENT_GRANULARITY_BYTES;
