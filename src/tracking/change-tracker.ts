@@ -145,6 +145,8 @@ export class ChangeTracker {
   private mapsGeneration: number;
   private persistedGeneration = 0;
   private lockTail: Promise<void> = Promise.resolve();
+  /** Operations holding or waiting for the lock. */
+  private lockDepth = 0;
   private timer: TimerHandle | undefined;
   private closed = false;
   private lastResyncReason: ResyncReason | null = null;
@@ -331,6 +333,15 @@ export class ChangeTracker {
   /** Records a write the source made (call before or with the write to the disk). */
   async recordWrite(offset: number, data: Uint8Array): Promise<void> {
     this.checkRange(offset, data.length);
+    // Fast path: nobody holds or waits for the lock and the write is only a
+    // copy into the log's buffers that cannot overflow, so it completes
+    // synchronously, without the lock's promise round trip.
+    const writer = this.writer;
+    if (this.lockDepth === 0 && !this.closed && writer !== undefined && writer.appendsInMemory(data.length) &&
+        this.sealedBytes + writer.sizeBytes + data.length + writer.metadataSizeBytes <= this.overflowRatio * this.diskSizeBytes) {
+      this.markChanged(offset, data.length);
+      return writer.append(offset, data);
+    }
     return this.locked(async () => {
       if (data.length === 0) return;
       this.markChanged(offset, data.length);
@@ -524,8 +535,17 @@ export class ChangeTracker {
 
   private acquire(): Promise<Release> {
     const previous = this.lockTail;
-    let release!: Release;
-    this.lockTail = new Promise<void>((resolve) => { release = resolve; });
+    let resolve!: () => void;
+    this.lockTail = new Promise<void>((r) => { resolve = r; });
+    // Counted from the moment of asking, so the write fast path also yields to waiters.
+    this.lockDepth++;
+    let released = false;
+    const release: Release = () => {
+      if (released) return;
+      released = true;
+      this.lockDepth--;
+      resolve();
+    };
     return previous.then(() => release);
   }
 

@@ -171,8 +171,7 @@ export class HrlWriter {
     checkRange(byteOffset, data.length);
     // Fast path: nothing queued and the write fits the open block and the
     // staging buffer, so it is only a copy; no I/O, no promise chain.
-    if (this.queued === 0 && this.state === 'open' && data.length > 0 && data.length <= this.maxEntryBytes &&
-        this.entriesInBlock < this.entriesPerBlock && data.length <= this.staging.length - this.stagedBytes) {
+    if (this.appendsInMemory(data.length)) {
       this.addEntry(byteOffset, data, hrlChecksum(data));
       this.staging.set(data, this.stagedBytes);
       this.stagedBytes += data.length;
@@ -184,6 +183,16 @@ export class HrlWriter {
         await this.appendPiece(byteOffset + at, piece, hrlChecksum(piece));
       }
     });
+  }
+
+  /**
+   * True when an append of `length` bytes would complete synchronously (a
+   * copy into the open block and the staging buffer, no I/O): then the
+   * promise `append` returns is already resolved.
+   */
+  appendsInMemory(length: number): boolean {
+    return this.queued === 0 && this.state === 'open' && length > 0 && length <= this.maxEntryBytes &&
+      this.entriesInBlock < this.entriesPerBlock && length <= this.staging.length - this.stagedBytes;
   }
 
   /**
