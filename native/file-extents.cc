@@ -8,16 +8,18 @@
 
 namespace blockrelay {
 
-int64_t SeekFile(int fd, int64_t offset, SeekKind kind) {
+int64_t SeekFile(int fd, int64_t offset, SeekKind kind, int& err) {
 #if defined(SEEK_DATA) && defined(SEEK_HOLE)
   off_t at = lseek(fd, static_cast<off_t>(offset), kind == SeekKind::kData ? SEEK_DATA : SEEK_HOLE);
   if (at >= 0) return static_cast<int64_t>(at);
-  return errno == ENXIO ? -1 : -static_cast<int64_t>(errno);
+  err = errno;
+  return -1;
 #else
   (void)fd;
   (void)offset;
   (void)kind;
-  return -static_cast<int64_t>(EINVAL);
+  err = EINVAL;
+  return -1;
 #endif
 }
 
@@ -80,9 +82,10 @@ Napi::Value SeekJs(const Napi::CallbackInfo& info, SeekKind kind) {
   int fd;
   int64_t offset;
   if (info.Length() < 2 || !ReadFd(info[0], fd) || !ReadInt64(info[1], offset)) return env.Undefined();
-  int64_t at = SeekFile(fd, offset, kind);
-  if (at >= -1) return Napi::Number::New(env, static_cast<double>(at));
-  return Napi::String::New(env, ErrnoName(static_cast<int>(-at)));
+  int err = 0;
+  int64_t at = SeekFile(fd, offset, kind, err);
+  if (at >= 0 || err == ENXIO) return Napi::Number::New(env, static_cast<double>(at));
+  return Napi::String::New(env, ErrnoName(err));
 }
 
 Napi::Value SeekDataJs(const Napi::CallbackInfo& info) { return SeekJs(info, SeekKind::kData); }

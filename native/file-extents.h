@@ -22,9 +22,10 @@ namespace blockrelay {
 enum class SeekKind { kData, kHole };
 
 // The first offset at or after `offset` that starts data (kData) or a hole
-// (kHole); -1 on ENXIO; otherwise -errno. The end of the file counts as a
+// (kHole), or -1 with `err` set to errno (ENXIO: no data at or after
+// `offset`, or `offset` at or past the end). The end of the file counts as a
 // hole. Moves the file position of fd, which positional I/O does not use.
-int64_t SeekFile(int fd, int64_t offset, SeekKind kind);
+int64_t SeekFile(int fd, int64_t offset, SeekKind kind, int& err);
 
 // Deallocates [offset, offset + length) keeping the file size; partial
 // filesystem blocks at the edges are zeroed by the kernel. 0 or an errno.
