@@ -116,7 +116,8 @@ async function timeToFirstRead(retentionDir: string): Promise<number> {
   const started = process.hrtime.bigint();
   const manifest = await readManifest(retentionDir, 'disk0');
   const { points } = await loadPoints(retentionDir, 'disk0');
-  const view = await PointView.open({ retentionDir, manifest, point: points[0]!, newestSeq: points[points.length - 1]!.seq });
+  // As `blockrelay export` opens it: payload checksums on first use.
+  const view = await PointView.open({ retentionDir, manifest, point: points[0]!, newestSeq: points[points.length - 1]!.seq, verifyPayloads: 'first-read' });
   const server = new NbdServer({ exports: [{ name: 'disk0', readOnly: true, source: view }] });
   const addr = await server.listen('127.0.0.1', 0);
   const client = await NbdClient.connect({ host: addr.host, port: addr.port, exportName: 'disk0' });

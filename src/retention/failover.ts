@@ -176,9 +176,9 @@ export class AlignedExtents implements DiskTarget {
  * What holds the disk as it was at the point: the page-blob snapshot taken
  * at it, or else a view of target plus undo journal.
  */
-export async function openPointSource(retentionDir: string, manifest: DiskManifest, point: RecoveryPoint, newestSeq: number): Promise<DiskTarget> {
+export async function openPointSource(retentionDir: string, manifest: DiskManifest, point: RecoveryPoint, newestSeq: number, verifyPayloads: 'open' | 'first-read' = 'open'): Promise<DiskTarget> {
   if (point.snapshot !== undefined) return openDisk(point.snapshot, { readOnly: true });
-  return PointView.open({ retentionDir, manifest, point, newestSeq });
+  return PointView.open({ retentionDir, manifest, point, newestSeq, verifyPayloads });
 }
 
 /** Raw target to a new raw file: the case a kernel copy of the target can serve. */

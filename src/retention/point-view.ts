@@ -1,14 +1,18 @@
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { openDisk } from '../targets/disk-spec';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../targets/disk-target';
-import type { HrlLogFile } from '../tracking/hrl-reader';
+import { hrlByteSum, hrlChecksumFromSum } from '../tracking/hrl-format';
+import { HRL_READ_CHUNK_BYTES, type HrlLogFile, type HrlVerifiedLog } from '../tracking/hrl-reader';
 import { diskRetentionPaths } from './retention-format';
 import type { DiskManifest } from './retention-manifest';
 import type { RecoveryPoint } from './recovery-points';
-import { UndoJournal } from './undo-journal';
+import { journalDamage, UndoJournal } from './undo-journal';
 
 /** Largest piece of a pre-image written at once by `writeOverlayTo` (bounds memory). */
 export const POINT_VIEW_OVERLAY_CHUNK_BYTES = 4 * 1024 * 1024;
+
+/** Pre-image logs verified at once when a view opens. */
+export const POINT_VIEW_PARALLEL_VERIFIES = 4;
 
 /** Pre-image reads one view request issues at once. */
 export const POINT_VIEW_PARALLEL_READS = 16;
@@ -21,6 +25,18 @@ export interface OverlaySegment {
   readonly log: number;
   /** File offset in that log of the byte at `start`. */
   readonly fileOffset: number;
+  /** The pre-image entry the bytes come from (index into the view's entries). */
+  readonly entry?: number;
+}
+
+/** One pre-image entry, for checking its payload on first use. */
+interface OverlayEntry {
+  readonly log: number;
+  readonly seq: number;
+  readonly payloadFileOffset: number;
+  readonly dataLength: number;
+  readonly dataChecksum: number;
+  verified: boolean;
 }
 
 /**
@@ -50,7 +66,7 @@ export function fillGaps(existing: readonly OverlaySegment[], incoming: readonly
         continue;
       }
       const gapEnd = next === undefined ? inc.end : Math.min(inc.end, next.start);
-      out.push({ start: s, end: gapEnd, log: inc.log, fileOffset: inc.fileOffset + (s - inc.start) });
+      out.push({ start: s, end: gapEnd, log: inc.log, fileOffset: inc.fileOffset + (s - inc.start), ...(inc.entry !== undefined ? { entry: inc.entry } : {}) });
       s = gapEnd;
     }
   }
@@ -78,6 +94,14 @@ export interface PointViewOptions {
   readonly newestSeq: number;
   /** An open target to read (else the manifest's target is opened read-only and closed with the view). */
   readonly target?: DiskTarget;
+  /**
+   * When pre-image payloads are checked against their checksums:
+   * `open` (default: every payload before the view serves anything, so a
+   * failover fails before writing) or `first-read` (structures at open,
+   * each payload when a read first needs it: an instant view serves its
+   * first read without reading the whole journal; damage fails that read).
+   */
+  readonly verifyPayloads?: 'open' | 'first-read';
 }
 
 /**
@@ -98,6 +122,9 @@ export class PointView implements DiskTarget {
   readonly sizeBytes: number;
   private segments: OverlaySegment[] = [];
   private readonly logs: HrlLogFile[] = [];
+  private readonly logSeqs: number[] = [];
+  private readonly entries: OverlayEntry[] = [];
+  private readonly payloadsAtOpen: boolean;
   private nextSeq: number;
   private refreshing: Promise<void> = Promise.resolve();
   private closed = false;
@@ -108,7 +135,9 @@ export class PointView implements DiskTarget {
     private readonly journal: UndoJournal,
     readonly point: RecoveryPoint,
     readonly diskId: string,
+    verifyPayloads: 'open' | 'first-read',
   ) {
+    this.payloadsAtOpen = verifyPayloads === 'open';
     this.spec = `point:${diskId}@${point.id}`;
     this.sizeBytes = target.sizeBytes;
     this.capabilities = { sparse: false, discard: false, alignmentBytes: target.capabilities.alignmentBytes, readOnly: true };
@@ -124,7 +153,7 @@ export class PointView implements DiskTarget {
       }
     }
     const target = options.target ?? (await openDisk(options.manifest.targetSpec, { readOnly: true }));
-    const view = new PointView(target, options.target === undefined, journal, options.point, options.manifest.diskId);
+    const view = new PointView(target, options.target === undefined, journal, options.point, options.manifest.diskId, options.verifyPayloads ?? 'open');
     try {
       await view.addLogsUpTo(options.newestSeq);
       await view.addNewLogs();
@@ -144,14 +173,17 @@ export class PointView implements DiskTarget {
     return this.segments;
   }
 
-  private async addLog(seq: number): Promise<void> {
-    const { log, verified } = await this.journal.openVerified(seq, this.sizeBytes);
+  private async addLog(seq: number, opened?: { log: HrlLogFile; verified: HrlVerifiedLog }): Promise<void> {
+    const { log, verified } = opened ?? (await this.openLog(seq));
     const index = this.logs.length;
     this.logs.push(log);
+    this.logSeqs.push(seq);
     const incoming: OverlaySegment[] = [];
     for await (const e of log.entries(verified)) {
       if (e.dataLength === 0) continue;
-      incoming.push({ start: e.byteOffset, end: e.byteOffset + e.dataLength, log: index, fileOffset: e.payloadFileOffset });
+      const entry = this.entries.length;
+      this.entries.push({ log: index, seq, payloadFileOffset: e.payloadFileOffset, dataLength: e.dataLength, dataChecksum: e.dataChecksum, verified: this.payloadsAtOpen });
+      incoming.push({ start: e.byteOffset, end: e.byteOffset + e.dataLength, log: index, fileOffset: e.payloadFileOffset, entry });
     }
     incoming.sort((a, b) => a.start - b.start);
     // The journal writes disjoint ranges; a foreign log might not, so make them disjoint here.
@@ -165,8 +197,47 @@ export class PointView implements DiskTarget {
     this.nextSeq = seq + 1;
   }
 
+  /**
+   * Verifies the needed pre-images a few at a time (verification reads every
+   * payload; overlapping the reads is most of the time to the first read),
+   * then adds them to the overlay oldest first.
+   */
   private async addLogsUpTo(newestSeq: number): Promise<void> {
-    while (this.nextSeq <= newestSeq) await this.addLog(this.nextSeq);
+    while (this.nextSeq <= newestSeq) {
+      const batch: number[] = [];
+      for (let seq = this.nextSeq; seq <= newestSeq && batch.length < POINT_VIEW_PARALLEL_VERIFIES; seq++) batch.push(seq);
+      const settled = await Promise.allSettled(batch.map((seq) => this.openLog(seq)));
+      const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed !== undefined) {
+        for (const r of settled) if (r.status === 'fulfilled') await r.value.log.close();
+        throw failed.reason;
+      }
+      for (let i = 0; i < batch.length; i++) await this.addLog(batch[i]!, (settled[i] as PromiseFulfilledResult<{ log: HrlLogFile; verified: HrlVerifiedLog }>).value);
+    }
+  }
+
+  private openLog(seq: number): Promise<{ log: HrlLogFile; verified: HrlVerifiedLog }> {
+    return this.journal.openVerified(seq, this.sizeBytes, { checkPayloads: this.payloadsAtOpen });
+  }
+
+  /** Checks an entry's payload against its DataChecksum the first time it is used. */
+  private async checkEntry(index: number | undefined): Promise<void> {
+    if (index === undefined) return;
+    const e = this.entries[index]!;
+    if (e.verified) return;
+    const log = this.logs[e.log]!;
+    let sum = 0;
+    for (let at = 0; at < e.dataLength; at += HRL_READ_CHUNK_BYTES) {
+      const n = Math.min(HRL_READ_CHUNK_BYTES, e.dataLength - at);
+      sum = (sum + hrlByteSum(await log.readExact(e.payloadFileOffset + at, n, 'pre-image'))) >>> 0;
+    }
+    const actual = hrlChecksumFromSum(sum);
+    // DataChecksum 0 means "not computed" in [MS-HRL]; such a payload cannot be checked.
+    if (e.dataChecksum !== 0 && actual !== e.dataChecksum) {
+      const damage = new BlockrelayError('BR_HRL_DATA_CHECKSUM', `${log.path} at byte ${e.payloadFileOffset}: payload checksum 0x${actual.toString(16)} differs from DataChecksum 0x${e.dataChecksum.toString(16)}`, { details: { file: log.path, offset: e.payloadFileOffset } });
+      throw journalDamage(log.path, e.seq, damage);
+    }
+    e.verified = true;
   }
 
   /** Adds pre-images of logs applied since the view was opened. */
@@ -192,7 +263,7 @@ export class PointView implements DiskTarget {
       if (seg.start >= end) break;
       const s = Math.max(seg.start, offset);
       const e = Math.min(seg.end, end);
-      reads.push(this.logs[seg.log]!.readExact(seg.fileOffset + (s - seg.start), e - s, 'pre-image', buf.subarray(s - offset, e - offset)));
+      reads.push(this.checkEntry(seg.entry).then(() => this.logs[seg.log]!.readExact(seg.fileOffset + (s - seg.start), e - s, 'pre-image', buf.subarray(s - offset, e - offset))));
       if (reads.length === POINT_VIEW_PARALLEL_READS) await Promise.all(reads.splice(0));
     }
     await Promise.all(reads);
@@ -211,6 +282,7 @@ export class PointView implements DiskTarget {
     await this.addNewLogs();
     let bytes = 0;
     for (const seg of this.segments) {
+      await this.checkEntry(seg.entry);
       for (let at = seg.start; at < seg.end; at += POINT_VIEW_OVERLAY_CHUNK_BYTES) {
         const n = Math.min(POINT_VIEW_OVERLAY_CHUNK_BYTES, seg.end - at);
         await out.write(at, await this.logs[seg.log]!.readExact(seg.fileOffset + (at - seg.start), n, 'pre-image'));

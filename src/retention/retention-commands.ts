@@ -115,8 +115,12 @@ export const exportCommand: Command = {
     const listen = required(values, 'listen', EXPORT_USAGE);
     if (!HOST_PORT_PATTERN.test(listen)) throw new BlockrelayError('BR_USAGE', `--listen expects HOST:PORT, got '${listen}'`);
     const { manifest, point, newestSeq } = await resolveDiskPoint(retentionDir, diskId, spec === 'latest' ? 'latest-processed' : spec);
-    const view = await openPointSource(retentionDir, manifest, point, newestSeq);
-    const server = new NbdServer({ exports: [{ name: diskId, description: `${diskId} at ${point.id} (${new Date(point.timeMs).toISOString()})`, readOnly: true, source: view }] });
+    // Payloads are checked on first use: the export serves at once, and a damaged pre-image fails the reads that need it.
+    const view = await openPointSource(retentionDir, manifest, point, newestSeq, 'first-read');
+    const server = new NbdServer({
+      exports: [{ name: diskId, description: `${diskId} at ${point.id} (${new Date(point.timeMs).toISOString()})`, readOnly: true, source: view }],
+      warn: (message, details) => io.stderr.write(`export ${diskId}: ${message}${details === undefined ? '' : ` ${JSON.stringify(details)}`}\n`),
+    });
     try {
       const [host, port] = splitHostPort(listen);
       const signal = untilSignal();

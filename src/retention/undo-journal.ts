@@ -164,22 +164,27 @@ export class UndoJournal {
    * Damage becomes BR_RETENTION_JOURNAL_CORRUPT naming the file and the
    * byte offset; a missing file BR_RETENTION_JOURNAL_MISSING.
    */
-  async openVerified(seq: number, diskSizeBytes: number): Promise<{ log: HrlLogFile; verified: HrlVerifiedLog }> {
+  async openVerified(seq: number, diskSizeBytes: number, options: { checkPayloads?: boolean } = {}): Promise<{ log: HrlLogFile; verified: HrlVerifiedLog }> {
     const file = this.file(seq);
     if (!fs.existsSync(file)) {
       throw new BlockrelayError('BR_RETENTION_JOURNAL_MISSING', `undo journal segment ${file} (log ${seq}) is missing`, { details: { file, seq } });
     }
     const log = await HrlLogFile.open(file);
     try {
-      const verified = await log.verify({ diskSizeBytes });
+      const verified = await log.verify({ diskSizeBytes, checkPayloads: options.checkPayloads ?? true });
       return { log, verified };
     } catch (err) {
       await log.close();
-      const offset = (err as BlockrelayError).details?.offset;
-      throw new BlockrelayError('BR_RETENTION_JOURNAL_CORRUPT', `undo journal segment ${file} (log ${seq}) is damaged${offset === undefined ? '' : ` at byte ${offset}`}: ${(err as Error).message}`, {
-        cause: err,
-        details: { file, seq, offset: typeof offset === 'number' ? offset : null, cause: (err as BlockrelayError).code ?? null },
-      });
+      throw journalDamage(file, seq, err);
     }
   }
+}
+
+/** BR_RETENTION_JOURNAL_CORRUPT for damage `err` (a BR_HRL_* error naming the offset) found in a segment. */
+export function journalDamage(file: string, seq: number, err: unknown): BlockrelayError {
+  const offset = (err as BlockrelayError).details?.offset;
+  return new BlockrelayError('BR_RETENTION_JOURNAL_CORRUPT', `undo journal segment ${file} (log ${seq}) is damaged${offset === undefined ? '' : ` at byte ${offset}`}: ${(err as Error).message}`, {
+    cause: err,
+    details: { file, seq, offset: typeof offset === 'number' ? offset : null, cause: (err as BlockrelayError).code ?? null },
+  });
 }

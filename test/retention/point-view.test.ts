@@ -131,6 +131,45 @@ describe('point view', () => {
     }
   });
 
+  it('checks pre-image payloads at open, or on first use for an instant view, naming the damaged segment', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(8);
+    const images: Buffer[] = [];
+    const logs = [];
+    for (let seq = 1; seq <= 3; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (10 - seq) * MINUTE_MS }, model, rand));
+      images.push(Buffer.from(model));
+    }
+    await sendAll(mt, logs);
+    await mt.drain();
+    const manifest = await readManifest(retentionDir, 'disk0');
+    const point = (await loadPoints(retentionDir, 'disk0')).points[0]!;
+    const segment = path.join(retentionDir, 'disk0', 'journal', `${'2'.padStart(20, '0')}.undo.hrl`);
+    // Damage the first payload byte of segment 2 (payloads start after the header and the anchor block).
+    const bytes = fs.readFileSync(segment);
+    bytes[8192] ^= 0xff;
+    fs.writeFileSync(segment, bytes);
+    await expect(PointView.open({ retentionDir, manifest, point, newestSeq: 3 })).rejects.toMatchObject({ code: 'BR_RETENTION_JOURNAL_CORRUPT', details: { file: segment, seq: 2 } });
+
+    const view = await PointView.open({ retentionDir, manifest, point, newestSeq: 3, verifyPayloads: 'first-read' });
+    try {
+      // Segment 2 is the view's first pre-image log (index 0).
+      const damaged = view.overlaySegments.find((s) => s.log === 0 && s.fileOffset === 8192)!;
+      const err = await view.read(damaged.start, damaged.end - damaged.start).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'BR_RETENTION_JOURNAL_CORRUPT', details: { file: segment, seq: 2, offset: 8192 } });
+      // Bytes that do not need the damaged entry are still served.
+      const clean = view.overlaySegments.find((s) => s.log !== damaged.log)!;
+      expect((await view.read(clean.start, clean.end - clean.start)).equals(images[0]!.subarray(clean.start, clean.end))).toBe(true);
+    } finally {
+      await view.close();
+    }
+  });
+
   it('reads every point of a VMDK target in process, at random ranges, as the image was', async () => {
     const dir = tmp();
     const retentionDir = retentionTmp();
