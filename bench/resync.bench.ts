@@ -201,7 +201,11 @@ async function main(): Promise<void> {
       speedupVsRsync: Number((rsyncMedian / oursMedian).toFixed(2)),
       cpuRatioRsyncToOurs: Number((median(rsyncCpuMs) / median(oursCpuMs)).toFixed(2)),
       bytesRatioVsRsync: Number(((oursBytes.bytesSent + oursBytes.bytesReceived) / (rsyncBytes.bytesSent + rsyncBytes.bytesReceived)).toFixed(3)),
-      goal: { speedupAtLeast: 4, fewerBytes: true },
+      goal: {
+        speedupAtLeast: 4,
+        fewerBytes: true,
+        met: rsyncMedian / oursMedian >= 4 && oursBytes.bytesSent + oursBytes.bytesReceived < rsyncBytes.bytesSent + rsyncBytes.bytesReceived,
+      },
       blockSizeSweep: sweep,
       ...(await hashThroughput()),
     };

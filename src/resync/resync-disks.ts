@@ -7,7 +7,7 @@ import { ResyncJob } from './resync-job';
 import { inProcessChannel, ResyncPeer, ResyncTargetService, type ResyncChannel } from './resync-peer';
 
 /** How to resync two disk specs; everything but the specs is optional. */
-export interface ResyncDisksOptions extends Pick<ResyncOptions, 'blockSizeBytes' | 'coarseBlockBytes' | 'windowBytes' | 'concurrency' | 'checkpointIntervalMs' | 'readRateBytesPerSec' | 'settleRounds' | 'onProgress' | 'progressIntervalMs' | 'signal' | 'clock'> {
+export interface ResyncDisksOptions extends Pick<ResyncOptions, 'blockSizeBytes' | 'coarseBlockBytes' | 'windowBytes' | 'concurrency' | 'checkpointIntervalMs' | 'checkpointIntervalBytes' | 'readRateBytesPerSec' | 'settleRounds' | 'onProgress' | 'progressIntervalMs' | 'signal' | 'clock'> {
   /** Where progress is saved so an interrupted resync resumes; none when omitted. */
   readonly statePath?: string;
   readonly extents?: ExtentSource;

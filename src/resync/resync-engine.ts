@@ -30,6 +30,8 @@ export const RESYNC_DEFAULTS = {
   windowBytes: 2 * 1024 * 1024,
   concurrency: 4,
   checkpointIntervalMs: 1000,
+  /** Progress is also saved after this much disk, so a fast resync loses little when interrupted. */
+  checkpointIntervalBytes: 256 * 1024 * 1024,
   progressIntervalMs: 1000,
   settleRounds: 0,
 } as const;
@@ -69,7 +71,9 @@ export interface ResyncOptions {
   readonly clock?: Clock;
   readonly windowBytes?: number;
   readonly concurrency?: number;
+  /** Progress is saved when this much time or `checkpointIntervalBytes` of disk passed since the last save. */
   readonly checkpointIntervalMs?: number;
+  readonly checkpointIntervalBytes?: number;
   /** Limits source reads, to spare a production disk. */
   readonly readRateBytesPerSec?: number;
   /** Passes over writes noted during the resync, for callers without delta logs behind it. */
@@ -204,7 +208,7 @@ function fingerprintExtents(hasher: BlockHasher, extents: readonly Extent[]): bi
  * regions whose coarser hash differed; the last pass names the fine blocks to
  * send, merged into runs. Several windows are in flight at once, and progress
  * (the lowest disk offset below which every window is done and flushed) is
- * saved by the job every `checkpointIntervalMs`.
+ * saved by the job every `checkpointIntervalMs` or `checkpointIntervalBytes`.
  */
 export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
   const clock = options.clock ?? systemClock;
@@ -310,9 +314,13 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
     let savedCursor = cursor;
     const checkpoint = async (force: boolean): Promise<void> => {
       if (!persist || job.statePath === undefined || checkpointing) return;
-      if (!force && clock.now() - lastCheckpointMs < (options.checkpointIntervalMs ?? RESYNC_DEFAULTS.checkpointIntervalMs)) return;
       const at = frontier.cursor;
-      if (at === savedCursor && !force) return;
+      if (!force) {
+        if (at === savedCursor) return;
+        const timeDue = clock.now() - lastCheckpointMs >= (options.checkpointIntervalMs ?? RESYNC_DEFAULTS.checkpointIntervalMs);
+        const bytesDue = at - savedCursor >= (options.checkpointIntervalBytes ?? RESYNC_DEFAULTS.checkpointIntervalBytes);
+        if (!timeDue && !bytesDue) return;
+      }
       checkpointing = true;
       try {
         // Durable fixes first, then the claim that they are done.

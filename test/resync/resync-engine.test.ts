@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { SimulatedClock } from '../../src/platform/clock';
 import { BlockHasher } from '../../src/resync/block-hasher';
 import { passGroups, runResync, type ResyncOptions } from '../../src/resync/resync-engine';
 import { ResyncJob } from '../../src/resync/resync-job';
@@ -192,6 +193,25 @@ describe('runResync', () => {
     const rest = await resync(source, target, { job: await ResyncJob.open(statePath, hasher) });
     expect(rest.blocksCompared).toBe(2048);
     expect(target.data.equals(source.data)).toBe(true);
+  });
+
+  it('saves progress every checkpointIntervalBytes of disk even when the clock stands still', async () => {
+    const { source, target } = pair(16 * MiB, 10, 15);
+    const statePath = path.join(tempDir(), 'resync.state');
+    const hasher = await BlockHasher.create();
+    const counted = async (bytes: number | undefined): Promise<number[]> => {
+      const job = await ResyncJob.open(statePath, hasher);
+      const cursors: number[] = [];
+      const save = job.checkpoint.bind(job);
+      job.checkpoint = async (cursor, totals, nowMs) => {
+        cursors.push(cursor);
+        await save(cursor, totals, nowMs);
+      };
+      await resync(source, target, { job, clock: new SimulatedClock(), concurrency: 1, windowBytes: 2 * MiB, checkpointIntervalMs: 3_600_000, ...(bytes === undefined ? {} : { checkpointIntervalBytes: bytes }) });
+      return cursors;
+    };
+    expect(await counted(4 * MiB)).toEqual([4 * MiB, 8 * MiB, 12 * MiB, 16 * MiB, 16 * MiB]);
+    expect(await counted(undefined)).toEqual([16 * MiB]);
   });
 
   it('starts over when the saved progress was for another block size', async () => {
