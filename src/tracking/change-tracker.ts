@@ -1,12 +1,11 @@
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
-import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { DIRTY_MAP_DEFAULT_GRANULARITY_BYTES, DirtyMap, type DirtyExtent } from './dirty-map';
 import { NIL_GUID, randomGuid } from './hrl-format';
-import { HrlLogFile } from './hrl-reader';
-import { recoverHrlLog } from './hrl-recovery';
 import { HrlWriter, syncDirectory } from './hrl-writer';
+import { loadSealedLogs, recoverOpenLogs, type ResyncReason, type SealedLogInfo } from './tracker-recovery';
 import {
   DISK_ID_PATTERN,
   MAX_APP_TAG_BYTES,
@@ -18,7 +17,6 @@ import {
   writeTrackerMaps,
   logBaseName,
   parseLogName,
-  parseSidecar,
   parseTrackerState,
   readJsonFile,
   writeFileAtomic,
@@ -54,15 +52,7 @@ export interface ChangeTrackerOptions {
   readonly onResyncRequired?: (report: ResyncReport) => void;
 }
 
-/** A sealed log waiting to be shipped. */
-export interface SealedLogInfo extends LogSidecar {
-  /** File name, e.g. `disk0-000000000007.hrl`; lexical order is apply order. */
-  readonly name: string;
-  readonly path: string;
-  readonly sidecarPath: string;
-}
-
-export type ResyncReason = 'overflow' | 'dirty-map-lost' | 'torn-tail' | 'log-lost';
+export type { ResyncReason, SealedLogInfo } from './tracker-recovery';
 
 export interface ResyncReport {
   readonly diskId: string;
@@ -205,14 +195,13 @@ export class ChangeTracker {
       if (ours && n.endsWith(TMP_SUFFIX)) await unlinkIfPresent(path.join(dir, n));
     }
     const openLogs = names.map((n) => ({ n, seq: parseLogName(diskId, n, OPEN_LOG_SUFFIX) })).filter((x) => x.seq !== undefined).sort((a, b) => a.seq! - b.seq!);
-    const sealedNames = () => names.map((n) => ({ n, seq: parseLogName(diskId, n, SEALED_LOG_SUFFIX) })).filter((x) => x.seq !== undefined);
 
     const reasons: ResyncReason[] = [];
     const stored = await readTrackerMaps(dir, diskId);
     let maps: TrackerMaps | undefined = stored;
     if (maps !== undefined && (maps.dirty.diskSizeBytes !== options.diskSizeBytes || maps.dirty.granularityBytes !== granularity)) maps = undefined;
     if (maps === undefined) {
-      const fresh = state === undefined && openLogs.length === 0 && sealedNames().length === 0;
+      const fresh = state === undefined && openLogs.length === 0 && !names.some((n) => parseLogName(diskId, n, SEALED_LOG_SUFFIX) !== undefined);
       maps = { dirty: new DirtyMap(options.diskSizeBytes, granularity), pending: new DirtyMap(options.diskSizeBytes, granularity), resync: new DirtyMap(options.diskSizeBytes, granularity), pendingLogSequence: 0, pendingLogEndBytes: 0, durableLogEndBytes: 0 };
       if (!fresh) {
         // Without the dirty map nothing says what changed: the one case of a whole-disk resync.
@@ -221,70 +210,8 @@ export class ChangeTracker {
       }
     }
 
-    // Unsealed logs: recover the durable part, seal, give them a sidecar and their final name.
-    for (const { n, seq } of openLogs) {
-      const file = path.join(dir, n);
-      try {
-        const hints = seq === maps.pendingLogSequence ? [maps.pendingLogEndBytes, maps.durableLogEndBytes] : [];
-        const rec = await recoverHrlLog(file, { clock, hintEndBytes: hints });
-        const sidecar: LogSidecar = {
-          version: 1, diskId, sequence: seq!, uniqueId: rec.header.uniqueId, previousUniqueId: rec.header.previousUniqueId,
-          sizeBytes: rec.durableEndBytes, entryCount: rec.entryCount, cutId: `recovered-${randomGuid()}`, cutTime: new Date(clock.now()).toISOString(), cutTimeMs: clock.now(), recovered: true,
-        };
-        await writeFileAtomic(path.join(dir, logBaseName(diskId, seq!) + SIDECAR_SUFFIX), JSON.stringify(sidecar, null, 2));
-        await fsp.rename(file, path.join(dir, logBaseName(diskId, seq!) + SEALED_LOG_SUFFIX));
-        names.push(logBaseName(diskId, seq!) + SEALED_LOG_SUFFIX);
-        // The writes persisted as pending are all in the recovered log when it
-        // reaches the end recorded with them; otherwise its tail was torn.
-        const pendingHeld = seq === maps.pendingLogSequence && rec.durableEndBytes >= maps.pendingLogEndBytes;
-        if (seq === maps.pendingLogSequence && !pendingHeld && maps.pending.dirtyBlockCount > 0) {
-          maps.resync.merge(maps.pending);
-          reasons.push('torn-tail');
-        }
-      } catch (err) {
-        if (!(isBlockrelayError(err) && err.code.startsWith('BR_HRL_'))) throw err;
-        // The header itself is damaged: nothing in the log can be trusted; every unshipped extent is resynced.
-        await fsp.rename(file, `${file}.corrupt`).catch(() => undefined);
-        maps.resync.merge(maps.dirty);
-        reasons.push('log-lost');
-      }
-    }
-    if (maps.pendingLogSequence !== 0 && !openLogs.some((o) => o.seq === maps!.pendingLogSequence) && !sealedNames().some((o) => o.seq === maps!.pendingLogSequence) && maps.pending.dirtyBlockCount > 0) {
-      // The log the pending writes went to is gone altogether.
-      maps.resync.merge(maps.pending);
-      reasons.push('log-lost');
-    }
-    maps.pending.clearAll();
-    await syncDirectory(dir);
-
-    // Sealed logs: load (or rebuild) their sidecars.
-    const sealed: SealedLogInfo[] = [];
-    const logMaps = new Map<string, DirtyMap>();
-    for (const { n, seq } of sealedNames().sort((a, b) => a.seq! - b.seq!)) {
-      const file = path.join(dir, n);
-      const sidecarPath = path.join(dir, logBaseName(diskId, seq!) + SIDECAR_SUFFIX);
-      let sidecar: LogSidecar | undefined;
-      try {
-        // Reading the metadata checks the log's structure and gives its extents.
-        logMaps.set(n, await logExtents(file, options.diskSizeBytes, granularity));
-        const json = await readJsonFile(sidecarPath);
-        sidecar = json === undefined ? undefined : parseSidecar(json, sidecarPath);
-        if (sidecar === undefined) {
-          const log = await HrlLogFile.open(file);
-          const header = await log.readHeader().finally(() => log.close());
-          sidecar = { version: 1, diskId, sequence: seq!, uniqueId: header.uniqueId, previousUniqueId: header.previousUniqueId, sizeBytes: header.eolLocation, entryCount: header.totalMetadataEntries, cutId: `recovered-${randomGuid()}`, cutTime: new Date(clock.now()).toISOString(), cutTimeMs: clock.now(), recovered: true };
-          await writeFileAtomic(sidecarPath, JSON.stringify(sidecar, null, 2));
-        }
-      } catch (err) {
-        if (!(isBlockrelayError(err) && (err.code.startsWith('BR_HRL_') || err.code === 'BR_TRACKER_STATE_CORRUPT'))) throw err;
-        await fsp.rename(file, `${file}.corrupt`).catch(() => undefined);
-        logMaps.delete(n);
-        maps.resync.merge(maps.dirty);
-        reasons.push('log-lost');
-        continue;
-      }
-      sealed.push({ ...sidecar, name: n, path: file, sidecarPath });
-    }
+    await recoverOpenLogs({ dir, diskId, clock, names, openLogs, maps, reasons });
+    const { sealed, logMaps } = await loadSealedLogs({ dir, diskId, clock, diskSizeBytes: options.diskSizeBytes, granularityBytes: granularity, names, maps, reasons });
 
     const mode = state?.mode ?? 'logging';
     // Every log name counts, set-aside `.corrupt` ones too, so no sequence is used twice.
@@ -713,19 +640,6 @@ export class ChangeTracker {
       }).catch(() => undefined).finally(() => this.scheduleTimer());
     }, this.persistIntervalMs);
   }
-}
-
-/** The extents a sealed log writes, from its metadata alone (which is checked on the way). */
-async function logExtents(file: string, diskSizeBytes: number, granularityBytes: number): Promise<DirtyMap> {
-  const map = new DirtyMap(diskSizeBytes, granularityBytes);
-  const log = await HrlLogFile.open(file);
-  try {
-    const v = await log.verify({ checkPayloads: false, diskSizeBytes });
-    for await (const e of log.entries(v)) if (e.dataLength > 0) map.mark(e.byteOffset, e.dataLength);
-  } finally {
-    await log.close();
-  }
-  return map;
 }
 
 function checkAppTag(appTag: string | undefined): void {
