@@ -7,6 +7,7 @@ import { diskRetentionPaths } from '../../src/retention/retention-format';
 import { retentionUsage } from '../../src/retention/retention-pruner';
 import { seqOfUndoFile } from '../../src/retention/retention-format';
 import type { ApplyingHop } from '../../src/transport/master-target';
+import { runCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from './retention-fixture';
 
@@ -64,6 +65,9 @@ describe('retention policy', () => {
     expect(usage.disks[0]!.journalBytes).toBe(journalBytes);
     expect(usage.usedBytes).toBeGreaterThan(journalBytes);
     expect(usage.volumeTotalBytes).toBeGreaterThan(0);
+    const cli = await runCli(['retention', 'status', '--retention', retentionDir, '--json']);
+    expect(cli.status, cli.stderr).toBe(0);
+    expect(JSON.parse(cli.stdout)).toMatchObject({ dir: retentionDir, usedBytes: usage.usedBytes, disks: [{ diskId: 'disk0', points: 3, journalBytes }] });
   });
 
   it('keeps applying when the volume fills: prunes oldest first, warns on the disk health, and the kept points rebuild', async () => {
