@@ -219,7 +219,7 @@ const ADAPTERS: Record<string, Adapter> = {
   }),
 };
 
-const RESERVED_KEYS = new Set(['bench', 'quick', 'ratio', 'ratios', 'peer', 'notes', 'goal', 'figures']);
+const RESERVED_KEYS = new Set(['bench', 'name', 'quick', 'ratio', 'ratios', 'peer', 'notes', 'goal', 'figures']);
 
 /** Scalars at the top level and one level down, for a result of unknown shape. */
 function genericFigures(raw: Json): Record<string, Figure> {
@@ -307,11 +307,13 @@ export function judgeGoal(name: string, result: BenchResult | undefined, raw?: u
     const text = '200 MB/s of sustained churn with RPO p99 < 2 s';
     if (typeof selfJudged === 'boolean') return { text, met: selfJudged };
     if (result === undefined) return { text, met: null };
-    const throughput = figureMatching(result, /Mi?B\/s|Mi?Bps|Mi?BPerSecond|throughput/i);
+    // The churn rate, not the peer's: a figure named for churn first.
+    const rate = /Mi?B\/s|Mi?Bps|Mi?Bs$|Mi?BPerSecond|throughput/i;
+    const throughput = figureMatching(result, new RegExp(`churn.*(${rate.source})`, 'i')) ?? figureMatching(result, new RegExp(`^(?!.*peer)(?:.*)(${rate.source})`, 'i'));
     const p99 = figureMatching(result, /p99/i);
     if (throughput === undefined || p99 === undefined) return { text, met: null };
     const mbPerSecond = /MiB/i.test(throughput[0]) ? (throughput[1] * 1024 * 1024) / 1e6 : throughput[1];
-    const p99Seconds = /ms/i.test(p99[0]) ? p99[1] / 1000 : p99[1];
+    const p99Seconds = /(^|[^a-z])ms($|[^a-z])|Ms$|millis/i.test(p99[0]) ? p99[1] / 1000 : p99[1];
     return { text, met: mbPerSecond >= 200 && p99Seconds < 2 };
   }
   return { text: NO_TARGET, met: typeof selfJudged === 'boolean' ? selfJudged : null };

@@ -113,6 +113,14 @@ describe('bench report normaliser', () => {
     expect(judgeGoal('e2e-churn', mib).met).toBe(true);
     expect(judgeGoal('e2e-churn', normaliseResult('e2e-churn', { figures: { other: 1 } })).met).toBeNull();
     expect(judgeGoal('churn', met).text).toContain('200 MB/s');
+    // The shape bench/e2e.bench.ts writes: flat figures, the peer's rate first.
+    const e2e = { name: 'e2e', quick: true, peer: 'same fio job against qemu-nbd', peerMBs: 900, churnMBs: 150.2, ratio: 0.167, appliedMBs: 140, rpoP50Seconds: 0.9, rpoP99Seconds: 1.6, goal: 'churn >= 200 MB/s with RPO p99 < 2 s (issue 6)' };
+    const slow = normaliseResult('e2e', e2e);
+    expect(slow.figures).toMatchObject({ churnMBs: 150.2, rpoP99Seconds: 1.6 });
+    expect(slow.figures.name).toBeUndefined();
+    expect(judgeGoal('e2e', slow, e2e).met).toBe(false);
+    expect(judgeGoal('e2e', normaliseResult('e2e', { ...e2e, churnMBs: 240 })).met).toBe(true);
+    expect(judgeGoal('e2e', normaliseResult('e2e', { ...e2e, churnMBs: 240, rpoP99Seconds: 2.1 })).met).toBe(false);
   });
 
   it('lets a result judge itself with goal.met', () => {
