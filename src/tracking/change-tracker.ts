@@ -1,10 +1,10 @@
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
-import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { DIRTY_MAP_DEFAULT_GRANULARITY_BYTES, DirtyMap, type DirtyExtent } from './dirty-map';
 import { NIL_GUID, randomGuid } from './hrl-format';
-import { HrlWriter, syncDirectory } from './hrl-writer';
+import { HrlWriter, syncDirectory, type HrlWriterFile } from './hrl-writer';
 import { loadSealedLogs, recoverOpenLogs, type ResyncReason, type SealedLogInfo } from './tracker-recovery';
 import {
   DISK_ID_PATTERN,
@@ -50,6 +50,8 @@ export interface ChangeTrackerOptions {
   readonly clock?: Clock;
   /** Told whenever extents become resync-required. */
   readonly onResyncRequired?: (report: ResyncReport) => void;
+  /** Creates log files (default: fs/promises); tests inject failures through it. */
+  readonly openLogFile?: (filePath: string) => Promise<HrlWriterFile>;
 }
 
 export type { ResyncReason, SealedLogInfo } from './tracker-recovery';
@@ -117,6 +119,7 @@ export class ChangeTracker {
   private readonly maxEntryBytes: number | undefined;
   private readonly granularityBytes: number;
   private readonly onResyncRequired: ((report: ResyncReport) => void) | undefined;
+  private readonly openLogFile: ((filePath: string) => Promise<HrlWriterFile>) | undefined;
   private mode: 'logging' | 'dirty-only';
   private nextSequence: number;
   private lastUniqueId: string;
@@ -152,6 +155,7 @@ export class ChangeTracker {
     this.maxEntryBytes = options.maxEntryBytes;
     this.granularityBytes = options.granularityBytes ?? DIRTY_MAP_DEFAULT_GRANULARITY_BYTES;
     this.onResyncRequired = options.onResyncRequired;
+    this.openLogFile = options.openLogFile;
     this.mode = init.mode;
     this.nextSequence = init.nextSequence;
     this.lastUniqueId = init.lastUniqueId;
@@ -272,10 +276,8 @@ export class ChangeTracker {
     return this.locked(async () => {
       if (data.length === 0) return;
       this.markChanged(offset, data.length);
-      if (this.writer !== undefined) {
-        await this.writer.append(offset, data);
-        await this.checkOverflow();
-      }
+      const w = this.writer;
+      if (w !== undefined && (await this.logIo(() => w.append(offset, data)))) await this.checkOverflow();
     });
   }
 
@@ -289,10 +291,8 @@ export class ChangeTracker {
     return this.locked(async () => {
       if (length === 0) return;
       this.markChanged(offset, length);
-      if (this.writer !== undefined) {
-        await this.writer.appendZeroes(offset, length);
-        await this.checkOverflow();
-      }
+      const w = this.writer;
+      if (w !== undefined && (await this.logIo(() => w.appendZeroes(offset, length)))) await this.checkOverflow();
     });
   }
 
@@ -309,12 +309,10 @@ export class ChangeTracker {
     return this.locked(async () => {
       this.assertOpen();
       await this.persistMaps(false);
-      if (this.writer !== undefined) {
-        await this.writer.flush();
-        if (this.maps.pending.dirtyBlockCount > 0) {
-          this.maps.pending.clearAll();
-          this.generation++;
-        }
+      const w = this.writer;
+      if (w !== undefined && (await this.logIo(() => w.flush())) && this.maps.pending.dirtyBlockCount > 0) {
+        this.maps.pending.clearAll();
+        this.generation++;
       }
     });
   }
@@ -370,7 +368,12 @@ export class ChangeTracker {
       snapshot.merge(this.maps.resync);
       if (this.mode === 'dirty-only') {
         this.mode = 'logging';
-        await this.openActiveLog();
+        try {
+          await this.openActiveLog();
+        } catch (err) {
+          this.mode = 'dirty-only';
+          throw err;
+        }
       }
       return snapshot;
     });
@@ -418,16 +421,19 @@ export class ChangeTracker {
       this.timer = undefined;
       if (this.writer !== undefined) {
         if (options.seal ?? true) {
-          await this.sealActive({ cutId: randomGuid(), cutTimeMs: this.clock.now() });
-          this.activeSequence = null;
-          await this.writeState();
+          if (await this.logIo(() => this.sealActive({ cutId: randomGuid(), cutTimeMs: this.clock.now() }).then(() => undefined))) {
+            this.activeSequence = null;
+            await this.writeState();
+          }
         } else {
           await this.persistMaps(false);
-          await this.writer.flush();
-          await this.writer.close();
-          this.writer = undefined;
-          this.maps.pending.clearAll();
-          this.generation++;
+          const w = this.writer;
+          if (await this.logIo(() => w.flush())) {
+            await w.close();
+            this.writer = undefined;
+            this.maps.pending.clearAll();
+            this.generation++;
+          }
         }
       }
       await this.persistMaps(false);
@@ -496,6 +502,7 @@ export class ChangeTracker {
       metadataSizeBytes: this.metadataSizeBytes,
       maxEntryBytes: this.maxEntryBytes,
       clock: this.clock,
+      openFile: this.openLogFile,
     });
     this.activeSequence = sequence;
     this.lastUniqueId = this.writer.uniqueId;
@@ -556,8 +563,10 @@ export class ChangeTracker {
   private async rotateHeld(point: CutPoint): Promise<SealedLogInfo | undefined> {
     this.assertOpen();
     if (this.writer === undefined) return undefined;
-    const info = await this.sealActive(point);
-    await this.openActiveLog();
+    let info: SealedLogInfo | undefined;
+    if (!(await this.logIo(async () => { info = await this.sealActive(point); }))) return undefined;
+    // The log just sealed is dropped with the others if the next one cannot be created.
+    if (!(await this.logIo(() => this.openActiveLog()))) return undefined;
     await this.persistMaps(false);
     return info;
   }
@@ -568,14 +577,47 @@ export class ChangeTracker {
 
   private async checkOverflow(): Promise<void> {
     if (this.unshippedBytes() <= this.overflowRatio * this.diskSizeBytes) return;
-    // Fold everything unshipped into the resync map, then drop the logs.
+    await this.foldLogs('overflow');
+  }
+
+  /**
+   * Runs an operation on the log files. A failure of the log volume (I/O
+   * error, full disk) does not fail the caller: everything unshipped is
+   * folded into the persisted resync map, as on overflow, so the durability
+   * contract still holds; resolves false then. Only a failure to persist the
+   * maps themselves is thrown.
+   */
+  private async logIo(fn: () => Promise<void>): Promise<boolean> {
+    try {
+      await fn();
+      return true;
+    } catch (err) {
+      if (!(isBlockrelayError(err) && (err.code === 'BR_IO' || err.code === 'BR_DISK_FULL'))) throw err;
+      await this.foldLogs('log-io-error');
+      return false;
+    }
+  }
+
+  /** Folds everything unshipped into the resync map, then drops the logs and keeps tracking in the maps only. */
+  private async foldLogs(reason: ResyncReason): Promise<void> {
     this.maps.resync.merge(this.maps.dirty);
     this.mode = 'dirty-only';
     this.generation++;
     await this.persistMaps(true);
     await this.writeState();
-    await this.dropAllLogs();
-    this.report('overflow');
+    try {
+      await this.dropAllLogs();
+    } catch (err) {
+      // The logs are already disowned by the persisted state; the next open drops what is left.
+      if (!isBlockrelayError(err) || reason !== 'log-io-error') throw err;
+      this.writer = undefined;
+      this.activeSequence = null;
+      this.sealed = [];
+      this.sealedBytes = 0;
+      this.logMaps.clear();
+      this.activeMap.clearAll();
+    }
+    this.report(reason);
   }
 
   /** Deletes the active log and every sealed log with its sidecar. */

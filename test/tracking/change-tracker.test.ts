@@ -1,4 +1,5 @@
 import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { SimulatedClock } from '../../src/platform/clock';
@@ -6,6 +7,7 @@ import { openDisk } from '../../src/targets/disk-spec';
 import { ChangeTracker, type ResyncReport } from '../../src/tracking/change-tracker';
 import { applyHrlLogs } from '../../src/tracking/hrl-apply';
 import { verifyHrlLog } from '../../src/tracking/hrl-reader';
+import type { HrlWriterFile } from '../../src/tracking/hrl-writer';
 import { useTempDirs } from '../helpers/tmp';
 
 const tempDir = useTempDirs();
@@ -241,6 +243,40 @@ describe('ChangeTracker', () => {
     fs.writeFileSync(path.join(dir, 'disk1-000000000003.hrl.json.tmp'), 'x');
     const t = await ChangeTracker.open({ dir, diskId: 'disk1', diskSizeBytes: DISK, persistIntervalMs: 0 });
     expect(fs.readdirSync(dir).filter((n) => n.endsWith('.tmp')).sort()).toEqual(['disk10-000000000003.hrl.json.tmp', 'disk10.maps.tmp']);
+    await t.close();
+  });
+
+  it('folds into the resync map when the log volume fails, still honouring the flush, and resumes logging after resync', async () => {
+    const dir = tempDir();
+    let failSync = false;
+    const openLogFile = async (p: string): Promise<HrlWriterFile> => {
+      const fh = await fsp.open(p, 'wx+');
+      return {
+        write: (b, o, l, pos) => fh.write(b, o, l, pos),
+        writev: (bs, pos) => fh.writev(bs, pos),
+        datasync: async () => {
+          if (failSync) throw Object.assign(new Error('no space left on device'), { code: 'ENOSPC' });
+          await fh.datasync();
+        },
+        close: () => fh.close(),
+      };
+    };
+    const reports: ResyncReport[] = [];
+    const t = await open(dir, { openLogFile, onResyncRequired: (r) => reports.push(r) });
+    await t.recordWrite(...block(1, 1));
+    await t.rotate();
+    await t.recordWrite(...block(2, 2));
+    failSync = true;
+    await t.flush();
+    expect(reports.map((r) => r.reason)).toEqual(['log-io-error']);
+    expect(t.status()).toMatchObject({ mode: 'dirty-only', sealedLogs: 0 });
+    expect([...t.resyncExtents()]).toEqual([{ offset: 4096, length: 8192 }]);
+    expect(fs.readdirSync(dir).filter((n) => n.includes('.hrl'))).toEqual([]);
+    failSync = false;
+    const snapshot = await t.beginResync();
+    await t.recordWrite(...block(9, 3));
+    await t.completeResync(snapshot);
+    expect(t.status()).toMatchObject({ mode: 'logging', resyncRequired: false, activeLogEntries: 1 });
     await t.close();
   });
 
