@@ -184,6 +184,16 @@ describe('failover to recovery points', () => {
       fs.writeFileSync(expected, images.get(5)!);
       execFileSync('qemu-img', ['compare', '-f', 'vmdk', '-F', 'raw', vmdk, expected]);
     }
+    // Switch the failed-over VMDK to point 2: the same output is overwritten whole.
+    const again = await runCli(['failover', '--retention', retentionDir, '--disk', 'disk0', '--point', 'disk0-2', '--out', vmdk, '--json']);
+    expect(again.status, again.stderr).toBe(0);
+    expect(JSON.parse(again.stdout)).toMatchObject([{ disk: 'disk0', out: `vmdk:${vmdk}`, point: { id: 'disk0-2', kind: 'app', name: 'nightly' } }]);
+    const switched = await openDisk(`vmdk:${vmdk}`, { readOnly: true });
+    try {
+      expect((await switched.read(0, DISK_BYTES)).equals(images.get(2)!)).toBe(true);
+    } finally {
+      await switched.close();
+    }
     const bad = await runCli(['failover', '--retention', retentionDir, '--disk', 'disk0', '--point', 'nope', '--out', path.join(dir, 'n.vmdk')]);
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/^BR_POINT_UNKNOWN: /);
