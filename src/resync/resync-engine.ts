@@ -277,11 +277,17 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
         nonZeroRuns(pieces[i].pieces.map((p, j) => ({ offset: r.offset + j * pieces[i].pieceBytes, length: p.length })), pieces[i].pieces, blockSizeBytes, zeroBlock),
       );
     } else {
-      const [data, targetHashes] = await Promise.all([reads, peer.hashRanges({ fineBlockBytes: blockSizeBytes, groupBlocks: groups[0], ranges: w.ranges })]);
-      const fine = data.map((d) => d.fine);
       let candidates: Candidate[] = w.ranges.map((r, i) => ({ range: i, startBlock: 0, blocks: Math.ceil(r.length / blockSizeBytes) }));
+      // A pass whose groups are no smaller than every range tells nothing the
+      // next one would not (one hash per range either way): small extents of a
+      // dirty map go straight to the finer passes.
+      const longest = Math.max(...candidates.map((c) => c.blocks));
+      let first = 0;
+      while (first < groups.length - 1 && groups[first + 1] >= longest) first++;
+      const [data, targetHashes] = await Promise.all([reads, peer.hashRanges({ fineBlockBytes: blockSizeBytes, groupBlocks: groups[first], ranges: w.ranges })]);
+      const fine = data.map((d) => d.fine);
       let theirs = targetHashes;
-      for (let level = 0; ; level++) {
+      for (let level = first; ; level++) {
         const differing = compareLevel(hasher, candidates, fine, theirs, groups[level]);
         if (level === groups.length - 1 || differing.length === 0) {
           candidates = differing;

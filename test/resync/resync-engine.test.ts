@@ -112,6 +112,8 @@ describe('runResync', () => {
     const result = await resync(source, target, { extents: [{ offset: 1 * MiB, length: 64 * 1024 }, { offset: 2 * MiB + 100, length: 10 }] });
     expect(result.blocksCompared).toBe(16 + 1);
     expect(result.blocksSent).toBe(1);
+    // Extents no longer than 64 KiB skip the 1 MiB pass: 2 hashes at 64 KiB, then 16 at 4 KiB.
+    expect(result.hashBytes).toBe((2 + 16) * 8);
     expect(target.data[1 * MiB + 10]).toBe(source.data[1 * MiB + 10]);
     expect(target.data[9 * MiB + 10]).not.toBe(source.data[9 * MiB + 10]);
   });
