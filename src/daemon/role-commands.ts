@@ -1,3 +1,4 @@
+import * as path from 'node:path';
 import { hrlLogOps } from '../transport/hrl-log-ops';
 import type { ApplyingHop } from '../transport/master-target';
 import { masterTargetFromConfig } from '../transport/master-target';
@@ -57,7 +58,11 @@ function roleCommand(name: 'process-server' | 'master-target', summary: string, 
 export function roleCommands(): Command[] {
   return [
     roleCommand('process-server', 'receive, verify and spool sealed logs; forward them to a master target or apply them to page blobs', (config) =>
-      processServerFromConfig(config, hrlLogOps, { logger: createLogger({ level: config.log.level, name: 'process-server' }) }),
+      processServerFromConfig(config, hrlLogOps, {
+        logger: createLogger({ level: config.log.level, name: 'process-server' }),
+        // Azure side, applying to page blobs: with retention configured, points are blob snapshots.
+        hooks: config.disks.length > 0 ? retentionHooksFromConfig(config, { inboxDir: config.cache?.dir ?? path.join(config.stateDir, 'cache') }) : undefined,
+      }),
     ),
     roleCommand('master-target', 'receive sealed logs and apply each exactly once, in order, to the disk targets', (config) =>
       masterTargetFromConfig(config, hrlLogOps, { logger: createLogger({ level: config.log.level, name: 'master-target' }), hooks: retentionHooksFromConfig(config) }),
