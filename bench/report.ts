@@ -10,8 +10,8 @@
  * `ratios` object; the adapters below convert the older shapes.
  */
 
-/** A figure as shown in the report: a number, a word, or a yes/no. */
-export type Figure = number | string | boolean;
+/** A figure as shown in the report: a number, a word, a yes/no, or null for "not measured". */
+export type Figure = number | string | boolean | null;
 
 /** One bench's result in the harness's common shape. */
 export interface BenchResult {
@@ -140,6 +140,8 @@ function speed(peerMs: number | undefined, oursMs: number | undefined): number |
 }
 
 function scalar(v: unknown): Figure | undefined {
+  // A bench writes null for a figure it could not measure; the report says so.
+  if (v === null) return null;
   if (typeof v === 'number') return Number.isFinite(v) ? v : undefined;
   if (typeof v === 'boolean') return v;
   if (typeof v === 'string') return v.length > 120 ? `${v.slice(0, 117)}...` : v;
@@ -321,6 +323,7 @@ export function judgeGoal(name: string, result: BenchResult | undefined, raw?: u
 
 /** A number as the report shows it: integers grouped, others to 3 significant digits. */
 export function formatFigure(value: Figure): string {
+  if (value === null) return 'not measured';
   if (typeof value === 'boolean') return value ? 'yes' : 'no';
   if (typeof value === 'string') return value;
   if (Number.isInteger(value)) return value.toLocaleString('en-US');

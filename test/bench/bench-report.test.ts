@@ -121,6 +121,10 @@ describe('bench report normaliser', () => {
     expect(judgeGoal('e2e', slow, e2e).met).toBe(false);
     expect(judgeGoal('e2e', normaliseResult('e2e', { ...e2e, churnMBs: 240 })).met).toBe(true);
     expect(judgeGoal('e2e', normaliseResult('e2e', { ...e2e, churnMBs: 240, rpoP99Seconds: 2.1 })).met).toBe(false);
+    // No RPO samples: the figure is shown as not measured and the goal not judged.
+    const unsampled = normaliseResult('e2e', { ...e2e, churnMBs: 240, rpoP99Seconds: null });
+    expect(unsampled.figures.rpoP99Seconds).toBeNull();
+    expect(judgeGoal('e2e', unsampled).met).toBeNull();
   });
 
   it('lets a result judge itself with goal.met', () => {
@@ -218,6 +222,8 @@ describe('benchmarks.md renderer', () => {
     expect(md).toContain('`--quick` run');
     expect(md).toContain('98.8 s of a 105 s budget');
     expect(md).toContain('## Adding a scenario');
+    const withNull = normaliseResult('e2e', { ratios: {}, figures: { rpoP99Seconds: null } });
+    expect(renderMarkdown(summary([{ name: 'e2e', status: 'ok', durationMs: 1, result: withNull, goal: judgeGoal('e2e', withNull) }]))).toContain('| rpoP99Seconds | not measured |');
     // A summary round-trips through JSON, as summary.json does.
     const file = path.join(tmp(), 'summary.json');
     const s = summary([{ name: 'convert', status: 'ok', durationMs: 1, result: convert, goal: judgeGoal('convert', convert) }]);
