@@ -109,6 +109,20 @@ describe('failover to recovery points', () => {
     expect((await loadPoints(retentionDir, 'disk0')).points.map((p) => p.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
   });
 
+  it('waits for a running master target to apply what it received before failing over to latest', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const { mt, model, rand, baseMs } = await replicate(dir, retentionDir);
+    const more = [];
+    for (const seq of [7, 8, 9]) more.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: baseMs + seq * 10 * MINUTE_MS, writes: 200 }, model, rand));
+    await sendAll(mt, more);
+    // The master target holds the state lock, so failover waits for its inbox instead of applying.
+    const out = `raw:${path.join(dir, 'latest-live.img')}`;
+    const result = await failover({ retentionDir, diskId: 'disk0', point: 'latest', out });
+    expect(result.point.id).toBe('disk0-9');
+    expect(readRaw(out).equals(model)).toBe(true);
+  });
+
   it('switches a failed-over disk to another point, refuses a foreign output, and commit deletes the points', async () => {
     const dir = tmp();
     const retentionDir = retentionTmp();
