@@ -165,14 +165,25 @@ export const NIL_GUID = '00000000-0000-0000-0000-000000000000';
 
 // ---- 64-bit fields ----
 
-/** Reads a ULONG64 as a JS number; values above 2^53 come back as Infinity so range checks refuse them. */
+const TWO_32 = 0x1_0000_0000;
+/** High word of the largest safe integer (2^53 − 1). */
+const MAX_SAFE_HIGH_WORD = 0x1f_ffff;
+
+/**
+ * Reads a ULONG64 as a JS number; values above 2^53 − 1 come back as
+ * Infinity so range checks refuse them. Two 32-bit reads: no BigInt on the
+ * hot path of every entry.
+ */
 export function readU64(buf: Buffer, offset: number): number {
-  const v = buf.readBigUInt64LE(offset);
-  return v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.POSITIVE_INFINITY : Number(v);
+  const low = buf.readUInt32LE(offset);
+  const high = buf.readUInt32LE(offset + 4);
+  return high > MAX_SAFE_HIGH_WORD ? Number.POSITIVE_INFINITY : high * TWO_32 + low;
 }
 
+/** Writes a safe non-negative integer as a ULONG64. */
 function writeU64(buf: Buffer, offset: number, value: number): void {
-  buf.writeBigUInt64LE(BigInt(value), offset);
+  buf.writeUInt32LE(value % TWO_32, offset);
+  buf.writeUInt32LE(Math.floor(value / TWO_32), offset + 4);
 }
 
 // ---- file header ----
