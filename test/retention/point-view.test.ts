@@ -113,19 +113,24 @@ describe('point view', () => {
     expect(copy('view2-a.raw').equals(images.get(2)!)).toBe(true);
     // Replication goes on underneath the view: two more logs are applied.
     const more = [];
-    for (let seq = 5; seq <= 6; seq++) more.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 64 }, model, rand));
+    for (let seq = 5; seq <= 6; seq++) {
+      more.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 64 }, model, rand));
+      images.set(seq, Buffer.from(model));
+    }
     await sendAll(mt, more);
     await mt.drain();
     expect(copy('view2-b.raw').equals(images.get(2)!)).toBe(true);
     exp.child.kill('SIGTERM');
     expect(await exitOf(exp.child)).toBe(0);
 
-    for (const [point, seq] of [['latest-app', 3], ['disk0-1', 1], ['latest', 6]] as const) {
+    // Every other point, a time between points 4 and 5, latest-app and latest (the newest applied here).
+    const between = new Date(t0 + 4.5 * MINUTE_MS).toISOString();
+    for (const [point, seq] of [['disk0-1', 1], ['latest-app', 3], [between, 4], ['disk0-5', 5], ['latest', 6]] as const) {
       const e = await startExport(['--retention', retentionDir, '--disk', 'disk0', '--point', point, '--listen', '127.0.0.1:0']);
       children.push(e.child);
       const file = path.join(dir, `view-${seq}.raw`);
       execFileSync('nbdcopy', [e.uri, file]);
-      expect(fs.readFileSync(file).equals(seq === 6 ? model : images.get(seq)!), point).toBe(true);
+      expect(fs.readFileSync(file).equals(images.get(seq)!), point).toBe(true);
       e.child.kill('SIGTERM');
       expect(await exitOf(e.child)).toBe(0);
     }
