@@ -98,6 +98,8 @@ export interface ResyncResult {
   /** Fine blocks sent in this attempt. */
   readonly blocksSent: number;
   readonly durationMs: number;
+  /** Of durationMs, the time spent waiting for the target to make writes durable (flush before each saved cursor and at the end). */
+  readonly flushMs: number;
   readonly blockSizeBytes: number;
   /** Block sizes of the passes, coarse to fine. */
   readonly passBlockBytes: readonly number[];
@@ -246,6 +248,12 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
   );
 
   const seamAtStart = { ...peer.counters };
+  let flushMs = 0;
+  const flush = async (): Promise<void> => {
+    const t = clock.now();
+    await peer.flush();
+    flushMs += clock.now() - t;
+  };
   const run = { blocksCompared: 0, blocksSent: 0, bytesDiffering: 0 };
   const totals = (): ResyncTotals => ({
     blocksCompared: start.previous.blocksCompared + run.blocksCompared,
@@ -330,7 +338,7 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
       checkpointing = true;
       try {
         // Durable fixes first, then the claim that they are done.
-        await peer.flush();
+        await flush();
         await job.checkpoint(at, totals(), clock.now());
         savedCursor = at;
         lastCheckpointMs = clock.now();
@@ -376,7 +384,7 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
     progress.phase = 'settle';
     await pass(mergeExtents(noted, blockSizeBytes, sizeBytes), 0, false);
   }
-  await peer.flush();
+  await flush();
   const writesDuringResync = job.notedWrites();
   const finalTotals = totals();
   await job.complete();
@@ -389,6 +397,7 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
     blocksCompared: run.blocksCompared,
     blocksSent: run.blocksSent,
     durationMs: clock.now() - startMs,
+    flushMs,
     blockSizeBytes,
     passBlockBytes: options.fullCopy === true ? [] : groups.map((g) => g * blockSizeBytes),
     sizeBytes,
