@@ -127,8 +127,7 @@ export function parseCatalog(bytes: Buffer, diskId: string, file: string, applie
     if (record.t === 'applied') applied.add(record.seq);
     else if (!bySeq.has(record.seq)) {
       if (record.applied === true) applied.add(record.seq);
-      const p: RecoveryPoint = { id: pointId(diskId, record.seq), seq: record.seq, timeMs: record.timeMs, kind: record.kind, cutId: record.cutId, ...(record.name !== undefined ? { name: record.name } : {}), ...(record.group !== undefined ? { group: record.group } : {}), ...(record.snapshot !== undefined ? { snapshot: record.snapshot } : {}) };
-      bySeq.set(record.seq, p);
+      bySeq.set(record.seq, pointOfRecord(diskId, record));
     }
     at = lineEnd + 1;
     validBytes = at;
@@ -160,13 +159,17 @@ export class PointCatalog {
     return parseCatalog(bytes, this.diskId, this.file, appliedSeq);
   }
 
-  /** Appends records durably, first cutting off a torn tail so the file stays line-aligned. */
-  async append(records: readonly CatalogRecord[], validBytes?: number): Promise<void> {
+  /**
+   * Appends records durably, first cutting off a torn tail so the file
+   * stays line-aligned. Returns the bytes appended.
+   */
+  async append(records: readonly CatalogRecord[], validBytes?: number): Promise<number> {
+    const bytes = Buffer.concat(records.map(encodeCatalogLine));
     try {
       if (validBytes !== undefined && fs.existsSync(this.file) && fs.statSync(this.file).size > validBytes) await fsp.truncate(this.file, validBytes);
       const fh = await fsp.open(this.file, 'a');
       try {
-        await fh.write(Buffer.concat(records.map(encodeCatalogLine)));
+        await fh.write(bytes);
         await fh.datasync();
       } finally {
         await fh.close();
@@ -174,6 +177,7 @@ export class PointCatalog {
     } catch (err) {
       throw wrapError(err, 'BR_IO', `appending to recovery point catalog ${this.file}`);
     }
+    return bytes.length;
   }
 
   /** Replaces the catalog with these applied points (pruning), atomically and durably. */
@@ -186,6 +190,29 @@ export class PointCatalog {
 
 function toRecord(p: RecoveryPoint): CatalogRecord & { t: 'point' } {
   return { v: 1, t: 'point', seq: p.seq, timeMs: p.timeMs, kind: p.kind, cutId: p.cutId, ...(p.name !== undefined ? { name: p.name } : {}), ...(p.group !== undefined ? { group: p.group } : {}), ...(p.snapshot !== undefined ? { snapshot: p.snapshot } : {}) };
+}
+
+export function pointOfRecord(diskId: string, record: CatalogRecord & { t: 'point' }): RecoveryPoint {
+  return { id: pointId(diskId, record.seq), seq: record.seq, timeMs: record.timeMs, kind: record.kind, cutId: record.cutId, ...(record.name !== undefined ? { name: record.name } : {}), ...(record.group !== undefined ? { group: record.group } : {}), ...(record.snapshot !== undefined ? { snapshot: record.snapshot } : {}) };
+}
+
+/**
+ * The catalog state after appending `record` to one holding `points` and
+ * `pending`, by the same rules as `parseCatalog` for records appended in
+ * sequence order (as the hooks append them): a new point settles the
+ * pending one (the master target applies in order), an `applied` record
+ * settles the point it names. Lets the master target keep the catalog in
+ * memory instead of reading it back after every append.
+ */
+export function appendToState(diskId: string, state: { points: RecoveryPoint[]; pending: RecoveryPoint | undefined }, record: CatalogRecord): { points: RecoveryPoint[]; pending: RecoveryPoint | undefined } {
+  if (record.t === 'applied') {
+    if (state.pending?.seq !== record.seq) return state;
+    return { points: [...state.points, state.pending], pending: undefined };
+  }
+  if (state.pending?.seq === record.seq || state.points.some((p) => p.seq === record.seq)) return state;
+  const points = state.pending === undefined ? [...state.points] : [...state.points, state.pending];
+  const point = pointOfRecord(diskId, record);
+  return record.applied === true ? { points: [...points, point], pending: undefined } : { points, pending: point };
 }
 
 export function listingOf(p: RecoveryPoint): PointListing {

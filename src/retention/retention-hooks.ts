@@ -118,9 +118,7 @@ export class RetentionHooks implements ApplyHooks {
         }
       }
       if (!recorded) {
-        const record = pointRecordFromEnvelope(entry.envelope);
-        await h.catalog.append([record], h.validBytes);
-        h.adopt(await h.catalog.read(readAppliedSeq(this.options.stateDir, diskId)));
+        await h.append([pointRecordFromEnvelope(entry.envelope)]);
       }
     });
   }
@@ -133,8 +131,7 @@ export class RetentionHooks implements ApplyHooks {
         return;
       }
       const { seq } = entry.envelope;
-      await h.catalog.append([{ v: 1, t: 'applied', seq }], h.validBytes);
-      h.adopt(await h.catalog.read(seq));
+      await h.append([{ v: 1, t: 'applied', seq }]);
       const dropped = await h.pruneWindow(this.clock.now(), this.windowMs);
       if (dropped > 0) this.logger.info({ disk: diskId, dropped, oldest: h.points[0]?.id }, 'retention window pruned old points');
     });
@@ -152,8 +149,7 @@ export class RetentionHooks implements ApplyHooks {
     if (newest !== undefined && newest.seq >= entry.envelope.seq) return; // re-run after a crash
     if (snapshotDue(newest, entry.envelope, this.options.snapshotIntervalMs ?? BLOB_SNAPSHOT_DEFAULTS.crashIntervalMs)) {
       const snap = await target.snapshot();
-      await h.catalog.append([snapshotPointRecord(entry.envelope, snap.spec)], h.validBytes);
-      h.adopt(await h.catalog.read(entry.envelope.seq));
+      await h.append([snapshotPointRecord(entry.envelope, snap.spec)]);
     }
     const before = h.points;
     const dropped = await h.pruneWindow(this.clock.now(), this.windowMs);

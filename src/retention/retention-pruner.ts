@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import { diskRetentionPaths } from './retention-format';
 import { listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
-import { PointCatalog, type CatalogContents, type RecoveryPoint } from './recovery-points';
+import { appendToState, PointCatalog, type CatalogContents, type CatalogRecord, type RecoveryPoint } from './recovery-points';
 import { UndoJournal } from './undo-journal';
 import { systemVolumeProbe, type VolumeProbe } from './retention-volume';
 
@@ -29,6 +29,15 @@ export class DiskHistory {
     await this.journal.open();
     this.adopt(await this.catalog.read(appliedSeq));
     this.journalBytes = await this.journal.sizeBytes();
+  }
+
+  /** Appends records to the catalog and updates the in-memory state by the catalog's own rules. */
+  async append(records: readonly CatalogRecord[]): Promise<void> {
+    this.validBytes += await this.catalog.append(records, this.validBytes);
+    let state: { points: RecoveryPoint[]; pending: RecoveryPoint | undefined } = { points: this.points, pending: this.pending };
+    for (const r of records) state = appendToState(this.diskId, state, r);
+    this.points = state.points;
+    this.pending = state.pending;
   }
 
   adopt(contents: CatalogContents): void {

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { encodeCatalogLine, parseCatalog, PointCatalog, pointRecordFromEnvelope, resolvePoint, type CatalogRecord, type RecoveryPoint } from '../../src/retention/recovery-points';
+import { appendToState, encodeCatalogLine, parseCatalog, PointCatalog, pointRecordFromEnvelope, resolvePoint, type CatalogRecord, type RecoveryPoint } from '../../src/retention/recovery-points';
 import { CATALOG_JSON_OFFSET } from '../../src/retention/retention-format';
 import { BlockrelayError } from '../../src/retry/blockrelay-error';
 import { useTempDirs } from '../helpers/tmp';
@@ -41,6 +41,29 @@ describe('recovery point catalog', () => {
     expect(parseCatalog(bytes, 'd', 'f', 3).points.map((p) => p.seq)).toEqual([1, 2, 3]);
     // A point recorded twice (a re-run after a crash) counts once.
     expect(parseCatalog(catalogBytes([point(1), point(1), point(2)]), 'd', 'f').points.map((p) => p.seq)).toEqual([1]);
+  });
+
+  it('keeps the same state appending in memory as reading the file back (seeded sequences)', () => {
+    const rand = prng(404);
+    for (let run = 0; run < 300; run++) {
+      let state: { points: RecoveryPoint[]; pending: RecoveryPoint | undefined } = { points: [], pending: undefined };
+      const records: CatalogRecord[] = [];
+      let seq = 0;
+      for (let i = 0; i < 20; i++) {
+        const r = rand();
+        // The hooks' patterns: a point, its applied record, a re-run duplicate, a snapshot point (applied at once).
+        let rec: CatalogRecord;
+        if (r < 0.4) rec = point(++seq);
+        else if (r < 0.7) rec = { v: 1, t: 'applied', seq };
+        else if (r < 0.8) rec = point(Math.max(seq, 1));
+        else rec = point(++seq, { snapshot: `blob:http://h/a/c/b?snapshot=${seq}`, applied: true });
+        records.push(rec);
+        state = appendToState('d', state, rec);
+        const parsed = parseCatalog(catalogBytes(records), 'd', 'f');
+        expect(state.points).toEqual(parsed.points);
+        expect(state.pending).toEqual(parsed.pending);
+      }
+    }
   });
 
   it('ignores a torn last line, cuts it off before the next append, and names the offset of damage before the end', async () => {
