@@ -16,6 +16,8 @@ export interface ShippableLog {
   readonly cutId: string;
   readonly group?: string | undefined;
   readonly appTag?: string | undefined;
+  /** The log carries resync data (its end is not a recovery point). */
+  readonly resync?: boolean | undefined;
 }
 
 /** The source's side of shipping: its sealed logs in order, and deleting one once acknowledged. */
@@ -94,6 +96,7 @@ export class LogShipper {
       group: log.group,
       appTag: log.appTag,
       diskSizeBytes: this.source.diskSizeBytes,
+      ...(log.resync === true ? { resync: true } : {}),
     };
     try {
       await sendLog(this.options.peer, envelope, log.file);

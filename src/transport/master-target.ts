@@ -211,7 +211,8 @@ export class ApplyingHop {
     await this.ledger.applied(disk.diskId, seq);
     await this.options.hooks?.afterApply?.(disk.diskId, entry, disk.target);
     disk.appliedBytesTotal += applied.bytes;
-    disk.lastPointTimeMs = entry.envelope.cutTimeMs;
+    // A resync log ends no recovery point: its blocks were read while the source changed.
+    if (entry.envelope.resync !== true) disk.lastPointTimeMs = entry.envelope.cutTimeMs;
     this.metrics.appliedBytesTotal.inc({ disk: disk.diskId }, applied.bytes);
     this.metrics.applySeconds.observe({ disk: disk.diskId }, Number(process.hrtime.bigint() - started) / 1e9);
     this.updateGauges(disk);

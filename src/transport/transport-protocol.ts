@@ -32,6 +32,11 @@ export const HEADER = {
   appTag: 'x-blockrelay-app-tag',
   /** Size in bytes of the protected disk. */
   diskSizeBytes: 'x-blockrelay-disk-size-bytes',
+  /**
+   * `1` on a log that carries resync data: blocks read from the source while
+   * it was being written, so its end is not a crash-consistent point.
+   */
+  resync: 'x-blockrelay-resync',
 } as const;
 
 /** Bounds the receiver enforces. */
@@ -58,6 +63,8 @@ export interface LogEnvelope {
   /** undefined: crash-consistent only; a string (possibly empty): app-consistent tag name. */
   readonly appTag: string | undefined;
   readonly diskSizeBytes: number;
+  /** The log carries resync data; no recovery point ends with it (absent: false). */
+  readonly resync?: boolean;
 }
 
 export function validateDiskId(diskId: string): string {
@@ -97,9 +104,24 @@ export function parseEnvelope(diskId: string, seqText: string, headers: Record<s
     cutTimeMs: wholeNumber(HEADER.cutTimeMs, one(HEADER.cutTimeMs), 8.64e15),
     cutId,
     group,
-    appTag: appTag === undefined ? undefined : decodeURIComponent(appTag),
+    appTag: appTag === undefined ? undefined : decodeTag(appTag),
     diskSizeBytes: wholeNumber(HEADER.diskSizeBytes, one(HEADER.diskSizeBytes), 2 ** 53 - 1),
+    ...(resyncFlag(one(HEADER.resync)) ? { resync: true } : {}),
   };
+}
+
+function decodeTag(text: string): string {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    throw new BlockrelayError('BR_PROTOCOL', `${HEADER.appTag} is not URI-encoded text`);
+  }
+}
+
+function resyncFlag(text: string | undefined): boolean {
+  if (text === undefined || text === '0') return false;
+  if (text === '1') return true;
+  throw new BlockrelayError('BR_PROTOCOL', `${HEADER.resync} must be 0 or 1, got '${text.slice(0, 20)}'`);
 }
 
 /** The headers that carry an envelope. */
@@ -113,6 +135,7 @@ export function envelopeHeaders(env: LogEnvelope): Record<string, string> {
   };
   if (env.group !== undefined) h[HEADER.group] = env.group;
   if (env.appTag !== undefined) h[HEADER.appTag] = encodeURIComponent(env.appTag);
+  if (env.resync === true) h[HEADER.resync] = '1';
   return h;
 }
 
