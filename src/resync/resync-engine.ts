@@ -1,7 +1,7 @@
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget, Extent } from '../targets/disk-target';
-import { AllocatedReader, readPieces, slicePieces } from './allocated-reader';
+import { AllocatedReader, readPieces, slicePieces, type ReadRange } from './allocated-reader';
 import { HASH_BYTES, type BlockHasher } from './block-hasher';
 import { collectWorkExtents, mergeExtents, type ExtentSource } from './extent-list';
 import { ResyncJob } from './resync-job';
@@ -285,30 +285,7 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
         nonZeroRuns(pieces[i].pieces.map((p, j) => ({ offset: r.offset + j * pieces[i].pieceBytes, length: p.length })), pieces[i].pieces, blockSizeBytes, zeroBlock),
       );
     } else {
-      let candidates: Candidate[] = w.ranges.map((r, i) => ({ range: i, startBlock: 0, blocks: Math.ceil(r.length / blockSizeBytes) }));
-      // A pass whose groups are no smaller than every range tells nothing the
-      // next one would not (one hash per range either way): small extents of a
-      // dirty map go straight to the finer passes.
-      const longest = Math.max(...candidates.map((c) => c.blocks));
-      let first = 0;
-      while (first < groups.length - 1 && groups[first + 1] >= longest) first++;
-      const [data, targetHashes] = await Promise.all([reads, peer.hashRanges({ fineBlockBytes: blockSizeBytes, groupBlocks: groups[first], ranges: w.ranges })]);
-      const fine = data.map((d) => d.fine);
-      let theirs = targetHashes;
-      for (let level = first; ; level++) {
-        const differing = compareLevel(hasher, candidates, fine, theirs, groups[level]);
-        if (level === groups.length - 1 || differing.length === 0) {
-          candidates = differing;
-          break;
-        }
-        candidates = differing;
-        theirs = await peer.hashRanges({ fineBlockBytes: blockSizeBytes, groupBlocks: groups[level + 1], ranges: candidates.map((c) => byteRange(w.ranges[c.range], c, blockSizeBytes)) });
-      }
-      runs = candidates.map((c) => {
-        const r = byteRange(w.ranges[c.range], c, blockSizeBytes);
-        const start = r.offset - w.ranges[c.range].offset;
-        return { offset: r.offset, data: slicePieces(data[c.range], start, start + r.length) };
-      });
+      runs = await diffWindow(peer, hasher, w.ranges, reads, groups, blockSizeBytes);
     }
     if (runs.length > 0) await peer.writeRuns(runs);
     run.blocksCompared += Math.ceil(w.bytes / blockSizeBytes);
@@ -409,6 +386,34 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
     settleRoundsRun,
   };
 
+}
+
+/**
+ * Finds the blocks of one window that differ on the target: the coarsest
+ * useful pass over every range, then each finer pass over the groups whose
+ * hash differed, and returns the differing fine blocks as runs of source data.
+ */
+async function diffWindow(peer: ResyncPeer, hasher: BlockHasher, ranges: readonly Extent[], reads: Promise<ReadRange[]>, groups: readonly number[], blockSizeBytes: number): Promise<WriteRun[]> {
+  let candidates: Candidate[] = ranges.map((r, i) => ({ range: i, startBlock: 0, blocks: Math.ceil(r.length / blockSizeBytes) }));
+  // A pass whose groups are no smaller than every range tells nothing the
+  // next one would not (one hash per range either way): small extents of a
+  // dirty map go straight to the finer passes.
+  const longest = Math.max(...candidates.map((c) => c.blocks));
+  let first = 0;
+  while (first < groups.length - 1 && groups[first + 1] >= longest) first++;
+  const [data, targetHashes] = await Promise.all([reads, peer.hashRanges({ fineBlockBytes: blockSizeBytes, groupBlocks: groups[first], ranges })]);
+  const fine = data.map((d) => d.fine);
+  let theirs = targetHashes;
+  for (let level = first; ; level++) {
+    candidates = compareLevel(hasher, candidates, fine, theirs, groups[level]);
+    if (level === groups.length - 1 || candidates.length === 0) break;
+    theirs = await peer.hashRanges({ fineBlockBytes: blockSizeBytes, groupBlocks: groups[level + 1], ranges: candidates.map((c) => byteRange(ranges[c.range], c, blockSizeBytes)) });
+  }
+  return candidates.map((c) => {
+    const r = byteRange(ranges[c.range], c, blockSizeBytes);
+    const start = r.offset - ranges[c.range].offset;
+    return { offset: r.offset, data: slicePieces(data[c.range], start, start + r.length) };
+  });
 }
 
 /** The byte range of a candidate inside its window range. */
