@@ -17,7 +17,7 @@ describe('copyDisk', () => {
     fs.writeFileSync(src, data);
     const from = await openDisk(`raw:${src}`, { readOnly: true });
     const to = await openDisk(`raw:${path.join(dir, 'dst.img')}`, { create: { sizeBytes: from.sizeBytes } });
-    await copyDisk(from, to, {});
+    await copyDisk(from, to, { targetIsZero: true });
     await from.close();
     await to.close();
     expect(fs.readFileSync(path.join(dir, 'dst.img')).equals(data)).toBe(true);
