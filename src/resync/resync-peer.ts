@@ -114,6 +114,8 @@ export class ResyncPeer {
   }
 }
 
+/** Ranges of one hash request the target side reads at once. */
+const RANGES_IN_FLIGHT = 8;
 /** Ranges whose fine hashes the target side keeps for the finer passes that follow. */
 const HASH_CACHE_ENTRIES = 64;
 /** Longest range the cache holds (its hashes are 1/512 of it at 4 KiB blocks). */
@@ -197,10 +199,14 @@ export class ResyncTargetService {
   }
 
   private async hash(req: HashRequest): Promise<Buffer> {
-    const parts: Buffer[] = [];
-    for (const r of req.ranges) {
-      const fine = await this.fineHashes(r.offset, r.length, req.fineBlockBytes);
-      parts.push(this.hasher.groupHashes(fine, req.groupBlocks));
+    const parts: Buffer[] = new Array<Buffer>(req.ranges.length);
+    // The many small ranges of a dirty map are read a few at a time, not one by one.
+    for (let first = 0; first < req.ranges.length; first += RANGES_IN_FLIGHT) {
+      const batch = req.ranges.slice(first, first + RANGES_IN_FLIGHT).map(async (r, i) => {
+        const fine = await this.fineHashes(r.offset, r.length, req.fineBlockBytes);
+        parts[first + i] = this.hasher.groupHashes(fine, req.groupBlocks);
+      });
+      await Promise.all(batch);
     }
     return parts.length === 1 ? parts[0] : Buffer.concat(parts);
   }
