@@ -166,7 +166,7 @@ export class RetentionHooks implements ApplyHooks {
     const needBytes = undoLogSizeBytes(extents);
     let pruned = 0;
     while (this.availableBytes() < needBytes && h.points.length > 1) {
-      await h.dropOldest(1);
+      await h.dropOldestUnderPressure(1);
       pruned++;
     }
     if (this.availableBytes() < needBytes) {
@@ -181,7 +181,7 @@ export class RetentionHooks implements ApplyHooks {
       if (coded.code !== 'BR_DISK_FULL') throw coded;
       // The volume filled under us: keep the newest history that fits.
       while (h.points.length > 1) {
-        await h.dropOldest(1);
+        await h.dropOldestUnderPressure(1);
         pruned++;
         try {
           const { sizeBytes } = await h.journal.write(seq, extents, target);
@@ -206,9 +206,8 @@ export class RetentionHooks implements ApplyHooks {
    */
   private async dropHistory(h: DiskHistory, seq: number, why: string): Promise<void> {
     const lost: RecoveryPoint[] = h.points;
-    await h.dropOldest(h.points.length);
+    await h.dropOldestUnderPressure(h.points.length);
     await h.journal.remove(seq);
-    await h.removeUnneeded();
     this.warnFull(h, `dropped all ${lost.length} older point(s) of ${h.diskId} before log ${seq}: ${why}`);
   }
 

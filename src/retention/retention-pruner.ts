@@ -1,4 +1,5 @@
 import * as fs from 'node:fs';
+import { wrapError } from '../retry/blockrelay-error';
 import { diskRetentionPaths } from './retention-format';
 import { listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
 import { appendToState, PointCatalog, type CatalogContents, type CatalogRecord, type RecoveryPoint } from './recovery-points';
@@ -61,9 +62,32 @@ export class DiskHistory {
     return this.removeUnneeded();
   }
 
-  /** Deletes pre-images at or below the oldest point (rolling back to it never applies them). */
-  async removeUnneeded(): Promise<number> {
-    const floor = this.points[0]?.seq ?? this.pending?.seq ?? Number.POSITIVE_INFINITY;
+  /**
+   * Drops the `count` oldest points when the volume is full: a full volume
+   * may not even have room for the new catalog, so the pre-images only the
+   * dropped points need are deleted first, then the catalog is replaced if
+   * it can be. Until it is (the next prune, or a crash and restart), the
+   * catalog may still list a dropped point; failing over to it reports
+   * BR_RETENTION_JOURNAL_MISSING. No segment is ever torn. Returns the
+   * bytes freed.
+   */
+  async dropOldestUnderPressure(count: number): Promise<number> {
+    const remaining = this.points.slice(count);
+    let freed = await this.removeUnneeded(remaining[0]?.seq ?? this.pending?.seq ?? Number.POSITIVE_INFINITY);
+    this.points = remaining;
+    try {
+      await this.catalog.rewrite(remaining, this.pending);
+      this.validBytes = fs.existsSync(this.catalog.file) ? fs.statSync(this.catalog.file).size : 0;
+    } catch (err) {
+      if (wrapError(err, 'BR_IO', 'catalog').code !== 'BR_DISK_FULL') throw err;
+    }
+    freed += await this.removeUnneeded();
+    return freed;
+  }
+
+  /** Deletes pre-images at or below `floor`, by default the oldest point (rolling back to it never applies them). */
+  async removeUnneeded(floorSeq?: number): Promise<number> {
+    const floor = floorSeq ?? this.points[0]?.seq ?? this.pending?.seq ?? Number.POSITIVE_INFINITY;
     let freed = 0;
     for (const seq of await this.journal.list()) {
       if (seq > floor) break;

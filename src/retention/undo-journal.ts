@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import type { DiskTarget, Extent } from '../targets/disk-target';
 import { HRL_DEFAULT_METADATA_SIZE, HRL_HEADER_SIZE, HRL_METADATA_ENTRY_SIZE, HRL_METADATA_HEADER_SIZE, hrlEntriesPerBlock } from '../tracking/hrl-format';
-import { HrlLogFile, type HrlVerifiedLog } from '../tracking/hrl-reader';
+import { HrlLogFile, verifyHrlLog, type HrlVerifiedLog } from '../tracking/hrl-reader';
 import { HrlWriter, HRL_WRITER_DEFAULTS, syncDirectory } from '../tracking/hrl-writer';
 import { RETENTION_LAYOUT, seqOfUndoFile, undoFileName } from './retention-format';
 
@@ -132,8 +132,9 @@ export class UndoJournal {
         throw new BlockrelayError('BR_INTERNAL', `log ${seq} writes [${e.offset}, ${e.offset + e.length}) outside the ${target.sizeBytes}-byte target`);
       }
     }
-    const writer = await HrlWriter.create(tmp);
+    let writer: HrlWriter | undefined;
     try {
+      writer = await HrlWriter.create(tmp);
       for (const e of extents) {
         for (let done = 0; done < e.length; ) {
           const n = Math.min(UNDO_READ_CHUNK_BYTES, e.length - done);
@@ -144,13 +145,38 @@ export class UndoJournal {
         }
       }
       const sealed = await writer.seal();
+      await this.checkWritten(tmp, sealed.sizeBytes, target.sizeBytes);
       await fsp.rename(tmp, final);
       await syncDirectory(this.dir);
       return { written: true, sizeBytes: sealed.sizeBytes };
     } catch (err) {
-      await writer.close();
+      await writer?.close();
       await fsp.rm(tmp, { force: true });
       throw wrapError(err, 'BR_IO', `writing pre-image of log ${seq} to ${tmp}`);
+    }
+  }
+
+  /**
+   * Reads a sealed pre-image back and verifies it whole before it may be
+   * renamed into place: a file system that runs out of space can accept a
+   * write short without an error, and a torn pre-image must never become
+   * "complete". A short file on a volume without room is BR_DISK_FULL.
+   */
+  private async checkWritten(tmp: string, expectedBytes: number, diskSizeBytes: number): Promise<void> {
+    try {
+      if ((await fsp.stat(tmp)).size !== expectedBytes) throw new BlockrelayError('BR_IO', `pre-image ${tmp} holds ${(await fsp.stat(tmp)).size} bytes, ${expectedBytes} were written`);
+      await verifyHrlLog(tmp, { diskSizeBytes });
+    } catch (err) {
+      let full = false;
+      try {
+        const st = await fsp.statfs(this.dir);
+        full = st.bavail * st.bsize < expectedBytes;
+      } catch {
+        // Cannot tell: report the damage as it is.
+      }
+      if (full) throw new BlockrelayError('BR_DISK_FULL', `pre-image ${tmp} came out short on a full volume: ${(err as Error).message}`, { cause: err });
+      // Recoverable: the apply is retried and the pre-image written again.
+      throw new BlockrelayError('BR_IO', `pre-image ${tmp} failed verification after writing: ${(err as Error).message}`, { cause: err });
     }
   }
 
