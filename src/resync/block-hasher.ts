@@ -1,5 +1,6 @@
 import * as os from 'node:os';
 import { loadXxhash as xxhash } from '../platform/xxhash';
+import { BlockrelayError } from '../retry/blockrelay-error';
 import { xxh64 as nativeXxh64 } from '../tracking/dirty-map';
 
 /** Bytes in one block hash on the wire and in memory: an xxh64 digest, little-endian. */
@@ -64,7 +65,7 @@ export class BlockHasher {
     // Hashes are stored through a BigUint64Array (a plain store, far cheaper
     // than writeBigUInt64LE per block), which uses the host's byte order; the
     // wire and state formats are little-endian.
-    if (os.endianness() !== 'LE') throw new Error('BlockHasher needs a little-endian host');
+    if (os.endianness() !== 'LE') throw new BlockrelayError('BR_INTERNAL', 'the resync block hasher needs a little-endian host');
     const { hash, implementation } = await (prefer === 'wasm' ? (loadingWasm ??= loadWasm()) : (loadingBest ??= loadBest()));
     return new BlockHasher(hash, implementation);
   }

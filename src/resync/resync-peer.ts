@@ -1,4 +1,4 @@
-import { isBlockrelayError } from '../retry/blockrelay-error';
+import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
 import { AllocatedReader, readPieces } from './allocated-reader';
 import { HASH_BYTES, type BlockHasher } from './block-hasher';
@@ -95,7 +95,7 @@ export class ResyncPeer {
     const send = async (): Promise<void> => {
       if (batch.length === 0) return;
       const count = expectReply(await this.exchange(encodeWriteRequest(batch)), MSG_WRITE_REPLY);
-      if (count !== batch.length) throw new Error(`target acknowledged ${count} runs of ${batch.length}`);
+      if (count !== batch.length) throw new BlockrelayError('BR_RESYNC_PROTOCOL', `target side acknowledged ${count} runs of ${batch.length}`, { details: { acknowledged: count, sent: batch.length } });
       this.counters.dataBytes += batchBytes;
       batch = [];
       batchBytes = 0;

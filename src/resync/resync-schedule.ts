@@ -66,6 +66,9 @@ export function parseOfficeHours(text: string): OfficeHours {
   const startMinute = parseMinute(times[0], whole);
   const endMinute = parseMinute(times[1], whole);
   if (endMinute <= startMinute) throw new BlockrelayError('BR_CONFIG_INVALID', `office hours '${whole}': end ${times[1]} is not after start ${times[0]}`);
+  if (days.size === 7 && startMinute === 0 && endMinute === 24 * 60) {
+    throw new BlockrelayError('BR_CONFIG_INVALID', `office hours '${whole}' cover the whole week: automatic resyncs could never run (use 'none' for no office hours)`);
+  }
   const hours: OfficeHours = { days: [...days].sort(), startMinute, endMinute, ...(parts[2] === undefined ? {} : { timeZone: parts[2] }) };
   localTime(0, hours); // refuses an unknown time zone now, not at the first check
   return hours;
@@ -111,7 +114,7 @@ export function nextOffHours(ms: number, hours: OfficeHours): number {
     // shift on the way only means one more step.
     at = (Math.floor(at / MINUTE_MS) + Math.max(1, hours.endMinute - t.minute)) * MINUTE_MS;
   }
-  throw new Error('nextOffHours: no time outside office hours found');
+  throw new BlockrelayError('BR_CONFIG_INVALID', 'office hours leave no time outside them: automatic resyncs could never run');
 }
 
 /** The next moment after `ms` at which office hours begin, or undefined when there are none. */

@@ -35,7 +35,7 @@ describe('office hours', () => {
   });
 
   it('refuses malformed windows naming the problem', () => {
-    for (const bad of ['Mon-Fri', 'Mon-Fri 18:00-08:00', 'Moon 08:00-18:00', 'Mon-Fri 8-18', 'Mon-Fri 08:00-18:00 Not/AZone']) {
+    for (const bad of ['Mon-Fri', 'Mon-Fri 18:00-08:00', 'Moon 08:00-18:00', 'Mon-Fri 8-18', 'Mon-Fri 08:00-18:00 Not/AZone', 'Mon-Sun 00:00-24:00']) {
       expect(() => parseOfficeHours(bad), bad).toThrow(BlockrelayError);
     }
   });
