@@ -424,6 +424,14 @@ export class NbdConnection {
     );
   }
 
+  /**
+   * A WRITE: recorded at once (arrival order is log order), then written to
+   * the disk once no earlier overlapping write is in flight (arrival order is
+   * disk order for overlapping ranges), then answered. The reply does not
+   * wait for the record to finish unless the export's record queue is over
+   * its bounds or FUA asks for durability; a record that fails surfaces at
+   * the next FLUSH (see RecordQueue).
+   */
   private startWrite(flags: number, handleHi: number, handleLo: number, offset: number, payload: Buffer): void {
     const exp = this.exp!;
     const length = payload.length;
@@ -434,15 +442,24 @@ export class NbdConnection {
       return;
     }
     const fua = (flags & P.NBD_CMD_FLAG_FUA) !== 0;
+    let recordWait: Promise<void> | undefined;
+    const recorder = exp.exp.recorder;
+    if (recorder !== undefined) {
+      try {
+        recordWait = exp.records.track(recorder.recordWrite(offset, payload), length);
+      } catch (err) {
+        // Refused before anything was logged: the disk is not touched either.
+        this.finish(length);
+        this.failRequest(err, 'WRITE', offset, length, handleHi, handleLo);
+        return;
+      }
+    }
     const run = (): void => {
       exp.writer!.write(offset, payload).then(
         () => {
-          const recorded = exp.exp.recorder?.recordWrite(offset, payload);
-          // Leave the gate right after recording, in the same tick, so a
-          // later overlapping write can neither reach the disk nor the log first.
           exp.gate.leave(ticket);
           this.stats.bytesWritten += length;
-          this.completeMutation(recorded, fua, 'WRITE', offset, length, handleHi, handleLo);
+          this.completeMutation(recordWait, fua, 'WRITE', offset, length, handleHi, handleLo);
         },
         (err: unknown) => {
           exp.gate.leave(ticket);
@@ -455,6 +472,7 @@ export class NbdConnection {
     if (!ticket.blocked) run();
   }
 
+  /** WRITE_ZEROES and TRIM, ordered and recorded like a WRITE. */
   private startZero(type: number, fua: boolean, handleHi: number, handleLo: number, offset: number, length: number): void {
     const exp = this.exp!;
     const name = P.NBD_COMMAND_NAMES[type]!;
@@ -464,21 +482,27 @@ export class NbdConnection {
       this.send(P.encodeSimpleReply(0, handleHi, handleLo));
       return;
     }
+    let recordWait: Promise<void> | undefined;
+    const recorder = exp.exp.recorder;
+    if (recorder !== undefined) {
+      try {
+        // TRIM is carried out as a discard, which DiskTarget defines to read
+        // back as zeroes afterwards, so the record says the range is zero.
+        const recorded =
+          type === P.NBD_CMD_TRIM && recorder.recordTrim !== undefined ? recorder.recordTrim(offset, length) : recorder.recordZeroes(offset, length);
+        recordWait = exp.records.track(recorded, 0);
+      } catch (err) {
+        this.finish(0);
+        this.failRequest(err, name, offset, length, handleHi, handleLo);
+        return;
+      }
+    }
     const run = (): void => {
-      // TRIM is carried out as a discard, which DiskTarget defines to read back
-      // as zeroes afterwards, so the record says the range is zero.
       const op = type === P.NBD_CMD_TRIM ? exp.writer!.discard(offset, length) : exp.writer!.writeZeroes(offset, length);
       op.then(
         () => {
-          const recorder = exp.exp.recorder;
-          const recorded =
-            recorder === undefined
-              ? undefined
-              : type === P.NBD_CMD_TRIM && recorder.recordTrim !== undefined
-                ? recorder.recordTrim(offset, length)
-                : recorder.recordZeroes(offset, length);
           exp.gate.leave(ticket);
-          this.completeMutation(recorded, fua, name, offset, 0, handleHi, handleLo);
+          this.completeMutation(recordWait, fua, name, offset, 0, handleHi, handleLo);
         },
         (err: unknown) => {
           exp.gate.leave(ticket);
@@ -491,9 +515,9 @@ export class NbdConnection {
     if (!ticket.blocked) run();
   }
 
-  /** After a mutation reached the disk and the recorder: await the record, honour FUA, reply. */
+  /** After a mutation reached the disk: await the record where asked to, honour FUA, reply. */
   private completeMutation(
-    recorded: void | Promise<void> | undefined,
+    recorded: Promise<void> | undefined,
     fua: boolean,
     name: string,
     offset: number,
@@ -534,12 +558,21 @@ export class NbdConnection {
     );
   }
 
-  /** FLUSH and FUA make the disk and the recorder durable before the reply. */
-  private flushBoth(): Promise<unknown> {
+  /**
+   * FLUSH and FUA make the disk and the recorder durable before the reply,
+   * and fail if any record made before them failed: a write whose log entry
+   * is lost must not be reported durable.
+   */
+  private async flushBoth(): Promise<void> {
     const exp = this.exp!;
     const disk = exp.writer !== undefined ? exp.writer.flush() : Promise.resolve();
-    const rec = exp.exp.recorder?.flush();
-    return rec === undefined ? disk : Promise.all([disk, rec]);
+    const recorder = exp.exp.recorder;
+    if (recorder === undefined) {
+      await disk;
+      return;
+    }
+    await Promise.all([disk, exp.records.settled().then(() => recorder.flush())]);
+    exp.records.throwIfFailed();
   }
 
   private failRequest(err: unknown, name: string, offset: number, length: number, handleHi: number, handleLo: number): void {

@@ -2,6 +2,7 @@ import * as net from 'node:net';
 import { DEFAULT_NBD_CONNECTION_LIMITS, NbdConnection, type ConnectionHost, type NbdConnectionLimits } from './nbd-connection';
 import type { NbdExport } from './nbd-export';
 import { NBD_DEFAULT_MAX_BLOCK_BYTES, ServedExport } from './served-export';
+import { DEFAULT_RECORD_QUEUE_LIMITS, type RecordQueueLimits } from './record-queue';
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 
@@ -11,6 +12,8 @@ export interface NbdServerOptions {
   readonly limits?: Partial<NbdConnectionLimits>;
   /** Largest READ/WRITE/WRITE_ZEROES length advertised and accepted (default 32 MiB). */
   readonly maxBlockBytes?: number;
+  /** How far records may run ahead of replies, per export (DEFAULT_RECORD_QUEUE_LIMITS). */
+  readonly recordLimits?: Partial<RecordQueueLimits>;
   /** Connections beyond this are closed at once (default 64). */
   readonly maxConnections?: number;
   readonly clock?: Clock;
@@ -53,7 +56,7 @@ export class NbdServer implements ConnectionHost {
     }
     for (const exp of options.exports) {
       if (this.exports.has(exp.name)) throw new BlockrelayError('BR_CONFIG_INVALID', `two NBD exports are named '${exp.name}'`);
-      const served = new ServedExport(exp, maxBlockBytes);
+      const served = new ServedExport(exp, maxBlockBytes, (message, details) => this.warn(message, details), { ...DEFAULT_RECORD_QUEUE_LIMITS, ...options.recordLimits });
       this.exports.set(exp.name, served);
       this.exportList.push(served);
     }

@@ -9,6 +9,7 @@ import {
 } from './nbd-protocol';
 import { isWriteSource, type NbdExport, type NbdWriteSource } from './nbd-export';
 import { WriteOrderGate } from './write-order-gate';
+import { DEFAULT_RECORD_QUEUE_LIMITS, RecordQueue, type RecordQueueLimits } from './record-queue';
 import { BlockrelayError } from '../retry/blockrelay-error';
 
 /** The preferred block size advertised: the page size, where page-cache I/O is cheapest. */
@@ -18,8 +19,8 @@ export const NBD_DEFAULT_MAX_BLOCK_BYTES = 32 * 1024 * 1024;
 
 /**
  * An export as the server holds it: the export itself plus what is derived
- * once (transmission flags, block size constraints) and the write-order gate
- * every connection to it shares.
+ * once (transmission flags, block size constraints), and what every
+ * connection to it shares: the write-order gate and the record queue.
  */
 export class ServedExport {
   readonly name: string;
@@ -34,8 +35,15 @@ export class ServedExport {
   readonly maxBlockBytes: number;
   readonly transmissionFlags: number;
   readonly gate = new WriteOrderGate();
+  /** Records handed to the recorder and not finished yet. */
+  readonly records: RecordQueue;
 
-  constructor(exp: NbdExport, maxBlockBytes: number) {
+  constructor(
+    exp: NbdExport,
+    maxBlockBytes: number,
+    warn: (message: string, details?: Record<string, unknown>) => void = () => {},
+    recordLimits: RecordQueueLimits = DEFAULT_RECORD_QUEUE_LIMITS,
+  ) {
     if (Buffer.byteLength(exp.name, 'utf8') > 4096) {
       throw new BlockrelayError('BR_CONFIG_INVALID', `NBD export name is longer than 4096 bytes: '${exp.name.slice(0, 40)}…'`);
     }
@@ -46,6 +54,7 @@ export class ServedExport {
     this.description = exp.description ?? '';
     this.readOnly = exp.readOnly;
     this.exp = exp;
+    this.records = new RecordQueue(exp.name, recordLimits, warn);
     this.writer = exp.readOnly ? undefined : (exp.source as NbdWriteSource);
     this.sizeBytes = exp.source.sizeBytes;
     const alignment = exp.source.capabilities?.alignmentBytes ?? 1;

@@ -333,7 +333,8 @@ describe('NBD server ordering and back-pressure', () => {
     source.held[2]!.done();
     expect(await readSimpleReply(p)).toEqual({ error: 0, handle: 2 });
     expect(source.bytes.subarray(4096, 8192).every((b) => b === 0xbb)).toBe(true);
-    expect(recorder.records.map((r) => r.offset)).toEqual([65536, 0, 4096]);
+    // Records are made in arrival order, which for the overlapping pair is also disk order.
+    expect(recorder.records.map((r) => r.offset)).toEqual([0, 4096, 65536]);
     expect(recorder.replayOnto(Buffer.alloc(MiB)).equals(source.bytes)).toBe(true);
   });
 
@@ -376,6 +377,87 @@ describe('NBD server ordering and back-pressure', () => {
     for (let n = 0; n < 32; n++) expect((await readSimpleReply(p)).error).toBe(0);
     stop();
     expect(source.maxConcurrent).toBeLessThanOrEqual(4);
+  });
+});
+
+/** A recorder whose records finish only when the test says so, and can fail. */
+class SlowRecorder {
+  readonly calls: number[] = [];
+  private readonly waiting: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  flushes = 0;
+
+  recordWrite(offset: number): Promise<void> {
+    this.calls.push(offset);
+    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject }));
+  }
+
+  recordZeroes(offset: number): Promise<void> {
+    return this.recordWrite(offset);
+  }
+
+  async flush(): Promise<void> {
+    this.flushes++;
+  }
+
+  finishAll(error?: Error): void {
+    for (const w of this.waiting.splice(0)) if (error) w.reject(error); else w.resolve();
+  }
+
+  get unfinished(): number {
+    return this.waiting.length;
+  }
+}
+
+describe('NBD server record queue', () => {
+  it('answers writes before their records finish, up to the bound, and FLUSH waits for them', async () => {
+    const source = new HeldSource(MiB);
+    const recorder = new SlowRecorder();
+    const server = new NbdServer({ exports: [{ name: 'd', readOnly: false, source, recorder }], recordLimits: { maxRecords: 3 } });
+    const { port } = await server.listen('127.0.0.1', 0);
+    cleanups.push(() => server.close(1000));
+    const stop = source.releaseContinuously();
+    cleanups.push(stop);
+    const p = await peer(port);
+    await rawHandshake(p, 'd');
+    for (let i = 0; i < 3; i++) p.send(request(P.NBD_CMD_WRITE, i * 4096, 4096, i, { payload: Buffer.alloc(4096, i) }));
+    for (let i = 0; i < 3; i++) expect((await readSimpleReply(p)).error).toBe(0);
+    expect(recorder.unfinished).toBe(3);
+    // The fourth record is over the bound: its reply waits for it.
+    p.send(request(P.NBD_CMD_WRITE, 3 * 4096, 4096, 3, { payload: Buffer.alloc(4096, 3) }));
+    p.send(request(P.NBD_CMD_FLUSH, 0, 0, 4));
+    await until(() => recorder.unfinished === 4);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(p.pending).toBe(0);
+    recorder.finishAll();
+    const replies = [await readSimpleReply(p), await readSimpleReply(p)];
+    expect(replies.map((r) => r.error)).toEqual([0, 0]);
+    expect(recorder.flushes).toBe(1);
+    expect(recorder.calls).toEqual([0, 4096, 8192, 12288]);
+  });
+
+  it('fails every FLUSH after a record failed, so a lost log entry is never reported durable', async () => {
+    const source = new HeldSource(MiB);
+    const recorder = new SlowRecorder();
+    const warnings: string[] = [];
+    const server = new NbdServer({ exports: [{ name: 'd', readOnly: false, source, recorder }], warn: (m) => warnings.push(m) });
+    const { port } = await server.listen('127.0.0.1', 0);
+    cleanups.push(() => server.close(1000));
+    const stop = source.releaseContinuously();
+    cleanups.push(stop);
+    const p = await peer(port);
+    await rawHandshake(p, 'd');
+    p.send(request(P.NBD_CMD_WRITE, 0, 4096, 1, { payload: Buffer.alloc(4096, 1) }));
+    expect(await readSimpleReply(p)).toEqual({ error: 0, handle: 1 });
+    recorder.finishAll(new Error('log volume full'));
+    p.send(request(P.NBD_CMD_FLUSH, 0, 0, 2));
+    expect(await readSimpleReply(p)).toEqual({ error: P.NBD_EIO, handle: 2 });
+    p.send(request(P.NBD_CMD_FLUSH, 0, 0, 3));
+    expect(await readSimpleReply(p)).toEqual({ error: P.NBD_EIO, handle: 3 });
+    p.send(request(P.NBD_CMD_WRITE, 0, 4096, 4, { flags: P.NBD_CMD_FLAG_FUA, payload: Buffer.alloc(4096, 1) }));
+    await until(() => recorder.unfinished === 1);
+    recorder.finishAll();
+    expect(await readSimpleReply(p)).toEqual({ error: P.NBD_EIO, handle: 4 });
+    expect(warnings.some((w) => w.includes('recording a write failed'))).toBe(true);
   });
 });
 
