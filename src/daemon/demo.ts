@@ -124,7 +124,13 @@ export class Demo {
       logger: this.logger,
       onSealed: () => this.shipping?.sealed(),
     });
-    this.shipping = new SourceShipping({ trackers: this.source.trackers, peer: { url: this.ps.url, secret }, ...quiet });
+    this.shipping = new SourceShipping({
+      trackers: this.source.trackers,
+      peer: { url: this.ps.url, secret },
+      // After an overflow the demo resyncs at once, through the log stream.
+      readers: new Map([[DEMO_DEFAULTS.diskId, (offset: number, length: number) => disk.read(offset, length)]]),
+      ...quiet,
+    });
     this.shipping.start();
     this.tagger = new AppTagger({
       clock: this.clock,

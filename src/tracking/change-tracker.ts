@@ -10,6 +10,7 @@ import {
   DISK_ID_PATTERN,
   MAX_APP_TAG_BYTES,
   OPEN_LOG_SUFFIX,
+  RESYNC_LOG_TMP_SUFFIX,
   SEALED_LOG_SUFFIX,
   SIDECAR_SUFFIX,
   TMP_SUFFIX,
@@ -21,6 +22,7 @@ import {
   readJsonFile,
   writeFileAtomic,
   type LogSidecar,
+  type ResyncReservation,
   type TrackerMaps,
   type TrackerState,
 } from './tracker-files';
@@ -55,6 +57,20 @@ export interface ChangeTrackerOptions {
 }
 
 export type { ResyncReason, SealedLogInfo } from './tracker-recovery';
+
+/** Reads the protected disk, for resync rounds. */
+export type DiskReader = (offset: number, length: number) => Promise<Buffer>;
+
+/** What one resync round carried. */
+export interface ResyncRoundResult {
+  readonly log: SealedLogInfo;
+  readonly bytes: number;
+  /** Resync extents still waiting after this round. */
+  readonly remainingBytes: number;
+}
+
+/** Most bytes one resync round reads at once from the disk. */
+const RESYNC_READ_CHUNK_BYTES = 1024 * 1024;
 
 export interface ResyncReport {
   readonly diskId: string;
@@ -143,6 +159,10 @@ export class ChangeTracker {
   private timer: TimerHandle | undefined;
   private closed = false;
   private lastResyncReason: ResyncReason | null = null;
+  /** Sequences held for resync logs being written; sealed logs after the lowest wait for it. */
+  private reservations: ResyncReservation[] = [];
+  /** Counts folds, so a resync round can tell that one happened while it ran. */
+  private folds = 0;
 
   private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap>; mapsGeneration: number }) {
     this.diskId = options.diskId;
@@ -224,7 +244,14 @@ export class ChangeTracker {
     for (const n of await listDir(dir)) maxSeq = Math.max(maxSeq, seqOf(n));
     const lastUniqueId = sealed.length > 0 ? sealed[sealed.length - 1]!.uniqueId : state?.lastUniqueId ?? NIL_GUID;
     maps.dirty.merge(maps.resync);
-    const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0 });
+    const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId: state?.reservations?.length ? state.lastUniqueId : lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0 });
+    // A resync round cut short by a crash: its extents are still in the resync
+    // map (cleared only once its log is sealed), so an empty log fills the
+    // held sequence and keeps the chain; a later round carries the data.
+    for (const r of state?.reservations ?? []) {
+      if (sealed.some((l) => l.sequence === r.sequence)) continue;
+      await tracker.sealResyncLog(r, undefined, undefined);
+    }
     if (mode === 'dirty-only') {
       // An overflow was under way: finish dropping the logs.
       await tracker.dropAllLogs();
@@ -325,7 +352,10 @@ export class ChangeTracker {
 
   /** Sealed logs not yet acknowledged, in apply order. */
   sealedLogs(): SealedLogInfo[] {
-    return this.sealed.slice();
+    // A resync log being written comes before every log sealed after its
+    // reservation: those wait, so logs always leave in sequence order.
+    const held = this.reservations.reduce((min, r) => Math.min(min, r.sequence), Number.POSITIVE_INFINITY);
+    return this.sealed.filter((s) => s.sequence < held);
   }
 
   /**
@@ -376,6 +406,126 @@ export class ChangeTracker {
         }
       }
       return snapshot;
+    });
+  }
+
+  /**
+   * One round of resync carried in the log stream: holds the next sequence
+   * for a resync log, seals the active log before it and opens the next one
+   * after it (so writes during the round are logged and applied after the
+   * round's data), then reads up to `maxBytes` of resync extents from the
+   * disk into the resync log and seals it. Each block is read after the
+   * round began, so applying the resync log and then the logs after it
+   * leaves the replica equal to the source; the resync log's own end is not
+   * a crash-consistent point (its sidecar says `resync`).
+   *
+   * Returns undefined when nothing needs a resync. A round that fails to
+   * read still fills its sequence with an empty log, and its extents stay
+   * in the resync map.
+   */
+  async resyncRound(read: DiskReader, maxBytes: number): Promise<ResyncRoundResult | undefined> {
+    if (!Number.isSafeInteger(maxBytes) || maxBytes < this.granularityBytes) throw new RangeError(`maxBytes must be a whole number of at least ${this.granularityBytes}, got ${maxBytes}`);
+    const started = await this.locked(async () => {
+      this.assertOpen();
+      if (this.maps.resync.dirtyBytes() === 0) return undefined;
+      const snapshot = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+      let taken = 0;
+      for (const e of this.maps.resync.extents()) {
+        const length = Math.min(e.length, maxBytes - taken);
+        if (length <= 0) break;
+        snapshot.mark(e.offset, length);
+        taken += length;
+      }
+      if (this.writer !== undefined) {
+        const point: CutPoint = { cutId: randomGuid(), cutTimeMs: this.clock.now() };
+        if (!(await this.logIo(async () => { await this.sealActive(point); }))) return undefined;
+      }
+      const reservation: ResyncReservation = { sequence: this.nextSequence++, uniqueId: randomGuid(), previousUniqueId: this.lastUniqueId };
+      this.reservations.push(reservation);
+      this.lastUniqueId = reservation.uniqueId;
+      this.mode = 'logging';
+      await this.writeState();
+      if (!(await this.logIo(() => this.openActiveLog()))) {
+        // The fold dropped every log; the held sequence is still filled below.
+      }
+      await this.persistMaps(true);
+      return { reservation, snapshot, folds: this.folds };
+    });
+    if (started === undefined) return undefined;
+    const { reservation, snapshot, folds } = started;
+    const log = await this.sealResyncLog(reservation, snapshot, read).catch(async (err: unknown) => {
+      // The disk could not be read: keep the sequence stream whole with an
+      // empty log; the extents stay in the resync map for the next round.
+      const empty = await this.sealResyncLog(reservation, undefined, undefined);
+      throw Object.assign(wrapError(err, 'BR_IO', `resync round of ${this.diskId} could not read the disk`), { emptyLog: empty.name });
+    });
+    return this.locked(async () => {
+      // A fold during the round put later writes of these extents into the
+      // resync map as well: clearing the snapshot then could lose them.
+      if (this.folds === folds) for (const e of snapshot.extents()) this.maps.resync.clear(e.offset, e.length);
+      await this.rebuildDirty();
+      await this.persistMaps(true);
+      return { log, bytes: snapshot.dirtyBytes(), remainingBytes: this.maps.resync.dirtyBytes() };
+    });
+  }
+
+  /**
+   * Writes the resync log of `reservation` (empty when no snapshot) to a
+   * temporary file, seals it, and publishes it with its sidecar under the
+   * held sequence.
+   */
+  private async sealResyncLog(reservation: ResyncReservation, snapshot: DirtyMap | undefined, read: DiskReader | undefined): Promise<SealedLogInfo> {
+    const tmp = this.logPath(reservation.sequence, RESYNC_LOG_TMP_SUFFIX);
+    await unlinkIfPresent(tmp);
+    const writer = await HrlWriter.create(tmp, {
+      uniqueId: reservation.uniqueId,
+      previousUniqueId: reservation.previousUniqueId,
+      metadataSizeBytes: this.metadataSizeBytes,
+      maxEntryBytes: this.maxEntryBytes,
+      clock: this.clock,
+    });
+    let done;
+    try {
+      if (snapshot !== undefined && read !== undefined) {
+        for (const e of snapshot.extents()) {
+          for (let at = e.offset; at < e.offset + e.length; at += RESYNC_READ_CHUNK_BYTES) {
+            const length = Math.min(RESYNC_READ_CHUNK_BYTES, e.offset + e.length - at);
+            await writer.append(at, await read(at, length));
+          }
+        }
+      }
+      done = await writer.seal();
+    } catch (err) {
+      await writer.close().catch(() => undefined);
+      await unlinkIfPresent(tmp);
+      throw err;
+    }
+    await writer.close();
+    return this.locked(async () => {
+      const now = this.clock.now();
+      const sidecar: LogSidecar = {
+        version: 1, diskId: this.diskId, sequence: reservation.sequence, uniqueId: done.uniqueId, previousUniqueId: done.previousUniqueId, sizeBytes: done.sizeBytes, entryCount: done.entryCount,
+        cutId: randomGuid(), cutTime: new Date(now).toISOString(), cutTimeMs: now, recovered: snapshot === undefined, resync: true,
+      };
+      const sidecarPath = this.logPath(reservation.sequence, SIDECAR_SUFFIX);
+      const sealedPath = this.logPath(reservation.sequence, SEALED_LOG_SUFFIX);
+      try {
+        await writeFileAtomic(sidecarPath, JSON.stringify(sidecar, null, 2));
+        await fsp.rename(tmp, sealedPath);
+        await syncDirectory(this.dir);
+      } catch (err) {
+        throw wrapError(err, 'BR_IO', `cannot publish resync log ${sealedPath}`);
+      }
+      const info: SealedLogInfo = { ...sidecar, name: path.basename(sealedPath), path: sealedPath, sidecarPath };
+      this.sealed.push(info);
+      this.sealed.sort((a, b) => a.sequence - b.sequence);
+      this.sealedBytes += info.sizeBytes;
+      const logMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+      if (snapshot !== undefined) logMap.merge(snapshot);
+      this.logMaps.set(info.name, logMap);
+      this.reservations = this.reservations.filter((r) => r.sequence !== reservation.sequence);
+      await this.writeState();
+      return info;
     });
   }
 
@@ -513,6 +663,7 @@ export class ChangeTracker {
     const state: TrackerState = {
       version: 1, diskId: this.diskId, diskSizeBytes: this.diskSizeBytes, granularityBytes: this.granularityBytes,
       mode: this.mode, nextSequence: this.nextSequence, lastUniqueId: this.lastUniqueId, activeSequence: this.activeSequence,
+      ...(this.reservations.length > 0 ? { reservations: this.reservations } : {}),
     };
     await writeFileAtomic(path.join(this.dir, `${this.diskId}.tracker.json`), JSON.stringify(state, null, 2));
   }
@@ -600,6 +751,7 @@ export class ChangeTracker {
 
   /** Folds everything unshipped into the resync map, then drops the logs and keeps tracking in the maps only. */
   private async foldLogs(reason: ResyncReason): Promise<void> {
+    this.folds++;
     this.maps.resync.merge(this.maps.dirty);
     this.mode = 'dirty-only';
     this.generation++;

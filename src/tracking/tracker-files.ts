@@ -89,7 +89,23 @@ export interface TrackerState {
   readonly lastUniqueId: string;
   /** Sequence of the active log, if one is open. */
   readonly activeSequence: number | null;
+  /**
+   * Sequences held for resync logs being written (see ChangeTracker.resyncRound):
+   * each sits before the active log in apply order, with its UniqueId chain
+   * fixed in advance. One found unfilled at open is filled with an empty log.
+   */
+  readonly reservations?: readonly ResyncReservation[];
 }
+
+/** A sequence number held for a resync log, with the log's place in the UniqueId chain. */
+export interface ResyncReservation {
+  readonly sequence: number;
+  readonly uniqueId: string;
+  readonly previousUniqueId: string;
+}
+
+/** Suffix of a resync log while it is being written; removed with other temporaries at open. */
+export const RESYNC_LOG_TMP_SUFFIX = '.hrl.resync.tmp';
 
 export function parseTrackerState(value: unknown, file: string): TrackerState {
   const bad = (why: string): BlockrelayError => new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file}: ${why}`, { details: { file } });
@@ -105,7 +121,19 @@ export function parseTrackerState(value: unknown, file: string): TrackerState {
   if (v.mode !== 'logging' && v.mode !== 'dirty-only') throw bad(`mode ${String(v.mode)} is unknown`);
   if (typeof v.lastUniqueId !== 'string') throw bad('lastUniqueId missing');
   const active = v.activeSequence === null ? null : int('activeSequence');
-  return { version: 1, diskId: v.diskId, diskSizeBytes: int('diskSizeBytes'), granularityBytes: int('granularityBytes'), mode: v.mode, nextSequence: int('nextSequence'), lastUniqueId: v.lastUniqueId, activeSequence: active };
+  let reservations: ResyncReservation[] | undefined;
+  if (v.reservations !== undefined) {
+    if (!Array.isArray(v.reservations) || v.reservations.length > 64) throw bad('reservations is not a list of at most 64');
+    reservations = v.reservations.map((r: unknown) => {
+      const o = r as Record<string, unknown>;
+      if (typeof o !== 'object' || o === null || typeof o.uniqueId !== 'string' || typeof o.previousUniqueId !== 'string' || typeof o.sequence !== 'number' || !Number.isSafeInteger(o.sequence) || o.sequence < 1) throw bad('a reservation is malformed');
+      return { sequence: o.sequence, uniqueId: o.uniqueId, previousUniqueId: o.previousUniqueId };
+    });
+  }
+  return {
+    version: 1, diskId: v.diskId, diskSizeBytes: int('diskSizeBytes'), granularityBytes: int('granularityBytes'), mode: v.mode, nextSequence: int('nextSequence'), lastUniqueId: v.lastUniqueId, activeSequence: active,
+    ...(reservations === undefined ? {} : { reservations }),
+  };
 }
 
 /** A sealed log's sidecar (`ID-SSSSSSSSSSSS.hrl.json`). */
@@ -125,6 +153,8 @@ export interface LogSidecar {
   readonly recovered: boolean;
   /** Set when the cut was app-consistent (taken with the application quiesced): the tag's name. */
   readonly appTag?: string;
+  /** Set on a resync log: blocks read from the disk while it changed, so its end is no recovery point. */
+  readonly resync?: boolean;
 }
 
 /** Longest app tag a sidecar holds, in UTF-8 bytes. */
@@ -139,6 +169,7 @@ export function parseSidecar(value: unknown, file: string): LogSidecar {
   for (const k of ['sequence', 'sizeBytes', 'entryCount', 'cutTimeMs']) if (typeof v[k] !== 'number' || !Number.isSafeInteger(v[k])) throw bad(`${k} is not a whole number`);
   if (typeof v.recovered !== 'boolean') throw bad('recovered missing');
   if (v.appTag !== undefined && (typeof v.appTag !== 'string' || Buffer.byteLength(v.appTag) > MAX_APP_TAG_BYTES)) throw bad('appTag is not a string of at most 256 bytes');
+  if (v.resync !== undefined && typeof v.resync !== 'boolean') throw bad('resync is not true or false');
   return v as unknown as LogSidecar;
 }
 

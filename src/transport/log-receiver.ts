@@ -71,7 +71,7 @@ export class LogReceiver {
     const encoding = req.headers[HEADER.encoding];
     if (encoding !== undefined && encoding !== 'lz4') throw new BlockrelayError('BR_PROTOCOL', `unknown ${HEADER.encoding} '${String(encoding)}'`);
     await this.lock.run(diskId, async () => {
-      const admission = this.options.ledger.admit(diskId, envelope.seq, envelope.xxhash64);
+      const admission = this.options.ledger.admit(diskId, envelope.seq, envelope.xxhash64, envelope.resync === true);
       if (admission.kind === 'duplicate') {
         req.resume();
         await new Promise<void>((resolve) => {

@@ -85,7 +85,16 @@ export class LogShipper {
   }
 
   private async ship(log: ShippableLog): Promise<void> {
-    const { xxhash64, sizeBytes } = await hashFile(log.file);
+    let hashed: { xxhash64: string; sizeBytes: number };
+    try {
+      hashed = await hashFile(log.file);
+    } catch (err) {
+      // An overflow folded the log into the dirty map while it waited: it is
+      // no longer listed and a resync log will carry its extents.
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT' && !(await this.source.sealedLogs()).some((l) => l.seq === log.seq)) return;
+      throw err;
+    }
+    const { xxhash64, sizeBytes } = hashed;
     const envelope = {
       diskId: this.source.diskId,
       seq: log.seq,

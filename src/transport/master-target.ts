@@ -200,7 +200,8 @@ export class ApplyingHop {
     const { seq } = entry.envelope;
     const ledger = this.ledger.get(disk.diskId);
     if (ledger.appliedSeq !== null && seq <= ledger.appliedSeq) return;
-    if (ledger.appliedSeq !== null && seq !== ledger.appliedSeq + 1) {
+    // Logs apply in unbroken sequence; only a resync log may follow a gap (it carries the folded logs' extents).
+    if (ledger.appliedSeq !== null && seq !== ledger.appliedSeq + 1 && entry.envelope.resync !== true) {
       throw new BlockrelayError('BR_SEQ_GAP', `disk ${disk.diskId}: log ${seq} is next in the inbox but ${ledger.appliedSeq + 1} was never received`, { details: { expectedSeq: ledger.appliedSeq + 1 } });
     }
     const started = process.hrtime.bigint();

@@ -71,10 +71,14 @@ export class SequenceLedger {
    * accept it (its turn), call it a duplicate (already accepted, same log),
    * or refuse it as a gap (ahead of its turn) or a conflict (a different log
    * under a number already used).
+   *
+   * A resync log may come ahead of its turn: the source folded the logs
+   * between (after an overflow) and the resync log carries their extents.
    */
-  admit(diskId: string, seq: number, xxhash64: string): Admission {
+  admit(diskId: string, seq: number, xxhash64: string, resync = false): Admission {
     const ledger = this.get(diskId);
     if (ledger.nextSeq === null || seq === ledger.nextSeq) return { kind: 'accept' };
+    if (seq > ledger.nextSeq && resync) return { kind: 'accept' };
     if (seq > ledger.nextSeq) {
       throw new BlockrelayError('BR_SEQ_GAP', `disk ${diskId}: log ${seq} arrived, expected ${ledger.nextSeq}`, { details: { expectedSeq: ledger.nextSeq } });
     }

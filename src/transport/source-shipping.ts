@@ -4,7 +4,7 @@ import type { Clock, TimerHandle } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { DiskHealth } from '../retry/health';
 import type { RetryPolicy } from '../retry/retry-policy';
-import { ChangeTracker } from '../tracking/change-tracker';
+import { ChangeTracker, type DiskReader } from '../tracking/change-tracker';
 import type { PeerOptions } from './log-client';
 import { LogShipper } from './log-shipper';
 import { trackerShippingSource } from './tracker-shipping';
@@ -18,6 +18,10 @@ export const SOURCE_SHIPPING_DEFAULTS = {
    * 15-minute RPO threshold.
    */
   heartbeatMs: 5 * 60_000,
+  /** How often each disk is checked for a pending resync. */
+  resyncCheckMs: 1_000,
+  /** Most bytes one resync round carries (also capped at a quarter of the disk). */
+  resyncRoundMaxBytes: 256 * 1024 * 1024,
 } as const;
 
 export interface SourceShippingOptions {
@@ -30,6 +34,15 @@ export interface SourceShippingOptions {
   readonly heartbeatMs?: number;
   /** Replication group of every disk here (one group per source process). */
   readonly group?: string;
+  /**
+   * Readers of the protected disks. With them, a disk whose tracker needs a
+   * resync (overflow, torn tail, lost map) is resynced through the log
+   * stream at once, round by round; without them it waits in Warning for
+   * an operator's `blockrelay resync`.
+   */
+  readonly readers?: ReadonlyMap<string, DiskReader>;
+  readonly resyncCheckMs?: number;
+  readonly resyncRoundMaxBytes?: number;
 }
 
 export interface SourceDiskStatus {
@@ -54,6 +67,10 @@ export interface SourceDiskStatus {
 export class SourceShipping {
   private readonly shippers = new Map<string, { shipper: LogShipper; health: DiskHealth }>();
   private heartbeat: TimerHandle | undefined;
+  private resyncTimer: TimerHandle | undefined;
+  private readonly resyncing = new Set<string>();
+  private resyncRounds: Promise<unknown> = Promise.resolve();
+  private stopped = false;
   private lastCutMs: number;
 
   constructor(private readonly options: SourceShippingOptions) {
@@ -75,6 +92,7 @@ export class SourceShipping {
   start(): void {
     for (const { shipper } of this.shippers.values()) shipper.start();
     this.scheduleHeartbeat();
+    this.scheduleResync();
   }
 
   /** Logs were sealed (a cut): ship them. */
@@ -106,8 +124,12 @@ export class SourceShipping {
   }
 
   async stop(): Promise<void> {
+    this.stopped = true;
     this.heartbeat?.cancel();
     this.heartbeat = undefined;
+    this.resyncTimer?.cancel();
+    this.resyncTimer = undefined;
+    await this.resyncRounds;
     await Promise.all([...this.shippers.values()].map(({ shipper }) => shipper.stop()));
   }
 
@@ -130,6 +152,46 @@ export class SourceShipping {
         recentErrors: health.recentErrors.map((e) => ({ code: e.code, message: e.message, atMs: e.atMs })),
       };
     });
+  }
+
+  private scheduleResync(): void {
+    if (this.options.readers === undefined || this.stopped) return;
+    this.resyncTimer = this.options.clock.setTimer(() => {
+      const rounds = [...this.options.trackers.keys()].map((diskId) => this.resyncOnce(diskId));
+      this.resyncRounds = Promise.all(rounds).finally(() => this.scheduleResync());
+    }, this.options.resyncCheckMs ?? SOURCE_SHIPPING_DEFAULTS.resyncCheckMs);
+  }
+
+  /** Runs one resync round for a disk when it needs one and its shipping has room. */
+  private async resyncOnce(diskId: string): Promise<void> {
+    const tracker = this.options.trackers.get(diskId)!;
+    const read = this.options.readers?.get(diskId);
+    if (read === undefined || this.resyncing.has(diskId) || this.stopped) return;
+    const status = tracker.status();
+    // A round is bounded by a quarter of the disk as well, so its log alone
+    // never comes near the tracker's overflow threshold (half the disk).
+    const roundMax = Math.max(64 * 1024, Math.min(this.options.resyncRoundMaxBytes ?? SOURCE_SHIPPING_DEFAULTS.resyncRoundMaxBytes, Math.floor(tracker.diskSizeBytes / 4)));
+    if (!status.resyncRequired || status.unshippedBytes > roundMax) return;
+    this.resyncing.add(diskId);
+    const entry = this.shippers.get(diskId)!;
+    try {
+      entry.health.reportResync('running', this.options.clock.now());
+      const round = await tracker.resyncRound(read, roundMax);
+      if (round !== undefined) {
+        this.options.metrics.resyncBytesTotal.inc({ disk: diskId }, round.bytes);
+        this.options.logger.info({ disk: diskId, log: round.log.name, bytes: round.bytes, remainingBytes: round.remainingBytes }, 'resync round sealed');
+        entry.health.reportSuccess('resync');
+      }
+      entry.health.reportResync(tracker.status().resyncRequired ? 'pending' : 'none', this.options.clock.now());
+      this.sealed();
+    } catch (err) {
+      const coded = err instanceof BlockrelayError ? err : new BlockrelayError('BR_IO', String(err), { cause: err });
+      entry.health.reportError('resync', coded, this.options.clock.now());
+      this.options.logger.warn({ disk: diskId, code: coded.code }, `resync round failed: ${coded.message}`);
+      this.sealed();
+    } finally {
+      this.resyncing.delete(diskId);
+    }
   }
 
   private scheduleHeartbeat(): void {
