@@ -84,6 +84,8 @@ export interface CatalogContents {
   /** Length of the valid prefix; anything after it is a torn last append. */
   readonly validBytes: number;
   readonly fileBytes: number;
+  /** Lines skipped as damaged (only when salvaging). */
+  readonly damagedLines?: number;
 }
 
 /**
@@ -94,7 +96,8 @@ export interface CatalogContents {
  * record names it, a later point was recorded (the master target applies in
  * order), or `appliedSeq` (the master target's ledger) has reached it.
  */
-export function parseCatalog(bytes: Buffer, diskId: string, file: string, appliedSeq: number | null = null): CatalogContents {
+export function parseCatalog(bytes: Buffer, diskId: string, file: string, appliedSeq: number | null = null, options: { skipDamaged?: boolean } = {}): CatalogContents {
+  let damagedLines = 0;
   const bySeq = new Map<number, RecoveryPoint>();
   const applied = new Set<number>();
   let at = 0;
@@ -104,7 +107,9 @@ export function parseCatalog(bytes: Buffer, diskId: string, file: string, applie
     const lineEnd = nl < 0 ? bytes.length : nl;
     const isLast = nl < 0 || nl + 1 === bytes.length;
     const bad = (why: string): void => {
-      if (!isLast) throw corrupt(file, at, why);
+      if (isLast) return;
+      if (options.skipDamaged !== true) throw corrupt(file, at, why);
+      damagedLines++;
     };
     let record: CatalogRecord | undefined;
     if (nl < 0) bad('line has no end');
@@ -123,7 +128,15 @@ export function parseCatalog(bytes: Buffer, diskId: string, file: string, applie
         if (record === undefined) bad('record is not a valid point or applied record');
       }
     }
-    if (record === undefined) break;
+    if (record === undefined) {
+      // Salvage: every line carries its own CRC, so the lines after a damaged one still count.
+      if (options.skipDamaged === true && nl >= 0 && !isLast) {
+        at = lineEnd + 1;
+        validBytes = at;
+        continue;
+      }
+      break;
+    }
     if (record.t === 'applied') applied.add(record.seq);
     else if (!bySeq.has(record.seq)) {
       if (record.applied === true) applied.add(record.seq);
@@ -137,7 +150,7 @@ export function parseCatalog(bytes: Buffer, diskId: string, file: string, applie
   const isApplied = (p: RecoveryPoint): boolean => applied.has(p.seq) || p !== newest || (appliedSeq !== null && appliedSeq >= p.seq);
   const points = all.filter(isApplied);
   const pending = newest !== undefined && !isApplied(newest) ? newest : undefined;
-  return { points, pending, validBytes, fileBytes: bytes.length };
+  return { points, pending, validBytes, fileBytes: bytes.length, damagedLines };
 }
 
 /**
@@ -148,7 +161,7 @@ export function parseCatalog(bytes: Buffer, diskId: string, file: string, applie
 export class PointCatalog {
   constructor(readonly file: string, readonly diskId: string) {}
 
-  async read(appliedSeq: number | null = null): Promise<CatalogContents> {
+  async read(appliedSeq: number | null = null, options: { skipDamaged?: boolean } = {}): Promise<CatalogContents> {
     let bytes: Buffer;
     try {
       bytes = await fsp.readFile(this.file);
@@ -156,7 +169,7 @@ export class PointCatalog {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { points: [], pending: undefined, validBytes: 0, fileBytes: 0 };
       throw wrapError(err, 'BR_IO', `reading recovery point catalog ${this.file}`);
     }
-    return parseCatalog(bytes, this.diskId, this.file, appliedSeq);
+    return parseCatalog(bytes, this.diskId, this.file, appliedSeq, options);
   }
 
   /**

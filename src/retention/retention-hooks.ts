@@ -94,7 +94,11 @@ export class RetentionHooks implements ApplyHooks {
     let h = this.histories.get(diskId);
     if (h === undefined) {
       h = new DiskHistory(this.options.dir, diskId);
-      await h.open(readAppliedSeq(this.options.stateDir, diskId));
+      const { salvagedDamagedLines } = await h.open(readAppliedSeq(this.options.stateDir, diskId));
+      if (salvagedDamagedLines > 0) {
+        // Replication goes on: losing the records of a few points beats stopping the disk.
+        this.logger.warn({ disk: diskId, code: 'BR_RETENTION_CATALOG_CORRUPT', damagedLines: salvagedDamagedLines, file: h.catalog.file }, 'recovery point catalog was damaged; kept its intact records');
+      }
       this.histories.set(diskId, h);
     }
     return h;

@@ -25,11 +25,27 @@ export class DiskHistory {
     this.catalog = new PointCatalog(paths.catalog, diskId);
   }
 
-  /** Loads the catalog (settling a point whose apply the ledger confirms) and discards half-written pre-images. */
-  async open(appliedSeq: number | null): Promise<void> {
+  /**
+   * Loads the catalog (settling a point whose apply the ledger confirms) and
+   * discards half-written pre-images. A catalog damaged before its end is
+   * salvaged rather than stopping replication: its intact lines are kept
+   * (each has its own CRC), the file is replaced by them, and the number of
+   * lines lost is returned so the caller can warn.
+   */
+  async open(appliedSeq: number | null): Promise<{ salvagedDamagedLines: number }> {
     await this.journal.open();
-    this.adopt(await this.catalog.read(appliedSeq));
+    let salvaged = 0;
+    try {
+      this.adopt(await this.catalog.read(appliedSeq));
+    } catch (err) {
+      if ((err as { code?: string }).code !== 'BR_RETENTION_CATALOG_CORRUPT') throw err;
+      const contents = await this.catalog.read(appliedSeq, { skipDamaged: true });
+      salvaged = contents.damagedLines ?? 0;
+      await this.catalog.rewrite(contents.points, contents.pending);
+      this.adopt(await this.catalog.read(appliedSeq));
+    }
     this.journalBytes = await this.journal.sizeBytes();
+    return { salvagedDamagedLines: salvaged };
   }
 
   /** Appends records to the catalog and updates the in-memory state by the catalog's own rules. */

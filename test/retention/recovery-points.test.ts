@@ -87,6 +87,18 @@ describe('recovery point catalog', () => {
     await expect(catalog.read()).rejects.toMatchObject({ code: 'BR_RETENTION_CATALOG_CORRUPT', details: { file, offset: secondLine } });
   });
 
+  it('salvages the intact lines around a damaged one when asked (the master target keeps replicating)', () => {
+    const lines = [point(1), { v: 1, t: 'applied', seq: 1 } as CatalogRecord, point(2), { v: 1, t: 'applied', seq: 2 } as CatalogRecord, point(3)].map(encodeCatalogLine);
+    lines[2]![CATALOG_JSON_OFFSET + 2] ^= 0x10; // point 2's record
+    const bytes = Buffer.concat(lines);
+    expect(() => parseCatalog(bytes, 'd', 'f')).toThrow(expect.objectContaining({ code: 'BR_RETENTION_CATALOG_CORRUPT' }));
+    const salvaged = parseCatalog(bytes, 'd', 'f', null, { skipDamaged: true });
+    expect(salvaged.points.map((p) => p.seq)).toEqual([1]);
+    expect(salvaged.pending?.seq).toBe(3);
+    expect(salvaged.damagedLines).toBe(1);
+    expect(parseCatalog(bytes, 'd', 'f', 3, { skipDamaged: true }).points.map((p) => p.seq)).toEqual([1, 3]);
+  });
+
   it('never fails other than with BR_RETENTION_CATALOG_CORRUPT on damaged catalogs (seeded fuzz)', () => {
     const rand = prng(31337);
     const base = catalogBytes([point(1, { name: 'n', kind: 'app' }), { v: 1, t: 'applied', seq: 1 }, point(2, { group: 'G' }), point(3)]);
@@ -97,6 +109,8 @@ describe('recovery point catalog', () => {
       const flips = 1 + Math.floor(rand() * 4);
       for (let f = 0; f < flips; f++) bytes[Math.floor(rand() * bytes.length)] = Math.floor(rand() * 256);
       const cut = rand() < 0.3 ? Math.floor(rand() * bytes.length) : bytes.length;
+      // Salvaging never throws on the same bytes.
+      expect(() => parseCatalog(bytes.subarray(0, cut), 'd', 'f', null, { skipDamaged: true })).not.toThrow();
       try {
         const c = parseCatalog(bytes.subarray(0, cut), 'd', 'f');
         for (const p of c.points) expect(Number.isSafeInteger(p.seq) && Number.isSafeInteger(p.timeMs)).toBe(true);

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { failover } from '../../src/retention/failover';
+import { failover, loadPoints } from '../../src/retention/failover';
 import { diskRetentionPaths } from '../../src/retention/retention-format';
 import { RetentionHooks } from '../../src/retention/retention-hooks';
 import { coalesceExtents, UndoJournal, undoLogSizeBytes } from '../../src/retention/undo-journal';
@@ -111,6 +111,43 @@ describe('undo journal', () => {
       expect(catalog.split('\n').filter((l) => l.includes('"t":"point"'))).toHaveLength(2);
     } finally {
       await target.close();
+    }
+  });
+
+  it('keeps replicating over a damaged catalog, keeping its intact points', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const target = await rawTarget(dir, Buffer.alloc(DISK_BYTES));
+    const options = { dir: retentionDir, windowHours: 24, stateDir: path.join(dir, 'state'), inboxDir: path.join(dir, 'inbox') };
+    const model = Buffer.alloc(DISK_BYTES);
+    const images: Buffer[] = [];
+    const apply = async (hooks: RetentionHooks, seq: number): Promise<void> => {
+      const log = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (9 - seq) * 60_000 }, model, prng(seq));
+      images[seq] = Buffer.from(model);
+      const e: SpoolEntry = { envelope: log.envelope, file: log.file, sizeBytes: log.envelope.logLength };
+      await hooks.beforeApply('disk0', e, target);
+      await hrlLogOps.apply(log.file, target);
+      await hooks.afterApply('disk0', e);
+    };
+    const first = new RetentionHooks(options);
+    for (let seq = 1; seq <= 3; seq++) await apply(first, seq);
+    // Damage point 2's record in the middle of the catalog.
+    const catalogFile = diskRetentionPaths(retentionDir, 'disk0').catalog;
+    const text = fs.readFileSync(catalogFile);
+    const at = text.indexOf('"seq":2');
+    text[at + 6] = '7'.charCodeAt(0);
+    fs.writeFileSync(catalogFile, text);
+    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-1', out: `raw:${path.join(dir, 'x.img')}` })).rejects.toMatchObject({ code: 'BR_RETENTION_CATALOG_CORRUPT' });
+
+    const restarted = new RetentionHooks(options);
+    await apply(restarted, 4);
+    await target.close();
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([1, 3, 4]);
+    for (const p of points) {
+      const out = path.join(dir, `s${p.seq}.img`);
+      await failover({ retentionDir, diskId: 'disk0', point: p.id, out: `raw:${out}` });
+      expect(fs.readFileSync(out).equals(images[p.seq]!)).toBe(true);
     }
   });
 
