@@ -110,6 +110,9 @@ export class LogShipper {
     try {
       await sendLog(this.options.peer, envelope, log.file);
     } catch (err) {
+      // An overflow may fold the log away while it is being sent (the upload
+      // then breaks off): it needs no retry, a resync log carries its extents.
+      if (!(await this.source.sealedLogs()).some((l) => l.seq === log.seq)) return;
       if (isBlockrelayError(err) && err.code === 'BR_SEQ_GAP') {
         throw new BlockrelayError('BR_DISK_CRITICAL', `process server expects log ${String(err.details.expectedSeq)} of disk ${this.source.diskId} but the oldest log here is ${log.seq}; the disk needs a resync`, { cause: err });
       }
