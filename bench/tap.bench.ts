@@ -110,9 +110,14 @@ function fio(uri: string, job: Job, out: string): Promise<Sample> {
   });
 }
 
-/** A preallocated raw image, so neither server pays for block allocation during the run. */
+/**
+ * A preallocated raw image, so neither server pays for block allocation
+ * during the run. It is made once and shared by every run: deleting an image
+ * whose random writes are still being written back blocks for tens of
+ * seconds on this disk, and the runs are interleaved, so the background
+ * writeback of one run burdens the next server in turn.
+ */
 function makeImage(file: string): void {
-  fs.rmSync(file, { force: true });
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', '-o', 'preallocation=falloc', file, String(diskBytes)]);
 }
 
@@ -191,20 +196,21 @@ async function serve(mode: string, image: string, logDir: string): Promise<void>
 async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-bench-tap-'));
   const samples = new Map<string, Sample[]>();
+  const startedMs = Date.now();
   try {
     const image = path.join(dir, 'disk0.img');
     const logDir = path.join(dir, 'logs');
+    makeImage(image);
     for (let rep = 0; rep < repetitions; rep++) {
       for (const job of JOBS) {
         for (const server of SERVERS) {
-          makeImage(image);
           const out = path.join(dir, 'fio.json');
           const run = (uri: string): Promise<Sample> => fio(uri, job, out);
           const sample =
             server === 'qemu-nbd' ? await withQemuNbd(image, run) : await withTap(image, logDir, server === 'tap dirty-map-only', run);
           const key = `${job.key}|${server}`;
           samples.set(key, [...(samples.get(key) ?? []), sample]);
-          process.stderr.write(`rep ${rep + 1}/${repetitions} ${job.key} ${server}: ${sample.iops.toFixed(0)} IOPS, ${sample.bwMiBs.toFixed(1)} MiB/s\n`);
+          process.stderr.write(`rep ${rep + 1}/${repetitions} ${job.key} ${server}: ${sample.iops.toFixed(0)} IOPS, ${sample.bwMiBs.toFixed(1)} MiB/s (${((Date.now() - startedMs) / 1000).toFixed(1)} s)\n`);
         }
       }
     }
