@@ -103,14 +103,13 @@ export async function drainPending(retentionDir: string, manifest: DiskManifest,
 
 /**
  * A source whose data extents are widened outward to whole `granularityBytes`
- * blocks (and merged), everything else zero. copyDisk scans data in 64 KiB
- * blocks (ZERO_SCAN_BYTES) and, as of this writing, drops the tail of a data
- * extent whose length is not a multiple of that block; raw files now report
- * 4 KiB extents and page-blob snapshots 512-byte page ranges, so a point
- * copied through their own extents came out with holes where it holds data.
- * Widening costs only reads of a few zero bytes (the copy still skips
- * all-zero blocks). Disks whose size is not a multiple of 64 KiB still need
- * the copyDisk fix for their last block.
+ * blocks (and merged), everything else zero, so the copy reads in whole
+ * 64 KiB scan blocks (ZERO_SCAN_BYTES) instead of the 512-byte page ranges
+ * of a snapshot or the 4 KiB extents of a raw file. It began as the
+ * workaround for copyDisk dropping the tail of data extents that were not
+ * whole scan blocks (fixed in 7f073ec); it stays because fewer, larger
+ * reads are cheaper, above all over the network, and the copy still skips
+ * all-zero blocks.
  */
 export class AlignedExtents implements DiskTarget {
   constructor(private readonly inner: DiskTarget, private readonly granularityBytes: number = ZERO_SCAN_BYTES) {}

@@ -300,8 +300,8 @@ export class PointView implements DiskTarget {
       }
       // A hole in the target may hold data at the point: then the whole hole
       // is reported as data (the copy skips its all-zero blocks anyway), so
-      // extents keep the target's own boundaries (grains) and never become
-      // 512-byte slivers, which copyDisk's zero scan mishandles.
+      // extents keep the target's own boundaries (grains) rather than
+      // splitting into 512-byte slivers that each cost a read.
       const i = firstEndingAfter(this.segments, ext.offset);
       const overlaid = i < this.segments.length && this.segments[i]!.start < ext.offset + ext.length;
       yield overlaid ? { ...ext, zero: false } : ext;
