@@ -90,6 +90,19 @@ describe.skipIf(!hasQemuImg)('blockrelay resync (CLI, real targets)', () => {
     expect(qemuCompare(srcVmdk, 'vmdk', flat, 'vmdk').status).toBe(0);
   });
 
+  it('resyncs into a flat VMDK that qemu-img wrote', async () => {
+    const dir = tempDir();
+    const src = path.join(dir, 'source.img');
+    const stale = path.join(dir, 'stale.img');
+    const flat = path.join(dir, 'qemu-flat.vmdk');
+    const changed = writeImagePair(src, stale, 8 * MiB, 20, 6);
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=monolithicFlat', stale, flat]);
+    expect(qemuCompare(src, 'raw', flat, 'vmdk').status).toBe(1);
+    const result = await resyncJson([`raw:${src}`, `vmdk-flat:${flat}`]);
+    expect(result.blocksSent).toBe(changed.length);
+    expect(qemuCompare(src, 'raw', flat, 'vmdk').status).toBe(0);
+  });
+
   it('creates a new VMDK with --create (alternate location) and copies every non-zero block', async () => {
     const dir = tempDir();
     const src = path.join(dir, 'source.img');
