@@ -123,7 +123,8 @@ export class ResyncJob {
    * tap or tracker calls this). The write is also in the delta logs, which
    * are applied after the resync and carry the final data; noting it lets a
    * resync that has no logs behind it re-compare the range (`settleRounds`),
-   * and it is kept in the state file so a restarted resync still knows it.
+   * and it is kept in the state file (as of the next saved cursor) so a
+   * restarted resync still knows it.
    */
   noteWrite(offset: number, length: number): void {
     if (length <= 0) return;
