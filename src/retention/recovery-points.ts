@@ -22,6 +22,12 @@ export interface RecoveryPoint {
   readonly cutId: string;
   readonly group?: string;
   /**
+   * The log carried resync data: its pre-images are journaled like any
+   * log's (older points stay rebuildable), but its end is no point an
+   * operator may pick, so listings and point resolution leave it out.
+   */
+  readonly resync?: true;
+  /**
    * Page-blob targets: the `blob:URL?snapshot=ID` spec of the snapshot that
    * holds this point (points of page blobs are snapshots, not journal).
    */
@@ -38,7 +44,7 @@ export interface PointListing {
 
 /** A catalog record (one line; docs/formats/recovery-points.md). */
 export type CatalogRecord =
-  | { v: 1; t: 'point'; seq: number; timeMs: number; kind: PointKind; name?: string; cutId: string; group?: string; snapshot?: string; applied?: true }
+  | { v: 1; t: 'point'; seq: number; timeMs: number; kind: PointKind; name?: string; cutId: string; group?: string; snapshot?: string; applied?: true; resync?: true }
   | { v: 1; t: 'applied'; seq: number };
 
 export function pointId(diskId: string, seq: number): string {
@@ -50,7 +56,13 @@ export function pointRecordFromEnvelope(envelope: LogEnvelope): CatalogRecord {
   const rec: CatalogRecord = { v: CATALOG_RECORD_VERSION, t: 'point', seq: envelope.seq, timeMs: envelope.cutTimeMs, kind: envelope.appTag === undefined ? 'crash' : 'app', cutId: envelope.cutId };
   if (envelope.appTag !== undefined && envelope.appTag !== '') rec.name = envelope.appTag;
   if (envelope.group !== undefined) rec.group = envelope.group;
+  if (envelope.resync === true) rec.resync = true;
   return rec;
+}
+
+/** The points an operator may pick: every point but the ends of resync logs. */
+export function selectablePoints(points: readonly RecoveryPoint[]): RecoveryPoint[] {
+  return points.filter((p) => p.resync !== true);
 }
 
 export function encodeCatalogLine(record: CatalogRecord): Buffer {
@@ -72,6 +84,7 @@ function checkRecord(value: unknown): CatalogRecord | undefined {
   if (r.name !== undefined && typeof r.name !== 'string') return undefined;
   if (r.group !== undefined && typeof r.group !== 'string') return undefined;
   if (r.snapshot !== undefined && typeof r.snapshot !== 'string') return undefined;
+  if (r.resync !== undefined && r.resync !== true) return undefined;
   return r as CatalogRecord;
 }
 
@@ -202,11 +215,11 @@ export class PointCatalog {
 }
 
 function toRecord(p: RecoveryPoint): CatalogRecord & { t: 'point' } {
-  return { v: 1, t: 'point', seq: p.seq, timeMs: p.timeMs, kind: p.kind, cutId: p.cutId, ...(p.name !== undefined ? { name: p.name } : {}), ...(p.group !== undefined ? { group: p.group } : {}), ...(p.snapshot !== undefined ? { snapshot: p.snapshot } : {}) };
+  return { v: 1, t: 'point', seq: p.seq, timeMs: p.timeMs, kind: p.kind, cutId: p.cutId, ...(p.name !== undefined ? { name: p.name } : {}), ...(p.group !== undefined ? { group: p.group } : {}), ...(p.snapshot !== undefined ? { snapshot: p.snapshot } : {}), ...(p.resync === true ? { resync: true as const } : {}) };
 }
 
 export function pointOfRecord(diskId: string, record: CatalogRecord & { t: 'point' }): RecoveryPoint {
-  return { id: pointId(diskId, record.seq), seq: record.seq, timeMs: record.timeMs, kind: record.kind, cutId: record.cutId, ...(record.name !== undefined ? { name: record.name } : {}), ...(record.group !== undefined ? { group: record.group } : {}), ...(record.snapshot !== undefined ? { snapshot: record.snapshot } : {}) };
+  return { id: pointId(diskId, record.seq), seq: record.seq, timeMs: record.timeMs, kind: record.kind, cutId: record.cutId, ...(record.name !== undefined ? { name: record.name } : {}), ...(record.group !== undefined ? { group: record.group } : {}), ...(record.snapshot !== undefined ? { snapshot: record.snapshot } : {}), ...(record.resync === true ? { resync: true as const } : {}) };
 }
 
 /**
@@ -243,7 +256,8 @@ const ISO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2
  * `latest-app`, an ISO time (the newest point at or before it; a time before
  * the retention window is BR_POINT_BEFORE_WINDOW), a point id, or a cut id.
  */
-export function resolvePoint(points: readonly RecoveryPoint[], spec: string, context: { diskId: string; nowMs: number; windowMs: number }): RecoveryPoint {
+export function resolvePoint(allPoints: readonly RecoveryPoint[], spec: string, context: { diskId: string; nowMs: number; windowMs: number }): RecoveryPoint {
+  const points = selectablePoints(allPoints);
   if (points.length === 0) throw new BlockrelayError('BR_POINT_NONE', `disk ${context.diskId} has no recovery point`, { details: { disk: context.diskId } });
   const newest = points[points.length - 1]!;
   if (spec === 'latest' || spec === 'latest-processed') return newest;

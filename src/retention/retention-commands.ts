@@ -5,7 +5,7 @@ import { NbdServer } from '../tap/nbd-server';
 import { splitHostPort } from '../transport/master-target';
 import { validateDiskId } from '../transport/transport-protocol';
 import { commitFailover, failover, loadPoints, openPointSource, resolveDiskPoint, resolveGroupPoint, type FailoverResult } from './failover';
-import { listingOf } from './recovery-points';
+import { listingOf, selectablePoints } from './recovery-points';
 import { retentionUsage } from './retention-pruner';
 
 function required(values: Record<string, unknown>, name: string, usage: string): string {
@@ -30,7 +30,7 @@ export const pointsListCommand: Command = {
     noPositionals(positionals, LIST_USAGE);
     const diskId = validateDiskId(required(values, 'disk', LIST_USAGE));
     const { points } = await loadPoints(required(values, 'retention', LIST_USAGE), diskId);
-    const listing = points.map(listingOf);
+    const listing = selectablePoints(points).map(listingOf);
     if (values.json === true) writeJson(io, listing);
     else {
       if (listing.length === 0) io.stderr.write(`disk ${diskId} has no recovery point\n`);

@@ -16,6 +16,9 @@ import { coalesceExtents, undoLogSizeBytes } from './undo-journal';
 import { BLOB_SNAPSHOT_DEFAULTS, isSnapshotTarget, snapshotDue, snapshotIdOf, snapshotPointRecord, type SnapshotTarget } from './blob-snapshots';
 import { INSTALL_DIR, systemVolumeProbe, validateRetentionVolume, type VolumeProbe } from './retention-volume';
 
+/** Largest run of folded sequence numbers filled with empty pre-images before a resync log. */
+const MAX_FILLED_SEQUENCE_GAP = 100_000;
+
 /** Defaults, units in the names. */
 export const RETENTION_DEFAULTS = {
   windowHours: 24,
@@ -112,6 +115,7 @@ export class RetentionHooks implements ApplyHooks {
       if (isSnapshotTarget(target)) return;
       const { seq } = entry.envelope;
       const recorded = h.pending?.seq === seq || h.points.some((p) => p.seq === seq);
+      if (entry.envelope.resync === true && !recorded) await this.fillSkipped(h, seq, target);
       if (!h.journal.has(seq)) {
         if (recorded) {
           // The point was recorded, so its pre-image had been written; it is gone
@@ -149,6 +153,8 @@ export class RetentionHooks implements ApplyHooks {
    * point without its snapshot.
    */
   private async snapshotPoint(h: DiskHistory, entry: SpoolEntry, target: SnapshotTarget): Promise<void> {
+    // A resync log's end is no point: its blocks were read while the source changed.
+    if (entry.envelope.resync === true) return;
     const newest = h.points[h.points.length - 1];
     if (newest !== undefined && newest.seq >= entry.envelope.seq) return; // re-run after a crash
     if (snapshotDue(newest, entry.envelope, this.options.snapshotIntervalMs ?? BLOB_SNAPSHOT_DEFAULTS.crashIntervalMs)) {
@@ -165,6 +171,23 @@ export class RetentionHooks implements ApplyHooks {
   }
 
   /** Writes the pre-image of `seq`, pruning oldest points first if the volume cannot hold it. */
+  /**
+   * A resync log follows the logs the source folded after an overflow, so
+   * their sequence numbers were never applied here. Each gets an empty
+   * pre-image: nothing was written under it, and every reader of the journal
+   * can go on treating sequences as consecutive. A gap too large to fill
+   * ends the older history instead.
+   */
+  private async fillSkipped(h: DiskHistory, seq: number, target: DiskTarget): Promise<void> {
+    const known = Math.max(h.pending?.seq ?? 0, h.points[h.points.length - 1]?.seq ?? 0);
+    if (known === 0 || seq <= known + 1) return;
+    if (seq - known - 1 > MAX_FILLED_SEQUENCE_GAP) {
+      await this.dropHistory(h, seq, `${seq - known - 1} logs were folded before this resync log`);
+      return;
+    }
+    for (let s = known + 1; s < seq; s++) if (!h.journal.has(s)) await h.journal.write(s, [], target);
+  }
+
   private async journal(h: DiskHistory, seq: number, entry: SpoolEntry, target: DiskTarget): Promise<void> {
     const extents = coalesceExtents(await this.logOps.ranges(entry.file));
     const needBytes = undoLogSizeBytes(extents);
