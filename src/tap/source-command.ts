@@ -2,11 +2,20 @@ import { SOURCE_ROLE_DEFAULTS, SourceRole } from './source-role';
 import { parseCommandArgs, parseIntegerOption, type Command } from '../daemon/command';
 import { createLogger } from '../daemon/logger';
 import { StateLock } from '../daemon/state-lock';
+import { createMetrics } from '../daemon/metrics';
+import { systemClock } from '../platform/clock';
+import { SourceShipping } from '../transport/source-shipping';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
 import { openDisk } from '../targets/disk-spec';
 
-const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--interval-ms N]';
+const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--process-server URL] [--interval-ms N]';
+
+/** The environment variable holding the process server's shared secret (a secret on a command line is visible to every user). */
+export const PROCESS_SERVER_SECRET_ENV = 'BLOCKRELAY_SECRET';
+
+/** How long SIGTERM waits for sealed logs to reach the process server before exiting anyway. */
+const SHIP_ON_STOP_TIMEOUT_MS = 60_000;
 
 /** The line a supervisor (or a test) waits for, followed by one JSON object. */
 export const SOURCE_READY_PREFIX = 'BLOCKRELAY_SOURCE_READY ';
@@ -58,10 +67,13 @@ export function parseDiskFlags(values: readonly string[]): { id: string; spec: s
  * `blockrelay source`: the source tap role. Serves each protected disk as an
  * NBD export named by its id, records every write in the disk's change
  * tracker, and seals all disks' logs at one cut every `--interval-ms`.
- * Without a process server (shipping attaches in a later issue) the sealed
- * logs stay in `--log-dir` as `ID-SEQUENCE.hrl`, lexical order being apply
- * order per disk. SIGTERM or SIGINT finishes the NBD requests in flight,
- * seals the active logs and exits 0.
+ * Without `--process-server` the sealed logs stay in `--log-dir` as
+ * `ID-SEQUENCE.hrl`, lexical order being apply order per disk. With it, each
+ * sealed log is shipped to the process server (shared secret from
+ * BLOCKRELAY_SECRET) and deleted after its durable answer, and a disk whose
+ * tracker overflowed is resynced through the log stream. SIGTERM or SIGINT
+ * finishes the NBD requests in flight, seals the active logs, ships them
+ * (within a bound) and exits 0.
  */
 export const sourceCommand: Command = {
   path: ['source'],
@@ -75,6 +87,7 @@ export const sourceCommand: Command = {
         listen: { type: 'string' },
         'log-dir': { type: 'string' },
         'interval-ms': { type: 'string' },
+        'process-server': { type: 'string' },
       },
       usage,
     );
@@ -85,14 +98,32 @@ export const sourceCommand: Command = {
     const listen = parseListen(values.listen);
     const intervalMs = parseIntegerOption('interval-ms', values['interval-ms'], SOURCE_ROLE_DEFAULTS.intervalMs, 10, 24 * 60 * 60 * 1000);
     const logger = createLogger({ name: 'source' });
+    const processServer = values['process-server'];
+    if (processServer !== undefined && !/^https?:\/\/[^\s/]+/.test(processServer)) throw new BlockrelayError('BR_USAGE', `--process-server expects an http(s) URL, got '${processServer}'`);
+    const secret = process.env[PROCESS_SERVER_SECRET_ENV];
+    if (processServer !== undefined && (secret === undefined || secret.length < 16)) {
+      throw new BlockrelayError('BR_USAGE', `--process-server needs the process server's shared secret (16 characters or more) in ${PROCESS_SERVER_SECRET_ENV}`);
+    }
 
     const lock = new StateLock(logDir);
     lock.acquire();
     const opened: { id: string; target: DiskTarget }[] = [];
     let role: SourceRole;
+    let shipping: SourceShipping | undefined;
     try {
       for (const d of disks) opened.push({ id: d.id, target: await openDisk(d.spec) });
-      role = await SourceRole.start({ disks: opened, logDir, listenHost: listen.host, listenPort: listen.port, intervalMs, logger });
+      role = await SourceRole.start({ disks: opened, logDir, listenHost: listen.host, listenPort: listen.port, intervalMs, logger, onSealed: () => shipping?.sealed() });
+      if (processServer !== undefined) {
+        shipping = new SourceShipping({
+          trackers: role.trackers,
+          peer: { url: processServer, secret: secret! },
+          clock: systemClock,
+          logger,
+          metrics: createMetrics(),
+          readers: new Map(opened.map((o) => [o.id, (offset: number, length: number) => o.target.read(offset, length)])),
+        });
+        shipping.start();
+      }
     } catch (err) {
       for (const o of opened) await o.target.close().catch(() => undefined);
       lock.release();
@@ -109,6 +140,15 @@ export const sourceCommand: Command = {
     logger.info({ signal }, 'stopping: finishing NBD requests and sealing the active logs');
     try {
       await role.stop();
+      if (shipping !== undefined) {
+        // Stopping sealed the active logs without a cut callback: ship them too.
+        shipping.sealed();
+        let timer: NodeJS.Timeout | undefined;
+        const shipped = await Promise.race([shipping.drain().then(() => true), new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(false), SHIP_ON_STOP_TIMEOUT_MS); })]);
+        clearTimeout(timer);
+        if (!shipped) logger.warn({}, 'sealed logs not yet shipped stay in the log directory and go out at the next start');
+        await shipping.stop();
+      }
     } finally {
       lock.release();
     }

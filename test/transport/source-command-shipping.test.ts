@@ -1,0 +1,72 @@
+import { execFileSync, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { validateConfig } from '../../src/daemon/config';
+import { hrlLogOps } from '../../src/transport/hrl-log-ops';
+import { masterTargetFromConfig } from '../../src/transport/master-target';
+import { processServerFromConfig } from '../../src/transport/process-server';
+import { cliCommand, runCli } from '../helpers/cli';
+import { useTempDirs } from '../helpers/tmp';
+import { requireTool } from '../helpers/tools';
+import { quiet, SECRET } from './transport-fixture';
+
+const MT_SECRET = 'master-target-secret-123';
+
+describe('blockrelay source --process-server', () => {
+  const tmp = useTempDirs();
+  const cleanup: Array<() => Promise<void>> = [];
+  afterEach(async () => {
+    for (const c of cleanup.splice(0).reverse()) await c();
+  });
+
+  it('ships every sealed log; after SIGTERM the master target holds the protected disk', async () => {
+    if (!requireTool('qemu-io')) return;
+    const dir = tmp();
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `vmdk:${path.join(dir, 'target.vmdk')}` }] }), hrlLogOps, quiet());
+    await mt.start();
+    cleanup.push(() => mt.stop());
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), hrlLogOps, quiet());
+    await ps.start();
+    cleanup.push(() => ps.stop());
+
+    const disk = path.join(dir, 'disk0.img');
+    fs.writeFileSync(disk, Buffer.alloc(0));
+    fs.truncateSync(disk, 32 * 1024 * 1024);
+    const { command, args } = cliCommand(['source', '--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', path.join(dir, 'logs'), '--process-server', ps.url, '--interval-ms', '300']);
+    const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BLOCKRELAY_SECRET: SECRET, LOG_LEVEL: 'warn' } });
+    let stderr = '';
+    const ready = await new Promise<{ exports: Record<string, string> }>((resolve, reject) => {
+      child.stderr!.on('data', (d) => {
+        stderr += d;
+        const m = /BLOCKRELAY_SOURCE_READY (.*)\n/.exec(stderr);
+        if (m) resolve(JSON.parse(m[1]!));
+      });
+      child.on('exit', () => reject(new Error(`source exited: ${stderr}`)));
+    });
+    const uri = ready.exports.disk0!;
+    execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 1m', '-c', 'write -P 0x22 5m 512k', uri], { stdio: 'ignore' });
+    await new Promise((r) => setTimeout(r, 700));
+    execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 10m 64k', '-c', 'write -z 0 4k', uri], { stdio: 'ignore' });
+    const status = await new Promise<number | null>((resolve) => {
+      child.on('exit', (code) => resolve(code));
+      child.kill('SIGTERM');
+    });
+    expect(status).toBe(0);
+    await ps.drain();
+    await mt.drain();
+    await mt.stop();
+    cleanup.pop();
+    execFileSync('qemu-img', ['compare', '-f', 'raw', '-F', 'vmdk', disk, path.join(dir, 'target.vmdk')]);
+    expect(fs.readdirSync(path.join(dir, 'logs')).filter((n) => n.endsWith('.hrl'))).toEqual([]);
+  }, 120_000);
+
+  it('refuses --process-server without the shared secret in BLOCKRELAY_SECRET', async () => {
+    const dir = tmp();
+    const env = { ...process.env };
+    delete env.BLOCKRELAY_SECRET;
+    const r = await runCli(['source', '--disk', `disk0=raw:${path.join(dir, 'x.img')}`, '--listen', '127.0.0.1:0', '--log-dir', dir, '--process-server', 'http://127.0.0.1:1'], { env });
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/^BR_USAGE: --process-server needs the process server's shared secret/);
+  });
+});
