@@ -13,6 +13,8 @@ export class ByteQueue {
   /** Bytes of `chunks[head]` already consumed. */
   private headOffset = 0;
   private availableBytes = 0;
+  /** Whether the last `take` copied into a fresh buffer (true) or returned a view into a chunk (false). */
+  lastTakeCopied = false;
 
   get length(): number {
     return this.availableBytes;
@@ -24,9 +26,15 @@ export class ByteQueue {
     this.availableBytes += chunk.length;
   }
 
-  /** Removes and returns the next `n` bytes; the caller checked `length >= n`. */
-  take(n: number): Buffer {
+  /**
+   * Removes and returns the next `n` bytes; the caller checked `length >= n`.
+   * Bytes that straddle chunks are copied into `alloc(n)` (default: a new
+   * buffer), so a caller can supply pooled buffers; `lastTakeCopied` says
+   * which happened.
+   */
+  take(n: number, alloc?: (n: number) => Buffer): Buffer {
     if (n > this.availableBytes) throw new Error(`ByteQueue.take(${n}) with ${this.availableBytes} available`);
+    this.lastTakeCopied = false;
     if (n === 0) return Buffer.alloc(0);
     const first = this.chunks[this.head]!;
     const inFirst = first.length - this.headOffset;
@@ -35,7 +43,9 @@ export class ByteQueue {
       this.advance(n);
       return view;
     }
-    const out = Buffer.allocUnsafe(n);
+    const out = alloc === undefined ? Buffer.allocUnsafe(n) : alloc(n);
+    if (out.length !== n) throw new Error(`ByteQueue.take: alloc(${n}) returned ${out.length} bytes`);
+    this.lastTakeCopied = true;
     let filled = 0;
     while (filled < n) {
       const chunk = this.chunks[this.head]!;

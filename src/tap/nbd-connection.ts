@@ -3,6 +3,7 @@ import { ByteQueue } from './byte-queue';
 import * as P from './nbd-protocol';
 import type { ServedExport } from './served-export';
 import type { GateTicket } from './write-order-gate';
+import type { PayloadPool } from './payload-pool';
 import type { Clock, TimerHandle } from '../platform/clock';
 import { isBlockrelayError } from '../retry/blockrelay-error';
 
@@ -37,6 +38,8 @@ export interface ConnectionHost {
   readonly limits: NbdConnectionLimits;
   readonly clock: Clock;
   readonly shuttingDown: boolean;
+  /** Buffers for payloads that straddle socket chunks, shared by the server's connections. */
+  readonly payloadPool: PayloadPool;
   findExport(name: string): ServedExport | undefined;
   listExports(): readonly ServedExport[];
   /** Called once when the connection has closed and every request it started has finished. */
@@ -319,8 +322,8 @@ export class NbdConnection {
     if (pending !== undefined) {
       if (this.input.length < pending.length) return false;
       this.pendingWrite = undefined;
-      const payload = this.input.take(pending.length);
-      this.startWrite(pending.flags, pending.handleHi, pending.handleLo, pending.offset, payload);
+      const payload = this.input.take(pending.length, this.host.payloadPool.alloc);
+      this.startWrite(pending.flags, pending.handleHi, pending.handleLo, pending.offset, payload, this.input.lastTakeCopied);
       return true;
     }
     if (this.input.length < P.REQUEST_HEADER_BYTES) return false;
@@ -432,7 +435,7 @@ export class NbdConnection {
    * its bounds or FUA asks for durability; a record that fails surfaces at
    * the next FLUSH (see RecordQueue).
    */
-  private startWrite(flags: number, handleHi: number, handleLo: number, offset: number, payload: Buffer): void {
+  private startWrite(flags: number, handleHi: number, handleLo: number, offset: number, payload: Buffer, pooled: boolean): void {
     const exp = this.exp!;
     const length = payload.length;
     this.begin(length);
@@ -442,13 +445,21 @@ export class NbdConnection {
       return;
     }
     const fua = (flags & P.NBD_CMD_FLAG_FUA) !== 0;
+    // A pooled payload goes back once the disk write and the record are both done with it.
+    let users = 1;
+    const pool = this.host.payloadPool;
+    const release = (): void => {
+      if (--users === 0 && pooled) pool.release(payload);
+    };
     let recordWait: Promise<void> | undefined;
     const recorder = exp.exp.recorder;
     if (recorder !== undefined) {
+      users++;
       try {
-        recordWait = exp.records.track(recorder.recordWrite(offset, payload), length);
+        recordWait = exp.records.track(recorder.recordWrite(offset, payload), length, release);
       } catch (err) {
         // Refused before anything was logged: the disk is not touched either.
+        users = 0;
         this.finish(length);
         this.failRequest(err, 'WRITE', offset, length, handleHi, handleLo);
         return;
@@ -457,11 +468,13 @@ export class NbdConnection {
     const run = (): void => {
       exp.writer!.write(offset, payload).then(
         () => {
+          release();
           exp.gate.leave(ticket);
           this.stats.bytesWritten += length;
           this.completeMutation(recordWait, fua, 'WRITE', offset, length, handleHi, handleLo);
         },
         (err: unknown) => {
+          release();
           exp.gate.leave(ticket);
           this.finish(length);
           this.failRequest(err, 'WRITE', offset, length, handleHi, handleLo);

@@ -29,9 +29,13 @@ export interface NbdWriteSource extends NbdReadSource {
  * The ChangeTracker (`src/tracking/change-tracker.ts`) satisfies it as is;
  * protocol tests use a recorder that keeps a list.
  *
- * A record call is made after the disk write succeeded and before the client
- * gets its reply, so every acknowledged write is recorded. The call order is
- * the log order; a returned promise is awaited before the reply.
+ * A record call is made when the request arrives, before the disk write, so
+ * every acknowledged write is recorded; the call order is the log order.
+ * FLUSH and FUA wait for the returned promises (see RecordQueue).
+ *
+ * `data` may be reused by the tap once the returned promise settles (or the
+ * call returns, for a synchronous recorder): a recorder that keeps the bytes
+ * must copy them.
  */
 export interface WriteRecorder {
   recordWrite(offset: number, data: Uint8Array): void | Promise<void>;

@@ -3,6 +3,7 @@ import { DEFAULT_NBD_CONNECTION_LIMITS, NbdConnection, type ConnectionHost, type
 import type { NbdExport } from './nbd-export';
 import { NBD_DEFAULT_MAX_BLOCK_BYTES, ServedExport } from './served-export';
 import { DEFAULT_RECORD_QUEUE_LIMITS, type RecordQueueLimits } from './record-queue';
+import { PayloadPool } from './payload-pool';
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 
@@ -36,6 +37,7 @@ export interface NbdServerAddress {
 export class NbdServer implements ConnectionHost {
   readonly limits: NbdConnectionLimits;
   readonly clock: Clock;
+  readonly payloadPool = new PayloadPool();
   private readonly exports = new Map<string, ServedExport>();
   private readonly exportList: ServedExport[] = [];
   private readonly connections = new Set<NbdConnection>();

@@ -46,18 +46,25 @@ export class RecordQueue {
   /**
    * Tracks what a record call returned. Returns a promise the caller must
    * await before replying when the queue is over its bounds, else undefined.
+   * `onSettled` runs once the record no longer needs its data (at once for a
+   * synchronous recorder).
    */
-  track(recorded: void | Promise<void>, bytes: number): Promise<void> | undefined {
-    if (recorded === undefined || typeof (recorded as Promise<void>).then !== 'function') return undefined;
+  track(recorded: void | Promise<void>, bytes: number, onSettled?: () => void): Promise<void> | undefined {
+    if (recorded === undefined || typeof (recorded as Promise<void>).then !== 'function') {
+      onSettled?.();
+      return undefined;
+    }
     this.pendingBytes += bytes;
     const settled: Promise<void> = (recorded as Promise<void>).then(
       () => {
         this.pending.delete(settled);
         this.pendingBytes -= bytes;
+        onSettled?.();
       },
       (err: unknown) => {
         this.pending.delete(settled);
         this.pendingBytes -= bytes;
+        onSettled?.();
         if (this.failure === undefined) {
           this.failure = err;
           this.warn('recording a write failed; FLUSH will fail from now on', {
