@@ -679,16 +679,23 @@ export class NbdConnection {
     this.socket.write(buf);
   }
 
-  /** Replies finished in one tick leave in one writev. */
+  /**
+   * Replies finished in one event-loop turn leave in one writev: disk writes
+   * complete as separate callbacks of the poll phase, so uncorking at
+   * setImmediate (the check phase right after it) batches all of them,
+   * where a nextTick would send one syscall per completion.
+   */
   private cork(): void {
     if (this.corked) return;
     this.corked = true;
     this.socket.cork();
-    process.nextTick(() => {
-      this.corked = false;
-      this.socket.uncork();
-    });
+    setImmediate(this.uncork);
   }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   // --- ending -------------------------------------------------------------------
 
@@ -706,7 +713,7 @@ export class NbdConnection {
   }
 
   private endSessionAfterReplies(): void {
-    // Replies of the last requests may still be corked for this tick.
+    // The last replies are sent in this turn; end() flushes what is corked.
     process.nextTick(() => this.endSession());
   }
 
