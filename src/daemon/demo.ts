@@ -17,7 +17,7 @@ import { AppTagger, type TagRequest } from './app-tagger';
 import { validateConfig } from './config';
 import { createLogger, type Logger } from './logger';
 import { createMetrics, type Metrics } from './metrics';
-import { STATUS_PAGE_HTML } from './status-page';
+import { observabilityRoutes } from './status-page';
 import { CONTROL_SECRET_ENV } from './tag-command';
 
 /** Defaults of `blockrelay demo`, units in the names. */
@@ -219,26 +219,7 @@ export class Demo {
 
   private controlRoutes(): Route[] {
     return [
-      {
-        method: 'GET',
-        pattern: '/',
-        public: true,
-        handler: async (ctx) => {
-          ctx.res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
-          ctx.res.end(STATUS_PAGE_HTML);
-        },
-      },
-      { method: 'GET', pattern: `/${PROTOCOL_VERSION}/status`, public: true, handler: async (ctx) => sendJson(ctx.res, 200, this.status()) },
-      {
-        method: 'GET',
-        pattern: '/metrics',
-        public: true,
-        handler: async (ctx) => {
-          this.status();
-          ctx.res.writeHead(200, { 'content-type': this.metrics.registry.contentType });
-          ctx.res.end(await this.metrics.registry.metrics());
-        },
-      },
+      ...observabilityRoutes(() => this.status(), this.metrics),
       {
         method: 'POST',
         pattern: `/${PROTOCOL_VERSION}/tags`,

@@ -1,3 +1,36 @@
+import type { Metrics } from './metrics';
+import { sendJson, type Route } from '../transport/http-api';
+
+/**
+ * The public, read-only routes every role serves: the status page at `/`,
+ * its JSON at `/v1/status` and Prometheus metrics at `/metrics`. `status`
+ * is called per request, so it may refresh gauges before they are read.
+ */
+export function observabilityRoutes(status: () => unknown, metrics: Metrics): Route[] {
+  return [
+    {
+      method: 'GET',
+      pattern: '/',
+      public: true,
+      handler: async (ctx) => {
+        ctx.res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+        ctx.res.end(STATUS_PAGE_HTML);
+      },
+    },
+    { method: 'GET', pattern: '/v1/status', public: true, handler: async (ctx) => sendJson(ctx.res, 200, status()) },
+    {
+      method: 'GET',
+      pattern: '/metrics',
+      public: true,
+      handler: async (ctx) => {
+        status();
+        ctx.res.writeHead(200, { 'content-type': metrics.registry.contentType });
+        ctx.res.end(await metrics.registry.metrics());
+      },
+    },
+  ];
+}
+
 /**
  * The status page every role serves at `/`: one self-contained HTML document
  * (no external assets: DR sites are often offline) that polls `/v1/status`

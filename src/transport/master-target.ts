@@ -16,7 +16,7 @@ import { LogSpool, type SpoolEntry } from './log-spool';
 import { SequenceLedger } from './sequence-ledger';
 import { openOrCreateTarget } from './target-opener';
 import { AttachedDisks } from '../targets/attached-disks';
-import { STATUS_PAGE_HTML } from '../daemon/status-page';
+import { observabilityRoutes } from '../daemon/status-page';
 import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
 
 /**
@@ -255,16 +255,7 @@ export class ApplyingHop {
   protected routes(): Route[] {
     return [
       ...this.receiver.routes(),
-      {
-        method: 'GET',
-        pattern: '/',
-        public: true,
-        handler: async (ctx) => {
-          ctx.res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
-          ctx.res.end(STATUS_PAGE_HTML);
-        },
-      },
-      { method: 'GET', pattern: `/${PROTOCOL_VERSION}/status`, public: true, handler: async (ctx) => sendJson(ctx.res, 200, { role: this.options.hopName, disks: this.diskStatus() }) },
+      ...observabilityRoutes(() => ({ role: this.options.hopName, disks: this.diskStatus() }), this.metrics),
       {
         method: 'POST',
         pattern: `/${PROTOCOL_VERSION}/disks/:disk/resume`,
@@ -273,17 +264,6 @@ export class ApplyingHop {
           if (disk === undefined) throw new BlockrelayError('BR_DISK_UNKNOWN', `disk ${ctx.params.disk} is not served here`);
           disk.drain.resume();
           sendJson(ctx.res, 200, { diskId: disk.diskId, state: disk.drain.state });
-        },
-      },
-      {
-        method: 'GET',
-        pattern: '/metrics',
-        public: true,
-        handler: async (ctx) => {
-          for (const d of this.disks.values()) this.updateGauges(d);
-          const text = await this.metrics.registry.metrics();
-          ctx.res.writeHead(200, { 'content-type': this.metrics.registry.contentType });
-          ctx.res.end(text);
         },
       },
     ];

@@ -1,19 +1,12 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { cliCommand, runCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
+import { freePort } from '../helpers/net';
 import { requireTool } from '../helpers/tools';
 
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
 
 async function startDemo(dir: string, nbdPort: number): Promise<{ child: ChildProcess; manifest: { nbd: string; control: string; metrics: string }; stderr: () => string }> {
   fs.rmSync(path.join(dir, 'demo.json'), { force: true });

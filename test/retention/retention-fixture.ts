@@ -35,17 +35,7 @@ export function useRetentionDirs(): () => string {
 export const DISK_BYTES = 4 * 1024 * 1024;
 export const BASE_TIME_MS = Date.UTC(2026, 10, 21, 6, 0, 0);
 
-/** A deterministic generator (mulberry32) so failures replay. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { prng } from '../helpers/prng';
 
 export interface LogSpec {
   readonly seq: number;

@@ -1,6 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { systemClock } from '../../src/platform/clock';
@@ -8,17 +7,11 @@ import { withRetry } from '../../src/retry/retry-policy';
 import { getDiskState, sendLog } from '../../src/transport/log-client';
 import { cliCommand } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
+import { freePort } from '../helpers/net';
 import { DISK_SIZE, makeLog, prng, SECRET } from './transport-fixture';
 
 const MT_SECRET = 'master-target-secret-123';
 
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
 
 /** A role run as a child process that the test can SIGKILL and start again. */
 class RoleProcess {

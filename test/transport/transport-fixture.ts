@@ -9,17 +9,7 @@ import type { LogEnvelope } from '../../src/transport/transport-protocol';
 export const SECRET = 'test-secret-0123456789';
 export const DISK_SIZE = 8 * 1024 * 1024;
 
-/** A deterministic pseudo-random generator (mulberry32) so failures replay. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { prng } from '../helpers/prng';
 
 export interface WrittenLog {
   file: string;
