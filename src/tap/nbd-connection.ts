@@ -476,6 +476,7 @@ export class NbdConnection {
         (err: unknown) => {
           release();
           exp.gate.leave(ticket);
+          this.logNoLongerMatches(exp, err, 'WRITE', offset, length);
           this.finish(length);
           this.failRequest(err, 'WRITE', offset, length, handleHi, handleLo);
         },
@@ -519,6 +520,7 @@ export class NbdConnection {
         },
         (err: unknown) => {
           exp.gate.leave(ticket);
+          this.logNoLongerMatches(exp, err, name, offset, length);
           this.finish(0);
           this.failRequest(err, name, offset, length, handleHi, handleLo);
         },
@@ -526,6 +528,18 @@ export class NbdConnection {
     };
     const ticket: GateTicket = exp.gate.enter(offset, length, run);
     if (!ticket.blocked) run();
+  }
+
+  /**
+   * A disk write failed after its record was made: the log now holds bytes
+   * the disk does not. The range cannot simply be re-recorded (later
+   * overlapping writes were recorded on arrival, before any correction could
+   * be), so the export's log is marked as diverged and every later FLUSH
+   * fails; the disk needs a resync.
+   */
+  private logNoLongerMatches(exp: ServedExport, err: unknown, name: string, offset: number, length: number): void {
+    if (exp.exp.recorder === undefined) return;
+    exp.records.fail(err, `NBD ${name} failed on the disk after it was recorded; the change log no longer matches the disk, which needs a resync`, { offset, length });
   }
 
   /** After a mutation reached the disk: await the record where asked to, honour FUA, reply. */

@@ -79,6 +79,17 @@ export class RecordQueue {
     return this.pending.size > this.limits.maxRecords || this.pendingBytes > this.limits.maxBytes ? settled : undefined;
   }
 
+  /**
+   * Marks the log as no longer describing the disk for a reason outside the
+   * recorder: a disk write that failed after its record was made. FLUSH fails
+   * from now on, as after a failed record.
+   */
+  fail(err: unknown, message: string, details: Record<string, unknown>): void {
+    if (this.failure !== undefined) return;
+    this.failure = err;
+    this.warn(message, { export: this.exportName, ...details, message: err instanceof Error ? err.message : String(err) });
+  }
+
   /** Resolves once every record tracked so far has finished (failed ones included). */
   settled(): Promise<void> {
     if (this.pending.size === 0) return Promise.resolve();

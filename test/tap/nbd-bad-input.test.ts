@@ -266,16 +266,20 @@ class HeldSource implements NbdWriteSource {
     return Buffer.from(this.bytes.subarray(offset, offset + length));
   }
 
+  /** When set, released writes fail with an I/O error instead of landing. */
+  failWrites = false;
+
   write(offset: number, data: Buffer): Promise<void> {
     this.concurrent++;
     this.maxConcurrent = Math.max(this.maxConcurrent, this.concurrent);
-    return new Promise((resolve) => {
+    return new Promise((resolve, reject) => {
       this.held.push({
         offset,
         data,
         done: () => {
-          data.copy(this.bytes, offset);
           this.concurrent--;
+          if (this.failWrites) return reject(new Error('EIO: disk write failed'));
+          data.copy(this.bytes, offset);
           resolve();
         },
       });
@@ -458,6 +462,30 @@ describe('NBD server record queue', () => {
     recorder.finishAll();
     expect(await readSimpleReply(p)).toEqual({ error: P.NBD_EIO, handle: 4 });
     expect(warnings.some((w) => w.includes('recording a write failed'))).toBe(true);
+  });
+});
+
+describe('NBD server with a failing disk', () => {
+  it('answers EIO and fails later FLUSHes when a recorded write fails on the disk', async () => {
+    const source = new HeldSource(MiB);
+    const recorder = new ListRecorder();
+    const warnings: string[] = [];
+    const server = new NbdServer({ exports: [{ name: 'd', readOnly: false, source, recorder }], warn: (m) => warnings.push(m) });
+    const { port } = await server.listen('127.0.0.1', 0);
+    cleanups.push(() => server.close(1000));
+    const p = await peer(port);
+    await rawHandshake(p, 'd');
+    p.send(request(P.NBD_CMD_FLUSH, 0, 0, 1));
+    expect(await readSimpleReply(p)).toEqual({ error: 0, handle: 1 });
+    source.failWrites = true;
+    p.send(request(P.NBD_CMD_WRITE, 0, 4096, 2, { payload: Buffer.alloc(4096, 7) }));
+    await until(() => source.held.length === 1);
+    source.held[0]!.done();
+    expect(await readSimpleReply(p)).toEqual({ error: P.NBD_EIO, handle: 2 });
+    expect(recorder.records.length).toBe(1);
+    p.send(request(P.NBD_CMD_FLUSH, 0, 0, 3));
+    expect(await readSimpleReply(p)).toEqual({ error: P.NBD_EIO, handle: 3 });
+    expect(warnings.some((w) => w.includes('needs a resync'))).toBe(true);
   });
 });
 
