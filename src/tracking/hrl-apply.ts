@@ -6,6 +6,14 @@ import { HRL_READ_CHUNK_BYTES, HrlLogFile, hrlDamage, type HrlVerifiedLog } from
 export interface HrlApplyOptions {
   /** Require each log's PreviousUniqueId to equal the UniqueId of the log before it (default true). */
   readonly checkChain?: boolean;
+  /**
+   * Check every payload against its DataChecksum before applying (default
+   * true). Structures, bounds and entry checksums are always checked; a
+   * caller that verified the payloads of this very file already (the
+   * transport does, before a log becomes durable in its spool) may skip the
+   * second full read.
+   */
+  readonly checkPayloads?: boolean;
   /** Called after each log is applied (used by callers that record progress). */
   readonly onLogApplied?: (log: HrlVerifiedLog) => void;
 }
@@ -36,7 +44,7 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly string[],
     for (const file of files) {
       const log = await HrlLogFile.open(file);
       opened.push(log);
-      verified.push(await log.verify({ diskSizeBytes: target.sizeBytes, alignmentBytes: target.capabilities.alignmentBytes }));
+      verified.push(await log.verify({ diskSizeBytes: target.sizeBytes, alignmentBytes: target.capabilities.alignmentBytes, checkPayloads: options.checkPayloads ?? true }));
     }
     if (options.checkChain ?? true) {
       for (let i = 1; i < verified.length; i++) {
