@@ -38,7 +38,7 @@ import { RawTarget } from '../src/targets/raw/raw-target';
 const quick = process.argv.includes('--quick');
 const ioUring = process.argv.includes('--io-uring');
 const MiB = 1024 * 1024;
-const runtimeS = quick ? 3 : 10;
+const runtimeS = quick ? 3 : 6;
 const repetitions = quick ? 1 : 3;
 const diskBytes = (quick ? 1024 : 2048) * MiB;
 
