@@ -71,7 +71,7 @@ describe('blockrelay source arguments', () => {
     expect(() => parseDiskFlags(['d=raw:/a', 'd=raw:/b'])).toThrow(/twice/);
   });
 
-  it('exits 2 with BR_USAGE for missing flags, bad disk ids and --process-server (not in this build)', async () => {
+  it('exits 2 with BR_USAGE for missing flags, bad disk ids and --process-server without its secret', async () => {
     const dir = tempDir();
     const img = path.join(dir, 'd.img');
     fs.writeFileSync(img, Buffer.alloc(MiB));
@@ -79,7 +79,7 @@ describe('blockrelay source arguments', () => {
       [['--listen', '127.0.0.1:0', '--log-dir', dir], /at least one --disk/],
       [['--disk', `d=raw:${img}`, '--listen', '127.0.0.1:0'], /--log-dir is required/],
       [['--disk', `bad/id=raw:${img}`, '--listen', '127.0.0.1:0', '--log-dir', dir], /disk id 'bad\/id'/],
-      [['--disk', `d=raw:${img}`, '--listen', '127.0.0.1:0', '--log-dir', dir, '--process-server', 'http://x'], /process-server/],
+      [['--disk', `d=raw:${img}`, '--listen', '127.0.0.1:0', '--log-dir', dir, '--process-server', 'http://x'], /--process-server needs the process server's shared secret/],
     ];
     for (const [args, message] of cases) {
       const r = await runCli(['source', ...args]);
@@ -113,7 +113,7 @@ describe('blockrelay source end to end', () => {
       expect(src.ready.exports.disk1).toMatch(/^nbd:\/\/127\.0\.0\.1:\d+\/disk1$/);
       const fio = (name: string) => run('fio', [
         `--name=${name}`, '--ioengine=nbd', `--uri=${src.ready.exports.disk0}`, '--rw=randwrite', '--bsrange=4k-64k',
-        '--iodepth=16', '--size=64m', '--io_size=8m', '--norandommap', '--refill_buffers', '--randrepeat=0', '--verify=crc32c',
+        '--iodepth=16', '--size=64m', '--io_size=8m', '--norandommap', '--refill_buffers', '--randrepeat=0', '--verify=crc32c', '--verify_state_save=0',
         `--output=${path.join(dir, `${name}.txt`)}`,
       ]);
       await fio('a');
