@@ -124,6 +124,7 @@ async function main(): Promise<void> {
       name: 'e2e',
       quick,
       disk: `${diskBytes / MiB} MiB sparse raw -> sparse VMDK with undo journal`,
+      environment: 'one process (demo), UV_USE_IO_URING=0',
       job: `fio 64 KiB randwrite QD8, target ${targetRate}B/s, ${runtimeS} s, cuts every ${intervalMs} ms`,
       peer: 'same fio job against qemu-nbd serving a raw file (no replication)',
       churnMBs: Number(churnMBs.toFixed(1)),
@@ -145,7 +146,15 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exitCode = 1;
-});
+// The demo's roles run in this process; like every blockrelay role they run
+// with libuv's thread pool for file I/O (see bench/tap.bench.ts and
+// docs/operations.md), which must be set before node starts: re-run so.
+if (process.env.UV_USE_IO_URING !== '0') {
+  const child = spawn(process.execPath, [...process.execArgv, __filename, ...process.argv.slice(2)], { stdio: 'inherit', env: { ...process.env, UV_USE_IO_URING: '0' } });
+  child.on('exit', (code) => { process.exitCode = code ?? 1; });
+} else {
+  main().catch((err) => {
+    console.error(err);
+    process.exitCode = 1;
+  });
+}
