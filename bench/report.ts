@@ -30,6 +30,8 @@ export type BenchStatus = 'ok' | 'failed' | 'timeout' | 'skipped' | 'not-run';
 export interface Goal {
   readonly text: string;
   readonly met: boolean | null;
+  /** Why it was not judged, when a needed figure is known to be missing. */
+  readonly why?: string;
 }
 
 /** One bench as the harness ran it. */
@@ -313,10 +315,13 @@ export function judgeGoal(name: string, result: BenchResult | undefined, raw?: u
     const rate = /Mi?B\/s|Mi?Bps|Mi?Bs$|Mi?BPerSecond|throughput/i;
     const throughput = figureMatching(result, new RegExp(`churn.*(${rate.source})`, 'i')) ?? figureMatching(result, new RegExp(`^(?!.*peer)(?:.*)(${rate.source})`, 'i'));
     const p99 = figureMatching(result, /p99/i);
-    if (throughput === undefined || p99 === undefined) return { text, met: null };
-    const mbPerSecond = /MiB/i.test(throughput[0]) ? (throughput[1] * 1024 * 1024) / 1e6 : throughput[1];
-    const p99Seconds = /(^|[^a-z])ms($|[^a-z])|Ms$|millis/i.test(p99[0]) ? p99[1] / 1000 : p99[1];
-    return { text, met: mbPerSecond >= 200 && p99Seconds < 2 };
+    const mbPerSecond = throughput === undefined ? undefined : /MiB/i.test(throughput[0]) ? (throughput[1] * 1024 * 1024) / 1e6 : throughput[1];
+    const p99Seconds = p99 === undefined ? undefined : /(^|[^a-z])ms($|[^a-z])|Ms$|millis/i.test(p99[0]) ? p99[1] / 1000 : p99[1];
+    // Either half failing settles it; both must be known to pass.
+    if ((mbPerSecond !== undefined && mbPerSecond < 200) || (p99Seconds !== undefined && p99Seconds >= 2)) return { text, met: false };
+    if (mbPerSecond !== undefined && p99Seconds !== undefined) return { text, met: true };
+    const unmeasured = Object.entries(result.figures).find(([k, v]) => /p99/i.test(k) && v === null);
+    return { text, met: null, ...(unmeasured ? { why: `${unmeasured[0]} was not measured` } : {}) };
   }
   return { text: NO_TARGET, met: typeof selfJudged === 'boolean' ? selfJudged : null };
 }
@@ -349,7 +354,7 @@ function statusText(run: BenchRun): string {
 }
 
 function metText(goal: Goal): string {
-  if (goal.met === null) return '–';
+  if (goal.met === null) return goal.why === undefined ? '–' : `not judged: ${goal.why}`;
   return goal.met ? 'met' : 'not met';
 }
 
@@ -388,7 +393,7 @@ export function renderMarkdown(summary: Summary): string {
     const r = run.result;
     if (r === undefined) continue;
     if (r.peer !== '') lines.push(`Peer: ${r.peer}.`, '');
-    const judged = run.goal.met === null ? (run.goal.text === NO_TARGET ? '' : ' (not judged: the result does not name the figures it needs)') : ` — ${metText(run.goal)}`;
+    const judged = run.goal.met !== null ? ` — ${metText(run.goal)}` : run.goal.text === NO_TARGET ? '' : ` (not judged: ${run.goal.why ?? 'the result does not name the figures it needs'})`;
     lines.push(`Goal: ${run.goal.text}${judged}.`, '');
     const ratios = Object.entries(r.ratios);
     if (ratios.length > 0) {

@@ -111,7 +111,7 @@ describe('bench report normaliser', () => {
     // 191 MiB/s is 200.3 MB/s.
     const mib = normaliseResult('e2e-churn', { ratios: {}, figures: { 'churn MiB/s': 191, 'RPO p99 s': 1.2 } });
     expect(judgeGoal('e2e-churn', mib).met).toBe(true);
-    expect(judgeGoal('e2e-churn', normaliseResult('e2e-churn', { figures: { other: 1 } })).met).toBeNull();
+    expect(judgeGoal('e2e-churn', normaliseResult('e2e-churn', { figures: { other: 1 } }))).toEqual({ text: '200 MB/s of sustained churn with RPO p99 < 2 s', met: null });
     expect(judgeGoal('churn', met).text).toContain('200 MB/s');
     // The shape bench/e2e.bench.ts writes: flat figures, the peer's rate first.
     const e2e = { name: 'e2e', quick: true, peer: 'same fio job against qemu-nbd', peerMBs: 900, churnMBs: 150.2, ratio: 0.167, appliedMBs: 140, rpoP50Seconds: 0.9, rpoP99Seconds: 1.6, goal: 'churn >= 200 MB/s with RPO p99 < 2 s (issue 6)' };
@@ -121,10 +121,12 @@ describe('bench report normaliser', () => {
     expect(judgeGoal('e2e', slow, e2e).met).toBe(false);
     expect(judgeGoal('e2e', normaliseResult('e2e', { ...e2e, churnMBs: 240 })).met).toBe(true);
     expect(judgeGoal('e2e', normaliseResult('e2e', { ...e2e, churnMBs: 240, rpoP99Seconds: 2.1 })).met).toBe(false);
-    // No RPO samples: the figure is shown as not measured and the goal not judged.
+    // No RPO samples: the figure is shown as not measured and the goal not judged, saying why...
     const unsampled = normaliseResult('e2e', { ...e2e, churnMBs: 240, rpoP99Seconds: null });
     expect(unsampled.figures.rpoP99Seconds).toBeNull();
-    expect(judgeGoal('e2e', unsampled).met).toBeNull();
+    expect(judgeGoal('e2e', unsampled)).toMatchObject({ met: null, why: 'rpoP99Seconds was not measured' });
+    // ...unless the churn rate alone misses the goal.
+    expect(judgeGoal('e2e', normaliseResult('e2e', { ...e2e, churnMBs: 196.6, rpoP99Seconds: null })).met).toBe(false);
   });
 
   it('lets a result judge itself with goal.met', () => {
@@ -223,7 +225,10 @@ describe('benchmarks.md renderer', () => {
     expect(md).toContain('98.8 s of a 105 s budget');
     expect(md).toContain('## Adding a scenario');
     const withNull = normaliseResult('e2e', { ratios: {}, figures: { rpoP99Seconds: null } });
-    expect(renderMarkdown(summary([{ name: 'e2e', status: 'ok', durationMs: 1, result: withNull, goal: judgeGoal('e2e', withNull) }]))).toContain('| rpoP99Seconds | not measured |');
+    const nullMd = renderMarkdown(summary([{ name: 'e2e', status: 'ok', durationMs: 1, result: withNull, goal: judgeGoal('e2e', withNull) }]));
+    expect(nullMd).toContain('| rpoP99Seconds | not measured |');
+    expect(nullMd).toContain('| 200 MB/s of sustained churn with RPO p99 < 2 s | not judged: rpoP99Seconds was not measured |');
+    expect(nullMd).toContain('(not judged: rpoP99Seconds was not measured).');
     // A summary round-trips through JSON, as summary.json does.
     const file = path.join(tmp(), 'summary.json');
     const s = summary([{ name: 'convert', status: 'ok', durationMs: 1, result: convert, goal: judgeGoal('convert', convert) }]);
