@@ -2,6 +2,7 @@ import type { Socket } from 'node:net';
 import { ByteQueue } from './byte-queue';
 import * as P from './nbd-protocol';
 import type { ServedExport } from './served-export';
+import type { WriteRecorder } from './nbd-export';
 import type { GateTicket } from './write-order-gate';
 import type { PayloadPool } from './payload-pool';
 import type { Clock, TimerHandle } from '../platform/clock';
@@ -482,8 +483,35 @@ export class NbdConnection {
         },
       );
     };
-    const ticket: GateTicket = exp.gate.enter(offset, length, run);
-    if (!ticket.blocked) run();
+    const go = this.afterIntent(recorder, offset, length, run, (err) => {
+      release();
+      exp.gate.leave(ticket);
+      this.logNoLongerMatches(exp, err, 'WRITE', offset, length);
+      this.finish(length);
+      this.failRequest(err, 'WRITE', offset, length, handleHi, handleLo);
+    });
+    const ticket: GateTicket = exp.gate.enter(offset, length, go);
+    if (!ticket.blocked) go();
+  }
+
+  /**
+   * Runs `run` once the recorder's write intent for the range is durable
+   * (at once when it already is); `fail` when marking it failed, in which
+   * case the disk is not touched.
+   */
+  private afterIntent(recorder: WriteRecorder | undefined, offset: number, length: number, run: () => void, fail: (err: unknown) => void): () => void {
+    if (recorder?.intend === undefined) return run;
+    return () => {
+      let wait: Promise<void> | undefined;
+      try {
+        wait = recorder.intend!(offset, length);
+      } catch (err) {
+        fail(err);
+        return;
+      }
+      if (wait === undefined) run();
+      else wait.then(run, fail);
+    };
   }
 
   /** WRITE_ZEROES and TRIM, ordered and recorded like a WRITE. */
@@ -526,8 +554,14 @@ export class NbdConnection {
         },
       );
     };
-    const ticket: GateTicket = exp.gate.enter(offset, length, run);
-    if (!ticket.blocked) run();
+    const go = this.afterIntent(recorder, offset, length, run, (err) => {
+      exp.gate.leave(ticket);
+      this.logNoLongerMatches(exp, err, name, offset, length);
+      this.finish(0);
+      this.failRequest(err, name, offset, length, handleHi, handleLo);
+    });
+    const ticket: GateTicket = exp.gate.enter(offset, length, go);
+    if (!ticket.blocked) go();
   }
 
   /**

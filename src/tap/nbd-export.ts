@@ -45,6 +45,13 @@ export interface WriteRecorder {
   recordTrim?(offset: number, length: number): void | Promise<void>;
   /** Makes every record made so far durable (NBD FLUSH and FUA). */
   flush(): Promise<void>;
+  /**
+   * Write intent: called after the record and before the write reaches the
+   * disk. A promise means the write must wait for it (the range is being
+   * marked durably, so a crash cannot leave a disk change no record or map
+   * knows of); undefined means go ahead.
+   */
+  intend?(offset: number, length: number): Promise<void> | undefined;
 }
 
 export interface NbdExport {

@@ -24,6 +24,9 @@ import {
   type LogSidecar,
   type ResyncReservation,
   type TrackerMaps,
+  decodeIntents,
+  encodeIntents,
+  intentPath,
   type TrackerState,
 } from './tracker-files';
 
@@ -68,6 +71,15 @@ export interface ResyncRoundResult {
   /** Resync extents still waiting after this round. */
   readonly remainingBytes: number;
 }
+
+/**
+ * Size of a write-intent region. Before the first write into a region that
+ * is not yet marked on disk reaches the protected disk, the mark is made
+ * durable; after a crash every marked region is resynced. Coarse regions
+ * keep those fsyncs rare; a region is cleared once every write recorded in
+ * it is covered by persisted maps and it has been idle for a persist.
+ */
+export const WRITE_INTENT_REGION_BYTES = 16 * 1024 * 1024;
 
 /** Most bytes one resync round reads at once from the disk. */
 const RESYNC_READ_CHUNK_BYTES = 1024 * 1024;
@@ -163,6 +175,16 @@ export class ChangeTracker {
   private reservations: ResyncReservation[] = [];
   /** Counts folds, so a resync round can tell that one happened while it ran. */
   private folds = 0;
+  /** Write intent: region -> epoch of its last intent (see WRITE_INTENT_REGION_BYTES). */
+  private readonly intents = new Map<number, number>();
+  /** Regions the intent file on disk holds. */
+  private durableIntents = new Set<number>();
+  private intentEpoch = 0;
+  /** Intent epoch when the operation holding the lock asked for it (everything recorded before is covered by it). */
+  private opQueuedEpoch = 0;
+  /** Queue epoch of the previous maps persist: regions idle since then may be cleared. */
+  private lastPersistQueuedEpoch = 0;
+  private intentWrite: Promise<void> = Promise.resolve();
 
   private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap>; mapsGeneration: number }) {
     this.diskId = options.diskId;
@@ -234,6 +256,23 @@ export class ChangeTracker {
       }
     }
 
+    // Regions marked for writes that may have reached the disk without being
+    // recorded (the stop was not clean) are resynced.
+    const intentFile = intentPath(dir, diskId);
+    const intentBytes = await fsp.readFile(intentFile).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return undefined;
+      throw wrapError(err, 'BR_IO', `cannot read ${intentFile}`);
+    });
+    let intentRegions: number[] = [];
+    if (intentBytes !== undefined) {
+      const { regionBytes, regions } = decodeIntents(intentBytes, intentFile);
+      intentRegions = regions;
+      for (const r of regions) {
+        const start = r * regionBytes;
+        if (start < options.diskSizeBytes) maps.resync.mark(start, Math.min(regionBytes, options.diskSizeBytes - start));
+      }
+      if (regions.length > 0) reasons.push('write-intent');
+    }
     await recoverOpenLogs({ dir, diskId, clock, names, openLogs, maps, reasons });
     const { sealed, logMaps } = await loadSealedLogs({ dir, diskId, clock, diskSizeBytes: options.diskSizeBytes, granularityBytes: granularity, names, maps, reasons });
 
@@ -244,7 +283,10 @@ export class ChangeTracker {
     for (const n of await listDir(dir)) maxSeq = Math.max(maxSeq, seqOf(n));
     const lastUniqueId = sealed.length > 0 ? sealed[sealed.length - 1]!.uniqueId : state?.lastUniqueId ?? NIL_GUID;
     maps.dirty.merge(maps.resync);
-    const tracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId: state?.reservations?.length ? state.lastUniqueId : lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0 });
+    const tracker: ChangeTracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId: state?.reservations?.length ? state.lastUniqueId : lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0 });
+    // The file still lists the regions just turned into resync extents; the
+    // first persist of the maps (below) covers them and then empties it.
+    tracker.durableIntents = new Set(intentRegions);
     // A resync round cut short by a crash: its extents are still in the resync
     // map (cleared only once its log is sealed), so an empty log fills the
     // held sequence and keeps the chain; a later round carries the data.
@@ -587,6 +629,9 @@ export class ChangeTracker {
         }
       }
       await this.persistMaps(false);
+      // A clean stop: everything written is recorded and persisted.
+      this.intents.clear();
+      await this.writeIntents();
       this.closed = true;
     });
   }
@@ -617,6 +662,7 @@ export class ChangeTracker {
   }
 
   private acquire(): Promise<Release> {
+    const askedEpoch = this.intentEpoch;
     const previous = this.lockTail;
     let resolve!: () => void;
     this.lockTail = new Promise<void>((r) => { resolve = r; });
@@ -629,7 +675,10 @@ export class ChangeTracker {
       this.lockDepth--;
       resolve();
     };
-    return previous.then(() => release);
+    return previous.then(() => {
+      this.opQueuedEpoch = askedEpoch;
+      return release;
+    });
   }
 
   private async locked<T>(fn: () => Promise<T>): Promise<T> {
@@ -669,7 +718,8 @@ export class ChangeTracker {
   }
 
   private async persistMaps(force: boolean): Promise<void> {
-    if (!force && this.generation === this.persistedGeneration) return;
+    // Nothing changed since the last persist: every recorded write is covered already.
+    if (!force && this.generation === this.persistedGeneration) return this.clearIdleIntents();
     const generation = this.generation;
     const pendingLogSequence = this.writer === undefined ? 0 : this.activeSequence ?? 0;
     const pendingLogEndBytes = this.writer?.sizeBytes ?? 0;
@@ -677,6 +727,55 @@ export class ChangeTracker {
     await writeTrackerMaps(this.dir, this.diskId, { ...this.maps, pendingLogSequence, pendingLogEndBytes, durableLogEndBytes }, this.mapsGeneration + 1);
     this.mapsGeneration++;
     this.persistedGeneration = generation;
+    await this.clearIdleIntents();
+  }
+
+  /**
+   * Called with the lock held once the maps on disk cover everything
+   * recorded: an intent issued before this operation asked for the lock had
+   * its record queued ahead of it, so that write is in persisted maps and
+   * its region needs no resync after a crash. Regions are cleared only when
+   * they also had no intent since the previous persist, so a busy region is
+   * not re-marked (an fsync) after every persist.
+   */
+  private async clearIdleIntents(): Promise<void> {
+    const coveredEpoch = this.opQueuedEpoch;
+    const idleSince = Math.min(coveredEpoch, this.lastPersistQueuedEpoch);
+    for (const [region, epoch] of this.intents) if (epoch <= idleSince) this.intents.delete(region);
+    this.lastPersistQueuedEpoch = coveredEpoch;
+    if ([...this.durableIntents].some((r) => !this.intents.has(r))) await this.writeIntents();
+  }
+
+  /**
+   * Call before a write reaches the protected disk (after recordWrite was
+   * called for it). Returns undefined when the write's regions are already
+   * marked durably, else a promise that resolves once they are: only then
+   * may the write go to the disk. Persists are coalesced.
+   */
+  intend(offset: number, length: number): Promise<void> | undefined {
+    if (length <= 0) return undefined;
+    const epoch = ++this.intentEpoch;
+    const first = Math.floor(offset / WRITE_INTENT_REGION_BYTES);
+    const last = Math.floor((offset + length - 1) / WRITE_INTENT_REGION_BYTES);
+    let durable = true;
+    for (let r = first; r <= last; r++) {
+      this.intents.set(r, epoch);
+      if (!this.durableIntents.has(r)) durable = false;
+    }
+    if (durable) return undefined;
+    return this.writeIntents();
+  }
+
+  /** Writes the intent file with every region marked now; callers sharing a write wait for the same one. */
+  private writeIntents(): Promise<void> {
+    const run = this.intentWrite.catch(() => undefined).then(async () => {
+      const regions = [...this.intents.keys()].sort((a, b) => a - b);
+      if (regions.length === this.durableIntents.size && regions.every((r) => this.durableIntents.has(r))) return;
+      await writeFileAtomic(intentPath(this.dir, this.diskId), encodeIntents(WRITE_INTENT_REGION_BYTES, regions));
+      this.durableIntents = new Set(regions);
+    });
+    this.intentWrite = run;
+    return run;
   }
 
   private async sealActive(point: CutPoint): Promise<SealedLogInfo> {

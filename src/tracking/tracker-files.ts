@@ -307,3 +307,41 @@ export async function writeTrackerMaps(dir: string, diskId: string, maps: Tracke
     throw wrapError(err, 'BR_IO', `cannot write ${file}`);
   }
 }
+
+// ---- the write-intent file ----
+
+/** "BRINTNT1": write-intent regions, version 1. */
+export const INTENT_MAGIC = Buffer.from('BRINTNT1', 'latin1');
+/** Magic, region size (u64), region count (u32), then u32 region indexes, then XXH64 of all before it. */
+export const INTENT_HEADER_BYTES = 20;
+/** Largest number of regions the file holds (a 2 TiB disk has 131072 regions of 16 MiB). */
+export const INTENT_REGIONS_MAX = 1 << 20;
+
+export function intentPath(dir: string, diskId: string): string {
+  return path.join(dir, `${diskId}.intent`);
+}
+
+/** Encodes the write-intent regions (docs/formats/ms-hrl.md, "Write intent"). */
+export function encodeIntents(regionBytes: number, regions: readonly number[]): Buffer {
+  const buf = Buffer.alloc(INTENT_HEADER_BYTES + regions.length * 4 + 8);
+  INTENT_MAGIC.copy(buf, 0);
+  buf.writeBigUInt64LE(BigInt(regionBytes), 8);
+  buf.writeUInt32LE(regions.length, 16);
+  regions.forEach((r, i) => buf.writeUInt32LE(r, INTENT_HEADER_BYTES + i * 4));
+  buf.writeBigUInt64LE(xxh64(buf, 0, buf.length - 8), buf.length - 8);
+  return buf;
+}
+
+/** Decodes a write-intent file; damage is BR_TRACKER_STATE_CORRUPT naming the offset. */
+export function decodeIntents(buf: Buffer, file: string): { regionBytes: number; regions: number[] } {
+  const bad = (offset: number, why: string): BlockrelayError => new BlockrelayError('BR_TRACKER_STATE_CORRUPT', `${file} at byte ${offset}: ${why}`, { details: { file, offset } });
+  if (buf.length < INTENT_HEADER_BYTES + 8) throw bad(0, `${buf.length} bytes is shorter than the ${INTENT_HEADER_BYTES + 8}-byte minimum`);
+  if (!buf.subarray(0, 8).equals(INTENT_MAGIC)) throw bad(0, 'not a write-intent file (magic)');
+  const count = buf.readUInt32LE(16);
+  if (count > INTENT_REGIONS_MAX || buf.length !== INTENT_HEADER_BYTES + count * 4 + 8) throw bad(16, `region count ${count} does not match the file length ${buf.length}`);
+  if (buf.readBigUInt64LE(buf.length - 8) !== xxh64(buf, 0, buf.length - 8)) throw bad(buf.length - 8, 'checksum mismatch');
+  const regionBytes = Number(buf.readBigUInt64LE(8));
+  const regions: number[] = [];
+  for (let i = 0; i < count; i++) regions.push(buf.readUInt32LE(INTENT_HEADER_BYTES + i * 4));
+  return { regionBytes, regions };
+}

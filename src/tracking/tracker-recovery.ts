@@ -25,7 +25,7 @@ import {
  * `reasons` every reason for a resync they find.
  */
 
-export type ResyncReason = 'overflow' | 'dirty-map-lost' | 'torn-tail' | 'log-lost' | 'log-io-error';
+export type ResyncReason = 'overflow' | 'dirty-map-lost' | 'torn-tail' | 'log-lost' | 'log-io-error' | 'write-intent';
 
 /** A sealed log waiting to be shipped. */
 export interface SealedLogInfo extends LogSidecar {
