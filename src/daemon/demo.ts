@@ -63,6 +63,8 @@ export class Demo {
   private shipping: SourceShipping | undefined;
   private tagger: AppTagger | undefined;
   private control: HttpApi | undefined;
+  /** Open until the source role takes it over (it closes the disks on stop). */
+  private protectedDisk: DiskTarget | undefined;
   manifest: DemoManifest | undefined;
 
   constructor(private readonly options: DemoOptions) {
@@ -86,6 +88,30 @@ export class Demo {
   }
 
   async start(): Promise<DemoManifest> {
+    try {
+      return await this.startRoles();
+    } catch (err) {
+      // A role that failed to start (a port in use, a damaged state file)
+      // must not leave the others running: the process would never exit.
+      await this.stopStarted();
+      throw err;
+    }
+  }
+
+  private async stopStarted(): Promise<void> {
+    this.tagger?.stop();
+    const steps: Array<() => Promise<void> | undefined> = [
+      () => this.shipping?.stop(),
+      () => this.source?.stop(),
+      () => this.control?.close(),
+      () => this.ps?.stop(),
+      () => this.mt?.stop(),
+      () => this.protectedDisk?.close(),
+    ];
+    for (const step of steps) await Promise.resolve(step()).catch(() => undefined);
+  }
+
+  private async startRoles(): Promise<DemoManifest> {
     const l = this.layout;
     for (const d of [path.dirname(l.sourceDisk), l.logDir, l.cache, path.dirname(l.target), l.retention, l.state]) fs.mkdirSync(d, { recursive: true });
     // The roles talk over loopback inside this process: a fresh secret per run is enough.
@@ -113,6 +139,7 @@ export class Demo {
     await this.ps.start();
 
     const disk = await this.openProtectedDisk();
+    this.protectedDisk = disk;
     const [host, port] = splitHostPort(this.options.nbdListen);
     this.source = await SourceRole.start({
       disks: [{ id: DEMO_DEFAULTS.diskId, target: disk }],
@@ -124,6 +151,7 @@ export class Demo {
       logger: this.logger,
       onSealed: () => this.shipping?.sealed(),
     });
+    this.protectedDisk = undefined;
     this.shipping = new SourceShipping({
       trackers: this.source.trackers,
       peer: { url: this.ps.url, secret },

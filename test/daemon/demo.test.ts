@@ -67,4 +67,19 @@ describe('blockrelay demo', () => {
     const after = JSON.parse((await runCli(['points', 'list', '--retention', path.join(dir, 'retention'), '--disk', 'disk0', '--json'])).stdout) as unknown[];
     expect(after.length).toBeGreaterThan(list.length);
   }, 180_000);
+
+  it('exits 1 with a coded line, leaving nothing running, when its NBD port is taken', async () => {
+    const net = await import('node:net');
+    const busy = net.createServer();
+    await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve));
+    const port = (busy.address() as import('node:net').AddressInfo).port;
+    try {
+      const r = await runCli(['demo', '--data', tmp(), '--size', String(16 * 1024 * 1024), '--nbd', `127.0.0.1:${port}`], { timeoutMs: 30_000 });
+      expect(r.signal).toBeNull();
+      expect(r.status).toBe(1);
+      expect(r.stderr).toMatch(/^BR_TAP_LISTEN: /m);
+    } finally {
+      busy.close();
+    }
+  });
 });
