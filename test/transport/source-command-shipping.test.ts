@@ -2,16 +2,11 @@ import { execFileSync, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { validateConfig } from '../../src/daemon/config';
-import { hrlLogOps } from '../../src/transport/hrl-log-ops';
-import { masterTargetFromConfig } from '../../src/transport/master-target';
-import { processServerFromConfig } from '../../src/transport/process-server';
 import { cliCommand, runCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
-import { quiet, SECRET } from './transport-fixture';
+import { SECRET, startHops } from './transport-fixture';
 
-const MT_SECRET = 'master-target-secret-123';
 
 describe('blockrelay source --process-server', () => {
   const tmp = useTempDirs();
@@ -23,12 +18,8 @@ describe('blockrelay source --process-server', () => {
   it('ships every sealed log; after SIGTERM the master target holds the protected disk', async () => {
     if (!requireTool('qemu-io')) return;
     const dir = tmp();
-    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `vmdk:${path.join(dir, 'target.vmdk')}` }] }), hrlLogOps, quiet());
-    await mt.start();
-    cleanup.push(() => mt.stop());
-    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), hrlLogOps, quiet());
-    await ps.start();
-    cleanup.push(() => ps.stop());
+    const { mt, ps, stop } = await startHops(dir, `vmdk:${path.join(dir, 'target.vmdk')}`);
+    cleanup.push(stop);
 
     const disk = path.join(dir, 'disk0.img');
     fs.writeFileSync(disk, Buffer.alloc(0));
@@ -55,7 +46,7 @@ describe('blockrelay source --process-server', () => {
     expect(status).toBe(0);
     await ps.drain();
     await mt.drain();
-    await mt.stop();
+    await stop();
     cleanup.pop();
     execFileSync('qemu-img', ['compare', '-f', 'raw', '-F', 'vmdk', disk, path.join(dir, 'target.vmdk')]);
     expect(fs.readdirSync(path.join(dir, 'logs')).filter((n) => n.endsWith('.hrl'))).toEqual([]);

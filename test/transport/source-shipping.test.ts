@@ -1,19 +1,14 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { validateConfig } from '../../src/daemon/config';
 import { systemClock } from '../../src/platform/clock';
 import { DiskHealth } from '../../src/retry/health';
 import { ChangeTracker } from '../../src/tracking/change-tracker';
-import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { LogShipper } from '../../src/transport/log-shipper';
-import { masterTargetFromConfig } from '../../src/transport/master-target';
-import { processServerFromConfig } from '../../src/transport/process-server';
 import { trackerShippingSource } from '../../src/transport/tracker-shipping';
 import { useTempDirs } from '../helpers/tmp';
-import { FAST_RETRY, prng, quiet, SECRET } from './transport-fixture';
+import { FAST_RETRY, prng, quiet, SECRET, startHops } from './transport-fixture';
 
-const MT_SECRET = 'master-target-secret-123';
 const SIZE = 16 * 1024 * 1024;
 
 describe('source -> process server -> master target', () => {
@@ -25,12 +20,8 @@ describe('source -> process server -> master target', () => {
 
   it('ships tracked writes cut by cut; the target equals the source and acknowledged logs are deleted', async () => {
     const dir = tmp();
-    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY });
-    await mt.start();
-    cleanup.push(() => mt.stop());
-    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY });
-    await ps.start();
-    cleanup.push(() => ps.stop());
+    const { mt, ps, stop } = await startHops(dir);
+    cleanup.push(stop);
 
     const tracker = await ChangeTracker.open({ dir: path.join(dir, 'logs'), diskId: 'disk0', diskSizeBytes: SIZE, persistIntervalMs: 0 });
     cleanup.push(() => tracker.close());
@@ -69,12 +60,8 @@ describe('source -> process server -> master target after an overflow', () => {
 
   it('resyncs the folded extents through the log stream and converges, writes going on meanwhile', async () => {
     const dir = tmp();
-    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY });
-    await mt.start();
-    cleanup.push(() => mt.stop());
-    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY });
-    await ps.start();
-    cleanup.push(() => ps.stop());
+    const { mt, ps, stop } = await startHops(dir);
+    cleanup.push(stop);
 
     const model = Buffer.alloc(SIZE);
     const tracker = await ChangeTracker.open({ dir: path.join(dir, 'logs'), diskId: 'disk0', diskSizeBytes: SIZE, persistIntervalMs: 0, overflowRatio: 0.25 });

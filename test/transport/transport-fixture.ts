@@ -47,3 +47,34 @@ export function quiet() {
 
 /** A retry policy fast enough for tests that use the real clock. */
 export const FAST_RETRY = { scheduleOffsetsMs: [20, 40, 80], steadyIntervalMs: 100, maxRetries: 50 };
+
+export const MT_SECRET = 'master-target-secret-123';
+
+/**
+ * A master target applying to `targetSpec` and a process server forwarding
+ * to it, both in this process on loopback. `stop` stops both (process
+ * server first).
+ */
+export async function startHops(dir: string, targetSpec = `raw:${path.join(dir, 'target.img')}`) {
+  const { validateConfig } = await import('../../src/daemon/config');
+  const { hrlLogOps } = await import('../../src/transport/hrl-log-ops');
+  const { masterTargetFromConfig } = await import('../../src/transport/master-target');
+  const { processServerFromConfig } = await import('../../src/transport/process-server');
+  const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: targetSpec }] }), hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY });
+  await mt.start();
+  const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY });
+  try {
+    await ps.start();
+  } catch (err) {
+    await mt.stop();
+    throw err;
+  }
+  return {
+    mt,
+    ps,
+    async stop(): Promise<void> {
+      await ps.stop();
+      await mt.stop();
+    },
+  };
+}
