@@ -104,8 +104,12 @@ export function sendError(res: http.ServerResponse, err: BlockrelayError): void 
   sendJson(res, statusForError(err), { error: { code: err.code, message: err.message, details: err.details } });
 }
 
+/** How long closing waits for requests in flight before cutting their connections. */
+export const HTTP_CLOSE_GRACE_MS = 10_000;
+
 export class HttpApi {
   private readonly server: http.Server;
+  private closing = false;
   private readonly compiled: Array<Route & { regex: RegExp; names: string[] }>;
 
   constructor(private readonly options: HttpApiOptions) {
@@ -146,10 +150,23 @@ export class HttpApi {
     return `${this.options.tls ? 'https' : 'http'}://${host}:${addr.port}`;
   }
 
-  /** Stops accepting, ends idle keep-alive connections, waits for requests in flight. */
-  close(): Promise<void> {
+  /**
+   * Stops accepting and waits for requests in flight, within `graceMs`.
+   * Keep-alive connections are ended as they go idle (a status page polling
+   * every two seconds would otherwise hold the server open forever) and
+   * answered with `connection: close` meanwhile; after the grace, whatever
+   * is left is cut (an upload cut this way is simply resent).
+   */
+  close(graceMs: number = HTTP_CLOSE_GRACE_MS): Promise<void> {
+    this.closing = true;
     return new Promise((resolve) => {
-      this.server.close(() => resolve());
+      const sweep = setInterval(() => this.server.closeIdleConnections(), 100);
+      const force = setTimeout(() => this.server.closeAllConnections(), graceMs);
+      this.server.close(() => {
+        clearInterval(sweep);
+        clearTimeout(force);
+        resolve();
+      });
       this.server.closeIdleConnections();
     });
   }
@@ -161,6 +178,7 @@ export class HttpApi {
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://localhost');
+    if (this.closing) res.setHeader('connection', 'close');
     try {
       const route = this.match(req.method ?? 'GET', url.pathname);
       if (route === undefined) throw new BlockrelayError('BR_PROTOCOL', `no route for ${req.method} ${url.pathname}`);

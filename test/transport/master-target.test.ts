@@ -101,3 +101,49 @@ describe('master target', () => {
     await expect(callJson({ url: mt.url, secret: SECRET }, 'POST', '/v1/disks/disk0/resume')).resolves.toMatchObject({ diskId: 'disk0' });
   });
 });
+
+describe('stopping while a status page polls', () => {
+  const tmp = useTempDirs();
+
+  it('stops promptly although a keep-alive client was mid-request and keeps reusing its connection', async () => {
+    const net = await import('node:net');
+    const dir = tmp();
+    const config = validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] });
+    const mt = masterTargetFromConfig(config, hrlLogOps, quiet());
+    await mt.start();
+    const { port } = new URL(mt.url);
+    const socket = net.connect(Number(port), '127.0.0.1');
+    await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
+    const poll = 'GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n';
+    let responses = 0;
+    let buffered = '';
+    socket.on('data', (d) => {
+      buffered += d.toString('latin1');
+      // After each answer, ask again at once on the same connection, as a busy poller would.
+      let at: number;
+      while ((at = buffered.indexOf('HTTP/1.1 ')) >= 0) {
+        buffered = buffered.slice(at + 9);
+        responses++;
+        if (!socket.destroyed && responses < 10_000) socket.write(poll);
+      }
+    });
+    socket.on('error', () => undefined);
+    // Busy when the stop begins: an upload whose body is still arriving.
+    const upload = [
+      'PUT /v1/disks/disk0/logs/1 HTTP/1.1', 'Host: x', 'Connection: keep-alive', `Authorization: Bearer ${SECRET}`,
+      'x-blockrelay-xxhash64: 0123456789abcdef', 'x-blockrelay-log-length: 10', 'x-blockrelay-cut-time-ms: 1', 'x-blockrelay-cut-id: c',
+      'x-blockrelay-disk-size-bytes: 8388608', 'Content-Length: 10', '', '',
+    ].join('\r\n');
+    socket.write(`${upload}01234`);
+    await new Promise((r) => setTimeout(r, 100));
+    const started = Date.now();
+    const stopping = mt.stop();
+    await new Promise((r) => setTimeout(r, 50));
+    socket.write('56789');
+    await stopping;
+    const tookMs = Date.now() - started;
+    socket.destroy();
+    expect(responses).toBeGreaterThan(0);
+    expect(tookMs).toBeLessThan(3000);
+  });
+});
