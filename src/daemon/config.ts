@@ -51,6 +51,8 @@ export const CONFIG_SHAPE = {
       bandwidthBytesPerSecond: field.integer({ min: 0, default: 0 }),
       /** A forward that makes no progress for this long is abandoned and retried. */
       timeoutSeconds: field.integer({ min: 1, max: 3600, default: 60 }),
+      /** CA certificate(s) that sign the master target's TLS certificate (https forward URL). */
+      caFile: field.string({ optional: true }),
     },
     { optional: true },
   ),

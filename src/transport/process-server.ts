@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { BlockrelayConfig } from '../daemon/config';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
@@ -164,6 +165,16 @@ export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps
     new Map(config.disks.map((d) => [d.id, d.target])),
     config.forward === undefined
       ? undefined
-      : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000 }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond },
+      : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000, ca: readCaFile(config.forward.caFile) }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond },
   );
+}
+
+/** Reads the forward's CA file at start, so a missing file is refused before serving. */
+function readCaFile(file: string | undefined): Buffer | undefined {
+  if (file === undefined) return undefined;
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw new BlockrelayError('BR_CONFIG_INVALID', `config key 'forward.caFile': cannot read ${file}: ${(err as Error).message}`, { cause: err, details: { key: 'forward.caFile' } });
+  }
 }
