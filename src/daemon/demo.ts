@@ -2,22 +2,18 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { systemClock, type Clock } from '../platform/clock';
-import { BlockrelayError } from '../retry/blockrelay-error';
 import { RetentionHooks } from '../retention/retention-hooks';
 import { SourceRole } from '../tap/source-role';
 import { openDisk } from '../targets/disk-spec';
 import type { DiskTarget } from '../targets/disk-target';
-import { HttpApi, sendJson, type Route } from '../transport/http-api';
 import { hrlLogOps } from '../transport/hrl-log-ops';
 import { masterTargetFromConfig, splitHostPort, type ApplyingHop } from '../transport/master-target';
 import { processServerFromConfig, type ProcessServer } from '../transport/process-server';
 import { SourceShipping } from '../transport/source-shipping';
-import { PROTOCOL_VERSION } from '../transport/transport-protocol';
-import { AppTagger, type TagRequest } from './app-tagger';
 import { validateConfig } from './config';
 import { createLogger, type Logger } from './logger';
 import { createMetrics, type Metrics } from './metrics';
-import { observabilityRoutes } from './status-page';
+import { SourceControl } from './source-control';
 import { CONTROL_SECRET_ENV } from './tag-command';
 
 /** Defaults of `blockrelay demo`, units in the names. */
@@ -61,8 +57,7 @@ export class Demo {
   private ps: ProcessServer | undefined;
   private source: SourceRole | undefined;
   private shipping: SourceShipping | undefined;
-  private tagger: AppTagger | undefined;
-  private control: HttpApi | undefined;
+  private control: SourceControl | undefined;
   /** Open until the source role takes it over (it closes the disks on stop). */
   private protectedDisk: DiskTarget | undefined;
   manifest: DemoManifest | undefined;
@@ -99,7 +94,7 @@ export class Demo {
   }
 
   private async stopStarted(): Promise<void> {
-    this.tagger?.stop();
+    this.control?.tagger.stop();
     const steps: Array<() => Promise<void> | undefined> = [
       () => this.shipping?.stop(),
       () => this.source?.stop(),
@@ -160,17 +155,15 @@ export class Demo {
       ...quiet,
     });
     this.shipping.start();
-    this.tagger = new AppTagger({
-      clock: this.clock,
-      hook: undefined,
-      intervalMs: 60 * 60_000,
-      select: (r: TagRequest) => this.selectDisks(r),
+    this.control = new SourceControl({
+      diskIds: [DEMO_DEFAULTS.diskId],
       cut: (disks, appTag) => this.shipping!.cutWithTag(disks, appTag),
-      onError: (err) => this.logger.warn({ code: err.code }, `scheduled app-consistent point failed: ${err.message}`),
+      status: () => this.status(),
+      hook: undefined,
+      appIntervalMs: 60 * 60_000,
+      secret: process.env[CONTROL_SECRET_ENV],
+      ...quiet,
     });
-    this.tagger.start();
-
-    this.control = new HttpApi({ secret: process.env[CONTROL_SECRET_ENV], routes: this.controlRoutes(), logger: this.logger });
     await this.control.listen('127.0.0.1', 0);
     this.manifest = {
       nbd: this.source.exportUris[DEMO_DEFAULTS.diskId]!,
@@ -187,7 +180,8 @@ export class Demo {
    * behind on the way to the target.
    */
   async drainAndStop(): Promise<void> {
-    this.tagger?.stop();
+    // No scheduled app-consistent cut may start while the trackers close.
+    this.control?.tagger.stop();
     await this.source?.stop();
     // Stopping seals every active log without a cut callback: ship those too.
     this.shipping?.sealed();
@@ -225,16 +219,6 @@ export class Demo {
     };
   }
 
-  private selectDisks(request: TagRequest): string[] {
-    const all = [...(this.source?.trackers.keys() ?? [])];
-    if (request.diskId !== undefined) {
-      if (!all.includes(request.diskId)) throw new BlockrelayError('BR_DISK_UNKNOWN', `disk ${request.diskId} is not protected here`);
-      return [request.diskId];
-    }
-    // The demo protects one machine: every disk belongs to its one group.
-    return all;
-  }
-
   private async openProtectedDisk(): Promise<DiskTarget> {
     const file = this.layout.sourceDisk;
     if (fs.existsSync(file)) {
@@ -243,43 +227,5 @@ export class Demo {
       return disk;
     }
     return openDisk(`raw:${file}`, { create: { sizeBytes: this.options.sizeBytes } });
-  }
-
-  private controlRoutes(): Route[] {
-    return [
-      ...observabilityRoutes(() => this.status(), this.metrics),
-      {
-        method: 'POST',
-        pattern: `/${PROTOCOL_VERSION}/tags`,
-        handler: async (ctx) => {
-          const body = await readJsonBody(ctx.req);
-          if (body.app !== true) throw new BlockrelayError('BR_PROTOCOL', 'only app-consistent tags can be requested ("app": true)');
-          const result = await this.tagger!.tag({
-            diskId: typeof body.diskId === 'string' ? body.diskId : undefined,
-            group: typeof body.group === 'string' ? body.group : undefined,
-            name: typeof body.name === 'string' ? body.name : undefined,
-          });
-          sendJson(ctx.res, 200, result);
-        },
-      },
-    ];
-  }
-}
-
-/** Reads a small JSON request body (at most 64 KiB). */
-async function readJsonBody(req: import('node:http').IncomingMessage): Promise<Record<string, unknown>> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > 64 * 1024) throw new BlockrelayError('BR_PROTOCOL', 'request body larger than 64 KiB');
-    chunks.push(chunk as Buffer);
-  }
-  try {
-    const parsed = JSON.parse(Buffer.concat(chunks).toString('utf8') || '{}') as unknown;
-    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new Error('not an object');
-    return parsed as Record<string, unknown>;
-  } catch (err) {
-    throw new BlockrelayError('BR_PROTOCOL', `request body is not a JSON object: ${(err as Error).message}`);
   }
 }

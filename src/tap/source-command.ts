@@ -5,11 +5,14 @@ import { StateLock } from '../daemon/state-lock';
 import { createMetrics } from '../daemon/metrics';
 import { systemClock } from '../platform/clock';
 import { SourceShipping } from '../transport/source-shipping';
+import { SourceControl } from '../daemon/source-control';
+import { CONTROL_SECRET_ENV } from '../daemon/tag-command';
+import { ChangeTracker } from '../tracking/change-tracker';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
 import { openDisk } from '../targets/disk-spec';
 
-const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--process-server URL] [--interval-ms N]';
+const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--process-server URL] [--interval-ms N] [--control HOST:PORT] [--quiesce-hook CMD] [--app-interval-minutes N] [--group G]';
 
 /** The environment variable holding the process server's shared secret (a secret on a command line is visible to every user). */
 export const PROCESS_SERVER_SECRET_ENV = 'BLOCKRELAY_SECRET';
@@ -88,6 +91,10 @@ export const sourceCommand: Command = {
         'log-dir': { type: 'string' },
         'interval-ms': { type: 'string' },
         'process-server': { type: 'string' },
+        control: { type: 'string' },
+        'quiesce-hook': { type: 'string' },
+        'app-interval-minutes': { type: 'string' },
+        group: { type: 'string' },
       },
       usage,
     );
@@ -98,6 +105,10 @@ export const sourceCommand: Command = {
     const listen = parseListen(values.listen);
     const intervalMs = parseIntegerOption('interval-ms', values['interval-ms'], SOURCE_ROLE_DEFAULTS.intervalMs, 10, 24 * 60 * 60 * 1000);
     const logger = createLogger({ name: 'source' });
+    const control = values.control === undefined ? undefined : parseListen(values.control);
+    const appIntervalMs = parseIntegerOption('app-interval-minutes', values['app-interval-minutes'], 60, 0, 24 * 60) * 60_000;
+    const group = values.group;
+    if (group !== undefined && !/^[A-Za-z0-9._-]{1,64}$/.test(group)) throw new BlockrelayError('BR_USAGE', `--group must be 1 to 64 letters, digits, ".", "_" or "-", got '${group}'`);
     const processServer = values['process-server'];
     if (processServer !== undefined && !/^https?:\/\/[^\s/]+/.test(processServer)) throw new BlockrelayError('BR_USAGE', `--process-server expects an http(s) URL, got '${processServer}'`);
     const secret = process.env[PROCESS_SERVER_SECRET_ENV];
@@ -110,6 +121,8 @@ export const sourceCommand: Command = {
     const opened: { id: string; target: DiskTarget }[] = [];
     let role: SourceRole;
     let shipping: SourceShipping | undefined;
+    let controlApi: SourceControl | undefined;
+    const metrics = createMetrics();
     try {
       for (const d of disks) opened.push({ id: d.id, target: await openDisk(d.spec) });
       role = await SourceRole.start({ disks: opened, logDir, listenHost: listen.host, listenPort: listen.port, intervalMs, logger, onSealed: () => shipping?.sealed() });
@@ -119,19 +132,45 @@ export const sourceCommand: Command = {
           peer: { url: processServer, secret: secret! },
           clock: systemClock,
           logger,
-          metrics: createMetrics(),
+          metrics,
+          ...(group === undefined ? {} : { group }),
           readers: new Map(opened.map((o) => [o.id, (offset: number, length: number) => o.target.read(offset, length)])),
         });
         shipping.start();
       }
+      if (control !== undefined) {
+        const started = role;
+        controlApi = new SourceControl({
+          diskIds: opened.map((o) => o.id),
+          group,
+          // With shipping, a tagged cut ships at once; without, it stays in --log-dir like every cut.
+          cut: async (ids, appTag) => {
+            if (shipping !== undefined) return shipping.cutWithTag(ids, appTag);
+            const sealed = (await ChangeTracker.cut(ids.map((id) => started.trackers.get(id)!), { appTag })).filter((l) => l !== undefined);
+            if (sealed[0] === undefined) throw new BlockrelayError('BR_INTERNAL', 'the app-consistent cut sealed no log (a disk in dirty-map-only mode needs a resync first)');
+            return { cutId: sealed[0].cutId, cutTimeMs: sealed[0].cutTimeMs };
+          },
+          status: () => ({ role: 'source', disks: shipping?.status() ?? [...started.trackers.values()].map((t) => trackerStatus(t)) }),
+          hook: values['quiesce-hook'] === undefined ? undefined : { command: values['quiesce-hook'] },
+          appIntervalMs,
+          secret: process.env[CONTROL_SECRET_ENV],
+          clock: systemClock,
+          logger,
+          metrics,
+        });
+        const url = await controlApi.listen(control.host, control.port);
+        io.stderr.write(`source: control and status at ${url}\n`);
+      }
     } catch (err) {
+      await controlApi?.close().catch(() => undefined);
+      await shipping?.stop().catch(() => undefined);
       for (const o of opened) await o.target.close().catch(() => undefined);
       lock.release();
       throw err;
     }
 
     for (const [id, uri] of Object.entries(role.exportUris)) io.stderr.write(`source: disk ${id} at ${uri}\n`);
-    io.stderr.write(`${SOURCE_READY_PREFIX}${JSON.stringify({ listen: `${role.address.host}:${role.address.port}`, exports: role.exportUris, logDir })}\n`);
+    io.stderr.write(`${SOURCE_READY_PREFIX}${JSON.stringify({ listen: `${role.address.host}:${role.address.port}`, exports: role.exportUris, logDir, ...(controlApi === undefined ? {} : { control: controlApi.url }) })}\n`);
 
     const signal = await new Promise<NodeJS.Signals>((resolve) => {
       process.once('SIGTERM', () => resolve('SIGTERM'));
@@ -139,6 +178,8 @@ export const sourceCommand: Command = {
     });
     logger.info({ signal }, 'stopping: finishing NBD requests and sealing the active logs');
     try {
+      // No scheduled app-consistent cut may start while the trackers close.
+      controlApi?.tagger.stop();
       await role.stop();
       if (shipping !== undefined) {
         // Stopping sealed the active logs without a cut callback: ship them too.
@@ -149,9 +190,25 @@ export const sourceCommand: Command = {
         if (!shipped) logger.warn({}, 'sealed logs not yet shipped stay in the log directory and go out at the next start');
         await shipping.stop();
       }
+      await controlApi?.close();
     } finally {
       lock.release();
     }
     return 0;
   },
 };
+
+/** Per-disk status of a source that does not ship (its logs stay in --log-dir). */
+function trackerStatus(tracker: ChangeTracker) {
+  const t = tracker.status();
+  return {
+    diskId: t.diskId,
+    health: t.resyncRequired ? 'Warning' : 'OK',
+    reasons: t.resyncRequired ? [`RESYNC_PENDING: ${t.resyncBytes} bytes need a resync (${t.lastResyncReason ?? 'unknown'})`] : [],
+    mode: t.mode,
+    pendingBytes: t.unshippedBytes,
+    sealedLogs: t.sealedLogs,
+    resyncRequired: t.resyncRequired,
+    resyncBytes: t.resyncBytes,
+  };
+}
