@@ -8,10 +8,10 @@ import type { DiskTarget } from '../targets/disk-target';
 import { hrlLogOps } from '../transport/hrl-log-ops';
 import type { LogOps } from '../transport/log-ops';
 import type { SpoolEntry } from '../transport/log-spool';
-import type { ApplyHooks } from '../transport/master-target';
+import type { ApplyHooks, PointsSummary } from '../transport/master-target';
 import { readAppliedSeq, writeManifest, type DiskManifest } from './retention-manifest';
 import { DiskHistory } from './retention-pruner';
-import { pointRecordFromEnvelope, type RecoveryPoint } from './recovery-points';
+import { pointRecordFromEnvelope, selectablePoints, type RecoveryPoint } from './recovery-points';
 import { coalesceExtents, undoLogSizeBytes } from './undo-journal';
 import { BLOB_SNAPSHOT_DEFAULTS, isSnapshotTarget, snapshotDue, snapshotIdOf, snapshotPointRecord, type SnapshotTarget } from './blob-snapshots';
 import { INSTALL_DIR, systemVolumeProbe, validateRetentionVolume, type VolumeProbe } from './retention-volume';
@@ -105,6 +105,21 @@ export class RetentionHooks implements ApplyHooks {
       this.histories.set(diskId, h);
     }
     return h;
+  }
+
+  /** The status page's view of the disk's points (from memory; undefined before the disk's first log). */
+  pointsSummary(diskId: string): PointsSummary | undefined {
+    const h = this.histories.get(diskId);
+    if (h === undefined) return undefined;
+    const points = selectablePoints(h.points);
+    const newest = points[points.length - 1];
+    let app: RecoveryPoint | undefined;
+    for (let i = points.length - 1; i >= 0 && app === undefined; i--) if (points[i]!.kind === 'app') app = points[i];
+    return {
+      newestCrash: newest === undefined ? null : new Date(newest.timeMs).toISOString(),
+      newestApp: app === undefined ? null : `${new Date(app.timeMs).toISOString()}${app.name !== undefined ? ` (${app.name})` : ''}`,
+      count: points.length,
+    };
   }
 
   async beforeApply(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void> {

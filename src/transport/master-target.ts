@@ -33,6 +33,15 @@ export interface ApplyHooks {
    * without failing the apply.
    */
   attachHealth?(sink: { warn(diskId: string, err: BlockrelayError): void; clear(diskId: string): void }): void;
+  /** The disk's recovery points as the status page shows them, when the hooks keep points. */
+  pointsSummary?(diskId: string): PointsSummary | undefined;
+}
+
+/** Newest crash- and app-consistent points of a disk (ISO-8601 times), and how many are kept. */
+export interface PointsSummary {
+  readonly newestCrash: string | null;
+  readonly newestApp: string | null;
+  readonly count: number;
 }
 
 export interface DiskApplyStatus {
@@ -49,6 +58,7 @@ export interface DiskApplyStatus {
   readonly lastPointTimeMs: number | null;
   readonly rpoSeconds: number | null;
   readonly recentErrors: ReadonlyArray<{ code: string; message: string; atMs: number }>;
+  readonly points?: PointsSummary | undefined;
 }
 
 export interface ApplyingHopOptions {
@@ -248,6 +258,7 @@ export class ApplyingHop {
         lastPointTimeMs: d.lastPointTimeMs,
         rpoSeconds: d.lastPointTimeMs === null ? null : Math.max(0, now - d.lastPointTimeMs) / 1000,
         recentErrors: d.health.recentErrors.map((e) => ({ code: e.code, message: e.message, atMs: e.atMs })),
+        points: this.options.hooks?.pointsSummary?.(d.diskId),
       };
     });
   }

@@ -37,6 +37,8 @@ describe('resync logs and recovery points', () => {
     await sendAll(mt, logs);
     await mt.drain();
 
+    // The status page's summary counts the same points and knows the newest.
+    expect(mt.diskStatus()[0]!.points).toEqual({ newestCrash: new Date(baseMs + 30 * MINUTE_MS).toISOString(), newestApp: null, count: 3 });
     const listed = JSON.parse((await runCli(['points', 'list', '--retention', retentionDir, '--disk', 'disk0', '--json'])).stdout) as Array<{ id: string }>;
     expect(listed.map((p) => p.id)).toEqual(['disk0-1', 'disk0-2', 'disk0-6']);
     const { points } = await loadPoints(retentionDir, 'disk0');
