@@ -1,6 +1,10 @@
+import * as path from 'node:path';
 import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
+  // The config lives in test/ (the repository's top level holds only what
+  // the layout names); paths below are relative to the repository root.
+  root: path.resolve(__dirname, '..'),
   test: {
     include: ['test/**/*.test.ts'],
     pool: 'forks',
