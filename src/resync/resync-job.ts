@@ -5,6 +5,7 @@ import type { Extent } from '../targets/disk-target';
 import type { BlockHasher } from './block-hasher';
 import { boundExtents } from './extent-list';
 import { decodeState, encodeState, MAX_NOTED_EXTENTS, type ResyncState, type ResyncTotals } from './resync-state-format';
+import { syncDirectory, writeFileDurably } from '../platform/durable-file';
 
 /** What a resync is, for deciding whether saved progress belongs to it. */
 export interface ResyncIdentity {
@@ -185,7 +186,7 @@ export class ResyncJob {
     if (this.statePath === undefined) return;
     try {
       await fsp.rm(this.statePath, { force: true });
-      await fsyncDir(path.dirname(this.statePath));
+      await syncDirectory(path.dirname(this.statePath));
     } catch (err) {
       throw wrapError(err, 'BR_IO', `cannot remove resync state ${this.statePath}`);
     }
@@ -226,28 +227,10 @@ async function acquireLock(lockPath: string): Promise<void> {
   throw new BlockrelayError('BR_LOCKED', `could not take the lock ${lockPath}: another process keeps taking it`, { details: { lockPath } });
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const handle = await fsp.open(dir, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
-
-/** temp file + fsync + rename + fsync(dir): readers see the old or the new file, whole. */
+/** Replaces the state file whole: readers see the old or the new one (platform/durable-file). */
 async function writeFileAtomic(file: string, bytes: Buffer): Promise<void> {
-  const tmp = `${file}.tmp`;
   try {
-    const handle = await fsp.open(tmp, 'w');
-    try {
-      await handle.writeFile(bytes);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    await fsp.rename(tmp, file);
-    await fsyncDir(path.dirname(file));
+    await writeFileDurably(file, bytes);
   } catch (err) {
     throw wrapError(err, 'BR_IO', `cannot save resync state ${file}`);
   }

@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as zlib from 'node:zlib';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
-import { writeDurably } from '../transport/log-spool';
+import { writeFileDurably } from '../platform/durable-file';
 import type { LogEnvelope } from '../transport/transport-protocol';
 import { CATALOG_CRC_HEX_DIGITS, CATALOG_JSON_OFFSET, CATALOG_MAX_LINE_BYTES, CATALOG_RECORD_VERSION } from './retention-format';
 
@@ -210,7 +210,7 @@ export class PointCatalog {
   async rewrite(points: readonly RecoveryPoint[], pending: RecoveryPoint | undefined): Promise<void> {
     const lines = points.map((p) => encodeCatalogLine({ ...toRecord(p), applied: true }));
     if (pending !== undefined) lines.push(encodeCatalogLine(toRecord(pending)));
-    await writeDurably(this.file, Buffer.concat(lines));
+    await writeFileDurably(this.file, Buffer.concat(lines));
   }
 }
 

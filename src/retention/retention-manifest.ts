@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { BlockrelayError } from '../retry/blockrelay-error';
-import { writeDurably } from '../transport/log-spool';
+import { writeFileDurably } from '../platform/durable-file';
 import { validateDiskId } from '../transport/transport-protocol';
 import { diskRetentionPaths, RETENTION_MANIFEST_VERSION } from './retention-format';
 
@@ -68,7 +68,7 @@ export async function readManifest(retentionDir: string, diskId: string): Promis
 export async function writeManifest(retentionDir: string, manifest: DiskManifest): Promise<void> {
   const paths = diskRetentionPaths(retentionDir, manifest.diskId);
   await fsp.mkdir(paths.root, { recursive: true });
-  await writeDurably(paths.manifest, `${JSON.stringify(manifest, null, 2)}\n`);
+  await writeFileDurably(paths.manifest, `${JSON.stringify(manifest, null, 2)}\n`);
 }
 
 /** Disks with history in a retention directory. */
@@ -92,7 +92,7 @@ export async function readFailoverRecord(retentionDir: string, diskId: string): 
 }
 
 export async function writeFailoverRecord(retentionDir: string, record: FailoverRecord): Promise<void> {
-  await writeDurably(diskRetentionPaths(retentionDir, record.diskId).failover, `${JSON.stringify(record, null, 2)}\n`);
+  await writeFileDurably(diskRetentionPaths(retentionDir, record.diskId).failover, `${JSON.stringify(record, null, 2)}\n`);
 }
 
 /** The master target's applied sequence number of the disk (its ledger), or null if unknown. */

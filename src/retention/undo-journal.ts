@@ -5,7 +5,8 @@ import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import type { DiskTarget, Extent } from '../targets/disk-target';
 import { HRL_DEFAULT_METADATA_SIZE, HRL_HEADER_SIZE, HRL_METADATA_ENTRY_SIZE, HRL_METADATA_HEADER_SIZE, hrlEntriesPerBlock } from '../tracking/hrl-format';
 import { HrlLogFile, verifyHrlLog, type HrlVerifiedLog } from '../tracking/hrl-reader';
-import { HrlWriter, HRL_WRITER_DEFAULTS, syncDirectory } from '../tracking/hrl-writer';
+import { HrlWriter, HRL_WRITER_DEFAULTS } from '../tracking/hrl-writer';
+import { syncDirectory } from '../platform/durable-file';
 import { RETENTION_LAYOUT, seqOfUndoFile, undoFileName } from './retention-format';
 
 /** Pre-images are read from the target in pieces of at most this many bytes (bounds memory). */

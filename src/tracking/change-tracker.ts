@@ -4,7 +4,8 @@ import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
 import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { DIRTY_MAP_DEFAULT_GRANULARITY_BYTES, DirtyMap, type DirtyExtent } from './dirty-map';
 import { NIL_GUID, randomGuid } from './hrl-format';
-import { HrlWriter, syncDirectory, type HrlWriterFile } from './hrl-writer';
+import { HrlWriter, type HrlWriterFile } from './hrl-writer';
+import { syncDirectory } from '../platform/durable-file';
 import { loadSealedLogs, recoverOpenLogs, type ResyncReason, type SealedLogInfo } from './tracker-recovery';
 import {
   DISK_ID_PATTERN,

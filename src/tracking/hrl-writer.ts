@@ -2,6 +2,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { syncDirectory } from '../platform/durable-file';
 import {
   HRL_DEFAULT_METADATA_SIZE,
   HRL_HEADER_SIZE,
@@ -364,12 +365,3 @@ function checkRange(byteOffset: number, length: number): void {
   }
 }
 
-/** fsyncs a directory so a created or renamed entry survives a crash. */
-export async function syncDirectory(dir: string): Promise<void> {
-  const fh = await fsp.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}

@@ -2,7 +2,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { DirtyMap, xxh64 } from './dirty-map';
-import { syncDirectory } from './hrl-writer';
+import { syncDirectory, writeFileDurably } from '../platform/durable-file';
 
 /**
  * The change tracker's files in its log directory, for disk `ID`:
@@ -40,17 +40,8 @@ export function parseLogName(diskId: string, name: string, suffix: string): numb
 
 /** Writes a file atomically and durably. */
 export async function writeFileAtomic(file: string, data: Uint8Array | string): Promise<void> {
-  const tmp = `${file}${TMP_SUFFIX}`;
   try {
-    const fh = await fsp.open(tmp, 'w');
-    try {
-      await fh.writeFile(data);
-      await fh.datasync();
-    } finally {
-      await fh.close();
-    }
-    await fsp.rename(tmp, file);
-    await syncDirectory(path.dirname(file));
+    await writeFileDurably(file, data);
   } catch (err) {
     throw wrapError(err, 'BR_IO', `cannot write ${file}`);
   }

@@ -6,7 +6,7 @@ import { DirtyMap } from './dirty-map';
 import { randomGuid } from './hrl-format';
 import { HrlLogFile } from './hrl-reader';
 import { recoverHrlLog } from './hrl-recovery';
-import { syncDirectory } from './hrl-writer';
+import { syncDirectory } from '../platform/durable-file';
 import {
   SEALED_LOG_SUFFIX,
   SIDECAR_SUFFIX,

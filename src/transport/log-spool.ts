@@ -7,6 +7,7 @@ import lz4 from 'lz4';
 import { loadXxhash as xxhash } from '../platform/xxhash';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { seqName, TRANSPORT_LIMITS, validateDiskId, type LogEnvelope } from './transport-protocol';
+import { fsyncFile, syncDirectory, writeFileDurably } from '../platform/durable-file';
 
 /**
  * A durable, ordered, size-bounded store of sealed logs per disk: the process
@@ -174,9 +175,9 @@ export class LogSpool {
       }
       await fsyncFile(tmp);
       await options.verify(tmp, envelope);
-      await writeDurably(`${base}.json`, JSON.stringify(envelope));
+      await writeFileDurably(`${base}.json`, JSON.stringify(envelope));
       await fsp.rename(tmp, `${base}.hrl`);
-      await fsyncDir(diskDir);
+      await syncDirectory(diskDir);
       const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
       const prior = this.get(envelope.diskId, envelope.seq);
       if (prior !== undefined) this.usedBytes -= prior.sizeBytes;
@@ -206,39 +207,4 @@ export class LogSpool {
     disk.set(entry.envelope.seq, entry);
     this.usedBytes += entry.sizeBytes;
   }
-}
-
-export async function fsyncFile(file: string): Promise<void> {
-  const fh = await fsp.open(file, 'r+');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await fsp.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/** Replaces `file` atomically and durably: temp file, fsync, rename, fsync of the directory. */
-let tmpCounter = 0;
-
-export async function writeDurably(file: string, content: string | Buffer): Promise<void> {
-  // Unique per call: two writers of one file must never share a temp file.
-  const tmp = `${file}.${process.pid}.${tmpCounter++}.tmp`;
-  const fh = await fsp.open(tmp, 'w');
-  try {
-    await fh.writeFile(content);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await fsp.rename(tmp, file);
-  await fsyncDir(path.dirname(file));
 }

@@ -3,7 +3,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { KeyedLock } from '../platform/keyed-lock';
 import { BlockrelayError } from '../retry/blockrelay-error';
-import { writeDurably } from './log-spool';
+import { writeFileDurably } from '../platform/durable-file';
 import { validateDiskId } from './transport-protocol';
 
 /**
@@ -110,7 +110,7 @@ export class SequenceLedger {
     const file = this.file(diskId);
     await this.saving.run(diskId, async () => {
       await fsp.mkdir(path.dirname(file), { recursive: true });
-      await writeDurably(file, JSON.stringify(this.get(diskId)));
+      await writeFileDurably(file, JSON.stringify(this.get(diskId)));
     });
   }
 }

@@ -1,0 +1,50 @@
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+
+/**
+ * The one way blockrelay makes small files durable. Every format that is
+ * replaced whole (tracker state and sidecars, spool envelopes, ledgers,
+ * retention catalogs and manifests, resync progress) goes through
+ * `writeFileDurably`, so a reader after a crash sees the old file or the new
+ * one, whole, never a mix.
+ */
+
+/** fsyncs a directory, making renames and creations in it durable. */
+export async function syncDirectory(dir: string): Promise<void> {
+  const fh = await fsp.open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** fsyncs a file written through another handle (or a stream). */
+export async function fsyncFile(file: string): Promise<void> {
+  const fh = await fsp.open(file, 'r+');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Replaces `file` atomically and durably: a temporary file beside it, fsync,
+ * rename, fsync of the directory. The temporary name carries the pid, so two
+ * processes never share one; within a process, callers write one file from
+ * one place at a time (each owner serialises its own saves). Temporaries a
+ * crash leaves end in `.tmp`, which the owners' open-time cleanup removes.
+ */
+export async function writeFileDurably(file: string, content: string | Uint8Array): Promise<void> {
+  const tmp = `${file}.${process.pid}.tmp`;
+  const fh = await fsp.open(tmp, 'w');
+  try {
+    await fh.writeFile(content);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fsp.rename(tmp, file);
+  await syncDirectory(path.dirname(file));
+}
