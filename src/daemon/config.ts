@@ -2,9 +2,8 @@ import * as fs from 'node:fs';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { HEALTH_DEFAULTS } from '../retry/health';
 import { envName, field, parseShape, scalarPaths, type InferShape } from './config-schema';
+import { DISK_ID_PATTERN } from '../platform/disk-id';
 
-/** Disk ids name folders and URLs: no separators, bounded length. */
-export const DISK_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 /** The product's documented limit of disks attached to one master target. */
 export const MAX_DISKS_PER_MASTER_TARGET = 60;
 

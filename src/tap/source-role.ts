@@ -4,7 +4,7 @@ import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
 import { ChangeTracker, type ChangeTrackerOptions, type ResyncReport, type SealedLogInfo } from '../tracking/change-tracker';
-import { DISK_ID_PATTERN } from '../tracking/tracker-files';
+import { DISK_ID_PATTERN } from '../platform/disk-id';
 
 /** Defaults of the source role, units in the names. */
 export const SOURCE_ROLE_DEFAULTS = {

@@ -6,9 +6,9 @@ import { DIRTY_MAP_DEFAULT_GRANULARITY_BYTES, DirtyMap, type DirtyExtent } from 
 import { NIL_GUID, randomGuid } from './hrl-format';
 import { HrlWriter, type HrlWriterFile } from './hrl-writer';
 import { syncDirectory } from '../platform/durable-file';
+import { DISK_ID_PATTERN } from '../platform/disk-id';
 import { loadSealedLogs, recoverOpenLogs, type ResyncReason, type SealedLogInfo } from './tracker-recovery';
 import {
-  DISK_ID_PATTERN,
   MAX_APP_TAG_BYTES,
   OPEN_LOG_SUFFIX,
   RESYNC_LOG_TMP_SUFFIX,

@@ -24,8 +24,6 @@ export const TMP_SUFFIX = '.tmp';
 /** Largest state or sidecar JSON file read (they are a few hundred bytes). */
 const MAX_JSON_BYTES = 64 * 1024;
 
-/** Disk ids become file names, so they are restricted. */
-export const DISK_ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
 export function logBaseName(diskId: string, sequence: number): string {
   return `${diskId}-${String(sequence).padStart(SEQUENCE_DIGITS, '0')}`;

@@ -1,5 +1,5 @@
 import { BlockrelayError } from '../retry/blockrelay-error';
-import { DISK_ID_PATTERN } from '../daemon/config';
+import { DISK_ID_PATTERN } from '../platform/disk-id';
 
 /**
  * The blockrelay transport protocol, version 1: how sealed [MS-HRL] logs
