@@ -17,12 +17,14 @@
  * Prints one JSON document and writes it to bench/results/e2e.json.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import * as fs from 'node:fs';
 import * as net from 'node:net';
+import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Demo } from '../src/daemon/demo';
 import { silentLogger } from '../src/daemon/logger';
+import { freePort } from '../test/helpers/net';
+import { hasTool } from '../test/helpers/tools';
 
 const quick = process.argv.includes('--quick');
 const MiB = 1024 * 1024;
@@ -30,23 +32,6 @@ const runtimeS = quick ? 5 : 20;
 const diskBytes = (quick ? 1024 : 4096) * MiB;
 const targetRate = '200m';
 const intervalMs = 1000;
-
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
-
-function hasTool(name: string): boolean {
-  try {
-    execFileSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 function percentile(xs: number[], p: number): number | null {
   if (xs.length === 0) return null;

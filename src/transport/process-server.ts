@@ -77,7 +77,6 @@ export class ProcessServer extends ApplyingHop {
 
   override diskStatus(): DiskApplyStatus[] {
     const local = super.diskStatus();
-    const now = this.clock.now();
     const forwarded = [...this.forwarded.values()].map((d) => {
       const ledger = this.ledger.get(d.diskId);
       return {
@@ -96,7 +95,6 @@ export class ProcessServer extends ApplyingHop {
         recentErrors: d.health.recentErrors.map((e) => ({ code: e.code, message: e.message, atMs: e.atMs })),
       } satisfies DiskApplyStatus;
     });
-    void now;
     return [...local, ...forwarded];
   }
 
