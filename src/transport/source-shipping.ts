@@ -136,8 +136,6 @@ export class SourceShipping {
   status(): SourceDiskStatus[] {
     return [...this.shippers.entries()].map(([diskId, { shipper, health }]) => {
       const t = this.options.trackers.get(diskId)!.status();
-      if (t.resyncRequired) health.reportResync('pending', this.options.clock.now());
-      else health.reportResync('none', this.options.clock.now());
       return {
         diskId,
         health: health.state,
@@ -154,9 +152,16 @@ export class SourceShipping {
     });
   }
 
+  /**
+   * Every `resyncCheckMs`: each disk's health learns whether its tracker
+   * needs a resync, and with readers a round starts where one is due.
+   */
   private scheduleResync(): void {
-    if (this.options.readers === undefined || this.stopped) return;
+    if (this.stopped) return;
     this.resyncTimer = this.options.clock.setTimer(() => {
+      for (const [diskId, { health }] of this.shippers) {
+        if (!this.resyncing.has(diskId)) health.reportResync(this.options.trackers.get(diskId)!.status().resyncRequired ? 'pending' : 'none', this.options.clock.now());
+      }
       const rounds = [...this.options.trackers.keys()].map((diskId) => this.resyncOnce(diskId));
       this.resyncRounds = Promise.all(rounds).finally(() => this.scheduleResync());
     }, this.options.resyncCheckMs ?? SOURCE_SHIPPING_DEFAULTS.resyncCheckMs);
