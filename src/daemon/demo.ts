@@ -183,12 +183,9 @@ export class Demo {
     // No scheduled app-consistent cut may start while the trackers close.
     this.control?.tagger.stop();
     await this.source?.stop();
-    // Stopping seals every active log without a cut callback: ship those too.
-    this.shipping?.sealed();
-    await this.shipping?.drain();
+    await this.shipping?.finish();
     await this.ps?.drain();
     await this.mt?.drain();
-    await this.shipping?.stop();
     await this.control?.close();
     await this.ps?.stop();
     await this.mt?.stop();

@@ -181,14 +181,8 @@ export const sourceCommand: Command = {
       // No scheduled app-consistent cut may start while the trackers close.
       controlApi?.tagger.stop();
       await role.stop();
-      if (shipping !== undefined) {
-        // Stopping sealed the active logs without a cut callback: ship them too.
-        shipping.sealed();
-        let timer: NodeJS.Timeout | undefined;
-        const shipped = await Promise.race([shipping.drain().then(() => true), new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(false), SHIP_ON_STOP_TIMEOUT_MS); })]);
-        clearTimeout(timer);
-        if (!shipped) logger.warn({}, 'sealed logs not yet shipped stay in the log directory and go out at the next start');
-        await shipping.stop();
+      if (shipping !== undefined && !(await shipping.finish(SHIP_ON_STOP_TIMEOUT_MS))) {
+        logger.warn({}, 'sealed logs not yet shipped stay in the log directory and go out at the next start');
       }
       await controlApi?.close();
     } finally {

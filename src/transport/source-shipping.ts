@@ -123,6 +123,23 @@ export class SourceShipping {
     await Promise.all([...this.shippers.values()].map(({ shipper }) => shipper.whenIdle()));
   }
 
+  /**
+   * After the source role stopped (which seals every active log without a
+   * cut callback): ship what is sealed, within `timeoutMs` when given, then
+   * stop. Resolves true when everything was shipped; what is left stays in
+   * the log directory and goes out at the next start.
+   */
+  async finish(timeoutMs?: number): Promise<boolean> {
+    this.sealed();
+    let timer: NodeJS.Timeout | undefined;
+    const shipped = timeoutMs === undefined
+      ? await this.drain().then(() => true)
+      : await Promise.race([this.drain().then(() => true), new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(false), timeoutMs); })]);
+    clearTimeout(timer);
+    await this.stop();
+    return shipped;
+  }
+
   async stop(): Promise<void> {
     this.stopped = true;
     this.heartbeat?.cancel();
