@@ -4,6 +4,7 @@
       "target_name": "blockrelay",
       "sources": [
         "native/addon.cc",
+        "native/block-hashing.cc",
         "native/checksum.cc",
         "native/dirty-map.cc",
         "native/file-extents.cc",

@@ -2,6 +2,7 @@
 // own .cc/.h pair; this file only registers them.
 #include <napi.h>
 
+#include "block-hashing.h"
 #include "checksum.h"
 #include "dirty-map.h"
 #include "file-extents.h"
@@ -9,6 +10,7 @@
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("addonVersion", Napi::Number::New(env, 1));
+  blockrelay::InitBlockHashing(env, exports);
   blockrelay::InitChecksum(env, exports);
   blockrelay::InitDirtyMap(env, exports);
   blockrelay::InitFileExtents(env, exports);

@@ -73,6 +73,24 @@ export class AllocatedReader {
     return out;
   }
 
+  /**
+   * Whether `hashedRead` can read and hash natively: the disk offers
+   * DiskTarget.hashBlocks and the hasher is the addon's (so the addon is
+   * loaded and both give the same hashes anyway).
+   */
+  hashesNatively(hasher: BlockHasher): boolean {
+    return this.disk.hashBlocks !== undefined && hasher.implementation === 'native';
+  }
+
+  /**
+   * Reads and hashes `[offset, offset + length)` in one native pass (see
+   * hashesNatively), leaving the bytes in `into` when given. Holes are read
+   * like data here: on a local file a hole costs no I/O, only a copy of zeroes.
+   */
+  hashedRead(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer> {
+    return this.disk.hashBlocks!(offset, length, blockSizeBytes, into);
+  }
+
   /** Drops the map if it covers `[offset, offset + length)`: a write there may fill a hole. */
   forget(offset: number, length: number): void {
     const current = this.span;
@@ -110,8 +128,21 @@ export interface ReadRange {
   readonly fine: Buffer;
 }
 
-/** Reads `r` in pieces (at most MAX_PIECES_IN_FLIGHT at once), hashing each as it arrives unless `hash` is false. */
-export async function readPieces(reader: AllocatedReader, hasher: BlockHasher, r: Extent, blockSizeBytes: number, hash: boolean): Promise<ReadRange> {
+/**
+ * Reads `r` in pieces (at most MAX_PIECES_IN_FLIGHT at once), hashing each
+ * as it arrives unless `hash` is false. Where the disk hashes natively the
+ * range is read and hashed in one call off the main thread instead, and its
+ * bytes are kept only when `keepData` is true (the target side of a resync
+ * needs only the hashes), in `into` when given (at least `r.length` bytes).
+ */
+export async function readPieces(reader: AllocatedReader, hasher: BlockHasher, r: Extent, blockSizeBytes: number, hash: boolean, keepData = true, into?: Buffer): Promise<ReadRange> {
+  if (hash && r.length > 0 && reader.hashesNatively(hasher)) {
+    // A reused `into` matters: fresh large buffers are fresh pages, and
+    // faulting them in cost more than the read and the hash together.
+    const data = keepData ? (into?.subarray(0, r.length) ?? Buffer.allocUnsafe(r.length)) : undefined;
+    const fine = await reader.hashedRead(r.offset, r.length, blockSizeBytes, data);
+    return { pieceBytes: r.length, pieces: data === undefined ? [] : [data], fine };
+  }
   const pieceBytes = Math.max(READ_PIECE_BYTES, blockSizeBytes);
   const count = Math.ceil(r.length / pieceBytes);
   const pieces: Buffer[] = new Array<Buffer>(count);

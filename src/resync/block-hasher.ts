@@ -52,7 +52,9 @@ async function loadBest(): Promise<Loaded> {
  * the addon about 11 GB/s on 4 KiB blocks — above what reading the disk
  * gives, so the resync hashes at the finest block size and derives coarser
  * hashes from the fine ones (`groupHashes`): one pass over the data serves
- * every level.
+ * every level. Disks in a local file skip this class for the bulk work:
+ * DiskTarget.hashBlocks reads and hashes them natively off the main thread
+ * (the same xxh64, so the two paths agree).
  */
 export class BlockHasher {
   private constructor(

@@ -273,11 +273,23 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
   // Holes in the source (unallocated grains, empty blob pages) are not read.
   const reader = new AllocatedReader(source);
 
+  const fullCopy = options.fullCopy === true;
+  // Where the source reads and hashes natively, each worker reads its
+  // windows into one buffer of its own, reused: nothing of a window's data
+  // outlives processWindow (write requests copy what they send).
+  const reusesWindowBuffers = !fullCopy && reader.hashesNatively(hasher);
+
   /** Compares one window and sends its differing blocks; resolves once the target acknowledged them. */
-  const processWindow = async (w: Window): Promise<void> => {
+  const processWindow = async (w: Window, buffer: Buffer | undefined): Promise<void> => {
     await limiter.take(w.bytes);
-    const fullCopy = options.fullCopy === true;
-    const reads = Promise.all(w.ranges.map((r) => readPieces(reader, hasher, r, blockSizeBytes, !fullCopy)));
+    let at = 0;
+    const reads = Promise.all(
+      w.ranges.map((r) => {
+        const into = buffer?.subarray(at, at + r.length);
+        at += r.length;
+        return readPieces(reader, hasher, r, blockSizeBytes, !fullCopy, true, into);
+      }),
+    );
     let runs: WriteRun[];
     if (fullCopy) {
       const pieces = await reads;
@@ -324,6 +336,7 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
       }
     };
     const worker = async (): Promise<void> => {
+      const buffer = reusesWindowBuffers ? Buffer.allocUnsafe(windowBytes) : undefined;
       while (failure === undefined) {
         if (options.signal?.aborted) {
           failure ??= new BlockrelayError('BR_RESYNC_ABORTED', 'resync stopped on request; progress is saved and the next run resumes');
@@ -334,7 +347,7 @@ export async function runResync(options: ResyncOptions): Promise<ResyncResult> {
         await frontier.waitForRoom(next.value.seq);
         if (failure !== undefined) return;
         try {
-          await processWindow(next.value);
+          await processWindow(next.value, buffer);
           frontier.complete(next.value);
           await checkpoint(false);
         } catch (err) {

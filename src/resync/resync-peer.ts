@@ -121,6 +121,12 @@ const HASH_CACHE_ENTRIES = 64;
 /** Longest range the cache holds (its hashes are 1/512 of it at 4 KiB blocks). */
 const HASH_CACHE_MAX_RANGE_BYTES = 64 * 1024 * 1024;
 
+interface InFlightWrite {
+  readonly offset: number;
+  readonly end: number;
+  done: Promise<void>;
+}
+
 interface CachedHashes {
   readonly offset: number;
   readonly end: number;
@@ -141,7 +147,8 @@ interface CachedHashes {
  */
 export class ResyncTargetService {
   private cache: CachedHashes[] = [];
-  private writeChain: Promise<unknown> = Promise.resolve();
+  /** Writes on their way to the target: a write waits only for those it overlaps, a flush for all. */
+  private readonly inFlight = new Set<InFlightWrite>();
   private reader: AllocatedReader;
 
   constructor(
@@ -169,10 +176,13 @@ export class ResyncTargetService {
         case MSG_HASH:
           return encodeHashReply(await this.hash(req.request));
         case MSG_WRITE:
-          await this.serialized(() => this.write(req.runs));
+          await this.write(req.runs);
           return encodeWriteReply(req.runs.length);
         case MSG_FLUSH:
-          await this.serialized(() => this.target.flush());
+          // Every write acknowledged before the flush has completed; waiting
+          // for the ones still running as well makes the flush cover them too.
+          await Promise.allSettled([...this.inFlight].map((w) => w.done));
+          await this.target.flush();
           return encodeFlushReply();
       }
     } catch (err) {
@@ -181,21 +191,39 @@ export class ResyncTargetService {
     }
   }
 
-  /** Writes and flushes run one at a time, so a flush covers every write acknowledged before it. */
-  private serialized<T>(fn: () => Promise<T>): Promise<T> {
-    const next = this.writeChain.then(fn, fn);
-    this.writeChain = next.catch(() => undefined);
-    return next;
-  }
-
+  /**
+   * Writes a request's runs, all at once: a scattered resync sends thousands
+   * of small runs, and one at a time each waited a thread-pool round trip.
+   * Order still holds where it matters: a run overlapping a write still in
+   * flight (an earlier run of this request or of another) starts after it,
+   * so overlapping writes land in the order they arrived.
+   */
   private async write(runs: readonly WriteRun[]): Promise<void> {
+    const writes: Array<Promise<void>> = [];
     for (const run of runs) {
-      const end = run.offset + run.data.length;
-      this.cache = this.cache.filter((c) => c.end <= run.offset || c.offset >= end);
-      await this.target.write(run.offset, run.data);
-      // The allocation map it read ahead may call this range a hole.
-      this.reader.forget(run.offset, run.data.length);
+      const offset = run.offset;
+      const end = offset + run.data.length;
+      this.cache = this.cache.filter((c) => c.end <= offset || c.offset >= end);
+      const before: Array<Promise<void>> = [];
+      for (const w of this.inFlight) if (w.offset < end && offset < w.end) before.push(w.done);
+      const entry: InFlightWrite = { offset, end, done: Promise.resolve() };
+      entry.done = (async () => {
+        try {
+          if (before.length > 0) await Promise.allSettled(before);
+          await this.target.write(offset, run.data);
+          // The allocation map it read ahead may call this range a hole.
+          this.reader.forget(offset, run.data.length);
+        } finally {
+          this.inFlight.delete(entry);
+        }
+      })();
+      this.inFlight.add(entry);
+      writes.push(entry.done);
     }
+    // Settle every run before answering, so no write of a failed request is still running.
+    const results = await Promise.allSettled(writes);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
   }
 
   private async hash(req: HashRequest): Promise<Buffer> {
@@ -219,7 +247,7 @@ export class ResyncTargetService {
       return hit.fine.subarray(first * HASH_BYTES, (first + Math.ceil(length / fineBlockBytes)) * HASH_BYTES);
     }
     // Read in pieces, each hashed as it arrives (see READ_PIECE_BYTES).
-    const { fine } = await readPieces(this.reader, this.hasher, { offset, length }, fineBlockBytes, true);
+    const { fine } = await readPieces(this.reader, this.hasher, { offset, length }, fineBlockBytes, true, false);
     if (length <= HASH_CACHE_MAX_RANGE_BYTES) {
       this.cache.push({ offset, end, fineBlockBytes, fine });
       if (this.cache.length > HASH_CACHE_ENTRIES) this.cache.shift();

@@ -54,6 +54,16 @@ export interface DiskTarget {
    * data extent for the whole range.
    */
   extents(offset: number, length: number): AsyncIterable<AllocationExtent>;
+  /**
+   * Optional fast path for bulk comparison (a resync hashing a whole disk):
+   * reads `[offset, offset + length)` and returns XXH64 (seed 0) of each
+   * block of `blockSizeBytes` (the last may be shorter), 8 bytes per block,
+   * little-endian, in block order: the hashes BlockHasher.hashBlocks gives
+   * over `read(offset, length)`. With `into` the bytes are left there too.
+   * Offered where the bytes lie in order in a local file (raw), where native
+   * code can read and hash them off the main thread in one pass.
+   */
+  hashBlocks?(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer>;
   /** Flushes, releases locks and leases, and marks the image clean. Idempotent. */
   close(): Promise<void>;
 }

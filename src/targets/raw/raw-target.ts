@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
+import { MAX_HASHED_READ_BYTES, preadHashBlocks } from '../../platform/block-hashing';
 import { canPunchHoles, fileAllocation, nativeFileExtents, type FileExtentOps } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, OpenOptions } from '../disk-target';
@@ -87,8 +88,8 @@ export class RawTarget implements DiskTarget {
   readonly diskUuid = undefined;
   private caps: DiskTargetCapabilities;
   private closed = false;
-  /** Hole punches on the thread pool: close() waits for them before the descriptor goes. */
-  private readonly punches = new Set<Promise<unknown>>();
+  /** Hole punches and hashed reads on the thread pool: close() waits for them before the descriptor goes. */
+  private readonly poolOps = new Set<Promise<unknown>>();
   /** The same ops, refusing to touch the descriptor once the target is closed. */
   private readonly fileOps: FileExtentOps;
 
@@ -222,6 +223,30 @@ export class RawTarget implements DiskTarget {
     return out;
   }
 
+  /** Reads and hashes natively on the thread pool (see DiskTarget.hashBlocks); a file shortened behind our back reads as zeroes, as in read(). */
+  async hashBlocks(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'read', offset, length);
+    if (into !== undefined && into.length < length) throw new RangeError(`hashBlocks: into holds ${into.length} bytes, ${length} needed`);
+    if (length === 0) return Buffer.alloc(0);
+    // One native call reads at most MAX_HASHED_READ_BYTES; split on block boundaries.
+    const step = Math.floor(MAX_HASHED_READ_BYTES / blockSizeBytes) * blockSizeBytes;
+    const parts: Buffer[] = [];
+    for (let at = 0; at < length; at += step) {
+      // close() waits only for reads already on the pool: none may start after it.
+      checkOpen(this.closed, this.spec);
+      const n = Math.min(step, length - at);
+      const pending = this.io(() => preadHashBlocks(this.handle.fd, offset + at, n, blockSizeBytes, into?.subarray(at, at + n)), 'read');
+      this.poolOps.add(pending);
+      try {
+        parts.push((await pending).hashes);
+      } finally {
+        this.poolOps.delete(pending);
+      }
+    }
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
+  }
+
   async write(offset: number, data: Buffer): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'write', offset, data.length);
@@ -301,7 +326,7 @@ export class RawTarget implements DiskTarget {
     } finally {
       this.closed = true;
       // A punch still running on the thread pool holds the descriptor number.
-      await Promise.allSettled([...this.punches]);
+      await Promise.allSettled([...this.poolOps]);
       await this.handle.close();
     }
   }
@@ -323,11 +348,11 @@ export class RawTarget implements DiskTarget {
    */
   private async punchHole(offset: number, length: number): Promise<boolean> {
     const pending = this.io(() => this.fileOps.punchHole(this.handle.fd, offset, length), 'fallocate(PUNCH_HOLE)');
-    this.punches.add(pending);
+    this.poolOps.add(pending);
     try {
       if ((await pending) === 'punched') return true;
     } finally {
-      this.punches.delete(pending);
+      this.poolOps.delete(pending);
     }
     this.caps = { ...this.caps, discard: false };
     return false;

@@ -1,0 +1,61 @@
+import { loadNative } from './native';
+
+/**
+ * Reading a file range and hashing it in fixed blocks in one native pass on
+ * the libuv thread pool (native/block-hashing.cc): XXH64, seed 0, of each
+ * block, the same hashes as BlockHasher.hashBlocks over the same bytes.
+ *
+ * Why native: a resync of a local disk spends its time copying the disk out
+ * of the page cache and hashing it. Doing both on a pool thread, a 256 KiB
+ * piece at a time (still in L2 when hashed), keeps the main thread free and
+ * lets the source side and the target side of an in-process resync hash on
+ * two cores at once (bench/resync.bench.ts).
+ */
+interface BlockHashingAddon {
+  preadHashBlocks(fd: number, fileOffset: number, length: number, blockBytes: number, dest: Uint8Array | null, hashes: Uint8Array): Promise<number | string> | undefined;
+}
+
+/** Most bytes one call reads (native kMaxLengthBytes). */
+export const MAX_HASHED_READ_BYTES = 256 * 1024 * 1024;
+/** Largest block (native kMaxBlockBytes, resync-wire MAX_BLOCK_BYTES). */
+const MAX_BLOCK_BYTES = 16 * 1024 * 1024;
+const MAX_FD = 0x7fffffff;
+
+function requireInteger(name: string, value: number, min: number, max: number): void {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
+    throw new RangeError(`${name} must be an integer from ${min} to ${max}, got ${typeof value === 'number' ? value : typeof value}`);
+  }
+}
+
+/** What one call read: the block hashes and how many bytes the file really held. */
+export interface HashedRead {
+  /** 8 bytes per block, little-endian XXH64, in block order. */
+  readonly hashes: Buffer;
+  /** Bytes the file held (below `length` when it ended early; the rest read as zeroes). */
+  readonly bytesHeld: number;
+}
+
+/**
+ * Reads `[fileOffset, fileOffset + length)` of `fd` and hashes it in blocks
+ * of `blockBytes` (the last may be shorter). With `dest` the bytes are left
+ * there too. Bytes past the end of the file count as zeroes. A failed read
+ * rejects with a Node-style error whose `code` is the errno name, so callers
+ * wrap it as they wrap `node:fs` errors. The caller keeps `fd` open until
+ * the promise settles.
+ */
+export async function preadHashBlocks(fd: number, fileOffset: number, length: number, blockBytes: number, dest?: Buffer): Promise<HashedRead> {
+  requireInteger('preadHashBlocks: fd', fd, 0, MAX_FD);
+  requireInteger('preadHashBlocks: fileOffset', fileOffset, 0, Number.MAX_SAFE_INTEGER - length);
+  requireInteger('preadHashBlocks: length', length, 1, MAX_HASHED_READ_BYTES);
+  requireInteger('preadHashBlocks: blockBytes', blockBytes, 1, MAX_BLOCK_BYTES);
+  if (dest !== undefined && dest.length < length) throw new RangeError(`preadHashBlocks: dest holds ${dest.length} bytes, ${length} needed`);
+  const hashes = Buffer.allocUnsafe(Math.ceil(length / blockBytes) * 8);
+  const pending = loadNative<BlockHashingAddon>().preadHashBlocks(fd, fileOffset, length, blockBytes, dest ?? null, hashes);
+  if (pending === undefined) throw new Error('addon refused preadHashBlocks arguments');
+  const result = await pending;
+  if (typeof result === 'number') return { hashes, bytesHeld: result };
+  const err: NodeJS.ErrnoException = new Error(`${result}: pread on fd ${fd} at offset ${fileOffset} length ${length} failed`);
+  err.code = result;
+  err.syscall = 'pread';
+  throw err;
+}
