@@ -48,3 +48,46 @@ export async function writeFileDurably(file: string, content: string | Uint8Arra
   await fsp.rename(tmp, file);
   await syncDirectory(path.dirname(file));
 }
+
+/** How writeFileDurably names a temporary: `<file>.<pid>.tmp`. */
+const TEMPORARY_NAME = /^(.+)\.(\d+)\.tmp$/;
+
+/** Whether a process with this id is running (EPERM: it runs as another user). */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Removes the temporaries writeFileDurably left in `dir` when a process died
+ * between creating one and renaming it: `<file>.<pid>.tmp` whose pid is not
+ * ours and not running. The file it was replacing is whole either way (the
+ * rename never happened), so the temporary holds nothing anyone needs.
+ * Owners call this when they open their directory; a missing directory has
+ * nothing to sweep. With `files`, only temporaries of those file names are
+ * touched (for a directory blockrelay does not own, such as where an
+ * operator put a resync state file). Returns the names removed.
+ */
+export async function removeStrayTemporaries(dir: string, files?: readonly string[]): Promise<string[]> {
+  let names: string[];
+  try {
+    names = await fsp.readdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw err;
+  }
+  const removed: string[] = [];
+  for (const name of names) {
+    const m = TEMPORARY_NAME.exec(name);
+    if (m === null || (files !== undefined && !files.includes(m[1]))) continue;
+    const pid = Number(m[2]);
+    if (pid === process.pid || processAlive(pid)) continue;
+    await fsp.rm(path.join(dir, name), { force: true });
+    removed.push(name);
+  }
+  return removed;
+}

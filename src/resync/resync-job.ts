@@ -5,7 +5,7 @@ import type { Extent } from '../targets/disk-target';
 import type { BlockHasher } from './block-hasher';
 import { boundExtents } from './extent-list';
 import { decodeState, encodeState, MAX_NOTED_EXTENTS, type ResyncState, type ResyncTotals } from './resync-state-format';
-import { syncDirectory, writeFileDurably } from '../platform/durable-file';
+import { removeStrayTemporaries, syncDirectory, writeFileDurably } from '../platform/durable-file';
 
 /** What a resync is, for deciding whether saved progress belongs to it. */
 export interface ResyncIdentity {
@@ -64,6 +64,10 @@ export class ResyncJob {
     if (statePath === undefined) return new ResyncJob(undefined, hasher, undefined);
     await acquireLock(`${statePath}${LOCK_SUFFIX}`);
     try {
+      // Progress saved by a process that died mid-save left a temporary beside the state file.
+      await removeStrayTemporaries(path.dirname(statePath), [path.basename(statePath)]).catch((err: unknown) => {
+        throw wrapError(err, 'BR_IO', `sweeping temporaries beside ${statePath}`);
+      });
       let bytes: Buffer | undefined;
       try {
         bytes = await fsp.readFile(statePath);

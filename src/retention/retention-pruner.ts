@@ -1,4 +1,6 @@
 import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { removeStrayTemporaries } from '../platform/durable-file';
 import { wrapError } from '../retry/blockrelay-error';
 import { diskRetentionPaths } from './retention-format';
 import { listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
@@ -34,6 +36,12 @@ export class DiskHistory {
    */
   async open(appliedSeq: number | null): Promise<{ salvagedDamagedLines: number }> {
     await this.journal.open();
+    // The catalog, manifest and failover record are replaced through temporaries a crash may leave.
+    try {
+      await removeStrayTemporaries(path.dirname(this.catalog.file));
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `sweeping temporaries in ${path.dirname(this.catalog.file)}`);
+    }
     let salvaged = 0;
     try {
       this.adopt(await this.catalog.read(appliedSeq));
