@@ -1,4 +1,9 @@
+import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { validateDiskId } from '../transport/transport-protocol';
+import { networkedResync } from './networked-resync';
 import { parseCommandArgs, parseIntegerOption, writeJson, type Command, type CommandIo } from '../daemon/command';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { parseExtentFile } from './extent-list';
@@ -7,7 +12,7 @@ import { resyncDisks } from './resync-disks';
 import { ResyncProgressPrinter } from './resync-progress';
 import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from './resync-wire';
 
-const USAGE = 'resync SOURCE TARGET [--block-size BYTES] [--json] [--state FILE] [--extents FILE] [--create] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N]';
+const USAGE = 'resync SOURCE TARGET [--block-size BYTES] [--json] [--state FILE] [--extents FILE] [--create] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N]\n       resync SOURCE --process-server URL --disk ID [--ca FILE] [--after-seq N] [--state FILE] [--block-size BYTES] [--json] [--extents FILE]';
 
 /** Progress lines in logs come this often; a terminal bar is redrawn faster. */
 const LOG_PROGRESS_INTERVAL_MS = 2000;
@@ -21,7 +26,16 @@ const OPTIONS = {
   create: { type: 'boolean' },
   'max-read-rate': { type: 'string' },
   'checkpoint-ms': { type: 'string' },
+  'process-server': { type: 'string' },
+  disk: { type: 'string' },
+  ca: { type: 'string' },
+  'after-seq': { type: 'string' },
 } as const;
+
+/** The process server's shared secret, as `blockrelay source --process-server` reads it (never on the command line). */
+const PROCESS_SERVER_SECRET_ENV = 'BLOCKRELAY_SECRET';
+
+type ParsedValues = ReturnType<typeof parseCommandArgs<typeof OPTIONS>>['values'];
 
 function readExtents(file: string) {
   let text: string;
@@ -46,6 +60,7 @@ export const resyncCommand: Command = {
   summary: 'bring TARGET in step with SOURCE, sending only blocks whose xxh64 differs (resumable with --state)',
   async run(argv: string[], io: CommandIo): Promise<number> {
     const { values, positionals } = parseCommandArgs(argv, OPTIONS, USAGE);
+    if (values['process-server'] !== undefined || values.disk !== undefined) return runNetworked(values, positionals, io);
     if (positionals.length !== 2) throw new BlockrelayError('BR_USAGE', `resync takes SOURCE and TARGET, got ${positionals.length} arguments; usage: ${USAGE}`);
     const [sourceSpec, targetSpec] = positionals;
     const blockSizeBytes = parseIntegerOption('block-size', values['block-size'], RESYNC_DEFAULTS.blockSizeBytes, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES);
@@ -90,3 +105,75 @@ export const resyncCommand: Command = {
     }
   },
 };
+
+/**
+ * `blockrelay resync SOURCE --process-server URL --disk ID`: resyncs the
+ * replicated disk ID from SOURCE through its process server (which relays
+ * to the master target, or serves a page blob itself), with the process
+ * server's secret from BLOCKRELAY_SECRET. Progress is saved (by default in
+ * the temp directory, keyed by URL and disk) so an outage resumes; failed
+ * attempts are retried under the retry policy. `--after-seq` anchors the
+ * resync after that log; without it the hop anchors at what it received.
+ */
+async function runNetworked(values: ParsedValues, positionals: string[], io: CommandIo): Promise<number> {
+  if (positionals.length !== 1) throw new BlockrelayError('BR_USAGE', `resync with --process-server takes SOURCE only, got ${positionals.length} arguments; usage: ${USAGE}`);
+  const url = values['process-server'];
+  const diskId = values.disk;
+  if (url === undefined || diskId === undefined) throw new BlockrelayError('BR_USAGE', `--process-server and --disk go together; usage: ${USAGE}`);
+  if (!/^https?:\/\/[^\s]+$/.test(url)) throw new BlockrelayError('BR_USAGE', `--process-server must be an http:// or https:// URL, got '${url.slice(0, 80)}'`);
+  validateDiskId(diskId);
+  if (values.create === true) throw new BlockrelayError('BR_USAGE', '--create makes a new local TARGET; a networked resync compares with the disk\'s existing target');
+  const blockSizeBytes = parseIntegerOption('block-size', values['block-size'], RESYNC_DEFAULTS.blockSizeBytes, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES);
+  if ((blockSizeBytes & (blockSizeBytes - 1)) !== 0) throw new BlockrelayError('BR_USAGE', `--block-size must be a power of two (e.g. 4096 or 65536), got ${blockSizeBytes}`);
+  const checkpointIntervalMs = parseIntegerOption('checkpoint-ms', values['checkpoint-ms'], RESYNC_DEFAULTS.checkpointIntervalMs, 0, 3_600_000);
+  const afterSeq = values['after-seq'] === undefined ? undefined : parseIntegerOption('after-seq', values['after-seq'], 0, 0, Number.MAX_SAFE_INTEGER);
+  const secret = process.env[PROCESS_SERVER_SECRET_ENV];
+  if (secret === undefined || secret.length < 16) throw new BlockrelayError('BR_USAGE', `--process-server needs the process server's shared secret (16 characters or more) in ${PROCESS_SERVER_SECRET_ENV}`);
+  let ca: Buffer | undefined;
+  if (values.ca !== undefined) {
+    try {
+      ca = fs.readFileSync(values.ca);
+    } catch (err) {
+      throw wrapError(err, 'BR_IO', `cannot read --ca ${values.ca}`);
+    }
+  }
+  const extents = values.extents === undefined ? undefined : readExtents(values.extents);
+  const [sourceSpec] = positionals as [string];
+  const statePath = values.state ?? path.join(os.tmpdir(), `blockrelay-resync-${crypto.createHash('sha256').update(`${url}\n${diskId}`).digest('hex').slice(0, 16)}.state`);
+
+  const tty = (io.stderr as NodeJS.WriteStream).isTTY === true;
+  const printer = new ResyncProgressPrinter(io.stderr, tty);
+  const controller = new AbortController();
+  const stop = (): void => controller.abort();
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  try {
+    const result = await networkedResync(sourceSpec, {
+      peer: { url, secret, ca },
+      diskId,
+      statePath,
+      blockSizeBytes,
+      checkpointIntervalMs,
+      ...(afterSeq === undefined ? {} : { cut: async () => afterSeq }),
+      ...(extents === undefined ? {} : { extents }),
+      onProgress: printer.report,
+      progressIntervalMs: tty ? TTY_PROGRESS_INTERVAL_MS : LOG_PROGRESS_INTERVAL_MS,
+      signal: controller.signal,
+      onRetry: (e) => {
+        if (e.nextAttemptAtMs !== undefined) io.stderr.write(`resync: attempt ${e.attempt} failed (${e.error.code}: ${e.error.message}); trying again at ${new Date(e.nextAttemptAtMs).toISOString()}, resuming from saved progress\n`);
+      },
+    });
+    printer.finish();
+    if (values.json === true) {
+      writeJson(io, { source: sourceSpec, processServer: url, ...result });
+    } else {
+      const resumed = result.resumedFromBytes > 0 ? `, resumed at byte ${result.resumedFromBytes}` : '';
+      io.stdout.write(`resync ${sourceSpec} -> ${url} disk ${diskId}: compared ${result.blocksCompared} blocks of ${result.blockSizeBytes} bytes, sent ${result.blocksSent} (${result.bytesSent} bytes sent, ${result.bytesReceived} received) in ${result.durationMs} ms, ${result.attempts} attempt(s)${resumed}\n`);
+    }
+    return 0;
+  } finally {
+    printer.finish();
+    process.removeListener('SIGINT', stop);
+    process.removeListener('SIGTERM', stop);
+  }
+}

@@ -134,6 +134,10 @@ export const ERROR_CODES = {
   BR_RESYNC_STATE_MISMATCH: { recoverable: false, description: 'A resync state file belongs to another source/target pair.' },
   BR_RESYNC_EXTENTS_INVALID: { recoverable: false, description: 'The extents given to a resync are malformed or outside the disk.' },
   BR_RESYNC_ABORTED: { recoverable: true, description: 'A resync was stopped before it finished; its progress is saved and it resumes.' },
+  BR_RESYNC_SESSION_BUSY: { recoverable: false, description: 'Another networked resync session holds this disk (HTTP 409); wait for it to end or expire, then run the resync again.' },
+  BR_RESYNC_SESSION_EXPIRED: { recoverable: true, description: 'The networked resync session ended (expired, superseded or stopped); the resync resumes from its saved progress in a new session.' },
+  BR_RESYNC_HISTORY_DROPPED: { recoverable: true, description: 'A networked resync session was interrupted before its pre-images were complete, so the disk\'s older recovery points were dropped; history starts again with the next log.' },
+  BR_RESYNC_NOT_READY: { recoverable: true, description: 'The receiving hop has not yet applied or forwarded the logs up to the resync anchor; the resync tries again.' },
 
   // --- retention ---
   BR_RETENTION_VOLUME_SHARED: { recoverable: false, description: 'The retention volume is the cache or install volume (same device as the state, cache or install directory); give it a volume of its own.' },

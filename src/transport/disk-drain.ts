@@ -57,6 +57,8 @@ export class DiskDrain<T = SpoolEntry> {
   private retry: RetryLoop<void> | undefined;
   private idleWaiters: Array<() => void> = [];
   private stopping = false;
+  /** Items this accepts stay queued (a resync session holds them back); see hold(). */
+  private holdBack: ((item: T) => boolean) | undefined;
   lastError: BlockrelayError | undefined;
 
   constructor(private readonly options: DiskDrainOptions<T>) {}
@@ -92,6 +94,22 @@ export class DiskDrain<T = SpoolEntry> {
     this.start();
   }
 
+  /**
+   * Holds back the oldest queued item while `holdBack` accepts it: the loop
+   * treats it as if the queue were empty (whenIdle resolves once everything
+   * before it is handled), and it stays queued until release().
+   */
+  hold(holdBack: (item: T) => boolean): void {
+    this.holdBack = holdBack;
+    this.wake();
+  }
+
+  /** Ends a hold(): held items are handled again, in order. */
+  release(): void {
+    this.holdBack = undefined;
+    this.wake();
+  }
+
   /** Resolves when the queue holds nothing for this disk, or the disk went Critical or stopped. */
   whenIdle(): Promise<void> {
     if (this.stateValue === 'idle' || this.stateValue === 'critical' || this.stateValue === 'stopped') return Promise.resolve();
@@ -117,7 +135,8 @@ export class DiskDrain<T = SpoolEntry> {
     while (!this.stopping) {
       this.woken = false;
       this.stateValue = 'busy';
-      const next = await queue.next();
+      const queued = await queue.next();
+      const next = queued !== undefined && this.holdBack?.(queued) === true ? undefined : queued;
       if (next === undefined) {
         if (this.woken) continue;
         this.stateValue = 'idle';

@@ -18,6 +18,8 @@ import { openOrCreateTarget } from './target-opener';
 import { AttachedDisks } from '../targets/attached-disks';
 import { observabilityRoutes } from '../daemon/status-page';
 import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
+import { ResyncSessions, type ResyncDiskAccess, type ResyncJournalProvider } from './resync-route';
+import { resyncJournalFor } from '../retention/resync-journal';
 
 /**
  * Hooks the retention volume plugs into the apply path: pre-images are made
@@ -77,6 +79,9 @@ export interface ApplyingHopOptions {
   readonly retryPolicy?: RetryPolicy;
   readonly hooks?: ApplyHooks;
   readonly hopName: string;
+  /** Networked resync sessions: idle expiry (default 120 s) and journal (default: the retention hooks'). */
+  readonly resyncIdleTimeoutMs?: number;
+  readonly resyncJournal?: ResyncJournalProvider;
 }
 
 /** Per-disk apply state kept in memory. */
@@ -114,6 +119,9 @@ export class ApplyingHop {
   protected readonly lock: StateLock;
   protected api: HttpApi | undefined;
   protected readonly receiver: LogReceiver;
+  /** `POST /v1/disks/:disk/resync`: networked resync sessions (resync-route.ts). */
+  readonly resyncSessions: ResyncSessions;
+  private readonly resyncJournal: ResyncJournalProvider | undefined;
 
   constructor(
     protected readonly options: ApplyingHopOptions,
@@ -136,6 +144,29 @@ export class ApplyingHop {
       metrics: this.metrics,
       hop: options.hopName,
     });
+    this.resyncJournal = options.resyncJournal ?? resyncJournalFor(options.hooks);
+    this.resyncSessions = new ResyncSessions({
+      clock: this.clock,
+      logger: this.logger,
+      access: (diskId) => this.resyncAccess(diskId),
+      journal: this.resyncJournal,
+      ...(options.resyncIdleTimeoutMs === undefined ? {} : { idleTimeoutMs: options.resyncIdleTimeoutMs }),
+    });
+  }
+
+  /** How a resync session reaches a disk applied here. */
+  protected resyncAccess(diskId: string): ResyncDiskAccess | undefined {
+    const disk = this.disks.get(diskId);
+    if (disk === undefined) return undefined;
+    const ledger = (): { appliedSeq: number | null; nextSeq: number | null } => this.ledger.get(diskId);
+    return {
+      kind: 'local',
+      diskId,
+      drain: disk.drain,
+      appliedSeq: () => ledger().appliedSeq,
+      receivedSeq: () => (ledger().nextSeq === null ? null : ledger().nextSeq! - 1),
+      openTarget: async (sizeBytes) => (disk.target ??= await openOrCreateTarget(disk.spec, sizeBytes)),
+    };
   }
 
   get url(): string {
@@ -179,6 +210,7 @@ export class ApplyingHop {
 
   async stop(): Promise<void> {
     await this.api?.close();
+    await this.resyncSessions.close();
     await Promise.all([...this.disks.values()].map((d) => d.drain.stop()));
     for (const d of this.disks.values()) {
       await d.target?.close();
@@ -216,6 +248,7 @@ export class ApplyingHop {
     }
     const started = process.hrtime.bigint();
     disk.target ??= await openOrCreateTarget(disk.spec, entry.envelope.diskSizeBytes);
+    await this.resyncJournal?.beforeApply?.(disk.diskId, entry, disk.target);
     await this.options.hooks?.beforeApply?.(disk.diskId, entry, disk.target);
     const applied = await this.options.logOps.apply(entry.file, disk.target);
     await disk.target.flush();
@@ -266,6 +299,7 @@ export class ApplyingHop {
   protected routes(): Route[] {
     return [
       ...this.receiver.routes(),
+      ...this.resyncSessions.routes(),
       ...observabilityRoutes(() => ({ role: this.options.hopName, disks: this.diskStatus() }), this.metrics),
       {
         method: 'POST',

@@ -10,6 +10,7 @@ import type { LogOps } from './log-ops';
 import type { SpoolEntry } from './log-spool';
 import { ApplyingHop, type ApplyingHopOptions, type DiskApplyStatus } from './master-target';
 import { validateDiskId } from './transport-protocol';
+import type { ResyncDiskAccess } from './resync-route';
 
 export interface ForwardOptions {
   readonly peer: PeerOptions;
@@ -96,6 +97,22 @@ export class ProcessServer extends ApplyingHop {
       } satisfies DiskApplyStatus;
     });
     return [...local, ...forwarded];
+  }
+
+  /** A forwarded disk's resync session is relayed to the master target, after this hop's spool up to the anchor is forwarded. */
+  protected override resyncAccess(diskId: string): ResyncDiskAccess | undefined {
+    const local = super.resyncAccess(diskId);
+    if (local !== undefined || this.forward === undefined) return local;
+    const disk = this.forwarderFor(diskId);
+    const nextSeq = (): number | null => this.ledger.get(diskId).nextSeq;
+    return {
+      kind: 'relay',
+      diskId,
+      drain: disk.drain,
+      receivedSeq: () => (nextSeq() === null ? null : nextSeq()! - 1),
+      oldestSpooledSeq: () => this.spool.list(diskId)[0]?.envelope.seq,
+      peer: this.forward.peer,
+    };
   }
 
   private forwarderFor(diskId: string): ForwardedDisk {

@@ -1,0 +1,158 @@
+import * as http from 'node:http';
+import * as https from 'node:https';
+import { BlockrelayError } from '../retry/blockrelay-error';
+import { errorFromNetwork, errorFromResponse, type PeerOptions } from '../transport/log-client';
+import type { ResyncChannel } from './resync-peer';
+import { HASH_REQUEST_FIXED_BYTES, MAX_HASH_SPAN_BYTES, MAX_RANGES_PER_REQUEST, MAX_WRITE_DATA_BYTES, MIN_BLOCK_BYTES, RANGE_BYTES, RUN_HEADER_BYTES, WIRE_HEADER_BYTES } from './resync-wire';
+import { HASH_BYTES } from './block-hasher';
+
+/**
+ * The networked resync seam: `POST /v1/disks/{disk}/resync`, one request
+ * body (an encoded resync request) and one response body (the encoded
+ * reply) per exchange, authenticated with the hop's shared secret, over
+ * TLS when the URL is https (trusting `ca` like `forward.caFile`). See
+ * docs/transport.md ("Networked resync").
+ */
+export const RESYNC_HEADER = {
+  /** The resync job: one id for every attempt of one resync (16 to 64 of [A-Za-z0-9_-]). */
+  session: 'x-blockrelay-resync-session',
+  /** The attempt within the job: a newer attempt supersedes an older one's session. */
+  attempt: 'x-blockrelay-resync-attempt',
+  /** The source's anchor: this resync follows log sequence S (absent: whatever the hop has received). */
+  afterSeq: 'x-blockrelay-resync-after-seq',
+  /** Size of the protected disk, so a hop can create a target no log has created yet. */
+  diskSizeBytes: 'x-blockrelay-disk-size-bytes',
+} as const;
+
+/**
+ * Largest request body: a full write request (64 MiB of data) with a run
+ * header per 512-byte block at worst, or a hash request of the most ranges.
+ */
+export const MAX_RESYNC_REQUEST_BYTES = WIRE_HEADER_BYTES + MAX_WRITE_DATA_BYTES + (MAX_WRITE_DATA_BYTES / MIN_BLOCK_BYTES) * RUN_HEADER_BYTES;
+/** Largest reply body: the hashes of the widest hash request at the smallest block size, or an error. */
+export const MAX_RESYNC_REPLY_BYTES = WIRE_HEADER_BYTES + (MAX_HASH_SPAN_BYTES / MIN_BLOCK_BYTES + MAX_RANGES_PER_REQUEST) * HASH_BYTES + 64 * 1024;
+
+// A hash request is always far below the write bound; keep it so if the wire grows.
+if (WIRE_HEADER_BYTES + HASH_REQUEST_FIXED_BYTES + MAX_RANGES_PER_REQUEST * RANGE_BYTES > MAX_RESYNC_REQUEST_BYTES) throw new Error('resync request bound too small');
+
+const SESSION_ID_PATTERN = /^[A-Za-z0-9_-]{16,64}$/;
+
+/** Checks a resync job id as the receiving hop does. */
+export function validateSessionId(id: string): string {
+  if (!SESSION_ID_PATTERN.test(id)) throw new BlockrelayError('BR_PROTOCOL', `resync session id '${id.slice(0, 80)}' is not 16 to 64 letters, digits, "_" or "-"`);
+  return id;
+}
+
+export interface HttpResyncChannelOptions {
+  readonly peer: PeerOptions;
+  readonly diskId: string;
+  /** The resync job's id (the same for every attempt). */
+  readonly sessionId: string;
+  /** Increases with every attempt of the job (a timestamp serves). */
+  readonly attempt: number;
+  /** The log sequence this resync follows; undefined: everything the hop has received. */
+  readonly afterSeq?: number | undefined;
+  readonly diskSizeBytes: number;
+}
+
+const DEFAULT_TIMEOUT_MS = 120_000;
+
+export function resyncPath(diskId: string): string {
+  return `/v1/disks/${encodeURIComponent(diskId)}/resync`;
+}
+
+/** Session headers of one attempt, as sent on every exchange (and relayed unchanged by a process server). */
+export function sessionHeaders(o: Pick<HttpResyncChannelOptions, 'sessionId' | 'attempt' | 'afterSeq' | 'diskSizeBytes'>): Record<string, string> {
+  return {
+    [RESYNC_HEADER.session]: o.sessionId,
+    [RESYNC_HEADER.attempt]: String(o.attempt),
+    [RESYNC_HEADER.diskSizeBytes]: String(o.diskSizeBytes),
+    ...(o.afterSeq === undefined ? {} : { [RESYNC_HEADER.afterSeq]: String(o.afterSeq) }),
+  };
+}
+
+/**
+ * One bounded request with a binary body and a binary answer. Network
+ * failures become BR_NET_UNREACHABLE / BR_NET_TIMEOUT (recoverable); an
+ * HTTP error answer becomes the coded error the peer sent.
+ */
+export function postResync(peer: PeerOptions, method: 'POST' | 'DELETE', diskId: string, headers: Record<string, string>, body: Buffer | undefined): Promise<Buffer> {
+  const url = new URL(resyncPath(diskId), peer.url);
+  const secure = url.protocol === 'https:';
+  const lib = secure ? https : http;
+  const what = `${method} ${url.href}`;
+  return new Promise<Buffer>((resolve, reject) => {
+    let settled = false;
+    const finish = (fn: () => void): void => {
+      if (!settled) {
+        settled = true;
+        fn();
+      }
+    };
+    const req = lib.request(
+      url,
+      {
+        method,
+        headers: {
+          ...headers,
+          authorization: `Bearer ${peer.secret}`,
+          'content-type': 'application/octet-stream',
+          'content-length': String(body?.length ?? 0),
+        },
+        // One connection per exchange keeps a reset from poisoning a pooled socket.
+        agent: false,
+        ...(secure && peer.ca ? { ca: peer.ca } : {}),
+        timeout: peer.timeoutMs ?? DEFAULT_TIMEOUT_MS,
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        let size = 0;
+        res.on('data', (c: Buffer) => {
+          size += c.length;
+          if (size > MAX_RESYNC_REPLY_BYTES) {
+            res.destroy();
+            finish(() => reject(new BlockrelayError('BR_RESYNC_PROTOCOL', `${what}: reply exceeds ${MAX_RESYNC_REPLY_BYTES} bytes`, { details: { offset: size } })));
+            return;
+          }
+          chunks.push(c);
+        });
+        res.on('end', () =>
+          finish(() => {
+            const answer = Buffer.concat(chunks);
+            const status = res.statusCode ?? 0;
+            if (status === 200) resolve(answer);
+            else reject(errorFromResponse(status, answer.toString('utf8', 0, Math.min(answer.length, 64 * 1024))));
+          }),
+        );
+        res.on('error', (err) => finish(() => reject(errorFromNetwork(err, what))));
+        res.on('aborted', () => finish(() => reject(errorFromNetwork(Object.assign(new Error('answer cut short'), { code: 'ECONNRESET' }), what))));
+      },
+    );
+    req.on('timeout', () => req.destroy(Object.assign(new Error('timeout'), { code: 'ETIMEDOUT' })));
+    req.on('error', (err) => finish(() => reject(errorFromNetwork(err, what))));
+    req.end(body);
+  });
+}
+
+/**
+ * A ResyncChannel to a process server or master target over HTTP(S). It
+ * carries the encoded messages unchanged and does not retry: a failed
+ * exchange fails the resync attempt, whose progress is saved; the caller's
+ * retry loop (networkedResync) starts the next attempt, which resumes.
+ */
+export class HttpResyncChannel implements ResyncChannel {
+  constructor(private readonly options: HttpResyncChannelOptions) {
+    validateSessionId(options.sessionId);
+    if (!Number.isSafeInteger(options.attempt) || options.attempt < 1) throw new BlockrelayError('BR_USAGE', `resync attempt must be a positive whole number, got ${options.attempt}`);
+  }
+
+  async exchange(request: Buffer): Promise<Buffer> {
+    if (request.length > MAX_RESYNC_REQUEST_BYTES) throw new BlockrelayError('BR_UPLOAD_TOO_LARGE', `resync request of ${request.length} bytes exceeds ${MAX_RESYNC_REQUEST_BYTES}`);
+    return postResync(this.options.peer, 'POST', this.options.diskId, sessionHeaders(this.options), request);
+  }
+
+  /** Ends the session on the hop (its applier resumes at once rather than at expiry). */
+  async end(): Promise<void> {
+    await postResync(this.options.peer, 'DELETE', this.options.diskId, sessionHeaders(this.options), undefined);
+  }
+}

@@ -1,0 +1,409 @@
+import type * as http from 'node:http';
+import type { Logger } from '../daemon/logger';
+import type { Clock, TimerHandle } from '../platform/clock';
+import { KeyedLock } from '../platform/keyed-lock';
+import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
+import { BlockHasher } from '../resync/block-hasher';
+import { MAX_RESYNC_REQUEST_BYTES, postResync, RESYNC_HEADER, resyncPath, sessionHeaders, validateSessionId } from '../resync/http-resync-channel';
+import { ResyncTargetService } from '../resync/resync-peer';
+import type { DiskTarget } from '../targets/disk-target';
+import type { DiskDrain } from './disk-drain';
+import type { PeerOptions } from './log-client';
+import type { SpoolEntry } from './log-spool';
+import type { Route } from './http-api';
+import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
+
+/**
+ * `POST /v1/disks/{disk}/resync`: the target side of a networked resync on
+ * a receiving hop (docs/transport.md, "Networked resync"). Each request body
+ * is one encoded resync request (src/resync/resync-wire.ts), each answer
+ * body the encoded reply; `DELETE` on the same path ends the session.
+ *
+ * The disk is live in the log pipeline, so a session is anchored in its log
+ * sequence: the source says "this resync follows log S". Before the first
+ * answer the hop has applied (or, forwarding, sent on) every log up to S,
+ * and it holds back the logs after S until the session ends; they stay
+ * spooled and are applied afterwards, so writes made during the resync
+ * (which the source logs as usual) land after the resync's blocks and the
+ * target converges to the source. Sessions are exclusive per disk, expire
+ * when idle (the applier then resumes) and are single-use: a request of an
+ * ended session is refused (BR_RESYNC_SESSION_EXPIRED) rather than served
+ * after logs were applied in between, and the source resumes in a new one.
+ */
+
+/** How a session reaches a disk's target side. */
+export type ResyncDiskAccess = LocalResyncDisk | RelayedResyncDisk;
+
+/** A disk this hop applies itself (master target, or a process server's page blob). */
+export interface LocalResyncDisk {
+  readonly kind: 'local';
+  readonly diskId: string;
+  /** The applier: held back during the session. */
+  readonly drain: DiskDrain<SpoolEntry>;
+  /** Newest log applied to the target, null before the first. */
+  appliedSeq(): number | null;
+  /** Newest log received (applied or spooled), null before the first. */
+  receivedSeq(): number | null;
+  /** The disk's target, opened (or created at `sizeBytes`) if no log has yet. */
+  openTarget(sizeBytes: number): Promise<DiskTarget>;
+}
+
+/** A disk this hop forwards to a master target: exchanges are relayed to the master target's same route. */
+export interface RelayedResyncDisk {
+  readonly kind: 'relay';
+  readonly diskId: string;
+  /** The forwarder: held back during the session. */
+  readonly drain: DiskDrain<SpoolEntry>;
+  receivedSeq(): number | null;
+  /** Sequence of the oldest log still in this hop's spool for the disk. */
+  oldestSpooledSeq(): number | undefined;
+  readonly peer: PeerOptions;
+}
+
+/**
+ * Keeps the pre-images of the blocks a session overwrites (retention), so
+ * the points recorded before it stay rebuildable.
+ */
+export interface ResyncSessionJournal {
+  /** Makes the old content of `[offset, offset + length)` durable before it is overwritten. */
+  preserve(target: DiskTarget, offset: number, length: number): Promise<void>;
+  /** The session ended with its writes flushed. */
+  finish(target: DiskTarget): Promise<void>;
+}
+
+export interface ResyncJournalProvider {
+  /** Starts the journal of a session on `diskId` whose writes follow applied log `appliedSeq`; undefined: nothing to keep. */
+  openSession(diskId: string, target: DiskTarget, appliedSeq: number | null, sessionId: string): Promise<ResyncSessionJournal | undefined>;
+  /** Called before each log is applied (and before the retention hooks see it): the first log after a session completes its journal. */
+  beforeApply?(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void>;
+}
+
+export interface ResyncSessionsOptions {
+  readonly clock: Clock;
+  readonly logger: Logger;
+  readonly access: (diskId: string) => ResyncDiskAccess | undefined;
+  readonly journal?: ResyncJournalProvider | undefined;
+  /** A session with no request for this long ends and the applier resumes. */
+  readonly idleTimeoutMs?: number;
+  /** How long opening a session waits for the logs up to the anchor to be applied or forwarded. */
+  readonly readyTimeoutMs?: number;
+}
+
+export const RESYNC_SESSION_DEFAULTS = {
+  idleTimeoutMs: 120_000,
+  readyTimeoutMs: 30_000,
+} as const;
+
+/** Ended sessions remembered per hop, so their late requests are refused, not served. */
+const ENDED_SESSIONS_MAX = 1024;
+
+interface Session {
+  readonly diskId: string;
+  readonly sessionId: string;
+  readonly attempt: number;
+  readonly access: ResyncDiskAccess;
+  readonly afterSeq: number | null;
+  readonly diskSizeBytes: number;
+  /** Local disks: the target side answering the exchanges. */
+  service?: ResyncTargetService;
+  target?: DiskTarget;
+  journal?: ResyncSessionJournal | undefined;
+  inFlight: number;
+  idleTimer: TimerHandle | undefined;
+  ended: boolean;
+  drained: Array<() => void>;
+  exchanges: number;
+  ending?: Promise<void>;
+}
+
+interface SessionKey {
+  readonly sessionId: string;
+  readonly attempt: number;
+  readonly afterSeq: number | undefined;
+  readonly diskSizeBytes: number;
+}
+
+function wholeHeader(req: http.IncomingMessage, name: string, required: boolean): number | undefined {
+  const v = req.headers[name];
+  if (v === undefined) {
+    if (required) throw new BlockrelayError('BR_PROTOCOL', `header ${name} is missing`);
+    return undefined;
+  }
+  if (typeof v !== 'string' || !/^\d{1,16}$/.test(v) || !Number.isSafeInteger(Number(v))) throw new BlockrelayError('BR_PROTOCOL', `header ${name} must be a whole number, got '${String(v).slice(0, 40)}'`);
+  return Number(v);
+}
+
+function sessionKey(req: http.IncomingMessage): SessionKey {
+  const id = req.headers[RESYNC_HEADER.session];
+  if (typeof id !== 'string') throw new BlockrelayError('BR_PROTOCOL', `header ${RESYNC_HEADER.session} is missing`);
+  const attempt = wholeHeader(req, RESYNC_HEADER.attempt, true)!;
+  if (attempt < 1) throw new BlockrelayError('BR_PROTOCOL', `header ${RESYNC_HEADER.attempt} must be at least 1`);
+  const diskSizeBytes = wholeHeader(req, RESYNC_HEADER.diskSizeBytes, true)!;
+  if (diskSizeBytes < 1) throw new BlockrelayError('BR_PROTOCOL', `header ${RESYNC_HEADER.diskSizeBytes} must be positive`);
+  return { sessionId: validateSessionId(id), attempt, afterSeq: wholeHeader(req, RESYNC_HEADER.afterSeq, false), diskSizeBytes };
+}
+
+/** Reads a request body whole, refusing more than `maxBytes` before reading it. */
+async function readBody(req: http.IncomingMessage, maxBytes: number): Promise<Buffer> {
+  const declared = req.headers['content-length'];
+  if (declared === undefined || !/^\d{1,12}$/.test(declared)) throw new BlockrelayError('BR_PROTOCOL', 'a resync request needs a content-length');
+  const length = Number(declared);
+  if (length > maxBytes) throw new BlockrelayError('BR_UPLOAD_TOO_LARGE', `resync request of ${length} bytes exceeds ${maxBytes}`, { details: { limitBytes: maxBytes } });
+  const body = Buffer.allocUnsafe(length);
+  let at = 0;
+  for await (const chunk of req as AsyncIterable<Buffer>) {
+    if (at + chunk.length > length) throw new BlockrelayError('BR_PROTOCOL', `resync request body is longer than its content-length ${length}`);
+    chunk.copy(body, at);
+    at += chunk.length;
+  }
+  if (at !== length) throw new BlockrelayError('BR_UPLOAD_INCOMPLETE', `resync request ended after ${at} of ${length} bytes`);
+  return body;
+}
+
+/**
+ * A DiskTarget whose writes first make the overwritten content durable in
+ * the session's journal: the resync target service writes through it.
+ */
+function journaledTarget(target: DiskTarget, journal: ResyncSessionJournal): DiskTarget {
+  return {
+    get spec() {
+      return target.spec;
+    },
+    get sizeBytes() {
+      return target.sizeBytes;
+    },
+    get capabilities() {
+      return target.capabilities;
+    },
+    get diskUuid() {
+      return target.diskUuid;
+    },
+    read: (offset, length) => target.read(offset, length),
+    write: async (offset, data) => {
+      await journal.preserve(target, offset, data.length);
+      await target.write(offset, data);
+    },
+    writeZeroes: async (offset, length) => {
+      await journal.preserve(target, offset, length);
+      await target.writeZeroes(offset, length);
+    },
+    discard: async (offset, length) => {
+      await journal.preserve(target, offset, length);
+      await target.discard(offset, length);
+    },
+    flush: () => target.flush(),
+    extents: (offset, length) => target.extents(offset, length),
+    ...(target.hashBlocks === undefined ? {} : { hashBlocks: (offset: number, length: number, blockSizeBytes: number, into?: Buffer) => target.hashBlocks!(offset, length, blockSizeBytes, into) }),
+    // The hop owns the target; a session never closes it.
+    close: async () => undefined,
+  };
+}
+
+/** The resync sessions of one receiving hop (master target or process server). */
+export class ResyncSessions {
+  private readonly sessions = new Map<string, Session>();
+  /** `${sessionId}:${attempt}` of sessions that ended, oldest first. */
+  private readonly ended = new Set<string>();
+  private readonly opening = new KeyedLock();
+  private hasher: Promise<BlockHasher> | undefined;
+  private closed = false;
+
+  constructor(private readonly options: ResyncSessionsOptions) {}
+
+  routes(): Route[] {
+    const pattern = `/${PROTOCOL_VERSION}/disks/:disk/resync`;
+    return [
+      {
+        method: 'POST',
+        pattern,
+        handler: async (ctx) => {
+          const diskId = validateDiskId(ctx.params.disk!);
+          const key = sessionKey(ctx.req);
+          const session = await this.session(diskId, key);
+          if (session.ended) throw this.endedError(session.sessionId, session.attempt);
+          session.inFlight++;
+          this.touch(session);
+          try {
+            const body = await readBody(ctx.req, MAX_RESYNC_REQUEST_BYTES);
+            if (session.ended) throw this.endedError(session.sessionId, session.attempt);
+            const reply = await this.exchange(session, body);
+            session.exchanges++;
+            ctx.res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': reply.length, 'cache-control': 'no-store' });
+            ctx.res.end(reply);
+          } finally {
+            session.inFlight--;
+            if (session.inFlight === 0) for (const w of session.drained.splice(0)) w();
+            this.touch(session);
+          }
+        },
+      },
+      {
+        method: 'DELETE',
+        pattern,
+        handler: async (ctx) => {
+          const diskId = validateDiskId(ctx.params.disk!);
+          const key = sessionKey(ctx.req);
+          const current = this.sessions.get(diskId);
+          let endedNow = false;
+          if (current !== undefined && current.sessionId === key.sessionId && current.attempt === key.attempt) {
+            await this.end(current, 'ended by the source');
+            endedNow = true;
+          } else {
+            // Relay an end we hold no session for (the master target may still hold one).
+            const access = this.options.access(diskId);
+            if (access?.kind === 'relay') await postResync(access.peer, 'DELETE', diskId, sessionHeaders(key), undefined).catch(() => undefined);
+          }
+          ctx.res.writeHead(200, { 'content-type': 'application/json' });
+          ctx.res.end(JSON.stringify({ diskId, ended: endedNow }));
+        },
+      },
+    ];
+  }
+
+  /** Whether a session holds the disk now (status, tests). */
+  active(diskId: string): { sessionId: string; attempt: number; afterSeq: number | null; exchanges: number } | undefined {
+    const s = this.sessions.get(diskId);
+    return s === undefined ? undefined : { sessionId: s.sessionId, attempt: s.attempt, afterSeq: s.afterSeq, exchanges: s.exchanges };
+  }
+
+  /** Ends every session (the role is stopping); appliers are released. */
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.all([...this.sessions.values()].map((s) => this.end(s, 'the role is stopping').catch(() => undefined)));
+  }
+
+  private endedError(sessionId: string, attempt: number): BlockrelayError {
+    return new BlockrelayError('BR_RESYNC_SESSION_EXPIRED', `resync session ${sessionId} attempt ${attempt} has ended; resume in a new attempt`, { details: { sessionId, attempt } });
+  }
+
+  /** The session a request belongs to: the live one, or a new one opened (and anchored) for it. */
+  private session(diskId: string, key: SessionKey): Promise<Session> {
+    return this.opening.run(diskId, async () => {
+      if (this.closed) throw new BlockrelayError('BR_PEER_BUSY', 'this hop is stopping');
+      if (this.ended.has(`${key.sessionId}:${key.attempt}`)) throw this.endedError(key.sessionId, key.attempt);
+      const current = this.sessions.get(diskId);
+      if (current !== undefined) {
+        if (current.sessionId !== key.sessionId) {
+          throw new BlockrelayError('BR_RESYNC_SESSION_BUSY', `disk ${diskId} is held by resync session ${current.sessionId}; one session per disk at a time`, { details: { diskId, sessionId: current.sessionId } });
+        }
+        if (current.attempt === key.attempt) return current;
+        if (current.attempt > key.attempt) throw this.endedError(key.sessionId, key.attempt);
+        // A newer attempt of the same resync (the source lost the old one): it takes over.
+        await this.end(current, `superseded by attempt ${key.attempt}`);
+      }
+      return this.open(diskId, key);
+    });
+  }
+
+  private async open(diskId: string, key: SessionKey): Promise<Session> {
+    const access = this.options.access(diskId);
+    if (access === undefined) throw new BlockrelayError('BR_DISK_UNKNOWN', `disk ${diskId} is not served here`);
+    if (access.drain.state === 'critical') throw new BlockrelayError('BR_DISK_CRITICAL', `disk ${diskId} is in state Critical; resume it before a resync`);
+    const received = access.receivedSeq();
+    const afterSeq = key.afterSeq ?? received;
+    if (afterSeq !== null && (received === null || received < afterSeq)) {
+      throw new BlockrelayError('BR_RESYNC_NOT_READY', `disk ${diskId}: the resync follows log ${afterSeq}, but this hop has received logs up to ${received ?? 'none'}`, { details: { afterSeq, receivedSeq: received } });
+    }
+    const session: Session = { diskId, sessionId: key.sessionId, attempt: key.attempt, access, afterSeq, diskSizeBytes: key.diskSizeBytes, inFlight: 0, idleTimer: undefined, ended: false, drained: [], exchanges: 0 };
+    // Hold back every log after the anchor, then wait for the ones before it.
+    access.drain.hold((entry) => afterSeq === null || entry.envelope.seq > afterSeq);
+    try {
+      await this.waitReady(session);
+      if (access.kind === 'local') {
+        const target = await access.openTarget(key.diskSizeBytes);
+        session.journal = await this.options.journal?.openSession(diskId, target, access.appliedSeq(), key.sessionId);
+        session.target = target;
+        session.service = new ResyncTargetService(session.journal === undefined ? target : journaledTarget(target, session.journal), await this.blockHasher());
+      }
+    } catch (err) {
+      access.drain.release();
+      throw err;
+    }
+    this.sessions.set(diskId, session);
+    this.touch(session);
+    this.options.logger.info({ disk: diskId, session: key.sessionId, attempt: key.attempt, afterSeq, relay: access.kind === 'relay' }, `resync session opened on disk ${diskId}, after log ${afterSeq ?? 'none'}`);
+    return session;
+  }
+
+  /** Waits until the logs up to the anchor are applied (local) or sent on (relay), within readyTimeoutMs. */
+  private async waitReady(session: Session): Promise<void> {
+    const { access, afterSeq } = session;
+    const timeoutMs = this.options.readyTimeoutMs ?? RESYNC_SESSION_DEFAULTS.readyTimeoutMs;
+    let timer: TimerHandle | undefined;
+    const timedOut = new Promise<'timeout'>((resolve) => {
+      timer = this.options.clock.setTimer(() => resolve('timeout'), timeoutMs);
+    });
+    try {
+      const outcome = await Promise.race([access.drain.whenIdle().then(() => 'idle' as const), timedOut]);
+      if (access.drain.state === 'critical') throw new BlockrelayError('BR_DISK_CRITICAL', `disk ${session.diskId} went Critical before the resync could start: ${access.drain.lastError?.message ?? ''}`);
+      const behind = afterSeq !== null && (access.kind === 'local' ? (access.appliedSeq() ?? -1) < afterSeq : (access.oldestSpooledSeq() ?? Number.POSITIVE_INFINITY) <= afterSeq);
+      if (outcome === 'timeout' || behind) {
+        throw new BlockrelayError('BR_RESYNC_NOT_READY', `disk ${session.diskId}: logs up to ${afterSeq} are not yet ${access.kind === 'local' ? 'applied' : 'forwarded'} (within ${timeoutMs} ms)`, { details: { afterSeq } });
+      }
+    } finally {
+      timer?.cancel();
+    }
+  }
+
+  private async exchange(session: Session, body: Buffer): Promise<Buffer> {
+    if (session.access.kind === 'relay') {
+      return postResync(session.access.peer, 'POST', session.diskId, sessionHeaders({ sessionId: session.sessionId, attempt: session.attempt, diskSizeBytes: session.diskSizeBytes, afterSeq: session.afterSeq ?? undefined }), body);
+    }
+    return session.service!.handle(body);
+  }
+
+  private touch(session: Session): void {
+    session.idleTimer?.cancel();
+    if (session.ended) return;
+    session.idleTimer = this.options.clock.setTimer(() => {
+      if (session.inFlight > 0) return this.touch(session);
+      this.options.logger.warn({ disk: session.diskId, session: session.sessionId, code: 'BR_RESYNC_SESSION_EXPIRED' }, `resync session on disk ${session.diskId} expired; its applier resumes`);
+      void this.end(session, 'expired').catch((err: unknown) => this.options.logger.error({ disk: session.diskId, err }, 'ending an expired resync session failed'));
+    }, this.options.idleTimeoutMs ?? RESYNC_SESSION_DEFAULTS.idleTimeoutMs);
+  }
+
+  /**
+   * Ends a session: no request of it is served any more; those in flight
+   * finish; the target is flushed and the journal closed; then the held
+   * logs go on (relayed: the master target's session is ended first).
+   */
+  private end(session: Session, why: string): Promise<void> {
+    session.ending ??= this.endOnce(session, why);
+    return session.ending;
+  }
+
+  private async endOnce(session: Session, why: string): Promise<void> {
+    session.ended = true;
+    session.idleTimer?.cancel();
+    this.remember(`${session.sessionId}:${session.attempt}`);
+    try {
+      if (session.inFlight > 0) await new Promise<void>((resolve) => session.drained.push(resolve));
+      if (session.access.kind === 'relay') {
+        await postResync(session.access.peer, 'DELETE', session.diskId, sessionHeaders({ sessionId: session.sessionId, attempt: session.attempt, diskSizeBytes: session.diskSizeBytes, afterSeq: session.afterSeq ?? undefined }), undefined).catch((err: unknown) => {
+          // The master target ends it on its own when idle.
+          this.options.logger.warn({ disk: session.diskId, code: isBlockrelayError(err) ? err.code : undefined }, `could not end the master target's resync session: ${(err as Error).message}`);
+        });
+      } else if (session.target !== undefined) {
+        await session.target.flush();
+        await session.journal?.finish(session.target);
+      }
+    } finally {
+      // Only now may another session take the disk (and its own hold).
+      if (this.sessions.get(session.diskId) === session) this.sessions.delete(session.diskId);
+      session.access.drain.release();
+      this.options.logger.info({ disk: session.diskId, session: session.sessionId, attempt: session.attempt, exchanges: session.exchanges }, `resync session on disk ${session.diskId} ${why}`);
+    }
+  }
+
+  private remember(key: string): void {
+    this.ended.add(key);
+    if (this.ended.size > ENDED_SESSIONS_MAX) this.ended.delete(this.ended.values().next().value!);
+  }
+
+  private blockHasher(): Promise<BlockHasher> {
+    this.hasher ??= BlockHasher.create();
+    return this.hasher;
+  }
+}
+
+export { resyncPath };

@@ -1,0 +1,121 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { networkedResync } from '../../src/resync/networked-resync';
+import { failover, loadPoints } from '../../src/retention/failover';
+import type { ApplyingHop } from '../../src/transport/master-target';
+import { useTempDirs } from '../helpers/tmp';
+import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from '../retention/retention-fixture';
+import { FAST_RETRY, SECRET } from './transport-fixture';
+
+const MINUTE_MS = 60_000;
+
+describe('networked resync into a master target that keeps recovery points', () => {
+  const tmp = useTempDirs();
+  const retentionTmp = useRetentionDirs();
+  const running: ApplyingHop[] = [];
+  afterEach(async () => {
+    for (const mt of running.splice(0)) await mt.stop();
+  });
+
+  it('journals the blocks a session overwrites: points before it rebuild byte for byte, its end is no point, later points are exact', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const rand = prng(17);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    // The protected disk: logs 1-3 replicate it; then it changes where tracking saw nothing.
+    const source = Buffer.alloc(DISK_BYTES);
+    const images = new Map<number, Buffer>();
+    const logDir = path.join(dir, 'src');
+    for (const seq of [1, 2, 3]) {
+      const log = await makePatternLog(logDir, 'disk0', { seq, cutTimeMs: baseMs + seq * MINUTE_MS }, source, rand);
+      await sendAll(mt, [log]);
+      images.set(seq, Buffer.from(source));
+    }
+    await mt.drain();
+    for (let i = 0; i < 64; i++) {
+      const offset = Math.floor(rand() * (DISK_BYTES / 4096)) * 4096;
+      source.fill(Math.floor(rand() * 256), offset, offset + 4096);
+    }
+    const sourceFile = path.join(dir, 'source.img');
+    fs.writeFileSync(sourceFile, source);
+
+    // Log 4 is written at the source during the resync and arrives while the session holds the disk.
+    let log4: Promise<void> | undefined;
+    const result = await networkedResync(`raw:${sourceFile}`, {
+      peer: { url: mt.url, secret: SECRET },
+      diskId: 'disk0',
+      statePath: path.join(dir, 'resync.state'),
+      cut: async () => 3,
+      retryPolicy: FAST_RETRY,
+      windowBytes: 256 * 1024,
+      progressIntervalMs: 0,
+      onProgress: () => {
+        log4 ??= (async () => {
+          const log = await makePatternLog(logDir, 'disk0', { seq: 4, cutTimeMs: baseMs + 4 * MINUTE_MS }, source, rand);
+          fs.writeFileSync(sourceFile, source);
+          await sendAll(mt, [log]);
+        })();
+      },
+    });
+    await log4;
+    expect(result.blocksSent).toBeGreaterThan(0);
+    const log5 = await makePatternLog(logDir, 'disk0', { seq: 5, cutTimeMs: baseMs + 5 * MINUTE_MS }, source, rand);
+    await sendAll(mt, [log5]);
+    await mt.drain();
+    images.set(5, Buffer.from(source));
+    expect(fs.readFileSync(setup.targetSpec('disk0').slice(4)).equals(source)).toBe(true);
+
+    // The session took slot 4 (after applied log 3): a resync point, never offered.
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => [p.seq, p.resync === true])).toEqual([[1, false], [2, false], [3, false], [4, true], [5, false]]);
+    for (const seq of [1, 2, 3, 5]) {
+      const out = path.join(dir, `point-${seq}.img`);
+      await failover({ retentionDir, diskId: 'disk0', point: `disk0-${seq}`, out: `raw:${out}` });
+      expect(fs.readFileSync(out).equals(images.get(seq)!), `point ${seq}`).toBe(true);
+    }
+    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-4', out: `raw:${path.join(dir, 'no.img')}` })).rejects.toMatchObject({ code: 'BR_POINT_UNKNOWN' });
+  });
+
+  it('keeps older points exact when a second session follows the first before any log', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const rand = prng(23);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    const source = Buffer.alloc(DISK_BYTES);
+    const log1 = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 1, cutTimeMs: baseMs }, source, rand);
+    await sendAll(mt, [log1]);
+    await mt.drain();
+    const point1 = Buffer.from(source);
+    const sourceFile = path.join(dir, 'source.img');
+    for (const round of [0, 1]) {
+      for (let i = 0; i < 32; i++) {
+        const offset = Math.floor(rand() * (DISK_BYTES / 4096)) * 4096;
+        source.fill(round * 16 + i, offset, offset + 4096);
+      }
+      fs.writeFileSync(sourceFile, source);
+      await networkedResync(`raw:${sourceFile}`, { peer: { url: mt.url, secret: SECRET }, diskId: 'disk0', statePath: path.join(dir, `resync-${round}.state`), retryPolicy: FAST_RETRY });
+      // Between and after sessions the points stay rebuildable.
+      const out = path.join(dir, `point-1-${round}.img`);
+      await failover({ retentionDir, diskId: 'disk0', point: 'disk0-1', out: `raw:${out}` });
+      expect(fs.readFileSync(out).equals(point1), `point 1 after session ${round}`).toBe(true);
+    }
+    // Log 2 fills the sessions' slot (its end is the resync point); log 3 ends the next real point.
+    const log2 = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 2, cutTimeMs: baseMs + MINUTE_MS }, source, rand);
+    const log3 = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 3, cutTimeMs: baseMs + 2 * MINUTE_MS }, source, rand);
+    await sendAll(mt, [log2, log3]);
+    await mt.drain();
+    const out = path.join(dir, 'point-1-final.img');
+    await failover({ retentionDir, diskId: 'disk0', point: 'disk0-1', out: `raw:${out}` });
+    expect(fs.readFileSync(out).equals(point1)).toBe(true);
+    const latest = path.join(dir, 'point-3.img');
+    await failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${latest}` });
+    expect(fs.readFileSync(latest).equals(source)).toBe(true);
+  });
+});
