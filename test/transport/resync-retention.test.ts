@@ -3,6 +3,8 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { networkedResync } from '../../src/resync/networked-resync';
 import { failover, loadPoints } from '../../src/retention/failover';
+import { resyncJournalFor } from '../../src/retention/resync-journal';
+import { openDisk } from '../../src/targets/disk-spec';
 import type { ApplyingHop } from '../../src/transport/master-target';
 import { useTempDirs } from '../helpers/tmp';
 import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from '../retention/retention-fixture';
@@ -117,5 +119,45 @@ describe('networked resync into a master target that keeps recovery points', () 
     const latest = path.join(dir, 'point-3.img');
     await failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${latest}` });
     expect(fs.readFileSync(latest).equals(source)).toBe(true);
+  });
+
+  it('drops the history explicitly when a session was interrupted before its pre-images were complete', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const first = await startMasterTarget(setup);
+    running.push(first.mt);
+    const rand = prng(29);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    const source = Buffer.alloc(DISK_BYTES);
+    const logDir = path.join(dir, 'src');
+    for (const seq of [1, 2]) await sendAll(first.mt, [await makePatternLog(logDir, 'disk0', { seq, cutTimeMs: baseMs + seq * MINUTE_MS }, source, rand)]);
+    await first.mt.drain();
+
+    // A session starts and overwrites a block, then the master target dies before the session ends.
+    const target = await openDisk(setup.targetSpec('disk0'));
+    const session = (await resyncJournalFor(first.hooks)!.openSession('disk0', target, 2, 'c'.repeat(32)))!;
+    expect(session).toBeDefined();
+    await session.preserve(target, 0, 4096);
+    await target.write(0, Buffer.alloc(4096, 0xee));
+    await target.close();
+    // The process dies: its session log stays unsealed (closed here only to free the descriptor).
+    await (session as unknown as { writer: { close(): Promise<void> } }).writer.close();
+    // While the session is open no point rebuilds from a changing target: it fails, coded.
+    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-1', out: `raw:${path.join(dir, 'during.img')}` })).rejects.toMatchObject({ code: 'BR_RETENTION_JOURNAL_MISSING' });
+    await first.mt.stop();
+    running.splice(0);
+
+    const second = await startMasterTarget(setup);
+    running.push(second.mt);
+    source.fill(0xee, 0, 4096);
+    await sendAll(second.mt, [await makePatternLog(logDir, 'disk0', { seq: 3, cutTimeMs: baseMs + 3 * MINUTE_MS }, source, rand)]);
+    await second.mt.drain();
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([3]);
+    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-1', out: `raw:${path.join(dir, 'gone.img')}` })).rejects.toMatchObject({ code: 'BR_POINT_UNKNOWN' });
+    const out = path.join(dir, 'point-3.img');
+    await failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${out}` });
+    expect(fs.readFileSync(out).equals(source)).toBe(true);
   });
 });
