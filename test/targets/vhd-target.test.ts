@@ -265,6 +265,50 @@ describe('fixed VHD files under seeded damage', () => {
   });
 });
 
+describe('fixed VHD data as a file span', () => {
+  /** Bytes the filesystem has allocated to `file`. */
+  function allocatedBytes(file: string): number {
+    return fs.statSync(file).blocks * 512;
+  }
+
+  it('punches discards, reports the holes as zero extents, hashes natively, and never touches the footer', async () => {
+    const file = path.join(tempDir(), 'holes.vhd');
+    const t = await openDisk(`vhd:${file}`, { create: { sizeBytes: 16 * MiB } });
+    expect(t.capabilities).toMatchObject({ sparse: true, discard: true, alignmentBytes: 512 });
+    const footerBefore = fs.readFileSync(file).subarray(16 * MiB);
+    const content = randomBytes(16 * MiB);
+    await t.write(0, content);
+    await t.flush();
+    const before = allocatedBytes(file);
+    // Up to the very end of the data: a raw file would be cut and regrown there, which would lose the footer.
+    await t.discard(4 * MiB, 4 * MiB);
+    await t.writeZeroes(12 * MiB, 4 * MiB);
+    await t.flush();
+    content.fill(0, 4 * MiB, 8 * MiB).fill(0, 12 * MiB, 16 * MiB);
+    expect(before - allocatedBytes(file)).toBeGreaterThanOrEqual(8 * MiB - 8192);
+    const zero: Array<{ offset: number; length: number }> = [];
+    for await (const e of t.extents(0, t.sizeBytes)) if (e.zero) zero.push({ offset: e.offset, length: e.length });
+    expect(zero).toEqual([
+      { offset: 4 * MiB, length: 4 * MiB },
+      { offset: 12 * MiB, length: 4 * MiB },
+    ]);
+    const { BlockHasher } = await import('../../src/resync/block-hasher');
+    const wasm = await BlockHasher.create('wasm');
+    expect((await t.hashBlocks!(0, 16 * MiB, 4096)).equals(wasm.hashBlocks(content, 4096))).toBe(true);
+    await t.close();
+    const bytes = fs.readFileSync(file);
+    expect(bytes.length).toBe(16 * MiB + 512);
+    expect(bytes.subarray(16 * MiB).equals(footerBefore)).toBe(true);
+    expect(bytes.subarray(0, 16 * MiB).equals(content)).toBe(true);
+    // qemu-img cannot check vpc images; it reads this one as the same disk.
+    if (requireTool('qemu-img')) {
+      const raw = path.join(path.dirname(file), 'holes.raw');
+      fs.writeFileSync(raw, content);
+      expect(qemu(['qemu-img', 'compare', '-f', 'vpc', '-F', 'raw', file, raw])).toContain('Images are identical');
+    }
+  });
+});
+
 describe('blockrelay convert with vhd:', () => {
   it('converts raw to vhd and back, byte for byte, and qemu-img agrees', async () => {
     const dir = tempDir();

@@ -49,3 +49,65 @@ describe('flat VMDK variants made by other tools', () => {
     expect(spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'vmdk', path.join(dir, 'esx-flat.vmdk'), file]).status).toBe(0);
   });
 });
+
+describe('flat VMDK extents as file spans', () => {
+  const MiB = 1024 * 1024;
+
+  it('hashes natively across extents whose boundary splits a block, as the wasm hash of read() does', async () => {
+    const dir = tempDir();
+    const a = Buffer.alloc(8196 * 512);
+    const b = Buffer.alloc(8188 * 512);
+    for (let i = 0; i < a.length; i += 4) a.writeUInt32LE((i * 2654435761) >>> 0, i);
+    for (let i = 0; i < b.length; i += 4) b.writeUInt32LE((i * 40503 + 7) >>> 0, i);
+    fs.writeFileSync(path.join(dir, 'two-f001.vmdk'), a);
+    // The second extent starts 1 MiB into its file.
+    fs.writeFileSync(path.join(dir, 'two-f002.vmdk'), Buffer.concat([Buffer.alloc(MiB, 0xcc), b]));
+    const file = path.join(dir, 'two.vmdk');
+    fs.writeFileSync(file, [
+      '# Disk DescriptorFile', 'version=1', 'CID=3f2a8c11', 'parentCID=ffffffff', 'createType="twoGbMaxExtentFlat"', '',
+      'RW 8196 FLAT "two-f001.vmdk" 0', `RW 8188 FLAT "two-f002.vmdk" ${MiB / 512}`, '',
+      '#DDB', 'ddb.uuid = "60 00 C2 9b 69 2f c9 76-74 c4 07 9e 10 87 3b fa"', '',
+    ].join('\n'));
+    const t = await openDisk(`vmdk:${file}`, { readOnly: true });
+    const { BlockHasher } = await import('../../src/resync/block-hasher');
+    const wasm = await BlockHasher.create('wasm');
+    const whole = Buffer.concat([a, b]);
+    for (const [offset, length] of [[0, whole.length], [4 * MiB - 8192, 16384 + 512], [4096, 4 * MiB]] as const) {
+      const into = Buffer.alloc(length);
+      const hashes = await t.hashBlocks!(offset, length, 4096, into);
+      expect(into.equals(whole.subarray(offset, offset + length))).toBe(true);
+      expect(hashes.equals(wasm.hashBlocks(whole.subarray(offset, offset + length), 4096))).toBe(true);
+    }
+    await t.close();
+  });
+
+  it('punches discards in its data file and reports the holes; qemu-img reads the same disk', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'holes.vmdk');
+    const t = await openDisk(`vmdk-flat:${file}`, { create: { sizeBytes: 16 * MiB } });
+    expect(t.capabilities).toMatchObject({ sparse: true, discard: true });
+    const content = Buffer.alloc(16 * MiB, 0x5a);
+    await t.write(0, content);
+    await t.flush();
+    const data = path.join(dir, 'holes-flat.vmdk');
+    const before = fs.statSync(data).blocks * 512;
+    await t.discard(4 * MiB, 4 * MiB);
+    await t.writeZeroes(12 * MiB, 4 * MiB);
+    await t.flush();
+    content.fill(0, 4 * MiB, 8 * MiB).fill(0, 12 * MiB, 16 * MiB);
+    expect(before - fs.statSync(data).blocks * 512).toBeGreaterThanOrEqual(8 * MiB - 8192);
+    const zero: Array<{ offset: number; length: number }> = [];
+    for await (const e of t.extents(0, t.sizeBytes)) if (e.zero) zero.push({ offset: e.offset, length: e.length });
+    expect(zero).toEqual([
+      { offset: 4 * MiB, length: 4 * MiB },
+      { offset: 12 * MiB, length: 4 * MiB },
+    ]);
+    await t.close();
+    expect(fs.statSync(data).size).toBe(16 * MiB);
+    if (requireTool('qemu-img')) {
+      const raw = path.join(dir, 'holes.raw');
+      fs.writeFileSync(raw, content);
+      expect(spawnSync('qemu-img', ['compare', '-f', 'vmdk', '-F', 'raw', file, raw]).status).toBe(0);
+    }
+  });
+});

@@ -1,16 +1,16 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
-import { MAX_HASHED_READ_BYTES, preadHashBlocks } from '../../platform/block-hashing';
-import { canPunchHoles, fileAllocation, nativeFileExtents, type FileExtentOps } from '../../platform/file-extents';
+import { nativeFileExtents, type FileExtentOps } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, OpenOptions } from '../disk-target';
+import { FILE_SPAN_EXTENT_GRANULARITY_BYTES, FileSpan } from '../file-span';
 import { checkOpen, checkRequest } from '../request-bounds';
 
-/** Largest zero buffer a raw writeZeroes writes at once: bounds memory for huge ranges. */
-const ZERO_CHUNK_BYTES = 1024 * 1024;
 const SECTOR_BYTES = 512;
+/** Request alignment: none for files, the sector for block devices. */
+const SECTOR_BYTES_IF_DEVICE = { file: 1, device: SECTOR_BYTES } as const;
 /** Data extents are widened outward to this: the usual filesystem block, and no finer than callers need. */
-export const RAW_EXTENT_GRANULARITY_BYTES = 4096;
+export const RAW_EXTENT_GRANULARITY_BYTES = FILE_SPAN_EXTENT_GRANULARITY_BYTES;
 
 /** {@link OpenOptions} plus the seam tests use to stand in for a filesystem without hole support. */
 export interface RawOpenOptions extends OpenOptions {
@@ -83,69 +83,47 @@ function blockDeviceZeroing(stat: fs.Stats): { canPunch: boolean; logicalBlockBy
  * `write_zeroes_max_bytes`; a loop device passes it on as a hole punch in its
  * backing file, an SSD may unmap): whole logical blocks are punched, the
  * rest written as zeroes. Other devices get written zeroes.
+ *
+ * The file I/O itself is a FileSpan over the whole file, shared with the
+ * fixed VHD and flat VMDK targets.
  */
 export class RawTarget implements DiskTarget {
   readonly diskUuid = undefined;
+  private readonly readOnly: boolean;
   private caps: DiskTargetCapabilities;
   private closed = false;
-  /** Hole punches and hashed reads on the thread pool: close() waits for them before the descriptor goes. */
-  private readonly poolOps = new Set<Promise<unknown>>();
-  /** The same ops, refusing to touch the descriptor once the target is closed. */
-  private readonly fileOps: FileExtentOps;
 
   private constructor(
     readonly spec: string,
-    private readonly path: string,
-    private readonly handle: fsp.FileHandle,
-    readonly sizeBytes: number,
-    private readonly regularFile: boolean,
+    private readonly span: FileSpan,
+    alignmentBytes: number,
     readOnly: boolean,
-    punchHoles: boolean,
-    ops: FileExtentOps,
-    /** Punches cover whole multiples of this; edges outside are written as zeroes (1 for files: the kernel zeroes partial blocks). */
-    private readonly punchAlignBytes = 1,
   ) {
-    this.caps = { sparse: regularFile, discard: punchHoles, alignmentBytes: regularFile ? 1 : SECTOR_BYTES, readOnly };
-    this.fileOps = {
-      seekData: (fd, offset) => {
-        checkOpen(this.closed, this.spec);
-        return ops.seekData(fd, offset);
-      },
-      seekHole: (fd, offset) => {
-        checkOpen(this.closed, this.spec);
-        return ops.seekHole(fd, offset);
-      },
-      punchHole: (fd, offset, length) => {
-        checkOpen(this.closed, this.spec);
-        return ops.punchHole(fd, offset, length);
-      },
-    };
+    this.readOnly = readOnly;
+    this.caps = { sparse: alignmentBytes === 1, discard: span.punchesHoles, alignmentBytes, readOnly };
   }
 
   /** What this open target can do; `discard` turns false if the filesystem refuses a punch later. */
   get capabilities(): DiskTargetCapabilities {
+    if (this.caps.discard !== this.span.punchesHoles) this.caps = { ...this.caps, discard: this.span.punchesHoles };
     return this.caps;
+  }
+
+  get sizeBytes(): number {
+    return this.span.sizeBytes;
   }
 
   /** Builds the target for an open regular file, probing hole punching when it is writable. */
   private static async forFile(spec: string, path: string, handle: fsp.FileHandle, sizeBytes: number, readOnly: boolean, ops: FileExtentOps): Promise<RawTarget> {
-    let punchHoles = false;
-    if (!readOnly) {
-      try {
-        punchHoles = await canPunchHoles(handle.fd, sizeBytes, ops);
-      } catch {
-        // EPERM (append-only or immutable files) or anything else odd: fall
-        // back to writing zeroes; a real I/O problem shows on the first write.
-        punchHoles = false;
-      }
-    }
-    return new RawTarget(spec, path, handle, sizeBytes, true, readOnly, punchHoles, ops);
+    const punchHoles = !readOnly && (await FileSpan.probePunching(handle, sizeBytes, ops));
+    return new RawTarget(spec, new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: true, punchHoles, ownsFileTail: true, ops }), SECTOR_BYTES_IF_DEVICE.file, readOnly);
   }
 
   /** Builds the target for an open block device; it punches only where sysfs says the device can zero without writing. */
   private static forBlockDevice(spec: string, path: string, handle: fsp.FileHandle, stat: fs.Stats, sizeBytes: number, readOnly: boolean, ops: FileExtentOps): RawTarget {
     const zeroing = blockDeviceZeroing(stat);
-    return new RawTarget(spec, path, handle, sizeBytes, false, readOnly, !readOnly && zeroing.canPunch, ops, zeroing.logicalBlockBytes);
+    const span = new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: false, punchHoles: !readOnly && zeroing.canPunch, punchAlignBytes: zeroing.logicalBlockBytes, ownsFileTail: false, ops });
+    return new RawTarget(spec, span, SECTOR_BYTES_IF_DEVICE.device, readOnly);
   }
 
   /**
@@ -207,19 +185,10 @@ export class RawTarget implements DiskTarget {
   async read(offset: number, length: number): Promise<Buffer> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'read', offset, length);
-    // Every byte is either read or zero-filled below, so the buffer need not
-    // be cleared first (a measurable cost when a copy reads a whole disk).
+    // Every byte is either read or zero-filled, so the buffer need not be
+    // cleared first (a measurable cost when a copy reads a whole disk).
     const out = Buffer.allocUnsafe(length);
-    let done = 0;
-    while (done < length) {
-      const { bytesRead } = await this.io(() => this.handle.read(out, done, length - done, offset + done), 'read');
-      // A file shortened behind our back reads as zeroes past its end.
-      if (bytesRead === 0) {
-        out.fill(0, done);
-        break;
-      }
-      done += bytesRead;
-    }
+    await this.span.readInto(out, 0, offset, length);
     return out;
   }
 
@@ -227,142 +196,51 @@ export class RawTarget implements DiskTarget {
   async hashBlocks(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'read', offset, length);
-    if (into !== undefined && into.length < length) throw new RangeError(`hashBlocks: into holds ${into.length} bytes, ${length} needed`);
-    if (length === 0) return Buffer.alloc(0);
-    // One native call reads at most MAX_HASHED_READ_BYTES; split on block boundaries.
-    const step = Math.floor(MAX_HASHED_READ_BYTES / blockSizeBytes) * blockSizeBytes;
-    const parts: Buffer[] = [];
-    for (let at = 0; at < length; at += step) {
-      // close() waits only for reads already on the pool: none may start after it.
-      checkOpen(this.closed, this.spec);
-      const n = Math.min(step, length - at);
-      const pending = this.io(() => preadHashBlocks(this.handle.fd, offset + at, n, blockSizeBytes, into?.subarray(at, at + n)), 'read');
-      this.poolOps.add(pending);
-      try {
-        parts.push((await pending).hashes);
-      } finally {
-        this.poolOps.delete(pending);
-      }
-    }
-    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
+    return this.span.hashBlocks(offset, length, blockSizeBytes, into);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'write', offset, data.length);
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.io(() => this.handle.write(data, done, data.length - done, offset + done), 'write');
-      done += bytesWritten;
-    }
+    await this.span.write(data, 0, offset, data.length);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'writeZeroes', offset, length);
-    if (length === 0) return;
-    const end = offset + length;
-    if (this.caps.discard) {
-      const align = this.punchAlignBytes;
-      const from = Math.ceil(offset / align) * align;
-      const to = Math.floor(end / align) * align;
-      if (to > from && (await this.punchHole(from, to - from))) {
-        await this.writeZeroBytes(offset, from - offset);
-        await this.writeZeroBytes(to, end - to);
-        return;
-      }
-    }
-    if (this.regularFile && end === this.sizeBytes) {
-      // The tail of a file can be released without fallocate: cut the file
-      // at `offset` and grow it back; the regrown part is a hole.
-      await this.io(() => this.handle.truncate(offset), 'truncate');
-      await this.io(() => this.handle.truncate(this.sizeBytes), 'truncate');
-      return;
-    }
-    await this.writeZeroBytes(offset, length);
+    await this.span.zero(offset, length);
   }
 
   /** Same as writeZeroes: on a file that can punch holes both free the space. */
   async discard(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'discard', offset, length);
-    await this.writeZeroes(offset, length);
+    await this.span.zero(offset, length);
   }
 
   async flush(): Promise<void> {
     checkOpen(this.closed, this.spec);
-    if (this.capabilities.readOnly) return;
-    await this.io(() => this.handle.datasync(), 'flush');
+    if (this.readOnly) return;
+    await this.span.datasync();
   }
 
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'extents', offset, length);
-    if (length === 0) return;
-    if (!this.regularFile) {
-      yield { offset, length, zero: false };
-      return;
-    }
-    const walk = fileAllocation(this.handle.fd, offset, length, { granularityBytes: RAW_EXTENT_GRANULARITY_BYTES, ops: this.fileOps });
-    // Pulled by hand so a failed seek is wrapped as BR_IO with the path, while
-    // BR_TARGET_CLOSED (a close during the walk) passes through unchanged.
-    try {
-      for (;;) {
-        // A walk resumed after close() stops, even where its next run is already known.
-        checkOpen(this.closed, this.spec);
-        const next = await this.io(() => walk.next(), 'lseek(SEEK_DATA/SEEK_HOLE)');
-        if (next.done === true) return;
-        yield next.value;
-      }
-    } finally {
-      await walk.return(undefined);
+    for await (const e of this.span.extents(offset, length)) {
+      // A walk resumed after close() stops, even where its next run is already known.
+      checkOpen(this.closed, this.spec);
+      yield e;
     }
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     try {
-      if (!this.caps.readOnly) await this.io(() => this.handle.datasync(), 'flush');
+      if (!this.readOnly) await this.span.datasync();
     } finally {
       this.closed = true;
-      // A punch still running on the thread pool holds the descriptor number.
-      await Promise.allSettled([...this.poolOps]);
-      await this.handle.close();
-    }
-  }
-
-  /** Writes `length` zero bytes at `offset` through a bounded buffer. */
-  private async writeZeroBytes(offset: number, length: number): Promise<void> {
-    if (length === 0) return;
-    const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK_BYTES));
-    for (let at = offset; at < offset + length; at += zeroes.length) {
-      const n = Math.min(zeroes.length, offset + length - at);
-      await this.write(at, n === zeroes.length ? zeroes : zeroes.subarray(0, n));
-    }
-  }
-
-  /**
-   * Punches `[offset, offset + length)`. False when the filesystem refused
-   * (EOPNOTSUPP): discard support is then withdrawn and the caller writes
-   * zeroes instead.
-   */
-  private async punchHole(offset: number, length: number): Promise<boolean> {
-    const pending = this.io(() => this.fileOps.punchHole(this.handle.fd, offset, length), 'fallocate(PUNCH_HOLE)');
-    this.poolOps.add(pending);
-    try {
-      if ((await pending) === 'punched') return true;
-    } finally {
-      this.poolOps.delete(pending);
-    }
-    this.caps = { ...this.caps, discard: false };
-    return false;
-  }
-
-  private async io<T>(op: () => Promise<T>, what: string): Promise<T> {
-    try {
-      return await op();
-    } catch (err) {
-      throw wrapError(err, 'BR_IO', `${what} on ${this.path} failed`);
+      await this.span.close();
     }
   }
 }

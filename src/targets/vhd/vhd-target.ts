@@ -3,9 +3,11 @@ import * as fsp from 'node:fs/promises';
 import type { Logger } from '../../daemon/logger';
 import type { Clock } from '../../platform/clock';
 import { systemClock } from '../../platform/clock';
+import { nativeFileExtents } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, OpenOptions } from '../disk-target';
 import { claimDiskUuid, type DiskUuidClaim } from '../disk-uuid-registry';
+import { FileSpan } from '../file-span';
 import { checkOpen, checkRequest } from '../request-bounds';
 import {
   VHD_FOOTER_SIZE_BYTES,
@@ -17,9 +19,6 @@ import {
   newFixedVhdFooter,
   type VhdFooter,
 } from './vhd-footer';
-
-/** Largest zero buffer writeZeroes writes at once: bounds memory for huge ranges. */
-const ZERO_CHUNK_BYTES = 1024 * 1024;
 
 export interface VhdOpenOptions extends OpenOptions {
   /** Source of the footer timestamp on create; the system clock by default. */
@@ -59,23 +58,39 @@ async function readFixedFooter(handle: fsp.FileHandle, fileSizeBytes: number, pa
  * to the file; the footer is written once at create and never rewritten, so
  * no write can damage it. Requests are 512-byte aligned (the VHD sector).
  *
- * Node has no fallocate or SEEK_DATA, so like the raw target this one creates
- * a sparse file (ftruncate), writes zeroes for writeZeroes and discard, and
- * reports one data extent.
+ * The data is a FileSpan over the file's first `currentSize` bytes, as the
+ * raw target's: the file is created sparse (ftruncate), `extents()` reports
+ * its holes, and `writeZeroes` and `discard` punch holes where the
+ * filesystem can (the footer lies past the span, so nothing ever cuts the
+ * file's tail).
  */
 export class VhdTarget implements DiskTarget {
-  readonly capabilities: DiskTargetCapabilities;
+  private caps: DiskTargetCapabilities;
   private closed = false;
 
   private constructor(
     readonly spec: string,
-    private readonly path: string,
-    private readonly handle: fsp.FileHandle,
+    private readonly span: FileSpan,
     private readonly footer: VhdFooter,
     private readonly uuidClaim: DiskUuidClaim,
     readOnly: boolean,
   ) {
-    this.capabilities = { sparse: true, discard: false, alignmentBytes: VHD_SECTOR_SIZE_BYTES, readOnly };
+    this.caps = { sparse: true, discard: span.punchesHoles, alignmentBytes: VHD_SECTOR_SIZE_BYTES, readOnly };
+  }
+
+  /** Wraps an open, validated file: its data span, hole punching probed when writable. */
+  private static async assemble(spec: string, path: string, handle: fsp.FileHandle, footer: VhdFooter, uuidClaim: DiskUuidClaim, readOnly: boolean): Promise<VhdTarget> {
+    const sizeBytes = footer.currentSizeBytes;
+    const ops = nativeFileExtents;
+    const punchHoles = !readOnly && (await FileSpan.probePunching(handle, sizeBytes + VHD_FOOTER_SIZE_BYTES, ops));
+    const span = new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: true, punchHoles, punchAlignBytes: VHD_SECTOR_SIZE_BYTES, ownsFileTail: false, ops });
+    return new VhdTarget(spec, span, footer, uuidClaim, readOnly);
+  }
+
+  /** What this open target can do; `discard` turns false if the filesystem refuses a punch later. */
+  get capabilities(): DiskTargetCapabilities {
+    if (this.caps.discard !== this.span.punchesHoles) this.caps = { ...this.caps, discard: this.span.punchesHoles };
+    return this.caps;
   }
 
   get sizeBytes(): number {
@@ -147,7 +162,7 @@ export class VhdTarget implements DiskTarget {
         if (handle !== undefined && stat === undefined) await fsp.rm(path, { force: true }).catch(() => undefined);
         throw wrapError(err, 'BR_IO', `cannot create ${spec}`);
       }
-      return new VhdTarget(spec, path, handle, footer, uuidClaim, false);
+      return VhdTarget.assemble(spec, path, handle, footer, uuidClaim, false);
     }
     if (stat === undefined) throw new BlockrelayError('BR_FILE_NOT_FOUND', `${path} does not exist`, { details: { spec, path } });
     if (!stat.isFile()) throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${path} is not a regular file`, { details: { spec, path } });
@@ -155,7 +170,7 @@ export class VhdTarget implements DiskTarget {
     try {
       const footer = await readFixedFooter(handle, stat.size, path);
       const uuidClaim = claimDiskUuid(footer.uniqueId, spec, !readOnly);
-      return new VhdTarget(spec, path, handle, footer, uuidClaim, readOnly);
+      return await VhdTarget.assemble(spec, path, handle, footer, uuidClaim, readOnly);
     } catch (err) {
       await handle.close();
       throw err;
@@ -178,7 +193,7 @@ export class VhdTarget implements DiskTarget {
         await handle.close();
         return undefined;
       }
-      return new VhdTarget(spec, path, handle, footer, claimDiskUuid(footer.uniqueId, spec, true), false);
+      return await VhdTarget.assemble(spec, path, handle, footer, claimDiskUuid(footer.uniqueId, spec, true), false);
     } catch (err) {
       await handle.close();
       if (err instanceof BlockrelayError && err.code.startsWith('BR_VHD_')) return undefined;
@@ -189,66 +204,59 @@ export class VhdTarget implements DiskTarget {
   async read(offset: number, length: number): Promise<Buffer> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'read', offset, length);
-    const out = Buffer.alloc(length);
-    let done = 0;
-    while (done < length) {
-      const { bytesRead } = await this.io(() => this.handle.read(out, done, length - done, offset + done), 'read');
-      if (bytesRead === 0) break;
-      done += bytesRead;
-    }
+    const out = Buffer.allocUnsafe(length);
+    await this.span.readInto(out, 0, offset, length);
     return out;
+  }
+
+  /** Reads and hashes natively on the thread pool (see DiskTarget.hashBlocks). */
+  async hashBlocks(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'read', offset, length);
+    return this.span.hashBlocks(offset, length, blockSizeBytes, into);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'write', offset, data.length);
-    await this.io(() => writeAll(this.handle, data, offset), 'write');
+    await this.span.write(data, 0, offset, data.length);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'writeZeroes', offset, length);
-    const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK_BYTES));
-    for (let at = offset; at < offset + length; at += zeroes.length) {
-      const n = Math.min(zeroes.length, offset + length - at);
-      await this.io(() => writeAll(this.handle, n === zeroes.length ? zeroes : zeroes.subarray(0, n), at), 'writeZeroes');
-    }
+    await this.span.zero(offset, length);
   }
 
   async discard(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'discard', offset, length);
-    await this.writeZeroes(offset, length);
+    await this.span.zero(offset, length);
   }
 
   async flush(): Promise<void> {
     checkOpen(this.closed, this.spec);
-    if (this.capabilities.readOnly) return;
-    await this.io(() => this.handle.datasync(), 'flush');
+    if (this.caps.readOnly) return;
+    await this.span.datasync();
   }
 
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'extents', offset, length);
-    if (length > 0) yield { offset, length, zero: false };
+    for await (const e of this.span.extents(offset, length)) {
+      checkOpen(this.closed, this.spec);
+      yield e;
+    }
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     try {
-      if (!this.capabilities.readOnly) await this.io(() => this.handle.datasync(), 'flush');
+      if (!this.caps.readOnly) await this.span.datasync();
     } finally {
       this.closed = true;
       this.uuidClaim.release();
-      await this.handle.close();
-    }
-  }
-
-  private async io<T>(op: () => Promise<T>, what: string): Promise<T> {
-    try {
-      return await op();
-    } catch (err) {
-      throw wrapError(err, 'BR_IO', `${what} on ${this.path} failed`);
+      await this.span.close();
     }
   }
 }

@@ -1,24 +1,23 @@
+import type * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
+import { nativeFileExtents } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
+import { xxh64 } from '../../tracking/dirty-map';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
+import { FileSpan } from '../file-span';
 import { checkOpen, checkRequest } from '../request-bounds';
 import { bumpDescriptorFileCid } from './vmdk-content-id';
 import { defaultDdb, fromVmwareUuid, NO_PARENT_CID, randomCid, renderDescriptor, type VmdkDescriptor } from './vmdk-descriptor';
 import { corrupt, SECTOR_BYTES } from './vmdk-format';
 
-/** Largest zero buffer written at once by writeZeroes. */
-const ZERO_CHUNK_BYTES = 1024 * 1024;
-
 interface FlatExtent {
   /** Disk byte offset where this extent starts. */
   readonly start: number;
   readonly length: number;
-  readonly file: string;
-  readonly handle: fsp.FileHandle;
-  /** Byte offset of the extent's data in its file. */
-  readonly fileOffset: number;
+  /** The extent's bytes in its file. */
+  readonly span: FileSpan;
 }
 
 /** `disk.vmdk` → `disk-flat.vmdk`, the name VMware and qemu give the data file. */
@@ -32,9 +31,13 @@ export function flatExtentName(descriptorFile: string): string {
  * extents, e.g. monolithicFlat (`disk.vmdk` + `disk-flat.vmdk`) or
  * twoGbMaxExtentFlat. The extents are concatenated in descriptor order.
  * No metadata is written after creation, so there is no unclean state.
+ *
+ * Each extent is a FileSpan, as a raw disk is: data files are created
+ * sparse, `extents()` reports their holes, and `writeZeroes` and `discard`
+ * punch holes where the filesystem can.
  */
 export class VmdkFlatTarget implements DiskTarget {
-  readonly capabilities: DiskTargetCapabilities;
+  private caps: DiskTargetCapabilities;
   readonly diskUuid: string | undefined;
   readonly sizeBytes: number;
   private closed = false;
@@ -50,8 +53,19 @@ export class VmdkFlatTarget implements DiskTarget {
     private readonly claim: DiskUuidClaim | undefined,
   ) {
     this.sizeBytes = extentList.reduce((n, e) => n + e.length, 0);
-    this.capabilities = { sparse: true, discard: false, alignmentBytes: SECTOR_BYTES, readOnly };
+    this.caps = { sparse: true, discard: this.punchesHoles(), alignmentBytes: SECTOR_BYTES, readOnly };
     this.diskUuid = fromVmwareUuid(descriptor.ddb.get('ddb.uuid'));
+  }
+
+  /** What this open target can do; `discard` is true while every extent can punch holes. */
+  get capabilities(): DiskTargetCapabilities {
+    const discard = this.punchesHoles();
+    if (this.caps.discard !== discard) this.caps = { ...this.caps, discard };
+    return this.caps;
+  }
+
+  private punchesHoles(): boolean {
+    return this.extentList.every((e) => e.span.punchesHoles);
   }
 
   /** Writes `disk-flat.vmdk` (sparse, all zeroes) and then the descriptor `file`; neither may exist. */
@@ -113,15 +127,36 @@ export class VmdkFlatTarget implements DiskTarget {
         }
         const length = e.sectors * SECTOR_BYTES;
         const fileOffset = e.offsetSectors * SECTOR_BYTES;
-        opened.push({ start, length, file: dataFile, handle, fileOffset });
-        const size = (await handle.stat()).size;
-        if (size < fileOffset + length) throw corrupt(dataFile, size, `flat extent is truncated: ${size} bytes, descriptor needs ${fileOffset + length}`);
+        let stat: fs.Stats;
+        try {
+          stat = await handle.stat();
+        } catch (err) {
+          await handle.close();
+          throw wrapError(err, 'BR_IO', `${file}: cannot stat extent ${dataFile}`);
+        }
+        const regularFile = stat.isFile();
+        const punchHoles = !readOnly && regularFile && (await FileSpan.probePunching(handle, stat.size, nativeFileExtents));
+        const span = new FileSpan({
+          path: dataFile,
+          handle,
+          fileOffsetBytes: fileOffset,
+          sizeBytes: length,
+          regularFile,
+          punchHoles,
+          punchAlignBytes: SECTOR_BYTES,
+          // Another extent may follow in the same file: never cut a file's tail.
+          ownsFileTail: false,
+          ops: nativeFileExtents,
+          shortReadError: (at) => corrupt(dataFile, at, 'flat extent ends early'),
+        });
+        opened.push({ start, length, span });
+        if (regularFile && stat.size < fileOffset + length) throw corrupt(dataFile, stat.size, `flat extent is truncated: ${stat.size} bytes, descriptor needs ${fileOffset + length}`);
         start += length;
       }
       if (start === 0) throw corrupt(file, 0, 'descriptor describes an empty disk');
       return new VmdkFlatTarget(spec, file, opened, descriptor, readOnly, claim);
     } catch (err) {
-      for (const e of opened) await e.handle.close();
+      for (const e of opened) await e.span.close();
       throw err;
     }
   }
@@ -129,42 +164,58 @@ export class VmdkFlatTarget implements DiskTarget {
   async read(offset: number, length: number): Promise<Buffer> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'read', offset, length);
-    const out = Buffer.alloc(length);
-    for (const p of this.pieces(offset, length)) {
-      let done = 0;
-      while (done < p.length) {
-        const { bytesRead } = await this.io(p.extent, () => p.extent.handle.read(out, p.at - offset + done, p.length - done, p.position + done), 'read');
-        if (bytesRead === 0) throw corrupt(p.extent.file, p.position + done, 'flat extent ends early');
-        done += bytesRead;
-      }
-    }
+    const out = Buffer.allocUnsafe(length);
+    for (const p of this.pieces(offset, length)) await p.extent.span.readInto(out, p.at - offset, p.position, p.length);
     return out;
+  }
+
+  /**
+   * Reads and hashes natively on the thread pool (see DiskTarget.hashBlocks).
+   * A block straddling two extents is read and hashed whole here instead.
+   */
+  async hashBlocks(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer> {
+    checkOpen(this.closed, this.spec);
+    checkRequest(this, 'read', offset, length);
+    if (into !== undefined && into.length < length) throw new RangeError(`hashBlocks: into holds ${into.length} bytes, ${length} needed`);
+    const parts: Buffer[] = [];
+    let at = offset;
+    const end = offset + length;
+    while (at < end) {
+      const p = this.pieces(at, end - at).next().value!;
+      // Whole blocks that lie in this extent go to the span; a block crossing into the next extent is read whole.
+      const whole = p.length === end - at ? p.length : Math.floor(p.length / blockSizeBytes) * blockSizeBytes;
+      if (whole > 0) {
+        parts.push(await p.extent.span.hashBlocks(p.position, whole, blockSizeBytes, into?.subarray(at - offset, at - offset + whole)));
+        at += whole;
+        continue;
+      }
+      const n = Math.min(blockSizeBytes, end - at);
+      const block = await this.read(at, n);
+      if (into !== undefined) block.copy(into, at - offset);
+      const hash = Buffer.alloc(8);
+      hash.writeBigUInt64LE(xxh64(block));
+      parts.push(hash);
+      at += n;
+    }
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'write', offset, data.length);
     await this.bumpCid();
-    for (const p of this.pieces(offset, data.length)) {
-      let done = 0;
-      while (done < p.length) {
-        const { bytesWritten } = await this.io(p.extent, () => p.extent.handle.write(data, p.at - offset + done, p.length - done, p.position + done), 'write');
-        done += bytesWritten;
-      }
-    }
+    for (const p of this.pieces(offset, data.length)) await p.extent.span.write(data, p.at - offset, p.position, p.length);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'writeZeroes', offset, length);
-    const zeroes = Buffer.alloc(Math.min(length, ZERO_CHUNK_BYTES));
-    for (let at = offset; at < offset + length; at += zeroes.length) {
-      const n = Math.min(zeroes.length, offset + length - at);
-      await this.write(at, zeroes.subarray(0, n));
-    }
+    if (length === 0) return;
+    await this.bumpCid();
+    for (const p of this.pieces(offset, length)) await p.extent.span.zero(p.position, p.length);
   }
 
-  /** Raw data cannot give blocks back without fallocate; the range is zeroed instead. */
+  /** Same as writeZeroes: where the data files can punch holes both free the space. */
   async discard(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'discard', offset, length);
@@ -173,24 +224,29 @@ export class VmdkFlatTarget implements DiskTarget {
 
   async flush(): Promise<void> {
     checkOpen(this.closed, this.spec);
-    if (this.capabilities.readOnly) return;
-    for (const e of this.extentList) await this.io(e, () => e.handle.datasync(), 'flush');
+    if (this.caps.readOnly) return;
+    for (const e of this.extentList) await e.span.datasync();
   }
 
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'extents', offset, length);
-    if (length > 0) yield { offset, length, zero: false };
+    for (const p of this.pieces(offset, length)) {
+      for await (const e of p.extent.span.extents(p.position, p.length)) {
+        checkOpen(this.closed, this.spec);
+        yield { offset: p.extent.start + e.offset, length: e.length, zero: e.zero };
+      }
+    }
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     try {
-      if (!this.capabilities.readOnly) for (const e of this.extentList) await this.io(e, () => e.handle.datasync(), 'flush');
+      if (!this.caps.readOnly) for (const e of this.extentList) await e.span.datasync();
     } finally {
       this.claim?.release();
-      for (const e of this.extentList) await e.handle.close();
+      for (const e of this.extentList) await e.span.close();
     }
   }
 
@@ -208,15 +264,7 @@ export class VmdkFlatTarget implements DiskTarget {
     for (const e of this.extentList) {
       const from = Math.max(offset, e.start);
       const to = Math.min(end, e.start + e.length);
-      if (from < to) yield { extent: e, at: from, position: e.fileOffset + (from - e.start), length: to - from };
-    }
-  }
-
-  private async io<T>(extent: FlatExtent, op: () => Promise<T>, what: string): Promise<T> {
-    try {
-      return await op();
-    } catch (err) {
-      throw wrapError(err, 'BR_IO', `${what} on ${extent.file} failed`);
+      if (from < to) yield { extent: e, at: from, position: from - e.start, length: to - from };
     }
   }
 }
