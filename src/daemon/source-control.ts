@@ -27,6 +27,8 @@ export interface SourceControlOptions {
   readonly clock: Clock;
   readonly logger: Logger;
   readonly metrics: Metrics;
+  /** More routes on the same API, e.g. SourceResyncs' `/v1/disks/:disk/resync` (src/resync/source-resyncs.ts). */
+  readonly extraRoutes?: readonly Route[];
 }
 
 /**
@@ -87,6 +89,7 @@ export class SourceControl {
   private routes(): Route[] {
     return [
       ...observabilityRoutes(this.options.status, this.options.metrics),
+      ...(this.options.extraRoutes ?? []),
       {
         method: 'POST',
         pattern: '/v1/tags',
