@@ -1,16 +1,16 @@
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { AggregatorRegistry, Registry, type MetricObjectWithValues, type MetricValue } from 'prom-client';
 import { systemClock, type Clock } from '../platform/clock';
-import { RetentionHooks } from '../retention/retention-hooks';
 import { SourceRole } from '../tap/source-role';
 import { openDisk } from '../targets/disk-spec';
 import type { DiskTarget } from '../targets/disk-target';
-import { hrlLogOps } from '../transport/hrl-log-ops';
-import { masterTargetFromConfig, splitHostPort, type ApplyingHop } from '../transport/master-target';
-import { processServerFromConfig, type ProcessServer } from '../transport/process-server';
+import { HopWorker } from '../transport/hop-worker';
+import type { LogStageSink } from '../transport/log-stage-events';
+import { splitHostPort, type DiskApplyStatus } from '../transport/master-target';
 import { SourceShipping } from '../transport/source-shipping';
-import { validateConfig } from './config';
+import { buildDemoHop, DEMO_HOP_WORKER_ENTRY, type DemoHopInit } from './demo-hops';
 import { createLogger, type Logger } from './logger';
 import { createMetrics, type Metrics } from './metrics';
 import { SourceControl } from './source-control';
@@ -32,6 +32,39 @@ export interface DemoOptions {
   readonly intervalMs?: number;
   readonly clock?: Clock;
   readonly logger?: Logger;
+  /**
+   * Run the process server and the master target each in a worker thread
+   * of this process (default: yes, unless a clock is injected, which only
+   * the main thread can share), so the chain uses more than one core.
+   */
+  readonly hopsInWorkers?: boolean;
+  /** Told when each log's ship, forward and apply stage starts and ends (the e2e bench's timeline). */
+  readonly onStage?: LogStageSink;
+}
+
+/** A hop of the demo, in this thread or in a worker: what the demo calls on it. */
+interface DemoHop {
+  readonly url: string;
+  start(): Promise<void>;
+  drain(): Promise<void>;
+  stop(): Promise<void>;
+  diskStatus(): DiskApplyStatus[];
+  metricsJson?(): Promise<MetricObjectWithValues<MetricValue<string>>[]>;
+}
+
+/**
+ * The demo's registry: its own metrics (source side, process) together with
+ * those of hops running in worker threads, aggregated at each scrape.
+ */
+class DemoRegistry extends Registry {
+  constructor(private readonly own: Registry, private readonly hops: () => DemoHop[]) {
+    super();
+  }
+
+  override async metrics(): Promise<string> {
+    const parts = await Promise.all([this.own.getMetricsAsJSON(), ...this.hops().map((h) => h.metricsJson?.() ?? Promise.resolve([]))]);
+    return AggregatorRegistry.aggregate(parts).metrics();
+  }
 }
 
 /** The file `demo` writes for tools and people: where to connect. */
@@ -53,8 +86,8 @@ export class Demo {
   readonly metrics: Metrics;
   readonly logger: Logger;
   private readonly clock: Clock;
-  private mt: ApplyingHop | undefined;
-  private ps: ProcessServer | undefined;
+  private mt: DemoHop | undefined;
+  private ps: DemoHop | undefined;
   private source: SourceRole | undefined;
   private shipping: SourceShipping | undefined;
   private control: SourceControl | undefined;
@@ -113,24 +146,26 @@ export class Demo {
     const secret = crypto.randomBytes(24).toString('hex');
     const quiet = { logger: this.logger, metrics: this.metrics, clock: this.clock };
 
-    const mtConfig = validateConfig({
-      stateDir: path.join(l.state, 'master-target'),
-      listen: '127.0.0.1:0',
-      secret,
-      retention: { dir: l.retention },
-      disks: [{ id: DEMO_DEFAULTS.diskId, target: `vmdk:${l.target}` }],
-    });
-    // The demo keeps every role on one volume; a production master target
-    // refuses a retention volume shared with its state (retentionHooksFromConfig).
-    const hooks = new RetentionHooks({ dir: l.retention, windowHours: mtConfig.retention!.windowHours, stateDir: mtConfig.stateDir, inboxDir: path.join(mtConfig.stateDir, 'inbox') });
-    this.mt = masterTargetFromConfig(mtConfig, hrlLogOps, { ...quiet, hooks });
+    const mtInit: DemoHopInit = {
+      role: 'master-target',
+      config: {
+        stateDir: path.join(l.state, 'master-target'),
+        listen: '127.0.0.1:0',
+        secret,
+        retention: { dir: l.retention },
+        disks: [{ id: DEMO_DEFAULTS.diskId, target: `vmdk:${l.target}` }],
+      },
+      retentionDir: l.retention,
+      logLevel: this.logger.level,
+    };
+    this.mt = this.hop(mtInit);
     await this.mt.start();
 
-    this.ps = processServerFromConfig(
-      validateConfig({ stateDir: path.join(l.state, 'process-server'), listen: '127.0.0.1:0', secret, cache: { dir: l.cache }, forward: { url: this.mt.url, secret } }),
-      hrlLogOps,
-      quiet,
-    );
+    this.ps = this.hop({
+      role: 'process-server',
+      config: { stateDir: path.join(l.state, 'process-server'), listen: '127.0.0.1:0', secret, cache: { dir: l.cache }, forward: { url: this.mt.url, secret } },
+      logLevel: this.logger.level,
+    });
     await this.ps.start();
 
     const disk = await this.openProtectedDisk();
@@ -153,6 +188,7 @@ export class Demo {
       // After an overflow the demo resyncs at once, through the log stream.
       readers: new Map([[DEMO_DEFAULTS.diskId, (offset: number, length: number) => disk.read(offset, length)]]),
       ...quiet,
+      ...(this.options.onStage ? { onStage: this.options.onStage } : {}),
     });
     this.shipping.start();
     this.control = new SourceControl({
@@ -163,6 +199,7 @@ export class Demo {
       appIntervalMs: 60 * 60_000,
       secret: process.env[CONTROL_SECRET_ENV],
       ...quiet,
+      metrics: { ...this.metrics, registry: new DemoRegistry(this.metrics.registry, () => [this.ps, this.mt].filter((h): h is DemoHop => h !== undefined)) },
     });
     await this.control.listen('127.0.0.1', 0);
     this.manifest = {
@@ -214,6 +251,14 @@ export class Demo {
         };
       }),
     };
+  }
+
+  /** Builds a hop in a worker thread, or in this thread when a clock is injected or workers are off. */
+  private hop(init: DemoHopInit): DemoHop {
+    const inWorker = this.options.hopsInWorkers ?? this.options.clock === undefined;
+    if (inWorker) return new HopWorker({ entry: DEMO_HOP_WORKER_ENTRY, init, logger: this.logger, clock: this.clock, name: init.role, ...(this.options.onStage ? { onStage: this.options.onStage } : {}) });
+    const hop = buildDemoHop(init, { logger: this.logger, metrics: this.metrics, clock: this.clock, onStage: this.options.onStage });
+    return hop;
   }
 
   private async openProtectedDisk(): Promise<DiskTarget> {

@@ -7,6 +7,7 @@ import type { RetryPolicy } from '../retry/retry-policy';
 import { DiskDrain } from './disk-drain';
 import { sendLog, type PeerOptions } from './log-client';
 import { hashFile } from './log-spool';
+import type { LogStageSink } from './log-stage-events';
 
 /** A sealed log waiting at the source, with what travels beside it. */
 export interface ShippableLog {
@@ -36,6 +37,8 @@ export interface LogShipperOptions {
   readonly metrics: Metrics;
   readonly health: DiskHealth;
   readonly retryPolicy?: RetryPolicy;
+  /** Told when each log's shipping starts and ends (the e2e bench's timeline). */
+  readonly onStage?: LogStageSink;
 }
 
 /**
@@ -85,6 +88,8 @@ export class LogShipper {
   }
 
   private async ship(log: ShippableLog): Promise<void> {
+    const report = (phase: 'start' | 'done', sizeBytes: number): void => this.options.onStage?.({ diskId: this.source.diskId, seq: log.seq, stage: 'ship', phase, atMs: this.options.clock.now(), cutTimeMs: log.cutTimeMs, sizeBytes });
+    report('start', 0);
     let hashed: { xxhash64: string; sizeBytes: number };
     try {
       hashed = await hashFile(log.file);
@@ -120,5 +125,6 @@ export class LogShipper {
     }
     this.shippedBytesTotal += sizeBytes;
     this.options.metrics.shippedBytesTotal.inc({ disk: this.source.diskId, hop: 'source' }, sizeBytes);
+    report('done', sizeBytes);
   }
 }

@@ -12,6 +12,7 @@ import { DiskDrain, spoolQueue } from './disk-drain';
 import { HttpApi, sendJson, type Route } from './http-api';
 import type { LogOps } from './log-ops';
 import { LogReceiver } from './log-receiver';
+import type { LogStageSink } from './log-stage-events';
 import { LogSpool, type SpoolEntry } from './log-spool';
 import { SequenceLedger } from './sequence-ledger';
 import { openOrCreateTarget } from './target-opener';
@@ -82,6 +83,8 @@ export interface ApplyingHopOptions {
   /** Networked resync sessions: idle expiry (default 120 s) and journal (default: the retention hooks'). */
   readonly resyncIdleTimeoutMs?: number;
   readonly resyncJournal?: ResyncJournalProvider;
+  /** Told when each log's apply (or forward, on a process server) starts and ends; the e2e bench's timeline. */
+  readonly onStage?: LogStageSink;
 }
 
 /** Per-disk apply state kept in memory. */
@@ -247,6 +250,7 @@ export class ApplyingHop {
       throw new BlockrelayError('BR_SEQ_GAP', `disk ${disk.diskId}: log ${seq} is next in the inbox but ${ledger.appliedSeq + 1} was never received`, { details: { expectedSeq: ledger.appliedSeq + 1 } });
     }
     const started = process.hrtime.bigint();
+    this.reportStage('apply', 'start', entry);
     disk.target ??= await openOrCreateTarget(disk.spec, entry.envelope.diskSizeBytes);
     await this.resyncJournal?.beforeApply?.(disk.diskId, entry, disk.target);
     await this.options.hooks?.beforeApply?.(disk.diskId, entry, disk.target);
@@ -260,6 +264,12 @@ export class ApplyingHop {
     this.metrics.appliedBytesTotal.inc({ disk: disk.diskId }, applied.bytes);
     this.metrics.applySeconds.observe({ disk: disk.diskId }, Number(process.hrtime.bigint() - started) / 1e9);
     this.updateGauges(disk);
+    this.reportStage('apply', 'done', entry);
+  }
+
+  protected reportStage(stage: 'apply' | 'forward', phase: 'start' | 'done', entry: SpoolEntry): void {
+    const { diskId, seq, cutTimeMs } = entry.envelope;
+    this.options.onStage?.({ diskId, seq, stage, phase, atMs: this.clock.now(), cutTimeMs, sizeBytes: entry.sizeBytes });
   }
 
   protected updateGauges(disk: AppliedDisk): void {

@@ -143,6 +143,7 @@ export class ProcessServer extends ApplyingHop {
 
   private async forwardOne(disk: ForwardedDisk, entry: SpoolEntry): Promise<void> {
     const forward = this.forward!;
+    this.reportStage('forward', 'start', entry);
     try {
       await sendLog(forward.peer, entry.envelope, entry.file, { lz4: true, limiter: this.limiter });
     } catch (err) {
@@ -155,6 +156,7 @@ export class ProcessServer extends ApplyingHop {
     }
     disk.forwardedBytesTotal += entry.sizeBytes;
     this.metrics.shippedBytesTotal.inc({ disk: disk.diskId, hop: 'process-server' }, entry.sizeBytes);
+    this.reportStage('forward', 'done', entry);
   }
 }
 

@@ -7,6 +7,7 @@ import type { RetryPolicy } from '../retry/retry-policy';
 import { ChangeTracker, type DiskReader } from '../tracking/change-tracker';
 import type { PeerOptions } from './log-client';
 import { LogShipper } from './log-shipper';
+import type { LogStageSink } from './log-stage-events';
 import { trackerShippingSource } from './tracker-shipping';
 
 /** Defaults, units in the names. */
@@ -43,6 +44,8 @@ export interface SourceShippingOptions {
   readonly readers?: ReadonlyMap<string, DiskReader>;
   readonly resyncCheckMs?: number;
   readonly resyncRoundMaxBytes?: number;
+  /** Told when each log's shipping starts and ends (the e2e bench's timeline). */
+  readonly onStage?: LogStageSink;
 }
 
 export interface SourceDiskStatus {
@@ -84,6 +87,7 @@ export class SourceShipping {
         metrics: options.metrics,
         health,
         ...(options.retryPolicy ? { retryPolicy: options.retryPolicy } : {}),
+        ...(options.onStage ? { onStage: options.onStage } : {}),
       });
       this.shippers.set(diskId, { shipper, health });
     }
