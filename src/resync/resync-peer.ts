@@ -114,6 +114,8 @@ export class ResyncPeer {
   }
 }
 
+/** Bytes written between background flushes (see ResyncTargetService.startWriteback). */
+const WRITEBACK_BYTES = 4 * 1024 * 1024;
 /** Ranges of one hash request the target side reads at once. */
 const RANGES_IN_FLIGHT = 8;
 /** Ranges whose fine hashes the target side keeps for the finer passes that follow. */
@@ -147,6 +149,10 @@ interface CachedHashes {
  */
 export class ResyncTargetService {
   private cache: CachedHashes[] = [];
+  /** A flush started early, in the background (see startWriteback). */
+  private writeback: Promise<void> = Promise.resolve();
+  private writebackRunning = false;
+  private bytesSinceWriteback = 0;
   /** Writes on their way to the target: a write waits only for those it overlaps, a flush for all. */
   private readonly inFlight = new Set<InFlightWrite>();
   private reader: AllocatedReader;
@@ -177,11 +183,13 @@ export class ResyncTargetService {
           return encodeHashReply(await this.hash(req.request));
         case MSG_WRITE:
           await this.write(req.runs);
+          this.startWriteback(req.runs);
           return encodeWriteReply(req.runs.length);
         case MSG_FLUSH:
           // Every write acknowledged before the flush has completed; waiting
           // for the ones still running as well makes the flush cover them too.
           await Promise.allSettled([...this.inFlight].map((w) => w.done));
+          await this.writeback;
           await this.target.flush();
           return encodeFlushReply();
       }
@@ -224,6 +232,26 @@ export class ResyncTargetService {
     const results = await Promise.allSettled(writes);
     const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed !== undefined) throw failed.reason;
+  }
+
+  /**
+   * Starts a flush in the background every WRITEBACK_BYTES of writes, so the
+   * data is on its way to the disk while the resync goes on comparing, and
+   * the flushes the source asks for (checkpoints, the end) find little left
+   * to do. It promises nothing: an early flush's failure is dropped, and the
+   * next requested flush, which waits for it, fails or succeeds on its own.
+   */
+  private startWriteback(runs: readonly WriteRun[]): void {
+    for (const r of runs) this.bytesSinceWriteback += r.data.length;
+    if (this.writebackRunning || this.bytesSinceWriteback < WRITEBACK_BYTES) return;
+    this.bytesSinceWriteback = 0;
+    this.writebackRunning = true;
+    this.writeback = this.target
+      .flush()
+      .catch(() => undefined)
+      .finally(() => {
+        this.writebackRunning = false;
+      });
   }
 
   private async hash(req: HashRequest): Promise<Buffer> {

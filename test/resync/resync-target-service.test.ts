@@ -15,9 +15,11 @@ class SlowDisk extends MemoryDisk {
   maxRunning = 0;
   landed: number[] = [];
   flushedAfter = -1;
+  flushes = 0;
+  failFlushes = false;
 
   constructor(private readonly delayMsOf: (data: Buffer) => number) {
-    super('mem:slow', 64 * KiB);
+    super('mem:slow', 16 * 1024 * KiB);
   }
 
   override async write(offset: number, data: Buffer): Promise<void> {
@@ -33,6 +35,9 @@ class SlowDisk extends MemoryDisk {
   }
 
   override async flush(): Promise<void> {
+    this.flushes++;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    if (this.failFlushes) throw new Error('SlowDisk: injected flush failure');
     this.flushedAfter = this.landed.length;
   }
 }
@@ -77,5 +82,22 @@ describe('ResyncTargetService writes', () => {
     expect(disk.running).toBe(0);
     // The service is still usable.
     expect(expectReply(await service.handle(encodeFlushRequest()), MSG_FLUSH_REPLY)).toBe(0);
+  });
+
+  it('starts flushing in the background as writes add up, and a requested flush still flushes after it', async () => {
+    const disk = new SlowDisk(() => 0);
+    const service = new ResyncTargetService(disk, await BlockHasher.create());
+    const runs = Array.from({ length: 5 }, (_, i) => run(i * 1024 * KiB, i + 1, 1024 * KiB));
+    expect(expectReply(await service.handle(encodeWriteRequest(runs)), MSG_WRITE_REPLY)).toBe(5);
+    // 5 MiB written: one background flush is under way without being asked for.
+    expect(disk.flushes).toBe(1);
+    // An early flush that fails promises nothing; the requested one runs on its own and reports its own result.
+    disk.failFlushes = true;
+    await service.handle(encodeWriteRequest([run(8 * 1024 * KiB, 9, 4 * 1024 * KiB)]));
+    const failed = await service.handle(encodeFlushRequest());
+    expect(() => expectReply(failed, MSG_FLUSH_REPLY)).toThrow(/injected flush failure/);
+    disk.failFlushes = false;
+    expect(expectReply(await service.handle(encodeFlushRequest()), MSG_FLUSH_REPLY)).toBe(0);
+    expect(disk.flushedAfter).toBe(6);
   });
 });
