@@ -8,6 +8,8 @@
         "native/checksum.cc",
         "native/dirty-map.cc",
         "native/file-extents.cc",
+        "native/hrl-appender.cc",
+        "native/tap-transmission.cc",
         "native/xxhash64.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

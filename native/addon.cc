@@ -6,6 +6,8 @@
 #include "checksum.h"
 #include "dirty-map.h"
 #include "file-extents.h"
+#include "hrl-appender.h"
+#include "tap-transmission.h"
 #include "xxhash64.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -14,6 +16,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   blockrelay::InitChecksum(env, exports);
   blockrelay::InitDirtyMap(env, exports);
   blockrelay::InitFileExtents(env, exports);
+  blockrelay::InitHrlAppender(env, exports);
+  blockrelay::InitTapTransmission(env, exports);
   blockrelay::InitXxhash64(env, exports);
   return exports;
 }

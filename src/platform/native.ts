@@ -30,3 +30,75 @@ export function loadNative<T>(): T {
   }
   return cached as T;
 }
+
+/**
+ * The append half of an [MS-HRL] log writer (native/hrl-appender.cc). Every
+ * method returns 0 or an errno; after an error (or `finish`) every append
+ * returns that errno. Thread-safe: the source tap's connection threads append
+ * to the same object.
+ */
+export interface NativeHrlAppender {
+  append(byteOffset: number, data: Uint8Array, timestamp: number): number;
+  appendZeroes(byteOffset: number, length: number, timestamp: number): number;
+  closeBlock(): number;
+  finish(): number;
+  /** Refuses every later append without writing what is staged. */
+  abandon(): void;
+  /** [writtenEnd, stagedBytes, entriesInBlock, totalEntries, errno]. */
+  state(): Float64Array;
+  sizeBytes(): number;
+}
+
+/** Tracking modes of a native tap export (native/tap-transmission.cc). */
+export const NATIVE_TAP_MODE = { untracked: 0, dirtyOnly: 1, logging: 2, refuse: 3 } as const;
+export type NativeTapMode = (typeof NATIVE_TAP_MODE)[keyof typeof NATIVE_TAP_MODE];
+
+/** What every native connection to one export shares (native/tap-transmission.cc). */
+export interface NativeTapExport {
+  /** Stops new writes (waits for one in progress); returns the records not yet taken, as offset/length pairs. */
+  hold(): Float64Array;
+  /** Ends one hold and sets what writes do from now on. */
+  release(mode: NativeTapMode, appender: NativeHrlAppender | null, logLimitBytes: number): void;
+  /** The records not yet taken, as offset/length pairs. */
+  drain(): Float64Array;
+  /** Replaces the set of write-intent regions known durable. */
+  setDurableRegions(regions: Float64Array): void;
+  /** [kind (0 none, 1 overflow, 2 log I/O error), errno]. */
+  attention(): Float64Array;
+  close(): void;
+}
+
+/** One connection's transmission thread (native/tap-transmission.cc). */
+export interface NativeTapConnection {
+  /** Queues a reply; false once the thread has ended. */
+  reply(bytes: Uint8Array): boolean;
+  /** Lets a thread waiting on an intent or slow-request event go on (error 0) or fail the request. */
+  resume(error?: number): void;
+  stop(): void;
+  join(): void;
+  /** [requests, errorReplies, bytesWritten, bytesRead]. */
+  stats(): Float64Array;
+}
+
+/** The classes of the addon the source tap's native data path uses. */
+export interface NativeTapAddon {
+  HrlAppender: new (fd: number, metadataSizeBytes: number, maxEntryBytes: number, stagingBytes: number, writtenEnd: number, lastBlockOffset: number) => NativeHrlAppender;
+  TapExport: new (diskFd: number, sizeBytes: number, minBlockBytes: number, maxBlockBytes: number, tracked: boolean, notify: () => void) => NativeTapExport;
+  TapConnection: new (
+    socketFd: number,
+    exp: NativeTapExport,
+    prefix: Uint8Array,
+    onEvent: (kind: number, type: number, flags: number, handleHi: number, handleLo: number, offset: number, length: number, error: number) => void,
+  ) => NativeTapConnection;
+}
+
+/** The tap's native classes, or undefined when the addon is missing or older than them. */
+export function loadNativeTap(): NativeTapAddon | undefined {
+  try {
+    const addon = loadNative<Partial<NativeTapAddon>>();
+    if (typeof addon.HrlAppender !== 'function' || typeof addon.TapExport !== 'function' || typeof addon.TapConnection !== 'function') return undefined;
+    return addon as NativeTapAddon;
+  } catch {
+    return undefined;
+  }
+}

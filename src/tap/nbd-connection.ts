@@ -7,6 +7,8 @@ import type { GateTicket } from './write-order-gate';
 import type { PayloadPool } from './payload-pool';
 import type { Clock, TimerHandle } from '../platform/clock';
 import { isBlockrelayError } from '../retry/blockrelay-error';
+import { loadNativeTap, NATIVE_TAP_MODE, type NativeTapConnection } from '../platform/native';
+import { ChangeTracker } from '../tracking/change-tracker';
 
 /** Bounds on what one client connection may hold. */
 export interface NbdConnectionLimits {
@@ -58,6 +60,13 @@ const enum Phase {
   Closed,
 }
 
+/** Events of a native connection thread (native/tap-transmission.cc). */
+const NATIVE_EVENT = { intent: 1, flush: 2, slow: 3, writeFailed: 4, exit: 5 } as const;
+/** Why a native connection thread ended. */
+const NATIVE_EXIT = { peerClosed: 0, badMagic: 1, socketError: 2, stopped: 3, disconnect: 4 } as const;
+/** How long the handover to the native thread waits for the handshake's last replies to leave. */
+const NATIVE_HANDOVER_TIMEOUT_MS = 5_000;
+
 /** Counters a connection keeps for tests and metrics. */
 export interface NbdConnectionStats {
   requests: number;
@@ -99,6 +108,18 @@ export class NbdConnection {
   private disconnectRequested = false;
   private corked = false;
   private finishedReported = false;
+  /**
+   * The native data path: 'off' (TypeScript parses every request), 'starting'
+   * (handing the socket over), 'on' (a native thread owns the socket for
+   * reading and writing), 'ended' (the thread is gone; the socket is ours
+   * again, only to answer what is in flight and close).
+   */
+  private nativeState: 'off' | 'starting' | 'on' | 'ended' = 'off';
+  private nativeConn: NativeTapConnection | undefined;
+  /** The slow request (TRIM, WRITE_ZEROES, …) the native thread waits on, by handle. */
+  private nativeSlow: { hi: number; lo: number; paused: boolean } | undefined;
+  /** Destroy the socket once the native thread has let go of it. */
+  private destroyAfterNative = false;
 
   constructor(
     private readonly socket: Socket,
@@ -138,6 +159,11 @@ export class NbdConnection {
     this.disconnectRequested = true;
     this.pauseReading();
     this.input.clear();
+    if (this.nativeConn !== undefined) {
+      // The thread stops reading; its exit ends the session once nothing is in flight.
+      this.nativeConn.stop();
+      return;
+    }
     if (this.inFlight === 0) this.endSession();
   }
 
@@ -146,6 +172,12 @@ export class NbdConnection {
     if (this.phase === Phase.Closed) return;
     this.phase = Phase.Closed;
     this.input.clear();
+    if (this.nativeConn !== undefined) {
+      // The descriptor stays open until the thread has let go of it.
+      this.destroyAfterNative = true;
+      this.nativeConn.stop();
+      return;
+    }
     this.socket.destroy();
   }
 
@@ -308,13 +340,195 @@ export class NbdConnection {
     this.phase = Phase.Transmission;
     this.handshakeTimer?.cancel();
     this.handshakeTimer = undefined;
+    if (exp.native !== undefined) this.handOverToNative();
+  }
+
+  // --- native data path ---------------------------------------------------------
+
+  /**
+   * Hands the socket to a native thread (native/tap-transmission.cc) for the
+   * transmission phase: Node stops reading it, the handshake's last replies
+   * are let out, and whatever the client already sent goes to the thread
+   * first. Falls back to TypeScript when the socket has no descriptor.
+   */
+  private handOverToNative(): void {
+    const handle = (this.socket as unknown as { _handle?: { fd?: unknown; reading?: boolean; readStop?: () => number } })._handle;
+    const fd = handle?.fd;
+    const addon = loadNativeTap();
+    if (handle === undefined || typeof fd !== 'number' || fd < 0 || typeof handle.readStop !== 'function' || addon === undefined) return;
+    const readStop = (): void => {
+      handle.reading = false;
+      handle.readStop!();
+    };
+    this.nativeState = 'starting';
+    this.socket.pause();
+    // Node restarts reading whenever its stream asks for more (read(0) after
+    // a push, resume()); from now on it must never read this descriptor.
+    (this.socket as unknown as { _read: (n: number) => void })._read = () => {};
+    readStop();
+    if (this.corked) this.uncork();
+    const startedMs = this.host.clock.now();
+    const start = (): void => {
+      if (this.phase === Phase.Closed || this.disconnectRequested) {
+        this.nativeState = 'ended';
+        if (this.disconnectRequested && this.inFlight === 0) this.endSession();
+        return;
+      }
+      if (this.socket.writableLength > 0) {
+        if (this.host.clock.now() - startedMs > NATIVE_HANDOVER_TIMEOUT_MS) {
+          this.host.warn('NBD client does not read the handshake replies; disconnecting', { remote: this.remote() });
+          this.nativeState = 'ended';
+          this.hardDisconnect();
+          return;
+        }
+        setImmediate(start);
+        return;
+      }
+      // Bytes Node had already read: read() hands them to onData, which queues them.
+      if (this.socket.readableLength > 0) {
+        while (this.socket.read() !== null) {
+          // drained into this.input
+        }
+      }
+      readStop();
+      const prefix = this.input.take(this.input.length);
+      this.nativeConn = new addon.TapConnection(fd, this.exp!.native!, prefix, this.onNativeEvent);
+      this.nativeState = 'on';
+    };
+    start();
+  }
+
+  private readonly onNativeEvent = (kind: number, type: number, flags: number, handleHi: number, handleLo: number, offset: number, length: number, error: number): void => {
+    const exp = this.exp!;
+    switch (kind) {
+      case NATIVE_EVENT.intent: {
+        const tracker = exp.exp.recorder as ChangeTracker;
+        tracker.intendNative(offset, length).then(
+          () => this.nativeConn?.resume(0),
+          (err: unknown) => {
+            this.host.warn('NBD WRITE failed: its write intent could not be made durable', { export: exp.name, offset, length, message: err instanceof Error ? err.message : String(err) });
+            this.nativeConn?.resume(P.NBD_EIO);
+          },
+        );
+        return;
+      }
+      case NATIVE_EVENT.flush: {
+        // A FLUSH, or a FUA WRITE the thread has carried out.
+        const name = type === P.NBD_CMD_FLUSH ? 'FLUSH' : 'WRITE';
+        if (type === P.NBD_CMD_FLUSH && (flags & ~P.NBD_CMD_FLAG_FUA) !== 0) {
+          this.replyError(P.NBD_EINVAL, handleHi, handleLo);
+          return;
+        }
+        this.begin(0);
+        this.flushBoth().then(
+          () => {
+            this.finish(0);
+            this.send(P.encodeSimpleReply(0, handleHi, handleLo));
+          },
+          (err: unknown) => {
+            this.finish(0);
+            this.failRequest(err, name, offset, length, handleHi, handleLo);
+          },
+        );
+        return;
+      }
+      case NATIVE_EVENT.slow: {
+        // A mutation other than WRITE holds the export's native writers, so
+        // no write on another connection overtakes it between its record and
+        // its disk operation (log order = disk order).
+        const paused = type === P.NBD_CMD_TRIM || type === P.NBD_CMD_WRITE_ZEROES;
+        if (paused) this.pauseNativeWriters();
+        this.nativeSlow = { hi: handleHi, lo: handleLo, paused };
+        const h = this.header;
+        h.magic = P.NBD_REQUEST_MAGIC;
+        h.flags = flags;
+        h.type = type;
+        h.handleHi = handleHi;
+        h.handleLo = handleLo;
+        h.offset = offset;
+        h.length = length;
+        this.stats.requests++;
+        this.dispatch(h);
+        return;
+      }
+      case NATIVE_EVENT.writeFailed:
+        this.logNoLongerMatches(exp, Object.assign(new Error(`native disk write failed with errno ${error}`), { errno: error }), 'WRITE', offset, length);
+        this.host.warn('NBD WRITE failed', { export: exp.name, offset, length, errno: error });
+        return;
+      case NATIVE_EVENT.exit:
+        this.nativeExited(error);
+        return;
+      default:
+        this.host.warn('unknown event from the native tap thread', { kind });
+    }
+  };
+
+  private pauseNativeWriters(): void {
+    const exp = this.exp!;
+    const recorder = exp.exp.recorder;
+    if (recorder instanceof ChangeTracker) recorder.pauseNative();
+    else exp.native!.hold();
+  }
+
+  private resumeNativeWriters(): void {
+    const exp = this.exp!;
+    const recorder = exp.exp.recorder;
+    if (recorder instanceof ChangeTracker) recorder.resumeNative();
+    else exp.native!.release(NATIVE_TAP_MODE.untracked, null, 0);
+  }
+
+  /** Queues a reply on the native thread; false when the thread is gone. Resumes it after its slow request's reply. */
+  private sendNative(buf: Buffer): boolean {
+    const conn = this.nativeConn!;
+    if (!conn.reply(buf)) return false;
+    const slow = this.nativeSlow;
+    if (slow !== undefined && buf.length >= 16 && buf.readUInt32BE(8) === slow.hi && buf.readUInt32BE(12) === slow.lo) {
+      this.nativeSlow = undefined;
+      if (slow.paused) this.resumeNativeWriters();
+      conn.resume(0);
+    }
+    return true;
+  }
+
+  private nativeExited(reason: number): void {
+    const conn = this.nativeConn!;
+    conn.join();
+    const [requests, errorReplies, bytesWritten, bytesRead] = conn.stats();
+    this.stats.requests += requests!;
+    this.stats.errorReplies += errorReplies!;
+    this.stats.bytesWritten += bytesWritten!;
+    this.stats.bytesRead += bytesRead!;
+    this.nativeConn = undefined;
+    this.nativeState = 'ended';
+    const slow = this.nativeSlow;
+    this.nativeSlow = undefined;
+    if (slow?.paused) this.resumeNativeWriters();
+    if (this.destroyAfterNative) {
+      this.socket.destroy();
+      return;
+    }
+    switch (reason) {
+      case NATIVE_EXIT.badMagic:
+        this.host.warn('NBD request with a wrong magic; disconnecting', { remote: this.remote() });
+        this.hardDisconnect();
+        return;
+      case NATIVE_EXIT.disconnect:
+      case NATIVE_EXIT.stopped:
+        this.disconnectRequested = true;
+        if (this.inFlight === 0) this.endSession();
+        return;
+      default:
+        // The client vanished (EOF or a socket error): what is in flight finishes unanswered.
+        this.phase = Phase.Closed;
+        this.socket.destroy();
+    }
   }
 
   // --- transmission -----------------------------------------------------------
 
   /** Parses at most one request (or one piece of payload); false when it needs more input or must wait. */
   private readRequest(): boolean {
-    if (this.parsingBlocked) return false;
+    if (this.parsingBlocked || this.nativeState !== 'off') return false;
     if (this.skipBytes > 0) {
       this.skipBytes -= this.input.skip(this.skipBytes);
       return this.skipBytes === 0;
@@ -716,6 +930,7 @@ export class NbdConnection {
 
   private sendReplyWithData(handleHi: number, handleLo: number, data: Buffer): void {
     if (this.phase === Phase.Closed) return;
+    if (this.nativeConn !== undefined && this.sendNative(Buffer.concat([P.encodeSimpleReply(0, handleHi, handleLo), data]))) return;
     this.cork();
     this.socket.write(P.encodeSimpleReply(0, handleHi, handleLo));
     this.socket.write(data);
@@ -723,6 +938,7 @@ export class NbdConnection {
 
   private send(buf: Buffer): void {
     if (this.phase === Phase.Closed) return;
+    if (this.nativeConn !== undefined && this.sendNative(buf)) return;
     this.cork();
     this.socket.write(buf);
   }
@@ -750,6 +966,16 @@ export class NbdConnection {
   /** Soft end: flush queued replies, then close our side. */
   private endSession(): void {
     if (this.phase === Phase.Closed) return;
+    // The native thread still owns the socket; its exit ends the session.
+    if (this.nativeConn !== undefined) return;
+    if (this.nativeState !== 'off') {
+      // Node no longer reads this socket (see handOverToNative), so it would
+      // never see the client's close: send what is queued, then close.
+      this.phase = Phase.Closed;
+      this.socket.once('finish', () => this.socket.destroy());
+      this.socket.end();
+      return;
+    }
     this.phase = Phase.Closed;
     this.input.clear();
     this.socket.end();

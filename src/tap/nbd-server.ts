@@ -20,6 +20,12 @@ export interface NbdServerOptions {
   readonly clock?: Clock;
   /** Where protocol violations and failed requests are reported; silent by default. */
   readonly warn?: (message: string, details?: Record<string, unknown>) => void;
+  /**
+   * Leave READ and WRITE of eligible exports to the native data path after
+   * the handshake (default true; see ServedExport.native). False keeps every
+   * request in TypeScript.
+   */
+  readonly nativeDataPath?: boolean;
 }
 
 /** Where the server listens once started. */
@@ -58,7 +64,7 @@ export class NbdServer implements ConnectionHost {
     }
     for (const exp of options.exports) {
       if (this.exports.has(exp.name)) throw new BlockrelayError('BR_CONFIG_INVALID', `two NBD exports are named '${exp.name}'`);
-      const served = new ServedExport(exp, maxBlockBytes, (message, details) => this.warn(message, details), { ...DEFAULT_RECORD_QUEUE_LIMITS, ...options.recordLimits });
+      const served = new ServedExport(exp, maxBlockBytes, (message, details) => this.warn(message, details), { ...DEFAULT_RECORD_QUEUE_LIMITS, ...options.recordLimits }, options.nativeDataPath ?? true);
       this.exports.set(exp.name, served);
       this.exportList.push(served);
     }
@@ -126,6 +132,7 @@ export class NbdServer implements ConnectionHost {
       await idle;
       timer.cancel();
     }
+    for (const exp of this.exportList) exp.closeNative();
     await closed;
   }
 

@@ -11,6 +11,9 @@ import { isWriteSource, type NbdExport, type NbdWriteSource } from './nbd-export
 import { WriteOrderGate } from './write-order-gate';
 import { DEFAULT_RECORD_QUEUE_LIMITS, RecordQueue, type RecordQueueLimits } from './record-queue';
 import { BlockrelayError } from '../retry/blockrelay-error';
+import { loadNativeTap, type NativeTapExport } from '../platform/native';
+import { RawTarget } from '../targets/raw/raw-target';
+import { ChangeTracker } from '../tracking/change-tracker';
 
 /** The preferred block size advertised: the page size, where page-cache I/O is cheapest. */
 export const NBD_PREFERRED_BLOCK_BYTES = 4096;
@@ -37,12 +40,21 @@ export class ServedExport {
   readonly gate = new WriteOrderGate();
   /** Records handed to the recorder and not finished yet. */
   readonly records: RecordQueue;
+  /**
+   * The native data path (native/tap-transmission.cc), when this export can
+   * use it: a writable raw file or device, tracked by a ChangeTracker whose
+   * logs are real files, or not tracked at all. Its connections then leave
+   * READ and WRITE to a native thread after the handshake.
+   */
+  readonly native: NativeTapExport | undefined;
 
   constructor(
     exp: NbdExport,
     maxBlockBytes: number,
     warn: (message: string, details?: Record<string, unknown>) => void = () => {},
     recordLimits: RecordQueueLimits = DEFAULT_RECORD_QUEUE_LIMITS,
+    /** Use the native data path where the export allows it (false: TypeScript only, for tests of that path). */
+    nativeDataPath = true,
   ) {
     if (Buffer.byteLength(exp.name, 'utf8') > 4096) {
       throw new BlockrelayError('BR_CONFIG_INVALID', `NBD export name is longer than 4096 bytes: '${exp.name.slice(0, 40)}…'`);
@@ -76,5 +88,39 @@ export class ServedExport {
     // write), so a flush on one connection covers writes completed on any.
     flags |= NBD_FLAG_CAN_MULTI_CONN;
     this.transmissionFlags = flags;
+    this.native = nativeExportFor(nativeDataPath, exp, this.sizeBytes, this.minBlockBytes, this.maxBlockBytes);
   }
+
+  /** Releases the native export's resources; its connections must have ended. */
+  closeNative(): void {
+    if (this.native === undefined) return;
+    if (this.exp.recorder instanceof ChangeTracker) this.exp.recorder.detachNative(this.native);
+    this.native.close();
+  }
+}
+
+/**
+ * The file descriptor of a raw target, which lives as long as the target.
+ * RawTarget keeps its handle private, so this looks for it where RawTarget
+ * keeps it (directly, or in the FileSpan it writes through, which must
+ * start at file offset 0); anything else means the TypeScript path.
+ * TODO(lead): a public `fd` on RawTarget would replace this.
+ */
+function rawTargetFd(target: RawTarget): number | undefined {
+  const t = target as unknown as { handle?: { fd?: unknown }; span?: { handle?: { fd?: unknown }; fileOffset?: unknown } };
+  const fd = t.handle?.fd ?? (t.span?.fileOffset === 0 ? t.span.handle?.fd : undefined);
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}
+
+function nativeExportFor(wanted: boolean, exp: NbdExport, sizeBytes: number, minBlockBytes: number, maxBlockBytes: number): NativeTapExport | undefined {
+  if (exp.readOnly || !(exp.source instanceof RawTarget) || exp.source.capabilities.readOnly || !wanted) return undefined;
+  const recorder = exp.recorder;
+  if (recorder !== undefined && !(recorder instanceof ChangeTracker && recorder.canAttachNative)) return undefined;
+  const fd = rawTargetFd(exp.source);
+  const addon = loadNativeTap();
+  if (fd === undefined || addon === undefined) return undefined;
+  const tracker = recorder as ChangeTracker | undefined;
+  const native = new addon.TapExport(fd, sizeBytes, minBlockBytes, maxBlockBytes, tracker !== undefined, () => tracker?.onNativeNotify());
+  tracker?.attachNative(native);
+  return native;
 }

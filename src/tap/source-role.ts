@@ -33,6 +33,8 @@ export interface SourceRoleOptions {
   /** Passed to every disk's ChangeTracker (e.g. `overflowRatio`). */
   readonly tracker?: Partial<Omit<ChangeTrackerOptions, 'dir' | 'diskId' | 'diskSizeBytes' | 'clock'>>;
   readonly nbdLimits?: Partial<NbdConnectionLimits>;
+  /** Leave READ and WRITE to the native data path (default true; see NbdServerOptions.nativeDataPath). */
+  readonly nativeDataPath?: boolean;
   /** Told after every cut with the logs it sealed (the hook shipping attaches to). */
   readonly onSealed?: (logs: readonly SealedLogInfo[]) => void;
 }
@@ -116,6 +118,7 @@ export class SourceRole {
       const server = new NbdServer({
         exports: options.disks.map((d) => ({ name: d.id, description: `protected disk ${d.id} (${d.target.spec})`, readOnly: false, source: d.target, recorder: trackers.get(d.id)! })),
         limits: options.nbdLimits,
+        nativeDataPath: options.nativeDataPath,
         clock: options.clock,
         warn: (message, details) => logger.warn(details ?? {}, message),
       });

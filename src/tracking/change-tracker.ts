@@ -7,6 +7,7 @@ import { NIL_GUID, randomGuid } from './hrl-format';
 import { HrlWriter, type HrlWriterFile } from './hrl-writer';
 import { syncDirectory } from '../platform/durable-file';
 import { DISK_ID_PATTERN } from '../platform/disk-id';
+import { NATIVE_TAP_MODE, type NativeTapExport } from '../platform/native';
 import { loadSealedLogs, recoverOpenLogs, type ResyncReason, type SealedLogInfo } from './tracker-recovery';
 import {
   MAX_APP_TAG_BYTES,
@@ -186,6 +187,15 @@ export class ChangeTracker {
   /** Queue epoch of the previous maps persist: regions idle since then may be cleared. */
   private lastPersistQueuedEpoch = 0;
   private intentWrite: Promise<void> = Promise.resolve();
+  /**
+   * The source tap's native data path, when attached (attachNative): its
+   * connection threads log and write without JavaScript and queue
+   * (offset, length) records. Whenever this tracker holds its lock the
+   * native writers are held too and their records taken first, so every
+   * locked operation sees what a JavaScript-only tap would have recorded.
+   */
+  private native: NativeTapExport | undefined;
+  private nativeAttentionQueued = false;
 
   private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap>; mapsGeneration: number }) {
     this.diskId = options.diskId;
@@ -674,12 +684,114 @@ export class ChangeTracker {
       if (released) return;
       released = true;
       this.lockDepth--;
+      this.releaseNative();
       resolve();
     };
     return previous.then(() => {
       this.opQueuedEpoch = askedEpoch;
+      if (this.native !== undefined) this.applyNativeRecords(this.native.hold());
       return release;
     });
+  }
+
+  /**
+   * Hands the native writers of the source tap to this tracker (see the
+   * `native` field). The export starts held; this releases it into the
+   * tracker's current mode. One export per tracker.
+   */
+  attachNative(exp: NativeTapExport): void {
+    if (this.native !== undefined) throw new BlockrelayError('BR_INTERNAL', `${this.diskId}: a native tap export is already attached`);
+    this.assertOpen();
+    if (this.openLogFile !== undefined) throw new BlockrelayError('BR_INTERNAL', `${this.diskId}: logs on injected files cannot take native appends`);
+    this.native = exp;
+    exp.setDurableRegions(Float64Array.from(this.durableIntents));
+    // Created held: a lock holder's release (or this) lets it go.
+    if (this.lockDepth === 0) this.releaseNative();
+  }
+
+  /**
+   * Ends the native data path's attachment (its server closed): takes its
+   * last records and leaves it held, so no write it still had queued can
+   * bypass the tracker. A later server may attach a new export.
+   */
+  detachNative(exp: NativeTapExport): void {
+    if (this.native !== exp) return;
+    this.applyNativeRecords(exp.hold());
+    this.native = undefined;
+  }
+
+  /**
+   * Holds the native writers (and takes their records) while the tap carries
+   * out a mutation in TypeScript, so none overtakes it; `resumeNative` ends
+   * the hold. Calls nest.
+   */
+  pauseNative(): void {
+    if (this.native !== undefined) this.applyNativeRecords(this.native.hold());
+  }
+
+  /** Ends one `pauseNative`. */
+  resumeNative(): void {
+    this.releaseNative();
+  }
+
+  /** Whether attachNative can work: the logs are real files the addon appends to. */
+  get canAttachNative(): boolean {
+    return this.openLogFile === undefined && this.native === undefined && !this.closed;
+  }
+
+  /**
+   * The native export has records or needs attention (its log passed the
+   * overflow limit or failed): takes the records, and lets a locked
+   * operation fold or check the overflow.
+   */
+  onNativeNotify(): void {
+    const exp = this.native;
+    if (exp === undefined) return;
+    this.applyNativeRecords(exp.drain());
+    if (exp.attention()[0] === 0 || this.nativeAttentionQueued || this.closed) return;
+    this.nativeAttentionQueued = true;
+    this.locked(async () => {
+      this.nativeAttentionQueued = false;
+      if (this.closed || this.writer === undefined) return;
+      const appender = this.writer.nativeAppender;
+      if (appender !== undefined && appender.state()[4] !== 0) await this.foldLogs('log-io-error');
+      else await this.checkOverflow();
+    }).catch(() => {
+      this.nativeAttentionQueued = false;
+    });
+  }
+
+  /** Write intent for a native write: resolves once its regions are durable and the native side knows it. */
+  async intendNative(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    await this.intend(offset, length);
+    this.native?.setDurableRegions(Float64Array.from(this.durableIntents));
+  }
+
+  private applyNativeRecords(pairs: Float64Array): void {
+    if (pairs.length === 0 || this.closed) return;
+    const epoch = ++this.intentEpoch;
+    for (let i = 0; i + 1 < pairs.length; i += 2) {
+      const offset = pairs[i]!;
+      const length = pairs[i + 1]!;
+      this.markChanged(offset, length);
+      const last = Math.floor((offset + length - 1) / WRITE_INTENT_REGION_BYTES);
+      for (let r = Math.floor(offset / WRITE_INTENT_REGION_BYTES); r <= last; r++) this.intents.set(r, epoch);
+    }
+  }
+
+  /** Lets the native writers go on in the tracker's current mode, with its current log and overflow limit. */
+  private releaseNative(): void {
+    const exp = this.native;
+    if (exp === undefined) return;
+    // Closed: writes fail from now on, as recordWrite does.
+    if (this.closed) exp.release(NATIVE_TAP_MODE.refuse, null, 0);
+    else if (this.mode === 'logging' && this.writer !== undefined) {
+      const limit = Math.max(0, this.overflowRatio * this.diskSizeBytes - this.sealedBytes);
+      exp.release(NATIVE_TAP_MODE.logging, this.writer.nativeAppender ?? null, limit);
+    } else {
+      exp.release(NATIVE_TAP_MODE.dirtyOnly, null, 0);
+    }
   }
 
   private async locked<T>(fn: () => Promise<T>): Promise<T> {
@@ -774,6 +886,7 @@ export class ChangeTracker {
       if (regions.length === this.durableIntents.size && regions.every((r) => this.durableIntents.has(r))) return;
       await writeFileAtomic(intentPath(this.dir, this.diskId), encodeIntents(WRITE_INTENT_REGION_BYTES, regions));
       this.durableIntents = new Set(regions);
+      this.native?.setDurableRegions(Float64Array.from(regions));
     });
     this.intentWrite = run;
     return run;

@@ -3,6 +3,8 @@ import * as path from 'node:path';
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { syncDirectory } from '../platform/durable-file';
+import { loadNativeTap, type NativeHrlAppender } from '../platform/native';
+import * as os from 'node:os';
 import {
   HRL_DEFAULT_METADATA_SIZE,
   HRL_HEADER_SIZE,
@@ -82,6 +84,14 @@ const ZERO_CHUNK_CHECKSUM = 0xffff_ffff;
  * CurrentSize, TotalMetadataEntries and the header checksum.
  *
  * Operations are serialised internally; concurrent calls run in call order.
+ *
+ * A log opened on a real file (no `openFile` injected) appends through the
+ * addon's HrlAppender (native/hrl-appender.cc), which writes the same layout
+ * and which the source tap's native connection threads append to directly
+ * (see `nativeAppender`). Appends are then synchronous (a copy, and now and
+ * then a positional write of the staging buffer); flush and seal keep their
+ * fdatasyncs on the libuv thread pool. Injected files (tests that simulate
+ * power loss) use the TypeScript path below, which writes byte-identical logs.
  */
 export class HrlWriter {
   readonly path: string;
@@ -107,6 +117,10 @@ export class HrlWriter {
   /** Operations queued or running; the append fast path needs 0. */
   private queued = 0;
   private zeroChunk: Buffer | undefined;
+  /** The native appender holding the open block and staging buffer, when the file is real. */
+  private core: NativeHrlAppender | undefined;
+  /** Set by seal() and close(): appends after them fail, as queued ones would in the TypeScript path. */
+  private finishing = false;
 
   private constructor(private readonly fh: HrlWriterFile, filePath: string, options: HrlWriterOptions) {
     this.path = filePath;
@@ -145,6 +159,11 @@ export class HrlWriter {
     try {
       await writer.writeAnchor();
       await syncDirectory(path.dirname(filePath));
+      const native = options.openFile === undefined ? loadNativeTap() : undefined;
+      const fd = (fh as Partial<fsp.FileHandle>).fd;
+      if (native !== undefined && typeof fd === 'number') {
+        writer.core = new native.HrlAppender(fd, writer.metadataSizeBytes, writer.maxEntryBytes, writer.staging.length, writer.writtenEnd, writer.lastBlockOffset);
+      }
     } catch (err) {
       await fh.close().catch(() => undefined);
       throw wrapError(err, 'BR_IO', `cannot initialise HRL log ${filePath}`);
@@ -152,13 +171,27 @@ export class HrlWriter {
     return writer;
   }
 
+  /**
+   * The native appender of this log, for the source tap's connection threads
+   * (undefined for injected files or without the addon). Its appends are this
+   * log's appends.
+   */
+  get nativeAppender(): NativeHrlAppender | undefined {
+    return this.core;
+  }
+
   /** Bytes the log occupies once everything appended is written (payloads plus the open block). */
   get sizeBytes(): number {
+    if (this.core !== undefined) return this.core.sizeBytes();
     return this.writtenEnd + this.stagedBytes + (this.entriesInBlock > 0 ? this.metadataSizeBytes : 0);
   }
 
   /** Entries appended so far. */
   get entryCount(): number {
+    if (this.core !== undefined) {
+      const st = this.core.state();
+      return st[3]! + st[2]!;
+    }
     return this.totalEntries + this.entriesInBlock;
   }
 
@@ -170,6 +203,7 @@ export class HrlWriter {
   /** Logs `data` for disk bytes `[byteOffset, byteOffset + data.length)`. */
   append(byteOffset: number, data: Uint8Array): Promise<void> {
     checkRange(byteOffset, data.length);
+    if (this.core !== undefined) return this.nativeCall('write', () => this.core!.append(byteOffset, data, hrlTimestampFromMs(this.clock.now())));
     // Fast path: nothing queued and the write fits the open block and the
     // staging buffer, so it is only a copy; no I/O, no promise chain.
     if (this.appendsInMemory(data.length)) {
@@ -192,6 +226,7 @@ export class HrlWriter {
    * promise `append` returns is already resolved.
    */
   appendsInMemory(length: number): boolean {
+    if (this.core !== undefined) return this.state === 'open' && !this.finishing && length > 0;
     return this.queued === 0 && this.state === 'open' && length > 0 && length <= this.maxEntryBytes &&
       this.entriesInBlock < this.entriesPerBlock && length <= this.staging.length - this.stagedBytes;
   }
@@ -203,6 +238,7 @@ export class HrlWriter {
    */
   appendZeroes(byteOffset: number, length: number): Promise<void> {
     checkRange(byteOffset, length);
+    if (this.core !== undefined) return this.nativeCall('write', () => this.core!.appendZeroes(byteOffset, length, hrlTimestampFromMs(this.clock.now())));
     return this.serial(async () => {
       this.zeroChunk ??= Buffer.alloc(this.maxEntryBytes);
       for (let at = 0; at < length; at += this.maxEntryBytes) {
@@ -215,7 +251,8 @@ export class HrlWriter {
   /** Closes the current metadata block (if it holds entries) and makes the log durable. */
   flush(): Promise<void> {
     return this.serial(async () => {
-      if (this.entriesInBlock > 0) await this.closeBlock();
+      if (this.core !== undefined) this.syncFromCore(this.core.closeBlock(), 'write');
+      else if (this.entriesInBlock > 0) await this.closeBlock();
       // Nothing written since the last sync: an idle FLUSH costs no fdatasync.
       if (this.durableEnd === this.writtenEnd) return;
       await this.io('fdatasync', () => this.fh.datasync());
@@ -225,8 +262,10 @@ export class HrlWriter {
 
   /** Finishes the log: last block, EOLLocation, counts and checksum, fsync, close. */
   seal(): Promise<HrlSealedLog> {
+    if (this.state === 'open') this.finishing = true;
     return this.serial(async () => {
-      if (this.entriesInBlock > 0) await this.closeBlock();
+      if (this.core !== undefined) this.syncFromCore(this.core.finish(), 'write');
+      else if (this.entriesInBlock > 0) await this.closeBlock();
       const eol = this.writtenEnd;
       const header = encodeHrlHeader({
         timestamp: this.createdTimestamp,
@@ -257,8 +296,28 @@ export class HrlWriter {
   async close(): Promise<void> {
     if (this.state !== 'open') return;
     this.state = 'closed';
+    this.finishing = true;
+    this.core?.abandon();
     await this.queue.catch(() => undefined);
     await this.fh.close().catch(() => undefined);
+  }
+
+  /** Runs a synchronous native append; its errno becomes the error the TypeScript path would throw. */
+  private nativeCall(what: string, fn: () => number): Promise<void> {
+    if (this.state !== 'open' || this.finishing) return Promise.reject(new BlockrelayError('BR_HRL_CLOSED', `HRL log ${this.path} is ${this.state === 'open' ? 'sealing' : this.state}`));
+    const errno = fn();
+    if (errno === 0) return Promise.resolve();
+    return Promise.reject(wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: ${what} failed`));
+  }
+
+  /** Takes the file offsets from the native appender after a block close; throws its errno. */
+  private syncFromCore(errno: number, what: string): void {
+    if (errno !== 0) throw wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: ${what} failed`);
+    const st = this.core!.state();
+    this.writtenEnd = st[0]!;
+    this.totalEntries = st[3]!;
+    this.stagedBytes = 0;
+    this.entriesInBlock = 0;
   }
 
   private serial<T>(fn: () => Promise<T>): Promise<T> {
@@ -357,6 +416,12 @@ export class HrlWriter {
       throw wrapError(err, 'BR_IO', `HRL log ${this.path}: ${what} failed`);
     }
   }
+}
+
+/** An Error carrying an errno's name as `code`, as Node's own I/O errors do. */
+function errnoError(errno: number): NodeJS.ErrnoException {
+  const name = Object.entries(os.constants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
+  return Object.assign(new Error(`${name}: native log write failed`), { code: name, errno });
 }
 
 function checkRange(byteOffset: number, length: number): void {

@@ -1,0 +1,368 @@
+#include "hrl-appender.h"
+
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "checksum.h"
+
+namespace blockrelay {
+
+namespace {
+
+// Metadata entry fields ([MS-HRL] §2.4; offsets as in src/tracking/hrl-format.ts).
+constexpr size_t kMeByteOffset = 0;
+constexpr size_t kMeChecksum = 8;
+constexpr size_t kMeDataLength = 12;
+constexpr size_t kMeTimestamp = 16;
+constexpr size_t kMeMetaOperation = 20;
+constexpr size_t kMeDataChecksum = 21;
+constexpr uint8_t kMetaOperationWrite = 1;
+// Metadata header fields (§2.3).
+constexpr size_t kMhPreviousLocation = 0;
+constexpr size_t kMhValidEntries = 8;
+constexpr size_t kMhChecksum = 12;
+
+inline void Put32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+inline void Put64(uint8_t* p, uint64_t v) {
+  for (int i = 0; i < 8; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+int PwritevAll(int fd, struct iovec* iov, int count, uint64_t pos) {
+  while (count > 0) {
+    ssize_t n = pwritev(fd, iov, count, static_cast<off_t>(pos));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    pos += static_cast<uint64_t>(n);
+    size_t left = static_cast<size_t>(n);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      count--;
+    }
+    if (count > 0) {
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int PwriteAll(int fd, const uint8_t* data, size_t length, uint64_t pos) {
+  while (length > 0) {
+    ssize_t n = pwrite(fd, data, length, static_cast<off_t>(pos));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    data += n;
+    length -= static_cast<size_t>(n);
+    pos += static_cast<uint64_t>(n);
+  }
+  return 0;
+}
+
+HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t maxEntryBytes, size_t stagingBytes,
+                                 uint64_t writtenEnd, uint64_t lastBlockOffset)
+    : fd_(fd),
+      metadataSizeBytes_(metadataSizeBytes),
+      maxEntryBytes_(maxEntryBytes),
+      entriesPerBlock_((metadataSizeBytes - kHrlMetadataHeaderBytes) / kHrlMetadataEntryBytes),
+      block_(metadataSizeBytes, 0),
+      staging_(stagingBytes, 0),
+      writtenEnd_(writtenEnd),
+      lastBlockOffset_(lastBlockOffset) {}
+
+uint32_t HrlAppenderCore::NowTimestamp() {
+  int64_t s = static_cast<int64_t>(std::time(nullptr)) - kHrlEpochUnixSeconds;
+  if (s < 0) return 0;
+  if (s > 0xffffffffll) return 0xffffffffu;
+  return static_cast<uint32_t>(s);
+}
+
+void HrlAppenderCore::AddEntryLocked(uint64_t byteOffset, uint32_t length, uint32_t checksum, uint32_t timestamp) {
+  uint8_t* e = block_.data() + kHrlMetadataHeaderBytes + static_cast<size_t>(entriesInBlock_) * kHrlMetadataEntryBytes;
+  std::memset(e, 0, kHrlMetadataEntryBytes);
+  Put64(e + kMeByteOffset, byteOffset);
+  Put32(e + kMeDataLength, length);
+  Put32(e + kMeTimestamp, timestamp);
+  e[kMeMetaOperation] = kMetaOperationWrite;
+  Put32(e + kMeDataChecksum, checksum);
+  Put32(e + kMeChecksum, HrlChecksum(e, kHrlMetadataEntryBytes, kMeChecksum));
+  entriesInBlock_++;
+}
+
+int HrlAppenderCore::WriteStagedLocked() {
+  if (stagedBytes_ == 0) return 0;
+  int err = PwriteAll(fd_, staging_.data(), stagedBytes_, writtenEnd_);
+  if (err != 0) return err;
+  writtenEnd_ += stagedBytes_;
+  stagedBytes_ = 0;
+  return 0;
+}
+
+int HrlAppenderCore::CloseBlockLocked() {
+  if (entriesInBlock_ == 0) return WriteStagedLocked();
+  const uint64_t blockOffset = writtenEnd_ + stagedBytes_;
+  uint8_t* h = block_.data();
+  std::memset(h, 0, kHrlMetadataHeaderBytes);
+  Put64(h + kMhPreviousLocation, blockOffset - lastBlockOffset_);
+  Put32(h + kMhValidEntries, entriesInBlock_);
+  Put32(h + kMhChecksum, HrlChecksum(h, kHrlMetadataHeaderBytes, kMhChecksum));
+  struct iovec iov[2];
+  int count = 0;
+  if (stagedBytes_ > 0) {
+    iov[count].iov_base = staging_.data();
+    iov[count].iov_len = stagedBytes_;
+    count++;
+  }
+  iov[count].iov_base = block_.data();
+  iov[count].iov_len = block_.size();
+  count++;
+  int err = PwritevAll(fd_, iov, count, writtenEnd_);
+  if (err != 0) return err;
+  writtenEnd_ = blockOffset + metadataSizeBytes_;
+  stagedBytes_ = 0;
+  lastBlockOffset_ = blockOffset;
+  totalEntries_ += entriesInBlock_;
+  entriesInBlock_ = 0;
+  std::memset(block_.data(), 0, block_.size());
+  return 0;
+}
+
+int HrlAppenderCore::AppendPieceLocked(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t checksum,
+                                       uint32_t timestamp) {
+  int err = 0;
+  if (entriesInBlock_ == entriesPerBlock_) {
+    err = CloseBlockLocked();
+    if (err != 0) return err;
+  }
+  AddEntryLocked(byteOffset, static_cast<uint32_t>(length), checksum, timestamp);
+  if (length <= staging_.size() - stagedBytes_) {
+    if (data != nullptr) std::memcpy(staging_.data() + stagedBytes_, data, length);
+    else std::memset(staging_.data() + stagedBytes_, 0, length);
+    stagedBytes_ += length;
+    return 0;
+  }
+  err = WriteStagedLocked();
+  if (err != 0) return err;
+  if (length >= staging_.size()) {
+    if (data == nullptr) {
+      if (zeroes_.size() < length) zeroes_.assign(length, 0);
+      data = zeroes_.data();
+    }
+    err = PwriteAll(fd_, data, length, writtenEnd_);
+    if (err != 0) return err;
+    writtenEnd_ += length;
+  } else {
+    if (data != nullptr) std::memcpy(staging_.data(), data, length);
+    else std::memset(staging_.data(), 0, length);
+    stagedBytes_ = length;
+  }
+  return 0;
+}
+
+int HrlAppenderCore::Append(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t timestamp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_ != 0) return error_;
+  for (size_t at = 0; at < length; at += maxEntryBytes_) {
+    size_t n = length - at < maxEntryBytes_ ? length - at : maxEntryBytes_;
+    int err = AppendPieceLocked(byteOffset + at, data + at, n, HrlChecksum(data + at, n, -1), timestamp);
+    if (err != 0) {
+      error_ = err;
+      return err;
+    }
+  }
+  return 0;
+}
+
+int HrlAppenderCore::AppendZeroes(uint64_t byteOffset, uint64_t length, uint32_t timestamp) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_ != 0) return error_;
+  for (uint64_t at = 0; at < length; at += maxEntryBytes_) {
+    size_t n = static_cast<size_t>(length - at < maxEntryBytes_ ? length - at : maxEntryBytes_);
+    // The checksum of zero bytes: ~0.
+    int err = AppendPieceLocked(byteOffset + at, nullptr, n, 0xffffffffu, timestamp);
+    if (err != 0) {
+      error_ = err;
+      return err;
+    }
+  }
+  return 0;
+}
+
+int HrlAppenderCore::CloseBlock() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_ != 0) return error_;
+  int err = CloseBlockLocked();
+  if (err != 0) error_ = err;
+  return err;
+}
+
+int HrlAppenderCore::Finish() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_ != 0) return error_;
+  int err = CloseBlockLocked();
+  error_ = err != 0 ? err : EBADF;
+  return err;
+}
+
+void HrlAppenderCore::Abandon() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_ == 0) error_ = EBADF;
+}
+
+uint64_t HrlAppenderCore::SizeBytesLocked() const {
+  return writtenEnd_ + stagedBytes_ + (entriesInBlock_ > 0 ? metadataSizeBytes_ : 0);
+}
+
+uint64_t HrlAppenderCore::SizeBytes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return SizeBytesLocked();
+}
+
+HrlAppenderCore::State HrlAppenderCore::GetState() {
+  std::lock_guard<std::mutex> lock(mu_);
+  State s;
+  s.writtenEnd = writtenEnd_;
+  s.stagedBytes = stagedBytes_;
+  s.entriesInBlock = entriesInBlock_;
+  s.totalEntries = totalEntries_;
+  s.error = error_;
+  return s;
+}
+
+namespace {
+
+const napi_type_tag kAppenderTag = {0x6a1c2f0e5b7d4e21ull, 0x9f3b8c4d2e1a7f60ull};
+
+bool NumberArg(const Napi::CallbackInfo& info, size_t i, double max, double& out) {
+  if (info.Length() <= i || !info[i].IsNumber()) return false;
+  double v = info[i].As<Napi::Number>().DoubleValue();
+  if (!(v >= 0 && v <= max) || v != static_cast<double>(static_cast<uint64_t>(v))) return false;
+  out = v;
+  return true;
+}
+
+constexpr double kMaxSafe = 9007199254740991.0;
+
+class HrlAppenderWrap : public Napi::ObjectWrap<HrlAppenderWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "HrlAppender",
+                       {
+                           InstanceMethod<&HrlAppenderWrap::AppendJs>("append"),
+                           InstanceMethod<&HrlAppenderWrap::AppendZeroesJs>("appendZeroes"),
+                           InstanceMethod<&HrlAppenderWrap::CloseBlockJs>("closeBlock"),
+                           InstanceMethod<&HrlAppenderWrap::FinishJs>("finish"),
+                           InstanceMethod<&HrlAppenderWrap::AbandonJs>("abandon"),
+                           InstanceMethod<&HrlAppenderWrap::StateJs>("state"),
+                           InstanceMethod<&HrlAppenderWrap::SizeBytesJs>("sizeBytes"),
+                       });
+  }
+
+  // new HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset)
+  explicit HrlAppenderWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<HrlAppenderWrap>(info) {
+    double fd, ms, maxEntry, staging, writtenEnd, lastBlock;
+    if (!NumberArg(info, 0, 1 << 30, fd) || !NumberArg(info, 1, 1 << 30, ms) || !NumberArg(info, 2, 4294967295.0, maxEntry) ||
+        !NumberArg(info, 3, 1 << 30, staging) || !NumberArg(info, 4, kMaxSafe, writtenEnd) || !NumberArg(info, 5, kMaxSafe, lastBlock) ||
+        ms < kHrlMetadataHeaderBytes + kHrlMetadataEntryBytes || static_cast<uint32_t>(ms) % kHrlMetadataEntryBytes != 0 || maxEntry < 1) {
+      Napi::TypeError::New(info.Env(), "HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset): bad argument")
+          .ThrowAsJavaScriptException();
+      return;
+    }
+    core_ = std::make_shared<HrlAppenderCore>(static_cast<int>(fd), static_cast<uint32_t>(ms), static_cast<uint32_t>(maxEntry),
+                                              static_cast<size_t>(staging), static_cast<uint64_t>(writtenEnd),
+                                              static_cast<uint64_t>(lastBlock));
+    napi_type_tag_object(info.Env(), info.This(), &kAppenderTag);
+  }
+
+  std::shared_ptr<HrlAppenderCore> core() const { return core_; }
+
+ private:
+  Napi::Value AppendJs(const Napi::CallbackInfo& info) {
+    double offset, ts;
+    if (!NumberArg(info, 0, kMaxSafe, offset) || info.Length() < 3 || !info[1].IsTypedArray() || !NumberArg(info, 2, 4294967295.0, ts)) {
+      Napi::TypeError::New(info.Env(), "append(byteOffset, data, timestamp): bad argument").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    Napi::TypedArray arr = info[1].As<Napi::TypedArray>();
+    const uint8_t* data = static_cast<const uint8_t*>(arr.ArrayBuffer().Data()) + arr.ByteOffset();
+    if (offset + static_cast<double>(arr.ByteLength()) > kMaxSafe) {
+      Napi::RangeError::New(info.Env(), "append: range beyond 2^53").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    int err = core_ == nullptr ? EBADF : core_->Append(static_cast<uint64_t>(offset), data, arr.ByteLength(), static_cast<uint32_t>(ts));
+    return Napi::Number::New(info.Env(), err);
+  }
+
+  Napi::Value AppendZeroesJs(const Napi::CallbackInfo& info) {
+    double offset, length, ts;
+    if (!NumberArg(info, 0, kMaxSafe, offset) || !NumberArg(info, 1, kMaxSafe, length) || !NumberArg(info, 2, 4294967295.0, ts) ||
+        offset + length > kMaxSafe) {
+      Napi::TypeError::New(info.Env(), "appendZeroes(byteOffset, length, timestamp): bad argument").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    int err = core_ == nullptr ? EBADF : core_->AppendZeroes(static_cast<uint64_t>(offset), static_cast<uint64_t>(length), static_cast<uint32_t>(ts));
+    return Napi::Number::New(info.Env(), err);
+  }
+
+  Napi::Value CloseBlockJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), core_ == nullptr ? EBADF : core_->CloseBlock());
+  }
+
+  Napi::Value FinishJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), core_ == nullptr ? EBADF : core_->Finish());
+  }
+
+  Napi::Value AbandonJs(const Napi::CallbackInfo& info) {
+    if (core_ != nullptr) core_->Abandon();
+    return info.Env().Undefined();
+  }
+
+  // [writtenEnd, stagedBytes, entriesInBlock, totalEntries, error]
+  Napi::Value StateJs(const Napi::CallbackInfo& info) {
+    Napi::Float64Array out = Napi::Float64Array::New(info.Env(), 5);
+    if (core_ == nullptr) return out;
+    HrlAppenderCore::State s = core_->GetState();
+    out[0] = static_cast<double>(s.writtenEnd);
+    out[1] = static_cast<double>(s.stagedBytes);
+    out[2] = static_cast<double>(s.entriesInBlock);
+    out[3] = static_cast<double>(s.totalEntries);
+    out[4] = static_cast<double>(s.error);
+    return out;
+  }
+
+  Napi::Value SizeBytesJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), core_ == nullptr ? 0 : static_cast<double>(core_->SizeBytes()));
+  }
+
+  std::shared_ptr<HrlAppenderCore> core_;
+};
+
+}  // namespace
+
+std::shared_ptr<HrlAppenderCore> HrlAppenderCoreOf(Napi::Value value) {
+  if (!value.IsObject()) return nullptr;
+  bool tagged = false;
+  if (napi_check_object_type_tag(value.Env(), value, &kAppenderTag, &tagged) != napi_ok || !tagged) return nullptr;
+  HrlAppenderWrap* wrap = HrlAppenderWrap::Unwrap(value.As<Napi::Object>());
+  return wrap == nullptr ? nullptr : wrap->core();
+}
+
+void InitHrlAppender(Napi::Env env, Napi::Object exports) {
+  exports.Set("HrlAppender", HrlAppenderWrap::Define(env));
+}
+
+}  // namespace blockrelay

@@ -1,0 +1,95 @@
+// HrlAppender: the append half of the [MS-HRL] log writer in C++, so the
+// source tap's native data path (tap-transmission.cc) can log a write from
+// its connection thread without a trip through JavaScript. The layout is the
+// one src/tracking/hrl-writer.ts documents: payloads, then the metadata block
+// describing them. Header, anchor, durability and sealing stay in
+// TypeScript; this class only owns the open block and the staging buffer.
+#ifndef BLOCKRELAY_HRL_APPENDER_H_
+#define BLOCKRELAY_HRL_APPENDER_H_
+
+#include <napi.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace blockrelay {
+
+constexpr uint32_t kHrlMetadataHeaderBytes = 32;
+constexpr uint32_t kHrlMetadataEntryBytes = 32;
+// Seconds between the Unix epoch and 2000-01-01, the HRL timestamp epoch.
+constexpr int64_t kHrlEpochUnixSeconds = 946684800;
+
+// Thread-safe: every method takes the appender's mutex. Every method returns
+// 0 or an errno; after an I/O error (or Finish) the appender refuses every
+// further append with that errno, because the file's tail is then unknown.
+class HrlAppenderCore {
+ public:
+  HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t maxEntryBytes, size_t stagingBytes,
+                  uint64_t writtenEnd, uint64_t lastBlockOffset);
+
+  // Logs data for disk bytes [byteOffset, byteOffset + length), split into
+  // entries of at most maxEntryBytes.
+  int Append(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t timestamp);
+  // Logs zero-filled entries for [byteOffset, byteOffset + length).
+  int AppendZeroes(uint64_t byteOffset, uint64_t length, uint32_t timestamp);
+  // Writes the staged payloads and the open block (if it holds entries).
+  int CloseBlock();
+  // CloseBlock, then refuses every later append (the log is being sealed or closed).
+  int Finish();
+  // Refuses every later append without writing what is staged (the log is
+  // closed unsealed; recovery keeps what the last flush made durable).
+  void Abandon();
+
+  struct State {
+    uint64_t writtenEnd = 0;
+    uint64_t stagedBytes = 0;
+    uint64_t entriesInBlock = 0;
+    uint64_t totalEntries = 0;
+    int error = 0;
+  };
+  State GetState();
+  // Bytes the log occupies once everything appended is written.
+  uint64_t SizeBytes();
+
+  // The current HRL timestamp (seconds since 2000, clamped to 32 bits).
+  static uint32_t NowTimestamp();
+
+ private:
+  int AppendPieceLocked(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t checksum, uint32_t timestamp);
+  void AddEntryLocked(uint64_t byteOffset, uint32_t length, uint32_t checksum, uint32_t timestamp);
+  int WriteStagedLocked();
+  int CloseBlockLocked();
+  uint64_t SizeBytesLocked() const;
+
+  std::mutex mu_;
+  const int fd_;
+  const uint32_t metadataSizeBytes_;
+  const uint32_t maxEntryBytes_;
+  const uint32_t entriesPerBlock_;
+  std::vector<uint8_t> block_;
+  std::vector<uint8_t> staging_;
+  std::vector<uint8_t> zeroes_;
+  size_t stagedBytes_ = 0;
+  uint64_t writtenEnd_;
+  uint64_t lastBlockOffset_;
+  uint32_t entriesInBlock_ = 0;
+  uint64_t totalEntries_ = 0;
+  int error_ = 0;
+};
+
+// The JavaScript class `HrlAppender` wrapping a core; other native classes
+// take its core through CoreOf.
+std::shared_ptr<HrlAppenderCore> HrlAppenderCoreOf(Napi::Value value);
+
+// Writes all of [data, data + length) at pos, retrying short writes and EINTR.
+int PwriteAll(int fd, const uint8_t* data, size_t length, uint64_t pos);
+
+// Registers the HrlAppender class.
+void InitHrlAppender(Napi::Env env, Napi::Object exports);
+
+}  // namespace blockrelay
+
+#endif  // BLOCKRELAY_HRL_APPENDER_H_

@@ -1,0 +1,779 @@
+#include "tap-transmission.h"
+
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "hrl-appender.h"
+
+namespace blockrelay {
+
+namespace {
+
+// NBD protocol constants (src/tap/nbd-protocol.ts holds the same).
+constexpr uint32_t kRequestMagic = 0x25609513;
+constexpr uint32_t kSimpleReplyMagic = 0x67446698;
+constexpr size_t kRequestHeaderBytes = 28;
+constexpr size_t kReplyHeaderBytes = 16;
+constexpr uint16_t kCmdRead = 0;
+constexpr uint16_t kCmdWrite = 1;
+constexpr uint16_t kCmdDisc = 2;
+constexpr uint16_t kCmdFlush = 3;
+constexpr uint16_t kFlagFua = 1;
+constexpr uint32_t kNbdEperm = 1;
+constexpr uint32_t kNbdEio = 5;
+constexpr uint32_t kNbdEinval = 22;
+constexpr uint32_t kNbdEnospc = 28;
+
+// Write-intent regions: src/tracking/change-tracker.ts WRITE_INTENT_REGION_BYTES.
+constexpr unsigned kIntentRegionShift = 24;
+
+// Events a connection thread posts to JavaScript.
+enum EventKind : int {
+  kEventIntent = 1,       // thread waits for resume(): mark the write intent of [offset, +length)
+  kEventFlush = 2,        // make disk and log durable, then reply(handle)
+  kEventSlow = 3,         // a request JavaScript carries out; thread waits for resume()
+  kEventWriteFailed = 4,  // the disk write of a recorded write failed (already answered)
+  kEventExit = 5,         // the thread ended; error holds the reason
+};
+
+enum ExitReason : int {
+  kExitPeerClosed = 0,
+  kExitBadMagic = 1,
+  kExitSocketError = 2,
+  kExitStopped = 3,
+  kExitDisconnect = 4,
+};
+
+// Tracking modes set by the change tracker.
+// kModeRefuse: the tracker is closed; writes fail without touching the disk.
+enum Mode : int { kModeUntracked = 0, kModeDirtyOnly = 1, kModeLogging = 2, kModeRefuse = 3 };
+
+inline uint16_t Be16(const uint8_t* p) { return static_cast<uint16_t>((p[0] << 8) | p[1]); }
+inline uint32_t Be32(const uint8_t* p) {
+  return (static_cast<uint32_t>(p[0]) << 24) | (static_cast<uint32_t>(p[1]) << 16) | (static_cast<uint32_t>(p[2]) << 8) | p[3];
+}
+inline uint64_t Be64(const uint8_t* p) { return (static_cast<uint64_t>(Be32(p)) << 32) | Be32(p + 4); }
+inline void PutBe32(uint8_t* p, uint32_t v) {
+  p[0] = static_cast<uint8_t>(v >> 24);
+  p[1] = static_cast<uint8_t>(v >> 16);
+  p[2] = static_cast<uint8_t>(v >> 8);
+  p[3] = static_cast<uint8_t>(v);
+}
+
+constexpr double kMaxSafe = 9007199254740991.0;
+
+bool NumberArg(const Napi::CallbackInfo& info, size_t i, double max, double& out) {
+  if (info.Length() <= i || !info[i].IsNumber()) return false;
+  double v = info[i].As<Napi::Number>().DoubleValue();
+  if (!(v >= 0 && v <= max) || v != static_cast<double>(static_cast<uint64_t>(v))) return false;
+  out = v;
+  return true;
+}
+
+// State every connection to one export shares: the disk, the tracking mode
+// and log, write-intent regions known durable, and the records not yet taken
+// by JavaScript. The mutex also orders the log append and the disk write of
+// each write, so log order equals disk order across connections.
+struct ExportCore {
+  int diskFd = -1;
+  uint64_t sizeBytes = 0;
+  uint32_t minBlockBytes = 1;
+  uint32_t maxBlockBytes = 0;
+  bool tracked = false;
+
+  std::mutex mu;
+  std::condition_variable cv;
+  // While positive no write starts (the tracker holds the lock, or a
+  // JavaScript mutation runs); created held until the tracker releases it.
+  uint32_t holdCount = 1;
+  int mode = kModeUntracked;
+  std::shared_ptr<HrlAppenderCore> log;
+  uint64_t logLimitBytes = UINT64_MAX;
+  // Set when the log passed its limit or failed; logging writes wait until
+  // the tracker has dealt with it (a release clears it).
+  int attention = 0;  // 1 overflow, 2 log I/O error
+  int attentionErrno = 0;
+  std::vector<uint8_t> durable;
+  std::vector<double> records;  // offset, length pairs
+  size_t maxRecordPairs = 1u << 16;
+  bool notifyPending = false;
+  bool closed = false;
+  Napi::ThreadSafeFunction notify;
+  std::atomic<uint64_t> bytesWritten{0};
+
+  // With mu held.
+  void Notify() {
+    if (notifyPending || closed) return;
+    notifyPending = true;
+    notify.NonBlockingCall();
+  }
+};
+
+struct Event {
+  int kind;
+  uint32_t type;
+  uint32_t flags;
+  uint32_t handleHi;
+  uint32_t handleLo;
+  double offset;
+  double length;
+  int error;
+};
+
+class ConnCore {
+ public:
+  ConnCore(int sock, int wakeFd, std::shared_ptr<ExportCore> exp, std::vector<uint8_t> prefix)
+      : sock_(sock), wakeFd_(wakeFd), exp_(std::move(exp)), in_(kInputBytes) {
+    std::memcpy(in_.data(), prefix.data(), prefix.size() < kInputBytes ? prefix.size() : kInputBytes);
+    inLen_ = prefix.size() < kInputBytes ? prefix.size() : kInputBytes;
+  }
+  ~ConnCore() {
+    if (wakeFd_ >= 0) close(wakeFd_);
+  }
+
+  Napi::ThreadSafeFunction events;
+  std::thread thread;
+  std::atomic<uint64_t> requests{0};
+  std::atomic<uint64_t> errorReplies{0};
+  std::atomic<uint64_t> bytesWritten{0};
+  std::atomic<uint64_t> bytesRead{0};
+
+  void Run() {
+    int reason = Loop();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      exited_ = true;
+    }
+    Post({kEventExit, 0, 0, 0, 0, 0, 0, reason});
+    events.Release();
+  }
+
+  // JavaScript's reply; false once the thread has ended (the caller then owns the socket again).
+  bool Reply(const uint8_t* data, size_t length) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (exited_) return false;
+    outbox_.emplace_back(data, data + length);
+    hasOutbox_.store(true);
+    if (pendingJs_ > 0) pendingJs_--;
+    cv_.notify_all();
+    Wake();
+    return true;
+  }
+
+  void Resume(int error) {
+    std::lock_guard<std::mutex> lock(mu_);
+    resumed_ = true;
+    resumeError_ = error;
+    cv_.notify_all();
+  }
+
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_.store(true);
+      cv_.notify_all();
+      Wake();
+    }
+    std::lock_guard<std::mutex> lock(exp_->mu);
+    exp_->cv.notify_all();
+  }
+
+ private:
+  static constexpr size_t kInputBytes = 128 * 1024;
+  static constexpr int kMaxPendingJs = 64;
+  // Payload bytes beyond this are received straight into the payload buffer.
+  static constexpr size_t kDirectReadBytes = 16 * 1024;
+
+  void Wake() {
+    uint64_t one = 1;
+    ssize_t ignored = write(wakeFd_, &one, sizeof one);
+    (void)ignored;
+  }
+
+  void Post(const Event& e) {
+    Event* copy = new Event(e);
+    if (events.NonBlockingCall(copy, [](Napi::Env env, Napi::Function fn, Event* ev) {
+          if (env != nullptr && fn != nullptr) {
+            fn.Call({Napi::Number::New(env, ev->kind), Napi::Number::New(env, ev->type), Napi::Number::New(env, ev->flags),
+                     Napi::Number::New(env, ev->handleHi), Napi::Number::New(env, ev->handleLo), Napi::Number::New(env, ev->offset),
+                     Napi::Number::New(env, ev->length), Napi::Number::New(env, ev->error)});
+          }
+          delete ev;
+        }) != napi_ok) {
+      delete copy;
+    }
+  }
+
+  // Sends JavaScript's queued replies. False when the socket failed or we stop.
+  bool SendOutbox() {
+    std::vector<std::vector<uint8_t>> batch;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      batch.swap(outbox_);
+      hasOutbox_.store(false);
+    }
+    for (auto& b : batch) {
+      struct iovec iov = {b.data(), b.size()};
+      if (!SendAll(&iov, 1)) return false;
+    }
+    return true;
+  }
+
+  // Waits until the socket is ready for `events`, serving queued replies
+  // meanwhile. False on stop or socket error.
+  bool WaitIo(short ev) {
+    for (;;) {
+      if (stopping_.load()) return false;
+      if (hasOutbox_.load() && ev == POLLIN && !SendOutbox()) return false;
+      struct pollfd fds[2] = {{sock_, ev, 0}, {wakeFd_, POLLIN, 0}};
+      int n = poll(fds, 2, -1);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return false;
+      }
+      if (fds[1].revents & POLLIN) {
+        uint64_t v;
+        ssize_t ignored = read(wakeFd_, &v, sizeof v);
+        (void)ignored;
+        if (stopping_.load()) return false;
+        continue;
+      }
+      if (fds[0].revents & (ev | POLLERR | POLLHUP | POLLNVAL)) return true;
+    }
+  }
+
+  bool SendAll(struct iovec* iov, int count) {
+    while (count > 0) {
+      struct msghdr msg;
+      std::memset(&msg, 0, sizeof msg);
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<size_t>(count);
+      ssize_t n = sendmsg(sock_, &msg, MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          if (!WaitIo(POLLOUT)) return false;
+          continue;
+        }
+        return false;
+      }
+      size_t left = static_cast<size_t>(n);
+      while (count > 0 && left >= iov->iov_len) {
+        left -= iov->iov_len;
+        iov++;
+        count--;
+      }
+      if (count > 0) {
+        iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+        iov->iov_len -= left;
+      }
+    }
+    return true;
+  }
+
+  bool SendReply(uint32_t error, const uint8_t* handle, const uint8_t* data, size_t length) {
+    uint8_t head[kReplyHeaderBytes];
+    PutBe32(head, kSimpleReplyMagic);
+    PutBe32(head + 4, error);
+    std::memcpy(head + 8, handle, 8);
+    if (error != 0) errorReplies++;
+    struct iovec iov[2] = {{head, kReplyHeaderBytes}, {const_cast<uint8_t*>(data), length}};
+    return SendAll(iov, data == nullptr ? 1 : 2);
+  }
+
+  // Reads exactly n bytes (dst == nullptr: throws them away). False on EOF,
+  // error or stop, with reason_ set.
+  bool ReadExact(uint8_t* dst, size_t n) {
+    while (n > 0) {
+      if (inPos_ < inLen_) {
+        size_t take = inLen_ - inPos_ < n ? inLen_ - inPos_ : n;
+        if (dst != nullptr) {
+          std::memcpy(dst, in_.data() + inPos_, take);
+          dst += take;
+        }
+        inPos_ += take;
+        n -= take;
+        continue;
+      }
+      inPos_ = inLen_ = 0;
+      const bool direct = dst != nullptr && n >= kDirectReadBytes;
+      ssize_t r = direct ? recv(sock_, dst, n, 0) : recv(sock_, in_.data(), in_.size(), 0);
+      if (r > 0) {
+        if (direct) {
+          dst += r;
+          n -= static_cast<size_t>(r);
+        } else {
+          inLen_ = static_cast<size_t>(r);
+        }
+        continue;
+      }
+      if (r == 0) {
+        reason_ = kExitPeerClosed;
+        return false;
+      }
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        if (!WaitIo(POLLIN)) {
+          reason_ = stopping_.load() ? kExitStopped : kExitSocketError;
+          return false;
+        }
+        continue;
+      }
+      reason_ = kExitSocketError;
+      return false;
+    }
+    return true;
+  }
+
+  // Bounds the FLUSH (and FUA) requests JavaScript is working on: past
+  // kMaxPendingJs the thread reads nothing more until replies come back.
+  bool WaitPendingJsBelowLimit() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      if (!outbox_.empty()) {
+        lock.unlock();
+        bool ok = SendOutbox();
+        lock.lock();
+        if (!ok) return false;
+        continue;
+      }
+      if (stopping_.load()) return false;
+      if (pendingJs_ < kMaxPendingJs) {
+        pendingJs_++;
+        return true;
+      }
+      cv_.wait(lock);
+    }
+  }
+
+  // Waits for JavaScript's resume(), serving queued replies meanwhile. -1 on stop.
+  int WaitResume() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      if (!outbox_.empty()) {
+        lock.unlock();
+        bool ok = SendOutbox();
+        lock.lock();
+        if (!ok) return -1;
+        continue;
+      }
+      if (stopping_.load()) return -1;
+      if (resumed_) {
+        resumed_ = false;
+        return resumeError_;
+      }
+      cv_.wait(lock);
+    }
+  }
+
+  uint32_t CheckRange(uint64_t offset, uint64_t length, bool limitLength, uint32_t pastEnd) const {
+    const ExportCore& e = *exp_;
+    if (limitLength && length > e.maxBlockBytes) return kNbdEinval;
+    if (e.minBlockBytes > 1 && (offset % e.minBlockBytes != 0 || length % e.minBlockBytes != 0)) return kNbdEinval;
+    if (offset > e.sizeBytes || length > e.sizeBytes - offset) return pastEnd;
+    return 0;
+  }
+
+  // Logs, records and writes one validated WRITE. Returns an NBD error, or 0.
+  // -1: the connection is stopping.
+  int DoWrite(uint64_t offset, const uint8_t* data, size_t length) {
+    ExportCore& e = *exp_;
+    std::unique_lock<std::mutex> lock(e.mu);
+    for (;;) {
+      for (;;) {
+        if (stopping_.load() || e.closed) return -1;
+        const bool waitLog = e.mode == kModeLogging && e.attention != 0;
+        if (e.holdCount == 0 && !waitLog && e.records.size() < e.maxRecordPairs) break;
+        e.cv.wait(lock);
+      }
+      if (e.mode == kModeRefuse) return static_cast<int>(kNbdEio);
+      if (e.mode == kModeUntracked || e.durable.empty()) break;
+      bool durable = true;
+      for (uint64_t r = offset >> kIntentRegionShift; r <= (offset + length - 1) >> kIntentRegionShift; r++) {
+        if (r >= e.durable.size() || e.durable[r] == 0) {
+          durable = false;
+          break;
+        }
+      }
+      if (durable) break;
+      // The region's write intent is not durable yet: JavaScript marks it.
+      lock.unlock();
+      Post({kEventIntent, kCmdWrite, 0, 0, 0, static_cast<double>(offset), static_cast<double>(length), 0});
+      int err = WaitResume();
+      if (err < 0) return -1;
+      if (err != 0) return static_cast<int>(kNbdEio);
+      lock.lock();
+    }
+    if (e.mode == kModeLogging && e.log != nullptr) {
+      int err = e.log->Append(offset, data, length, HrlAppenderCore::NowTimestamp());
+      if (err != 0) {
+        // The tracker folds its logs into the resync map, as for any log
+        // I/O error; the write itself goes on (the map records it).
+        e.attention = 2;
+        e.attentionErrno = err;
+        e.Notify();
+      } else if (e.log->SizeBytes() > e.logLimitBytes && e.attention == 0) {
+        e.attention = 1;
+        e.Notify();
+      }
+    }
+    if (e.mode != kModeUntracked) {
+      e.records.push_back(static_cast<double>(offset));
+      e.records.push_back(static_cast<double>(length));
+      e.Notify();
+    }
+    int err = PwriteAll(e.diskFd, data, length, offset);
+    lock.unlock();
+    if (err != 0) {
+      if (e.mode != kModeUntracked) {
+        Post({kEventWriteFailed, kCmdWrite, 0, 0, 0, static_cast<double>(offset), static_cast<double>(length), err});
+      }
+      return static_cast<int>(err == ENOSPC ? kNbdEnospc : kNbdEio);
+    }
+    bytesWritten += length;
+    e.bytesWritten += length;
+    return 0;
+  }
+
+  int DoRead(uint64_t offset, size_t length) {
+    if (rbuf_.size() < length) rbuf_.resize(length);
+    size_t done = 0;
+    while (done < length) {
+      ssize_t n = pread(exp_->diskFd, rbuf_.data() + done, length - done, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return static_cast<int>(kNbdEio);
+      }
+      if (n == 0) {
+        // Past the end of a file that is shorter than the export: zeroes.
+        std::memset(rbuf_.data() + done, 0, length - done);
+        break;
+      }
+      done += static_cast<size_t>(n);
+    }
+    bytesRead += length;
+    return 0;
+  }
+
+  int Loop() {
+    uint8_t h[kRequestHeaderBytes];
+    for (;;) {
+      if (stopping_.load()) return kExitStopped;
+      if (hasOutbox_.load() && !SendOutbox()) return stopping_.load() ? kExitStopped : kExitSocketError;
+      if (!ReadExact(h, kRequestHeaderBytes)) return reason_;
+      if (Be32(h) != kRequestMagic) return kExitBadMagic;
+      const uint16_t flags = Be16(h + 4);
+      const uint16_t type = Be16(h + 6);
+      const uint8_t* handle = h + 8;
+      const uint64_t offset = Be64(h + 16);
+      const uint32_t length = Be32(h + 24);
+      requests++;
+      if (type == kCmdWrite) {
+        uint32_t error = (flags & ~kFlagFua) != 0 ? kNbdEinval : CheckRange(offset, length, true, kNbdEnospc);
+        if (error != 0) {
+          // The payload follows regardless; throw it away so the stream stays framed.
+          if (!ReadExact(nullptr, length)) return reason_;
+          if (!SendReply(error, handle, nullptr, 0)) return Failed();
+          continue;
+        }
+        if (buf_.size() < length) buf_.resize(length);
+        if (!ReadExact(buf_.data(), length)) return reason_;
+        int result = length == 0 ? 0 : DoWrite(offset, buf_.data(), length);
+        if (result < 0) return kExitStopped;
+        if (result == 0 && (flags & kFlagFua) != 0) {
+          if (!WaitPendingJsBelowLimit()) return Failed();
+          Post({kEventFlush, type, flags, Be32(handle), Be32(handle + 4), static_cast<double>(offset), static_cast<double>(length), 0});
+          continue;
+        }
+        if (!SendReply(static_cast<uint32_t>(result), handle, nullptr, 0)) return Failed();
+        continue;
+      }
+      if (type == kCmdRead) {
+        uint32_t error = (flags & ~kFlagFua) != 0 ? kNbdEinval : CheckRange(offset, length, true, kNbdEinval);
+        if (error == 0 && length > 0) error = static_cast<uint32_t>(DoRead(offset, length));
+        bool ok = error == 0 && length > 0 ? SendReply(0, handle, rbuf_.data(), length) : SendReply(error, handle, nullptr, 0);
+        if (!ok) return Failed();
+        continue;
+      }
+      if (type == kCmdFlush) {
+        if (!WaitPendingJsBelowLimit()) return Failed();
+        Post({kEventFlush, type, flags, Be32(handle), Be32(handle + 4), 0, 0, 0});
+        continue;
+      }
+      if (type == kCmdDisc) return kExitDisconnect;
+      // TRIM, WRITE_ZEROES and anything else: JavaScript validates, carries
+      // out and answers it while this connection waits, so a later request
+      // cannot overtake it.
+      Post({kEventSlow, type, flags, Be32(handle), Be32(handle + 4), static_cast<double>(offset), static_cast<double>(length), 0});
+      if (WaitResume() < 0) return kExitStopped;
+    }
+  }
+
+  int Failed() { return stopping_.load() ? kExitStopped : kExitSocketError; }
+
+  const int sock_;
+  const int wakeFd_;
+  std::shared_ptr<ExportCore> exp_;
+  std::vector<uint8_t> in_;
+  size_t inPos_ = 0;
+  size_t inLen_ = 0;
+  std::vector<uint8_t> buf_;
+  std::vector<uint8_t> rbuf_;
+  int reason_ = kExitPeerClosed;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::vector<uint8_t>> outbox_;
+  std::atomic<bool> hasOutbox_{false};
+  std::atomic<bool> stopping_{false};
+  int pendingJs_ = 0;  // FLUSH/FUA events posted and not yet answered (under mu_)
+  bool resumed_ = false;
+  int resumeError_ = 0;
+  bool exited_ = false;
+};
+
+const napi_type_tag kExportTag = {0x3d5e7a9c1b2f4e60ull, 0x8a7b6c5d4e3f2a10ull};
+
+Napi::Float64Array TakeRecords(Napi::Env env, ExportCore& e) {
+  std::vector<double> taken;
+  {
+    std::lock_guard<std::mutex> lock(e.mu);
+    taken.swap(e.records);
+    e.notifyPending = false;
+    e.cv.notify_all();
+  }
+  Napi::Float64Array out = Napi::Float64Array::New(env, taken.size());
+  if (!taken.empty()) std::memcpy(out.Data(), taken.data(), taken.size() * sizeof(double));
+  return out;
+}
+
+class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "TapExport",
+                       {
+                           InstanceMethod<&TapExportWrap::HoldJs>("hold"),
+                           InstanceMethod<&TapExportWrap::ReleaseJs>("release"),
+                           InstanceMethod<&TapExportWrap::DrainJs>("drain"),
+                           InstanceMethod<&TapExportWrap::SetDurableRegionsJs>("setDurableRegions"),
+                           InstanceMethod<&TapExportWrap::AttentionJs>("attention"),
+                           InstanceMethod<&TapExportWrap::CloseJs>("close"),
+                       });
+  }
+
+  // new TapExport(diskFd, sizeBytes, minBlockBytes, maxBlockBytes, tracked, notify)
+  explicit TapExportWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TapExportWrap>(info) {
+    Napi::Env env = info.Env();
+    double fd, size, minBlock, maxBlock;
+    if (!NumberArg(info, 0, 1 << 30, fd) || !NumberArg(info, 1, kMaxSafe, size) || !NumberArg(info, 2, 65536, minBlock) ||
+        !NumberArg(info, 3, 4294967295.0, maxBlock) || minBlock < 1 || info.Length() < 6 || !info[4].IsBoolean() || !info[5].IsFunction()) {
+      Napi::TypeError::New(env, "TapExport(diskFd, sizeBytes, minBlockBytes, maxBlockBytes, tracked, notify): bad argument").ThrowAsJavaScriptException();
+      return;
+    }
+    core_ = std::make_shared<ExportCore>();
+    core_->diskFd = static_cast<int>(fd);
+    core_->sizeBytes = static_cast<uint64_t>(size);
+    core_->minBlockBytes = static_cast<uint32_t>(minBlock);
+    core_->maxBlockBytes = static_cast<uint32_t>(maxBlock);
+    core_->tracked = info[4].As<Napi::Boolean>().Value();
+    if (!core_->tracked) core_->holdCount = 0;
+    core_->notify = Napi::ThreadSafeFunction::New(env, info[5].As<Napi::Function>(), "blockrelay-tap-export", 0, 1);
+    core_->notify.Unref(env);
+    napi_type_tag_object(env, info.This(), &kExportTag);
+  }
+
+  ~TapExportWrap() override {
+    if (core_ != nullptr) CloseCore();
+  }
+
+  std::shared_ptr<ExportCore> core() const { return core_; }
+
+ private:
+  void CloseCore() {
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      if (!core_->closed) {
+        core_->closed = true;
+        release = true;
+      }
+      core_->cv.notify_all();
+    }
+    if (release) core_->notify.Release();
+  }
+
+  // Stops new writes (waits for one in progress) and returns the records not yet taken.
+  Napi::Value HoldJs(const Napi::CallbackInfo& info) {
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->holdCount++;
+    }
+    return TakeRecords(info.Env(), *core_);
+  }
+
+  // release(mode, appender | null, logLimitBytes): ends one hold and sets what writes do next.
+  Napi::Value ReleaseJs(const Napi::CallbackInfo& info) {
+    double mode, limit;
+    if (!NumberArg(info, 0, 3, mode) || info.Length() < 3 || !info[2].IsNumber()) {
+      Napi::TypeError::New(info.Env(), "release(mode, appender, logLimitBytes): bad argument").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    limit = info[2].As<Napi::Number>().DoubleValue();
+    std::shared_ptr<HrlAppenderCore> log = HrlAppenderCoreOf(info[1]);
+    std::lock_guard<std::mutex> lock(core_->mu);
+    if (core_->holdCount > 0) core_->holdCount--;
+    core_->mode = static_cast<int>(mode);
+    // Logging without a log to append to would write unrecorded data: refuse instead.
+    if (core_->mode == kModeLogging && log == nullptr) core_->mode = kModeRefuse;
+    core_->log = core_->mode == kModeLogging ? log : nullptr;
+    core_->logLimitBytes = !(limit >= 0) ? 0 : limit >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(limit);
+    core_->attention = 0;
+    core_->attentionErrno = 0;
+    core_->cv.notify_all();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value DrainJs(const Napi::CallbackInfo& info) { return TakeRecords(info.Env(), *core_); }
+
+  // setDurableRegions(Float64Array of region numbers): replaces the set.
+  Napi::Value SetDurableRegionsJs(const Napi::CallbackInfo& info) {
+    if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+      Napi::TypeError::New(info.Env(), "setDurableRegions(Float64Array)").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    Napi::Float64Array regions = info[0].As<Napi::Float64Array>();
+    const uint64_t count = (core_->sizeBytes + (1ull << kIntentRegionShift) - 1) >> kIntentRegionShift;
+    std::lock_guard<std::mutex> lock(core_->mu);
+    core_->durable.assign(static_cast<size_t>(count == 0 ? 1 : count), 0);
+    for (size_t i = 0; i < regions.ElementLength(); i++) {
+      double r = regions[i];
+      if (r >= 0 && r < static_cast<double>(count)) core_->durable[static_cast<size_t>(r)] = 1;
+    }
+    return info.Env().Undefined();
+  }
+
+  // [kind (0 none, 1 overflow, 2 log I/O error), errno]
+  Napi::Value AttentionJs(const Napi::CallbackInfo& info) {
+    Napi::Float64Array out = Napi::Float64Array::New(info.Env(), 2);
+    std::lock_guard<std::mutex> lock(core_->mu);
+    out[0] = core_->attention;
+    out[1] = core_->attentionErrno;
+    return out;
+  }
+
+  Napi::Value CloseJs(const Napi::CallbackInfo& info) {
+    CloseCore();
+    return info.Env().Undefined();
+  }
+
+  std::shared_ptr<ExportCore> core_;
+};
+
+class TapConnectionWrap : public Napi::ObjectWrap<TapConnectionWrap> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "TapConnection",
+                       {
+                           InstanceMethod<&TapConnectionWrap::ReplyJs>("reply"),
+                           InstanceMethod<&TapConnectionWrap::ResumeJs>("resume"),
+                           InstanceMethod<&TapConnectionWrap::StopJs>("stop"),
+                           InstanceMethod<&TapConnectionWrap::JoinJs>("join"),
+                           InstanceMethod<&TapConnectionWrap::StatsJs>("stats"),
+                       });
+  }
+
+  // new TapConnection(socketFd, tapExport, prefix: Uint8Array, onEvent)
+  explicit TapConnectionWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TapConnectionWrap>(info) {
+    Napi::Env env = info.Env();
+    double fd;
+    bool tagged = false;
+    if (!NumberArg(info, 0, 1 << 30, fd) || info.Length() < 4 || !info[1].IsObject() || !info[2].IsTypedArray() || !info[3].IsFunction() ||
+        napi_check_object_type_tag(env, info[1], &kExportTag, &tagged) != napi_ok || !tagged) {
+      Napi::TypeError::New(env, "TapConnection(socketFd, tapExport, prefix, onEvent): bad argument").ThrowAsJavaScriptException();
+      return;
+    }
+    std::shared_ptr<ExportCore> exp = TapExportWrap::Unwrap(info[1].As<Napi::Object>())->core();
+    Napi::TypedArray arr = info[2].As<Napi::TypedArray>();
+    const uint8_t* p = static_cast<const uint8_t*>(arr.ArrayBuffer().Data()) + arr.ByteOffset();
+    std::vector<uint8_t> prefix(p, p + arr.ByteLength());
+    int wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (wake < 0) {
+      Napi::Error::New(env, std::string("eventfd failed: ") + std::strerror(errno)).ThrowAsJavaScriptException();
+      return;
+    }
+    core_ = std::make_shared<ConnCore>(static_cast<int>(fd), wake, exp, std::move(prefix));
+    core_->events = Napi::ThreadSafeFunction::New(env, info[3].As<Napi::Function>(), "blockrelay-tap-connection", 0, 1);
+    std::shared_ptr<ConnCore> c = core_;
+    core_->thread = std::thread([c]() { c->Run(); });
+  }
+
+  ~TapConnectionWrap() override {
+    if (core_ != nullptr && core_->thread.joinable()) {
+      core_->Stop();
+      core_->thread.detach();
+    }
+  }
+
+ private:
+  Napi::Value ReplyJs(const Napi::CallbackInfo& info) {
+    if (info.Length() < 1 || !info[0].IsTypedArray()) {
+      Napi::TypeError::New(info.Env(), "reply(bytes)").ThrowAsJavaScriptException();
+      return Napi::Value();
+    }
+    Napi::TypedArray arr = info[0].As<Napi::TypedArray>();
+    const uint8_t* p = static_cast<const uint8_t*>(arr.ArrayBuffer().Data()) + arr.ByteOffset();
+    return Napi::Boolean::New(info.Env(), core_ != nullptr && core_->Reply(p, arr.ByteLength()));
+  }
+
+  Napi::Value ResumeJs(const Napi::CallbackInfo& info) {
+    double err = 0;
+    if (info.Length() > 0) NumberArg(info, 0, 1 << 30, err);
+    if (core_ != nullptr) core_->Resume(static_cast<int>(err));
+    return info.Env().Undefined();
+  }
+
+  Napi::Value StopJs(const Napi::CallbackInfo& info) {
+    if (core_ != nullptr) core_->Stop();
+    return info.Env().Undefined();
+  }
+
+  // After the exit event: the thread has finished, so this does not block for long.
+  Napi::Value JoinJs(const Napi::CallbackInfo& info) {
+    if (core_ != nullptr && core_->thread.joinable() && core_->thread.get_id() != std::this_thread::get_id()) core_->thread.join();
+    return info.Env().Undefined();
+  }
+
+  // [requests, errorReplies, bytesWritten, bytesRead]
+  Napi::Value StatsJs(const Napi::CallbackInfo& info) {
+    Napi::Float64Array out = Napi::Float64Array::New(info.Env(), 4);
+    if (core_ == nullptr) return out;
+    out[0] = static_cast<double>(core_->requests.load());
+    out[1] = static_cast<double>(core_->errorReplies.load());
+    out[2] = static_cast<double>(core_->bytesWritten.load());
+    out[3] = static_cast<double>(core_->bytesRead.load());
+    return out;
+  }
+
+  std::shared_ptr<ConnCore> core_;
+};
+
+}  // namespace
+
+void InitTapTransmission(Napi::Env env, Napi::Object exports) {
+  exports.Set("TapExport", TapExportWrap::Define(env));
+  exports.Set("TapConnection", TapConnectionWrap::Define(env));
+}
+
+}  // namespace blockrelay
