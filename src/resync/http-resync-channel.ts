@@ -76,7 +76,18 @@ export function sessionHeaders(o: Pick<HttpResyncChannelOptions, 'sessionId' | '
  * failures become BR_NET_UNREACHABLE / BR_NET_TIMEOUT (recoverable); an
  * HTTP error answer becomes the coded error the peer sent.
  */
-export function postResync(peer: PeerOptions, method: 'POST' | 'DELETE', diskId: string, headers: Record<string, string>, body: Buffer | undefined): Promise<Buffer> {
+export async function postResync(peer: PeerOptions, method: 'POST' | 'DELETE', diskId: string, headers: Record<string, string>, body: Buffer | undefined, agent?: http.Agent): Promise<Buffer> {
+  try {
+    return await postOnce(peer, method, diskId, headers, body, agent);
+  } catch (err) {
+    // A kept-alive connection the peer closed just as we reused it: every
+    // exchange is idempotent, so send it once more on a fresh connection.
+    if ((err as { reusedSocket?: boolean }).reusedSocket === true) return postOnce(peer, method, diskId, headers, body, agent);
+    throw err;
+  }
+}
+
+function postOnce(peer: PeerOptions, method: 'POST' | 'DELETE', diskId: string, headers: Record<string, string>, body: Buffer | undefined, agent: http.Agent | undefined): Promise<Buffer> {
   const url = new URL(resyncPath(diskId), peer.url);
   const secure = url.protocol === 'https:';
   const lib = secure ? https : http;
@@ -99,8 +110,7 @@ export function postResync(peer: PeerOptions, method: 'POST' | 'DELETE', diskId:
           'content-type': 'application/octet-stream',
           'content-length': String(body?.length ?? 0),
         },
-        // One connection per exchange keeps a reset from poisoning a pooled socket.
-        agent: false,
+        agent: agent ?? false,
         ...(secure && peer.ca ? { ca: peer.ca } : {}),
         timeout: peer.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       },
@@ -129,7 +139,13 @@ export function postResync(peer: PeerOptions, method: 'POST' | 'DELETE', diskId:
       },
     );
     req.on('timeout', () => req.destroy(Object.assign(new Error('timeout'), { code: 'ETIMEDOUT' })));
-    req.on('error', (err) => finish(() => reject(errorFromNetwork(err, what))));
+    req.on('error', (err) =>
+      finish(() => {
+        const coded = errorFromNetwork(err, what);
+        const stale = req.reusedSocket && (err as NodeJS.ErrnoException).code === 'ECONNRESET';
+        reject(stale ? Object.assign(coded, { reusedSocket: true }) : coded);
+      }),
+    );
     req.end(body);
   });
 }
@@ -141,18 +157,36 @@ export function postResync(peer: PeerOptions, method: 'POST' | 'DELETE', diskId:
  * retry loop (networkedResync) starts the next attempt, which resumes.
  */
 export class HttpResyncChannel implements ResyncChannel {
+  private readonly agent: http.Agent;
+
   constructor(private readonly options: HttpResyncChannelOptions) {
     validateSessionId(options.sessionId);
     if (!Number.isSafeInteger(options.attempt) || options.attempt < 1) throw new BlockrelayError('BR_USAGE', `resync attempt must be a positive whole number, got ${options.attempt}`);
+    this.agent = keepAliveAgent(options.peer);
   }
 
   async exchange(request: Buffer): Promise<Buffer> {
     if (request.length > MAX_RESYNC_REQUEST_BYTES) throw new BlockrelayError('BR_UPLOAD_TOO_LARGE', `resync request of ${request.length} bytes exceeds ${MAX_RESYNC_REQUEST_BYTES}`);
-    return postResync(this.options.peer, 'POST', this.options.diskId, sessionHeaders(this.options), request);
+    return postResync(this.options.peer, 'POST', this.options.diskId, sessionHeaders(this.options), request, this.agent);
   }
 
-  /** Ends the session on the hop (its applier resumes at once rather than at expiry). */
+  /** Ends the session on the hop (its applier resumes at once rather than at expiry), and closes the connections. */
   async end(): Promise<void> {
-    await postResync(this.options.peer, 'DELETE', this.options.diskId, sessionHeaders(this.options), undefined);
+    try {
+      await postResync(this.options.peer, 'DELETE', this.options.diskId, sessionHeaders(this.options), undefined);
+    } finally {
+      this.close();
+    }
   }
+
+  /** Closes the kept-alive connections. */
+  close(): void {
+    this.agent.destroy();
+  }
+}
+
+/** Connections kept alive for one session's exchanges (a TLS handshake per window would dominate on a WAN). */
+export function keepAliveAgent(peer: PeerOptions): http.Agent {
+  const options = { keepAlive: true, maxSockets: 16 };
+  return peer.url.startsWith('https:') ? new https.Agent({ ...options, ...(peer.ca ? { ca: peer.ca } : {}) }) : new http.Agent(options);
 }

@@ -105,6 +105,8 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
       } catch (err) {
         await endSession().catch(() => undefined);
         throw err;
+      } finally {
+        channel.close();
       }
     },
     {

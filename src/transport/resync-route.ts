@@ -1,10 +1,10 @@
-import type * as http from 'node:http';
+import * as http from 'node:http';
 import type { Logger } from '../daemon/logger';
 import type { Clock, TimerHandle } from '../platform/clock';
 import { KeyedLock } from '../platform/keyed-lock';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { BlockHasher } from '../resync/block-hasher';
-import { MAX_RESYNC_REQUEST_BYTES, postResync, RESYNC_HEADER, resyncPath, sessionHeaders, validateSessionId } from '../resync/http-resync-channel';
+import { keepAliveAgent, MAX_RESYNC_REQUEST_BYTES, postResync, RESYNC_HEADER, resyncPath, sessionHeaders, validateSessionId } from '../resync/http-resync-channel';
 import { ResyncTargetService } from '../resync/resync-peer';
 import type { DiskTarget } from '../targets/disk-target';
 import type { DiskDrain } from './disk-drain';
@@ -114,6 +114,8 @@ interface Session {
   drained: Array<() => void>;
   exchanges: number;
   ending?: Promise<void>;
+  /** Relayed sessions: connections to the master target kept for the session. */
+  agent?: http.Agent;
 }
 
 interface SessionKey {
@@ -304,7 +306,7 @@ export class ResyncSessions {
     if (afterSeq !== null && (received === null || received < afterSeq)) {
       throw new BlockrelayError('BR_RESYNC_NOT_READY', `disk ${diskId}: the resync follows log ${afterSeq}, but this hop has received logs up to ${received ?? 'none'}`, { details: { afterSeq, receivedSeq: received } });
     }
-    const session: Session = { diskId, sessionId: key.sessionId, attempt: key.attempt, access, afterSeq, diskSizeBytes: key.diskSizeBytes, inFlight: 0, idleTimer: undefined, ended: false, drained: [], exchanges: 0 };
+    const session: Session = { diskId, sessionId: key.sessionId, attempt: key.attempt, access, afterSeq, diskSizeBytes: key.diskSizeBytes, inFlight: 0, idleTimer: undefined, ended: false, drained: [], exchanges: 0, ...(access.kind === 'relay' ? { agent: keepAliveAgent(access.peer) } : {}) };
     // Hold back every log after the anchor, then wait for the ones before it.
     access.drain.hold((entry) => afterSeq === null || entry.envelope.seq > afterSeq);
     try {
@@ -316,6 +318,7 @@ export class ResyncSessions {
         session.service = new ResyncTargetService(session.journal === undefined ? target : journaledTarget(target, session.journal), await this.blockHasher());
       }
     } catch (err) {
+      session.agent?.destroy();
       access.drain.release();
       throw err;
     }
@@ -347,7 +350,7 @@ export class ResyncSessions {
 
   private async exchange(session: Session, body: Buffer): Promise<Buffer> {
     if (session.access.kind === 'relay') {
-      return postResync(session.access.peer, 'POST', session.diskId, sessionHeaders({ sessionId: session.sessionId, attempt: session.attempt, diskSizeBytes: session.diskSizeBytes, afterSeq: session.afterSeq ?? undefined }), body);
+      return postResync(session.access.peer, 'POST', session.diskId, sessionHeaders({ sessionId: session.sessionId, attempt: session.attempt, diskSizeBytes: session.diskSizeBytes, afterSeq: session.afterSeq ?? undefined }), body, session.agent);
     }
     return session.service!.handle(body);
   }
@@ -390,6 +393,7 @@ export class ResyncSessions {
     } finally {
       // Only now may another session take the disk (and its own hold).
       if (this.sessions.get(session.diskId) === session) this.sessions.delete(session.diskId);
+      session.agent?.destroy();
       session.access.drain.release();
       this.options.logger.info({ disk: session.diskId, session: session.sessionId, attempt: session.attempt, exchanges: session.exchanges }, `resync session on disk ${session.diskId} ${why}`);
     }
