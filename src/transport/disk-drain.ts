@@ -104,6 +104,11 @@ export class DiskDrain<T = SpoolEntry> {
     this.wake();
   }
 
+  /** Whether a hold() keeps `item` back now (a sender looking ahead must not pass it on either). */
+  holds(item: T): boolean {
+    return this.holdBack?.(item) === true;
+  }
+
   /** Ends a hold(): held items are handled again, in order. */
   release(): void {
     this.holdBack = undefined;

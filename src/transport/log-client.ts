@@ -27,6 +27,12 @@ export interface PeerOptions {
 export interface SendOptions {
   readonly lz4?: boolean;
   readonly limiter?: BandwidthLimiter | undefined;
+  /**
+   * Called once the whole body is handed to the socket, before the answer:
+   * the receiver is making the log durable, and a sender may start the next
+   * one (src/transport/upload-pipeline.ts).
+   */
+  readonly onBodySent?: () => void;
 }
 
 const DEFAULT_TIMEOUT_MS = 60_000;
@@ -72,7 +78,7 @@ interface Answer {
   body: string;
 }
 
-function request(peer: PeerOptions, method: string, path: string, headers: Record<string, string>, body: Readable | undefined): Promise<Answer> {
+function request(peer: PeerOptions, method: string, path: string, headers: Record<string, string>, body: Readable | undefined, onBodySent?: () => void): Promise<Answer> {
   const url = new URL(path, peer.url);
   const secure = url.protocol === 'https:';
   const lib = secure ? https : http;
@@ -111,7 +117,9 @@ function request(peer: PeerOptions, method: string, path: string, headers: Recor
       req.end();
       return;
     }
-    pipeline(body, req).catch((err: NodeJS.ErrnoException) => {
+    pipeline(body, req).then(() => {
+      if (!settled) onBodySent?.();
+    }, (err: NodeJS.ErrnoException) => {
       // The peer may answer (e.g. 401, spool full) before reading the whole
       // body; its answer, not our broken pipe, is what happened.
       setTimeout(() => finish(() => reject(errorFromNetwork(err, `${method} ${url.href}`))), 200);
@@ -139,7 +147,7 @@ export async function sendLog(peer: PeerOptions, envelope: LogEnvelope, file: st
   if (options.lz4) headers['x-blockrelay-encoding'] = 'lz4';
   else headers['content-length'] = String(envelope.logLength);
   try {
-    const answer = await request(peer, 'PUT', logPath(envelope.diskId, envelope.seq), headers, body);
+    const answer = await request(peer, 'PUT', logPath(envelope.diskId, envelope.seq), headers, body, options.onBodySent);
     if (answer.status === 200 || answer.status === 201) return { status: answer.status, duplicate: answer.status === 200 };
     throw errorFromResponse(answer.status, answer.body);
   } finally {

@@ -1,6 +1,5 @@
 import type { Logger } from '../daemon/logger';
 import type { Metrics } from '../daemon/metrics';
-import { KeyedLock } from '../platform/keyed-lock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { sendJson, type Route } from './http-api';
 import type { LogSpool, SpoolEntry } from './log-spool';
@@ -30,7 +29,8 @@ export interface LogReceiverOptions {
 }
 
 export class LogReceiver {
-  private readonly lock = new KeyedLock();
+  private readonly inflight = new Map<string, InFlight>();
+  private readonly inflightCount = new Map<string, number>();
 
   constructor(private readonly options: LogReceiverOptions) {}
 
@@ -63,6 +63,15 @@ export class LogReceiver {
     ];
   }
 
+  /**
+   * Uploads of one disk are pipelined: the next log in sequence may stream
+   * in, be hashed, fsynced and verified while the one before it is still
+   * being made durable, but logs become visible and are recorded in the
+   * ledger strictly in order, each only after the one before it was. If a
+   * log fails, the logs staged behind it are discarded (the sender resends
+   * them after it). At most RECEIVER_MAX_IN_FLIGHT uploads per disk are
+   * taken up; more are refused as busy (BR_PEER_BUSY, recoverable).
+   */
   private async receive(req: import('node:http').IncomingMessage, res: import('node:http').ServerResponse, diskParam: string, seqParam: string): Promise<void> {
     const diskId = validateDiskId(diskParam);
     if (!this.options.acceptsDisk(diskId)) throw new BlockrelayError('BR_DISK_UNKNOWN', `disk ${diskId} is not served here`);
@@ -70,23 +79,82 @@ export class LogReceiver {
     const envelope = parseEnvelope(diskId, seqParam, req.headers);
     const encoding = req.headers[HEADER.encoding];
     if (encoding !== undefined && encoding !== 'lz4') throw new BlockrelayError('BR_PROTOCOL', `unknown ${HEADER.encoding} '${String(encoding)}'`);
-    await this.lock.run(diskId, async () => {
-      const admission = this.options.ledger.admit(diskId, envelope.seq, envelope.xxhash64, envelope.resync === true);
+    const { seq } = envelope;
+    const resync = envelope.resync === true;
+
+    // Admission. A resend of a log still in flight here waits for it to
+    // settle, then is judged against the ledger (a duplicate once accepted).
+    let chain = this.inflight.get(diskId);
+    while (chain !== undefined && seq < chain.tailSeq && seq >= (this.options.ledger.get(diskId).nextSeq ?? 0)) {
+      await chain.settled;
+      chain = this.inflight.get(diskId);
+    }
+    const ledger = this.options.ledger.get(diskId);
+    if (chain === undefined || seq < (ledger.nextSeq ?? 0)) {
+      const admission = this.options.ledger.admit(diskId, seq, envelope.xxhash64, resync);
       if (admission.kind === 'duplicate') {
         req.resume();
         await new Promise<void>((resolve) => {
           if (req.complete) resolve();
           else req.on('end', resolve).on('close', resolve);
         });
-        sendJson(res, 200, { diskId, seq: envelope.seq, duplicate: true });
+        sendJson(res, 200, { diskId, seq, duplicate: true });
         return;
       }
-      const entry = await this.options.spool.receive(envelope, req, { lz4: encoding === 'lz4', verify: this.options.verify });
-      await this.options.ledger.accepted(diskId, envelope.seq, envelope.xxhash64);
+    } else if (seq > chain.tailSeq && !resync) {
+      throw new BlockrelayError('BR_SEQ_GAP', `disk ${diskId}: log ${seq} arrived, expected ${chain.tailSeq}`, { details: { expectedSeq: chain.tailSeq } });
+    } else if ((this.inflightCount.get(diskId) ?? 0) >= RECEIVER_MAX_IN_FLIGHT) {
+      throw new BlockrelayError('BR_PEER_BUSY', `disk ${diskId}: ${RECEIVER_MAX_IN_FLIGHT} uploads are in flight; resend log ${seq} later`);
+    }
+
+    // Taken up: the next log in sequence may follow this one.
+    const before = chain?.settled ?? Promise.resolve(true);
+    let settle!: (accepted: boolean) => void;
+    const mine: InFlight = { tailSeq: seq + 1, settled: new Promise<boolean>((resolve) => { settle = resolve; }) };
+    this.inflight.set(diskId, mine);
+    this.inflightCount.set(diskId, (this.inflightCount.get(diskId) ?? 0) + 1);
+    let accepted = false;
+    try {
+      const staged = await this.options.spool.stage(envelope, req, { lz4: encoding === 'lz4', verify: this.options.verify });
+      if (!(await before)) {
+        await staged.discard();
+        throw new BlockrelayError('BR_PEER_BUSY', `disk ${diskId}: the log before ${seq} was not accepted; resend from it`);
+      }
+      let entry: SpoolEntry;
+      try {
+        // Everything before this log is settled: the ledger alone decides now.
+        if (this.options.ledger.admit(diskId, seq, envelope.xxhash64, resync).kind === 'duplicate') {
+          await staged.discard();
+          sendJson(res, 200, { diskId, seq, duplicate: true });
+          accepted = true;
+          return;
+        }
+        entry = await staged.commit();
+      } catch (err) {
+        await staged.discard();
+        throw err;
+      }
+      await this.options.ledger.accepted(diskId, seq, envelope.xxhash64);
+      accepted = true;
       this.options.metrics.pendingBytes.set({ disk: diskId, hop: this.options.hop }, this.options.spool.pendingBytes(diskId));
-      this.options.logger.debug({ disk: diskId, seq: envelope.seq, bytes: envelope.logLength }, 'log accepted');
-      sendJson(res, 201, { diskId, seq: envelope.seq, durable: true });
+      this.options.logger.debug({ disk: diskId, seq, bytes: envelope.logLength }, 'log accepted');
+      sendJson(res, 201, { diskId, seq, durable: true });
       this.options.onAccepted(entry);
-    });
+    } finally {
+      settle(accepted);
+      this.inflightCount.set(diskId, this.inflightCount.get(diskId)! - 1);
+      if (this.inflight.get(diskId) === mine) this.inflight.delete(diskId);
+    }
   }
+}
+
+/** Uploads one disk may have in flight on a receiver: one being made durable, one streaming behind it, one queued. */
+export const RECEIVER_MAX_IN_FLIGHT = 3;
+
+/** The newest upload in flight for a disk. */
+interface InFlight {
+  /** The sequence number the next log in order would carry. */
+  readonly tailSeq: number;
+  /** Resolves true once this log is accepted (durable, recorded), false if it failed. */
+  readonly settled: Promise<boolean>;
 }

@@ -8,6 +8,7 @@ import { DiskDrain } from './disk-drain';
 import { sendLog, type PeerOptions } from './log-client';
 import { hashFile } from './log-spool';
 import type { LogStageSink } from './log-stage-events';
+import { UploadPipeline } from './upload-pipeline';
 
 /** A sealed log waiting at the source, with what travels beside it. */
 export interface ShippableLog {
@@ -51,8 +52,15 @@ export interface LogShipperOptions {
 export class LogShipper {
   readonly drain: DiskDrain<ShippableLog>;
   shippedBytesTotal = 0;
+  /** The next sealed log goes out while the one before it waits for its answer. */
+  private readonly pipeline: UploadPipeline<ShippableLog>;
 
   constructor(private readonly source: ShippingSource, private readonly options: LogShipperOptions) {
+    this.pipeline = new UploadPipeline<ShippableLog>({
+      key: (log) => log.seq,
+      send: (log, onBodySent) => this.upload(log, onBodySent),
+      next: async (log) => (await source.sealedLogs()).find((l) => l.seq > log.seq),
+    });
     this.drain = new DiskDrain<ShippableLog>({
       diskId: source.diskId,
       queue: {
@@ -61,7 +69,7 @@ export class LogShipper {
         describe: (log) => `log ${log.seq}`,
       },
       stage: 'ship',
-      handle: (log) => this.ship(log),
+      handle: (log) => this.pipeline.send(log),
       clock: options.clock,
       logger: options.logger,
       metrics: options.metrics,
@@ -83,11 +91,12 @@ export class LogShipper {
     return this.drain.whenIdle();
   }
 
-  stop(): Promise<void> {
-    return this.drain.stop();
+  async stop(): Promise<void> {
+    await this.drain.stop();
+    await this.pipeline.stop();
   }
 
-  private async ship(log: ShippableLog): Promise<void> {
+  private async upload(log: ShippableLog, onBodySent: () => void): Promise<void> {
     const report = (phase: 'start' | 'done', sizeBytes: number): void => this.options.onStage?.({ diskId: this.source.diskId, seq: log.seq, stage: 'ship', phase, atMs: this.options.clock.now(), cutTimeMs: log.cutTimeMs, sizeBytes });
     report('start', 0);
     let hashed: { xxhash64: string; sizeBytes: number };
@@ -113,7 +122,7 @@ export class LogShipper {
       ...(log.resync === true ? { resync: true } : {}),
     };
     try {
-      await sendLog(this.options.peer, envelope, log.file);
+      await sendLog(this.options.peer, envelope, log.file, { onBodySent });
     } catch (err) {
       // An overflow may fold the log away while it is being sent (the upload
       // then breaks off): it needs no retry, a resync log carries its extents.

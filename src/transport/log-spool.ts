@@ -77,7 +77,17 @@ class HashingCounter extends Transform {
   }
 }
 
+/** An upload held durably and verified in a temp file, not yet visible in the spool. */
+export interface StagedLog {
+  readonly envelope: LogEnvelope;
+  /** Makes it visible (envelope, rename, directory fsync); on failure nothing of it remains. */
+  commit(): Promise<SpoolEntry>;
+  /** Drops it. */
+  discard(): Promise<void>;
+}
+
 export class LogSpool {
+  private stagedCount = 0;
   private readonly entries = new Map<string, Map<number, SpoolEntry>>();
   private usedBytes = 0;
   private reservedBytes = 0;
@@ -140,6 +150,18 @@ export class LogSpool {
    * durable and visible; on any failure nothing of it remains.
    */
   async receive(envelope: LogEnvelope, body: Readable, options: ReceiveOptions): Promise<SpoolEntry> {
+    const staged = await this.stage(envelope, body, options);
+    return staged.commit();
+  }
+
+  /**
+   * The first half of `receive`: streams the upload to a temp file, checks
+   * its length and hash, and makes it durable and verified (fsync and
+   * verification run side by side: both read the same immutable bytes).
+   * Nothing is visible yet; the caller commits (in sequence order) or
+   * discards it. Its bytes stay reserved against the size bound until then.
+   */
+  async stage(envelope: LogEnvelope, body: Readable, options: ReceiveOptions): Promise<StagedLog> {
     if (envelope.logLength > TRANSPORT_LIMITS.maxLogBytes) throw new BlockrelayError('BR_UPLOAD_TOO_LARGE', `log of ${envelope.logLength} bytes exceeds the ${TRANSPORT_LIMITS.maxLogBytes}-byte limit`);
     if (this.usedBytes + this.reservedBytes + envelope.logLength > this.maxBytes) {
       throw new BlockrelayError('BR_SPOOL_FULL', `spool ${this.dir} holds ${this.usedBytes} of ${this.maxBytes} bytes; a ${envelope.logLength}-byte log does not fit`);
@@ -147,7 +169,16 @@ export class LogSpool {
     this.reservedBytes += envelope.logLength;
     const diskDir = path.join(this.dir, envelope.diskId);
     const base = path.join(diskDir, seqName(envelope.seq));
-    const tmp = `${base}.hrl.${process.pid}.${Date.now()}.tmp`;
+    const tmp = `${base}.hrl.${process.pid}.${Date.now()}.${++this.stagedCount}.tmp`;
+    let settled = false;
+    const release = (): void => {
+      if (!settled) this.reservedBytes -= envelope.logLength;
+      settled = true;
+    };
+    const discard = async (): Promise<void> => {
+      release();
+      await fsp.rm(tmp, { force: true });
+    };
     try {
       await fsp.mkdir(diskDir, { recursive: true });
       const hasher = await newXxhash64();
@@ -173,22 +204,34 @@ export class LogSpool {
       if (actual !== envelope.xxhash64) {
         throw new BlockrelayError('BR_UPLOAD_HASH_MISMATCH', `upload of ${envelope.diskId} seq ${envelope.seq} hashes to ${actual}, declared ${envelope.xxhash64}`);
       }
-      await fsyncFile(tmp);
-      await options.verify(tmp, envelope);
-      await writeFileDurably(`${base}.json`, JSON.stringify(envelope));
-      await fsp.rename(tmp, `${base}.hrl`);
-      await syncDirectory(diskDir);
-      const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
-      const prior = this.get(envelope.diskId, envelope.seq);
-      if (prior !== undefined) this.usedBytes -= prior.sizeBytes;
-      this.add(entry);
-      return entry;
+      // Both must succeed before the log may become visible; neither changes the file.
+      const [synced, verified] = await Promise.allSettled([fsyncFile(tmp), options.verify(tmp, envelope)]);
+      if (verified.status === 'rejected') throw verified.reason;
+      if (synced.status === 'rejected') throw synced.reason;
     } catch (err) {
-      await fsp.rm(tmp, { force: true });
+      await discard();
       throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
-    } finally {
-      this.reservedBytes -= envelope.logLength;
     }
+    return {
+      envelope,
+      discard,
+      commit: async () => {
+        try {
+          await writeFileDurably(`${base}.json`, JSON.stringify(envelope));
+          await fsp.rename(tmp, `${base}.hrl`);
+          await syncDirectory(diskDir);
+        } catch (err) {
+          await discard();
+          throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
+        }
+        const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
+        const prior = this.get(envelope.diskId, envelope.seq);
+        if (prior !== undefined) this.usedBytes -= prior.sizeBytes;
+        release();
+        this.add(entry);
+        return entry;
+      },
+    };
   }
 
   /** Deletes a log once the next hop holds it durably (or it was applied). */

@@ -10,6 +10,7 @@ import type { LogOps } from './log-ops';
 import type { SpoolEntry } from './log-spool';
 import { ApplyingHop, type ApplyingHopOptions, type DiskApplyStatus } from './master-target';
 import { validateDiskId } from './transport-protocol';
+import { UploadPipeline } from './upload-pipeline';
 import type { ResyncDiskAccess } from './resync-route';
 
 export interface ForwardOptions {
@@ -20,6 +21,8 @@ export interface ForwardOptions {
 interface ForwardedDisk {
   readonly diskId: string;
   readonly drain: DiskDrain;
+  /** The next spooled log goes out while the one before it waits for the master target's answer. */
+  readonly pipeline: UploadPipeline<SpoolEntry>;
   readonly health: DiskHealth;
   forwardedBytesTotal: number;
 }
@@ -72,7 +75,10 @@ export class ProcessServer extends ApplyingHop {
   }
 
   override async stop(): Promise<void> {
-    await Promise.all([...this.forwarded.values()].map((d) => d.drain.stop()));
+    await Promise.all([...this.forwarded.values()].map(async (d) => {
+      await d.drain.stop();
+      await d.pipeline.stop();
+    }));
     await super.stop();
   }
 
@@ -124,11 +130,19 @@ export class ProcessServer extends ApplyingHop {
       diskId,
       health,
       forwardedBytesTotal: 0,
+      pipeline: new UploadPipeline<SpoolEntry>({
+        key: (entry) => entry.envelope.seq,
+        send: (entry, onBodySent) => this.forwardOne(disk, entry, onBodySent),
+        next: async (entry) => {
+          const next = this.spool.list(diskId).find((e) => e.envelope.seq > entry.envelope.seq);
+          return next === undefined || disk.drain.holds(next) ? undefined : next;
+        },
+      }),
       drain: new DiskDrain({
         diskId,
         queue: spoolQueue(this.spool, diskId),
         stage: 'forward',
-        handle: (entry) => this.forwardOne(disk, entry),
+        handle: (entry) => disk.pipeline.send(entry),
         clock: this.clock,
         logger: this.logger,
         metrics: this.metrics,
@@ -141,11 +155,11 @@ export class ProcessServer extends ApplyingHop {
     return disk;
   }
 
-  private async forwardOne(disk: ForwardedDisk, entry: SpoolEntry): Promise<void> {
+  private async forwardOne(disk: ForwardedDisk, entry: SpoolEntry, onBodySent: () => void): Promise<void> {
     const forward = this.forward!;
     this.reportStage('forward', 'start', entry);
     try {
-      await sendLog(forward.peer, entry.envelope, entry.file, { lz4: true, limiter: this.limiter });
+      await sendLog(forward.peer, entry.envelope, entry.file, { lz4: true, limiter: this.limiter, onBodySent });
     } catch (err) {
       if (isBlockrelayError(err) && err.code === 'BR_SEQ_GAP') {
         // We send oldest first and delete only after an ack, so a master

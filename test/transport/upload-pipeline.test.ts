@@ -1,0 +1,182 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { validateConfig } from '../../src/daemon/config';
+import { systemClock } from '../../src/platform/clock';
+import { BlockrelayError } from '../../src/retry/blockrelay-error';
+import { DiskHealth } from '../../src/retry/health';
+import { hrlLogOps } from '../../src/transport/hrl-log-ops';
+import { getDiskState, sendLog } from '../../src/transport/log-client';
+import type { LogOps } from '../../src/transport/log-ops';
+import { LogShipper, type ShippableLog } from '../../src/transport/log-shipper';
+import { masterTargetFromConfig } from '../../src/transport/master-target';
+import { processServerFromConfig } from '../../src/transport/process-server';
+import { UploadPipeline } from '../../src/transport/upload-pipeline';
+import { FaultProxy } from '../helpers/fault-proxy';
+import { useTempDirs } from '../helpers/tmp';
+import { DISK_SIZE, FAST_RETRY, makeLog, MT_SECRET, prng, quiet, SECRET, type WrittenLog } from './transport-fixture';
+
+/** [MS-HRL] log ops whose verification takes `delayMs` longer (and fails for chosen sequence numbers). */
+function slowOps(delayMs: number, failSeqs: Set<number> = new Set()): LogOps & { verifying: number; maxVerifying: number } {
+  const ops = {
+    verifying: 0,
+    maxVerifying: 0,
+    async verify(file: string, diskSizeBytes: number | undefined): Promise<void> {
+      ops.verifying++;
+      ops.maxVerifying = Math.max(ops.maxVerifying, ops.verifying);
+      try {
+        await new Promise((r) => setTimeout(r, delayMs));
+        const seq = Number(/(\d{20})\.hrl/.exec(file)?.[1]);
+        if (failSeqs.has(seq)) {
+          failSeqs.delete(seq);
+          throw new BlockrelayError('BR_HRL_HEADER_CHECKSUM', `test: log ${seq} refused at offset 0`);
+        }
+        await hrlLogOps.verify(file, diskSizeBytes);
+      } finally {
+        ops.verifying--;
+      }
+    },
+    ranges: hrlLogOps.ranges,
+    apply: hrlLogOps.apply,
+  };
+  return ops;
+}
+
+describe('pipelined uploads', () => {
+  const tmp = useTempDirs();
+  const cleanup: Array<() => Promise<void>> = [];
+  afterEach(async () => {
+    for (const c of cleanup.splice(0).reverse()) await c();
+  });
+
+  async function hops(dir: string, psOps: LogOps, options: { proxy?: boolean } = {}) {
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), slowOps(20), { ...quiet(), retryPolicy: FAST_RETRY });
+    await mt.start();
+    cleanup.push(() => mt.stop());
+    let forwardUrl = mt.url;
+    let proxy: FaultProxy | undefined;
+    if (options.proxy) {
+      proxy = new FaultProxy(Number(new URL(mt.url).port));
+      await proxy.listen();
+      cleanup.push(() => proxy!.close());
+      forwardUrl = proxy.url;
+    }
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: forwardUrl, secret: MT_SECRET, timeoutSeconds: 1 } }), psOps, { ...quiet(), retryPolicy: FAST_RETRY });
+    await ps.start();
+    cleanup.push(() => ps.stop());
+    return { mt, ps, proxy };
+  }
+
+  async function logs(dir: string, count: number, model: Buffer, seed: number): Promise<WrittenLog[]> {
+    const rand = prng(seed);
+    const out: WrittenLog[] = [];
+    for (let seq = 1; seq <= count; seq++) out.push(await makeLog(path.join(dir, 'src'), 'disk0', seq, model, rand, 30));
+    return out;
+  }
+
+  it('takes up the next log while the one before it is made durable, and applies every log once, in order', async () => {
+    const dir = tmp();
+    const psOps = slowOps(80);
+    const { mt, ps } = await hops(dir, psOps);
+    const model = Buffer.alloc(DISK_SIZE);
+    const written = await logs(dir, 8, model, 3);
+    const spans = new Map<number, { start: number; end: number }>();
+    const peer = { url: ps.url, secret: SECRET };
+    const pipeline = new UploadPipeline<WrittenLog>({
+      key: (l) => l.envelope.seq,
+      send: async (l, onBodySent) => {
+        const start = Date.now();
+        const r = await sendLog(peer, l.envelope, l.file, { onBodySent });
+        expect(r.status).toBe(201);
+        spans.set(l.envelope.seq, { start, end: Date.now() });
+      },
+      next: async (l) => written.find((w) => w.envelope.seq === l.envelope.seq + 1),
+    });
+    for (const l of written) await pipeline.send(l);
+    await pipeline.stop();
+    // The uploads overlapped: log N+1 started before log N was answered, and two were being verified at once.
+    const overlapped = [...spans.keys()].filter((seq) => spans.has(seq + 1) && spans.get(seq + 1)!.start < spans.get(seq)!.end);
+    expect(overlapped.length).toBeGreaterThan(4);
+    expect(psOps.maxVerifying).toBe(2);
+    await ps.drain();
+    await mt.drain();
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(8);
+    expect(ps.ledger.get('disk0').nextSeq).toBe(9);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  }, 60_000);
+
+  it('discards the logs staged behind one that fails, and takes them again once it is resent', async () => {
+    const dir = tmp();
+    const { mt, ps } = await hops(dir, slowOps(150, new Set([2])));
+    const model = Buffer.alloc(DISK_SIZE);
+    const [l1, l2, l3] = await logs(dir, 3, model, 5);
+    const peer = { url: ps.url, secret: SECRET };
+    expect((await sendLog(peer, l1!.envelope, l1!.file)).status).toBe(201);
+    // Log 3 streams in behind log 2, whose verification then fails.
+    let third: Promise<unknown> | undefined;
+    const second = sendLog(peer, l2!.envelope, l2!.file, { onBodySent: () => { third = sendLog(peer, l3!.envelope, l3!.file).catch((e: unknown) => e); } }).catch((e: unknown) => e);
+    expect(await second).toMatchObject({ code: 'BR_HRL_HEADER_CHECKSUM' });
+    expect(await third).toMatchObject({ code: 'BR_PEER_BUSY', recoverable: true });
+    // Nothing of either is visible; the ledger still expects log 2.
+    expect(ps.spool.list('disk0').map((e) => e.envelope.seq).filter((s) => s > 1)).toEqual([]);
+    expect(ps.ledger.get('disk0').nextSeq).toBe(2);
+    expect(fs.readdirSync(path.join(ps.spool.dir, 'disk0')).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+    // A log ahead of its turn is still refused as a gap.
+    await expect(sendLog(peer, l3!.envelope, l3!.file)).rejects.toMatchObject({ code: 'BR_SEQ_GAP' });
+    expect((await sendLog(peer, l2!.envelope, l2!.file)).status).toBe(201);
+    expect((await sendLog(peer, l3!.envelope, l3!.file)).status).toBe(201);
+    // A resend of an accepted log is a duplicate.
+    expect((await sendLog(peer, l2!.envelope, l2!.file)).duplicate).toBe(true);
+    await ps.drain();
+    await mt.drain();
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(3);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  }, 60_000);
+
+  it('ships with several logs in flight across a link that resets and drops, and each is applied once, in order', async () => {
+    const dir = tmp();
+    const { mt, ps, proxy } = await hops(dir, slowOps(10), { proxy: true });
+    const model = Buffer.alloc(DISK_SIZE);
+    const written = await logs(dir, 12, model, 9);
+    const remaining = new Map(written.map((w) => [w.envelope.seq, w]));
+    const acknowledged: number[] = [];
+    const toShippable = (w: WrittenLog): ShippableLog => ({ seq: w.envelope.seq, file: w.file, cutTimeMs: w.envelope.cutTimeMs, cutId: w.envelope.cutId });
+    const shipper = new LogShipper(
+      {
+        diskId: 'disk0',
+        diskSizeBytes: DISK_SIZE,
+        sealedLogs: async () => [...remaining.values()].sort((a, b) => a.envelope.seq - b.envelope.seq).map(toShippable),
+        acknowledge: async (seq) => {
+          acknowledged.push(seq);
+          remaining.delete(seq);
+        },
+      },
+      { peer: { url: ps.url, secret: SECRET, timeoutMs: 2000 }, clock: systemClock, ...quiet(), health: new DiskHealth('disk0'), retryPolicy: FAST_RETRY },
+    );
+    // The process server -> master target link fails now and then while logs flow.
+    const modes = [{ kind: 'reset-after', bytes: 3000 }, { kind: 'drop' }, { kind: 'pass' }] as const;
+    let faults = 1;
+    proxy!.mode = modes[0];
+    // Nine changes of mode, 60 ms apart, while the logs are shipped and forwarded; then the link heals.
+    const faulting = setInterval(() => {
+      proxy!.mode = faults < 9 ? modes[faults % modes.length]! : { kind: 'pass' };
+      if (++faults > 9) clearInterval(faulting);
+    }, 60);
+    cleanup.push(async () => clearInterval(faulting));
+    shipper.start();
+    shipper.wake();
+    await shipper.whenIdle();
+    await shipper.stop();
+    expect(acknowledged).toEqual(written.map((w) => w.envelope.seq));
+    while (faults <= 9) await new Promise((r) => setTimeout(r, 20));
+    await ps.drain();
+    await mt.drain();
+    const state = (await getDiskState({ url: mt.url, secret: MT_SECRET }, 'disk0')) as { appliedSeq?: number };
+    expect(state.appliedSeq).toBe(12);
+    expect(mt.diskStatus()[0]!.health).toBe('OK');
+    expect(ps.diskStatus()[0]!.health).toBe('OK');
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+    // The faults hit uploads in flight: the forwarder retried.
+    expect(ps.diskStatus()[0]!.recentErrors.length).toBeGreaterThan(0);
+  }, 120_000);
+});
