@@ -22,6 +22,14 @@ export const RESYNC_HEADER = {
   afterSeq: 'x-blockrelay-resync-after-seq',
   /** Size of the protected disk, so a hop can create a target no log has created yet. */
   diskSizeBytes: 'x-blockrelay-disk-size-bytes',
+  /** On DELETE: `1` when the resync finished (every block compared); absent when an attempt gives up. */
+  complete: 'x-blockrelay-resync-complete',
+  /**
+   * On a completing DELETE: the newest log sealed before the resync's last
+   * read. Logs up to it mix blocks read at different times with the logs'
+   * writes, so their ends are no crash-consistent points.
+   */
+  taintedThrough: 'x-blockrelay-resync-tainted-through',
 } as const;
 
 /**
@@ -170,10 +178,19 @@ export class HttpResyncChannel implements ResyncChannel {
     return postResync(this.options.peer, 'POST', this.options.diskId, sessionHeaders(this.options), request, this.agent);
   }
 
-  /** Ends the session on the hop (its applier resumes at once rather than at expiry), and closes the connections. */
-  async end(): Promise<void> {
+  /**
+   * Ends the session on the hop (its applier resumes at once rather than at
+   * expiry), and closes the connections. `completion` says the resync
+   * finished, and through which log the points are tainted.
+   */
+  async end(completion?: { taintedThrough: number | undefined }): Promise<void> {
+    const headers = sessionHeaders(this.options);
+    if (completion !== undefined) {
+      headers[RESYNC_HEADER.complete] = '1';
+      if (completion.taintedThrough !== undefined) headers[RESYNC_HEADER.taintedThrough] = String(completion.taintedThrough);
+    }
     try {
-      await postResync(this.options.peer, 'DELETE', this.options.diskId, sessionHeaders(this.options), undefined);
+      await postResync(this.options.peer, 'DELETE', this.options.diskId, headers, undefined);
     } finally {
       this.close();
     }

@@ -41,6 +41,13 @@ export interface NetworkedResyncResult extends ResyncResult {
   readonly attempts: number;
   /** The anchor of the attempt that finished (null: the hop's received logs). */
   readonly afterSeq: number | null;
+  /**
+   * The hop confirmed the finished session. When false (it could not be
+   * reached at the very end) the blocks are all there, but the hop treats
+   * the disk as mid-resync and offers no new recovery point until a
+   * resync completes: run it again (it compares, finds nothing, confirms).
+   */
+  readonly endConfirmed: boolean;
 }
 
 const ANCHOR_POLL_MS = 100;
@@ -51,6 +58,22 @@ const END_TIMEOUT_MS = 5_000;
 /** The session id of the resync saved at `statePath`: a restarted resync takes over its own session. */
 export function sessionIdFor(statePath: string, diskId: string): string {
   return crypto.createHash('sha256').update(`${path.resolve(statePath)}\n${diskId}`).digest('hex').slice(0, 32);
+}
+
+const COMPLETE_TRIES = 5;
+const COMPLETE_RETRY_MS = 1_000;
+
+/** Tells the hop the resync finished, a few times over a short outage; a finished resync is never redone for it. */
+async function completeSession(end: () => Promise<void>, clock: Clock): Promise<boolean> {
+  for (let i = 0; i < COMPLETE_TRIES; i++) {
+    try {
+      await end();
+      return true;
+    } catch {
+      if (i < COMPLETE_TRIES - 1) await new Promise<void>((resolve) => clock.setTimer(resolve, COMPLETE_RETRY_MS));
+    }
+  }
+  return false;
 }
 
 /** Waits until the hop holds log `seq` (its next expected sequence is past it). */
@@ -87,6 +110,7 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   let lastAttempt = 0;
   let attempts = 0;
   let afterSeq: number | undefined;
+  let endConfirmed = false;
   const { peer, diskId, cut, retryPolicy, onRetry, anchorWaitMs, signal, ...engine } = options;
   const loop = new RetryLoop<ResyncResult>(
     async () => {
@@ -97,10 +121,12 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
       // Attempts increase across restarts too, so a restarted resync supersedes its own stale session.
       lastAttempt = Math.max(lastAttempt + 1, clock.now());
       const channel = new HttpResyncChannel({ peer, diskId, sessionId, attempt: lastAttempt, afterSeq, diskSizeBytes });
-      const endSession = (): Promise<void> => new HttpResyncChannel({ peer: { ...peer, timeoutMs: Math.min(peer.timeoutMs ?? END_TIMEOUT_MS, END_TIMEOUT_MS) }, diskId, sessionId, attempt: lastAttempt, afterSeq, diskSizeBytes }).end();
+      const endSession = (completion?: { taintedThrough: number | undefined }): Promise<void> => new HttpResyncChannel({ peer: { ...peer, timeoutMs: Math.min(peer.timeoutMs ?? END_TIMEOUT_MS, END_TIMEOUT_MS) }, diskId, sessionId, attempt: lastAttempt, afterSeq, diskSizeBytes }).end(completion);
       try {
         const result = await resyncDisks(sourceSpec, `${peer.url}${peer.url.endsWith('/') ? '' : '/'}v1/disks/${diskId}`, { ...engine, ...(signal ? { signal } : {}), clock, statePath: options.statePath, channel });
-        await endSession();
+        // Every block is read: the log sealed now ends the first consistent point; the ones before it do not.
+        const sealedAfter = cut === undefined ? undefined : await cut();
+        endConfirmed = await completeSession(() => endSession({ taintedThrough: sealedAfter === undefined ? afterSeq : sealedAfter - 1 }), clock);
         return result;
       } catch (err) {
         await endSession().catch(() => undefined);
@@ -119,7 +145,7 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   signal?.addEventListener('abort', stop, { once: true });
   try {
     const result = await loop.run();
-    return { ...result, diskId, sessionId, attempts, afterSeq: afterSeq ?? null };
+    return { ...result, diskId, sessionId, attempts, afterSeq: afterSeq ?? null, endConfirmed };
   } finally {
     signal?.removeEventListener('abort', stop);
   }

@@ -153,6 +153,7 @@ export class ApplyingHop {
       logger: this.logger,
       access: (diskId) => this.resyncAccess(diskId),
       journal: this.resyncJournal,
+      stateDir: options.stateDir,
       ...(options.resyncIdleTimeoutMs === undefined ? {} : { idleTimeoutMs: options.resyncIdleTimeoutMs }),
     });
   }
@@ -249,6 +250,8 @@ export class ApplyingHop {
     if (ledger.appliedSeq !== null && seq !== ledger.appliedSeq + 1 && entry.envelope.resync !== true) {
       throw new BlockrelayError('BR_SEQ_GAP', `disk ${disk.diskId}: log ${seq} is next in the inbox but ${ledger.appliedSeq + 1} was never received`, { details: { expectedSeq: ledger.appliedSeq + 1 } });
     }
+    // A log applied while a resync is unfinished (or sealed during its reads) ends no consistent point.
+    entry = this.resyncSessions.markTainted(disk.diskId, entry);
     const started = process.hrtime.bigint();
     this.reportStage('apply', 'start', entry);
     disk.target ??= await openOrCreateTarget(disk.spec, entry.envelope.diskSizeBytes);

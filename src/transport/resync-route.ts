@@ -1,4 +1,7 @@
+import * as fs from 'node:fs';
 import * as http from 'node:http';
+import * as path from 'node:path';
+import { writeFileDurably } from '../platform/durable-file';
 import type { Logger } from '../daemon/logger';
 import type { Clock, TimerHandle } from '../platform/clock';
 import { KeyedLock } from '../platform/keyed-lock';
@@ -87,6 +90,22 @@ export interface ResyncSessionsOptions {
   readonly idleTimeoutMs?: number;
   /** How long opening a session waits for the logs up to the anchor to be applied or forwarded. */
   readonly readyTimeoutMs?: number;
+  /** The hop's state directory: `resync/<disk>.json` says which logs end no consistent point (absent: kept in memory). */
+  readonly stateDir?: string;
+}
+
+/**
+ * What a resync means for a disk's recovery points, persisted per disk in
+ * `STATE/resync/<disk>.json`: while a resync is in progress (a session
+ * opened, none completed since) the target mixes blocks read at different
+ * times, so no log applied then ends a crash-consistent point; once one
+ * completes, logs up to `taintedThrough` (sealed before its last read)
+ * end none either.
+ */
+export interface DiskResyncState {
+  readonly version: 1;
+  readonly inProgress: boolean;
+  readonly taintedThrough: number | null;
 }
 
 export const RESYNC_SESSION_DEFAULTS = {
@@ -96,6 +115,22 @@ export const RESYNC_SESSION_DEFAULTS = {
 
 /** Ended sessions remembered per hop, so their late requests are refused, not served. */
 const ENDED_SESSIONS_MAX = 1024;
+
+const IDLE_STATE: DiskResyncState = { version: 1, inProgress: false, taintedThrough: null };
+
+interface Completion {
+  readonly taintedThrough: number | undefined;
+}
+
+function completionOf(req: http.IncomingMessage): Completion | undefined {
+  if (req.headers[RESYNC_HEADER.complete] !== '1') return undefined;
+  return { taintedThrough: wholeHeader(req, RESYNC_HEADER.taintedThrough, false) };
+}
+
+function completionHeaders(completion: Completion | undefined): Record<string, string> {
+  if (completion === undefined) return {};
+  return { [RESYNC_HEADER.complete]: '1', ...(completion.taintedThrough === undefined ? {} : { [RESYNC_HEADER.taintedThrough]: String(completion.taintedThrough) }) };
+}
 
 interface Session {
   readonly diskId: string;
@@ -204,8 +239,9 @@ function journaledTarget(target: DiskTarget, journal: ResyncSessionJournal): Dis
 /** The resync sessions of one receiving hop (master target or process server). */
 export class ResyncSessions {
   private readonly sessions = new Map<string, Session>();
-  /** `${sessionId}:${attempt}` of sessions that ended, oldest first. */
-  private readonly ended = new Set<string>();
+  /** `${sessionId}:${attempt}` of sessions that ended, oldest first, with their disk. */
+  private readonly ended = new Map<string, string>();
+  private readonly diskStates = new Map<string, DiskResyncState>();
   private readonly opening = new KeyedLock();
   private hasher: Promise<BlockHasher> | undefined;
   private closed = false;
@@ -245,18 +281,24 @@ export class ResyncSessions {
         handler: async (ctx) => {
           const diskId = validateDiskId(ctx.params.disk!);
           const key = sessionKey(ctx.req);
+          const completion = completionOf(ctx.req);
           const current = this.sessions.get(diskId);
           let endedNow = false;
           if (current !== undefined && current.sessionId === key.sessionId && current.attempt === key.attempt) {
-            await this.end(current, 'ended by the source');
+            await this.end(current, completion === undefined ? 'ended by the source' : 'completed', completion);
             endedNow = true;
           } else {
-            // Relay an end we hold no session for (the master target may still hold one).
             const access = this.options.access(diskId);
-            if (access?.kind === 'relay') await postResync(access.peer, 'DELETE', diskId, sessionHeaders(key), undefined).catch(() => undefined);
+            if (access?.kind === 'relay') {
+              // Relay an end we hold no session for (the master target may still hold one).
+              await postResync(access.peer, 'DELETE', diskId, { ...sessionHeaders(key), ...completionHeaders(completion) }, undefined);
+            } else if (completion !== undefined && this.ended.get(`${key.sessionId}:${key.attempt}`) === diskId && access !== undefined) {
+              // The session expired after its last exchange: its writes are all flushed, so it still completes.
+              await this.complete(diskId, completion, access.receivedSeq());
+            }
           }
           ctx.res.writeHead(200, { 'content-type': 'application/json' });
-          ctx.res.end(JSON.stringify({ diskId, ended: endedNow }));
+          ctx.res.end(JSON.stringify({ diskId, ended: endedNow, ...this.resyncState(diskId) }));
         },
       },
     ];
@@ -266,6 +308,58 @@ export class ResyncSessions {
   active(diskId: string): { sessionId: string; attempt: number; afterSeq: number | null; exchanges: number } | undefined {
     const s = this.sessions.get(diskId);
     return s === undefined ? undefined : { sessionId: s.sessionId, attempt: s.attempt, afterSeq: s.afterSeq, exchanges: s.exchanges };
+  }
+
+  /** The disk's resync state (see DiskResyncState). */
+  resyncState(diskId: string): DiskResyncState {
+    let state = this.diskStates.get(diskId);
+    if (state === undefined) {
+      state = IDLE_STATE;
+      const file = this.stateFile(diskId);
+      if (file !== undefined && fs.existsSync(file)) {
+        try {
+          const parsed = JSON.parse(fs.readFileSync(file, 'utf8')) as DiskResyncState;
+          if (parsed.version !== 1 || typeof parsed.inProgress !== 'boolean' || (parsed.taintedThrough !== null && !Number.isSafeInteger(parsed.taintedThrough))) throw new Error('unknown layout');
+          state = parsed;
+        } catch (err) {
+          throw new BlockrelayError('BR_APPLY_STATE_CORRUPT', `resync state ${file} is unreadable: ${(err as Error).message}`, { cause: err });
+        }
+      }
+      this.diskStates.set(diskId, state);
+    }
+    return state;
+  }
+
+  /**
+   * The entry as the apply path must see it: a log that ends no
+   * crash-consistent point because of a resync is presented as a resync log
+   * (journaled, applied, but no point and no RPO sample).
+   */
+  markTainted(diskId: string, entry: SpoolEntry): SpoolEntry {
+    if (entry.envelope.resync === true) return entry;
+    const state = this.resyncState(diskId);
+    const tainted = state.inProgress || (state.taintedThrough !== null && entry.envelope.seq <= state.taintedThrough);
+    return tainted ? { ...entry, envelope: { ...entry.envelope, resync: true } } : entry;
+  }
+
+  private stateFile(diskId: string): string | undefined {
+    return this.options.stateDir === undefined ? undefined : path.join(this.options.stateDir, 'resync', `${validateDiskId(diskId)}.json`);
+  }
+
+  private async saveState(diskId: string, state: DiskResyncState): Promise<void> {
+    const file = this.stateFile(diskId);
+    if (file !== undefined) {
+      await fs.promises.mkdir(path.dirname(file), { recursive: true });
+      await writeFileDurably(file, JSON.stringify(state));
+    }
+    this.diskStates.set(diskId, state);
+  }
+
+  /** A resync of the disk finished: logs up to `taintedThrough` (or everything received, when the source could not say) end no point. */
+  private async complete(diskId: string, completion: Completion, receivedSeq: number | null): Promise<void> {
+    const through = completion.taintedThrough ?? receivedSeq;
+    const previous = this.resyncState(diskId).taintedThrough;
+    await this.saveState(diskId, { version: 1, inProgress: false, taintedThrough: through === null ? previous : Math.max(through, previous ?? through) });
   }
 
   /** Ends every session (the role is stopping); appliers are released. */
@@ -312,6 +406,8 @@ export class ResyncSessions {
     try {
       await this.waitReady(session);
       if (access.kind === 'local') {
+        // Before the first write: from now until a resync completes, no applied log ends a consistent point.
+        if (!this.resyncState(diskId).inProgress) await this.saveState(diskId, { ...this.resyncState(diskId), inProgress: true });
         const target = await access.openTarget(key.diskSizeBytes);
         session.journal = await this.options.journal?.openSession(diskId, target, access.appliedSeq(), key.sessionId);
         session.target = target;
@@ -370,25 +466,33 @@ export class ResyncSessions {
    * finish; the target is flushed and the journal closed; then the held
    * logs go on (relayed: the master target's session is ended first).
    */
-  private end(session: Session, why: string): Promise<void> {
-    session.ending ??= this.endOnce(session, why);
+  private end(session: Session, why: string, completion?: Completion): Promise<void> {
+    session.ending ??= this.endOnce(session, why, completion);
     return session.ending;
   }
 
-  private async endOnce(session: Session, why: string): Promise<void> {
+  private async endOnce(session: Session, why: string, completion: Completion | undefined): Promise<void> {
     session.ended = true;
     session.idleTimer?.cancel();
-    this.remember(`${session.sessionId}:${session.attempt}`);
+    this.remember(`${session.sessionId}:${session.attempt}`, session.diskId);
     try {
       if (session.inFlight > 0) await new Promise<void>((resolve) => session.drained.push(resolve));
       if (session.access.kind === 'relay') {
-        await postResync(session.access.peer, 'DELETE', session.diskId, sessionHeaders({ sessionId: session.sessionId, attempt: session.attempt, diskSizeBytes: session.diskSizeBytes, afterSeq: session.afterSeq ?? undefined }), undefined).catch((err: unknown) => {
-          // The master target ends it on its own when idle.
-          this.options.logger.warn({ disk: session.diskId, code: isBlockrelayError(err) ? err.code : undefined }, `could not end the master target's resync session: ${(err as Error).message}`);
-        });
+        const headers = { ...sessionHeaders({ sessionId: session.sessionId, attempt: session.attempt, diskSizeBytes: session.diskSizeBytes, afterSeq: session.afterSeq ?? undefined }), ...completionHeaders(completion) };
+        const ended = postResync(session.access.peer, 'DELETE', session.diskId, headers, undefined);
+        if (completion !== undefined) {
+          // The source must learn if the master target did not record the completion.
+          await ended;
+        } else {
+          await ended.catch((err: unknown) => {
+            // The master target ends it on its own when idle.
+            this.options.logger.warn({ disk: session.diskId, code: isBlockrelayError(err) ? err.code : undefined }, `could not end the master target's resync session: ${(err as Error).message}`);
+          });
+        }
       } else if (session.target !== undefined) {
         await session.target.flush();
         await session.journal?.finish(session.target);
+        if (completion !== undefined) await this.complete(session.diskId, completion, session.access.receivedSeq());
       }
     } finally {
       // Only now may another session take the disk (and its own hold).
@@ -399,9 +503,9 @@ export class ResyncSessions {
     }
   }
 
-  private remember(key: string): void {
-    this.ended.add(key);
-    if (this.ended.size > ENDED_SESSIONS_MAX) this.ended.delete(this.ended.values().next().value!);
+  private remember(key: string, diskId: string): void {
+    this.ended.set(key, diskId);
+    if (this.ended.size > ENDED_SESSIONS_MAX) this.ended.delete(this.ended.keys().next().value!);
   }
 
   private blockHasher(): Promise<BlockHasher> {

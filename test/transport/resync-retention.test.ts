@@ -160,4 +160,80 @@ describe('networked resync into a master target that keeps recovery points', () 
     await failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${out}` });
     expect(fs.readFileSync(out).equals(source)).toBe(true);
   });
+
+  it('offers no point for the logs sealed while the resync read the source; the first log sealed after it is exact', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const rand = prng(37);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    const source = Buffer.alloc(DISK_BYTES);
+    const sourceFile = path.join(dir, 'source.img');
+    const images = new Map<number, Buffer>();
+    const logDir = path.join(dir, 'src');
+    let nextSeq = 1;
+    /** The source's cut: its writes since the last cut become the next log, shipped at once. */
+    const cut = async (): Promise<number> => {
+      const seq = nextSeq++;
+      const log = await makePatternLog(logDir, 'disk0', { seq, cutTimeMs: baseMs + seq * MINUTE_MS }, source, rand);
+      fs.writeFileSync(sourceFile, source);
+      images.set(seq, Buffer.from(source));
+      await sendAll(mt, [log]);
+      return seq;
+    };
+    await cut();
+    await cut();
+    await mt.drain();
+    /** Changes tracking never saw, made right after the anchor's cut: only the resync carries them. */
+    const untracked = (): void => {
+      for (let i = 0; i < 48; i++) {
+        const offset = Math.floor(rand() * (DISK_BYTES / 4096)) * 4096;
+        source.fill(0x80 + i, offset, offset + 4096);
+      }
+      fs.writeFileSync(sourceFile, source);
+    };
+
+    let during: Promise<unknown> | undefined;
+    const result = await networkedResync(`raw:${sourceFile}`, {
+      peer: { url: mt.url, secret: SECRET },
+      diskId: 'disk0',
+      statePath: path.join(dir, 'resync.state'),
+      // The cut after the last read comes after the two cuts made during the reads.
+      cut: async () => {
+        if (during === undefined) {
+          const anchor = await cut();
+          untracked();
+          return anchor;
+        }
+        await during;
+        return cut();
+      },
+      retryPolicy: FAST_RETRY,
+      windowBytes: 256 * 1024,
+      progressIntervalMs: 0,
+      // Two cuts while the resync reads: logs 4 and 5.
+      onProgress: () => {
+        during ??= (async () => {
+          await cut();
+          await cut();
+        })();
+      },
+    });
+    await during;
+    expect(result.afterSeq).toBe(3);
+    expect(result.endConfirmed).toBe(true);
+    await cut();
+    await mt.drain();
+
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    // 4: the session's slot; 5: sealed during the reads; 6: sealed after the last read.
+    expect(points.map((p) => [p.seq, p.resync === true])).toEqual([[1, false], [2, false], [3, false], [4, true], [5, true], [6, false], [7, false]]);
+    for (const seq of [1, 3, 6, 7]) {
+      const out = path.join(dir, `point-${seq}.img`);
+      await failover({ retentionDir, diskId: 'disk0', point: `disk0-${seq}`, out: `raw:${out}` });
+      expect(fs.readFileSync(out).equals(images.get(seq)!), `point ${seq}`).toBe(true);
+    }
+  });
 });
