@@ -4,6 +4,7 @@
 #include <cstring>
 #include <ctime>
 
+#include <fcntl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -103,12 +104,38 @@ void HrlAppenderCore::AddEntryLocked(uint64_t byteOffset, uint32_t length, uint3
   entriesInBlock_++;
 }
 
+namespace {
+// Writeback is started for every this many bytes written...
+constexpr uint64_t kWritebackChunkBytes = 8ull << 20;
+// ...and bytes older than this behind the written end are dropped from the cache.
+constexpr uint64_t kCachedTailBytes = 32ull << 20;
+}  // namespace
+
+void HrlAppenderCore::RecycleCacheLocked() {
+#if defined(__linux__) && defined(SYNC_FILE_RANGE_WRITE)
+  if (writtenEnd_ - writebackStarted_ >= kWritebackChunkBytes) {
+    // Asynchronous: queues the range for writeback and returns.
+    sync_file_range(fd_, static_cast<off_t>(writebackStarted_), static_cast<off_t>(writtenEnd_ - writebackStarted_), SYNC_FILE_RANGE_WRITE);
+    writebackStarted_ = writtenEnd_;
+  }
+  if (writebackStarted_ > kCachedTailBytes && writebackStarted_ - kCachedTailBytes - dropped_ >= kWritebackChunkBytes) {
+    const uint64_t end = writebackStarted_ - kCachedTailBytes;
+    // Waits for that older range's writeback (long started), then drops its clean pages.
+    sync_file_range(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(end - dropped_),
+                    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+    posix_fadvise(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(end - dropped_), POSIX_FADV_DONTNEED);
+    dropped_ = end;
+  }
+#endif
+}
+
 int HrlAppenderCore::WriteStagedLocked() {
   if (stagedBytes_ == 0) return 0;
   int err = PwriteAll(fd_, staging_.data(), stagedBytes_, writtenEnd_);
   if (err != 0) return err;
   writtenEnd_ += stagedBytes_;
   stagedBytes_ = 0;
+  RecycleCacheLocked();
   return 0;
 }
 
@@ -138,6 +165,7 @@ int HrlAppenderCore::CloseBlockLocked() {
   totalEntries_ += entriesInBlock_;
   entriesInBlock_ = 0;
   std::memset(block_.data(), 0, block_.size());
+  RecycleCacheLocked();
   return 0;
 }
 
@@ -165,6 +193,7 @@ int HrlAppenderCore::AppendPieceLocked(uint64_t byteOffset, const uint8_t* data,
     err = PwriteAll(fd_, data, length, writtenEnd_);
     if (err != 0) return err;
     writtenEnd_ += length;
+    RecycleCacheLocked();
   } else {
     if (data != nullptr) std::memcpy(staging_.data(), data, length);
     else std::memset(staging_.data(), 0, length);

@@ -63,6 +63,7 @@ class HrlAppenderCore {
   int WriteStagedLocked();
   int CloseBlockLocked();
   uint64_t SizeBytesLocked() const;
+  void RecycleCacheLocked();
 
   std::mutex mu_;
   const int fd_;
@@ -78,6 +79,13 @@ class HrlAppenderCore {
   uint32_t entriesInBlock_ = 0;
   uint64_t totalEntries_ = 0;
   int error_ = 0;
+  // The log only grows, so its page cache would grow with it, and every new
+  // page costs an allocation (reclaim, or a first touch of guest memory in a
+  // VM) that made appending cost several times a rewrite of cached pages.
+  // Written ranges are therefore handed to writeback early and dropped from
+  // the cache once clean, so appends keep reusing the same few pages.
+  uint64_t writebackStarted_ = 0;
+  uint64_t dropped_ = 0;
 };
 
 // The JavaScript class `HrlAppender` wrapping a core; other native classes

@@ -4,12 +4,14 @@
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -82,10 +84,24 @@ bool NumberArg(const Napi::CallbackInfo& info, size_t i, double max, double& out
   return true;
 }
 
+class ConnCore;
+
+// A logged WRITE waiting for its disk write; owns its payload buffer.
+struct WriteJob {
+  std::shared_ptr<ConnCore> conn;
+  std::unique_ptr<std::vector<uint8_t>> payload;
+  uint64_t offset = 0;
+  size_t length = 0;
+  uint8_t handle[8] = {};
+  bool fua = false;
+};
+
 // State every connection to one export shares: the disk, the tracking mode
-// and log, write-intent regions known durable, and the records not yet taken
-// by JavaScript. The mutex also orders the log append and the disk write of
-// each write, so log order equals disk order across connections.
+// and log, write-intent regions known durable, the records not yet taken by
+// JavaScript, and the disk-write queue. A WRITE is appended to the log and
+// queued under the mutex; one writer thread per export carries the queue
+// out in order, so disk order equals log order across connections, while
+// the connection threads go on receiving the next requests.
 struct ExportCore {
   int diskFd = -1;
   uint64_t sizeBytes = 0;
@@ -113,6 +129,16 @@ struct ExportCore {
   Napi::ThreadSafeFunction notify;
   std::atomic<uint64_t> bytesWritten{0};
 
+  std::deque<WriteJob> jobs;
+  size_t jobBytes = 0;
+  bool writing = false;
+  // Bytes queued for the writer beyond which a connection waits (one job is always allowed).
+  size_t maxJobBytes = 64u << 20;
+  std::condition_variable writerCv;
+  std::thread writer;
+
+  void WriterLoop();
+
   // With mu held.
   void Notify() {
     if (notifyPending || closed) return;
@@ -132,7 +158,7 @@ struct Event {
   int error;
 };
 
-class ConnCore {
+class ConnCore : public std::enable_shared_from_this<ConnCore> {
  public:
   ConnCore(int sock, int wakeFd, std::shared_ptr<ExportCore> exp, std::vector<uint8_t> prefix)
       : sock_(sock), wakeFd_(wakeFd), exp_(std::move(exp)), in_(kInputBytes) {
@@ -152,6 +178,8 @@ class ConnCore {
 
   void Run() {
     int reason = Loop();
+    // Writes still queued for the disk finish and are answered first.
+    WaitJobsDone(reason != kExitStopped && reason != kExitSocketError);
     {
       std::lock_guard<std::mutex> lock(mu_);
       exited_ = true;
@@ -170,6 +198,36 @@ class ConnCore {
     cv_.notify_all();
     Wake();
     return true;
+  }
+
+  // The writer thread finished a queued write: answers it (or hands a FUA
+  // write to JavaScript for the flush) and returns its buffer.
+  void Completed(WriteJob&& job, int err) {
+    const bool fua = job.fua;
+    uint8_t handle[8];
+    std::memcpy(handle, job.handle, 8);
+    const double offset = static_cast<double>(job.offset);
+    const double length = static_cast<double>(job.length);
+    ReleasePayload(std::move(job.payload));
+    if (err != 0) {
+      if (tracked_) Post({kEventWriteFailed, kCmdWrite, 0, 0, 0, offset, length, err});
+      QueueReply(err == ENOSPC ? kNbdEnospc : kNbdEio, handle);
+    } else {
+      bytesWritten += job.length;
+      exp_->bytesWritten += job.length;
+      if (fua) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          pendingJs_++;
+        }
+        Post({kEventFlush, kCmdWrite, kFlagFua, Be32(handle), Be32(handle + 4), offset, length, 0});
+      } else {
+        QueueReply(0, handle);
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    connJobs_--;
+    cv_.notify_all();
   }
 
   void Resume(int error) {
@@ -192,6 +250,11 @@ class ConnCore {
 
  private:
   static constexpr size_t kInputBytes = 128 * 1024;
+  // Payload buffers one connection may have queued for the disk.
+  static constexpr size_t kMaxPayloadBytes = 64u << 20;
+  static constexpr int kMaxPayloads = 32;
+  // Buffers larger than this are not kept for reuse.
+  static constexpr size_t kKeepPayloadBytes = 1u << 20;
   static constexpr int kMaxPendingJs = 64;
   // Payload bytes beyond this are received straight into the payload buffer.
   static constexpr size_t kDirectReadBytes = 16 * 1024;
@@ -337,6 +400,76 @@ class ConnCore {
     return true;
   }
 
+  // A reply made off this thread (by the writer): sent by this thread.
+  void QueueReply(uint32_t error, const uint8_t* handle) {
+    uint8_t head[kReplyHeaderBytes];
+    PutBe32(head, kSimpleReplyMagic);
+    PutBe32(head + 4, error);
+    std::memcpy(head + 8, handle, 8);
+    if (error != 0) errorReplies++;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (exited_) return;
+    outbox_.emplace_back(head, head + kReplyHeaderBytes);
+    hasOutbox_.store(true);
+    cv_.notify_all();
+    Wake();
+  }
+
+  // A payload buffer of at least `length` bytes, within the connection's
+  // bounds; waits for the writer to return one. nullptr on stop.
+  std::unique_ptr<std::vector<uint8_t>> AcquirePayload(size_t length) {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      if (!outbox_.empty()) {
+        lock.unlock();
+        bool ok = SendOutbox();
+        lock.lock();
+        if (!ok) return nullptr;
+        continue;
+      }
+      if (stopping_.load()) return nullptr;
+      if (payloadsOut_ == 0 || (payloadsOut_ < kMaxPayloads && payloadBytesOut_ + length <= kMaxPayloadBytes)) break;
+      cv_.wait(lock);
+    }
+    std::unique_ptr<std::vector<uint8_t>> p;
+    if (!freePayloads_.empty()) {
+      p = std::move(freePayloads_.back());
+      freePayloads_.pop_back();
+    } else {
+      p = std::make_unique<std::vector<uint8_t>>();
+    }
+    lock.unlock();
+    if (p->size() < length) p->resize(length);
+    lock.lock();
+    payloadsOut_++;
+    payloadBytesOut_ += p->size();
+    return p;
+  }
+
+  void ReleasePayload(std::unique_ptr<std::vector<uint8_t>> p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    payloadsOut_--;
+    payloadBytesOut_ -= p->size();
+    if (p->size() <= kKeepPayloadBytes && freePayloads_.size() < static_cast<size_t>(kMaxPayloads)) freePayloads_.push_back(std::move(p));
+    cv_.notify_all();
+  }
+
+  // Waits until every queued write of this connection has been carried out,
+  // sending their replies when `reply`.
+  void WaitJobsDone(bool reply) {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      if (reply && !outbox_.empty()) {
+        lock.unlock();
+        if (!SendOutbox()) reply = false;
+        lock.lock();
+        continue;
+      }
+      if (connJobs_ == 0) return;
+      cv_.wait(lock);
+    }
+  }
+
   // Bounds the FLUSH (and FUA) requests JavaScript is working on: past
   // kMaxPendingJs the thread reads nothing more until replies come back.
   bool WaitPendingJsBelowLimit() {
@@ -386,16 +519,19 @@ class ConnCore {
     return 0;
   }
 
-  // Logs, records and writes one validated WRITE. Returns an NBD error, or 0.
-  // -1: the connection is stopping.
-  int DoWrite(uint64_t offset, const uint8_t* data, size_t length) {
+  // Logs and records one validated WRITE and queues its disk write, which
+  // the export's writer thread carries out and answers. Returns 0 when
+  // queued, an NBD error when refused before anything was logged (the
+  // payload is returned then), or -1 when the connection is stopping.
+  int DoWrite(uint64_t offset, std::unique_ptr<std::vector<uint8_t>>& payload, size_t length, const uint8_t* handle, bool fua) {
     ExportCore& e = *exp_;
     std::unique_lock<std::mutex> lock(e.mu);
     for (;;) {
       for (;;) {
         if (stopping_.load() || e.closed) return -1;
         const bool waitLog = e.mode == kModeLogging && e.attention != 0;
-        if (e.holdCount == 0 && !waitLog && e.records.size() < e.maxRecordPairs) break;
+        const bool queueFull = !e.jobs.empty() && e.jobBytes + length > e.maxJobBytes;
+        if (e.holdCount == 0 && !waitLog && !queueFull && e.records.size() < e.maxRecordPairs) break;
         e.cv.wait(lock);
       }
       if (e.mode == kModeRefuse) return static_cast<int>(kNbdEio);
@@ -416,6 +552,7 @@ class ConnCore {
       if (err != 0) return static_cast<int>(kNbdEio);
       lock.lock();
     }
+    const uint8_t* data = payload->data();
     if (e.mode == kModeLogging && e.log != nullptr) {
       int err = e.log->Append(offset, data, length, HrlAppenderCore::NowTimestamp());
       if (err != 0) {
@@ -434,16 +571,17 @@ class ConnCore {
       e.records.push_back(static_cast<double>(length));
       e.Notify();
     }
-    int err = PwriteAll(e.diskFd, data, length, offset);
-    lock.unlock();
-    if (err != 0) {
-      if (e.mode != kModeUntracked) {
-        Post({kEventWriteFailed, kCmdWrite, 0, 0, 0, static_cast<double>(offset), static_cast<double>(length), err});
-      }
-      return static_cast<int>(err == ENOSPC ? kNbdEnospc : kNbdEio);
-    }
-    bytesWritten += length;
-    e.bytesWritten += length;
+    WriteJob job;
+    job.conn = shared_from_this();
+    job.payload = std::move(payload);
+    job.offset = offset;
+    job.length = length;
+    std::memcpy(job.handle, handle, 8);
+    job.fua = fua;
+    connJobs_++;
+    e.jobBytes += length;
+    e.jobs.push_back(std::move(job));
+    e.writerCv.notify_one();
     return 0;
   }
 
@@ -488,16 +626,20 @@ class ConnCore {
           if (!SendReply(error, handle, nullptr, 0)) return Failed();
           continue;
         }
-        if (buf_.size() < length) buf_.resize(length);
-        if (!ReadExact(buf_.data(), length)) return reason_;
-        int result = length == 0 ? 0 : DoWrite(offset, buf_.data(), length);
-        if (result < 0) return kExitStopped;
-        if (result == 0 && (flags & kFlagFua) != 0) {
-          if (!WaitPendingJsBelowLimit()) return Failed();
-          Post({kEventFlush, type, flags, Be32(handle), Be32(handle + 4), static_cast<double>(offset), static_cast<double>(length), 0});
+        if (length == 0) {
+          if (!SendReply(0, handle, nullptr, 0)) return Failed();
           continue;
         }
-        if (!SendReply(static_cast<uint32_t>(result), handle, nullptr, 0)) return Failed();
+        std::unique_ptr<std::vector<uint8_t>> payload = AcquirePayload(length);
+        if (payload == nullptr) return Failed();
+        if (!ReadExact(payload->data(), length)) {
+          ReleasePayload(std::move(payload));
+          return reason_;
+        }
+        int result = DoWrite(offset, payload, length, handle, (flags & kFlagFua) != 0);
+        if (payload != nullptr) ReleasePayload(std::move(payload));
+        if (result < 0) return kExitStopped;
+        if (result > 0 && !SendReply(static_cast<uint32_t>(result), handle, nullptr, 0)) return Failed();
         continue;
       }
       if (type == kCmdRead) {
@@ -529,8 +671,8 @@ class ConnCore {
   std::vector<uint8_t> in_;
   size_t inPos_ = 0;
   size_t inLen_ = 0;
-  std::vector<uint8_t> buf_;
   std::vector<uint8_t> rbuf_;
+  const bool tracked_ = exp_->tracked;
   int reason_ = kExitPeerClosed;
 
   std::mutex mu_;
@@ -539,10 +681,36 @@ class ConnCore {
   std::atomic<bool> hasOutbox_{false};
   std::atomic<bool> stopping_{false};
   int pendingJs_ = 0;  // FLUSH/FUA events posted and not yet answered (under mu_)
+  int connJobs_ = 0;   // writes queued for the disk and not yet answered (under mu_)
+  int payloadsOut_ = 0;
+  size_t payloadBytesOut_ = 0;
+  std::vector<std::unique_ptr<std::vector<uint8_t>>> freePayloads_;
   bool resumed_ = false;
   int resumeError_ = 0;
   bool exited_ = false;
 };
+
+void ExportCore::WriterLoop() {
+  std::unique_lock<std::mutex> lock(mu);
+  for (;;) {
+    while (jobs.empty() && !closed) writerCv.wait(lock);
+    if (jobs.empty()) return;
+    WriteJob job = std::move(jobs.front());
+    jobs.pop_front();
+    writing = true;
+    lock.unlock();
+    int err = PwriteAll(diskFd, job.payload->data(), job.length, job.offset);
+    lock.lock();
+    writing = false;
+    jobBytes -= job.length;
+    // Holds wait for an empty queue; connections for room in it.
+    cv.notify_all();
+    lock.unlock();
+    std::shared_ptr<ConnCore> conn = job.conn;
+    conn->Completed(std::move(job), err);
+    lock.lock();
+  }
+}
 
 const napi_type_tag kExportTag = {0x3d5e7a9c1b2f4e60ull, 0x8a7b6c5d4e3f2a10ull};
 
@@ -591,6 +759,11 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     if (!core_->tracked) core_->holdCount = 0;
     core_->notify = Napi::ThreadSafeFunction::New(env, info[5].As<Napi::Function>(), "blockrelay-tap-export", 0, 1);
     core_->notify.Unref(env);
+    ExportCore* raw = core_.get();
+    core_->writer = std::thread([raw]() {
+      pthread_setname_np(pthread_self(), "br-tap-writer");
+      raw->WriterLoop();
+    });
     napi_type_tag_object(env, info.This(), &kExportTag);
   }
 
@@ -610,15 +783,20 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
         release = true;
       }
       core_->cv.notify_all();
+      core_->writerCv.notify_all();
     }
+    if (core_->writer.joinable()) core_->writer.join();
     if (release) core_->notify.Release();
   }
 
   // Stops new writes (waits for one in progress) and returns the records not yet taken.
   Napi::Value HoldJs(const Napi::CallbackInfo& info) {
     {
-      std::lock_guard<std::mutex> lock(core_->mu);
+      std::unique_lock<std::mutex> lock(core_->mu);
       core_->holdCount++;
+      // Queued disk writes finish first, so what JavaScript does next
+      // (a mutation, a cut) comes after them on the disk as in the log.
+      core_->cv.wait(lock, [this] { return core_->jobs.empty() && !core_->writing; });
     }
     return TakeRecords(info.Env(), *core_);
   }
@@ -716,7 +894,10 @@ class TapConnectionWrap : public Napi::ObjectWrap<TapConnectionWrap> {
     core_ = std::make_shared<ConnCore>(static_cast<int>(fd), wake, exp, std::move(prefix));
     core_->events = Napi::ThreadSafeFunction::New(env, info[3].As<Napi::Function>(), "blockrelay-tap-connection", 0, 1);
     std::shared_ptr<ConnCore> c = core_;
-    core_->thread = std::thread([c]() { c->Run(); });
+    core_->thread = std::thread([c]() {
+      pthread_setname_np(pthread_self(), "br-tap-conn");
+      c->Run();
+    });
   }
 
   ~TapConnectionWrap() override {

@@ -196,6 +196,10 @@ export class ChangeTracker {
    */
   private native: NativeTapExport | undefined;
   private nativeAttentionQueued = false;
+  /** Whether the operation holding the lock still holds the native writers (see letNativeGo). */
+  private nativeHeld = false;
+  /** While a flush has let the native writers go, the records taken meanwhile (offset/length pairs). */
+  private nativeSince: number[] | undefined;
 
   private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap>; mapsGeneration: number }) {
     this.diskId = options.diskId;
@@ -388,11 +392,20 @@ export class ChangeTracker {
   flush(): Promise<void> {
     return this.locked(async () => {
       this.assertOpen();
-      await this.persistMaps(false);
-      const w = this.writer;
-      if (w !== undefined && (await this.logIo(() => w.flush())) && this.maps.pending.dirtyBlockCount > 0) {
-        this.maps.pending.clearAll();
-        this.generation++;
+      // Native writes go on once the maps are snapshotted; what they record
+      // meanwhile is not covered by this flush and stays pending.
+      const since: number[] = [];
+      this.nativeSince = since;
+      try {
+        await this.persistMaps(false, true);
+        const w = this.writer;
+        if (w !== undefined && (await this.logIo(() => w.flush())) && this.maps.pending.dirtyBlockCount > 0) {
+          this.maps.pending.clearAll();
+          if (this.mode === 'logging') for (let i = 0; i + 1 < since.length; i += 2) this.maps.pending.mark(since[i]!, since[i + 1]!);
+          this.generation++;
+        }
+      } finally {
+        this.nativeSince = undefined;
       }
     });
   }
@@ -684,12 +697,18 @@ export class ChangeTracker {
       if (released) return;
       released = true;
       this.lockDepth--;
-      this.releaseNative();
+      if (this.nativeHeld) {
+        this.nativeHeld = false;
+        this.releaseNative();
+      }
       resolve();
     };
     return previous.then(() => {
       this.opQueuedEpoch = askedEpoch;
-      if (this.native !== undefined) this.applyNativeRecords(this.native.hold());
+      if (this.native !== undefined) {
+        this.nativeHeld = true;
+        this.applyNativeRecords(this.native.hold());
+      }
       return release;
     });
   }
@@ -707,6 +726,19 @@ export class ChangeTracker {
     exp.setDurableRegions(Float64Array.from(this.durableIntents));
     // Created held: a lock holder's release (or this) lets it go.
     if (this.lockDepth === 0) this.releaseNative();
+    else this.nativeHeld = true;
+  }
+
+  /**
+   * Lets the native writers go on before the operation holding the lock
+   * ends, once it has taken what it needs from them (a maps snapshot, a
+   * closed log block): the fsyncs that follow then do not stall the disk's
+   * writes. Their records are applied as they arrive.
+   */
+  private letNativeGo(): void {
+    if (!this.nativeHeld) return;
+    this.nativeHeld = false;
+    this.releaseNative();
   }
 
   /**
@@ -718,6 +750,7 @@ export class ChangeTracker {
     if (this.native !== exp) return;
     this.applyNativeRecords(exp.hold());
     this.native = undefined;
+    this.nativeHeld = false;
   }
 
   /**
@@ -771,10 +804,12 @@ export class ChangeTracker {
   private applyNativeRecords(pairs: Float64Array): void {
     if (pairs.length === 0 || this.closed) return;
     const epoch = ++this.intentEpoch;
+    const since = this.nativeSince;
     for (let i = 0; i + 1 < pairs.length; i += 2) {
       const offset = pairs[i]!;
       const length = pairs[i + 1]!;
       this.markChanged(offset, length);
+      since?.push(offset, length);
       const last = Math.floor((offset + length - 1) / WRITE_INTENT_REGION_BYTES);
       for (let r = Math.floor(offset / WRITE_INTENT_REGION_BYTES); r <= last; r++) this.intents.set(r, epoch);
     }
@@ -830,14 +865,21 @@ export class ChangeTracker {
     await writeFileAtomic(path.join(this.dir, `${this.diskId}.tracker.json`), JSON.stringify(state, null, 2));
   }
 
-  private async persistMaps(force: boolean): Promise<void> {
+  /** `releaseNative`: let the native writers go once the maps are encoded (see letNativeGo). */
+  private async persistMaps(force: boolean, releaseNative = false): Promise<void> {
     // Nothing changed since the last persist: every recorded write is covered already.
-    if (!force && this.generation === this.persistedGeneration) return this.clearIdleIntents();
+    if (!force && this.generation === this.persistedGeneration) {
+      if (releaseNative) this.letNativeGo();
+      return this.clearIdleIntents();
+    }
     const generation = this.generation;
     const pendingLogSequence = this.writer === undefined ? 0 : this.activeSequence ?? 0;
     const pendingLogEndBytes = this.writer?.sizeBytes ?? 0;
     const durableLogEndBytes = this.writer?.durableEndBytes ?? 0;
-    await writeTrackerMaps(this.dir, this.diskId, { ...this.maps, pendingLogSequence, pendingLogEndBytes, durableLogEndBytes }, this.mapsGeneration + 1);
+    // Encodes the maps before its first await.
+    const writing = writeTrackerMaps(this.dir, this.diskId, { ...this.maps, pendingLogSequence, pendingLogEndBytes, durableLogEndBytes }, this.mapsGeneration + 1);
+    if (releaseNative) this.letNativeGo();
+    await writing;
     this.mapsGeneration++;
     this.persistedGeneration = generation;
     await this.clearIdleIntents();
@@ -854,7 +896,18 @@ export class ChangeTracker {
   private async clearIdleIntents(): Promise<void> {
     const coveredEpoch = this.opQueuedEpoch;
     const idleSince = Math.min(coveredEpoch, this.lastPersistQueuedEpoch);
-    for (const [region, epoch] of this.intents) if (epoch <= idleSince) this.intents.delete(region);
+    // The native writers are held for the decision (their queued records
+    // count as intents after it), and their flags for cleared regions go
+    // before the file is rewritten, so no write reaches a cleared region
+    // without marking it again.
+    const hold = this.native !== undefined && !this.nativeHeld;
+    if (hold) this.pauseNative();
+    try {
+      for (const [region, epoch] of this.intents) if (epoch <= idleSince) this.intents.delete(region);
+      if (this.native !== undefined) this.native.setDurableRegions(Float64Array.from([...this.durableIntents].filter((r) => this.intents.has(r))));
+    } finally {
+      if (hold) this.resumeNative();
+    }
     this.lastPersistQueuedEpoch = coveredEpoch;
     if ([...this.durableIntents].some((r) => !this.intents.has(r))) await this.writeIntents();
   }
@@ -1043,7 +1096,7 @@ export class ChangeTracker {
       this.timer = undefined;
       if (this.closed) return;
       this.locked(async () => {
-        if (!this.closed) await this.persistMaps(false);
+        if (!this.closed) await this.persistMaps(false, true);
       }).catch(() => undefined).finally(() => this.scheduleTimer());
     }, this.persistIntervalMs);
   }
