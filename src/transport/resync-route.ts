@@ -180,6 +180,43 @@ function sessionKey(req: http.IncomingMessage): SessionKey {
   return { sessionId: validateSessionId(id), attempt, afterSeq: wholeHeader(req, RESYNC_HEADER.afterSeq, false), diskSizeBytes };
 }
 
+/** Request bytes one hop holds in memory for all its sessions; more requests wait their turn. */
+const MAX_IN_FLIGHT_REQUEST_BYTES = 256 * 1024 * 1024;
+
+/** The declared body length (0 when absent or malformed: readBody refuses those). */
+function declaredLength(req: http.IncomingMessage): number {
+  const declared = req.headers['content-length'];
+  return declared !== undefined && /^\d{1,12}$/.test(declared) ? Number(declared) : 0;
+}
+
+/** A count of bytes that callers take before holding a buffer and give back after; takers wait in order. */
+class ByteBudget {
+  private used = 0;
+  private readonly waiters: Array<{ bytes: number; wake: () => void }> = [];
+
+  constructor(private readonly limitBytes: number) {}
+
+  async take(bytes: number): Promise<void> {
+    // One request alone may always proceed, so a large one cannot wait forever.
+    if (this.waiters.length === 0 && (this.used === 0 || this.used + bytes <= this.limitBytes)) {
+      this.used += bytes;
+      return;
+    }
+    await new Promise<void>((wake) => this.waiters.push({ bytes, wake }));
+  }
+
+  give(bytes: number): void {
+    this.used -= bytes;
+    while (this.waiters.length > 0) {
+      const next = this.waiters[0]!;
+      if (this.used !== 0 && this.used + next.bytes > this.limitBytes) break;
+      this.waiters.shift();
+      this.used += next.bytes;
+      next.wake();
+    }
+  }
+}
+
 /** Reads a request body whole, refusing more than `maxBytes` before reading it. */
 async function readBody(req: http.IncomingMessage, maxBytes: number): Promise<Buffer> {
   const declared = req.headers['content-length'];
@@ -244,6 +281,8 @@ export class ResyncSessions {
   private readonly diskStates = new Map<string, DiskResyncState>();
   private readonly opening = new KeyedLock();
   private hasher: Promise<BlockHasher> | undefined;
+  /** Request bodies all sessions of this hop hold at once. */
+  private readonly budget = new ByteBudget(MAX_IN_FLIGHT_REQUEST_BYTES);
   private closed = false;
 
   constructor(private readonly options: ResyncSessionsOptions) {}
@@ -261,7 +300,10 @@ export class ResyncSessions {
           if (session.ended) throw this.endedError(session.sessionId, session.attempt);
           session.inFlight++;
           this.touch(session);
+          let heldBytes = 0;
           try {
+            heldBytes = Math.min(declaredLength(ctx.req), MAX_RESYNC_REQUEST_BYTES);
+            await this.budget.take(heldBytes);
             const body = await readBody(ctx.req, MAX_RESYNC_REQUEST_BYTES);
             if (session.ended) throw this.endedError(session.sessionId, session.attempt);
             const reply = await this.exchange(session, body);
@@ -269,6 +311,7 @@ export class ResyncSessions {
             ctx.res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': reply.length, 'cache-control': 'no-store' });
             ctx.res.end(reply);
           } finally {
+            this.budget.give(heldBytes);
             session.inFlight--;
             if (session.inFlight === 0) for (const w of session.drained.splice(0)) w();
             this.touch(session);
