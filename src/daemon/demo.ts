@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { AggregatorRegistry, Registry, type MetricObjectWithValues, type MetricValue } from 'prom-client';
 import { systemClock, type Clock } from '../platform/clock';
+import { writeFileDurably } from '../platform/durable-file';
 import { SourceRole } from '../tap/source-role';
 import { openDisk } from '../targets/disk-spec';
 import type { DiskTarget } from '../targets/disk-target';
@@ -207,7 +208,8 @@ export class Demo {
       control: this.control.url,
       metrics: `${this.control.url}/metrics`,
     };
-    fs.writeFileSync(l.manifest, `${JSON.stringify(this.manifest, null, 2)}\n`);
+    // Replaced whole (temp, rename): a tool polling for the file never reads it half-written.
+    await writeFileDurably(l.manifest, `${JSON.stringify(this.manifest, null, 2)}\n`);
     return this.manifest;
   }
 

@@ -3,10 +3,10 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import { PassThrough, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import lz4 from 'lz4';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { isErrorCode, type ErrorCode } from '../retry/error-codes';
 import { ThrottleStream, type BandwidthLimiter } from './bandwidth-limiter';
+import { Lz4FrameEncoder } from './lz4-frame-encoder';
 import { envelopeHeaders, logPath, PROTOCOL_VERSION, type LogEnvelope } from './transport-protocol';
 
 /**
@@ -37,13 +37,6 @@ export interface SendOptions {
 
 const DEFAULT_TIMEOUT_MS = 60_000;
 
-/**
- * lz4 frame block size on the wire. The lz4 package's stream decoder
- * concatenates its buffer with every incoming chunk until a block is
- * complete, so its cost grows with the square of the block size; 64 KiB
- * blocks keep it linear (4 MiB blocks spent seconds copying per log).
- */
-const LZ4_BLOCK_BYTES = 64 * 1024;
 const agents = { http: new http.Agent({ keepAlive: true, maxSockets: 16 }), https: new https.Agent({ keepAlive: true, maxSockets: 16 }) };
 
 /** Maps a failed HTTP answer to the coded error the peer sent, or one from the status. */
@@ -136,7 +129,7 @@ export interface SendResult {
 export async function sendLog(peer: PeerOptions, envelope: LogEnvelope, file: string, options: SendOptions = {}): Promise<SendResult> {
   const source = fs.createReadStream(file, { highWaterMark: 1 << 20 });
   const stages: Array<NodeJS.ReadableStream | NodeJS.ReadWriteStream> = [source];
-  if (options.lz4) stages.push(lz4.createEncoderStream({ blockMaxSize: LZ4_BLOCK_BYTES, streamChecksum: false }));
+  if (options.lz4) stages.push(new Lz4FrameEncoder());
   if (options.limiter && !options.limiter.unlimited) stages.push(new ThrottleStream(options.limiter));
   const body = new PassThrough({ highWaterMark: 1 << 20 });
   const feeding = (pipeline as (...s: unknown[]) => Promise<void>)(...stages, body).catch((err: unknown) => body.destroy(err as Error));

@@ -1,0 +1,146 @@
+import { Transform, type TransformCallback } from 'node:stream';
+import lz4 from 'lz4';
+import { loadXxhash, type XxhashApi } from '../platform/xxhash';
+
+/**
+ * An LZ4 frame encoder (the frame format of lz4's lz4_Frame_format.md:
+ * magic, descriptor, blocks, end mark) for the process server -> master
+ * target hop, which any LZ4 frame decoder reads (the receiver uses the lz4
+ * package's).
+ *
+ * Logs of random writes are mostly incompressible, and compressing a block
+ * only to store it uncompressed afterwards (as LZ4 frames allow and every
+ * encoder does) spent most of the forwarder's CPU. So this encoder backs
+ * off: after a block that does not compress it stores the next blocks
+ * uncompressed without trying, 1, 2, 4 ... up to 64 blocks (4 MiB), then
+ * tries again; a block that compresses resets the back-off. Compressible
+ * logs are compressed as before; the frame is valid LZ4 either way.
+ *
+ * Blocks are independent, 64 KiB at most (the lz4 package's stream decoder
+ * copies its input once per chunk until a block is whole, so its cost grows
+ * with the square of the block size), without block or content checksums:
+ * the envelope's xxhash64 of the whole log covers integrity end to end.
+ */
+export const LZ4_FRAME_BLOCK_BYTES = 64 * 1024;
+
+/** Longest run of blocks stored without trying to compress them. */
+const MAX_BACKOFF_BLOCKS = 64;
+
+/** A block must shrink by at least this fraction to be stored compressed. */
+const MIN_SAVING = 1 / 32;
+
+const LZ4_FRAME_MAGIC = 0x184d2204;
+/** FLG: version 01, independent blocks, no block checksum, no content size, no content checksum, no dictionary. */
+const FLG = 0b0110_0000;
+/** BD: block maximum size 64 KiB (code 4). */
+const BD = 4 << 4;
+const UNCOMPRESSED_BIT = 0x8000_0000;
+
+let xxhash: Promise<XxhashApi> | undefined;
+
+/** The frame header: magic, FLG, BD and the header checksum (second byte of xxh32 of FLG..BD). */
+async function frameHeader(): Promise<Buffer> {
+  xxhash ??= loadXxhash();
+  const api = await xxhash;
+  const header = Buffer.alloc(7);
+  header.writeUInt32LE(LZ4_FRAME_MAGIC, 0);
+  header[4] = FLG;
+  header[5] = BD;
+  header[6] = (api.h32Raw(header.subarray(4, 6), 0) >>> 8) & 0xff;
+  return header;
+}
+
+export class Lz4FrameEncoder extends Transform {
+  /** Bytes of an unfinished block carried over from the previous chunk. */
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  private started = false;
+  private skip = 0;
+  private backoff = 0;
+  /** Blocks stored compressed and uncompressed (tests, diagnostics). */
+  compressedBlocks = 0;
+  storedBlocks = 0;
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    this.withHeader(() => {
+      let data = chunk;
+      if (this.pendingBytes > 0) {
+        const need = LZ4_FRAME_BLOCK_BYTES - this.pendingBytes;
+        if (data.length < need) {
+          this.pending.push(data);
+          this.pendingBytes += data.length;
+          return;
+        }
+        this.pending.push(data.subarray(0, need));
+        this.block(Buffer.concat(this.pending, LZ4_FRAME_BLOCK_BYTES));
+        this.pending = [];
+        this.pendingBytes = 0;
+        data = data.subarray(need);
+      }
+      let at = 0;
+      for (; at + LZ4_FRAME_BLOCK_BYTES <= data.length; at += LZ4_FRAME_BLOCK_BYTES) this.block(data.subarray(at, at + LZ4_FRAME_BLOCK_BYTES));
+      if (at < data.length) {
+        this.pending.push(data.subarray(at));
+        this.pendingBytes += data.length - at;
+      }
+    }, done);
+  }
+
+  override _flush(done: TransformCallback): void {
+    this.withHeader(() => {
+      if (this.pendingBytes > 0) this.block(Buffer.concat(this.pending, this.pendingBytes));
+      this.pending = [];
+      this.pendingBytes = 0;
+      this.push(Buffer.alloc(4)); // end mark
+    }, done);
+  }
+
+  /** Runs `fn` once the frame header is out (it needs the xxhash module, loaded once). */
+  private withHeader(fn: () => void, done: TransformCallback): void {
+    if (this.started) {
+      try {
+        fn();
+        done();
+      } catch (err) {
+        done(err as Error);
+      }
+      return;
+    }
+    frameHeader().then(
+      (header) => {
+        this.started = true;
+        this.push(header);
+        this.withHeader(fn, done);
+      },
+      (err: Error) => done(err),
+    );
+  }
+
+  private block(data: Buffer): void {
+    if (this.skip > 0) {
+      this.skip--;
+      this.stored(data);
+      return;
+    }
+    const out = Buffer.allocUnsafe(4 + lz4.encodeBound(data.length));
+    const size = lz4.encodeBlock(data, out.subarray(4));
+    if (size > 0 && size <= data.length * (1 - MIN_SAVING)) {
+      this.backoff = 0;
+      this.compressedBlocks++;
+      out.writeUInt32LE(size, 0);
+      this.push(out.subarray(0, 4 + size));
+      return;
+    }
+    this.backoff = Math.min(MAX_BACKOFF_BLOCKS, Math.max(1, this.backoff * 2));
+    this.skip = this.backoff;
+    this.stored(data);
+  }
+
+  private stored(data: Buffer): void {
+    const size = Buffer.allocUnsafe(4);
+    size.writeUInt32LE((UNCOMPRESSED_BIT | data.length) >>> 0, 0);
+    this.storedBlocks++;
+    this.push(size);
+    this.push(data);
+  }
+}

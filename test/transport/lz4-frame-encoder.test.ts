@@ -1,0 +1,90 @@
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import lz4 from 'lz4';
+import { describe, expect, it } from 'vitest';
+import { LZ4_FRAME_BLOCK_BYTES, Lz4FrameEncoder } from '../../src/transport/lz4-frame-encoder';
+import { useTempDirs } from '../helpers/tmp';
+import { requireTool } from '../helpers/tools';
+import { prng } from './transport-fixture';
+
+/** Encodes `data` fed in chunks of the given sizes (cycled); returns the frame and the encoder. */
+async function encode(data: Buffer, chunkSizes: number[]): Promise<{ frame: Buffer; encoder: Lz4FrameEncoder }> {
+  const chunks: Buffer[] = [];
+  for (let at = 0, i = 0; at < data.length; i++) {
+    const n = Math.min(chunkSizes[i % chunkSizes.length]!, data.length - at);
+    chunks.push(data.subarray(at, at + n));
+    at += n;
+  }
+  const encoder = new Lz4FrameEncoder();
+  const out: Buffer[] = [];
+  encoder.on('data', (c: Buffer) => out.push(c));
+  await pipeline(Readable.from(chunks), encoder);
+  return { frame: Buffer.concat(out), encoder };
+}
+
+/** Decodes with the lz4 package's stream decoder, the one the receiving hop uses. */
+async function decode(frame: Buffer): Promise<Buffer> {
+  const out: Buffer[] = [];
+  const decoder = lz4.createDecoderStream();
+  decoder.on('data', (c: Buffer) => out.push(c));
+  await pipeline(Readable.from([frame.subarray(0, 1000), frame.subarray(1000)].filter((b) => b.length > 0)), decoder);
+  return Buffer.concat(out);
+}
+
+function random(bytes: number, seed: number): Buffer {
+  const rand = prng(seed);
+  const b = Buffer.alloc(bytes);
+  for (let i = 0; i + 4 <= bytes; i += 4) b.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
+  return b;
+}
+
+describe('LZ4 frame encoder', () => {
+  const tmp = useTempDirs();
+
+  it('round-trips through the receiver\'s decoder at any chunking, including empty input and partial blocks', async () => {
+    const cases: Array<[string, Buffer]> = [
+      ['empty', Buffer.alloc(0)],
+      ['one byte', Buffer.from([7])],
+      ['zeros, 1 MiB + 3', Buffer.alloc((1 << 20) + 3)],
+      ['random, 3 blocks - 1', random(3 * LZ4_FRAME_BLOCK_BYTES - 1, 1)],
+      ['random then zeros then random', Buffer.concat([random(700_000, 2), Buffer.alloc(900_000), random(300_001, 3)])],
+    ];
+    for (const [name, data] of cases) {
+      for (const chunking of [[1 << 20], [4096, 65_537, 13], [LZ4_FRAME_BLOCK_BYTES]]) {
+        const { frame } = await encode(data, chunking);
+        expect((await decode(frame)).equals(data), `${name} chunked ${chunking.join('/')}`).toBe(true);
+      }
+    }
+  });
+
+  it('compresses what compresses and stops trying on incompressible data, retrying now and then', async () => {
+    const zeros = await encode(Buffer.alloc(4 << 20), [1 << 20]);
+    expect(zeros.encoder.storedBlocks).toBe(0);
+    expect(zeros.frame.length).toBeLessThan(64 * 1024);
+
+    const noise = random(16 << 20, 4);
+    const r = await encode(noise, [1 << 20]);
+    const blocks = (16 << 20) / LZ4_FRAME_BLOCK_BYTES;
+    expect(r.encoder.compressedBlocks).toBe(0);
+    expect(r.encoder.storedBlocks).toBe(blocks);
+    // Stored blocks cost 4 bytes each; the frame is 7 bytes of header and a 4-byte end mark.
+    expect(r.frame.length).toBe(noise.length + 4 * blocks + 11);
+
+    // Compressible data after noise is compressed again once the back-off ends (within 64 blocks).
+    const mixed = await encode(Buffer.concat([random(8 << 20, 5), Buffer.alloc(16 << 20)]), [1 << 20]);
+    expect(mixed.encoder.compressedBlocks).toBeGreaterThan((16 << 20) / LZ4_FRAME_BLOCK_BYTES - 64);
+  });
+
+  it('writes frames the lz4 command-line tool decodes', async () => {
+    if (!requireTool('lz4')) return;
+    const dir = tmp();
+    const data = Buffer.concat([random(500_000, 6), Buffer.alloc(300_000, 0x5a), random(77, 7)]);
+    const { frame } = await encode(data, [100_000]);
+    fs.writeFileSync(path.join(dir, 'f.lz4'), frame);
+    execFileSync('lz4', ['-d', '-f', '-q', path.join(dir, 'f.lz4'), path.join(dir, 'f.out')]);
+    expect(fs.readFileSync(path.join(dir, 'f.out')).equals(data)).toBe(true);
+  });
+});
