@@ -335,7 +335,7 @@ export class ResyncSessions {
             if (access?.kind === 'relay') {
               // Relay an end we hold no session for (the master target may still hold one).
               await postResync(access.peer, 'DELETE', diskId, { ...sessionHeaders(key), ...completionHeaders(completion) }, undefined);
-            } else if (completion !== undefined && this.ended.get(`${key.sessionId}:${key.attempt}`) === diskId && access !== undefined) {
+            } else if (completion !== undefined && current === undefined && this.ended.get(`${key.sessionId}:${key.attempt}`) === diskId && access !== undefined) {
               // The session expired after its last exchange: its writes are all flushed, so it still completes.
               await this.complete(diskId, completion, access.receivedSeq());
             }

@@ -130,6 +130,11 @@ describe('networked resync through the process server into the master target', (
     // Sessions ended: nothing holds the pipeline any more.
     expect(ps.resyncSessions.active('disk0')).toBeUndefined();
     expect(mt.resyncSessions.active('disk0')).toBeUndefined();
+    // The completion reached the master target through the relay: logs sealed during the reads end no point.
+    expect(result.endConfirmed).toBe(true);
+    const state = mt.resyncSessions.resyncState('disk0');
+    expect(state.inProgress).toBe(false);
+    expect(state.taintedThrough).toBeGreaterThanOrEqual(result.afterSeq!);
 
     await source.cut();
     await source.shipper.whenIdle();
