@@ -112,21 +112,51 @@ constexpr uint64_t kCachedTailBytes = 32ull << 20;
 }  // namespace
 
 void HrlAppenderCore::RecycleCacheLocked() {
+  if (writtenEnd_ - recycleSignalled_ < kWritebackChunkBytes || recyclerStop_) return;
+  recycleSignalled_ = writtenEnd_;
+  if (!recycler_.joinable()) recycler_ = std::thread([this]() { RecycleLoop(); });
+  recycleCv_.notify_one();
+}
+
+void HrlAppenderCore::RecycleLoop() {
+  uint64_t writebackStarted = 0;
+  uint64_t dropped = 0;
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    while (!recyclerStop_ && recycleSignalled_ == writebackStarted) recycleCv_.wait(lock);
+    if (recyclerStop_) return;
+    const uint64_t end = recycleSignalled_;
+    lock.unlock();
 #if defined(__linux__) && defined(SYNC_FILE_RANGE_WRITE)
-  if (writtenEnd_ - writebackStarted_ >= kWritebackChunkBytes) {
-    // Asynchronous: queues the range for writeback and returns.
-    sync_file_range(fd_, static_cast<off_t>(writebackStarted_), static_cast<off_t>(writtenEnd_ - writebackStarted_), SYNC_FILE_RANGE_WRITE);
-    writebackStarted_ = writtenEnd_;
-  }
-  if (writebackStarted_ > kCachedTailBytes && writebackStarted_ - kCachedTailBytes - dropped_ >= kWritebackChunkBytes) {
-    const uint64_t end = writebackStarted_ - kCachedTailBytes;
-    // Waits for that older range's writeback (long started), then drops its clean pages.
-    sync_file_range(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(end - dropped_),
-                    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
-    posix_fadvise(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(end - dropped_), POSIX_FADV_DONTNEED);
-    dropped_ = end;
-  }
+    // Queues the new range for writeback without waiting for it.
+    sync_file_range(fd_, static_cast<off_t>(writebackStarted), static_cast<off_t>(end - writebackStarted), SYNC_FILE_RANGE_WRITE);
+    if (end > kCachedTailBytes && end - kCachedTailBytes > dropped) {
+      const uint64_t dropEnd = end - kCachedTailBytes;
+      // Waits for that older range's writeback (long started), then drops its clean pages.
+      sync_file_range(fd_, static_cast<off_t>(dropped), static_cast<off_t>(dropEnd - dropped),
+                      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+      posix_fadvise(fd_, static_cast<off_t>(dropped), static_cast<off_t>(dropEnd - dropped), POSIX_FADV_DONTNEED);
+      dropped = dropEnd;
+    }
 #endif
+    writebackStarted = end;
+    lock.lock();
+  }
+}
+
+void HrlAppenderCore::StopRecyclerLocked(std::unique_lock<std::mutex>& lock) {
+  recyclerStop_ = true;
+  recycleCv_.notify_all();
+  if (recycler_.joinable()) {
+    lock.unlock();
+    recycler_.join();
+    lock.lock();
+  }
+}
+
+HrlAppenderCore::~HrlAppenderCore() {
+  std::unique_lock<std::mutex> lock(mu_);
+  StopRecyclerLocked(lock);
 }
 
 int HrlAppenderCore::WriteStagedLocked() {
@@ -240,7 +270,9 @@ int HrlAppenderCore::CloseBlock() {
 }
 
 int HrlAppenderCore::Finish() {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  // The descriptor is closed soon after: the recycler lets go of it first.
+  StopRecyclerLocked(lock);
   if (error_ != 0) return error_;
   int err = CloseBlockLocked();
   error_ = err != 0 ? err : EBADF;
@@ -248,7 +280,8 @@ int HrlAppenderCore::Finish() {
 }
 
 void HrlAppenderCore::Abandon() {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  StopRecyclerLocked(lock);
   if (error_ == 0) error_ = EBADF;
 }
 

@@ -11,8 +11,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 namespace blockrelay {
@@ -29,6 +31,7 @@ class HrlAppenderCore {
  public:
   HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t maxEntryBytes, size_t stagingBytes,
                   uint64_t writtenEnd, uint64_t lastBlockOffset);
+  ~HrlAppenderCore();
 
   // Logs data for disk bytes [byteOffset, byteOffset + length), split into
   // entries of at most maxEntryBytes.
@@ -83,9 +86,14 @@ class HrlAppenderCore {
   // page costs an allocation (reclaim, or a first touch of guest memory in a
   // VM) that made appending cost several times a rewrite of cached pages.
   // Written ranges are therefore handed to writeback early and dropped from
-  // the cache once clean, so appends keep reusing the same few pages.
-  uint64_t writebackStarted_ = 0;
-  uint64_t dropped_ = 0;
+  // the cache once clean, so appends keep reusing the same few pages. A
+  // thread of the appender's own does it, so no append waits for the disk.
+  void RecycleLoop();
+  void StopRecyclerLocked(std::unique_lock<std::mutex>& lock);
+  std::thread recycler_;
+  std::condition_variable recycleCv_;
+  bool recyclerStop_ = false;
+  uint64_t recycleSignalled_ = 0;
 };
 
 // The JavaScript class `HrlAppender` wrapping a core; other native classes

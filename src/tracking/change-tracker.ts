@@ -762,9 +762,16 @@ export class ChangeTracker {
     if (this.native !== undefined) this.applyNativeRecords(this.native.hold());
   }
 
-  /** Ends one `pauseNative`. */
+  /**
+   * Ends one `pauseNative` once every record queued so far has been logged:
+   * a TypeScript record (recordZeroes) is appended when it gets the lock,
+   * which may be after its disk operation, and no native write may be
+   * logged before it.
+   */
   resumeNative(): void {
-    this.releaseNative();
+    this.locked(async () => undefined)
+      .catch(() => undefined)
+      .finally(() => this.releaseNative());
   }
 
   /** Whether attachNative can work: the logs are real files the addon appends to. */
