@@ -22,7 +22,14 @@
  * was when the churn began, so those samples count the time since then
  * (they are not dropped).
  *
- * Options: --quick (shorter run, same disk), --interval-ms N (cut interval).
+ * Then, apart from the tap, the chain's own capacity: synthetic sealed logs
+ * of random 64 KiB writes (16 of 32 MB; 6 of 16 MB with --quick) shipped
+ * by the source's shipper through the same two hops (worker threads, VMDK
+ * with undo journal) as fast as they go: MB/s from the first send to the
+ * last apply, and per-log ship-to-applied latency.
+ *
+ * Options: --quick (shorter run, same disk), --interval-ms N (cut interval),
+ * --no-workers (both hops on the main thread).
  *
  * Prints one JSON document and writes it to bench/results/e2e.json.
  */
@@ -31,7 +38,15 @@ import * as net from 'node:net';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as crypto from 'node:crypto';
 import { Demo } from '../src/daemon/demo';
+import { DEMO_HOP_WORKER_ENTRY, buildDemoHop, type DemoHopInit } from '../src/daemon/demo-hops';
+import { createMetrics } from '../src/daemon/metrics';
+import { systemClock } from '../src/platform/clock';
+import { DiskHealth } from '../src/retry/health';
+import { HrlWriter } from '../src/tracking/hrl-writer';
+import { HopWorker } from '../src/transport/hop-worker';
+import { LogShipper, type ShippableLog } from '../src/transport/log-shipper';
 import type { LogStageEvent } from '../src/transport/log-stage-events';
 import { silentLogger } from '../src/daemon/logger';
 import { freePort } from '../test/helpers/net';
@@ -56,8 +71,8 @@ function percentile(xs: number[], p: number): number | null {
 }
 
 /** Runs fio against an NBD URI; returns MB/s written (decimal MB, as fio's bw_bytes). */
-function fio(uri: string, rate: string | undefined): Promise<number> {
-  const args = ['--name=churn', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', `--size=${diskBytes}`, '--time_based', `--runtime=${runtimeS}`, '--output-format=json', '--randseed=11'];
+function fio(uri: string, rate: string | undefined, seconds = runtimeS): Promise<number> {
+  const args = ['--name=churn', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', `--size=${diskBytes}`, '--time_based', `--runtime=${seconds}`, '--output-format=json', '--randseed=11'];
   if (rate !== undefined) args.push(`--rate=${rate}`);
   return new Promise((resolve, reject) => {
     const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -77,6 +92,8 @@ function fio(uri: string, rate: string | undefined): Promise<number> {
  * shipping (source -> process server, durable), waiting in the process
  * server's spool, forwarding (-> master target, durable), waiting in the
  * inbox, applying (journal, apply, flush, point); and cut -> applied.
+ * A wait can be slightly negative: the next hop starts a log as soon as it
+ * answers, before the sender has read that answer.
  */
 function timeline(events: LogStageEvent[]) {
   const byLog = new Map<number, Partial<Record<string, number>> & { cut: number; bytes: number }>();
@@ -119,11 +136,72 @@ async function peer(dir: string): Promise<number> {
       if (await new Promise<boolean>((r) => { const s = net.connect(port, '127.0.0.1', () => { s.destroy(); r(true); }); s.on('error', () => r(false)); })) break;
       await new Promise((r) => setTimeout(r, 100));
     }
-    return await fio(`nbd://127.0.0.1:${port}/disk0`, undefined);
+    return await fio(`nbd://127.0.0.1:${port}/disk0`, undefined, quick ? 5 : runtimeS);
   } finally {
     server.kill('SIGTERM');
     fs.rmSync(file, { force: true });
   }
+}
+
+/** The chain alone (no tap): synthetic logs through shipper -> process server -> master target. */
+async function chainCapacity(dir: string) {
+  const [count, logMB] = quick ? [6, 16] : [16, 32];
+  const logs: ShippableLog[] = [];
+  const pool = crypto.randomBytes(8 * MiB);
+  const logDir = path.join(dir, 'chain-logs');
+  fs.mkdirSync(logDir, { recursive: true });
+  let totalBytes = 0;
+  for (let seq = 1; seq <= count; seq++) {
+    const file = path.join(logDir, `${seq}.hrl`);
+    const w = await HrlWriter.create(file);
+    for (let i = 0; i < (logMB * MiB) / 65536; i++) {
+      const at = Math.floor(Math.random() * (pool.length - 65536));
+      await w.append(Math.floor(Math.random() * (diskBytes / 65536)) * 65536, pool.subarray(at, at + 65536));
+    }
+    await w.seal();
+    await w.close();
+    totalBytes += fs.statSync(file).size;
+    logs.push({ seq, file, cutTimeMs: 0, cutId: `chain-${seq}` });
+  }
+  const secret = crypto.randomBytes(16).toString('hex');
+  const events: LogStageEvent[] = [];
+  const hopOf = (init: DemoHopInit) => (workersOff
+    ? buildDemoHop(init, { logger: silentLogger(), metrics: createMetrics({ defaultMetrics: false }), clock: systemClock, onStage: (e) => events.push(e) })
+    : new HopWorker({ entry: DEMO_HOP_WORKER_ENTRY, init, logger: silentLogger(), name: init.role, onStage: (e) => events.push(e) }));
+  const retention = path.join(dir, 'chain-retention');
+  const mt = hopOf({ role: 'master-target', config: { stateDir: path.join(dir, 'chain-mt'), listen: '127.0.0.1:0', secret, retention: { dir: retention }, disks: [{ id: 'disk0', target: `vmdk:${path.join(dir, 'chain.vmdk')}` }] }, retentionDir: retention, logLevel: 'silent' });
+  await mt.start();
+  const ps = hopOf({ role: 'process-server', config: { stateDir: path.join(dir, 'chain-ps'), listen: '127.0.0.1:0', secret, cache: { dir: path.join(dir, 'chain-cache') }, forward: { url: mt.url, secret } }, logLevel: 'silent' });
+  await ps.start();
+  // Every log is taken as cut at the start: what is measured is the chain draining them.
+  const started = Date.now();
+  const remaining = new Map(logs.map((l) => [l.seq, { ...l, cutTimeMs: started }]));
+  const shipper = new LogShipper(
+    { diskId: 'disk0', diskSizeBytes: diskBytes, sealedLogs: async () => [...remaining.values()], acknowledge: async (seq) => { remaining.delete(seq); } },
+    { peer: { url: ps.url, secret }, clock: systemClock, logger: silentLogger(), metrics: createMetrics({ defaultMetrics: false }), health: new DiskHealth('disk0'), onStage: (e) => events.push(e) },
+  );
+  shipper.start();
+  shipper.wake();
+  await shipper.whenIdle();
+  await ps.drain();
+  await mt.drain();
+  const elapsedS = (Date.now() - started) / 1000;
+  await shipper.stop();
+  await ps.stop();
+  await mt.stop();
+  const shipStart = new Map<number, number>();
+  const applied = new Map<number, number>();
+  for (const e of events) {
+    if (e.stage === 'ship' && e.phase === 'start' && !shipStart.has(e.seq)) shipStart.set(e.seq, e.atMs);
+    if (e.stage === 'apply' && e.phase === 'done') applied.set(e.seq, e.atMs);
+  }
+  const latency = [...applied].map(([seq, at]) => at - (shipStart.get(seq) ?? at));
+  return {
+    logs: `${count} sealed logs of ${logMB} MiB of random 64 KiB writes`,
+    MBs: Number((totalBytes / 1e6 / elapsedS).toFixed(1)),
+    shipToAppliedMsP50: percentile(latency, 50),
+    shipToAppliedMsP99: percentile(latency, 99),
+  };
 }
 
 async function main(): Promise<void> {
@@ -160,6 +238,8 @@ async function main(): Promise<void> {
     const drainedMs = Date.now() - churnEnded;
     const after = demo.status().disks[0];
     const appliedMB = (after?.appliedBytesTotal ?? beforeDrain.appliedBytesTotal) / 1e6;
+    const appliedMBs = Number((appliedMB / ((Date.now() - started) / 1000)).toFixed(1));
+    const chain = await chainCapacity(dir);
     const result = {
       name: 'e2e',
       quick,
@@ -171,13 +251,14 @@ async function main(): Promise<void> {
       churnMBs: Number(churnMBs.toFixed(1)),
       peerMBs: Number(peerMBs.toFixed(1)),
       ratio: Number((churnMBs / peerMBs).toFixed(3)),
-      appliedMBs: Number((appliedMB / ((Date.now() - started) / 1000)).toFixed(1)),
+      appliedMBs,
       rpoP50Seconds: percentile(rpo, 50),
       rpoP99Seconds: percentile(rpo, 99),
       rpoSamples: rpo.length,
       drainAfterChurnMs: drainedMs,
       overflowedIntoResync: overflowed,
       timeline: timeline(events),
+      chainCapacity: chain,
       goal: 'churn >= 200 MB/s with RPO p99 < 2 s (issue 6)',
     };
     fs.mkdirSync(path.join(__dirname, 'results'), { recursive: true });
