@@ -19,7 +19,7 @@ import { openOrCreateTarget } from './target-opener';
 import { AttachedDisks } from '../targets/attached-disks';
 import { observabilityRoutes } from '../daemon/status-page';
 import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
-import { ResyncSessions, type ResyncDiskAccess, type ResyncJournalProvider } from './resync-route';
+import { ResyncSessions, type ResyncDiskAccess, type ResyncJournalProvider, type ResyncStatus } from './resync-route';
 import { resyncJournalFor } from '../retention/resync-journal';
 
 /**
@@ -62,6 +62,8 @@ export interface DiskApplyStatus {
   readonly rpoSeconds: number | null;
   readonly recentErrors: ReadonlyArray<{ code: string; message: string; atMs: number }>;
   readonly points?: PointsSummary | undefined;
+  /** The disk's networked resync: a session holding it now, and whether its points are held back (resync-route.ts). */
+  readonly resync?: ResyncStatus | undefined;
 }
 
 export interface ApplyingHopOptions {
@@ -305,6 +307,7 @@ export class ApplyingHop {
         rpoSeconds: d.lastPointTimeMs === null ? null : Math.max(0, now - d.lastPointTimeMs) / 1000,
         recentErrors: d.health.recentErrors.map((e) => ({ code: e.code, message: e.message, atMs: e.atMs })),
         points: this.options.hooks?.pointsSummary?.(d.diskId),
+        resync: this.resyncSessions.status(d.diskId),
       };
     });
   }

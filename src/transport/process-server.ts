@@ -100,6 +100,7 @@ export class ProcessServer extends ApplyingHop {
         lastPointTimeMs: null,
         rpoSeconds: null,
         recentErrors: d.health.recentErrors.map((e) => ({ code: e.code, message: e.message, atMs: e.atMs })),
+        resync: this.resyncSessions.status(d.diskId),
       } satisfies DiskApplyStatus;
     });
     return [...local, ...forwarded];

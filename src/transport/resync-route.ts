@@ -7,7 +7,7 @@ import type { Clock, TimerHandle } from '../platform/clock';
 import { KeyedLock } from '../platform/keyed-lock';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { BlockHasher } from '../resync/block-hasher';
-import { keepAliveAgent, MAX_RESYNC_REQUEST_BYTES, postResync, RESYNC_HEADER, resyncPath, sessionHeaders, validateSessionId } from '../resync/http-resync-channel';
+import { keepAliveAgent, MAX_RESYNC_REQUEST_BYTES, postResync, RESYNC_HEADER, sessionHeaders, validateSessionId } from '../resync/http-resync-channel';
 import { ResyncTargetService } from '../resync/resync-peer';
 import type { DiskTarget } from '../targets/disk-target';
 import type { DiskDrain } from './disk-drain';
@@ -102,6 +102,13 @@ export interface ResyncSessionsOptions {
  * completes, logs up to `taintedThrough` (sealed before its last read)
  * end none either.
  */
+export interface ResyncStatus {
+  readonly session: { sessionId: string; attempt: number; afterSeq: number | null; exchanges: number } | null;
+  /** No applied log ends a recovery point until a resync completes. */
+  readonly inProgress: boolean;
+  readonly taintedThrough: number | null;
+}
+
 export interface DiskResyncState {
   readonly version: 1;
   readonly inProgress: boolean;
@@ -353,6 +360,14 @@ export class ResyncSessions {
     return s === undefined ? undefined : { sessionId: s.sessionId, attempt: s.attempt, afterSeq: s.afterSeq, exchanges: s.exchanges };
   }
 
+  /** What `/v1/status` shows of the disk's resync; undefined when none ever ran. */
+  status(diskId: string): ResyncStatus | undefined {
+    const session = this.active(diskId);
+    const state = this.stateFile(diskId) !== undefined || this.diskStates.has(diskId) ? this.resyncState(diskId) : undefined;
+    if (session === undefined && (state === undefined || (!state.inProgress && state.taintedThrough === null))) return undefined;
+    return { session: session ?? null, inProgress: state?.inProgress ?? false, taintedThrough: state?.taintedThrough ?? null };
+  }
+
   /** The disk's resync state (see DiskResyncState). */
   resyncState(diskId: string): DiskResyncState {
     let state = this.diskStates.get(diskId);
@@ -557,4 +572,3 @@ export class ResyncSessions {
   }
 }
 
-export { resyncPath };

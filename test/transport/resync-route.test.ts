@@ -77,6 +77,9 @@ describe('POST /v1/disks/:disk/resync on the process server and master target', 
     expect((await a.info()).sizeBytes).toBe(DISK_SIZE);
     expect(ps.resyncSessions.active('disk0')?.sessionId).toBe(SESSION_A);
     expect(mt.resyncSessions.active('disk0')?.sessionId).toBe(SESSION_A);
+    // Operators see the session and the held-back points in /v1/status.
+    expect(mt.diskStatus()[0]!.resync).toMatchObject({ session: { sessionId: SESSION_A }, inProgress: true });
+    expect(ps.diskStatus().find((d) => d.diskId === 'disk0')!.resync).toMatchObject({ session: { sessionId: SESSION_A } });
 
     await expect(channel(ps.url, SESSION_B).exchange(encodeInfoRequest())).rejects.toMatchObject({ code: 'BR_RESYNC_SESSION_BUSY' });
     const res = await fetch(`${ps.url}/v1/disks/disk0/resync`, { method: 'POST', body: encodeInfoRequest(), headers: { authorization: `Bearer ${SECRET}`, 'x-blockrelay-resync-session': SESSION_B, 'x-blockrelay-resync-attempt': '1', 'x-blockrelay-disk-size-bytes': String(DISK_SIZE) } });
