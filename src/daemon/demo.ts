@@ -64,7 +64,10 @@ class DemoRegistry extends Registry {
 
   override async metrics(): Promise<string> {
     const parts = await Promise.all([this.own.getMetricsAsJSON(), ...this.hops().map((h) => h.metricsJson?.() ?? Promise.resolve([]))]);
-    return AggregatorRegistry.aggregate(parts).metrics();
+    // Counters add up across the roles; a gauge two roles both set (a disk's
+    // health) shows the worse value, not the sum. Process gauges keep theirs.
+    const merged = parts.map((metrics) => metrics.map((m) => (String(m.type) === 'gauge' && m.name.startsWith('blockrelay_') && !m.name.startsWith('blockrelay_process_') ? { ...m, aggregator: 'max' as const } : m)));
+    return AggregatorRegistry.aggregate(merged).metrics();
   }
 }
 
