@@ -84,6 +84,8 @@ export interface ApplyingHopOptions {
   readonly hopName: string;
   /** Networked resync sessions: idle expiry (default 120 s) and journal (default: the retention hooks'). */
   readonly resyncIdleTimeoutMs?: number;
+  /** How long opening a resync session waits for the logs up to its anchor (default 30 s). */
+  readonly resyncReadyTimeoutMs?: number;
   readonly resyncJournal?: ResyncJournalProvider;
   /** Told when each log's apply (or forward, on a process server) starts and ends; the e2e bench's timeline. */
   readonly onStage?: LogStageSink;
@@ -157,6 +159,7 @@ export class ApplyingHop {
       journal: this.resyncJournal,
       stateDir: options.stateDir,
       ...(options.resyncIdleTimeoutMs === undefined ? {} : { idleTimeoutMs: options.resyncIdleTimeoutMs }),
+      ...(options.resyncReadyTimeoutMs === undefined ? {} : { readyTimeoutMs: options.resyncReadyTimeoutMs }),
     });
   }
 

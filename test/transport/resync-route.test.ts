@@ -9,6 +9,7 @@ import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { sendLog } from '../../src/transport/log-client';
 import { masterTargetFromConfig, type ApplyingHop } from '../../src/transport/master-target';
 import { processServerFromConfig } from '../../src/transport/process-server';
+import { FaultProxy } from '../helpers/fault-proxy';
 import { useTempDirs } from '../helpers/tmp';
 import { DISK_SIZE, FAST_RETRY, makeLog, MT_SECRET, prng, quiet, SECRET } from './transport-fixture';
 
@@ -148,5 +149,40 @@ describe('POST /v1/disks/:disk/resync on the process server and master target', 
     expect(ps.resyncSessions.active('disk0')?.attempt).toBe(6);
     expect(mt.resyncSessions.active('disk0')?.attempt).toBe(6);
     await expect(channel(ps.url, SESSION_A, { attempt: 5 }).exchange(encodeInfoRequest())).rejects.toMatchObject({ code: 'BR_RESYNC_SESSION_EXPIRED' });
+  });
+
+  it('opens a relayed session only once its own spool is forwarded up to the anchor; until then a coded not-ready, nothing held', async () => {
+    const dir = tmp();
+    const extra = { ...quiet(), retryPolicy: FAST_RETRY, resyncReadyTimeoutMs: 500 };
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), hrlLogOps, extra);
+    await mt.start();
+    running.push(mt);
+    const proxy = new FaultProxy(Number(new URL(mt.url).port));
+    await proxy.listen();
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: proxy.url, secret: MT_SECRET } }), hrlLogOps, extra);
+    await ps.start();
+    running.push(ps);
+    try {
+      // The link to the master target is down: logs 1 and 2 stay in the process server's spool.
+      proxy.mode = { kind: 'drop' };
+      const model = Buffer.alloc(DISK_SIZE);
+      const rand = prng(8);
+      for (const seq of [1, 2]) {
+        const log = await makeLog(path.join(dir, 'src'), 'disk0', seq, model, rand);
+        await sendLog({ url: ps.url, secret: SECRET }, log.envelope, log.file);
+      }
+      await expect(channel(ps.url, SESSION_A, { afterSeq: 2 }).exchange(encodeInfoRequest())).rejects.toMatchObject({ code: 'BR_RESYNC_NOT_READY' });
+      expect(ps.resyncSessions.active('disk0')).toBeUndefined();
+      // The link is back: the spool drains (nothing was left held), and the next attempt opens.
+      proxy.mode = { kind: 'pass' };
+      await ps.drain();
+      await mt.drain();
+      expect(mt.ledger.get('disk0').appliedSeq).toBe(2);
+      expect((await new ResyncPeer(channel(ps.url, SESSION_A, { afterSeq: 2, attempt: 2 })).info()).sizeBytes).toBe(DISK_SIZE);
+      expect(mt.resyncSessions.active('disk0')?.afterSeq).toBe(2);
+      await channel(ps.url, SESSION_A, { afterSeq: 2, attempt: 2 }).end();
+    } finally {
+      await proxy.close();
+    }
   });
 });
