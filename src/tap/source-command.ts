@@ -11,6 +11,8 @@ import { ChangeTracker } from '../tracking/change-tracker';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
 import { openDisk } from '../targets/disk-spec';
+import { SourceResyncs } from '../resync/source-resyncs';
+import * as path from 'node:path';
 
 const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--process-server URL] [--interval-ms N] [--control HOST:PORT] [--quiesce-hook CMD] [--app-interval-minutes N] [--group G]';
 
@@ -74,7 +76,9 @@ export function parseDiskFlags(values: readonly string[]): { id: string; spec: s
  * `ID-SEQUENCE.hrl`, lexical order being apply order per disk. With it, each
  * sealed log is shipped to the process server (shared secret from
  * BLOCKRELAY_SECRET) and deleted after its durable answer, and a disk whose
- * tracker overflowed is resynced through the log stream. SIGTERM or SIGINT
+ * tracker overflowed is resynced through the log stream; with `--control`
+ * too, an operator can start a networked block resync of a disk
+ * (`POST /v1/disks/{disk}/resync`). SIGTERM or SIGINT
  * finishes the NBD requests in flight, seals the active logs, ships them
  * (within a bound) and exits 0.
  */
@@ -122,6 +126,7 @@ export const sourceCommand: Command = {
     let role: SourceRole;
     let shipping: SourceShipping | undefined;
     let controlApi: SourceControl | undefined;
+    let resyncs: SourceResyncs | undefined;
     const metrics = createMetrics();
     try {
       for (const d of disks) opened.push({ id: d.id, target: await openDisk(d.spec) });
@@ -140,7 +145,25 @@ export const sourceCommand: Command = {
       }
       if (control !== undefined) {
         const started = role;
+        // With a process server, the control API also runs an operator's
+        // networked resync of a disk (lost tracking, first sync onto an
+        // existing target): POST /v1/disks/{disk}/resync.
+        if (processServer !== undefined) {
+          resyncs = new SourceResyncs({
+            diskSpecs: new Map(disks.map((d) => [d.id, d.spec])),
+            peer: { url: processServer, secret: secret! },
+            stateDir: path.join(logDir, 'resync'),
+            cut: async (id) => {
+              const [sealed] = await ChangeTracker.cut([started.trackers.get(id)!]);
+              shipping?.sealed();
+              return sealed?.sequence;
+            },
+            clock: systemClock,
+            logger,
+          });
+        }
         controlApi = new SourceControl({
+          ...(resyncs === undefined ? {} : { extraRoutes: resyncs.routes() }),
           diskIds: opened.map((o) => o.id),
           group,
           // With shipping, a tagged cut ships at once; without, it stays in --log-dir like every cut.
@@ -163,6 +186,7 @@ export const sourceCommand: Command = {
       }
     } catch (err) {
       await controlApi?.close().catch(() => undefined);
+      await resyncs?.stop().catch(() => undefined);
       await shipping?.stop().catch(() => undefined);
       for (const o of opened) await o.target.close().catch(() => undefined);
       lock.release();
@@ -180,6 +204,8 @@ export const sourceCommand: Command = {
     try {
       // No scheduled app-consistent cut may start while the trackers close.
       controlApi?.tagger.stop();
+      // A running resync stops with its progress saved; the next start resumes it.
+      await resyncs?.stop();
       await role.stop();
       if (shipping !== undefined && !(await shipping.finish(SHIP_ON_STOP_TIMEOUT_MS))) {
         logger.warn({}, 'sealed logs not yet shipped stay in the log directory and go out at the next start');

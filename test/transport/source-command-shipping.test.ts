@@ -5,7 +5,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { cliCommand, runCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
-import { SECRET, startHops } from './transport-fixture';
+import { callJson } from '../../src/transport/log-client';
+import { prng, SECRET, startHops } from './transport-fixture';
 
 
 describe('blockrelay source --process-server', () => {
@@ -50,6 +51,57 @@ describe('blockrelay source --process-server', () => {
     cleanup.pop();
     execFileSync('qemu-img', ['compare', '-f', 'raw', '-F', 'vmdk', disk, path.join(dir, 'target.vmdk')]);
     expect(fs.readdirSync(path.join(dir, 'logs')).filter((n) => n.endsWith('.hrl'))).toEqual([]);
+  }, 120_000);
+
+  it('runs an operator\'s networked resync from the control API onto a target that differs, while the tap keeps writing', async () => {
+    if (!requireTool('qemu-io')) return;
+    const dir = tmp();
+    const size = 16 * 1024 * 1024;
+    // A first sync onto an existing disk: the target holds old content everywhere.
+    const rand = prng(31);
+    const sourceBytes = Buffer.alloc(size);
+    for (let i = 0; i < size; i += 4) sourceBytes.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
+    const targetBytes = Buffer.from(sourceBytes);
+    for (let block = 0; block < size / 4096; block += 7) targetBytes.fill(0xee, block * 4096, block * 4096 + 4096);
+    const targetFile = path.join(dir, 'target.img');
+    fs.writeFileSync(targetFile, targetBytes);
+    const disk = path.join(dir, 'disk0.img');
+    fs.writeFileSync(disk, sourceBytes);
+    const { mt, ps, stop } = await startHops(dir, `raw:${targetFile}`);
+    cleanup.push(stop);
+    const controlSecret = 'control-secret-0123456789';
+    const { command, args } = cliCommand(['source', '--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', path.join(dir, 'logs'), '--process-server', ps.url, '--control', '127.0.0.1:0', '--interval-ms', '300']);
+    const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BLOCKRELAY_SECRET: SECRET, BLOCKRELAY_CONTROL_SECRET: controlSecret, LOG_LEVEL: 'warn' } });
+    let stderr = '';
+    const ready = await new Promise<{ exports: Record<string, string>; control: string }>((resolve, reject) => {
+      child.stderr!.on('data', (d) => {
+        stderr += d;
+        const m = /BLOCKRELAY_SOURCE_READY (.*)\n/.exec(stderr);
+        if (m) resolve(JSON.parse(m[1]!));
+      });
+      child.on('exit', () => reject(new Error(`source exited: ${stderr}`)));
+    });
+    const api = { url: ready.control, secret: controlSecret };
+    expect(await callJson(api, 'POST', '/v1/disks/disk0/resync')).toMatchObject({ diskId: 'disk0', state: 'running' });
+    // Writes go on during the resync; they travel as logs after it.
+    execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 1m 256k', '-c', 'write -P 0x55 9m 64k', ready.exports.disk0!], { stdio: 'ignore' });
+    let state: { state: string; result?: { blocksSent: number } } = { state: 'running' };
+    for (let i = 0; i < 300 && state.state === 'running'; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      state = (await callJson(api, 'GET', '/v1/disks/disk0/resync')) as typeof state;
+    }
+    expect(state.state, stderr).toBe('done');
+    expect(state.result!.blocksSent).toBeGreaterThan(0);
+    const status = await new Promise<number | null>((resolve) => {
+      child.on('exit', (code) => resolve(code));
+      child.kill('SIGTERM');
+    });
+    expect(status).toBe(0);
+    await ps.drain();
+    await mt.drain();
+    await stop();
+    cleanup.pop();
+    expect(fs.readFileSync(targetFile).equals(fs.readFileSync(disk))).toBe(true);
   }, 120_000);
 
   it('refuses --process-server without the shared secret in BLOCKRELAY_SECRET', async () => {
