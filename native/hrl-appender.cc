@@ -5,6 +5,7 @@
 #include <ctime>
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -80,10 +81,14 @@ HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t ma
       metadataSizeBytes_(metadataSizeBytes),
       maxEntryBytes_(maxEntryBytes),
       entriesPerBlock_((metadataSizeBytes - kHrlMetadataHeaderBytes) / kHrlMetadataEntryBytes),
-      block_(metadataSizeBytes, 0),
-      staging_(stagingBytes, 0),
+      block_(metadataSizeBytes),
+      staging_(stagingBytes),
       writtenEnd_(writtenEnd),
       lastBlockOffset_(lastBlockOffset) {}
+
+int HrlAppenderCore::WriteAtLocked(struct iovec* iov, int count, uint64_t pos) {
+  return PwritevAll(fd_, iov, count, pos);
+}
 
 uint32_t HrlAppenderCore::NowTimestamp() {
   int64_t s = static_cast<int64_t>(std::time(nullptr)) - kHrlEpochUnixSeconds;
@@ -114,7 +119,12 @@ constexpr uint64_t kCachedTailBytes = 32ull << 20;
 void HrlAppenderCore::RecycleCacheLocked() {
   if (writtenEnd_ - recycleSignalled_ < kWritebackChunkBytes || recyclerStop_) return;
   recycleSignalled_ = writtenEnd_;
-  if (!recycler_.joinable()) recycler_ = std::thread([this]() { RecycleLoop(); });
+  if (!recycler_.joinable()) {
+    recycler_ = std::thread([this]() {
+      pthread_setname_np(pthread_self(), "br-hrl-recycle");
+      RecycleLoop();
+    });
+  }
   recycleCv_.notify_one();
 }
 
@@ -161,7 +171,8 @@ HrlAppenderCore::~HrlAppenderCore() {
 
 int HrlAppenderCore::WriteStagedLocked() {
   if (stagedBytes_ == 0) return 0;
-  int err = PwriteAll(fd_, staging_.data(), stagedBytes_, writtenEnd_);
+  struct iovec iov = {staging_.data(), stagedBytes_};
+  int err = WriteAtLocked(&iov, 1, writtenEnd_);
   if (err != 0) return err;
   writtenEnd_ += stagedBytes_;
   stagedBytes_ = 0;
@@ -187,7 +198,7 @@ int HrlAppenderCore::CloseBlockLocked() {
   iov[count].iov_base = block_.data();
   iov[count].iov_len = block_.size();
   count++;
-  int err = PwritevAll(fd_, iov, count, writtenEnd_);
+  int err = WriteAtLocked(iov, count, writtenEnd_);
   if (err != 0) return err;
   writtenEnd_ = blockOffset + metadataSizeBytes_;
   stagedBytes_ = 0;
@@ -217,10 +228,14 @@ int HrlAppenderCore::AppendPieceLocked(uint64_t byteOffset, const uint8_t* data,
   if (err != 0) return err;
   if (length >= staging_.size()) {
     if (data == nullptr) {
-      if (zeroes_.size() < length) zeroes_.assign(length, 0);
+      if (zeroes_.size() < length) {
+        zeroes_.resize(length);
+        std::memset(zeroes_.data(), 0, length);
+      }
       data = zeroes_.data();
     }
-    err = PwriteAll(fd_, data, length, writtenEnd_);
+    struct iovec one = {const_cast<uint8_t*>(data), length};
+    err = WriteAtLocked(&one, 1, writtenEnd_);
     if (err != 0) return err;
     writtenEnd_ += length;
     RecycleCacheLocked();

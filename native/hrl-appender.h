@@ -11,11 +11,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+struct iovec;
 
 namespace blockrelay {
 
@@ -23,6 +28,44 @@ constexpr uint32_t kHrlMetadataHeaderBytes = 32;
 constexpr uint32_t kHrlMetadataEntryBytes = 32;
 // Seconds between the Unix epoch and 2000-01-01, the HRL timestamp epoch.
 constexpr int64_t kHrlEpochUnixSeconds = 946684800;
+
+// Alignment of AlignedBuffer: a page, so a buffer is never split across
+// more pages than its length needs (and would suit O_DIRECT).
+constexpr size_t kBufferAlignBytes = 4096;
+
+// A page-aligned heap buffer that grows without keeping its contents.
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(size_t n) {
+    resize(n);
+    if (n > 0) std::memset(p_, 0, n);
+  }
+  ~AlignedBuffer() { std::free(p_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  uint8_t* data() { return p_; }
+  const uint8_t* data() const { return p_; }
+  size_t size() const { return n_; }
+  size_t capacity() const { return cap_; }
+  // Grows without keeping the contents.
+  void resize(size_t n) {
+    if (n > cap_) {
+      void* q = nullptr;
+      size_t cap = (n + kBufferAlignBytes - 1) / kBufferAlignBytes * kBufferAlignBytes;
+      if (posix_memalign(&q, kBufferAlignBytes, cap) != 0) std::abort();
+      std::free(p_);
+      p_ = static_cast<uint8_t*>(q);
+      cap_ = cap;
+    }
+    n_ = n;
+  }
+
+ private:
+  uint8_t* p_ = nullptr;
+  size_t n_ = 0;
+  size_t cap_ = 0;
+};
 
 // Thread-safe: every method takes the appender's mutex. Every method returns
 // 0 or an errno; after an I/O error (or Finish) the appender refuses every
@@ -67,15 +110,16 @@ class HrlAppenderCore {
   int CloseBlockLocked();
   uint64_t SizeBytesLocked() const;
   void RecycleCacheLocked();
+  int WriteAtLocked(struct iovec* iov, int count, uint64_t pos);
 
   std::mutex mu_;
   const int fd_;
   const uint32_t metadataSizeBytes_;
   const uint32_t maxEntryBytes_;
   const uint32_t entriesPerBlock_;
-  std::vector<uint8_t> block_;
-  std::vector<uint8_t> staging_;
-  std::vector<uint8_t> zeroes_;
+  AlignedBuffer block_;
+  AlignedBuffer staging_;
+  AlignedBuffer zeroes_;
   size_t stagedBytes_ = 0;
   uint64_t writtenEnd_;
   uint64_t lastBlockOffset_;

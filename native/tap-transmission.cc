@@ -87,13 +87,19 @@ bool NumberArg(const Napi::CallbackInfo& info, size_t i, double max, double& out
 class ConnCore;
 
 // A logged WRITE waiting for its disk write; owns its payload buffer.
+// With logging it has two stages, the log append (logger thread) and the
+// disk write (writer thread), taken in the same order by both threads; the
+// one that finishes last answers it.
 struct WriteJob {
   std::shared_ptr<ConnCore> conn;
-  std::unique_ptr<std::vector<uint8_t>> payload;
+  std::unique_ptr<AlignedBuffer> payload;
+  std::shared_ptr<HrlAppenderCore> log;
   uint64_t offset = 0;
   size_t length = 0;
   uint8_t handle[8] = {};
   bool fua = false;
+  int diskError = 0;
+  std::atomic<int> stagesLeft{1};
 };
 
 // State every connection to one export shares: the disk, the tracking mode
@@ -129,15 +135,22 @@ struct ExportCore {
   Napi::ThreadSafeFunction notify;
   std::atomic<uint64_t> bytesWritten{0};
 
-  std::deque<WriteJob> jobs;
+  std::deque<std::shared_ptr<WriteJob>> jobs;
+  std::deque<std::shared_ptr<WriteJob>> logJobs;
   size_t jobBytes = 0;
   bool writing = false;
+  bool logging = false;
+  std::condition_variable loggerCv;
+  std::thread logger;
   // Bytes queued for the writer beyond which a connection waits (one job is always allowed).
   size_t maxJobBytes = 64u << 20;
   std::condition_variable writerCv;
   std::thread writer;
 
   void WriterLoop();
+  void LoggerLoop();
+  // With mu held: nothing queued or being carried out.
+  bool Idle() const { return jobs.empty() && logJobs.empty() && !writing && !logging; }
 
   // With mu held.
   void Notify() {
@@ -202,7 +215,7 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
 
   // The writer thread finished a queued write: answers it (or hands a FUA
   // write to JavaScript for the flush) and returns its buffer.
-  void Completed(WriteJob&& job, int err) {
+  void Completed(WriteJob& job, int err) {
     const bool fua = job.fua;
     uint8_t handle[8];
     std::memcpy(handle, job.handle, 8);
@@ -281,6 +294,13 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
 
   // Sends JavaScript's queued replies. False when the socket failed or we stop.
   bool SendOutbox() {
+    std::lock_guard<std::mutex> send(sendMu_);
+    return SendOutboxLocked();
+  }
+
+  // With sendMu_ held: the outbox is taken under it, so a reply the writer
+  // only partly sent (its rest queued first) goes out before any other.
+  bool SendOutboxLocked() {
     std::vector<std::vector<uint8_t>> batch;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -353,6 +373,8 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     std::memcpy(head + 8, handle, 8);
     if (error != 0) errorReplies++;
     struct iovec iov[2] = {{head, kReplyHeaderBytes}, {const_cast<uint8_t*>(data), length}};
+    std::lock_guard<std::mutex> send(sendMu_);
+    if (hasOutbox_.load() && !SendOutboxLocked()) return false;
     return SendAll(iov, data == nullptr ? 1 : 2);
   }
 
@@ -407,9 +429,25 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     PutBe32(head + 4, error);
     std::memcpy(head + 8, handle, 8);
     if (error != 0) errorReplies++;
+    size_t sent = 0;
+    // Sent at once when the socket is free and takes it without waiting:
+    // handing every reply to the connection thread delayed it behind
+    // whatever that thread was doing (a log append, a receive).
+    std::unique_lock<std::mutex> send(sendMu_, std::try_to_lock);
+    if (send.owns_lock() && !hasOutbox_.load()) {
+      ssize_t n = ::send(sock_, head, kReplyHeaderBytes, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n == static_cast<ssize_t>(kReplyHeaderBytes)) return;
+      if (n > 0) sent = static_cast<size_t>(n);
+      else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return;  // broken: the thread sees it too
+    }
     std::lock_guard<std::mutex> lock(mu_);
     if (exited_) return;
-    outbox_.emplace_back(head, head + kReplyHeaderBytes);
+    if (sent > 0) {
+      // The rest of a partly sent reply goes first (sendMu_ is still held).
+      outbox_.emplace(outbox_.begin(), head + sent, head + kReplyHeaderBytes);
+    } else {
+      outbox_.emplace_back(head, head + kReplyHeaderBytes);
+    }
     hasOutbox_.store(true);
     cv_.notify_all();
     Wake();
@@ -417,7 +455,7 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
 
   // A payload buffer of at least `length` bytes, within the connection's
   // bounds; waits for the writer to return one. nullptr on stop.
-  std::unique_ptr<std::vector<uint8_t>> AcquirePayload(size_t length) {
+  std::unique_ptr<AlignedBuffer> AcquirePayload(size_t length) {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
       if (!outbox_.empty()) {
@@ -431,12 +469,12 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
       if (payloadsOut_ == 0 || (payloadsOut_ < kMaxPayloads && payloadBytesOut_ + length <= kMaxPayloadBytes)) break;
       cv_.wait(lock);
     }
-    std::unique_ptr<std::vector<uint8_t>> p;
+    std::unique_ptr<AlignedBuffer> p;
     if (!freePayloads_.empty()) {
       p = std::move(freePayloads_.back());
       freePayloads_.pop_back();
     } else {
-      p = std::make_unique<std::vector<uint8_t>>();
+      p = std::make_unique<AlignedBuffer>();
     }
     lock.unlock();
     if (p->size() < length) p->resize(length);
@@ -446,11 +484,11 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     return p;
   }
 
-  void ReleasePayload(std::unique_ptr<std::vector<uint8_t>> p) {
+  void ReleasePayload(std::unique_ptr<AlignedBuffer> p) {
     std::lock_guard<std::mutex> lock(mu_);
     payloadsOut_--;
     payloadBytesOut_ -= p->size();
-    if (p->size() <= kKeepPayloadBytes && freePayloads_.size() < static_cast<size_t>(kMaxPayloads)) freePayloads_.push_back(std::move(p));
+    if (p->capacity() <= kKeepPayloadBytes && freePayloads_.size() < static_cast<size_t>(kMaxPayloads)) freePayloads_.push_back(std::move(p));
     cv_.notify_all();
   }
 
@@ -523,7 +561,7 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   // the export's writer thread carries out and answers. Returns 0 when
   // queued, an NBD error when refused before anything was logged (the
   // payload is returned then), or -1 when the connection is stopping.
-  int DoWrite(uint64_t offset, std::unique_ptr<std::vector<uint8_t>>& payload, size_t length, const uint8_t* handle, bool fua) {
+  int DoWrite(uint64_t offset, std::unique_ptr<AlignedBuffer>& payload, size_t length, const uint8_t* handle, bool fua) {
     ExportCore& e = *exp_;
     std::unique_lock<std::mutex> lock(e.mu);
     for (;;) {
@@ -552,36 +590,35 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
       if (err != 0) return static_cast<int>(kNbdEio);
       lock.lock();
     }
-    const uint8_t* data = payload->data();
-    if (e.mode == kModeLogging && e.log != nullptr) {
-      int err = e.log->Append(offset, data, length, HrlAppenderCore::NowTimestamp());
-      if (err != 0) {
-        // The tracker folds its logs into the resync map, as for any log
-        // I/O error; the write itself goes on (the map records it).
-        e.attention = 2;
-        e.attentionErrno = err;
-        e.Notify();
-      } else if (e.log->SizeBytes() > e.logLimitBytes && e.attention == 0) {
-        e.attention = 1;
-        e.Notify();
-      }
-    }
     if (e.mode != kModeUntracked) {
       e.records.push_back(static_cast<double>(offset));
       e.records.push_back(static_cast<double>(length));
       e.Notify();
     }
-    WriteJob job;
-    job.conn = shared_from_this();
-    job.payload = std::move(payload);
-    job.offset = offset;
-    job.length = length;
-    std::memcpy(job.handle, handle, 8);
-    job.fua = fua;
-    connJobs_++;
+    auto job = std::make_shared<WriteJob>();
+    job->conn = shared_from_this();
+    job->payload = std::move(payload);
+    job->offset = offset;
+    job->length = length;
+    std::memcpy(job->handle, handle, 8);
+    job->fua = fua;
+    {
+      // Completed() lowers it under mu_ on the writer thread: raise it under
+      // mu_ too, or an update is lost (a session that never ends, or a
+      // thread that exits with a job queued). mu_ inside e.mu is safe:
+      // nothing takes e.mu while holding mu_.
+      std::lock_guard<std::mutex> jobsLock(mu_);
+      connJobs_++;
+    }
     e.jobBytes += length;
-    e.jobs.push_back(std::move(job));
+    e.jobs.push_back(job);
     e.writerCv.notify_one();
+    if (e.mode == kModeLogging && e.log != nullptr) {
+      job->log = e.log;
+      job->stagesLeft.store(2);
+      e.logJobs.push_back(job);
+      e.loggerCv.notify_one();
+    }
     return 0;
   }
 
@@ -630,7 +667,7 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
           if (!SendReply(0, handle, nullptr, 0)) return Failed();
           continue;
         }
-        std::unique_ptr<std::vector<uint8_t>> payload = AcquirePayload(length);
+        std::unique_ptr<AlignedBuffer> payload = AcquirePayload(length);
         if (payload == nullptr) return Failed();
         if (!ReadExact(payload->data(), length)) {
           ReleasePayload(std::move(payload));
@@ -678,36 +715,80 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::vector<uint8_t>> outbox_;
+  // Serialises writes to the socket (this thread's replies and the writer's).
+  std::mutex sendMu_;
   std::atomic<bool> hasOutbox_{false};
   std::atomic<bool> stopping_{false};
   int pendingJs_ = 0;  // FLUSH/FUA events posted and not yet answered (under mu_)
   int connJobs_ = 0;   // writes queued for the disk and not yet answered (under mu_)
   int payloadsOut_ = 0;
   size_t payloadBytesOut_ = 0;
-  std::vector<std::unique_ptr<std::vector<uint8_t>>> freePayloads_;
+  std::vector<std::unique_ptr<AlignedBuffer>> freePayloads_;
   bool resumed_ = false;
   int resumeError_ = 0;
   bool exited_ = false;
 };
+
+namespace {
+void FinishStage(const std::shared_ptr<WriteJob>& job) {
+  if (job->stagesLeft.fetch_sub(1) == 1) job->conn->Completed(*job, job->diskError);
+}
+}  // namespace
 
 void ExportCore::WriterLoop() {
   std::unique_lock<std::mutex> lock(mu);
   for (;;) {
     while (jobs.empty() && !closed) writerCv.wait(lock);
     if (jobs.empty()) return;
-    WriteJob job = std::move(jobs.front());
+    std::shared_ptr<WriteJob> job = std::move(jobs.front());
     jobs.pop_front();
     writing = true;
     lock.unlock();
-    int err = PwriteAll(diskFd, job.payload->data(), job.length, job.offset);
+    job->diskError = PwriteAll(diskFd, job->payload->data(), job->length, job->offset);
     lock.lock();
     writing = false;
-    jobBytes -= job.length;
-    // Holds wait for an empty queue; connections for room in it.
+    jobBytes -= job->length;
+    // Holds wait for empty queues; connections for room in them.
     cv.notify_all();
     lock.unlock();
-    std::shared_ptr<ConnCore> conn = job.conn;
-    conn->Completed(std::move(job), err);
+    FinishStage(job);
+    job.reset();
+    lock.lock();
+  }
+}
+
+// Appends queued writes to the log, in queue order (the writer thread's
+// order, so log order equals disk order), while the connection threads
+// receive and the writer writes the disk.
+void ExportCore::LoggerLoop() {
+  std::unique_lock<std::mutex> lock(mu);
+  for (;;) {
+    while (logJobs.empty() && !closed) loggerCv.wait(lock);
+    if (logJobs.empty()) return;
+    std::shared_ptr<WriteJob> job = std::move(logJobs.front());
+    logJobs.pop_front();
+    logging = true;
+    lock.unlock();
+    int err = job->log->Append(job->offset, job->payload->data(), job->length, HrlAppenderCore::NowTimestamp());
+    const uint64_t size = err == 0 ? job->log->SizeBytes() : 0;
+    lock.lock();
+    logging = false;
+    if (err != 0) {
+      // The tracker folds its logs into the resync map, as for any log I/O
+      // error; the write itself goes on (the map records it).
+      if (attention != 2) {
+        attention = 2;
+        attentionErrno = err;
+      }
+      Notify();
+    } else if (job->log == log && size > logLimitBytes && attention == 0) {
+      attention = 1;
+      Notify();
+    }
+    cv.notify_all();
+    lock.unlock();
+    FinishStage(job);
+    job.reset();
     lock.lock();
   }
 }
@@ -764,6 +845,10 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
       pthread_setname_np(pthread_self(), "br-tap-writer");
       raw->WriterLoop();
     });
+    core_->logger = std::thread([raw]() {
+      pthread_setname_np(pthread_self(), "br-tap-logger");
+      raw->LoggerLoop();
+    });
     napi_type_tag_object(env, info.This(), &kExportTag);
   }
 
@@ -784,8 +869,10 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
       }
       core_->cv.notify_all();
       core_->writerCv.notify_all();
+      core_->loggerCv.notify_all();
     }
     if (core_->writer.joinable()) core_->writer.join();
+    if (core_->logger.joinable()) core_->logger.join();
     if (release) core_->notify.Release();
   }
 
@@ -796,7 +883,7 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
       core_->holdCount++;
       // Queued disk writes finish first, so what JavaScript does next
       // (a mutation, a cut) comes after them on the disk as in the log.
-      core_->cv.wait(lock, [this] { return core_->jobs.empty() && !core_->writing; });
+      core_->cv.wait(lock, [this] { return core_->Idle(); });
     }
     return TakeRecords(info.Env(), *core_);
   }
