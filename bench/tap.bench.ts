@@ -15,6 +15,10 @@
  *     run stays in logging mode)
  *   - the tap with dirty-map-only tracking: the tracker is driven into its
  *     overflow mode before the run, so writes only mark the dirty map
+ * The tap serves the transmission phase natively (native/tap-transmission.cc:
+ * a thread per connection receives, a logger and a writer thread per export
+ * append to the log and write the disk); `--typescript-path` measures the
+ * TypeScript path instead (NbdServer nativeDataPath: false).
  * The tap process runs with UV_USE_IO_URING=0 (libuv's thread pool for file
  * I/O). Node 20's libuv submits buffered file writes through io_uring, which
  * completes them inline on the event-loop thread; on this 2-core machine
@@ -37,6 +41,7 @@ import { RawTarget } from '../src/targets/raw/raw-target';
 
 const quick = process.argv.includes('--quick');
 const ioUring = process.argv.includes('--io-uring');
+const typescriptPath = process.argv.includes('--typescript-path');
 const MiB = 1024 * 1024;
 const runtimeS = quick ? 3 : 6;
 const repetitions = quick ? 1 : 3;
@@ -142,7 +147,7 @@ async function withTap<T>(image: string, logDir: string, dirtyOnly: boolean, fn:
   const env = { ...process.env };
   if (ioUring) delete env.UV_USE_IO_URING;
   else env.UV_USE_IO_URING = '0';
-  const child = spawn(process.execPath, ['--import', 'tsx', __filename, '--serve', dirtyOnly ? 'dirty-map-only' : 'logging', image, logDir], {
+  const child = spawn(process.execPath, ['--import', 'tsx', __filename, '--serve', dirtyOnly ? 'dirty-map-only' : 'logging', image, logDir, ...(typescriptPath ? ['--typescript-path'] : [])], {
     cwd: path.dirname(__dirname),
     env,
     stdio: ['ignore', 'pipe', 'inherit'],
@@ -181,6 +186,7 @@ async function serve(mode: string, image: string, logDir: string): Promise<void>
     // so the run never overflows. Dirty-only: the smallest ratio, so the
     // first write overflows and the tracker keeps only the dirty map.
     tracker: { overflowRatio: dirtyOnly ? 1e-12 : 10 },
+    nativeDataPath: !typescriptPath,
   });
   const tracker = role.trackers.get('disk0')!;
   if (dirtyOnly) await tracker.recordWrite(0, Buffer.alloc(512));
@@ -240,6 +246,7 @@ async function main(): Promise<void> {
       quick,
       peer: 'qemu-nbd -f raw --cache=writeback --aio=threads',
       tapEnvironment: ioUring ? 'libuv default (io_uring for file I/O)' : 'UV_USE_IO_URING=0 (libuv thread pool for file I/O)',
+      tapDataPath: typescriptPath ? 'TypeScript' : 'native',
       runtimeS,
       repetitions,
       diskBytes,
