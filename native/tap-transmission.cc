@@ -669,6 +669,8 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
         uint32_t error = (flags & ~kFlagFua) != 0 ? kNbdEinval : CheckRange(offset, length, true, kNbdEinval);
         if (error == 0 && length > 0) error = static_cast<uint32_t>(DoRead(offset, length));
         bool ok = error == 0 && length > 0 ? SendReply(0, handle, rbuf_.data(), length) : SendReply(error, handle, nullptr, 0);
+        // A large read's buffer is not kept (up to the 32 MiB maximum per connection otherwise).
+        if (rbuf_.size() > kKeepPayloadBytes) std::vector<uint8_t>().swap(rbuf_);
         if (!ok) return Failed();
         continue;
       }
