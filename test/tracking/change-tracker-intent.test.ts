@@ -1,7 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ChangeTracker, WRITE_INTENT_REGION_BYTES } from '../../src/tracking/change-tracker';
+import { SimulatedClock } from '../../src/platform/clock';
+import { CHANGE_TRACKER_DEFAULTS, ChangeTracker, WRITE_INTENT_REGION_BYTES } from '../../src/tracking/change-tracker';
 import { NbdClient } from '../../src/tap/nbd-client';
 import { useTempDirs } from '../helpers/tmp';
 import { startTap } from '../tap/nbd-fixtures';
@@ -9,8 +10,8 @@ import { startTap } from '../tap/nbd-fixtures';
 const R = WRITE_INTENT_REGION_BYTES;
 const SIZE = 8 * R;
 
-async function open(dir: string): Promise<ChangeTracker> {
-  return ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: SIZE, persistIntervalMs: 0 });
+async function open(dir: string, options: { intentIdleClearMs?: number; clock?: SimulatedClock } = {}): Promise<ChangeTracker> {
+  return ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: SIZE, persistIntervalMs: 0, ...options });
 }
 
 function resyncExtents(t: ChangeTracker): Array<[number, number]> {
@@ -58,9 +59,10 @@ describe('write intent', () => {
   });
 
   it('clears a region once its writes are in persisted maps and it stayed idle for a persist', async () => {
+    // Without the idle window (intentIdleClearMs 0), one idle persist is the rule.
     // One persist is not enough: the region may still be busy.
     const busy = tmp();
-    const b = await open(busy);
+    const b = await open(busy, { intentIdleClearMs: 0 });
     await b.recordWrite(2 * R, Buffer.alloc(4096, 3));
     await b.intend(2 * R, 4096);
     await b.flush();
@@ -70,7 +72,7 @@ describe('write intent', () => {
 
     // Idle across a second persist: the mark is dropped and nothing is owed after a crash.
     const idle = tmp();
-    const t = await open(idle);
+    const t = await open(idle, { intentIdleClearMs: 0 });
     await t.recordWrite(2 * R, Buffer.alloc(4096, 3));
     await t.intend(2 * R, 4096);
     await t.flush();
@@ -78,6 +80,44 @@ describe('write intent', () => {
     const crashedIdle = await open(idle);
     expect(resyncExtents(crashedIdle)).toEqual([]);
     await crashedIdle.close();
+  });
+
+  it('keeps a region marked until it has been idle for the idle window, so a region written every few cuts is not re-marked', async () => {
+    const clock = new SimulatedClock();
+    const window = CHANGE_TRACKER_DEFAULTS.intentIdleClearMs;
+    const dir = tmp();
+    const t = await open(dir, { clock });
+    await t.recordWrite(2 * R, Buffer.alloc(4096, 3));
+    await t.intend(2 * R, 4096);
+    // Cuts every 250 ms for most of the window: still marked, so the next write there needs no fsync.
+    for (let elapsed = 0; elapsed < window - 500; elapsed += 250) {
+      await clock.advance(250);
+      await t.flush();
+    }
+    expect(t.intend(2 * R + 8192, 4096)).toBeUndefined();
+    await t.recordWrite(2 * R + 8192, Buffer.alloc(4096, 4));
+    // Idle from here: marked until the window has passed since that write's persist, then cleared.
+    await t.flush();
+    await clock.advance(window - 250);
+    await t.flush();
+    expect(await crashOpen(dir)).toEqual([[2, 1]]);
+    await clock.advance(500);
+    await t.flush();
+    expect(await crashOpen(dir)).toEqual([]);
+    expect(t.intend(2 * R, 4096)).toBeInstanceOf(Promise);
+    await t.close();
+
+    /** What a crash right now would leave owed: a second tracker's view of the directory. */
+    async function crashOpen(d: string): Promise<Array<[number, number]>> {
+      const copy = tmp();
+      for (const name of fs.readdirSync(d)) fs.copyFileSync(path.join(d, name), path.join(copy, name));
+      const after = await open(copy);
+      try {
+        return resyncExtents(after);
+      } finally {
+        await after.close();
+      }
+    }
   });
 
   it('holds a write back from the disk until its intent is durable (through the NBD tap)', async () => {
