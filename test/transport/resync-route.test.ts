@@ -126,13 +126,17 @@ describe('POST /v1/disks/:disk/resync on the process server and master target', 
   });
 
   it('expires an abandoned session: the appliers resume and the late request is refused', async () => {
-    const { dir, ps, mt, model, rand, targetFile } = await setup(300);
+    // Long enough that a loaded CI machine still sees the session hold log 2 first.
+    const { dir, ps, mt, model, rand, targetFile } = await setup(2000);
     await new ResyncPeer(channel(ps.url, SESSION_A, { afterSeq: 1 })).info();
     const log = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand);
     await sendLog({ url: ps.url, secret: SECRET }, log.envelope, log.file);
     await new Promise((r) => setTimeout(r, 100));
     expect(mt.ledger.get('disk0').appliedSeq).toBe(1);
-    await new Promise((r) => setTimeout(r, 700));
+    // Then nobody comes back: both hops end the session on their own.
+    for (let waited = 0; waited < 15_000 && (ps.resyncSessions.active('disk0') !== undefined || mt.resyncSessions.active('disk0') !== undefined); waited += 100) {
+      await new Promise((r) => setTimeout(r, 100));
+    }
     expect(ps.resyncSessions.active('disk0')).toBeUndefined();
     expect(mt.resyncSessions.active('disk0')).toBeUndefined();
     await ps.drain();
