@@ -86,8 +86,8 @@ bool NumberArg(const Napi::CallbackInfo& info, size_t i, double max, double& out
 
 class ConnCore;
 
-// A logged WRITE waiting for its disk write; owns its payload buffer.
-// With logging, the writer thread appends it to `log` before writing the disk.
+// A WRITE waiting for the writer thread; owns its payload buffer. With
+// logging, the writer appends it to `log` before writing the disk.
 struct WriteJob {
   std::shared_ptr<ConnCore> conn;
   std::unique_ptr<AlignedBuffer> payload;
@@ -100,10 +100,10 @@ struct WriteJob {
 
 // State every connection to one export shares: the disk, the tracking mode
 // and log, write-intent regions known durable, the records not yet taken by
-// JavaScript, and the disk-write queue. A WRITE is appended to the log and
-// queued under the mutex; one writer thread per export carries the queue
-// out in order, so disk order equals log order across connections, while
-// the connection threads go on receiving the next requests.
+// JavaScript, and the write queue. A WRITE is recorded and queued under the
+// mutex; one writer thread per export carries the queue out in order (log
+// append, then disk write), so log order equals disk order across
+// connections, while the connection threads go on receiving.
 struct ExportCore {
   int diskFd = -1;
   uint64_t sizeBytes = 0;
@@ -548,8 +548,8 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     return 0;
   }
 
-  // Logs and records one validated WRITE and queues its disk write, which
-  // the export's writer thread carries out and answers. Returns 0 when
+  // Records one validated WRITE and queues it for the export's writer
+  // thread, which logs it, writes the disk and answers it. Returns 0 when
   // queued, an NBD error when refused before anything was logged (the
   // payload is returned then), or -1 when the connection is stopping.
   int DoWrite(uint64_t offset, std::unique_ptr<AlignedBuffer>& payload, size_t length, const uint8_t* handle, bool fua) {
@@ -839,7 +839,7 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     if (release) core_->notify.Release();
   }
 
-  // Stops new writes (waits for one in progress) and returns the records not yet taken.
+  // Stops new writes, waits until the queued ones are on the disk, and returns the records not yet taken.
   Napi::Value HoldJs(const Napi::CallbackInfo& info) {
     {
       std::unique_lock<std::mutex> lock(core_->mu);

@@ -1,11 +1,13 @@
 // The source tap's transmission phase in C++: after the handshake (done in
-// TypeScript, src/tap/nbd-connection.ts) a thread per connection reads NBD
-// requests straight from the socket into a reused buffer, and for READ and
-// WRITE does the I/O itself (pread/pwrite on the disk, the log append through
-// HrlAppender), handing only (offset, length) records to JavaScript for the
-// change tracker's maps. Everything else (FLUSH, FUA, TRIM, WRITE_ZEROES,
-// unknown commands, write intents, log overflow) is an event JavaScript
-// answers. See src/tap/native-transmission.ts for the contract.
+// TypeScript, src/tap/nbd-connection.ts) a thread per connection receives
+// NBD requests straight from the socket. It answers READ itself (pread) and
+// queues each valid WRITE, in arrival order, for one writer thread per
+// export that appends it to the log (HrlAppender) and then writes the disk,
+// so log order equals disk order across connections. Only (offset, length)
+// records go to JavaScript, for the change tracker's maps. Everything else
+// (FLUSH, FUA, TRIM, WRITE_ZEROES, unknown commands, write intents, log
+// overflow or failure) is an event JavaScript answers; see
+// NbdConnection.handOverToNative and ChangeTracker.attachNative for that side.
 #ifndef BLOCKRELAY_TAP_TRANSMISSION_H_
 #define BLOCKRELAY_TAP_TRANSMISSION_H_
 

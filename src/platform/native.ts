@@ -55,7 +55,7 @@ export type NativeTapMode = (typeof NATIVE_TAP_MODE)[keyof typeof NATIVE_TAP_MOD
 
 /** What every native connection to one export shares (native/tap-transmission.cc). */
 export interface NativeTapExport {
-  /** Stops new writes (waits for one in progress); returns the records not yet taken, as offset/length pairs. */
+  /** Stops new writes, waits until the queued ones are written, and returns the records not yet taken, as offset/length pairs. */
   hold(): Float64Array;
   /** Ends one hold and sets what writes do from now on. */
   release(mode: NativeTapMode, appender: NativeHrlAppender | null, logLimitBytes: number): void;
