@@ -121,7 +121,9 @@ void HrlAppenderCore::RecycleCacheLocked() {
   recycleSignalled_ = writtenEnd_;
   if (!recycler_.joinable()) {
     recycler_ = std::thread([this]() {
+#if defined(__linux__)
       pthread_setname_np(pthread_self(), "br-hrl-recycle");
+#endif
       RecycleLoop();
     });
   }

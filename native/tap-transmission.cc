@@ -1,5 +1,9 @@
 #include "tap-transmission.h"
 
+// Linux only (eventfd, pthread_setname_np); elsewhere the classes are not
+// registered and the tap keeps its TypeScript data path.
+#if defined(__linux__)
+
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -1008,3 +1012,13 @@ void InitTapTransmission(Napi::Env env, Napi::Object exports) {
 }
 
 }  // namespace blockrelay
+
+#else  // !defined(__linux__)
+
+namespace blockrelay {
+
+void InitTapTransmission(Napi::Env, Napi::Object) {}
+
+}  // namespace blockrelay
+
+#endif
