@@ -83,6 +83,7 @@ HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t ma
       entriesPerBlock_((metadataSizeBytes - kHrlMetadataHeaderBytes) / kHrlMetadataEntryBytes),
       block_(metadataSizeBytes),
       staging_(stagingBytes),
+      spare_(stagingBytes),
       writtenEnd_(writtenEnd),
       lastBlockOffset_(lastBlockOffset) {}
 
@@ -116,18 +117,29 @@ constexpr uint64_t kWritebackChunkBytes = 8ull << 20;
 constexpr uint64_t kCachedTailBytes = 32ull << 20;
 }  // namespace
 
+void HrlAppenderCore::StartThreadLocked() {
+  if (recycler_.joinable() || recyclerStop_) return;
+  recycler_ = std::thread([this]() {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "br-hrl-recycle");
+#endif
+    RecycleLoop();
+  });
+}
+
 void HrlAppenderCore::RecycleCacheLocked() {
   if (writtenEnd_ - recycleSignalled_ < kWritebackChunkBytes || recyclerStop_) return;
   recycleSignalled_ = writtenEnd_;
-  if (!recycler_.joinable()) {
-    recycler_ = std::thread([this]() {
-#if defined(__linux__)
-      pthread_setname_np(pthread_self(), "br-hrl-recycle");
-#endif
-      RecycleLoop();
-    });
-  }
+  StartThreadLocked();
   recycleCv_.notify_one();
+}
+
+int HrlAppenderCore::WaitSpareLocked() {
+  // mu_ is held by the caller: adopt it for the wait and leave it held.
+  std::unique_lock<std::mutex> lock(mu_, std::adopt_lock);
+  spareDoneCv_.wait(lock, [this] { return !spareBusy_; });
+  lock.release();
+  return error_;
 }
 
 void HrlAppenderCore::RecycleLoop() {
@@ -135,7 +147,20 @@ void HrlAppenderCore::RecycleLoop() {
   uint64_t dropped = 0;
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    while (!recyclerStop_ && recycleSignalled_ == writebackStarted) recycleCv_.wait(lock);
+    while (!recyclerStop_ && !spareBusy_ && recycleSignalled_ == writebackStarted) recycleCv_.wait(lock);
+    if (spareBusy_) {
+      // A full staging buffer: written even when stopping, before the descriptor goes.
+      const size_t length = spareLength_;
+      const uint64_t pos = sparePos_;
+      lock.unlock();
+      struct iovec iov = {spare_.data(), length};
+      int err = WriteAtLocked(&iov, 1, pos);
+      lock.lock();
+      if (err != 0 && error_ == 0) error_ = err;
+      spareBusy_ = false;
+      spareDoneCv_.notify_all();
+      continue;
+    }
     if (recyclerStop_) return;
     const uint64_t end = recycleSignalled_;
     lock.unlock();
@@ -173,9 +198,20 @@ HrlAppenderCore::~HrlAppenderCore() {
 
 int HrlAppenderCore::WriteStagedLocked() {
   if (stagedBytes_ == 0) return 0;
-  struct iovec iov = {staging_.data(), stagedBytes_};
-  int err = WriteAtLocked(&iov, 1, writtenEnd_);
+  int err = WaitSpareLocked();
   if (err != 0) return err;
+  if (recyclerStop_) {
+    struct iovec iov = {staging_.data(), stagedBytes_};
+    err = WriteAtLocked(&iov, 1, writtenEnd_);
+    if (err != 0) return err;
+  } else {
+    staging_.swap(spare_);
+    spareLength_ = stagedBytes_;
+    sparePos_ = writtenEnd_;
+    spareBusy_ = true;
+    StartThreadLocked();
+    recycleCv_.notify_one();
+  }
   writtenEnd_ += stagedBytes_;
   stagedBytes_ = 0;
   RecycleCacheLocked();
@@ -183,7 +219,13 @@ int HrlAppenderCore::WriteStagedLocked() {
 }
 
 int HrlAppenderCore::CloseBlockLocked() {
-  if (entriesInBlock_ == 0) return WriteStagedLocked();
+  if (entriesInBlock_ == 0) {
+    int err = WriteStagedLocked();
+    return err != 0 ? err : WaitSpareLocked();
+  }
+  // Everything before the block is on its way to the file first, so a
+  // flush (block close, then fdatasync) covers it.
+  if (int err = WaitSpareLocked(); err != 0) return err;
   const uint64_t blockOffset = writtenEnd_ + stagedBytes_;
   uint8_t* h = block_.data();
   std::memset(h, 0, kHrlMetadataHeaderBytes);

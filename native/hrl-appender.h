@@ -18,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 struct iovec;
@@ -48,6 +49,11 @@ class AlignedBuffer {
   const uint8_t* data() const { return p_; }
   size_t size() const { return n_; }
   size_t capacity() const { return cap_; }
+  void swap(AlignedBuffer& other) {
+    std::swap(p_, other.p_);
+    std::swap(n_, other.n_);
+    std::swap(cap_, other.cap_);
+  }
   // Grows without keeping the contents.
   void resize(size_t n) {
     if (n > cap_) {
@@ -119,6 +125,14 @@ class HrlAppenderCore {
   const uint32_t entriesPerBlock_;
   AlignedBuffer block_;
   AlignedBuffer staging_;
+  // A full staging buffer is swapped with this one and written by the
+  // appender's thread, so the appending thread (the tap's writer thread)
+  // only copies; at most one such write is in flight.
+  AlignedBuffer spare_;
+  bool spareBusy_ = false;
+  size_t spareLength_ = 0;
+  uint64_t sparePos_ = 0;
+  std::condition_variable spareDoneCv_;
   AlignedBuffer zeroes_;
   size_t stagedBytes_ = 0;
   uint64_t writtenEnd_;
@@ -133,6 +147,9 @@ class HrlAppenderCore {
   // the cache once clean, so appends keep reusing the same few pages. A
   // thread of the appender's own does it, so no append waits for the disk.
   void RecycleLoop();
+  void StartThreadLocked();
+  // Waits (mu_ held) until the spare buffer's write is done; its error, or 0.
+  int WaitSpareLocked();
   void StopRecyclerLocked(std::unique_lock<std::mutex>& lock);
   std::thread recycler_;
   std::condition_variable recycleCv_;
