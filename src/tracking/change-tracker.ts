@@ -217,6 +217,8 @@ export class ChangeTracker {
   private nativeAttentionQueued = false;
   /** Whether the operation holding the lock still holds the native writers (see letNativeGo). */
   private nativeHeld = false;
+  /** Whether an operation holds the lock now (not only waits for it). */
+  private lockHeld = false;
   /** While a flush has let the native writers go, the records taken meanwhile (offset/length pairs). */
   private nativeSince: number[] | undefined;
 
@@ -717,6 +719,7 @@ export class ChangeTracker {
       if (released) return;
       released = true;
       this.lockDepth--;
+      this.lockHeld = false;
       if (this.nativeHeld) {
         this.nativeHeld = false;
         this.releaseNative();
@@ -725,6 +728,7 @@ export class ChangeTracker {
     };
     return previous.then(() => {
       this.opQueuedEpoch = askedEpoch;
+      this.lockHeld = true;
       if (this.native !== undefined) {
         this.nativeHeld = true;
         this.applyNativeRecords(this.native.hold());
@@ -744,9 +748,14 @@ export class ChangeTracker {
     if (this.openLogFile !== undefined) throw new BlockrelayError('BR_INTERNAL', `${this.diskId}: logs on injected files cannot take native appends`);
     this.native = exp;
     exp.setDurableRegions(Float64Array.from(this.durableIntents));
-    // Created held: a lock holder's release (or this) lets it go.
-    if (this.lockDepth === 0) this.releaseNative();
-    else this.nativeHeld = true;
+    // Created held. An operation holding the lock now (it took it before
+    // the export existed) takes that hold over and lets it go when it ends.
+    // Otherwise it is let go here, even with operations waiting for the
+    // lock: each takes its own hold when its turn comes, and keeping the
+    // creation hold as well would leave one hold never released (every
+    // native write blocked for good).
+    if (this.lockHeld) this.nativeHeld = true;
+    else this.releaseNative();
   }
 
   /**
