@@ -11,9 +11,11 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -109,7 +111,14 @@ struct WriteJob {
 // append, then disk write), so log order equals disk order across
 // connections, while the connection threads go on receiving.
 struct ExportCore {
+  // The export's own duplicate of the disk's descriptor, closed with the
+  // last reference: a connection thread still in a pread after JavaScript
+  // closed the target (a grace timeout ran out) reads the disk, never a
+  // closed descriptor or one reused for another file.
   int diskFd = -1;
+  ~ExportCore() {
+    if (diskFd >= 0) close(diskFd);
+  }
   uint64_t sizeBytes = 0;
   uint32_t minBlockBytes = 1;
   uint32_t maxBlockBytes = 0;
@@ -803,8 +812,13 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
       Napi::TypeError::New(env, "TapExport(diskFd, sizeBytes, minBlockBytes, maxBlockBytes, tracked, notify): bad argument").ThrowAsJavaScriptException();
       return;
     }
+    const int ownFd = fcntl(static_cast<int>(fd), F_DUPFD_CLOEXEC, 0);
+    if (ownFd < 0) {
+      Napi::Error::New(env, std::string("TapExport: cannot duplicate the disk descriptor: ") + std::strerror(errno)).ThrowAsJavaScriptException();
+      return;
+    }
     core_ = std::make_shared<ExportCore>();
-    core_->diskFd = static_cast<int>(fd);
+    core_->diskFd = ownFd;
     core_->sizeBytes = static_cast<uint64_t>(size);
     core_->minBlockBytes = static_cast<uint32_t>(minBlock);
     core_->maxBlockBytes = static_cast<uint32_t>(maxBlock);
