@@ -99,26 +99,13 @@ export class ServedExport {
   }
 }
 
-/**
- * The file descriptor of a raw target, which lives as long as the target.
- * RawTarget keeps its handle private, so this looks for it where RawTarget
- * keeps it (directly, or in the FileSpan it writes through, which must
- * start at file offset 0); anything else means the TypeScript path.
- * TODO(lead): a public `fd` on RawTarget would replace this.
- */
-function rawTargetFd(target: RawTarget): number | undefined {
-  const t = target as unknown as { handle?: { fd?: unknown }; span?: { handle?: { fd?: unknown }; fileOffset?: unknown } };
-  const fd = t.handle?.fd ?? (t.span?.fileOffset === 0 ? t.span.handle?.fd : undefined);
-  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
-}
-
 function nativeExportFor(wanted: boolean, exp: NbdExport, sizeBytes: number, minBlockBytes: number, maxBlockBytes: number): NativeTapExport | undefined {
   if (exp.readOnly || !(exp.source instanceof RawTarget) || exp.source.capabilities.readOnly || !wanted) return undefined;
   const recorder = exp.recorder;
   if (recorder !== undefined && !(recorder instanceof ChangeTracker && recorder.canAttachNative)) return undefined;
-  const fd = rawTargetFd(exp.source);
+  const fd = exp.source.fileDescriptor;
   const addon = loadNativeTap();
-  if (fd === undefined || addon === undefined) return undefined;
+  if (addon === undefined) return undefined;
   const tracker = recorder as ChangeTracker | undefined;
   const native = new addon.TapExport(fd, sizeBytes, minBlockBytes, maxBlockBytes, tracker !== undefined, () => tracker?.onNativeNotify());
   tracker?.attachNative(native);

@@ -119,6 +119,11 @@ export class FileSpan {
     }
   }
 
+  /** The open descriptor (valid until close). */
+  get fd(): number {
+    return this.handle.fd;
+  }
+
   /** Whether zeroing frees space (holes), as `capabilities.discard` reports. */
   get punchesHoles(): boolean {
     return this.punching;

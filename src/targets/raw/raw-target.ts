@@ -113,6 +113,16 @@ export class RawTarget implements DiskTarget {
     return this.span.sizeBytes;
   }
 
+  /**
+   * The disk's open descriptor (disk byte i is file byte i), for native I/O
+   * beside this target: the source tap's native data path duplicates it.
+   * BR_TARGET_CLOSED after close.
+   */
+  get fileDescriptor(): number {
+    checkOpen(this.closed, this.spec);
+    return this.span.fd;
+  }
+
   /** Builds the target for an open regular file, probing hole punching when it is writable. */
   private static async forFile(spec: string, path: string, handle: fsp.FileHandle, sizeBytes: number, readOnly: boolean, ops: FileExtentOps): Promise<RawTarget> {
     const punchHoles = !readOnly && (await FileSpan.probePunching(handle, sizeBytes, ops));
