@@ -15,7 +15,7 @@
  * a child that dies on `spawn X ENOENT` is reported as "skipped: tool X
  * missing" too.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -238,6 +238,11 @@ function readPreviousSummary(file: string, quick: boolean): Summary | undefined 
   }
 }
 
+/** Writes back the dirty pages the previous scenario left (quick when there are none). */
+function settle(): void {
+  spawnSync('sync');
+}
+
 async function main(): Promise<void> {
   const options = parseOptions(process.argv.slice(2));
   const started = performance.now();
@@ -257,6 +262,10 @@ async function main(): Promise<void> {
       benches.push({ name, status: 'not-run', durationMs: 0, reason: 'the time budget was spent', goal: judgeGoal(name, undefined) });
       continue;
     }
+    // Each scenario starts on a settled machine: the gigabytes an earlier one
+    // wrote (e2e, tap) would otherwise be written back during the next one's
+    // timing and slow it and its peer unevenly.
+    settle();
     const run = await runBench(options.benchDir, name, options.quick, timeoutMs);
     process.stderr.write(`bench: ${name}: ${run.status}${run.reason ? ` (${run.reason})` : ''} in ${(run.durationMs / 1000).toFixed(1)} s\n`);
     benches.push(run);
