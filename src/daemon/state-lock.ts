@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BlockrelayError } from '../retry/blockrelay-error';
+import { processAlive } from '../platform/process-liveness';
 
 /**
  * One blockrelay instance per state directory: `DIR/blockrelay.lock` holds
@@ -34,7 +35,7 @@ export class StateLock {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new BlockrelayError('BR_IO', `cannot create ${this.file}: ${(err as Error).message}`, { cause: err });
       }
       const owner = Number.parseInt(fs.readFileSync(this.file, 'utf8'), 10);
-      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && isAlive(owner)) {
+      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
         throw new BlockrelayError('BR_LOCKED', `state directory ${this.dir} is in use by process ${owner} (${this.file})`, { details: { pid: owner } });
       }
       fs.rmSync(this.file, { force: true });
@@ -47,14 +48,5 @@ export class StateLock {
     this.held = false;
     heldHere.delete(path.resolve(this.file));
     fs.rmSync(this.file, { force: true });
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -1,5 +1,6 @@
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
+import { processAlive } from './process-liveness';
 
 /**
  * The one way blockrelay makes small files durable. Every format that is
@@ -51,16 +52,6 @@ export async function writeFileDurably(file: string, content: string | Uint8Arra
 
 /** How writeFileDurably names a temporary: `<file>.<pid>.tmp`. */
 const TEMPORARY_NAME = /^(.+)\.(\d+)\.tmp$/;
-
-/** Whether a process with this id is running (EPERM: it runs as another user). */
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /**
  * Removes the temporaries writeFileDurably left in `dir` when a process died

@@ -6,6 +6,7 @@ import type { BlockHasher } from './block-hasher';
 import { boundExtents } from './extent-list';
 import { decodeState, encodeState, MAX_NOTED_EXTENTS, type ResyncState, type ResyncTotals } from './resync-state-format';
 import { removeStrayTemporaries, syncDirectory, writeFileDurably } from '../platform/durable-file';
+import { processAlive } from '../platform/process-liveness';
 
 /** What a resync is, for deciding whether saved progress belongs to it. */
 export interface ResyncIdentity {
@@ -199,15 +200,6 @@ export class ResyncJob {
 
 /** The lock file next to a state file: `STATE.lock`, holding the owner's process id. */
 export const LOCK_SUFFIX = '.lock';
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /**
  * Takes the lock file exclusively, so two resyncs never share one state file
