@@ -1,8 +1,8 @@
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { cliCommand, runCli } from '../helpers/cli';
+import { runCli, startSourceCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
 
@@ -18,17 +18,8 @@ describe('blockrelay source --control', () => {
     const hook = path.join(dir, 'hook.sh');
     fs.writeFileSync(hook, `#!/bin/sh\necho "$1 $BLOCKRELAY_DISKS $BLOCKRELAY_TAG" >> ${path.join(dir, 'phases')}\n`, { mode: 0o755 });
     const logDir = path.join(dir, 'logs');
-    const { command, args } = cliCommand(['source', '--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--control', '127.0.0.1:0', '--quiesce-hook', hook, '--group', 'db', '--interval-ms', '600000']);
-    const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, LOG_LEVEL: 'warn' } });
-    let stderr = '';
-    const ready = await new Promise<{ exports: Record<string, string>; control: string }>((resolve, reject) => {
-      child.stderr!.on('data', (d) => {
-        stderr += d;
-        const m = /BLOCKRELAY_SOURCE_READY (.*)\n/.exec(stderr);
-        if (m) resolve(JSON.parse(m[1]!));
-      });
-      child.on('exit', () => reject(new Error(`source exited: ${stderr}`)));
-    });
+    const source = await startSourceCli(['--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--control', '127.0.0.1:0', '--quiesce-hook', hook, '--group', 'db', '--interval-ms', '600000']);
+    const ready = { ...source.ready, control: source.ready.control! };
     try {
       execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 0 64k', ready.exports.disk0!], { stdio: 'ignore' });
       const tag = await runCli(['tag', '--url', ready.control, '--group', 'db', '--app', '--name', 'nightly', '--json']);
@@ -46,11 +37,7 @@ describe('blockrelay source --control', () => {
       expect(status.stdout).toMatch(/disk0\s+OK/);
       expect(await (await fetch(`${ready.control}/metrics`)).text()).toContain('blockrelay_');
     } finally {
-      const code = await new Promise<number | null>((resolve) => {
-        child.on('exit', (c) => resolve(c));
-        child.kill('SIGTERM');
-      });
-      expect(code).toBe(0);
+      expect(await source.stop()).toBe(0);
     }
   });
 });

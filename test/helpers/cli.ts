@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
 import { pathToFileURL } from 'node:url';
 
@@ -45,4 +45,47 @@ export function runCli(args: string[], options: { env?: NodeJS.ProcessEnv; timeo
 /** The command line that starts the CLI from sources, for tests that manage the child themselves. */
 export function cliCommand(args: string[]): { command: string; args: string[] } {
   return { command: process.execPath, args: ['--import', TSX_LOADER, CLI, ...args] };
+}
+
+/** What `blockrelay source` prints once it serves (src/tap/source-command.ts SOURCE_READY_PREFIX). */
+export interface SourceReady {
+  readonly listen: string;
+  readonly exports: Record<string, string>;
+  readonly logDir: string;
+  readonly control?: string;
+}
+
+/** A `blockrelay source` child, started from sources, once it is ready. */
+export interface SourceCli {
+  readonly child: ChildProcess;
+  readonly ready: SourceReady;
+  /** What it wrote to stderr so far (for failure messages). */
+  stderr(): string;
+  /** Sends SIGTERM and resolves with the exit status. */
+  stop(): Promise<number | null>;
+}
+
+/** Starts `blockrelay source ARGS` and waits for its ready line; rejects if it exits first. */
+export async function startSourceCli(args: string[], env: NodeJS.ProcessEnv = {}): Promise<SourceCli> {
+  const { command, args: argv } = cliCommand(['source', ...args]);
+  const child = spawn(command, argv, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, LOG_LEVEL: 'warn', ...env } });
+  let stderr = '';
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  const ready = await new Promise<SourceReady>((resolve, reject) => {
+    child.stderr!.on('data', (d) => {
+      stderr += d;
+      const m = /BLOCKRELAY_SOURCE_READY (.*)\n/.exec(stderr);
+      if (m) resolve(JSON.parse(m[1]!) as SourceReady);
+    });
+    void exited.then(() => reject(new Error(`source exited before it was ready: ${stderr}`)));
+  });
+  return {
+    child,
+    ready,
+    stderr: () => stderr,
+    stop: () => {
+      child.kill('SIGTERM');
+      return exited;
+    },
+  };
 }

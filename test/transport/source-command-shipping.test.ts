@@ -1,8 +1,8 @@
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { cliCommand, runCli } from '../helpers/cli';
+import { runCli, startSourceCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
 import { callJson } from '../../src/transport/log-client';
@@ -25,26 +25,13 @@ describe('blockrelay source --process-server', () => {
     const disk = path.join(dir, 'disk0.img');
     fs.writeFileSync(disk, Buffer.alloc(0));
     fs.truncateSync(disk, 32 * 1024 * 1024);
-    const { command, args } = cliCommand(['source', '--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', path.join(dir, 'logs'), '--process-server', ps.url, '--interval-ms', '300']);
-    const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BLOCKRELAY_SECRET: SECRET, LOG_LEVEL: 'warn' } });
-    let stderr = '';
-    const ready = await new Promise<{ exports: Record<string, string> }>((resolve, reject) => {
-      child.stderr!.on('data', (d) => {
-        stderr += d;
-        const m = /BLOCKRELAY_SOURCE_READY (.*)\n/.exec(stderr);
-        if (m) resolve(JSON.parse(m[1]!));
-      });
-      child.on('exit', () => reject(new Error(`source exited: ${stderr}`)));
-    });
+    const source = await startSourceCli(['--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', path.join(dir, 'logs'), '--process-server', ps.url, '--interval-ms', '300'], { BLOCKRELAY_SECRET: SECRET });
+    const ready = source.ready;
     const uri = ready.exports.disk0!;
     execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 1m', '-c', 'write -P 0x22 5m 512k', uri], { stdio: 'ignore' });
     await new Promise((r) => setTimeout(r, 700));
     execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 10m 64k', '-c', 'write -z 0 4k', uri], { stdio: 'ignore' });
-    const status = await new Promise<number | null>((resolve) => {
-      child.on('exit', (code) => resolve(code));
-      child.kill('SIGTERM');
-    });
-    expect(status).toBe(0);
+    expect(await source.stop()).toBe(0);
     await ps.drain();
     await mt.drain();
     await stop();
@@ -70,17 +57,8 @@ describe('blockrelay source --process-server', () => {
     const { mt, ps, stop } = await startHops(dir, `raw:${targetFile}`);
     cleanup.push(stop);
     const controlSecret = 'control-secret-0123456789';
-    const { command, args } = cliCommand(['source', '--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', path.join(dir, 'logs'), '--process-server', ps.url, '--control', '127.0.0.1:0', '--interval-ms', '300']);
-    const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BLOCKRELAY_SECRET: SECRET, BLOCKRELAY_CONTROL_SECRET: controlSecret, LOG_LEVEL: 'warn' } });
-    let stderr = '';
-    const ready = await new Promise<{ exports: Record<string, string>; control: string }>((resolve, reject) => {
-      child.stderr!.on('data', (d) => {
-        stderr += d;
-        const m = /BLOCKRELAY_SOURCE_READY (.*)\n/.exec(stderr);
-        if (m) resolve(JSON.parse(m[1]!));
-      });
-      child.on('exit', () => reject(new Error(`source exited: ${stderr}`)));
-    });
+    const source = await startSourceCli(['--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', path.join(dir, 'logs'), '--process-server', ps.url, '--control', '127.0.0.1:0', '--interval-ms', '300'], { BLOCKRELAY_SECRET: SECRET, BLOCKRELAY_CONTROL_SECRET: controlSecret });
+    const ready = { ...source.ready, control: source.ready.control! };
     const api = { url: ready.control, secret: controlSecret };
     expect(await callJson(api, 'POST', '/v1/disks/disk0/resync')).toMatchObject({ diskId: 'disk0', state: 'running' });
     // Writes go on during the resync; they travel as logs after it.
@@ -90,13 +68,9 @@ describe('blockrelay source --process-server', () => {
       await new Promise((r) => setTimeout(r, 100));
       state = (await callJson(api, 'GET', '/v1/disks/disk0/resync')) as typeof state;
     }
-    expect(state.state, stderr).toBe('done');
+    expect(state.state, source.stderr()).toBe('done');
     expect(state.result!.blocksSent).toBeGreaterThan(0);
-    const status = await new Promise<number | null>((resolve) => {
-      child.on('exit', (code) => resolve(code));
-      child.kill('SIGTERM');
-    });
-    expect(status).toBe(0);
+    expect(await source.stop()).toBe(0);
     await ps.drain();
     await mt.drain();
     await stop();
