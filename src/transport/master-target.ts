@@ -4,7 +4,8 @@ import { createLogger, type Logger } from '../daemon/logger';
 import { createMetrics, HEALTH_GAUGE_VALUE, type Metrics } from '../daemon/metrics';
 import { StateLock } from '../daemon/state-lock';
 import { systemClock, type Clock } from '../platform/clock';
-import { BlockrelayError } from '../retry/blockrelay-error';
+import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { removeStrayTemporaries } from '../platform/durable-file';
 import { DiskHealth } from '../retry/health';
 import type { RetryPolicy } from '../retry/retry-policy';
 import type { DiskTarget } from '../targets/disk-target';
@@ -194,6 +195,14 @@ export class ApplyingHop {
   async start(): Promise<void> {
     this.lock.acquire();
     try {
+      // The ledgers and resync session states are replaced through
+      // temporaries; a process killed mid-save leaves them behind (the spool
+      // sweeps its own on open).
+      for (const dir of ['disks', 'resync']) {
+        await removeStrayTemporaries(path.join(this.options.stateDir, dir)).catch((err: unknown) => {
+          throw wrapError(err, 'BR_IO', `sweeping temporaries in ${path.join(this.options.stateDir, dir)}`);
+        });
+      }
       await this.spool.open();
       this.receiver.reconcile();
       for (const [diskId, spec] of this.diskSpecs) this.addApplier(diskId, spec);

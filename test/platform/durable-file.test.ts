@@ -68,3 +68,25 @@ describe('owners sweep their temporaries when they open', () => {
     expect(fs.readdirSync(path.dirname(paths.catalog)).filter((n) => n.endsWith('.tmp'))).toEqual([]);
   });
 });
+
+describe('receiving hops sweep their state temporaries when they start', () => {
+  it('removes stray ledger and resync-state temporaries of dead processes from both hops, keeping the files themselves', async () => {
+    const { startHops } = await import('../transport/transport-fixture');
+    const dir = tempDir();
+    const dead = deadPid();
+    for (const hop of ['mt', 'ps']) {
+      for (const sub of ['disks', 'resync']) {
+        fs.mkdirSync(path.join(dir, hop, sub), { recursive: true });
+        fs.writeFileSync(path.join(dir, hop, sub, `disk0.json.${dead}.tmp`), '{"half');
+      }
+    }
+    const { stop } = await startHops(dir);
+    try {
+      for (const hop of ['mt', 'ps']) {
+        for (const sub of ['disks', 'resync']) expect(fs.readdirSync(path.join(dir, hop, sub)).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+      }
+    } finally {
+      await stop();
+    }
+  });
+});
