@@ -1,3 +1,4 @@
+import { MAX_FD, requireInteger } from './addon-arguments';
 import { loadNative } from './native';
 
 /**
@@ -19,14 +20,6 @@ interface BlockHashingAddon {
 export const MAX_HASHED_READ_BYTES = 256 * 1024 * 1024;
 /** Largest block (native kMaxBlockBytes, resync-wire MAX_BLOCK_BYTES). */
 const MAX_BLOCK_BYTES = 16 * 1024 * 1024;
-const MAX_FD = 0x7fffffff;
-
-function requireInteger(name: string, value: number, min: number, max: number): void {
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
-    throw new RangeError(`${name} must be an integer from ${min} to ${max}, got ${typeof value === 'number' ? value : typeof value}`);
-  }
-}
-
 /** What one call read: the block hashes and how many bytes the file really held. */
 export interface HashedRead {
   /** 8 bytes per block, little-endian XXH64, in block order. */

@@ -1,3 +1,4 @@
+import { MAX_FD, requireInteger } from './addon-arguments';
 import { loadNative } from './native';
 
 /**
@@ -48,14 +49,6 @@ interface FileExtentsAddon {
   seekData(fd: number, offset: number): number | string | undefined;
   seekHole(fd: number, offset: number): number | string | undefined;
   punchHole(fd: number, offset: number, length: number): Promise<number | string> | undefined;
-}
-
-const MAX_FD = 0x7fffffff;
-
-function requireInteger(name: string, value: number, min: number, max: number): void {
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
-    throw new RangeError(`${name} must be an integer from ${min} to ${max}, got ${typeof value === 'number' ? value : typeof value}`);
-  }
 }
 
 function errnoError(name: string, syscall: string, fd: number, offset: number, length?: number): NodeJS.ErrnoException {
