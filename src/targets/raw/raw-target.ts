@@ -2,9 +2,10 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { nativeFileExtents, type FileExtentOps } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
-import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, OpenOptions } from '../disk-target';
+import type { OpenOptions } from '../disk-target';
 import { FILE_SPAN_EXTENT_GRANULARITY_BYTES, FileSpan } from '../file-span';
-import { checkOpen, checkRequest } from '../request-bounds';
+import { FileSpanTarget } from '../file-span-target';
+import { checkOpen } from '../request-bounds';
 
 const SECTOR_BYTES = 512;
 /** Request alignment: none for files, the sector for block devices. */
@@ -87,30 +88,16 @@ function blockDeviceZeroing(stat: fs.Stats): { canPunch: boolean; logicalBlockBy
  * The file I/O itself is a FileSpan over the whole file, shared with the
  * fixed VHD and flat VMDK targets.
  */
-export class RawTarget implements DiskTarget {
+export class RawTarget extends FileSpanTarget {
   readonly diskUuid = undefined;
-  private readonly readOnly: boolean;
-  private caps: DiskTargetCapabilities;
-  private closed = false;
 
   private constructor(
     readonly spec: string,
-    private readonly span: FileSpan,
+    span: FileSpan,
     alignmentBytes: number,
     readOnly: boolean,
   ) {
-    this.readOnly = readOnly;
-    this.caps = { sparse: alignmentBytes === 1, discard: span.punchesHoles, alignmentBytes, readOnly };
-  }
-
-  /** What this open target can do; `discard` turns false if the filesystem refuses a punch later. */
-  get capabilities(): DiskTargetCapabilities {
-    if (this.caps.discard !== this.span.punchesHoles) this.caps = { ...this.caps, discard: this.span.punchesHoles };
-    return this.caps;
-  }
-
-  get sizeBytes(): number {
-    return this.span.sizeBytes;
+    super(span, { sparse: alignmentBytes === 1, alignmentBytes, readOnly });
   }
 
   /**
@@ -190,68 +177,6 @@ export class RawTarget implements DiskTarget {
     }
     const handle = await openHandle(path, readOnly ? 'r' : 'r+');
     return RawTarget.forFile(spec, path, handle, stat.size, readOnly, ops);
-  }
-
-  async read(offset: number, length: number): Promise<Buffer> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'read', offset, length);
-    // Every byte is either read or zero-filled, so the buffer need not be
-    // cleared first (a measurable cost when a copy reads a whole disk).
-    const out = Buffer.allocUnsafe(length);
-    await this.span.readInto(out, 0, offset, length);
-    return out;
-  }
-
-  /** Reads and hashes natively on the thread pool (see DiskTarget.hashBlocks); a file shortened behind our back reads as zeroes, as in read(). */
-  async hashBlocks(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'read', offset, length);
-    return this.span.hashBlocks(offset, length, blockSizeBytes, into);
-  }
-
-  async write(offset: number, data: Buffer): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'write', offset, data.length);
-    await this.span.write(data, 0, offset, data.length);
-  }
-
-  async writeZeroes(offset: number, length: number): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'writeZeroes', offset, length);
-    await this.span.zero(offset, length);
-  }
-
-  /** Same as writeZeroes: on a file that can punch holes both free the space. */
-  async discard(offset: number, length: number): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'discard', offset, length);
-    await this.span.zero(offset, length);
-  }
-
-  async flush(): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    if (this.readOnly) return;
-    await this.span.datasync();
-  }
-
-  async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'extents', offset, length);
-    for await (const e of this.span.extents(offset, length)) {
-      // A walk resumed after close() stops, even where its next run is already known.
-      checkOpen(this.closed, this.spec);
-      yield e;
-    }
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    try {
-      if (!this.readOnly) await this.span.datasync();
-    } finally {
-      this.closed = true;
-      await this.span.close();
-    }
   }
 }
 

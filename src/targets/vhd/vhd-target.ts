@@ -5,10 +5,10 @@ import type { Clock } from '../../platform/clock';
 import { systemClock } from '../../platform/clock';
 import { nativeFileExtents } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
-import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, OpenOptions } from '../disk-target';
+import type { OpenOptions } from '../disk-target';
 import { claimDiskUuid, type DiskUuidClaim } from '../disk-uuid-registry';
 import { FileSpan } from '../file-span';
-import { checkOpen, checkRequest } from '../request-bounds';
+import { FileSpanTarget } from '../file-span-target';
 import {
   VHD_FOOTER_SIZE_BYTES,
   VHD_SECTOR_SIZE_BYTES,
@@ -64,18 +64,15 @@ async function readFixedFooter(handle: fsp.FileHandle, fileSizeBytes: number, pa
  * filesystem can (the footer lies past the span, so nothing ever cuts the
  * file's tail).
  */
-export class VhdTarget implements DiskTarget {
-  private caps: DiskTargetCapabilities;
-  private closed = false;
-
+export class VhdTarget extends FileSpanTarget {
   private constructor(
     readonly spec: string,
-    private readonly span: FileSpan,
+    span: FileSpan,
     private readonly footer: VhdFooter,
     private readonly uuidClaim: DiskUuidClaim,
     readOnly: boolean,
   ) {
-    this.caps = { sparse: true, discard: span.punchesHoles, alignmentBytes: VHD_SECTOR_SIZE_BYTES, readOnly };
+    super(span, { sparse: true, alignmentBytes: VHD_SECTOR_SIZE_BYTES, readOnly });
   }
 
   /** Wraps an open, validated file: its data span, hole punching probed when writable. */
@@ -85,16 +82,6 @@ export class VhdTarget implements DiskTarget {
     const punchHoles = !readOnly && (await FileSpan.probePunching(handle, sizeBytes + VHD_FOOTER_SIZE_BYTES, ops));
     const span = new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: true, punchHoles, punchAlignBytes: VHD_SECTOR_SIZE_BYTES, ownsFileTail: false, ops });
     return new VhdTarget(spec, span, footer, uuidClaim, readOnly);
-  }
-
-  /** What this open target can do; `discard` turns false if the filesystem refuses a punch later. */
-  get capabilities(): DiskTargetCapabilities {
-    if (this.caps.discard !== this.span.punchesHoles) this.caps = { ...this.caps, discard: this.span.punchesHoles };
-    return this.caps;
-  }
-
-  get sizeBytes(): number {
-    return this.footer.currentSizeBytes;
   }
 
   get diskUuid(): string {
@@ -201,63 +188,8 @@ export class VhdTarget implements DiskTarget {
     }
   }
 
-  async read(offset: number, length: number): Promise<Buffer> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'read', offset, length);
-    const out = Buffer.allocUnsafe(length);
-    await this.span.readInto(out, 0, offset, length);
-    return out;
-  }
-
-  /** Reads and hashes natively on the thread pool (see DiskTarget.hashBlocks). */
-  async hashBlocks(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'read', offset, length);
-    return this.span.hashBlocks(offset, length, blockSizeBytes, into);
-  }
-
-  async write(offset: number, data: Buffer): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'write', offset, data.length);
-    await this.span.write(data, 0, offset, data.length);
-  }
-
-  async writeZeroes(offset: number, length: number): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'writeZeroes', offset, length);
-    await this.span.zero(offset, length);
-  }
-
-  async discard(offset: number, length: number): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'discard', offset, length);
-    await this.span.zero(offset, length);
-  }
-
-  async flush(): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    if (this.caps.readOnly) return;
-    await this.span.datasync();
-  }
-
-  async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
-    checkOpen(this.closed, this.spec);
-    checkRequest(this, 'extents', offset, length);
-    for await (const e of this.span.extents(offset, length)) {
-      checkOpen(this.closed, this.spec);
-      yield e;
-    }
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    try {
-      if (!this.caps.readOnly) await this.span.datasync();
-    } finally {
-      this.closed = true;
-      this.uuidClaim.release();
-      await this.span.close();
-    }
+  protected override releaseOnClose(): void {
+    this.uuidClaim.release();
   }
 }
 
