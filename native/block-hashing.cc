@@ -24,10 +24,6 @@ constexpr size_t kMaxBlockBytes = 16 * 1024 * 1024;
 // thread is held.
 constexpr size_t kMaxLengthBytes = 256 * 1024 * 1024;
 
-void StoreLe64(uint8_t* out, uint64_t v) {
-  for (int i = 0; i < 8; i++) out[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
 // Reads up to n bytes at offset into buf, retrying short reads and EINTR;
 // returns the bytes read (< n only at the end of the file) or -1.
 int64_t ReadFully(int fd, uint8_t* buf, size_t n, int64_t offset, int& err) {
@@ -67,10 +63,9 @@ int64_t PreadHashBlocks(int fd, int64_t file_offset, size_t length, size_t block
       at_end = got < n;
     }
     if (got < n) std::memset(buf + got, 0, n - got);
-    for (size_t at = 0; at < n; at += block_bytes, block++) {
-      const size_t len = n - at < block_bytes ? n - at : block_bytes;
-      StoreLe64(hashes + block * 8, Xxh64(buf + at, len));
-    }
+    // Pieces hold whole blocks, so only the range's last piece can end in a short one.
+    Xxh64Blocks(buf, n, block_bytes, hashes + block * 8);
+    block += (n + block_bytes - 1) / block_bytes;
   }
   return held;
 }
