@@ -109,6 +109,8 @@ export class BlockHasher {
    */
   groupHashes(fineHashes: Buffer, groupBlocks: number): Buffer {
     if (groupBlocks === 1) return fineHashes;
+    // A group's hash is xxh64 over its run of fine hashes: blocks of groupBlocks hashes.
+    if (this.blocks !== undefined) return this.blocks(fineHashes, groupBlocks * HASH_BYTES);
     const fineCount = fineHashes.length / HASH_BYTES;
     const count = Math.ceil(fineCount / groupBlocks);
     const hashes = new BigUint64Array(count);
@@ -119,4 +121,5 @@ export class BlockHasher {
     }
     return Buffer.from(hashes.buffer, 0, count * HASH_BYTES);
   }
+
 }
