@@ -15,6 +15,16 @@ export interface DrainQueue<T> {
   complete(item: T): Promise<void>;
   /** A short name of the item for logs, e.g. its sequence number. */
   describe(item: T): string;
+  /** What the queue holds for this drain and how full its store is (a hold's bound is measured against it). */
+  usage?(): QueueUsage;
+}
+
+/** Bytes a drain's queue holds, against its store's bound. */
+export interface QueueUsage {
+  readonly queuedBytes: number;
+  /** Everything in the store (all disks). */
+  readonly storeUsedBytes: number;
+  readonly storeCapacityBytes: number;
 }
 
 /** A disk's logs in a spool, as a drain queue. */
@@ -23,6 +33,7 @@ export function spoolQueue(spool: LogSpool, diskId: string): DrainQueue<SpoolEnt
     next: async () => spool.list(diskId)[0],
     complete: (entry) => spool.remove(diskId, entry.envelope.seq),
     describe: (entry) => `log ${entry.envelope.seq}`,
+    usage: () => ({ queuedBytes: spool.pendingBytes(diskId), storeUsedBytes: spool.bytesUsed, storeCapacityBytes: spool.maxBytes }),
   };
 }
 
@@ -59,6 +70,8 @@ export class DiskDrain<T = SpoolEntry> {
   private stopping = false;
   /** Items this accepts stay queued (a resync session holds them back); see hold(). */
   private holdBack: ((item: T) => boolean) | undefined;
+  /** The bound of the current hold, if limitHold() set one. */
+  private holdLimit: { maxBytes: number; maxShare: number; reserveShare: number; onExceeded: (queuedBytes: number) => void } | undefined;
   lastError: BlockrelayError | undefined;
 
   constructor(private readonly options: DiskDrainOptions<T>) {}
@@ -112,7 +125,34 @@ export class DiskDrain<T = SpoolEntry> {
   /** Ends a hold(): held items are handled again, in order. */
   release(): void {
     this.holdBack = undefined;
+    this.holdLimit = undefined;
     this.wake();
+  }
+
+  /**
+   * Bounds the current hold, once everything before the held items is
+   * handled (so what stays queued is held): when the queue holds more than
+   * `maxBytes`, or more than `maxShare` of its store's bound, or the store
+   * has less than `reserveShare` of its bound free while this holds
+   * anything, `onExceeded` is called once (it is expected to release).
+   * Checked whenever the drain wakes, i.e. as each item arrives.
+   */
+  limitHold(maxBytes: number, maxShare: number, reserveShare: number, onExceeded: (queuedBytes: number) => void): void {
+    if (this.holdBack === undefined) return;
+    this.holdLimit = { maxBytes, maxShare, reserveShare, onExceeded };
+    this.wake();
+  }
+
+  private checkHoldLimit(): void {
+    const limit = this.holdLimit;
+    const usage = this.options.queue.usage?.();
+    if (limit === undefined || usage === undefined || usage.queuedBytes === 0) return;
+    const bound = Math.min(limit.maxBytes, usage.storeCapacityBytes * limit.maxShare);
+    const free = usage.storeCapacityBytes - usage.storeUsedBytes;
+    if (usage.queuedBytes > bound || free < usage.storeCapacityBytes * limit.reserveShare) {
+      this.holdLimit = undefined;
+      limit.onExceeded(usage.queuedBytes);
+    }
   }
 
   /** Resolves when the queue holds nothing for this disk, or the disk went Critical or stopped. */
@@ -142,6 +182,7 @@ export class DiskDrain<T = SpoolEntry> {
       this.stateValue = 'busy';
       const queued = await queue.next();
       const next = queued !== undefined && this.holdBack?.(queued) === true ? undefined : queued;
+      if (next === undefined && queued !== undefined) this.checkHoldLimit();
       if (next === undefined) {
         if (this.woken) continue;
         this.stateValue = 'idle';
