@@ -43,6 +43,28 @@ export const MAX_RESYNC_REPLY_BYTES = WIRE_HEADER_BYTES + (MAX_HASH_SPAN_BYTES /
 // A hash request is always far below the write bound; keep it so if the wire grows.
 if (WIRE_HEADER_BYTES + HASH_REQUEST_FIXED_BYTES + MAX_RANGES_PER_REQUEST * RANGE_BYTES > MAX_RESYNC_REQUEST_BYTES) throw new Error('resync request bound too small');
 
+/** The answer to `DELETE /v1/disks/{disk}/resync`. */
+export interface EndAnswer {
+  readonly diskId: string;
+  /** This request ended the session (false: it had ended already, or another holds the disk). */
+  readonly ended: boolean;
+  /** The completion this request carried is recorded (now or by an earlier request); false without one. */
+  readonly completed: boolean;
+  readonly inProgress: boolean;
+  readonly taintedThrough: number | null;
+}
+
+export function parseEndAnswer(body: Buffer, diskId: string): EndAnswer {
+  let parsed: Partial<EndAnswer>;
+  try {
+    parsed = JSON.parse(body.toString('utf8')) as Partial<EndAnswer>;
+  } catch (err) {
+    throw new BlockrelayError('BR_PROTOCOL', `the answer to ending the resync session of disk ${diskId} is not JSON`, { cause: err });
+  }
+  if (typeof parsed.completed !== 'boolean' || typeof parsed.ended !== 'boolean') throw new BlockrelayError('BR_PROTOCOL', `the answer to ending the resync session of disk ${diskId} lacks 'ended' and 'completed'`);
+  return { diskId, ended: parsed.ended, completed: parsed.completed, inProgress: parsed.inProgress === true, taintedThrough: typeof parsed.taintedThrough === 'number' ? parsed.taintedThrough : null };
+}
+
 const SESSION_ID_PATTERN = /^[A-Za-z0-9_-]{16,64}$/;
 
 /** Checks a resync job id as the receiving hop does. */
@@ -179,18 +201,32 @@ export class HttpResyncChannel implements ResyncChannel {
   }
 
   /**
+   * Opens the session (an exchange with an empty body): the hop anchors it,
+   * holds back the logs after the anchor and waits for those before it.
+   * The source does this before it reads anything, so no log sealed after
+   * its first read can be applied before the session's writes.
+   */
+  async open(): Promise<void> {
+    await postResync(this.options.peer, 'POST', this.options.diskId, sessionHeaders(this.options), Buffer.alloc(0), this.agent);
+  }
+
+  /**
    * Ends the session on the hop (its applier resumes at once rather than at
    * expiry), and closes the connections. `completion` says the resync
-   * finished, and through which log the points are tainted.
+   * finished, and through which log the points are tainted; then the hop
+   * must answer that it recorded it (BR_PROTOCOL otherwise). Ending is
+   * idempotent on the hop: sending the same end again is harmless.
    */
-  async end(completion?: { taintedThrough: number | undefined }): Promise<void> {
+  async end(completion?: { taintedThrough: number | undefined }): Promise<EndAnswer> {
     const headers = sessionHeaders(this.options);
     if (completion !== undefined) {
       headers[RESYNC_HEADER.complete] = '1';
       if (completion.taintedThrough !== undefined) headers[RESYNC_HEADER.taintedThrough] = String(completion.taintedThrough);
     }
     try {
-      await postResync(this.options.peer, 'DELETE', this.options.diskId, headers, undefined);
+      const answer = parseEndAnswer(await postResync(this.options.peer, 'DELETE', this.options.diskId, headers, undefined), this.options.diskId);
+      if (completion !== undefined && !answer.completed) throw new BlockrelayError('BR_PROTOCOL', `the hop answered the completion of resync session ${this.options.sessionId} without recording it`);
+      return answer;
     } finally {
       this.close();
     }

@@ -1,7 +1,9 @@
 import * as crypto from 'node:crypto';
+import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { systemClock, type Clock } from '../platform/clock';
-import { BlockrelayError } from '../retry/blockrelay-error';
+import { syncDirectory, writeFileDurably } from '../platform/durable-file';
+import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { RetryLoop, type RetryEvent, type RetryPolicy } from '../retry/retry-policy';
 import { getDiskState, type PeerOptions } from '../transport/log-client';
 import { validateDiskId } from '../transport/transport-protocol';
@@ -42,38 +44,86 @@ export interface NetworkedResyncResult extends ResyncResult {
   /** The anchor of the attempt that finished (null: the hop's received logs). */
   readonly afterSeq: number | null;
   /**
-   * The hop confirmed the finished session. When false (it could not be
-   * reached at the very end) the blocks are all there, but the hop treats
-   * the disk as mid-resync and offers no new recovery point until a
-   * resync completes: run it again (it compares, finds nothing, confirms).
+   * The hop recorded the completion. Always true: a run returns only after
+   * that; a lost or failed end is retried under the retry policy (kept
+   * durably in `STATE.end` meanwhile, so even a restarted run only confirms
+   * it), and a completion the hop can no longer record runs the resync again.
    */
   readonly endConfirmed: boolean;
 }
 
 const ANCHOR_POLL_MS = 100;
 const DEFAULT_ANCHOR_WAIT_MS = 60_000;
-/** Ending a session is best effort; a hop out of reach ends it on its own when idle. */
+/** A session's end is bounded in time; a failed end is retried under the retry policy. */
 const END_TIMEOUT_MS = 5_000;
+/** Opening at an anchor the hop has passed (a log raced in): cut again at once this many times before the retry policy. */
+const QUICK_REANCHOR_TRIES = 3;
 
 /** The session id of the resync saved at `statePath`: a restarted resync takes over its own session. */
 export function sessionIdFor(statePath: string, diskId: string): string {
   return crypto.createHash('sha256').update(`${path.resolve(statePath)}\n${diskId}`).digest('hex').slice(0, 32);
 }
 
-const COMPLETE_TRIES = 5;
-const COMPLETE_RETRY_MS = 1_000;
+/**
+ * A finished resync whose completion the hop has not confirmed yet, kept
+ * durably beside the state file (`STATE.end`): every block is compared and
+ * flushed and the engine's progress file is gone, so until the hop records
+ * the completion only this file says the work was done. The next attempt
+ * (or the next run after a crash) sends the completion again rather than
+ * comparing the whole disk again.
+ */
+interface PendingEnd {
+  readonly version: 1;
+  readonly diskId: string;
+  readonly sessionId: string;
+  readonly attempt: number;
+  readonly afterSeq: number | null;
+  readonly taintedThrough: number | null;
+  readonly result: ResyncResult;
+}
 
-/** Tells the hop the resync finished, a few times over a short outage; a finished resync is never redone for it. */
-async function completeSession(end: () => Promise<void>, clock: Clock): Promise<boolean> {
-  for (let i = 0; i < COMPLETE_TRIES; i++) {
-    try {
-      await end();
-      return true;
-    } catch {
-      if (i < COMPLETE_TRIES - 1) await new Promise<void>((resolve) => clock.setTimer(resolve, COMPLETE_RETRY_MS));
-    }
+export function pendingEndPath(statePath: string): string {
+  return `${statePath}.end`;
+}
+
+async function readPendingEnd(file: string, diskId: string, sessionId: string): Promise<PendingEnd | undefined> {
+  let text: string;
+  try {
+    text = await fsp.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw wrapError(err, 'BR_IO', `cannot read ${file}`);
   }
-  return false;
+  let parsed: PendingEnd;
+  try {
+    parsed = JSON.parse(text) as PendingEnd;
+  } catch (err) {
+    throw new BlockrelayError('BR_RESYNC_STATE_CORRUPT', `${file} is not JSON; remove it to resync the disk again`, { cause: err, details: { path: file } });
+  }
+  if (parsed.version !== 1 || !Number.isSafeInteger(parsed.attempt) || typeof parsed.result !== 'object' || parsed.result === null || (parsed.taintedThrough !== null && !Number.isSafeInteger(parsed.taintedThrough))) {
+    throw new BlockrelayError('BR_RESYNC_STATE_CORRUPT', `${file} has an unknown layout; remove it to resync the disk again`, { details: { path: file } });
+  }
+  if (parsed.diskId !== diskId || parsed.sessionId !== sessionId) {
+    throw new BlockrelayError('BR_RESYNC_STATE_MISMATCH', `${file} belongs to disk ${parsed.diskId} session ${parsed.sessionId}, not disk ${diskId} session ${sessionId}`, { details: { path: file } });
+  }
+  return parsed;
+}
+
+async function writePendingEnd(file: string, pending: PendingEnd): Promise<void> {
+  try {
+    await writeFileDurably(file, JSON.stringify(pending));
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot save ${file}`);
+  }
+}
+
+async function removePendingEnd(file: string): Promise<void> {
+  try {
+    await fsp.rm(file, { force: true });
+    await syncDirectory(path.dirname(file));
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot remove ${file}`);
+  }
 }
 
 /** Waits until the hop holds log `seq` (its next expected sequence is past it). */
@@ -104,36 +154,82 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   validateDiskId(options.diskId);
   const clock = options.clock ?? systemClock;
   const sessionId = sessionIdFor(options.statePath, options.diskId);
+  const endFile = pendingEndPath(options.statePath);
   const source = await openDisk(sourceSpec, { readOnly: true });
   const diskSizeBytes = source.sizeBytes;
   await source.close();
   let lastAttempt = 0;
   let attempts = 0;
   let afterSeq: number | undefined;
-  let endConfirmed = false;
   const { peer, diskId, cut, retryPolicy, onRetry, anchorWaitMs, signal, ...engine } = options;
-  const loop = new RetryLoop<ResyncResult>(
-    async () => {
-      attempts++;
-      if (signal?.aborted) throw new BlockrelayError('BR_RETRY_CANCELLED', 'resync stopped on request; progress is saved and the next run resumes');
+  const endPeer: PeerOptions = { ...peer, timeoutMs: Math.min(peer.timeoutMs ?? END_TIMEOUT_MS, END_TIMEOUT_MS) };
+  const channelFor = (attempt: number, anchor: number | undefined, p: PeerOptions = peer): HttpResyncChannel => new HttpResyncChannel({ peer: p, diskId, sessionId, attempt, afterSeq: anchor, diskSizeBytes });
+
+  /** Tells the hop the resync finished; resolves true once it is recorded, false if it can no longer be (the resync must run again). */
+  const confirmEnd = async (pending: PendingEnd): Promise<boolean> => {
+    try {
+      await channelFor(pending.attempt, pending.afterSeq ?? undefined, endPeer).end({ taintedThrough: pending.taintedThrough ?? undefined });
+    } catch (err) {
+      // Another session wrote to the disk since: this completion is stale and the disk must be compared again.
+      if (isBlockrelayError(err) && err.code === 'BR_RESYNC_SESSION_EXPIRED') {
+        await removePendingEnd(endFile);
+        return false;
+      }
+      throw err;
+    }
+    await removePendingEnd(endFile);
+    return true;
+  };
+
+  /** Opens the session before the source reads anything, so every log after the anchor is held back while it reads. */
+  const openSession = async (): Promise<HttpResyncChannel> => {
+    for (let tries = 1; ; tries++) {
       afterSeq = cut === undefined ? undefined : await cut();
       if (afterSeq !== undefined) await waitForAnchor(peer, diskId, afterSeq, clock, anchorWaitMs ?? DEFAULT_ANCHOR_WAIT_MS);
       // Attempts increase across restarts too, so a restarted resync supersedes its own stale session.
       lastAttempt = Math.max(lastAttempt + 1, clock.now());
-      const channel = new HttpResyncChannel({ peer, diskId, sessionId, attempt: lastAttempt, afterSeq, diskSizeBytes });
-      const endSession = (completion?: { taintedThrough: number | undefined }): Promise<void> => new HttpResyncChannel({ peer: { ...peer, timeoutMs: Math.min(peer.timeoutMs ?? END_TIMEOUT_MS, END_TIMEOUT_MS) }, diskId, sessionId, attempt: lastAttempt, afterSeq, diskSizeBytes }).end(completion);
+      const channel = channelFor(lastAttempt, afterSeq);
+      try {
+        await channel.open();
+        return channel;
+      } catch (err) {
+        channel.close();
+        // A log after the anchor was applied before the session held the disk: cut again at once.
+        if (!(isBlockrelayError(err) && err.code === 'BR_RESYNC_ANCHOR_PASSED' && cut !== undefined && tries < QUICK_REANCHOR_TRIES)) throw err;
+      }
+    }
+  };
+
+  const loop = new RetryLoop<ResyncResult>(
+    async () => {
+      attempts++;
+      if (signal?.aborted) throw new BlockrelayError('BR_RETRY_CANCELLED', 'resync stopped on request; progress is saved and the next run resumes');
+      // A finished resync whose end the hop never confirmed (lost answer, outage, crash): confirm it first.
+      const pending = await readPendingEnd(endFile, diskId, sessionId);
+      if (pending !== undefined) {
+        lastAttempt = Math.max(lastAttempt, pending.attempt);
+        afterSeq = pending.afterSeq ?? undefined;
+        if (await confirmEnd(pending)) return pending.result;
+      }
+      const channel = await openSession();
+      let finished: PendingEnd | undefined;
       try {
         const result = await resyncDisks(sourceSpec, `${peer.url}${peer.url.endsWith('/') ? '' : '/'}v1/disks/${diskId}`, { ...engine, ...(signal ? { signal } : {}), clock, statePath: options.statePath, channel });
         // Every block is read: the log sealed now ends the first consistent point; the ones before it do not.
         const sealedAfter = cut === undefined ? undefined : await cut();
-        endConfirmed = await completeSession(() => endSession({ taintedThrough: sealedAfter === undefined ? afterSeq : sealedAfter - 1 }), clock);
-        return result;
+        const taintedThrough = sealedAfter === undefined ? afterSeq : sealedAfter - 1;
+        finished = { version: 1, diskId, sessionId, attempt: lastAttempt, afterSeq: afterSeq ?? null, taintedThrough: taintedThrough ?? null, result };
+        // Durable before the end is sent: the engine's progress file is gone, so this is all that says the work is done.
+        await writePendingEnd(endFile, finished);
       } catch (err) {
-        await endSession().catch(() => undefined);
+        await channelFor(lastAttempt, afterSeq, endPeer).end().catch(() => undefined);
         throw err;
       } finally {
         channel.close();
       }
+      // A failed end fails the attempt: the retry policy runs the next one, which only confirms the end.
+      if (await confirmEnd(finished)) return finished.result;
+      throw new BlockrelayError('BR_RESYNC_SESSION_EXPIRED', `disk ${diskId}: the hop could not record the completion of resync session ${sessionId} (another session wrote since); it runs again`, { details: { sessionId, attempt: finished.attempt } });
     },
     {
       clock,
@@ -145,7 +241,7 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   signal?.addEventListener('abort', stop, { once: true });
   try {
     const result = await loop.run();
-    return { ...result, diskId, sessionId, attempts, afterSeq: afterSeq ?? null, endConfirmed };
+    return { ...result, diskId, sessionId, attempts, afterSeq: afterSeq ?? null, endConfirmed: true };
   } finally {
     signal?.removeEventListener('abort', stop);
   }

@@ -6,13 +6,14 @@ import { validateDiskId } from '../transport/transport-protocol';
 import { networkedResync } from './networked-resync';
 import { parseCommandArgs, parseIntegerOption, writeJson, type Command, type CommandIo } from '../daemon/command';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { RETRY_POLICY_DEFAULTS } from '../retry/retry-policy';
 import { parseExtentFile } from './extent-list';
 import { RESYNC_DEFAULTS } from './resync-engine';
 import { resyncDisks } from './resync-disks';
 import { ResyncProgressPrinter } from './resync-progress';
 import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from './resync-wire';
 
-const USAGE = 'resync SOURCE TARGET [--block-size BYTES] [--json] [--state FILE] [--extents FILE] [--create] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N]\n       resync SOURCE --process-server URL --disk ID [--ca FILE] [--after-seq N] [--state FILE] [--block-size BYTES] [--json] [--extents FILE]';
+const USAGE = 'resync SOURCE TARGET [--block-size BYTES] [--json] [--state FILE] [--extents FILE] [--create] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N]\n       resync SOURCE --process-server URL --disk ID [--ca FILE] [--after-seq N] [--state FILE] [--block-size BYTES] [--json] [--extents FILE] [--retry-ms N]';
 
 /** Progress lines in logs come this often; a terminal bar is redrawn faster. */
 const LOG_PROGRESS_INTERVAL_MS = 2000;
@@ -30,6 +31,7 @@ const OPTIONS = {
   disk: { type: 'string' },
   ca: { type: 'string' },
   'after-seq': { type: 'string' },
+  'retry-ms': { type: 'string' },
 } as const;
 
 /** The process server's shared secret, as `blockrelay source --process-server` reads it (never on the command line). */
@@ -127,6 +129,8 @@ async function runNetworked(values: ParsedValues, positionals: string[], io: Com
   if ((blockSizeBytes & (blockSizeBytes - 1)) !== 0) throw new BlockrelayError('BR_USAGE', `--block-size must be a power of two (e.g. 4096 or 65536), got ${blockSizeBytes}`);
   const checkpointIntervalMs = parseIntegerOption('checkpoint-ms', values['checkpoint-ms'], RESYNC_DEFAULTS.checkpointIntervalMs, 0, 3_600_000);
   const afterSeq = values['after-seq'] === undefined ? undefined : parseIntegerOption('after-seq', values['after-seq'], 0, 0, Number.MAX_SAFE_INTEGER);
+  // A failed attempt (outage, hop restart, lost end) is retried after this fixed wait instead of the policy's 1, 2, 4, 8, 10 min, then every 30.
+  const retryMs = values['retry-ms'] === undefined ? undefined : parseIntegerOption('retry-ms', values['retry-ms'], 0, 10, 3_600_000);
   const secret = process.env[PROCESS_SERVER_SECRET_ENV];
   if (secret === undefined || secret.length < 16) throw new BlockrelayError('BR_USAGE', `--process-server needs the process server's shared secret (16 characters or more) in ${PROCESS_SERVER_SECRET_ENV}`);
   let ca: Buffer | undefined;
@@ -155,6 +159,7 @@ async function runNetworked(values: ParsedValues, positionals: string[], io: Com
       blockSizeBytes,
       checkpointIntervalMs,
       ...(afterSeq === undefined ? {} : { cut: async () => afterSeq }),
+      ...(retryMs === undefined ? {} : { retryPolicy: { scheduleOffsetsMs: [], steadyIntervalMs: retryMs, maxRetries: RETRY_POLICY_DEFAULTS.maxRetries } }),
       ...(extents === undefined ? {} : { extents }),
       onProgress: printer.report,
       progressIntervalMs: tty ? TTY_PROGRESS_INTERVAL_MS : LOG_PROGRESS_INTERVAL_MS,

@@ -138,6 +138,8 @@ export const ERROR_CODES = {
   BR_RESYNC_SESSION_EXPIRED: { recoverable: true, description: 'The networked resync session ended (expired, superseded or stopped); the resync resumes from its saved progress in a new session.' },
   BR_RESYNC_HISTORY_DROPPED: { recoverable: true, description: 'A networked resync session was interrupted before its pre-images were complete, so the disk\'s older recovery points were dropped; history starts again with the next log.' },
   BR_RESYNC_NOT_READY: { recoverable: true, description: 'The receiving hop has not yet applied or forwarded the logs up to the resync anchor; the resync tries again.' },
+  BR_RESYNC_ANCHOR_PASSED: { recoverable: true, description: 'A log after the resync anchor was already applied on the receiving hop, so the session cannot open at that anchor; the source cuts again and opens a new attempt.' },
+  BR_RESYNC_HOLD_FULL: { recoverable: true, description: 'The logs a networked resync session held back reached their bound (a quarter of the spool, or the spool\'s last eighth); the session ended so they go on, and the resync resumes in a new session.' },
 
   // --- retention ---
   BR_RETENTION_VOLUME_SHARED: { recoverable: false, description: 'The retention volume is the cache or install volume (same device as the state, cache or install directory); give it a volume of its own.' },

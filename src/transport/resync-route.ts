@@ -7,13 +7,13 @@ import type { Clock, TimerHandle } from '../platform/clock';
 import { KeyedLock } from '../platform/keyed-lock';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { BlockHasher } from '../resync/block-hasher';
-import { keepAliveAgent, MAX_RESYNC_REQUEST_BYTES, postResync, RESYNC_HEADER, sessionHeaders, validateSessionId } from '../resync/http-resync-channel';
+import { keepAliveAgent, MAX_RESYNC_REQUEST_BYTES, parseEndAnswer, postResync, RESYNC_HEADER, sessionHeaders, validateSessionId, type EndAnswer } from '../resync/http-resync-channel';
 import { ResyncTargetService } from '../resync/resync-peer';
 import type { DiskTarget } from '../targets/disk-target';
 import type { DiskDrain } from './disk-drain';
 import type { PeerOptions } from './log-client';
 import type { SpoolEntry } from './log-spool';
-import type { Route } from './http-api';
+import { sendJson, type Route } from './http-api';
 import { PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
 
 /**
@@ -92,6 +92,12 @@ export interface ResyncSessionsOptions {
   readonly readyTimeoutMs?: number;
   /** The hop's state directory: `resync/<disk>.json` says which logs end no consistent point (absent: kept in memory). */
   readonly stateDir?: string;
+  /**
+   * Bytes of logs one session may hold back before it is ended early
+   * (BR_RESYNC_HOLD_FULL) and they go on; the default, and the ceiling, is
+   * a quarter of the spool's bound (see HELD_SHARE_OF_SPOOL).
+   */
+  readonly maxHeldBytes?: number;
 }
 
 /**
@@ -113,12 +119,35 @@ export interface DiskResyncState {
   readonly version: 1;
   readonly inProgress: boolean;
   readonly taintedThrough: number | null;
+  /**
+   * The last session opened on the disk (the one whose writes the target
+   * holds last) and whether its completion was recorded. A completing
+   * `DELETE` is accepted for this session only, also after it expired or
+   * the hop restarted, and again if its answer was lost (idempotent).
+   * Absent in files written before it existed: no late completion then.
+   */
+  readonly lastSession?: { readonly sessionId: string; readonly attempt: number; readonly completed: boolean };
 }
 
 export const RESYNC_SESSION_DEFAULTS = {
   idleTimeoutMs: 120_000,
   readyTimeoutMs: 30_000,
 } as const;
+
+/**
+ * The share of a hop's spool bound one session's held logs may take. Past
+ * it, or once held logs would leave less than SPOOL_RESERVE_SHARE of the
+ * spool free, the session ends early (BR_RESYNC_HOLD_FULL): its held logs
+ * are applied or forwarded at once and the source resumes the resync in a
+ * new session. A resync thus never makes the hop refuse another disk's
+ * logs (BR_SPOOL_FULL), and nothing is dropped.
+ */
+export const HELD_SHARE_OF_SPOOL = 1 / 4;
+/** Free share of the spool below which no session keeps holding logs. */
+export const SPOOL_RESERVE_SHARE = 1 / 8;
+
+/** What a late request of an ended session is told. */
+type EndedCode = 'BR_RESYNC_SESSION_EXPIRED' | 'BR_RESYNC_HOLD_FULL';
 
 /** Ended sessions remembered per hop, so their late requests are refused, not served. */
 const ENDED_SESSIONS_MAX = 1024;
@@ -158,6 +187,8 @@ interface Session {
   ending?: Promise<void>;
   /** Relayed sessions: connections to the master target kept for the session. */
   agent?: http.Agent;
+  /** Relayed sessions: the master target's answer to the relayed end. */
+  relayedEnd?: EndAnswer;
 }
 
 interface SessionKey {
@@ -283,8 +314,8 @@ function journaledTarget(target: DiskTarget, journal: ResyncSessionJournal): Dis
 /** The resync sessions of one receiving hop (master target or process server). */
 export class ResyncSessions {
   private readonly sessions = new Map<string, Session>();
-  /** `${sessionId}:${attempt}` of sessions that ended, oldest first, with their disk. */
-  private readonly ended = new Map<string, string>();
+  /** `${sessionId}:${attempt}` of sessions that ended, oldest first, with their disk and the code their late requests get. */
+  private readonly ended = new Map<string, { diskId: string; code: EndedCode }>();
   private readonly diskStates = new Map<string, DiskResyncState>();
   private readonly opening = new KeyedLock();
   private hasher: Promise<BlockHasher> | undefined;
@@ -332,26 +363,60 @@ export class ResyncSessions {
           const diskId = validateDiskId(ctx.params.disk!);
           const key = sessionKey(ctx.req);
           const completion = completionOf(ctx.req);
-          const current = this.sessions.get(diskId);
-          let endedNow = false;
-          if (current !== undefined && current.sessionId === key.sessionId && current.attempt === key.attempt) {
-            await this.end(current, completion === undefined ? 'ended by the source' : 'completed', completion);
-            endedNow = true;
-          } else {
-            const access = this.options.access(diskId);
-            if (access?.kind === 'relay') {
-              // Relay an end we hold no session for (the master target may still hold one).
-              await postResync(access.peer, 'DELETE', diskId, { ...sessionHeaders(key), ...completionHeaders(completion) }, undefined);
-            } else if (completion !== undefined && current === undefined && this.ended.get(`${key.sessionId}:${key.attempt}`) === diskId && access !== undefined) {
-              // The session expired after its last exchange: its writes are all flushed, so it still completes.
-              await this.complete(diskId, completion, access.receivedSeq());
-            }
-          }
-          ctx.res.writeHead(200, { 'content-type': 'application/json' });
-          ctx.res.end(JSON.stringify({ diskId, ended: endedNow, ...this.resyncState(diskId) }));
+          ctx.req.resume();
+          const answer = await this.endRequest(diskId, key, completion);
+          sendJson(ctx.res, 200, answer);
         },
       },
     ];
+  }
+
+  /**
+   * `DELETE`: ends the session named by the headers, and with a completion
+   * records that the resync finished. Idempotent and recoverable: the end
+   * of a session that already ended (expired, or lost with a hop restart)
+   * still records its completion when it was the disk's last session, and
+   * a repeated completion is answered as recorded. A completion that can no
+   * longer be recorded (another session wrote since) is refused with
+   * BR_RESYNC_SESSION_EXPIRED: the resync must run again.
+   */
+  private async endRequest(diskId: string, key: SessionKey, completion: Completion | undefined): Promise<EndAnswer> {
+    let current = this.sessions.get(diskId);
+    if (current !== undefined && current.sessionId === key.sessionId && current.attempt === key.attempt) {
+      // If it is already ending (expiry, role stopping), that end carries no completion: record it afterwards.
+      const carriesCompletion = current.ending === undefined;
+      await this.end(current, completion === undefined ? 'ended by the source' : 'completed', completion);
+      if (carriesCompletion || completion === undefined) {
+        if (current.access.kind === 'relay') return { ...(current.relayedEnd ?? { inProgress: false, taintedThrough: null, completed: false }), diskId, ended: true };
+        return { diskId, ended: true, completed: completion !== undefined, ...this.stateFields(diskId) };
+      }
+      current = this.sessions.get(diskId);
+    }
+    if (current !== undefined && completion !== undefined) {
+      // Another session (or a newer attempt of this one) holds the disk and writes to it: this completion is stale.
+      if (current.sessionId !== key.sessionId) throw new BlockrelayError('BR_RESYNC_SESSION_BUSY', `disk ${diskId} is held by resync session ${current.sessionId}; the completion of ${key.sessionId} cannot be recorded`, { details: { diskId, sessionId: current.sessionId } });
+      throw new BlockrelayError('BR_RESYNC_SESSION_EXPIRED', `resync session ${key.sessionId} attempt ${key.attempt} was superseded by attempt ${current.attempt}; its completion cannot be recorded`, { details: { sessionId: key.sessionId, attempt: key.attempt } });
+    }
+    const access = this.options.access(diskId);
+    if (access?.kind === 'relay') {
+      // No session here (ended, or this hop restarted): the master target may still hold one, or remember it.
+      const reply = await postResync(access.peer, 'DELETE', diskId, { ...sessionHeaders(key), ...completionHeaders(completion) }, undefined);
+      return { ...parseEndAnswer(reply, diskId), diskId };
+    }
+    if (completion === undefined || access === undefined) return { diskId, ended: false, completed: false, ...this.stateFields(diskId) };
+    const last = this.resyncState(diskId).lastSession;
+    if (last === undefined || last.sessionId !== key.sessionId || last.attempt !== key.attempt) {
+      throw new BlockrelayError('BR_RESYNC_SESSION_EXPIRED', `disk ${diskId}: the completion of resync session ${key.sessionId} attempt ${key.attempt} cannot be recorded: ${last === undefined ? 'no session is known' : `the last session on the disk was ${last.sessionId} attempt ${last.attempt}`}; run the resync again`, { details: { sessionId: key.sessionId, attempt: key.attempt } });
+    }
+    // The disk's last session ended without a completion (it expired after its last exchange, or the hop
+    // restarted): its writes were flushed before the source finished, so the resync still completes.
+    if (!last.completed) await this.complete(diskId, completion, access.receivedSeq());
+    return { diskId, ended: false, completed: true, ...this.stateFields(diskId) };
+  }
+
+  private stateFields(diskId: string): { inProgress: boolean; taintedThrough: number | null } {
+    const state = this.resyncState(diskId);
+    return { inProgress: state.inProgress, taintedThrough: state.taintedThrough };
   }
 
   /** Whether a session holds the disk now (status, tests). */
@@ -378,6 +443,8 @@ export class ResyncSessions {
         try {
           const parsed = JSON.parse(fs.readFileSync(file, 'utf8')) as DiskResyncState;
           if (parsed.version !== 1 || typeof parsed.inProgress !== 'boolean' || (parsed.taintedThrough !== null && !Number.isSafeInteger(parsed.taintedThrough))) throw new Error('unknown layout');
+          const last = parsed.lastSession;
+          if (last !== undefined && (typeof last !== 'object' || last === null || typeof last.sessionId !== 'string' || !Number.isSafeInteger(last.attempt) || typeof last.completed !== 'boolean')) throw new Error('unknown layout of lastSession');
           state = parsed;
         } catch (err) {
           throw new BlockrelayError('BR_APPLY_STATE_CORRUPT', `resync state ${file} is unreadable: ${(err as Error).message}`, { cause: err });
@@ -416,8 +483,8 @@ export class ResyncSessions {
   /** A resync of the disk finished: logs up to `taintedThrough` (or everything received, when the source could not say) end no point. */
   private async complete(diskId: string, completion: Completion, receivedSeq: number | null): Promise<void> {
     const through = completion.taintedThrough ?? receivedSeq;
-    const previous = this.resyncState(diskId).taintedThrough;
-    await this.saveState(diskId, { version: 1, inProgress: false, taintedThrough: through === null ? previous : Math.max(through, previous ?? through) });
+    const { taintedThrough: previous, lastSession } = this.resyncState(diskId);
+    await this.saveState(diskId, { version: 1, inProgress: false, taintedThrough: through === null ? previous : Math.max(through, previous ?? through), ...(lastSession === undefined ? {} : { lastSession: { ...lastSession, completed: true } }) });
   }
 
   /** Ends every session (the role is stopping); appliers are released. */
@@ -427,7 +494,9 @@ export class ResyncSessions {
   }
 
   private endedError(sessionId: string, attempt: number): BlockrelayError {
-    return new BlockrelayError('BR_RESYNC_SESSION_EXPIRED', `resync session ${sessionId} attempt ${attempt} has ended; resume in a new attempt`, { details: { sessionId, attempt } });
+    const code = this.ended.get(`${sessionId}:${attempt}`)?.code ?? 'BR_RESYNC_SESSION_EXPIRED';
+    const why = code === 'BR_RESYNC_HOLD_FULL' ? 'ended because the logs it held reached their bound' : 'has ended';
+    return new BlockrelayError(code, `resync session ${sessionId} attempt ${attempt} ${why}; resume in a new attempt`, { details: { sessionId, attempt } });
   }
 
   /** The session a request belongs to: the live one, or a new one opened (and anchored) for it. */
@@ -464,8 +533,15 @@ export class ResyncSessions {
     try {
       await this.waitReady(session);
       if (access.kind === 'local') {
-        // Before the first write: from now until a resync completes, no applied log ends a consistent point.
-        if (!this.resyncState(diskId).inProgress) await this.saveState(diskId, { ...this.resyncState(diskId), inProgress: true });
+        // A log after the anchor was applied already (before this session's hold, or while an earlier session of
+        // the same attempt was lost with a hop restart): data the source reads now could be older than it.
+        const applied = access.appliedSeq();
+        if (afterSeq !== null && applied !== null && applied > afterSeq) {
+          throw new BlockrelayError('BR_RESYNC_ANCHOR_PASSED', `disk ${diskId}: the resync follows log ${afterSeq}, but log ${applied} is applied already; cut again and open a new attempt`, { details: { afterSeq, appliedSeq: applied } });
+        }
+        // Before the first write: from now until a resync completes, no applied log ends a consistent point,
+        // and only this session's completion can end that (lastSession).
+        await this.saveState(diskId, { ...this.resyncState(diskId), inProgress: true, lastSession: { sessionId: key.sessionId, attempt: key.attempt, completed: false } });
         const target = await access.openTarget(key.diskSizeBytes);
         session.journal = await this.options.journal?.openSession(diskId, target, access.appliedSeq(), key.sessionId);
         session.target = target;
@@ -478,6 +554,11 @@ export class ResyncSessions {
     }
     this.sessions.set(diskId, session);
     this.touch(session);
+    // Everything up to the anchor is handled: whatever the drain holds from now on is this session's.
+    access.drain.limitHold(this.options.maxHeldBytes ?? Number.POSITIVE_INFINITY, HELD_SHARE_OF_SPOOL, SPOOL_RESERVE_SHARE, (heldBytes) => {
+      this.options.logger.warn({ disk: diskId, session: key.sessionId, code: 'BR_RESYNC_HOLD_FULL', heldBytes }, `resync session on disk ${diskId} holds ${heldBytes} bytes of logs, its bound; it ends and they go on, the source resumes in a new session`);
+      void this.end(session, 'ended: its held logs reached their bound', undefined, 'BR_RESYNC_HOLD_FULL').catch((err: unknown) => this.options.logger.error({ disk: diskId, err }, 'ending a resync session whose held logs reached their bound failed'));
+    });
     this.options.logger.info({ disk: diskId, session: key.sessionId, attempt: key.attempt, afterSeq, relay: access.kind === 'relay' }, `resync session opened on disk ${diskId}, after log ${afterSeq ?? 'none'}`);
     return session;
   }
@@ -503,6 +584,8 @@ export class ResyncSessions {
   }
 
   private async exchange(session: Session, body: Buffer): Promise<Buffer> {
+    // An empty body only opens the session (the source does so before its first read).
+    if (body.length === 0 && session.access.kind === 'local') return body;
     if (session.access.kind === 'relay') {
       return postResync(session.access.peer, 'POST', session.diskId, sessionHeaders({ sessionId: session.sessionId, attempt: session.attempt, diskSizeBytes: session.diskSizeBytes, afterSeq: session.afterSeq ?? undefined }), body, session.agent);
     }
@@ -524,15 +607,15 @@ export class ResyncSessions {
    * finish; the target is flushed and the journal closed; then the held
    * logs go on (relayed: the master target's session is ended first).
    */
-  private end(session: Session, why: string, completion?: Completion): Promise<void> {
-    session.ending ??= this.endOnce(session, why, completion);
+  private end(session: Session, why: string, completion?: Completion, code: EndedCode = 'BR_RESYNC_SESSION_EXPIRED'): Promise<void> {
+    session.ending ??= this.endOnce(session, why, completion, code);
     return session.ending;
   }
 
-  private async endOnce(session: Session, why: string, completion: Completion | undefined): Promise<void> {
+  private async endOnce(session: Session, why: string, completion: Completion | undefined, code: EndedCode): Promise<void> {
     session.ended = true;
     session.idleTimer?.cancel();
-    this.remember(`${session.sessionId}:${session.attempt}`, session.diskId);
+    this.remember(`${session.sessionId}:${session.attempt}`, { diskId: session.diskId, code });
     try {
       if (session.inFlight > 0) await new Promise<void>((resolve) => session.drained.push(resolve));
       if (session.access.kind === 'relay') {
@@ -540,9 +623,11 @@ export class ResyncSessions {
         const ended = postResync(session.access.peer, 'DELETE', session.diskId, headers, undefined);
         if (completion !== undefined) {
           // The source must learn if the master target did not record the completion.
-          await ended;
+          session.relayedEnd = parseEndAnswer(await ended, session.diskId);
         } else {
-          await ended.catch((err: unknown) => {
+          await ended.then((reply) => {
+            session.relayedEnd = parseEndAnswer(reply, session.diskId);
+          }).catch((err: unknown) => {
             // The master target ends it on its own when idle.
             this.options.logger.warn({ disk: session.diskId, code: isBlockrelayError(err) ? err.code : undefined }, `could not end the master target's resync session: ${(err as Error).message}`);
           });
@@ -561,8 +646,8 @@ export class ResyncSessions {
     }
   }
 
-  private remember(key: string, diskId: string): void {
-    this.ended.set(key, diskId);
+  private remember(key: string, ended: { diskId: string; code: EndedCode }): void {
+    this.ended.set(key, ended);
     if (this.ended.size > ENDED_SESSIONS_MAX) this.ended.delete(this.ended.keys().next().value!);
   }
 

@@ -1,0 +1,263 @@
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { validateConfig } from '../../src/daemon/config';
+import { HttpResyncChannel } from '../../src/resync/http-resync-channel';
+import { networkedResync, pendingEndPath } from '../../src/resync/networked-resync';
+import { ResyncPeer } from '../../src/resync/resync-peer';
+import { hrlLogOps } from '../../src/transport/hrl-log-ops';
+import { sendLog } from '../../src/transport/log-client';
+import { masterTargetFromConfig, type ApplyingHop } from '../../src/transport/master-target';
+import { processServerFromConfig } from '../../src/transport/process-server';
+import { useTempDirs } from '../helpers/tmp';
+import { DISK_SIZE, FAST_RETRY, makeLog, MT_SECRET, prng, quiet, SECRET } from './transport-fixture';
+
+const SESSION_A = 'a'.repeat(32);
+const SESSION_B = 'b'.repeat(32);
+
+function channel(url: string, sessionId: string, options: { attempt?: number; afterSeq?: number; secret?: string } = {}): HttpResyncChannel {
+  return new HttpResyncChannel({ peer: { url, secret: options.secret ?? SECRET }, diskId: 'disk0', sessionId, attempt: options.attempt ?? 1, diskSizeBytes: DISK_SIZE, ...(options.afterSeq === undefined ? {} : { afterSeq: options.afterSeq }) });
+}
+
+/**
+ * An HTTP proxy in front of a hop that passes everything on but can lose
+ * the answers to `DELETE`s: the request reaches the hop (which acts on it)
+ * and the client's connection is reset before the answer.
+ */
+class LosingProxy {
+  loseDeleteAnswers = 0;
+  deletes = 0;
+  private readonly server: http.Server;
+  private readonly sockets = new Set<net.Socket>();
+
+  constructor(private readonly target: string) {
+    this.server = http.createServer((req, res) => {
+      const upstream = http.request(new URL(req.url!, this.target), { method: req.method, headers: req.headers }, (answer) => {
+        if (req.method === 'DELETE') {
+          this.deletes++;
+          if (this.loseDeleteAnswers > 0) {
+            this.loseDeleteAnswers--;
+            answer.resume();
+            answer.on('end', () => req.socket.resetAndDestroy());
+            return;
+          }
+        }
+        res.writeHead(answer.statusCode ?? 502, answer.headers);
+        answer.pipe(res);
+      });
+      upstream.on('error', () => req.socket.destroy());
+      req.pipe(upstream);
+    });
+    this.server.on('connection', (s) => {
+      this.sockets.add(s);
+      s.on('close', () => this.sockets.delete(s));
+    });
+  }
+
+  async listen(): Promise<string> {
+    await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
+    return `http://127.0.0.1:${(this.server.address() as net.AddressInfo).port}`;
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}
+
+describe('ending a networked resync session: idempotent and recoverable', () => {
+  const tmp = useTempDirs();
+  const running: Array<{ stop(): Promise<void> }> = [];
+  afterEach(async () => {
+    for (const h of running.splice(0).reverse()) await h.stop();
+  });
+
+  function mtConfig(dir: string) {
+    return validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] });
+  }
+
+  async function startMt(dir: string, idleMs = 60_000): Promise<ApplyingHop> {
+    const mt = masterTargetFromConfig(mtConfig(dir), hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY, resyncIdleTimeoutMs: idleMs });
+    await mt.start();
+    running.push(mt);
+    return mt;
+  }
+
+  async function stopMt(mt: ApplyingHop): Promise<void> {
+    running.splice(running.indexOf(mt), 1);
+    await mt.stop();
+  }
+
+  /** A master target that applied log 1 of `model`. */
+  async function setup(idleMs?: number) {
+    const dir = tmp();
+    const mt = await startMt(dir, idleMs);
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(11);
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, rand);
+    await sendLog({ url: mt.url, secret: SECRET }, first.envelope, first.file);
+    await mt.drain();
+    return { dir, mt, model, rand };
+  }
+
+  it('records the completion of the last session after the hop restarted, and answers a repeated completion as recorded', async () => {
+    const { dir, mt } = await setup();
+    const ch = channel(mt.url, SESSION_A, { afterSeq: 1 });
+    await ch.open();
+    const peer = new ResyncPeer(ch);
+    await peer.writeRuns([{ offset: 0, data: Buffer.alloc(4096, 0x5a) }]);
+    await peer.flush();
+    ch.close();
+    expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: true, lastSession: { sessionId: SESSION_A, attempt: 1, completed: false } });
+    // The hop goes away before the source's end arrives; a new process knows nothing of the session in memory.
+    await stopMt(mt);
+    const again = await startMt(dir);
+    const answer = await channel(again.url, SESSION_A, { afterSeq: 1 }).end({ taintedThrough: 1 });
+    expect(answer).toMatchObject({ ended: false, completed: true, inProgress: false, taintedThrough: 1 });
+    expect(again.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: false, lastSession: { completed: true } });
+    // The source did not see that answer and sends the end again: recorded already, nothing changes.
+    expect(await channel(again.url, SESSION_A, { afterSeq: 1 }).end({ taintedThrough: 1 })).toMatchObject({ completed: true, inProgress: false, taintedThrough: 1 });
+  });
+
+  it('ends an expired session that had finished: its completion still counts', async () => {
+    const { mt } = await setup(300);
+    const ch = channel(mt.url, SESSION_A, { afterSeq: 1 });
+    await ch.open();
+    ch.close();
+    for (let waited = 0; waited < 10_000 && mt.resyncSessions.active('disk0') !== undefined; waited += 50) await new Promise((r) => setTimeout(r, 50));
+    expect(mt.resyncSessions.active('disk0')).toBeUndefined();
+    expect(await channel(mt.url, SESSION_A, { afterSeq: 1 }).end({ taintedThrough: 1 })).toMatchObject({ completed: true, inProgress: false });
+  });
+
+  it('refuses a completion that a later session has overtaken: coded 410 or 409, the disk stays in progress', async () => {
+    const { mt } = await setup();
+    for (const attempt of [1, 2]) {
+      const ch = channel(mt.url, SESSION_A, { afterSeq: 1, attempt });
+      await ch.open();
+      await ch.end();
+    }
+    // Attempt 2 wrote after attempt 1: attempt 1's completion says nothing about the target any more.
+    await expect(channel(mt.url, SESSION_A, { afterSeq: 1, attempt: 1 }).end({ taintedThrough: 1 })).rejects.toMatchObject({ code: 'BR_RESYNC_SESSION_EXPIRED' });
+    expect(mt.resyncSessions.resyncState('disk0').inProgress).toBe(true);
+    // Nor is the completion of a resync that is not the one holding the disk.
+    const other = channel(mt.url, SESSION_B, { afterSeq: 1 });
+    await other.open();
+    await expect(channel(mt.url, SESSION_A, { afterSeq: 1, attempt: 2 }).end({ taintedThrough: 1 })).rejects.toMatchObject({ code: 'BR_RESYNC_SESSION_BUSY' });
+    expect(await channel(mt.url, SESSION_B, { afterSeq: 1 }).end({ taintedThrough: 1 })).toMatchObject({ ended: true, completed: true, inProgress: false });
+  });
+
+  it('refuses to open a session at an anchor the hop has applied past (recoverable, nothing held)', async () => {
+    const { dir, mt, model, rand } = await setup();
+    const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand);
+    await sendLog({ url: mt.url, secret: SECRET }, second.envelope, second.file);
+    await mt.drain();
+    // A resync that cut after log 1 and read the source since: log 2 may hold writes made after its reads.
+    await expect(channel(mt.url, SESSION_A, { afterSeq: 1 }).open()).rejects.toMatchObject({ code: 'BR_RESYNC_ANCHOR_PASSED' });
+    expect(mt.resyncSessions.active('disk0')).toBeUndefined();
+    await channel(mt.url, SESSION_A, { afterSeq: 2, attempt: 2 }).open();
+    expect(mt.resyncSessions.active('disk0')).toMatchObject({ attempt: 2, afterSeq: 2 });
+  });
+
+  it('retries an end whose answer was lost under the retry policy; a run stopped before its end confirmed only confirms it next time', async () => {
+    const { dir, mt, model } = await setup();
+    const proxy = new LosingProxy(mt.url);
+    const url = await proxy.listen();
+    running.push({ stop: () => proxy.close() });
+    const sourceFile = path.join(dir, 'source.img');
+    for (let i = 0; i < 30; i++) model.fill(i + 1, i * 128 * 1024, i * 128 * 1024 + 4096);
+    fs.writeFileSync(sourceFile, model);
+    const statePath = path.join(dir, 'resync.state');
+
+    // The first end's answer is lost: the attempt fails, the next one only sends the end again.
+    proxy.loseDeleteAnswers = 1;
+    const first = await networkedResync(`raw:${sourceFile}`, { peer: { url, secret: SECRET }, diskId: 'disk0', statePath, retryPolicy: FAST_RETRY, windowBytes: 1024 * 1024 });
+    expect(first).toMatchObject({ blocksSent: 30, attempts: 2, endConfirmed: true });
+    expect(proxy.deletes).toBe(2);
+    expect(fs.existsSync(pendingEndPath(statePath))).toBe(false);
+    expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: false, lastSession: { completed: true } });
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+
+    // Every end is lost and the run gives up (or is killed): the finished work is kept durably.
+    model.fill(0x77, 0, 4096);
+    fs.writeFileSync(sourceFile, model);
+    proxy.loseDeleteAnswers = 1_000;
+    const few = { scheduleOffsetsMs: [10], steadyIntervalMs: 10, maxRetries: 2 };
+    await expect(networkedResync(`raw:${sourceFile}`, { peer: { url, secret: SECRET }, diskId: 'disk0', statePath, retryPolicy: few })).rejects.toMatchObject({ code: 'BR_NET_UNREACHABLE' });
+    expect(fs.existsSync(pendingEndPath(statePath))).toBe(true);
+    const lastSession = mt.resyncSessions.resyncState('disk0').lastSession!;
+    // The hop recorded each end it saw; what is lost is only the source's knowledge of it.
+    expect(lastSession.completed).toBe(true);
+    proxy.loseDeleteAnswers = 0;
+    const deletesBefore = proxy.deletes;
+    const next = await networkedResync(`raw:${sourceFile}`, { peer: { url, secret: SECRET }, diskId: 'disk0', statePath, retryPolicy: FAST_RETRY });
+    // Nothing compared again: one end, the same session, the figures of the run that did the work.
+    expect(next).toMatchObject({ blocksSent: 1, attempts: 1 });
+    expect(proxy.deletes - deletesBefore).toBe(1);
+    expect(mt.resyncSessions.resyncState('disk0').lastSession).toEqual(lastSession);
+    expect(fs.existsSync(pendingEndPath(statePath))).toBe(false);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  });
+});
+
+describe('logs held back by a resync session are bounded', () => {
+  const tmp = useTempDirs();
+  const running: ApplyingHop[] = [];
+  afterEach(async () => {
+    for (const h of running.splice(0).reverse()) await h.stop();
+  });
+
+  it('ends a session whose held logs pass a quarter of the spool: they go on, and another disk is never refused for them', async () => {
+    const dir = tmp();
+    const extra = { ...quiet(), retryPolicy: FAST_RETRY };
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: ['disk0', 'disk1'].map((id) => ({ id, target: `raw:${path.join(dir, `${id}.img`)}` })) }), hrlLogOps, extra);
+    await mt.start();
+    running.push(mt);
+    // The smallest spool the config allows: 64 MiB, so a session may hold 16 MiB.
+    const spoolBytes = 64 * 1024 * 1024;
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, cache: { dir: path.join(dir, 'cache'), maxBytes: spoolBytes }, forward: { url: mt.url, secret: MT_SECRET } }), hrlLogOps, extra);
+    await ps.start();
+    running.push(ps);
+    const psPeer = { url: ps.url, secret: SECRET };
+    const rand = prng(5);
+    const disk0 = Buffer.alloc(DISK_SIZE);
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, disk0, rand);
+    await sendLog(psPeer, first.envelope, first.file);
+    await ps.drain();
+    await mt.drain();
+
+    const ch = channel(ps.url, SESSION_A, { afterSeq: 1 });
+    await ch.open();
+    // The source writes on: about 40 MiB of logs arrive for the held disk.
+    let sent = 0;
+    let seq = 2;
+    let endedAtBytes: number | undefined;
+    while (sent < 40 * 1024 * 1024) {
+      const log = await makeLog(path.join(dir, 'src'), 'disk0', seq++, disk0, rand, 300);
+      await sendLog(psPeer, log.envelope, log.file);
+      fs.rmSync(log.file);
+      sent += log.envelope.logLength;
+      if (endedAtBytes === undefined && ps.resyncSessions.active('disk0') === undefined) endedAtBytes = sent;
+    }
+    // The session ended once its held logs passed 16 MiB; they went on to the master target.
+    expect(endedAtBytes).toBeDefined();
+    expect(endedAtBytes!).toBeGreaterThan(spoolBytes / 4);
+    // (the end is asynchronous: a log or two more may arrive before it is done)
+    expect(endedAtBytes!).toBeLessThan(spoolBytes / 4 + 12 * 1024 * 1024);
+    await ps.drain();
+    await mt.drain();
+    expect(mt.ledger.get('disk0').appliedSeq).toBe(seq - 1);
+    expect(fs.readFileSync(path.join(dir, 'disk0.img')).equals(disk0)).toBe(true);
+    // The source's next exchange learns why and resumes in a new session.
+    await expect(new ResyncPeer(channel(ps.url, SESSION_A, { afterSeq: 1 })).info()).rejects.toMatchObject({ code: 'BR_RESYNC_HOLD_FULL' });
+    // Another disk's large log finds room in the spool.
+    const disk1 = Buffer.alloc(DISK_SIZE);
+    const big = await makeLog(path.join(dir, 'src'), 'disk1', 1, disk1, rand, 2000);
+    expect(big.envelope.logLength).toBeGreaterThan(spoolBytes / 4);
+    await sendLog(psPeer, big.envelope, big.file);
+    await ps.drain();
+    await mt.drain();
+    expect(fs.readFileSync(path.join(dir, 'disk1.img')).equals(disk1)).toBe(true);
+  }, 60_000);
+});
