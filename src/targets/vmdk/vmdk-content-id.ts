@@ -41,3 +41,25 @@ export function newCid(oldCid: number): number {
     if (cid !== oldCid && cid !== NO_PARENT_CID) return cid;
   }
 }
+
+/**
+ * The CID bump of one open descriptor file, done once per session, before
+ * the first change of content; a failed attempt is retried by the next write.
+ */
+export class DescriptorCidBump {
+  private bump: Promise<void> | undefined;
+
+  constructor(
+    private readonly file: string,
+    private readonly oldCid: number,
+  ) {}
+
+  /** Resolves once the descriptor holds a new CID (at once after the first success). */
+  ensure(): Promise<void> {
+    this.bump ??= bumpDescriptorFileCid(this.file, this.oldCid).catch((err: unknown) => {
+      this.bump = undefined;
+      throw err;
+    });
+    return this.bump;
+  }
+}

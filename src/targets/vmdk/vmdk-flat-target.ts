@@ -8,14 +8,12 @@ import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../di
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { FileSpan } from '../file-span';
 import { checkOpen, checkRequest } from '../request-bounds';
-import { bumpDescriptorFileCid } from './vmdk-content-id';
+import { DescriptorCidBump } from './vmdk-content-id';
 import { defaultDdb, fromVmwareUuid, NO_PARENT_CID, randomCid, renderDescriptor, type VmdkDescriptor } from './vmdk-descriptor';
+import { VmdkExtentMap, type PlacedExtent } from './vmdk-extent-map';
 import { corrupt, SECTOR_BYTES } from './vmdk-format';
 
-interface FlatExtent {
-  /** Disk byte offset where this extent starts. */
-  readonly start: number;
-  readonly length: number;
+interface FlatExtent extends PlacedExtent {
   /** The extent's bytes in its file. */
   readonly span: FileSpan;
 }
@@ -41,18 +39,21 @@ export class VmdkFlatTarget implements DiskTarget {
   readonly diskUuid: string | undefined;
   readonly sizeBytes: number;
   private closed = false;
+  private readonly map: VmdkExtentMap<FlatExtent>;
   /** The first change of content in a session gives the descriptor a new CID (see vmdk-content-id.ts). */
-  private cidBump: Promise<void> | undefined;
+  private readonly cid: DescriptorCidBump;
 
   private constructor(
     readonly spec: string,
-    private readonly descriptorFile: string,
-    private readonly extentList: readonly FlatExtent[],
+    descriptorFile: string,
+    extents: readonly FlatExtent[],
     readonly descriptor: VmdkDescriptor,
     readOnly: boolean,
     private readonly claim: DiskUuidClaim | undefined,
   ) {
-    this.sizeBytes = extentList.reduce((n, e) => n + e.length, 0);
+    this.map = new VmdkExtentMap(extents);
+    this.cid = new DescriptorCidBump(descriptorFile, descriptor.cid);
+    this.sizeBytes = this.map.sizeBytes;
     this.caps = { sparse: true, discard: this.punchesHoles(), alignmentBytes: SECTOR_BYTES, readOnly };
     this.diskUuid = fromVmwareUuid(descriptor.ddb.get('ddb.uuid'));
   }
@@ -65,7 +66,7 @@ export class VmdkFlatTarget implements DiskTarget {
   }
 
   private punchesHoles(): boolean {
-    return this.extentList.every((e) => e.span.punchesHoles);
+    return this.map.extents.every((e) => e.span.punchesHoles);
   }
 
   /** Writes `disk-flat.vmdk` (sparse, all zeroes) and then the descriptor `file`; neither may exist. */
@@ -165,7 +166,7 @@ export class VmdkFlatTarget implements DiskTarget {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'read', offset, length);
     const out = Buffer.allocUnsafe(length);
-    for (const p of this.pieces(offset, length)) await p.extent.span.readInto(out, p.at - offset, p.position, p.length);
+    for (const p of this.map.pieces(offset, length)) await p.extent.span.readInto(out, p.at - offset, p.inExtent, p.length);
     return out;
   }
 
@@ -181,11 +182,11 @@ export class VmdkFlatTarget implements DiskTarget {
     let at = offset;
     const end = offset + length;
     while (at < end) {
-      const p = this.pieces(at, end - at).next().value!;
+      const p = this.map.pieces(at, end - at).next().value!;
       // Whole blocks that lie in this extent go to the span; a block crossing into the next extent is read whole.
       const whole = p.length === end - at ? p.length : Math.floor(p.length / blockSizeBytes) * blockSizeBytes;
       if (whole > 0) {
-        parts.push(await p.extent.span.hashBlocks(p.position, whole, blockSizeBytes, into?.subarray(at - offset, at - offset + whole)));
+        parts.push(await p.extent.span.hashBlocks(p.inExtent, whole, blockSizeBytes, into?.subarray(at - offset, at - offset + whole)));
         at += whole;
         continue;
       }
@@ -203,16 +204,16 @@ export class VmdkFlatTarget implements DiskTarget {
   async write(offset: number, data: Buffer): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'write', offset, data.length);
-    await this.bumpCid();
-    for (const p of this.pieces(offset, data.length)) await p.extent.span.write(data, p.at - offset, p.position, p.length);
+    await this.cid.ensure();
+    for (const p of this.map.pieces(offset, data.length)) await p.extent.span.write(data, p.at - offset, p.inExtent, p.length);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'writeZeroes', offset, length);
     if (length === 0) return;
-    await this.bumpCid();
-    for (const p of this.pieces(offset, length)) await p.extent.span.zero(p.position, p.length);
+    await this.cid.ensure();
+    for (const p of this.map.pieces(offset, length)) await p.extent.span.zero(p.inExtent, p.length);
   }
 
   /** Same as writeZeroes: where the data files can punch holes both free the space. */
@@ -225,14 +226,14 @@ export class VmdkFlatTarget implements DiskTarget {
   async flush(): Promise<void> {
     checkOpen(this.closed, this.spec);
     if (this.caps.readOnly) return;
-    for (const e of this.extentList) await e.span.datasync();
+    for (const e of this.map.extents) await e.span.datasync();
   }
 
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'extents', offset, length);
-    for (const p of this.pieces(offset, length)) {
-      for await (const e of p.extent.span.extents(p.position, p.length)) {
+    for (const p of this.map.pieces(offset, length)) {
+      for await (const e of p.extent.span.extents(p.inExtent, p.length)) {
         checkOpen(this.closed, this.spec);
         yield { offset: p.extent.start + e.offset, length: e.length, zero: e.zero };
       }
@@ -243,28 +244,10 @@ export class VmdkFlatTarget implements DiskTarget {
     if (this.closed) return;
     this.closed = true;
     try {
-      if (!this.caps.readOnly) for (const e of this.extentList) await e.span.datasync();
+      if (!this.caps.readOnly) for (const e of this.map.extents) await e.span.datasync();
     } finally {
       this.claim?.release();
-      for (const e of this.extentList) await e.span.close();
-    }
-  }
-
-  /** Once per session; a failed attempt is retried by the next write. */
-  private bumpCid(): Promise<void> {
-    this.cidBump ??= bumpDescriptorFileCid(this.descriptorFile, this.descriptor.cid).catch((err: unknown) => {
-      this.cidBump = undefined;
-      throw err;
-    });
-    return this.cidBump;
-  }
-
-  private *pieces(offset: number, length: number): Generator<{ extent: FlatExtent; at: number; position: number; length: number }> {
-    const end = offset + length;
-    for (const e of this.extentList) {
-      const from = Math.max(offset, e.start);
-      const to = Math.min(end, e.start + e.length);
-      if (from < to) yield { extent: e, at: from, position: from - e.start, length: to - from };
+      for (const e of this.map.extents) await e.span.close();
     }
   }
 }

@@ -3,15 +3,13 @@ import { BlockrelayError } from '../../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { checkOpen, checkRequest } from '../request-bounds';
-import { bumpDescriptorFileCid } from './vmdk-content-id';
+import { DescriptorCidBump } from './vmdk-content-id';
 import { fromVmwareUuid, type VmdkDescriptor } from './vmdk-descriptor';
+import { VmdkExtentMap, type PlacedExtent } from './vmdk-extent-map';
 import { corrupt, SECTOR_BYTES } from './vmdk-format';
 import { VmdkSparseTarget } from './vmdk-sparse-target';
 
-interface SplitExtent {
-  /** Disk byte offset where this extent starts. */
-  readonly start: number;
-  readonly length: number;
+interface SplitExtent extends PlacedExtent {
   readonly target: VmdkSparseTarget;
 }
 
@@ -28,18 +26,21 @@ export class VmdkSplitTarget implements DiskTarget {
   readonly diskUuid: string | undefined;
   readonly sizeBytes: number;
   private closed = false;
+  private readonly map: VmdkExtentMap<SplitExtent>;
   /** The first change of content in a session gives the descriptor a new CID (see vmdk-content-id.ts). */
-  private cidBump: Promise<void> | undefined;
+  private readonly cid: DescriptorCidBump;
 
   private constructor(
     readonly spec: string,
-    private readonly descriptorFile: string,
-    private readonly parts: readonly SplitExtent[],
+    descriptorFile: string,
+    parts: readonly SplitExtent[],
     readonly descriptor: VmdkDescriptor,
     readOnly: boolean,
     private readonly claim: DiskUuidClaim | undefined,
   ) {
-    this.sizeBytes = parts.reduce((n, p) => n + p.length, 0);
+    this.map = new VmdkExtentMap(parts);
+    this.cid = new DescriptorCidBump(descriptorFile, descriptor.cid);
+    this.sizeBytes = this.map.sizeBytes;
     this.capabilities = { sparse: true, discard: false, alignmentBytes: SECTOR_BYTES, readOnly };
     this.diskUuid = fromVmwareUuid(descriptor.ddb.get('ddb.uuid'));
   }
@@ -70,43 +71,43 @@ export class VmdkSplitTarget implements DiskTarget {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'read', offset, length);
     const out = Buffer.alloc(length);
-    for (const p of this.pieces(offset, length)) (await p.part.target.read(p.inPart, p.length)).copy(out, p.at - offset);
+    for (const p of this.map.pieces(offset, length)) (await p.extent.target.read(p.inExtent, p.length)).copy(out, p.at - offset);
     return out;
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'write', offset, data.length);
-    await this.bumpCid();
-    for (const p of this.pieces(offset, data.length)) await p.part.target.write(p.inPart, data.subarray(p.at - offset, p.at - offset + p.length));
+    await this.cid.ensure();
+    for (const p of this.map.pieces(offset, data.length)) await p.extent.target.write(p.inExtent, data.subarray(p.at - offset, p.at - offset + p.length));
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'writeZeroes', offset, length);
-    await this.bumpCid();
-    for (const p of this.pieces(offset, length)) await p.part.target.writeZeroes(p.inPart, p.length);
+    await this.cid.ensure();
+    for (const p of this.map.pieces(offset, length)) await p.extent.target.writeZeroes(p.inExtent, p.length);
   }
 
   async discard(offset: number, length: number): Promise<void> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'discard', offset, length);
-    await this.bumpCid();
-    for (const p of this.pieces(offset, length)) await p.part.target.discard(p.inPart, p.length);
+    await this.cid.ensure();
+    for (const p of this.map.pieces(offset, length)) await p.extent.target.discard(p.inExtent, p.length);
   }
 
   async flush(): Promise<void> {
     checkOpen(this.closed, this.spec);
-    for (const p of this.parts) await p.target.flush();
+    for (const p of this.map.extents) await p.target.flush();
   }
 
   async *extents(offset: number, length: number): AsyncIterable<AllocationExtent> {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'extents', offset, length);
     let pending: { offset: number; length: number; zero: boolean } | undefined;
-    for (const p of this.pieces(offset, length)) {
-      for await (const e of p.part.target.extents(p.inPart, p.length)) {
-        const shifted = { offset: e.offset - p.inPart + p.at, length: e.length, zero: e.zero };
+    for (const p of this.map.pieces(offset, length)) {
+      for await (const e of p.extent.target.extents(p.inExtent, p.length)) {
+        const shifted = { offset: e.offset - p.inExtent + p.at, length: e.length, zero: e.zero };
         if (pending !== undefined && pending.zero === shifted.zero) {
           pending.length += shifted.length;
           continue;
@@ -122,7 +123,7 @@ export class VmdkSplitTarget implements DiskTarget {
     if (this.closed) return;
     this.closed = true;
     let first: unknown;
-    for (const p of this.parts) {
+    for (const p of this.map.extents) {
       try {
         await p.target.close();
       } catch (err) {
@@ -131,23 +132,5 @@ export class VmdkSplitTarget implements DiskTarget {
     }
     this.claim?.release();
     if (first !== undefined) throw first;
-  }
-
-  /** Once per session; a failed attempt is retried by the next write. */
-  private bumpCid(): Promise<void> {
-    this.cidBump ??= bumpDescriptorFileCid(this.descriptorFile, this.descriptor.cid).catch((err: unknown) => {
-      this.cidBump = undefined;
-      throw err;
-    });
-    return this.cidBump;
-  }
-
-  private *pieces(offset: number, length: number): Generator<{ part: SplitExtent; at: number; inPart: number; length: number }> {
-    const end = offset + length;
-    for (const part of this.parts) {
-      const from = Math.max(offset, part.start);
-      const to = Math.min(end, part.start + part.length);
-      if (from < to) yield { part, at: from, inPart: from - part.start, length: to - from };
-    }
   }
 }
