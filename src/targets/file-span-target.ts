@@ -1,6 +1,24 @@
+import type * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from './disk-target';
 import type { FileSpan } from './file-span';
 import { checkOpen, checkRequest } from './request-bounds';
+
+/**
+ * The first step of opening a file-backed target: refuses creating
+ * read-only, then stats `path`, which may be missing (undefined) when the
+ * caller is about to create it.
+ */
+export async function statForOpen(path: string, spec: string, creating: boolean, readOnly: boolean): Promise<fs.Stats | undefined> {
+  if (creating && readOnly) throw new BlockrelayError('BR_USAGE', `cannot create ${spec} read-only`);
+  try {
+    return await fsp.stat(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw wrapError(err, 'BR_IO', `cannot stat ${path}`);
+    return undefined;
+  }
+}
 
 /**
  * A DiskTarget whose bytes are one FileSpan: a raw file or block device, or

@@ -4,7 +4,7 @@ import { nativeFileExtents, type FileExtentOps } from '../../platform/file-exten
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { OpenOptions } from '../disk-target';
 import { FILE_SPAN_EXTENT_GRANULARITY_BYTES, FileSpan } from '../file-span';
-import { FileSpanTarget } from '../file-span-target';
+import { FileSpanTarget, statForOpen } from '../file-span-target';
 import { checkOpen } from '../request-bounds';
 
 const SECTOR_BYTES = 512;
@@ -133,13 +133,7 @@ export class RawTarget extends FileSpanTarget {
     const ops = options.fileExtents ?? nativeFileExtents;
     const readOnly = options.readOnly === true;
     const create = options.create;
-    if (create !== undefined && readOnly) throw new BlockrelayError('BR_USAGE', `cannot create ${spec} read-only`);
-    let stat: fs.Stats | undefined;
-    try {
-      stat = await fsp.stat(path);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw wrapError(err, 'BR_IO', `cannot stat ${path}`);
-    }
+    const stat = await statForOpen(path, spec, create !== undefined, readOnly);
     if (create !== undefined) {
       if (!Number.isSafeInteger(create.sizeBytes) || create.sizeBytes <= 0) {
         throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `cannot create ${spec} with size ${create.sizeBytes}`, { details: { spec, sizeBytes: create.sizeBytes } });

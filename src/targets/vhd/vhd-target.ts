@@ -8,7 +8,7 @@ import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { OpenOptions } from '../disk-target';
 import { claimDiskUuid, type DiskUuidClaim } from '../disk-uuid-registry';
 import { FileSpan } from '../file-span';
-import { FileSpanTarget } from '../file-span-target';
+import { FileSpanTarget, statForOpen } from '../file-span-target';
 import {
   VHD_FOOTER_SIZE_BYTES,
   VHD_SECTOR_SIZE_BYTES,
@@ -101,13 +101,7 @@ export class VhdTarget extends FileSpanTarget {
   static async open(path: string, options: VhdOpenOptions = {}, spec = `vhd:${path}`): Promise<VhdTarget> {
     const readOnly = options.readOnly === true;
     const create = options.create;
-    if (create !== undefined && readOnly) throw new BlockrelayError('BR_USAGE', `cannot create ${spec} read-only`);
-    let stat: fs.Stats | undefined;
-    try {
-      stat = await fsp.stat(path);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw wrapError(err, 'BR_IO', `cannot stat ${path}`);
-    }
+    const stat = await statForOpen(path, spec, create !== undefined, readOnly);
     if (create !== undefined) {
       const { sizeBytes, diskUuid } = create;
       if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % VHD_SECTOR_SIZE_BYTES !== 0) {
