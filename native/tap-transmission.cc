@@ -144,6 +144,18 @@ struct ExportCore {
   Napi::ThreadSafeFunction notify;
   std::atomic<uint64_t> bytesWritten{0};
 
+  // Holds asked for while writes were still queued or being written: the
+  // writer thread signals `held` once the queue is empty (no new write can
+  // join it while holdCount is positive), and the main thread resolves them.
+  // Waiting on the main thread instead froze the event loop for as long as
+  // the disk took (forever on a hung disk).
+  uint32_t pendingHolds = 0;
+  bool heldSignalPending = false;
+  Napi::ThreadSafeFunction held;
+  std::weak_ptr<ExportCore> self;
+  // The promises of those holds; touched on the main thread only.
+  std::vector<Napi::Promise::Deferred> holdDeferreds;
+
   std::deque<std::shared_ptr<WriteJob>> jobs;
   size_t jobBytes = 0;
   bool writing = false;
@@ -162,6 +174,19 @@ struct ExportCore {
     notifyPending = true;
     notify.NonBlockingCall();
   }
+
+  // With mu held: tells the main thread that pending holds can resolve.
+  void SignalHeld() {
+    if (pendingHolds == 0 || heldSignalPending || closed || !Idle()) return;
+    heldSignalPending = true;
+    std::weak_ptr<ExportCore> w = self;
+    held.NonBlockingCall([w](Napi::Env env, Napi::Function) {
+      if (std::shared_ptr<ExportCore> c = w.lock()) c->ResolveHolds(env);
+    });
+  }
+
+  // Main thread: resolves every pending hold once the queue is empty.
+  void ResolveHolds(Napi::Env env);
 };
 
 struct Event {
@@ -767,6 +792,7 @@ void ExportCore::WriterLoop() {
     }
     // Holds wait for an empty queue; connections for room in it.
     cv.notify_all();
+    SignalHeld();
     lock.unlock();
     job->conn->Completed(*job, diskError);
     job.reset();
@@ -787,6 +813,21 @@ Napi::Float64Array TakeRecords(Napi::Env env, ExportCore& e) {
   Napi::Float64Array out = Napi::Float64Array::New(env, taken.size());
   if (!taken.empty()) std::memcpy(out.Data(), taken.data(), taken.size() * sizeof(double));
   return out;
+}
+
+void ExportCore::ResolveHolds(Napi::Env env) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    heldSignalPending = false;
+    if (!Idle() && !closed) return;  // the writer signals again once it is
+    pendingHolds = 0;
+  }
+  if (holdDeferreds.empty()) return;
+  std::vector<Napi::Promise::Deferred> ready;
+  ready.swap(holdDeferreds);
+  held.Unref(env);
+  // The first gets the records; any later one finds them taken already.
+  for (auto& d : ready) d.Resolve(TakeRecords(env, *this));
 }
 
 class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
@@ -826,6 +867,11 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     if (!core_->tracked) core_->holdCount = 0;
     core_->notify = Napi::ThreadSafeFunction::New(env, info[5].As<Napi::Function>(), "blockrelay-tap-export", 0, 1);
     core_->notify.Unref(env);
+    // Referenced only while a hold waits, so a pending hold keeps the process alive.
+    core_->self = core_;
+    core_->held = Napi::ThreadSafeFunction::New(
+        env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "blockrelay-tap-held", 0, 1, [](Napi::Env) {});
+    core_->held.Unref(env);
     ExportCore* raw = core_.get();
     core_->writer = std::thread([raw]() {
       pthread_setname_np(pthread_self(), "br-tap-writer");
@@ -836,13 +882,14 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
   }
 
   ~TapExportWrap() override {
-    if (core_ != nullptr) CloseCore();
+    if (core_ != nullptr) CloseCore(nullptr);
   }
 
   std::shared_ptr<ExportCore> core() const { return core_; }
 
  private:
-  void CloseCore() {
+  // `env` is null from the destructor (a finalizer must not settle promises).
+  void CloseCore(Napi::Env* env) {
     bool release = false;
     {
       std::lock_guard<std::mutex> lock(core_->mu);
@@ -854,19 +901,40 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
       core_->writerCv.notify_all();
     }
     if (core_->writer.joinable()) core_->writer.join();
-    if (release) core_->notify.Release();
+    if (!release) return;
+    // The writer is gone, so pending holds are settled here.
+    if (env != nullptr) core_->ResolveHolds(*env);
+    else core_->holdDeferreds.clear();
+    core_->notify.Release();
+    core_->held.Release();
   }
 
-  // Stops new writes, waits until the queued ones are on the disk, and returns the records not yet taken.
+  // Stops new writes and resolves, with the records not yet taken, once the
+  // queued ones are on the disk (at once when none are), so what JavaScript
+  // does next (a mutation, a cut) comes after them on the disk as in the log.
   Napi::Value HoldJs(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Promise::Deferred deferred = Napi::Promise::Deferred::New(env);
+    Napi::Promise promise = deferred.Promise();
+    bool idle;
     {
-      std::unique_lock<std::mutex> lock(core_->mu);
+      std::lock_guard<std::mutex> lock(core_->mu);
       core_->holdCount++;
-      // Queued disk writes finish first, so what JavaScript does next
-      // (a mutation, a cut) comes after them on the disk as in the log.
-      core_->cv.wait(lock, [this] { return core_->Idle(); });
+      idle = core_->Idle() || core_->closed;
+      if (!idle) core_->pendingHolds++;
     }
-    return TakeRecords(info.Env(), *core_);
+    if (idle) {
+      deferred.Resolve(TakeRecords(env, *core_));
+      return promise;
+    }
+    if (core_->holdDeferreds.empty()) core_->held.Ref(env);
+    core_->holdDeferreds.push_back(deferred);
+    {
+      // The queue may have emptied between the check and here: signal for it.
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->SignalHeld();
+    }
+    return promise;
   }
 
   // release(mode, appender | null, logLimitBytes): ends one hold and sets what writes do next.
@@ -920,8 +988,9 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
   }
 
   Napi::Value CloseJs(const Napi::CallbackInfo& info) {
-    CloseCore();
-    return info.Env().Undefined();
+    Napi::Env env = info.Env();
+    CloseCore(&env);
+    return env.Undefined();
   }
 
   std::shared_ptr<ExportCore> core_;

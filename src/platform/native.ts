@@ -55,8 +55,13 @@ export type NativeTapMode = (typeof NATIVE_TAP_MODE)[keyof typeof NATIVE_TAP_MOD
 
 /** What every native connection to one export shares (native/tap-transmission.cc). */
 export interface NativeTapExport {
-  /** Stops new writes, waits until the queued ones are written, and returns the records not yet taken, as offset/length pairs. */
-  hold(): Float64Array;
+  /**
+   * Stops new writes at once and resolves, once the queued ones are written
+   * (at once when none are), with the records not yet taken, as offset/length
+   * pairs. The wait happens off the main thread: a slow or hung disk delays
+   * the promise, never the event loop.
+   */
+  hold(): Promise<Float64Array>;
   /** Ends one hold and sets what writes do from now on. */
   release(mode: NativeTapMode, appender: NativeHrlAppender | null, logLimitBytes: number): void;
   /** The records not yet taken, as offset/length pairs. */

@@ -437,18 +437,19 @@ export class NbdConnection {
         // no write on another connection overtakes it between its record and
         // its disk operation (log order = disk order).
         const paused = type === P.NBD_CMD_TRIM || type === P.NBD_CMD_WRITE_ZEROES;
-        if (paused) this.pauseNativeWriters();
         this.nativeSlow = { hi: handleHi, lo: handleLo, paused };
-        const h = this.header;
-        h.magic = P.NBD_REQUEST_MAGIC;
-        h.flags = flags;
-        h.type = type;
-        h.handleHi = handleHi;
-        h.handleLo = handleLo;
-        h.offset = offset;
-        h.length = length;
         this.stats.requests++;
-        this.dispatch(h);
+        const h: P.RequestHeader = { magic: P.NBD_REQUEST_MAGIC, flags, type, handleHi, handleLo, offset, length };
+        // Dispatched once no native write is in flight any more (the hold
+        // resolves off the main thread, however slow the disk).
+        if (paused) {
+          this.pauseNativeWriters().then(
+            () => this.dispatch(h),
+            (err: unknown) => this.failRequest(err, P.NBD_COMMAND_NAMES[type] ?? 'request', offset, length, handleHi, handleLo),
+          );
+        } else {
+          this.dispatch(h);
+        }
         return;
       }
       case NATIVE_EVENT.writeFailed:
@@ -463,11 +464,11 @@ export class NbdConnection {
     }
   };
 
-  private pauseNativeWriters(): void {
+  private async pauseNativeWriters(): Promise<void> {
     const exp = this.exp!;
     const recorder = exp.exp.recorder;
-    if (recorder instanceof ChangeTracker) recorder.pauseNative();
-    else exp.native!.hold();
+    if (recorder instanceof ChangeTracker) await recorder.pauseNative();
+    else await exp.native!.hold();
   }
 
   private resumeNativeWriters(): void {

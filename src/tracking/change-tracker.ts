@@ -726,12 +726,14 @@ export class ChangeTracker {
       }
       resolve();
     };
-    return previous.then(() => {
+    return previous.then(async () => {
       this.opQueuedEpoch = askedEpoch;
       this.lockHeld = true;
       if (this.native !== undefined) {
+        // The locked section starts once no native write is in flight; the
+        // wait for the disk is off the main thread.
         this.nativeHeld = true;
-        this.applyNativeRecords(this.native.hold());
+        this.applyNativeRecords(await this.native.hold());
       }
       return release;
     });
@@ -777,7 +779,8 @@ export class ChangeTracker {
    */
   detachNative(exp: NativeTapExport): void {
     if (this.native !== exp) return;
-    this.applyNativeRecords(exp.hold());
+    // Its records arrive once its queue is empty (at the latest when it is closed).
+    exp.hold().then((records) => this.applyNativeRecords(records), () => undefined);
     this.native = undefined;
     this.nativeHeld = false;
   }
@@ -785,10 +788,11 @@ export class ChangeTracker {
   /**
    * Holds the native writers (and takes their records) while the tap carries
    * out a mutation in TypeScript, so none overtakes it; `resumeNative` ends
-   * the hold. Calls nest.
+   * the hold. Calls nest. No new native write starts from the call on; the
+   * promise resolves once none is in flight either.
    */
-  pauseNative(): void {
-    if (this.native !== undefined) this.applyNativeRecords(this.native.hold());
+  async pauseNative(): Promise<void> {
+    if (this.native !== undefined) this.applyNativeRecords(await this.native.hold());
   }
 
   /**
@@ -949,7 +953,7 @@ export class ChangeTracker {
     // before the file is rewritten, so no write reaches a cleared region
     // without marking it again.
     const hold = this.native !== undefined && !this.nativeHeld;
-    if (hold) this.pauseNative();
+    if (hold) await this.pauseNative();
     try {
       for (const [region, epoch] of this.intents) if (epoch <= idleSince) this.intents.delete(region);
       if (this.native !== undefined) this.native.setDurableRegions(Float64Array.from([...this.durableIntents].filter((r) => this.intents.has(r))));

@@ -4,13 +4,9 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
 import { RawPeer, rawHandshake, readSimpleReply, request, run } from './nbd-fixtures';
+import { type Cleanups, expectLogsRebuildDisk, loggedWrites, MiB, NATIVE_TAP_SIZE_BYTES as SIZE_BYTES, nativeTap as startNativeTap, type NativeTap, peer as connectPeer, seededRandom, waitIdle } from './native-tap-fixtures';
 import { NbdClient } from '../../src/tap/nbd-client';
 import * as P from '../../src/tap/nbd-protocol';
-import { NbdServer } from '../../src/tap/nbd-server';
-import { RawTarget } from '../../src/targets/raw/raw-target';
-import { ChangeTracker } from '../../src/tracking/change-tracker';
-import { applyHrlLogs } from '../../src/tracking/hrl-apply';
-import { HrlLogFile } from '../../src/tracking/hrl-reader';
 import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
 
 /**
@@ -21,103 +17,17 @@ import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
  */
 
 const tempDir = useTempDirs();
-const cleanups: (() => Promise<void> | void)[] = [];
+const cleanups: Cleanups = [];
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-const MiB = 1024 * 1024;
-const SIZE_BYTES = 8 * MiB;
-
-interface NativeTap {
-  readonly dir: string;
-  readonly server: NbdServer;
-  readonly target: RawTarget;
-  readonly tracker: ChangeTracker;
-  readonly imagePath: string;
-  readonly port: number;
-  readonly uri: string;
-  readonly warnings: string[];
+function nativeTap(options: { sizeBytes?: number; maxBlockBytes?: number; overflowRatio?: number } = {}): Promise<NativeTap> {
+  return startNativeTap(tempDir(), cleanups, options);
 }
 
-async function nativeTap(options: { sizeBytes?: number; maxBlockBytes?: number; overflowRatio?: number } = {}): Promise<NativeTap> {
-  const dir = tempDir();
-  const sizeBytes = options.sizeBytes ?? SIZE_BYTES;
-  const imagePath = path.join(dir, 'disk0.img');
-  const target = await RawTarget.open(imagePath, { create: { sizeBytes } });
-  const tracker = await ChangeTracker.open({ dir: path.join(dir, 'logs'), diskId: 'disk0', diskSizeBytes: sizeBytes, persistIntervalMs: 0, overflowRatio: options.overflowRatio ?? 10 });
-  const warnings: string[] = [];
-  const server = new NbdServer({
-    exports: [{ name: 'disk0', readOnly: false, source: target, recorder: tracker }],
-    warn: (m) => warnings.push(m),
-    ...(options.maxBlockBytes === undefined ? {} : { maxBlockBytes: options.maxBlockBytes, limits: { maxBufferedBytes: options.maxBlockBytes + 64 * 1024 } }),
-  });
-  const { port } = await server.listen('127.0.0.1', 0);
-  let closed = false;
-  cleanups.push(async () => {
-    if (closed) return;
-    closed = true;
-    await server.close(2000);
-    await tracker.close().catch(() => undefined);
-    await target.close();
-  });
-  expect(server.findExport('disk0')!.native, 'the export takes the native data path').toBeDefined();
-  return { dir, server, target, tracker, imagePath, port, uri: `nbd://127.0.0.1:${port}/disk0`, warnings };
-}
-
-async function peer(port: number): Promise<RawPeer> {
-  const p = await RawPeer.connect(port);
-  cleanups.push(() => p.destroy());
-  return p;
-}
-
-async function waitIdle(server: NbdServer, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (server.connectionCount > 0) {
-    if (Date.now() > deadline) throw new Error(`${server.connectionCount} connections never ended`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
-/** Seals the active log and returns every logged write, in log order, with its data. */
-async function loggedWrites(t: NativeTap): Promise<{ offset: number; data: Buffer }[]> {
-  const sealed = await t.tracker.rotate();
-  const out: { offset: number; data: Buffer }[] = [];
-  for (const log of t.tracker.sealedLogs()) {
-    const file = await HrlLogFile.open(log.path);
-    try {
-      const verified = await file.verify();
-      for await (const e of file.entries(verified)) out.push({ offset: e.byteOffset, data: Buffer.from(await file.readPayload(e, 0, e.dataLength)) });
-    } finally {
-      await file.close();
-    }
-  }
-  expect(sealed).toBeDefined();
-  return out;
-}
-
-/** Applies every sealed log to a zeroed copy and expects the tapped disk. */
-async function expectLogsRebuildDisk(t: NativeTap): Promise<void> {
-  await t.tracker.rotate();
-  const copyPath = path.join(t.dir, 'copy.img');
-  const copy = await RawTarget.open(copyPath, { create: { sizeBytes: t.target.sizeBytes } });
-  try {
-    await applyHrlLogs(copy, t.tracker.sealedLogs().map((l) => l.path));
-  } finally {
-    await copy.close();
-  }
-  expect(fs.readFileSync(copyPath).equals(fs.readFileSync(t.imagePath))).toBe(true);
-}
-
-function seededRandom(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let x = s;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
+function peer(port: number): Promise<RawPeer> {
+  return connectPeer(port, cleanups);
 }
 
 describe('native tap data path', () => {

@@ -6,9 +6,9 @@ import { useTempDirs } from '../helpers/tmp';
 /** Stands in for the addon's TapExport: counts holds the way it does (created held once). */
 class CountingExport implements NativeTapExport {
   holds = 1;
-  hold(): Float64Array {
+  hold(): Promise<Float64Array> {
     this.holds++;
-    return new Float64Array(0);
+    return Promise.resolve(new Float64Array(0));
   }
   release(): void {
     this.holds--;

@@ -1,0 +1,61 @@
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { useTempDirs } from '../helpers/tmp';
+import { type Cleanups, hangableDisk, MiB, nativeTap } from './native-tap-fixtures';
+import { NbdClient } from '../../src/tap/nbd-client';
+
+/**
+ * The native data path under faults: a disk that hangs, slow log appends,
+ * stops with replies queued, clients reusing handles. Each test provokes
+ * one defect a review of native/tap-transmission.cc found.
+ */
+
+const tempDir = useTempDirs();
+const cleanups: Cleanups = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+/** Milliseconds a 10 ms timer fires late: how long the event loop was blocked. */
+async function timerLagMs(): Promise<number> {
+  const started = performance.now();
+  await new Promise((r) => setTimeout(r, 10));
+  return performance.now() - started - 10;
+}
+
+describe('native tap under faults', () => {
+  it('keeps the event loop running while the tracker waits for a write stuck on a hung disk', async () => {
+    const dir = tempDir();
+    const disk = await hangableDisk(dir, 16 * MiB, cleanups);
+    if (disk === undefined) return;
+    const t = await nativeTap(dir, cleanups, { sizeBytes: 16 * MiB, imagePath: disk.path });
+    cleanups.push(() => disk.recover());
+    const client = await NbdClient.connect({ host: '127.0.0.1', port: t.port, exportName: 'disk0' });
+    cleanups.push(() => client.close().catch(() => undefined));
+    await client.write(0, Buffer.alloc(65536, 0x11));
+    disk.hang();
+    // Resumes the disk from outside after 3 s, so a blocked main thread
+    // cannot keep this test from ending: it then sees the block as lag.
+    const watchdog = spawn('sh', ['-c', `sleep 3; kill -CONT ${disk.serverPid}`], { stdio: 'ignore' });
+    cleanups.push(() => {
+      watchdog.kill();
+    });
+    const writing = client.write(65536, Buffer.alloc(65536, 0x22));
+    // The native writer is now stuck in the disk write.
+    await new Promise((r) => setTimeout(r, 300));
+    let flushed = false;
+    const flushing = t.tracker.flush().then(() => {
+      flushed = true;
+    });
+    const lagMs = await timerLagMs();
+    expect(lagMs, 'event loop blocked while the tracker holds the native writers').toBeLessThan(1000);
+    expect(flushed, 'the locked section waits for the write in flight').toBe(false);
+    disk.recover();
+    await flushing;
+    await writing;
+    const image = fs.readFileSync(disk.path);
+    expect(image.subarray(65536, 131072).every((b) => b === 0x22)).toBe(true);
+    await client.close();
+  }, 30_000);
+});
