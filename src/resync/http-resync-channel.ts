@@ -30,6 +30,13 @@ export const RESYNC_HEADER = {
    * writes, so their ends are no crash-consistent points.
    */
   taintedThrough: 'x-blockrelay-resync-tainted-through',
+  /**
+   * On a completing DELETE without a cut (the source's log sequence is not
+   * known to the resync): the source-side clock in ms when its last read
+   * ended. Logs cut at or before it end no crash-consistent point; the
+   * resync must run on the source's host or a host whose clock is in step.
+   */
+  readEndMs: 'x-blockrelay-resync-read-end-ms',
 } as const;
 
 /**
@@ -217,11 +224,12 @@ export class HttpResyncChannel implements ResyncChannel {
    * must answer that it recorded it (BR_PROTOCOL otherwise). Ending is
    * idempotent on the hop: sending the same end again is harmless.
    */
-  async end(completion?: { taintedThrough: number | undefined }): Promise<EndAnswer> {
+  async end(completion?: { taintedThrough: number | undefined; readEndMs?: number | undefined }): Promise<EndAnswer> {
     const headers = sessionHeaders(this.options);
     if (completion !== undefined) {
       headers[RESYNC_HEADER.complete] = '1';
       if (completion.taintedThrough !== undefined) headers[RESYNC_HEADER.taintedThrough] = String(completion.taintedThrough);
+      if (completion.readEndMs !== undefined) headers[RESYNC_HEADER.readEndMs] = String(Math.ceil(completion.readEndMs));
     }
     try {
       const answer = parseEndAnswer(await postResync(this.options.peer, 'DELETE', this.options.diskId, headers, undefined), this.options.diskId);

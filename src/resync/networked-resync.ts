@@ -79,6 +79,8 @@ interface PendingEnd {
   readonly attempt: number;
   readonly afterSeq: number | null;
   readonly taintedThrough: number | null;
+  /** Without a cut: when the last read ended (this host's clock), so the hop taints the logs cut before it. */
+  readonly readEndMs: number | null;
   readonly result: ResyncResult;
 }
 
@@ -100,7 +102,7 @@ async function readPendingEnd(file: string, diskId: string, sessionId: string): 
   } catch (err) {
     throw new BlockrelayError('BR_RESYNC_STATE_CORRUPT', `${file} is not JSON; remove it to resync the disk again`, { cause: err, details: { path: file } });
   }
-  if (parsed.version !== 1 || !Number.isSafeInteger(parsed.attempt) || typeof parsed.result !== 'object' || parsed.result === null || (parsed.taintedThrough !== null && !Number.isSafeInteger(parsed.taintedThrough))) {
+  if (parsed.version !== 1 || !Number.isSafeInteger(parsed.attempt) || (parsed.readEndMs !== null && !Number.isSafeInteger(parsed.readEndMs)) || typeof parsed.result !== 'object' || parsed.result === null || (parsed.taintedThrough !== null && !Number.isSafeInteger(parsed.taintedThrough))) {
     throw new BlockrelayError('BR_RESYNC_STATE_CORRUPT', `${file} has an unknown layout; remove it to resync the disk again`, { details: { path: file } });
   }
   if (parsed.diskId !== diskId || parsed.sessionId !== sessionId) {
@@ -168,7 +170,7 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   /** Tells the hop the resync finished; resolves true once it is recorded, false if it can no longer be (the resync must run again). */
   const confirmEnd = async (pending: PendingEnd): Promise<boolean> => {
     try {
-      await channelFor(pending.attempt, pending.afterSeq ?? undefined, endPeer).end({ taintedThrough: pending.taintedThrough ?? undefined });
+      await channelFor(pending.attempt, pending.afterSeq ?? undefined, endPeer).end({ taintedThrough: pending.taintedThrough ?? undefined, readEndMs: pending.readEndMs ?? undefined });
     } catch (err) {
       // Another session wrote to the disk since: this completion is stale and the disk must be compared again.
       if (isBlockrelayError(err) && err.code === 'BR_RESYNC_SESSION_EXPIRED') {
@@ -216,9 +218,11 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
       try {
         const result = await resyncDisks(sourceSpec, `${peer.url}${peer.url.endsWith('/') ? '' : '/'}v1/disks/${diskId}`, { ...engine, ...(signal ? { signal } : {}), clock, statePath: options.statePath, channel });
         // Every block is read: the log sealed now ends the first consistent point; the ones before it do not.
+        // Without a cut the log sequence is unknown here: the hop taints the logs cut before the last read ended.
         const sealedAfter = cut === undefined ? undefined : await cut();
         const taintedThrough = sealedAfter === undefined ? afterSeq : sealedAfter - 1;
-        finished = { version: 1, diskId, sessionId, attempt: lastAttempt, afterSeq: afterSeq ?? null, taintedThrough: taintedThrough ?? null, result };
+        const readEndMs = sealedAfter === undefined ? Math.ceil(Date.now()) : null;
+        finished = { version: 1, diskId, sessionId, attempt: lastAttempt, afterSeq: afterSeq ?? null, taintedThrough: taintedThrough ?? null, readEndMs, result };
         // Durable before the end is sent: the engine's progress file is gone, so this is all that says the work is done.
         await writePendingEnd(endFile, finished);
       } catch (err) {

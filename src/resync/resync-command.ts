@@ -13,7 +13,7 @@ import { resyncDisks } from './resync-disks';
 import { ResyncProgressPrinter } from './resync-progress';
 import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from './resync-wire';
 
-const USAGE = 'resync SOURCE TARGET [--block-size BYTES] [--json] [--state FILE] [--extents FILE] [--create] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N]\n       resync SOURCE --process-server URL --disk ID [--ca FILE] [--after-seq N] [--state FILE] [--block-size BYTES] [--json] [--extents FILE] [--retry-ms N]';
+const USAGE = 'resync SOURCE TARGET [--block-size BYTES] [--json] [--state FILE] [--extents FILE] [--create] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N]\n       resync SOURCE --process-server URL --disk ID [--ca FILE] [--after-seq N] [--state FILE] [--block-size BYTES] [--json] [--extents FILE] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N] [--retry-ms N]';
 
 /** Progress lines in logs come this often; a terminal bar is redrawn faster. */
 const LOG_PROGRESS_INTERVAL_MS = 2000;
@@ -131,6 +131,7 @@ async function runNetworked(values: ParsedValues, positionals: string[], io: Com
   const afterSeq = values['after-seq'] === undefined ? undefined : parseIntegerOption('after-seq', values['after-seq'], 0, 0, Number.MAX_SAFE_INTEGER);
   // A failed attempt (outage, hop restart, lost end) is retried after this fixed wait instead of the policy's 1, 2, 4, 8, 10 min, then every 30.
   const retryMs = values['retry-ms'] === undefined ? undefined : parseIntegerOption('retry-ms', values['retry-ms'], 0, 10, 3_600_000);
+  const maxReadRate = values['max-read-rate'] === undefined ? undefined : parseIntegerOption('max-read-rate', values['max-read-rate'], 0, 1);
   const secret = process.env[PROCESS_SERVER_SECRET_ENV];
   if (secret === undefined || secret.length < 16) throw new BlockrelayError('BR_USAGE', `--process-server needs the process server's shared secret (16 characters or more) in ${PROCESS_SERVER_SECRET_ENV}`);
   let ca: Buffer | undefined;
@@ -159,6 +160,7 @@ async function runNetworked(values: ParsedValues, positionals: string[], io: Com
       blockSizeBytes,
       checkpointIntervalMs,
       ...(afterSeq === undefined ? {} : { cut: async () => afterSeq }),
+      ...(maxReadRate === undefined ? {} : { readRateBytesPerSec: maxReadRate }),
       ...(retryMs === undefined ? {} : { retryPolicy: { scheduleOffsetsMs: [], steadyIntervalMs: retryMs, maxRetries: RETRY_POLICY_DEFAULTS.maxRetries } }),
       ...(extents === undefined ? {} : { extents }),
       onProgress: printer.report,

@@ -3,6 +3,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { syncDirectory, writeFileDurably } from '../platform/durable-file';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
+import type { Logger } from '../daemon/logger';
 import type { DiskTarget, Extent } from '../targets/disk-target';
 import { HrlLogFile, verifyHrlLog } from '../tracking/hrl-reader';
 import { HrlWriter } from '../tracking/hrl-writer';
@@ -118,7 +119,14 @@ class RetentionResyncJournal implements ResyncJournalProvider {
   /** Slot markers per disk: read from the journal directory once, then kept here (only this class writes them). */
   private readonly known = new Map<string, Map<number, SlotMarker>>();
 
+  /** The hop's logger (the hooks' own may be absent or silent): a dropped history is always told. */
+  private logger: Logger | undefined;
+
   constructor(private readonly hooks: RetentionHooks) {}
+
+  attachLogger(logger: Logger): void {
+    this.logger = logger;
+  }
 
   private markerFile(h: DiskHistory, seq: number): string {
     return path.join(h.journal.dir, `resync-${seqName(seq)}.json`);
@@ -181,7 +189,7 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     await h.journal.remove(seq);
     await this.removeSlotFiles(h, seq);
     const err = new BlockrelayError('BR_RESYNC_HISTORY_DROPPED', `dropped all ${lost} recovery point(s) of ${h.diskId}: ${why}; history starts again with the next log`, { details: { disk: h.diskId } });
-    this.hooks.options.logger?.warn({ disk: h.diskId, code: err.code }, err.message);
+    (this.logger ?? this.hooks.options.logger)?.warn({ disk: h.diskId, code: err.code }, err.message);
   }
 
   /** Settles what an earlier session left: an open one invalidates the history. */

@@ -79,6 +79,8 @@ export interface ResyncJournalProvider {
   openSession(diskId: string, target: DiskTarget, appliedSeq: number | null, sessionId: string): Promise<ResyncSessionJournal | undefined>;
   /** Called before each log is applied (and before the retention hooks see it): the first log after a session completes its journal. */
   beforeApply?(diskId: string, entry: SpoolEntry, target: DiskTarget): Promise<void>;
+  /** Gives the journal the hop's logger, for the Warnings it must not keep silent (history dropped). */
+  attachLogger?(logger: Logger): void;
 }
 
 export interface ResyncSessionsOptions {
@@ -127,6 +129,12 @@ export interface DiskResyncState {
    * Absent in files written before it existed: no late completion then.
    */
   readonly lastSession?: { readonly sessionId: string; readonly attempt: number; readonly completed: boolean };
+  /**
+   * A completion without a cut (the resync did not know the source's log
+   * sequence) says when its last read ended: a log cut at or before this
+   * time (its envelope's `cutTimeMs`) ends no point either. Absent: none.
+   */
+  readonly taintedUntilMs?: number;
 }
 
 export const RESYNC_SESSION_DEFAULTS = {
@@ -156,16 +164,21 @@ const IDLE_STATE: DiskResyncState = { version: 1, inProgress: false, taintedThro
 
 interface Completion {
   readonly taintedThrough: number | undefined;
+  readonly readEndMs: number | undefined;
 }
 
 function completionOf(req: http.IncomingMessage): Completion | undefined {
   if (req.headers[RESYNC_HEADER.complete] !== '1') return undefined;
-  return { taintedThrough: wholeHeader(req, RESYNC_HEADER.taintedThrough, false) };
+  return { taintedThrough: wholeHeader(req, RESYNC_HEADER.taintedThrough, false), readEndMs: wholeHeader(req, RESYNC_HEADER.readEndMs, false) };
 }
 
 function completionHeaders(completion: Completion | undefined): Record<string, string> {
   if (completion === undefined) return {};
-  return { [RESYNC_HEADER.complete]: '1', ...(completion.taintedThrough === undefined ? {} : { [RESYNC_HEADER.taintedThrough]: String(completion.taintedThrough) }) };
+  return {
+    [RESYNC_HEADER.complete]: '1',
+    ...(completion.taintedThrough === undefined ? {} : { [RESYNC_HEADER.taintedThrough]: String(completion.taintedThrough) }),
+    ...(completion.readEndMs === undefined ? {} : { [RESYNC_HEADER.readEndMs]: String(completion.readEndMs) }),
+  };
 }
 
 interface Session {
@@ -323,7 +336,9 @@ export class ResyncSessions {
   private readonly budget = new ByteBudget(MAX_IN_FLIGHT_REQUEST_BYTES);
   private closed = false;
 
-  constructor(private readonly options: ResyncSessionsOptions) {}
+  constructor(private readonly options: ResyncSessionsOptions) {
+    options.journal?.attachLogger?.(options.logger);
+  }
 
   routes(): Route[] {
     const pattern = `/${PROTOCOL_VERSION}/disks/:disk/resync`;
@@ -443,6 +458,7 @@ export class ResyncSessions {
         try {
           const parsed = JSON.parse(fs.readFileSync(file, 'utf8')) as DiskResyncState;
           if (parsed.version !== 1 || typeof parsed.inProgress !== 'boolean' || (parsed.taintedThrough !== null && !Number.isSafeInteger(parsed.taintedThrough))) throw new Error('unknown layout');
+          if (parsed.taintedUntilMs !== undefined && !Number.isSafeInteger(parsed.taintedUntilMs)) throw new Error('unknown layout of taintedUntilMs');
           const last = parsed.lastSession;
           if (last !== undefined && (typeof last !== 'object' || last === null || typeof last.sessionId !== 'string' || !Number.isSafeInteger(last.attempt) || typeof last.completed !== 'boolean')) throw new Error('unknown layout of lastSession');
           state = parsed;
@@ -463,7 +479,7 @@ export class ResyncSessions {
   markTainted(diskId: string, entry: SpoolEntry): SpoolEntry {
     if (entry.envelope.resync === true) return entry;
     const state = this.resyncState(diskId);
-    const tainted = state.inProgress || (state.taintedThrough !== null && entry.envelope.seq <= state.taintedThrough);
+    const tainted = state.inProgress || (state.taintedThrough !== null && entry.envelope.seq <= state.taintedThrough) || (state.taintedUntilMs !== undefined && entry.envelope.cutTimeMs <= state.taintedUntilMs);
     return tainted ? { ...entry, envelope: { ...entry.envelope, resync: true } } : entry;
   }
 
@@ -483,8 +499,15 @@ export class ResyncSessions {
   /** A resync of the disk finished: logs up to `taintedThrough` (or everything received, when the source could not say) end no point. */
   private async complete(diskId: string, completion: Completion, receivedSeq: number | null): Promise<void> {
     const through = completion.taintedThrough ?? receivedSeq;
-    const { taintedThrough: previous, lastSession } = this.resyncState(diskId);
-    await this.saveState(diskId, { version: 1, inProgress: false, taintedThrough: through === null ? previous : Math.max(through, previous ?? through), ...(lastSession === undefined ? {} : { lastSession: { ...lastSession, completed: true } }) });
+    const { taintedThrough: previous, lastSession, taintedUntilMs } = this.resyncState(diskId);
+    const until = completion.readEndMs === undefined ? taintedUntilMs : Math.max(completion.readEndMs, taintedUntilMs ?? 0);
+    await this.saveState(diskId, {
+      version: 1,
+      inProgress: false,
+      taintedThrough: through === null ? previous : Math.max(through, previous ?? through),
+      ...(lastSession === undefined ? {} : { lastSession: { ...lastSession, completed: true } }),
+      ...(until === undefined ? {} : { taintedUntilMs: until }),
+    });
   }
 
   /** Ends every session (the role is stopping); appliers are released. */

@@ -109,8 +109,10 @@ describe('networked resync into a master target that keeps recovery points', () 
       expect(fs.readFileSync(out).equals(point1), `point 1 after session ${round}`).toBe(true);
     }
     // Log 2 fills the sessions' slot (its end is the resync point); log 3 ends the next real point.
-    const log2 = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 2, cutTimeMs: baseMs + MINUTE_MS }, source, rand);
-    const log3 = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 3, cutTimeMs: baseMs + 2 * MINUTE_MS }, source, rand);
+    // Both are cut after the resyncs' last reads (a resync without a cut taints logs cut before then).
+    const afterMs = Date.now() + 1000;
+    const log2 = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 2, cutTimeMs: afterMs }, source, rand);
+    const log3 = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 3, cutTimeMs: afterMs + MINUTE_MS }, source, rand);
     await sendAll(mt, [log2, log3]);
     await mt.drain();
     const out = path.join(dir, 'point-1-final.img');

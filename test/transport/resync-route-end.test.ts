@@ -148,6 +148,28 @@ describe('ending a networked resync session: idempotent and recoverable', () => 
     expect(await channel(mt.url, SESSION_B, { afterSeq: 1 }).end({ taintedThrough: 1 })).toMatchObject({ ended: true, completed: true, inProgress: false });
   });
 
+  it('offers no point for a log cut before the last read of a completion without a cut, however late it arrives', async () => {
+    const { dir, mt, model, rand } = await setup();
+    const status = () => mt.diskStatus().find((d) => d.diskId === 'disk0')!;
+    const readEndMs = Date.now();
+    const ch = channel(mt.url, SESSION_A, { afterSeq: 1 });
+    await ch.open();
+    // The resync knew no log sequence (no cut): the hop received log 1 only, but the source had sealed log 2 before the last read.
+    expect(await ch.end({ taintedThrough: undefined, readEndMs })).toMatchObject({ completed: true, taintedThrough: 1 });
+    expect(mt.resyncSessions.resyncState('disk0').taintedUntilMs).toBe(readEndMs);
+    const pointBefore = status().lastPointTimeMs;
+    const late = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand);
+    await sendLog({ url: mt.url, secret: SECRET }, { ...late.envelope, cutTimeMs: readEndMs - 500 }, late.file);
+    await mt.drain();
+    expect(mt.ledger.get('disk0').appliedSeq).toBe(2);
+    expect(status().lastPointTimeMs).toBe(pointBefore);
+    // The first log cut after the last read ends a point again.
+    const next = await makeLog(path.join(dir, 'src'), 'disk0', 3, model, rand);
+    await sendLog({ url: mt.url, secret: SECRET }, { ...next.envelope, cutTimeMs: readEndMs + 500 }, next.file);
+    await mt.drain();
+    expect(status().lastPointTimeMs).toBe(readEndMs + 500);
+  });
+
   it('refuses to open a session at an anchor the hop has applied past (recoverable, nothing held)', async () => {
     const { dir, mt, model, rand } = await setup();
     const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand);
