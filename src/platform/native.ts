@@ -40,6 +40,8 @@ export function loadNative<T>(): T {
 export interface NativeHrlAppender {
   append(byteOffset: number, data: Uint8Array, timestamp: number): number;
   appendZeroes(byteOffset: number, length: number, timestamp: number): number;
+  /** appendZeroes on the libuv thread pool: resolves with the errno (0 when logged). */
+  appendZeroesAsync(byteOffset: number, length: number, timestamp: number): Promise<number>;
   closeBlock(): number;
   finish(): number;
   /** Refuses every later append without writing what is staged. */

@@ -203,7 +203,12 @@ export class HrlWriter {
   /** Logs `data` for disk bytes `[byteOffset, byteOffset + data.length)`. */
   append(byteOffset: number, data: Uint8Array): Promise<void> {
     checkRange(byteOffset, data.length);
-    if (this.core !== undefined) return this.nativeCall('write', () => this.core!.append(byteOffset, data, hrlTimestampFromMs(this.clock.now())));
+    if (this.core !== undefined) {
+      const append = (): number => this.core!.append(byteOffset, data, hrlTimestampFromMs(this.clock.now()));
+      // Behind a queued operation (a zero range being logged off the main thread) it waits its turn.
+      if (this.queued > 0) return this.serial(() => this.nativeCall('write', append));
+      return this.nativeCall('write', append);
+    }
     // Fast path: nothing queued and the write fits the open block and the
     // staging buffer, so it is only a copy; no I/O, no promise chain.
     if (this.appendsInMemory(data.length)) {
@@ -226,7 +231,7 @@ export class HrlWriter {
    * promise `append` returns is already resolved.
    */
   appendsInMemory(length: number): boolean {
-    if (this.core !== undefined) return this.state === 'open' && !this.finishing && length > 0;
+    if (this.core !== undefined) return this.queued === 0 && this.state === 'open' && !this.finishing && length > 0;
     return this.queued === 0 && this.state === 'open' && length > 0 && length <= this.maxEntryBytes &&
       this.entriesInBlock < this.entriesPerBlock && length <= this.staging.length - this.stagedBytes;
   }
@@ -238,7 +243,15 @@ export class HrlWriter {
    */
   appendZeroes(byteOffset: number, length: number): Promise<void> {
     checkRange(byteOffset, length);
-    if (this.core !== undefined) return this.nativeCall('write', () => this.core!.appendZeroes(byteOffset, length, hrlTimestampFromMs(this.clock.now())));
+    const core = this.core;
+    if (core !== undefined) {
+      // On the libuv thread pool: a large range is that many bytes of zero
+      // entries to write, which must not stall the event loop.
+      return this.serial(async () => {
+        const errno = await core.appendZeroesAsync(byteOffset, length, hrlTimestampFromMs(this.clock.now()));
+        if (errno !== 0) throw wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: write failed`);
+      });
+    }
     return this.serial(async () => {
       this.zeroChunk ??= Buffer.alloc(this.maxEntryBytes);
       for (let at = 0; at < length; at += this.maxEntryBytes) {
@@ -297,8 +310,10 @@ export class HrlWriter {
     if (this.state !== 'open') return;
     this.state = 'closed';
     this.finishing = true;
-    this.core?.abandon();
+    // A zero range being logged on the thread pool finishes first: the
+    // abandon would otherwise wait for it on the main thread.
     await this.queue.catch(() => undefined);
+    this.core?.abandon();
     await this.fh.close().catch(() => undefined);
   }
 

@@ -73,6 +73,27 @@ describe('HrlWriter -> HrlLogFile round trip', () => {
     expect(got.slice(3).every((e) => e.data.every((b) => b === 0))).toBe(true);
   });
 
+  it('logs a large zero range off the main thread and keeps call order with the appends around it', async () => {
+    const file = path.join(tempDir(), 'z.hrl');
+    const w = await HrlWriter.create(file);
+    expect(w.nativeAppender, 'a real file appends through the addon').toBeDefined();
+    await w.append(0, bytes(1, 4096));
+    const zeroing = w.appendZeroes(1 << 20, 64 << 20);
+    // Called while the zero range is being logged: lands after it.
+    const after = w.append(4096, bytes(2, 4096));
+    // The event loop turns before the 64 MiB of zero entries are written.
+    const first = await Promise.race([zeroing.then(() => 'zeroes'), new Promise((r) => setImmediate(() => r('event loop')))]);
+    expect(first).toBe('event loop');
+    await Promise.all([zeroing, after]);
+    await w.seal();
+    const got = await readAllEntries(file);
+    expect(got.length).toBe(2 + 64);
+    expect(got[0]!.data).toEqual(bytes(1, 4096));
+    expect(got.slice(1, 65).map((e) => e.byteOffset)).toEqual(Array.from({ length: 64 }, (_, i) => (1 << 20) + i * (1 << 20)));
+    expect(got.slice(1, 65).every((e) => e.data.every((b) => b === 0))).toBe(true);
+    expect(got[65]).toEqual({ byteOffset: 4096, data: bytes(2, 4096) });
+  });
+
   it('writes the header with EOLLocation 0 while open and the real end, counts and times once sealed', async () => {
     const clock = new SimulatedClock(Date.UTC(2026, 0, 1));
     const file = path.join(tempDir(), 'c.hrl');
