@@ -8,7 +8,7 @@ import { sendJson, type Route } from '../transport/http-api';
 import type { PeerOptions } from '../transport/log-client';
 import { validateDiskId } from '../transport/transport-protocol';
 import type { ResyncProgress } from './resync-engine';
-import { networkedResync, type NetworkedResyncResult } from './networked-resync';
+import { networkedResync, pendingEndPath, type NetworkedResyncResult } from './networked-resync';
 
 /** What the source's control API needs to run networked resyncs of its disks. */
 export interface SourceResyncsOptions {
@@ -27,6 +27,8 @@ export interface SourceResyncsOptions {
   readonly clock: Clock;
   readonly logger: Logger;
   readonly retryPolicy?: RetryPolicy;
+  /** Bounds how fast a resync reads a protected disk, so it does not starve the disk's users. */
+  readonly readRateBytesPerSec?: number;
 }
 
 export type SourceResyncState =
@@ -75,6 +77,7 @@ export class SourceResyncs {
       cut: () => this.options.cut(diskId),
       clock: this.options.clock,
       ...(this.options.retryPolicy ? { retryPolicy: this.options.retryPolicy } : {}),
+      ...(this.options.readRateBytesPerSec === undefined ? {} : { readRateBytesPerSec: this.options.readRateBytesPerSec }),
       signal: controller.signal,
       onProgress: (progress) => this.states.set(diskId, { state: 'running', startedAtMs, progress, attempts, ...(lastError === undefined ? {} : { lastError }) }),
       onRetry: (e) => {
@@ -96,6 +99,34 @@ export class SourceResyncs {
     ).finally(() => this.running.delete(diskId));
     this.running.set(diskId, { controller, done });
     return this.state(diskId);
+  }
+
+  /**
+   * The protected disks whose resync was interrupted (the source stopped or
+   * was killed mid-way): saved progress, or a finished resync whose end the
+   * hop has not confirmed, lies in the state directory.
+   */
+  interrupted(): string[] {
+    return [...this.options.diskSpecs.keys()].filter((diskId) => {
+      const state = this.statePath(diskId);
+      return fs.existsSync(state) || fs.existsSync(pendingEndPath(state));
+    });
+  }
+
+  /**
+   * Starts again every interrupted resync (call once the source serves and
+   * ships): each resumes from its saved progress, or only confirms its end.
+   * Returns the disks started.
+   */
+  resumeInterrupted(): string[] {
+    const started: string[] = [];
+    for (const diskId of this.interrupted()) {
+      if (this.running.has(diskId)) continue;
+      this.options.logger.info({ disk: diskId }, `resuming the interrupted resync of disk ${diskId} from its saved progress`);
+      this.start(diskId);
+      started.push(diskId);
+    }
+    return started;
   }
 
   /** Resolves when the disk's resync (if any) has finished. */

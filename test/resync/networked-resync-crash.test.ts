@@ -167,7 +167,7 @@ describe('networked resync with its processes killed at random moments', () => {
     { name: 'the process server and the resync client only; history is kept', seed: 3, victims: () => ['ps', 'client', 'ps'], historyKept: true },
   ];
 
-  it.each(scenarios)('resumes after SIGKILLs of $name, converges, and keeps history exact or drops it explicitly', async (scenario) => {
+  for (const scenario of scenarios) it(`resumes after SIGKILLs of ${scenario.name}, converges, and keeps history exact or drops it explicitly`, async () => {
     if (!requireTool('qemu-img')) return;
     const seed = Number(process.env.RESYNC_CRASH_SEED ?? scenario.seed);
     const rand = prng(seed);

@@ -95,4 +95,40 @@ describe("the source control API's POST /v1/disks/:disk/resync", () => {
     await mt.drain();
     expect(fs.readFileSync(targetFile).equals(fs.readFileSync(sourceFile))).toBe(true);
   });
+
+  it('resumes a resync the source was stopped in the middle of when it starts again, from the saved progress', async () => {
+    const dir = tmp();
+    const targetFile = path.join(dir, 'target.img');
+    const { mt, ps, stop } = await startHops(dir, `raw:${targetFile}`);
+    cleanup.push(stop);
+    const sourceFile = path.join(dir, 'source.img');
+    const rand = prng(29);
+    const bytes = Buffer.alloc(SIZE);
+    for (let i = 0; i < SIZE; i += 4) bytes.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
+    fs.writeFileSync(sourceFile, bytes);
+    const stateDir = path.join(dir, 'resync');
+    const options = { diskSpecs: new Map([['disk0', `raw:${sourceFile}`]]), peer: { url: ps.url, secret: SECRET }, stateDir, cut: async () => undefined, clock: systemClock, ...quiet(), retryPolicy: FAST_RETRY };
+    // The first source process reads slowly and stops (SIGTERM) once progress is saved.
+    const first = new SourceResyncs({ ...options, readRateBytesPerSec: 8 * 1024 * 1024 });
+    expect(first.interrupted()).toEqual([]);
+    first.start('disk0');
+    for (let waited = 0; !fs.existsSync(first.statePath('disk0')) && waited < 10_000; waited += 10) await new Promise((r) => setTimeout(r, 10));
+    await first.stop();
+    expect(first.state('disk0').state).toBe('failed');
+
+    // The next one finds it and resumes it on its own.
+    const next = new SourceResyncs(options);
+    cleanup.push(() => next.stop());
+    expect(next.interrupted()).toEqual(['disk0']);
+    expect(next.resumeInterrupted()).toEqual(['disk0']);
+    const final = await next.whenDone('disk0');
+    expect(final.state).toBe('done');
+    const result = (final as { result: { resumedFromBytes: number; totals: { blocksCompared: number } } }).result;
+    expect(result.resumedFromBytes).toBeGreaterThan(0);
+    expect(result.totals.blocksCompared).toBeLessThan(1.2 * (SIZE / 4096));
+    expect(next.interrupted()).toEqual([]);
+    await ps.drain();
+    await mt.drain();
+    expect(fs.readFileSync(targetFile).equals(bytes)).toBe(true);
+  });
 });
