@@ -5,6 +5,7 @@
 #if defined(__linux__)
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -220,11 +221,27 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
 
   void Run() {
     int reason = Loop();
-    // Writes still queued for the disk finish and are answered first.
-    WaitJobsDone(reason != kExitStopped && reason != kExitSocketError);
+    // A graceful stop or the client's DISC: every request already carried
+    // out is answered before the thread lets go of the socket.
+    const bool deliver = reason == kExitStopped || reason == kExitDisconnect;
+    // Writes still queued for the disk finish first (bounded once stopping).
+    WaitJobsDone(deliver);
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      exited_ = true;
+      // The last replies queued go out, and exited_ is set, in one step
+      // under both locks: a reply queued before it is sent here, one after
+      // it is refused (JavaScript then writes it to the socket itself), and
+      // the writer's direct sends (under sendMu_) see exited_ and stop.
+      std::lock_guard<std::mutex> send(sendMu_);
+      std::unique_lock<std::mutex> lock(mu_);
+      while (deliver && !outbox_.empty() && !aborting_.load()) {
+        lock.unlock();
+        const bool ok = SendOutboxLocked();
+        lock.lock();
+        if (!ok) break;
+      }
+      exited_.store(true);
+      outbox_.clear();
+      hasOutbox_.store(false);
     }
     Post({kEventExit, 0, 0, 0, 0, 0, 0, reason});
     events.Release();
@@ -233,7 +250,7 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   // JavaScript's reply; false once the thread has ended (the caller then owns the socket again).
   bool Reply(const uint8_t* data, size_t length) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (exited_) return false;
+    if (exited_.load()) return false;
     outbox_.emplace_back(data, data + length);
     hasOutbox_.store(true);
     if (pendingJs_ > 0) pendingJs_--;
@@ -279,9 +296,13 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     cv_.notify_all();
   }
 
-  void Stop() {
+  // Stops reading requests. Graceful: what was carried out is still
+  // answered, within kStopDrainMs; otherwise the thread lets go at once.
+  void Stop(bool graceful) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (!stopping_.load()) drainDeadline_ = std::chrono::steady_clock::now() + std::chrono::milliseconds(kStopDrainMs);
+      if (!graceful) aborting_.store(true);
       stopping_.store(true);
       cv_.notify_all();
       Wake();
@@ -295,6 +316,8 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   // Payload buffers one connection may have queued for the disk.
   static constexpr size_t kMaxPayloadBytes = 64u << 20;
   static constexpr int kMaxPayloads = 32;
+  // How long a graceful stop may take to answer what was carried out.
+  static constexpr int kStopDrainMs = 10000;
   // Buffers larger than this are not kept for reuse.
   static constexpr size_t kKeepPayloadBytes = 1u << 20;
   static constexpr int kMaxPendingJs = 64;
@@ -343,23 +366,38 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     return true;
   }
 
+  // Whether waiting for `ev` must end: any wait on a hard stop; a wait to
+  // read on any stop; a wait to send once the graceful stop's time is up.
+  bool WaitEnds(short ev) {
+    if (aborting_.load()) return true;
+    if (!stopping_.load()) return false;
+    return ev == POLLIN || DrainMsLeft() <= 0;
+  }
+
+  // With stopping_ set: milliseconds left to answer what was carried out.
+  int DrainMsLeft() {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(drainDeadline_ - std::chrono::steady_clock::now()).count();
+    return left <= 0 ? 0 : static_cast<int>(left);
+  }
+
   // Waits until the socket is ready for `events`, serving queued replies
-  // meanwhile. False on stop or socket error.
+  // meanwhile. False on stop (see WaitEnds) or socket error.
   bool WaitIo(short ev) {
     for (;;) {
-      if (stopping_.load()) return false;
+      if (WaitEnds(ev)) return false;
       if (hasOutbox_.load() && ev == POLLIN && !SendOutbox()) return false;
       struct pollfd fds[2] = {{sock_, ev, 0}, {wakeFd_, POLLIN, 0}};
-      int n = poll(fds, 2, -1);
+      int n = poll(fds, 2, stopping_.load() ? DrainMsLeft() : -1);
       if (n < 0) {
         if (errno == EINTR) continue;
         return false;
       }
+      if (n == 0) continue;
       if (fds[1].revents & POLLIN) {
         uint64_t v;
         ssize_t ignored = read(wakeFd_, &v, sizeof v);
         (void)ignored;
-        if (stopping_.load()) return false;
         continue;
       }
       if (fds[0].revents & (ev | POLLERR | POLLHUP | POLLNVAL)) return true;
@@ -463,6 +501,8 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     // handing every reply to the connection thread delayed it behind
     // whatever that thread was doing (a log append, a receive).
     std::unique_lock<std::mutex> send(sendMu_, std::try_to_lock);
+    // After exited_ the socket is JavaScript's again (and may be closed).
+    if (send.owns_lock() && exited_.load()) return;
     if (send.owns_lock() && !hasOutbox_.load()) {
       ssize_t n = ::send(sock_, head, kReplyHeaderBytes, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (n == static_cast<ssize_t>(kReplyHeaderBytes)) return;
@@ -470,7 +510,7 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
       else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return;  // broken: the thread sees it too
     }
     std::lock_guard<std::mutex> lock(mu_);
-    if (exited_) return;
+    if (exited_.load()) return;
     if (sent > 0) {
       // The rest of a partly sent reply goes first (sendMu_ is still held).
       outbox_.emplace(outbox_.begin(), head + sent, head + kReplyHeaderBytes);
@@ -522,18 +562,24 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   }
 
   // Waits until every queued write of this connection has been carried out,
-  // sending their replies when `reply`.
+  // sending their replies when `reply`. Once stopping, the wait is bounded by
+  // the stop's deadline (a write still queued then is answered by nobody;
+  // its completion no longer touches the socket, see exited_).
   void WaitJobsDone(bool reply) {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      if (reply && !outbox_.empty()) {
+      if (reply && !outbox_.empty() && !aborting_.load()) {
         lock.unlock();
         if (!SendOutbox()) reply = false;
         lock.lock();
         continue;
       }
       if (connJobs_ == 0) return;
-      cv_.wait(lock);
+      if (!stopping_.load()) {
+        cv_.wait(lock);
+      } else if (cv_.wait_until(lock, drainDeadline_) == std::cv_status::timeout && connJobs_ > 0) {
+        return;
+      }
     }
   }
 
@@ -745,6 +791,9 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   std::mutex sendMu_;
   std::atomic<bool> hasOutbox_{false};
   std::atomic<bool> stopping_{false};
+  // A hard stop: nothing more is sent either.
+  std::atomic<bool> aborting_{false};
+  std::chrono::steady_clock::time_point drainDeadline_;  // under mu_, set by the first Stop
   int pendingJs_ = 0;  // FLUSH/FUA events posted and not yet answered (under mu_)
   int connJobs_ = 0;   // writes queued for the disk and not yet answered (under mu_)
   int payloadsOut_ = 0;
@@ -752,7 +801,8 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   std::vector<std::unique_ptr<AlignedBuffer>> freePayloads_;
   bool resumed_ = false;
   int resumeError_ = 0;
-  bool exited_ = false;
+  // Set once, under sendMu_ and mu_: the socket is JavaScript's from then on.
+  std::atomic<bool> exited_{false};
 };
 
 // Carries out the queued writes in queue order: the log append, then the
@@ -1039,7 +1089,7 @@ class TapConnectionWrap : public Napi::ObjectWrap<TapConnectionWrap> {
 
   ~TapConnectionWrap() override {
     if (core_ != nullptr && core_->thread.joinable()) {
-      core_->Stop();
+      core_->Stop(false);
       core_->thread.detach();
     }
   }
@@ -1062,8 +1112,10 @@ class TapConnectionWrap : public Napi::ObjectWrap<TapConnectionWrap> {
     return info.Env().Undefined();
   }
 
+  // stop(graceful): graceful answers what was already carried out first.
   Napi::Value StopJs(const Napi::CallbackInfo& info) {
-    if (core_ != nullptr) core_->Stop();
+    const bool graceful = info.Length() > 0 && info[0].IsBoolean() && info[0].As<Napi::Boolean>().Value();
+    if (core_ != nullptr) core_->Stop(graceful);
     return info.Env().Undefined();
   }
 

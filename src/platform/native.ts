@@ -81,7 +81,11 @@ export interface NativeTapConnection {
   reply(bytes: Uint8Array): boolean;
   /** Lets a thread waiting on an intent or slow-request event go on (error 0) or fail the request. */
   resume(error?: number): void;
-  stop(): void;
+  /**
+   * Stops reading requests. Graceful: every request already carried out is
+   * answered first (bounded: 10 s); otherwise the thread lets go at once.
+   */
+  stop(graceful?: boolean): void;
   join(): void;
   /** [requests, errorReplies, bytesWritten, bytesRead]. */
   stats(): Float64Array;

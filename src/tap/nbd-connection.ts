@@ -160,8 +160,9 @@ export class NbdConnection {
     this.pauseReading();
     this.input.clear();
     if (this.nativeConn !== undefined) {
-      // The thread stops reading; its exit ends the session once nothing is in flight.
-      this.nativeConn.stop();
+      // The thread stops reading and answers what it carried out; its exit
+      // ends the session once nothing is in flight.
+      this.nativeConn.stop(true);
       return;
     }
     if (this.inFlight === 0) this.endSession();
@@ -175,7 +176,7 @@ export class NbdConnection {
     if (this.nativeConn !== undefined) {
       // The descriptor stays open until the thread has let go of it.
       this.destroyAfterNative = true;
-      this.nativeConn.stop();
+      this.nativeConn.stop(false);
       return;
     }
     this.socket.destroy();

@@ -2,8 +2,10 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { useTempDirs } from '../helpers/tmp';
-import { type Cleanups, hangableDisk, MiB, nativeTap } from './native-tap-fixtures';
+import { type Cleanups, hangableDisk, MiB, nativeTap, peer } from './native-tap-fixtures';
+import { rawHandshake, readSimpleReply, request } from './nbd-fixtures';
 import { NbdClient } from '../../src/tap/nbd-client';
+import * as P from '../../src/tap/nbd-protocol';
 
 /**
  * The native data path under faults: a disk that hangs, slow log appends,
@@ -58,4 +60,30 @@ describe('native tap under faults', () => {
     expect(image.subarray(65536, 131072).every((b) => b === 0x22)).toBe(true);
     await client.close();
   }, 30_000);
+
+  it('answers a FLUSH it carried out before a graceful stop ends the connection', async () => {
+    const dir = tempDir();
+    const t = await nativeTap(dir, cleanups);
+    const p = await peer(t.port, cleanups);
+    await rawHandshake(p, 'disk0');
+    // Native writes wait: the WRITE below keeps the connection thread in its
+    // queueing step, where it sends nothing, while the FLUSH is answered.
+    await t.tracker.pauseNative();
+    let resumed = false;
+    const resume = (): void => {
+      if (!resumed) t.tracker.resumeNative();
+      resumed = true;
+    };
+    cleanups.push(resume);
+    p.send(Buffer.concat([request(P.NBD_CMD_FLUSH, 0, 0, 1), request(P.NBD_CMD_WRITE, 0, 4096, 2, { payload: Buffer.alloc(4096, 0x33) })]));
+    // The FLUSH is carried out and its reply queued for the thread.
+    await new Promise((r) => setTimeout(r, 300));
+    const closing = t.server.close(5000);
+    expect(await readSimpleReply(p)).toEqual({ error: 0, handle: 1 });
+    // The WRITE was never carried out: no reply, and the connection closes.
+    expect(await p.waitClosed()).toBe(true);
+    expect(p.pending).toBe(0);
+    resume();
+    await closing;
+  });
 });
