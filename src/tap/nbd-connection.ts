@@ -116,8 +116,12 @@ export class NbdConnection {
    */
   private nativeState: 'off' | 'starting' | 'on' | 'ended' = 'off';
   private nativeConn: NativeTapConnection | undefined;
-  /** The slow request (TRIM, WRITE_ZEROES, …) the native thread waits on, by handle. */
-  private nativeSlow: { hi: number; lo: number; paused: boolean } | undefined;
+  /**
+   * The slow request (TRIM, WRITE_ZEROES, …) the native thread waits on,
+   * by an id of ours: clients may reuse a handle for requests in flight.
+   */
+  private nativeSlow: { id: number; paused: boolean } | undefined;
+  private nativeSlowIds = 0;
   /** Destroy the socket once the native thread has let go of it. */
   private destroyAfterNative = false;
 
@@ -417,18 +421,18 @@ export class NbdConnection {
         // A FLUSH, or a FUA WRITE the thread has carried out.
         const name = type === P.NBD_CMD_FLUSH ? 'FLUSH' : 'WRITE';
         if (type === P.NBD_CMD_FLUSH && (flags & ~P.NBD_CMD_FLAG_FUA) !== 0) {
-          this.replyError(P.NBD_EINVAL, handleHi, handleLo);
+          this.replyError(P.NBD_EINVAL, handleHi, handleLo, true);
           return;
         }
         this.begin(0);
         this.flushBoth().then(
           () => {
             this.finish(0);
-            this.send(P.encodeSimpleReply(0, handleHi, handleLo));
+            this.sendEventReply(P.encodeSimpleReply(0, handleHi, handleLo));
           },
           (err: unknown) => {
             this.finish(0);
-            this.failRequest(err, name, offset, length, handleHi, handleLo);
+            this.failRequest(err, name, offset, length, handleHi, handleLo, true);
           },
         );
         return;
@@ -438,19 +442,26 @@ export class NbdConnection {
         // no write on another connection overtakes it between its record and
         // its disk operation (log order = disk order).
         const paused = type === P.NBD_CMD_TRIM || type === P.NBD_CMD_WRITE_ZEROES;
-        this.nativeSlow = { hi: handleHi, lo: handleLo, paused };
+        const id = ++this.nativeSlowIds;
+        this.nativeSlow = { id, paused };
         this.stats.requests++;
         const h: P.RequestHeader = { magic: P.NBD_REQUEST_MAGIC, flags, type, handleHi, handleLo, offset, length };
+        if (!paused) {
+          this.dispatch(h);
+          return;
+        }
         // Dispatched once no native write is in flight any more (the hold
         // resolves off the main thread, however slow the disk).
-        if (paused) {
-          this.pauseNativeWriters().then(
-            () => this.dispatch(h),
-            (err: unknown) => this.failRequest(err, P.NBD_COMMAND_NAMES[type] ?? 'request', offset, length, handleHi, handleLo),
-          );
-        } else {
-          this.dispatch(h);
-        }
+        const name = P.NBD_COMMAND_NAMES[type] ?? 'request';
+        this.pauseNativeWriters().then(
+          () => {
+            // The thread ended meanwhile and its end let the writers go:
+            // carrying the request out now could race them, so it fails untouched.
+            if (this.nativeSlow?.id !== id) this.failRequest(new Error('the native connection ended before the request ran'), name, offset, length, handleHi, handleLo);
+            else this.dispatch(h);
+          },
+          (err: unknown) => this.failRequest(err, name, offset, length, handleHi, handleLo),
+        );
         return;
       }
       case NATIVE_EVENT.writeFailed:
@@ -479,17 +490,33 @@ export class NbdConnection {
     else exp.native!.release(NATIVE_TAP_MODE.untracked, null, 0);
   }
 
-  /** Queues a reply on the native thread; false when the thread is gone. Resumes it after its slow request's reply. */
+  /**
+   * Queues a reply on the native thread; false when the thread is gone.
+   * On a native connection JavaScript answers two kinds of requests: FLUSH
+   * and FUA events, whose replies go through sendEventReply, and the one
+   * slow request the thread waits on, whose replies come here. So a reply
+   * here ends the slow request and resumes the thread. (Matching the
+   * client's handle instead ended it early when a client reused a handle
+   * for a FLUSH and a TRIM in flight at once.)
+   */
   private sendNative(buf: Buffer): boolean {
     const conn = this.nativeConn!;
     if (!conn.reply(buf)) return false;
     const slow = this.nativeSlow;
-    if (slow !== undefined && buf.length >= 16 && buf.readUInt32BE(8) === slow.hi && buf.readUInt32BE(12) === slow.lo) {
+    if (slow !== undefined) {
       this.nativeSlow = undefined;
       if (slow.paused) this.resumeNativeWriters();
       conn.resume(0);
     }
     return true;
+  }
+
+  /** A reply to a FLUSH or FUA event of the native thread: never ends its slow request. */
+  private sendEventReply(buf: Buffer): void {
+    if (this.phase === Phase.Closed) return;
+    if (this.nativeConn !== undefined && this.nativeConn.reply(buf)) return;
+    this.cork();
+    this.socket.write(buf);
   }
 
   private nativeExited(reason: number): void {
@@ -852,7 +879,7 @@ export class NbdConnection {
     exp.records.throwIfFailed();
   }
 
-  private failRequest(err: unknown, name: string, offset: number, length: number, handleHi: number, handleLo: number): void {
+  private failRequest(err: unknown, name: string, offset: number, length: number, handleHi: number, handleLo: number, eventReply = false): void {
     const code = isBlockrelayError(err) ? err.code : undefined;
     const error = code === 'BR_DISK_FULL' ? P.NBD_ENOSPC : code === 'BR_NBD_READ_ONLY' ? P.NBD_EPERM : P.NBD_EIO;
     this.host.warn(`NBD ${name} failed`, {
@@ -862,7 +889,7 @@ export class NbdConnection {
       code: code ?? null,
       message: err instanceof Error ? err.message : String(err),
     });
-    this.replyError(error, handleHi, handleLo);
+    this.replyError(error, handleHi, handleLo, eventReply);
   }
 
   // --- bounds and back-pressure ----------------------------------------------
@@ -925,9 +952,12 @@ export class NbdConnection {
 
   // --- output -------------------------------------------------------------------
 
-  private replyError(error: number, handleHi: number, handleLo: number): void {
+  /** `eventReply`: the reply to a native FLUSH/FUA event (see sendEventReply). */
+  private replyError(error: number, handleHi: number, handleLo: number, eventReply = false): void {
     this.stats.errorReplies++;
-    this.send(P.encodeSimpleReply(error, handleHi, handleLo));
+    const buf = P.encodeSimpleReply(error, handleHi, handleLo);
+    if (eventReply) this.sendEventReply(buf);
+    else this.send(buf);
   }
 
   private sendReplyWithData(handleHi: number, handleLo: number, data: Buffer): void {

@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { useTempDirs } from '../helpers/tmp';
-import { type Cleanups, hangableDisk, MiB, nativeTap, peer } from './native-tap-fixtures';
+import { type Cleanups, expectLogsRebuildDisk, hangableDisk, MiB, nativeTap, peer, waitIdle } from './native-tap-fixtures';
 import { rawHandshake, readSimpleReply, request } from './nbd-fixtures';
 import { NbdClient } from '../../src/tap/nbd-client';
 import * as P from '../../src/tap/nbd-protocol';
@@ -85,5 +85,38 @@ describe('native tap under faults', () => {
     expect(p.pending).toBe(0);
     resume();
     await closing;
+  });
+
+  it('keeps a TRIM ahead of later writes when the client reuses its handle for a FLUSH in flight', async () => {
+    const dir = tempDir();
+    const t = await nativeTap(dir, cleanups);
+    // The TRIM's disk operation waits for this gate (its write intent), so
+    // the FLUSH with the same handle is answered while the TRIM is not.
+    let open!: () => void;
+    const gate = new Promise<void>((r) => { open = r; });
+    cleanups.push(() => open());
+    const intend = t.tracker.intend.bind(t.tracker);
+    t.tracker.intend = (offset: number, length: number) => {
+      if (length !== 65536) return intend(offset, length);
+      return gate.then(() => intend(offset, length));
+    };
+    const p = await peer(t.port, cleanups);
+    await rawHandshake(p, 'disk0');
+    p.send(Buffer.concat([
+      request(P.NBD_CMD_FLUSH, 0, 0, 7),
+      request(P.NBD_CMD_TRIM, 0, 65536, 7),
+      request(P.NBD_CMD_WRITE, 0, 4096, 8, { payload: Buffer.alloc(4096, 0x44) }),
+    ]));
+    expect(await readSimpleReply(p)).toEqual({ error: 0, handle: 7 });
+    // The WRITE after the TRIM must not be read, let alone written, before the TRIM's reply.
+    await new Promise((r) => setTimeout(r, 300));
+    expect(p.pending, 'a reply came before the TRIM was answered').toBe(0);
+    open();
+    expect(await readSimpleReply(p)).toEqual({ error: 0, handle: 7 });
+    expect(await readSimpleReply(p)).toEqual({ error: 0, handle: 8 });
+    p.destroy();
+    await waitIdle(t.server);
+    expect(fs.readFileSync(t.imagePath).subarray(0, 4096).every((b) => b === 0x44)).toBe(true);
+    await expectLogsRebuildDisk(t);
   });
 });
