@@ -72,6 +72,8 @@ export class DiskDrain<T = SpoolEntry> {
   private holdBack: ((item: T) => boolean) | undefined;
   /** The bound of the current hold, if limitHold() set one. */
   private holdLimit: { maxBytes: number; maxShare: number; reserveShare: number; onExceeded: (queuedBytes: number) => void } | undefined;
+  /** A runNow() in progress: the loop waits for it before taking the next item. */
+  private direct: Promise<void> | undefined;
   lastError: BlockrelayError | undefined;
 
   constructor(private readonly options: DiskDrainOptions<T>) {}
@@ -155,6 +157,41 @@ export class DiskDrain<T = SpoolEntry> {
     }
   }
 
+  /**
+   * Handles `item` at once, outside the queue, when the drain has nothing
+   * else to do: started, idle with an empty queue, not woken, holding
+   * nothing, not stopping and no other runNow() in progress. Returns false
+   * and does nothing otherwise. One attempt, no retry: a failure is reported
+   * to the health and thrown, and the caller queues the item for the
+   * retrying path (the master target applying a log as it arrives,
+   * master-target.ts). While it runs the drain counts as busy (whenIdle()
+   * waits for it) and the loop takes nothing from the queue.
+   */
+  async runNow(item: T): Promise<boolean> {
+    if (this.wakeUp === undefined || this.woken || this.stopping || this.direct !== undefined || this.holdBack !== undefined || this.stateValue !== 'idle') return false;
+    this.stateValue = 'busy';
+    const run = this.options.handle(item);
+    this.direct = run.then(() => undefined, () => undefined);
+    try {
+      await run;
+      this.options.health.reportSuccess(this.options.stage);
+      return true;
+    } catch (err) {
+      const coded = isBlockrelayError(err) ? err : new BlockrelayError('BR_INTERNAL', String(err), { cause: err });
+      this.lastError = coded;
+      this.options.metrics.errorsTotal.inc({ disk: this.options.diskId, code: coded.code });
+      this.options.health.reportError(this.options.stage, coded, this.options.clock.now());
+      throw coded;
+    } finally {
+      this.direct = undefined;
+      // Still parked (nothing woke the loop meanwhile): idle again.
+      if (this.wakeUp !== undefined && !this.woken && this.stateValue === 'busy') {
+        this.stateValue = 'idle';
+        this.notifyIdle();
+      }
+    }
+  }
+
   /** Resolves when the queue holds nothing for this disk, or the disk went Critical or stopped. */
   whenIdle(): Promise<void> {
     if (this.stateValue === 'idle' || this.stateValue === 'critical' || this.stateValue === 'stopped') return Promise.resolve();
@@ -167,6 +204,7 @@ export class DiskDrain<T = SpoolEntry> {
     this.retry?.cancel();
     this.wakeUp?.();
     await this.loopDone;
+    await this.direct;
     if (this.stateValue !== 'critical') this.stateValue = 'stopped';
     this.notifyIdle();
   }
@@ -178,6 +216,8 @@ export class DiskDrain<T = SpoolEntry> {
   private async loop(): Promise<void> {
     const { queue, diskId, logger } = this.options;
     while (!this.stopping) {
+      // An item handled by runNow() comes before anything queued after it.
+      if (this.direct !== undefined) await this.direct;
       this.woken = false;
       this.stateValue = 'busy';
       const queued = await queue.next();

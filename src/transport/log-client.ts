@@ -1,11 +1,11 @@
-import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
 import * as http from 'node:http';
 import * as https from 'node:https';
 import { PassThrough, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { isErrorCode, type ErrorCode } from '../retry/error-codes';
-import { ThrottleStream, type BandwidthLimiter } from './bandwidth-limiter';
+import type { BandwidthLimiter } from './bandwidth-limiter';
 import { Lz4FrameEncoder } from './lz4-frame-encoder';
 import { envelopeHeaders, logPath, PROTOCOL_VERSION, type LogEnvelope } from './transport-protocol';
 
@@ -71,7 +71,10 @@ interface Answer {
   body: string;
 }
 
-function request(peer: PeerOptions, method: string, path: string, headers: Record<string, string>, body: Readable | undefined, onBodySent?: () => void): Promise<Answer> {
+/** Writes a request's body and ends it; rejects if the body cannot be written (the request is destroyed then). */
+type BodyWriter = (req: http.ClientRequest) => Promise<void>;
+
+function request(peer: PeerOptions, method: string, path: string, headers: Record<string, string>, body: Readable | BodyWriter | undefined, onBodySent?: () => void): Promise<Answer> {
   const url = new URL(path, peer.url);
   const secure = url.protocol === 'https:';
   const lib = secure ? https : http;
@@ -110,7 +113,7 @@ function request(peer: PeerOptions, method: string, path: string, headers: Recor
       req.end();
       return;
     }
-    pipeline(body, req).then(() => {
+    (typeof body === 'function' ? body(req) : pipeline(body, req)).then(() => {
       if (!settled) onBodySent?.();
     }, (err: NodeJS.ErrnoException) => {
       // The peer may answer (e.g. 401, spool full) before reading the whole
@@ -125,28 +128,111 @@ export interface SendResult {
   readonly duplicate: boolean;
 }
 
+/** Bytes an upload reads from its log file at a time (a multiple of the lz4 frame's 64 KiB blocks). */
+export const UPLOAD_READ_CHUNK_BYTES = 1024 * 1024;
+/** Read buffers of one upload, reused as the socket takes their bytes. */
+const UPLOAD_READ_BUFFERS = 4;
+
+/**
+ * Streams a log file into a request: read into a few buffers that are
+ * reused once the socket has taken their bytes (a fresh buffer per read
+ * made the runtime run a full garbage collection every 64 MiB or so),
+ * lz4-framed and paced when asked, then ends the request.
+ */
+function logFileBody(file: string, options: SendOptions): BodyWriter {
+  return async (req) => {
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(file, 'r');
+    } catch (err) {
+      req.destroy(err as Error);
+      throw err;
+    }
+    const encoder = options.lz4 ? new Lz4FrameEncoder() : undefined;
+    const limiter = options.limiter !== undefined && !options.limiter.unlimited ? options.limiter : undefined;
+    const free: Buffer[] = [];
+    for (let i = 0; i < UPLOAD_READ_BUFFERS; i++) free.push(Buffer.allocUnsafeSlow(UPLOAD_READ_CHUNK_BYTES));
+    let wake: (() => void) | undefined;
+    let closed = false;
+    const onClose = (): void => {
+      closed = true;
+      wake?.();
+    };
+    req.once('close', onClose);
+    const gone = (): Error => Object.assign(new Error('request closed while sending its body'), { code: 'ECONNRESET' });
+    /** Waits until the socket can take more (or a buffer came back). */
+    const settle = (event: 'drain' | 'buffer'): Promise<void> => new Promise<void>((resolve) => {
+      if (closed) return resolve();
+      wake = () => {
+        wake = undefined;
+        req.off('drain', resolveDrain);
+        resolve();
+      };
+      const resolveDrain = (): void => wake?.();
+      if (event === 'drain') req.once('drain', resolveDrain);
+    });
+    const write = async (pieces: Buffer[], done?: () => void): Promise<void> => {
+      for (let i = 0; i < pieces.length; i++) {
+        if (closed) throw gone();
+        const piece = pieces[i]!;
+        if (limiter !== undefined) {
+          for (let off = 0; off < piece.length; off += limiter.chunkBytes) await limiter.take(Math.min(limiter.chunkBytes, piece.length - off));
+        }
+        const last = i === pieces.length - 1;
+        if (!req.write(piece, last ? done : undefined)) await settle('drain');
+      }
+      if (pieces.length === 0) done?.();
+    };
+    try {
+      if (encoder !== undefined) await write([await Lz4FrameEncoder.header()]);
+      for (let position = 0; ;) {
+        while (free.length === 0) {
+          if (closed) throw gone();
+          await settle('buffer');
+        }
+        const buffer = free.pop()!;
+        const { bytesRead } = await fh.read(buffer, 0, buffer.length, position);
+        if (bytesRead === 0) break;
+        position += bytesRead;
+        const data = buffer.subarray(0, bytesRead);
+        // The buffer comes back once the socket has written the last piece that views it.
+        await write(encoder === undefined ? [data] : encoder.encode(data), () => {
+          free.push(buffer);
+          wake?.();
+        });
+      }
+      if (encoder !== undefined) await write(encoder.finish());
+      if (closed) throw gone();
+      await new Promise<void>((resolve, reject) => {
+        // 'finish' never comes to a request destroyed first.
+        const onEarlyClose = (): void => reject(gone());
+        req.once('close', onEarlyClose);
+        req.end(() => {
+          req.off('close', onEarlyClose);
+          resolve();
+        });
+      });
+    } catch (err) {
+      req.destroy(err as Error);
+      throw err;
+    } finally {
+      req.off('close', onClose);
+      await fh.close();
+    }
+  };
+}
+
 /** Uploads one sealed log file with its envelope; resolves when the peer holds it durably. */
 export async function sendLog(peer: PeerOptions, envelope: LogEnvelope, file: string, options: SendOptions = {}): Promise<SendResult> {
-  const source = fs.createReadStream(file, { highWaterMark: 1 << 20 });
-  const stages: Array<NodeJS.ReadableStream | NodeJS.ReadWriteStream> = [source];
-  if (options.lz4) stages.push(new Lz4FrameEncoder());
-  if (options.limiter && !options.limiter.unlimited) stages.push(new ThrottleStream(options.limiter));
-  const body = new PassThrough({ highWaterMark: 1 << 20 });
-  const feeding = (pipeline as (...s: unknown[]) => Promise<void>)(...stages, body).catch((err: unknown) => body.destroy(err as Error));
   const headers: Record<string, string> = {
     ...envelopeHeaders(envelope),
     'content-type': 'application/octet-stream',
   };
   if (options.lz4) headers['x-blockrelay-encoding'] = 'lz4';
   else headers['content-length'] = String(envelope.logLength);
-  try {
-    const answer = await request(peer, 'PUT', logPath(envelope.diskId, envelope.seq), headers, body, options.onBodySent);
-    if (answer.status === 200 || answer.status === 201) return { status: answer.status, duplicate: answer.status === 200 };
-    throw errorFromResponse(answer.status, answer.body);
-  } finally {
-    source.destroy();
-    await feeding;
-  }
+  const answer = await request(peer, 'PUT', logPath(envelope.diskId, envelope.seq), headers, logFileBody(file, options), options.onBodySent);
+  if (answer.status === 200 || answer.status === 201) return { status: answer.status, duplicate: answer.status === 200 };
+  throw errorFromResponse(answer.status, answer.body);
 }
 
 /** What a hop knows of a disk: the next sequence number it expects (null: any). */

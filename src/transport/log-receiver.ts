@@ -2,7 +2,7 @@ import type { Logger } from '../daemon/logger';
 import type { Metrics } from '../daemon/metrics';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { sendJson, type Route } from './http-api';
-import type { LogSpool, SpoolEntry } from './log-spool';
+import type { LogSpool, SpoolEntry, StagedLog } from './log-spool';
 import type { SequenceLedger } from './sequence-ledger';
 import { HEADER, parseEnvelope, PROTOCOL_VERSION, validateDiskId, type LogEnvelope } from './transport-protocol';
 
@@ -23,6 +23,15 @@ export interface LogReceiverOptions {
   /** Refuses disks stopped in Critical (BR_DISK_CRITICAL). */
   readonly isCritical?: (diskId: string) => boolean;
   readonly onAccepted: (entry: SpoolEntry) => void;
+  /**
+   * Apply on receipt (master target): called with a verified log that is
+   * next in sequence, before anything is answered, while the disk's spool
+   * holds nothing for it. Resolves true once the log is applied and recorded
+   * (the answer is then 201 and nothing is spooled), false when the disk
+   * cannot take it now; throws when applying failed. Either way but true,
+   * the log is spooled durably and handled as usual.
+   */
+  readonly applyOnReceive?: (entry: SpoolEntry) => Promise<boolean>;
   readonly logger: Logger;
   readonly metrics: Metrics;
   readonly hop: string;
@@ -44,6 +53,18 @@ export class LogReceiver {
         ledger.nextSeq = newest.envelope.seq + 1;
         if (!ledger.recent.some(([s]) => s === newest.envelope.seq)) ledger.recent.push([newest.envelope.seq, newest.envelope.xxhash64]);
       }
+    }
+  }
+
+  /** Applies a staged log on receipt; false when it was not applied (it is spooled then). */
+  private async applyNow(staged: StagedLog): Promise<boolean> {
+    const { envelope } = staged;
+    try {
+      return await this.options.applyOnReceive!({ envelope, file: staged.file, sizeBytes: envelope.logLength });
+    } catch (err) {
+      // The spool's path retries it under the policy (and finishes it if it was applied in part).
+      this.options.logger.warn({ disk: envelope.diskId, seq: envelope.seq, code: (err as BlockrelayError).code }, `applying log ${envelope.seq} on receipt failed; it is spooled and retried: ${(err as Error).message}`);
+      return false;
     }
   }
 
@@ -115,7 +136,9 @@ export class LogReceiver {
     this.inflightCount.set(diskId, (this.inflightCount.get(diskId) ?? 0) + 1);
     let accepted = false;
     try {
-      const staged = await this.options.spool.stage(envelope, req, { lz4: encoding === 'lz4', verify: this.options.verify });
+      // Applied on receipt, a log is never spooled: it is not fsynced while staged (commit() does it if it is spooled after all).
+      const direct = this.options.applyOnReceive !== undefined && envelope.logLength <= APPLY_ON_RECEIVE_MAX_LOG_BYTES && this.options.spool.list(diskId).length === 0;
+      const staged = await this.options.spool.stage(envelope, req, { lz4: encoding === 'lz4', verify: this.options.verify, durable: !direct });
       if (!(await before)) {
         await staged.discard();
         throw new BlockrelayError('BR_PEER_BUSY', `disk ${diskId}: the log before ${seq} was not accepted; resend from it`);
@@ -127,6 +150,13 @@ export class LogReceiver {
           await staged.discard();
           sendJson(res, 200, { diskId, seq, duplicate: true });
           accepted = true;
+          return;
+        }
+        if (direct && (await this.applyNow(staged))) {
+          await staged.discard();
+          accepted = true;
+          this.options.logger.debug({ disk: diskId, seq, bytes: envelope.logLength }, 'log applied on receipt');
+          sendJson(res, 201, { diskId, seq, durable: true, applied: true });
           return;
         }
         entry = await staged.commit();
@@ -147,6 +177,13 @@ export class LogReceiver {
     }
   }
 }
+
+/**
+ * Larger logs are spooled before they are applied: the sender waits for the
+ * answer to a log applied on receipt, and its request gives up after a
+ * minute without progress (`forward.timeoutSeconds`).
+ */
+export const APPLY_ON_RECEIVE_MAX_LOG_BYTES = 1024 * 1024 * 1024;
 
 /** Uploads one disk may have in flight on a receiver: one being made durable, one streaming behind it, one queued. */
 export const RECEIVER_MAX_IN_FLIGHT = 3;

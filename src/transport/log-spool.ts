@@ -34,6 +34,13 @@ export interface ReceiveOptions {
    * throws a coded error to refuse the log (e.g. [MS-HRL] verification).
    */
   readonly verify: (file: string, envelope: LogEnvelope) => Promise<void>;
+  /**
+   * fsync the temp file while verifying (default true). A receiver that may
+   * apply the log before answering (master-target.ts, "apply on receive")
+   * stages without it: the log is never made visible then, and `commit()`
+   * fsyncs it first if it is committed after all.
+   */
+  readonly durable?: boolean;
 }
 
 type Hasher = ReturnType<Awaited<ReturnType<typeof xxhash>>['create64']>;
@@ -49,15 +56,35 @@ export function hashHex(hasher: Hasher): string {
   return hasher.digest().toString(16).padStart(16, '0');
 }
 
-/** xxhash64 of a whole file, streamed. */
+/** Bytes hashFile reads at a time, into one buffer it keeps (fresh buffers per read cost full garbage collections). */
+const HASH_READ_CHUNK_BYTES = 1024 * 1024;
+let hashReadBuffer: Buffer | undefined;
+let hashReadBufferBusy = false;
+
+/** xxhash64 of a whole file, read through one reused buffer. */
 export async function hashFile(file: string): Promise<{ xxhash64: string; sizeBytes: number }> {
   const hasher = await newXxhash64();
-  let sizeBytes = 0;
-  for await (const chunk of fs.createReadStream(file, { highWaterMark: 1 << 20 })) {
-    hasher.update(chunk as Buffer);
-    sizeBytes += (chunk as Buffer).length;
+  // One shared buffer; a second hash running at the same time takes its own.
+  const shared = !hashReadBufferBusy;
+  const buffer = shared ? (hashReadBuffer ??= Buffer.allocUnsafeSlow(HASH_READ_CHUNK_BYTES)) : Buffer.allocUnsafeSlow(HASH_READ_CHUNK_BYTES);
+  if (shared) hashReadBufferBusy = true;
+  const fh = await fsp.open(file, 'r').catch((err: unknown) => {
+    if (shared) hashReadBufferBusy = false;
+    throw err;
+  });
+  try {
+    let sizeBytes = 0;
+    for (;;) {
+      const { bytesRead } = await fh.read(buffer, 0, buffer.length, sizeBytes);
+      if (bytesRead === 0) break;
+      hasher.update(buffer.subarray(0, bytesRead));
+      sizeBytes += bytesRead;
+    }
+    return { xxhash64: hashHex(hasher), sizeBytes };
+  } finally {
+    if (shared) hashReadBufferBusy = false;
+    await fh.close();
   }
-  return { xxhash64: hashHex(hasher), sizeBytes };
 }
 
 /** Counts and hashes bytes passing through, refusing more than `maxBytes`. */
@@ -80,6 +107,8 @@ class HashingCounter extends Transform {
 /** An upload held durably and verified in a temp file, not yet visible in the spool. */
 export interface StagedLog {
   readonly envelope: LogEnvelope;
+  /** The complete, verified temp file (never visible in the spool until committed). */
+  readonly file: string;
   /** Makes it visible (envelope, rename, directory fsync); on failure nothing of it remains. */
   commit(): Promise<SpoolEntry>;
   /** Drops it. */
@@ -167,6 +196,7 @@ export class LogSpool {
       throw new BlockrelayError('BR_SPOOL_FULL', `spool ${this.dir} holds ${this.usedBytes} of ${this.maxBytes} bytes; a ${envelope.logLength}-byte log does not fit`);
     }
     this.reservedBytes += envelope.logLength;
+    const durable = options.durable ?? true;
     const diskDir = path.join(this.dir, envelope.diskId);
     const base = path.join(diskDir, seqName(envelope.seq));
     const tmp = `${base}.hrl.${process.pid}.${Date.now()}.${++this.stagedCount}.tmp`;
@@ -205,7 +235,7 @@ export class LogSpool {
         throw new BlockrelayError('BR_UPLOAD_HASH_MISMATCH', `upload of ${envelope.diskId} seq ${envelope.seq} hashes to ${actual}, declared ${envelope.xxhash64}`);
       }
       // Both must succeed before the log may become visible; neither changes the file.
-      const [synced, verified] = await Promise.allSettled([fsyncFile(tmp), options.verify(tmp, envelope)]);
+      const [synced, verified] = await Promise.allSettled([durable ? fsyncFile(tmp) : Promise.resolve(), options.verify(tmp, envelope)]);
       if (verified.status === 'rejected') throw verified.reason;
       if (synced.status === 'rejected') throw synced.reason;
     } catch (err) {
@@ -214,9 +244,11 @@ export class LogSpool {
     }
     return {
       envelope,
+      file: tmp,
       discard,
       commit: async () => {
         try {
+          if (!durable) await fsyncFile(tmp);
           await writeFileDurably(`${base}.json`, JSON.stringify(envelope));
           await fsp.rename(tmp, `${base}.hrl`);
           await syncDirectory(diskDir);

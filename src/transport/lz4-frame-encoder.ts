@@ -61,37 +61,63 @@ export class Lz4FrameEncoder extends Transform {
   compressedBlocks = 0;
   storedBlocks = 0;
 
+  /** The frame header: the first piece of every frame (`encode` and `finish` do not emit it). */
+  static header(): Promise<Buffer> {
+    return frameHeader();
+  }
+
+  /**
+   * Encodes `chunk` without the stream machinery (the uploader drives it
+   * with buffers it reuses): the frame's pieces for every block completed
+   * by `chunk`, in order. Stored blocks are views of `chunk`, so it must not
+   * change until the pieces are written; a block begun by a chunk whose
+   * length is not a multiple of 64 KiB is copied when it completes.
+   */
+  encode(chunk: Buffer): Buffer[] {
+    const out: Buffer[] = [];
+    let data = chunk;
+    if (this.pendingBytes > 0) {
+      const need = LZ4_FRAME_BLOCK_BYTES - this.pendingBytes;
+      if (data.length < need) {
+        this.pending.push(Buffer.from(data));
+        this.pendingBytes += data.length;
+        return out;
+      }
+      this.pending.push(data.subarray(0, need));
+      this.block(Buffer.concat(this.pending, LZ4_FRAME_BLOCK_BYTES), out);
+      this.pending = [];
+      this.pendingBytes = 0;
+      data = data.subarray(need);
+    }
+    let at = 0;
+    for (; at + LZ4_FRAME_BLOCK_BYTES <= data.length; at += LZ4_FRAME_BLOCK_BYTES) this.block(data.subarray(at, at + LZ4_FRAME_BLOCK_BYTES), out);
+    if (at < data.length) {
+      // Kept across calls: copied, as the caller may reuse its buffer.
+      this.pending.push(Buffer.from(data.subarray(at)));
+      this.pendingBytes += data.length - at;
+    }
+    return out;
+  }
+
+  /** The last (short) block, if any, and the end mark. */
+  finish(): Buffer[] {
+    const out: Buffer[] = [];
+    if (this.pendingBytes > 0) this.block(Buffer.concat(this.pending, this.pendingBytes), out);
+    this.pending = [];
+    this.pendingBytes = 0;
+    out.push(Buffer.alloc(4)); // end mark
+    return out;
+  }
+
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
     this.withHeader(() => {
-      let data = chunk;
-      if (this.pendingBytes > 0) {
-        const need = LZ4_FRAME_BLOCK_BYTES - this.pendingBytes;
-        if (data.length < need) {
-          this.pending.push(data);
-          this.pendingBytes += data.length;
-          return;
-        }
-        this.pending.push(data.subarray(0, need));
-        this.block(Buffer.concat(this.pending, LZ4_FRAME_BLOCK_BYTES));
-        this.pending = [];
-        this.pendingBytes = 0;
-        data = data.subarray(need);
-      }
-      let at = 0;
-      for (; at + LZ4_FRAME_BLOCK_BYTES <= data.length; at += LZ4_FRAME_BLOCK_BYTES) this.block(data.subarray(at, at + LZ4_FRAME_BLOCK_BYTES));
-      if (at < data.length) {
-        this.pending.push(data.subarray(at));
-        this.pendingBytes += data.length - at;
-      }
+      for (const piece of this.encode(chunk)) this.push(piece);
     }, done);
   }
 
   override _flush(done: TransformCallback): void {
     this.withHeader(() => {
-      if (this.pendingBytes > 0) this.block(Buffer.concat(this.pending, this.pendingBytes));
-      this.pending = [];
-      this.pendingBytes = 0;
-      this.push(Buffer.alloc(4)); // end mark
+      for (const piece of this.finish()) this.push(piece);
     }, done);
   }
 
@@ -116,31 +142,30 @@ export class Lz4FrameEncoder extends Transform {
     );
   }
 
-  private block(data: Buffer): void {
+  private block(data: Buffer, out: Buffer[]): void {
     if (this.skip > 0) {
       this.skip--;
-      this.stored(data);
+      this.stored(data, out);
       return;
     }
-    const out = Buffer.allocUnsafe(4 + lz4.encodeBound(data.length));
-    const size = lz4.encodeBlock(data, out.subarray(4));
+    const encoded = Buffer.allocUnsafe(4 + lz4.encodeBound(data.length));
+    const size = lz4.encodeBlock(data, encoded.subarray(4));
     if (size > 0 && size <= data.length * (1 - MIN_SAVING)) {
       this.backoff = 0;
       this.compressedBlocks++;
-      out.writeUInt32LE(size, 0);
-      this.push(out.subarray(0, 4 + size));
+      encoded.writeUInt32LE(size, 0);
+      out.push(encoded.subarray(0, 4 + size));
       return;
     }
     this.backoff = Math.min(MAX_BACKOFF_BLOCKS, Math.max(1, this.backoff * 2));
     this.skip = this.backoff;
-    this.stored(data);
+    this.stored(data, out);
   }
 
-  private stored(data: Buffer): void {
+  private stored(data: Buffer, out: Buffer[]): void {
     const size = Buffer.allocUnsafe(4);
     size.writeUInt32LE((UNCOMPRESSED_BIT | data.length) >>> 0, 0);
     this.storedBlocks++;
-    this.push(size);
-    this.push(data);
+    out.push(size, data);
   }
 }

@@ -90,6 +90,12 @@ export interface ApplyingHopOptions {
   readonly resyncJournal?: ResyncJournalProvider;
   /** Told when each log's apply (or forward, on a process server) starts and ends; the e2e bench's timeline. */
   readonly onStage?: LogStageSink;
+  /**
+   * Apply a log as it arrives, before answering, when its disk has nothing
+   * else queued (the master target; see the class comment). Off: every log
+   * is spooled durably first.
+   */
+  readonly applyOnReceive?: boolean;
 }
 
 /** Per-disk apply state kept in memory. */
@@ -107,6 +113,18 @@ interface AppliedDisk {
  * The master target role (and the apply side of an Azure-side process
  * server): receives logs, verifies and spools them, and applies each exactly
  * once, in order per disk, to the disk's target.
+ *
+ * Apply on receipt (master target): a log that arrives while its disk has
+ * nothing queued is verified into a temp file that is never fsynced nor
+ * made visible, applied at once, and only then answered 201. The sender
+ * keeps the log until that answer, so the master target needs no durable
+ * copy of its own: a crash before the answer leaves the log with the
+ * sender, which sends it again, and applying it again finishes whatever
+ * part was applied. Durably spooled first, and applied by the disk's drain
+ * under the retry policy as before, is every log that arrives while the
+ * disk has logs queued, is held by a resync session, is retrying or
+ * stopped, is larger than APPLY_ON_RECEIVE_MAX_LOG_BYTES, or whose apply on
+ * receipt failed (the answer then waits for the spooling).
  *
  * Exactly once: the ledger's `appliedSeq` is written only after the log is
  * applied and the target flushed. A crash before that re-applies the whole
@@ -148,6 +166,7 @@ export class ApplyingHop {
       acceptsDisk: (diskId) => this.acceptsDisk(diskId),
       isCritical: (diskId) => this.disks.get(diskId)?.drain.state === 'critical',
       onAccepted: (entry) => this.onAccepted(entry),
+      ...(options.applyOnReceive === true ? { applyOnReceive: (entry: SpoolEntry) => this.applyOnReceive(entry) } : {}),
       logger: this.logger,
       metrics: this.metrics,
       hop: options.hopName,
@@ -190,6 +209,13 @@ export class ApplyingHop {
 
   protected onAccepted(entry: SpoolEntry): void {
     this.disks.get(entry.envelope.diskId)?.drain.wake();
+  }
+
+  /** Applies a log on receipt if its disk's drain is free (false: it is spooled instead). */
+  private async applyOnReceive(entry: SpoolEntry): Promise<boolean> {
+    const disk = this.disks.get(entry.envelope.diskId);
+    if (disk === undefined) return false;
+    return disk.drain.runNow(entry);
   }
 
   async start(): Promise<void> {
@@ -273,7 +299,7 @@ export class ApplyingHop {
     await this.options.hooks?.beforeApply?.(disk.diskId, entry, disk.target);
     const applied = await this.options.logOps.apply(entry.file, disk.target);
     await disk.target.flush();
-    await this.ledger.applied(disk.diskId, seq);
+    await this.ledger.applied(disk.diskId, seq, entry.envelope.xxhash64);
     await this.options.hooks?.afterApply?.(disk.diskId, entry, disk.target);
     disk.appliedBytesTotal += applied.bytes;
     // A resync log ends no recovery point: its blocks were read while the source changed.
@@ -357,6 +383,7 @@ export function masterTargetFromConfig(config: BlockrelayConfig, logOps: LogOps,
       rpoThresholdSeconds: config.rpoThresholdSeconds,
       logOps,
       hopName: 'master-target',
+      applyOnReceive: true,
       ...extra,
     },
     specs,

@@ -98,11 +98,19 @@ export class SequenceLedger {
     await this.save(diskId);
   }
 
-  /** Records log `seq` as applied to the target (after the target was flushed). */
-  async applied(diskId: string, seq: number): Promise<void> {
+  /**
+   * Records log `seq` as applied to the target (after the target was
+   * flushed). A log applied on receipt was never recorded as accepted: this
+   * one save records both, its hash included (so a resend is a duplicate).
+   */
+  async applied(diskId: string, seq: number, xxhash64?: string): Promise<void> {
     const ledger = this.get(diskId);
     ledger.appliedSeq = seq;
     if (ledger.nextSeq === null || ledger.nextSeq <= seq) ledger.nextSeq = seq + 1;
+    if (xxhash64 !== undefined && !ledger.recent.some(([s]) => s === seq)) {
+      ledger.recent.push([seq, xxhash64]);
+      if (ledger.recent.length > LEDGER_RECENT_MAX) ledger.recent.splice(0, ledger.recent.length - LEDGER_RECENT_MAX);
+    }
     await this.save(diskId);
   }
 

@@ -1,0 +1,108 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { validateConfig } from '../../src/daemon/config';
+import { BlockrelayError } from '../../src/retry/blockrelay-error';
+import type { DiskTarget } from '../../src/targets/disk-target';
+import { hrlLogOps } from '../../src/transport/hrl-log-ops';
+import { getDiskState, sendLog } from '../../src/transport/log-client';
+import type { LogOps } from '../../src/transport/log-ops';
+import { masterTargetFromConfig, type ApplyingHop } from '../../src/transport/master-target';
+import type { DiskDrain } from '../../src/transport/disk-drain';
+import { useTempDirs } from '../helpers/tmp';
+import { DISK_SIZE, FAST_RETRY, makeLog, prng, quiet, SECRET } from './transport-fixture';
+
+/** Files a disk's inbox holds (spooled logs, envelopes, temporaries). */
+function inboxFiles(dir: string): string[] {
+  const inbox = path.join(dir, 'mt', 'inbox', 'disk0');
+  return fs.existsSync(inbox) ? fs.readdirSync(inbox) : [];
+}
+
+describe('master target applying on receipt', () => {
+  const tmp = useTempDirs();
+  const running: ApplyingHop[] = [];
+  afterEach(async () => {
+    for (const r of running.splice(0)) await r.stop();
+  });
+
+  async function startMt(dir: string, logOps: LogOps = hrlLogOps): Promise<ApplyingHop> {
+    const config = validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] });
+    const mt = masterTargetFromConfig(config, logOps, { ...quiet(), retryPolicy: FAST_RETRY });
+    await mt.start();
+    running.push(mt);
+    return mt;
+  }
+
+  /** The disk's drain (the hop keeps it private; a resync session holds it the same way). */
+  function drainOf(mt: ApplyingHop): DiskDrain {
+    return (mt as unknown as { disks: Map<string, { drain: DiskDrain }> }).disks.get('disk0')!.drain;
+  }
+
+  it('answers a log only once it is applied and recorded, and spools nothing', async () => {
+    const dir = tmp();
+    const mt = await startMt(dir);
+    const peer = { url: mt.url, secret: SECRET };
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(11);
+    for (let seq = 1; seq <= 3; seq++) {
+      const log = await makeLog(path.join(dir, 'src'), 'disk0', seq, model, rand);
+      expect((await sendLog(peer, log.envelope, log.file)).status).toBe(201);
+      // No drain() here: the answer itself means applied.
+      expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+      expect(await getDiskState(peer, 'disk0')).toMatchObject({ appliedSeq: seq, nextSeq: seq + 1 });
+      expect(inboxFiles(dir)).toEqual([]);
+      // The ledger knows its hash: a resend is a duplicate, a different log under its number a conflict.
+      expect(await sendLog(peer, log.envelope, log.file)).toEqual({ status: 200, duplicate: true });
+    }
+    const other = await makeLog(path.join(dir, 'other'), 'disk0', 3, Buffer.alloc(DISK_SIZE), prng(12));
+    await expect(sendLog(peer, other.envelope, other.file)).rejects.toMatchObject({ code: 'BR_SEQ_CONFLICT' });
+  });
+
+  it('spools a log durably while the disk is held, and applies it once released', async () => {
+    const dir = tmp();
+    const mt = await startMt(dir);
+    const peer = { url: mt.url, secret: SECRET };
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(13);
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, rand);
+    const afterFirst = Buffer.from(model);
+    const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand);
+    expect((await sendLog(peer, first.envelope, first.file)).status).toBe(201);
+    drainOf(mt).hold(() => true);
+    expect((await sendLog(peer, second.envelope, second.file)).status).toBe(201);
+    expect(mt.spool.list('disk0').map((e) => e.envelope.seq)).toEqual([2]);
+    expect(inboxFiles(dir).sort()).toEqual(['00000000000000000002.hrl', '00000000000000000002.json']);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(afterFirst)).toBe(true);
+    drainOf(mt).release();
+    await mt.drain();
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+    expect(mt.spool.list('disk0')).toEqual([]);
+  });
+
+  it('spools a log whose apply on receipt failed, and the retrying drain applies it', async () => {
+    const dir = tmp();
+    let applies = 0;
+    const flaky: LogOps = {
+      ...hrlLogOps,
+      async apply(file: string, target: DiskTarget) {
+        applies++;
+        if (applies === 1) {
+          // The log lands, then the apply fails before it is recorded: the retry applies it again.
+          await hrlLogOps.apply(file, target);
+          throw new BlockrelayError('BR_IO', 'injected failure while applying');
+        }
+        return hrlLogOps.apply(file, target);
+      },
+    };
+    const mt = await startMt(dir, flaky);
+    const peer = { url: mt.url, secret: SECRET };
+    const model = Buffer.alloc(DISK_SIZE);
+    const log = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, prng(14));
+    expect((await sendLog(peer, log.envelope, log.file)).status).toBe(201);
+    await mt.drain();
+    expect(applies).toBe(2);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+    expect(await getDiskState(peer, 'disk0')).toMatchObject({ appliedSeq: 1, nextSeq: 2 });
+    expect(mt.spool.list('disk0')).toEqual([]);
+  });
+});
