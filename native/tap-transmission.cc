@@ -987,24 +987,34 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     return promise;
   }
 
-  // release(mode, appender | null, logLimitBytes): ends one hold and sets what writes do next.
+  // release(mode, appender | null, logLimitBytes, handledAttention = 0): ends
+  // one hold and sets what writes do next. The attention flag concerns the
+  // log: it goes when the log or the mode changes, and otherwise only when the
+  // caller says it dealt with that very kind (an unrelated release, a flush's,
+  // must not clear an overflow the tracker has not seen yet).
   Napi::Value ReleaseJs(const Napi::CallbackInfo& info) {
-    double mode, limit;
-    if (!NumberArg(info, 0, 3, mode) || info.Length() < 3 || !info[2].IsNumber()) {
-      Napi::TypeError::New(info.Env(), "release(mode, appender, logLimitBytes): bad argument").ThrowAsJavaScriptException();
+    double mode, limit, handled = 0;
+    if (!NumberArg(info, 0, 3, mode) || info.Length() < 3 || !info[2].IsNumber() ||
+        (info.Length() > 3 && !info[3].IsUndefined() && !NumberArg(info, 3, 2, handled))) {
+      Napi::TypeError::New(info.Env(), "release(mode, appender, logLimitBytes, handledAttention): bad argument").ThrowAsJavaScriptException();
       return Napi::Value();
     }
     limit = info[2].As<Napi::Number>().DoubleValue();
     std::shared_ptr<HrlAppenderCore> log = HrlAppenderCoreOf(info[1]);
     std::lock_guard<std::mutex> lock(core_->mu);
     if (core_->holdCount > 0) core_->holdCount--;
+    const int previousMode = core_->mode;
+    const std::shared_ptr<HrlAppenderCore> previousLog = core_->log;
     core_->mode = static_cast<int>(mode);
     // Logging without a log to append to would write unrecorded data: refuse instead.
     if (core_->mode == kModeLogging && log == nullptr) core_->mode = kModeRefuse;
     core_->log = core_->mode == kModeLogging ? log : nullptr;
     core_->logLimitBytes = !(limit >= 0) ? 0 : limit >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(limit);
-    core_->attention = 0;
-    core_->attentionErrno = 0;
+    const bool logChanged = core_->mode != kModeLogging || core_->mode != previousMode || core_->log != previousLog;
+    if (logChanged || (handled != 0 && core_->attention == static_cast<int>(handled))) {
+      core_->attention = 0;
+      core_->attentionErrno = 0;
+    }
     core_->cv.notify_all();
     return info.Env().Undefined();
   }

@@ -64,8 +64,12 @@ export interface NativeTapExport {
    * the promise, never the event loop.
    */
   hold(): Promise<Float64Array>;
-  /** Ends one hold and sets what writes do from now on. */
-  release(mode: NativeTapMode, appender: NativeHrlAppender | null, logLimitBytes: number): void;
+  /**
+   * Ends one hold and sets what writes do from now on. The attention flag
+   * (see attention()) is cleared when the log or the mode changes, otherwise
+   * only when `handledAttention` names the kind it holds (the caller dealt with it).
+   */
+  release(mode: NativeTapMode, appender: NativeHrlAppender | null, logLimitBytes: number, handledAttention?: number): void;
   /** The records not yet taken, as offset/length pairs. */
   drain(): Float64Array;
   /** Replaces the set of write-intent regions known durable. */

@@ -215,6 +215,8 @@ export class ChangeTracker {
    */
   private native: NativeTapExport | undefined;
   private nativeAttentionQueued = false;
+  /** The attention kind the operation holding the lock dealt with; the next release clears it. */
+  private nativeAttentionHandled = 0;
   /** Whether the operation holding the lock still holds the native writers (see letNativeGo). */
   private nativeHeld = false;
   /** Whether an operation holds the lock now (not only waits for it). */
@@ -825,10 +827,14 @@ export class ChangeTracker {
     this.nativeAttentionQueued = true;
     this.locked(async () => {
       this.nativeAttentionQueued = false;
+      // The kind dealt with here; the release at the end of this operation
+      // clears it (and only it: one raised meanwhile stays for the next turn).
+      const kind = this.native?.attention()[0] ?? 0;
       if (this.closed || this.writer === undefined) return;
       const appender = this.writer.nativeAppender;
       if (appender !== undefined && appender.state()[4] !== 0) await this.foldLogs('log-io-error');
       else await this.checkOverflow();
+      this.nativeAttentionHandled = kind;
     }).catch(() => {
       this.nativeAttentionQueued = false;
     });
@@ -860,10 +866,12 @@ export class ChangeTracker {
     const exp = this.native;
     if (exp === undefined) return;
     // Closed: writes fail from now on, as recordWrite does.
+    const handled = this.nativeAttentionHandled;
+    this.nativeAttentionHandled = 0;
     if (this.closed) exp.release(NATIVE_TAP_MODE.refuse, null, 0);
     else if (this.mode === 'logging' && this.writer !== undefined) {
       const limit = Math.max(0, this.overflowRatio * this.diskSizeBytes - this.sealedBytes);
-      exp.release(NATIVE_TAP_MODE.logging, this.writer.nativeAppender ?? null, limit);
+      exp.release(NATIVE_TAP_MODE.logging, this.writer.nativeAppender ?? null, limit, handled);
     } else {
       exp.release(NATIVE_TAP_MODE.dirtyOnly, null, 0);
     }

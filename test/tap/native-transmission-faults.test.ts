@@ -119,4 +119,46 @@ describe('native tap under faults', () => {
     expect(fs.readFileSync(t.imagePath).subarray(0, 4096).every((b) => b === 0x44)).toBe(true);
     await expectLogsRebuildDisk(t);
   });
+
+  it('keeps an overflow the tracker has not handled yet across an unrelated release of the writers', async () => {
+    const dir = tempDir();
+    // 8 MiB disk, overflow at 2 MiB of unshipped log.
+    const t = await nativeTap(dir, cleanups, { overflowRatio: 0.25 });
+    const limit = 2 * MiB;
+    const exp = t.server.findExport('disk0')!.native!;
+    const p = await peer(t.port, cleanups);
+    await rawHandshake(p, 'disk0');
+    // Log up to just under the limit, leaving room for a new metadata block.
+    let offset = 0;
+    let handle = 1;
+    for (;;) {
+      const room = limit - t.tracker.status().unshippedBytes - 4096 - 8192;
+      if (room < 4096) break;
+      const length = Math.min(65536, Math.floor(room / 4096) * 4096);
+      p.send(request(P.NBD_CMD_WRITE, offset, length, handle, { payload: Buffer.alloc(length, 0x55) }));
+      expect(await readSimpleReply(p)).toEqual({ error: 0, handle });
+      offset += length;
+      handle++;
+    }
+    expect(exp.attention()[0]).toBe(0);
+    // One small write crosses the limit (it fits the socket buffer, so it
+    // leaves in this turn). Everything below happens before the tracker's
+    // notification can run: the export raises attention, then another
+    // operation holds and releases the writers, as a flush or a cut does.
+    const gap = limit - t.tracker.status().unshippedBytes;
+    const length = Math.floor(gap / 4096) * 4096 + 4096;
+    p.send(request(P.NBD_CMD_WRITE, offset, length, handle, { payload: Buffer.alloc(length, 0x66) }));
+    const deadline = Date.now() + 5000;
+    while (exp.attention()[0] === 0 && Date.now() < deadline) {
+      // Spin: the notification must not run before the release below.
+    }
+    expect(exp.attention()[0], 'the write crossed the overflow limit').toBe(1);
+    void t.tracker.pauseNative();
+    t.tracker.resumeNative();
+    // The tracker still sees the overflow and folds into dirty-map-only tracking.
+    const folded = Date.now() + 3000;
+    while (t.tracker.status().mode !== 'dirty-only' && Date.now() < folded) await new Promise((r) => setTimeout(r, 10));
+    expect(t.tracker.status()).toMatchObject({ mode: 'dirty-only', lastResyncReason: 'overflow' });
+    expect(exp.attention()[0]).toBe(0);
+  });
 });
