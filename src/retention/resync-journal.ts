@@ -6,6 +6,7 @@ import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import type { Logger } from '../daemon/logger';
 import type { DiskTarget, Extent } from '../targets/disk-target';
 import { HrlLogFile, verifyHrlLog } from '../tracking/hrl-reader';
+import { recoverHrlLog, scanUnsealedHrlLog } from '../tracking/hrl-recovery';
 import { HrlWriter } from '../tracking/hrl-writer';
 import { hrlLogOps } from '../transport/hrl-log-ops';
 import type { SpoolEntry } from '../transport/log-spool';
@@ -44,10 +45,13 @@ import { coalesceExtents, UNDO_READ_CHUNK_BYTES } from './undo-journal';
  *    hooks then find point A+1 recorded and its pre-image present.
  *
  * Ranges in one slot file are disjoint, and each holds the oldest content
- * since point A. A crash while a session is open leaves writes whose
- * pre-images may be incomplete: the whole history of the disk is dropped
- * explicitly (a BR_RETENTION_VOLUME_FULL-style Warning in the log), never
- * left to rebuild wrong. Page blobs keep their points as snapshots, which a
+ * since point A. A crash while a session is open leaves its marker `open`
+ * and its session file unsealed; since every pre-image was flushed before
+ * its write, the next start recovers the file's durable blocks (the torn
+ * tail holds only ranges never written) and finishes the slot as step 3
+ * does. Only when the file cannot be read back is the whole history of the
+ * disk dropped, explicitly (BR_RESYNC_HISTORY_DROPPED in the hop's log),
+ * never left to rebuild wrong. Page blobs keep their points as snapshots, which a
  * session does not change: nothing is journaled for them.
  */
 export function resyncJournalFor(hooks: ApplyHooks | undefined): ResyncJournalProvider | undefined {
@@ -192,21 +196,49 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     (this.logger ?? this.hooks.options.logger)?.warn({ disk: h.diskId, code: err.code }, err.message);
   }
 
-  /** Settles what an earlier session left: an open one invalidates the history. */
-  private async settle(h: DiskHistory): Promise<SlotMarker | undefined> {
+  /**
+   * Settles what an earlier session left. A session the hop stopped with
+   * open (killed, crashed) is finished from its session file: every
+   * pre-image was made durable (flushed) before its range was overwritten,
+   * so the file's durable blocks hold the pre-image of every write that can
+   * have reached the target, and the torn tail only ranges never written.
+   * Only when that file cannot be read is the history dropped.
+   */
+  private async settle(h: DiskHistory, target: DiskTarget): Promise<SlotMarker | undefined> {
     let sealed: SlotMarker | undefined;
     for (const m of await this.markers(h)) {
-      if (m.state === 'open') await this.invalidate(h, m.seq, `resync session ${m.sessionId} was interrupted before its pre-images were complete`);
-      else sealed = m;
+      if (m.state !== 'open') sealed = m;
+      else if (await this.salvage(h, m, target)) sealed = { ...m, state: 'sealed' };
+      else await this.invalidate(h, m.seq, `resync session ${m.sessionId} was interrupted and its pre-images cannot be read back`);
     }
     return sealed;
+  }
+
+  /** Finishes an interrupted session's slot from the durable part of its session file; false if that cannot be done. */
+  private async salvage(h: DiskHistory, m: SlotMarker, target: DiskTarget): Promise<boolean> {
+    const file = this.sessionFile(h, m.seq);
+    try {
+      // No session file: the hop died while opening the session, before any pre-image, hence before any write.
+      if (fs.existsSync(file)) {
+        // An anchor block that did not survive would be "recovered" empty: that is no proof of no writes.
+        const scan = await scanUnsealedHrlLog(file);
+        if (scan.blocks.length === 0) return false;
+        await recoverHrlLog(file);
+      }
+      await this.finishSession(h, m.seq, m.sessionId, target);
+    } catch (err) {
+      (this.logger ?? this.hooks.options.logger)?.warn({ disk: h.diskId, err }, `could not finish the interrupted resync session of slot ${m.seq} from its journal`);
+      return false;
+    }
+    (this.logger ?? this.hooks.options.logger)?.warn({ disk: h.diskId, slot: m.seq, session: m.sessionId }, `resync session ${m.sessionId} of disk ${h.diskId} was interrupted; its journaled pre-images were recovered, so the older recovery points stay`);
+    return true;
   }
 
   async openSession(diskId: string, target: DiskTarget, appliedSeq: number | null, sessionId: string): Promise<ResyncSessionJournal | undefined> {
     if (isSnapshotTarget(target)) return undefined;
     const h = await this.hooks.history(diskId);
     const slot = (appliedSeq ?? 0) + 1;
-    const sealed = await this.settle(h);
+    const sealed = await this.settle(h, target);
     if (sealed !== undefined && sealed.seq !== slot) {
       // A log applied since that session but the marker stayed: its merge already happened or cannot.
       await this.removeSlotFiles(h, sealed.seq);
@@ -270,7 +302,7 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     // The common case, every log: no session left anything for this disk.
     if (this.known.get(diskId)?.size === 0) return;
     const h = await this.hooks.history(diskId);
-    const sealed = await this.settle(h);
+    const sealed = await this.settle(h, target);
     if (sealed === undefined) return;
     if (sealed.seq !== entry.envelope.seq) {
       if (sealed.seq < entry.envelope.seq) await this.removeSlotFiles(h, sealed.seq);

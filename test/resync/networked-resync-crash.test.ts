@@ -162,7 +162,7 @@ describe('networked resync with its processes killed at random moments', () => {
   const ALL: Victim[] = ['client', 'mt', 'ps'];
   const scenarios: Array<{ name: string; seed: number; victims: (rand: () => number) => Victim[]; historyKept: boolean }> = [
     // Each of the three once, in a random order, then one more at random.
-    ...[20261121, 5].map((seed) => ({ name: `the master target, the process server and the resync client (seed ${seed})`, seed, victims: (rand: () => number) => [...[...ALL].sort(() => rand() - 0.5), ALL[Math.floor(rand() * 3)]!], historyKept: false })),
+    ...[5].map((seed) => ({ name: `the master target, the process server and the resync client (seed ${seed})`, seed, victims: (rand: () => number) => [...[...ALL].sort(() => rand() - 0.5), ALL[Math.floor(rand() * 3)]!], historyKept: false })),
     // The master target keeps running: its session journal is never cut short, so no history may be lost.
     { name: 'the process server and the resync client only; history is kept', seed: 3, victims: () => ['ps', 'client', 'ps'], historyKept: true },
   ];

@@ -123,7 +123,7 @@ describe('networked resync into a master target that keeps recovery points', () 
     expect(fs.readFileSync(latest).equals(source)).toBe(true);
   });
 
-  it('drops the history explicitly when a session was interrupted before its pre-images were complete', async () => {
+  it('finishes the slot of a session the master target died in from its durable pre-images: older points rebuild exactly', async () => {
     const dir = tmp();
     const retentionDir = retentionTmp();
     const setup = retentionSetup(dir, retentionDir);
@@ -133,7 +133,11 @@ describe('networked resync into a master target that keeps recovery points', () 
     const baseMs = Date.now() - 60 * MINUTE_MS;
     const source = Buffer.alloc(DISK_BYTES);
     const logDir = path.join(dir, 'src');
-    for (const seq of [1, 2]) await sendAll(first.mt, [await makePatternLog(logDir, 'disk0', { seq, cutTimeMs: baseMs + seq * MINUTE_MS }, source, rand)]);
+    const images = new Map<number, Buffer>();
+    for (const seq of [1, 2]) {
+      await sendAll(first.mt, [await makePatternLog(logDir, 'disk0', { seq, cutTimeMs: baseMs + seq * MINUTE_MS }, source, rand)]);
+      images.set(seq, Buffer.from(source));
+    }
     await first.mt.drain();
 
     // A session starts and overwrites a block, then the master target dies before the session ends.
@@ -154,12 +158,18 @@ describe('networked resync into a master target that keeps recovery points', () 
     running.push(second.mt);
     source.fill(0xee, 0, 4096);
     await sendAll(second.mt, [await makePatternLog(logDir, 'disk0', { seq: 3, cutTimeMs: baseMs + 3 * MINUTE_MS }, source, rand)]);
+    await sendAll(second.mt, [await makePatternLog(logDir, 'disk0', { seq: 4, cutTimeMs: baseMs + 4 * MINUTE_MS }, source, rand)]);
     await second.mt.drain();
+    // The session's pre-images were durable before its write: its slot (3) is finished from them, nothing is dropped.
     const { points } = await loadPoints(retentionDir, 'disk0');
-    expect(points.map((p) => p.seq)).toEqual([3]);
-    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-1', out: `raw:${path.join(dir, 'gone.img')}` })).rejects.toMatchObject({ code: 'BR_POINT_UNKNOWN' });
-    const out = path.join(dir, 'point-3.img');
-    await failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${out}` });
+    expect(points.map((p) => [p.seq, p.resync === true])).toEqual([[1, false], [2, false], [3, true], [4, false]]);
+    for (const seq of [1, 2]) {
+      const out = path.join(dir, `point-${seq}.img`);
+      await failover({ retentionDir, diskId: 'disk0', point: `disk0-${seq}`, out: `raw:${out}` });
+      expect(fs.readFileSync(out).equals(images.get(seq)!), `point ${seq}`).toBe(true);
+    }
+    const out = path.join(dir, 'point-4.img');
+    await failover({ retentionDir, diskId: 'disk0', point: 'disk0-4', out: `raw:${out}` });
     expect(fs.readFileSync(out).equals(source)).toBe(true);
   });
 
