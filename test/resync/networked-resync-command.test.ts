@@ -70,6 +70,8 @@ describe('blockrelay resync SOURCE --process-server URL --disk ID', () => {
       [['raw:/x', 'raw:/y', '--process-server', 'http://127.0.0.1:1', '--disk', 'disk0'], /SOURCE only/],
       [['raw:/x', '--process-server', 'ftp://h', '--disk', 'disk0'], /http/],
       [['raw:/x', '--process-server', 'http://127.0.0.1:1', '--disk', 'disk0', '--create'], /--create/],
+      [['raw:/x', '--process-server', 'http://127.0.0.1:1', '--disk', 'disk0', '--retry-ms', '5'], /--retry-ms/],
+      [['raw:/x', '--process-server', 'http://127.0.0.1:1', '--disk', 'disk0', '--max-read-rate', '0'], /--max-read-rate/],
     ] as const) {
       const r = await runCli(['resync', ...args], { env });
       expect(r.status, args.join(' ')).toBe(2);
