@@ -12,6 +12,29 @@ import { RETENTION_LAYOUT, seqOfUndoFile, undoFileName } from './retention-forma
 /** Pre-images are read from the target in pieces of at most this many bytes (bounds memory). */
 export const UNDO_READ_CHUNK_BYTES = 1024 * 1024;
 
+let zeroChunk: Buffer | undefined;
+
+/**
+ * The target's content of `[offset, offset + length)` (at most
+ * UNDO_READ_CHUNK_BYTES) before a log overwrites it. A range the target
+ * reports as reading zero without data stored (a grain never written, a
+ * hole) is not read: a shared zero buffer stands for it. On a fresh target
+ * that is most of every pre-image, and each read would have filled a new
+ * buffer with zeroes.
+ */
+async function readPreImage(target: DiskTarget, offset: number, length: number): Promise<Buffer> {
+  let zero = true;
+  for await (const extent of target.extents(offset, length)) {
+    if (!extent.zero) {
+      zero = false;
+      break;
+    }
+  }
+  if (!zero) return target.read(offset, length);
+  zeroChunk ??= Buffer.alloc(UNDO_READ_CHUNK_BYTES);
+  return zeroChunk.subarray(0, length);
+}
+
 /**
  * Sorts ranges and merges overlapping or touching ones. A log may write the
  * same range several times; its pre-image needs each byte once, and every
@@ -139,7 +162,7 @@ export class UndoJournal {
       for (const e of extents) {
         for (let done = 0; done < e.length; ) {
           const n = Math.min(UNDO_READ_CHUNK_BYTES, e.length - done);
-          const old = await target.read(e.offset + done, n);
+          const old = await readPreImage(target, e.offset + done, n);
           if (old.length !== n) throw new BlockrelayError('BR_INTERNAL', `target ${target.spec} returned ${old.length} bytes for a ${n}-byte read`);
           await writer.append(e.offset + done, old);
           done += n;

@@ -3,6 +3,9 @@ import type { DiskTarget } from '../targets/disk-target';
 import { HRL_PREVIOUS_UNIQUE_ID_OFFSET } from './hrl-format';
 import { HRL_READ_CHUNK_BYTES, HrlLogFile, hrlDamage, type HrlVerifiedLog } from './hrl-reader';
 
+let sharedChunk: Buffer | undefined;
+let sharedChunkBusy = false;
+
 export interface HrlApplyOptions {
   /** Require each log's PreviousUniqueId to equal the UniqueId of the log before it (default true). */
   readonly checkChain?: boolean;
@@ -57,22 +60,29 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly string[],
     }
     let entries = 0;
     let bytes = 0;
-    const chunk = Buffer.alloc(HRL_READ_CHUNK_BYTES);
-    for (let i = 0; i < opened.length; i++) {
-      const log = opened[i]!;
-      for await (const entry of log.entries(verified[i]!)) {
-        for (let done = 0; done < entry.dataLength; ) {
-          const n = Math.min(chunk.length, entry.dataLength - done);
-          const data = await log.readPayload(entry, done, n, chunk);
-          // The target may keep the buffer until the write completes; the
-          // next read waits for that, so one chunk buffer is enough.
-          await target.write(entry.byteOffset + done, data.subarray(0, n));
-          done += n;
+    // One chunk kept across applies (a fresh one per log is 4 MiB of garbage); an apply running meanwhile takes its own.
+    const shared = !sharedChunkBusy;
+    const chunk = shared ? (sharedChunk ??= Buffer.allocUnsafeSlow(HRL_READ_CHUNK_BYTES)) : Buffer.allocUnsafe(HRL_READ_CHUNK_BYTES);
+    if (shared) sharedChunkBusy = true;
+    try {
+      for (let i = 0; i < opened.length; i++) {
+        const log = opened[i]!;
+        for await (const entry of log.entries(verified[i]!)) {
+          for (let done = 0; done < entry.dataLength; ) {
+            const n = Math.min(chunk.length, entry.dataLength - done);
+            const data = await log.readPayload(entry, done, n, chunk);
+            // The target may keep the buffer until the write completes; the
+            // next read waits for that, so one chunk buffer is enough.
+            await target.write(entry.byteOffset + done, data.subarray(0, n));
+            done += n;
+          }
+          entries++;
+          bytes += entry.dataLength;
         }
-        entries++;
-        bytes += entry.dataLength;
+        options.onLogApplied?.(verified[i]!);
       }
-      options.onLogApplied?.(verified[i]!);
+    } finally {
+      if (shared) sharedChunkBusy = false;
     }
     await target.flush();
     return { logs: verified, entriesApplied: entries, bytesApplied: bytes };

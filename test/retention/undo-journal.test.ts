@@ -63,6 +63,40 @@ describe('undo journal', () => {
     }
   });
 
+  it('journals the zeroes of never-written ranges without reading them, and the pre-image still undoes the log', async () => {
+    const dir = tmp();
+    // A sparse target: only its first half holds data; the second half is a hole.
+    const file = path.join(dir, 'target.img');
+    const before = Buffer.alloc(DISK_BYTES);
+    randomImage(3).copy(before, 0, 0, DISK_BYTES / 2);
+    fs.writeFileSync(file, before.subarray(0, DISK_BYTES / 2));
+    fs.truncateSync(file, DISK_BYTES);
+    const target = await openDisk(`raw:${file}`);
+    const reads: Array<[number, number]> = [];
+    const read = target.read.bind(target);
+    target.read = async (offset: number, length: number) => {
+      reads.push([offset, length]);
+      return read(offset, length);
+    };
+    try {
+      const model = Buffer.from(before);
+      const log = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 1, cutTimeMs: 0, writes: 60 }, model, prng(4));
+      const ranges = coalesceExtents(await hrlLogOps.ranges(log.file));
+      expect(ranges.some((r) => r.offset >= DISK_BYTES / 2)).toBe(true);
+      const journal = new UndoJournal(path.join(retentionTmp(), 'journal'));
+      await journal.open();
+      await journal.write(1, ranges, target);
+      // Every read stays in the half that holds data; the hole's pre-image was not read.
+      expect(reads.length).toBeGreaterThan(0);
+      for (const [offset] of reads) expect(offset).toBeLessThan(DISK_BYTES / 2);
+      await hrlLogOps.apply(log.file, target);
+      await applyHrlLogs(target, [journal.file(1)], { checkChain: false });
+      expect((await read(0, DISK_BYTES)).equals(before)).toBe(true);
+    } finally {
+      await target.close();
+    }
+  });
+
   it('keeps a complete pre-image after a crash mid-apply and rewrites a half-written one', async () => {
     const dir = tmp();
     const retentionDir = retentionTmp();
