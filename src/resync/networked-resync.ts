@@ -196,8 +196,9 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
         return channel;
       } catch (err) {
         channel.close();
-        // A log after the anchor was applied before the session held the disk: cut again at once.
-        if (!(isBlockrelayError(err) && err.code === 'BR_RESYNC_ANCHOR_PASSED' && cut !== undefined && tries < QUICK_REANCHOR_TRIES)) throw err;
+        // A log after the anchor was applied before the session held the disk (it was being applied as the
+        // session opened): cut again (or, without a cut, let the hop anchor at what it holds now) at once.
+        if (!(isBlockrelayError(err) && err.code === 'BR_RESYNC_ANCHOR_PASSED' && tries < QUICK_REANCHOR_TRIES)) throw err;
       }
     }
   };

@@ -182,6 +182,20 @@ describe('ending a networked resync session: idempotent and recoverable', () => 
     expect(mt.resyncSessions.active('disk0')).toMatchObject({ attempt: 2, afterSeq: 2 });
   });
 
+  it('cuts again at once, within the attempt, when a log after its cut was applied before its session opened', async () => {
+    const { dir, mt, model, rand } = await setup();
+    const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand);
+    await sendLog({ url: mt.url, secret: SECRET }, second.envelope, second.file);
+    await mt.drain();
+    const sourceFile = path.join(dir, 'source.img');
+    fs.writeFileSync(sourceFile, model);
+    // The first cut sealed log 1, and log 2 (written after it) was applied before the session held the disk.
+    const cuts = [1, 2, 2];
+    const result = await networkedResync(`raw:${sourceFile}`, { peer: { url: mt.url, secret: SECRET }, diskId: 'disk0', statePath: path.join(dir, 'resync.state'), retryPolicy: { scheduleOffsetsMs: [60_000], steadyIntervalMs: 60_000, maxRetries: 1 }, cut: async () => cuts.shift() });
+    expect(result).toMatchObject({ attempts: 1, afterSeq: 2, blocksSent: 0 });
+    expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: false, lastSession: { completed: true } });
+  });
+
   it('retries an end whose answer was lost under the retry policy; a run stopped before its end confirmed only confirms it next time', async () => {
     const { dir, mt, model } = await setup();
     const proxy = new LosingProxy(mt.url);
