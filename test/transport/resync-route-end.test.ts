@@ -4,6 +4,9 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { validateConfig } from '../../src/daemon/config';
+import { systemClock } from '../../src/platform/clock';
+import { DiskHealth } from '../../src/retry/health';
+import { DiskDrain } from '../../src/transport/disk-drain';
 import { HttpResyncChannel } from '../../src/resync/http-resync-channel';
 import { networkedResync, pendingEndPath } from '../../src/resync/networked-resync';
 import { ResyncPeer } from '../../src/resync/resync-peer';
@@ -239,6 +242,41 @@ describe('ending a networked resync session: idempotent and recoverable', () => 
 
 describe('logs held back by a resync session are bounded', () => {
   const tmp = useTempDirs();
+
+  it('ends a hold that would leave the store less than an eighth free, whoever filled it, and not before', async () => {
+    const MiB = 1024 * 1024;
+    const usage = { queuedBytes: MiB, storeUsedBytes: 40 * MiB, storeCapacityBytes: 64 * MiB };
+    const items = [2, 3];
+    const drain = new DiskDrain<number>({
+      diskId: 'disk0',
+      queue: { next: async () => items[0], complete: async () => { items.shift(); }, describe: (n) => `log ${n}`, usage: () => usage },
+      stage: 'apply',
+      handle: async () => undefined,
+      clock: systemClock,
+      ...quiet(),
+      health: new DiskHealth('disk0'),
+    });
+    drain.start();
+    drain.hold(() => true);
+    await drain.whenIdle();
+    const exceeded: number[] = [];
+    drain.limitHold(Number.POSITIVE_INFINITY, 1 / 4, 1 / 8, (held) => exceeded.push(held));
+    await new Promise((r) => setTimeout(r, 20));
+    expect(exceeded).toEqual([]);
+    // Other disks fill the store: 57 of 64 MiB used leaves less than 8 MiB free.
+    usage.storeUsedBytes = 57 * MiB;
+    drain.wake();
+    await new Promise((r) => setTimeout(r, 20));
+    expect(exceeded).toEqual([MiB]);
+    // Told once; the owner releases, and the held items go on.
+    drain.wake();
+    await new Promise((r) => setTimeout(r, 20));
+    expect(exceeded).toEqual([MiB]);
+    drain.release();
+    await drain.whenIdle();
+    expect(items).toEqual([]);
+    await drain.stop();
+  });
   const running: ApplyingHop[] = [];
   afterEach(async () => {
     for (const h of running.splice(0).reverse()) await h.stop();
