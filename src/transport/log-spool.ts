@@ -3,7 +3,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { Transform, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import lz4 from 'lz4';
+import { Lz4FrameDecoder } from './lz4-frame-decoder';
 import { loadXxhash as xxhash } from '../platform/xxhash';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { seqName, TRANSPORT_LIMITS, validateDiskId, type LogEnvelope } from './transport-protocol';
@@ -215,7 +215,7 @@ export class LogSpool {
       const counter = new HashingCounter(hasher, envelope.logLength);
       const out = fs.createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 });
       try {
-        if (options.lz4) await pipeline(body, lz4.createDecoderStream(), counter, out);
+        if (options.lz4) await pipeline(body, new Lz4FrameDecoder(), counter, out);
         else await pipeline(body, counter, out);
       } catch (err) {
         if (err instanceof BlockrelayError) throw err;

@@ -5,6 +5,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import lz4 from 'lz4';
 import { describe, expect, it } from 'vitest';
+import { Lz4FrameDecoder } from '../../src/transport/lz4-frame-decoder';
 import { LZ4_FRAME_BLOCK_BYTES, Lz4FrameEncoder } from '../../src/transport/lz4-frame-encoder';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
@@ -25,13 +26,19 @@ async function encode(data: Buffer, chunkSizes: number[]): Promise<{ frame: Buff
   return { frame: Buffer.concat(out), encoder };
 }
 
-/** Decodes with the lz4 package's stream decoder, the one the receiving hop uses. */
+/** Decodes with the receiving hop's decoder, and with the lz4 package's (another implementation). */
 async function decode(frame: Buffer): Promise<Buffer> {
+  const theirs: Buffer[] = [];
+  const other = lz4.createDecoderStream();
+  other.on('data', (c: Buffer) => theirs.push(c));
+  await pipeline(Readable.from([frame]), other);
   const out: Buffer[] = [];
-  const decoder = lz4.createDecoderStream();
+  const decoder = new Lz4FrameDecoder();
   decoder.on('data', (c: Buffer) => out.push(c));
   await pipeline(Readable.from([frame.subarray(0, 1000), frame.subarray(1000)].filter((b) => b.length > 0)), decoder);
-  return Buffer.concat(out);
+  const decoded = Buffer.concat(out);
+  expect(Buffer.concat(theirs).equals(decoded)).toBe(true);
+  return decoded;
 }
 
 function random(bytes: number, seed: number): Buffer {
