@@ -115,6 +115,8 @@ export interface ResyncStatus {
   /** No applied log ends a recovery point until a resync completes. */
   readonly inProgress: boolean;
   readonly taintedThrough: number | null;
+  /** The disk's last session and whether its completion was recorded (false while in progress: the end has not arrived). */
+  readonly lastSession: { readonly sessionId: string; readonly attempt: number; readonly completed: boolean } | null;
 }
 
 export interface DiskResyncState {
@@ -445,7 +447,7 @@ export class ResyncSessions {
     const session = this.active(diskId);
     const state = this.stateFile(diskId) !== undefined || this.diskStates.has(diskId) ? this.resyncState(diskId) : undefined;
     if (session === undefined && (state === undefined || (!state.inProgress && state.taintedThrough === null))) return undefined;
-    return { session: session ?? null, inProgress: state?.inProgress ?? false, taintedThrough: state?.taintedThrough ?? null };
+    return { session: session ?? null, inProgress: state?.inProgress ?? false, taintedThrough: state?.taintedThrough ?? null, lastSession: state?.lastSession ?? null };
   }
 
   /** The disk's resync state (see DiskResyncState). */

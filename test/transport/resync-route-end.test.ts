@@ -114,6 +114,8 @@ describe('ending a networked resync session: idempotent and recoverable', () => 
     await peer.flush();
     ch.close();
     expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: true, lastSession: { sessionId: SESSION_A, attempt: 1, completed: false } });
+    // The status says the resync's end has not been recorded.
+    expect(mt.diskStatus().find((d) => d.diskId === 'disk0')?.resync).toMatchObject({ inProgress: true, lastSession: { sessionId: SESSION_A, completed: false } });
     // The hop goes away before the source's end arrives; a new process knows nothing of the session in memory.
     await stopMt(mt);
     const again = await startMt(dir);
