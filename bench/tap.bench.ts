@@ -29,6 +29,10 @@
  * for IOPS and bandwidth (above 1: the tap is faster). Goals (issue 5):
  * ≥ 0.8 with logging, ≥ 0.95 dirty-map-only.
  *
+ * `--job 64k` (or `4k`) runs only that job, `--logging-only` leaves out the
+ * dirty-map-only tap, and `--repetitions N` overrides the count: for quick
+ * looks while tuning one path; such partial runs do not write the results file.
+ *
  * Prints one JSON document and writes it to bench/results/tap.json.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
@@ -44,7 +48,14 @@ const ioUring = process.argv.includes('--io-uring');
 const typescriptPath = process.argv.includes('--typescript-path');
 const MiB = 1024 * 1024;
 const runtimeS = quick ? 3 : 6;
-const repetitions = quick ? 1 : 3;
+function argAfter(flag: string): string | undefined {
+  const i = process.argv.indexOf(flag);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+const onlyJob = argAfter('--job');
+const loggingOnly = process.argv.includes('--logging-only');
+const repetitions = Number(argAfter('--repetitions') ?? (quick ? 1 : 3));
+const partial = onlyJob !== undefined || loggingOnly;
 const diskBytes = (quick ? 1024 : 2048) * MiB;
 
 interface Job {
@@ -56,10 +67,10 @@ interface Job {
 const JOBS: readonly Job[] = [
   { key: '64 KiB randwrite QD8', bs: '64k', iodepth: 8 },
   { key: '4 KiB randwrite QD16', bs: '4k', iodepth: 16 },
-];
+].filter((j) => onlyJob === undefined || j.bs === onlyJob);
 
 type Server = 'qemu-nbd' | 'tap logging' | 'tap dirty-map-only';
-const SERVERS: readonly Server[] = ['qemu-nbd', 'tap logging', 'tap dirty-map-only'];
+const SERVERS: readonly Server[] = (['qemu-nbd', 'tap logging', 'tap dirty-map-only'] as const).filter((s) => !loggingOnly || s !== 'tap dirty-map-only');
 
 interface Sample {
   iops: number;
@@ -233,7 +244,8 @@ async function main(): Promise<void> {
         figures[`${job.key}, ${server}, MiB/s`] = Number(m.bwMiBs.toFixed(1));
       }
       const peer = jobs[job.key]!['qemu-nbd']!;
-      for (const server of ['tap logging', 'tap dirty-map-only'] as const) {
+      for (const server of SERVERS) {
+        if (server === 'qemu-nbd') continue;
         const ours = jobs[job.key]![server]!;
         ratios[`${job.key}, ${server}, IOPS`] = Number((ours.iops / peer.iops).toFixed(3));
         ratios[`${job.key}, ${server}, bandwidth`] = Number((ours.bwMiBs / peer.bwMiBs).toFixed(3));
@@ -263,8 +275,10 @@ async function main(): Promise<void> {
     };
     const json = JSON.stringify(result, null, 2);
     process.stdout.write(`${json}\n`);
-    fs.mkdirSync(path.join(__dirname, 'results'), { recursive: true });
-    fs.writeFileSync(path.join(__dirname, 'results', 'tap.json'), `${json}\n`);
+    if (!partial) {
+      fs.mkdirSync(path.join(__dirname, 'results'), { recursive: true });
+      fs.writeFileSync(path.join(__dirname, 'results', 'tap.json'), `${json}\n`);
+    }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
