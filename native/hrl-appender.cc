@@ -83,12 +83,50 @@ HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t ma
       entriesPerBlock_((metadataSizeBytes - kHrlMetadataHeaderBytes) / kHrlMetadataEntryBytes),
       block_(metadataSizeBytes),
       staging_(stagingBytes),
-      spare_(stagingBytes),
       writtenEnd_(writtenEnd),
-      lastBlockOffset_(lastBlockOffset) {}
+      lastBlockOffset_(lastBlockOffset) {
+  for (int i = 0; i < kSpareBuffers; i++) {
+    spares_.push_back(std::make_unique<AlignedBuffer>());  // allocated when first used
+    freeSpares_.push_back(i);
+  }
+#if defined(__linux__) && defined(O_DIRECT)
+  // The same file once more, for direct writes of whole pages.
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  directFd_ = open(self.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+  directOk_.store(directFd_ >= 0);
+#endif
+}
 
+namespace {
+bool PageAligned(const struct iovec* iov, int count, uint64_t pos) {
+  if (pos % kBufferAlignBytes != 0) return false;
+  for (int i = 0; i < count; i++) {
+    if (reinterpret_cast<uintptr_t>(iov[i].iov_base) % kBufferAlignBytes != 0 || iov[i].iov_len % kBufferAlignBytes != 0) return false;
+  }
+  return true;
+}
+}  // namespace
+
+// Called with or without mu_ (the recycler writes the spare buffer unlocked);
+// directFd_ only changes under mu_ after the recycler has stopped.
 int HrlAppenderCore::WriteAtLocked(struct iovec* iov, int count, uint64_t pos) {
+  if (directOk_.load(std::memory_order_relaxed) && PageAligned(iov, count, pos)) {
+    struct iovec copy[4];
+    if (count <= 4) {
+      for (int i = 0; i < count; i++) copy[i] = iov[i];
+      int err = PwritevAll(directFd_, copy, count, pos);
+      if (err != EINVAL) return err;
+      // The file system refuses direct I/O after all: buffered from now on.
+      directOk_.store(false);
+    }
+  }
   return PwritevAll(fd_, iov, count, pos);
+}
+
+void HrlAppenderCore::CloseDirectLocked() {
+  directOk_.store(false);
+  if (directFd_ >= 0) close(directFd_);
+  directFd_ = -1;
 }
 
 uint32_t HrlAppenderCore::NowTimestamp() {
@@ -118,50 +156,68 @@ constexpr uint64_t kCachedTailBytes = 32ull << 20;
 }  // namespace
 
 void HrlAppenderCore::StartThreadLocked() {
-  if (recycler_.joinable() || recyclerStop_) return;
-  recycler_ = std::thread([this]() {
+  if (!ioThreads_.empty() || recyclerStop_) return;
+  for (int i = 0; i < kSpareBuffers; i++) {
+    ioThreads_.emplace_back([this, i]() {
 #if defined(__linux__)
-    pthread_setname_np(pthread_self(), "br-hrl-recycle");
+      pthread_setname_np(pthread_self(), i == 0 ? "br-hrl-recycle" : "br-hrl-io");
 #endif
-    RecycleLoop();
-  });
+      IoLoop(i == 0);
+    });
+  }
 }
 
 void HrlAppenderCore::RecycleCacheLocked() {
   if (writtenEnd_ - recycleSignalled_ < kWritebackChunkBytes || recyclerStop_) return;
   recycleSignalled_ = writtenEnd_;
   StartThreadLocked();
-  recycleCv_.notify_one();
+  // All: only the first I/O thread acts on it.
+  recycleCv_.notify_all();
 }
 
 int HrlAppenderCore::WaitSpareLocked() {
   // mu_ is held by the caller: adopt it for the wait and leave it held.
   std::unique_lock<std::mutex> lock(mu_, std::adopt_lock);
-  spareDoneCv_.wait(lock, [this] { return !spareBusy_; });
+  spareDoneCv_.wait(lock, [this] { return spareQueueHead_ == spareQueue_.size() && sparesWriting_ == 0; });
   lock.release();
   return error_;
 }
 
-void HrlAppenderCore::RecycleLoop() {
+int HrlAppenderCore::TakeFreeSpareLocked() {
+  std::unique_lock<std::mutex> lock(mu_, std::adopt_lock);
+  spareDoneCv_.wait(lock, [this] { return !freeSpares_.empty(); });
+  lock.release();
+  const int index = freeSpares_.back();
+  freeSpares_.pop_back();
+  return index;
+}
+
+void HrlAppenderCore::IoLoop(bool recycles) {
   uint64_t writebackStarted = 0;
   uint64_t dropped = 0;
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    while (!recyclerStop_ && !spareBusy_ && recycleSignalled_ == writebackStarted) recycleCv_.wait(lock);
-    if (spareBusy_) {
+    while (!recyclerStop_ && spareQueueHead_ == spareQueue_.size() && (!recycles || recycleSignalled_ == writebackStarted)) recycleCv_.wait(lock);
+    if (spareQueueHead_ < spareQueue_.size()) {
       // A full staging buffer: written even when stopping, before the descriptor goes.
-      const size_t length = spareLength_;
-      const uint64_t pos = sparePos_;
+      const SpareWrite w = spareQueue_[spareQueueHead_++];
+      if (spareQueueHead_ == spareQueue_.size()) {
+        spareQueue_.clear();
+        spareQueueHead_ = 0;
+      }
+      sparesWriting_++;
       lock.unlock();
-      struct iovec iov = {spare_.data(), length};
-      int err = WriteAtLocked(&iov, 1, pos);
+      struct iovec iov = {spares_[w.index]->data(), w.length};
+      int err = WriteAtLocked(&iov, 1, w.pos);
       lock.lock();
       if (err != 0 && error_ == 0) error_ = err;
-      spareBusy_ = false;
+      sparesWriting_--;
+      freeSpares_.push_back(w.index);
       spareDoneCv_.notify_all();
       continue;
     }
     if (recyclerStop_) return;
+    if (!recycles) continue;
     const uint64_t end = recycleSignalled_;
     lock.unlock();
 #if defined(__linux__) && defined(SYNC_FILE_RANGE_WRITE)
@@ -184,9 +240,11 @@ void HrlAppenderCore::RecycleLoop() {
 void HrlAppenderCore::StopRecyclerLocked(std::unique_lock<std::mutex>& lock) {
   recyclerStop_ = true;
   recycleCv_.notify_all();
-  if (recycler_.joinable()) {
+  if (!ioThreads_.empty()) {
+    std::vector<std::thread> threads;
+    threads.swap(ioThreads_);
     lock.unlock();
-    recycler_.join();
+    for (auto& t : threads) t.join();
     lock.lock();
   }
 }
@@ -194,22 +252,26 @@ void HrlAppenderCore::StopRecyclerLocked(std::unique_lock<std::mutex>& lock) {
 HrlAppenderCore::~HrlAppenderCore() {
   std::unique_lock<std::mutex> lock(mu_);
   StopRecyclerLocked(lock);
+  CloseDirectLocked();
 }
 
 int HrlAppenderCore::WriteStagedLocked() {
   if (stagedBytes_ == 0) return 0;
-  int err = WaitSpareLocked();
-  if (err != 0) return err;
+  if (error_ != 0) return error_;
   if (recyclerStop_) {
+    int err = WaitSpareLocked();
+    if (err != 0) return err;
     struct iovec iov = {staging_.data(), stagedBytes_};
     err = WriteAtLocked(&iov, 1, writtenEnd_);
     if (err != 0) return err;
   } else {
-    staging_.swap(spare_);
-    spareLength_ = stagedBytes_;
-    sparePos_ = writtenEnd_;
-    spareBusy_ = true;
+    const int index = TakeFreeSpareLocked();
+    AlignedBuffer& spare = *spares_[static_cast<size_t>(index)];
+    if (spare.size() < staging_.size()) spare.resize(staging_.size());
+    staging_.swap(spare);
+    spareQueue_.push_back({index, stagedBytes_, writtenEnd_});
     StartThreadLocked();
+    // Any I/O thread takes it (each waits for the queue).
     recycleCv_.notify_one();
   }
   writtenEnd_ += stagedBytes_;
@@ -254,11 +316,34 @@ int HrlAppenderCore::CloseBlockLocked() {
   return 0;
 }
 
+int HrlAppenderCore::StageBlockLocked() {
+  if (metadataSizeBytes_ > staging_.size()) return CloseBlockLocked();
+  if (metadataSizeBytes_ > staging_.size() - stagedBytes_) {
+    int err = WriteStagedLocked();
+    if (err != 0) return err;
+  }
+  const uint64_t blockOffset = writtenEnd_ + stagedBytes_;
+  uint8_t* h = block_.data();
+  std::memset(h, 0, kHrlMetadataHeaderBytes);
+  Put64(h + kMhPreviousLocation, blockOffset - lastBlockOffset_);
+  Put32(h + kMhValidEntries, entriesInBlock_);
+  Put32(h + kMhChecksum, HrlChecksum(h, kHrlMetadataHeaderBytes, kMhChecksum));
+  std::memcpy(staging_.data() + stagedBytes_, block_.data(), metadataSizeBytes_);
+  stagedBytes_ += metadataSizeBytes_;
+  lastBlockOffset_ = blockOffset;
+  totalEntries_ += entriesInBlock_;
+  entriesInBlock_ = 0;
+  std::memset(block_.data(), 0, block_.size());
+  return 0;
+}
+
 int HrlAppenderCore::AppendPieceLocked(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t checksum,
                                        uint32_t timestamp) {
   int err = 0;
   if (entriesInBlock_ == entriesPerBlock_) {
-    err = CloseBlockLocked();
+    // A full block goes out with the payloads staged after it, in one of
+    // the staging buffer's large writes (a flush writes what is staged).
+    err = StageBlockLocked();
     if (err != 0) return err;
   }
   AddEntryLocked(byteOffset, static_cast<uint32_t>(length), checksum, timestamp);
@@ -332,8 +417,12 @@ int HrlAppenderCore::Finish() {
   std::unique_lock<std::mutex> lock(mu_);
   // The descriptor is closed soon after: the recycler lets go of it first.
   StopRecyclerLocked(lock);
-  if (error_ != 0) return error_;
+  if (error_ != 0) {
+    CloseDirectLocked();
+    return error_;
+  }
   int err = CloseBlockLocked();
+  CloseDirectLocked();
   error_ = err != 0 ? err : EBADF;
   return err;
 }
@@ -341,6 +430,7 @@ int HrlAppenderCore::Finish() {
 void HrlAppenderCore::Abandon() {
   std::unique_lock<std::mutex> lock(mu_);
   StopRecyclerLocked(lock);
+  CloseDirectLocked();
   if (error_ == 0) error_ = EBADF;
 }
 
