@@ -27,11 +27,18 @@ export interface QueueUsage {
   readonly storeCapacityBytes: number;
 }
 
-/** A disk's logs in a spool, as a drain queue. */
-export function spoolQueue(spool: LogSpool, diskId: string): DrainQueue<SpoolEntry> {
+/**
+ * A disk's logs in a spool, as a drain queue. `beforeRemove` runs before a
+ * handled log leaves the spool (the receiving hop saves its sequence
+ * ledger then: until that moment the spool was the record of the log).
+ */
+export function spoolQueue(spool: LogSpool, diskId: string, beforeRemove?: () => Promise<void>): DrainQueue<SpoolEntry> {
   return {
     next: async () => spool.list(diskId)[0],
-    complete: (entry) => spool.remove(diskId, entry.envelope.seq),
+    complete: async (entry) => {
+      await beforeRemove?.();
+      await spool.remove(diskId, entry.envelope.seq);
+    },
     describe: (entry) => `log ${entry.envelope.seq}`,
     usage: () => ({ queuedBytes: spool.pendingBytes(diskId), storeUsedBytes: spool.bytesUsed, storeCapacityBytes: spool.maxBytes }),
   };

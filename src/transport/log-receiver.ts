@@ -3,7 +3,7 @@ import type { Metrics } from '../daemon/metrics';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { sendJson, type Route } from './http-api';
 import type { LogSpool, SpoolEntry, StagedLog } from './log-spool';
-import type { SequenceLedger } from './sequence-ledger';
+import { LEDGER_RECENT_MAX, type SequenceLedger } from './sequence-ledger';
 import { HEADER, parseEnvelope, PROTOCOL_VERSION, validateDiskId, type LogEnvelope } from './transport-protocol';
 
 /**
@@ -43,16 +43,22 @@ export class LogReceiver {
 
   constructor(private readonly options: LogReceiverOptions) {}
 
-  /** Makes the ledger agree with a spool that may hold logs accepted just before a crash. */
+  /**
+   * Makes the ledger agree with the spool: logs are accepted into the
+   * spool without saving the ledger (SequenceLedger.accepted), so after a
+   * restart the spool says which logs were accepted last.
+   */
   reconcile(): void {
     for (const diskId of this.options.spool.disks()) {
       const entries = this.options.spool.list(diskId);
       const newest = entries[entries.length - 1];
       const ledger = this.options.ledger.get(diskId);
-      if (newest !== undefined && (ledger.nextSeq === null || ledger.nextSeq <= newest.envelope.seq)) {
-        ledger.nextSeq = newest.envelope.seq + 1;
-        if (!ledger.recent.some(([s]) => s === newest.envelope.seq)) ledger.recent.push([newest.envelope.seq, newest.envelope.xxhash64]);
+      for (const e of entries) {
+        if (!ledger.recent.some(([s]) => s === e.envelope.seq)) ledger.recent.push([e.envelope.seq, e.envelope.xxhash64]);
       }
+      ledger.recent.sort((a, b) => a[0] - b[0]);
+      if (ledger.recent.length > LEDGER_RECENT_MAX) ledger.recent.splice(0, ledger.recent.length - LEDGER_RECENT_MAX);
+      if (newest !== undefined && (ledger.nextSeq === null || ledger.nextSeq <= newest.envelope.seq)) ledger.nextSeq = newest.envelope.seq + 1;
     }
   }
 
@@ -164,7 +170,7 @@ export class LogReceiver {
         await staged.discard();
         throw err;
       }
-      await this.options.ledger.accepted(diskId, seq, envelope.xxhash64);
+      this.options.ledger.accepted(diskId, seq, envelope.xxhash64);
       accepted = true;
       this.options.metrics.pendingBytes.set({ disk: diskId, hop: this.options.hop }, this.options.spool.pendingBytes(diskId));
       this.options.logger.debug({ disk: diskId, seq, bytes: envelope.logLength }, 'log accepted');

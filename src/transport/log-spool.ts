@@ -7,7 +7,7 @@ import { Lz4FrameDecoder } from './lz4-frame-decoder';
 import { loadXxhash as xxhash } from '../platform/xxhash';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { seqName, TRANSPORT_LIMITS, validateDiskId, type LogEnvelope } from './transport-protocol';
-import { fsyncFile, syncDirectory, writeFileDurably } from '../platform/durable-file';
+import { fsyncFile, syncDirectory } from '../platform/durable-file';
 
 /**
  * A durable, ordered, size-bounded store of sealed logs per disk: the process
@@ -54,6 +54,17 @@ export async function newXxhash64(): Promise<Hasher> {
 
 export function hashHex(hasher: Hasher): string {
   return hasher.digest().toString(16).padStart(16, '0');
+}
+
+/** Writes a new file and fsyncs it (it is renamed into place later). */
+async function writeFileSynced(file: string, text: string): Promise<void> {
+  const fh = await fsp.open(file, 'wx');
+  try {
+    await fh.writeFile(text);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
 }
 
 /** Bytes hashFile reads at a time, into one buffer it keeps (fresh buffers per read cost full garbage collections). */
@@ -140,7 +151,15 @@ export class LogSpool {
           continue;
         }
         if (!name.endsWith('.hrl')) continue;
-        const envelope = JSON.parse(await fsp.readFile(full.replace(/\.hrl$/, '.json'), 'utf8')) as LogEnvelope;
+        const envelopeFile = full.replace(/\.hrl$/, '.json');
+        if (!fs.existsSync(envelopeFile)) {
+          // Both are renamed into place before one directory fsync, and the
+          // log is answered only after it: a crash between may keep the
+          // log's rename alone. It was never acknowledged; the sender resends it.
+          await fsp.rm(full, { force: true });
+          continue;
+        }
+        const envelope = JSON.parse(await fsp.readFile(envelopeFile, 'utf8')) as LogEnvelope;
         const { size } = await fsp.stat(full);
         this.add({ envelope, file: full, sizeBytes: size });
       }
@@ -199,7 +218,10 @@ export class LogSpool {
     const durable = options.durable ?? true;
     const diskDir = path.join(this.dir, envelope.diskId);
     const base = path.join(diskDir, seqName(envelope.seq));
-    const tmp = `${base}.hrl.${process.pid}.${Date.now()}.${++this.stagedCount}.tmp`;
+    const stamp = `${process.pid}.${Date.now()}.${++this.stagedCount}`;
+    const tmp = `${base}.hrl.${stamp}.tmp`;
+    const envelopeTmp = `${base}.json.${stamp}.tmp`;
+    const envelopeText = JSON.stringify(envelope);
     let settled = false;
     const release = (): void => {
       if (!settled) this.reservedBytes -= envelope.logLength;
@@ -208,6 +230,7 @@ export class LogSpool {
     const discard = async (): Promise<void> => {
       release();
       await fsp.rm(tmp, { force: true });
+      await fsp.rm(envelopeTmp, { force: true });
     };
     try {
       await fsp.mkdir(diskDir, { recursive: true });
@@ -234,10 +257,17 @@ export class LogSpool {
       if (actual !== envelope.xxhash64) {
         throw new BlockrelayError('BR_UPLOAD_HASH_MISMATCH', `upload of ${envelope.diskId} seq ${envelope.seq} hashes to ${actual}, declared ${envelope.xxhash64}`);
       }
-      // Both must succeed before the log may become visible; neither changes the file.
-      const [synced, verified] = await Promise.allSettled([durable ? fsyncFile(tmp) : Promise.resolve(), options.verify(tmp, envelope)]);
+      // Both must succeed before the log may become visible; neither changes
+      // the file. The envelope is made durable beside them, so committing
+      // takes only two renames and one directory fsync.
+      const [synced, verified, described] = await Promise.allSettled([
+        durable ? fsyncFile(tmp) : Promise.resolve(),
+        options.verify(tmp, envelope),
+        durable ? writeFileSynced(envelopeTmp, envelopeText) : Promise.resolve(),
+      ]);
       if (verified.status === 'rejected') throw verified.reason;
       if (synced.status === 'rejected') throw synced.reason;
+      if (described.status === 'rejected') throw described.reason;
     } catch (err) {
       await discard();
       throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
@@ -248,8 +278,9 @@ export class LogSpool {
       discard,
       commit: async () => {
         try {
-          if (!durable) await fsyncFile(tmp);
-          await writeFileDurably(`${base}.json`, JSON.stringify(envelope));
+          if (!durable) await Promise.all([fsyncFile(tmp), writeFileSynced(envelopeTmp, envelopeText)]);
+          // Envelope first: a log is never in place without it (open() drops one that is).
+          await fsp.rename(envelopeTmp, `${base}.json`);
           await fsp.rename(tmp, `${base}.hrl`);
           await syncDirectory(diskDir);
         } catch (err) {

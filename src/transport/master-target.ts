@@ -270,7 +270,7 @@ export class ApplyingHop {
     const disk: AppliedDisk = { diskId, spec, health, drain: undefined as unknown as DiskDrain, target: undefined, appliedBytesTotal: 0, lastPointTimeMs: null };
     disk.drain = new DiskDrain({
       diskId,
-      queue: spoolQueue(this.spool, diskId),
+      queue: spoolQueue(this.spool, diskId, () => this.ledger.persist(diskId)),
       stage: 'apply',
       handle: (entry) => this.apply(disk, entry),
       clock: this.clock,

@@ -141,7 +141,7 @@ export class ProcessServer extends ApplyingHop {
       }),
       drain: new DiskDrain({
         diskId,
-        queue: spoolQueue(this.spool, diskId),
+        queue: spoolQueue(this.spool, diskId, () => this.ledger.persist(diskId)),
         stage: 'forward',
         handle: (entry) => disk.pipeline.send(entry),
         clock: this.clock,

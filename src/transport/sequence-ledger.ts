@@ -34,6 +34,8 @@ export class SequenceLedger {
   private readonly cache = new Map<string, DiskLedger>();
   /** Saves of one disk's ledger run one after another, so the newest state is the one left on disk. */
   private readonly saving = new KeyedLock();
+  /** Disks whose ledger changed in memory since it was last saved. */
+  private readonly unsaved = new Set<string>();
 
   constructor(readonly stateDir: string) {}
 
@@ -89,13 +91,24 @@ export class SequenceLedger {
     return { kind: 'duplicate' };
   }
 
-  /** Records log `seq` as accepted (durably, before the sender is answered). */
-  async accepted(diskId: string, seq: number, xxhash64: string): Promise<void> {
+  /**
+   * Records log `seq` as accepted, in memory: the spool holding the log
+   * durably is the record until the log leaves it, and `reconcile` (the
+   * receiver's start) rebuilds `nextSeq` and `recent` from the spool. The
+   * ledger must be saved (`persist`) before a log leaves the spool (it is
+   * forwarded), and is saved whenever a log is applied.
+   */
+  accepted(diskId: string, seq: number, xxhash64: string): void {
     const ledger = this.get(diskId);
     ledger.nextSeq = seq + 1;
     ledger.recent.push([seq, xxhash64]);
     if (ledger.recent.length > LEDGER_RECENT_MAX) ledger.recent.splice(0, ledger.recent.length - LEDGER_RECENT_MAX);
-    await this.save(diskId);
+    this.unsaved.add(diskId);
+  }
+
+  /** Saves the disk's ledger if it changed since its last save. */
+  async persist(diskId: string): Promise<void> {
+    if (this.unsaved.has(diskId)) await this.save(diskId);
   }
 
   /**
@@ -116,6 +129,7 @@ export class SequenceLedger {
 
   private async save(diskId: string): Promise<void> {
     const file = this.file(diskId);
+    this.unsaved.delete(diskId);
     await this.saving.run(diskId, async () => {
       await fsp.mkdir(path.dirname(file), { recursive: true });
       await writeFileDurably(file, JSON.stringify(this.get(diskId)));
