@@ -168,8 +168,12 @@ export class UndoJournal {
           done += n;
         }
       }
+      // The native appender writes until every byte is written or fails
+      // (PwriteAll); only writes through the JavaScript path can come out
+      // short without an error, so only their payloads are read back.
+      const checkPayloads = writer.nativeAppender === undefined;
       const sealed = await writer.seal();
-      await this.checkWritten(tmp, sealed.sizeBytes, target.sizeBytes);
+      await this.checkWritten(tmp, sealed.sizeBytes, target.sizeBytes, checkPayloads);
       await fsp.rename(tmp, final);
       await syncDirectory(this.dir);
       return { written: true, sizeBytes: sealed.sizeBytes };
@@ -181,15 +185,17 @@ export class UndoJournal {
   }
 
   /**
-   * Reads a sealed pre-image back and verifies it whole before it may be
-   * renamed into place: a file system that runs out of space can accept a
-   * write short without an error, and a torn pre-image must never become
-   * "complete". A short file on a volume without room is BR_DISK_FULL.
+   * Reads a sealed pre-image back and verifies it before it may be renamed
+   * into place: a file system that runs out of space can accept a write
+   * short without an error, and a torn pre-image must never become
+   * "complete". Size and every structure always; the payloads when the
+   * writer did not retry short writes itself. A short file on a volume
+   * without room is BR_DISK_FULL.
    */
-  private async checkWritten(tmp: string, expectedBytes: number, diskSizeBytes: number): Promise<void> {
+  private async checkWritten(tmp: string, expectedBytes: number, diskSizeBytes: number, checkPayloads: boolean): Promise<void> {
     try {
       if ((await fsp.stat(tmp)).size !== expectedBytes) throw new BlockrelayError('BR_IO', `pre-image ${tmp} holds ${(await fsp.stat(tmp)).size} bytes, ${expectedBytes} were written`);
-      await verifyHrlLog(tmp, { diskSizeBytes });
+      await verifyHrlLog(tmp, { diskSizeBytes, checkPayloads });
     } catch (err) {
       let full = false;
       try {
