@@ -1,7 +1,7 @@
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
 import { HRL_PREVIOUS_UNIQUE_ID_OFFSET } from './hrl-format';
-import { HRL_READ_CHUNK_BYTES, HrlLogFile, hrlDamage, type HrlVerifiedLog } from './hrl-reader';
+import { HRL_READ_CHUNK_BYTES, HrlLogFile, hrlDamage, type HrlLogEntry, type HrlVerifiedLog } from './hrl-reader';
 
 let sharedChunk: Buffer | undefined;
 let sharedChunkBusy = false;
@@ -67,18 +67,46 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly string[],
     try {
       for (let i = 0; i < opened.length; i++) {
         const log = opened[i]!;
-        for await (const entry of log.entries(verified[i]!)) {
-          for (let done = 0; done < entry.dataLength; ) {
-            const n = Math.min(chunk.length, entry.dataLength - done);
-            const data = await log.readPayload(entry, done, n, chunk);
+        // Payloads lie back to back in the file: entries whose payloads
+        // follow one another are read together, up to a chunk, then
+        // written one by one in apply order (one read instead of one per
+        // entry: a log of 64 KiB writes has thousands).
+        let span: HrlLogEntry[] = [];
+        let spanStart = 0;
+        let spanBytes = 0;
+        const applySpan = async (): Promise<void> => {
+          if (span.length === 0) return;
+          await log.readExact(spanStart, spanBytes, 'payload', chunk);
+          let at = 0;
+          for (const e of span) {
             // The target may keep the buffer until the write completes; the
             // next read waits for that, so one chunk buffer is enough.
-            await target.write(entry.byteOffset + done, data.subarray(0, n));
-            done += n;
+            if (e.dataLength > 0) await target.write(e.byteOffset, chunk.subarray(at, at + e.dataLength));
+            at += e.dataLength;
+            entries++;
+            bytes += e.dataLength;
           }
-          entries++;
-          bytes += entry.dataLength;
+          span = [];
+          spanBytes = 0;
+        };
+        for await (const entry of log.entries(verified[i]!)) {
+          if (span.length > 0 && (entry.payloadFileOffset !== spanStart + spanBytes || spanBytes + entry.dataLength > chunk.length)) await applySpan();
+          if (entry.dataLength > chunk.length) {
+            for (let done = 0; done < entry.dataLength; ) {
+              const n = Math.min(chunk.length, entry.dataLength - done);
+              const data = await log.readPayload(entry, done, n, chunk);
+              await target.write(entry.byteOffset + done, data.subarray(0, n));
+              done += n;
+            }
+            entries++;
+            bytes += entry.dataLength;
+            continue;
+          }
+          if (span.length === 0) spanStart = entry.payloadFileOffset;
+          span.push(entry);
+          spanBytes += entry.dataLength;
         }
+        await applySpan();
         options.onLogApplied?.(verified[i]!);
       }
     } finally {
