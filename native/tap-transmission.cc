@@ -952,9 +952,16 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     }
     if (core_->writer.joinable()) core_->writer.join();
     if (!release) return;
+    // From the finalizer (env == null) nothing is settled or released: at
+    // the environment's teardown Node closes the thread-safe functions
+    // itself, and releasing one it already closed aborted the process. Both
+    // are unreferenced, so leaving them to that teardown keeps nothing alive.
+    if (env == nullptr) {
+      core_->holdDeferreds.clear();
+      return;
+    }
     // The writer is gone, so pending holds are settled here.
-    if (env != nullptr) core_->ResolveHolds(*env);
-    else core_->holdDeferreds.clear();
+    core_->ResolveHolds(*env);
     core_->notify.Release();
     core_->held.Release();
   }

@@ -19,7 +19,10 @@ import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
 const tempDir = useTempDirs();
 const cleanups: Cleanups = [];
 afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
+  // Every cleanup runs even when one fails (a mounted disk and its servers must go).
+  const failures: unknown[] = [];
+  for (const c of cleanups.splice(0).reverse()) await Promise.resolve().then(c).catch((err: unknown) => failures.push(err));
+  if (failures.length > 0) throw failures[0];
 });
 
 function nativeTap(options: { sizeBytes?: number; maxBlockBytes?: number; overflowRatio?: number } = {}): Promise<NativeTap> {
