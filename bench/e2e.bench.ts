@@ -94,10 +94,12 @@ function fio(uri: string, rate: string | undefined, seconds = runtimeS): Promise
 /**
  * Per log, from the stage events: waiting at the source after the cut,
  * shipping (source -> process server, durable), waiting in the process
- * server's spool, forwarding (-> master target, durable), waiting in the
+ * server's spool, forwarding (-> master target, answered once durable
+ * there, which for a log applied on receipt means applied), waiting in the
  * inbox, applying (journal, apply, flush, point); and cut -> applied.
- * A wait can be slightly negative: the next hop starts a log as soon as it
- * answers, before the sender has read that answer.
+ * A wait can be negative: the next hop starts a log as soon as it answers,
+ * before the sender has read that answer, and a master target applying on
+ * receipt answers only after the apply (inboxWait is then minus the apply).
  */
 function timeline(events: LogStageEvent[]) {
   const byLog = new Map<number, Partial<Record<string, number>> & { cut: number; bytes: number }>();
