@@ -109,8 +109,8 @@ bool PageAligned(const struct iovec* iov, int count, uint64_t pos) {
 
 // Called with or without mu_ (the recycler writes the spare buffer unlocked);
 // directFd_ only changes under mu_ after the recycler has stopped.
-int HrlAppenderCore::WriteAtLocked(struct iovec* iov, int count, uint64_t pos) {
-  if (directOk_.load(std::memory_order_relaxed) && PageAligned(iov, count, pos)) {
+int HrlAppenderCore::WriteAtLocked(struct iovec* iov, int count, uint64_t pos, bool allowDirect) {
+  if (allowDirect && directOk_.load(std::memory_order_relaxed) && PageAligned(iov, count, pos)) {
     struct iovec copy[4];
     if (count <= 4) {
       for (int i = 0; i < count; i++) copy[i] = iov[i];
@@ -157,7 +157,9 @@ constexpr uint64_t kCachedTailBytes = 32ull << 20;
 
 void HrlAppenderCore::StartThreadLocked() {
   if (!ioThreads_.empty() || recyclerStop_) return;
-  for (int i = 0; i < kSpareBuffers; i++) {
+  // Thread 0 only recycles the cache (its waits for writeback must not hold
+  // up a spare); the others write spares.
+  for (int i = 0; i <= kIoThreads; i++) {
     ioThreads_.emplace_back([this, i]() {
 #if defined(__linux__)
       pthread_setname_np(pthread_self(), i == 0 ? "br-hrl-recycle" : "br-hrl-io");
@@ -171,8 +173,7 @@ void HrlAppenderCore::RecycleCacheLocked() {
   if (writtenEnd_ - recycleSignalled_ < kWritebackChunkBytes || recyclerStop_) return;
   recycleSignalled_ = writtenEnd_;
   StartThreadLocked();
-  // All: only the first I/O thread acts on it.
-  recycleCv_.notify_all();
+  recycleCv_.notify_one();
 }
 
 int HrlAppenderCore::WaitSpareLocked() {
@@ -197,8 +198,12 @@ void HrlAppenderCore::IoLoop(bool recycles) {
   uint64_t dropped = 0;
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    while (!recyclerStop_ && spareQueueHead_ == spareQueue_.size() && (!recycles || recycleSignalled_ == writebackStarted)) recycleCv_.wait(lock);
-    if (spareQueueHead_ < spareQueue_.size()) {
+    if (recycles) {
+      while (!recyclerStop_ && recycleSignalled_ == writebackStarted) recycleCv_.wait(lock);
+    } else {
+      while (!recyclerStop_ && spareQueueHead_ == spareQueue_.size()) spareQueueCv_.wait(lock);
+    }
+    if (!recycles && spareQueueHead_ < spareQueue_.size()) {
       // A full staging buffer: written even when stopping, before the descriptor goes.
       const SpareWrite w = spareQueue_[spareQueueHead_++];
       if (spareQueueHead_ == spareQueue_.size()) {
@@ -206,10 +211,13 @@ void HrlAppenderCore::IoLoop(bool recycles) {
         spareQueueHead_ = 0;
       }
       sparesWriting_++;
+      const bool direct = directWrites_ < kMaxDirectWrites;
+      if (direct) directWrites_++;
       lock.unlock();
       struct iovec iov = {spares_[w.index]->data(), w.length};
-      int err = WriteAtLocked(&iov, 1, w.pos);
+      int err = WriteAtLocked(&iov, 1, w.pos, direct);
       lock.lock();
+      if (direct) directWrites_--;
       if (err != 0 && error_ == 0) error_ = err;
       sparesWriting_--;
       freeSpares_.push_back(w.index);
@@ -240,6 +248,7 @@ void HrlAppenderCore::IoLoop(bool recycles) {
 void HrlAppenderCore::StopRecyclerLocked(std::unique_lock<std::mutex>& lock) {
   recyclerStop_ = true;
   recycleCv_.notify_all();
+  spareQueueCv_.notify_all();
   if (!ioThreads_.empty()) {
     std::vector<std::thread> threads;
     threads.swap(ioThreads_);
@@ -271,8 +280,7 @@ int HrlAppenderCore::WriteStagedLocked() {
     staging_.swap(spare);
     spareQueue_.push_back({index, stagedBytes_, writtenEnd_});
     StartThreadLocked();
-    // Any I/O thread takes it (each waits for the queue).
-    recycleCv_.notify_one();
+    spareQueueCv_.notify_one();
   }
   writtenEnd_ += stagedBytes_;
   stagedBytes_ = 0;

@@ -119,7 +119,8 @@ class HrlAppenderCore {
   int StageBlockLocked();
   uint64_t SizeBytesLocked() const;
   void RecycleCacheLocked();
-  int WriteAtLocked(struct iovec* iov, int count, uint64_t pos);
+  // `allowDirect` false: buffered even when the range is page-aligned.
+  int WriteAtLocked(struct iovec* iov, int count, uint64_t pos, bool allowDirect = true);
 
   std::mutex mu_;
   const int fd_;
@@ -140,8 +141,15 @@ class HrlAppenderCore {
   // appender's I/O threads, so the appending thread (the tap's writer
   // thread) only copies. Several such writes are in flight at once: a
   // direct write waits for the device, which takes four at once about three
-  // times as fast as one. Memory stays bounded: kSpareBuffers buffers.
-  static constexpr int kSpareBuffers = 4;
+  // times as fast as one. When kMaxDirectWrites are waiting for a slow
+  // device, further buffers go through the page cache instead (a quick
+  // copy), so appends never wait for the device; the cache absorbs the
+  // burst as it would for any buffered writer. Memory stays bounded:
+  // kSpareBuffers buffers, kIoThreads threads.
+  static constexpr int kSpareBuffers = 6;
+  static constexpr int kIoThreads = 4;
+  static constexpr int kMaxDirectWrites = 3;
+  int directWrites_ = 0;
   struct SpareWrite {
     int index;
     size_t length;
@@ -153,6 +161,7 @@ class HrlAppenderCore {
   size_t spareQueueHead_ = 0;
   int sparesWriting_ = 0;
   std::condition_variable spareDoneCv_;
+  std::condition_variable spareQueueCv_;  // spare writers wait here for the queue
   AlignedBuffer zeroes_;
   size_t stagedBytes_ = 0;
   uint64_t writtenEnd_;
@@ -166,8 +175,8 @@ class HrlAppenderCore {
   // Written ranges are therefore handed to writeback early and dropped from
   // the cache once clean, so appends keep reusing the same few pages. A
   // thread of the appender's own does it, so no append waits for the disk.
-  // One loop per I/O thread: writes queued spares; the first thread also
-  // does the writeback and cache-dropping duty.
+  // One loop per I/O thread: writes queued spares, or (`recycles`, one
+  // thread) starts writeback and drops written ranges from the cache.
   void IoLoop(bool recycles);
   void StartThreadLocked();
   // Waits (mu_ held) until every queued spare is written; the first error, or 0.
