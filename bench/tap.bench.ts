@@ -269,7 +269,7 @@ async function main(): Promise<void> {
       machine: { cpus: os.cpus().length, node: process.version },
       notes: [
         'fio --ioengine=nbd random writes over a preallocated raw image; time-based; medians over the repetitions',
-        'the tap and qemu-nbd each run in their own process and write through the page cache (no O_DIRECT)',
+        'the tap and qemu-nbd each run in their own process and write the image through the page cache (no O_DIRECT); the tap writes whole staging buffers of its log with O_DIRECT (at most three at once, the rest buffered)',
       ],
       when: new Date().toISOString(),
     };
