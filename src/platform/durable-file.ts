@@ -32,13 +32,15 @@ export async function fsyncFile(file: string): Promise<void> {
 
 /**
  * Replaces `file` atomically and durably: a temporary file beside it, fsync,
- * rename, fsync of the directory. The temporary name carries the pid, so two
- * processes never share one; within a process, callers write one file from
- * one place at a time (each owner serialises its own saves). Temporaries a
- * crash leaves end in `.tmp`, which the owners' open-time cleanup removes.
+ * rename, fsync of the directory. The temporary name carries the pid and a
+ * per-process counter, so no two writes ever share one: two processes, or
+ * two overlapping saves of one file in a process, each rename their own
+ * whole file (the last rename wins; callers that read, modify and write a
+ * file must still serialise that themselves). Temporaries a crash leaves end
+ * in `.tmp`, which the owners' open-time cleanup removes.
  */
 export async function writeFileDurably(file: string, content: string | Uint8Array): Promise<void> {
-  const tmp = `${file}.${process.pid}.tmp`;
+  const tmp = `${file}.${process.pid}-${++temporaryCounter}.tmp`;
   const fh = await fsp.open(tmp, 'w');
   try {
     await fh.writeFile(content);
@@ -50,12 +52,19 @@ export async function writeFileDurably(file: string, content: string | Uint8Arra
   await syncDirectory(path.dirname(file));
 }
 
-/** How writeFileDurably names a temporary: `<file>.<pid>.tmp`. */
-const TEMPORARY_NAME = /^(.+)\.(\d+)\.tmp$/;
+/** Temporaries this process created so far: the last part of each one's name. */
+let temporaryCounter = 0;
+
+/**
+ * How writeFileDurably names a temporary: `<file>.<pid>-<n>.tmp`, and
+ * `<file>.<pid>.tmp` as releases before the counter named them (a crash of
+ * such a process can still have left one).
+ */
+const TEMPORARY_NAME = /^(.+)\.(\d+)(?:-\d+)?\.tmp$/;
 
 /**
  * Removes the temporaries writeFileDurably left in `dir` when a process died
- * between creating one and renaming it: `<file>.<pid>.tmp` whose pid is not
+ * between creating one and renaming it: `<file>.<pid>-<n>.tmp` whose pid is not
  * ours and not running. The file it was replacing is whole either way (the
  * rename never happened), so the temporary holds nothing anyone needs.
  * Owners call this when they open their directory; a missing directory has

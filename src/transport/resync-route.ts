@@ -333,6 +333,13 @@ export class ResyncSessions {
   private readonly ended = new Map<string, { diskId: string; code: EndedCode }>();
   private readonly diskStates = new Map<string, DiskResyncState>();
   private readonly opening = new KeyedLock();
+  /**
+   * Serialises each disk's state read-modify-writes (updateState). Taken
+   * inside `opening` (open, a late completion) and alone (a live session's
+   * completion in endOnce, which `open` may be awaiting): never the other
+   * way round, so the two locks cannot deadlock.
+   */
+  private readonly saving = new KeyedLock();
   private hasher: Promise<BlockHasher> | undefined;
   /** Request bodies all sessions of this hop hold at once. */
   private readonly budget = new ByteBudget(MAX_IN_FLIGHT_REQUEST_BYTES);
@@ -421,14 +428,20 @@ export class ResyncSessions {
       return { ...parseEndAnswer(reply, diskId), diskId };
     }
     if (completion === undefined || access === undefined) return { diskId, ended: false, completed: false, ...this.stateFields(diskId) };
-    const last = this.resyncState(diskId).lastSession;
-    if (last === undefined || last.sessionId !== key.sessionId || last.attempt !== key.attempt) {
-      throw new BlockrelayError('BR_RESYNC_SESSION_EXPIRED', `disk ${diskId}: the completion of resync session ${key.sessionId} attempt ${key.attempt} cannot be recorded: ${last === undefined ? 'no session is known' : `the last session on the disk was ${last.sessionId} attempt ${last.attempt}`}; run the resync again`, { details: { sessionId: key.sessionId, attempt: key.attempt } });
-    }
-    // The disk's last session ended without a completion (it expired after its last exchange, or the hop
-    // restarted): its writes were flushed before the source finished, so the resync still completes.
-    if (!last.completed) await this.complete(diskId, completion, access.receivedSeq());
-    return { diskId, ended: false, completed: true, ...this.stateFields(diskId) };
+    // Under the disk's opening lock: a session opening meanwhile (which makes itself the last session) is either
+    // fully open before this looks, or opens after the completion is recorded, never in between.
+    return this.opening.run(diskId, async () => {
+      const holder = this.sessions.get(diskId);
+      if (holder !== undefined) throw new BlockrelayError('BR_RESYNC_SESSION_BUSY', `disk ${diskId} is held by resync session ${holder.sessionId} attempt ${holder.attempt}; the completion of ${key.sessionId} attempt ${key.attempt} cannot be recorded`, { details: { diskId, sessionId: holder.sessionId } });
+      const last = this.resyncState(diskId).lastSession;
+      if (last === undefined || last.sessionId !== key.sessionId || last.attempt !== key.attempt) {
+        throw new BlockrelayError('BR_RESYNC_SESSION_EXPIRED', `disk ${diskId}: the completion of resync session ${key.sessionId} attempt ${key.attempt} cannot be recorded: ${last === undefined ? 'no session is known' : `the last session on the disk was ${last.sessionId} attempt ${last.attempt}`}; run the resync again`, { details: { sessionId: key.sessionId, attempt: key.attempt } });
+      }
+      // The disk's last session ended without a completion (it expired after its last exchange, or the hop
+      // restarted): its writes were flushed before the source finished, so the resync still completes.
+      if (!last.completed) await this.complete(diskId, completion, access.receivedSeq());
+      return { diskId, ended: false, completed: true, ...this.stateFields(diskId) };
+    });
   }
 
   private stateFields(diskId: string): { inProgress: boolean; taintedThrough: number | null } {
@@ -489,26 +502,37 @@ export class ResyncSessions {
     return this.options.stateDir === undefined ? undefined : path.join(this.options.stateDir, 'resync', `${validateDiskId(diskId)}.json`);
   }
 
-  private async saveState(diskId: string, state: DiskResyncState): Promise<void> {
-    const file = this.stateFile(diskId);
-    if (file !== undefined) {
-      await fs.promises.mkdir(path.dirname(file), { recursive: true });
-      await writeFileDurably(file, JSON.stringify(state));
-    }
-    this.diskStates.set(diskId, state);
+  /**
+   * Read-modify-writes the disk's state, one at a time per disk: `change`
+   * sees the state as the previous update left it, and memory takes the new
+   * state only once its file is durable, so memory and file never disagree
+   * (two updates built from one old state would lose one of them).
+   */
+  private updateState(diskId: string, change: (state: DiskResyncState) => DiskResyncState): Promise<DiskResyncState> {
+    return this.saving.run(diskId, async () => {
+      const state = change(this.resyncState(diskId));
+      const file = this.stateFile(diskId);
+      if (file !== undefined) {
+        await fs.promises.mkdir(path.dirname(file), { recursive: true });
+        await writeFileDurably(file, JSON.stringify(state));
+      }
+      this.diskStates.set(diskId, state);
+      return state;
+    });
   }
 
   /** A resync of the disk finished: logs up to `taintedThrough` (or everything received, when the source could not say) end no point. */
   private async complete(diskId: string, completion: Completion, receivedSeq: number | null): Promise<void> {
     const through = completion.taintedThrough ?? receivedSeq;
-    const { taintedThrough: previous, lastSession, taintedUntilMs } = this.resyncState(diskId);
-    const until = completion.readEndMs === undefined ? taintedUntilMs : Math.max(completion.readEndMs, taintedUntilMs ?? 0);
-    await this.saveState(diskId, {
-      version: 1,
-      inProgress: false,
-      taintedThrough: through === null ? previous : Math.max(through, previous ?? through),
-      ...(lastSession === undefined ? {} : { lastSession: { ...lastSession, completed: true } }),
-      ...(until === undefined ? {} : { taintedUntilMs: until }),
+    await this.updateState(diskId, ({ taintedThrough: previous, lastSession, taintedUntilMs }) => {
+      const until = completion.readEndMs === undefined ? taintedUntilMs : Math.max(completion.readEndMs, taintedUntilMs ?? 0);
+      return {
+        version: 1,
+        inProgress: false,
+        taintedThrough: through === null ? previous : Math.max(through, previous ?? through),
+        ...(lastSession === undefined ? {} : { lastSession: { ...lastSession, completed: true } }),
+        ...(until === undefined ? {} : { taintedUntilMs: until }),
+      };
     });
   }
 
@@ -566,7 +590,7 @@ export class ResyncSessions {
         }
         // Before the first write: from now until a resync completes, no applied log ends a consistent point,
         // and only this session's completion can end that (lastSession).
-        await this.saveState(diskId, { ...this.resyncState(diskId), inProgress: true, lastSession: { sessionId: key.sessionId, attempt: key.attempt, completed: false } });
+        await this.updateState(diskId, (state) => ({ ...state, inProgress: true, lastSession: { sessionId: key.sessionId, attempt: key.attempt, completed: false } }));
         const target = await access.openTarget(key.diskSizeBytes);
         session.journal = await this.options.journal?.openSession(diskId, target, access.appliedSeq(), key.sessionId);
         session.target = target;

@@ -13,6 +13,17 @@ function deadPid(): number {
   return Number(child.stdout.trim());
 }
 
+describe('writeFileDurably', () => {
+  it('lets overlapping writes of one file each rename their own temporary: all succeed, the file is one of them whole', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'state.json');
+    const contents = Array.from({ length: 16 }, (_, i) => JSON.stringify({ writer: i, pad: 'x'.repeat(64 * 1024 + i) }));
+    await Promise.all(contents.map((c) => writeFileDurably(file, c)));
+    expect(contents).toContain(fs.readFileSync(file, 'utf8'));
+    expect(fs.readdirSync(dir)).toEqual(['state.json']);
+  });
+});
+
 describe('removeStrayTemporaries', () => {
   it('removes temporaries of dead processes only, and leaves the files they were replacing whole', async () => {
     const dir = tempDir();
@@ -20,11 +31,12 @@ describe('removeStrayTemporaries', () => {
     await writeFileDurably(file, '{"seq":1}');
     const dead = deadPid();
     fs.writeFileSync(`${file}.${dead}.tmp`, '{"seq":2');
-    fs.writeFileSync(`${file}.${process.pid}.tmp`, 'ours, being written');
-    fs.writeFileSync(`${file}.${process.ppid}.tmp`, 'a live process, being written');
+    fs.writeFileSync(`${file}.${dead}-7.tmp`, '{"seq":3');
+    fs.writeFileSync(`${file}.${process.pid}-1.tmp`, 'ours, being written');
+    fs.writeFileSync(`${file}.${process.ppid}-2.tmp`, 'a live process, being written');
     fs.writeFileSync(path.join(dir, 'notes.tmp'), 'not a temporary of ours');
-    expect(await removeStrayTemporaries(dir)).toEqual([`ledger.json.${dead}.tmp`]);
-    expect(fs.readdirSync(dir).sort()).toEqual(['ledger.json', `ledger.json.${process.pid}.tmp`, `ledger.json.${process.ppid}.tmp`, 'notes.tmp'].sort());
+    expect((await removeStrayTemporaries(dir)).sort()).toEqual([`ledger.json.${dead}-7.tmp`, `ledger.json.${dead}.tmp`].sort());
+    expect(fs.readdirSync(dir).sort()).toEqual(['ledger.json', `ledger.json.${process.pid}-1.tmp`, `ledger.json.${process.ppid}-2.tmp`, 'notes.tmp'].sort());
     expect(fs.readFileSync(file, 'utf8')).toBe('{"seq":1}');
   });
 

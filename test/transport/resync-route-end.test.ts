@@ -126,6 +126,37 @@ describe('ending a networked resync session: idempotent and recoverable', () => 
     expect(await channel(again.url, SESSION_A, { afterSeq: 1 }).end({ taintedThrough: 1 })).toMatchObject({ completed: true, inProgress: false, taintedThrough: 1 });
   });
 
+  it('serialises a late completion with another session opening at once: each answered cleanly, memory and file agree, also after a restart', async () => {
+    for (let round = 0; round < 8; round++) {
+      const { dir, mt } = await setup();
+      const ch = channel(mt.url, SESSION_A, { afterSeq: 1 });
+      await ch.open();
+      const peer = new ResyncPeer(ch);
+      await peer.writeRuns([{ offset: 0, data: Buffer.alloc(4096, 0x5a) }]);
+      await peer.flush();
+      ch.close();
+      // The hop restarts before A's end arrives: A's completion is a late one, and B opens at the same moment.
+      await stopMt(mt);
+      const again = await startMt(dir);
+      const b = channel(again.url, SESSION_B, { afterSeq: 1 });
+      const [endA, openB] = await Promise.allSettled([channel(again.url, SESSION_A, { afterSeq: 1 }).end({ taintedThrough: 1 }), b.open()]);
+      b.close();
+      // B always opens; A is recorded (before B opened) or refused as overtaken, never a rename clash.
+      expect(openB.status).toBe('fulfilled');
+      if (endA.status === 'rejected') expect(['BR_RESYNC_SESSION_BUSY', 'BR_RESYNC_SESSION_EXPIRED']).toContain((endA.reason as { code?: string }).code);
+      const file = path.join(dir, 'mt', 'resync', 'disk0.json');
+      const memory = again.resyncSessions.resyncState('disk0');
+      expect(JSON.parse(fs.readFileSync(file, 'utf8'))).toEqual(memory);
+      // Whatever the order, B is the last session and the disk is in progress until B completes.
+      expect(memory).toMatchObject({ inProgress: true, lastSession: { sessionId: SESSION_B, completed: false } });
+      expect(fs.readdirSync(path.dirname(file)).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+      await stopMt(again);
+      const third = await startMt(dir);
+      expect(third.resyncSessions.resyncState('disk0')).toEqual(memory);
+      await stopMt(third);
+    }
+  }, 60_000);
+
   it('ends an expired session that had finished: its completion still counts', async () => {
     const { mt } = await setup(300);
     const ch = channel(mt.url, SESSION_A, { afterSeq: 1 });
