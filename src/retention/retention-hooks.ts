@@ -154,7 +154,10 @@ export class RetentionHooks implements ApplyHooks {
         return;
       }
       const { seq } = entry.envelope;
-      await h.append([{ v: 1, t: 'applied', seq }]);
+      // Not synced: the master target's ledger recorded appliedSeq durably
+      // before this runs, and every reader of the catalog counts a point up
+      // to it as applied; the next synced append carries this line along.
+      await h.append([{ v: 1, t: 'applied', seq }], { sync: false });
       const dropped = await h.pruneWindow(this.clock.now(), this.windowMs);
       if (dropped > 0) this.logger.info({ disk: diskId, dropped, oldest: h.points[0]?.id }, 'retention window pruned old points');
     });

@@ -57,8 +57,9 @@ export class DiskHistory {
   }
 
   /** Appends records to the catalog and updates the in-memory state by the catalog's own rules. */
-  async append(records: readonly CatalogRecord[]): Promise<void> {
-    this.validBytes += await this.catalog.append(records, this.validBytes);
+  /** Appends records, fdatasynced unless `sync: false` (a record the ledger makes redundant). */
+  async append(records: readonly CatalogRecord[], options: { sync?: boolean } = {}): Promise<void> {
+    this.validBytes += await this.catalog.append(records, this.validBytes, options);
     let state: { points: RecoveryPoint[]; pending: RecoveryPoint | undefined } = { points: this.points, pending: this.pending };
     for (const r of records) state = appendToState(this.diskId, state, r);
     this.points = state.points;
