@@ -28,6 +28,17 @@ export interface NetworkedResyncOptions extends Omit<ResyncDisksOptions, 'channe
    * Undefined, or resolving undefined: the hop anchors at what it received.
    */
   readonly cut?: () => Promise<number | undefined>;
+  /**
+   * The log the source's disk is known to include, given by the caller
+   * instead of a cut (the command's `--after-seq S`). Only the first
+   * session opened anchors there: once a session has ended, its held logs
+   * after S are applied, so later sessions (and a re-anchor after
+   * BR_RESYNC_ANCHOR_PASSED) anchor at what the hop received. No log
+   * sequence is known when the reads end, so the completion is one
+   * without a cut (the hop taints every log it received, and those cut
+   * before the last read ended). Ignored when `cut` is given.
+   */
+  readonly firstAnchor?: number;
   readonly retryPolicy?: RetryPolicy;
   readonly clock?: Clock;
   /** Told of each failed attempt (and when the next starts). */
@@ -163,7 +174,9 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   let lastAttempt = 0;
   let attempts = 0;
   let afterSeq: number | undefined;
-  const { peer, diskId, cut, retryPolicy, onRetry, anchorWaitMs, signal, ...engine } = options;
+  const { peer, diskId, cut, firstAnchor, retryPolicy, onRetry, anchorWaitMs, signal, ...engine } = options;
+  /** `firstAnchor` until a session has been tried with it. */
+  let givenAnchor = cut === undefined ? firstAnchor : undefined;
   const endPeer: PeerOptions = { ...peer, timeoutMs: Math.min(peer.timeoutMs ?? END_TIMEOUT_MS, END_TIMEOUT_MS) };
   const channelFor = (attempt: number, anchor: number | undefined, p: PeerOptions = peer): HttpResyncChannel => new HttpResyncChannel({ peer: p, diskId, sessionId, attempt, afterSeq: anchor, diskSizeBytes });
 
@@ -186,7 +199,12 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   /** Opens the session before the source reads anything, so every log after the anchor is held back while it reads. */
   const openSession = async (): Promise<HttpResyncChannel> => {
     for (let tries = 1; ; tries++) {
-      afterSeq = cut === undefined ? undefined : await cut();
+      if (cut !== undefined) {
+        afterSeq = await cut();
+      } else {
+        afterSeq = givenAnchor;
+        givenAnchor = undefined;
+      }
       if (afterSeq !== undefined) await waitForAnchor(peer, diskId, afterSeq, clock, anchorWaitMs ?? DEFAULT_ANCHOR_WAIT_MS);
       // Attempts increase across restarts too, so a restarted resync supersedes its own stale session.
       lastAttempt = Math.max(lastAttempt + 1, clock.now());
@@ -219,11 +237,12 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
       try {
         const result = await resyncDisks(sourceSpec, `${peer.url}${peer.url.endsWith('/') ? '' : '/'}v1/disks/${diskId}`, { ...engine, ...(signal ? { signal } : {}), clock, statePath: options.statePath, channel });
         // Every block is read: the log sealed now ends the first consistent point; the ones before it do not.
-        // Without a cut the log sequence is unknown here: the hop taints the logs cut before the last read ended.
+        // Without a cut the log sequence is unknown here (an anchor given by the caller says nothing of the logs
+        // sealed while the resync read): the hop taints every log it received and those cut before the last read ended.
         const sealedAfter = cut === undefined ? undefined : await cut();
-        const taintedThrough = sealedAfter === undefined ? afterSeq : sealedAfter - 1;
+        const taintedThrough = sealedAfter === undefined ? null : sealedAfter - 1;
         const readEndMs = sealedAfter === undefined ? Math.ceil(Date.now()) : null;
-        finished = { version: 1, diskId, sessionId, attempt: lastAttempt, afterSeq: afterSeq ?? null, taintedThrough: taintedThrough ?? null, readEndMs, result };
+        finished = { version: 1, diskId, sessionId, attempt: lastAttempt, afterSeq: afterSeq ?? null, taintedThrough, readEndMs, result };
         // Durable before the end is sent: the engine's progress file is gone, so this is all that says the work is done.
         await writePendingEnd(endFile, finished);
       } catch (err) {

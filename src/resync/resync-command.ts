@@ -115,7 +115,8 @@ export const resyncCommand: Command = {
  * server's secret from BLOCKRELAY_SECRET. Progress is saved (by default in
  * the temp directory, keyed by URL and disk) so an outage resumes; failed
  * attempts are retried under the retry policy. `--after-seq` anchors the
- * resync after that log; without it the hop anchors at what it received.
+ * first session after that log; without it, and for every later session,
+ * the hop anchors at what it received.
  */
 async function runNetworked(values: ParsedValues, positionals: string[], io: CommandIo): Promise<number> {
   if (positionals.length !== 1) throw new BlockrelayError('BR_USAGE', `resync with --process-server takes SOURCE only, got ${positionals.length} arguments; usage: ${USAGE}`);
@@ -159,7 +160,8 @@ async function runNetworked(values: ParsedValues, positionals: string[], io: Com
       statePath,
       blockSizeBytes,
       checkpointIntervalMs,
-      ...(afterSeq === undefined ? {} : { cut: async () => afterSeq }),
+      // Not a cut: S anchors the first session only, and the end taints what the hop received (see firstAnchor).
+      ...(afterSeq === undefined ? {} : { firstAnchor: afterSeq }),
       ...(maxReadRate === undefined ? {} : { readRateBytesPerSec: maxReadRate }),
       ...(retryMs === undefined ? {} : { retryPolicy: { scheduleOffsetsMs: [], steadyIntervalMs: retryMs, maxRetries: RETRY_POLICY_DEFAULTS.maxRetries } }),
       ...(extents === undefined ? {} : { extents }),

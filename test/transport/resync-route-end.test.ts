@@ -70,6 +70,52 @@ class LosingProxy {
   }
 }
 
+/**
+ * An HTTP proxy in front of a hop that runs `beforeFirstExchange` when the
+ * first resync exchange with a body arrives (the session is open, the reads
+ * have begun), then passes it on, or answers it 503 when `failFirstExchange`.
+ */
+class HookProxy {
+  beforeFirstExchange: (() => Promise<void>) | undefined;
+  failFirstExchange = false;
+  private readonly server: http.Server;
+  private readonly sockets = new Set<net.Socket>();
+
+  constructor(private readonly target: string) {
+    this.server = http.createServer((req, res) => {
+      const hook = req.method === 'POST' && req.headers['content-length'] !== '0' ? this.beforeFirstExchange : undefined;
+      if (hook !== undefined) this.beforeFirstExchange = undefined;
+      void (hook ?? (async () => undefined))().then(() => {
+        if (hook !== undefined && this.failFirstExchange) {
+          req.resume();
+          res.writeHead(503).end();
+          return;
+        }
+        const upstream = http.request(new URL(req.url!, this.target), { method: req.method, headers: req.headers }, (answer) => {
+          res.writeHead(answer.statusCode ?? 502, answer.headers);
+          answer.pipe(res);
+        });
+        upstream.on('error', () => req.socket.destroy());
+        req.pipe(upstream);
+      });
+    });
+    this.server.on('connection', (s) => {
+      this.sockets.add(s);
+      s.on('close', () => this.sockets.delete(s));
+    });
+  }
+
+  async listen(): Promise<string> {
+    await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
+    return `http://127.0.0.1:${(this.server.address() as net.AddressInfo).port}`;
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}
+
 describe('ending a networked resync session: idempotent and recoverable', () => {
   const tmp = useTempDirs();
   const running: Array<{ stop(): Promise<void> }> = [];
@@ -156,6 +202,49 @@ describe('ending a networked resync session: idempotent and recoverable', () => 
       await stopMt(third);
     }
   }, 60_000);
+
+  /** A source differing from the target, and a proxy whose first exchange lets the source seal log 2 (cut now) and send it. */
+  async function anchoredRun(failFirstExchange: boolean) {
+    const { dir, mt, model, rand } = await setup();
+    const sourceFile = path.join(dir, 'source.img');
+    const source = Buffer.from(model);
+    for (let i = 0; i < 16; i++) source.fill(i + 1, i * 256 * 1024, i * 256 * 1024 + 4096);
+    fs.writeFileSync(sourceFile, source);
+    const proxy = new HookProxy(mt.url);
+    const url = await proxy.listen();
+    running.push({ stop: () => proxy.close() });
+    let log2CutTimeMs = 0;
+    proxy.failFirstExchange = failFirstExchange;
+    proxy.beforeFirstExchange = async () => {
+      const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand);
+      log2CutTimeMs = second.envelope.cutTimeMs;
+      await sendLog({ url: mt.url, secret: SECRET }, second.envelope, second.file);
+    };
+    const run = (retryPolicy = FAST_RETRY) => networkedResync(`raw:${sourceFile}`, { peer: { url, secret: SECRET }, diskId: 'disk0', statePath: path.join(dir, 'resync.state'), firstAnchor: 1, retryPolicy, windowBytes: 1024 * 1024 });
+    return { dir, mt, run, log2CutTimeMs: () => log2CutTimeMs };
+  }
+
+  it('a given anchor (--after-seq) is no cut: a log sealed while the resync read ends no offered point', async () => {
+    const { mt, run, log2CutTimeMs } = await anchoredRun(false);
+    const pointBefore = mt.diskStatus().find((d) => d.diskId === 'disk0')!.lastPointTimeMs;
+    expect(await run()).toMatchObject({ attempts: 1, afterSeq: 1, blocksSent: 16 });
+    await mt.drain();
+    expect(mt.ledger.get('disk0').appliedSeq).toBe(2);
+    // Log 2 was held by the session and applied after it: the target mixes its writes with blocks read after its cut.
+    expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: false, taintedThrough: 2 });
+    expect(mt.diskStatus().find((d) => d.diskId === 'disk0')!.lastPointTimeMs).toBe(pointBefore);
+    expect(log2CutTimeMs()).toBeGreaterThan(0);
+  });
+
+  it('a given anchor (--after-seq) anchors the first session only: after an interruption the next one opens at what the hop received', async () => {
+    const { dir, mt, run } = await anchoredRun(true);
+    // Attempt 1 fails after log 2 arrived; its end lets log 2 be applied. Re-anchoring at 1 would be refused every time.
+    const result = await run({ scheduleOffsetsMs: [20], steadyIntervalMs: 20, maxRetries: 3 });
+    // (afterSeq null: the hop chose the anchor; log 2 was applied before the reads, so its blocks were sent back too)
+    expect(result).toMatchObject({ attempts: 2, afterSeq: null });
+    expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: false, taintedThrough: 2, lastSession: { completed: true } });
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(fs.readFileSync(path.join(dir, 'source.img')))).toBe(true);
+  });
 
   it('ends an expired session that had finished: its completion still counts', async () => {
     const { mt } = await setup(300);
