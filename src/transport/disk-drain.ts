@@ -17,6 +17,12 @@ export interface DrainQueue<T> {
   describe(item: T): string;
   /** What the queue holds for this drain and how full its store is (a hold's bound is measured against it). */
   usage?(): QueueUsage;
+  /**
+   * The store the queue lives in, shared by the drains of every disk in it
+   * (a spool). A log arriving for any of them re-checks the bounds of the
+   * others' holds, so a hold yields when other disks fill the store.
+   */
+  readonly store?: object;
 }
 
 /** Bytes a drain's queue holds, against its store's bound. */
@@ -41,8 +47,12 @@ export function spoolQueue(spool: LogSpool, diskId: string, beforeRemove?: () =>
     },
     describe: (entry) => `log ${entry.envelope.seq}`,
     usage: () => ({ queuedBytes: spool.pendingBytes(diskId), storeUsedBytes: spool.bytesUsed, storeCapacityBytes: spool.maxBytes }),
+    store: spool,
   };
 }
+
+/** Per store, the drains whose hold has a bound (limitHold) now. */
+const boundedHolds = new WeakMap<object, Set<DiskDrain<never>>>();
 
 /**
  * Drains one disk's queue of logs, oldest first, one at a time: ships them
@@ -101,8 +111,15 @@ export class DiskDrain<T = SpoolEntry> {
     });
   }
 
-  /** A new log arrived: handle it now if the loop is waiting. */
+  /**
+   * A new log arrived: handle it now if the loop is waiting. The log takes
+   * room in the store every disk shares, so the bounds of the other disks'
+   * holds in that store are checked too (their own drains are not woken by
+   * it, and a hold must yield before the store refuses this disk's logs).
+   */
   wake(): void {
+    const store = this.options.queue.store;
+    if (store !== undefined) for (const other of boundedHolds.get(store) ?? []) if (other !== (this as unknown)) other.checkHoldLimit();
     this.woken = true;
     // Marked busy at once, so whenIdle() called right after cannot see a stale idle.
     if (this.stateValue === 'idle') this.stateValue = 'busy';
@@ -134,8 +151,21 @@ export class DiskDrain<T = SpoolEntry> {
   /** Ends a hold(): held items are handled again, in order. */
   release(): void {
     this.holdBack = undefined;
-    this.holdLimit = undefined;
+    this.setHoldLimit(undefined);
     this.wake();
+  }
+
+  private setHoldLimit(limit: DiskDrain<T>['holdLimit']): void {
+    this.holdLimit = limit;
+    const store = this.options.queue.store;
+    if (store === undefined) return;
+    let holds = boundedHolds.get(store);
+    if (limit === undefined) {
+      holds?.delete(this as unknown as DiskDrain<never>);
+      return;
+    }
+    if (holds === undefined) boundedHolds.set(store, (holds = new Set()));
+    holds.add(this as unknown as DiskDrain<never>);
   }
 
   /**
@@ -144,11 +174,13 @@ export class DiskDrain<T = SpoolEntry> {
    * `maxBytes`, or more than `maxShare` of its store's bound, or the store
    * has less than `reserveShare` of its bound free while this holds
    * anything, `onExceeded` is called once (it is expected to release).
-   * Checked whenever the drain wakes, i.e. as each item arrives.
+   * Checked whenever this drain wakes (as each of its items arrives), and
+   * whenever the drain of another disk in the same store wakes (as other
+   * disks' logs take room in it).
    */
   limitHold(maxBytes: number, maxShare: number, reserveShare: number, onExceeded: (queuedBytes: number) => void): void {
     if (this.holdBack === undefined) return;
-    this.holdLimit = { maxBytes, maxShare, reserveShare, onExceeded };
+    this.setHoldLimit({ maxBytes, maxShare, reserveShare, onExceeded });
     this.wake();
   }
 
@@ -159,7 +191,7 @@ export class DiskDrain<T = SpoolEntry> {
     const bound = Math.min(limit.maxBytes, usage.storeCapacityBytes * limit.maxShare);
     const free = usage.storeCapacityBytes - usage.storeUsedBytes;
     if (usage.queuedBytes > bound || free < usage.storeCapacityBytes * limit.reserveShare) {
-      this.holdLimit = undefined;
+      this.setHoldLimit(undefined);
       limit.onExceeded(usage.queuedBytes);
     }
   }
@@ -208,6 +240,7 @@ export class DiskDrain<T = SpoolEntry> {
   /** Stops after the log in hand; a pending retry wait ends at once. */
   async stop(): Promise<void> {
     this.stopping = true;
+    this.setHoldLimit(undefined);
     this.retry?.cancel();
     this.wakeUp?.();
     await this.loopDone;

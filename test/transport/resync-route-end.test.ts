@@ -404,6 +404,59 @@ describe('logs held back by a resync session are bounded', () => {
     for (const h of running.splice(0).reverse()) await h.stop();
   });
 
+  it('ends a hold when another disk\'s uploads leave the spool less than an eighth free, though no log of the held disk arrives', async () => {
+    const dir = tmp();
+    const extra = { ...quiet(), retryPolicy: FAST_RETRY };
+    // The master target knows disk0 only: disk1's logs stay in the process server's spool and fill it.
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'disk0.img')}` }] }), hrlLogOps, extra);
+    await mt.start();
+    running.push(mt);
+    const spoolBytes = 64 * 1024 * 1024;
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, cache: { dir: path.join(dir, 'cache'), maxBytes: spoolBytes }, forward: { url: mt.url, secret: MT_SECRET } }), hrlLogOps, extra);
+    await ps.start();
+    running.push(ps);
+    const psPeer = { url: ps.url, secret: SECRET };
+    const rand = prng(9);
+    const disk0 = Buffer.alloc(DISK_SIZE);
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, disk0, rand);
+    await sendLog(psPeer, first.envelope, first.file);
+    await ps.drain();
+    await mt.drain();
+    const ch = channel(ps.url, SESSION_A, { afterSeq: 1 });
+    await ch.open();
+    // The session holds about 10 MiB, well below its quarter.
+    let held = 0;
+    let seq0 = 2;
+    while (held < 10 * 1024 * 1024) {
+      const log = await makeLog(path.join(dir, 'src'), 'disk0', seq0++, disk0, rand, 300);
+      await sendLog(psPeer, log.envelope, log.file);
+      fs.rmSync(log.file);
+      held += log.envelope.logLength;
+    }
+    expect(ps.resyncSessions.active('disk0')).toBeDefined();
+    // disk1 writes on; none of its uploads may be refused for the room disk0's held logs take.
+    const disk1 = Buffer.alloc(DISK_SIZE);
+    let sent1 = 0;
+    let seq1 = 1;
+    let endedAtBytes: number | undefined;
+    while (sent1 < spoolBytes - 8 * 1024 * 1024) {
+      const log = await makeLog(path.join(dir, 'src'), 'disk1', seq1++, disk1, rand, 300);
+      await sendLog(psPeer, log.envelope, log.file);
+      fs.rmSync(log.file);
+      sent1 += log.envelope.logLength;
+      if (endedAtBytes === undefined && ps.resyncSessions.active('disk0') === undefined) {
+        endedAtBytes = held + sent1;
+        // The held logs go on to the master target and leave the spool.
+        await ps.drain();
+      }
+    }
+    expect(endedAtBytes).toBeDefined();
+    expect(endedAtBytes!).toBeGreaterThan(spoolBytes * 7 / 8);
+    await mt.drain();
+    expect(mt.ledger.get('disk0').appliedSeq).toBe(seq0 - 1);
+    expect(fs.readFileSync(path.join(dir, 'disk0.img')).equals(disk0)).toBe(true);
+  }, 60_000);
+
   it('ends a session whose held logs pass a quarter of the spool: they go on, and another disk is never refused for them', async () => {
     const dir = tmp();
     const extra = { ...quiet(), retryPolicy: FAST_RETRY };
