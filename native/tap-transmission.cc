@@ -258,6 +258,8 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
       hasOutbox_.store(false);
     }
     Post({kEventExit, 0, 0, 0, 0, 0, 0, reason});
+    std::lock_guard<std::mutex> lock(postMu_);
+    postsClosed_ = true;
     events.Release();
   }
 
@@ -344,7 +346,12 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     (void)ignored;
   }
 
+  // Posts an event to JavaScript; nothing once the thread has posted its
+  // exit and released the function (a write of a stop that stopped waiting
+  // for it may still complete later, on the writer thread).
   void Post(const Event& e) {
+    std::lock_guard<std::mutex> lock(postMu_);
+    if (postsClosed_) return;
     Event* copy = new Event(e);
     if (events.NonBlockingCall(copy, [](Napi::Env env, Napi::Function fn, Event* ev) {
           if (env != nullptr && fn != nullptr) {
@@ -806,6 +813,8 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   std::mutex sendMu_;
   std::atomic<bool> hasOutbox_{false};
   std::atomic<bool> stopping_{false};
+  std::mutex postMu_;
+  bool postsClosed_ = false;  // under postMu_
   // A hard stop: nothing more is sent either.
   std::atomic<bool> aborting_{false};
   std::chrono::steady_clock::time_point drainDeadline_;  // under mu_, set by the first Stop
