@@ -1,5 +1,6 @@
 import * as http from 'node:http';
 import * as https from 'node:https';
+import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { errorFromNetwork, errorFromResponse, type PeerOptions } from '../transport/log-client';
 import type { ResyncChannel } from './resync-peer';
@@ -37,7 +38,23 @@ export const RESYNC_HEADER = {
    * resync must run on the source's host or a host whose clock is in step.
    */
   readEndMs: 'x-blockrelay-resync-read-end-ms',
+  /**
+   * On DELETE: how long the hop may take before it answers. Ending can
+   * take longer (a master target flushes and copies the session's
+   * pre-images into its journal): past this the hop answers `ending` and
+   * the client asks again, so no request outlives its timeout.
+   */
+  answerWithinMs: 'x-blockrelay-resync-answer-within-ms',
 } as const;
+
+/** How long a hop waits for an end before it answers `ending`, when the DELETE does not say. */
+export const DEFAULT_END_ANSWER_WITHIN_MS = 2_000;
+/** The longest a DELETE may ask the hop to wait before answering. */
+export const MAX_END_ANSWER_WITHIN_MS = 60_000;
+/** Between two asks while the hop is still ending a session. */
+const END_POLL_MS = 100;
+/** How long a client keeps asking while the hop is ending; past it the end fails (recoverable) and is retried later. */
+const END_WAIT_LIMIT_MS = 60 * 60 * 1000;
 
 /**
  * Largest request body: a full write request (64 MiB of data) with a run
@@ -59,6 +76,8 @@ export interface EndAnswer {
   readonly completed: boolean;
   readonly inProgress: boolean;
   readonly taintedThrough: number | null;
+  /** The hop is still ending the session (flushing, journaling): ask again; `completed` is not known yet. */
+  readonly ending: boolean;
 }
 
 export function parseEndAnswer(body: Buffer, diskId: string): EndAnswer {
@@ -69,7 +88,7 @@ export function parseEndAnswer(body: Buffer, diskId: string): EndAnswer {
     throw new BlockrelayError('BR_PROTOCOL', `the answer to ending the resync session of disk ${diskId} is not JSON`, { cause: err });
   }
   if (typeof parsed.completed !== 'boolean' || typeof parsed.ended !== 'boolean') throw new BlockrelayError('BR_PROTOCOL', `the answer to ending the resync session of disk ${diskId} lacks 'ended' and 'completed'`);
-  return { diskId, ended: parsed.ended, completed: parsed.completed, inProgress: parsed.inProgress === true, taintedThrough: typeof parsed.taintedThrough === 'number' ? parsed.taintedThrough : null };
+  return { diskId, ended: parsed.ended, completed: parsed.completed, inProgress: parsed.inProgress === true, taintedThrough: typeof parsed.taintedThrough === 'number' ? parsed.taintedThrough : null, ending: parsed.ending === true };
 }
 
 const SESSION_ID_PATTERN = /^[A-Za-z0-9_-]{16,64}$/;
@@ -90,9 +109,31 @@ export interface HttpResyncChannelOptions {
   /** The log sequence this resync follows; undefined: everything the hop has received. */
   readonly afterSeq?: number | undefined;
   readonly diskSizeBytes: number;
+  /** Times the waits between asks while the hop is ending the session. */
+  readonly clock?: Clock;
 }
 
 const DEFAULT_TIMEOUT_MS = 120_000;
+
+/**
+ * Ends a session and, with a completion, asks again while the hop answers
+ * `ending`, until it answers the outcome (or END_WAIT_LIMIT_MS passed:
+ * BR_NET_TIMEOUT, recoverable). Each request asks the hop to answer within
+ * half its own timeout, so no request times out however long the hop's end
+ * work takes (a master target with retention copies every pre-image of the
+ * session into its journal). Used by the source and by a relaying hop.
+ */
+export async function endSession(peer: PeerOptions, diskId: string, headers: Record<string, string>, completing: boolean, clock: Clock = systemClock, agent?: http.Agent): Promise<EndAnswer> {
+  const withinMs = Math.max(1, Math.min(MAX_END_ANSWER_WITHIN_MS, Math.floor((peer.timeoutMs ?? DEFAULT_TIMEOUT_MS) / 2)));
+  const asked = { ...headers, [RESYNC_HEADER.answerWithinMs]: String(withinMs) };
+  const deadline = clock.now() + END_WAIT_LIMIT_MS;
+  for (;;) {
+    const answer = parseEndAnswer(await postResync(peer, 'DELETE', diskId, asked, undefined, agent), diskId);
+    if (!answer.ending || !completing) return answer;
+    if (clock.now() >= deadline) throw new BlockrelayError('BR_NET_TIMEOUT', `the hop was still ending the resync session of disk ${diskId} after ${END_WAIT_LIMIT_MS} ms`);
+    await new Promise<void>((resolve) => clock.setTimer(resolve, END_POLL_MS));
+  }
+}
 
 export function resyncPath(diskId: string): string {
   return `/v1/disks/${encodeURIComponent(diskId)}/resync`;
@@ -221,8 +262,9 @@ export class HttpResyncChannel implements ResyncChannel {
    * Ends the session on the hop (its applier resumes at once rather than at
    * expiry), and closes the connections. `completion` says the resync
    * finished, and through which log the points are tainted; then the hop
-   * must answer that it recorded it (BR_PROTOCOL otherwise). Ending is
-   * idempotent on the hop: sending the same end again is harmless.
+   * must answer that it recorded it (BR_PROTOCOL otherwise); while the hop
+   * answers that it is still ending, the end is asked again (endSession).
+   * Ending is idempotent on the hop: sending the same end again is harmless.
    */
   async end(completion?: { taintedThrough: number | undefined; readEndMs?: number | undefined }): Promise<EndAnswer> {
     const headers = sessionHeaders(this.options);
@@ -232,7 +274,7 @@ export class HttpResyncChannel implements ResyncChannel {
       if (completion.readEndMs !== undefined) headers[RESYNC_HEADER.readEndMs] = String(Math.ceil(completion.readEndMs));
     }
     try {
-      const answer = parseEndAnswer(await postResync(this.options.peer, 'DELETE', this.options.diskId, headers, undefined), this.options.diskId);
+      const answer = await endSession(this.options.peer, this.options.diskId, headers, completion !== undefined, this.options.clock);
       if (completion !== undefined && !answer.completed) throw new BlockrelayError('BR_PROTOCOL', `the hop answered the completion of resync session ${this.options.sessionId} without recording it`);
       return answer;
     } finally {

@@ -65,7 +65,13 @@ export interface NetworkedResyncResult extends ResyncResult {
 
 const ANCHOR_POLL_MS = 100;
 const DEFAULT_ANCHOR_WAIT_MS = 60_000;
-/** A session's end is bounded in time; a failed end is retried under the retry policy. */
+/**
+ * Each request that ends a session is bounded in time; the hop answers
+ * `ending` within half of it while its end work goes on, and the end is
+ * asked again (endSession), so a master target's long end (flush, journal
+ * copy of every pre-image) does not fail it. A failed end is retried under
+ * the retry policy.
+ */
 const END_TIMEOUT_MS = 5_000;
 /** Opening at an anchor the hop has passed (a log raced in): cut again at once this many times before the retry policy. */
 const QUICK_REANCHOR_TRIES = 3;
@@ -178,7 +184,7 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   /** `firstAnchor` until a session has been tried with it. */
   let givenAnchor = cut === undefined ? firstAnchor : undefined;
   const endPeer: PeerOptions = { ...peer, timeoutMs: Math.min(peer.timeoutMs ?? END_TIMEOUT_MS, END_TIMEOUT_MS) };
-  const channelFor = (attempt: number, anchor: number | undefined, p: PeerOptions = peer): HttpResyncChannel => new HttpResyncChannel({ peer: p, diskId, sessionId, attempt, afterSeq: anchor, diskSizeBytes });
+  const channelFor = (attempt: number, anchor: number | undefined, p: PeerOptions = peer): HttpResyncChannel => new HttpResyncChannel({ peer: p, diskId, sessionId, attempt, afterSeq: anchor, diskSizeBytes, clock });
 
   /** Tells the hop the resync finished; resolves true once it is recorded, false if it can no longer be (the resync must run again). */
   const confirmEnd = async (pending: PendingEnd): Promise<boolean> => {

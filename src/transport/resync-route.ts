@@ -7,7 +7,7 @@ import type { Clock, TimerHandle } from '../platform/clock';
 import { KeyedLock } from '../platform/keyed-lock';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { BlockHasher } from '../resync/block-hasher';
-import { keepAliveAgent, MAX_RESYNC_REQUEST_BYTES, parseEndAnswer, postResync, RESYNC_HEADER, sessionHeaders, validateSessionId, type EndAnswer } from '../resync/http-resync-channel';
+import { DEFAULT_END_ANSWER_WITHIN_MS, endSession, keepAliveAgent, MAX_END_ANSWER_WITHIN_MS, MAX_RESYNC_REQUEST_BYTES, parseEndAnswer, postResync, RESYNC_HEADER, sessionHeaders, validateSessionId, type EndAnswer } from '../resync/http-resync-channel';
 import { ResyncTargetService } from '../resync/resync-peer';
 import type { DiskTarget } from '../targets/disk-target';
 import type { DiskDrain } from './disk-drain';
@@ -387,8 +387,9 @@ export class ResyncSessions {
           const diskId = validateDiskId(ctx.params.disk!);
           const key = sessionKey(ctx.req);
           const completion = completionOf(ctx.req);
+          const withinMs = Math.min(wholeHeader(ctx.req, RESYNC_HEADER.answerWithinMs, false) ?? DEFAULT_END_ANSWER_WITHIN_MS, MAX_END_ANSWER_WITHIN_MS);
           ctx.req.resume();
-          const answer = await this.endRequest(diskId, key, completion);
+          const answer = await this.endRequest(diskId, key, completion, withinMs);
           sendJson(ctx.res, 200, answer);
         },
       },
@@ -402,17 +403,22 @@ export class ResyncSessions {
    * still records its completion when it was the disk's last session, and
    * a repeated completion is answered as recorded. A completion that can no
    * longer be recorded (another session wrote since) is refused with
-   * BR_RESYNC_SESSION_EXPIRED: the resync must run again.
+   * BR_RESYNC_SESSION_EXPIRED: the resync must run again. An end that takes
+   * longer than `withinMs` (flushing the target, finishing the session's
+   * journal) goes on, and the request is answered `ending`: the source asks
+   * again, and that request finds the end done, or still going.
    */
-  private async endRequest(diskId: string, key: SessionKey, completion: Completion | undefined): Promise<EndAnswer> {
+  private async endRequest(diskId: string, key: SessionKey, completion: Completion | undefined, withinMs: number): Promise<EndAnswer> {
     let current = this.sessions.get(diskId);
     if (current !== undefined && current.sessionId === key.sessionId && current.attempt === key.attempt) {
-      // If it is already ending (expiry, role stopping), that end carries no completion: record it afterwards.
+      // If it is already ending (expiry, role stopping, or this request repeated while the end goes on), that end
+      // carries no completion, or carries it already: look again once it is over.
       const carriesCompletion = current.ending === undefined;
-      await this.end(current, completion === undefined ? 'ended by the source' : 'completed', completion);
+      const done = await this.settledWithin(this.end(current, completion === undefined ? 'ended by the source' : 'completed', completion), withinMs);
+      if (!done) return { diskId, ended: carriesCompletion, completed: false, ending: true, ...this.stateFields(diskId) };
       if (carriesCompletion || completion === undefined) {
-        if (current.access.kind === 'relay') return { ...(current.relayedEnd ?? { inProgress: false, taintedThrough: null, completed: false }), diskId, ended: true };
-        return { diskId, ended: true, completed: completion !== undefined, ...this.stateFields(diskId) };
+        if (current.access.kind === 'relay') return { ...(current.relayedEnd ?? { inProgress: false, taintedThrough: null, completed: false }), diskId, ended: true, ending: false };
+        return { diskId, ended: true, completed: completion !== undefined, ending: false, ...this.stateFields(diskId) };
       }
       current = this.sessions.get(diskId);
     }
@@ -424,10 +430,11 @@ export class ResyncSessions {
     const access = this.options.access(diskId);
     if (access?.kind === 'relay') {
       // No session here (ended, or this hop restarted): the master target may still hold one, or remember it.
-      const reply = await postResync(access.peer, 'DELETE', diskId, { ...sessionHeaders(key), ...completionHeaders(completion) }, undefined);
+      // Asked to answer within the same time: an `ending` answer goes back to the source, which asks again.
+      const reply = await postResync(access.peer, 'DELETE', diskId, { ...sessionHeaders(key), ...completionHeaders(completion), [RESYNC_HEADER.answerWithinMs]: String(withinMs) }, undefined);
       return { ...parseEndAnswer(reply, diskId), diskId };
     }
-    if (completion === undefined || access === undefined) return { diskId, ended: false, completed: false, ...this.stateFields(diskId) };
+    if (completion === undefined || access === undefined) return { diskId, ended: false, completed: false, ending: false, ...this.stateFields(diskId) };
     // Under the disk's opening lock: a session opening meanwhile (which makes itself the last session) is either
     // fully open before this looks, or opens after the completion is recorded, never in between.
     return this.opening.run(diskId, async () => {
@@ -440,8 +447,23 @@ export class ResyncSessions {
       // The disk's last session ended without a completion (it expired after its last exchange, or the hop
       // restarted): its writes were flushed before the source finished, so the resync still completes.
       if (!last.completed) await this.complete(diskId, completion, access.receivedSeq());
-      return { diskId, ended: false, completed: true, ...this.stateFields(diskId) };
+      return { diskId, ended: false, completed: true, ending: false, ...this.stateFields(diskId) };
     });
+  }
+
+  /** Whether `work` settled within `withinMs` (its failure is thrown); it goes on either way. */
+  private async settledWithin(work: Promise<void>, withinMs: number): Promise<boolean> {
+    let timer: TimerHandle | undefined;
+    const late = new Promise<false>((resolve) => {
+      timer = this.options.clock.setTimer(() => resolve(false), withinMs);
+    });
+    // Its failure still reaches whoever asks next; not an unhandled rejection meanwhile.
+    work.catch(() => undefined);
+    try {
+      return await Promise.race([work.then(() => true), late]);
+    } finally {
+      timer?.cancel();
+    }
   }
 
   private stateFields(diskId: string): { inProgress: boolean; taintedThrough: number | null } {
@@ -669,13 +691,14 @@ export class ResyncSessions {
       if (session.inFlight > 0) await new Promise<void>((resolve) => session.drained.push(resolve));
       if (session.access.kind === 'relay') {
         const headers = { ...sessionHeaders({ sessionId: session.sessionId, attempt: session.attempt, diskSizeBytes: session.diskSizeBytes, afterSeq: session.afterSeq ?? undefined }), ...completionHeaders(completion) };
-        const ended = postResync(session.access.peer, 'DELETE', session.diskId, headers, undefined);
+        // With a completion, asked again while the master target is still ending its session (its end work can take minutes).
+        const ended = endSession(session.access.peer, session.diskId, headers, completion !== undefined, this.options.clock);
         if (completion !== undefined) {
           // The source must learn if the master target did not record the completion.
-          session.relayedEnd = parseEndAnswer(await ended, session.diskId);
+          session.relayedEnd = await ended;
         } else {
-          await ended.then((reply) => {
-            session.relayedEnd = parseEndAnswer(reply, session.diskId);
+          await ended.then((answer) => {
+            session.relayedEnd = answer;
           }).catch((err: unknown) => {
             // The master target ends it on its own when idle.
             this.options.logger.warn({ disk: session.diskId, code: isBlockrelayError(err) ? err.code : undefined }, `could not end the master target's resync session: ${(err as Error).message}`);

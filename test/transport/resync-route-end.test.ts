@@ -246,6 +246,34 @@ describe('ending a networked resync session: idempotent and recoverable', () => 
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(fs.readFileSync(path.join(dir, 'source.img')))).toBe(true);
   });
 
+  it('answers an end that takes longer than the source may wait as still ending, and the source asks again until it is recorded', async () => {
+    const { mt } = await setup();
+    const ch = channel(mt.url, SESSION_A, { afterSeq: 1 });
+    await ch.open();
+    ch.close();
+    // An exchange still in flight holds the end back for 1.5 s (as a long flush and journal copy would).
+    const info = Buffer.from([0x01, 1, 0, 0, 0, 0, 0, 0]);
+    const slow = http.request(new URL('/v1/disks/disk0/resync', mt.url), { method: 'POST', headers: { authorization: `Bearer ${SECRET}`, 'content-length': String(info.length), 'x-blockrelay-resync-session': SESSION_A, 'x-blockrelay-resync-attempt': '1', 'x-blockrelay-resync-after-seq': '1', 'x-blockrelay-disk-size-bytes': String(DISK_SIZE) } });
+    const slowDone = new Promise<number>((resolve, reject) => {
+      slow.on('response', (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      });
+      slow.on('error', reject);
+    });
+    slow.write(info.subarray(0, 4));
+    await new Promise((r) => setTimeout(r, 50));
+    setTimeout(() => slow.end(info.subarray(4)), 1500);
+    // Each request of this end may take 400 ms: the hop answers within 200 ms, 'ending', and is asked again.
+    const startedMs = Date.now();
+    const answer = await new HttpResyncChannel({ peer: { url: mt.url, secret: SECRET, timeoutMs: 400 }, diskId: 'disk0', sessionId: SESSION_A, attempt: 1, afterSeq: 1, diskSizeBytes: DISK_SIZE }).end({ taintedThrough: 1 });
+    expect(answer).toMatchObject({ completed: true, ending: false, inProgress: false, taintedThrough: 1 });
+    expect(Date.now() - startedMs).toBeGreaterThan(1000);
+    // (the session ended while it was read: refused as expired, but the end waited for it)
+    expect(await slowDone).toBe(410);
+    expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: false, lastSession: { sessionId: SESSION_A, completed: true } });
+  });
+
   it('ends an expired session that had finished: its completion still counts', async () => {
     const { mt } = await setup(300);
     const ch = channel(mt.url, SESSION_A, { afterSeq: 1 });
