@@ -141,10 +141,22 @@ const UPLOAD_READ_BUFFERS = 4;
  */
 function logFileBody(file: string, options: SendOptions): BodyWriter {
   return async (req) => {
+    // Listen for the request's end before anything is awaited: a request
+    // refused while the file opens (ECONNREFUSED as a hop restarts) closes
+    // then, and a 'close' missed here left the body waiting at req.end()
+    // forever, its file handle closed only by the garbage collector.
+    let wake: (() => void) | undefined;
+    let closed = req.destroyed;
+    const onClose = (): void => {
+      closed = true;
+      wake?.();
+    };
+    req.once('close', onClose);
     let fh: fsp.FileHandle;
     try {
       fh = await fsp.open(file, 'r');
     } catch (err) {
+      req.off('close', onClose);
       req.destroy(err as Error);
       throw err;
     }
@@ -152,13 +164,6 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
     const limiter = options.limiter !== undefined && !options.limiter.unlimited ? options.limiter : undefined;
     const free: Buffer[] = [];
     for (let i = 0; i < UPLOAD_READ_BUFFERS; i++) free.push(Buffer.allocUnsafeSlow(UPLOAD_READ_CHUNK_BYTES));
-    let wake: (() => void) | undefined;
-    let closed = false;
-    const onClose = (): void => {
-      closed = true;
-      wake?.();
-    };
-    req.once('close', onClose);
     const gone = (): Error => Object.assign(new Error('request closed while sending its body'), { code: 'ECONNRESET' });
     /** Waits until the socket can take more (or a buffer came back). */
     const settle = (event: 'drain' | 'buffer'): Promise<void> => new Promise<void>((resolve) => {
