@@ -2,7 +2,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { validateConfig } from '../../src/daemon/config';
+import { systemClock } from '../../src/platform/clock';
 import { BlockrelayError } from '../../src/retry/blockrelay-error';
+import { BandwidthLimiter } from '../../src/transport/bandwidth-limiter';
 import type { DiskTarget } from '../../src/targets/disk-target';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { getDiskState, sendLog } from '../../src/transport/log-client';
@@ -77,6 +79,21 @@ describe('master target applying on receipt', () => {
     await mt.drain();
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
     expect(mt.spool.list('disk0')).toEqual([]);
+  });
+
+  it('takes an lz4-framed upload paced by a bandwidth limit, at that pace', async () => {
+    const dir = tmp();
+    const mt = await startMt(dir);
+    const model = Buffer.alloc(DISK_SIZE);
+    const log = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, prng(15), 200);
+    expect(log.envelope.logLength).toBeGreaterThan(1_500_000);
+    // The bucket starts with one second of tokens: the rest of the log waits for the rate.
+    const limiter = new BandwidthLimiter(1_000_000, systemClock);
+    const started = Date.now();
+    expect((await sendLog({ url: mt.url, secret: SECRET }, log.envelope, log.file, { lz4: true, limiter })).status).toBe(201);
+    // Random payloads hardly compress: about logLength - 1 MB waits for tokens.
+    expect(Date.now() - started).toBeGreaterThanOrEqual(((log.envelope.logLength - 1_000_000) / 1_000_000) * 1000 * 0.8);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   });
 
   it('spools a log whose apply on receipt failed, and the retrying drain applies it', async () => {
