@@ -75,6 +75,33 @@ const SERVERS: readonly Server[] = (['qemu-nbd', 'tap logging', 'tap dirty-map-o
 interface Sample {
   iops: number;
   bwMiBs: number;
+  /** CPU seconds the server process used per GiB fio wrote (Linux; NaN elsewhere). */
+  serverCpuSPerGiB: number;
+}
+
+const CLK_TCK = (() => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/**
+ * User plus system CPU seconds a process has used so far (all its threads,
+ * from /proc), or NaN. On a machine shared with other work the IOPS of a run
+ * swing with the load; the server's own CPU per GiB written does much less.
+ */
+function cpuSeconds(pid: number | undefined): number {
+  if (pid === undefined) return Number.NaN;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // After "pid (comm) ": state is field 3, utime 14 and stime 15.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+  } catch {
+    return Number.NaN;
+  }
 }
 
 function median(xs: number[]): number {
@@ -107,7 +134,8 @@ async function waitForPort(port: number): Promise<void> {
   throw new Error(`nothing listens on ${port}`);
 }
 
-function fio(uri: string, job: Job, out: string): Promise<Sample> {
+function fio(uri: string, serverPid: number | undefined, job: Job, out: string): Promise<Sample> {
+  const cpuBefore = cpuSeconds(serverPid);
   return new Promise((resolve, reject) => {
     const args = [
       '--name=bench', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
@@ -121,7 +149,8 @@ function fio(uri: string, job: Job, out: string): Promise<Sample> {
     child.on('exit', (code) => {
       if (code !== 0) return reject(new Error(`fio exited with ${code}: ${stderr}`));
       const w = JSON.parse(fs.readFileSync(out, 'utf8')).jobs[0].write;
-      resolve({ iops: w.iops, bwMiBs: w.bw_bytes / MiB });
+      const cpu = cpuSeconds(serverPid) - cpuBefore;
+      resolve({ iops: w.iops, bwMiBs: w.bw_bytes / MiB, serverCpuSPerGiB: cpu / (w.io_bytes / (1024 * MiB)) });
     });
   });
 }
@@ -137,12 +166,12 @@ function makeImage(file: string): void {
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', '-o', 'preallocation=falloc', file, String(diskBytes)]);
 }
 
-async function withQemuNbd<T>(image: string, fn: (uri: string) => Promise<T>): Promise<T> {
+async function withQemuNbd<T>(image: string, fn: (uri: string, pid: number | undefined) => Promise<T>): Promise<T> {
   const port = await freePort();
   const child: ChildProcess = spawn('qemu-nbd', ['-f', 'raw', '--cache=writeback', '--aio=threads', '--persistent', '-b', '127.0.0.1', '-p', String(port), '-x', 'disk0', image], { stdio: 'ignore' });
   try {
     await waitForPort(port);
-    return await fn(`nbd://127.0.0.1:${port}/disk0`);
+    return await fn(`nbd://127.0.0.1:${port}/disk0`, child.pid);
   } finally {
     child.kill('SIGTERM');
     await new Promise((r) => child.once('exit', r));
@@ -153,7 +182,7 @@ async function withQemuNbd<T>(image: string, fn: (uri: string) => Promise<T>): P
  * Runs the tap in a child process (this file with `--serve`), so it has its
  * own event loop and CPU like qemu-nbd, and its own libuv settings.
  */
-async function withTap<T>(image: string, logDir: string, dirtyOnly: boolean, fn: (uri: string) => Promise<T>): Promise<T> {
+async function withTap<T>(image: string, logDir: string, dirtyOnly: boolean, fn: (uri: string, pid: number | undefined) => Promise<T>): Promise<T> {
   fs.rmSync(logDir, { recursive: true, force: true });
   const env = { ...process.env };
   if (ioUring) delete env.UV_USE_IO_URING;
@@ -174,7 +203,7 @@ async function withTap<T>(image: string, logDir: string, dirtyOnly: boolean, fn:
       });
       void exited.then((code) => reject(new Error(`tap server exited with ${code}`)));
     });
-    return await fn(uri);
+    return await fn(uri, child.pid);
   } finally {
     child.kill('SIGTERM');
     const code = await exited;
@@ -222,26 +251,29 @@ async function main(): Promise<void> {
       for (const job of JOBS) {
         for (const server of SERVERS) {
           const out = path.join(dir, 'fio.json');
-          const run = (uri: string): Promise<Sample> => fio(uri, job, out);
+          const run = (uri: string, pid: number | undefined): Promise<Sample> => fio(uri, pid, job, out);
           const sample =
             server === 'qemu-nbd' ? await withQemuNbd(image, run) : await withTap(image, logDir, server === 'tap dirty-map-only', run);
           const key = `${job.key}|${server}`;
           samples.set(key, [...(samples.get(key) ?? []), sample]);
-          process.stderr.write(`rep ${rep + 1}/${repetitions} ${job.key} ${server}: ${sample.iops.toFixed(0)} IOPS, ${sample.bwMiBs.toFixed(1)} MiB/s (${((Date.now() - startedMs) / 1000).toFixed(1)} s)\n`);
+          process.stderr.write(`rep ${rep + 1}/${repetitions} ${job.key} ${server}: ${sample.iops.toFixed(0)} IOPS, ${sample.bwMiBs.toFixed(1)} MiB/s, server ${sample.serverCpuSPerGiB.toFixed(3)} CPU-s/GiB (${((Date.now() - startedMs) / 1000).toFixed(1)} s)\n`);
         }
       }
     }
     const figures: Record<string, number> = {};
     const ratios: Record<string, number> = {};
-    const jobs: Record<string, Record<string, { iops: number; bwMiBs: number; samples: Sample[] }>> = {};
+    const jobs: Record<string, Record<string, { iops: number; bwMiBs: number; serverCpuSPerGiB: number; samples: Sample[] }>> = {};
+    // tap / qemu-nbd server CPU per GiB written (below 1: the tap spends less); not part of the goal.
+    const cpuRatios: Record<string, number> = {};
     for (const job of JOBS) {
       jobs[job.key] = {};
       for (const server of SERVERS) {
         const s = samples.get(`${job.key}|${server}`)!;
-        const m = { iops: median(s.map((x) => x.iops)), bwMiBs: median(s.map((x) => x.bwMiBs)), samples: s };
+        const m = { iops: median(s.map((x) => x.iops)), bwMiBs: median(s.map((x) => x.bwMiBs)), serverCpuSPerGiB: median(s.map((x) => x.serverCpuSPerGiB)), samples: s };
         jobs[job.key]![server] = m;
         figures[`${job.key}, ${server}, IOPS`] = Math.round(m.iops);
         figures[`${job.key}, ${server}, MiB/s`] = Number(m.bwMiBs.toFixed(1));
+        figures[`${job.key}, ${server}, server CPU-s per GiB`] = Number(m.serverCpuSPerGiB.toFixed(3));
       }
       const peer = jobs[job.key]!['qemu-nbd']!;
       for (const server of SERVERS) {
@@ -249,6 +281,7 @@ async function main(): Promise<void> {
         const ours = jobs[job.key]![server]!;
         ratios[`${job.key}, ${server}, IOPS`] = Number((ours.iops / peer.iops).toFixed(3));
         ratios[`${job.key}, ${server}, bandwidth`] = Number((ours.bwMiBs / peer.bwMiBs).toFixed(3));
+        cpuRatios[`${job.key}, ${server}`] = Number((ours.serverCpuSPerGiB / peer.serverCpuSPerGiB).toFixed(3));
       }
     }
     const loggingMin = Math.min(...Object.entries(ratios).filter(([k]) => k.includes('logging')).map(([, v]) => v));
@@ -263,6 +296,7 @@ async function main(): Promise<void> {
       repetitions,
       diskBytes,
       ratios,
+      cpuRatios,
       figures,
       goal: { text: 'tap / qemu-nbd ≥ 0.8 with data logging, ≥ 0.95 with dirty-map-only tracking', loggingMin, dirtyMin, met: loggingMin >= 0.8 && dirtyMin >= 0.95 },
       jobs,
