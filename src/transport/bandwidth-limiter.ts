@@ -1,4 +1,3 @@
-import { Transform, type TransformCallback } from 'node:stream';
 import type { Clock } from '../platform/clock';
 
 /**
@@ -56,26 +55,5 @@ export class BandwidthLimiter {
     const now = this.clock.now();
     this.tokens = Math.min(this.burstBytes, this.tokens + ((now - this.lastMs) / 1000) * this.bytesPerSecond);
     this.lastMs = now;
-  }
-}
-
-/** A pass-through stream that paces its bytes through a limiter. */
-export class ThrottleStream extends Transform {
-  constructor(private readonly limiter: BandwidthLimiter) {
-    super();
-  }
-
-  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
-    if (this.limiter.unlimited) {
-      done(null, chunk);
-      return;
-    }
-    void (async () => {
-      for (let off = 0; off < chunk.length; off += this.limiter.chunkBytes) {
-        const piece = chunk.subarray(off, off + this.limiter.chunkBytes);
-        await this.limiter.take(piece.length);
-        this.push(piece);
-      }
-    })().then(() => done(), done);
   }
 }
