@@ -34,8 +34,10 @@ export const RESYNC_HEADER = {
   /**
    * On a completing DELETE without a cut (the source's log sequence is not
    * known to the resync): the source-side clock in ms when its last read
-   * ended. Logs cut at or before it end no crash-consistent point; the
-   * resync must run on the source's host or a host whose clock is in step.
+   * ended, plus an allowance for the resync host's clock running behind
+   * the source's (networkedResync: 5 s). Logs cut at or before it end no
+   * crash-consistent point; the resync must run on the source's host or a
+   * host whose clock is in step within that allowance.
    */
   readEndMs: 'x-blockrelay-resync-read-end-ms',
   /**
@@ -104,7 +106,7 @@ export interface HttpResyncChannelOptions {
   readonly diskId: string;
   /** The resync job's id (the same for every attempt). */
   readonly sessionId: string;
-  /** Increases with every attempt of the job (a timestamp serves). */
+  /** Increases with every attempt of the job, also across restarts (networkedResync counts them in STATE.attempt). */
   readonly attempt: number;
   /** The log sequence this resync follows; undefined: everything the hop has received. */
   readonly afterSeq?: number | undefined;

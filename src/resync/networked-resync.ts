@@ -45,6 +45,13 @@ export interface NetworkedResyncOptions extends Omit<ResyncDisksOptions, 'channe
   readonly onRetry?: (event: RetryEvent) => void;
   /** How long to wait for the hop to receive log S before opening the session. */
   readonly anchorWaitMs?: number;
+  /**
+   * Without a cut: how far this host's clock may run behind the source's.
+   * The completion taints the logs cut up to the end of the last read plus
+   * this (default READ_END_SKEW_ALLOWANCE_MS), so a log the source sealed
+   * just before that end is tainted although the clocks differ by up to it.
+   */
+  readonly clockSkewAllowanceMs?: number;
 }
 
 export interface NetworkedResyncResult extends ResyncResult {
@@ -75,6 +82,13 @@ const DEFAULT_ANCHOR_WAIT_MS = 60_000;
 const END_TIMEOUT_MS = 5_000;
 /** Opening at an anchor the hop has passed (a log raced in): cut again at once this many times before the retry policy. */
 const QUICK_REANCHOR_TRIES = 3;
+/**
+ * Default clockSkewAllowanceMs: the skew between the resync's host and the
+ * source that a completion without a cut tolerates. Hosts kept by NTP are
+ * within milliseconds; the cost of the allowance is only that logs cut in
+ * the seconds after the last read end no recovery point either.
+ */
+export const READ_END_SKEW_ALLOWANCE_MS = 5_000;
 
 /** The session id of the resync saved at `statePath`: a restarted resync takes over its own session. */
 export function sessionIdFor(statePath: string, diskId: string): string {
@@ -96,13 +110,62 @@ interface PendingEnd {
   readonly attempt: number;
   readonly afterSeq: number | null;
   readonly taintedThrough: number | null;
-  /** Without a cut: when the last read ended (this host's clock), so the hop taints the logs cut before it. */
+  /** Without a cut: when the last read ended (this host's clock) plus the skew allowance, so the hop taints the logs cut before it. */
   readonly readEndMs: number | null;
   readonly result: ResyncResult;
 }
 
 export function pendingEndPath(statePath: string): string {
   return `${statePath}.end`;
+}
+
+/**
+ * The last attempt number used by the resync saved at `statePath`
+ * (`STATE.attempt`), saved before each session opens. Attempts must grow
+ * across restarts (a newer attempt supersedes the resync's own stale
+ * session, and a hop refuses an attempt it saw end), and must not depend
+ * on the wall clock, which can step back.
+ */
+export function attemptPath(statePath: string): string {
+  return `${statePath}.attempt`;
+}
+
+interface SavedAttempt {
+  readonly version: 1;
+  readonly diskId: string;
+  readonly sessionId: string;
+  readonly attempt: number;
+}
+
+async function readSavedAttempt(file: string, diskId: string, sessionId: string): Promise<number> {
+  let text: string;
+  try {
+    text = await fsp.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+    throw wrapError(err, 'BR_IO', `cannot read ${file}`);
+  }
+  let parsed: SavedAttempt;
+  try {
+    parsed = JSON.parse(text) as SavedAttempt;
+  } catch (err) {
+    throw new BlockrelayError('BR_RESYNC_STATE_CORRUPT', `${file} is not JSON; remove it (the hop tells the next run which attempt to pass)`, { cause: err, details: { path: file } });
+  }
+  if (parsed.version !== 1 || !Number.isSafeInteger(parsed.attempt) || parsed.attempt < 1) {
+    throw new BlockrelayError('BR_RESYNC_STATE_CORRUPT', `${file} has an unknown layout; remove it (the hop tells the next run which attempt to pass)`, { details: { path: file } });
+  }
+  if (parsed.diskId !== diskId || parsed.sessionId !== sessionId) {
+    throw new BlockrelayError('BR_RESYNC_STATE_MISMATCH', `${file} belongs to disk ${parsed.diskId} session ${parsed.sessionId}, not disk ${diskId} session ${sessionId}`, { details: { path: file } });
+  }
+  return parsed.attempt;
+}
+
+async function saveAttempt(file: string, saved: SavedAttempt): Promise<void> {
+  try {
+    await writeFileDurably(file, JSON.stringify(saved));
+  } catch (err) {
+    throw wrapError(err, 'BR_IO', `cannot save ${file}`);
+  }
 }
 
 async function readPendingEnd(file: string, diskId: string, sessionId: string): Promise<PendingEnd | undefined> {
@@ -174,13 +237,15 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
   const clock = options.clock ?? systemClock;
   const sessionId = sessionIdFor(options.statePath, options.diskId);
   const endFile = pendingEndPath(options.statePath);
+  const attemptFile = attemptPath(options.statePath);
   const source = await openDisk(sourceSpec, { readOnly: true });
   const diskSizeBytes = source.sizeBytes;
   await source.close();
   let lastAttempt = 0;
   let attempts = 0;
   let afterSeq: number | undefined;
-  const { peer, diskId, cut, firstAnchor, retryPolicy, onRetry, anchorWaitMs, signal, ...engine } = options;
+  const { peer, diskId, cut, firstAnchor, retryPolicy, onRetry, anchorWaitMs, signal, clockSkewAllowanceMs, ...engine } = options;
+  lastAttempt = await readSavedAttempt(attemptFile, diskId, sessionId);
   /** `firstAnchor` until a session has been tried with it. */
   let givenAnchor = cut === undefined ? firstAnchor : undefined;
   const endPeer: PeerOptions = { ...peer, timeoutMs: Math.min(peer.timeoutMs ?? END_TIMEOUT_MS, END_TIMEOUT_MS) };
@@ -204,6 +269,7 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
 
   /** Opens the session before the source reads anything, so every log after the anchor is held back while it reads. */
   const openSession = async (): Promise<HttpResyncChannel> => {
+    let jumped = false;
     for (let tries = 1; ; tries++) {
       if (cut !== undefined) {
         afterSeq = await cut();
@@ -212,14 +278,22 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
         givenAnchor = undefined;
       }
       if (afterSeq !== undefined) await waitForAnchor(peer, diskId, afterSeq, clock, anchorWaitMs ?? DEFAULT_ANCHOR_WAIT_MS);
-      // Attempts increase across restarts too, so a restarted resync supersedes its own stale session.
-      lastAttempt = Math.max(lastAttempt + 1, clock.now());
+      // Attempts increase across restarts too (saved before use), so a restarted resync supersedes its own stale session.
+      lastAttempt++;
+      await saveAttempt(attemptFile, { version: 1, diskId, sessionId, attempt: lastAttempt });
       const channel = channelFor(lastAttempt, afterSeq);
       try {
         await channel.open();
         return channel;
       } catch (err) {
         channel.close();
+        // The hop knows a newer attempt of this resync (the saved count was lost): go past it at once, once.
+        const newest = isBlockrelayError(err) && err.code === 'BR_RESYNC_SESSION_EXPIRED' ? err.details.newestAttempt : undefined;
+        if (!jumped && typeof newest === 'number' && Number.isSafeInteger(newest) && newest >= lastAttempt) {
+          jumped = true;
+          lastAttempt = newest;
+          continue;
+        }
         // A log after the anchor was applied before the session held the disk (it was being applied as the
         // session opened): cut again (or, without a cut, let the hop anchor at what it holds now) at once.
         if (!(isBlockrelayError(err) && err.code === 'BR_RESYNC_ANCHOR_PASSED' && tries < QUICK_REANCHOR_TRIES)) throw err;
@@ -247,7 +321,8 @@ export async function networkedResync(sourceSpec: string, options: NetworkedResy
         // sealed while the resync read): the hop taints every log it received and those cut before the last read ended.
         const sealedAfter = cut === undefined ? undefined : await cut();
         const taintedThrough = sealedAfter === undefined ? null : sealedAfter - 1;
-        const readEndMs = sealedAfter === undefined ? Math.ceil(Date.now()) : null;
+        // The hop compares it with the source's cut times: allow for this host's clock running behind the source's.
+        const readEndMs = sealedAfter === undefined ? Math.ceil(clock.now()) + (clockSkewAllowanceMs ?? READ_END_SKEW_ALLOWANCE_MS) : null;
         finished = { version: 1, diskId, sessionId, attempt: lastAttempt, afterSeq: afterSeq ?? null, taintedThrough, readEndMs, result };
         // Durable before the end is sent: the engine's progress file is gone, so this is all that says the work is done.
         await writePendingEnd(endFile, finished);

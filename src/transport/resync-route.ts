@@ -331,6 +331,8 @@ export class ResyncSessions {
   private readonly sessions = new Map<string, Session>();
   /** `${sessionId}:${attempt}` of sessions that ended, oldest first, with their disk and the code their late requests get. */
   private readonly ended = new Map<string, { diskId: string; code: EndedCode }>();
+  /** Per resync (session id), the newest attempt this hop has opened, oldest entry first (bounded like `ended`). */
+  private readonly newestAttempts = new Map<string, number>();
   private readonly diskStates = new Map<string, DiskResyncState>();
   private readonly opening = new KeyedLock();
   /**
@@ -567,7 +569,16 @@ export class ResyncSessions {
   private endedError(sessionId: string, attempt: number): BlockrelayError {
     const code = this.ended.get(`${sessionId}:${attempt}`)?.code ?? 'BR_RESYNC_SESSION_EXPIRED';
     const why = code === 'BR_RESYNC_HOLD_FULL' ? 'ended because the logs it held reached their bound' : 'has ended';
-    return new BlockrelayError(code, `resync session ${sessionId} attempt ${attempt} ${why}; resume in a new attempt`, { details: { sessionId, attempt } });
+    // The newest attempt of the resync this hop knows: a source that lost count (its counter file) opens past it at once.
+    const newestAttempt = this.newestAttempts.get(sessionId);
+    return new BlockrelayError(code, `resync session ${sessionId} attempt ${attempt} ${why}; resume in a new attempt`, { details: { sessionId, attempt, ...(newestAttempt === undefined ? {} : { newestAttempt }) } });
+  }
+
+  private noteAttempt(sessionId: string, attempt: number): void {
+    if ((this.newestAttempts.get(sessionId) ?? 0) >= attempt) return;
+    this.newestAttempts.delete(sessionId);
+    this.newestAttempts.set(sessionId, attempt);
+    if (this.newestAttempts.size > ENDED_SESSIONS_MAX) this.newestAttempts.delete(this.newestAttempts.keys().next().value!);
   }
 
   /** The session a request belongs to: the live one, or a new one opened (and anchored) for it. */
@@ -624,6 +635,7 @@ export class ResyncSessions {
       throw err;
     }
     this.sessions.set(diskId, session);
+    this.noteAttempt(key.sessionId, key.attempt);
     this.touch(session);
     // Everything up to the anchor is handled: whatever the drain holds from now on is this session's.
     access.drain.limitHold(this.options.maxHeldBytes ?? Number.POSITIVE_INFINITY, HELD_SHARE_OF_SPOOL, SPOOL_RESERVE_SHARE, (heldBytes) => {

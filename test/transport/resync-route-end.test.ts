@@ -8,7 +8,7 @@ import { systemClock } from '../../src/platform/clock';
 import { DiskHealth } from '../../src/retry/health';
 import { DiskDrain } from '../../src/transport/disk-drain';
 import { HttpResyncChannel } from '../../src/resync/http-resync-channel';
-import { networkedResync, pendingEndPath } from '../../src/resync/networked-resync';
+import { attemptPath, networkedResync, pendingEndPath, READ_END_SKEW_ALLOWANCE_MS, sessionIdFor } from '../../src/resync/networked-resync';
 import { ResyncPeer } from '../../src/resync/resync-peer';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { sendLog } from '../../src/transport/log-client';
@@ -272,6 +272,47 @@ describe('ending a networked resync session: idempotent and recoverable', () => 
     // (the session ended while it was read: refused as expired, but the end waited for it)
     expect(await slowDone).toBe(410);
     expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: false, lastSession: { sessionId: SESSION_A, completed: true } });
+  });
+
+  it('numbers attempts from a saved count, not the clock: a stale session of a later-dated attempt is passed at once', async () => {
+    const { dir, mt, model } = await setup();
+    const sourceFile = path.join(dir, 'source.img');
+    model.fill(0x42, 0, 4096);
+    fs.writeFileSync(sourceFile, model);
+    const statePath = path.join(dir, 'resync.state');
+    // This resync's own session, left open by a run whose clock was an hour ahead (the clock stepped back since).
+    const staleAttempt = Date.now() + 3_600_000;
+    await channel(mt.url, sessionIdFor(statePath, 'disk0'), { afterSeq: 1, attempt: staleAttempt }).open();
+    const once = { scheduleOffsetsMs: [20], steadyIntervalMs: 20, maxRetries: 1 };
+    const result = await networkedResync(`raw:${sourceFile}`, { peer: { url: mt.url, secret: SECRET }, diskId: 'disk0', statePath, retryPolicy: once });
+    expect(result).toMatchObject({ attempts: 1, blocksSent: 1 });
+    expect(mt.resyncSessions.resyncState('disk0').lastSession).toMatchObject({ attempt: staleAttempt + 1, completed: true });
+    expect(JSON.parse(fs.readFileSync(attemptPath(statePath), 'utf8'))).toMatchObject({ attempt: staleAttempt + 1 });
+    // The next run goes on from the saved count, whatever the clock says.
+    model.fill(0x43, 0, 4096);
+    fs.writeFileSync(sourceFile, model);
+    await networkedResync(`raw:${sourceFile}`, { peer: { url: mt.url, secret: SECRET }, diskId: 'disk0', statePath, retryPolicy: once, clock: { now: () => 0, setTimer: (fn, ms) => systemClock.setTimer(fn, ms) } });
+    expect(mt.resyncSessions.resyncState('disk0').lastSession).toMatchObject({ attempt: staleAttempt + 2, completed: true });
+  });
+
+  it('without a cut, taints the logs cut up to the skew allowance after the last read: a source clock a little ahead offers no mixed point', async () => {
+    const { dir, mt, model, rand } = await setup();
+    const status = () => mt.diskStatus().find((d) => d.diskId === 'disk0')!;
+    const sourceFile = path.join(dir, 'source.img');
+    fs.writeFileSync(sourceFile, model);
+    const pointBefore = status().lastPointTimeMs;
+    await networkedResync(`raw:${sourceFile}`, { peer: { url: mt.url, secret: SECRET }, diskId: 'disk0', statePath: path.join(dir, 'resync.state'), retryPolicy: FAST_RETRY });
+    const doneMs = Date.now();
+    expect(mt.resyncSessions.resyncState('disk0').taintedUntilMs).toBeGreaterThan(doneMs + READ_END_SKEW_ALLOWANCE_MS - 2000);
+    // Log 2 was sealed before the last read ended, by a source whose clock runs 2 s ahead of this host's.
+    const sealedEarly = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand);
+    await sendLog({ url: mt.url, secret: SECRET }, { ...sealedEarly.envelope, cutTimeMs: doneMs + 2000 }, sealedEarly.file);
+    await mt.drain();
+    expect(status().lastPointTimeMs).toBe(pointBefore);
+    const later = await makeLog(path.join(dir, 'src'), 'disk0', 3, model, rand);
+    await sendLog({ url: mt.url, secret: SECRET }, { ...later.envelope, cutTimeMs: doneMs + READ_END_SKEW_ALLOWANCE_MS + 1000 }, later.file);
+    await mt.drain();
+    expect(status().lastPointTimeMs).toBe(doneMs + READ_END_SKEW_ALLOWANCE_MS + 1000);
   });
 
   it('ends an expired session that had finished: its completion still counts', async () => {
