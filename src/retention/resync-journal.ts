@@ -310,8 +310,12 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     }
     const slotFile = h.journal.file(sealed.seq);
     const merged = `${this.sessionFile(h, sealed.seq)}.merged`;
-    // A crash in the middle of the merge below: the slot's own file is intact under its other name.
-    if (!fs.existsSync(slotFile) && fs.existsSync(merged)) await fsp.rename(merged, slotFile);
+    // A crash in the middle of the merge below: the slot's own file is intact under its other name. The rename back
+    // is made durable at once rather than left to a later directory fsync (writeSlot's, removeSlotFiles').
+    if (!fs.existsSync(slotFile) && fs.existsSync(merged)) {
+      await fsp.rename(merged, slotFile);
+      await syncDirectory(h.journal.dir);
+    }
     if (!fs.existsSync(slotFile)) {
       await this.invalidate(h, sealed.seq, `the pre-image of resync slot ${sealed.seq} is missing`);
       return;
@@ -323,7 +327,10 @@ class RetentionResyncJournal implements ResyncJournalProvider {
       try {
         await this.writeSlot(h, sealed.seq, [merged], target, missing);
       } catch (err) {
-        if (!fs.existsSync(slotFile)) await fsp.rename(merged, slotFile);
+        if (!fs.existsSync(slotFile)) {
+          await fsp.rename(merged, slotFile);
+          await syncDirectory(h.journal.dir);
+        }
         throw err;
       }
       await fsp.rm(merged, { force: true });

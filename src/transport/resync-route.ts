@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as http from 'node:http';
 import * as path from 'node:path';
-import { writeFileDurably } from '../platform/durable-file';
+import { syncDirectory, writeFileDurably } from '../platform/durable-file';
 import type { Logger } from '../daemon/logger';
 import type { Clock, TimerHandle } from '../platform/clock';
 import { KeyedLock } from '../platform/keyed-lock';
@@ -537,7 +537,15 @@ export class ResyncSessions {
       const state = change(this.resyncState(diskId));
       const file = this.stateFile(diskId);
       if (file !== undefined) {
-        await fs.promises.mkdir(path.dirname(file), { recursive: true });
+        const created = await fs.promises.mkdir(path.dirname(file), { recursive: true });
+        // A directory just made must outlast a crash too (POSIX promises that only once its parent is fsynced):
+        // a lost first `inProgress: true` would let logs applied after the crash end points.
+        if (created !== undefined) {
+          for (let dir = path.dirname(file); ; dir = path.dirname(dir)) {
+            await syncDirectory(path.dirname(dir));
+            if (dir === created || path.dirname(dir) === dir) break;
+          }
+        }
         await writeFileDurably(file, JSON.stringify(state));
       }
       this.diskStates.set(diskId, state);
