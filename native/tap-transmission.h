@@ -1,9 +1,10 @@
 // The source tap's transmission phase in C++: after the handshake (done in
 // TypeScript, src/tap/nbd-connection.ts) a thread per connection receives
-// NBD requests straight from the socket. It answers READ itself (pread) and
+// NBD requests straight from the socket. It answers READ itself (pread),
 // queues each valid WRITE, in arrival order, for one writer thread per
-// export that appends it to the log (HrlAppender) and then writes the disk,
-// so log order equals disk order across connections. Only (offset, length)
+// export, and appends it to the log (HrlAppender) in that queue order; the
+// writer writes the disk once the write is logged, so log order equals disk
+// order across connections. Only (offset, length)
 // records go to JavaScript, for the change tracker's maps. Everything else
 // (FLUSH, FUA, TRIM, WRITE_ZEROES, unknown commands, write intents, log
 // overflow or failure) is an event JavaScript answers; see
