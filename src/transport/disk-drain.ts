@@ -55,6 +55,17 @@ export function spoolQueue(spool: LogSpool, diskId: string, beforeRemove?: () =>
 const boundedHolds = new WeakMap<object, Set<DiskDrain<never>>>();
 
 /**
+ * Checks the bounds of every bounded hold on `store` (a spool) now, except
+ * `besides`'s. Waking a drain does this. A receiver that refuses an upload
+ * of `neededBytes` for want of room (BR_SPOOL_FULL) should call it too,
+ * with that size: every hold holding anything then ends, so the held logs
+ * go on and the refused log finds room when it is sent again.
+ */
+export function checkBoundedHolds(store: object, besides?: DiskDrain<never>, neededBytes = 0): void {
+  for (const drain of boundedHolds.get(store) ?? []) if (drain !== besides) drain.checkHoldLimit(neededBytes);
+}
+
+/**
  * Drains one disk's queue of logs, oldest first, one at a time: ships them
  * from the source, forwards them to the next hop (process server) or
  * applies them to the target (master target). Each log is handled under the
@@ -119,7 +130,7 @@ export class DiskDrain<T = SpoolEntry> {
    */
   wake(): void {
     const store = this.options.queue.store;
-    if (store !== undefined) for (const other of boundedHolds.get(store) ?? []) if (other !== (this as unknown)) other.checkHoldLimit();
+    if (store !== undefined) checkBoundedHolds(store, this as unknown as DiskDrain<never>);
     this.woken = true;
     // Marked busy at once, so whenIdle() called right after cannot see a stale idle.
     if (this.stateValue === 'idle') this.stateValue = 'busy';
@@ -184,13 +195,14 @@ export class DiskDrain<T = SpoolEntry> {
     this.wake();
   }
 
-  private checkHoldLimit(): void {
+  /** Ends the hold (onExceeded) if it passed its bound, or the store lacks `neededBytes` for another disk's log; see limitHold. */
+  checkHoldLimit(neededBytes = 0): void {
     const limit = this.holdLimit;
     const usage = this.options.queue.usage?.();
     if (limit === undefined || usage === undefined || usage.queuedBytes === 0) return;
     const bound = Math.min(limit.maxBytes, usage.storeCapacityBytes * limit.maxShare);
     const free = usage.storeCapacityBytes - usage.storeUsedBytes;
-    if (usage.queuedBytes > bound || free < usage.storeCapacityBytes * limit.reserveShare) {
+    if (usage.queuedBytes > bound || free < usage.storeCapacityBytes * limit.reserveShare || free < neededBytes) {
       this.setHoldLimit(undefined);
       limit.onExceeded(usage.queuedBytes);
     }

@@ -6,7 +6,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { validateConfig } from '../../src/daemon/config';
 import { systemClock } from '../../src/platform/clock';
 import { DiskHealth } from '../../src/retry/health';
-import { DiskDrain } from '../../src/transport/disk-drain';
+import { checkBoundedHolds, DiskDrain } from '../../src/transport/disk-drain';
 import { HttpResyncChannel } from '../../src/resync/http-resync-channel';
 import { attemptPath, networkedResync, pendingEndPath, READ_END_SKEW_ALLOWANCE_MS, sessionIdFor } from '../../src/resync/networked-resync';
 import { ResyncPeer } from '../../src/resync/resync-peer';
@@ -468,6 +468,35 @@ describe('logs held back by a resync session are bounded', () => {
     expect(items).toEqual([]);
     await drain.stop();
   });
+  it('ends a hold when a log of another disk in the same store is refused for want of the room it takes', async () => {
+    const MiB = 1024 * 1024;
+    const store = {};
+    const usage = { queuedBytes: 10 * MiB, storeUsedBytes: 40 * MiB, storeCapacityBytes: 64 * MiB };
+    const drain = new DiskDrain<number>({
+      diskId: 'disk0',
+      queue: { next: async () => 2, complete: async () => undefined, describe: (n) => `log ${n}`, usage: () => usage, store },
+      stage: 'apply',
+      handle: async () => undefined,
+      clock: systemClock,
+      ...quiet(),
+      health: new DiskHealth('disk0'),
+    });
+    drain.start();
+    drain.hold(() => true);
+    await drain.whenIdle();
+    const exceeded: number[] = [];
+    drain.limitHold(Number.POSITIVE_INFINITY, 1 / 4, 1 / 8, (held) => exceeded.push(held));
+    // 24 MiB free: a 20 MiB log fits, and the reserve is kept; nothing to do.
+    checkBoundedHolds(store, undefined, 20 * MiB);
+    checkBoundedHolds({}, undefined, 30 * MiB);
+    expect(exceeded).toEqual([]);
+    // A 30 MiB log of another disk was refused: the hold yields its 10 MiB.
+    checkBoundedHolds(store, undefined, 30 * MiB);
+    expect(exceeded).toEqual([10 * MiB]);
+    drain.release();
+    await drain.stop();
+  });
+
   const running: ApplyingHop[] = [];
   afterEach(async () => {
     for (const h of running.splice(0).reverse()) await h.stop();
