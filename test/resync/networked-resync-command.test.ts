@@ -56,6 +56,17 @@ describe('blockrelay resync SOURCE --process-server URL --disk ID', () => {
     expect(ps.resyncSessions.active('disk0')).toBeUndefined();
     expect(mt.resyncSessions.active('disk0')).toBeUndefined();
 
+    // --after-seq anchors the session, but is no cut: the end still taints by what the hop received and the read-end time.
+    const untilBefore = mt.resyncSessions.resyncState('disk0').taintedUntilMs!;
+    source.fill(0x99, 0, 4096);
+    fs.writeFileSync(sourceFile, source);
+    const anchored = await runCli(['resync', `raw:${sourceFile}`, '--process-server', ps.url, '--disk', 'disk0', '--ca', cert, '--state', path.join(dir, 'state'), '--after-seq', '1', '--json'], { env });
+    expect(anchored.status, anchored.stderr).toBe(0);
+    expect(JSON.parse(anchored.stdout)).toMatchObject({ blocksSent: 1, afterSeq: 1 });
+    expect(mt.resyncSessions.resyncState('disk0')).toMatchObject({ inProgress: false, taintedThrough: 1 });
+    expect(mt.resyncSessions.resyncState('disk0').taintedUntilMs).toBeGreaterThan(untilBefore);
+    expect(fs.readFileSync(targetFile).equals(source)).toBe(true);
+
     // Without the CA the process server's certificate is refused; the attempt is
     // a network failure, retried, so only the usage checks are run here.
     const noSecret = await runCli(['resync', `raw:${sourceFile}`, '--process-server', ps.url, '--disk', 'disk0'], { env: { BLOCKRELAY_SECRET: '' } });
