@@ -1,5 +1,6 @@
 import type { Logger } from '../daemon/logger';
 import type { Metrics } from '../daemon/metrics';
+import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { sendJson, type Route } from './http-api';
 import type { LogSpool, SpoolEntry, StagedLog } from './log-spool';
@@ -32,6 +33,8 @@ export interface LogReceiverOptions {
    * the log is spooled durably and handled as usual.
    */
   readonly applyOnReceive?: (entry: SpoolEntry) => Promise<boolean>;
+  /** Paces the interim answers sent while a log is applied on receipt (default: the system clock). */
+  readonly clock?: Clock;
   readonly logger: Logger;
   readonly metrics: Metrics;
   readonly hop: string;
@@ -62,15 +65,32 @@ export class LogReceiver {
     }
   }
 
-  /** Applies a staged log on receipt; false when it was not applied (it is spooled then). */
-  private async applyNow(staged: StagedLog): Promise<boolean> {
+  /**
+   * Applies a staged log on receipt; false when it was not applied (it is
+   * spooled then). Meanwhile an interim `102 Processing` goes out every
+   * APPLY_ON_RECEIVE_KEEPALIVE_MS: the sender gives up on a request that
+   * shows no progress for a minute (`forward.timeoutSeconds`), and a large
+   * log on a slow target can take longer to apply than that.
+   */
+  private async applyNow(staged: StagedLog, res: import('node:http').ServerResponse): Promise<boolean> {
     const { envelope } = staged;
+    const clock = this.options.clock ?? systemClock;
+    let timer: TimerHandle | undefined;
+    const keepAlive = (): void => {
+      timer = clock.setTimer(() => {
+        if (!res.headersSent && !res.destroyed) res.writeProcessing();
+        keepAlive();
+      }, APPLY_ON_RECEIVE_KEEPALIVE_MS);
+    };
+    keepAlive();
     try {
       return await this.options.applyOnReceive!({ envelope, file: staged.file, sizeBytes: envelope.logLength });
     } catch (err) {
       // The spool's path retries it under the policy (and finishes it if it was applied in part).
       this.options.logger.warn({ disk: envelope.diskId, seq: envelope.seq, code: (err as BlockrelayError).code }, `applying log ${envelope.seq} on receipt failed; it is spooled and retried: ${(err as Error).message}`);
       return false;
+    } finally {
+      timer?.cancel();
     }
   }
 
@@ -158,7 +178,7 @@ export class LogReceiver {
           accepted = true;
           return;
         }
-        if (direct && (await this.applyNow(staged))) {
+        if (direct && (await this.applyNow(staged, res))) {
           await staged.discard();
           accepted = true;
           this.options.logger.debug({ disk: diskId, seq, bytes: envelope.logLength }, 'log applied on receipt');
@@ -186,10 +206,12 @@ export class LogReceiver {
 
 /**
  * Larger logs are spooled before they are applied: the sender waits for the
- * answer to a log applied on receipt, and its request gives up after a
- * minute without progress (`forward.timeoutSeconds`).
+ * answer to a log applied on receipt, the whole apply long.
  */
 export const APPLY_ON_RECEIVE_MAX_LOG_BYTES = 1024 * 1024 * 1024;
+
+/** Interim answers (102) while a log is applied on receipt come this often, well inside the sender's minute without progress. */
+export const APPLY_ON_RECEIVE_KEEPALIVE_MS = 15_000;
 
 /** Uploads one disk may have in flight on a receiver: one being made durable, one streaming behind it, one queued. */
 export const RECEIVER_MAX_IN_FLIGHT = 3;

@@ -166,7 +166,7 @@ export class ApplyingHop {
       acceptsDisk: (diskId) => this.acceptsDisk(diskId),
       isCritical: (diskId) => this.disks.get(diskId)?.drain.state === 'critical',
       onAccepted: (entry) => this.onAccepted(entry),
-      ...(options.applyOnReceive === true ? { applyOnReceive: (entry: SpoolEntry) => this.applyOnReceive(entry) } : {}),
+      ...(options.applyOnReceive === true ? { applyOnReceive: (entry: SpoolEntry) => this.applyOnReceive(entry), clock: this.clock } : {}),
       logger: this.logger,
       metrics: this.metrics,
       hop: options.hopName,

@@ -1,13 +1,16 @@
 import * as fs from 'node:fs';
+import * as http from 'node:http';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { validateConfig } from '../../src/daemon/config';
-import { systemClock } from '../../src/platform/clock';
+import { SimulatedClock, systemClock } from '../../src/platform/clock';
 import { BlockrelayError } from '../../src/retry/blockrelay-error';
 import { BandwidthLimiter } from '../../src/transport/bandwidth-limiter';
 import type { DiskTarget } from '../../src/targets/disk-target';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { getDiskState, sendLog } from '../../src/transport/log-client';
+import { APPLY_ON_RECEIVE_KEEPALIVE_MS } from '../../src/transport/log-receiver';
+import { envelopeHeaders, logPath } from '../../src/transport/transport-protocol';
 import type { LogOps } from '../../src/transport/log-ops';
 import { masterTargetFromConfig, type ApplyingHop } from '../../src/transport/master-target';
 import type { DiskDrain } from '../../src/transport/disk-drain';
@@ -93,6 +96,47 @@ describe('master target applying on receipt', () => {
     expect((await sendLog({ url: mt.url, secret: SECRET }, log.envelope, log.file, { lz4: true, limiter })).status).toBe(201);
     // Random payloads hardly compress: about logLength - 1 MB waits for tokens.
     expect(Date.now() - started).toBeGreaterThanOrEqual(((log.envelope.logLength - 1_000_000) / 1_000_000) * 1000 * 0.8);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  });
+
+  it('sends interim 102 answers while a slow apply runs, so the sender\'s request keeps making progress', async () => {
+    const dir = tmp();
+    const clock = new SimulatedClock(Date.now());
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => { release = resolve; });
+    let started!: () => void;
+    const applying = new Promise<void>((resolve) => { started = resolve; });
+    const slow: LogOps = {
+      ...hrlLogOps,
+      async apply(file: string, target: DiskTarget) {
+        started();
+        await gate;
+        return hrlLogOps.apply(file, target);
+      },
+    };
+    const config = validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] });
+    const mt = masterTargetFromConfig(config, slow, { ...quiet(), retryPolicy: FAST_RETRY, clock });
+    await mt.start();
+    running.push(mt);
+    const model = Buffer.alloc(DISK_SIZE);
+    const log = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, prng(16));
+    const interim: number[] = [];
+    const answer = new Promise<number>((resolve, reject) => {
+      const req = http.request(new URL(logPath('disk0', 1), mt.url), { method: 'PUT', headers: { ...envelopeHeaders(log.envelope), 'content-length': String(log.envelope.logLength), authorization: `Bearer ${SECRET}` } }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      });
+      req.on('information', (info) => interim.push(info.statusCode));
+      req.on('error', reject);
+      fs.createReadStream(log.file).pipe(req);
+    });
+    await applying;
+    await clock.advance(APPLY_ON_RECEIVE_KEEPALIVE_MS);
+    await clock.advance(APPLY_ON_RECEIVE_KEEPALIVE_MS);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(interim).toEqual([102, 102]);
+    release();
+    expect(await answer).toBe(201);
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   });
 
