@@ -42,7 +42,10 @@ describe('process server', () => {
       cache: { dir: path.join(dir, 'cache'), maxBytes: options.spoolMaxBytes ?? 1024 ** 3 },
       forward: { url: forwardUrl, secret: MT_SECRET, bandwidthBytesPerSecond: options.bandwidth ?? 0, timeoutSeconds: 1 },
     });
-    const ps = processServerFromConfig(psConfig, hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY });
+    // Retries never run out here: a link kept down while a test fills the
+    // spool (seconds on a loaded machine) must not exhaust FAST_RETRY's 50
+    // retries and stop the disk in Critical.
+    const ps = processServerFromConfig(psConfig, hrlLogOps, { ...quiet(), retryPolicy: { ...FAST_RETRY, maxRetries: 1_000_000 } });
     await ps.start();
     cleanup.push(() => ps.stop());
     return { mt, ps, proxy };
