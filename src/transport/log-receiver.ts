@@ -1,7 +1,8 @@
 import type { Logger } from '../daemon/logger';
 import type { Metrics } from '../daemon/metrics';
 import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
-import { BlockrelayError } from '../retry/blockrelay-error';
+import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
+import { checkBoundedHolds } from './disk-drain';
 import { sendJson, type Route } from './http-api';
 import type { LogSpool, SpoolEntry, StagedLog } from './log-spool';
 import { LEDGER_RECENT_MAX, type SequenceLedger } from './sequence-ledger';
@@ -164,7 +165,11 @@ export class LogReceiver {
     try {
       // Applied on receipt, a log is never spooled: it is not fsynced while staged (commit() does it if it is spooled after all).
       const direct = this.options.applyOnReceive !== undefined && envelope.logLength <= APPLY_ON_RECEIVE_MAX_LOG_BYTES && this.options.spool.list(diskId).length === 0;
-      const staged = await this.options.spool.stage(envelope, req, { lz4: encoding === 'lz4', verify: this.options.verify, durable: !direct });
+      const staged = await this.options.spool.stage(envelope, req, { lz4: encoding === 'lz4', verify: this.options.verify, durable: !direct }).catch((err: unknown) => {
+        // Refused for want of room: a resync session's held logs yield it (the log finds room when sent again).
+        if (isBlockrelayError(err) && err.code === 'BR_SPOOL_FULL') checkBoundedHolds(this.options.spool, undefined, envelope.logLength);
+        throw err;
+      });
       if (!(await before)) {
         await staged.discard();
         throw new BlockrelayError('BR_PEER_BUSY', `disk ${diskId}: the log before ${seq} was not accepted; resend from it`);

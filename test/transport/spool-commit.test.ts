@@ -6,6 +6,7 @@ import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { getDiskState, sendLog } from '../../src/transport/log-client';
 import { LogSpool } from '../../src/transport/log-spool';
 import { masterTargetFromConfig, type ApplyingHop } from '../../src/transport/master-target';
+import type { DiskDrain } from '../../src/transport/disk-drain';
 import { useTempDirs } from '../helpers/tmp';
 import { DISK_SIZE, FAST_RETRY, makeLog, prng, quiet, SECRET } from './transport-fixture';
 
@@ -40,6 +41,47 @@ describe('spool commit and sequence ledger', () => {
     await reopened.open();
     expect(reopened.list('disk0')).toEqual([]);
     expect(fs.readdirSync(path.join(spoolDir, 'disk0'))).toEqual([]);
+  });
+
+  it('ends the bounded holds in its spool when it refuses a log for want of room, so the log fits when sent again', async () => {
+    const dir = tmp();
+    const config = validateConfig({
+      stateDir: path.join(dir, 'mt'),
+      listen: '127.0.0.1:0',
+      secret: SECRET,
+      disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target0.img')}` }, { id: 'disk1', target: `raw:${path.join(dir, 'target1.img')}` }],
+    });
+    const mt = masterTargetFromConfig(config, hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY, spoolMaxBytes: 2 * 1024 * 1024 });
+    await mt.start();
+    running.push(mt);
+    const peer = { url: mt.url, secret: SECRET };
+    const drain0 = (mt as unknown as { disks: Map<string, { drain: DiskDrain }> }).disks.get('disk0')!.drain;
+    // disk0 is held (as by a resync session) with a bound that leaves the spool no reserve to keep.
+    drain0.hold(() => true);
+    await drain0.whenIdle();
+    const ended: number[] = [];
+    drain0.limitHold(Number.POSITIVE_INFINITY, 1, 0, (held) => {
+      ended.push(held);
+      drain0.release();
+    });
+    let model0 = Buffer.alloc(DISK_SIZE);
+    const rand = prng(4);
+    for (let seq = 1; seq < 50; seq++) {
+      const next = Buffer.from(model0);
+      const log = await makeLog(path.join(dir, 'src0'), 'disk0', seq, next, rand, 40);
+      if (mt.spool.bytesUsed + log.envelope.logLength > 2 * 1024 * 1024) break;
+      expect((await sendLog(peer, log.envelope, log.file)).status).toBe(201);
+      model0 = next;
+    }
+    expect(ended).toEqual([]);
+    const big = await makeLog(path.join(dir, 'src1'), 'disk1', 1, Buffer.alloc(DISK_SIZE), prng(5), 60);
+    expect(mt.spool.bytesUsed + big.envelope.logLength).toBeGreaterThan(2 * 1024 * 1024);
+    await expect(sendLog(peer, big.envelope, big.file)).rejects.toMatchObject({ code: 'BR_SPOOL_FULL' });
+    // The refusal ended the hold: disk0's logs go on, and the refused log fits when sent again.
+    expect(ended.length).toBe(1);
+    await mt.drain();
+    expect(fs.readFileSync(path.join(dir, 'target0.img')).equals(model0)).toBe(true);
+    expect((await sendLog(peer, big.envelope, big.file)).status).toBe(201);
   });
 
   it('saves the ledger when logs are applied, not when accepted; a restart rebuilds it from the spool', async () => {
