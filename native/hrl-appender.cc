@@ -354,15 +354,18 @@ int HrlAppenderCore::AppendPieceLocked(uint64_t byteOffset, const uint8_t* data,
     err = StageBlockLocked();
     if (err != 0) return err;
   }
-  AddEntryLocked(byteOffset, static_cast<uint32_t>(length), checksum, timestamp);
   if (length <= staging_.size() - stagedBytes_) {
+    AddEntryLocked(byteOffset, static_cast<uint32_t>(length), checksum, timestamp);
     if (data != nullptr) std::memcpy(staging_.data() + stagedBytes_, data, length);
     else std::memset(staging_.data() + stagedBytes_, 0, length);
     stagedBytes_ += length;
     return 0;
   }
+  // Room first: the entry is added only once its payload can follow it
+  // with no wait in between (opMu_ keeps other callers out of the wait too).
   err = WriteStagedLocked();
   if (err != 0) return err;
+  AddEntryLocked(byteOffset, static_cast<uint32_t>(length), checksum, timestamp);
   if (length >= staging_.size()) {
     if (data == nullptr) {
       if (zeroes_.size() < length) {
@@ -385,6 +388,7 @@ int HrlAppenderCore::AppendPieceLocked(uint64_t byteOffset, const uint8_t* data,
 }
 
 int HrlAppenderCore::Append(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t timestamp) {
+  std::lock_guard<std::mutex> op(opMu_);
   std::lock_guard<std::mutex> lock(mu_);
   if (error_ != 0) return error_;
   for (size_t at = 0; at < length; at += maxEntryBytes_) {
@@ -399,6 +403,7 @@ int HrlAppenderCore::Append(uint64_t byteOffset, const uint8_t* data, size_t len
 }
 
 int HrlAppenderCore::AppendZeroes(uint64_t byteOffset, uint64_t length, uint32_t timestamp) {
+  std::lock_guard<std::mutex> op(opMu_);
   std::lock_guard<std::mutex> lock(mu_);
   if (error_ != 0) return error_;
   for (uint64_t at = 0; at < length; at += maxEntryBytes_) {
@@ -414,6 +419,7 @@ int HrlAppenderCore::AppendZeroes(uint64_t byteOffset, uint64_t length, uint32_t
 }
 
 int HrlAppenderCore::CloseBlock() {
+  std::lock_guard<std::mutex> op(opMu_);
   std::lock_guard<std::mutex> lock(mu_);
   if (error_ != 0) return error_;
   int err = CloseBlockLocked();
@@ -422,6 +428,7 @@ int HrlAppenderCore::CloseBlock() {
 }
 
 int HrlAppenderCore::Finish() {
+  std::lock_guard<std::mutex> op(opMu_);
   std::unique_lock<std::mutex> lock(mu_);
   // The descriptor is closed soon after: the recycler lets go of it first.
   StopRecyclerLocked(lock);
@@ -436,6 +443,7 @@ int HrlAppenderCore::Finish() {
 }
 
 void HrlAppenderCore::Abandon() {
+  std::lock_guard<std::mutex> op(opMu_);
   std::unique_lock<std::mutex> lock(mu_);
   StopRecyclerLocked(lock);
   CloseDirectLocked();

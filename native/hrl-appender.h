@@ -74,7 +74,10 @@ class AlignedBuffer {
   size_t cap_ = 0;
 };
 
-// Thread-safe: every method takes the appender's mutex. Every method returns
+// Thread-safe: every method takes the appender's mutex, and every operation
+// that changes the log (Append, AppendZeroes, CloseBlock, Finish, Abandon)
+// runs whole under opMu_ as well, because waiting for a free staging buffer
+// lets go of mu_ mid-operation. Every method returns
 // 0 or an errno; after an I/O error (or Finish) the appender refuses every
 // further append with that errno, because the file's tail is then unknown.
 class HrlAppenderCore {
@@ -122,6 +125,13 @@ class HrlAppenderCore {
   // `allowDirect` false: buffered even when the range is page-aligned.
   int WriteAtLocked(struct iovec* iov, int count, uint64_t pos, bool allowDirect = true);
 
+  // Held for a whole operation that changes the log, so no other one starts
+  // while it waits (mu_ released) for a staging buffer: a block closed then
+  // would list an entry whose payload is not staged yet, or two payloads
+  // would land in the other order than their entries. Taken before mu_;
+  // the I/O threads take only mu_. SizeBytes and GetState take only mu_
+  // (they do not wait behind an append waiting for the device).
+  std::mutex opMu_;
   std::mutex mu_;
   const int fd_;
   // A second descriptor of the same file opened with O_DIRECT, or -1. Whole

@@ -144,3 +144,50 @@ describe('HrlWriter -> HrlLogFile round trip', () => {
     expect(fs.readFileSync(path.join(dir, 'disk.img'))).toEqual(model);
   });
 });
+
+describe('HrlWriter native appender under concurrent callers', () => {
+  it('keeps every entry with its payload when a block close comes while an append waits for a staging buffer', async () => {
+    // A small staging buffer makes the pool append wait for a free spare
+    // often; the main thread closes the block meanwhile, as a FLUSH does
+    // while the tap's connection threads append. The close must wait for
+    // the whole append: an entry counted in a block whose payload is not
+    // staged yet is a log the hop refuses.
+    const file = path.join(tempDir(), 'race.hrl');
+    const w = await HrlWriter.create(file, { maxEntryBytes: 4096, stagingBytes: 8192 });
+    const core = w.nativeAppender;
+    expect(core, 'a real file appends through the addon').toBeDefined();
+    const zeroBytes = 64 << 20;
+    let closes = 0;
+    let closeErrno = 0;
+    let appended = false;
+    const zeroing = core!.appendZeroesAsync(0, zeroBytes, 0).then((errno) => {
+      appended = true;
+      return errno;
+    });
+    while (!appended) {
+      const errno = core!.closeBlock();
+      if (errno !== 0) closeErrno = errno;
+      closes++;
+      await new Promise((r) => setImmediate(r));
+    }
+    expect(await zeroing).toBe(0);
+    expect(closeErrno).toBe(0);
+    expect(closes).toBeGreaterThan(1);
+    const sealed = await w.seal();
+    expect(sealed.entryCount).toBe(zeroBytes / 4096);
+    const v = await verifyHrlLog(file);
+    expect(v.entryCount).toBe(zeroBytes / 4096);
+    expect(v.unverifiedPayloads).toBe(0);
+    let at = 0;
+    const log = await HrlLogFile.open(file);
+    try {
+      for await (const e of log.entries(await log.verify())) {
+        expect(e.byteOffset).toBe(at);
+        at += e.dataLength;
+      }
+    } finally {
+      await log.close();
+    }
+    expect(at).toBe(zeroBytes);
+  });
+});
