@@ -959,14 +959,27 @@ export class ChangeTracker {
     // The native writers are held for the decision (their queued records
     // count as intents after it), and their flags for cleared regions go
     // before the file is rewritten, so no write reaches a cleared region
-    // without marking it again.
-    const hold = this.native !== undefined && !this.nativeHeld;
-    if (hold) await this.pauseNative();
-    try {
-      for (const [region, epoch] of this.intents) if (epoch <= idleSince) this.intents.delete(region);
-      if (this.native !== undefined) this.native.setDurableRegions(Float64Array.from([...this.durableIntents].filter((r) => this.intents.has(r))));
-    } finally {
-      if (hold) this.resumeNative();
+    // without marking it again. Records only make intents newer, so with no
+    // candidate now there is nothing to decide and no hold: a section that
+    // let the writers go (a FLUSH) keeps them running through its fsyncs.
+    let candidate = false;
+    for (const epoch of this.intents.values()) {
+      if (epoch <= idleSince) {
+        candidate = true;
+        break;
+      }
+    }
+    if (candidate) {
+      const hold = this.native !== undefined && !this.nativeHeld;
+      if (hold) await this.pauseNative();
+      try {
+        for (const [region, epoch] of this.intents) if (epoch <= idleSince) this.intents.delete(region);
+        if (this.native !== undefined) this.native.setDurableRegions(Float64Array.from([...this.durableIntents].filter((r) => this.intents.has(r))));
+      } finally {
+        // Let go at once, not through a queued lock turn (resumeNative),
+        // which would wait for the rest of this section: the log's fdatasync.
+        if (hold) this.releaseNative();
+      }
     }
     this.lastPersistQueuedEpoch = coveredEpoch;
     if ([...this.durableIntents].some((r) => !this.intents.has(r))) await this.writeIntents();

@@ -1,6 +1,9 @@
-import { describe, expect, it } from 'vitest';
-import type { NativeTapExport } from '../../src/platform/native';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { describe, expect, it, vi } from 'vitest';
+import { loadNativeTap, type NativeTapExport } from '../../src/platform/native';
 import { ChangeTracker } from '../../src/tracking/change-tracker';
+import { HrlWriter } from '../../src/tracking/hrl-writer';
 import { useTempDirs } from '../helpers/tmp';
 
 /** Stands in for the addon's TapExport: counts holds the way it does (created held once). */
@@ -76,3 +79,68 @@ describe('ChangeTracker.attachNative', () => {
     await t.close();
   });
 });
+
+describe('ChangeTracker.flush with the native tap attached', () => {
+  const tmp = useTempDirs();
+
+  it('lets the native writers run through the log flush, whether or not idle intents are cleared', async () => {
+    const native = loadNativeTap();
+    if (native === undefined) throw new Error('the addon is built for the tests');
+    const dir = tmp();
+    const diskSizeBytes = 64 * 1024 * 1024;
+    const diskFd = fs.openSync(path.join(dir, 'disk.img'), 'w+');
+    fs.ftruncateSync(diskFd, diskSizeBytes);
+    const t = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes, persistIntervalMs: 0, intentIdleClearMs: 0 });
+    // The real export, its holds counted on the way through.
+    const real = new native.TapExport(diskFd, diskSizeBytes, 512, 32 << 20, true, () => t.onNativeNotify());
+    let holds = 1;
+    let durableSets = 0;
+    const exp: NativeTapExport = {
+      hold: () => {
+        holds++;
+        return real.hold();
+      },
+      release: (...args) => {
+        holds--;
+        real.release(...args);
+      },
+      drain: () => real.drain(),
+      setDurableRegions: (r) => {
+        durableSets++;
+        real.setDurableRegions(r);
+      },
+      attention: () => real.attention(),
+      close: () => real.close(),
+    };
+    const heldAtLogFlush: number[] = [];
+    const logFlush = HrlWriter.prototype.flush;
+    const spy = vi.spyOn(HrlWriter.prototype, 'flush').mockImplementation(function (this: HrlWriter) {
+      heldAtLogFlush.push(holds);
+      return logFlush.call(this);
+    });
+    try {
+      t.attachNative(exp);
+      const setsAtAttach = durableSets;
+      await t.recordWrite(0, Buffer.alloc(4096, 1));
+      // An intent to clear at the next persists (intentIdleClearMs 0), then none.
+      await t.intend(1 << 20, 4096);
+      await t.flush();
+      await t.flush();
+      await t.flush();
+      expect(heldAtLogFlush).toEqual([0, 0, 0]);
+      expect(durableSets, 'one persist cleared the idle intent (under its own short hold)').toBeGreaterThan(setsAtAttach);
+      expect(await settledHoldCount(() => holds)).toBe(0);
+    } finally {
+      spy.mockRestore();
+      t.detachNative(exp);
+      await t.close();
+      real.close();
+      fs.closeSync(diskFd);
+    }
+  });
+});
+
+async function settledHoldCount(count: () => number): Promise<number> {
+  for (let i = 0; i < 100 && count() !== 0; i++) await new Promise((r) => setTimeout(r, 10));
+  return count();
+}
