@@ -183,6 +183,11 @@ export const sourceCommand: Command = {
         });
         const url = await controlApi.listen(control.host, control.port);
         io.stderr.write(`source: control and status at ${url}\n`);
+        // A resync interrupted by the last stop (or a crash) goes on from its
+        // saved progress, or only confirms its end, now that the source
+        // serves, ships and answers its status: until it ends, the hop makes
+        // no recovery points for that disk.
+        for (const id of resyncs?.resumeInterrupted() ?? []) io.stderr.write(`source: resuming the interrupted resync of disk ${id}\n`);
       }
     } catch (err) {
       await controlApi?.close().catch(() => undefined);

@@ -6,7 +6,10 @@ import { cliCommand, runCli } from '../helpers/cli';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
 import { run } from './nbd-fixtures';
-import { parseDiskFlags, parseListen, SOURCE_READY_PREFIX } from '../../src/tap/source-command';
+import { systemClock } from '../../src/platform/clock';
+import { SourceResyncs } from '../../src/resync/source-resyncs';
+import { parseDiskFlags, parseListen, PROCESS_SERVER_SECRET_ENV, SOURCE_READY_PREFIX } from '../../src/tap/source-command';
+import { FAST_RETRY, quiet, SECRET, startHops } from '../transport/transport-fixture';
 
 const tempDir = useTempDirs();
 const children: ChildProcess[] = [];
@@ -24,9 +27,9 @@ interface RunningSource {
 }
 
 /** Starts `blockrelay source` and waits for its ready line. */
-async function startSource(args: string[]): Promise<RunningSource> {
+async function startSource(args: string[], env: Record<string, string> = {}): Promise<RunningSource> {
   const { command, args: full } = cliCommand(['source', ...args]);
-  const child = spawn(command, full, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LOG_LEVEL: 'warn' } });
+  const child = spawn(command, full, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LOG_LEVEL: 'warn', ...env } });
   children.push(child);
   let stderr = '';
   const exit = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
@@ -143,4 +146,42 @@ describe('blockrelay source end to end', () => {
     },
     90_000,
   );
+});
+
+describe('blockrelay source with a process server and --control', () => {
+  const stops: Array<() => Promise<void>> = [];
+  afterEach(async () => {
+    for (const s of stops.splice(0).reverse()) await s();
+  });
+
+  it('resumes on start a resync that the previous source process was stopped in the middle of', async () => {
+    const dir = tempDir();
+    const { ps, stop } = await startHops(dir);
+    stops.push(stop);
+    const diskFile = path.join(dir, 'disk0.img');
+    patternImage(diskFile, 16 * MiB, 3);
+    const logDir = path.join(dir, 'logs');
+    // The previous process: a slow resync, stopped once its progress is saved
+    // where the source command keeps it (LOG_DIR/resync).
+    const previous = new SourceResyncs({
+      diskSpecs: new Map([['disk0', `raw:${diskFile}`]]), peer: { url: ps.url, secret: SECRET }, stateDir: path.join(logDir, 'resync'),
+      cut: async () => undefined, clock: systemClock, ...quiet(), retryPolicy: FAST_RETRY, readRateBytesPerSec: 8 * MiB,
+    });
+    previous.start('disk0');
+    const statePath = previous.statePath('disk0');
+    for (let waited = 0; !fs.existsSync(statePath) && waited < 10_000; waited += 10) await new Promise((r) => setTimeout(r, 10));
+    await previous.stop();
+    expect(previous.interrupted()).toEqual(['disk0']);
+
+    const src = await startSource(
+      ['--disk', `disk0=raw:${diskFile}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--process-server', ps.url, '--control', '127.0.0.1:0'],
+      { [PROCESS_SERVER_SECRET_ENV]: SECRET },
+    );
+    expect(src.stderr()).toContain('source: resuming the interrupted resync of disk disk0');
+    // Done: its saved progress and pending end are gone.
+    for (let waited = 0; previous.interrupted().length > 0 && waited < 30_000; waited += 50) await new Promise((r) => setTimeout(r, 50));
+    expect(previous.interrupted()).toEqual([]);
+    src.child.kill('SIGTERM');
+    expect(await src.exit).toBe(0);
+  }, 60_000);
 });
