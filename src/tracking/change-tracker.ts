@@ -400,7 +400,17 @@ export class ChangeTracker {
       if (length === 0) return;
       this.markChanged(offset, length);
       const w = this.writer;
-      if (w !== undefined && (await this.logIo(() => w.appendZeroes(offset, length)))) await this.checkOverflow();
+      if (w === undefined) return;
+      // A range that would take the logs past the overflow limit folds now
+      // instead of after it is logged: a whole-disk TRIM (mkfs, fstrim)
+      // would otherwise write the disk's size in zero entries first, up to
+      // filling the log volume, only to drop them. The end state is the
+      // same: the range is in the dirty map the fold moves to resync.
+      if (this.unshippedBytes() + length > this.overflowRatio * this.diskSizeBytes) {
+        await this.foldLogs('overflow');
+        return;
+      }
+      if (await this.logIo(() => w.appendZeroes(offset, length))) await this.checkOverflow();
     });
   }
 

@@ -1,13 +1,13 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { SimulatedClock } from '../../src/platform/clock';
 import { openDisk } from '../../src/targets/disk-spec';
 import { ChangeTracker, type ResyncReport } from '../../src/tracking/change-tracker';
 import { applyHrlLogs } from '../../src/tracking/hrl-apply';
 import { verifyHrlLog } from '../../src/tracking/hrl-reader';
-import type { HrlWriterFile } from '../../src/tracking/hrl-writer';
+import { HrlWriter, type HrlWriterFile } from '../../src/tracking/hrl-writer';
 import { useTempDirs } from '../helpers/tmp';
 
 const tempDir = useTempDirs();
@@ -103,6 +103,29 @@ describe('ChangeTracker', () => {
     expect(again.status()).toMatchObject({ resyncRequired: false, resyncBytes: 0 });
     expect([...again.dirtyExtents()]).toEqual([{ offset: 250 * 4096, length: 4096 }]);
     await again.close();
+  });
+
+  it('folds a zero range that would pass the overflow limit without logging its zeroes first', async () => {
+    const dir = tempDir();
+    const reports: ResyncReport[] = [];
+    const t = await open(dir, { onResyncRequired: (r) => reports.push(r) });
+    const appendZeroes = vi.spyOn(HrlWriter.prototype, 'appendZeroes');
+    try {
+      // Small enough: logged as zero entries.
+      await t.recordTrim(64 * 1024, 64 * 1024);
+      expect(appendZeroes).toHaveBeenCalledTimes(1);
+      expect(t.status().mode).toBe('logging');
+      // A whole-disk TRIM passes the limit (half the disk) on its own.
+      await t.recordTrim(0, DISK);
+      expect(appendZeroes).toHaveBeenCalledTimes(1);
+      expect(t.status()).toMatchObject({ mode: 'dirty-only', resyncRequired: true });
+      expect(reports.map((r) => r.reason)).toEqual(['overflow']);
+      expect([...t.resyncExtents()]).toEqual([{ offset: 0, length: DISK }]);
+      expect(fs.readdirSync(dir).filter((n) => n.includes('.hrl'))).toEqual([]);
+    } finally {
+      appendZeroes.mockRestore();
+      await t.close();
+    }
   });
 
   it('cuts several disks at one point: shared cut id and time, writes during the cut land in the next logs', async () => {
