@@ -161,6 +161,16 @@ struct ExportCore {
   std::weak_ptr<ExportCore> self;
   // The promises of those holds; touched on the main thread only.
   std::vector<Napi::Promise::Deferred> holdDeferreds;
+  // close(): its promises (main thread only) resolve once the writer thread
+  // has ended, which it signals through `held`. Under mu: the thread has
+  // left WriterLoop; the wrap was finalized (nothing may be posted then).
+  std::vector<Napi::Promise::Deferred> closeDeferreds;
+  bool writerExited = false;
+  bool finalized = false;
+  bool closeSettled = false;
+  // Main thread, once the writer has ended: joins it, settles pending holds
+  // and closes, and releases the thread-safe functions.
+  void FinishClose(Napi::Env env);
 
   std::deque<std::shared_ptr<WriteJob>> jobs;
   size_t jobBytes = 0;
@@ -605,7 +615,9 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
         lock.lock();
         continue;
       }
-      if (connJobs_ == 0) return;
+      // A hard stop lets go at once, as hardDisconnect says: what is still
+      // queued completes without this thread (see exited_ and Post).
+      if (connJobs_ == 0 || aborting_.load()) return;
       if (!stopping_.load()) {
         cv_.wait(lock);
       } else if (cv_.wait_until(lock, drainDeadline_) == std::cv_status::timeout && connJobs_ > 0) {
@@ -944,9 +956,24 @@ void ExportCore::ResolveHolds(Napi::Env env) {
   if (holdDeferreds.empty()) return;
   std::vector<Napi::Promise::Deferred> ready;
   ready.swap(holdDeferreds);
-  held.Unref(env);
+  if (closeDeferreds.empty()) held.Unref(env);
   // The first gets the records; any later one finds them taken already.
   for (auto& d : ready) d.Resolve(TakeRecords(env, *this));
+}
+
+void ExportCore::FinishClose(Napi::Env env) {
+  if (writer.joinable()) writer.join();  // it has left WriterLoop: at once
+  std::vector<Napi::Promise::Deferred> done;
+  done.swap(closeDeferreds);
+  if (!closeSettled) {
+    closeSettled = true;
+    // The writer is gone, so pending holds are settled here.
+    ResolveHolds(env);
+    held.Unref(env);
+    notify.Release();
+    held.Release();
+  }
+  for (auto& d : done) d.Resolve(env.Undefined());
 }
 
 class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
@@ -991,48 +1018,62 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     core_->held = Napi::ThreadSafeFunction::New(
         env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "blockrelay-tap-held", 0, 1, [](Napi::Env) {});
     core_->held.Unref(env);
-    ExportCore* raw = core_.get();
-    core_->writer = std::thread([raw]() {
+    // The thread keeps the core alive: a finalized wrap only detaches it, so
+    // a write stuck on a hung disk never blocks the main thread.
+    std::shared_ptr<ExportCore> keep = core_;
+    core_->writer = std::thread([keep]() {
       pthread_setname_np(pthread_self(), "br-tap-writer");
-      raw->WriterLoop();
+      keep->WriterLoop();
+      std::lock_guard<std::mutex> lock(keep->mu);
+      keep->writerExited = true;
+      if (keep->finalized) return;
+      keep->held.NonBlockingCall([keep](Napi::Env env, Napi::Function) { keep->FinishClose(env); });
     });
 
     napi_type_tag_object(env, info.This(), &kExportTag);
   }
 
   ~TapExportWrap() override {
-    if (core_ != nullptr) CloseCore(nullptr);
+    if (core_ == nullptr) return;
+    // A finalizer neither waits for the writer (a hung disk would stop the
+    // GC's thread) nor settles or releases anything: at the environment's
+    // teardown Node closes the thread-safe functions itself, and releasing
+    // one it already closed aborted the process. Both are unreferenced, so
+    // leaving them keeps nothing alive; the thread ends on its own.
+    std::lock_guard<std::mutex> lock(core_->mu);
+    core_->closed = true;
+    core_->cv.notify_all();
+    core_->writerCv.notify_all();
+    core_->appendCv.notify_all();
+    core_->holdDeferreds.clear();
+    // A close still pending is settled when the writer ends, as usual.
+    if (core_->closeDeferreds.empty()) core_->finalized = true;
+    if (core_->writer.joinable()) core_->writer.detach();
   }
 
   std::shared_ptr<ExportCore> core() const { return core_; }
 
  private:
-  // `env` is null from the destructor (a finalizer must not settle promises).
-  void CloseCore(Napi::Env* env) {
-    bool release = false;
+  // Stops the writer once its queue is empty; the promise resolves when it
+  // has ended. The main thread never waits for it: with a write stuck on a
+  // hung disk, that is when the disk answers.
+  Napi::Promise CloseCore(Napi::Env env) {
+    Napi::Promise::Deferred deferred = Napi::Promise::Deferred::New(env);
+    Napi::Promise promise = deferred.Promise();
+    bool exited;
     {
       std::lock_guard<std::mutex> lock(core_->mu);
-      if (!core_->closed) {
-        core_->closed = true;
-        release = true;
-      }
+      core_->closed = true;
       core_->cv.notify_all();
       core_->writerCv.notify_all();
+      exited = core_->writerExited;
     }
-    if (core_->writer.joinable()) core_->writer.join();
-    if (!release) return;
-    // From the finalizer (env == null) nothing is settled or released: at
-    // the environment's teardown Node closes the thread-safe functions
-    // itself, and releasing one it already closed aborted the process. Both
-    // are unreferenced, so leaving them to that teardown keeps nothing alive.
-    if (env == nullptr) {
-      core_->holdDeferreds.clear();
-      return;
-    }
-    // The writer is gone, so pending holds are settled here.
-    core_->ResolveHolds(*env);
-    core_->notify.Release();
-    core_->held.Release();
+    // Referenced while a close waits, so its promise settles before the process can exit.
+    if (core_->closeDeferreds.empty() && !core_->closeSettled) core_->held.Ref(env);
+    core_->closeDeferreds.push_back(deferred);
+    // Already ended: its signal may still be queued (FinishClose runs once).
+    if (exited) core_->FinishClose(env);
+    return promise;
   }
 
   // Stops new writes and resolves, with the records not yet taken, once the
@@ -1123,11 +1164,7 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     return out;
   }
 
-  Napi::Value CloseJs(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    CloseCore(&env);
-    return env.Undefined();
-  }
+  Napi::Value CloseJs(const Napi::CallbackInfo& info) { return CloseCore(info.Env()); }
 
   std::shared_ptr<ExportCore> core_;
 };

@@ -76,7 +76,12 @@ export interface NativeTapExport {
   setDurableRegions(regions: Float64Array): void;
   /** [kind (0 none, 1 overflow, 2 log I/O error), errno]. */
   attention(): Float64Array;
-  close(): void;
+  /**
+   * Stops the writer thread once the queued writes are written, and settles
+   * pending holds; resolves when it has ended. The wait is off the main
+   * thread: a write stuck on a hung disk delays the promise, never the event loop.
+   */
+  close(): Promise<void>;
 }
 
 /** One connection's transmission thread (native/tap-transmission.cc). */

@@ -132,7 +132,19 @@ export class NbdServer implements ConnectionHost {
       await idle;
       timer.cancel();
     }
-    for (const exp of this.exportList) exp.closeNative();
+    // A native writer ends once its queued writes are on the disk; one stuck
+    // on a hung disk ends when the disk answers. The event loop runs
+    // meanwhile, and the server stops waiting for it after `graceMs`.
+    const nativeClosed = Promise.all(this.exportList.map((exp) => exp.closeNative()));
+    let timer: { cancel(): void } | undefined;
+    const late = await Promise.race([
+      nativeClosed.then(() => false),
+      new Promise<boolean>((resolve) => {
+        timer = this.clock.setTimer(() => resolve(true), graceMs);
+      }),
+    ]);
+    timer?.cancel();
+    if (late) this.warn('NBD export still writing to its disk at shutdown (a write is stuck); not waiting for it');
     await closed;
   }
 

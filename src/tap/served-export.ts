@@ -91,11 +91,14 @@ export class ServedExport {
     this.native = nativeExportFor(nativeDataPath, exp, this.sizeBytes, this.minBlockBytes, this.maxBlockBytes);
   }
 
-  /** Releases the native export's resources; its connections must have ended. */
-  closeNative(): void {
+  /**
+   * Releases the native export's resources; its connections must have ended.
+   * Resolves once its writer thread has written what was queued and ended.
+   */
+  async closeNative(): Promise<void> {
     if (this.native === undefined) return;
     if (this.exp.recorder instanceof ChangeTracker) this.exp.recorder.detachNative(this.native);
-    this.native.close();
+    await this.native.close();
   }
 }
 

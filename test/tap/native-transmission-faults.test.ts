@@ -64,6 +64,40 @@ describe('native tap under faults', () => {
     await client.close();
   }, 30_000);
 
+  it('keeps the event loop running while the server closes with a write stuck on a hung disk', async () => {
+    const dir = tempDir();
+    const disk = await hangableDisk(dir, 16 * MiB, cleanups);
+    if (disk === undefined) return;
+    const t = await nativeTap(dir, cleanups, { sizeBytes: 16 * MiB, imagePath: disk.path });
+    cleanups.push(() => disk.recover());
+    const client = await NbdClient.connect({ host: '127.0.0.1', port: t.port, exportName: 'disk0' });
+    cleanups.push(() => client.close().catch(() => undefined));
+    await client.write(0, Buffer.alloc(65536, 0x11));
+    disk.hang();
+    // Resumes the disk from outside after 4 s, so a blocked main thread
+    // cannot keep this test from ending: it then sees the block as lag.
+    const watchdog = spawn('sh', ['-c', `sleep 4; kill -CONT ${disk.serverPid}`], { stdio: 'ignore' });
+    cleanups.push(() => {
+      watchdog.kill();
+    });
+    const writing = client.write(65536, Buffer.alloc(65536, 0x22)).catch(() => undefined);
+    // The native writer is now stuck in the disk write.
+    await new Promise((r) => setTimeout(r, 300));
+    let closed = false;
+    // The connection is dropped after 300 ms; the export's writer is still stuck.
+    const closing = t.server.close(300).then(() => {
+      closed = true;
+    });
+    let worstLagMs = 0;
+    for (let i = 0; i < 100 && !closed; i++) worstLagMs = Math.max(worstLagMs, await timerLagMs());
+    expect(worstLagMs, 'event loop blocked while the export closes').toBeLessThan(1000);
+    expect(closed, 'the server stops waiting for the stuck writer after its grace').toBe(true);
+    expect(t.warnings.some((w) => w.includes('still writing to its disk'))).toBe(true);
+    disk.recover();
+    await closing;
+    await writing;
+  });
+
   it('answers a FLUSH it carried out before a graceful stop ends the connection', async () => {
     const dir = tempDir();
     const t = await nativeTap(dir, cleanups);

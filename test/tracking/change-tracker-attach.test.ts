@@ -23,7 +23,9 @@ class CountingExport implements NativeTapExport {
   attention(): Float64Array {
     return new Float64Array([0, 0]);
   }
-  close(): void {}
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
 }
 
 /** Holds end asynchronously (a resume takes the lock once more first): waits for the count to settle. */
@@ -134,7 +136,7 @@ describe('ChangeTracker.flush with the native tap attached', () => {
       spy.mockRestore();
       t.detachNative(exp);
       await t.close();
-      real.close();
+      await real.close();
       fs.closeSync(diskFd);
     }
   });
