@@ -1,7 +1,7 @@
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { expect } from 'vitest';
+import { afterEach, expect } from 'vitest';
 import { requireTool } from '../helpers/tools';
 import { RawPeer } from './nbd-fixtures';
 import { NbdServer } from '../../src/tap/nbd-server';
@@ -30,8 +30,23 @@ export interface NativeTap {
   readonly warnings: string[];
 }
 
-/** Cleanups run after each test, newest first (the caller drains them in afterEach). */
+/** Cleanups run after each test, newest first (see useCleanups). */
 export type Cleanups = (() => Promise<void> | void)[];
+
+/**
+ * A list of cleanups drained after each test of the calling file, newest
+ * first. Every cleanup runs even when one fails (a mounted disk and its
+ * servers must go); the first failure fails the test.
+ */
+export function useCleanups(): Cleanups {
+  const cleanups: Cleanups = [];
+  afterEach(async () => {
+    const failures: unknown[] = [];
+    for (const c of cleanups.splice(0).reverse()) await Promise.resolve().then(c).catch((err: unknown) => failures.push(err));
+    if (failures.length > 0) throw failures[0];
+  });
+  return cleanups;
+}
 
 export async function nativeTap(
   dir: string,
@@ -105,16 +120,8 @@ export async function expectLogsRebuildDisk(t: NativeTap): Promise<void> {
   expect(fs.readFileSync(copyPath).equals(fs.readFileSync(t.imagePath))).toBe(true);
 }
 
-export function seededRandom(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let x = s;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The shared seeded generator (mulberry32), under the name these tests use. */
+export { prng as seededRandom } from '../helpers/prng';
 
 /**
  * A disk that can really hang: a raw image served by qemu-nbd and mounted as

@@ -1,8 +1,8 @@
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { useTempDirs } from '../helpers/tmp';
-import { type Cleanups, expectLogsRebuildDisk, hangableDisk, MiB, nativeTap, peer, waitIdle } from './native-tap-fixtures';
+import { expectLogsRebuildDisk, hangableDisk, MiB, nativeTap, peer, useCleanups, waitIdle } from './native-tap-fixtures';
 import { rawHandshake, readSimpleReply, request } from './nbd-fixtures';
 import { NbdClient } from '../../src/tap/nbd-client';
 import * as P from '../../src/tap/nbd-protocol';
@@ -14,13 +14,7 @@ import * as P from '../../src/tap/nbd-protocol';
  */
 
 const tempDir = useTempDirs();
-const cleanups: Cleanups = [];
-afterEach(async () => {
-  // Every cleanup runs even when one fails (a mounted disk and its servers must go).
-  const failures: unknown[] = [];
-  for (const c of cleanups.splice(0).reverse()) await Promise.resolve().then(c).catch((err: unknown) => failures.push(err));
-  if (failures.length > 0) throw failures[0];
-});
+const cleanups = useCleanups();
 
 /** Milliseconds a 10 ms timer fires late: how long the event loop was blocked. */
 async function timerLagMs(): Promise<number> {

@@ -1,10 +1,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
 import { RawPeer, rawHandshake, readSimpleReply, request, run } from './nbd-fixtures';
-import { type Cleanups, expectLogsRebuildDisk, loggedWrites, MiB, NATIVE_TAP_SIZE_BYTES as SIZE_BYTES, nativeTap as startNativeTap, type NativeTap, peer as connectPeer, seededRandom, waitIdle } from './native-tap-fixtures';
+import { expectLogsRebuildDisk, loggedWrites, MiB, NATIVE_TAP_SIZE_BYTES as SIZE_BYTES, nativeTap as startNativeTap, type NativeTap, peer as connectPeer, seededRandom, useCleanups, waitIdle } from './native-tap-fixtures';
 import { NbdClient } from '../../src/tap/nbd-client';
 import * as P from '../../src/tap/nbd-protocol';
 import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
@@ -17,13 +17,7 @@ import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
  */
 
 const tempDir = useTempDirs();
-const cleanups: Cleanups = [];
-afterEach(async () => {
-  // Every cleanup runs even when one fails (a mounted disk and its servers must go).
-  const failures: unknown[] = [];
-  for (const c of cleanups.splice(0).reverse()) await Promise.resolve().then(c).catch((err: unknown) => failures.push(err));
-  if (failures.length > 0) throw failures[0];
-});
+const cleanups = useCleanups();
 
 function nativeTap(options: { sizeBytes?: number; maxBlockBytes?: number; overflowRatio?: number } = {}): Promise<NativeTap> {
   return startNativeTap(tempDir(), cleanups, options);
