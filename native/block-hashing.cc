@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include "addon-arguments.h"
 #include "file-extents.h"
 #include "xxhash64.h"
 
@@ -115,19 +116,11 @@ class PreadHashWorker : public Napi::AsyncWorker {
   int err_ = 0;
 };
 
-bool ReadSize(const Napi::Value& v, double max, size_t& out) {
-  if (!v.IsNumber()) return false;
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (!(d >= 0 && d <= max) || d != static_cast<double>(static_cast<int64_t>(d))) return false;
-  out = static_cast<size_t>(d);
-  return true;
-}
-
 Napi::Value PreadHashBlocksJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   size_t fd, offset, length, block_bytes;
-  if (info.Length() < 6 || !ReadSize(info[0], 2147483647.0, fd) || !ReadSize(info[1], 9007199254740991.0, offset) ||
-      !ReadSize(info[2], static_cast<double>(kMaxLengthBytes), length) || !ReadSize(info[3], static_cast<double>(kMaxBlockBytes), block_bytes) ||
+  if (info.Length() < 6 || !SizeArg(info, 0, 2147483647.0, fd) || !SizeArg(info, 1, kMaxSafe, offset) ||
+      !SizeArg(info, 2, static_cast<double>(kMaxLengthBytes), length) || !SizeArg(info, 3, static_cast<double>(kMaxBlockBytes), block_bytes) ||
       block_bytes == 0 || length == 0 || !info[5].IsTypedArray()) {
     return env.Undefined();
   }

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <string>
 #include <ctime>
 
 #include <fcntl.h>
@@ -9,6 +10,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "addon-arguments.h"
 #include "checksum.h"
 
 namespace blockrelay {
@@ -474,15 +476,6 @@ namespace {
 
 const napi_type_tag kAppenderTag = {0x6a1c2f0e5b7d4e21ull, 0x9f3b8c4d2e1a7f60ull};
 
-bool NumberArg(const Napi::CallbackInfo& info, size_t i, double max, double& out) {
-  if (info.Length() <= i || !info[i].IsNumber()) return false;
-  double v = info[i].As<Napi::Number>().DoubleValue();
-  if (!(v >= 0 && v <= max) || v != static_cast<double>(static_cast<uint64_t>(v))) return false;
-  out = v;
-  return true;
-}
-
-constexpr double kMaxSafe = 9007199254740991.0;
 
 // Logs a zero range on the libuv thread pool: a large TRIM or WRITE_ZEROES
 // becomes that many bytes of zero-filled entries (128 MiB took 79 ms), which
@@ -564,13 +557,16 @@ class HrlAppenderWrap : public Napi::ObjectWrap<HrlAppenderWrap> {
     return Napi::Number::New(info.Env(), err);
   }
 
+  // (byteOffset, length, timestamp) of a zero range; throws a TypeError naming `method` when they are bad.
+  static bool ZeroRangeArgs(const Napi::CallbackInfo& info, const char* method, double& offset, double& length, double& ts) {
+    if (NumberArg(info, 0, kMaxSafe, offset) && NumberArg(info, 1, kMaxSafe, length) && NumberArg(info, 2, 4294967295.0, ts) && offset + length <= kMaxSafe) return true;
+    Napi::TypeError::New(info.Env(), std::string(method) + "(byteOffset, length, timestamp): bad argument").ThrowAsJavaScriptException();
+    return false;
+  }
+
   Napi::Value AppendZeroesJs(const Napi::CallbackInfo& info) {
     double offset, length, ts;
-    if (!NumberArg(info, 0, kMaxSafe, offset) || !NumberArg(info, 1, kMaxSafe, length) || !NumberArg(info, 2, 4294967295.0, ts) ||
-        offset + length > kMaxSafe) {
-      Napi::TypeError::New(info.Env(), "appendZeroes(byteOffset, length, timestamp): bad argument").ThrowAsJavaScriptException();
-      return Napi::Value();
-    }
+    if (!ZeroRangeArgs(info, "appendZeroes", offset, length, ts)) return Napi::Value();
     int err = core_ == nullptr ? EBADF : core_->AppendZeroes(static_cast<uint64_t>(offset), static_cast<uint64_t>(length), static_cast<uint32_t>(ts));
     return Napi::Number::New(info.Env(), err);
   }
@@ -578,11 +574,7 @@ class HrlAppenderWrap : public Napi::ObjectWrap<HrlAppenderWrap> {
   // appendZeroesAsync(byteOffset, length, timestamp): Promise<errno>, carried out on the thread pool.
   Napi::Value AppendZeroesAsyncJs(const Napi::CallbackInfo& info) {
     double offset, length, ts;
-    if (!NumberArg(info, 0, kMaxSafe, offset) || !NumberArg(info, 1, kMaxSafe, length) || !NumberArg(info, 2, 4294967295.0, ts) ||
-        offset + length > kMaxSafe) {
-      Napi::TypeError::New(info.Env(), "appendZeroesAsync(byteOffset, length, timestamp): bad argument").ThrowAsJavaScriptException();
-      return Napi::Value();
-    }
+    if (!ZeroRangeArgs(info, "appendZeroesAsync", offset, length, ts)) return Napi::Value();
     if (core_ == nullptr) {
       Napi::Promise::Deferred d = Napi::Promise::Deferred::New(info.Env());
       d.Resolve(Napi::Number::New(info.Env(), EBADF));

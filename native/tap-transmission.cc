@@ -24,6 +24,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "addon-arguments.h"
 #include "hrl-appender.h"
 
 namespace blockrelay {
@@ -81,15 +82,6 @@ inline void PutBe32(uint8_t* p, uint32_t v) {
   p[3] = static_cast<uint8_t>(v);
 }
 
-constexpr double kMaxSafe = 9007199254740991.0;
-
-bool NumberArg(const Napi::CallbackInfo& info, size_t i, double max, double& out) {
-  if (info.Length() <= i || !info[i].IsNumber()) return false;
-  double v = info[i].As<Napi::Number>().DoubleValue();
-  if (!(v >= 0 && v <= max) || v != static_cast<double>(static_cast<uint64_t>(v))) return false;
-  out = v;
-  return true;
-}
 
 class ConnCore;
 

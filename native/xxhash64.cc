@@ -1,5 +1,7 @@
 #include "xxhash64.h"
 
+#include "addon-arguments.h"
+
 #include <cstring>
 
 #if defined(__x86_64__)
@@ -211,13 +213,11 @@ Napi::Value Xxh64Js(const Napi::CallbackInfo& info) {
 // refused (out too small, a block size of 0).
 Napi::Value Xxh64BlocksJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 4 || !info[0].IsTypedArray() || !info[1].IsNumber() || !info[2].IsTypedArray() || !info[3].IsBoolean()) return env.Undefined();
+  size_t block_bytes;
+  if (info.Length() < 4 || !info[0].IsTypedArray() || !SizeArg(info, 1, 4294967296.0, block_bytes) || block_bytes == 0 || !info[2].IsTypedArray() || !info[3].IsBoolean()) return env.Undefined();
   if (info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) return env.Undefined();
   Napi::Uint8Array data = info[0].As<Napi::Uint8Array>();
   Napi::Uint8Array out = info[2].As<Napi::Uint8Array>();
-  const double block = info[1].As<Napi::Number>().DoubleValue();
-  if (!(block >= 1 && block <= 4294967296.0) || block != static_cast<double>(static_cast<int64_t>(block))) return env.Undefined();
-  const size_t block_bytes = static_cast<size_t>(block);
   const size_t blocks = (data.ByteLength() + block_bytes - 1) / block_bytes;
   if (out.ByteLength() < blocks * 8) return env.Undefined();
   const BlockHashPath path = info[3].As<Napi::Boolean>().Value() ? BlockHashPath::kScalar : BlockHashPath::kAuto;
