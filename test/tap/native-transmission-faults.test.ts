@@ -23,26 +23,39 @@ async function timerLagMs(): Promise<number> {
   return performance.now() - started - 10;
 }
 
+/**
+ * A native tap on a disk that hangs, with one write stuck in the disk write
+ * and one done before: `writing` is the stuck write's reply. The disk is
+ * resumed from outside after `watchdogS` seconds, so a blocked main thread
+ * cannot keep a test from ending: it then sees the block as lag. Undefined
+ * where the hangable disk cannot be made.
+ */
+async function writeStuckOnHungDisk(watchdogS: number, options: { failureExpected: boolean }) {
+  const dir = tempDir();
+  const disk = await hangableDisk(dir, 16 * MiB, cleanups);
+  if (disk === undefined) return undefined;
+  const t = await nativeTap(dir, cleanups, { sizeBytes: 16 * MiB, imagePath: disk.path });
+  cleanups.push(() => disk.recover());
+  const client = await NbdClient.connect({ host: '127.0.0.1', port: t.port, exportName: 'disk0' });
+  cleanups.push(() => client.close().catch(() => undefined));
+  await client.write(0, Buffer.alloc(65536, 0x11));
+  disk.hang();
+  const watchdog = spawn('sh', ['-c', `sleep ${watchdogS}; kill -CONT ${disk.serverPid}`], { stdio: 'ignore' });
+  cleanups.push(() => {
+    watchdog.kill();
+  });
+  const write = client.write(65536, Buffer.alloc(65536, 0x22));
+  const writing = options.failureExpected ? write.catch(() => undefined) : write;
+  // The native writer is now stuck in the disk write.
+  await new Promise((r) => setTimeout(r, 300));
+  return { disk, t, client, writing };
+}
+
 describe('native tap under faults', () => {
   it('keeps the event loop running while the tracker waits for a write stuck on a hung disk', async () => {
-    const dir = tempDir();
-    const disk = await hangableDisk(dir, 16 * MiB, cleanups);
-    if (disk === undefined) return;
-    const t = await nativeTap(dir, cleanups, { sizeBytes: 16 * MiB, imagePath: disk.path });
-    cleanups.push(() => disk.recover());
-    const client = await NbdClient.connect({ host: '127.0.0.1', port: t.port, exportName: 'disk0' });
-    cleanups.push(() => client.close().catch(() => undefined));
-    await client.write(0, Buffer.alloc(65536, 0x11));
-    disk.hang();
-    // Resumes the disk from outside after 3 s, so a blocked main thread
-    // cannot keep this test from ending: it then sees the block as lag.
-    const watchdog = spawn('sh', ['-c', `sleep 3; kill -CONT ${disk.serverPid}`], { stdio: 'ignore' });
-    cleanups.push(() => {
-      watchdog.kill();
-    });
-    const writing = client.write(65536, Buffer.alloc(65536, 0x22));
-    // The native writer is now stuck in the disk write.
-    await new Promise((r) => setTimeout(r, 300));
+    const stuck = await writeStuckOnHungDisk(3, { failureExpected: false });
+    if (stuck === undefined) return;
+    const { disk, t, client, writing } = stuck;
     let flushed = false;
     const flushing = t.tracker.flush().then(() => {
       flushed = true;
@@ -59,24 +72,9 @@ describe('native tap under faults', () => {
   }, 30_000);
 
   it('keeps the event loop running while the server closes with a write stuck on a hung disk', async () => {
-    const dir = tempDir();
-    const disk = await hangableDisk(dir, 16 * MiB, cleanups);
-    if (disk === undefined) return;
-    const t = await nativeTap(dir, cleanups, { sizeBytes: 16 * MiB, imagePath: disk.path });
-    cleanups.push(() => disk.recover());
-    const client = await NbdClient.connect({ host: '127.0.0.1', port: t.port, exportName: 'disk0' });
-    cleanups.push(() => client.close().catch(() => undefined));
-    await client.write(0, Buffer.alloc(65536, 0x11));
-    disk.hang();
-    // Resumes the disk from outside after 4 s, so a blocked main thread
-    // cannot keep this test from ending: it then sees the block as lag.
-    const watchdog = spawn('sh', ['-c', `sleep 4; kill -CONT ${disk.serverPid}`], { stdio: 'ignore' });
-    cleanups.push(() => {
-      watchdog.kill();
-    });
-    const writing = client.write(65536, Buffer.alloc(65536, 0x22)).catch(() => undefined);
-    // The native writer is now stuck in the disk write.
-    await new Promise((r) => setTimeout(r, 300));
+    const stuck = await writeStuckOnHungDisk(4, { failureExpected: true });
+    if (stuck === undefined) return;
+    const { disk, t, writing } = stuck;
     let closed = false;
     // The connection is dropped after 300 ms; the export's writer is still stuck.
     const closing = t.server.close(300).then(() => {
