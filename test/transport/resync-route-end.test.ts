@@ -25,38 +25,33 @@ function channel(url: string, sessionId: string, options: { attempt?: number; af
 }
 
 /**
- * An HTTP proxy in front of a hop that passes everything on but can lose
- * the answers to `DELETE`s: the request reaches the hop (which acts on it)
- * and the client's connection is reset before the answer.
+ * An HTTP proxy in front of a hop: each request goes to `handle`, which
+ * passes it on with `forward` (or answers it itself). `close` also ends the
+ * connections still open.
  */
-class LosingProxy {
-  loseDeleteAnswers = 0;
-  deletes = 0;
+abstract class HopProxy {
   private readonly server: http.Server;
   private readonly sockets = new Set<net.Socket>();
 
   constructor(private readonly target: string) {
-    this.server = http.createServer((req, res) => {
-      const upstream = http.request(new URL(req.url!, this.target), { method: req.method, headers: req.headers }, (answer) => {
-        if (req.method === 'DELETE') {
-          this.deletes++;
-          if (this.loseDeleteAnswers > 0) {
-            this.loseDeleteAnswers--;
-            answer.resume();
-            answer.on('end', () => req.socket.resetAndDestroy());
-            return;
-          }
-        }
-        res.writeHead(answer.statusCode ?? 502, answer.headers);
-        answer.pipe(res);
-      });
-      upstream.on('error', () => req.socket.destroy());
-      req.pipe(upstream);
-    });
+    this.server = http.createServer((req, res) => this.handle(req, res));
     this.server.on('connection', (s) => {
       this.sockets.add(s);
       s.on('close', () => this.sockets.delete(s));
     });
+  }
+
+  protected abstract handle(req: http.IncomingMessage, res: http.ServerResponse): void;
+
+  /** Passes the request on; `intercept` may take the hop's answer instead (true: it was handled). */
+  protected forward(req: http.IncomingMessage, res: http.ServerResponse, intercept?: (answer: http.IncomingMessage) => boolean): void {
+    const upstream = http.request(new URL(req.url!, this.target), { method: req.method, headers: req.headers }, (answer) => {
+      if (intercept?.(answer) === true) return;
+      res.writeHead(answer.statusCode ?? 502, answer.headers);
+      answer.pipe(res);
+    });
+    upstream.on('error', () => req.socket.destroy());
+    req.pipe(upstream);
   }
 
   async listen(): Promise<string> {
@@ -71,48 +66,47 @@ class LosingProxy {
 }
 
 /**
- * An HTTP proxy in front of a hop that runs `beforeFirstExchange` when the
- * first resync exchange with a body arrives (the session is open, the reads
- * have begun), then passes it on, or answers it 503 when `failFirstExchange`.
+ * A proxy that passes everything on but can lose the answers to `DELETE`s:
+ * the request reaches the hop (which acts on it) and the client's
+ * connection is reset before the answer.
  */
-class HookProxy {
+class LosingProxy extends HopProxy {
+  loseDeleteAnswers = 0;
+  deletes = 0;
+
+  protected handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    this.forward(req, res, (answer) => {
+      if (req.method !== 'DELETE') return false;
+      this.deletes++;
+      if (this.loseDeleteAnswers === 0) return false;
+      this.loseDeleteAnswers--;
+      answer.resume();
+      answer.on('end', () => req.socket.resetAndDestroy());
+      return true;
+    });
+  }
+}
+
+/**
+ * A proxy that runs `beforeFirstExchange` when the first resync exchange
+ * with a body arrives (the session is open, the reads have begun), then
+ * passes it on, or answers it 503 when `failFirstExchange`.
+ */
+class HookProxy extends HopProxy {
   beforeFirstExchange: (() => Promise<void>) | undefined;
   failFirstExchange = false;
-  private readonly server: http.Server;
-  private readonly sockets = new Set<net.Socket>();
 
-  constructor(private readonly target: string) {
-    this.server = http.createServer((req, res) => {
-      const hook = req.method === 'POST' && req.headers['content-length'] !== '0' ? this.beforeFirstExchange : undefined;
-      if (hook !== undefined) this.beforeFirstExchange = undefined;
-      void (hook ?? (async () => undefined))().then(() => {
-        if (hook !== undefined && this.failFirstExchange) {
-          req.resume();
-          res.writeHead(503).end();
-          return;
-        }
-        const upstream = http.request(new URL(req.url!, this.target), { method: req.method, headers: req.headers }, (answer) => {
-          res.writeHead(answer.statusCode ?? 502, answer.headers);
-          answer.pipe(res);
-        });
-        upstream.on('error', () => req.socket.destroy());
-        req.pipe(upstream);
-      });
+  protected handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const hook = req.method === 'POST' && req.headers['content-length'] !== '0' ? this.beforeFirstExchange : undefined;
+    if (hook !== undefined) this.beforeFirstExchange = undefined;
+    void (hook ?? (async () => undefined))().then(() => {
+      if (hook !== undefined && this.failFirstExchange) {
+        req.resume();
+        res.writeHead(503).end();
+        return;
+      }
+      this.forward(req, res);
     });
-    this.server.on('connection', (s) => {
-      this.sockets.add(s);
-      s.on('close', () => this.sockets.delete(s));
-    });
-  }
-
-  async listen(): Promise<string> {
-    await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
-    return `http://127.0.0.1:${(this.server.address() as net.AddressInfo).port}`;
-  }
-
-  async close(): Promise<void> {
-    for (const s of this.sockets) s.destroy();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 }
 
