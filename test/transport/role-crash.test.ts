@@ -54,8 +54,8 @@ describe('roles killed with SIGKILL', () => {
     for (const r of roles.splice(0)) await r.kill();
   });
 
-  it('lose nothing acknowledged, apply nothing twice, and the target converges', async () => {
-    const dir = tmp();
+  /** A master target writing `raw:DIR/target.img` behind a process server, each a CLI child on a free port. */
+  async function startHops(dir: string) {
     const [psPort, mtPort] = [await freePort(), await freePort()];
     const target = path.join(dir, 'target.img');
     const mtConfig = path.join(dir, 'mt.json');
@@ -67,6 +67,24 @@ describe('roles killed with SIGKILL', () => {
     roles.push(mt, ps);
     await mt.start();
     await ps.start();
+    return { psPort, mtPort, target, mt, ps };
+  }
+
+  /** Waits (60 s at most) until the master target on `mtPort` has applied log `seq` of disk0. */
+  async function waitApplied(mtPort: number, seq: number): Promise<void> {
+    const mtPeer = { url: `http://127.0.0.1:${mtPort}`, secret: MT_SECRET };
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const state = await getDiskState(mtPeer, 'disk0').catch(() => undefined);
+      if (state !== undefined && (state as { appliedSeq?: number }).appliedSeq === seq) return;
+      if (Date.now() > deadline) throw new Error(`not converged: ${JSON.stringify(state)}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  it('lose nothing acknowledged, apply nothing twice, and the target converges', async () => {
+    const dir = tmp();
+    const { psPort, mtPort, target, mt, ps } = await startHops(dir);
 
     const model = Buffer.alloc(DISK_SIZE);
     const rand = prng(2024);
@@ -90,30 +108,13 @@ describe('roles killed with SIGKILL', () => {
     expect(kills).toBeGreaterThan(3);
 
     // Everything acknowledged must reach the target: wait until all is applied.
-    const mtPeer = { url: `http://127.0.0.1:${mtPort}`, secret: MT_SECRET };
-    const deadline = Date.now() + 60_000;
-    for (;;) {
-      const state = await getDiskState(mtPeer, 'disk0').catch(() => undefined);
-      if (state !== undefined && (state as { appliedSeq?: number }).appliedSeq === logs) break;
-      if (Date.now() > deadline) throw new Error(`not converged: ${JSON.stringify(state)}`);
-      await new Promise((r) => setTimeout(r, 200));
-    }
+    await waitApplied(mtPort, logs);
     expect(fs.readFileSync(target).equals(model)).toBe(true);
   }, 180_000);
 
   it('with several logs in flight on each hop, lose nothing, apply each once and in order', async () => {
     const dir = tmp();
-    const [psPort, mtPort] = [await freePort(), await freePort()];
-    const target = path.join(dir, 'target.img');
-    const mtConfig = path.join(dir, 'mt.json');
-    fs.writeFileSync(mtConfig, JSON.stringify({ stateDir: path.join(dir, 'mt'), listen: `127.0.0.1:${mtPort}`, secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${target}` }] }));
-    const psConfig = path.join(dir, 'ps.json');
-    fs.writeFileSync(psConfig, JSON.stringify({ stateDir: path.join(dir, 'ps'), listen: `127.0.0.1:${psPort}`, secret: SECRET, forward: { url: `http://127.0.0.1:${mtPort}`, secret: MT_SECRET, timeoutSeconds: 2 } }));
-    const mt = new RoleProcess('master-target', mtConfig);
-    const ps = new RoleProcess('process-server', psConfig);
-    roles.push(mt, ps);
-    await mt.start();
-    await ps.start();
+    const { psPort, mtPort, target, mt, ps } = await startHops(dir);
 
     // The source side is a real, pipelined shipper; a log is sealed every 60 ms.
     const model = Buffer.alloc(DISK_SIZE);
@@ -159,14 +160,7 @@ describe('roles killed with SIGKILL', () => {
     // Each log was acknowledged once, oldest first.
     expect(acknowledged).toEqual(Array.from({ length: logs }, (_, i) => i + 1));
 
-    const mtPeer = { url: `http://127.0.0.1:${mtPort}`, secret: MT_SECRET };
-    const deadline = Date.now() + 60_000;
-    for (;;) {
-      const state = await getDiskState(mtPeer, 'disk0').catch(() => undefined);
-      if (state !== undefined && (state as { appliedSeq?: number }).appliedSeq === logs) break;
-      if (Date.now() > deadline) throw new Error(`not converged: ${JSON.stringify(state)}`);
-      await new Promise((r) => setTimeout(r, 200));
-    }
+    await waitApplied(mtPort, logs);
     // Applied in order: the target is the writes of logs 1..30 applied one after another.
     expect(fs.readFileSync(target).equals(model)).toBe(true);
   }, 180_000);
