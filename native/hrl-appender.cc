@@ -63,18 +63,9 @@ int PwritevAll(int fd, struct iovec* iov, int count, uint64_t pos) {
 }  // namespace
 
 int PwriteAll(int fd, const uint8_t* data, size_t length, uint64_t pos) {
-  while (length > 0) {
-    ssize_t n = pwrite(fd, data, length, static_cast<off_t>(pos));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    if (n == 0) return EIO;
-    data += n;
-    length -= static_cast<size_t>(n);
-    pos += static_cast<uint64_t>(n);
-  }
-  return 0;
+  // One buffer is a vector of one: the same retries of short writes and EINTR.
+  struct iovec one = {const_cast<uint8_t*>(data), length};
+  return PwritevAll(fd, &one, length > 0 ? 1 : 0, pos);
 }
 
 HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t maxEntryBytes, size_t stagingBytes,
