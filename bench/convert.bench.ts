@@ -19,24 +19,13 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { copyDisk } from '../src/targets/disk-copy';
 import { openDisk } from '../src/targets/disk-spec';
+import { prng as seededRandom } from '../test/helpers/prng';
 
 const MiB = 1024 * 1024;
 const quick = process.argv.includes('--quick');
 const sizeBytes = (quick ? 64 : 256) * MiB;
 const repetitions = 3;
 const dataFraction = 0.3;
-
-/** mulberry32: the same positions every run. */
-function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function makeSource(file: string): number {
   const rand = seededRandom(0xc0417);

@@ -40,6 +40,7 @@ import { HrlWriter } from '../src/tracking/hrl-writer';
 import { hrlLogOps } from '../src/transport/hrl-log-ops';
 import { hashFile } from '../src/transport/log-spool';
 import type { LogEnvelope } from '../src/transport/transport-protocol';
+import { prng as seededRandom } from '../test/helpers/prng';
 
 const MiB = 1024 * 1024;
 const quick = process.argv.includes('--quick');
@@ -48,17 +49,6 @@ const logCount = 61; // one per minute: the oldest point is an hour before the n
 const writesPerLog = quick ? 16 : 64;
 const writeBytes = 64 * 1024;
 const repetitions = 3;
-
-function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);

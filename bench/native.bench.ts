@@ -28,6 +28,7 @@ import {
   hrlChecksumReference,
   hrlChecksumWithKernel,
 } from '../src/tracking/hrl-checksum';
+import { prng } from '../test/helpers/prng';
 
 const MiB = 1024 * 1024;
 const TiB = 1024 * 1024 * MiB;
@@ -48,18 +49,6 @@ function seconds(fn: () => void): number {
   const start = process.hrtime.bigint();
   fn();
   return Number(process.hrtime.bigint() - start) / 1e9;
-}
-
-/** Small deterministic PRNG (mulberry32), the same offsets every run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** The peer: one bit per block in a flat array, marked in plain TypeScript. */

@@ -23,6 +23,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { BlockHasher } from '../src/resync/block-hasher';
 import { resyncDisks } from '../src/resync/resync-disks';
+import { pickBlocks, seededRandom } from '../test/resync/seeded-random';
 
 const MiB = 1024 * 1024;
 const BLOCK = 4096;
@@ -40,21 +41,6 @@ const reps = Number(arg('--reps') ?? (quick ? 3 : 5));
 function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b);
   return s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-}
-
-/** Seeded choice of blocks, so every run changes the same ones. */
-function pickBlocks(blocks: number, count: number, seed: number): number[] {
-  let a = seed >>> 0;
-  const random = (): number => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const picked = new Set<number>();
-  while (picked.size < count) picked.add(Math.floor(random() * blocks));
-  return [...picked].sort((x, y) => x - y);
 }
 
 function writeSource(file: string): void {
@@ -113,7 +99,7 @@ async function main(): Promise<void> {
     writeSource(source);
     fs.copyFileSync(source, ours);
     fs.copyFileSync(source, theirs);
-    const changed = pickBlocks(sizeBytes / BLOCK, Math.round(sizeBytes / BLOCK / 100), 1024);
+    const changed = pickBlocks(sizeBytes / BLOCK, Math.round(sizeBytes / BLOCK / 100), seededRandom(1024));
     const changedBytes = changed.length * BLOCK;
 
     const oursMs: number[] = [];

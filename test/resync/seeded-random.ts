@@ -1,14 +1,5 @@
-/** mulberry32: a small seeded PRNG, so random test data is the same on every run. */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** mulberry32, seeded: the same seed gives the same run. */
+export { prng as seededRandom } from '../helpers/prng';
 
 /** Fills `buf` with seeded pseudo-random bytes. */
 export function fillRandom(buf: Buffer, random: () => number): Buffer {

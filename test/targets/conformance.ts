@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { BlockrelayError } from '../../src/retry/blockrelay-error';
 import type { AllocationExtent, DiskTarget } from '../../src/targets/disk-target';
+import { prng as seededRandom } from '../helpers/prng';
 
 /**
  * The one conformance suite every DiskTarget runs (raw, VMDK sparse and flat,
@@ -44,17 +45,7 @@ export interface ConformanceOptions {
   seed?: number;
 }
 
-/** A small seeded PRNG (mulberry32): the same seed gives the same run. */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { seededRandom };
 
 function randomBytes(rand: () => number, length: number): Buffer {
   const out = Buffer.alloc(length);

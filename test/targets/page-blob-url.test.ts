@@ -4,6 +4,7 @@ import { blobErrorCode, wrapBlobError } from '../../src/targets/blob/blob-errors
 import { blobSpec, blobUrl, containerUrl, parseBlobUrl } from '../../src/targets/blob/blob-url';
 import { blobAccess, parseConnectionString } from '../../src/targets/blob/storage-credentials';
 import { parseDiskSpec } from '../../src/targets/disk-spec';
+import { prng } from '../helpers/prng';
 
 function codeOf(fn: () => unknown): string | undefined {
   try {
@@ -147,18 +148,6 @@ describe('storage error classification', () => {
     expect(wrapBlobError(Object.assign(new Error('socket hang up'), { name: 'RestError', code: 'REQUEST_SEND_ERROR' }), 'Get Blob', 'blob:x').code).toBe('BR_BLOB_NETWORK');
   });
 });
-
-/** Seeded PRNG (mulberry32) so a fuzz failure replays. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 describe('parsers of outside input under seeded fuzz', () => {
   const alphabet = 'abcdefghijklmnopqrstuvwxyzABC0123456789-._~:/?#[]@!$&\'()*+,;=% \u0000\u00e9';

@@ -12,6 +12,7 @@ import {
   vhdChecksum,
   vhdGeometry,
 } from '../../src/targets/vhd/vhd-footer';
+import { prng } from '../helpers/prng';
 
 /**
  * The footer `qemu-img convert -O vpc -o subformat=fixed,force_size=on` (qemu
@@ -29,18 +30,6 @@ function qemuFooter(): Buffer {
   const buf = Buffer.alloc(VHD_FOOTER_SIZE_BYTES);
   Buffer.from(QEMU_FOOTER_PREFIX_HEX, 'hex').copy(buf);
   return buf;
-}
-
-/** Small seeded PRNG (mulberry32) so fuzz failures replay. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 function codeOf(fn: () => unknown): string | undefined {

@@ -19,23 +19,12 @@ import {
   DM_RESERVED_OFFSET,
   DM_VERSION_OFFSET,
 } from '../../src/tracking/dirty-map-format';
+import { prng } from '../helpers/prng';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 const TiB = 1024 * GiB;
-
-/** Small deterministic PRNG (mulberry32) so failures replay. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function all(map: DirtyMap, offset?: number, length?: number): DirtyExtent[] {
   return [...map.extents(offset, length)];

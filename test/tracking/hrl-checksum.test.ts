@@ -7,22 +7,11 @@ import {
   hrlChecksumReference,
   hrlChecksumWithKernel,
 } from '../../src/tracking/hrl-checksum';
+import { prng } from '../helpers/prng';
 
 /** Parses the spaced hex dumps of ms-hrl-notes.md §4.5. */
 function hex(text: string): Buffer {
   return Buffer.from(text.replace(/\s+/g, ''), 'hex');
-}
-
-/** Small deterministic PRNG (mulberry32) so failures replay. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 // The derived vectors of ms-hrl-notes.md §4.5. The file header vector is left
