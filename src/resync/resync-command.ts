@@ -49,6 +49,36 @@ function readExtents(file: string) {
   return parseExtentFile(text, file);
 }
 
+/** The options both forms share, validated whole before anything is opened. */
+function sharedOptions(values: ParsedValues) {
+  const blockSizeBytes = parseIntegerOption('block-size', values['block-size'], RESYNC_DEFAULTS.blockSizeBytes, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES);
+  if ((blockSizeBytes & (blockSizeBytes - 1)) !== 0) throw new BlockrelayError('BR_USAGE', `--block-size must be a power of two (e.g. 4096 or 65536), got ${blockSizeBytes}`);
+  const checkpointIntervalMs = parseIntegerOption('checkpoint-ms', values['checkpoint-ms'], RESYNC_DEFAULTS.checkpointIntervalMs, 0, 3_600_000);
+  const maxReadRate = values['max-read-rate'] === undefined ? undefined : parseIntegerOption('max-read-rate', values['max-read-rate'], 0, 1);
+  return { blockSizeBytes, checkpointIntervalMs, ...(maxReadRate === undefined ? {} : { readRateBytesPerSec: maxReadRate }) };
+}
+
+/**
+ * Runs a resync with its progress on stderr (a live line on a terminal, a
+ * line every so often otherwise); SIGINT and SIGTERM stop it with its
+ * progress saved.
+ */
+async function withProgress<T>(io: CommandIo, run: (progress: { onProgress: ResyncProgressPrinter['report']; progressIntervalMs: number; signal: AbortSignal }) => Promise<T>): Promise<T> {
+  const tty = (io.stderr as NodeJS.WriteStream).isTTY === true;
+  const printer = new ResyncProgressPrinter(io.stderr, tty);
+  const controller = new AbortController();
+  const stop = (): void => controller.abort();
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  try {
+    return await run({ onProgress: printer.report, progressIntervalMs: tty ? TTY_PROGRESS_INTERVAL_MS : LOG_PROGRESS_INTERVAL_MS, signal: controller.signal });
+  } finally {
+    printer.finish();
+    process.removeListener('SIGINT', stop);
+    process.removeListener('SIGTERM', stop);
+  }
+}
+
 /**
  * `blockrelay resync SOURCE TARGET`: brings TARGET in step with SOURCE by
  * comparing block hashes and sending only the blocks that differ. With
@@ -65,46 +95,28 @@ export const resyncCommand: Command = {
     if (values['process-server'] !== undefined || values.disk !== undefined) return runNetworked(values, positionals, io);
     if (positionals.length !== 2) throw new BlockrelayError('BR_USAGE', `resync takes SOURCE and TARGET, got ${positionals.length} arguments; usage: ${USAGE}`);
     const [sourceSpec, targetSpec] = positionals;
-    const blockSizeBytes = parseIntegerOption('block-size', values['block-size'], RESYNC_DEFAULTS.blockSizeBytes, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES);
     // Validate the whole command line before opening anything.
-    if ((blockSizeBytes & (blockSizeBytes - 1)) !== 0) throw new BlockrelayError('BR_USAGE', `--block-size must be a power of two (e.g. 4096 or 65536), got ${blockSizeBytes}`);
-    const checkpointIntervalMs = parseIntegerOption('checkpoint-ms', values['checkpoint-ms'], RESYNC_DEFAULTS.checkpointIntervalMs, 0, 3_600_000);
-    const maxReadRate = values['max-read-rate'] === undefined ? undefined : parseIntegerOption('max-read-rate', values['max-read-rate'], 0, 1);
+    const shared = sharedOptions(values);
     if (values.create === true && values.extents !== undefined) throw new BlockrelayError('BR_USAGE', '--create copies the whole disk; it takes no --extents');
     const extents = values.extents === undefined ? undefined : readExtents(values.extents);
 
-    const tty = (io.stderr as NodeJS.WriteStream).isTTY === true;
-    const printer = new ResyncProgressPrinter(io.stderr, tty);
-    const controller = new AbortController();
-    const stop = (): void => controller.abort();
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
-    try {
-      const result = await resyncDisks(sourceSpec, targetSpec, {
-        blockSizeBytes,
-        checkpointIntervalMs,
-        ...(maxReadRate === undefined ? {} : { readRateBytesPerSec: maxReadRate }),
+    const result = await withProgress(io, (progress) =>
+      resyncDisks(sourceSpec, targetSpec, {
+        ...shared,
         ...(values.state === undefined ? {} : { statePath: values.state }),
         ...(extents === undefined ? {} : { extents }),
         create: values.create === true,
-        onProgress: printer.report,
-        progressIntervalMs: tty ? TTY_PROGRESS_INTERVAL_MS : LOG_PROGRESS_INTERVAL_MS,
-        signal: controller.signal,
-      });
-      printer.finish();
-      if (result.restartReason !== undefined) io.stderr.write(`resync: saved progress not used (${result.restartReason}); started from the beginning\n`);
-      if (values.json === true) {
-        writeJson(io, { source: sourceSpec, target: targetSpec, ...result });
-      } else {
-        const resumed = result.resumedFromBytes > 0 ? `, resumed at byte ${result.resumedFromBytes}` : '';
-        io.stdout.write(`resync ${sourceSpec} -> ${targetSpec}: compared ${result.blocksCompared} blocks of ${result.blockSizeBytes} bytes, sent ${result.blocksSent} (${result.bytesSent} bytes sent, ${result.bytesReceived} received) in ${result.durationMs} ms${resumed}\n`);
-      }
-      return 0;
-    } finally {
-      printer.finish();
-      process.removeListener('SIGINT', stop);
-      process.removeListener('SIGTERM', stop);
+        ...progress,
+      }),
+    );
+    if (result.restartReason !== undefined) io.stderr.write(`resync: saved progress not used (${result.restartReason}); started from the beginning\n`);
+    if (values.json === true) {
+      writeJson(io, { source: sourceSpec, target: targetSpec, ...result });
+    } else {
+      const resumed = result.resumedFromBytes > 0 ? `, resumed at byte ${result.resumedFromBytes}` : '';
+      io.stdout.write(`resync ${sourceSpec} -> ${targetSpec}: compared ${result.blocksCompared} blocks of ${result.blockSizeBytes} bytes, sent ${result.blocksSent} (${result.bytesSent} bytes sent, ${result.bytesReceived} received) in ${result.durationMs} ms${resumed}\n`);
     }
+    return 0;
   },
 };
 
@@ -126,13 +138,10 @@ async function runNetworked(values: ParsedValues, positionals: string[], io: Com
   if (!/^https?:\/\/[^\s]+$/.test(url)) throw new BlockrelayError('BR_USAGE', `--process-server must be an http:// or https:// URL, got '${url.slice(0, 80)}'`);
   validateDiskId(diskId);
   if (values.create === true) throw new BlockrelayError('BR_USAGE', '--create makes a new local TARGET; a networked resync compares with the disk\'s existing target');
-  const blockSizeBytes = parseIntegerOption('block-size', values['block-size'], RESYNC_DEFAULTS.blockSizeBytes, MIN_BLOCK_BYTES, MAX_BLOCK_BYTES);
-  if ((blockSizeBytes & (blockSizeBytes - 1)) !== 0) throw new BlockrelayError('BR_USAGE', `--block-size must be a power of two (e.g. 4096 or 65536), got ${blockSizeBytes}`);
-  const checkpointIntervalMs = parseIntegerOption('checkpoint-ms', values['checkpoint-ms'], RESYNC_DEFAULTS.checkpointIntervalMs, 0, 3_600_000);
+  const shared = sharedOptions(values);
   const afterSeq = values['after-seq'] === undefined ? undefined : parseIntegerOption('after-seq', values['after-seq'], 0, 0, Number.MAX_SAFE_INTEGER);
   // A failed attempt (outage, hop restart, lost end) is retried after this fixed wait instead of the policy's 1, 2, 4, 8, 10 min, then every 30.
   const retryMs = values['retry-ms'] === undefined ? undefined : parseIntegerOption('retry-ms', values['retry-ms'], 0, 10, 3_600_000);
-  const maxReadRate = values['max-read-rate'] === undefined ? undefined : parseIntegerOption('max-read-rate', values['max-read-rate'], 0, 1);
   const secret = process.env[PROCESS_SERVER_SECRET_ENV];
   if (secret === undefined || secret.length < 16) throw new BlockrelayError('BR_USAGE', `--process-server needs the process server's shared secret (16 characters or more) in ${PROCESS_SERVER_SECRET_ENV}`);
   let ca: Buffer | undefined;
@@ -147,42 +156,27 @@ async function runNetworked(values: ParsedValues, positionals: string[], io: Com
   const [sourceSpec] = positionals as [string];
   const statePath = values.state ?? path.join(os.tmpdir(), `blockrelay-resync-${crypto.createHash('sha256').update(`${url}\n${diskId}`).digest('hex').slice(0, 16)}.state`);
 
-  const tty = (io.stderr as NodeJS.WriteStream).isTTY === true;
-  const printer = new ResyncProgressPrinter(io.stderr, tty);
-  const controller = new AbortController();
-  const stop = (): void => controller.abort();
-  process.once('SIGINT', stop);
-  process.once('SIGTERM', stop);
-  try {
-    const result = await networkedResync(sourceSpec, {
+  const result = await withProgress(io, (progress) =>
+    networkedResync(sourceSpec, {
       peer: { url, secret, ca },
       diskId,
       statePath,
-      blockSizeBytes,
-      checkpointIntervalMs,
+      ...shared,
       // Not a cut: S anchors the first session only, and the end taints what the hop received (see firstAnchor).
       ...(afterSeq === undefined ? {} : { firstAnchor: afterSeq }),
-      ...(maxReadRate === undefined ? {} : { readRateBytesPerSec: maxReadRate }),
       ...(retryMs === undefined ? {} : { retryPolicy: { scheduleOffsetsMs: [], steadyIntervalMs: retryMs, maxRetries: RETRY_POLICY_DEFAULTS.maxRetries } }),
       ...(extents === undefined ? {} : { extents }),
-      onProgress: printer.report,
-      progressIntervalMs: tty ? TTY_PROGRESS_INTERVAL_MS : LOG_PROGRESS_INTERVAL_MS,
-      signal: controller.signal,
+      ...progress,
       onRetry: (e) => {
         if (e.nextAttemptAtMs !== undefined) io.stderr.write(`resync: attempt ${e.attempt} failed (${e.error.code}: ${e.error.message}); trying again at ${new Date(e.nextAttemptAtMs).toISOString()}, resuming from saved progress\n`);
       },
-    });
-    printer.finish();
-    if (values.json === true) {
-      writeJson(io, { source: sourceSpec, processServer: url, ...result });
-    } else {
-      const resumed = result.resumedFromBytes > 0 ? `, resumed at byte ${result.resumedFromBytes}` : '';
-      io.stdout.write(`resync ${sourceSpec} -> ${url} disk ${diskId}: compared ${result.blocksCompared} blocks of ${result.blockSizeBytes} bytes, sent ${result.blocksSent} (${result.bytesSent} bytes sent, ${result.bytesReceived} received) in ${result.durationMs} ms, ${result.attempts} attempt(s)${resumed}\n`);
-    }
-    return 0;
-  } finally {
-    printer.finish();
-    process.removeListener('SIGINT', stop);
-    process.removeListener('SIGTERM', stop);
+    }),
+  );
+  if (values.json === true) {
+    writeJson(io, { source: sourceSpec, processServer: url, ...result });
+  } else {
+    const resumed = result.resumedFromBytes > 0 ? `, resumed at byte ${result.resumedFromBytes}` : '';
+    io.stdout.write(`resync ${sourceSpec} -> ${url} disk ${diskId}: compared ${result.blocksCompared} blocks of ${result.blockSizeBytes} bytes, sent ${result.blocksSent} (${result.bytesSent} bytes sent, ${result.bytesReceived} received) in ${result.durationMs} ms, ${result.attempts} attempt(s)${resumed}\n`);
   }
+  return 0;
 }
