@@ -31,7 +31,8 @@
  * and per-log ship-to-applied latency.
  *
  * Options: --quick (shorter run, same disk), --interval-ms N (cut interval),
- * --no-workers (both hops on the main thread).
+ * --no-workers (both hops on the main thread), --chain-only (only the
+ * chain's capacity, printed and not saved: for profiling the hops).
  *
  * Prints one JSON document and writes it to bench/results/e2e.json.
  */
@@ -69,6 +70,8 @@ const intervalArg = process.argv.indexOf('--interval-ms');
 // source much of its churn today (the report in bench/results says which).
 const intervalMs = intervalArg > 0 ? Number(process.argv[intervalArg + 1]) : 1000;
 const workersOff = process.argv.includes('--no-workers');
+/** Only the chain's own capacity (no fio, no tap): for profiling the hops. */
+const chainOnly = process.argv.includes('--chain-only');
 
 function percentile(xs: number[], p: number): number | null {
   if (xs.length === 0) return null;
@@ -185,6 +188,8 @@ async function chainCapacity(dir: string) {
   await ps.start();
   // Every log is taken as cut at the start: what is measured is the chain draining them.
   const started = Date.now();
+  // The process's CPU (every thread: source, both hops, libuv's pool, the kernel on their behalf).
+  const cpuBefore = process.cpuUsage();
   const remaining = new Map(logs.map((l) => [l.seq, { ...l, cutTimeMs: started }]));
   const shipper = new LogShipper(
     { diskId: 'disk0', diskSizeBytes: diskBytes, sealedLogs: async () => [...remaining.values()], acknowledge: async (seq) => { remaining.delete(seq); } },
@@ -196,6 +201,7 @@ async function chainCapacity(dir: string) {
   await ps.drain();
   await mt.drain();
   const elapsedS = (Date.now() - started) / 1000;
+  const cpu = process.cpuUsage(cpuBefore);
   await shipper.stop();
   await ps.stop();
   await mt.stop();
@@ -218,6 +224,8 @@ async function chainCapacity(dir: string) {
     steadyMBs: firstApplied === undefined || lastApplied === undefined || lastApplied <= firstApplied ? null : Number((laterBytes / 1e6 / ((lastApplied - firstApplied) / 1000)).toFixed(1)),
     shipToAppliedMsP50: percentile(latency, 50),
     shipToAppliedMsP99: percentile(latency, 99),
+    cpuSecondsPerGB: { user: Number((cpu.user / 1e6 / (totalBytes / 1e9)).toFixed(2)), system: Number((cpu.system / 1e6 / (totalBytes / 1e9)).toFixed(2)) },
+    timeline: timeline(events),
   };
 }
 
@@ -229,6 +237,11 @@ async function main(): Promise<void> {
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-e2e-'));
   try {
+    if (chainOnly) {
+      // Not written to bench/results: a partial run for profiling.
+      console.log(JSON.stringify({ name: 'e2e', quick, chainCapacity: await chainCapacity(dir) }, null, 2));
+      return;
+    }
     const peerMBs = await peer(dir);
     const events: LogStageEvent[] = [];
     const demo = new Demo({ dataDir: path.join(dir, 'demo'), sizeBytes: diskBytes, nbdListen: `127.0.0.1:${await freePort()}`, intervalMs, logger: silentLogger(), hopsInWorkers: !workersOff, onStage: (e) => events.push(e) });

@@ -82,9 +82,10 @@ export class LogShipper {
     this.drain.start();
   }
 
-  /** A log was sealed: ship it now if the shipper is waiting. */
+  /** A log was sealed: ship it now if the shipper is waiting, or start it behind the log whose answer it awaits. */
   wake(): void {
     this.drain.wake();
+    this.pipeline.kick();
   }
 
   whenIdle(): Promise<void> {

@@ -60,7 +60,10 @@ export class ProcessServer extends ApplyingHop {
       super.onAccepted(entry);
       return;
     }
-    this.forwarderFor(entry.envelope.diskId).drain.wake();
+    const disk = this.forwarderFor(entry.envelope.diskId);
+    disk.drain.wake();
+    // The log before it may be out already, waiting for its answer (a master target applying on receipt answers after the apply).
+    disk.pipeline.kick();
   }
 
   override async start(): Promise<void> {

@@ -33,6 +33,8 @@ interface Ahead {
 export class UploadPipeline<T> {
   /** The upload started ahead (or being looked up): at most one. */
   private ahead: Promise<Ahead | undefined> | undefined;
+  /** The item the drain waits on now, and whether its body is out (the next may go then). */
+  private current: { readonly key: number; readonly item: T; bodySent: boolean } | undefined;
   private stopped = false;
 
   constructor(private readonly options: UploadPipelineOptions<T>) {}
@@ -40,22 +42,46 @@ export class UploadPipeline<T> {
   /** Resolves once `item` is durable at the next hop; throws what its (own, fresh) upload threw. */
   async send(item: T): Promise<void> {
     const key = this.options.key(item);
-    const pending = this.ahead;
-    this.ahead = undefined;
-    const ahead = pending === undefined ? undefined : await pending;
-    if (ahead !== undefined) {
-      if (ahead.key === key) {
-        // Its body may be out already: the next one may go now (else its
-        // own callback starts it once the body is out, the slot being free).
-        if (ahead.bodySent) this.startAfter(item);
-        const adopted = await ahead.done.then(() => true, () => false);
-        if (adopted) return;
-      } else {
-        // Not the item the drain reached (e.g. the queue changed): let it settle first.
-        await ahead.done.catch(() => undefined);
+    const current = { key, item, bodySent: false };
+    this.current = current;
+    const bodyOut = (): void => {
+      current.bodySent = true;
+      this.startAfter(item);
+    };
+    try {
+      const pending = this.ahead;
+      this.ahead = undefined;
+      const ahead = pending === undefined ? undefined : await pending;
+      if (ahead !== undefined) {
+        if (ahead.key === key) {
+          // Its body may be out already: the next one may go now (else its
+          // own callback starts it once the body is out, this being current).
+          if (ahead.bodySent) bodyOut();
+          const adopted = await ahead.done.then(() => true, () => false);
+          if (adopted) return;
+          current.bodySent = false;
+        } else {
+          // Not the item the drain reached (e.g. the queue changed): let it settle first.
+          await ahead.done.catch(() => undefined);
+        }
       }
+      await this.options.send(item, bodyOut);
+    } finally {
+      if (this.current === current) this.current = undefined;
     }
-    await this.options.send(item, () => this.startAfter(item));
+  }
+
+  /**
+   * An item may have been queued: when the body of the item in hand is out
+   * and nothing is ahead, its successor starts now rather than after the
+   * answer. Call it whenever the queue grows (a log sealed at the source,
+   * a log accepted into the spool): a log queued after the body before it
+   * went out would otherwise wait for that log's whole verification (and,
+   * to a master target applying on receipt, its apply).
+   */
+  kick(): void {
+    const current = this.current;
+    if (current !== undefined && current.bodySent) this.startAfter(current.item);
   }
 
   /** No new upload starts ahead; resolves once the one ahead (if any) settled. */
@@ -68,19 +94,31 @@ export class UploadPipeline<T> {
   /** Starts the upload of the item after `item`, unless one is ahead already. */
   private startAfter(item: T): void {
     if (this.stopped || this.ahead !== undefined) return;
-    this.ahead = this.options.next(item).then(
+    const lookup: Promise<Ahead | undefined> = this.options.next(item).then(
       (next) => {
-        if (next === undefined || this.stopped) return undefined;
+        if (next === undefined || this.stopped) {
+          // Nothing queued yet: the slot is free again, for a kick() once something is.
+          if (this.ahead === lookup) this.ahead = undefined;
+          return undefined;
+        }
         const ahead: Ahead = { key: this.options.key(next), bodySent: false, done: Promise.resolve() };
         ahead.done = this.options.send(next, () => {
           ahead.bodySent = true;
           // Chain on only once the drain adopted this one (the slot is free then).
-          if (this.ahead === undefined) this.startAfter(next);
+          const current = this.current;
+          if (current !== undefined && current.key === ahead.key) {
+            current.bodySent = true;
+            this.startAfter(next);
+          }
         });
         ahead.done.catch(() => undefined);
         return ahead;
       },
-      () => undefined,
+      () => {
+        if (this.ahead === lookup) this.ahead = undefined;
+        return undefined;
+      },
     );
+    this.ahead = lookup;
   }
 }

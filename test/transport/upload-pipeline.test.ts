@@ -11,6 +11,7 @@ import type { LogOps } from '../../src/transport/log-ops';
 import { LogShipper, type ShippableLog } from '../../src/transport/log-shipper';
 import { masterTargetFromConfig } from '../../src/transport/master-target';
 import { processServerFromConfig } from '../../src/transport/process-server';
+import type { LogStageEvent, LogStageSink } from '../../src/transport/log-stage-events';
 import { UploadPipeline } from '../../src/transport/upload-pipeline';
 import { FaultProxy } from '../helpers/fault-proxy';
 import { useTempDirs } from '../helpers/tmp';
@@ -49,8 +50,8 @@ describe('pipelined uploads', () => {
     for (const c of cleanup.splice(0).reverse()) await c();
   });
 
-  async function hops(dir: string, psOps: LogOps, options: { proxy?: boolean } = {}) {
-    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), slowOps(20), { ...quiet(), retryPolicy: FAST_RETRY });
+  async function hops(dir: string, psOps: LogOps, options: { proxy?: boolean; mtOps?: LogOps; onStage?: LogStageSink } = {}) {
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), options.mtOps ?? slowOps(20), { ...quiet(), retryPolicy: FAST_RETRY });
     await mt.start();
     cleanup.push(() => mt.stop());
     let forwardUrl = mt.url;
@@ -61,7 +62,7 @@ describe('pipelined uploads', () => {
       cleanup.push(() => proxy!.close());
       forwardUrl = proxy.url;
     }
-    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: forwardUrl, secret: MT_SECRET, timeoutSeconds: 1 } }), psOps, { ...quiet(), retryPolicy: FAST_RETRY });
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: forwardUrl, secret: MT_SECRET, timeoutSeconds: 1 } }), psOps, { ...quiet(), retryPolicy: FAST_RETRY, ...(options.onStage ? { onStage: options.onStage } : {}) });
     await ps.start();
     cleanup.push(() => ps.stop());
     return { mt, ps, proxy };
@@ -102,6 +103,64 @@ describe('pipelined uploads', () => {
     await mt.drain();
     expect(mt.diskStatus()[0]!.appliedSeq).toBe(8);
     expect(ps.ledger.get('disk0').nextSeq).toBe(9);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  }, 60_000);
+
+  /** Resolves once `ops` is verifying a log (its body has arrived whole). */
+  async function verifying(ops: { verifying: number }): Promise<void> {
+    while (ops.verifying === 0) await new Promise((r) => setTimeout(r, 5));
+  }
+
+  it('ships a log sealed after the body before it went out without waiting for that log\'s answer', async () => {
+    const dir = tmp();
+    const psOps = slowOps(600);
+    const { ps, mt } = await hops(dir, psOps);
+    const model = Buffer.alloc(DISK_SIZE);
+    const [l1, l2] = await logs(dir, 2, model, 13);
+    const sealed: WrittenLog[] = [l1!];
+    const events: LogStageEvent[] = [];
+    const shipper = new LogShipper(
+      {
+        diskId: 'disk0',
+        diskSizeBytes: DISK_SIZE,
+        sealedLogs: async () => sealed.map((w) => ({ seq: w.envelope.seq, file: w.file, cutTimeMs: w.envelope.cutTimeMs, cutId: w.envelope.cutId })),
+        acknowledge: async (seq) => { sealed.splice(sealed.findIndex((w) => w.envelope.seq === seq), 1); },
+      },
+      { peer: { url: ps.url, secret: SECRET }, clock: systemClock, ...quiet(), health: new DiskHealth('disk0'), retryPolicy: FAST_RETRY, onStage: (e) => events.push(e) },
+    );
+    cleanup.push(() => shipper.stop());
+    shipper.start();
+    shipper.wake();
+    // Log 1 is whole at the process server, which verifies it for 600 ms; log 2 is sealed now.
+    await verifying(psOps);
+    sealed.push(l2!);
+    shipper.wake();
+    await shipper.whenIdle();
+    const at = (seq: number, phase: string): number => events.find((e) => e.seq === seq && e.stage === 'ship' && e.phase === phase)!.atMs;
+    expect(at(2, 'start')).toBeLessThan(at(1, 'done'));
+    await ps.drain();
+    await mt.drain();
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(2);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  }, 60_000);
+
+  it('forwards a log accepted after the body before it went out without waiting for the master target\'s answer to that log', async () => {
+    const dir = tmp();
+    // The master target applies on receipt: it answers log 1 only after 600 ms of verification and its apply.
+    const mtOps = slowOps(600);
+    const events: LogStageEvent[] = [];
+    const { ps, mt } = await hops(dir, slowOps(0), { mtOps, onStage: (e) => events.push(e) });
+    const model = Buffer.alloc(DISK_SIZE);
+    const [l1, l2] = await logs(dir, 2, model, 17);
+    const peer = { url: ps.url, secret: SECRET };
+    expect((await sendLog(peer, l1!.envelope, l1!.file)).status).toBe(201);
+    await verifying(mtOps);
+    expect((await sendLog(peer, l2!.envelope, l2!.file)).status).toBe(201);
+    await ps.drain();
+    await mt.drain();
+    const at = (seq: number, phase: string): number => events.find((e) => e.seq === seq && e.stage === 'forward' && e.phase === phase)!.atMs;
+    expect(at(2, 'start')).toBeLessThan(at(1, 'done'));
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(2);
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   }, 60_000);
 
