@@ -22,7 +22,7 @@
  * (`beforeApply`), apply (writes), flush (the target's fdatasyncs and grain
  * table writes) and the rest (ledger, `afterApply`).
  *
- *   UV_USE_IO_URING=0 npx tsx bench/apply.bench.ts [--quick]
+ *   UV_USE_IO_URING=0 npx tsx bench/apply.bench.ts [--quick] [--no-peer]
  *
  * Prints one JSON document and writes it to bench/results/apply.json.
  * Figures are medians over the logs of a pass (MB/s of log payload).
@@ -41,6 +41,8 @@ import { openOrCreateTarget } from '../src/transport/target-opener';
 
 const MiB = 1024 * 1024;
 const quick = process.argv.includes('--quick');
+/** Skips qemu (for profiling blockrelay's side alone); no ratios then. */
+const noPeer = process.argv.includes('--no-peer');
 const diskBytes = 4 * 1024 * MiB;
 const writeBytes = 64 * 1024;
 const logsPerPass = quick ? 3 : 5;
@@ -240,7 +242,7 @@ async function main(): Promise<void> {
     // qemu: the same writes, log by log, into its own sparse VMDK.
     const peerImage = path.join(dir, 'peer.vmdk');
     execFileSync('qemu-img', ['create', '-q', '-f', 'vmdk', peerImage, String(diskBytes)]);
-    const peerS = [...fresh, ...overwrite].map((offsets) => qemuLog(peerImage, pattern, offsets));
+    const peerS = noPeer ? [...fresh, ...overwrite].map(() => NaN) : [...fresh, ...overwrite].map((offsets) => qemuLog(peerImage, pattern, offsets));
 
     const freshB = summarise(timings.slice(0, logsPerPass));
     const overB = summarise(timings.slice(logsPerPass));

@@ -35,6 +35,59 @@ async function readPreImage(target: DiskTarget, offset: number, length: number):
   return zeroChunk.subarray(0, length);
 }
 
+/** The pre-images of `extents`, one target read per piece of at most UNDO_READ_CHUNK_BYTES. */
+async function appendPreImages(writer: HrlWriter, extents: readonly Extent[], target: DiskTarget): Promise<void> {
+  for (const e of extents) {
+    for (let done = 0; done < e.length; ) {
+      const n = Math.min(UNDO_READ_CHUNK_BYTES, e.length - done);
+      const old = await readPreImage(target, e.offset + done, n);
+      if (old.length !== n) throw new BlockrelayError('BR_INTERNAL', `target ${target.spec} returned ${old.length} bytes for a ${n}-byte read`);
+      await writer.append(e.offset + done, old);
+      done += n;
+    }
+  }
+}
+
+/**
+ * The pre-images of `extents` through `readMany`: pieces gathered up to
+ * UNDO_READ_CHUNK_BYTES are read in one call into one reused buffer (a log
+ * of random 64 KiB writes has thousands of small, scattered ranges; one
+ * request each cost a fresh zeroed buffer, an allocation-map walk and a
+ * thread-pool round trip). Pieces the target reports as never written are
+ * appended from the shared zero buffer. The writer is done with each
+ * payload when `append` resolves, so the buffer is reused after that.
+ */
+async function appendPreImagesBatched(writer: HrlWriter, extents: readonly Extent[], target: DiskTarget): Promise<void> {
+  const buffer = Buffer.allocUnsafe(UNDO_READ_CHUNK_BYTES);
+  let batch: Array<{ offset: number; buffer: Buffer }> = [];
+  let used = 0;
+  const drain = async (): Promise<void> => {
+    if (batch.length === 0) return;
+    const zero = await target.readMany!(batch);
+    for (let i = 0; i < batch.length; i++) {
+      const r = batch[i]!;
+      if (zero[i] === true) {
+        zeroChunk ??= Buffer.alloc(UNDO_READ_CHUNK_BYTES);
+        await writer.append(r.offset, zeroChunk.subarray(0, r.buffer.length));
+      } else {
+        await writer.append(r.offset, r.buffer);
+      }
+    }
+    batch = [];
+    used = 0;
+  };
+  for (const e of extents) {
+    for (let done = 0; done < e.length; ) {
+      const n = Math.min(UNDO_READ_CHUNK_BYTES, e.length - done);
+      if (used + n > buffer.length) await drain();
+      batch.push({ offset: e.offset + done, buffer: buffer.subarray(used, used + n) });
+      used += n;
+      done += n;
+    }
+  }
+  await drain();
+}
+
 /**
  * Sorts ranges and merges overlapping or touching ones. A log may write the
  * same range several times; its pre-image needs each byte once, and every
@@ -159,15 +212,8 @@ export class UndoJournal {
     let writer: HrlWriter | undefined;
     try {
       writer = await HrlWriter.create(tmp);
-      for (const e of extents) {
-        for (let done = 0; done < e.length; ) {
-          const n = Math.min(UNDO_READ_CHUNK_BYTES, e.length - done);
-          const old = await readPreImage(target, e.offset + done, n);
-          if (old.length !== n) throw new BlockrelayError('BR_INTERNAL', `target ${target.spec} returned ${old.length} bytes for a ${n}-byte read`);
-          await writer.append(e.offset + done, old);
-          done += n;
-        }
-      }
+      if (target.readMany !== undefined) await appendPreImagesBatched(writer, extents, target);
+      else await appendPreImages(writer, extents, target);
       // The native appender writes until every byte is written or fails
       // (PwriteAll); only writes through the JavaScript path can come out
       // short without an error, so only their payloads are read back.

@@ -3,7 +3,7 @@ import * as os from 'node:os';
 import * as zlib from 'node:zlib';
 import * as path from 'node:path';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
-import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
+import type { AllocationExtent, DiskReadRequest, DiskTarget, DiskTargetCapabilities, DiskWriteRequest } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { checkOpen, checkRequest } from '../request-bounds';
 import { newCid } from './vmdk-content-id';
@@ -40,6 +40,13 @@ const MAX_CACHED_GTS = 4096;
 const MAX_UNFLUSHED_GRAINS = 16384;
 /** Largest read when scanning grain tables at open. */
 const TABLE_SCAN_BYTES = 1024 * 1024;
+/**
+ * File reads or writes of one `readMany`/`writeMany` in flight at once: the
+ * grains of random disk offsets lie at scattered file positions, and one
+ * positional call at a time leaves the thread pool (4 threads) and the
+ * device queue idle between calls.
+ */
+const BATCH_IO_CONCURRENCY = 4;
 /** Shared, never-written zero source for zero checks and zero writes (max grain is 1 MiB). */
 const ZEROES = Buffer.alloc(1024 * 1024);
 
@@ -70,6 +77,25 @@ function coalesce(pieces: Array<{ position: number; buffer: Buffer }>): FileRun[
     }
   }
   return runs;
+}
+
+/** Runs `fn` over `items` with at most `limit` running at once; rejects with the first failure after all have settled. */
+async function inParallel<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failure: { err: unknown } | undefined;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const item = items[next++]!;
+      try {
+        await fn(item);
+      } catch (err) {
+        failure ??= { err };
+        next = items.length;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (failure !== undefined) throw failure.err;
 }
 
 /**
@@ -306,6 +332,101 @@ export class VmdkSparseTarget implements DiskTarget {
       this.unflushedGrains += updates.length;
       this.wroteData ||= pieces.length > 0;
       if (this.unflushedGrains >= MAX_UNFLUSHED_GRAINS) await this.flushLocked();
+    });
+  }
+
+  /**
+   * The writes of `requests` in order, mapped together: pieces go out
+   * sorted by file position, adjacent ones in one writev, up to
+   * BATCH_IO_CONCURRENCY calls at a time. Pieces that touch a grain an
+   * earlier piece of the batch touched are held back until everything
+   * before them is written, so overlapping requests end as in order. GT
+   * entries of new grains change (in memory) only after their data is
+   * written, as in `write`.
+   */
+  async writeMany(requests: readonly DiskWriteRequest[]): Promise<void> {
+    checkOpen(this.closed, this.spec);
+    for (const r of requests) checkRequest(this, 'write', r.offset, r.data.length);
+    return this.exclusive(async () => {
+      let pieces: Array<{ position: number; buffer: Buffer }> = [];
+      let updates: Array<{ index: number; sector: number }> = [];
+      /** Grains the pending pieces touch. */
+      const touched = new Set<number>();
+      const writePending = async (): Promise<void> => {
+        if (pieces.length > 0) {
+          await this.bumpCid();
+          pieces.sort((a, b) => a.position - b.position);
+          await inParallel(coalesce(pieces), BATCH_IO_CONCURRENCY, (run) => this.writeRun(run));
+          this.wroteData = true;
+        }
+        for (const u of updates) await this.setGte(u.index, u.sector);
+        this.dataEndSector = Math.max(this.dataEndSector, this.nextGrainSector);
+        this.unflushedGrains += updates.length;
+        pieces = [];
+        updates = [];
+        touched.clear();
+        if (this.unflushedGrains >= MAX_UNFLUSHED_GRAINS) await this.flushLocked();
+      };
+      for (const { offset, data } of requests) {
+        for (const g of this.grainsOf(offset, data.length)) {
+          if (touched.has(g.index)) await writePending();
+          const piece = data.subarray(g.at - offset, g.at - offset + g.length);
+          const gte = await this.gte(g.index);
+          touched.add(g.index);
+          if (this.allocated(gte)) {
+            pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: piece });
+            continue;
+          }
+          if (isAllZero(piece)) continue;
+          let grain = piece;
+          if (piece.length !== this.grainBytes) {
+            grain = Buffer.alloc(this.grainBytes);
+            piece.copy(grain, g.inGrain);
+          }
+          const sector = this.nextGrainSector;
+          this.nextGrainSector += this.header.grainSectors;
+          pieces.push({ position: sector * SECTOR_BYTES, buffer: grain });
+          updates.push({ index: g.index, sector });
+        }
+      }
+      await writePending();
+    });
+  }
+
+  /**
+   * Reads every request into its own buffer: unallocated grains are zero
+   * filled, the rest read sorted by file position, adjacent ones in one
+   * readv, up to BATCH_IO_CONCURRENCY calls at a time. Resolves, per
+   * request, whether no grain of it holds data.
+   */
+  async readMany(requests: readonly DiskReadRequest[]): Promise<boolean[]> {
+    checkOpen(this.closed, this.spec);
+    for (const r of requests) checkRequest(this, 'read', r.offset, r.buffer.length);
+    return this.exclusive(async () => {
+      const zero: boolean[] = [];
+      const pieces: Array<{ position: number; buffer: Buffer }> = [];
+      for (const { offset, buffer } of requests) {
+        let none = true;
+        for (const g of this.grainsOf(offset, buffer.length)) {
+          const into = buffer.subarray(g.at - offset, g.at - offset + g.length);
+          const gte = await this.gte(g.index);
+          if (!this.allocated(gte)) {
+            into.fill(0);
+            continue;
+          }
+          none = false;
+          if (this.compressed) {
+            const grain = await this.readCompressedGrain(g.index, gte);
+            grain.copy(into, 0, g.inGrain, g.inGrain + g.length);
+            continue;
+          }
+          pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: into });
+        }
+        zero.push(none);
+      }
+      pieces.sort((a, b) => a.position - b.position);
+      await inParallel(coalesce(pieces), BATCH_IO_CONCURRENCY, (run) => this.readRun(run));
+      return zero;
     });
   }
 
