@@ -17,7 +17,7 @@ import {
   SIDECAR_SUFFIX,
   TMP_SUFFIX,
   readTrackerMaps,
-  writeTrackerMaps,
+  TrackerMapsWriter,
   logBaseName,
   parseLogName,
   parseTrackerState,
@@ -120,6 +120,12 @@ export interface TrackerStatus {
   readonly sealedLogs: number;
   readonly activeLogEntries: number;
   readonly lastResyncReason: ResyncReason | null;
+  /**
+   * FLUSH rounds run so far: each persists the maps and syncs the log once,
+   * however many `flush()` calls it answers (calls that arrive while one
+   * round runs share the next).
+   */
+  readonly flushRounds: number;
 }
 
 export interface CutPoint {
@@ -181,6 +187,12 @@ export class ChangeTracker {
   /** Generation of the last maps persist; each persist writes generation + 1 into the other slot. */
   private mapsGeneration: number;
   private persistedGeneration = 0;
+  private readonly mapsWriter: TrackerMapsWriter;
+  /** The flush round waiting for the lock, which later `flush()` calls join while it is last in line (see flush). */
+  private nextFlushRound: { readonly done: Promise<void>; readonly ticket: number } | undefined;
+  /** Counts lock requests: a flush joins a waiting round only when nothing asked for the lock after it. */
+  private lockTickets = 0;
+  private flushRounds = 0;
   private lockTail: Promise<void> = Promise.resolve();
   /** Operations holding or waiting for the lock. */
   private lockDepth = 0;
@@ -246,6 +258,7 @@ export class ChangeTracker {
     this.logMaps = init.logMaps;
     this.mapsGeneration = init.mapsGeneration;
     this.activeMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+    this.mapsWriter = new TrackerMapsWriter(this.dir, this.diskId);
   }
 
   /**
@@ -323,24 +336,30 @@ export class ChangeTracker {
     const lastUniqueId = sealed.length > 0 ? sealed[sealed.length - 1]!.uniqueId : state?.lastUniqueId ?? NIL_GUID;
     maps.dirty.merge(maps.resync);
     const tracker: ChangeTracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId: state?.reservations?.length ? state.lastUniqueId : lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0 });
-    // The file still lists the regions just turned into resync extents; the
-    // first persist of the maps (below) covers them and then empties it.
-    tracker.durableIntents = new Set(intentRegions);
-    // A resync round cut short by a crash: its extents are still in the resync
-    // map (cleared only once its log is sealed), so an empty log fills the
-    // held sequence and keeps the chain; a later round carries the data.
-    for (const r of state?.reservations ?? []) {
-      if (sealed.some((l) => l.sequence === r.sequence)) continue;
-      await tracker.sealResyncLog(r, undefined, undefined);
+    try {
+      // The file still lists the regions just turned into resync extents; the
+      // first persist of the maps (below) covers them and then empties it.
+      tracker.durableIntents = new Set(intentRegions);
+      // A resync round cut short by a crash: its extents are still in the resync
+      // map (cleared only once its log is sealed), so an empty log fills the
+      // held sequence and keeps the chain; a later round carries the data.
+      for (const r of state?.reservations ?? []) {
+        if (sealed.some((l) => l.sequence === r.sequence)) continue;
+        await tracker.sealResyncLog(r, undefined, undefined);
+      }
+      if (mode === 'dirty-only') {
+        // An overflow was under way: finish dropping the logs.
+        await tracker.dropAllLogs();
+        await tracker.writeState();
+      } else {
+        await tracker.openActiveLog();
+      }
+      await tracker.persistMaps(true);
+    } catch (err) {
+      // The maps slot files may be open already.
+      await tracker.mapsWriter.close();
+      throw err;
     }
-    if (mode === 'dirty-only') {
-      // An overflow was under way: finish dropping the logs.
-      await tracker.dropAllLogs();
-      await tracker.writeState();
-    } else {
-      await tracker.openActiveLog();
-    }
-    await tracker.persistMaps(true);
     for (const reason of new Set(reasons)) tracker.report(reason);
     tracker.scheduleTimer();
     return tracker;
@@ -420,28 +439,68 @@ export class ChangeTracker {
   }
 
   /**
-   * The source's FLUSH/FUA: persists the maps (so a torn tail is known),
-   * then makes the active log durable up to here.
+   * The source's FLUSH/FUA: persists the maps (so a torn tail is known) and
+   * makes the active log durable up to here, both at once.
+   *
+   * The two syncs need no order. A crash that finds the new maps but not the
+   * whole log sees a log shorter than their `pendingLogEndBytes`: a torn
+   * tail, whose pending extents are resynced (tracker-recovery.ts). A crash
+   * that finds the whole log but the previous maps recovers the log by its
+   * own checksums to its durable end, at or past the previous maps' end, so
+   * their pending writes are held; the writes after those maps are in the
+   * log and, until a persist covers them, in durable write intents. Either
+   * way every write recorded before an answered flush is in a durable log or
+   * a persisted resync extent, and an unanswered flush promised nothing.
+   *
+   * Calls coalesce: a flush asked while a round waits for the lock, with no
+   * other operation queued behind that round, joins it (the round covers
+   * everything recorded before it starts); one asked while a round runs
+   * waits for the next round, never a third. So N flushes arriving during
+   * one round cost one more round, not N.
    */
   flush(): Promise<void> {
-    return this.locked(async () => {
-      this.assertOpen();
-      // Native writes go on once the maps are snapshotted; what they record
-      // meanwhile is not covered by this flush and stays pending.
-      const since: number[] = [];
-      this.nativeSince = since;
-      try {
-        await this.persistMaps(false, true);
-        const w = this.writer;
-        if (w !== undefined && (await this.logIo(() => w.flush())) && this.maps.pending.dirtyBlockCount > 0) {
-          this.maps.pending.clearAll();
-          if (this.mode === 'logging') for (let i = 0; i + 1 < since.length; i += 2) this.maps.pending.mark(since[i]!, since[i + 1]!);
-          this.generation++;
-        }
-      } finally {
-        this.nativeSince = undefined;
-      }
+    const next = this.nextFlushRound;
+    if (next !== undefined && next.ticket === this.lockTickets) return next.done;
+    const done: Promise<void> = this.locked(async () => {
+      // From here on a new flush needs a round of its own: this one's snapshot is taken now.
+      if (this.nextFlushRound?.done === done) this.nextFlushRound = undefined;
+      await this.flushRound();
     });
+    const round = { done, ticket: this.lockTickets };
+    this.nextFlushRound = round;
+    // Also when the round fails before it starts (the lock's hold failed).
+    const forget = (): void => {
+      if (this.nextFlushRound === round) this.nextFlushRound = undefined;
+    };
+    done.then(forget, forget);
+    return done;
+  }
+
+  private async flushRound(): Promise<void> {
+    this.assertOpen();
+    this.flushRounds++;
+    // Native writes go on once the maps are snapshotted; what they record
+    // meanwhile is not covered by this flush and stays pending.
+    const since: number[] = [];
+    this.nativeSince = since;
+    try {
+      const w = this.writer;
+      // persistMaps snapshots the maps (and the log's end) before its first
+      // await; the log sync starts after, so it reaches at least that end.
+      const persisting = this.persistMaps(false, true);
+      const syncing = w === undefined ? Promise.resolve() : w.flush();
+      const [persisted, synced] = await Promise.allSettled([persisting, syncing]);
+      if (persisted.status === 'rejected') throw persisted.reason;
+      // A log I/O failure folds the logs (after the maps write, never beside it).
+      const durable = w !== undefined && (synced.status === 'fulfilled' || (await this.logIo(() => Promise.reject(synced.reason))));
+      if (durable && this.maps.pending.dirtyBlockCount > 0) {
+        this.maps.pending.clearAll();
+        if (this.mode === 'logging') for (let i = 0; i + 1 < since.length; i += 2) this.maps.pending.mark(since[i]!, since[i + 1]!);
+        this.generation++;
+      }
+    } finally {
+      this.nativeSince = undefined;
+    }
   }
 
   /** Seals the active log and opens the next in one step; undefined in dirty-only mode. */
@@ -651,6 +710,7 @@ export class ChangeTracker {
       sealedLogs: this.sealed.length,
       activeLogEntries: this.writer?.entryCount ?? 0,
       lastResyncReason: this.lastResyncReason,
+      flushRounds: this.flushRounds,
     };
   }
 
@@ -691,6 +751,7 @@ export class ChangeTracker {
       this.intents.clear();
       await this.writeIntents();
       this.closed = true;
+      await this.mapsWriter.close();
     });
   }
 
@@ -720,6 +781,7 @@ export class ChangeTracker {
   }
 
   private acquire(): Promise<Release> {
+    this.lockTickets++;
     const askedEpoch = this.intentEpoch;
     const previous = this.lockTail;
     let resolve!: () => void;
@@ -935,7 +997,7 @@ export class ChangeTracker {
     const pendingLogEndBytes = this.writer?.sizeBytes ?? 0;
     const durableLogEndBytes = this.writer?.durableEndBytes ?? 0;
     // Encodes the maps before its first await.
-    const writing = writeTrackerMaps(this.dir, this.diskId, { ...this.maps, pendingLogSequence, pendingLogEndBytes, durableLogEndBytes }, this.mapsGeneration + 1);
+    const writing = this.mapsWriter.write({ ...this.maps, pendingLogSequence, pendingLogEndBytes, durableLogEndBytes }, this.mapsGeneration + 1);
     if (releaseNative) this.letNativeGo();
     await writing;
     this.mapsGeneration++;

@@ -85,7 +85,10 @@ describe('ChangeTracker under simulated power loss', () => {
     const clock = new SimulatedClock();
     const tracker = await ChangeTracker.open({ dir: live, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, clock, openLogFile: RecordingLog.open });
     const rnd = prng(4242);
-    interface Call { kind: 'write' | 'flush'; opsBefore: number; opsAfter: number; writes: number; state: Map<string, Buffer> }
+    // A flush persists the maps and syncs the log at once, so a crash in its
+    // log writes may find its maps on disk or the ones before: `states`
+    // holds what each order leaves (a write persists nothing: one state).
+    interface Call { kind: 'write' | 'flush'; opsBefore: number; opsAfter: number; writes: number; states: Map<string, Buffer>[] }
     const calls: Call[] = [];
     const writes: { offset: number; length: number; key: string }[] = [];
     let before = snapshot(live);
@@ -103,9 +106,7 @@ describe('ChangeTracker under simulated power loss', () => {
         await tracker.flush();
       }
       const after = snapshot(live);
-      // A flush persists the maps before it touches the log, so a crash in
-      // its log writes sees the maps it wrote; a write persists nothing.
-      calls.push({ kind, opsBefore, opsAfter: RecordingLog.ops.length, writes: writes.length, state: kind === 'flush' ? after : before });
+      calls.push({ kind, opsBefore, opsAfter: RecordingLog.ops.length, writes: writes.length, states: kind === 'flush' ? [after, before] : [before] });
       before = after;
     }
     const logName = fs.readdirSync(live).find((n) => n.endsWith('.hrl.open'))!;
@@ -117,7 +118,9 @@ describe('ChangeTracker under simulated power loss', () => {
       const crashAt = call.opsBefore + Math.floor(rnd() * (call.opsAfter - call.opsBefore + 1));
       const crashDir = path.join(dir, `crash-${sample}`);
       fs.mkdirSync(crashDir);
-      for (const [n, b] of call.state) fs.writeFileSync(path.join(crashDir, n), b);
+      // Both crash orders of a flush: its maps durable (index 0) or not yet (1).
+      const order = Math.floor(rnd() * call.states.length);
+      for (const [n, b] of call.states[order]!) fs.writeFileSync(path.join(crashDir, n), b);
       fs.writeFileSync(path.join(crashDir, logName), crashImage(crashAt, rnd));
 
       const recovered = await ChangeTracker.open({ dir: crashDir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, clock });
@@ -134,8 +137,10 @@ describe('ChangeTracker under simulated power loss', () => {
           }
         }
         const resync = [...recovered.resyncExtents()];
-        // Writes recorded before the newest flush that had persisted the maps (this call if it is a flush).
-        const lastFlush = calls.slice(0, c + 1).map((k, i) => ({ k, i })).filter(({ k }) => k.kind === 'flush').pop();
+        // Writes recorded before the newest flush whose maps are on disk
+        // (this call when it is a flush and its maps made it; an unanswered
+        // flush promised nothing).
+        const lastFlush = calls.slice(0, order === 0 ? c + 1 : c).map((k, i) => ({ k, i })).filter(({ k }) => k.kind === 'flush').pop();
         const covered = lastFlush === undefined ? 0 : calls[lastFlush.i]!.writes;
         for (let w = 0; w < covered; w++) {
           const { offset, length, key } = writes[w]!;
