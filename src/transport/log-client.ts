@@ -6,7 +6,7 @@ import { pipeline } from 'node:stream/promises';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { isErrorCode, type ErrorCode } from '../retry/error-codes';
 import type { BandwidthLimiter } from './bandwidth-limiter';
-import { Lz4FrameEncoder } from './lz4-frame-encoder';
+import { LZ4_MIN_SAVING_PACED, LZ4_MIN_SAVING_UNPACED, Lz4FrameEncoder } from './lz4-frame-encoder';
 import { envelopeHeaders, logPath, PROTOCOL_VERSION, type LogEnvelope } from './transport-protocol';
 
 /**
@@ -160,8 +160,9 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
       req.destroy(err as Error);
       throw err;
     }
-    const encoder = options.lz4 ? new Lz4FrameEncoder() : undefined;
     const limiter = options.limiter !== undefined && !options.limiter.unlimited ? options.limiter : undefined;
+    // Only a paced link is worth compressing blocks that barely shrink (lz4-frame-encoder.ts).
+    const encoder = options.lz4 ? new Lz4FrameEncoder({ minSaving: limiter === undefined ? LZ4_MIN_SAVING_UNPACED : LZ4_MIN_SAVING_PACED }) : undefined;
     const free: Buffer[] = [];
     for (let i = 0; i < UPLOAD_READ_BUFFERS; i++) free.push(Buffer.allocUnsafeSlow(UPLOAD_READ_CHUNK_BYTES));
     const gone = (): Error => Object.assign(new Error('request closed while sending its body'), { code: 'ECONNRESET' });

@@ -11,7 +11,8 @@ import { loadXxhash, type XxhashApi } from '../platform/xxhash';
  * Logs of random writes are mostly incompressible, and compressing a block
  * only to store it uncompressed afterwards (as LZ4 frames allow and every
  * encoder does) spent most of the forwarder's CPU. So this encoder backs
- * off: after a block that does not compress it stores the next blocks
+ * off: after a block that does not compress (shrink by `minSaving`: 1/32
+ * on a paced link, 1/8 on an unpaced one) it stores the next blocks
  * uncompressed without trying, 1, 2, 4 ... up to 64 blocks (4 MiB), then
  * tries again; a block that compresses resets the back-off. Compressible
  * logs are compressed as before; the frame is valid LZ4 either way.
@@ -26,8 +27,27 @@ export const LZ4_FRAME_BLOCK_BYTES = 64 * 1024;
 /** Longest run of blocks stored without trying to compress them. */
 const MAX_BACKOFF_BLOCKS = 64;
 
-/** A block must shrink by at least this fraction to be stored compressed. */
-const MIN_SAVING = 1 / 32;
+/**
+ * A block must shrink by at least this fraction to be stored compressed,
+ * on a link paced by a bandwidth limit: there the link is the bottleneck,
+ * and any saving is throughput.
+ */
+export const LZ4_MIN_SAVING_PACED = 1 / 32;
+
+/**
+ * The same on an unpaced link (a LAN, loopback). Compressing costs about
+ * as much CPU per byte as sending the byte: fio's 64 KiB blocks (one
+ * random buffer, lightly scrambled) shrink by about 6.5%, and compressing
+ * them took 2.2 CPU-s of the process server's thread in the e2e bench's
+ * quick run (about 1.5 s per GB), more than all its other work on the
+ * log. A block that does not save an eighth is sent stored, and backs off.
+ */
+export const LZ4_MIN_SAVING_UNPACED = 1 / 8;
+
+export interface Lz4FrameEncoderOptions {
+  /** Least fraction a block must shrink by to be stored compressed (default LZ4_MIN_SAVING_PACED). */
+  readonly minSaving?: number;
+}
 
 const LZ4_FRAME_MAGIC = 0x184d2204;
 /** FLG: version 01, independent blocks, no block checksum, no content size, no content checksum, no dictionary. */
@@ -60,6 +80,12 @@ export class Lz4FrameEncoder extends Transform {
   /** Blocks stored compressed and uncompressed (tests, diagnostics). */
   compressedBlocks = 0;
   storedBlocks = 0;
+  private readonly minSaving: number;
+
+  constructor(options: Lz4FrameEncoderOptions = {}) {
+    super();
+    this.minSaving = options.minSaving ?? LZ4_MIN_SAVING_PACED;
+  }
 
   /** The frame header: the first piece of every frame (`encode` and `finish` do not emit it). */
   static header(): Promise<Buffer> {
@@ -150,7 +176,7 @@ export class Lz4FrameEncoder extends Transform {
     }
     const encoded = Buffer.allocUnsafe(4 + lz4.encodeBound(data.length));
     const size = lz4.encodeBlock(data, encoded.subarray(4));
-    if (size > 0 && size <= data.length * (1 - MIN_SAVING)) {
+    if (size > 0 && size <= data.length * (1 - this.minSaving)) {
       this.backoff = 0;
       this.compressedBlocks++;
       encoded.writeUInt32LE(size, 0);

@@ -6,7 +6,7 @@ import { pipeline } from 'node:stream/promises';
 import lz4 from 'lz4';
 import { describe, expect, it } from 'vitest';
 import { Lz4FrameDecoder } from '../../src/transport/lz4-frame-decoder';
-import { LZ4_FRAME_BLOCK_BYTES, Lz4FrameEncoder } from '../../src/transport/lz4-frame-encoder';
+import { LZ4_FRAME_BLOCK_BYTES, LZ4_MIN_SAVING_PACED, LZ4_MIN_SAVING_UNPACED, Lz4FrameEncoder } from '../../src/transport/lz4-frame-encoder';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
 import { prng } from './transport-fixture';
@@ -83,6 +83,25 @@ describe('LZ4 frame encoder', () => {
     // Compressible data after noise is compressed again once the back-off ends (within 64 blocks).
     const mixed = await encode(Buffer.concat([random(8 << 20, 5), Buffer.alloc(16 << 20)]), [1 << 20]);
     expect(mixed.encoder.compressedBlocks).toBeGreaterThan((16 << 20) / LZ4_FRAME_BLOCK_BYTES - 64);
+  });
+
+  it('stores blocks that shrink by less than its minimum saving, and compresses them under a lower one', async () => {
+    // Like fio's blocks: random bytes that shrink by about 6% (a 4 KiB run of zeros per 64 KiB block).
+    const block = Buffer.concat([random(LZ4_FRAME_BLOCK_BYTES - 4096, 21), Buffer.alloc(4096)]);
+    const data = Buffer.concat(Array.from({ length: 64 }, () => block));
+    const encodeWith = async (minSaving: number | undefined): Promise<{ frame: Buffer; encoder: Lz4FrameEncoder }> => {
+      const encoder = new Lz4FrameEncoder(minSaving === undefined ? {} : { minSaving });
+      return { frame: Buffer.concat([await Lz4FrameEncoder.header(), ...encoder.encode(data), ...encoder.finish()]), encoder };
+    };
+    const paced = await encodeWith(LZ4_MIN_SAVING_PACED);
+    expect(paced.encoder.compressedBlocks).toBe(64);
+    expect(paced.frame.length).toBeLessThan(data.length * 0.97);
+    expect((await encodeWith(undefined)).encoder.compressedBlocks).toBe(64);
+    const unpaced = await encodeWith(LZ4_MIN_SAVING_UNPACED);
+    // Tried on 1 block in 2, 3, 5, 9, ... (the back-off), stored every time.
+    expect(unpaced.encoder.compressedBlocks).toBe(0);
+    expect(unpaced.encoder.storedBlocks).toBe(64);
+    for (const { frame } of [paced, unpaced]) expect((await decode(frame)).equals(data)).toBe(true);
   });
 
   it('writes frames the lz4 command-line tool decodes', async () => {
