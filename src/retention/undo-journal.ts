@@ -5,7 +5,7 @@ import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import type { DiskTarget, Extent } from '../targets/disk-target';
 import { HRL_DEFAULT_METADATA_SIZE, HRL_HEADER_SIZE, HRL_METADATA_ENTRY_SIZE, HRL_METADATA_HEADER_SIZE, hrlEntriesPerBlock } from '../tracking/hrl-format';
 import { HrlLogFile, verifyHrlLog, type HrlVerifiedLog } from '../tracking/hrl-reader';
-import { HrlWriter, HRL_WRITER_DEFAULTS } from '../tracking/hrl-writer';
+import { HrlWriter, HRL_WRITER_DEFAULTS, type HrlWriterFile } from '../tracking/hrl-writer';
 import { syncDirectory } from '../platform/durable-file';
 import { RETENTION_LAYOUT, seqOfUndoFile, undoFileName } from './retention-format';
 
@@ -33,6 +33,138 @@ async function readPreImage(target: DiskTarget, offset: number, length: number):
   if (!zero) return target.read(offset, length);
   zeroChunk ??= Buffer.alloc(UNDO_READ_CHUNK_BYTES);
   return zeroChunk.subarray(0, length);
+}
+
+/** Granularity of the holes a segment's zero payloads become. */
+const HOLE_PAGE_BYTES = 4096;
+const ZERO_PAGE = Buffer.alloc(HOLE_PAGE_BYTES);
+
+/**
+ * The file HrlWriter writes a segment through: a new file in which bytes
+ * that would be written as zeroes where nothing was written before are not
+ * written at all, so they stay holes (reading as zeroes, taking no space).
+ * Pre-images of never-written grains are all zeroes: on a fresh target
+ * that is most of every segment, and writing it cost the volume as many
+ * bytes as the log itself. Skipping is decided per 4 KiB page of the file
+ * (a piece of one at the ends of a write), and only over bytes no earlier
+ * write touched, so what the file reads is exactly what was written. The
+ * file is extended to the end of the furthest write before each sync.
+ *
+ * Every write goes on until all its bytes are written or the system call
+ * fails (a short write is retried, ENOSPC comes back as an error), so the
+ * payloads need no read-back (see `checkWritten`).
+ */
+export class SparseSegmentFile implements HrlWriterFile {
+  /** Byte ranges written so far: sorted, disjoint, touching ones merged. */
+  private readonly written: Array<[number, number]> = [];
+  private endBytes = 0;
+  private fileBytes = 0;
+  /** Bytes left as holes so far. */
+  holeBytes = 0;
+
+  private constructor(private readonly fh: fsp.FileHandle) {}
+
+  static async create(file: string): Promise<SparseSegmentFile> {
+    return new SparseSegmentFile(await fsp.open(file, 'wx+'));
+  }
+
+  write(buffer: Buffer, offset: number, length: number, position: number): Promise<void> {
+    return this.writev([buffer.subarray(offset, offset + length)], position);
+  }
+
+  async writev(buffers: Buffer[], position: number): Promise<void> {
+    const runs: Array<{ position: number; buffers: Buffer[]; bytes: number }> = [];
+    let at = position;
+    for (const buffer of buffers) {
+      for (let i = 0; i < buffer.length; ) {
+        const pageEnd = (Math.floor(at / HOLE_PAGE_BYTES) + 1) * HOLE_PAGE_BYTES;
+        const n = Math.min(buffer.length - i, pageEnd - at);
+        const piece = buffer.subarray(i, i + n);
+        if (piece.equals(ZERO_PAGE.subarray(0, n)) && !this.touches(at, at + n)) {
+          this.holeBytes += n;
+        } else {
+          const last = runs[runs.length - 1];
+          if (last !== undefined && last.position + last.bytes === at && last.buffers.length < 512) {
+            // Pages of one buffer stay one iovec.
+            const prev = last.buffers[last.buffers.length - 1]!;
+            if (prev.buffer === piece.buffer && prev.byteOffset + prev.length === piece.byteOffset) last.buffers[last.buffers.length - 1] = Buffer.from(prev.buffer, prev.byteOffset, prev.length + n);
+            else last.buffers.push(piece);
+            last.bytes += n;
+          } else {
+            runs.push({ position: at, buffers: [piece], bytes: n });
+          }
+        }
+        at += n;
+        i += n;
+      }
+    }
+    for (const run of runs) {
+      let where = run.position;
+      let rest = run.buffers;
+      while (rest.length > 0) {
+        const { bytesWritten } = await this.fh.writev(rest, where);
+        where += bytesWritten;
+        rest = afterBytes(rest, bytesWritten);
+      }
+      this.record(run.position, where);
+      this.fileBytes = Math.max(this.fileBytes, where);
+    }
+    this.endBytes = Math.max(this.endBytes, at);
+  }
+
+  async datasync(): Promise<void> {
+    if (this.fileBytes < this.endBytes) {
+      await this.fh.truncate(this.endBytes);
+      this.fileBytes = this.endBytes;
+    }
+    await this.fh.datasync();
+  }
+
+  close(): Promise<void> {
+    return this.fh.close();
+  }
+
+  /** Whether `[from, to)` overlaps a written range (binary search: ranges are sorted). */
+  private touches(from: number, to: number): boolean {
+    let lo = 0;
+    let hi = this.written.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.written[mid]![1] <= from) lo = mid + 1;
+      else hi = mid;
+    }
+    const r = this.written[lo];
+    return r !== undefined && r[0] < to;
+  }
+
+  private record(from: number, to: number): void {
+    let i = 0;
+    while (i < this.written.length && this.written[i]![1] < from) i++;
+    let start = from;
+    let end = to;
+    let j = i;
+    while (j < this.written.length && this.written[j]![0] <= end) {
+      start = Math.min(start, this.written[j]![0]);
+      end = Math.max(end, this.written[j]![1]);
+      j++;
+    }
+    this.written.splice(i, j - i, [start, end]);
+  }
+}
+
+/** The buffers left after `n` bytes of them were written. */
+function afterBytes(buffers: Buffer[], n: number): Buffer[] {
+  const out: Buffer[] = [];
+  let skip = n;
+  for (const b of buffers) {
+    if (skip >= b.length) {
+      skip -= b.length;
+      continue;
+    }
+    out.push(skip > 0 ? b.subarray(skip) : b);
+    skip = 0;
+  }
+  return out;
 }
 
 /** The pre-images of `extents`, one target read per piece of at most UNDO_READ_CHUNK_BYTES. */
@@ -211,15 +343,14 @@ export class UndoJournal {
     }
     let writer: HrlWriter | undefined;
     try {
-      writer = await HrlWriter.create(tmp);
+      writer = await HrlWriter.create(tmp, { openFile: (file) => SparseSegmentFile.create(file) });
       if (target.readMany !== undefined) await appendPreImagesBatched(writer, extents, target);
       else await appendPreImages(writer, extents, target);
-      // The native appender writes until every byte is written or fails
-      // (PwriteAll); only writes through the JavaScript path can come out
-      // short without an error, so only their payloads are read back.
-      const checkPayloads = writer.nativeAppender === undefined;
+      // SparseSegmentFile writes until every byte is written or the call
+      // fails, so no write can come out short without an error: structures
+      // and size are checked, payloads are not read back.
       const sealed = await writer.seal();
-      await this.checkWritten(tmp, sealed.sizeBytes, target.sizeBytes, checkPayloads);
+      await this.checkWritten(tmp, sealed.sizeBytes, target.sizeBytes, false);
       await fsp.rename(tmp, final);
       await syncDirectory(this.dir);
       return { written: true, sizeBytes: sealed.sizeBytes };

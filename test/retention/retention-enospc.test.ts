@@ -44,8 +44,10 @@ describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC 
     const rand = prng(99);
     const images = new Map<number, Buffer>();
     const logs = [];
+    // Pre-images of never-written ranges are holes taking no space, so the
+    // logs overwrite enough earlier data for real pre-images to fill 2 MiB.
     for (let seq = 1; seq <= 12; seq++) {
-      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (60 - seq) * 60_000, writes: 40 }, model, rand));
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (60 - seq) * 60_000, writes: 100 }, model, rand));
       images.set(seq, Buffer.from(model));
     }
     // The probe overstates free space, so the hooks' own estimate never

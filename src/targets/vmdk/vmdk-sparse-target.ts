@@ -556,13 +556,18 @@ export class VmdkSparseTarget implements DiskTarget {
     }
     // 1. grains durable before anything points at them
     await this.io(() => this.handle.datasync(), 'sync');
-    // 2. grain tables, primary then redundant copy
+    // 2. grain tables and their redundant copies. No sync orders them (the
+    // next one covers all), so they go out together: GTs lie back to back
+    // in both copies, and a fresh disk's first flush dirties hundreds.
     const gtBytes = this.gtSectors * SECTOR_BYTES;
-    for (const [index, table] of [...this.dirty].sort((a, b) => a[0] - b[0])) {
+    const tables: Array<{ position: number; buffer: Buffer }> = [];
+    for (const [index, table] of this.dirty) {
       const bytes = Buffer.from(table.buffer, table.byteOffset, gtBytes);
-      await this.io(() => this.handle.write(bytes, 0, gtBytes, this.gd[index]! * SECTOR_BYTES), 'write grain table');
-      if (this.rgd !== undefined) await this.io(() => this.handle.write(bytes, 0, gtBytes, this.rgd![index]! * SECTOR_BYTES), 'write redundant grain table');
+      tables.push({ position: this.gd[index]! * SECTOR_BYTES, buffer: bytes });
+      if (this.rgd !== undefined) tables.push({ position: this.rgd[index]! * SECTOR_BYTES, buffer: bytes });
     }
+    tables.sort((a, b) => a.position - b.position);
+    await inParallel(coalesce(tables), BATCH_IO_CONCURRENCY, (run) => this.writeRun(run));
     // 3. directories only once the GTs they point at are durable
     if (this.gdDirty) {
       await this.io(() => this.handle.datasync(), 'sync');
