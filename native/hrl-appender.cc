@@ -305,7 +305,11 @@ int HrlAppenderCore::CloseBlockLocked() {
   iov[count].iov_base = block_.data();
   iov[count].iov_len = block_.size();
   count++;
-  int err = WriteAtLocked(iov, count, writtenEnd_);
+  // Buffered, never direct: a block is closed by a FLUSH (or a seal) on the
+  // calling thread, and its fdatasync follows at once and writes these pages
+  // anyway. A direct write would make the caller (the event loop) wait for
+  // the device, and the sync after it wait once more.
+  int err = WriteAtLocked(iov, count, writtenEnd_, false);
   if (err != 0) return err;
   writtenEnd_ = blockOffset + metadataSizeBytes_;
   stagedBytes_ = 0;
