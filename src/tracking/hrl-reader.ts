@@ -98,6 +98,14 @@ export function hrlDamage(code: ErrorCode, file: string, offset: number, message
 }
 
 /**
+ * A payload buffer handed from one closed log file to the next: every log
+ * the chain receives is verified in full, and a fresh 4 MiB buffer per log
+ * was that much garbage for the collector each time. A file opened while
+ * the spare is in use allocates its own (and may leave it as the spare).
+ */
+let spareChunk: Buffer | undefined;
+
+/**
  * A log file opened for verification and reading. `verify()` checks every
  * structure ([MS-HRL] §2.2-§2.6 plus the sanity rules of the notes §3) and
  * every payload before anything is yielded; `entries()` then walks the
@@ -127,6 +135,9 @@ export class HrlLogFile {
 
   async close(): Promise<void> {
     await this.fh.close().catch(() => undefined);
+    // Callers await every read before closing, so nothing is reading into it.
+    if (this.chunk !== undefined) spareChunk ??= this.chunk;
+    this.chunk = undefined;
   }
 
   /** Reads exactly `length` bytes at `offset`, or fails with BR_HRL_TRUNCATED. */
@@ -294,7 +305,10 @@ export class HrlLogFile {
     while (entry + 1 < validEntries && entryLeft === 0) nextEntry(payloadStart);
     for (let at = payloadStart; at < blockOffset; ) {
       const n = Math.min(HRL_READ_CHUNK_BYTES, blockOffset - at);
-      this.chunk ??= Buffer.allocUnsafe(HRL_READ_CHUNK_BYTES);
+      if (this.chunk === undefined) {
+        this.chunk = spareChunk ?? Buffer.allocUnsafe(HRL_READ_CHUNK_BYTES);
+        spareChunk = undefined;
+      }
       const chunk = await this.readExact(at, n, 'payload', this.chunk);
       let pos = 0;
       while (pos < n) {
