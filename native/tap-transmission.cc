@@ -1254,11 +1254,26 @@ class TapConnectionWrap : public Napi::ObjectWrap<TapConnectionWrap> {
   std::shared_ptr<ConnCore> core_;
 };
 
+// exitNow(status): ends the process at once. process.exit() runs the exit
+// handlers, and libuv's joins its pool threads: after a stop that ran out of
+// time (a disk that hangs), one of them may sit in an fdatasync of that disk
+// until the disk answers, and the process with it. Nothing buffered is lost:
+// Node writes stderr to pipes and files synchronously.
+Napi::Value ExitNowJs(const Napi::CallbackInfo& info) {
+  double status;
+  if (!NumberArg(info, 0, 255, status)) {
+    Napi::TypeError::New(info.Env(), "exitNow(status): status must be a whole number from 0 to 255").ThrowAsJavaScriptException();
+    return info.Env().Undefined();
+  }
+  _exit(static_cast<int>(status));
+}
+
 }  // namespace
 
 void InitTapTransmission(Napi::Env env, Napi::Object exports) {
   exports.Set("TapExport", TapExportWrap::Define(env));
   exports.Set("TapConnection", TapConnectionWrap::Define(env));
+  exports.Set("exitNow", Napi::Function::New(env, ExitNowJs, "exitNow"));
 }
 
 }  // namespace blockrelay

@@ -52,6 +52,10 @@ export class NbdServer implements ConnectionHost {
   private server: net.Server | undefined;
   private closing = false;
   private idleWaiters: (() => void)[] = [];
+  /** Requests in flight on connections dropped at shutdown: never answered. */
+  private droppedRequests = 0;
+  /** Exports whose native writer had not ended when close() last looked (a write stuck on a hung disk). */
+  private readonly stillWriting = new Set<string>();
 
   constructor(options: NbdServerOptions) {
     this.limits = { ...DEFAULT_NBD_CONNECTION_LIMITS, ...options.limits };
@@ -77,6 +81,17 @@ export class NbdServer implements ConnectionHost {
   /** Number of open client connections. */
   get connectionCount(): number {
     return this.connections.size;
+  }
+
+  /**
+   * What a shutdown left undone so far: requests in flight on connections
+   * still open or dropped by `close()` (never answered), and exports whose
+   * native writer has not ended (a write stuck on a hung disk).
+   */
+  shutdownLeftovers(): { unansweredRequests: number; openConnections: number; exportsStillWriting: string[] } {
+    let inFlight = 0;
+    for (const conn of this.connections) inFlight += conn.requestsInFlight;
+    return { unansweredRequests: this.droppedRequests + inFlight, openConnections: this.connections.size, exportsStillWriting: [...this.stillWriting].sort() };
   }
 
   findExport(name: string): ServedExport | undefined {
@@ -125,6 +140,7 @@ export class NbdServer implements ConnectionHost {
       const timer = this.clock.setTimer(() => {
         for (const conn of this.connections) {
           this.warn('NBD connection still busy at shutdown; dropping it', { export: conn.exportName, inFlight: conn.requestsInFlight });
+          this.droppedRequests += conn.requestsInFlight;
           conn.hardDisconnect();
           this.connectionFinished(conn);
         }
@@ -135,7 +151,8 @@ export class NbdServer implements ConnectionHost {
     // A native writer ends once its queued writes are on the disk; one stuck
     // on a hung disk ends when the disk answers. The event loop runs
     // meanwhile, and the server stops waiting for it after `graceMs`.
-    const nativeClosed = Promise.all(this.exportList.map((exp) => exp.closeNative()));
+    for (const exp of this.exportList) if (exp.native !== undefined) this.stillWriting.add(exp.name);
+    const nativeClosed = Promise.all(this.exportList.map((exp) => exp.closeNative().finally(() => this.stillWriting.delete(exp.name))));
     let timer: { cancel(): void } | undefined;
     const late = await Promise.race([
       nativeClosed.then(() => false),

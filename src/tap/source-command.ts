@@ -13,14 +13,39 @@ import type { DiskTarget } from '../targets/disk-target';
 import { openDisk } from '../targets/disk-spec';
 import { SourceResyncs } from '../resync/source-resyncs';
 import * as path from 'node:path';
+import { loadNative } from '../platform/native';
 
-const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--process-server URL] [--interval-ms N] [--control HOST:PORT] [--quiesce-hook CMD] [--app-interval-minutes N] [--group G]';
+const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--process-server URL] [--interval-ms N] [--control HOST:PORT] [--quiesce-hook CMD] [--app-interval-minutes N] [--group G] [--stop-timeout-ms N]';
 
 /** The environment variable holding the process server's shared secret (a secret on a command line is visible to every user). */
 export const PROCESS_SERVER_SECRET_ENV = 'BLOCKRELAY_SECRET';
 
 /** How long SIGTERM waits for sealed logs to reach the process server before exiting anyway. */
 const SHIP_ON_STOP_TIMEOUT_MS = 60_000;
+
+/**
+ * After a stop that ran out of time, how long the process lingers (for its
+ * error line and logs to go out) before it exits although a disk still holds
+ * some of its I/O: a thread in a write to a hung disk, or its pending close,
+ * would keep it alive for as long as the disk hangs.
+ */
+const EXIT_AFTER_STOP_TIMEOUT_MS = 500;
+
+/**
+ * Ends the process without waiting for libuv's pool threads (the addon's
+ * exitNow; see native/tap-transmission.cc), or process.exit where the addon
+ * lacks it.
+ */
+function exitNow(status: number): void {
+  let native: ((status: number) => void) | undefined;
+  try {
+    native = loadNative<{ exitNow?: (status: number) => void }>().exitNow;
+  } catch {
+    native = undefined;
+  }
+  if (native !== undefined) native(status);
+  process.exit(status);
+}
 
 /** The line a supervisor (or a test) waits for, followed by one JSON object. */
 export const SOURCE_READY_PREFIX = 'BLOCKRELAY_SOURCE_READY ';
@@ -80,7 +105,11 @@ export function parseDiskFlags(values: readonly string[]): { id: string; spec: s
  * too, an operator can start a networked block resync of a disk
  * (`POST /v1/disks/{disk}/resync`). SIGTERM or SIGINT
  * finishes the NBD requests in flight, seals the active logs, ships them
- * (within a bound) and exits 0.
+ * (within a bound) and exits 0. A stop that takes longer than
+ * `--stop-timeout-ms` (30 s by default; a disk that hangs) exits 1 with a
+ * BR_TAP_STOP_TIMEOUT line naming the logs not sealed, the disks not
+ * flushed and the requests not answered; unsealed logs are recovered at the
+ * next start.
  */
 export const sourceCommand: Command = {
   path: ['source'],
@@ -99,6 +128,7 @@ export const sourceCommand: Command = {
         'quiesce-hook': { type: 'string' },
         'app-interval-minutes': { type: 'string' },
         group: { type: 'string' },
+        'stop-timeout-ms': { type: 'string' },
       },
       usage,
     );
@@ -108,6 +138,7 @@ export const sourceCommand: Command = {
     if (logDir === undefined || logDir === '') throw new BlockrelayError('BR_USAGE', `--log-dir is required; usage: ${usage}`);
     const listen = parseListen(values.listen);
     const intervalMs = parseIntegerOption('interval-ms', values['interval-ms'], SOURCE_ROLE_DEFAULTS.intervalMs, 10, 24 * 60 * 60 * 1000);
+    const stopTimeoutMs = parseIntegerOption('stop-timeout-ms', values['stop-timeout-ms'], SOURCE_ROLE_DEFAULTS.stopTimeoutMs, 100, 24 * 60 * 60 * 1000);
     const logger = createLogger({ name: 'source' });
     const control = values.control === undefined ? undefined : parseListen(values.control);
     const appIntervalMs = parseIntegerOption('app-interval-minutes', values['app-interval-minutes'], 60, 0, 24 * 60) * 60_000;
@@ -211,7 +242,19 @@ export const sourceCommand: Command = {
       controlApi?.tagger.stop();
       // A running resync stops with its progress saved; the next start resumes it.
       await resyncs?.stop();
-      await role.stop();
+      try {
+        await role.stop(SOURCE_ROLE_DEFAULTS.shutdownGraceMs, stopTimeoutMs);
+      } catch (err) {
+        if (err instanceof BlockrelayError && err.code === 'BR_TAP_STOP_TIMEOUT') {
+          // Sealed logs go out at the next start. The process must end even
+          // though a thread stays stuck in the hung disk: the CLI prints the
+          // error line and sets the exit status from it, then this timer ends it.
+          await shipping?.stop().catch(() => undefined);
+          await controlApi?.close().catch(() => undefined);
+          setTimeout(() => exitNow(typeof process.exitCode === 'number' ? process.exitCode : 1), EXIT_AFTER_STOP_TIMEOUT_MS).unref();
+        }
+        throw err;
+      }
       if (shipping !== undefined && !(await shipping.finish(SHIP_ON_STOP_TIMEOUT_MS))) {
         logger.warn({}, 'sealed logs not yet shipped stay in the log directory and go out at the next start');
       }

@@ -12,7 +12,27 @@ export const SOURCE_ROLE_DEFAULTS = {
   intervalMs: 30_000,
   /** How long shutdown waits for NBD requests in flight. */
   shutdownGraceMs: 10_000,
+  /**
+   * The most a whole stop may take (requests, seals, disk flushes). A disk
+   * that hangs must not keep the process from ending: what is left undone
+   * by then is reported (BR_TAP_STOP_TIMEOUT) instead of waited for.
+   */
+  stopTimeoutMs: 30_000,
 } as const;
+
+/** What a stop had not finished when its time ran out. */
+export interface SourceStopLeftovers {
+  /** The step it was in: 'cut' (a cut under way), 'nbd' (requests in flight) or 'seal' (sealing logs, closing disks). */
+  readonly step: 'cut' | 'nbd' | 'seal';
+  /** Disks whose active log was not sealed (their tracker did not close). */
+  readonly unsealedDisks: readonly string[];
+  /** Disks not flushed and closed. */
+  readonly unclosedDisks: readonly string[];
+  /** NBD requests that got no reply. */
+  readonly unansweredRequests: number;
+  /** Exports whose writer thread is still in a disk write. */
+  readonly exportsStillWriting: readonly string[];
+}
 
 /** What the role reports; pino loggers fit. */
 export interface SourceRoleLogger {
@@ -156,20 +176,72 @@ export class SourceRole {
   /**
    * Stops: no more cuts, the NBD server finishes the requests in flight and
    * closes, every tracker seals its active log as the last one, and the
-   * disks are flushed and closed.
+   * disks are flushed and closed; trackers and disks side by side, so one
+   * hung disk does not keep the others' logs unsealed.
+   *
+   * The whole stop takes at most `timeoutMs` (the NBD grace is cut to a
+   * third of it, leaving time to seal). When that runs out it rejects with
+   * BR_TAP_STOP_TIMEOUT naming what was not sealed, flushed or answered
+   * (details: SourceStopLeftovers, lists comma-joined); the steps still waiting (a disk that
+   * never answers) are left behind, and the caller should end the process.
    */
-  async stop(graceMs: number = SOURCE_ROLE_DEFAULTS.shutdownGraceMs): Promise<void> {
+  async stop(graceMs: number = SOURCE_ROLE_DEFAULTS.shutdownGraceMs, timeoutMs: number = SOURCE_ROLE_DEFAULTS.stopTimeoutMs): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
     this.timer?.cancel();
     this.timer = undefined;
-    await this.cutInProgress;
-    await this.server.close(graceMs);
+    const unsealed = new Set(this.trackers.keys());
+    const unclosed = new Set(this.disks.map((d) => d.id));
+    let step: SourceStopLeftovers['step'] = 'cut';
     const errors: unknown[] = [];
-    for (const tracker of this.trackers.values()) {
-      await tracker.close({ seal: true }).catch((err: unknown) => errors.push(err));
+    const work = (async () => {
+      await this.cutInProgress;
+      step = 'nbd';
+      await this.server.close(Math.min(graceMs, Math.floor(timeoutMs / 3)));
+      // Per disk: seal its log, then flush and close it; the disks side by side.
+      step = 'seal';
+      await Promise.all(
+        this.disks.map(async (d) => {
+          const tracker = this.trackers.get(d.id);
+          if (tracker !== undefined) {
+            await tracker.close({ seal: true }).then(
+              () => unsealed.delete(d.id),
+              (err: unknown) => errors.push(err),
+            );
+          }
+          await d.target.close().then(
+            () => unclosed.delete(d.id),
+            (err: unknown) => errors.push(err),
+          );
+        }),
+      );
+    })();
+    let timer: TimerHandle | undefined;
+    const inTime = await Promise.race([
+      work.then(() => true),
+      new Promise<boolean>((resolve) => {
+        timer = this.clock.setTimer(() => resolve(false), timeoutMs);
+      }),
+    ]);
+    timer?.cancel();
+    if (!inTime) {
+      const nbd = this.server.shutdownLeftovers();
+      const left: SourceStopLeftovers = {
+        step,
+        unsealedDisks: [...unsealed].sort(),
+        unclosedDisks: [...unclosed].sort(),
+        unansweredRequests: nbd.unansweredRequests,
+        exportsStillWriting: nbd.exportsStillWriting,
+      };
+      const parts = [
+        left.unsealedDisks.length > 0 ? `active log not sealed for disk ${left.unsealedDisks.join(', ')} (recovered at the next start)` : 'every active log sealed',
+        left.unclosedDisks.length > 0 ? `not flushed and closed: disk ${left.unclosedDisks.join(', ')}` : undefined,
+        left.unansweredRequests > 0 ? `${left.unansweredRequests} NBD request(s) never answered` : undefined,
+        left.exportsStillWriting.length > 0 ? `a write still stuck in disk ${left.exportsStillWriting.join(', ')}` : undefined,
+      ].filter((p) => p !== undefined);
+      this.logger.warn({ ...left }, 'source tap stop timed out');
+      throw new BlockrelayError('BR_TAP_STOP_TIMEOUT', `source tap did not stop within ${timeoutMs} ms (waiting at step '${step}'): ${parts.join('; ')}`, { details: { step, unsealedDisks: left.unsealedDisks.join(','), unclosedDisks: left.unclosedDisks.join(','), unansweredRequests: left.unansweredRequests, exportsStillWriting: left.exportsStillWriting.join(','), timeoutMs } });
     }
-    for (const d of this.disks) await d.target.close().catch((err: unknown) => errors.push(err));
     const sealed = [...this.trackers.values()].flatMap((t) => t.sealedLogs().map((s) => s.name));
     this.logger.info({ sealedLogs: sealed.length }, 'source tap stopped');
     if (errors.length > 0) throw errors[0];

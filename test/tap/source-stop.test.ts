@@ -1,0 +1,79 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { NbdClient } from '../../src/tap/nbd-client';
+import { ChangeTracker } from '../../src/tracking/change-tracker';
+import { startSourceCli } from '../helpers/cli';
+import { useTempDirs } from '../helpers/tmp';
+import { hangableDisk, MiB, useCleanups } from './native-tap-fixtures';
+
+const tempDir = useTempDirs();
+const cleanups = useCleanups();
+
+const STOP_TIMEOUT_MS = 3000;
+
+describe('blockrelay source stop with a hung disk', () => {
+  it('reports within --stop-timeout-ms what a hung disk left undone, seals the healthy disk, and exits 1', async () => {
+    const dir = tempDir();
+    const hung = await hangableDisk(dir, 16 * MiB, cleanups);
+    if (hung === undefined) return;
+    cleanups.push(() => hung.recover());
+    const healthy = path.join(dir, 'disk1.img');
+    fs.writeFileSync(healthy, Buffer.alloc(0));
+    fs.truncateSync(healthy, 16 * MiB);
+    const logDir = path.join(dir, 'logs');
+    const src = await startSourceCli(['--disk', `disk0=raw:${hung.path}`, '--disk', `disk1=raw:${healthy}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', String(24 * 60 * 60 * 1000), '--stop-timeout-ms', String(STOP_TIMEOUT_MS)]);
+    cleanups.push(() => {
+      if (src.child.exitCode === null && src.child.signalCode === null) src.child.kill('SIGKILL');
+    });
+    const [host, port] = [src.ready.listen.slice(0, src.ready.listen.lastIndexOf(':')), Number(src.ready.listen.slice(src.ready.listen.lastIndexOf(':') + 1))];
+    const c0 = await NbdClient.connect({ host, port, exportName: 'disk0' });
+    const c1 = await NbdClient.connect({ host, port, exportName: 'disk1' });
+    cleanups.push(() => c0.close().catch(() => undefined));
+    cleanups.push(() => c1.close().catch(() => undefined));
+    await c0.write(0, Buffer.alloc(65536, 0x11));
+    await c1.write(0, Buffer.alloc(65536, 0x55));
+    await c1.flush();
+    hung.hang();
+    const stuck = c0.write(65536, Buffer.alloc(65536, 0x22)).catch(() => undefined);
+    // The export's writer is now in the disk write, which never returns.
+    await new Promise((r) => setTimeout(r, 300));
+
+    const startedMs = Date.now();
+    src.child.kill('SIGTERM');
+    const exited = new Promise<number | null>((resolve) => {
+      if (src.child.exitCode !== null) resolve(src.child.exitCode);
+      else src.child.once('exit', (code) => resolve(code));
+    });
+    let line: string | undefined;
+    while (line === undefined && Date.now() - startedMs < STOP_TIMEOUT_MS + 5000) {
+      await new Promise((r) => setTimeout(r, 50));
+      line = src.stderr().split('\n').find((l) => l.startsWith('BR_TAP_STOP_TIMEOUT'));
+    }
+    // The stop reports within its bound (plus the moment the line takes to arrive).
+    expect(line, src.stderr()).toBeDefined();
+    expect(Date.now() - startedMs).toBeLessThan(STOP_TIMEOUT_MS + 2000);
+    expect(line).toContain('not flushed and closed: disk disk0;');
+    expect(line).toContain('a write still stuck in disk disk0');
+    expect(line).not.toMatch(/not sealed for disk[^;]*disk1/);
+    // A thread in a write the hung disk already took cannot be ended, not
+    // even by SIGKILL, until the disk answers; then the process exits at once
+    // with the failure status (before, a pending close kept it running).
+    hung.recover();
+    await stuck;
+    expect(await exited).toBe(1);
+    // The healthy disk's log was sealed as its last one.
+    const names = fs.readdirSync(logDir);
+    expect(names.filter((n) => n.startsWith('disk1-') && n.endsWith('.hrl'))).toHaveLength(1);
+    expect(names.filter((n) => n.startsWith('disk1-') && n.endsWith('.hrl.open'))).toHaveLength(0);
+
+    // The next start finds the hung disk's first write in a log (sealed at
+    // the stop or recovered now).
+    const tracker = await ChangeTracker.open({ dir: logDir, diskId: 'disk0', diskSizeBytes: 16 * MiB, persistIntervalMs: 0 });
+    try {
+      expect(tracker.sealedLogs().length).toBeGreaterThan(0);
+    } finally {
+      await tracker.close({ seal: false });
+    }
+  }, 30_000);
+});
