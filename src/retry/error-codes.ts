@@ -107,7 +107,7 @@ export const ERROR_CODES = {
   BR_NBD_READ_ONLY: { recoverable: false, description: 'The NBD export is read-only; writes are refused.' },
   BR_NBD_OUT_OF_RANGE: { recoverable: false, description: 'An NBD request lies outside the export or breaks its block size constraints.' },
   BR_TAP_LISTEN: { recoverable: true, description: 'The source tap could not listen on its address (in use or not permitted).' },
-  BR_TAP_STOP_TIMEOUT: { recoverable: true, description: 'The source tap did not stop in time (a disk that hangs): the message names the logs not sealed, the disks not flushed and the NBD requests not answered.' },
+  BR_TAP_STOP_TIMEOUT: { recoverable: false, description: 'The source tap did not stop in time (a disk that hangs): the message names the logs not sealed, the disks not flushed and the NBD requests not answered.' },
 
   // --- transport ---
   BR_QUIESCE_FAILED: { recoverable: true, description: 'The application quiesce hook failed or timed out; no app-consistent point was taken.' },
