@@ -869,7 +869,7 @@ export class NbdConnection {
    */
   private async flushBoth(): Promise<void> {
     const exp = this.exp!;
-    const disk = exp.writer !== undefined ? exp.writer.flush() : Promise.resolve();
+    const disk = exp.diskFlushes !== undefined ? exp.diskFlushes.flush() : Promise.resolve();
     const recorder = exp.exp.recorder;
     if (recorder === undefined) {
       await disk;

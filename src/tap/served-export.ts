@@ -12,6 +12,7 @@ import { WriteOrderGate } from './write-order-gate';
 import { DEFAULT_RECORD_QUEUE_LIMITS, RecordQueue, type RecordQueueLimits } from './record-queue';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { loadNativeTap, type NativeTapExport } from '../platform/native';
+import { FlushRounds } from './flush-rounds';
 import { RawTarget } from '../targets/raw/raw-target';
 import { ChangeTracker } from '../tracking/change-tracker';
 
@@ -47,6 +48,8 @@ export class ServedExport {
    * READ and WRITE to a native thread after the handshake.
    */
   readonly native: NativeTapExport | undefined;
+  /** The disk's syncs, shared by the FLUSHes (and FUA writes) that arrive while one runs, on any connection. */
+  readonly diskFlushes: FlushRounds | undefined;
 
   constructor(
     exp: NbdExport,
@@ -68,6 +71,8 @@ export class ServedExport {
     this.exp = exp;
     this.records = new RecordQueue(exp.name, recordLimits, warn);
     this.writer = exp.readOnly ? undefined : (exp.source as NbdWriteSource);
+    const writer = this.writer;
+    this.diskFlushes = writer === undefined ? undefined : new FlushRounds(() => writer.flush());
     this.sizeBytes = exp.source.sizeBytes;
     const alignment = exp.source.capabilities?.alignmentBytes ?? 1;
     if (!Number.isInteger(alignment) || alignment < 1 || alignment > 65536 || (alignment & (alignment - 1)) !== 0) {
