@@ -182,10 +182,12 @@ export class SourceRole {
    * The whole stop takes at most `timeoutMs` (the NBD grace is cut to a
    * third of it, leaving time to seal). When that runs out it rejects with
    * BR_TAP_STOP_TIMEOUT naming what was not sealed, flushed or answered
-   * (details: SourceStopLeftovers, lists comma-joined); the steps still waiting (a disk that
-   * never answers) are left behind, and the caller should end the process.
+   * (details: SourceStopLeftovers, lists comma-joined); the steps still
+   * waiting (a disk that never answers) are left behind, and the caller
+   * should end the process.
    */
   async stop(graceMs: number = SOURCE_ROLE_DEFAULTS.shutdownGraceMs, timeoutMs: number = SOURCE_ROLE_DEFAULTS.stopTimeoutMs): Promise<void> {
+    if (!Number.isSafeInteger(timeoutMs) || timeoutMs <= 0) throw new BlockrelayError('BR_USAGE', `the stop timeout must be a positive whole number of milliseconds, got ${timeoutMs}`);
     if (this.stopped) return;
     this.stopped = true;
     this.timer?.cancel();
