@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
@@ -163,6 +164,16 @@ struct ExportCore {
   // Main thread, once the writer has ended: joins it, settles pending holds
   // and closes, and releases the thread-safe functions.
   void FinishClose(Napi::Env env);
+  // The environment's teardown (a worker thread ending, the process
+  // exiting) frees the thread-safe functions, even with a close pending
+  // whose writer is still in a write to a hung disk: that writer must not
+  // post when the disk answers. This hook marks the core finalized first
+  // (Node runs cleanup hooks newest first, so before the functions' own).
+  // Its argument is owned by whoever runs first: the hook, or
+  // RemoveTeardownHook once nothing more can be posted. Main thread only.
+  std::weak_ptr<ExportCore>* teardownHookArg = nullptr;
+  static void TeardownHook(void* arg);
+  void RemoveTeardownHook(napi_env env);
 
   std::deque<std::shared_ptr<WriteJob>> jobs;
   size_t jobBytes = 0;
@@ -964,8 +975,31 @@ void ExportCore::FinishClose(Napi::Env env) {
     held.Unref(env);
     notify.Release();
     held.Release();
+    RemoveTeardownHook(env);
   }
   for (auto& d : done) d.Resolve(env.Undefined());
+}
+
+void ExportCore::TeardownHook(void* arg) {
+  auto* weak = static_cast<std::weak_ptr<ExportCore>*>(arg);
+  if (std::shared_ptr<ExportCore> c = weak->lock()) {
+    std::lock_guard<std::mutex> lock(c->mu);
+    c->teardownHookArg = nullptr;
+    c->finalized = true;
+    c->closed = true;
+    c->cv.notify_all();
+    c->writerCv.notify_all();
+    c->appendCv.notify_all();
+  }
+  delete weak;
+}
+
+void ExportCore::RemoveTeardownHook(napi_env env) {
+  std::weak_ptr<ExportCore>* arg = teardownHookArg;
+  teardownHookArg = nullptr;
+  if (arg == nullptr) return;
+  napi_remove_env_cleanup_hook(env, TeardownHook, arg);
+  delete arg;
 }
 
 class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
@@ -1012,6 +1046,8 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     core_->held.Unref(env);
     // The thread keeps the core alive: a finalized wrap only detaches it, so
     // a write stuck on a hung disk never blocks the main thread.
+    core_->teardownHookArg = new std::weak_ptr<ExportCore>(core_);
+    napi_add_env_cleanup_hook(env, ExportCore::TeardownHook, core_->teardownHookArg);
     std::shared_ptr<ExportCore> keep = core_;
     core_->writer = std::thread([keep]() {
       pthread_setname_np(pthread_self(), "br-tap-writer");
@@ -1038,8 +1074,12 @@ class TapExportWrap : public Napi::ObjectWrap<TapExportWrap> {
     core_->writerCv.notify_all();
     core_->appendCv.notify_all();
     core_->holdDeferreds.clear();
-    // A close still pending is settled when the writer ends, as usual.
-    if (core_->closeDeferreds.empty()) core_->finalized = true;
+    // A close still pending is settled when the writer ends, as usual, and
+    // the teardown hook stays for it; otherwise nothing is posted any more.
+    if (core_->closeDeferreds.empty()) {
+      core_->finalized = true;
+      core_->RemoveTeardownHook(Env());
+    }
     if (core_->writer.joinable()) core_->writer.detach();
   }
 
@@ -1268,9 +1308,25 @@ Napi::Value ExitNowJs(const Napi::CallbackInfo& info) {
   _exit(static_cast<int>(status));
 }
 
+// The threads of this file may outlive the environment that started them:
+// a worker thread that ends while one of its exports' writers is in a write
+// to a hung disk. Node unloads an addon with the last environment that
+// loaded it, which would unmap the code that writer still runs when the
+// disk answers. The library is pinned for the life of the process instead.
+void PinLibrary() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(&PinLibrary), &info) != 0 && info.dli_fname != nullptr) {
+      (void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NODELETE);
+    }
+  });
+}
+
 }  // namespace
 
 void InitTapTransmission(Napi::Env env, Napi::Object exports) {
+  PinLibrary();
   exports.Set("TapExport", TapExportWrap::Define(env));
   exports.Set("TapConnection", TapConnectionWrap::Define(env));
   exports.Set("exitNow", Napi::Function::New(env, ExitNowJs, "exitNow"));
