@@ -8,6 +8,8 @@
  *   - 4 KiB random writes, iodepth 16
  *   - 4 KiB random writes, iodepth 1, a FLUSH after each (fio --fsync=1):
  *     write+FLUSH cycles per second, a figure for FLUSH latency, not a goal
+ *   - only with `--job flush8`: the same at iodepth 8, where FLUSHes in
+ *     flight together share the disk's and the tracker's sync rounds
  * Servers, each serving a preallocated raw image in the same temp directory:
  *   - qemu-nbd -f raw --cache=writeback --aio=threads (qemu's defaults, page
  *     cache like the tap's raw target; neither uses O_DIRECT)
@@ -31,7 +33,7 @@
  * for IOPS and bandwidth (above 1: the tap is faster). Goals (issue 5):
  * ≥ 0.8 with logging, ≥ 0.95 dirty-map-only.
  *
- * `--job 64k` (or `4k`, or `flush`) runs only that job, `--logging-only` leaves out the
+ * `--job 64k` (or `4k`, `flush`, `flush8`) runs only that job, `--logging-only` leaves out the
  * dirty-map-only tap, and `--repetitions N` overrides the count: for quick
  * looks while tuning one path; such partial runs do not write the results file.
  *
@@ -68,8 +70,10 @@ interface Job {
   readonly iodepth: number;
   /** fio --fsync: a FLUSH after every this many writes (0: none). */
   readonly fsync: number;
-  /** Whether the job is one of issue 5's speed goals (the FLUSH job is a figure only, against the logging tap). */
+  /** Whether the job is one of issue 5's speed goals (the FLUSH jobs are figures only, against the logging tap). */
   readonly goal: boolean;
+  /** Run only when named with --job (keeps the default runs short). */
+  readonly onlyWhenNamed?: boolean;
 }
 
 /** The servers a job runs against: the FLUSH figure leaves out the dirty-map-only tap (it keeps --quick short). */
@@ -83,7 +87,9 @@ const JOBS: readonly Job[] = [
   // Write+FLUSH cycles per second: a FLUSH's latency (disk, tracker maps and
   // log made durable before the reply) against qemu-nbd's (its fdatasync).
   { key: '4 KiB randwrite QD1, FLUSH after each', name: 'flush', bs: '4k', iodepth: 1, fsync: 1, goal: false },
-].filter((j) => onlyJob === undefined || j.name === onlyJob);
+  // The same with eight in flight: FLUSHes that arrive together share sync rounds.
+  { key: '4 KiB randwrite QD8, FLUSH after each', name: 'flush8', bs: '4k', iodepth: 8, fsync: 1, goal: false, onlyWhenNamed: true },
+].filter((j) => (onlyJob === undefined ? !j.onlyWhenNamed : j.name === onlyJob));
 
 type Server = 'qemu-nbd' | 'tap logging' | 'tap dirty-map-only';
 const SERVERS: readonly Server[] = (['qemu-nbd', 'tap logging', 'tap dirty-map-only'] as const).filter((s) => !loggingOnly || s !== 'tap dirty-map-only');
