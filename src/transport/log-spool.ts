@@ -98,10 +98,10 @@ export async function hashFile(file: string): Promise<{ xxhash64: string; sizeBy
   }
 }
 
-/** Counts and hashes bytes passing through, refusing more than `maxBytes`. */
+/** Counts and hashes bytes passing through, refusing more than `maxBytes`; `onChunk` may refuse one by throwing. */
 class HashingCounter extends Transform {
   bytes = 0;
-  constructor(private readonly hasher: Hasher, private readonly maxBytes: number) {
+  constructor(private readonly hasher: Hasher, private readonly maxBytes: number, private readonly onChunk?: () => void) {
     super();
   }
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
@@ -110,8 +110,94 @@ class HashingCounter extends Transform {
       done(new BlockrelayError('BR_UPLOAD_TOO_LARGE', `upload is longer than its declared ${this.maxBytes} bytes`));
       return;
     }
+    try {
+      this.onChunk?.();
+    } catch (err) {
+      done(err as Error);
+      return;
+    }
     this.hasher.update(chunk);
     done(null, chunk);
+  }
+}
+
+/**
+ * A durable upload starts the writeback of what it has written each time
+ * this much more is written (an fdatasync it does not wait for), so the
+ * fsync before its answer flushes at most about this much: on a log of
+ * hundreds of MB that fsync otherwise wrote the whole log after the last
+ * byte arrived, and the sender waited for it.
+ */
+export const SPOOL_WRITEBACK_STEP_BYTES = 32 * 1024 * 1024;
+
+/**
+ * Streams an upload through `counter` into `out` (decoding lz4 first), and
+ * turns a broken or short upload into a coded error.
+ */
+async function receiveInto(envelope: LogEnvelope, body: Readable, lz4: boolean, counter: HashingCounter, out: fs.WriteStream): Promise<void> {
+  try {
+    if (lz4) await pipeline(body, new Lz4FrameDecoder(), counter, out);
+    else await pipeline(body, counter, out);
+  } catch (err) {
+    if (err instanceof BlockrelayError) throw err;
+    if ((err as NodeJS.ErrnoException).code === 'ERR_STREAM_PREMATURE_CLOSE' || (err as NodeJS.ErrnoException).code === 'ECONNRESET' || (err as Error).message === 'aborted') {
+      throw new BlockrelayError('BR_UPLOAD_INCOMPLETE', `upload of ${envelope.diskId} seq ${envelope.seq} ended after ${counter.bytes} bytes`, { cause: err });
+    }
+    if (lz4 && !(err as NodeJS.ErrnoException).code?.startsWith?.('E')) {
+      throw new BlockrelayError('BR_PROTOCOL', `lz4 stream of ${envelope.diskId} seq ${envelope.seq} is invalid: ${(err as Error).message}`, { cause: err });
+    }
+    throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
+  }
+  if (counter.bytes !== envelope.logLength) {
+    throw new BlockrelayError('BR_UPLOAD_INCOMPLETE', `upload of ${envelope.diskId} seq ${envelope.seq} has ${counter.bytes} bytes, declared ${envelope.logLength}`);
+  }
+}
+
+/**
+ * The writeback a durable upload starts as it is written (see
+ * SPOOL_WRITEBACK_STEP_BYTES): one fdatasync at a time, through a handle of
+ * its own on the file (a sync flushes the file's pages whichever handle
+ * wrote them, and the write stream keeps the closing of its own). A failed
+ * one fails the upload: after a failed sync, a later fsync may succeed
+ * without the lost pages having reached the disk.
+ */
+class Writeback {
+  private handle: Promise<fsp.FileHandle> | undefined;
+  private inFlight: Promise<void> | undefined;
+  private syncedBytes = 0;
+  private failure: unknown;
+
+  constructor(private readonly file: string) {}
+
+  /** Called as bytes pass: starts a writeback when SPOOL_WRITEBACK_STEP_BYTES more are written; throws a failed one's error. */
+  check(writtenBytes: number): void {
+    if (this.failure !== undefined) throw wrapError(this.failure, 'BR_IO', `writing back ${this.file}`);
+    if (this.inFlight !== undefined || writtenBytes - this.syncedBytes < SPOOL_WRITEBACK_STEP_BYTES) return;
+    this.handle ??= fsp.open(this.file, 'r+');
+    this.inFlight = this.handle.then((fh) => fh.datasync()).then(
+      () => {
+        this.syncedBytes = writtenBytes;
+      },
+      (err: unknown) => {
+        this.failure ??= err;
+      },
+    ).finally(() => {
+      this.inFlight = undefined;
+    });
+  }
+
+  /** Resolves once no writeback is running; throws if one failed. */
+  async settled(): Promise<void> {
+    await this.inFlight;
+    if (this.failure !== undefined) throw wrapError(this.failure, 'BR_IO', `writing back ${this.file}`);
+  }
+
+  /** Waits for a running writeback and closes the handle (never throws: settled() reports failures). */
+  async close(): Promise<void> {
+    await this.inFlight;
+    const handle = this.handle;
+    this.handle = undefined;
+    await handle?.then((fh) => fh.close(), () => undefined).catch(() => undefined);
   }
 }
 
@@ -235,39 +321,30 @@ export class LogSpool {
     try {
       await fsp.mkdir(diskDir, { recursive: true });
       const hasher = await newXxhash64();
-      const counter = new HashingCounter(hasher, envelope.logLength);
-      const out = fs.createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 });
+      const writeback = new Writeback(tmp);
       try {
-        if (options.lz4) await pipeline(body, new Lz4FrameDecoder(), counter, out);
-        else await pipeline(body, counter, out);
-      } catch (err) {
-        if (err instanceof BlockrelayError) throw err;
-        if ((err as NodeJS.ErrnoException).code === 'ERR_STREAM_PREMATURE_CLOSE' || (err as NodeJS.ErrnoException).code === 'ECONNRESET' || (err as Error).message === 'aborted') {
-          throw new BlockrelayError('BR_UPLOAD_INCOMPLETE', `upload of ${envelope.diskId} seq ${envelope.seq} ended after ${counter.bytes} bytes`, { cause: err });
+        const out = fs.createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 });
+        const counter = new HashingCounter(hasher, envelope.logLength, durable ? () => writeback.check(out.bytesWritten) : undefined);
+        await receiveInto(envelope, body, options.lz4, counter, out);
+        const actual = hashHex(hasher);
+        if (actual !== envelope.xxhash64) {
+          throw new BlockrelayError('BR_UPLOAD_HASH_MISMATCH', `upload of ${envelope.diskId} seq ${envelope.seq} hashes to ${actual}, declared ${envelope.xxhash64}`);
         }
-        if (options.lz4 && !(err as NodeJS.ErrnoException).code?.startsWith?.('E')) {
-          throw new BlockrelayError('BR_PROTOCOL', `lz4 stream of ${envelope.diskId} seq ${envelope.seq} is invalid: ${(err as Error).message}`, { cause: err });
-        }
-        throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
+        await writeback.settled();
+        // Both must succeed before the log may become visible; neither changes
+        // the file. The envelope is made durable beside them, so committing
+        // takes only two renames and one directory fsync.
+        const [synced, verified, described] = await Promise.allSettled([
+          durable ? fsyncFile(tmp) : Promise.resolve(),
+          options.verify(tmp, envelope),
+          durable ? writeFileSynced(envelopeTmp, envelopeText) : Promise.resolve(),
+        ]);
+        if (verified.status === 'rejected') throw verified.reason;
+        if (synced.status === 'rejected') throw synced.reason;
+        if (described.status === 'rejected') throw described.reason;
+      } finally {
+        await writeback.close();
       }
-      if (counter.bytes !== envelope.logLength) {
-        throw new BlockrelayError('BR_UPLOAD_INCOMPLETE', `upload of ${envelope.diskId} seq ${envelope.seq} has ${counter.bytes} bytes, declared ${envelope.logLength}`);
-      }
-      const actual = hashHex(hasher);
-      if (actual !== envelope.xxhash64) {
-        throw new BlockrelayError('BR_UPLOAD_HASH_MISMATCH', `upload of ${envelope.diskId} seq ${envelope.seq} hashes to ${actual}, declared ${envelope.xxhash64}`);
-      }
-      // Both must succeed before the log may become visible; neither changes
-      // the file. The envelope is made durable beside them, so committing
-      // takes only two renames and one directory fsync.
-      const [synced, verified, described] = await Promise.allSettled([
-        durable ? fsyncFile(tmp) : Promise.resolve(),
-        options.verify(tmp, envelope),
-        durable ? writeFileSynced(envelopeTmp, envelopeText) : Promise.resolve(),
-      ]);
-      if (verified.status === 'rejected') throw verified.reason;
-      if (synced.status === 'rejected') throw synced.reason;
-      if (described.status === 'rejected') throw described.reason;
     } catch (err) {
       await discard();
       throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);

@@ -1,10 +1,12 @@
 import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
+import { Readable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
 import { validateConfig } from '../../src/daemon/config';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { getDiskState, sendLog } from '../../src/transport/log-client';
-import { LogSpool } from '../../src/transport/log-spool';
+import { hashHex, LogSpool, newXxhash64, SPOOL_WRITEBACK_STEP_BYTES } from '../../src/transport/log-spool';
 import { masterTargetFromConfig, type ApplyingHop } from '../../src/transport/master-target';
 import type { DiskDrain } from '../../src/transport/disk-drain';
 import { useTempDirs } from '../helpers/tmp';
@@ -25,6 +27,40 @@ describe('spool commit and sequence ledger', () => {
     running.push(mt);
     return mt;
   }
+
+  it('writes a large upload back as it arrives, so the fsync before its answer is left the last step or less; a staged log is not', async () => {
+    const dir = tmp();
+    const bytes = 3 * SPOOL_WRITEBACK_STEP_BYTES + 12345;
+    const data = Buffer.alloc(bytes, 0x5a);
+    const envelope = { diskId: 'disk0', seq: 1, xxhash64: hashHex((await newXxhash64()).update(data)), logLength: bytes, cutTimeMs: 1, cutId: 'c1', diskSizeBytes: DISK_SIZE };
+    const spool = new LogSpool(path.join(dir, 'spool'), 1 << 30);
+    await spool.open();
+    // Every fdatasync on any file handle while the upload streams in (in 1 MiB pieces).
+    const handle = await fsp.open(path.join(dir, 'probe'), 'w');
+    const proto = Object.getPrototypeOf(handle) as { datasync(): Promise<void> };
+    await handle.close();
+    const syncs: string[] = [];
+    const original = proto.datasync;
+    proto.datasync = function datasync(this: fsp.FileHandle) {
+      syncs.push('datasync');
+      return original.call(this);
+    };
+    try {
+      const pieces = (): Readable => Readable.from((function* () { for (let at = 0; at < bytes; at += 1 << 20) yield data.subarray(at, Math.min(bytes, at + (1 << 20))); })());
+      const entry = await spool.receive(envelope, pieces(), { lz4: false, verify: async () => undefined });
+      expect(fs.readFileSync(entry.file).equals(data)).toBe(true);
+      // One at a time, each started once another step is written: at least one, at most one per step.
+      expect(syncs.length).toBeGreaterThanOrEqual(1);
+      expect(syncs.length).toBeLessThanOrEqual(3);
+      // Staged for apply on receipt (not durable): nothing is written back.
+      syncs.length = 0;
+      const staged = await spool.stage({ ...envelope, seq: 2 }, pieces(), { lz4: false, verify: async () => undefined, durable: false });
+      await staged.discard();
+      expect(syncs).toEqual([]);
+    } finally {
+      proto.datasync = original;
+    }
+  });
 
   it('drops a log renamed into place without its envelope (a crash between the renames): it was never answered', async () => {
     const dir = tmp();
