@@ -251,6 +251,27 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
 
   Napi::ThreadSafeFunction events;
   std::thread thread;
+  // As ExportCore's: the environment's teardown frees `events`, and a thread
+  // still in a READ from a hung disk must then neither post nor release it
+  // when the disk answers. Main thread only; owned as there.
+  std::weak_ptr<ConnCore>* teardownHookArg = nullptr;
+  static void TeardownHook(void* arg) {
+    auto* weak = static_cast<std::weak_ptr<ConnCore>*>(arg);
+    if (std::shared_ptr<ConnCore> c = weak->lock()) {
+      c->teardownHookArg = nullptr;
+      std::lock_guard<std::mutex> lock(c->postMu_);
+      c->postsClosed_ = true;
+      c->envGone_ = true;
+    }
+    delete weak;
+  }
+  void RemoveTeardownHook(napi_env env) {
+    std::weak_ptr<ConnCore>* arg = teardownHookArg;
+    teardownHookArg = nullptr;
+    if (arg == nullptr) return;
+    napi_remove_env_cleanup_hook(env, TeardownHook, arg);
+    delete arg;
+  }
   std::atomic<uint64_t> requests{0};
   std::atomic<uint64_t> errorReplies{0};
   std::atomic<uint64_t> bytesWritten{0};
@@ -283,7 +304,7 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
     Post({kEventExit, 0, 0, 0, 0, 0, 0, reason});
     std::lock_guard<std::mutex> lock(postMu_);
     postsClosed_ = true;
-    events.Release();
+    if (!envGone_) events.Release();
   }
 
   // JavaScript's reply; false once the thread has ended (the caller then owns the socket again).
@@ -864,6 +885,7 @@ class ConnCore : public std::enable_shared_from_this<ConnCore> {
   std::atomic<bool> stopping_{false};
   std::mutex postMu_;
   bool postsClosed_ = false;  // under postMu_
+  bool envGone_ = false;      // under postMu_: the environment was torn down
   // A hard stop: nothing more is sent either.
   std::atomic<bool> aborting_{false};
   std::chrono::steady_clock::time_point drainDeadline_;  // under mu_, set by the first Stop
@@ -1235,6 +1257,8 @@ class TapConnectionWrap : public Napi::ObjectWrap<TapConnectionWrap> {
     }
     core_ = std::make_shared<ConnCore>(static_cast<int>(fd), wake, exp, std::move(prefix));
     core_->events = Napi::ThreadSafeFunction::New(env, info[3].As<Napi::Function>(), "blockrelay-tap-connection", 0, 1);
+    core_->teardownHookArg = new std::weak_ptr<ConnCore>(core_);
+    napi_add_env_cleanup_hook(env, ConnCore::TeardownHook, core_->teardownHookArg);
     std::shared_ptr<ConnCore> c = core_;
     core_->thread = std::thread([c]() {
       pthread_setname_np(pthread_self(), "br-tap-conn");
@@ -1243,9 +1267,13 @@ class TapConnectionWrap : public Napi::ObjectWrap<TapConnectionWrap> {
   }
 
   ~TapConnectionWrap() override {
-    if (core_ != nullptr && core_->thread.joinable()) {
+    if (core_ == nullptr) return;
+    if (core_->thread.joinable()) {
+      // Still running: the teardown hook stays for it.
       core_->Stop(false);
       core_->thread.detach();
+    } else {
+      core_->RemoveTeardownHook(Env());
     }
   }
 
@@ -1276,7 +1304,10 @@ class TapConnectionWrap : public Napi::ObjectWrap<TapConnectionWrap> {
 
   // After the exit event: the thread has finished, so this does not block for long.
   Napi::Value JoinJs(const Napi::CallbackInfo& info) {
-    if (core_ != nullptr && core_->thread.joinable() && core_->thread.get_id() != std::this_thread::get_id()) core_->thread.join();
+    if (core_ != nullptr && core_->thread.joinable() && core_->thread.get_id() != std::this_thread::get_id()) {
+      core_->thread.join();
+      core_->RemoveTeardownHook(info.Env());
+    }
     return info.Env().Undefined();
   }
 

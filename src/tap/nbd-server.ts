@@ -162,7 +162,18 @@ export class NbdServer implements ConnectionHost {
     ]);
     timer?.cancel();
     if (late) this.warn('NBD export still writing to its disk at shutdown (a write is stuck); not waiting for it');
-    await closed;
+    // The listener closes once every socket has: a native connection's
+    // socket stays open until its thread lets go, and a thread in a READ
+    // from a hung disk does not. Not waited for beyond the grace either.
+    let closeTimer: { cancel(): void } | undefined;
+    const closedLate = await Promise.race([
+      closed.then(() => false),
+      new Promise<boolean>((resolve) => {
+        closeTimer = this.clock.setTimer(() => resolve(true), graceMs);
+      }),
+    ]);
+    closeTimer?.cancel();
+    if (closedLate) this.warn('NBD connection thread still in a disk read at shutdown (the disk hangs); not waiting for it');
   }
 
   connectionFinished(conn: NbdConnection): void {

@@ -12,12 +12,15 @@ const TSX_LOADER = pathToFileURL(path.join(REPO_ROOT, 'node_modules', 'tsx', 'di
 const CHILD = path.join(__dirname, 'native-teardown-child.ts');
 
 describe('native tap at environment teardown', () => {
-  it('lives through a writer thread that ends after its worker thread is gone', async () => {
+  it.each([
+    { stuck: 'write', what: "an export's writer thread in a WRITE" },
+    { stuck: 'read', what: 'a connection thread in a READ' },
+  ])('lives through $what on a hung disk that ends after its worker thread is gone', async ({ stuck }) => {
     const dir = tempDir();
     const disk = await hangableDisk(dir, 16 * MiB, cleanups);
     if (disk === undefined) return;
     cleanups.push(() => disk.recover());
-    const child = spawn(process.execPath, ['--import', TSX_LOADER, CHILD, disk.path, dir, String(disk.serverPid)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['--import', TSX_LOADER, CHILD, disk.path, dir, String(disk.serverPid), stuck], { stdio: ['ignore', 'pipe', 'pipe'] });
     cleanups.push(() => {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     });
@@ -26,7 +29,9 @@ describe('native tap at environment teardown', () => {
     child.stderr.on('data', (d) => { out += d; });
     const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => child.on('exit', (c, s) => resolve([c, s])));
     // Before: SIGSEGV (the addon's code unmapped with the worker's
-    // environment), then SIGABRT (a post on its torn-down thread-safe function).
+    // environment), then SIGABRT (a post to, or release of, a thread-safe
+    // function the teardown had freed); with a READ, the worker never got
+    // to end (the server waited for the connection's socket).
     expect({ code, signal }, out).toEqual({ code: 0, signal: null });
     expect(out).toContain('SURVIVED');
   }, 30_000);
