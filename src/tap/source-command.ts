@@ -26,8 +26,11 @@ const SHIP_ON_STOP_TIMEOUT_MS = 60_000;
 /**
  * After a stop that ran out of time, how long the process lingers (for its
  * error line and logs to go out) before it exits although a disk still holds
- * some of its I/O: a thread in a write to a hung disk, or its pending close,
- * would keep it alive for as long as the disk hangs.
+ * some of its I/O: a pending export close would keep the event loop alive,
+ * and process.exit would wait for a libuv pool thread in the hung disk's
+ * fdatasync. (A thread the kernel holds uninterruptibly, in a request the
+ * disk already took, still delays the end until the disk answers: nothing,
+ * not even SIGKILL, ends a process before that.)
  */
 const EXIT_AFTER_STOP_TIMEOUT_MS = 500;
 
