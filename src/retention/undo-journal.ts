@@ -35,6 +35,8 @@ async function readPreImage(target: DiskTarget, offset: number, length: number):
   return zeroChunk.subarray(0, length);
 }
 
+/** Bytes written to a segment after which a sync starts in the background (see `SparseSegmentFile`). */
+const SEGMENT_WRITEBACK_BYTES = 32 * 1024 * 1024;
 /** Granularity of the holes a segment's zero payloads become. */
 const HOLE_PAGE_BYTES = 4096;
 const ZERO_PAGE = Buffer.alloc(HOLE_PAGE_BYTES);
@@ -53,6 +55,11 @@ const ZERO_PAGE = Buffer.alloc(HOLE_PAGE_BYTES);
  * Every write goes on until all its bytes are written or the system call
  * fails (a short write is retried, ENOSPC comes back as an error), so the
  * payloads need no read-back (see `checkWritten`).
+ *
+ * Every SEGMENT_WRITEBACK_BYTES a sync starts in the background, so the
+ * device writes the segment while the pre-images are still being read and
+ * the seal's sync finds little left to do; its error, if any, is thrown by
+ * the next `datasync()` (a later sync's success would hide it).
  */
 export class SparseSegmentFile implements HrlWriterFile {
   /** Byte ranges written so far: sorted, disjoint, touching ones merged. */
@@ -61,6 +68,9 @@ export class SparseSegmentFile implements HrlWriterFile {
   private fileBytes = 0;
   /** Bytes left as holes so far. */
   holeBytes = 0;
+  private writtenSinceSyncBytes = 0;
+  private writeback: Promise<void> | undefined;
+  private writebackError: unknown;
 
   private constructor(private readonly fh: fsp.FileHandle) {}
 
@@ -108,11 +118,28 @@ export class SparseSegmentFile implements HrlWriterFile {
       }
       this.record(run.position, where);
       this.fileBytes = Math.max(this.fileBytes, where);
+      this.writtenSinceSyncBytes += run.bytes;
     }
     this.endBytes = Math.max(this.endBytes, at);
+    if (this.writtenSinceSyncBytes >= SEGMENT_WRITEBACK_BYTES && this.writeback === undefined) {
+      this.writtenSinceSyncBytes = 0;
+      this.writeback = this.fh
+        .datasync()
+        .catch((err: unknown) => {
+          this.writebackError ??= err;
+        })
+        .finally(() => {
+          this.writeback = undefined;
+        });
+    }
   }
 
   async datasync(): Promise<void> {
+    await this.writeback;
+    const failed = this.writebackError;
+    this.writebackError = undefined;
+    if (failed !== undefined) throw failed;
+    this.writtenSinceSyncBytes = 0;
     if (this.fileBytes < this.endBytes) {
       await this.fh.truncate(this.endBytes);
       this.fileBytes = this.endBytes;
@@ -120,8 +147,9 @@ export class SparseSegmentFile implements HrlWriterFile {
     await this.fh.datasync();
   }
 
-  close(): Promise<void> {
-    return this.fh.close();
+  async close(): Promise<void> {
+    await this.writeback;
+    await this.fh.close();
   }
 
   /** Whether `[from, to)` overlaps a written range (binary search: ranges are sorted). */

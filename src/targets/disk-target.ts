@@ -65,14 +65,6 @@ export interface DiskTarget {
    */
   hashBlocks?(offset: number, length: number, blockSizeBytes: number, into?: Buffer): Promise<Buffer>;
   /**
-   * Optional fast path for applying a log: the same result as `write` of
-   * each request in array order (later requests win where they overlap),
-   * but the target may map and issue them together. Every request is
-   * checked before any is written. Buffers are the caller's again when the
-   * promise settles.
-   */
-  writeMany?(requests: readonly DiskWriteRequest[]): Promise<void>;
-  /**
    * Optional fast path for reading many ranges (an undo journal's
    * pre-images): fills each request's buffer with `buffer.length` bytes from
    * `offset`, no fresh buffers. Resolves, per request, whether its range
@@ -81,12 +73,6 @@ export interface DiskTarget {
   readMany?(requests: readonly DiskReadRequest[]): Promise<boolean[]>;
   /** Flushes, releases locks and leases, and marks the image clean. Idempotent. */
   close(): Promise<void>;
-}
-
-/** One write of `DiskTarget.writeMany`. */
-export interface DiskWriteRequest {
-  readonly offset: number;
-  readonly data: Buffer;
 }
 
 /** One read of `DiskTarget.readMany`: `buffer.length` bytes at `offset` into `buffer`. */

@@ -78,22 +78,6 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly string[],
           if (span.length === 0) return;
           await log.readExact(spanStart, spanBytes, 'payload', chunk);
           let at = 0;
-          if (target.writeMany !== undefined) {
-            // One call for the span: the target maps all of it and issues
-            // the writes together (a 4 MiB span of 64 KiB writes is 64
-            // scattered grains), the same result as writing them in order.
-            const writes = [];
-            for (const e of span) {
-              if (e.dataLength > 0) writes.push({ offset: e.byteOffset, data: chunk.subarray(at, at + e.dataLength) });
-              at += e.dataLength;
-              entries++;
-              bytes += e.dataLength;
-            }
-            await target.writeMany(writes);
-            span = [];
-            spanBytes = 0;
-            return;
-          }
           for (const e of span) {
             // The target may keep the buffer until the write completes; the
             // next read waits for that, so one chunk buffer is enough.

@@ -3,7 +3,7 @@ import * as os from 'node:os';
 import * as zlib from 'node:zlib';
 import * as path from 'node:path';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
-import type { AllocationExtent, DiskReadRequest, DiskTarget, DiskTargetCapabilities, DiskWriteRequest } from '../disk-target';
+import type { AllocationExtent, DiskReadRequest, DiskTarget, DiskTargetCapabilities } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { checkOpen, checkRequest } from '../request-bounds';
 import { newCid } from './vmdk-content-id';
@@ -41,12 +41,15 @@ const MAX_UNFLUSHED_GRAINS = 16384;
 /** Largest read when scanning grain tables at open. */
 const TABLE_SCAN_BYTES = 1024 * 1024;
 /**
- * File reads or writes of one `readMany`/`writeMany` in flight at once: the
- * grains of random disk offsets lie at scattered file positions, and one
- * positional call at a time leaves the thread pool (4 threads) and the
- * device queue idle between calls.
+ * File reads of one `readMany` in flight at once: the grains of random disk
+ * offsets lie at scattered file positions, and one positional read at a
+ * time leaves the thread pool (4 threads) idle between calls. (Writes gain
+ * nothing from it: buffered writes to one file serialise on its inode lock,
+ * and a batched apply measured no faster than one write per entry.)
  */
 const BATCH_IO_CONCURRENCY = 4;
+/** Bytes written since the last sync after which a sync starts in the background (see `kickWriteback`). */
+const WRITEBACK_BYTES = 32 * 1024 * 1024;
 /** Shared, never-written zero source for zero checks and zero writes (max grain is 1 MiB). */
 const ZEROES = Buffer.alloc(1024 * 1024);
 
@@ -136,6 +139,10 @@ export class VmdkSparseTarget implements DiskTarget {
   private dataEndSector: number;
   private unflushedGrains = 0;
   private wroteData = false;
+  private writtenSinceSyncBytes = 0;
+  /** A sync started in the background, and the first error one met (reported by the next flush). */
+  private writeback: Promise<void> | undefined;
+  private writebackError: unknown;
   /** Whether this session already gave the embedded descriptor a new CID. */
   private cidBumped = false;
   private closed = false;
@@ -336,64 +343,6 @@ export class VmdkSparseTarget implements DiskTarget {
   }
 
   /**
-   * The writes of `requests` in order, mapped together: pieces go out
-   * sorted by file position, adjacent ones in one writev, up to
-   * BATCH_IO_CONCURRENCY calls at a time. Pieces that touch a grain an
-   * earlier piece of the batch touched are held back until everything
-   * before them is written, so overlapping requests end as in order. GT
-   * entries of new grains change (in memory) only after their data is
-   * written, as in `write`.
-   */
-  async writeMany(requests: readonly DiskWriteRequest[]): Promise<void> {
-    checkOpen(this.closed, this.spec);
-    for (const r of requests) checkRequest(this, 'write', r.offset, r.data.length);
-    return this.exclusive(async () => {
-      let pieces: Array<{ position: number; buffer: Buffer }> = [];
-      let updates: Array<{ index: number; sector: number }> = [];
-      /** Grains the pending pieces touch. */
-      const touched = new Set<number>();
-      const writePending = async (): Promise<void> => {
-        if (pieces.length > 0) {
-          await this.bumpCid();
-          pieces.sort((a, b) => a.position - b.position);
-          await inParallel(coalesce(pieces), BATCH_IO_CONCURRENCY, (run) => this.writeRun(run));
-          this.wroteData = true;
-        }
-        for (const u of updates) await this.setGte(u.index, u.sector);
-        this.dataEndSector = Math.max(this.dataEndSector, this.nextGrainSector);
-        this.unflushedGrains += updates.length;
-        pieces = [];
-        updates = [];
-        touched.clear();
-        if (this.unflushedGrains >= MAX_UNFLUSHED_GRAINS) await this.flushLocked();
-      };
-      for (const { offset, data } of requests) {
-        for (const g of this.grainsOf(offset, data.length)) {
-          if (touched.has(g.index)) await writePending();
-          const piece = data.subarray(g.at - offset, g.at - offset + g.length);
-          const gte = await this.gte(g.index);
-          touched.add(g.index);
-          if (this.allocated(gte)) {
-            pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: piece });
-            continue;
-          }
-          if (isAllZero(piece)) continue;
-          let grain = piece;
-          if (piece.length !== this.grainBytes) {
-            grain = Buffer.alloc(this.grainBytes);
-            piece.copy(grain, g.inGrain);
-          }
-          const sector = this.nextGrainSector;
-          this.nextGrainSector += this.header.grainSectors;
-          pieces.push({ position: sector * SECTOR_BYTES, buffer: grain });
-          updates.push({ index: g.index, sector });
-        }
-      }
-      await writePending();
-    });
-  }
-
-  /**
    * Reads every request into its own buffer: unallocated grains are zero
    * filled, the rest read sorted by file position, adjacent ones in one
    * readv, up to BATCH_IO_CONCURRENCY calls at a time. Resolves, per
@@ -503,6 +452,7 @@ export class VmdkSparseTarget implements DiskTarget {
         }
       } finally {
         this.claim?.release();
+        await this.writeback;
         await this.handle.close();
       }
     });
@@ -547,8 +497,37 @@ export class VmdkSparseTarget implements DiskTarget {
     this.wroteData ||= pieces.length > 0;
   }
 
+  /**
+   * Starts a sync in the background once WRITEBACK_BYTES were written since
+   * the last one. The kernel otherwise keeps a whole log's writes dirty
+   * until `flush()`, whose sync then waits for the device to write all of
+   * them; started early, the device writes while the apply goes on. It
+   * changes no crash order: grain tables and directories are written only
+   * by `flush()`, after its own sync. An error is kept for the next flush
+   * (a failed sync may have dropped the dirty pages it failed to write, so
+   * a later sync's success would hide it).
+   */
+  private kickWriteback(bytes: number): void {
+    this.writtenSinceSyncBytes += bytes;
+    if (this.writtenSinceSyncBytes < WRITEBACK_BYTES || this.writeback !== undefined) return;
+    this.writtenSinceSyncBytes = 0;
+    this.writeback = this.handle
+      .datasync()
+      .catch((err: unknown) => {
+        this.writebackError ??= err;
+      })
+      .finally(() => {
+        this.writeback = undefined;
+      });
+  }
+
   private async flushLocked(): Promise<void> {
     if (this.capabilities.readOnly) return;
+    await this.writeback;
+    const failed = this.writebackError;
+    this.writebackError = undefined;
+    if (failed !== undefined) throw wrapError(failed, 'BR_IO', `sync on ${this.file} failed`);
+    this.writtenSinceSyncBytes = 0;
     if (this.dirty.size === 0 && !this.gdDirty) {
       if (this.wroteData) await this.io(() => this.handle.datasync(), 'sync');
       this.wroteData = false;
@@ -557,8 +536,9 @@ export class VmdkSparseTarget implements DiskTarget {
     // 1. grains durable before anything points at them
     await this.io(() => this.handle.datasync(), 'sync');
     // 2. grain tables and their redundant copies. No sync orders them (the
-    // next one covers all), so they go out together: GTs lie back to back
-    // in both copies, and a fresh disk's first flush dirties hundreds.
+    // next one covers all), so they go out sorted, neighbours in one
+    // writev: GTs lie back to back in both copies, and a fresh disk's first
+    // flush dirties hundreds.
     const gtBytes = this.gtSectors * SECTOR_BYTES;
     const tables: Array<{ position: number; buffer: Buffer }> = [];
     for (const [index, table] of this.dirty) {
@@ -567,7 +547,7 @@ export class VmdkSparseTarget implements DiskTarget {
       if (this.rgd !== undefined) tables.push({ position: this.rgd[index]! * SECTOR_BYTES, buffer: bytes });
     }
     tables.sort((a, b) => a.position - b.position);
-    await inParallel(coalesce(tables), BATCH_IO_CONCURRENCY, (run) => this.writeRun(run));
+    for (const run of coalesce(tables)) await this.writeRun(run);
     // 3. directories only once the GTs they point at are durable
     if (this.gdDirty) {
       await this.io(() => this.handle.datasync(), 'sync');
@@ -808,6 +788,7 @@ export class VmdkSparseTarget implements DiskTarget {
       position += bytesWritten;
       buffers = advance(buffers, bytesWritten);
     }
+    this.kickWriteback(run.bytes);
   }
 
   private async io<T>(op: () => Promise<T>, what: string): Promise<T> {
