@@ -177,7 +177,11 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
       const resolveDrain = (): void => wake?.();
       if (event === 'drain') req.once('drain', resolveDrain);
     });
+    // A read's pieces (up to 32 of an lz4-framed MiB) go out together, and
+    // the socket's drain is awaited once after them: what is queued stays
+    // bounded by the read buffers, which return only once written.
     const write = async (pieces: Buffer[], done?: () => void): Promise<void> => {
+      let full = false;
       for (let i = 0; i < pieces.length; i++) {
         if (closed) throw gone();
         const piece = pieces[i]!;
@@ -185,9 +189,10 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
           for (let off = 0; off < piece.length; off += limiter.chunkBytes) await limiter.take(Math.min(limiter.chunkBytes, piece.length - off));
         }
         const last = i === pieces.length - 1;
-        if (!req.write(piece, last ? done : undefined)) await settle('drain');
+        if (!req.write(piece, last ? done : undefined)) full = true;
       }
       if (pieces.length === 0) done?.();
+      if (full) await settle('drain');
     };
     try {
       if (encoder !== undefined) await write([await Lz4FrameEncoder.header()]);
