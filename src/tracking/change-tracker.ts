@@ -490,7 +490,15 @@ export class ChangeTracker {
       const persisting = this.persistMaps(false, true);
       const syncing = w === undefined ? Promise.resolve() : w.flush();
       const [persisted, synced] = await Promise.allSettled([persisting, syncing]);
-      if (persisted.status === 'rejected') throw persisted.reason;
+      if (persisted.status === 'rejected') {
+        // The log's own failure must not be dropped with it: Linux reports a
+        // writeback error to one fdatasync only, so a retried FLUSH would
+        // find the log "durable". Fold now (everything unshipped into the
+        // resync map); if even that persist fails, the writer stays poisoned
+        // and every later flush fails or folds.
+        if (synced.status === 'rejected') await this.logIo(() => Promise.reject(synced.reason)).catch(() => undefined);
+        throw persisted.reason;
+      }
       // A log I/O failure folds the logs (after the maps write, never beside it).
       const durable = w !== undefined && (synced.status === 'fulfilled' || (await this.logIo(() => Promise.reject(synced.reason))));
       if (durable && this.maps.pending.dirtyBlockCount > 0) {

@@ -84,6 +84,9 @@ const ZERO_CHUNK_CHECKSUM = 0xffff_ffff;
  * CurrentSize, TotalMetadataEntries and the header checksum.
  *
  * Operations are serialised internally; concurrent calls run in call order.
+ * A failed write or fdatasync poisons the writer: every later append, flush
+ * and seal rejects with that first error (only `close()` still works), so no
+ * caller takes a later, empty fdatasync for durability.
  *
  * A log opened on a real file (no `openFile` injected) appends through the
  * addon's HrlAppender (native/hrl-appender.cc), which writes the same layout
@@ -121,6 +124,12 @@ export class HrlWriter {
   private core: NativeHrlAppender | undefined;
   /** Set by seal() and close(): appends after them fail, as queued ones would in the TypeScript path. */
   private finishing = false;
+  /**
+   * The first failed write or sync. Every later operation (but close) fails
+   * with it: after a failed fdatasync Linux marks the pages clean and reports
+   * the error once, so a second fdatasync would "succeed" with the data gone.
+   */
+  private failure: BlockrelayError | undefined;
 
   private constructor(private readonly fh: HrlWriterFile, filePath: string, options: HrlWriterOptions) {
     this.path = filePath;
@@ -231,6 +240,7 @@ export class HrlWriter {
    * promise `append` returns is already resolved.
    */
   appendsInMemory(length: number): boolean {
+    if (this.failure !== undefined) return false;
     if (this.core !== undefined) return this.queued === 0 && this.state === 'open' && !this.finishing && length > 0;
     return this.queued === 0 && this.state === 'open' && length > 0 && length <= this.maxEntryBytes &&
       this.entriesInBlock < this.entriesPerBlock && length <= this.staging.length - this.stagedBytes;
@@ -249,7 +259,7 @@ export class HrlWriter {
       // entries to write, which must not stall the event loop.
       return this.serial(async () => {
         const errno = await core.appendZeroesAsync(byteOffset, length, hrlTimestampFromMs(this.clock.now()));
-        if (errno !== 0) throw wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: write failed`);
+        if (errno !== 0) throw this.poison(wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: write failed`));
       });
     }
     return this.serial(async () => {
@@ -319,15 +329,22 @@ export class HrlWriter {
 
   /** Runs a synchronous native append; its errno becomes the error the TypeScript path would throw. */
   private nativeCall(what: string, fn: () => number): Promise<void> {
+    if (this.failure !== undefined) return Promise.reject(this.failure);
     if (this.state !== 'open' || this.finishing) return Promise.reject(new BlockrelayError('BR_HRL_CLOSED', `HRL log ${this.path} is ${this.state === 'open' ? 'sealing' : this.state}`));
     const errno = fn();
     if (errno === 0) return Promise.resolve();
-    return Promise.reject(wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: ${what} failed`));
+    return Promise.reject(this.poison(wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: ${what} failed`)));
+  }
+
+  /** Records the first failure; returns it (the one every later operation rejects with). */
+  private poison(err: BlockrelayError): BlockrelayError {
+    this.failure ??= err;
+    return this.failure;
   }
 
   /** Takes the file offsets from the native appender after a block close; throws its errno. */
   private syncFromCore(errno: number, what: string): void {
-    if (errno !== 0) throw wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: ${what} failed`);
+    if (errno !== 0) throw this.poison(wrapError(errnoError(errno), 'BR_IO', `HRL log ${this.path}: ${what} failed`));
     const st = this.core!.state();
     this.writtenEnd = st[0]!;
     this.totalEntries = st[3]!;
@@ -339,6 +356,7 @@ export class HrlWriter {
     const run = async (): Promise<T> => {
       try {
         if (this.state !== 'open') throw new BlockrelayError('BR_HRL_CLOSED', `HRL log ${this.path} is ${this.state}`);
+        if (this.failure !== undefined) throw this.failure;
         return await fn();
       } finally {
         this.queued--;
@@ -428,7 +446,7 @@ export class HrlWriter {
     try {
       return await fn();
     } catch (err) {
-      throw wrapError(err, 'BR_IO', `HRL log ${this.path}: ${what} failed`);
+      throw this.poison(wrapError(err, 'BR_IO', `HRL log ${this.path}: ${what} failed`));
     }
   }
 }
