@@ -28,7 +28,8 @@
  * with undo journal) as fast as they go: MB/s from the first send to the
  * last apply (and in steady state: from the first log applied to the last,
  * leaving out the first log, whose apply creates the VMDK's grain tables),
- * and per-log ship-to-applied latency.
+ * per-log ship-to-applied latency, the process's CPU seconds (user and
+ * system, every thread) per GB of logs, and the chain's stage timeline.
  *
  * Options: --quick (shorter run, same disk), --interval-ms N (cut interval),
  * --no-workers (both hops on the main thread), --chain-only (only the
