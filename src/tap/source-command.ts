@@ -240,21 +240,44 @@ export const sourceCommand: Command = {
       process.once('SIGINT', () => resolve('SIGINT'));
     });
     logger.info({ signal }, 'stopping: finishing NBD requests and sealing the active logs');
+    // The bound starts at the signal and covers every step that can wait on
+    // a disk: the resyncs' stop as well as the role's.
+    const stopStartedMs = Date.now();
+    // After a stop that ran out of time the process may live on (a thread
+    // stuck in the hung disk) with a disk or log write in flight: the state
+    // lock stays, so no second instance recovers this log dir and resyncs
+    // under that write. The pid check takes the lock over once the pid is gone.
+    let timedOut = false;
     try {
       // No scheduled app-consistent cut may start while the trackers close.
       controlApi?.tagger.stop();
-      // A running resync stops with its progress saved; the next start resumes it.
-      await resyncs?.stop();
+      // A running resync stops with its progress saved; the next start
+      // resumes it. One whose read (or cut) waits on a hung disk never
+      // settles: it gets a third of the bound, the role's seal the rest.
+      const resyncsStopped = resyncs === undefined || (await settlesWithin(resyncs.stop(), Math.floor(stopTimeoutMs / 3)));
+      const resyncsLeft = resyncsStopped ? [] : disks.map((d) => d.id).filter((id) => resyncs!.state(id).state === 'running');
+      const resyncPart = resyncsLeft.length > 0 ? `the resync of disk ${resyncsLeft.join(', ')} still waits (its progress up to the last checkpoint is saved)` : undefined;
       try {
-        await role.stop(SOURCE_ROLE_DEFAULTS.shutdownGraceMs, stopTimeoutMs);
+        await role.stop(SOURCE_ROLE_DEFAULTS.shutdownGraceMs, Math.max(1, stopTimeoutMs - (Date.now() - stopStartedMs)), stopTimeoutMs);
+        if (resyncPart !== undefined) {
+          throw new BlockrelayError('BR_TAP_STOP_TIMEOUT', `source did not stop within ${stopTimeoutMs} ms (waiting at step 'resync'): every active log sealed; ${resyncPart}`, { details: { step: 'resync', resyncsRunning: resyncsLeft.join(','), timeoutMs: stopTimeoutMs } });
+        }
       } catch (err) {
         if (err instanceof BlockrelayError && err.code === 'BR_TAP_STOP_TIMEOUT') {
-          // Sealed logs go out at the next start. The process must end even
-          // though a thread stays stuck in the hung disk: the CLI prints the
-          // error line and sets the exit status from it, then this timer ends it.
-          await shipping?.stop().catch(() => undefined);
-          await controlApi?.close().catch(() => undefined);
+          timedOut = true;
+          // The exit is armed first: shipping's stop waits for an upload in
+          // flight, the control API's close for its connections, and neither
+          // may hold the error line or the exit past the bound. Sealed logs
+          // go out at the next start; an upload cut off is only an attempt.
+          // The CLI prints the error line and sets the exit status from it,
+          // then this timer ends the process although a thread stays stuck
+          // in the hung disk.
           setTimeout(() => exitNow(typeof process.exitCode === 'number' ? process.exitCode : 1), EXIT_AFTER_STOP_TIMEOUT_MS).unref();
+          void shipping?.stop().catch(() => undefined);
+          void controlApi?.close().catch(() => undefined);
+          if (resyncPart !== undefined && err.details.step !== 'resync') {
+            throw new BlockrelayError('BR_TAP_STOP_TIMEOUT', `${err.message}; ${resyncPart}`, { cause: err, details: { ...err.details, resyncsRunning: resyncsLeft.join(',') } });
+          }
         }
         throw err;
       }
@@ -263,11 +286,24 @@ export const sourceCommand: Command = {
       }
       await controlApi?.close();
     } finally {
-      lock.release();
+      if (!timedOut) lock.release();
     }
     return 0;
   },
 };
+
+/** True when `work` settles (either way) within `timeoutMs`; false when it is still pending then (it is left to run). */
+async function settlesWithin(work: Promise<unknown>, timeoutMs: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const settled = await Promise.race([
+    work.then(() => true, () => true),
+    new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(false), timeoutMs);
+    }),
+  ]);
+  clearTimeout(timer);
+  return settled;
+}
 
 /** Per-disk status of a source that does not ship (its logs stay in --log-dir). */
 function trackerStatus(tracker: ChangeTracker) {

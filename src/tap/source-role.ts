@@ -184,9 +184,11 @@ export class SourceRole {
    * BR_TAP_STOP_TIMEOUT naming what was not sealed, flushed or answered
    * (details: SourceStopLeftovers, lists comma-joined); the steps still
    * waiting (a disk that never answers) are left behind, and the caller
-   * should end the process.
+   * should end the process. `boundMs` is the bound the error names: a caller
+   * that spent part of its own stop bound before this call passes what is
+   * left as `timeoutMs` and its whole bound here.
    */
-  async stop(graceMs: number = SOURCE_ROLE_DEFAULTS.shutdownGraceMs, timeoutMs: number = SOURCE_ROLE_DEFAULTS.stopTimeoutMs): Promise<void> {
+  async stop(graceMs: number = SOURCE_ROLE_DEFAULTS.shutdownGraceMs, timeoutMs: number = SOURCE_ROLE_DEFAULTS.stopTimeoutMs, boundMs: number = timeoutMs): Promise<void> {
     if (!Number.isSafeInteger(timeoutMs) || timeoutMs <= 0) throw new BlockrelayError('BR_USAGE', `the stop timeout must be a positive whole number of milliseconds, got ${timeoutMs}`);
     if (this.stopped) return;
     this.stopped = true;
@@ -242,7 +244,7 @@ export class SourceRole {
         left.exportsStillWriting.length > 0 ? `a write still stuck in disk ${left.exportsStillWriting.join(', ')}` : undefined,
       ].filter((p) => p !== undefined);
       this.logger.warn({ ...left }, 'source tap stop timed out');
-      throw new BlockrelayError('BR_TAP_STOP_TIMEOUT', `source tap did not stop within ${timeoutMs} ms (waiting at step '${step}'): ${parts.join('; ')}`, { details: { step, unsealedDisks: left.unsealedDisks.join(','), unclosedDisks: left.unclosedDisks.join(','), unansweredRequests: left.unansweredRequests, exportsStillWriting: left.exportsStillWriting.join(','), timeoutMs } });
+      throw new BlockrelayError('BR_TAP_STOP_TIMEOUT', `source tap did not stop within ${boundMs} ms (waiting at step '${step}'): ${parts.join('; ')}`, { details: { step, unsealedDisks: left.unsealedDisks.join(','), unclosedDisks: left.unclosedDisks.join(','), unansweredRequests: left.unansweredRequests, exportsStillWriting: left.exportsStillWriting.join(','), timeoutMs: boundMs } });
     }
     const sealed = [...this.trackers.values()].flatMap((t) => t.sealedLogs().map((s) => s.name));
     this.logger.info({ sealedLogs: sealed.length }, 'source tap stopped');

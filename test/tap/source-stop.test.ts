@@ -1,9 +1,13 @@
 import * as fs from 'node:fs';
+import * as http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/tap/nbd-client';
 import { ChangeTracker } from '../../src/tracking/change-tracker';
-import { startSourceCli } from '../helpers/cli';
+import { StateLock } from '../../src/daemon/state-lock';
+import { PROCESS_SERVER_SECRET_ENV } from '../../src/tap/source-command';
+import { runCli, startSourceCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { hangableDisk, MiB, useCleanups } from './native-tap-fixtures';
 
@@ -56,12 +60,24 @@ describe('blockrelay source stop with a hung disk', () => {
     expect(line).toContain('not flushed and closed: disk disk0;');
     expect(line).toContain('a write still stuck in disk disk0');
     expect(line).not.toMatch(/not sealed for disk[^;]*disk1/);
+    // The process lives on while the disk hangs, maybe with a write still to
+    // land: the state lock stays, so a second instance is refused rather than
+    // recovering the log dir under that write.
+    const lockFile = path.join(logDir, 'blockrelay.lock');
+    expect(fs.readFileSync(lockFile, 'utf8').trim()).toBe(String(src.child.pid));
+    const second = await runCli(['source', '--disk', `disk1=raw:${healthy}`, '--listen', '127.0.0.1:0', '--log-dir', logDir], { timeoutMs: 20_000 });
+    expect(second.status, second.stderr).not.toBe(0);
+    expect(second.stderr).toContain('BR_LOCKED');
     // A thread in a write the hung disk already took cannot be ended, not
     // even by SIGKILL, until the disk answers; then the process exits at once
     // with the failure status (before, a pending close kept it running).
     hung.recover();
     await stuck;
     expect(await exited).toBe(1);
+    // Once the old process is gone its lock is stale and taken over.
+    const lock = new StateLock(logDir);
+    lock.acquire();
+    lock.release();
     // The healthy disk's log was sealed as its last one.
     const names = fs.readdirSync(logDir);
     expect(names.filter((n) => n.startsWith('disk1-') && n.endsWith('.hrl'))).toHaveLength(1);
@@ -75,5 +91,67 @@ describe('blockrelay source stop with a hung disk', () => {
     } finally {
       await tracker.close({ seal: false });
     }
+  }, 30_000);
+});
+
+describe('blockrelay source stop with a process server that never answers', () => {
+  it('reports a resync and an upload stuck on the peer within --stop-timeout-ms and exits 1', async () => {
+    const dir = tempDir();
+    // A peer that takes every request and never answers it (a hung process server).
+    const held: http.ServerResponse[] = [];
+    const seen: string[] = [];
+    const peer = http.createServer((req, res) => {
+      seen.push(`${req.method} ${req.url}`);
+      req.resume();
+      held.push(res);
+    });
+    await new Promise<void>((r) => peer.listen(0, '127.0.0.1', r));
+    cleanups.push(async () => {
+      for (const res of held) res.destroy();
+      peer.closeAllConnections();
+      await new Promise((r) => peer.close(r));
+    });
+    const disk = path.join(dir, 'disk0.img');
+    fs.writeFileSync(disk, Buffer.alloc(0));
+    fs.truncateSync(disk, 16 * MiB);
+    const logDir = path.join(dir, 'logs');
+    const src = await startSourceCli(
+      ['--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', '500', '--control', '127.0.0.1:0', '--process-server', `http://127.0.0.1:${(peer.address() as AddressInfo).port}`, '--stop-timeout-ms', String(STOP_TIMEOUT_MS)],
+      { [PROCESS_SERVER_SECRET_ENV]: 'a-shared-secret-of-enough-length' },
+    );
+    cleanups.push(() => {
+      if (src.child.exitCode === null && src.child.signalCode === null) src.child.kill('SIGKILL');
+    });
+    const [host, port] = [src.ready.listen.slice(0, src.ready.listen.lastIndexOf(':')), Number(src.ready.listen.slice(src.ready.listen.lastIndexOf(':') + 1))];
+    const c0 = await NbdClient.connect({ host, port, exportName: 'disk0' });
+    cleanups.push(() => c0.close().catch(() => undefined));
+    await c0.write(0, Buffer.alloc(65536, 0x33));
+    await c0.flush();
+    const started = await fetch(`${src.ready.control!}/v1/disks/disk0/resync`, { method: 'POST' });
+    expect(started.status, await started.text()).toBe(202);
+    // A log is cut and its upload waits on the peer, and so does the resync.
+    const uploading = (): boolean => seen.some((r) => /^PUT \/v1\/disks\/disk0\/logs\//.test(r));
+    for (let waitedMs = 0; !uploading() && waitedMs < 10_000; waitedMs += 50) await new Promise((r) => setTimeout(r, 50));
+    expect(uploading(), seen.join(', ')).toBe(true);
+    const resync = (await (await fetch(`${src.ready.control!}/v1/disks/disk0/resync`)).json()) as { state: string };
+    expect(resync.state).toBe('running');
+
+    const startedMs = Date.now();
+    const exited = new Promise<number | null>((resolve) => {
+      if (src.child.exitCode !== null) resolve(src.child.exitCode);
+      else src.child.once('exit', (code) => resolve(code));
+    });
+    src.child.kill('SIGTERM');
+    let line: string | undefined;
+    while (line === undefined && Date.now() - startedMs < STOP_TIMEOUT_MS + 5000) {
+      await new Promise((r) => setTimeout(r, 50));
+      line = src.stderr().split('\n').find((l) => l.startsWith('BR_TAP_STOP_TIMEOUT'));
+    }
+    expect(line, src.stderr()).toBeDefined();
+    expect(Date.now() - startedMs).toBeLessThan(STOP_TIMEOUT_MS + 2000);
+    expect(line).toContain('the resync of disk disk0 still waits');
+    expect(line).toContain('every active log sealed');
+    expect(await exited).toBe(1);
+    expect(Date.now() - startedMs).toBeLessThan(STOP_TIMEOUT_MS + 3000);
   }, 30_000);
 });
