@@ -90,6 +90,34 @@ describe('ChangeTracker.flush when the maps persist and the log sync fail in one
     }
   });
 
+  it('never answers a later FLUSH from that log when the persist of the fold failed too', async () => {
+    const dir = tempDir();
+    const tracker = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, openLogFile: EioOnceLog.open });
+    const log = EioOnceLog.last!;
+    log.syncs.length = 0; // the creation's own sync
+    try {
+      await tracker.recordWrite(0, Buffer.alloc(4096, 5));
+      log.failNextSync = true;
+      // The round's persist and then the fold's persist fail.
+      failNextMapsWrite();
+      failNextMapsWrite();
+      await expect(tracker.flush()).rejects.toThrow(/maps write failed/);
+      // The retry persists the maps and folds (the log still fails with its
+      // first error); it does not sync the log again.
+      await tracker.flush();
+      expect(log.syncs).toEqual(['EIO']);
+      expect(tracker.status().mode).toBe('dirty-only');
+    } finally {
+      await tracker.close({ seal: false });
+    }
+    const reopened = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, persistIntervalMs: 0 });
+    try {
+      expect(reopened.status().resyncBytes).toBeGreaterThanOrEqual(4096);
+    } finally {
+      await reopened.close({ seal: false });
+    }
+  });
+
   it('still answers the FLUSH after a log sync failure alone, with the logs folded', async () => {
     const dir = tempDir();
     const tracker = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, openLogFile: EioOnceLog.open });
