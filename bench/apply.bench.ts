@@ -30,6 +30,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { RetentionHooks } from '../src/retention/retention-hooks';
@@ -107,7 +108,11 @@ function shuffled(values: number[], rand: () => number): number[] {
 }
 
 async function writeLog(file: string, offsets: number[], pool: Buffer, rand: () => number): Promise<void> {
-  const w = await HrlWriter.create(file);
+  // Plain file writes, not the native appender: the appender drops what it
+  // wrote from the page cache (a source's log is read once, by the shipper),
+  // while the master target applies a log it has just received and verified,
+  // so its pages are cached.
+  const w = await HrlWriter.create(file, { openFile: (p) => fsp.open(p, 'wx+') });
   for (const offset of offsets) {
     const at = Math.floor(rand() * (pool.length - writeBytes));
     await w.append(offset, pool.subarray(at, at + writeBytes));

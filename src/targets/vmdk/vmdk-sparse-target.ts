@@ -288,11 +288,16 @@ export class VmdkSparseTarget implements DiskTarget {
     checkOpen(this.closed, this.spec);
     checkRequest(this, 'read', offset, length);
     return this.exclusive(async () => {
-      const out = Buffer.alloc(length);
+      // Not zero-filled up front: on a written disk every byte is read
+      // over anyway; unallocated grains are zeroed where they are.
+      const out = Buffer.allocUnsafe(length);
       const pieces: Array<{ position: number; buffer: Buffer }> = [];
       for (const g of this.grainsOf(offset, length)) {
         const gte = await this.gte(g.index);
-        if (!this.allocated(gte)) continue;
+        if (!this.allocated(gte)) {
+          out.fill(0, g.at - offset, g.at - offset + g.length);
+          continue;
+        }
         if (this.compressed) {
           const grain = await this.readCompressedGrain(g.index, gte);
           grain.copy(out, g.at - offset, g.inGrain, g.inGrain + g.length);
