@@ -49,9 +49,21 @@ export interface LogShipperOptions {
  * non-recoverable one (wrong secret, a sequence gap the process server
  * cannot fill) stops this disk in Critical.
  */
+/**
+ * Sealed logs hashed as soon as they are sealed, oldest first: the one
+ * being sent and the next. The next one's hash is then ready when its
+ * upload starts (behind the body before it), instead of a full read of the
+ * log on the way.
+ */
+const HASH_AHEAD_LOGS = 2;
+
+type LogHash = { xxhash64: string; sizeBytes: number };
+
 export class LogShipper {
   readonly drain: DiskDrain<ShippableLog>;
   shippedBytesTotal = 0;
+  /** xxhash64 of sealed logs by file, computed once (a sealed log never changes); dropped once acknowledged. */
+  private readonly hashes = new Map<string, Promise<LogHash>>();
   /** The next sealed log goes out while the one before it waits for its answer. */
   private readonly pipeline: UploadPipeline<ShippableLog>;
 
@@ -65,7 +77,10 @@ export class LogShipper {
       diskId: source.diskId,
       queue: {
         next: async () => (await source.sealedLogs())[0],
-        complete: (log) => source.acknowledge(log.seq),
+        complete: async (log) => {
+          await source.acknowledge(log.seq);
+          this.hashes.delete(log.file);
+        },
         describe: (log) => `log ${log.seq}`,
       },
       stage: 'ship',
@@ -86,6 +101,7 @@ export class LogShipper {
   wake(): void {
     this.drain.wake();
     this.pipeline.kick();
+    void this.hashAhead();
   }
 
   whenIdle(): Promise<void> {
@@ -97,12 +113,39 @@ export class LogShipper {
     await this.pipeline.stop();
   }
 
+  /** The log's hash: computed once, shared by its uploads (a failed computation is forgotten). */
+  private hashOf(file: string): Promise<LogHash> {
+    let hashed = this.hashes.get(file);
+    if (hashed === undefined) {
+      const computing = hashFile(file);
+      hashed = computing;
+      this.hashes.set(file, computing);
+      computing.catch(() => {
+        if (this.hashes.get(file) === computing) this.hashes.delete(file);
+      });
+    }
+    return hashed;
+  }
+
+  /** Starts hashing the oldest sealed logs, and forgets the hashes of logs no longer sealed (acknowledged, folded). */
+  private async hashAhead(): Promise<void> {
+    let logs: ShippableLog[];
+    try {
+      logs = await this.source.sealedLogs();
+    } catch {
+      return;
+    }
+    const sealed = new Set(logs.map((l) => l.file));
+    for (const file of [...this.hashes.keys()]) if (!sealed.has(file)) this.hashes.delete(file);
+    for (const log of logs.slice(0, HASH_AHEAD_LOGS)) this.hashOf(log.file).catch(() => undefined);
+  }
+
   private async upload(log: ShippableLog, onBodySent: () => void): Promise<void> {
     const report = (phase: 'start' | 'done', sizeBytes: number): void => this.options.onStage?.({ diskId: this.source.diskId, seq: log.seq, stage: 'ship', phase, atMs: this.options.clock.now(), cutTimeMs: log.cutTimeMs, sizeBytes });
     report('start', 0);
     let hashed: { xxhash64: string; sizeBytes: number };
     try {
-      hashed = await hashFile(log.file);
+      hashed = await this.hashOf(log.file);
     } catch (err) {
       // An overflow folded the log into the dirty map while it waited: it is
       // no longer listed and a resync log will carry its extents.
@@ -125,6 +168,8 @@ export class LogShipper {
     try {
       await sendLog(this.options.peer, envelope, log.file, { onBodySent });
     } catch (err) {
+      // A retry hashes the file afresh: nothing cached outlives a failed upload.
+      this.hashes.delete(log.file);
       // An overflow may fold the log away while it is being sent (the upload
       // then breaks off): it needs no retry, a resync log carries its extents.
       if (!(await this.source.sealedLogs()).some((l) => l.seq === log.seq)) return;
