@@ -85,28 +85,34 @@ export class SparseSegmentFile implements HrlWriterFile {
   async writev(buffers: Buffer[], position: number): Promise<void> {
     const runs: Array<{ position: number; buffers: Buffer[]; bytes: number }> = [];
     let at = position;
+    /** Appends `buffer[from, to)`, to be written at file offset `where`, to the runs. */
+    const keep = (buffer: Buffer, from: number, to: number, where: number): void => {
+      if (to <= from) return;
+      const last = runs[runs.length - 1];
+      if (last !== undefined && last.position + last.bytes === where && last.buffers.length < 512) {
+        last.buffers.push(buffer.subarray(from, to));
+        last.bytes += to - from;
+      } else {
+        runs.push({ position: where, buffers: [buffer.subarray(from, to)], bytes: to - from });
+      }
+    };
     for (const buffer of buffers) {
+      // Pages kept in a row stay one piece of the buffer: [keptFrom, i).
+      let keptFrom = 0;
+      const bufferAt = at;
       for (let i = 0; i < buffer.length; ) {
         const pageEnd = (Math.floor(at / HOLE_PAGE_BYTES) + 1) * HOLE_PAGE_BYTES;
         const n = Math.min(buffer.length - i, pageEnd - at);
-        const piece = buffer.subarray(i, i + n);
-        if (piece.equals(ZERO_PAGE.subarray(0, n)) && !this.touches(at, at + n)) {
+        // Data pages differ from zeroes within their first bytes, so the compare is short for them.
+        if (buffer.compare(ZERO_PAGE, 0, n, i, i + n) === 0 && !this.touches(at, at + n)) {
+          keep(buffer, keptFrom, i, bufferAt + keptFrom);
+          keptFrom = i + n;
           this.holeBytes += n;
-        } else {
-          const last = runs[runs.length - 1];
-          if (last !== undefined && last.position + last.bytes === at && last.buffers.length < 512) {
-            // Pages of one buffer stay one iovec.
-            const prev = last.buffers[last.buffers.length - 1]!;
-            if (prev.buffer === piece.buffer && prev.byteOffset + prev.length === piece.byteOffset) last.buffers[last.buffers.length - 1] = Buffer.from(prev.buffer, prev.byteOffset, prev.length + n);
-            else last.buffers.push(piece);
-            last.bytes += n;
-          } else {
-            runs.push({ position: at, buffers: [piece], bytes: n });
-          }
         }
         at += n;
         i += n;
       }
+      keep(buffer, keptFrom, buffer.length, bufferAt + keptFrom);
     }
     for (const run of runs) {
       let where = run.position;
