@@ -128,10 +128,15 @@ export class NbdServer implements ConnectionHost {
    * flight (their replies are sent), then closes them. Resolves when all
    * are closed; after `graceMs` the remaining ones are dropped and the
    * server stops waiting for their requests (a source that never answers
-   * cannot hold the shutdown).
+   * cannot hold the shutdown). `graceMs` bounds the whole close: the waits
+   * for busy connections, native writers and the listener share one
+   * deadline, so a disk with both a READ and a WRITE stuck in it costs one
+   * grace, not three.
    */
   async close(graceMs = 10_000): Promise<void> {
     this.closing = true;
+    const deadlineMs = this.clock.now() + graceMs;
+    const leftMs = (): number => Math.max(0, deadlineMs - this.clock.now());
     const server = this.server;
     const closed = server === undefined ? Promise.resolve() : new Promise<void>((resolve) => server.close(() => resolve()));
     for (const conn of this.connections) conn.shutdown();
@@ -144,20 +149,20 @@ export class NbdServer implements ConnectionHost {
           conn.hardDisconnect();
           this.connectionFinished(conn);
         }
-      }, graceMs);
+      }, leftMs());
       await idle;
       timer.cancel();
     }
     // A native writer ends once its queued writes are on the disk; one stuck
     // on a hung disk ends when the disk answers. The event loop runs
-    // meanwhile, and the server stops waiting for it after `graceMs`.
+    // meanwhile, and the server stops waiting for it at the deadline.
     for (const exp of this.exportList) if (exp.native !== undefined) this.stillWriting.add(exp.name);
     const nativeClosed = Promise.all(this.exportList.map((exp) => exp.closeNative().finally(() => this.stillWriting.delete(exp.name))));
     let timer: { cancel(): void } | undefined;
     const late = await Promise.race([
       nativeClosed.then(() => false),
       new Promise<boolean>((resolve) => {
-        timer = this.clock.setTimer(() => resolve(true), graceMs);
+        timer = this.clock.setTimer(() => resolve(true), leftMs());
       }),
     ]);
     timer?.cancel();
@@ -169,7 +174,7 @@ export class NbdServer implements ConnectionHost {
     const closedLate = await Promise.race([
       closed.then(() => false),
       new Promise<boolean>((resolve) => {
-        closeTimer = this.clock.setTimer(() => resolve(true), graceMs);
+        closeTimer = this.clock.setTimer(() => resolve(true), leftMs());
       }),
     ]);
     closeTimer?.cancel();

@@ -94,6 +94,58 @@ describe('blockrelay source stop with a hung disk', () => {
   }, 30_000);
 });
 
+describe('blockrelay source stop with a READ and a WRITE stuck in a hung disk', () => {
+  it('spends one NBD grace for both, leaving the time to seal the healthy disk', async () => {
+    const dir = tempDir();
+    const hung = await hangableDisk(dir, 16 * MiB, cleanups);
+    if (hung === undefined) return;
+    cleanups.push(() => hung.recover());
+    const healthy = path.join(dir, 'disk1.img');
+    fs.writeFileSync(healthy, Buffer.alloc(0));
+    fs.truncateSync(healthy, 16 * MiB);
+    const logDir = path.join(dir, 'logs');
+    const src = await startSourceCli(['--disk', `disk0=raw:${hung.path}`, '--disk', `disk1=raw:${healthy}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', String(24 * 60 * 60 * 1000), '--stop-timeout-ms', String(STOP_TIMEOUT_MS)]);
+    cleanups.push(() => {
+      if (src.child.exitCode === null && src.child.signalCode === null) src.child.kill('SIGKILL');
+    });
+    const [host, port] = [src.ready.listen.slice(0, src.ready.listen.lastIndexOf(':')), Number(src.ready.listen.slice(src.ready.listen.lastIndexOf(':') + 1))];
+    const writer = await NbdClient.connect({ host, port, exportName: 'disk0' });
+    const reader = await NbdClient.connect({ host, port, exportName: 'disk0' });
+    const c1 = await NbdClient.connect({ host, port, exportName: 'disk1' });
+    for (const c of [writer, reader, c1]) cleanups.push(() => c.close().catch(() => undefined));
+    await c1.write(0, Buffer.alloc(65536, 0x55));
+    await c1.flush();
+    hung.hang();
+    const stuckWrite = writer.write(65536, Buffer.alloc(65536, 0x22)).catch(() => undefined);
+    // Never read or written before, so not cached: the read waits on the disk.
+    const stuckRead = reader.read(12 * MiB, 65536).catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 300));
+
+    const startedMs = Date.now();
+    const exited = new Promise<number | null>((resolve) => {
+      if (src.child.exitCode !== null) resolve(src.child.exitCode);
+      else src.child.once('exit', (code) => resolve(code));
+    });
+    src.child.kill('SIGTERM');
+    let line: string | undefined;
+    while (line === undefined && Date.now() - startedMs < STOP_TIMEOUT_MS + 5000) {
+      await new Promise((r) => setTimeout(r, 50));
+      line = src.stderr().split('\n').find((l) => l.startsWith('BR_TAP_STOP_TIMEOUT'));
+    }
+    expect(line, src.stderr()).toBeDefined();
+    expect(Date.now() - startedMs).toBeLessThan(STOP_TIMEOUT_MS + 2000);
+    // Past the NBD step within the bound: the healthy disk's log is sealed.
+    expect(line).not.toContain("waiting at step 'nbd'");
+    expect(line).not.toMatch(/not sealed for disk[^;]*disk1/);
+    hung.recover();
+    await Promise.all([stuckWrite, stuckRead]);
+    expect(await exited).toBe(1);
+    const names = fs.readdirSync(logDir);
+    expect(names.filter((n) => n.startsWith('disk1-') && n.endsWith('.hrl'))).toHaveLength(1);
+    expect(names.filter((n) => n.startsWith('disk1-') && n.endsWith('.hrl.open'))).toHaveLength(0);
+  }, 30_000);
+});
+
 describe('blockrelay source stop with a process server that never answers', () => {
   it('reports a resync and an upload stuck on the peer within --stop-timeout-ms and exits 1', async () => {
     const dir = tempDir();
