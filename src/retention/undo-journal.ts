@@ -384,7 +384,7 @@ export class UndoJournal {
       // fails, so no write can come out short without an error: structures
       // and size are checked, payloads are not read back.
       const sealed = await writer.seal();
-      await this.checkWritten(tmp, sealed.sizeBytes, target.sizeBytes, false);
+      await this.checkWritten(tmp, sealed.sizeBytes, target.sizeBytes);
       await fsp.rename(tmp, final);
       await syncDirectory(this.dir);
       return { written: true, sizeBytes: sealed.sizeBytes };
@@ -399,14 +399,14 @@ export class UndoJournal {
    * Reads a sealed pre-image back and verifies it before it may be renamed
    * into place: a file system that runs out of space can accept a write
    * short without an error, and a torn pre-image must never become
-   * "complete". Size and every structure always; the payloads when the
-   * writer did not retry short writes itself. A short file on a volume
+   * "complete". Size and every structure; not the payloads, which
+   * SparseSegmentFile wrote in full or failed on. A short file on a volume
    * without room is BR_DISK_FULL.
    */
-  private async checkWritten(tmp: string, expectedBytes: number, diskSizeBytes: number, checkPayloads: boolean): Promise<void> {
+  private async checkWritten(tmp: string, expectedBytes: number, diskSizeBytes: number): Promise<void> {
     try {
       if ((await fsp.stat(tmp)).size !== expectedBytes) throw new BlockrelayError('BR_IO', `pre-image ${tmp} holds ${(await fsp.stat(tmp)).size} bytes, ${expectedBytes} were written`);
-      await verifyHrlLog(tmp, { diskSizeBytes, checkPayloads });
+      await verifyHrlLog(tmp, { diskSizeBytes, checkPayloads: false });
     } catch (err) {
       let full = false;
       try {
