@@ -1,9 +1,11 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { AllocationExtent, DiskTarget } from '../../src/targets/disk-target';
 import { openDisk } from '../../src/targets/disk-spec';
+import { VmdkSparseTarget } from '../../src/targets/vmdk/vmdk-sparse-target';
 import { prng } from '../helpers/prng';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
@@ -113,4 +115,38 @@ describe('vmdk monolithicSparse readMany and background syncs', () => {
       await t.close();
     }
   });
+  it('starts no background sync while a flush runs, so a write error cannot miss the flush', async () => {
+    // The kernel reports a writeback error once per file: a background sync
+    // beside the flush's own could take it, and the flush would answer
+    // success for grain tables that never reached the disk.
+    const saved = VmdkSparseTarget.writebackBytes;
+    VmdkSparseTarget.writebackBytes = 4 * KiB;
+    const probe = await fsp.open(path.join(tempDir(), 'probe'), 'w');
+    const proto = Object.getPrototypeOf(probe) as { datasync(this: fsp.FileHandle): Promise<void> };
+    await probe.close();
+    const datasync = proto.datasync;
+    const target = await openDisk(`vmdk:${path.join(tempDir(), 'flush.vmdk')}`, { create: { sizeBytes: 256 * MiB } });
+    let inFlush = false;
+    const backgroundInFlush: string[] = [];
+    try {
+      // One new grain under each of 8 grain tables: the flush writes 8 tables (and their copies).
+      for (let i = 0; i < 8; i++) await target.write(i * 32 * MiB, Buffer.alloc(GRAIN, i + 1));
+      proto.datasync = function (this: fsp.FileHandle): Promise<void> {
+        if (inFlush && (new Error().stack ?? '').includes('kickWriteback')) {
+          backgroundInFlush.push('background sync during flush');
+          return Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }));
+        }
+        return datasync.call(this);
+      };
+      inFlush = true;
+      await target.flush();
+      inFlush = false;
+      expect(backgroundInFlush).toEqual([]);
+    } finally {
+      proto.datasync = datasync;
+      VmdkSparseTarget.writebackBytes = saved;
+      await target.close();
+    }
+  });
 });
+

@@ -122,6 +122,8 @@ async function inParallel<T>(items: readonly T[], limit: number, fn: (item: T) =
  * interleave, and the master target applies one log at a time anyway.
  */
 export class VmdkSparseTarget implements DiskTarget {
+  /** Bytes written after which a sync starts in the background; tests lower it to reach that path with small images. */
+  static writebackBytes = WRITEBACK_BYTES;
   readonly capabilities: DiskTargetCapabilities;
   readonly diskUuid: string | undefined;
   readonly sizeBytes: number;
@@ -143,6 +145,8 @@ export class VmdkSparseTarget implements DiskTarget {
   /** A sync started in the background, and the first error one met (reported by the next flush). */
   private writeback: Promise<void> | undefined;
   private writebackError: unknown;
+  /** True while flushLocked runs: its own grain-table writes start no background sync (see kickWriteback). */
+  private flushing = false;
   /** Whether this session already gave the embedded descriptor a new CID. */
   private cidBumped = false;
   private closed = false;
@@ -511,10 +515,15 @@ export class VmdkSparseTarget implements DiskTarget {
    * by `flush()`, after its own sync. An error is kept for the next flush
    * (a failed sync may have dropped the dirty pages it failed to write, so
    * a later sync's success would hide it).
+   *
+   * None starts while a flush runs: a background sync beside the flush's
+   * own could be the one the kernel reports a write error to (it reports
+   * each once per file), and the flush would then answer success for
+   * grain tables that never reached the disk.
    */
   private kickWriteback(bytes: number): void {
     this.writtenSinceSyncBytes += bytes;
-    if (this.writtenSinceSyncBytes < WRITEBACK_BYTES || this.writeback !== undefined) return;
+    if (this.flushing || this.writtenSinceSyncBytes < VmdkSparseTarget.writebackBytes || this.writeback !== undefined) return;
     this.writtenSinceSyncBytes = 0;
     this.writeback = this.handle
       .datasync()
@@ -528,6 +537,15 @@ export class VmdkSparseTarget implements DiskTarget {
 
   private async flushLocked(): Promise<void> {
     if (this.capabilities.readOnly) return;
+    this.flushing = true;
+    try {
+      await this.flushWithoutWriteback();
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  private async flushWithoutWriteback(): Promise<void> {
     await this.writeback;
     const failed = this.writebackError;
     this.writebackError = undefined;
