@@ -27,7 +27,7 @@
  * Prints one JSON document and writes it to bench/results/apply.json.
  * Figures are medians over the logs of a pass (MB/s of log payload).
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
@@ -39,6 +39,8 @@ import { HrlWriter } from '../src/tracking/hrl-writer';
 import { hrlLogOps } from '../src/transport/hrl-log-ops';
 import type { SpoolEntry } from '../src/transport/log-spool';
 import { openOrCreateTarget } from '../src/transport/target-opener';
+import { prng } from '../test/helpers/prng';
+import { hasTool } from '../test/helpers/tools';
 
 const MiB = 1024 * 1024;
 const quick = process.argv.includes('--quick');
@@ -61,22 +63,6 @@ const round1 = (n: number): number => Math.round(n * 10) / 10;
 const round2 = (n: number): number => Math.round(n * 100) / 100;
 const mbps = (bytes: number, s: number): number => round1(bytes / 1e6 / s);
 const seconds = (from: bigint): number => Number(process.hrtime.bigint() - from) / 1e9;
-
-function hasTool(name: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' }).status === 0;
-}
-
-/** Seeded PRNG (mulberry32): the same offsets every run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Offsets of the fresh pass's logs: distinct 64 KiB slots, so every write is a new grain. */
 function planOffsets(): number[][] {

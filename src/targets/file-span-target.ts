@@ -21,6 +21,21 @@ export async function statForOpen(path: string, spec: string, creating: boolean,
 }
 
 /**
+ * Opens a file-backed target's file; `wx` flags (create) refuse a name that
+ * appeared since statForOpen found none.
+ */
+export async function openForTarget(path: string, flags: string): Promise<fsp.FileHandle> {
+  try {
+    return await fsp.open(path, flags);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+      throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} appeared while creating it`, { cause: err, details: { path } });
+    }
+    throw wrapError(err, 'BR_IO', `cannot open ${path}`);
+  }
+}
+
+/**
  * A DiskTarget whose bytes are one FileSpan: a raw file or block device, or
  * a fixed VHD's data before its footer. Every request is checked (bounds,
  * alignment, read-only, closed) and then carried out by the span; the

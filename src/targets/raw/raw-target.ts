@@ -4,7 +4,7 @@ import { nativeFileExtents, type FileExtentOps } from '../../platform/file-exten
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { OpenOptions } from '../disk-target';
 import { FILE_SPAN_EXTENT_GRANULARITY_BYTES, FileSpan } from '../file-span';
-import { FileSpanTarget, statForOpen } from '../file-span-target';
+import { FileSpanTarget, openForTarget, statForOpen } from '../file-span-target';
 import { checkOpen } from '../request-bounds';
 
 const SECTOR_BYTES = 512;
@@ -143,7 +143,7 @@ export class RawTarget extends FileSpanTarget {
         if (deviceBytes < create.sizeBytes) {
           throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `block device ${path} holds ${deviceBytes} bytes, fewer than the ${create.sizeBytes} asked for`, { details: { spec, deviceBytes, sizeBytes: create.sizeBytes } });
         }
-        const handle = await openHandle(path, 'r+');
+        const handle = await openForTarget(path, 'r+');
         return RawTarget.forBlockDevice(spec, path, handle, stat, create.sizeBytes, false, ops);
       }
       if (stat !== undefined && !(stat.isFile() && stat.size === 0)) {
@@ -151,7 +151,7 @@ export class RawTarget extends FileSpanTarget {
       }
       // 'wx' makes creation atomic against a racing creator; an empty file
       // that already exists is opened instead.
-      const handle = await openHandle(path, stat === undefined ? 'wx+' : 'r+');
+      const handle = await openForTarget(path, stat === undefined ? 'wx+' : 'r+');
       try {
         await handle.truncate(create.sizeBytes);
       } catch (err) {
@@ -166,21 +166,10 @@ export class RawTarget extends FileSpanTarget {
     }
     if (stat.isBlockDevice()) {
       const deviceBytes = blockDeviceSizeBytes(stat, path);
-      const handle = await openHandle(path, readOnly ? 'r' : 'r+');
+      const handle = await openForTarget(path, readOnly ? 'r' : 'r+');
       return RawTarget.forBlockDevice(spec, path, handle, stat, deviceBytes, readOnly, ops);
     }
-    const handle = await openHandle(path, readOnly ? 'r' : 'r+');
+    const handle = await openForTarget(path, readOnly ? 'r' : 'r+');
     return RawTarget.forFile(spec, path, handle, stat.size, readOnly, ops);
-  }
-}
-
-async function openHandle(path: string, flags: string): Promise<fsp.FileHandle> {
-  try {
-    return await fsp.open(path, flags);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
-      throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} appeared while creating it`, { cause: err, details: { path } });
-    }
-    throw wrapError(err, 'BR_IO', `cannot open ${path}`);
   }
 }

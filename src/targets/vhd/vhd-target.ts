@@ -8,7 +8,7 @@ import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import type { OpenOptions } from '../disk-target';
 import { claimDiskUuid, type DiskUuidClaim } from '../disk-uuid-registry';
 import { FileSpan } from '../file-span';
-import { FileSpanTarget, statForOpen } from '../file-span-target';
+import { FileSpanTarget, openForTarget, statForOpen } from '../file-span-target';
 import {
   VHD_FOOTER_SIZE_BYTES,
   VHD_SECTOR_SIZE_BYTES,
@@ -128,7 +128,7 @@ export class VhdTarget extends FileSpanTarget {
       const uuidClaim = claimDiskUuid(footer.uniqueId, spec, true);
       let handle: fsp.FileHandle | undefined;
       try {
-        handle = await openHandle(path, stat === undefined ? 'wx+' : 'r+');
+        handle = await openForTarget(path, stat === undefined ? 'wx+' : 'r+');
         // Size first, then the footer, then make both durable: a crash before
         // the footer lands leaves a file that opens as damaged, never as a
         // disk with a stale footer.
@@ -147,7 +147,7 @@ export class VhdTarget extends FileSpanTarget {
     }
     if (stat === undefined) throw new BlockrelayError('BR_FILE_NOT_FOUND', `${path} does not exist`, { details: { spec, path } });
     if (!stat.isFile()) throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${path} is not a regular file`, { details: { spec, path } });
-    const handle = await openHandle(path, readOnly ? 'r' : 'r+');
+    const handle = await openForTarget(path, readOnly ? 'r' : 'r+');
     try {
       const footer = await readFixedFooter(handle, stat.size, path);
       const uuidClaim = claimDiskUuid(footer.uniqueId, spec, !readOnly);
@@ -167,7 +167,7 @@ export class VhdTarget extends FileSpanTarget {
     diskUuid: string | undefined,
   ): Promise<VhdTarget | undefined> {
     if (diskUuid === undefined || !stat.isFile() || stat.size !== sizeBytes + VHD_FOOTER_SIZE_BYTES) return undefined;
-    const handle = await openHandle(path, 'r+');
+    const handle = await openForTarget(path, 'r+');
     try {
       const footer = await readFixedFooter(handle, stat.size, path);
       if (footer.uniqueId.toLowerCase() !== diskUuid.toLowerCase()) {
@@ -192,16 +192,5 @@ async function writeAll(handle: fsp.FileHandle, data: Buffer, position: number):
   while (done < data.length) {
     const { bytesWritten } = await handle.write(data, done, data.length - done, position + done);
     done += bytesWritten;
-  }
-}
-
-async function openHandle(path: string, flags: string): Promise<fsp.FileHandle> {
-  try {
-    return await fsp.open(path, flags);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
-      throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} appeared while creating it`, { cause: err, details: { path } });
-    }
-    throw wrapError(err, 'BR_IO', `cannot open ${path}`);
   }
 }
