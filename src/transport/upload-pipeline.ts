@@ -21,23 +21,52 @@ export interface UploadPipelineOptions<T> {
   readonly send: (item: T, onBodySent: () => void) => Promise<void>;
   /** The item queued right after `item` now, if any (and not held back). */
   readonly next: (item: T) => Promise<T | undefined>;
+  /**
+   * Uploads that may be started ahead of the one being waited on (default
+   * 1). More than one suits a receiver that answers late (a master target
+   * applying on receipt answers after the apply): the next upload but one
+   * streams in while the next one waits for that apply. The receiver takes
+   * up to RECEIVER_MAX_IN_FLIGHT uploads per disk (log-receiver.ts).
+   */
+  readonly maxAhead?: number;
 }
 
-interface Ahead {
+interface Ahead<T> {
   readonly key: number;
+  readonly item: T;
   /** Settles with the upload's outcome (never rejects unobserved: a handler is attached at once). */
   done: Promise<void>;
   bodySent: boolean;
 }
 
+/** An upload started ahead: being looked up (value undefined), or started. */
+interface AheadSlot<T> {
+  readonly lookup: Promise<Ahead<T> | undefined>;
+  value: Ahead<T> | undefined;
+}
+
 export class UploadPipeline<T> {
-  /** The upload started ahead (or being looked up): at most one. */
-  private ahead: Promise<Ahead | undefined> | undefined;
+  /** Uploads started ahead (or being looked up), in order: at most `maxAhead`. */
+  private aheads: Array<AheadSlot<T>> = [];
   /** The item the drain waits on now, and whether its body is out (the next may go then). */
   private current: { readonly key: number; readonly item: T; bodySent: boolean } | undefined;
   private stopped = false;
+  /**
+   * Whether the receiver holds a log of this disk: set by an upload that
+   * succeeded, cleared by one that failed. Nothing starts ahead until then.
+   * A receiver that never accepted a log of the disk takes any sequence
+   * number as its first (a source may start anywhere): an upload ahead
+   * arriving before the first log (whose connection failed before the
+   * receiver saw it) would be taken first, and the first log then judged
+   * a duplicate and dropped. After a failure (the receiver may have been
+   * replaced) the next log goes alone until it is answered.
+   */
+  private established = false;
+  private readonly maxAhead: number;
 
-  constructor(private readonly options: UploadPipelineOptions<T>) {}
+  constructor(private readonly options: UploadPipelineOptions<T>) {
+    this.maxAhead = Math.max(1, options.maxAhead ?? 1);
+  }
 
   /** Resolves once `item` is durable at the next hop; throws what its (own, fresh) upload threw. */
   async send(item: T): Promise<void> {
@@ -46,79 +75,109 @@ export class UploadPipeline<T> {
     this.current = current;
     const bodyOut = (): void => {
       current.bodySent = true;
-      this.startAfter(item);
+      this.startNext();
     };
     try {
-      const pending = this.ahead;
-      this.ahead = undefined;
-      const ahead = pending === undefined ? undefined : await pending;
+      const slot = this.aheads.shift();
+      const ahead = slot === undefined ? undefined : await slot.lookup;
       if (ahead !== undefined) {
         if (ahead.key === key) {
           // Its body may be out already: the next one may go now (else its
           // own callback starts it once the body is out, this being current).
           if (ahead.bodySent) bodyOut();
           const adopted = await ahead.done.then(() => true, () => false);
+          this.established = adopted;
           if (adopted) return;
           current.bodySent = false;
         } else {
-          // Not the item the drain reached (e.g. the queue changed): let it settle first.
-          await ahead.done.catch(() => undefined);
+          // Not the item the drain reached (e.g. the queue changed): the
+          // uploads ahead are of no use; let them settle first.
+          const stale = [ahead, ...(await this.takeAheads())];
+          for (const a of stale) await a.done.catch(() => undefined);
         }
       }
-      await this.options.send(item, bodyOut);
+      try {
+        await this.options.send(item, bodyOut);
+        this.established = true;
+      } catch (err) {
+        this.established = false;
+        throw err;
+      }
     } finally {
       if (this.current === current) this.current = undefined;
     }
   }
 
   /**
-   * An item may have been queued: when the body of the item in hand is out
-   * and nothing is ahead, its successor starts now rather than after the
+   * An item may have been queued: when the body of the last upload under
+   * way (the item in hand, or the last one ahead) is out and fewer than
+   * `maxAhead` are ahead, its successor starts now rather than after the
    * answer. Call it whenever the queue grows (a log sealed at the source,
    * a log accepted into the spool): a log queued after the body before it
    * went out would otherwise wait for that log's whole verification (and,
    * to a master target applying on receipt, its apply).
    */
   kick(): void {
-    const current = this.current;
-    if (current !== undefined && current.bodySent) this.startAfter(current.item);
+    this.startNext();
   }
 
-  /** No new upload starts ahead; resolves once the one ahead (if any) settled. */
+  /** No new upload starts ahead; resolves once those ahead (if any) settled. */
   async stop(): Promise<void> {
     this.stopped = true;
-    const ahead = await this.ahead;
-    await ahead?.done.catch(() => undefined);
+    for (const a of await this.takeAheads()) await a.done.catch(() => undefined);
   }
 
-  /** Starts the upload of the item after `item`, unless one is ahead already. */
-  private startAfter(item: T): void {
-    if (this.stopped || this.ahead !== undefined) return;
-    const lookup: Promise<Ahead | undefined> = this.options.next(item).then(
-      (next) => {
-        if (next === undefined || this.stopped) {
-          // Nothing queued yet: the slot is free again, for a kick() once something is.
-          if (this.ahead === lookup) this.ahead = undefined;
-          return undefined;
-        }
-        const ahead: Ahead = { key: this.options.key(next), bodySent: false, done: Promise.resolve() };
-        ahead.done = this.options.send(next, () => {
-          ahead.bodySent = true;
-          // Chain on only once the drain adopted this one (the slot is free then).
-          const current = this.current;
-          if (current !== undefined && current.key === ahead.key) {
-            current.bodySent = true;
-            this.startAfter(next);
-          }
-        });
-        ahead.done.catch(() => undefined);
-        return ahead;
-      },
-      () => {
-        if (this.ahead === lookup) this.ahead = undefined;
-        return undefined;
-      },
-    );
-    this.ahead = lookup;
+  /** Empties the list of uploads ahead, once their lookups ended. */
+  private async takeAheads(): Promise<Array<Ahead<T>>> {
+    const slots = this.aheads.splice(0);
+    const out: Array<Ahead<T>> = [];
+    for (const slot of slots) {
+      const a = await slot.lookup;
+      if (a !== undefined) out.push(a);
+    }
+    return out;
+  }
+
+  /** Starts the upload after the last one under way, if its body is out and there is room ahead. */
+  private startNext(): void {
+    if (this.stopped || !this.established || this.aheads.length >= this.maxAhead) return;
+    let after: T;
+    const last = this.aheads[this.aheads.length - 1];
+    if (last !== undefined) {
+      // Still being looked up, or its body not out yet: its own callback comes back here.
+      if (last.value === undefined || !last.value.bodySent) return;
+      after = last.value.item;
+    } else {
+      const current = this.current;
+      if (current === undefined || !current.bodySent) return;
+      after = current.item;
+    }
+    const drop = (): undefined => {
+      // Nothing queued yet: the slot is free again, for a kick() once something is.
+      const i = this.aheads.indexOf(slot);
+      if (i >= 0) this.aheads.splice(i, 1);
+      return undefined;
+    };
+    const slot: AheadSlot<T> = {
+      value: undefined,
+      lookup: this.options.next(after).then(
+        (next) => {
+          if (next === undefined || this.stopped) return drop();
+          const ahead: Ahead<T> = { key: this.options.key(next), item: next, bodySent: false, done: Promise.resolve() };
+          ahead.done = this.options.send(next, () => {
+            ahead.bodySent = true;
+            const current = this.current;
+            // The drain adopted it: the item in hand's body is out.
+            if (current !== undefined && current.key === ahead.key) current.bodySent = true;
+            this.startNext();
+          });
+          ahead.done.catch(() => undefined);
+          slot.value = ahead;
+          return ahead;
+        },
+        () => drop(),
+      ),
+    };
+    this.aheads.push(slot);
   }
 }

@@ -116,7 +116,7 @@ describe('pipelined uploads', () => {
     const psOps = slowOps(600);
     const { ps, mt } = await hops(dir, psOps);
     const model = Buffer.alloc(DISK_SIZE);
-    const [l1, l2] = await logs(dir, 2, model, 13);
+    const [l1, l2, l3] = await logs(dir, 3, model, 13);
     const sealed: WrittenLog[] = [l1!];
     const events: LogStageEvent[] = [];
     const shipper = new LogShipper(
@@ -130,36 +130,74 @@ describe('pipelined uploads', () => {
     );
     cleanup.push(() => shipper.stop());
     shipper.start();
+    // The first log goes alone (nothing is sent ahead until the receiver holds a log of the disk).
     shipper.wake();
-    // Log 1 is whole at the process server, which verifies it for 600 ms; log 2 is sealed now.
-    await verifying(psOps);
+    await shipper.whenIdle();
     sealed.push(l2!);
+    shipper.wake();
+    // Log 2 is whole at the process server, which verifies it for 600 ms; log 3 is sealed now.
+    await verifying(psOps);
+    sealed.push(l3!);
     shipper.wake();
     await shipper.whenIdle();
     const at = (seq: number, phase: string): number => events.find((e) => e.seq === seq && e.stage === 'ship' && e.phase === phase)!.atMs;
-    expect(at(2, 'start')).toBeLessThan(at(1, 'done'));
+    expect(at(3, 'start')).toBeLessThan(at(2, 'done'));
     await ps.drain();
     await mt.drain();
-    expect(mt.diskStatus()[0]!.appliedSeq).toBe(2);
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(3);
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   }, 60_000);
 
   it('forwards a log accepted after the body before it went out without waiting for the master target\'s answer to that log', async () => {
     const dir = tmp();
-    // The master target applies on receipt: it answers log 1 only after 600 ms of verification and its apply.
+    // The master target applies on receipt: it answers each log only after 600 ms of verification and its apply.
     const mtOps = slowOps(600);
     const events: LogStageEvent[] = [];
     const { ps, mt } = await hops(dir, slowOps(0), { mtOps, onStage: (e) => events.push(e) });
     const model = Buffer.alloc(DISK_SIZE);
-    const [l1, l2] = await logs(dir, 2, model, 17);
+    const [l1, l2, l3] = await logs(dir, 3, model, 17);
     const peer = { url: ps.url, secret: SECRET };
     expect((await sendLog(peer, l1!.envelope, l1!.file)).status).toBe(201);
-    await verifying(mtOps);
+    await ps.drain();
     expect((await sendLog(peer, l2!.envelope, l2!.file)).status).toBe(201);
+    await verifying(mtOps);
+    expect((await sendLog(peer, l3!.envelope, l3!.file)).status).toBe(201);
     await ps.drain();
     await mt.drain();
     const at = (seq: number, phase: string): number => events.find((e) => e.seq === seq && e.stage === 'forward' && e.phase === phase)!.atMs;
-    expect(at(2, 'start')).toBeLessThan(at(1, 'done'));
+    expect(at(3, 'start')).toBeLessThan(at(2, 'done'));
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(3);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  }, 60_000);
+
+  it('sends nothing ahead to a receiver that holds no log of the disk: a first log lost on the way is not overtaken', async () => {
+    const dir = tmp();
+    const { ps, mt } = await hops(dir, slowOps(0));
+    const model = Buffer.alloc(DISK_SIZE);
+    const written = await logs(dir, 2, model, 19);
+    const peer = { url: ps.url, secret: SECRET };
+    let firstAttempt = true;
+    const pipeline = new UploadPipeline<WrittenLog>({
+      key: (l) => l.envelope.seq,
+      send: async (l, onBodySent) => {
+        if (l.envelope.seq === 1 && firstAttempt) {
+          // Log 1's body went out, then its connection died before the receiver saw any of it.
+          firstAttempt = false;
+          onBodySent();
+          await new Promise((r) => setTimeout(r, 300));
+          throw new BlockrelayError('BR_NET_UNREACHABLE', 'test: connection reset after the body was sent');
+        }
+        await sendLog(peer, l.envelope, l.file, { onBodySent });
+      },
+      next: async (l) => written.find((w) => w.envelope.seq === l.envelope.seq + 1),
+    });
+    cleanup.push(() => pipeline.stop());
+    await expect(pipeline.send(written[0]!)).rejects.toMatchObject({ code: 'BR_NET_UNREACHABLE' });
+    // Resent (the drain's retry), then the next.
+    await pipeline.send(written[0]!);
+    await pipeline.send(written[1]!);
+    await ps.drain();
+    await mt.drain();
     expect(mt.diskStatus()[0]!.appliedSeq).toBe(2);
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   }, 60_000);
