@@ -135,9 +135,6 @@ export class ProcessServer extends ApplyingHop {
       health,
       forwardedBytesTotal: 0,
       pipeline: new UploadPipeline<SpoolEntry>({
-        // A master target applying on receipt answers a log after its apply:
-        // the log after it waits staged meanwhile, and the one after that streams in.
-        maxAhead: 2,
         key: (entry) => entry.envelope.seq,
         send: (entry, onBodySent) => this.forwardOne(disk, entry, onBodySent),
         next: async (entry) => {
