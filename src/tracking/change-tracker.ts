@@ -334,6 +334,15 @@ export class ChangeTracker {
     let maxSeq = 0;
     for (const n of await listDir(dir)) maxSeq = Math.max(maxSeq, seqOf(n));
     const lastUniqueId = sealed.length > 0 ? sealed[sealed.length - 1]!.uniqueId : state?.lastUniqueId ?? NIL_GUID;
+    // dirty ⊇ every unshipped log, by construction: a persisted dirty map can
+    // lack a log's extents (native records that came back after the last
+    // persist of a stop, or a crash between a log write and a persist), and
+    // an overflow fold would then drop the log without resyncing them. Logs
+    // being dropped by an unfinished fold go to the resync map for the same reason.
+    for (const m of logMaps.values()) {
+      maps.dirty.merge(m);
+      if (mode === 'dirty-only') maps.resync.merge(m);
+    }
     maps.dirty.merge(maps.resync);
     const tracker: ChangeTracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId: state?.reservations?.length ? state.lastUniqueId : lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0 });
     try {
