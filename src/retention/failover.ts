@@ -18,6 +18,7 @@ import { diskRetentionPaths } from './retention-format';
 import { RetentionHooks } from './retention-hooks';
 import { listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest, writeFailoverRecord, type DiskManifest } from './retention-manifest';
 import { PointCatalog, resolvePoint, type RecoveryPoint } from './recovery-points';
+import { allocatedBytesOf } from './undo-journal';
 
 /** How long `--point latest` waits for pending logs by default. */
 export const FAILOVER_DRAIN_TIMEOUT_MS = 10 * 60_000;
@@ -335,7 +336,7 @@ export async function commitFailover(retentionDir: string, diskId: string): Prom
     }
   }
   let freed = 0;
-  if (fs.existsSync(paths.journalDir)) for (const name of await fsp.readdir(paths.journalDir)) freed += (await fsp.stat(path.join(paths.journalDir, name))).size;
+  if (fs.existsSync(paths.journalDir)) for (const name of await fsp.readdir(paths.journalDir)) freed += allocatedBytesOf(await fsp.stat(path.join(paths.journalDir, name)));
   await fsp.rm(paths.catalog, { force: true });
   await fsp.rm(paths.journalDir, { recursive: true, force: true });
   await fsp.rm(paths.failover, { force: true });

@@ -219,8 +219,8 @@ export class RetentionHooks implements ApplyHooks {
       return;
     }
     try {
-      const { sizeBytes } = await h.journal.write(seq, extents, target);
-      h.journalBytes += sizeBytes;
+      const { allocatedBytes } = await h.journal.write(seq, extents, target);
+      h.journalBytes += allocatedBytes;
     } catch (err) {
       const coded = wrapError(err, 'BR_IO', `journaling log ${seq} of ${h.diskId}`);
       if (coded.code !== 'BR_DISK_FULL') throw coded;
@@ -229,8 +229,8 @@ export class RetentionHooks implements ApplyHooks {
         await h.dropOldestUnderPressure(1);
         pruned++;
         try {
-          const { sizeBytes } = await h.journal.write(seq, extents, target);
-          h.journalBytes += sizeBytes;
+          const { allocatedBytes } = await h.journal.write(seq, extents, target);
+          h.journalBytes += allocatedBytes;
           this.warnFull(h, `pruned the ${pruned} oldest point(s) to journal log ${seq}`);
           return;
         } catch (retryErr) {
@@ -262,7 +262,13 @@ export class RetentionHooks implements ApplyHooks {
     this.health?.warn(h.diskId, err);
   }
 
-  /** Bytes the history may still grow by. */
+  /**
+   * Bytes the history may still grow by. With `capacityBytes`, the journal
+   * counts by the bytes its segments occupy (allocated blocks: a segment's
+   * zero pre-images are holes) and the catalog by its length. The need a
+   * new pre-image is checked against (`undoLogSizeBytes`) is its full
+   * length, holes included: an upper bound known before anything is read.
+   */
   private availableBytes(): number {
     if (this.options.capacityBytes !== undefined) {
       let used = 0;

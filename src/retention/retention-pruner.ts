@@ -19,6 +19,7 @@ export class DiskHistory {
   points: RecoveryPoint[] = [];
   pending: RecoveryPoint | undefined;
   validBytes = 0;
+  /** Bytes the journal's segments occupy on the volume (allocated, not apparent length). */
   journalBytes = 0;
 
   constructor(readonly retentionDir: string, readonly diskId: string) {
@@ -52,7 +53,7 @@ export class DiskHistory {
       await this.catalog.rewrite(contents.points, contents.pending);
       this.adopt(await this.catalog.read(appliedSeq));
     }
-    this.journalBytes = await this.journal.sizeBytes();
+    this.journalBytes = await this.journal.allocatedBytes();
     return { salvagedDamagedLines: salvaged };
   }
 
@@ -76,7 +77,8 @@ export class DiskHistory {
    * Drops the `count` oldest points: the catalog is replaced first, then
    * the pre-images no remaining point needs are deleted, so a crash in
    * between leaves only unreferenced files (deleted by the next prune),
-   * never a listed point without its journal. Returns the bytes freed.
+   * never a listed point without its journal. Returns the bytes freed
+   * (allocated bytes of the deleted segments).
    */
   async dropOldest(count: number): Promise<number> {
     if (count <= 0) return this.removeUnneeded();
@@ -116,11 +118,7 @@ export class DiskHistory {
     let freed = 0;
     for (const seq of await this.journal.list()) {
       if (seq > floor) break;
-      try {
-        freed += fs.statSync(this.journal.file(seq)).size;
-      } catch {
-        // Already gone.
-      }
+      freed += await this.journal.segmentAllocatedBytes(seq);
       await this.journal.remove(seq);
     }
     this.journalBytes = Math.max(0, this.journalBytes - freed);
@@ -144,7 +142,10 @@ export class DiskHistory {
 /** Space and history of one disk, for the status page and `blockrelay retention status`. */
 export interface DiskRetentionUsage {
   readonly diskId: string;
+  /** Bytes the segments occupy on the volume (allocated blocks): what the retention bound counts. */
   readonly journalBytes: number;
+  /** The segments' total length, holes included (at least `journalBytes` less block rounding). */
+  readonly journalApparentBytes: number;
   readonly journalSegments: number;
   readonly catalogBytes: number;
   readonly points: number;
@@ -157,6 +158,7 @@ export interface RetentionUsage {
   readonly dir: string;
   readonly volumeTotalBytes: number;
   readonly volumeAvailableBytes: number;
+  /** Journal bytes occupied on the volume plus catalog lengths, over every disk. */
   readonly usedBytes: number;
   readonly disks: DiskRetentionUsage[];
 }
@@ -169,9 +171,11 @@ export async function retentionUsage(retentionDir: string, probe: VolumeProbe = 
     const history = new DiskHistory(retentionDir, diskId);
     const contents = await history.catalog.read(readAppliedSeq(manifest.stateDir, diskId));
     const segments = await history.journal.list();
+    const journal = await history.journal.usage();
     disks.push({
       diskId,
-      journalBytes: await history.journal.sizeBytes(),
+      journalBytes: journal.allocatedBytes,
+      journalApparentBytes: journal.apparentBytes,
       journalSegments: segments.length,
       catalogBytes: contents.fileBytes,
       points: contents.points.length,

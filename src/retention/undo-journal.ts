@@ -15,6 +15,18 @@ export const UNDO_READ_CHUNK_BYTES = 1024 * 1024;
 let zeroChunk: Buffer | undefined;
 
 /**
+ * The bytes a file occupies on its volume: its allocated blocks (st_blocks,
+ * counted in 512-byte units whatever the file system's block size), not its
+ * length. A segment whose zero pre-images are holes (see
+ * `SparseSegmentFile`) is much longer than what it takes; the retention
+ * bound and the usage report count what it takes, so the history a volume
+ * holds is not cut short by bytes that are not there.
+ */
+export function allocatedBytesOf(stat: { blocks: number }): number {
+  return stat.blocks * 512;
+}
+
+/**
  * The target's content of `[offset, offset + length)` (at most
  * UNDO_READ_CHUNK_BYTES) before a log overwrites it. A range the target
  * reports as reading zero without data stored (a grain never written, a
@@ -346,27 +358,52 @@ export class UndoJournal {
     return seqs.sort((a, b) => a - b);
   }
 
-  /** Bytes the complete pre-images take. */
-  async sizeBytes(): Promise<number> {
-    let total = 0;
+  /**
+   * Bytes the complete pre-images occupy on the volume (allocated blocks,
+   * see `allocatedBytesOf`), and their apparent length for comparison.
+   */
+  async usage(): Promise<{ allocatedBytes: number; apparentBytes: number }> {
+    let allocatedBytes = 0;
+    let apparentBytes = 0;
     for (const seq of await this.list()) {
       try {
-        total += (await fsp.stat(this.file(seq))).size;
+        const st = await fsp.stat(this.file(seq));
+        allocatedBytes += allocatedBytesOf(st);
+        apparentBytes += st.size;
       } catch {
         // Pruned meanwhile.
       }
     }
-    return total;
+    return { allocatedBytes, apparentBytes };
+  }
+
+  /** Bytes the complete pre-images occupy on the volume. */
+  async allocatedBytes(): Promise<number> {
+    return (await this.usage()).allocatedBytes;
+  }
+
+  /** Bytes the pre-image of `seq` occupies on the volume; 0 if it is gone. */
+  async segmentAllocatedBytes(seq: number): Promise<number> {
+    try {
+      return allocatedBytesOf(await fsp.stat(this.file(seq)));
+    } catch {
+      return 0;
+    }
   }
 
   /**
    * Makes the pre-image of `ranges` (read from `target` now) durable as the
    * undo log of `seq`. Does nothing if a complete one exists (see the class
-   * comment). Returns whether it wrote and the file's size.
+   * comment). Returns whether it wrote, the file's length and the bytes it
+   * occupies on the volume (less than its length where zero pre-images are
+   * holes).
    */
-  async write(seq: number, ranges: readonly Extent[], target: DiskTarget): Promise<{ written: boolean; sizeBytes: number }> {
+  async write(seq: number, ranges: readonly Extent[], target: DiskTarget): Promise<{ written: boolean; sizeBytes: number; allocatedBytes: number }> {
     const final = this.file(seq);
-    if (fs.existsSync(final)) return { written: false, sizeBytes: fs.statSync(final).size };
+    if (fs.existsSync(final)) {
+      const st = fs.statSync(final);
+      return { written: false, sizeBytes: st.size, allocatedBytes: allocatedBytesOf(st) };
+    }
     const tmp = `${final}${RETENTION_LAYOUT.tmpSuffix}`;
     await fsp.rm(tmp, { force: true });
     const extents = coalesceExtents(ranges);
@@ -385,9 +422,11 @@ export class UndoJournal {
       // and size are checked, payloads are not read back.
       const sealed = await writer.seal();
       await this.checkWritten(tmp, sealed.sizeBytes, target.sizeBytes);
+      // Counted after the seal's fdatasync: every block the file will hold is allocated by then.
+      const allocatedBytes = allocatedBytesOf(await fsp.stat(tmp));
       await fsp.rename(tmp, final);
       await syncDirectory(this.dir);
-      return { written: true, sizeBytes: sealed.sizeBytes };
+      return { written: true, sizeBytes: sealed.sizeBytes, allocatedBytes };
     } catch (err) {
       await writer?.close();
       await fsp.rm(tmp, { force: true });

@@ -45,6 +45,8 @@ export interface LogSpec {
   readonly group?: string;
   /** Writes per log (each up to 16 KiB, some overlapping within the log). */
   readonly writes?: number;
+  /** Bytes of the disk the writes fall in (default: all of it). */
+  readonly region?: { readonly offset: number; readonly length: number };
 }
 
 /**
@@ -58,7 +60,8 @@ export async function makePatternLog(dir: string, diskId: string, spec: LogSpec,
   const writes = spec.writes ?? 24;
   for (let i = 0; i < writes; i++) {
     const length = 512 * (1 + Math.floor(rand() * 32));
-    const offset = Math.floor(rand() * ((model.length - length) / 512)) * 512;
+    const region = spec.region ?? { offset: 0, length: model.length };
+    const offset = region.offset + Math.floor(rand() * ((region.length - length) / 512)) * 512;
     const data = Buffer.alloc(length);
     for (let j = 0; j < length; j += 4) data.writeUInt32LE(Math.floor(rand() * 2 ** 32), j);
     await writer.append(offset, data);

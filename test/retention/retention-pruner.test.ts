@@ -61,8 +61,10 @@ describe('retention policy', () => {
     const usage = await retentionUsage(retentionDir);
     expect(usage.disks).toHaveLength(1);
     expect(usage.disks[0]).toMatchObject({ diskId: 'disk0', points: 3, journalSegments: 2, failedOver: true, oldestPointTime: new Date(t0 + 80 * MINUTE_MS).toISOString() });
-    const journalBytes = journalSeqs(retentionDir).reduce((n, s) => n + fs.statSync(path.join(diskRetentionPaths(retentionDir, 'disk0').journalDir, `${String(s).padStart(20, '0')}.undo.hrl`)).size, 0);
+    const segments = journalSeqs(retentionDir).map((s) => fs.statSync(path.join(diskRetentionPaths(retentionDir, 'disk0').journalDir, `${String(s).padStart(20, '0')}.undo.hrl`)));
+    const journalBytes = segments.reduce((n, st) => n + st.blocks * 512, 0);
     expect(usage.disks[0]!.journalBytes).toBe(journalBytes);
+    expect(usage.disks[0]!.journalApparentBytes).toBe(segments.reduce((n, st) => n + st.size, 0));
     expect(usage.usedBytes).toBeGreaterThan(journalBytes);
     expect(usage.volumeTotalBytes).toBeGreaterThan(0);
     const cli = await runCli(['retention', 'status', '--retention', retentionDir, '--json']);
@@ -104,6 +106,44 @@ describe('retention policy', () => {
     expect(usage.usedBytes).toBeLessThanOrEqual(capacityBytes);
     for (const p of points) {
       const out = `raw:${path.join(dir, `f${p.seq}.img`)}`;
+      await failover({ retentionDir, diskId: 'disk0', point: p.id, out });
+      expect(fs.readFileSync(out.slice(4)).equals(images.get(p.seq)!)).toBe(true);
+    }
+  });
+
+  it('counts a segment by the bytes it occupies, not its length: zero pre-images in holes keep every point under a bound their lengths exceed', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const t0 = Date.now() - 60 * MINUTE_MS;
+    // Each log writes a region of the (zeroed) target no earlier log wrote,
+    // so every pre-image is zeroes: a ~330 KiB segment of holes.
+    const logs = [];
+    const images = new Map<number, Buffer>();
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(14);
+    const regionBytes = DISK_BYTES / 8;
+    for (let seq = 1; seq <= 8; seq++) {
+      const region = { offset: (seq - 1) * regionBytes, length: regionBytes };
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 40, region }, model, rand));
+      images.set(seq, Buffer.from(model));
+    }
+    const capacityBytes = 1024 * 1024;
+    const { mt } = await startMasterTarget(setup, { capacityBytes });
+    running.push(mt);
+    await sendAll(mt, logs);
+    await mt.drain();
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(8);
+    expect(mt.diskStatus()[0]!.reasons.join('\n')).not.toContain('BR_RETENTION_VOLUME_FULL');
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
+    const usage = await retentionUsage(retentionDir);
+    // Counted by length, the journal alone would be over the bound and the oldest points pruned.
+    expect(usage.disks[0]!.journalApparentBytes).toBeGreaterThan(capacityBytes);
+    expect(usage.usedBytes).toBeLessThanOrEqual(capacityBytes);
+    expect(usage.disks[0]!.journalBytes).toBeLessThan(usage.disks[0]!.journalApparentBytes / 4);
+    for (const p of [points[0]!, points[4]!]) {
+      const out = `raw:${path.join(dir, `h${p.seq}.img`)}`;
       await failover({ retentionDir, diskId: 'disk0', point: p.id, out });
       expect(fs.readFileSync(out.slice(4)).equals(images.get(p.seq)!)).toBe(true);
     }
