@@ -16,7 +16,7 @@ import { seqName } from '../transport/transport-protocol';
 import { isSnapshotTarget } from './blob-snapshots';
 import { RetentionHooks } from './retention-hooks';
 import type { DiskHistory } from './retention-pruner';
-import { coalesceExtents, UNDO_READ_CHUNK_BYTES } from './undo-journal';
+import { appendTargetContent, coalesceExtents, createSegmentWriter, UNDO_READ_CHUNK_BYTES } from './undo-journal';
 
 /**
  * Retention across a networked resync session (docs/formats/undo-journal.md,
@@ -106,18 +106,6 @@ async function copyEntries(file: string, writer: HrlWriter): Promise<void> {
   }
 }
 
-/** Appends the target's current content of `ranges` to `writer`. */
-async function appendFromTarget(target: DiskTarget, ranges: readonly Extent[], writer: HrlWriter): Promise<void> {
-  for (const r of ranges) {
-    for (let done = 0; done < r.length; ) {
-      const n = Math.min(UNDO_READ_CHUNK_BYTES, r.length - done);
-      const old = await target.read(r.offset + done, n);
-      if (old.length !== n) throw new BlockrelayError('BR_INTERNAL', `target ${target.spec} returned ${old.length} bytes for a ${n}-byte read`);
-      await writer.append(r.offset + done, old);
-      done += n;
-    }
-  }
-}
 
 class RetentionResyncJournal implements ResyncJournalProvider {
   /** Slot markers per disk: read from the journal directory once, then kept here (only this class writes them). */
@@ -192,6 +180,7 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     await h.dropOldestUnderPressure(h.points.length);
     await h.journal.remove(seq);
     await this.removeSlotFiles(h, seq);
+    h.journalBytes = await h.journal.allocatedBytes();
     const err = new BlockrelayError('BR_RESYNC_HISTORY_DROPPED', `dropped all ${lost} recovery point(s) of ${h.diskId}: ${why}; history starts again with the next log`, { details: { disk: h.diskId } });
     (this.logger ?? this.hooks.options.logger)?.warn({ disk: h.diskId, code: err.code }, err.message);
   }
@@ -263,7 +252,7 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     }
     const file = this.sessionFile(h, slot);
     await fsp.rm(file, { force: true });
-    const writer = await HrlWriter.create(file);
+    const writer = await createSegmentWriter(file);
     return new SlotSession(this, h, slot, sessionId, writer, covered);
   }
 
@@ -272,10 +261,10 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     const final = h.journal.file(seq);
     const tmp = `${final}.resync.tmp`;
     await fsp.rm(tmp, { force: true });
-    const writer = await HrlWriter.create(tmp);
+    const writer = await createSegmentWriter(tmp);
     try {
       for (const f of files) if (fs.existsSync(f)) await copyEntries(f, writer);
-      await appendFromTarget(target, ranges, writer);
+      await appendTargetContent(writer, ranges, target);
       await writer.seal();
       await verifyHrlLog(tmp, { diskSizeBytes: target.sizeBytes });
       await fsp.rename(tmp, final);
@@ -285,6 +274,8 @@ class RetentionResyncJournal implements ResyncJournalProvider {
       await fsp.rm(tmp, { force: true });
       throw wrapError(err, 'BR_IO', `writing the resync pre-image of slot ${seq} of ${h.diskId}`);
     }
+    // The slot replaced a file counted under another name (or none): count the journal again rather than guess the difference.
+    h.journalBytes = await h.journal.allocatedBytes();
   }
 
   async finishSession(h: DiskHistory, seq: number, sessionId: string, target: DiskTarget): Promise<void> {
@@ -356,7 +347,7 @@ class SlotSession implements ResyncSessionJournal {
   async preserve(target: DiskTarget, offset: number, length: number): Promise<void> {
     const fresh = subtract({ offset, length }, this.journaled);
     if (fresh.length === 0) return;
-    await appendFromTarget(target, fresh, this.writer);
+    await appendTargetContent(this.writer, fresh, target);
     // Durable before the caller overwrites the range.
     await this.writer.flush();
     this.journaled = coalesceExtents([...this.journaled, ...fresh]);

@@ -267,6 +267,26 @@ async function appendPreImagesBatched(writer: HrlWriter, extents: readonly Exten
 }
 
 /**
+ * Appends the target's current content of `extents` to `writer`: through
+ * `readMany` where the target has it, else one read per piece of at most
+ * UNDO_READ_CHUNK_BYTES; ranges the target reports as never written are
+ * appended as zeroes without reading them (holes in a `SparseSegmentFile`).
+ */
+export async function appendTargetContent(writer: HrlWriter, extents: readonly Extent[], target: DiskTarget): Promise<void> {
+  if (target.readMany !== undefined) await appendPreImagesBatched(writer, extents, target);
+  else await appendPreImages(writer, extents, target);
+}
+
+/**
+ * A writer for a new journal file (`file` must not exist) that leaves zero
+ * payloads as holes (`SparseSegmentFile`): undo segments, resync slots and
+ * resync session files.
+ */
+export function createSegmentWriter(file: string): Promise<HrlWriter> {
+  return HrlWriter.create(file, { openFile: (f) => SparseSegmentFile.create(f) });
+}
+
+/**
  * Sorts ranges and merges overlapping or touching ones. A log may write the
  * same range several times; its pre-image needs each byte once, and every
  * pre-image byte is read before the log changes anything, so the merged
@@ -414,9 +434,8 @@ export class UndoJournal {
     }
     let writer: HrlWriter | undefined;
     try {
-      writer = await HrlWriter.create(tmp, { openFile: (file) => SparseSegmentFile.create(file) });
-      if (target.readMany !== undefined) await appendPreImagesBatched(writer, extents, target);
-      else await appendPreImages(writer, extents, target);
+      writer = await createSegmentWriter(tmp);
+      await appendTargetContent(writer, extents, target);
       // SparseSegmentFile writes until every byte is written or the call
       // fails, so no write can come out short without an error: structures
       // and size are checked, payloads are not read back.
