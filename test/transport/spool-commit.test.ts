@@ -32,7 +32,7 @@ describe('spool commit and sequence ledger', () => {
     const dir = tmp();
     const bytes = 3 * SPOOL_WRITEBACK_STEP_BYTES + 12345;
     const data = Buffer.alloc(bytes, 0x5a);
-    const envelope = { diskId: 'disk0', seq: 1, xxhash64: hashHex((await newXxhash64()).update(data)), logLength: bytes, cutTimeMs: 1, cutId: 'c1', diskSizeBytes: DISK_SIZE };
+    const envelope = { diskId: 'disk0', seq: 1, xxhash64: hashHex((await newXxhash64()).update(data)), logLength: bytes, cutTimeMs: 1, cutId: 'c1', diskSizeBytes: DISK_SIZE, group: undefined, appTag: undefined };
     const spool = new LogSpool(path.join(dir, 'spool'), 1 << 30);
     await spool.open();
     // Every fdatasync on any file handle while the upload streams in (in 1 MiB pieces).
