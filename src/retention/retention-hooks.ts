@@ -12,7 +12,7 @@ import type { ApplyHooks, PointsSummary } from '../transport/master-target';
 import { readAppliedSeq, writeManifest, type DiskManifest } from './retention-manifest';
 import { DiskHistory } from './retention-pruner';
 import { pointRecordFromEnvelope, selectablePoints, type RecoveryPoint } from './recovery-points';
-import { coalesceExtents, undoLogSizeBytes } from './undo-journal';
+import { coalesceExtents, undoLogOccupiedBoundBytes, undoLogSizeBytes } from './undo-journal';
 import { BLOB_SNAPSHOT_DEFAULTS, isSnapshotTarget, snapshotDue, snapshotIdOf, snapshotPointRecord, type SnapshotTarget } from './blob-snapshots';
 import { INSTALL_DIR, systemVolumeProbe, validateRetentionVolume, type VolumeProbe } from './retention-volume';
 
@@ -208,7 +208,9 @@ export class RetentionHooks implements ApplyHooks {
 
   private async journal(h: DiskHistory, seq: number, entry: SpoolEntry, target: DiskTarget): Promise<void> {
     const extents = coalesceExtents(await this.logOps.ranges(entry.file));
-    const needBytes = undoLogSizeBytes(extents);
+    let needBytes = undoLogSizeBytes(extents);
+    // Zero pre-images are holes: when the full length does not fit, ask the target what the segment will occupy.
+    if (this.availableBytes() < needBytes) needBytes = await undoLogOccupiedBoundBytes(extents, target);
     let pruned = 0;
     while (this.availableBytes() < needBytes && h.points.length > 1) {
       await h.dropOldestUnderPressure(1);
@@ -221,6 +223,11 @@ export class RetentionHooks implements ApplyHooks {
     try {
       const { allocatedBytes } = await h.journal.write(seq, extents, target);
       h.journalBytes += allocatedBytes;
+      // The need was a bound on what the segment occupies, not always exact (blocks larger than a page): keep within capacity.
+      while (this.availableBytes() < 0 && h.points.length > 1) {
+        await h.dropOldestUnderPressure(1);
+        pruned++;
+      }
     } catch (err) {
       const coded = wrapError(err, 'BR_IO', `journaling log ${seq} of ${h.diskId}`);
       if (coded.code !== 'BR_DISK_FULL') throw coded;
@@ -265,9 +272,11 @@ export class RetentionHooks implements ApplyHooks {
   /**
    * Bytes the history may still grow by. With `capacityBytes`, the journal
    * counts by the bytes its segments occupy (allocated blocks: a segment's
-   * zero pre-images are holes) and the catalog by its length. The need a
-   * new pre-image is checked against (`undoLogSizeBytes`) is its full
-   * length, holes included: an upper bound known before anything is read.
+   * zero pre-images are holes) and the catalog by its length. A new
+   * pre-image's need is its full length (`undoLogSizeBytes`) when that
+   * fits, else a bound on what it will occupy from the target's allocation
+   * map (`undoLogOccupiedBoundBytes`); after it is written, the oldest
+   * points go until the history is back within this bound.
    */
   private availableBytes(): number {
     if (this.options.capacityBytes !== undefined) {

@@ -318,6 +318,43 @@ export function undoLogSizeBytes(extents: readonly Extent[]): number {
   return HRL_HEADER_SIZE + HRL_DEFAULT_METADATA_SIZE * (1 + Math.ceil(entries / perBlock)) + payload;
 }
 
+/**
+ * At most the bytes a segment of these (coalesced) ranges will occupy on
+ * the volume, from the target's allocation map: its structures (header,
+ * metadata blocks) and, of the payloads, only runs the target holds data
+ * for, each rounded up to whole pages plus one (a run need not start on a
+ * page of the segment). Never more than `undoLogSizeBytes`. Walking the
+ * map costs a call per range (a seek pair on a raw file), so callers ask
+ * only when the full length does not fit. Exact on file systems with
+ * blocks of at most a page; larger blocks can make it short, which the
+ * caller's check after writing covers.
+ */
+export async function undoLogOccupiedBoundBytes(extents: readonly Extent[], target: DiskTarget): Promise<number> {
+  const lengthBytes = undoLogSizeBytes(extents);
+  let bound = lengthBytes - extents.reduce((n, e) => n + e.length, 0);
+  for (const e of extents) {
+    const end = e.offset + e.length;
+    /** The data run being gathered, [runFrom, runTo): neighbouring data extents are one run. */
+    let runFrom = -1;
+    let runTo = -1;
+    const closeRun = (): void => {
+      if (runTo > runFrom) bound += Math.ceil((runTo - runFrom) / HOLE_PAGE_BYTES) * HOLE_PAGE_BYTES + HOLE_PAGE_BYTES;
+      runFrom = runTo = -1;
+    };
+    for await (const a of target.extents(e.offset, e.length)) {
+      const from = Math.max(a.offset, e.offset);
+      const to = Math.min(a.offset + a.length, end);
+      if (a.zero || to <= from) continue;
+      if (from !== runTo) closeRun();
+      if (runFrom < 0) runFrom = from;
+      runTo = to;
+    }
+    closeRun();
+    if (bound >= lengthBytes) return lengthBytes;
+  }
+  return Math.min(bound, lengthBytes);
+}
+
 // The arithmetic above relies on the writer's default block layout.
 if (HRL_METADATA_HEADER_SIZE + hrlEntriesPerBlock(HRL_DEFAULT_METADATA_SIZE) * HRL_METADATA_ENTRY_SIZE > HRL_DEFAULT_METADATA_SIZE) {
   throw new Error('hrl block layout changed: undoLogSizeBytes must follow');

@@ -149,6 +149,38 @@ describe('retention policy', () => {
     }
   });
 
+  it('journals a pre-image whose length exceeds the bound when what it will occupy fits, pruning nothing', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const t0 = Date.now() - 60 * MINUTE_MS;
+    const logs = [];
+    const images = new Map<number, Buffer>();
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(15);
+    const regionBytes = DISK_BYTES / 8;
+    for (let seq = 1; seq <= 8; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 40, region: { offset: (seq - 1) * regionBytes, length: regionBytes } }, model, rand));
+      images.set(seq, Buffer.from(model));
+    }
+    // Less than one segment's length (~300 KiB each), more than all eight occupy (mostly holes).
+    const capacityBytes = 200 * 1024;
+    const { mt } = await startMasterTarget(setup, { capacityBytes });
+    running.push(mt);
+    await sendAll(mt, logs);
+    await mt.drain();
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(8);
+    expect(mt.diskStatus()[0]!.reasons.join('\n')).not.toContain('BR_RETENTION_VOLUME_FULL');
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
+    const usage = await retentionUsage(retentionDir);
+    expect(usage.disks[0]!.journalApparentBytes / 7).toBeGreaterThan(capacityBytes);
+    expect(usage.usedBytes).toBeLessThanOrEqual(capacityBytes);
+    const out = `raw:${path.join(dir, 'h1.img')}`;
+    await failover({ retentionDir, diskId: 'disk0', point: points[0]!.id, out });
+    expect(fs.readFileSync(out.slice(4)).equals(images.get(1)!)).toBe(true);
+  });
+
   it('drops all history but keeps applying when not even one pre-image fits', async () => {
     const dir = tmp();
     const retentionDir = retentionTmp();

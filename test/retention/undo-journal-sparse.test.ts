@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { coalesceExtents, SparseSegmentFile, UndoJournal } from '../../src/retention/undo-journal';
+import { coalesceExtents, SparseSegmentFile, UndoJournal, undoLogOccupiedBoundBytes, undoLogSizeBytes } from '../../src/retention/undo-journal';
 import { openDisk } from '../../src/targets/disk-spec';
 import { applyHrlLogs } from '../../src/tracking/hrl-apply';
 import { verifyHrlLog } from '../../src/tracking/hrl-reader';
@@ -72,6 +72,30 @@ describe('undo journal segments with holes', () => {
     expect(got.length).toBe(28 * 1024);
     expect(got.subarray(0, 4096).equals(Buffer.alloc(4096, 0x5a))).toBe(true);
     expect(got.subarray(4096).equals(Buffer.alloc(got.length - 4096))).toBe(true);
+  });
+
+  it.each(['raw', 'vmdk'] as const)('bounds what a %s segment will occupy from the target\'s allocation, before it is written', async (kind) => {
+    const dir = tmp();
+    const diskBytes = 16 * MiB;
+    const target = await openDisk(`${kind}:${path.join(dir, `target.${kind === 'raw' ? 'img' : 'vmdk'}`)}`, { create: { sizeBytes: diskBytes } });
+    try {
+      const rand = prng(0xb0d5);
+      // Data in scattered 256 KiB pieces over a quarter of the disk; the rest never written.
+      for (let i = 0; i < 16; i++) await target.write(Math.floor(rand() * 64) * 256 * KiB, randomData(rand, 256 * KiB));
+      await target.flush();
+      const journal = new UndoJournal(path.join(retentionTmp(), 'journal'));
+      await journal.open();
+      for (let seq = 1; seq <= 6; seq++) {
+        const ranges = coalesceExtents(Array.from({ length: 60 * seq }, () => ({ offset: Math.floor(rand() * (diskBytes / 512 - 128)) * 512, length: 512 * (1 + Math.floor(rand() * 128)) })));
+        const bound = await undoLogOccupiedBoundBytes(ranges, target);
+        const { sizeBytes, allocatedBytes } = await journal.write(seq, ranges, target);
+        expect(sizeBytes).toBe(undoLogSizeBytes(ranges));
+        expect(allocatedBytes, `log ${seq}`).toBeLessThanOrEqual(bound);
+        expect(bound, `log ${seq}`).toBeLessThan(sizeBytes * 0.6);
+      }
+    } finally {
+      await target.close();
+    }
   });
 
   it('journals a sparse VMDK through readMany: zeroes for unwritten grains, data for the rest, and the segment undoes the log', async () => {
