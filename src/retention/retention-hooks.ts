@@ -223,8 +223,10 @@ export class RetentionHooks implements ApplyHooks {
     try {
       const { allocatedBytes } = await h.journal.write(seq, extents, target);
       h.journalBytes += allocatedBytes;
-      // The need was a bound on what the segment occupies, not always exact (blocks larger than a page): keep within capacity.
-      while (this.availableBytes() < 0 && h.points.length > 1) {
+      // The need was a bound on what the segment occupies, short on blocks larger than a page: keep within a
+      // capacity bound. Not against statfs: a volume may report freed blocks late, and pruning would run on
+      // to the newest point; there the file system's own ENOSPC is the limit.
+      while (this.options.capacityBytes !== undefined && this.availableBytes() < 0 && h.points.length > 1) {
         await h.dropOldestUnderPressure(1);
         pruned++;
       }
@@ -275,8 +277,9 @@ export class RetentionHooks implements ApplyHooks {
    * zero pre-images are holes) and the catalog by its length. A new
    * pre-image's need is its full length (`undoLogSizeBytes`) when that
    * fits, else a bound on what it will occupy from the target's allocation
-   * map (`undoLogOccupiedBoundBytes`); after it is written, the oldest
-   * points go until the history is back within this bound.
+   * map (`undoLogOccupiedBoundBytes`); after it is written, with
+   * `capacityBytes`, the oldest points go until the history is back within
+   * that bound.
    */
   private availableBytes(): number {
     if (this.options.capacityBytes !== undefined) {
