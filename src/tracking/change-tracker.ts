@@ -746,30 +746,42 @@ export class ChangeTracker {
       if (this.closed) return;
       this.timer?.cancel();
       this.timer = undefined;
-      if (this.writer !== undefined) {
-        if (options.seal ?? true) {
-          if (await this.logIo(() => this.sealActive({ cutId: randomGuid(), cutTimeMs: this.clock.now() }).then(() => undefined))) {
-            this.activeSequence = null;
-            await this.writeState();
-          }
-        } else {
-          await this.persistMaps(false);
-          const w = this.writer;
-          if (await this.logIo(() => w.flush())) {
-            await w.close();
-            this.writer = undefined;
-            this.maps.pending.clearAll();
-            this.generation++;
-          }
+      try {
+        await this.closeHeld(options);
+      } catch (err) {
+        // The slot files are not left open by a close that failed; a retried
+        // close (or any persist) opens them again.
+        await this.mapsWriter.close().catch(() => undefined);
+        throw err;
+      }
+    });
+  }
+
+  /** The body of close(), under the lock. */
+  private async closeHeld(options: { seal?: boolean }): Promise<void> {
+    if (this.writer !== undefined) {
+      if (options.seal ?? true) {
+        if (await this.logIo(() => this.sealActive({ cutId: randomGuid(), cutTimeMs: this.clock.now() }).then(() => undefined))) {
+          this.activeSequence = null;
+          await this.writeState();
+        }
+      } else {
+        await this.persistMaps(false);
+        const w = this.writer;
+        if (await this.logIo(() => w.flush())) {
+          await w.close();
+          this.writer = undefined;
+          this.maps.pending.clearAll();
+          this.generation++;
         }
       }
-      await this.persistMaps(false);
-      // A clean stop: everything written is recorded and persisted.
-      this.intents.clear();
-      await this.writeIntents();
-      this.closed = true;
-      await this.mapsWriter.close();
-    });
+    }
+    await this.persistMaps(false);
+    // A clean stop: everything written is recorded and persisted.
+    this.intents.clear();
+    await this.writeIntents();
+    this.closed = true;
+    await this.mapsWriter.close();
   }
 
   // ---- internals ----

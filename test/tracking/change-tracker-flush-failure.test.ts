@@ -1,8 +1,9 @@
+import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ChangeTracker } from '../../src/tracking/change-tracker';
 import type { HrlWriterFile } from '../../src/tracking/hrl-writer';
-import { TrackerMapsWriter } from '../../src/tracking/tracker-files';
+import { TrackerMapsWriter, mapsSlotPath } from '../../src/tracking/tracker-files';
 import { BlockrelayError } from '../../src/retry/blockrelay-error';
 import { useTempDirs } from '../helpers/tmp';
 
@@ -133,5 +134,36 @@ describe('ChangeTracker.flush when the maps persist and the log sync fail in one
     } finally {
       await tracker.close({ seal: false });
     }
+  });
+});
+
+/** Files this process holds open under `dir`. */
+function openFilesUnder(dir: string): string[] {
+  const out: string[] = [];
+  for (const fd of fs.readdirSync('/proc/self/fd')) {
+    try {
+      const target = fs.readlinkSync(`/proc/self/fd/${fd}`);
+      if (target.startsWith(dir)) out.push(target);
+    } catch {
+      // Closed meanwhile (the readdir's own descriptor).
+    }
+  }
+  return out;
+}
+
+describe('ChangeTracker.close when the maps persist fails', () => {
+  it('leaves no maps slot file open, and a retried close succeeds', async () => {
+    if (!fs.existsSync('/proc/self/fd')) return;
+    const dir = tempDir();
+    const tracker = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, persistIntervalMs: 0 });
+    await tracker.recordWrite(0, Buffer.alloc(4096, 3));
+    failNextMapsWrite();
+    await expect(tracker.close({ seal: false })).rejects.toThrow(/maps write failed/);
+    const slots = [0, 1].map((slot) => mapsSlotPath(dir, 'disk0', slot));
+    expect(openFilesUnder(dir).filter((f) => slots.includes(f))).toEqual([]);
+    await tracker.close({ seal: false });
+    expect(openFilesUnder(dir)).toEqual([]);
+    const reopened = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, persistIntervalMs: 0 });
+    await reopened.close();
   });
 });
