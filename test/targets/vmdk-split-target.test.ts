@@ -76,7 +76,8 @@ describe.skipIf(!haveQemu)('split sparse VMDK (twoGbMaxExtentSparse)', () => {
     execFileSync('qemu-img', ['create', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', file, '3G']);
     qemuIo(file, 'write -P 0x44 2G 1M', 'write -P 0x45 100M 128k');
     const ours = path.join(dir, 'ours.img');
-    expect((await runInProcess(['convert', `vmdk:${file}`, `raw:${ours}`])).status).toBe(0);
+    const converted = await runInProcess(['convert', `vmdk:${file}`, `raw:${ours}`]);
+    expect(converted.status, converted.stderr).toBe(0);
     expect(spawnSync('qemu-img', ['compare', '-f', 'raw', '-F', 'vmdk', ours, file]).status).toBe(0);
     expect(fs.statSync(ours).blocks * 512).toBeLessThan(16 * MiB);
   });
