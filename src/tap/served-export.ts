@@ -72,7 +72,7 @@ export class ServedExport {
     this.records = new RecordQueue(exp.name, recordLimits, warn);
     this.writer = exp.readOnly ? undefined : (exp.source as NbdWriteSource);
     const writer = this.writer;
-    this.diskFlushes = writer === undefined ? undefined : new FlushRounds(() => writer.flush());
+    this.diskFlushes = writer === undefined ? undefined : new FlushRounds(failingForGood(exp.name, () => writer.flush()));
     this.sizeBytes = exp.source.sizeBytes;
     const alignment = exp.source.capabilities?.alignmentBytes ?? 1;
     if (!Number.isInteger(alignment) || alignment < 1 || alignment > 65536 || (alignment & (alignment - 1)) !== 0) {
@@ -118,4 +118,28 @@ function nativeExportFor(wanted: boolean, exp: NbdExport, sizeBytes: number, min
   const native = new addon.TapExport(fd, sizeBytes, minBlockBytes, maxBlockBytes, tracker !== undefined, () => tracker?.onNativeNotify());
   tracker?.attachNative(native);
   return native;
+}
+
+/**
+ * A disk sync that, once it failed, fails every later call too, as QEMU's
+ * file driver does after a failed flush. The kernel reports a writeback
+ * error to one fdatasync per file and may drop the pages it could not
+ * write: a later sync would succeed and a later FLUSH would be answered
+ * although writes the client made before the failure are gone. The export
+ * stays refusing until it is served again (the operator checks the disk
+ * first). The change tracker's log has the same rule for its own syncs.
+ */
+function failingForGood(exportName: string, sync: () => Promise<void>): () => Promise<void> {
+  let failure: unknown;
+  return async () => {
+    if (failure !== undefined) {
+      throw new BlockrelayError('BR_IO', `disk of export '${exportName}': an earlier flush failed, so writes before it may be lost; no flush succeeds until the disk is checked and served again`, { cause: failure });
+    }
+    try {
+      await sync();
+    } catch (err) {
+      failure = err;
+      throw err;
+    }
+  };
 }
