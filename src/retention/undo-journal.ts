@@ -8,6 +8,7 @@ import { HrlLogFile, verifyHrlLog, type HrlVerifiedLog } from '../tracking/hrl-r
 import { HrlWriter, HRL_WRITER_DEFAULTS, type HrlWriterFile } from '../tracking/hrl-writer';
 import { syncDirectory } from '../platform/durable-file';
 import { RETENTION_LAYOUT, seqOfUndoFile, undoFileName } from './retention-format';
+import { writevAll } from '../platform/io-vectors';
 
 /** Pre-images are read from the target in pieces of at most this many bytes (bounds memory). */
 export const UNDO_READ_CHUNK_BYTES = 1024 * 1024;
@@ -127,13 +128,7 @@ export class SparseSegmentFile implements HrlWriterFile {
       keep(buffer, keptFrom, buffer.length, bufferAt + keptFrom);
     }
     for (const run of runs) {
-      let where = run.position;
-      let rest = run.buffers;
-      while (rest.length > 0) {
-        const { bytesWritten } = await this.fh.writev(rest, where);
-        where += bytesWritten;
-        rest = afterBytes(rest, bytesWritten);
-      }
+      const where = await writevAll(this.fh, run.buffers, run.position);
       this.record(run.position, where);
       this.fileBytes = Math.max(this.fileBytes, where);
       this.writtenSinceSyncBytes += run.bytes;
@@ -196,21 +191,6 @@ export class SparseSegmentFile implements HrlWriterFile {
     }
     this.written.splice(i, j - i, [start, end]);
   }
-}
-
-/** The buffers left after `n` bytes of them were written. */
-function afterBytes(buffers: Buffer[], n: number): Buffer[] {
-  const out: Buffer[] = [];
-  let skip = n;
-  for (const b of buffers) {
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    out.push(skip > 0 ? b.subarray(skip) : b);
-    skip = 0;
-  }
-  return out;
 }
 
 /** The pre-images of `extents`, one target read per piece of at most UNDO_READ_CHUNK_BYTES. */

@@ -33,6 +33,7 @@ import {
   gtSectors,
   type SparseHeader,
 } from './vmdk-format';
+import { buffersAfter, writevAll } from '../../platform/io-vectors';
 
 /** Clean grain tables kept in memory (2 KiB each: 8 MiB, mapping 128 GiB). Dirty ones stay until flushed. */
 const MAX_CACHED_GTS = 4096;
@@ -799,18 +800,12 @@ export class VmdkSparseTarget implements DiskTarget {
       const { bytesRead } = await this.io(() => this.handle.readv(buffers, position), 'read');
       if (bytesRead === 0) throw corrupt(this.file, position, 'grain data is cut off by the end of the file');
       position += bytesRead;
-      buffers = advance(buffers, bytesRead);
+      buffers = buffersAfter(buffers, bytesRead);
     }
   }
 
   private async writeRun(run: FileRun): Promise<void> {
-    let position = run.position;
-    let buffers = run.buffers;
-    while (buffers.length > 0) {
-      const { bytesWritten } = await this.io(() => this.handle.writev(buffers, position), 'write');
-      position += bytesWritten;
-      buffers = advance(buffers, bytesWritten);
-    }
+    await this.io(() => writevAll(this.handle, run.buffers, run.position), 'write');
     this.kickWriteback(run.bytes);
   }
 
@@ -821,21 +816,6 @@ export class VmdkSparseTarget implements DiskTarget {
       throw wrapError(err, 'BR_IO', `${what} on ${this.file} failed`);
     }
   }
-}
-
-/** The buffers left after `n` bytes of them were transferred. */
-function advance(buffers: Buffer[], n: number): Buffer[] {
-  const out: Buffer[] = [];
-  let skip = n;
-  for (const b of buffers) {
-    if (skip >= b.length) {
-      skip -= b.length;
-      continue;
-    }
-    out.push(skip > 0 ? b.subarray(skip) : b);
-    skip = 0;
-  }
-  return out;
 }
 
 async function openFile(file: string, flags: string): Promise<fsp.FileHandle> {
