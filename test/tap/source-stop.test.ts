@@ -16,21 +16,54 @@ const cleanups = useCleanups();
 
 const STOP_TIMEOUT_MS = 3000;
 
+/** A hangable disk0 and a healthy disk1 of 16 MiB, and a log dir; undefined where no hangable disk can be made here. */
+async function hungAndHealthy(dir: string): Promise<{ hung: NonNullable<Awaited<ReturnType<typeof hangableDisk>>>; healthy: string; logDir: string } | undefined> {
+  const hung = await hangableDisk(dir, 16 * MiB, cleanups);
+  if (hung === undefined) return undefined;
+  cleanups.push(() => hung.recover());
+  const healthy = path.join(dir, 'disk1.img');
+  fs.writeFileSync(healthy, Buffer.alloc(0));
+  fs.truncateSync(healthy, 16 * MiB);
+  return { hung, healthy, logDir: path.join(dir, 'logs') };
+}
+
+/** `blockrelay source ARGS --stop-timeout-ms STOP_TIMEOUT_MS`, killed at cleanup if still running; with its NBD host and port. */
+async function startSource(args: string[], env?: Record<string, string>): Promise<{ src: Awaited<ReturnType<typeof startSourceCli>>; host: string; port: number }> {
+  const src = await startSourceCli([...args, '--stop-timeout-ms', String(STOP_TIMEOUT_MS)], env);
+  cleanups.push(() => {
+    if (src.child.exitCode === null && src.child.signalCode === null) src.child.kill('SIGKILL');
+  });
+  const at = src.ready.listen.lastIndexOf(':');
+  return { src, host: src.ready.listen.slice(0, at), port: Number(src.ready.listen.slice(at + 1)) };
+}
+
+/**
+ * Sends SIGTERM and waits for the BR_TAP_STOP_TIMEOUT line; checks it came
+ * within the bound (plus the moment the line takes to arrive).
+ */
+async function stopAndAwaitTimeoutLine(src: Awaited<ReturnType<typeof startSourceCli>>): Promise<{ line: string; startedMs: number; exited: Promise<number | null> }> {
+  const startedMs = Date.now();
+  const exited = new Promise<number | null>((resolve) => {
+    if (src.child.exitCode !== null) resolve(src.child.exitCode);
+    else src.child.once('exit', (code) => resolve(code));
+  });
+  src.child.kill('SIGTERM');
+  let line: string | undefined;
+  while (line === undefined && Date.now() - startedMs < STOP_TIMEOUT_MS + 5000) {
+    await new Promise((r) => setTimeout(r, 50));
+    line = src.stderr().split('\n').find((l) => l.startsWith('BR_TAP_STOP_TIMEOUT'));
+  }
+  expect(line, src.stderr()).toBeDefined();
+  expect(Date.now() - startedMs).toBeLessThan(STOP_TIMEOUT_MS + 2000);
+  return { line: line!, startedMs, exited };
+}
+
 describe('blockrelay source stop with a hung disk', () => {
   it('reports within --stop-timeout-ms what a hung disk left undone, seals the healthy disk, and exits 1', async () => {
-    const dir = tempDir();
-    const hung = await hangableDisk(dir, 16 * MiB, cleanups);
-    if (hung === undefined) return;
-    cleanups.push(() => hung.recover());
-    const healthy = path.join(dir, 'disk1.img');
-    fs.writeFileSync(healthy, Buffer.alloc(0));
-    fs.truncateSync(healthy, 16 * MiB);
-    const logDir = path.join(dir, 'logs');
-    const src = await startSourceCli(['--disk', `disk0=raw:${hung.path}`, '--disk', `disk1=raw:${healthy}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', String(24 * 60 * 60 * 1000), '--stop-timeout-ms', String(STOP_TIMEOUT_MS)]);
-    cleanups.push(() => {
-      if (src.child.exitCode === null && src.child.signalCode === null) src.child.kill('SIGKILL');
-    });
-    const [host, port] = [src.ready.listen.slice(0, src.ready.listen.lastIndexOf(':')), Number(src.ready.listen.slice(src.ready.listen.lastIndexOf(':') + 1))];
+    const disks = await hungAndHealthy(tempDir());
+    if (disks === undefined) return;
+    const { hung, healthy, logDir } = disks;
+    const { src, host, port } = await startSource(['--disk', `disk0=raw:${hung.path}`, '--disk', `disk1=raw:${healthy}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', String(24 * 60 * 60 * 1000)]);
     const c0 = await NbdClient.connect({ host, port, exportName: 'disk0' });
     const c1 = await NbdClient.connect({ host, port, exportName: 'disk1' });
     cleanups.push(() => c0.close().catch(() => undefined));
@@ -43,20 +76,7 @@ describe('blockrelay source stop with a hung disk', () => {
     // The export's writer is now in the disk write, which never returns.
     await new Promise((r) => setTimeout(r, 300));
 
-    const startedMs = Date.now();
-    src.child.kill('SIGTERM');
-    const exited = new Promise<number | null>((resolve) => {
-      if (src.child.exitCode !== null) resolve(src.child.exitCode);
-      else src.child.once('exit', (code) => resolve(code));
-    });
-    let line: string | undefined;
-    while (line === undefined && Date.now() - startedMs < STOP_TIMEOUT_MS + 5000) {
-      await new Promise((r) => setTimeout(r, 50));
-      line = src.stderr().split('\n').find((l) => l.startsWith('BR_TAP_STOP_TIMEOUT'));
-    }
-    // The stop reports within its bound (plus the moment the line takes to arrive).
-    expect(line, src.stderr()).toBeDefined();
-    expect(Date.now() - startedMs).toBeLessThan(STOP_TIMEOUT_MS + 2000);
+    const { line, exited } = await stopAndAwaitTimeoutLine(src);
     expect(line).toContain('not flushed and closed: disk disk0;');
     expect(line).toContain('a write still stuck in disk disk0');
     expect(line).not.toMatch(/not sealed for disk[^;]*disk1/);
@@ -96,19 +116,10 @@ describe('blockrelay source stop with a hung disk', () => {
 
 describe('blockrelay source stop with a READ and a WRITE stuck in a hung disk', () => {
   it('spends one NBD grace for both, leaving the time to seal the healthy disk', async () => {
-    const dir = tempDir();
-    const hung = await hangableDisk(dir, 16 * MiB, cleanups);
-    if (hung === undefined) return;
-    cleanups.push(() => hung.recover());
-    const healthy = path.join(dir, 'disk1.img');
-    fs.writeFileSync(healthy, Buffer.alloc(0));
-    fs.truncateSync(healthy, 16 * MiB);
-    const logDir = path.join(dir, 'logs');
-    const src = await startSourceCli(['--disk', `disk0=raw:${hung.path}`, '--disk', `disk1=raw:${healthy}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', String(24 * 60 * 60 * 1000), '--stop-timeout-ms', String(STOP_TIMEOUT_MS)]);
-    cleanups.push(() => {
-      if (src.child.exitCode === null && src.child.signalCode === null) src.child.kill('SIGKILL');
-    });
-    const [host, port] = [src.ready.listen.slice(0, src.ready.listen.lastIndexOf(':')), Number(src.ready.listen.slice(src.ready.listen.lastIndexOf(':') + 1))];
+    const disks = await hungAndHealthy(tempDir());
+    if (disks === undefined) return;
+    const { hung, healthy, logDir } = disks;
+    const { src, host, port } = await startSource(['--disk', `disk0=raw:${hung.path}`, '--disk', `disk1=raw:${healthy}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', String(24 * 60 * 60 * 1000)]);
     const writer = await NbdClient.connect({ host, port, exportName: 'disk0' });
     const reader = await NbdClient.connect({ host, port, exportName: 'disk0' });
     const c1 = await NbdClient.connect({ host, port, exportName: 'disk1' });
@@ -121,19 +132,7 @@ describe('blockrelay source stop with a READ and a WRITE stuck in a hung disk', 
     const stuckRead = reader.read(12 * MiB, 65536).catch(() => undefined);
     await new Promise((r) => setTimeout(r, 300));
 
-    const startedMs = Date.now();
-    const exited = new Promise<number | null>((resolve) => {
-      if (src.child.exitCode !== null) resolve(src.child.exitCode);
-      else src.child.once('exit', (code) => resolve(code));
-    });
-    src.child.kill('SIGTERM');
-    let line: string | undefined;
-    while (line === undefined && Date.now() - startedMs < STOP_TIMEOUT_MS + 5000) {
-      await new Promise((r) => setTimeout(r, 50));
-      line = src.stderr().split('\n').find((l) => l.startsWith('BR_TAP_STOP_TIMEOUT'));
-    }
-    expect(line, src.stderr()).toBeDefined();
-    expect(Date.now() - startedMs).toBeLessThan(STOP_TIMEOUT_MS + 2000);
+    const { line, startedMs, exited } = await stopAndAwaitTimeoutLine(src);
     // Past the NBD step within the bound: the healthy disk's log is sealed.
     expect(line).not.toContain("waiting at step 'nbd'");
     expect(line).not.toMatch(/not sealed for disk[^;]*disk1/);
@@ -167,14 +166,10 @@ describe('blockrelay source stop with a process server that never answers', () =
     fs.writeFileSync(disk, Buffer.alloc(0));
     fs.truncateSync(disk, 16 * MiB);
     const logDir = path.join(dir, 'logs');
-    const src = await startSourceCli(
-      ['--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', '500', '--control', '127.0.0.1:0', '--process-server', `http://127.0.0.1:${(peer.address() as AddressInfo).port}`, '--stop-timeout-ms', String(STOP_TIMEOUT_MS)],
+    const { src, host, port } = await startSource(
+      ['--disk', `disk0=raw:${disk}`, '--listen', '127.0.0.1:0', '--log-dir', logDir, '--interval-ms', '500', '--control', '127.0.0.1:0', '--process-server', `http://127.0.0.1:${(peer.address() as AddressInfo).port}`],
       { [PROCESS_SERVER_SECRET_ENV]: 'a-shared-secret-of-enough-length' },
     );
-    cleanups.push(() => {
-      if (src.child.exitCode === null && src.child.signalCode === null) src.child.kill('SIGKILL');
-    });
-    const [host, port] = [src.ready.listen.slice(0, src.ready.listen.lastIndexOf(':')), Number(src.ready.listen.slice(src.ready.listen.lastIndexOf(':') + 1))];
     const c0 = await NbdClient.connect({ host, port, exportName: 'disk0' });
     cleanups.push(() => c0.close().catch(() => undefined));
     await c0.write(0, Buffer.alloc(65536, 0x33));
@@ -188,19 +183,7 @@ describe('blockrelay source stop with a process server that never answers', () =
     const resync = (await (await fetch(`${src.ready.control!}/v1/disks/disk0/resync`)).json()) as { state: string };
     expect(resync.state).toBe('running');
 
-    const startedMs = Date.now();
-    const exited = new Promise<number | null>((resolve) => {
-      if (src.child.exitCode !== null) resolve(src.child.exitCode);
-      else src.child.once('exit', (code) => resolve(code));
-    });
-    src.child.kill('SIGTERM');
-    let line: string | undefined;
-    while (line === undefined && Date.now() - startedMs < STOP_TIMEOUT_MS + 5000) {
-      await new Promise((r) => setTimeout(r, 50));
-      line = src.stderr().split('\n').find((l) => l.startsWith('BR_TAP_STOP_TIMEOUT'));
-    }
-    expect(line, src.stderr()).toBeDefined();
-    expect(Date.now() - startedMs).toBeLessThan(STOP_TIMEOUT_MS + 2000);
+    const { line, startedMs, exited } = await stopAndAwaitTimeoutLine(src);
     expect(line).toContain('the resync of disk disk0 still waits');
     expect(line).toContain('every active log sealed');
     expect(await exited).toBe(1);
