@@ -58,12 +58,28 @@ afterEach(() => {
   vi.restoreAllMocks();
 });
 
+/** A tracker whose active log's syncs can be failed (EioOnceLog), with the creation's own sync forgotten. */
+async function trackerOnFailingLog(dir: string): Promise<{ tracker: ChangeTracker; log: EioOnceLog }> {
+  const tracker = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, openLogFile: EioOnceLog.open });
+  const log = EioOnceLog.last!;
+  log.syncs.length = 0;
+  return { tracker, log };
+}
+
+/** A restart finds the 4 KiB write in the resync map. */
+async function expectResyncOnReopen(dir: string): Promise<void> {
+  const reopened = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, persistIntervalMs: 0 });
+  try {
+    expect(reopened.status().resyncBytes).toBeGreaterThanOrEqual(4096);
+  } finally {
+    await reopened.close({ seal: false });
+  }
+}
+
 describe('ChangeTracker.flush when the maps persist and the log sync fail in one round', () => {
   it('folds the logs in that round, so the retried FLUSH is not answered from a log whose sync error was dropped', async () => {
     const dir = tempDir();
-    const tracker = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, openLogFile: EioOnceLog.open });
-    const log = EioOnceLog.last!;
-    log.syncs.length = 0; // the creation's own sync
+    const { tracker, log } = await trackerOnFailingLog(dir);
     try {
       await tracker.recordWrite(0, Buffer.alloc(4096, 7));
       log.failNextSync = true;
@@ -83,19 +99,12 @@ describe('ChangeTracker.flush when the maps persist and the log sync fail in one
       await tracker.close({ seal: false });
     }
     // A restart finds the write in the resync map.
-    const reopened = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, persistIntervalMs: 0 });
-    try {
-      expect(reopened.status().resyncBytes).toBeGreaterThanOrEqual(4096);
-    } finally {
-      await reopened.close({ seal: false });
-    }
+    await expectResyncOnReopen(dir);
   });
 
   it('never answers a later FLUSH from that log when the persist of the fold failed too', async () => {
     const dir = tempDir();
-    const tracker = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, openLogFile: EioOnceLog.open });
-    const log = EioOnceLog.last!;
-    log.syncs.length = 0; // the creation's own sync
+    const { tracker, log } = await trackerOnFailingLog(dir);
     try {
       await tracker.recordWrite(0, Buffer.alloc(4096, 5));
       log.failNextSync = true;
@@ -111,19 +120,12 @@ describe('ChangeTracker.flush when the maps persist and the log sync fail in one
     } finally {
       await tracker.close({ seal: false });
     }
-    const reopened = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, persistIntervalMs: 0 });
-    try {
-      expect(reopened.status().resyncBytes).toBeGreaterThanOrEqual(4096);
-    } finally {
-      await reopened.close({ seal: false });
-    }
+    await expectResyncOnReopen(dir);
   });
 
   it('still answers the FLUSH after a log sync failure alone, with the logs folded', async () => {
     const dir = tempDir();
-    const tracker = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, openLogFile: EioOnceLog.open });
-    const log = EioOnceLog.last!;
-    log.syncs.length = 0; // the creation's own sync
+    const { tracker, log } = await trackerOnFailingLog(dir);
     try {
       await tracker.recordWrite(8192, Buffer.alloc(4096, 9));
       log.failNextSync = true;
