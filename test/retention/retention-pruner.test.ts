@@ -26,6 +26,36 @@ describe('retention policy', () => {
     for (const mt of running.splice(0)) await mt.stop();
   });
 
+  /**
+   * Eight logs of 40 writes, each over an eighth of the zeroed disk no
+   * earlier log wrote (so every pre-image is zeroes: a segment of holes),
+   * applied under `capacityBytes`; every point must be kept.
+   */
+  async function applyOverFreshRegions(seed: number, capacityBytes: number) {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const t0 = Date.now() - 60 * MINUTE_MS;
+    const logs = [];
+    const images = new Map<number, Buffer>();
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(seed);
+    const regionBytes = DISK_BYTES / 8;
+    for (let seq = 1; seq <= 8; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 40, region: { offset: (seq - 1) * regionBytes, length: regionBytes } }, model, rand));
+      images.set(seq, Buffer.from(model));
+    }
+    const { mt } = await startMasterTarget(setup, { capacityBytes });
+    running.push(mt);
+    await sendAll(mt, logs);
+    await mt.drain();
+    expect(mt.diskStatus()[0]!.appliedSeq).toBe(8);
+    expect(mt.diskStatus()[0]!.reasons.join('\n')).not.toContain('BR_RETENTION_VOLUME_FULL');
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
+    return { dir, retentionDir, images, points, usage: await retentionUsage(retentionDir) };
+  }
+
   it('prunes journal and points older than the window on a simulated clock, keeping the rest rebuildable', async () => {
     const dir = tmp();
     const retentionDir = retentionTmp();
@@ -112,32 +142,9 @@ describe('retention policy', () => {
   });
 
   it('counts a segment by the bytes it occupies, not its length: zero pre-images in holes keep every point under a bound their lengths exceed', async () => {
-    const dir = tmp();
-    const retentionDir = retentionTmp();
-    const setup = retentionSetup(dir, retentionDir);
-    const t0 = Date.now() - 60 * MINUTE_MS;
-    // Each log writes a region of the (zeroed) target no earlier log wrote,
-    // so every pre-image is zeroes: a ~330 KiB segment of holes.
-    const logs = [];
-    const images = new Map<number, Buffer>();
-    const model = Buffer.alloc(DISK_BYTES);
-    const rand = prng(14);
-    const regionBytes = DISK_BYTES / 8;
-    for (let seq = 1; seq <= 8; seq++) {
-      const region = { offset: (seq - 1) * regionBytes, length: regionBytes };
-      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 40, region }, model, rand));
-      images.set(seq, Buffer.from(model));
-    }
+    // Each segment is ~330 KiB long, nearly all holes.
     const capacityBytes = 1024 * 1024;
-    const { mt } = await startMasterTarget(setup, { capacityBytes });
-    running.push(mt);
-    await sendAll(mt, logs);
-    await mt.drain();
-    expect(mt.diskStatus()[0]!.appliedSeq).toBe(8);
-    expect(mt.diskStatus()[0]!.reasons.join('\n')).not.toContain('BR_RETENTION_VOLUME_FULL');
-    const { points } = await loadPoints(retentionDir, 'disk0');
-    expect(points.map((p) => p.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
-    const usage = await retentionUsage(retentionDir);
+    const { dir, retentionDir, images, points, usage } = await applyOverFreshRegions(14, capacityBytes);
     // Counted by length, the journal alone would be over the bound and the oldest points pruned.
     expect(usage.disks[0]!.journalApparentBytes).toBeGreaterThan(capacityBytes);
     expect(usage.usedBytes).toBeLessThanOrEqual(capacityBytes);
@@ -150,30 +157,9 @@ describe('retention policy', () => {
   });
 
   it('journals a pre-image whose length exceeds the bound when what it will occupy fits, pruning nothing', async () => {
-    const dir = tmp();
-    const retentionDir = retentionTmp();
-    const setup = retentionSetup(dir, retentionDir);
-    const t0 = Date.now() - 60 * MINUTE_MS;
-    const logs = [];
-    const images = new Map<number, Buffer>();
-    const model = Buffer.alloc(DISK_BYTES);
-    const rand = prng(15);
-    const regionBytes = DISK_BYTES / 8;
-    for (let seq = 1; seq <= 8; seq++) {
-      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: t0 + seq * MINUTE_MS, writes: 40, region: { offset: (seq - 1) * regionBytes, length: regionBytes } }, model, rand));
-      images.set(seq, Buffer.from(model));
-    }
     // Less than one segment's length (~300 KiB each), more than all eight occupy (mostly holes).
     const capacityBytes = 200 * 1024;
-    const { mt } = await startMasterTarget(setup, { capacityBytes });
-    running.push(mt);
-    await sendAll(mt, logs);
-    await mt.drain();
-    expect(mt.diskStatus()[0]!.appliedSeq).toBe(8);
-    expect(mt.diskStatus()[0]!.reasons.join('\n')).not.toContain('BR_RETENTION_VOLUME_FULL');
-    const { points } = await loadPoints(retentionDir, 'disk0');
-    expect(points.map((p) => p.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
-    const usage = await retentionUsage(retentionDir);
+    const { dir, retentionDir, images, points, usage } = await applyOverFreshRegions(15, capacityBytes);
     expect(usage.disks[0]!.journalApparentBytes / 7).toBeGreaterThan(capacityBytes);
     expect(usage.usedBytes).toBeLessThanOrEqual(capacityBytes);
     const out = `raw:${path.join(dir, 'h1.img')}`;
