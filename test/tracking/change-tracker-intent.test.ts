@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 import { SimulatedClock } from '../../src/platform/clock';
 import { CHANGE_TRACKER_DEFAULTS, ChangeTracker, WRITE_INTENT_REGION_BYTES } from '../../src/tracking/change-tracker';
 import { NbdClient } from '../../src/tap/nbd-client';
@@ -10,8 +10,16 @@ import { startTap } from '../tap/nbd-fixtures';
 const R = WRITE_INTENT_REGION_BYTES;
 const SIZE = 8 * R;
 
+/** Trackers opened by a test; those it leaves open on purpose (a simulated crash) are closed after it, not left to the garbage collector. */
+const opened: ChangeTracker[] = [];
+afterEach(async () => {
+  for (const t of opened.splice(0)) await t.close({ seal: false }).catch(() => undefined);
+});
+
 async function open(dir: string, options: { intentIdleClearMs?: number; clock?: SimulatedClock } = {}): Promise<ChangeTracker> {
-  return ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: SIZE, persistIntervalMs: 0, ...options });
+  const t = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: SIZE, persistIntervalMs: 0, ...options });
+  opened.push(t);
+  return t;
 }
 
 function resyncExtents(t: ChangeTracker): Array<[number, number]> {

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import { describe, expect, it, vi } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { SimulatedClock } from '../../src/platform/clock';
 import { openDisk } from '../../src/targets/disk-spec';
 import { ChangeTracker, type ResyncReport } from '../../src/tracking/change-tracker';
@@ -13,8 +13,16 @@ import { useTempDirs } from '../helpers/tmp';
 const tempDir = useTempDirs();
 const DISK = 1024 * 1024;
 
-function open(dir: string, extra: Partial<Parameters<typeof ChangeTracker.open>[0]> = {}): Promise<ChangeTracker> {
-  return ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 512, persistIntervalMs: 0, clock: new SimulatedClock(), ...extra });
+/** Trackers opened by a test; those it leaves open on purpose (a simulated crash) are closed after it, not left to the garbage collector. */
+const opened: ChangeTracker[] = [];
+afterEach(async () => {
+  for (const t of opened.splice(0)) await t.close({ seal: false }).catch(() => undefined);
+});
+
+async function open(dir: string, extra: Partial<Parameters<typeof ChangeTracker.open>[0]> = {}): Promise<ChangeTracker> {
+  const t = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 512, persistIntervalMs: 0, clock: new SimulatedClock(), ...extra });
+  opened.push(t);
+  return t;
 }
 
 const block = (n: number, fillByte: number, length = 4096): [number, Buffer] => [n * 4096, Buffer.alloc(length, fillByte)];
