@@ -62,6 +62,35 @@ describe('spool commit and sequence ledger', () => {
     }
   });
 
+  it('fails an upload whose writeback sync failed, though the final fsync would succeed, and leaves nothing of it in the spool', async () => {
+    const dir = tmp();
+    const bytes = 2 * SPOOL_WRITEBACK_STEP_BYTES + 4096;
+    const data = Buffer.alloc(bytes, 0x6b);
+    const envelope = { diskId: 'disk0', seq: 1, xxhash64: hashHex((await newXxhash64()).update(data)), logLength: bytes, cutTimeMs: 1, cutId: 'c1', diskSizeBytes: DISK_SIZE, group: undefined, appTag: undefined };
+    const spoolDir = path.join(dir, 'spool');
+    const spool = new LogSpool(spoolDir, 1 << 30);
+    await spool.open();
+    const handle = await fsp.open(path.join(dir, 'probe'), 'w');
+    const proto = Object.getPrototypeOf(handle) as { datasync(): Promise<void> };
+    await handle.close();
+    const original = proto.datasync;
+    // The kernel reports a writeback error to one sync: the first (background) one fails, every later one "succeeds".
+    let syncs = 0;
+    proto.datasync = function datasync(this: fsp.FileHandle) {
+      if (++syncs === 1) return Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }));
+      return original.call(this);
+    };
+    try {
+      const pieces = Readable.from((function* () { for (let at = 0; at < bytes; at += 1 << 20) yield data.subarray(at, Math.min(bytes, at + (1 << 20))); })());
+      await expect(spool.receive(envelope, pieces, { lz4: false, verify: async () => undefined })).rejects.toMatchObject({ code: 'BR_IO' });
+    } finally {
+      proto.datasync = original;
+    }
+    expect(syncs).toBeGreaterThanOrEqual(1);
+    expect(spool.list('disk0')).toEqual([]);
+    expect(fs.existsSync(path.join(spoolDir, 'disk0')) ? fs.readdirSync(path.join(spoolDir, 'disk0')) : []).toEqual([]);
+  });
+
   it('drops a log renamed into place without its envelope (a crash between the renames): it was never answered', async () => {
     const dir = tmp();
     const model = Buffer.alloc(DISK_SIZE);
