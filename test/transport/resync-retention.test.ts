@@ -12,6 +12,20 @@ import { FAST_RETRY, SECRET } from './transport-fixture';
 
 const MINUTE_MS = 60_000;
 
+/**
+ * Writes the source image in place, as a disk changes: a resync may be
+ * reading it meanwhile, and writeFileSync's truncate would let a read see
+ * zeroes (or the end of the file) where unchanged data stands.
+ */
+function writeInPlace(file: string, data: Buffer): void {
+  const fd = fs.openSync(file, fs.existsSync(file) ? 'r+' : 'w');
+  try {
+    fs.writeSync(fd, data, 0, data.length, 0);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 describe('networked resync into a master target that keeps recovery points', () => {
   const tmp = useTempDirs();
   const retentionTmp = useRetentionDirs();
@@ -43,7 +57,7 @@ describe('networked resync into a master target that keeps recovery points', () 
       source.fill(Math.floor(rand() * 256), offset, offset + 4096);
     }
     const sourceFile = path.join(dir, 'source.img');
-    fs.writeFileSync(sourceFile, source);
+    writeInPlace(sourceFile, source);
 
     // Log 4 is written at the source during the resync and arrives while the session holds the disk.
     let log4: Promise<void> | undefined;
@@ -58,7 +72,7 @@ describe('networked resync into a master target that keeps recovery points', () 
       onProgress: () => {
         log4 ??= (async () => {
           const log = await makePatternLog(logDir, 'disk0', { seq: 4, cutTimeMs: baseMs + 4 * MINUTE_MS }, source, rand);
-          fs.writeFileSync(sourceFile, source);
+          writeInPlace(sourceFile, source);
           await sendAll(mt, [log]);
         })();
       },
@@ -101,7 +115,7 @@ describe('networked resync into a master target that keeps recovery points', () 
         const offset = Math.floor(rand() * (DISK_BYTES / 4096)) * 4096;
         source.fill(round * 16 + i, offset, offset + 4096);
       }
-      fs.writeFileSync(sourceFile, source);
+      writeInPlace(sourceFile, source);
       await networkedResync(`raw:${sourceFile}`, { peer: { url: mt.url, secret: SECRET }, diskId: 'disk0', statePath: path.join(dir, `resync-${round}.state`), retryPolicy: FAST_RETRY });
       // Between and after sessions the points stay rebuildable.
       const out = path.join(dir, `point-1-${round}.img`);
@@ -190,7 +204,7 @@ describe('networked resync into a master target that keeps recovery points', () 
     const cut = async (): Promise<number> => {
       const seq = nextSeq++;
       const log = await makePatternLog(logDir, 'disk0', { seq, cutTimeMs: baseMs + seq * MINUTE_MS }, source, rand);
-      fs.writeFileSync(sourceFile, source);
+      writeInPlace(sourceFile, source);
       images.set(seq, Buffer.from(source));
       await sendAll(mt, [log]);
       return seq;
@@ -204,7 +218,7 @@ describe('networked resync into a master target that keeps recovery points', () 
         const offset = Math.floor(rand() * (DISK_BYTES / 4096)) * 4096;
         source.fill(0x80 + i, offset, offset + 4096);
       }
-      fs.writeFileSync(sourceFile, source);
+      writeInPlace(sourceFile, source);
     };
 
     let during: Promise<unknown> | undefined;
