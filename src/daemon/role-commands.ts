@@ -5,6 +5,7 @@ import { masterTargetFromConfig } from '../transport/master-target';
 import { retentionHooksFromConfig } from '../retention/retention-hooks';
 import { processServerFromConfig } from '../transport/process-server';
 import { BlockrelayError } from '../retry/blockrelay-error';
+import { resolvesWithin } from '../platform/clock';
 import { parseCommandArgs, type Command } from './command';
 import { loadConfig, type BlockrelayConfig } from './config';
 import { createLogger } from './logger';
@@ -22,14 +23,7 @@ export async function runUntilSignalled(role: { drain(): Promise<void>; stop(): 
     process.once('SIGINT', () => resolve('SIGINT'));
   });
   logger.info({ signal }, 'draining before exit');
-  let timer: NodeJS.Timeout | undefined;
-  const drained = await Promise.race([
-    role.drain().then(() => true),
-    new Promise<boolean>((resolve) => {
-      timer = setTimeout(() => resolve(false), drainTimeoutMs);
-    }),
-  ]);
-  clearTimeout(timer);
+  const drained = await resolvesWithin(role.drain(), drainTimeoutMs);
   if (!drained) logger.warn({ drainTimeoutMs }, 'drain did not finish in time; pending logs stay spooled for the next start');
   await role.stop();
   logger.info({}, 'stopped');

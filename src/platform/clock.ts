@@ -13,6 +13,25 @@ export interface Clock {
   setTimer(fn: () => void, delayMs: number): TimerHandle;
 }
 
+/**
+ * Whether `work` resolves within `timeoutMs` on `clock`: true when it does,
+ * false when it is still pending then (it is left to run, not cancelled).
+ * A rejection before the deadline rejects. The timer goes either way.
+ */
+export async function resolvesWithin(work: Promise<unknown>, timeoutMs: number, clock: Clock = systemClock): Promise<boolean> {
+  let timer: TimerHandle | undefined;
+  try {
+    return await Promise.race([
+      work.then(() => true),
+      new Promise<boolean>((resolve) => {
+        timer = clock.setTimer(() => resolve(false), timeoutMs);
+      }),
+    ]);
+  } finally {
+    timer?.cancel();
+  }
+}
+
 export const systemClock: Clock = {
   now: () => Date.now(),
   setTimer(fn, delayMs) {

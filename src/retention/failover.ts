@@ -4,7 +4,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { silentLogger } from '../daemon/logger';
 import { createMetrics } from '../daemon/metrics';
-import { systemClock, type Clock } from '../platform/clock';
+import { resolvesWithin, systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { copyDisk, ZERO_SCAN_BYTES, type CopyResult } from '../targets/disk-copy';
 import { openDisk, parseDiskSpec } from '../targets/disk-spec';
@@ -82,9 +82,7 @@ export async function drainPending(retentionDir: string, manifest: DiskManifest,
     if ((err as BlockrelayError).code !== 'BR_LOCKED') throw err;
   }
   if (started) {
-    let timer: NodeJS.Timeout | undefined;
-    const done = await Promise.race([hop.drain().then(() => true), new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), timeoutMs)))]);
-    clearTimeout(timer);
+    const done = await resolvesWithin(hop.drain(), timeoutMs);
     await hop.stop();
     if (!done) throw new BlockrelayError('BR_POINT_PENDING_TIMEOUT', `disk ${manifest.diskId}: pending logs were not applied within ${timeoutMs} ms`, { details: { disk: manifest.diskId } });
   } else {

@@ -4,7 +4,7 @@ import type { NbdExport } from './nbd-export';
 import { NBD_DEFAULT_MAX_BLOCK_BYTES, ServedExport } from './served-export';
 import { DEFAULT_RECORD_QUEUE_LIMITS, type RecordQueueLimits } from './record-queue';
 import { PayloadPool } from './payload-pool';
-import { systemClock, type Clock } from '../platform/clock';
+import { resolvesWithin, systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 
 export interface NbdServerOptions {
@@ -158,27 +158,11 @@ export class NbdServer implements ConnectionHost {
     // meanwhile, and the server stops waiting for it at the deadline.
     for (const exp of this.exportList) if (exp.native !== undefined) this.stillWriting.add(exp.name);
     const nativeClosed = Promise.all(this.exportList.map((exp) => exp.closeNative().finally(() => this.stillWriting.delete(exp.name))));
-    let timer: { cancel(): void } | undefined;
-    const late = await Promise.race([
-      nativeClosed.then(() => false),
-      new Promise<boolean>((resolve) => {
-        timer = this.clock.setTimer(() => resolve(true), leftMs());
-      }),
-    ]);
-    timer?.cancel();
-    if (late) this.warn('NBD export still writing to its disk at shutdown (a write is stuck); not waiting for it');
+    if (!(await resolvesWithin(nativeClosed, leftMs(), this.clock))) this.warn('NBD export still writing to its disk at shutdown (a write is stuck); not waiting for it');
     // The listener closes once every socket has: a native connection's
     // socket stays open until its thread lets go, and a thread in a READ
     // from a hung disk does not. Not waited for beyond the grace either.
-    let closeTimer: { cancel(): void } | undefined;
-    const closedLate = await Promise.race([
-      closed.then(() => false),
-      new Promise<boolean>((resolve) => {
-        closeTimer = this.clock.setTimer(() => resolve(true), leftMs());
-      }),
-    ]);
-    closeTimer?.cancel();
-    if (closedLate) this.warn('NBD connection thread still in a disk read at shutdown (the disk hangs); not waiting for it');
+    if (!(await resolvesWithin(closed, leftMs(), this.clock))) this.warn('NBD connection thread still in a disk read at shutdown (the disk hangs); not waiting for it');
   }
 
   connectionFinished(conn: NbdConnection): void {

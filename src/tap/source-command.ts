@@ -3,7 +3,7 @@ import { parseCommandArgs, parseIntegerOption, type Command } from '../daemon/co
 import { createLogger } from '../daemon/logger';
 import { StateLock } from '../daemon/state-lock';
 import { createMetrics } from '../daemon/metrics';
-import { systemClock } from '../platform/clock';
+import { resolvesWithin, systemClock } from '../platform/clock';
 import { SourceShipping } from '../transport/source-shipping';
 import { SourceControl } from '../daemon/source-control';
 import { CONTROL_SECRET_ENV } from '../daemon/tag-command';
@@ -254,7 +254,7 @@ export const sourceCommand: Command = {
       // A running resync stops with its progress saved; the next start
       // resumes it. One whose read (or cut) waits on a hung disk never
       // settles: it gets a third of the bound, the role's seal the rest.
-      const resyncsStopped = resyncs === undefined || (await settlesWithin(resyncs.stop(), Math.floor(stopTimeoutMs / 3)));
+      const resyncsStopped = resyncs === undefined || (await resolvesWithin(resyncs.stop().catch(() => undefined), Math.floor(stopTimeoutMs / 3)));
       const resyncsLeft = resyncsStopped ? [] : disks.map((d) => d.id).filter((id) => resyncs!.state(id).state === 'running');
       const resyncPart = resyncsLeft.length > 0 ? `the resync of disk ${resyncsLeft.join(', ')} still waits (its progress up to the last checkpoint is saved)` : undefined;
       try {
@@ -291,19 +291,6 @@ export const sourceCommand: Command = {
     return 0;
   },
 };
-
-/** True when `work` settles (either way) within `timeoutMs`; false when it is still pending then (it is left to run). */
-async function settlesWithin(work: Promise<unknown>, timeoutMs: number): Promise<boolean> {
-  let timer: NodeJS.Timeout | undefined;
-  const settled = await Promise.race([
-    work.then(() => true, () => true),
-    new Promise<boolean>((resolve) => {
-      timer = setTimeout(() => resolve(false), timeoutMs);
-    }),
-  ]);
-  clearTimeout(timer);
-  return settled;
-}
 
 /** Per-disk status of a source that does not ship (its logs stay in --log-dir). */
 function trackerStatus(tracker: ChangeTracker) {

@@ -1,6 +1,6 @@
 import { NbdServer, type NbdServerAddress } from './nbd-server';
 import type { NbdConnectionLimits } from './nbd-connection';
-import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
+import { resolvesWithin, systemClock, type Clock, type TimerHandle } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
 import { ChangeTracker, type ChangeTrackerOptions, type ResyncReport, type SealedLogInfo } from '../tracking/change-tracker';
@@ -220,14 +220,7 @@ export class SourceRole {
         }),
       );
     })();
-    let timer: TimerHandle | undefined;
-    const inTime = await Promise.race([
-      work.then(() => true),
-      new Promise<boolean>((resolve) => {
-        timer = this.clock.setTimer(() => resolve(false), timeoutMs);
-      }),
-    ]);
-    timer?.cancel();
+    const inTime = await resolvesWithin(work, timeoutMs, this.clock);
     if (!inTime) {
       const nbd = this.server.shutdownLeftovers();
       const left: SourceStopLeftovers = {

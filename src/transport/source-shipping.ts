@@ -1,6 +1,6 @@
 import type { Logger } from '../daemon/logger';
 import type { Metrics } from '../daemon/metrics';
-import type { Clock, TimerHandle } from '../platform/clock';
+import { resolvesWithin, type Clock, type TimerHandle } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { DiskHealth } from '../retry/health';
 import type { RetryPolicy } from '../retry/retry-policy';
@@ -135,11 +135,7 @@ export class SourceShipping {
    */
   async finish(timeoutMs?: number): Promise<boolean> {
     this.sealed();
-    let timer: NodeJS.Timeout | undefined;
-    const shipped = timeoutMs === undefined
-      ? await this.drain().then(() => true)
-      : await Promise.race([this.drain().then(() => true), new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(false), timeoutMs); })]);
-    clearTimeout(timer);
+    const shipped = timeoutMs === undefined ? await this.drain().then(() => true) : await resolvesWithin(this.drain(), timeoutMs);
     await this.stop();
     return shipped;
   }
