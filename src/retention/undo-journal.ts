@@ -9,6 +9,7 @@ import { HrlWriter, HRL_WRITER_DEFAULTS, type HrlWriterFile } from '../tracking/
 import { syncDirectory } from '../platform/durable-file';
 import { RETENTION_LAYOUT, seqOfUndoFile, undoFileName } from './retention-format';
 import { writevAll } from '../platform/io-vectors';
+import { BackgroundSync } from '../platform/background-sync';
 
 /** Pre-images are read from the target in pieces of at most this many bytes (bounds memory). */
 export const UNDO_READ_CHUNK_BYTES = 1024 * 1024;
@@ -81,9 +82,7 @@ export class SparseSegmentFile implements HrlWriterFile {
   private fileBytes = 0;
   /** Bytes left as holes so far. */
   holeBytes = 0;
-  private writtenSinceSyncBytes = 0;
-  private writeback: Promise<void> | undefined;
-  private writebackError: unknown;
+  private readonly writeback = new BackgroundSync(() => this.fh.datasync(), () => SEGMENT_WRITEBACK_BYTES);
 
   private constructor(private readonly fh: fsp.FileHandle) {}
 
@@ -127,32 +126,19 @@ export class SparseSegmentFile implements HrlWriterFile {
       }
       keep(buffer, keptFrom, buffer.length, bufferAt + keptFrom);
     }
+    let writtenBytes = 0;
     for (const run of runs) {
       const where = await writevAll(this.fh, run.buffers, run.position);
       this.record(run.position, where);
       this.fileBytes = Math.max(this.fileBytes, where);
-      this.writtenSinceSyncBytes += run.bytes;
+      writtenBytes += run.bytes;
     }
     this.endBytes = Math.max(this.endBytes, at);
-    if (this.writtenSinceSyncBytes >= SEGMENT_WRITEBACK_BYTES && this.writeback === undefined) {
-      this.writtenSinceSyncBytes = 0;
-      this.writeback = this.fh
-        .datasync()
-        .catch((err: unknown) => {
-          this.writebackError ??= err;
-        })
-        .finally(() => {
-          this.writeback = undefined;
-        });
-    }
+    this.writeback.wrote(writtenBytes);
   }
 
   async datasync(): Promise<void> {
-    await this.writeback;
-    const failed = this.writebackError;
-    this.writebackError = undefined;
-    if (failed !== undefined) throw failed;
-    this.writtenSinceSyncBytes = 0;
+    await this.writeback.settle();
     if (this.fileBytes < this.endBytes) {
       await this.fh.truncate(this.endBytes);
       this.fileBytes = this.endBytes;
@@ -161,7 +147,7 @@ export class SparseSegmentFile implements HrlWriterFile {
   }
 
   async close(): Promise<void> {
-    await this.writeback;
+    await this.writeback.idle();
     await this.fh.close();
   }
 

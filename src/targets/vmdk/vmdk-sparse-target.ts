@@ -33,6 +33,7 @@ import {
   gtSectors,
   type SparseHeader,
 } from './vmdk-format';
+import { BackgroundSync } from '../../platform/background-sync';
 import { buffersAfter, writevAll } from '../../platform/io-vectors';
 
 /** Clean grain tables kept in memory (2 KiB each: 8 MiB, mapping 128 GiB). Dirty ones stay until flushed. */
@@ -142,10 +143,8 @@ export class VmdkSparseTarget implements DiskTarget {
   private dataEndSector: number;
   private unflushedGrains = 0;
   private wroteData = false;
-  private writtenSinceSyncBytes = 0;
-  /** A sync started in the background, and the first error one met (reported by the next flush). */
-  private writeback: Promise<void> | undefined;
-  private writebackError: unknown;
+  /** Syncs started in the background as grains are written; the first error one met is reported by the next flush. */
+  private readonly writeback = new BackgroundSync(() => this.handle.datasync(), () => VmdkSparseTarget.writebackBytes);
   /** True while flushLocked runs: its own grain-table writes start no background sync (see kickWriteback). */
   private flushing = false;
   /** Whether this session already gave the embedded descriptor a new CID. */
@@ -462,7 +461,7 @@ export class VmdkSparseTarget implements DiskTarget {
         }
       } finally {
         this.claim?.release();
-        await this.writeback;
+        await this.writeback.idle();
         await this.handle.close();
       }
     });
@@ -523,17 +522,7 @@ export class VmdkSparseTarget implements DiskTarget {
    * grain tables that never reached the disk.
    */
   private kickWriteback(bytes: number): void {
-    this.writtenSinceSyncBytes += bytes;
-    if (this.flushing || this.writtenSinceSyncBytes < VmdkSparseTarget.writebackBytes || this.writeback !== undefined) return;
-    this.writtenSinceSyncBytes = 0;
-    this.writeback = this.handle
-      .datasync()
-      .catch((err: unknown) => {
-        this.writebackError ??= err;
-      })
-      .finally(() => {
-        this.writeback = undefined;
-      });
+    this.writeback.wrote(bytes, !this.flushing);
   }
 
   private async flushLocked(): Promise<void> {
@@ -547,11 +536,9 @@ export class VmdkSparseTarget implements DiskTarget {
   }
 
   private async flushWithoutWriteback(): Promise<void> {
-    await this.writeback;
-    const failed = this.writebackError;
-    this.writebackError = undefined;
-    if (failed !== undefined) throw wrapError(failed, 'BR_IO', `sync on ${this.file} failed`);
-    this.writtenSinceSyncBytes = 0;
+    await this.writeback.settle().catch((err: unknown) => {
+      throw wrapError(err, 'BR_IO', `sync on ${this.file} failed`);
+    });
     if (this.dirty.size === 0 && !this.gdDirty) {
       if (this.wroteData) await this.io(() => this.handle.datasync(), 'sync');
       this.wroteData = false;
