@@ -496,11 +496,15 @@ describe('logs held back by a resync session are bounded', () => {
     for (const h of running.splice(0).reverse()) await h.stop();
   });
 
-  it('ends a hold when another disk\'s uploads leave the spool less than an eighth free, though no log of the held disk arrives', async () => {
-    const dir = tmp();
+  /**
+   * A master target serving `mtDisks` behind a process server with the
+   * smallest spool the config allows (64 MiB), disk0's first log applied,
+   * and a resync session of disk0 open at that process server (anchored
+   * after log 1), which holds disk0's later logs.
+   */
+  async function startWithHeldSession(dir: string, mtDisks: string[], seed: number) {
     const extra = { ...quiet(), retryPolicy: FAST_RETRY };
-    // The master target knows disk0 only: disk1's logs stay in the process server's spool and fill it.
-    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'disk0.img')}` }] }), hrlLogOps, extra);
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: mtDisks.map((id) => ({ id, target: `raw:${path.join(dir, `${id}.img`)}` })) }), hrlLogOps, extra);
     await mt.start();
     running.push(mt);
     const spoolBytes = 64 * 1024 * 1024;
@@ -508,14 +512,20 @@ describe('logs held back by a resync session are bounded', () => {
     await ps.start();
     running.push(ps);
     const psPeer = { url: ps.url, secret: SECRET };
-    const rand = prng(9);
+    const rand = prng(seed);
     const disk0 = Buffer.alloc(DISK_SIZE);
     const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, disk0, rand);
     await sendLog(psPeer, first.envelope, first.file);
     await ps.drain();
     await mt.drain();
-    const ch = channel(ps.url, SESSION_A, { afterSeq: 1 });
-    await ch.open();
+    await channel(ps.url, SESSION_A, { afterSeq: 1 }).open();
+    return { mt, ps, psPeer, rand, disk0, spoolBytes };
+  }
+
+  it('ends a hold when another disk\'s uploads leave the spool less than an eighth free, though no log of the held disk arrives', async () => {
+    const dir = tmp();
+    // The master target knows disk0 only: disk1's logs stay in the process server's spool and fill it.
+    const { mt, ps, psPeer, rand, disk0, spoolBytes } = await startWithHeldSession(dir, ['disk0'], 9);
     // The session holds about 10 MiB, well below its quarter.
     let held = 0;
     let seq0 = 2;
@@ -551,25 +561,8 @@ describe('logs held back by a resync session are bounded', () => {
 
   it('ends a session whose held logs pass a quarter of the spool: they go on, and another disk is never refused for them', async () => {
     const dir = tmp();
-    const extra = { ...quiet(), retryPolicy: FAST_RETRY };
-    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: ['disk0', 'disk1'].map((id) => ({ id, target: `raw:${path.join(dir, `${id}.img`)}` })) }), hrlLogOps, extra);
-    await mt.start();
-    running.push(mt);
-    // The smallest spool the config allows: 64 MiB, so a session may hold 16 MiB.
-    const spoolBytes = 64 * 1024 * 1024;
-    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, cache: { dir: path.join(dir, 'cache'), maxBytes: spoolBytes }, forward: { url: mt.url, secret: MT_SECRET } }), hrlLogOps, extra);
-    await ps.start();
-    running.push(ps);
-    const psPeer = { url: ps.url, secret: SECRET };
-    const rand = prng(5);
-    const disk0 = Buffer.alloc(DISK_SIZE);
-    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, disk0, rand);
-    await sendLog(psPeer, first.envelope, first.file);
-    await ps.drain();
-    await mt.drain();
-
-    const ch = channel(ps.url, SESSION_A, { afterSeq: 1 });
-    await ch.open();
+    // A 64 MiB spool: a session may hold 16 MiB.
+    const { mt, ps, psPeer, rand, disk0, spoolBytes } = await startWithHeldSession(dir, ['disk0', 'disk1'], 5);
     // The source writes on: about 40 MiB of logs arrive for the held disk.
     let sent = 0;
     let seq = 2;
