@@ -72,7 +72,7 @@ interface Answer {
 }
 
 /** Writes a request's body and ends it; rejects if the body cannot be written (the request is destroyed then). */
-type BodyWriter = (req: http.ClientRequest) => Promise<void>;
+export type BodyWriter = (req: http.ClientRequest) => Promise<void>;
 
 function request(peer: PeerOptions, method: string, path: string, headers: Record<string, string>, body: Readable | BodyWriter | undefined, onBodySent?: () => void): Promise<Answer> {
   const url = new URL(path, peer.url);
@@ -235,13 +235,23 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
 
 /** Uploads one sealed log file with its envelope; resolves when the peer holds it durably. */
 export async function sendLog(peer: PeerOptions, envelope: LogEnvelope, file: string, options: SendOptions = {}): Promise<SendResult> {
+  return sendLogBody(peer, envelope, logFileBody(file, options), options);
+}
+
+/**
+ * Uploads one log whose body `body` writes (an lz4 frame stream when
+ * `options.lz4`, else the log itself, `envelope.logLength` bytes); resolves
+ * when the peer holds it durably. A cut-through forward passes on an
+ * upload as it arrives this way (cut-through-forward.ts).
+ */
+export async function sendLogBody(peer: PeerOptions, envelope: LogEnvelope, body: BodyWriter, options: Pick<SendOptions, 'lz4' | 'onBodySent'> = {}): Promise<SendResult> {
   const headers: Record<string, string> = {
     ...envelopeHeaders(envelope),
     'content-type': 'application/octet-stream',
   };
   if (options.lz4) headers['x-blockrelay-encoding'] = 'lz4';
   else headers['content-length'] = String(envelope.logLength);
-  const answer = await request(peer, 'PUT', logPath(envelope.diskId, envelope.seq), headers, logFileBody(file, options), options.onBodySent);
+  const answer = await request(peer, 'PUT', logPath(envelope.diskId, envelope.seq), headers, body, options.onBodySent);
   if (answer.status === 200 || answer.status === 201) return { status: answer.status, duplicate: answer.status === 200 };
   throw errorFromResponse(answer.status, answer.body);
 }

@@ -125,6 +125,22 @@ export class Lz4FrameEncoder extends Transform {
     return out;
   }
 
+  /**
+   * Encodes `chunk` as blocks of its own (64 KiB at most each; a frame's
+   * blocks may be shorter than its block size) and carries nothing over to
+   * the next call: for a stream of chunks that are never reused, such as
+   * the chunks an upload arrives in, which a cut-through forward passes on
+   * (cut-through-forward.ts). Every stored block is then a view of `chunk`
+   * and no byte is copied, where `encode` copies every block that straddles
+   * two chunks. Not to be mixed with `encode` in one frame.
+   */
+  encodeChunk(chunk: Buffer): Buffer[] {
+    if (this.pendingBytes > 0) throw new Error('encodeChunk after encode left a partial block');
+    const out: Buffer[] = [];
+    for (let at = 0; at < chunk.length; at += LZ4_FRAME_BLOCK_BYTES) this.block(chunk.subarray(at, Math.min(chunk.length, at + LZ4_FRAME_BLOCK_BYTES)), out);
+    return out;
+  }
+
   /** The last (short) block, if any, and the end mark. */
   finish(): Buffer[] {
     const out: Buffer[] = [];

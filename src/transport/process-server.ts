@@ -4,12 +4,14 @@ import type { BlockrelayConfig } from '../daemon/config';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { DiskHealth } from '../retry/health';
 import { BandwidthLimiter } from './bandwidth-limiter';
+import { CutThroughForward } from './cut-through-forward';
 import { DiskDrain, spoolQueue } from './disk-drain';
 import { sendLog, type PeerOptions } from './log-client';
 import type { LogOps } from './log-ops';
 import type { SpoolEntry } from './log-spool';
 import { ApplyingHop, type ApplyingHopOptions, type DiskApplyStatus } from './master-target';
-import { validateDiskId } from './transport-protocol';
+import type { Route, RouteContext } from './http-api';
+import { HEADER, parseEnvelope, PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
 import { UploadPipeline } from './upload-pipeline';
 import type { ResyncDiskAccess } from './resync-route';
 
@@ -25,7 +27,34 @@ interface ForwardedDisk {
   readonly pipeline: UploadPipeline<SpoolEntry>;
   readonly health: DiskHealth;
   forwardedBytesTotal: number;
+  /**
+   * The next hop answered this hop's last upload of the disk with success.
+   * Until then nothing is cut through: a next hop that holds no log of the
+   * disk takes any sequence number as its first (upload-pipeline.ts).
+   */
+  established: boolean;
+  /** The newest log whose whole body went to the next hop (either way): a cut-through of the log after it may start. */
+  lastSentSeq: number | undefined;
+  /** Logs forwarded while they arrived, by sequence number (at most CUT_THROUGH_MAX_LOGS). */
+  readonly cutThroughs: Map<number, CutThrough>;
+  /** Logs forwarded while they arrived and answered by the next hop (status, tests). */
+  cutThroughLogsTotal: number;
 }
+
+/** A log forwarded while it arrived (cut-through-forward.ts). */
+interface CutThrough {
+  readonly xxhash64: string;
+  readonly forward: CutThroughForward;
+  /** True once the next hop holds it; false if the forward failed (the log then goes from the spool). */
+  readonly outcome: Promise<boolean>;
+}
+
+/**
+ * Cut-through forwards one disk may have under way: the next hop takes up
+ * to three uploads of a disk at once (log-receiver.ts), and a log forwarded
+ * from the spool may be one of them.
+ */
+const CUT_THROUGH_MAX_LOGS = 2;
 
 /**
  * The process server: receives sealed logs from sources, verifies them
@@ -41,6 +70,7 @@ interface ForwardedDisk {
 export class ProcessServer extends ApplyingHop {
   private readonly forwarded = new Map<string, ForwardedDisk>();
   private readonly limiter: BandwidthLimiter | undefined;
+  private stopping = false;
 
   constructor(
     options: ApplyingHopOptions,
@@ -78,6 +108,9 @@ export class ProcessServer extends ApplyingHop {
   }
 
   override async stop(): Promise<void> {
+    this.stopping = true;
+    for (const d of this.forwarded.values()) for (const c of d.cutThroughs.values()) c.forward.abandon('the process server is stopping');
+    await Promise.all([...this.forwarded.values()].flatMap((d) => [...d.cutThroughs.values()].map((c) => c.outcome)));
     await Promise.all([...this.forwarded.values()].map(async (d) => {
       await d.drain.stop();
       await d.pipeline.stop();
@@ -109,6 +142,11 @@ export class ProcessServer extends ApplyingHop {
     return [...local, ...forwarded];
   }
 
+  /** Logs of a forwarded disk that went to the master target while they arrived, answered there (cutThrough). */
+  cutThroughLogsTotal(diskId: string): number {
+    return this.forwarded.get(diskId)?.cutThroughLogsTotal ?? 0;
+  }
+
   /** A forwarded disk's resync session is relayed to the master target, after this hop's spool up to the anchor is forwarded. */
   protected override resyncAccess(diskId: string): ResyncDiskAccess | undefined {
     const local = super.resyncAccess(diskId);
@@ -134,6 +172,10 @@ export class ProcessServer extends ApplyingHop {
       diskId,
       health,
       forwardedBytesTotal: 0,
+      established: false,
+      lastSentSeq: undefined,
+      cutThroughs: new Map(),
+      cutThroughLogsTotal: 0,
       pipeline: new UploadPipeline<SpoolEntry>({
         key: (entry) => entry.envelope.seq,
         send: (entry, onBodySent) => this.forwardOne(disk, entry, onBodySent),
@@ -161,10 +203,31 @@ export class ProcessServer extends ApplyingHop {
 
   private async forwardOne(disk: ForwardedDisk, entry: SpoolEntry, onBodySent: () => void): Promise<void> {
     const forward = this.forward!;
+    const { seq, xxhash64 } = entry.envelope;
+    // Forwards of older logs are settled (the drain goes in order): forget them.
+    for (const older of disk.cutThroughs.keys()) if (older < seq) disk.cutThroughs.delete(older);
+    const cut = disk.cutThroughs.get(seq);
+    if (cut !== undefined) {
+      disk.cutThroughs.delete(seq);
+      if (cut.xxhash64 === xxhash64) {
+        if (await cut.forward.bodySent) onBodySent();
+        // Held by the next hop already: nothing to send (its stage events went out as it happened).
+        if (await cut.outcome) return;
+      }
+    }
     this.reportStage('forward', 'start', entry);
     try {
-      await sendLog(forward.peer, entry.envelope, entry.file, { lz4: true, limiter: this.limiter, onBodySent });
+      await sendLog(forward.peer, entry.envelope, entry.file, {
+        lz4: true,
+        limiter: this.limiter,
+        onBodySent: () => {
+          disk.lastSentSeq = seq;
+          onBodySent();
+        },
+      });
+      disk.established = true;
     } catch (err) {
+      disk.established = false;
       if (isBlockrelayError(err) && err.code === 'BR_SEQ_GAP') {
         // We send oldest first and delete only after an ack, so a master
         // target expecting an older log lost state we no longer hold.
@@ -175,6 +238,74 @@ export class ProcessServer extends ApplyingHop {
     disk.forwardedBytesTotal += entry.sizeBytes;
     this.metrics.shippedBytesTotal.inc({ disk: disk.diskId, hop: 'process-server' }, entry.sizeBytes);
     this.reportStage('forward', 'done', entry);
+  }
+
+  /** The upload route passes each log it takes on to the next hop as it arrives, when it may (cutThrough). */
+  protected override routes(): Route[] {
+    const uploadPattern = `/${PROTOCOL_VERSION}/disks/:disk/logs/:seq`;
+    return super.routes().map((route) => (route.method === 'PUT' && route.pattern === uploadPattern
+      ? {
+          ...route,
+          handler: (ctx: RouteContext) => {
+            this.cutThrough(ctx);
+            return route.handler(ctx);
+          },
+        }
+      : route));
+  }
+
+  /**
+   * Starts forwarding an arriving log to the master target at once, beside
+   * its receipt here (cut-through-forward.ts), so a log's latency is about
+   * the longer of the two hops rather than their sum. Only where the
+   * forward from the spool would send this log next anyway: the disk is
+   * forwarded (not applied here), the link is not paced (a paced link
+   * would hold the upload back), the master target answered this hop's last
+   * upload of the disk and has the whole body of the log before (so it
+   * refuses this one as a gap, never takes it as a first log, if that one
+   * fails), the disk is not held by a resync session, retrying or stopped,
+   * and the log is not a resend of one held here. Anything else, and any
+   * failure of the forward, leaves the log to the spool's forwarder, which
+   * skips a log the master target already answered for.
+   */
+  private cutThrough(ctx: RouteContext): void {
+    if (this.forward === undefined || this.limiter !== undefined || this.stopping) return;
+    try {
+      const diskId = ctx.params.disk!;
+      const disk = this.forwarded.get(diskId);
+      if (disk === undefined || super.acceptsDisk(diskId) || ctx.req.headers[HEADER.encoding] !== undefined) return;
+      const envelope = parseEnvelope(diskId, ctx.params.seq!, ctx.req.headers);
+      const { seq } = envelope;
+      if (!disk.established || disk.lastSentSeq !== seq - 1 || disk.cutThroughs.has(seq) || disk.cutThroughs.size >= CUT_THROUGH_MAX_LOGS) return;
+      if (disk.drain.state !== 'idle' && disk.drain.state !== 'busy') return;
+      const nextSeq = this.ledger.get(diskId).nextSeq;
+      if ((nextSeq !== null && seq < nextSeq) || this.spool.get(diskId, seq) !== undefined) return;
+      const pseudoEntry: SpoolEntry = { envelope, file: '', sizeBytes: envelope.logLength };
+      if (disk.drain.holds(pseudoEntry)) return;
+      const forward = new CutThroughForward({ peer: this.forward.peer, envelope, incoming: ctx.req, response: ctx.res });
+      this.reportStage('forward', 'start', pseudoEntry);
+      void forward.bodySent.then((sent) => {
+        if (sent && (disk.lastSentSeq === undefined || disk.lastSentSeq < seq)) disk.lastSentSeq = seq;
+      });
+      const outcome = forward.result.then(
+        () => {
+          disk.established = true;
+          disk.cutThroughLogsTotal++;
+          disk.forwardedBytesTotal += envelope.logLength;
+          this.metrics.shippedBytesTotal.inc({ disk: diskId, hop: 'process-server' }, envelope.logLength);
+          this.reportStage('forward', 'done', pseudoEntry);
+          return true;
+        },
+        (err: unknown) => {
+          disk.established = false;
+          this.logger.debug({ disk: diskId, seq, err }, `cut-through of log ${seq} failed; it goes from the spool`);
+          return false;
+        },
+      );
+      disk.cutThroughs.set(seq, { xxhash64: envelope.xxhash64, forward, outcome });
+    } catch {
+      // A malformed upload: the receiver refuses it with its own coded error.
+    }
   }
 }
 

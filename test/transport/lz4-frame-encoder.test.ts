@@ -104,6 +104,30 @@ describe('LZ4 frame encoder', () => {
     for (const { frame } of [paced, unpaced]) expect((await decode(frame)).equals(data)).toBe(true);
   });
 
+  it('encodes each chunk as blocks of its own, passing stored blocks on as views of the chunk', async () => {
+    const data = Buffer.concat([random(300_001, 8), Buffer.alloc(200_000), random(65_536, 9)]);
+    const encoder = new Lz4FrameEncoder({ minSaving: LZ4_MIN_SAVING_UNPACED });
+    const pieces: Buffer[] = [await Lz4FrameEncoder.header()];
+    let viewed = 0;
+    for (let at = 0, i = 0; at < data.length; i++) {
+      const chunk = Buffer.from(data.subarray(at, Math.min(data.length, at + [65_536, 1, 100_000, 12_345][i % 4]!)));
+      at += chunk.length;
+      for (const piece of encoder.encodeChunk(chunk)) {
+        // A view of the chunk's own memory: nothing was copied.
+        if (piece.buffer === chunk.buffer && piece.length > 4) viewed += piece.length;
+        pieces.push(piece);
+      }
+    }
+    pieces.push(...encoder.finish());
+    expect((await decode(Buffer.concat(pieces))).equals(data)).toBe(true);
+    expect(encoder.compressedBlocks).toBeGreaterThan(0);
+    expect(viewed).toBeGreaterThan(300_000);
+    // Mixed with encode's carried-over partial block it refuses.
+    const mixed = new Lz4FrameEncoder();
+    mixed.encode(Buffer.alloc(10));
+    expect(() => mixed.encodeChunk(Buffer.alloc(10))).toThrow(/partial block/);
+  });
+
   it('writes frames the lz4 command-line tool decodes', async () => {
     if (!requireTool('lz4')) return;
     const dir = tmp();

@@ -1,0 +1,179 @@
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { validateConfig } from '../../src/daemon/config';
+import { BlockrelayError } from '../../src/retry/blockrelay-error';
+import { hrlLogOps } from '../../src/transport/hrl-log-ops';
+import { sendLog } from '../../src/transport/log-client';
+import type { LogOps } from '../../src/transport/log-ops';
+import type { LogStageEvent } from '../../src/transport/log-stage-events';
+import { masterTargetFromConfig } from '../../src/transport/master-target';
+import { processServerFromConfig } from '../../src/transport/process-server';
+import { envelopeHeaders, logPath, type LogEnvelope } from '../../src/transport/transport-protocol';
+import { useTempDirs } from '../helpers/tmp';
+import { DISK_SIZE, FAST_RETRY, makeLog, MT_SECRET, prng, quiet, SECRET } from './transport-fixture';
+
+/** Waits until `check` holds, polling (bounded). */
+async function until(check: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Sends `body` as the upload of `envelope`, then breaks the connection off after `sendBytes` of it. */
+async function brokenUpload(url: string, envelope: LogEnvelope, body: Buffer, sendBytes: number): Promise<void> {
+  const req = http.request(new URL(logPath(envelope.diskId, envelope.seq), url), {
+    method: 'PUT',
+    headers: { ...envelopeHeaders(envelope), authorization: `Bearer ${SECRET}`, 'content-length': String(body.length) },
+  });
+  req.on('error', () => undefined);
+  await new Promise<void>((resolve) => req.write(body.subarray(0, sendBytes), () => resolve()));
+  await new Promise((r) => setTimeout(r, 200));
+  req.destroy();
+}
+
+describe('process server cut-through', () => {
+  const tmp = useTempDirs();
+  const cleanup: Array<() => Promise<void>> = [];
+  afterEach(async () => {
+    for (const c of cleanup.splice(0).reverse()) await c();
+  });
+
+  /**
+   * A master target and a process server forwarding to it. The process
+   * server's [MS-HRL] verification (the last step before its answer) can be
+   * held for a log (`hold`) or made to fail once for one (`failOnce`), so a
+   * test sees what the master target does before the process server answers.
+   */
+  async function hopsOf(dir: string) {
+    const applied: LogStageEvent[] = [];
+    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), hrlLogOps, {
+      ...quiet(),
+      retryPolicy: FAST_RETRY,
+      onStage: (e) => {
+        if (e.stage === 'apply' && e.phase === 'done') applied.push(e);
+      },
+    });
+    await mt.start();
+    cleanup.push(() => mt.stop());
+    const gates = new Map<number, Promise<void>>();
+    const failures = new Set<number>();
+    const ops: LogOps = {
+      ...hrlLogOps,
+      verify: async (file, diskSizeBytes) => {
+        await hrlLogOps.verify(file, diskSizeBytes);
+        const seq = Number(/(\d{20})\.hrl/.exec(file)?.[1]);
+        await gates.get(seq);
+        if (failures.delete(seq)) throw new BlockrelayError('BR_IO', `simulated failure of the process server's spool for log ${seq}`);
+      },
+    };
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), ops, { ...quiet(), retryPolicy: FAST_RETRY });
+    await ps.start();
+    cleanup.push(() => ps.stop());
+    const hold = (seq: number): (() => void) => {
+      let open!: () => void;
+      gates.set(seq, new Promise<void>((resolve) => { open = resolve; }));
+      return open;
+    };
+    const appliedSeq = (): number | null => mt.diskStatus()[0]?.appliedSeq ?? null;
+    const appliesOf = (seq: number): number => applied.filter((e) => e.seq === seq).length;
+    return { mt, ps, hold, failOnce: (seq: number) => failures.add(seq), appliedSeq, appliesOf };
+  }
+
+  it('forwards a log to the master target while it still arrives, and does not send it again from the spool', async () => {
+    const dir = tmp();
+    const { mt, ps, hold, appliedSeq, appliesOf } = await hopsOf(dir);
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(31);
+    const peer = { url: ps.url, secret: SECRET };
+    // The first log goes from the spool: nothing is cut through before the master target answered one.
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, rand, 40);
+    await sendLog(peer, first.envelope, first.file);
+    await ps.drain();
+    expect(ps.cutThroughLogsTotal('disk0')).toBe(0);
+
+    const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand, 40);
+    const open = hold(2);
+    let answered = false;
+    const upload = sendLog(peer, second.envelope, second.file).finally(() => { answered = true; });
+    // The master target applies log 2 while the process server has not answered it yet.
+    await until(() => appliedSeq() === 2, 'the master target applied log 2');
+    expect(answered).toBe(false);
+    open();
+    expect((await upload).status).toBe(201);
+    await ps.drain();
+    await mt.drain();
+    expect(ps.cutThroughLogsTotal('disk0')).toBe(1);
+    expect(appliesOf(2)).toBe(1);
+    expect(ps.spool.bytesUsed).toBe(0);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+    expect(ps.diskStatus()[0]!.health).toBe('OK');
+  }, 60_000);
+
+  it('a damaged or broken-off upload forwarded in part is refused by the master target too, and the resend converges', async () => {
+    const dir = tmp();
+    const { mt, ps, appliedSeq, appliesOf } = await hopsOf(dir);
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(32);
+    const peer = { url: ps.url, secret: SECRET };
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, rand, 40);
+    await sendLog(peer, first.envelope, first.file);
+    await ps.drain();
+
+    // Log 2 damaged on the way: both hops find the hash does not match.
+    const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand, 60);
+    const good = fs.readFileSync(second.file);
+    const damaged = Buffer.from(good);
+    damaged[Math.floor(damaged.length / 2)]! ^= 0x40;
+    const damagedFile = path.join(dir, 'damaged.hrl');
+    fs.writeFileSync(damagedFile, damaged);
+    await expect(sendLog(peer, second.envelope, damagedFile)).rejects.toMatchObject({ code: 'BR_UPLOAD_HASH_MISMATCH' });
+    // Log 2 broken off halfway: the forward is cut off with it.
+    await brokenUpload(ps.url, second.envelope, good, Math.floor(good.length / 2));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(appliedSeq()).toBe(1);
+    expect(mt.spool.bytesUsed).toBe(0);
+
+    expect((await sendLog(peer, second.envelope, second.file)).status).toBe(201);
+    await ps.drain();
+    await mt.drain();
+    expect(appliedSeq()).toBe(2);
+    expect(appliesOf(2)).toBe(1);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+    // Nothing of the refused uploads is left in either hop's store.
+    for (const store of [path.join(dir, 'ps'), path.join(dir, 'mt')]) {
+      const left = fs.readdirSync(store, { recursive: true }).map(String).filter((f) => f.endsWith('.tmp') || f.endsWith('.hrl'));
+      expect(left).toEqual([]);
+    }
+  }, 60_000);
+
+  it('a log the master target took while the process server failed to keep it is a duplicate when the source sends it again', async () => {
+    const dir = tmp();
+    const { mt, ps, failOnce, appliedSeq, appliesOf } = await hopsOf(dir);
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(33);
+    const peer = { url: ps.url, secret: SECRET };
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, rand, 40);
+    await sendLog(peer, first.envelope, first.file);
+    await ps.drain();
+
+    const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand, 40);
+    failOnce(2);
+    await expect(sendLog(peer, second.envelope, second.file)).rejects.toMatchObject({ code: 'BR_IO' });
+    await until(() => appliedSeq() === 2, 'the master target applied log 2');
+    // The source resends what was not acknowledged; then the next log follows.
+    expect((await sendLog(peer, second.envelope, second.file)).status).toBe(201);
+    const third = await makeLog(path.join(dir, 'src'), 'disk0', 3, model, rand, 40);
+    expect((await sendLog(peer, third.envelope, third.file)).status).toBe(201);
+    await ps.drain();
+    await mt.drain();
+    expect(appliedSeq()).toBe(3);
+    expect(appliesOf(2)).toBe(1);
+    expect(ps.spool.bytesUsed).toBe(0);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+    expect(ps.diskStatus()[0]!.health).toBe('OK');
+  }, 60_000);
+});
