@@ -152,6 +152,8 @@ export class ResyncTargetService {
   /** A flush started early, in the background (see startWriteback). */
   private writeback: Promise<void> = Promise.resolve();
   private writebackRunning = false;
+  /** The first failed background flush: every later requested flush fails with it. */
+  private writebackFailure: unknown;
   private bytesSinceWriteback = 0;
   /** Writes on their way to the target: a write waits only for those it overlaps, a flush for all. */
   private readonly inFlight = new Set<InFlightWrite>();
@@ -190,6 +192,10 @@ export class ResyncTargetService {
           // for the ones still running as well makes the flush cover them too.
           await Promise.allSettled([...this.inFlight].map((w) => w.done));
           await this.writeback;
+          // A failed background flush fails this one and every later one:
+          // the kernel reports a writeback error once, so a clean sync now
+          // would not mean the writes before it reached the disk.
+          if (this.writebackFailure !== undefined) throw this.writebackFailure;
           await this.target.flush();
           return encodeFlushReply();
       }
@@ -238,8 +244,8 @@ export class ResyncTargetService {
    * Starts a flush in the background every WRITEBACK_BYTES of writes, so the
    * data is on its way to the disk while the resync goes on comparing, and
    * the flushes the source asks for (checkpoints, the end) find little left
-   * to do. It promises nothing: an early flush's failure is dropped, and the
-   * next requested flush, which waits for it, fails or succeeds on its own.
+   * to do. Its failure is kept: every later requested flush fails with it
+   * (the source's resync then resumes from its last saved cursor).
    */
   private startWriteback(runs: readonly WriteRun[]): void {
     for (const r of runs) this.bytesSinceWriteback += r.data.length;
@@ -248,7 +254,9 @@ export class ResyncTargetService {
     this.writebackRunning = true;
     this.writeback = this.target
       .flush()
-      .catch(() => undefined)
+      .catch((err: unknown) => {
+        this.writebackFailure ??= err;
+      })
       .finally(() => {
         this.writebackRunning = false;
       });

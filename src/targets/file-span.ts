@@ -58,6 +58,8 @@ export class FileSpan {
   readonly sizeBytes: number;
   private readonly handle: fsp.FileHandle;
   private readonly fileOffset: number;
+  /** The first failed datasync, if any: see {@link FileSpan.datasync}. */
+  private syncFailure: unknown;
   private readonly regularFile: boolean;
   private readonly ownsFileTail: boolean;
   private readonly punchAlignBytes: number;
@@ -224,8 +226,24 @@ export class FileSpan {
     return parts.length === 1 ? parts[0] : Buffer.concat(parts);
   }
 
+  /**
+   * fdatasync. Once one failed, every later call fails too: the kernel
+   * reports a writeback error to one fdatasync per open file and marks the
+   * pages it could not write clean, so a later sync would succeed although
+   * writes made before the failure may be gone. Whoever wrote through this
+   * span must not take that success for durability (raw, VHD and flat VMDK
+   * targets, the resync target service's background flushes).
+   */
   async datasync(): Promise<void> {
-    await this.io(() => this.handle.datasync(), 'flush');
+    if (this.syncFailure !== undefined) {
+      throw new BlockrelayError('BR_IO', `flush on ${this.path}: an earlier flush failed, so writes before it may be lost; no flush succeeds on this handle again`, { cause: this.syncFailure });
+    }
+    try {
+      await this.io(() => this.handle.datasync(), 'flush');
+    } catch (err) {
+      this.syncFailure ??= err;
+      throw err;
+    }
   }
 
   /** Closes the descriptor once the work on the thread pool that holds it has settled. */

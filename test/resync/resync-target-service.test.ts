@@ -36,8 +36,9 @@ class SlowDisk extends MemoryDisk {
 
   override async flush(): Promise<void> {
     this.flushes++;
+    const fail = this.failFlushes;
     await new Promise((resolve) => setTimeout(resolve, 10));
-    if (this.failFlushes) throw new Error('SlowDisk: injected flush failure');
+    if (fail) throw new Error('SlowDisk: injected flush failure');
     this.flushedAfter = this.landed.length;
   }
 }
@@ -91,13 +92,24 @@ describe('ResyncTargetService writes', () => {
     expect(expectReply(await service.handle(encodeWriteRequest(runs)), MSG_WRITE_REPLY)).toBe(5);
     // 5 MiB written: one background flush is under way without being asked for.
     expect(disk.flushes).toBe(1);
-    // An early flush that fails promises nothing; the requested one runs on its own and reports its own result.
-    disk.failFlushes = true;
-    await service.handle(encodeWriteRequest([run(8 * 1024 * KiB, 9, 4 * 1024 * KiB)]));
-    const failed = await service.handle(encodeFlushRequest());
-    expect(() => expectReply(failed, MSG_FLUSH_REPLY)).toThrow(/injected flush failure/);
-    disk.failFlushes = false;
     expect(expectReply(await service.handle(encodeFlushRequest()), MSG_FLUSH_REPLY)).toBe(0);
-    expect(disk.flushedAfter).toBe(6);
+    expect(disk.flushedAfter).toBe(5);
+  });
+
+  it('keeps a failed background flush: the requested flush and every later one fail, though the disk would sync cleanly again', async () => {
+    const disk = new SlowDisk(() => 0);
+    const service = new ResyncTargetService(disk, await BlockHasher.create());
+    // The background flush these 4 MiB start fails once; after it the disk syncs
+    // cleanly, as Linux's fdatasync does after reporting a writeback error once.
+    disk.failFlushes = true;
+    expect(expectReply(await service.handle(encodeWriteRequest([run(0, 9, 4 * 1024 * KiB)])), MSG_WRITE_REPLY)).toBe(1);
+    expect(disk.flushes).toBe(1);
+    disk.failFlushes = false;
+    for (let i = 0; i < 2; i++) {
+      const reply = await service.handle(encodeFlushRequest());
+      expect(() => expectReply(reply, MSG_FLUSH_REPLY)).toThrow(/injected flush failure/);
+    }
+    // Nothing after the failure was taken as durable.
+    expect(disk.flushedAfter).toBe(-1);
   });
 });
