@@ -38,13 +38,22 @@ export const APP_TAG_NAME_MAX_BYTES = 200;
 export class AppTagger {
   private timer: TimerHandle | undefined;
   private running: Promise<unknown> = Promise.resolve();
+  /**
+   * Whether the schedule runs. A scheduled tag still in flight when stop()
+   * is called must not arm the next one as it settles: the timer would keep
+   * a stopped source alive and freeze the application on a closed role.
+   */
+  private scheduled = false;
 
   constructor(private readonly options: AppTaggerOptions) {}
 
   start(): void {
-    if (this.options.intervalMs <= 0 || this.timer !== undefined) return;
+    if (this.options.intervalMs <= 0 || this.scheduled) return;
+    this.scheduled = true;
     const schedule = (): void => {
+      if (!this.scheduled) return;
       this.timer = this.options.clock.setTimer(() => {
+        this.timer = undefined;
         this.tag({ name: 'scheduled' }).catch((err: unknown) => this.options.onError?.(err as BlockrelayError)).finally(schedule);
       }, this.options.intervalMs);
     };
@@ -52,6 +61,7 @@ export class AppTagger {
   }
 
   stop(): void {
+    this.scheduled = false;
     this.timer?.cancel();
     this.timer = undefined;
   }

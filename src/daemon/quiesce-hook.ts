@@ -25,7 +25,10 @@ export interface QuiesceHook {
 
 function runPhase(hook: QuiesceHook, phase: 'freeze' | 'thaw', env: Record<string, string>, timeoutMs: number): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = spawn('/bin/sh', ['-c', `${hook.command} ${phase}`], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    // In a process group of its own, so a timeout kills what the hook started
+    // too: an `fsfreeze -f` left running past it would freeze the file
+    // system after we gave up and thawed.
+    const child = spawn('/bin/sh', ['-c', `${hook.command} ${phase}`], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     let output = '';
     const keep = (d: Buffer): void => {
       if (output.length < QUIESCE_DEFAULTS.outputBytesMax) output += d.toString('utf8');
@@ -33,7 +36,7 @@ function runPhase(hook: QuiesceHook, phase: 'freeze' | 'thaw', env: Record<strin
     child.stdout.on('data', keep);
     child.stderr.on('data', keep);
     const timer = setTimeout(() => {
-      child.kill('SIGKILL');
+      killGroup(child.pid);
       reject(new BlockrelayError('BR_QUIESCE_FAILED', `quiesce hook '${hook.command} ${phase}' did not finish within ${timeoutMs} ms`));
     }, timeoutMs);
     child.on('error', (err) => {
@@ -48,13 +51,31 @@ function runPhase(hook: QuiesceHook, phase: 'freeze' | 'thaw', env: Record<strin
   });
 }
 
+/** SIGKILLs a hook's whole process group (its shell and everything it started). */
+function killGroup(pid: number | undefined): void {
+  if (pid === undefined) return;
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    // Already gone.
+  }
+}
+
 /**
  * freeze → `cut()` → thaw. Returns what the cut returned. Without a hook the
  * cut alone runs (the tag still marks the point the operator asked for).
+ * A freeze that fails or times out is thawed all the same (a hook may have
+ * frozen one file system before failing on the next), and its error is the
+ * one reported; no cut is taken then.
  */
 export async function withQuiesce<T>(hook: QuiesceHook | undefined, env: Record<string, string>, cut: () => Promise<T>): Promise<T> {
   if (hook === undefined) return cut();
-  await runPhase(hook, 'freeze', env, hook.freezeTimeoutMs ?? QUIESCE_DEFAULTS.freezeTimeoutMs);
+  try {
+    await runPhase(hook, 'freeze', env, hook.freezeTimeoutMs ?? QUIESCE_DEFAULTS.freezeTimeoutMs);
+  } catch (err) {
+    await runPhase(hook, 'thaw', env, hook.thawTimeoutMs ?? QUIESCE_DEFAULTS.thawTimeoutMs).catch(() => undefined);
+    throw err;
+  }
   let result: T;
   try {
     result = await cut();

@@ -40,9 +40,21 @@ describe('quiesce hook', () => {
     expect(cut).toBe(false);
   });
 
-  it('bounds a hook that hangs', async () => {
+  it('thaws after a freeze that failed part-way, and reports the freeze error', async () => {
     const dir = tmp();
-    await expect(withQuiesce({ command: hookScript(dir, 'sleep 30'), freezeTimeoutMs: 300 }, {}, async () => 1)).rejects.toMatchObject({ code: 'BR_QUIESCE_FAILED', message: expect.stringContaining('did not finish within 300 ms') });
+    await expect(withQuiesce({ command: hookScript(dir, '[ "$1" = freeze ] && { echo second fs busy >&2; exit 3; }') }, {}, async () => 1)).rejects.toMatchObject({ code: 'BR_QUIESCE_FAILED', message: expect.stringContaining('second fs busy') });
+    expect(fs.readFileSync(path.join(dir, 'phases'), 'utf8')).toMatch(/^freeze.*\nthaw/);
+  });
+
+  it('bounds a hook that hangs, kills what it started, and thaws', async () => {
+    const dir = tmp();
+    const late = path.join(dir, 'late');
+    // The freeze's child outlives its shell unless the whole group is killed.
+    const body = `[ "$1" = freeze ] && { (sleep 1; touch ${late}) & wait; }`;
+    await expect(withQuiesce({ command: hookScript(dir, body), freezeTimeoutMs: 300 }, {}, async () => 1)).rejects.toMatchObject({ code: 'BR_QUIESCE_FAILED', message: expect.stringContaining('did not finish within 300 ms') });
+    expect(fs.readFileSync(path.join(dir, 'phases'), 'utf8')).toMatch(/^freeze.*\nthaw/);
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    expect(fs.existsSync(late)).toBe(false);
   });
 });
 
@@ -74,5 +86,31 @@ describe('AppTagger', () => {
     tagger.stop();
     expect(clock.pendingTimers()).toBe(0);
     await expect(tagger.tag({ name: 'x'.repeat(300) })).rejects.toMatchObject({ code: 'BR_USAGE' });
+  });
+
+  it('arms no new schedule when a scheduled tag in flight settles after stop', async () => {
+    const clock = new SimulatedClock(0);
+    let release!: () => void;
+    let cuts = 0;
+    const tagger = new AppTagger({
+      clock,
+      hook: undefined,
+      intervalMs: 60 * 60_000,
+      select: () => ['disk0'],
+      cut: async () => {
+        cuts++;
+        await new Promise<void>((resolve) => { release = resolve; });
+        return { cutId: `c${cuts}`, cutTimeMs: clock.now() };
+      },
+    });
+    tagger.start();
+    await clock.advance(60 * 60_000);
+    expect(cuts).toBe(1);
+    tagger.stop();
+    release();
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    expect(clock.pendingTimers()).toBe(0);
+    await clock.advance(3 * 60 * 60_000);
+    expect(cuts).toBe(1);
   });
 });
