@@ -21,6 +21,9 @@ export interface HrlApplyOptions {
   readonly onLogApplied?: (log: HrlVerifiedLog) => void;
 }
 
+/** A log to apply: a file, or a log held in memory (`bytes` is its whole content, `path` names it in errors). */
+export type HrlApplyInput = string | { readonly path: string; readonly bytes: Buffer };
+
 export interface HrlApplyResult {
   readonly logs: readonly HrlVerifiedLog[];
   readonly entriesApplied: number;
@@ -35,9 +38,11 @@ export interface HrlApplyResult {
  * HRL_READ_CHUNK_BYTES, and the target is flushed at the end.
  *
  * The log files stay open from verification to apply; a file replaced or
- * rewritten in between by another process is outside this guarantee.
+ * rewritten in between by another process is outside this guarantee. A log
+ * held in memory is written to the target from views of its buffer, which
+ * must not change until this resolves.
  */
-export async function applyHrlLogs(target: DiskTarget, files: readonly string[], options: HrlApplyOptions = {}): Promise<HrlApplyResult> {
+export async function applyHrlLogs(target: DiskTarget, files: readonly HrlApplyInput[], options: HrlApplyOptions = {}): Promise<HrlApplyResult> {
   if (target.capabilities.readOnly) {
     throw new BlockrelayError('BR_TARGET_READ_ONLY', `${target.spec} is read-only; cannot apply logs`, { details: { spec: target.spec } });
   }
@@ -45,7 +50,7 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly string[],
   try {
     const verified: HrlVerifiedLog[] = [];
     for (const file of files) {
-      const log = await HrlLogFile.open(file);
+      const log = typeof file === 'string' ? await HrlLogFile.open(file) : HrlLogFile.fromBytes(file.path, file.bytes);
       opened.push(log);
       verified.push(await log.verify({ diskSizeBytes: target.sizeBytes, alignmentBytes: target.capabilities.alignmentBytes, checkPayloads: options.checkPayloads ?? true }));
     }
@@ -54,7 +59,7 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly string[],
         const prev = verified[i - 1]!.header;
         const cur = verified[i]!.header;
         if (cur.previousUniqueId !== prev.uniqueId) {
-          throw hrlDamage('BR_HRL_CHAIN_BROKEN', files[i]!, HRL_PREVIOUS_UNIQUE_ID_OFFSET, `PreviousUniqueId ${cur.previousUniqueId} is not the UniqueId ${prev.uniqueId} of ${files[i - 1]}`, { expected: prev.uniqueId });
+          throw hrlDamage('BR_HRL_CHAIN_BROKEN', opened[i]!.path, HRL_PREVIOUS_UNIQUE_ID_OFFSET, `PreviousUniqueId ${cur.previousUniqueId} is not the UniqueId ${prev.uniqueId} of ${opened[i - 1]!.path}`, { expected: prev.uniqueId });
         }
       }
     }
@@ -76,12 +81,13 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly string[],
         let spanBytes = 0;
         const applySpan = async (): Promise<void> => {
           if (span.length === 0) return;
-          await log.readExact(spanStart, spanBytes, 'payload', chunk);
+          // A log in memory is written from views of its own buffer, no copy.
+          const data = await log.view(spanStart, spanBytes, 'payload', chunk);
           let at = 0;
           for (const e of span) {
             // The target may keep the buffer until the write completes; the
             // next read waits for that, so one chunk buffer is enough.
-            if (e.dataLength > 0) await target.write(e.byteOffset, chunk.subarray(at, at + e.dataLength));
+            if (e.dataLength > 0) await target.write(e.byteOffset, data.subarray(at, at + e.dataLength));
             at += e.dataLength;
             entries++;
             bytes += e.dataLength;
@@ -94,7 +100,7 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly string[],
           if (entry.dataLength > chunk.length) {
             for (let done = 0; done < entry.dataLength; ) {
               const n = Math.min(chunk.length, entry.dataLength - done);
-              const data = await log.readPayload(entry, done, n, chunk);
+              const data = await log.view(entry.payloadFileOffset + done, n, 'payload', chunk);
               await target.write(entry.byteOffset + done, data.subarray(0, n));
               done += n;
             }

@@ -110,12 +110,27 @@ let spareChunk: Buffer | undefined;
  * structure ([MS-HRL] §2.2-§2.6 plus the sanity rules of the notes §3) and
  * every payload before anything is yielded; `entries()` then walks the
  * verified blocks in apply order and `readPayload()` reads their data.
+ *
+ * A log may also be read from memory (`fromBytes`): the master target keeps
+ * a log it applies on receipt in one buffer instead of a temp file. The
+ * checks are the same; `view()` then hands out views of that buffer where a
+ * file would be read into a scratch buffer.
  */
 export class HrlLogFile {
   /** Payload read buffer, allocated on first use and kept for the file's life. */
   private chunk: Buffer | undefined;
 
-  private constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly fileSizeBytes: number) {}
+  private constructor(readonly path: string, private readonly fh: fsp.FileHandle | undefined, readonly fileSizeBytes: number, private readonly bytes?: Buffer) {}
+
+  /** A log whose whole content is `bytes`, named `name` in errors (nothing is copied; the caller keeps the buffer unchanged while it is read). */
+  static fromBytes(name: string, bytes: Buffer): HrlLogFile {
+    return new HrlLogFile(name, undefined, bytes.length, bytes);
+  }
+
+  /** True when the log is read from memory (`fromBytes`). */
+  get inMemory(): boolean {
+    return this.bytes !== undefined;
+  }
 
   static async open(filePath: string): Promise<HrlLogFile> {
     let fh: fsp.FileHandle;
@@ -134,7 +149,7 @@ export class HrlLogFile {
   }
 
   async close(): Promise<void> {
-    await this.fh.close().catch(() => undefined);
+    await this.fh?.close().catch(() => undefined);
     // Callers await every read before closing, so nothing is reading into it.
     if (this.chunk !== undefined) spareChunk ??= this.chunk;
     this.chunk = undefined;
@@ -146,11 +161,15 @@ export class HrlLogFile {
       throw hrlDamage('BR_HRL_TRUNCATED', this.path, offset, `${what} needs ${length} bytes but the file ends at ${this.fileSizeBytes}`, { fileSizeBytes: this.fileSizeBytes });
     }
     const buf = into ?? Buffer.alloc(length);
+    if (this.bytes !== undefined) {
+      this.bytes.copy(buf, 0, offset, offset + length);
+      return buf;
+    }
     let done = 0;
     while (done < length) {
       let n: number;
       try {
-        ({ bytesRead: n } = await this.fh.read(buf, done, length - done, offset + done));
+        ({ bytesRead: n } = await this.fh!.read(buf, done, length - done, offset + done));
       } catch (err) {
         throw wrapError(err, 'BR_IO', `reading ${this.path} at byte ${offset + done}`);
       }
@@ -158,6 +177,16 @@ export class HrlLogFile {
       done += n;
     }
     return buf;
+  }
+
+  /**
+   * `length` bytes at `offset`: a view of the log's buffer when it is in
+   * memory, else read into `scratch` (at least `length` bytes) like
+   * `readExact`. Either way the caller only reads the result.
+   */
+  async view(offset: number, length: number, what: string, scratch: Buffer): Promise<Buffer> {
+    if (this.bytes === undefined || offset + length > this.fileSizeBytes) return this.readExact(offset, length, what, scratch.length === length ? scratch : scratch.subarray(0, length));
+    return this.bytes.subarray(offset, offset + length);
   }
 
   /** Reads and checks the file header (cookie, version, checksum, fields), not EOLLocation. */
@@ -208,9 +237,9 @@ export class HrlLogFile {
     let unverified = 0;
     for (let i = blockOffsets.length - 1; i >= 0; i--) {
       const offset = blockOffsets[i]!;
-      await this.readExact(offset, ms, 'metadata block', block);
-      const checked = checkBlockEntries(block, offset, payloadStart, this.path, options);
-      if (options.checkPayloads !== false) await this.verifyPayloads(block, offset, payloadStart, checked.validEntries);
+      const bytes = await this.view(offset, ms, 'metadata block', block);
+      const checked = checkBlockEntries(bytes, offset, payloadStart, this.path, options);
+      if (options.checkPayloads !== false) await this.verifyPayloads(bytes, offset, payloadStart, checked.validEntries);
       unverified += checked.unverified;
       blocks.push({ offset, previousMetadataLocation: checked.previousMetadataLocation, validEntries: checked.validEntries, payloadStart });
       entryCount += checked.validEntries;
@@ -227,10 +256,10 @@ export class HrlLogFile {
    */
   async *entries(verified: HrlVerifiedLog): AsyncGenerator<HrlLogEntry> {
     const ms = verified.header.metadataSize;
-    const block = Buffer.alloc(ms);
+    const scratch = Buffer.alloc(ms);
     let index = 0;
     for (const info of verified.blocks) {
-      await this.readExact(info.offset, ms, 'metadata block', block);
+      const block = await this.view(info.offset, ms, 'metadata block', scratch);
       checkBlockEntries(block, info.offset, info.payloadStart, this.path, {});
       let payload = info.payloadStart;
       for (let e = 0; e < info.validEntries; e++) {
@@ -305,11 +334,11 @@ export class HrlLogFile {
     while (entry + 1 < validEntries && entryLeft === 0) nextEntry(payloadStart);
     for (let at = payloadStart; at < blockOffset; ) {
       const n = Math.min(HRL_READ_CHUNK_BYTES, blockOffset - at);
-      if (this.chunk === undefined) {
+      if (this.chunk === undefined && this.bytes === undefined) {
         this.chunk = spareChunk ?? Buffer.allocUnsafe(HRL_READ_CHUNK_BYTES);
         spareChunk = undefined;
       }
-      const chunk = await this.readExact(at, n, 'payload', this.chunk);
+      const chunk = this.bytes !== undefined ? await this.view(at, n, 'payload', EMPTY) : await this.readExact(at, n, 'payload', this.chunk!.subarray(0, n));
       let pos = 0;
       while (pos < n) {
         const take = Math.min(entryLeft, n - pos);
@@ -324,6 +353,9 @@ export class HrlLogFile {
     finishEntry();
   }
 }
+
+/** The scratch of a view that never reads a file. */
+const EMPTY = Buffer.alloc(0);
 
 function hex32(n: number): string {
   return n.toString(16).padStart(8, '0');

@@ -1,7 +1,14 @@
 import type { DiskTarget, Extent } from '../targets/disk-target';
 import { applyHrlLogs } from '../tracking/hrl-apply';
-import { HrlLogFile, verifyHrlLog } from '../tracking/hrl-reader';
+import { HrlLogFile } from '../tracking/hrl-reader';
+import { heldLogBytes } from './held-log';
 import type { LogOps } from './log-ops';
+
+/** Opens a log by name: from memory when it is held there (held-log.ts), else the file. */
+async function openLog(file: string): Promise<HrlLogFile> {
+  const bytes = heldLogBytes(file);
+  return bytes === undefined ? HrlLogFile.open(file) : HrlLogFile.fromBytes(file, bytes);
+}
 
 /**
  * The transport's LogOps over [MS-HRL] logs (src/tracking). `verify` checks
@@ -9,14 +16,21 @@ import type { LogOps } from './log-ops';
  * durable in a spool; `ranges` and `apply` then work on that same immutable
  * file, so they re-check structures and bounds but not every payload again
  * (a second and third full read of each log on the master target's path).
+ * A log the master target holds in memory (held-log.ts) is named like a
+ * file and read from its buffer.
  */
 export const hrlLogOps: LogOps = {
   async verify(file: string, diskSizeBytes: number | undefined): Promise<void> {
-    await verifyHrlLog(file, diskSizeBytes === undefined ? {} : { diskSizeBytes });
+    const log = await openLog(file);
+    try {
+      await log.verify(diskSizeBytes === undefined ? {} : { diskSizeBytes });
+    } finally {
+      await log.close();
+    }
   },
 
   async ranges(file: string): Promise<Extent[]> {
-    const log = await HrlLogFile.open(file);
+    const log = await openLog(file);
     try {
       const verified = await log.verify({ checkPayloads: false });
       const out: Extent[] = [];
@@ -28,7 +42,8 @@ export const hrlLogOps: LogOps = {
   },
 
   async apply(file: string, target: DiskTarget): Promise<{ entries: number; bytes: number }> {
-    const result = await applyHrlLogs(target, [file], { checkChain: false, checkPayloads: false });
+    const bytes = heldLogBytes(file);
+    const result = await applyHrlLogs(target, [bytes === undefined ? file : { path: file, bytes }], { checkChain: false, checkPayloads: false });
     return { entries: result.entriesApplied, bytes: result.bytesApplied };
   },
 };

@@ -4,6 +4,7 @@ import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { checkBoundedHolds } from './disk-drain';
 import { sendJson, type Route } from './http-api';
+import type { LogMemory } from './held-log';
 import type { LogSpool, SpoolEntry, StagedLog } from './log-spool';
 import { LEDGER_RECENT_MAX, type SequenceLedger } from './sequence-ledger';
 import { HEADER, parseEnvelope, PROTOCOL_VERSION, validateDiskId, type LogEnvelope } from './transport-protocol';
@@ -34,6 +35,12 @@ export interface LogReceiverOptions {
    * the log is spooled durably and handled as usual.
    */
   readonly applyOnReceive?: (entry: SpoolEntry) => Promise<boolean>;
+  /**
+   * A log to be applied on receipt is held in memory from this budget when
+   * it fits (held-log.ts): verified and applied from there, and written to a
+   * file only if it is spooled after all.
+   */
+  readonly memory?: LogMemory;
   /** Paces the interim answers sent while a log is applied on receipt (default: the system clock). */
   readonly clock?: Clock;
   readonly logger: Logger;
@@ -165,7 +172,7 @@ export class LogReceiver {
     try {
       // Applied on receipt, a log is never spooled: it is not fsynced while staged (commit() does it if it is spooled after all).
       const direct = this.options.applyOnReceive !== undefined && envelope.logLength <= APPLY_ON_RECEIVE_MAX_LOG_BYTES && this.options.spool.list(diskId).length === 0;
-      const staged = await this.options.spool.stage(envelope, req, { lz4: encoding === 'lz4', verify: this.options.verify, durable: !direct }).catch((err: unknown) => {
+      const staged = await this.options.spool.stage(envelope, req, { lz4: encoding === 'lz4', verify: this.options.verify, durable: !direct, ...(direct && this.options.memory !== undefined ? { memory: this.options.memory } : {}) }).catch((err: unknown) => {
         // Refused for want of room: a resync session's held logs yield it (the log finds room when sent again).
         if (isBlockrelayError(err) && err.code === 'BR_SPOOL_FULL') checkBoundedHolds(this.options.spool, undefined, envelope.logLength);
         throw err;

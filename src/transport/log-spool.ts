@@ -1,13 +1,14 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import { Transform, type Readable, type TransformCallback } from 'node:stream';
+import { Transform, Writable, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { Lz4FrameDecoder } from './lz4-frame-decoder';
 import { loadXxhash as xxhash } from '../platform/xxhash';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { seqName, TRANSPORT_LIMITS, validateDiskId, type LogEnvelope } from './transport-protocol';
 import { fsyncFile, syncDirectory } from '../platform/durable-file';
+import { holdLog, releaseHeldLog, type LogMemory } from './held-log';
 
 /**
  * A durable, ordered, size-bounded store of sealed logs per disk: the process
@@ -41,6 +42,13 @@ export interface ReceiveOptions {
    * fsyncs it first if it is committed after all.
    */
   readonly durable?: boolean;
+  /**
+   * Hold a log staged without `durable` in a buffer from this budget instead
+   * of a temp file, when it fits (held-log.ts): `verify` and the caller then
+   * read it from memory by its staged name, and `commit()` writes the file
+   * first. A log that does not fit is staged to a file as without it.
+   */
+  readonly memory?: LogMemory;
 }
 
 type Hasher = ReturnType<Awaited<ReturnType<typeof xxhash>>['create64']>;
@@ -134,7 +142,7 @@ export const SPOOL_WRITEBACK_STEP_BYTES = 32 * 1024 * 1024;
  * Streams an upload through `counter` into `out` (decoding lz4 first), and
  * turns a broken or short upload into a coded error.
  */
-async function receiveInto(envelope: LogEnvelope, body: Readable, lz4: boolean, counter: HashingCounter, out: fs.WriteStream): Promise<void> {
+async function receiveInto(envelope: LogEnvelope, body: Readable, lz4: boolean, counter: HashingCounter, out: Writable): Promise<void> {
   try {
     if (lz4) await pipeline(body, new Lz4FrameDecoder(), counter, out);
     else await pipeline(body, counter, out);
@@ -152,6 +160,41 @@ async function receiveInto(envelope: LogEnvelope, body: Readable, lz4: boolean, 
     throw new BlockrelayError('BR_UPLOAD_INCOMPLETE', `upload of ${envelope.diskId} seq ${envelope.seq} has ${counter.bytes} bytes, declared ${envelope.logLength}`);
   }
 }
+
+/** Copies what passes into one buffer of the log's declared length (a log held in memory). */
+class MemorySink extends Writable {
+  private at = 0;
+  constructor(private readonly into: Buffer) {
+    super({ highWaterMark: 1 << 20 });
+  }
+  override _write(chunk: Buffer, _enc: BufferEncoding, done: (err?: Error | null) => void): void {
+    // HashingCounter refuses bytes past the declared length before they reach here.
+    if (this.at + chunk.length > this.into.length) {
+      done(new BlockrelayError('BR_UPLOAD_TOO_LARGE', `upload is longer than its declared ${this.into.length} bytes`));
+      return;
+    }
+    chunk.copy(this.into, this.at);
+    this.at += chunk.length;
+    done();
+  }
+}
+
+/** Writes all of `bytes` to a new file and fsyncs it. */
+async function writeBytesSynced(file: string, bytes: Buffer): Promise<void> {
+  const fh = await fsp.open(file, 'wx');
+  try {
+    for (let at = 0; at < bytes.length; ) {
+      const { bytesWritten } = await fh.write(bytes, at, Math.min(bytes.length - at, HELD_LOG_WRITE_CHUNK_BYTES), at);
+      at += bytesWritten;
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** A held log is spooled to its file in writes of this size. */
+const HELD_LOG_WRITE_CHUNK_BYTES = 8 * 1024 * 1024;
 
 /**
  * The writeback a durable upload starts as it is written (see
@@ -204,7 +247,10 @@ class Writeback {
 /** An upload held durably and verified in a temp file, not yet visible in the spool. */
 export interface StagedLog {
   readonly envelope: LogEnvelope;
-  /** The complete, verified temp file (never visible in the spool until committed). */
+  /**
+   * The complete, verified temp file (never visible in the spool until
+   * committed), or the name the log is held in memory under (held-log.ts).
+   */
   readonly file: string;
   /** Makes it visible (envelope, rename, directory fsync); on failure nothing of it remains. */
   commit(): Promise<SpoolEntry>;
@@ -308,13 +354,22 @@ export class LogSpool {
     const tmp = `${base}.hrl.${stamp}.tmp`;
     const envelopeTmp = `${base}.json.${stamp}.tmp`;
     const envelopeText = JSON.stringify(envelope);
+    // Held in memory (never durable): named by `tmp`, which no file takes until commit() writes it.
+    let held = durable ? undefined : options.memory?.take(envelope.logLength);
     let settled = false;
     const release = (): void => {
       if (!settled) this.reservedBytes -= envelope.logLength;
       settled = true;
     };
+    const releaseHeld = (): void => {
+      if (held === undefined) return;
+      releaseHeldLog(tmp);
+      options.memory!.give(held);
+      held = undefined;
+    };
     const discard = async (): Promise<void> => {
       release();
+      releaseHeld();
       await fsp.rm(tmp, { force: true });
       await fsp.rm(envelopeTmp, { force: true });
     };
@@ -323,13 +378,19 @@ export class LogSpool {
       const hasher = await newXxhash64();
       const writeback = new Writeback(tmp);
       try {
-        const out = fs.createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 });
-        const counter = new HashingCounter(hasher, envelope.logLength, durable ? () => writeback.check(out.bytesWritten) : undefined);
-        await receiveInto(envelope, body, options.lz4, counter, out);
+        if (held !== undefined) {
+          const counter = new HashingCounter(hasher, envelope.logLength);
+          await receiveInto(envelope, body, options.lz4, counter, new MemorySink(held));
+        } else {
+          const out = fs.createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 });
+          const counter = new HashingCounter(hasher, envelope.logLength, durable ? () => writeback.check(out.bytesWritten) : undefined);
+          await receiveInto(envelope, body, options.lz4, counter, out);
+        }
         const actual = hashHex(hasher);
         if (actual !== envelope.xxhash64) {
           throw new BlockrelayError('BR_UPLOAD_HASH_MISMATCH', `upload of ${envelope.diskId} seq ${envelope.seq} hashes to ${actual}, declared ${envelope.xxhash64}`);
         }
+        if (held !== undefined) holdLog(tmp, held);
         await writeback.settled();
         // Both must succeed before the log may become visible; neither changes
         // the file. The envelope is made durable beside them, so committing
@@ -355,7 +416,8 @@ export class LogSpool {
       discard,
       commit: async () => {
         try {
-          if (!durable) await Promise.all([fsyncFile(tmp), writeFileSynced(envelopeTmp, envelopeText)]);
+          if (held !== undefined) await Promise.all([writeBytesSynced(tmp, held), writeFileSynced(envelopeTmp, envelopeText)]);
+          else if (!durable) await Promise.all([fsyncFile(tmp), writeFileSynced(envelopeTmp, envelopeText)]);
           // Envelope first: a log is never in place without it (open() drops one that is).
           await fsp.rename(envelopeTmp, `${base}.json`);
           await fsp.rename(tmp, `${base}.hrl`);
@@ -364,6 +426,7 @@ export class LogSpool {
           await discard();
           throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
         }
+        releaseHeld();
         const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
         const prior = this.get(envelope.diskId, envelope.seq);
         if (prior !== undefined) this.usedBytes -= prior.sizeBytes;

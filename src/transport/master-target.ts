@@ -13,6 +13,7 @@ import { DiskDrain, spoolQueue } from './disk-drain';
 import { HttpApi, sendJson, type Route } from './http-api';
 import type { LogOps } from './log-ops';
 import { LogReceiver } from './log-receiver';
+import { HELD_LOG_MEMORY_MAX_BYTES, LogMemory } from './held-log';
 import type { LogStageSink } from './log-stage-events';
 import { LogSpool, type SpoolEntry } from './log-spool';
 import { SequenceLedger } from './sequence-ledger';
@@ -96,6 +97,12 @@ export interface ApplyingHopOptions {
    * is spooled durably first.
    */
   readonly applyOnReceive?: boolean;
+  /**
+   * Bytes of logs applied on receipt that may be held in memory at once
+   * instead of temp files (default HELD_LOG_MEMORY_MAX_BYTES; 0 stages every
+   * log to a file).
+   */
+  readonly heldLogMaxBytes?: number;
 }
 
 /** Per-disk apply state kept in memory. */
@@ -115,8 +122,9 @@ interface AppliedDisk {
  * once, in order per disk, to the disk's target.
  *
  * Apply on receipt (master target): a log that arrives while its disk has
- * nothing queued is verified into a temp file that is never fsynced nor
- * made visible, applied at once, and only then answered 201. The sender
+ * nothing queued is held in memory (up to `heldLogMaxBytes` for all disks;
+ * past that, in a temp file that is never fsynced nor made visible),
+ * verified there, applied at once, and only then answered 201. The sender
  * keeps the log until that answer, so the master target needs no durable
  * copy of its own: a crash before the answer leaves the log with the
  * sender, which sends it again, and applying it again finishes whatever
@@ -166,7 +174,9 @@ export class ApplyingHop {
       acceptsDisk: (diskId) => this.acceptsDisk(diskId),
       isCritical: (diskId) => this.disks.get(diskId)?.drain.state === 'critical',
       onAccepted: (entry) => this.onAccepted(entry),
-      ...(options.applyOnReceive === true ? { applyOnReceive: (entry: SpoolEntry) => this.applyOnReceive(entry), clock: this.clock } : {}),
+      ...(options.applyOnReceive === true
+        ? { applyOnReceive: (entry: SpoolEntry) => this.applyOnReceive(entry), clock: this.clock, memory: new LogMemory(options.heldLogMaxBytes ?? HELD_LOG_MEMORY_MAX_BYTES) }
+        : {}),
       logger: this.logger,
       metrics: this.metrics,
       hop: options.hopName,

@@ -7,6 +7,7 @@ import { SimulatedClock, systemClock } from '../../src/platform/clock';
 import { BlockrelayError } from '../../src/retry/blockrelay-error';
 import { BandwidthLimiter } from '../../src/transport/bandwidth-limiter';
 import type { DiskTarget } from '../../src/targets/disk-target';
+import { heldLogBytes } from '../../src/transport/held-log';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { getDiskState, sendLog } from '../../src/transport/log-client';
 import { APPLY_ON_RECEIVE_KEEPALIVE_MS } from '../../src/transport/log-receiver';
@@ -138,6 +139,34 @@ describe('master target applying on receipt', () => {
     release();
     expect(await answer).toBe(201);
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  });
+
+  it('applies a log on receipt from memory, writing no file of it; past the memory bound, from a temp file', async () => {
+    for (const heldLogMaxBytes of [undefined, 0]) {
+      const dir = tmp();
+      const seen: Array<{ held: boolean; fileExists: boolean; inbox: string[] }> = [];
+      const watching: LogOps = {
+        ...hrlLogOps,
+        async apply(file: string, target: DiskTarget) {
+          seen.push({ held: heldLogBytes(file) !== undefined, fileExists: fs.existsSync(file), inbox: inboxFiles(dir) });
+          return hrlLogOps.apply(file, target);
+        },
+      };
+      const config = validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] });
+      const mt = masterTargetFromConfig(config, watching, { ...quiet(), retryPolicy: FAST_RETRY, ...(heldLogMaxBytes === undefined ? {} : { heldLogMaxBytes }) });
+      await mt.start();
+      running.push(mt);
+      const model = Buffer.alloc(DISK_SIZE);
+      const rand = prng(17);
+      for (let seq = 1; seq <= 2; seq++) {
+        const log = await makeLog(path.join(dir, 'src'), 'disk0', seq, model, rand);
+        expect((await sendLog({ url: mt.url, secret: SECRET }, log.envelope, log.file, { lz4: seq === 2 })).status).toBe(201);
+      }
+      expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+      if (heldLogMaxBytes === undefined) expect(seen).toEqual([{ held: true, fileExists: false, inbox: [] }, { held: true, fileExists: false, inbox: [] }]);
+      else expect(seen.map((s) => [s.held, s.fileExists, s.inbox.length])).toEqual([[false, true, 1], [false, true, 1]]);
+      expect(inboxFiles(dir)).toEqual([]);
+    }
   });
 
   it('spools a log whose apply on receipt failed, and the retrying drain applies it', async () => {
