@@ -7,6 +7,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -146,6 +147,9 @@ namespace {
 constexpr uint64_t kWritebackChunkBytes = 8ull << 20;
 // ...and bytes older than this behind the written end are dropped from the cache.
 constexpr uint64_t kCachedTailBytes = 32ull << 20;
+// Blocks are reserved up to this far past the written end, this many at a time.
+constexpr uint64_t kPreallocAheadBytes = 128ull << 20;
+constexpr uint64_t kPreallocStepBytes = 64ull << 20;
 }  // namespace
 
 void HrlAppenderCore::StartThreadLocked() {
@@ -189,6 +193,7 @@ int HrlAppenderCore::TakeFreeSpareLocked() {
 void HrlAppenderCore::IoLoop(bool recycles) {
   uint64_t writebackStarted = 0;
   uint64_t dropped = 0;
+  uint64_t preallocEnd = 0;
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     if (recycles) {
@@ -221,6 +226,26 @@ void HrlAppenderCore::IoLoop(bool recycles) {
     if (!recycles) continue;
     const uint64_t end = recycleSignalled_;
     lock.unlock();
+#if defined(__linux__) && defined(FALLOC_FL_KEEP_SIZE)
+    // Reserves the blocks ahead of the written end in large steps, so the
+    // appends land in allocated (unwritten) extents: appending to a file
+    // that allocates as it grows took the direct writes from 1.7 to 1.45
+    // GB/s on this disk, and made buffered appends cost several times the
+    // CPU. KEEP_SIZE leaves the file's size, so nothing a reader sees
+    // changes; Finish and Abandon give back what stays unused.
+    if (preallocOk_ && preallocEnd < end + kPreallocAheadBytes - kPreallocStepBytes) {
+      const uint64_t from = preallocEnd > end ? preallocEnd : end;
+      const uint64_t to = end + kPreallocAheadBytes;
+      if (fallocate(fd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(from), static_cast<off_t>(to - from)) == 0) {
+        preallocEnd = to;
+        preallocated_.store(true);
+      } else {
+        // Not supported here, or the space is short: append as before (a
+        // write that cannot get its blocks fails on its own).
+        preallocOk_ = false;
+      }
+    }
+#endif
 #if defined(__linux__) && defined(SYNC_FILE_RANGE_WRITE)
     // Queues the new range for writeback without waiting for it.
     sync_file_range(fd_, static_cast<off_t>(writebackStarted), static_cast<off_t>(end - writebackStarted), SYNC_FILE_RANGE_WRITE);
@@ -431,10 +456,12 @@ int HrlAppenderCore::Finish() {
   StopRecyclerLocked(lock);
   if (error_ != 0) {
     CloseDirectLocked();
+    ReleasePreallocLocked();
     return error_;
   }
   int err = CloseBlockLocked();
   CloseDirectLocked();
+  ReleasePreallocLocked();
   error_ = err != 0 ? err : EBADF;
   return err;
 }
@@ -444,7 +471,17 @@ void HrlAppenderCore::Abandon() {
   std::unique_lock<std::mutex> lock(mu_);
   StopRecyclerLocked(lock);
   CloseDirectLocked();
+  ReleasePreallocLocked();
   if (error_ == 0) error_ = EBADF;
+}
+
+void HrlAppenderCore::ReleasePreallocLocked() {
+  if (!preallocated_.exchange(false)) return;
+  // A truncate to the size the file has frees the blocks reserved past its
+  // end (ext4 truncates preallocated blocks even when the size stays). Best
+  // effort: what stays reserved only costs space until the log is deleted.
+  struct stat st;
+  if (fstat(fd_, &st) == 0) (void)ftruncate(fd_, st.st_size);
 }
 
 uint64_t HrlAppenderCore::SizeBytesLocked() const {

@@ -186,7 +186,8 @@ class HrlAppenderCore {
   // the cache once clean, so appends keep reusing the same few pages. A
   // thread of the appender's own does it, so no append waits for the disk.
   // One loop per I/O thread: writes queued spares, or (`recycles`, one
-  // thread) starts writeback and drops written ranges from the cache.
+  // thread) reserves blocks ahead of the written end, starts writeback and
+  // drops written ranges from the cache.
   void IoLoop(bool recycles);
   void StartThreadLocked();
   // Waits (mu_ held) until every queued spare is written; the first error, or 0.
@@ -194,6 +195,12 @@ class HrlAppenderCore {
   // Waits (mu_ held) for a free spare buffer; its index.
   int TakeFreeSpareLocked();
   void StopRecyclerLocked(std::unique_lock<std::mutex>& lock);
+  // Recycler thread only: whether fallocate still works on this file.
+  bool preallocOk_ = true;
+  // Set once blocks were reserved past the file's end: Finish and Abandon
+  // then give back those left unused.
+  std::atomic<bool> preallocated_{false};
+  void ReleasePreallocLocked();
   std::vector<std::thread> ioThreads_;
   std::condition_variable recycleCv_;
   bool recyclerStop_ = false;

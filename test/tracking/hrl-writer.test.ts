@@ -145,6 +145,51 @@ describe('HrlWriter -> HrlLogFile round trip', () => {
   });
 });
 
+describe('HrlWriter native appender block reservation', () => {
+  it('reserves blocks past the end of a growing log without changing its size, and gives them back when sealed', async () => {
+    const file = path.join(tempDir(), 'reserve.hrl');
+    const w = await HrlWriter.create(file);
+    expect(w.nativeAppender, 'a real file appends through the addon').toBeDefined();
+    const piece = bytes(7, 1 << 20);
+    for (let i = 0; i < 24; i++) await w.append(i * piece.length, piece);
+    await w.flush();
+    // The appender's own thread reserves ahead once 8 MiB are written;
+    // it runs beside the appends, so give it a moment.
+    const deadline = Date.now() + 5000;
+    let st = fs.statSync(file);
+    while (st.blocks * 512 < st.size + (32 << 20) && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 20));
+      st = fs.statSync(file);
+    }
+    expect(st.size, 'the size is what was written: readers see no reserved bytes').toBe(w.sizeBytes);
+    expect(st.blocks * 512, 'blocks are reserved past the end').toBeGreaterThanOrEqual(st.size + (32 << 20));
+    const sealed = await w.seal();
+    const after = fs.statSync(file);
+    expect(after.size).toBe(sealed.sizeBytes);
+    expect(after.blocks * 512, 'a sealed log keeps no reserved blocks').toBeLessThan(after.size + (1 << 20));
+    const entries = await readAllEntries(file);
+    expect(entries).toHaveLength(24);
+    for (const [i, e] of entries.entries()) {
+      expect(e.byteOffset).toBe(i * piece.length);
+      expect(e.data.equals(piece)).toBe(true);
+    }
+  });
+
+  it('gives the reserved blocks back when the log is closed unsealed', async () => {
+    const file = path.join(tempDir(), 'reserve-close.hrl');
+    const w = await HrlWriter.create(file);
+    const piece = bytes(9, 1 << 20);
+    for (let i = 0; i < 24; i++) await w.append(i * piece.length, piece);
+    await w.flush();
+    const deadline = Date.now() + 5000;
+    while (fs.statSync(file).blocks * 512 < fs.statSync(file).size + (32 << 20) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    expect(fs.statSync(file).blocks * 512).toBeGreaterThanOrEqual(fs.statSync(file).size + (32 << 20));
+    await w.close();
+    const after = fs.statSync(file);
+    expect(after.blocks * 512).toBeLessThan(after.size + (1 << 20));
+  });
+});
+
 describe('HrlWriter native appender under concurrent callers', () => {
   it('keeps every entry with its payload when a block close comes while an append waits for a staging buffer', async () => {
     // A small staging buffer makes the pool append wait for a free spare
