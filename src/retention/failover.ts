@@ -16,7 +16,7 @@ import { isSnapshotTarget, snapshotIdOf } from './blob-snapshots';
 import { PointView } from './point-view';
 import { diskRetentionPaths } from './retention-format';
 import { RetentionHooks } from './retention-hooks';
-import { listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest, writeFailoverRecord, type DiskManifest } from './retention-manifest';
+import { failoverComplete, listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest, writeFailoverRecord, type DiskManifest } from './retention-manifest';
 import { PointCatalog, resolvePoint, type RecoveryPoint } from './recovery-points';
 import { allocatedBytesOf } from './undo-journal';
 
@@ -283,9 +283,14 @@ export async function failover(options: FailoverOptions): Promise<FailoverResult
   let target: DiskTarget | undefined;
   try {
     const fast = view instanceof PointView ? rawToNewRaw(manifest.targetSpec, out, exists) : undefined;
+    // The record is written before the copy (a re-run with the same `out` may
+    // then overwrite a half-written output) and says complete only after the
+    // output is whole and flushed: commit deletes the history on its word.
+    const record = { version: 1 as const, diskId: options.diskId, out, pointId: point.id, atMs: (options.clock ?? systemClock).now() };
     if (fast !== undefined && view instanceof PointView) {
-      await writeFailoverRecord(options.retentionDir, { version: 1, diskId: options.diskId, out, pointId: point.id, atMs: (options.clock ?? systemClock).now() });
+      await writeFailoverRecord(options.retentionDir, { ...record, complete: false });
       const copy = await copyRawThenOverlay(view, fast.from, fast.to);
+      await writeFailoverRecord(options.retentionDir, { ...record, complete: true });
       return { diskId: options.diskId, point, out, drainedLogs, journalSegments: view.overlayLogs, copy };
     }
     const reuse = exists === true || (exists === undefined && ours);
@@ -293,8 +298,9 @@ export async function failover(options: FailoverOptions): Promise<FailoverResult
     if (target.sizeBytes !== view.sizeBytes) {
       throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `${out} holds ${target.sizeBytes} bytes but disk ${options.diskId} has ${view.sizeBytes}`, { details: { out } });
     }
-    await writeFailoverRecord(options.retentionDir, { version: 1, diskId: options.diskId, out, pointId: point.id, atMs: (options.clock ?? systemClock).now() });
+    await writeFailoverRecord(options.retentionDir, { ...record, complete: false });
     const copy = await copyDisk(new AlignedExtents(view), target, { targetIsZero: !reuse && target.capabilities.sparse });
+    await writeFailoverRecord(options.retentionDir, { ...record, complete: true });
     return { diskId: options.diskId, point, out, drainedLogs, journalSegments: view instanceof PointView ? view.overlayLogs : 0, copy };
   } finally {
     await target?.close();
@@ -313,6 +319,9 @@ export async function commitFailover(retentionDir: string, diskId: string): Prom
   const record = await readFailoverRecord(retentionDir, diskId);
   if (record === undefined) {
     throw new BlockrelayError('BR_POINT_NOT_FAILED_OVER', `disk ${diskId} is not failed over; run blockrelay failover first`, { details: { disk: diskId } });
+  }
+  if (!failoverComplete(record)) {
+    throw new BlockrelayError('BR_POINT_NOT_FAILED_OVER', `the last failover of disk ${diskId} to ${record.out} did not finish, so no complete copy exists; run blockrelay failover again before commit`, { details: { disk: diskId, out: record.out } });
   }
   const paths = diskRetentionPaths(retentionDir, diskId);
   // Page-blob points are snapshots: delete them first (this needs the blob's

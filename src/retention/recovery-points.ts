@@ -187,7 +187,11 @@ export class PointCatalog {
 
   /**
    * Appends records durably, first cutting off a torn tail so the file
-   * stays line-aligned. Returns the bytes appended.
+   * stays line-aligned. Returns the bytes appended. All or nothing: a write
+   * the file system takes short (a full retention volume takes what fits in
+   * the file's last block and says so only by the count) is written on
+   * until whole, and on any failure the file is cut back to where it was,
+   * so a half line never stays behind for the next append to follow.
    */
   async append(records: readonly CatalogRecord[], validBytes?: number, options: { sync?: boolean } = {}): Promise<number> {
     const bytes = Buffer.concat(records.map(encodeCatalogLine));
@@ -195,8 +199,18 @@ export class PointCatalog {
       if (validBytes !== undefined && fs.existsSync(this.file) && fs.statSync(this.file).size > validBytes) await fsp.truncate(this.file, validBytes);
       const fh = await fsp.open(this.file, 'a');
       try {
-        await fh.write(bytes);
-        if (options.sync ?? true) await fh.datasync();
+        const startBytes = (await fh.stat()).size;
+        try {
+          for (let done = 0; done < bytes.length; ) {
+            const { bytesWritten } = await fh.write(bytes, done, bytes.length - done);
+            if (bytesWritten <= 0) throw Object.assign(new Error('write took no bytes'), { code: 'EIO' });
+            done += bytesWritten;
+          }
+          if (options.sync ?? true) await fh.datasync();
+        } catch (err) {
+          await fh.truncate(startBytes).catch(() => undefined);
+          throw err;
+        }
       } finally {
         await fh.close();
       }

@@ -165,7 +165,7 @@ export const retentionStatusCommand: Command = {
     if (values.json === true) writeJson(io, usage);
     else {
       io.stderr.write(`${usage.dir}: ${usage.usedBytes} bytes of history, ${usage.volumeAvailableBytes} of ${usage.volumeTotalBytes} bytes free on the volume\n`);
-      for (const d of usage.disks) io.stderr.write(`  ${d.diskId}: ${d.points} point(s) ${d.oldestPointTime ?? '-'} .. ${d.newestPointTime ?? '-'}, ${d.journalSegments} segment(s), ${d.journalBytes} bytes on the volume (${d.journalApparentBytes} long)${d.failedOver ? ', failed over' : ''}\n`);
+      for (const d of usage.disks) io.stderr.write(`  ${d.diskId}: ${d.points} point(s) ${d.oldestPointTime ?? '-'} .. ${d.newestPointTime ?? '-'}, ${d.journalSegments} segment(s), ${d.journalBytes} bytes on the volume (${d.journalApparentBytes} long)${d.failedOver ? ', failed over' : ''}${d.failoverIncomplete ? ', failover did not finish' : ''}\n`);
     }
     return 0;
   },

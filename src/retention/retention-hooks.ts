@@ -11,7 +11,7 @@ import type { SpoolEntry } from '../transport/log-spool';
 import type { ApplyHooks, PointsSummary } from '../transport/master-target';
 import { readAppliedSeq, writeManifest, type DiskManifest } from './retention-manifest';
 import { DiskHistory } from './retention-pruner';
-import { pointRecordFromEnvelope, selectablePoints, type RecoveryPoint } from './recovery-points';
+import { pointRecordFromEnvelope, selectablePoints, type CatalogRecord, type RecoveryPoint } from './recovery-points';
 import { coalesceExtents, undoLogOccupiedBoundBytes, undoLogSizeBytes } from './undo-journal';
 import { BLOB_SNAPSHOT_DEFAULTS, isSnapshotTarget, snapshotDue, snapshotIdOf, snapshotPointRecord, type SnapshotTarget } from './blob-snapshots';
 import { INSTALL_DIR, systemVolumeProbe, validateRetentionVolume, type VolumeProbe } from './retention-volume';
@@ -141,7 +141,7 @@ export class RetentionHooks implements ApplyHooks {
         }
       }
       if (!recorded) {
-        await h.append([pointRecordFromEnvelope(entry.envelope)]);
+        await this.appendUnderPressure(h, [pointRecordFromEnvelope(entry.envelope)], seq);
       }
     });
   }
@@ -177,7 +177,7 @@ export class RetentionHooks implements ApplyHooks {
     if (newest !== undefined && newest.seq >= entry.envelope.seq) return; // re-run after a crash
     if (snapshotDue(newest, entry.envelope, this.options.snapshotIntervalMs ?? BLOB_SNAPSHOT_DEFAULTS.crashIntervalMs)) {
       const snap = await target.snapshot();
-      await h.append([snapshotPointRecord(entry.envelope, snap.spec)]);
+      await this.appendUnderPressure(h, [snapshotPointRecord(entry.envelope, snap.spec)], entry.envelope.seq);
     }
     const before = h.points;
     const dropped = await h.pruneWindow(this.clock.now(), this.windowMs);
@@ -251,6 +251,27 @@ export class RetentionHooks implements ApplyHooks {
     }
     if (pruned > 0) this.warnFull(h, `pruned the ${pruned} oldest point(s) to journal log ${seq}`);
     else this.health?.clear(h.diskId);
+  }
+
+  /**
+   * Appends a point's record; when the volume is full (the append is then
+   * undone whole: recovery-points.ts), the oldest points make room, as for
+   * a pre-image. Still full with one point left, it throws BR_DISK_FULL and
+   * the apply is retried under the policy.
+   */
+  private async appendUnderPressure(h: DiskHistory, records: readonly CatalogRecord[], seq: number): Promise<void> {
+    let pruned = 0;
+    for (;;) {
+      try {
+        await h.append(records);
+        if (pruned > 0) this.warnFull(h, `pruned the ${pruned} oldest point(s) to record point ${seq}`);
+        return;
+      } catch (err) {
+        if (wrapError(err, 'BR_IO', 'catalog').code !== 'BR_DISK_FULL' || h.points.length <= 1) throw err;
+        await h.dropOldestUnderPressure(1);
+        pruned++;
+      }
+    }
   }
 
   /**

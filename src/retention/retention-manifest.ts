@@ -32,6 +32,17 @@ export interface FailoverRecord {
   readonly out: string;
   readonly pointId: string;
   readonly atMs: number;
+  /**
+   * False while the copy runs (written before it, so a re-run may overwrite
+   * its output), true once the output is whole and flushed. A record
+   * without it predates the field and is complete.
+   */
+  readonly complete?: boolean;
+}
+
+/** Whether a failover record says its copy finished. */
+export function failoverComplete(record: FailoverRecord): boolean {
+  return record.complete !== false;
 }
 
 async function readJson(file: string, what: string): Promise<unknown> {
@@ -85,7 +96,7 @@ export async function readFailoverRecord(retentionDir: string, diskId: string): 
   const file = diskRetentionPaths(retentionDir, diskId).failover;
   const value = (await readJson(file, 'failover record')) as Partial<FailoverRecord> | undefined;
   if (value === undefined) return undefined;
-  if (value.version !== 1 || value.diskId !== diskId || typeof value.out !== 'string' || typeof value.pointId !== 'string' || !Number.isSafeInteger(value.atMs)) {
+  if (value.version !== 1 || value.diskId !== diskId || typeof value.out !== 'string' || typeof value.pointId !== 'string' || !Number.isSafeInteger(value.atMs) || (value.complete !== undefined && typeof value.complete !== 'boolean')) {
     throw new BlockrelayError('BR_RETENTION_MANIFEST_INVALID', `failover record ${file} is malformed`, { details: { file } });
   }
   return value as FailoverRecord;

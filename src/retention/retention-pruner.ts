@@ -3,7 +3,7 @@ import * as path from 'node:path';
 import { removeStrayTemporaries } from '../platform/durable-file';
 import { wrapError } from '../retry/blockrelay-error';
 import { diskRetentionPaths } from './retention-format';
-import { listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
+import { failoverComplete, listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
 import { appendToState, PointCatalog, type CatalogContents, type CatalogRecord, type RecoveryPoint } from './recovery-points';
 import { UndoJournal } from './undo-journal';
 import { systemVolumeProbe, type VolumeProbe } from './retention-volume';
@@ -152,6 +152,8 @@ export interface DiskRetentionUsage {
   readonly oldestPointTime: string | null;
   readonly newestPointTime: string | null;
   readonly failedOver: boolean;
+  /** A failover was started and did not finish (its output is not a whole copy). */
+  readonly failoverIncomplete: boolean;
 }
 
 export interface RetentionUsage {
@@ -172,6 +174,7 @@ export async function retentionUsage(retentionDir: string, probe: VolumeProbe = 
     const contents = await history.catalog.read(readAppliedSeq(manifest.stateDir, diskId));
     const segments = await history.journal.list();
     const journal = await history.journal.usage();
+    const failoverRecord = await readFailoverRecord(retentionDir, diskId);
     disks.push({
       diskId,
       journalBytes: journal.allocatedBytes,
@@ -181,7 +184,8 @@ export async function retentionUsage(retentionDir: string, probe: VolumeProbe = 
       points: contents.points.length,
       oldestPointTime: contents.points[0] === undefined ? null : new Date(contents.points[0].timeMs).toISOString(),
       newestPointTime: contents.points.length === 0 ? null : new Date(contents.points[contents.points.length - 1]!.timeMs).toISOString(),
-      failedOver: (await readFailoverRecord(retentionDir, diskId)) !== undefined,
+      failedOver: failoverRecord !== undefined && failoverComplete(failoverRecord),
+      failoverIncomplete: failoverRecord !== undefined && !failoverComplete(failoverRecord),
     });
   }
   const cap = fs.existsSync(retentionDir) ? probe.capacity(retentionDir) : { totalBytes: 0, availableBytes: 0 };

@@ -3,11 +3,13 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { failover, loadPoints } from '../../src/retention/failover';
+import { commitFailover, failover, loadPoints } from '../../src/retention/failover';
+import { retentionUsage } from '../../src/retention/retention-pruner';
+import { PointCatalog, type CatalogRecord } from '../../src/retention/recovery-points';
 import { systemVolumeProbe } from '../../src/retention/retention-volume';
 import type { ApplyingHop } from '../../src/transport/master-target';
 import { useTempDirs } from '../helpers/tmp';
-import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget } from './retention-fixture';
+import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from './retention-fixture';
 
 /** Whether this process may mount a tmpfs (root with CAP_SYS_ADMIN, as in the dev container). */
 function canMountTmpfs(): boolean {
@@ -22,8 +24,9 @@ function canMountTmpfs(): boolean {
   }
 }
 
-describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC on a 2 MiB tmpfs)', () => {
+describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC on a small tmpfs)', () => {
   const tmp = useTempDirs();
+  const retentionTmp = useRetentionDirs();
   const mounts: string[] = [];
   const running: ApplyingHop[] = [];
   afterEach(async () => {
@@ -73,5 +76,61 @@ describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC 
       await failover({ retentionDir, diskId: 'disk0', point: p.id, out: `raw:${out}` });
       expect(fs.readFileSync(out).equals(images.get(p.seq)!), p.id).toBe(true);
     }
+  });
+  it('takes a catalog append that the full volume takes short as failed, and leaves no half line behind', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-tiny-volume-'));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', dir]);
+    mounts.push(dir);
+    const catalog = new PointCatalog(path.join(dir, 'points.log'), 'disk0');
+    const point = (seq: number): CatalogRecord => ({ v: 1, t: 'point', seq, timeMs: 1_700_000_000_000 + seq * 60_000, kind: 'crash', cutId: `c${seq}` });
+    // Lines up to just short of a page: the next one needs a new block.
+    let seq = 1;
+    while (fs.existsSync(catalog.file) ? fs.statSync(catalog.file).size < 4096 - 160 : true) await catalog.append([point(seq++)]);
+    const before = fs.readFileSync(catalog.file);
+    expect(before.length).toBeLessThan(4096);
+    // Fill the volume to the last byte.
+    const filler = fs.openSync(path.join(dir, 'filler'), 'w');
+    try {
+      for (;;) fs.writeSync(filler, Buffer.alloc(4096));
+    } catch (err) {
+      expect((err as NodeJS.ErrnoException).code).toBe('ENOSPC');
+    } finally {
+      fs.closeSync(filler);
+    }
+    const wide: CatalogRecord = { v: 1, t: 'point', seq, timeMs: 1_700_000_000_000 + seq * 60_000, kind: 'app', name: 'x'.repeat(300), cutId: `c${seq}` };
+    await expect(catalog.append([wide])).rejects.toMatchObject({ code: 'BR_DISK_FULL' });
+    expect(fs.readFileSync(catalog.file).equals(before)).toBe(true);
+    // Room again: the next append follows the last whole line, and every point reads back.
+    fs.rmSync(path.join(dir, 'filler'));
+    await catalog.append([wide]);
+    const read = await catalog.read();
+    expect(read.pending?.seq).toBe(seq);
+    expect(read.fileBytes).toBe(read.validBytes);
+  });
+  it('records a failover whose output filled up as unfinished, and commit refuses it', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(7);
+    const logs = [];
+    for (let seq = 1; seq <= 3; seq++) logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (10 - seq) * 60_000, writes: 200 }, model, rand));
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    await sendAll(mt, logs);
+    await mt.drain();
+    // The output's volume holds far less than the disk's data.
+    const small = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-small-out-'));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', small]);
+    mounts.push(small);
+    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-2', out: `vmdk:${path.join(small, 'restore.vmdk')}` })).rejects.toMatchObject({ code: 'BR_DISK_FULL' });
+    expect((await retentionUsage(retentionDir)).disks[0]).toMatchObject({ failedOver: false, failoverIncomplete: true });
+    await expect(commitFailover(retentionDir, 'disk0')).rejects.toMatchObject({ code: 'BR_POINT_NOT_FAILED_OVER', message: expect.stringContaining('did not finish') });
+    expect((await loadPoints(retentionDir, 'disk0')).points.map((p) => p.seq)).toEqual([1, 2, 3]);
+    // A failover that finishes makes commit possible again.
+    const whole = path.join(dir, 'restore.img');
+    await failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${whole}` });
+    expect(fs.readFileSync(whole).equals(model)).toBe(true);
+    expect(await commitFailover(retentionDir, 'disk0')).toMatchObject({ pointId: 'disk0-3' });
   });
 });
