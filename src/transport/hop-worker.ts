@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import type { MetricObjectWithValues, MetricValue } from 'prom-client';
@@ -36,7 +37,31 @@ export interface HopWorkerOptions {
 /** How often a worker pushes its disks' status when nothing else happens. */
 const STATUS_PUSH_MS = 250;
 
-type Call = 'start' | 'drain' | 'stop' | 'metrics';
+type Call = 'start' | 'drain' | 'stop' | 'metrics' | 'cpu';
+
+/** CPU time one thread has used, in ms. */
+export interface ThreadCpu {
+  readonly userMs: number;
+  readonly systemMs: number;
+}
+
+/**
+ * CPU time of the calling thread (Linux: /proc/thread-self/stat, in clock
+ * ticks of 10 ms); undefined where that is not available. Node 20 has no
+ * per-thread figure of its own, and process.cpuUsage() sums every thread:
+ * the e2e bench splits the chain's CPU between the source and the hops with
+ * this.
+ */
+export function threadCpu(): ThreadCpu | undefined {
+  try {
+    const stat = fs.readFileSync('/proc/thread-self/stat', 'utf8');
+    // Fields after the command name (which may hold spaces), from field 3 on: utime and stime are fields 14 and 15.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return { userMs: Number(fields[11]) * 10, systemMs: Number(fields[12]) * 10 };
+  } catch {
+    return undefined;
+  }
+}
 
 type ToWorker = { readonly id: number; readonly call: Call };
 
@@ -110,6 +135,12 @@ export class HopWorker {
     } finally {
       await this.worker.terminate();
     }
+  }
+
+  /** CPU time the hop's thread has used so far (undefined where the platform does not say). */
+  async threadCpu(): Promise<ThreadCpu | undefined> {
+    if (this.exited) return undefined;
+    return (await this.call('cpu')) as ThreadCpu | undefined;
   }
 
   /** The hop's registry as prom-client JSON, for a parent registry to aggregate. */
@@ -190,6 +221,8 @@ export function serveHopInWorker(build: HopBuilder): void {
           return undefined;
         case 'metrics':
           return hop.metrics.registry.getMetricsAsJSON();
+        case 'cpu':
+          return threadCpu();
       }
     };
     run().then(

@@ -47,6 +47,8 @@ interface CutThrough {
   readonly forward: CutThroughForward;
   /** True once the next hop holds it; false if the forward failed (the log then goes from the spool). */
   readonly outcome: Promise<boolean>;
+  /** The outcome is known. */
+  settled: boolean;
 }
 
 /**
@@ -276,7 +278,13 @@ export class ProcessServer extends ApplyingHop {
       if (disk === undefined || super.acceptsDisk(diskId) || ctx.req.headers[HEADER.encoding] !== undefined) return;
       const envelope = parseEnvelope(diskId, ctx.params.seq!, ctx.req.headers);
       const { seq } = envelope;
-      if (!disk.established || disk.lastSentSeq !== seq - 1 || disk.cutThroughs.has(seq) || disk.cutThroughs.size >= CUT_THROUGH_MAX_LOGS) return;
+      if (!disk.established || disk.cutThroughs.has(seq)) return;
+      // The log before went out whole, or is being cut through itself (the
+      // master target then has its upload under way, and takes this one
+      // behind it; if that one fails it discards this one too).
+      const before = disk.cutThroughs.get(seq - 1);
+      if (disk.lastSentSeq !== seq - 1 && (before === undefined || before.settled)) return;
+      if ([...disk.cutThroughs.values()].filter((c) => !c.settled).length >= CUT_THROUGH_MAX_LOGS) return;
       if (disk.drain.state !== 'idle' && disk.drain.state !== 'busy') return;
       const nextSeq = this.ledger.get(diskId).nextSeq;
       if ((nextSeq !== null && seq < nextSeq) || this.spool.get(diskId, seq) !== undefined) return;
@@ -289,6 +297,7 @@ export class ProcessServer extends ApplyingHop {
       });
       const outcome = forward.result.then(
         () => {
+          cut.settled = true;
           disk.established = true;
           disk.cutThroughLogsTotal++;
           disk.forwardedBytesTotal += envelope.logLength;
@@ -297,12 +306,14 @@ export class ProcessServer extends ApplyingHop {
           return true;
         },
         (err: unknown) => {
+          cut.settled = true;
           disk.established = false;
           this.logger.debug({ disk: diskId, seq, err }, `cut-through of log ${seq} failed; it goes from the spool`);
           return false;
         },
       );
-      disk.cutThroughs.set(seq, { xxhash64: envelope.xxhash64, forward, outcome });
+      const cut: CutThrough = { xxhash64: envelope.xxhash64, forward, outcome, settled: false };
+      disk.cutThroughs.set(seq, cut);
     } catch {
       // A malformed upload: the receiver refuses it with its own coded error.
     }
