@@ -62,19 +62,15 @@ export function boundExtents(extents: readonly Extent[], granularityBytes: numbe
  * (nothing happens on bad input), then merges to whole blocks and bounds it.
  */
 export async function collectWorkExtents(source: ExtentSource, blockSizeBytes: number, sizeBytes: number): Promise<Extent[]> {
-  const raw: Extent[] = [];
   let pending: Extent[] = [];
   for await (const e of source as AsyncIterable<Extent>) {
     checkExtent(e, sizeBytes, 'work list');
     pending.push({ offset: e.offset, length: e.length });
     // Merge as we go so a huge dirty map never sits in memory unmerged.
-    if (pending.length >= MAX_WORK_EXTENTS) {
-      raw.push(...pending);
-      pending = boundExtents(raw.splice(0), blockSizeBytes, sizeBytes, MAX_WORK_EXTENTS);
-    }
+    // (No push(...list) here: a spread of ~120 000 arguments overflows V8's stack.)
+    if (pending.length >= MAX_WORK_EXTENTS) pending = boundExtents(pending, blockSizeBytes, sizeBytes, MAX_WORK_EXTENTS);
   }
-  raw.push(...pending);
-  return boundExtents(raw, blockSizeBytes, sizeBytes, MAX_WORK_EXTENTS);
+  return boundExtents(pending, blockSizeBytes, sizeBytes, MAX_WORK_EXTENTS);
 }
 
 /**

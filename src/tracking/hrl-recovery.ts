@@ -78,7 +78,9 @@ export async function scanUnsealedHrlLog(filePath: string, options: { hintEndByt
       try {
         const chain = await log.verifyChain(hint - ms, ms);
         if (chain.blocks[0]?.offset === HRL_HEADER_SIZE) {
-          blocks.push(...chain.blocks);
+          // One push per block: a spread of a long chain (~120 000 blocks, a
+          // flush-per-write log) overflows V8's stack as call arguments.
+          for (const b of chain.blocks) blocks.push(b);
           entryCount = chain.entryCount;
         }
       } catch (err) {

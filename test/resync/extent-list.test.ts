@@ -26,6 +26,16 @@ describe('resync extent lists', () => {
     expect(await collectWorkExtents(dirty(), 4096, 1 << 20)).toEqual([{ offset: 0, length: 8192 }]);
   });
 
+  it('collects a fragmented dirty map of 300 000 extents (a failback after scattered writes)', async () => {
+    const count = 300_000;
+    function* scattered() {
+      for (let i = 0; i < count; i++) yield { offset: i * 8192, length: 4096 };
+    }
+    const work = await collectWorkExtents(scattered(), 4096, count * 8192);
+    expect(work.length).toBe(count);
+    expect(work[count - 1]).toEqual({ offset: (count - 1) * 8192, length: 4096 });
+  });
+
   it('parses an extent file and names the bad item', () => {
     expect(parseExtentFile('[{"offset":0,"length":4096}]', 'x.json')).toEqual([{ offset: 0, length: 4096 }]);
     expect(() => parseExtentFile('{"offset":0}', 'x.json')).toThrow(/JSON array/);

@@ -1,8 +1,9 @@
 import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { HrlLogFile } from '../../src/tracking/hrl-reader';
-import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
+import { recoverHrlLog, scanUnsealedHrlLog } from '../../src/tracking/hrl-recovery';
 import { HrlWriter } from '../../src/tracking/hrl-writer';
 import { useTempDirs } from '../helpers/tmp';
 
@@ -128,6 +129,25 @@ describe('recovery of an unsealed log', () => {
       expect(await entriesOf(copy)).toEqual(expected);
     }
   });
+
+  it('recovers a log of 160 000 blocks from its remembered end (a FLUSH after every write closes one block each)', async () => {
+    const file = path.join(tempDir(), 'many.hrl.open');
+    // No fdatasync per flush: the layout is what a flush-per-write log has, made quickly.
+    const writer = await HrlWriter.create(file, { metadataSizeBytes: 64, openFile: async (p) => Object.assign(await fsp.open(p, 'wx+'), { datasync: async () => undefined }) });
+    const count = 160_000;
+    const data = Buffer.alloc(16, 1);
+    try {
+      for (let i = 0; i < count; i++) {
+        await writer.append((i % 1000) * 512, data);
+        await writer.flush();
+      }
+    } finally {
+      await writer.close();
+    }
+    const scan = await scanUnsealedHrlLog(file, { hintEndBytes: [fs.statSync(file).size] });
+    // The anchor block, then one block per flush.
+    expect(scan.blocks.length).toBe(count + 1);
+  }, 120_000);
 
   it('leaves a sealed log as it is', async () => {
     const file = path.join(tempDir(), 'sealed.hrl');
