@@ -154,6 +154,8 @@ export class ResyncTargetService {
   private writebackRunning = false;
   /** The first failed background flush: every later requested flush fails with it. */
   private writebackFailure: unknown;
+  /** Requested flushes running (no background flush starts meanwhile). */
+  private requestedFlushes = 0;
   private bytesSinceWriteback = 0;
   /** Writes on their way to the target: a write waits only for those it overlaps, a flush for all. */
   private readonly inFlight = new Set<InFlightWrite>();
@@ -188,15 +190,22 @@ export class ResyncTargetService {
           this.startWriteback(req.runs);
           return encodeWriteReply(req.runs.length);
         case MSG_FLUSH:
-          // Every write acknowledged before the flush has completed; waiting
-          // for the ones still running as well makes the flush cover them too.
-          await Promise.allSettled([...this.inFlight].map((w) => w.done));
-          await this.writeback;
-          // A failed background flush fails this one and every later one:
-          // the kernel reports a writeback error once, so a clean sync now
-          // would not mean the writes before it reached the disk.
-          if (this.writebackFailure !== undefined) throw this.writebackFailure;
-          await this.target.flush();
+          // No background flush starts while this one runs: beside it, that
+          // one could take the kernel's only report of a failed write.
+          this.requestedFlushes++;
+          try {
+            // Every write acknowledged before the flush has completed; waiting
+            // for the ones still running as well makes the flush cover them too.
+            await Promise.allSettled([...this.inFlight].map((w) => w.done));
+            await this.writeback;
+            // A failed background flush fails this one and every later one:
+            // the kernel reports a writeback error once, so a clean sync now
+            // would not mean the writes before it reached the disk.
+            if (this.writebackFailure !== undefined) throw this.writebackFailure;
+            await this.target.flush();
+          } finally {
+            this.requestedFlushes--;
+          }
           return encodeFlushReply();
       }
     } catch (err) {
@@ -249,7 +258,7 @@ export class ResyncTargetService {
    */
   private startWriteback(runs: readonly WriteRun[]): void {
     for (const r of runs) this.bytesSinceWriteback += r.data.length;
-    if (this.writebackRunning || this.bytesSinceWriteback < WRITEBACK_BYTES) return;
+    if (this.writebackRunning || this.requestedFlushes > 0 || this.bytesSinceWriteback < WRITEBACK_BYTES) return;
     this.bytesSinceWriteback = 0;
     this.writebackRunning = true;
     this.writeback = this.target

@@ -60,6 +60,7 @@ export class FileSpan {
   private readonly fileOffset: number;
   /** The first failed datasync, if any: see {@link FileSpan.datasync}. */
   private syncFailure: unknown;
+  private readonly syncsInFlight = new Set<Promise<void>>();
   private readonly regularFile: boolean;
   private readonly ownsFileTail: boolean;
   private readonly punchAlignBytes: number;
@@ -235,14 +236,27 @@ export class FileSpan {
    * targets, the resync target service's background flushes).
    */
   async datasync(): Promise<void> {
-    if (this.syncFailure !== undefined) {
-      throw new BlockrelayError('BR_IO', `flush on ${this.path}: an earlier flush failed, so writes before it may be lost; no flush succeeds on this handle again`, { cause: this.syncFailure });
-    }
-    try {
-      await this.io(() => this.handle.datasync(), 'flush');
-    } catch (err) {
+    this.throwIfSyncFailed();
+    const sync = this.io(() => this.handle.datasync(), 'flush').catch((err: unknown) => {
       this.syncFailure ??= err;
       throw err;
+    });
+    this.syncsInFlight.add(sync);
+    try {
+      await sync;
+    } finally {
+      this.syncsInFlight.delete(sync);
+    }
+    // Another fdatasync running beside this one (a background writeback)
+    // may be the one the kernel told of a failed page write, and it may
+    // return after this one: this sync is good only if those were too.
+    if (this.syncsInFlight.size > 0) await Promise.allSettled([...this.syncsInFlight]);
+    this.throwIfSyncFailed();
+  }
+
+  private throwIfSyncFailed(): void {
+    if (this.syncFailure !== undefined) {
+      throw new BlockrelayError('BR_IO', `flush on ${this.path}: an earlier flush failed, so writes before it may be lost; no flush succeeds on this handle again`, { cause: this.syncFailure });
     }
   }
 

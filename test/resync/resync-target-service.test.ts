@@ -112,4 +112,15 @@ describe('ResyncTargetService writes', () => {
     // Nothing after the failure was taken as durable.
     expect(disk.flushedAfter).toBe(-1);
   });
+
+  it('starts no background flush while a requested one runs', async () => {
+    const disk = new SlowDisk(() => 0);
+    const service = new ResyncTargetService(disk, await BlockHasher.create());
+    const flushing = service.handle(encodeFlushRequest());
+    // 4 MiB arrive while the requested flush runs: a background flush beside
+    // it could take the kernel's one report of a failed write.
+    expect(expectReply(await service.handle(encodeWriteRequest([run(0, 9, 4 * 1024 * KiB)])), MSG_WRITE_REPLY)).toBe(1);
+    expect(expectReply(await flushing, MSG_FLUSH_REPLY)).toBe(0);
+    expect(disk.flushes).toBe(1);
+  });
 });

@@ -36,4 +36,28 @@ describe('FileSpan datasync', () => {
       await span.close();
     }
   });
+  it('fails a flush that succeeded beside one that took the error and returned later', async () => {
+    const file = path.join(tempDir(), 'disk.raw');
+    await fsp.writeFile(file, Buffer.alloc(64 * 1024));
+    const handle = await fsp.open(file, 'r+');
+    // Two fdatasyncs at once: the kernel tells one of them, here the slower one.
+    let syncs = 0;
+    handle.datasync = async () => {
+      syncs++;
+      if (syncs === 1) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
+      }
+    };
+    const span = new FileSpan({ path: file, handle, fileOffsetBytes: 0, sizeBytes: 64 * 1024, regularFile: true, punchHoles: false, ownsFileTail: true, ops: nativeFileExtents });
+    try {
+      const background = span.datasync();
+      const requested = span.datasync();
+      await expect(requested).rejects.toMatchObject({ code: 'BR_IO' });
+      await expect(background).rejects.toMatchObject({ code: 'BR_IO' });
+    } finally {
+      handle.datasync = async () => undefined;
+      await span.close();
+    }
+  });
 });
