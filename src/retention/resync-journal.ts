@@ -238,6 +238,13 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     }
     // No history to keep: the session's writes need no pre-images.
     if (h.points.length === 0) return undefined;
+    // A sealed session's leftovers (a crash after its marker was sealed): the
+    // slot file holds all of it, and finishSession must not find them.
+    const leftovers = [this.sessionFile(h, slot), `${this.sessionFile(h, slot)}.earlier`].filter((f) => fs.existsSync(f));
+    if (leftovers.length > 0) {
+      for (const f of leftovers) await fsp.rm(f, { force: true });
+      await syncDirectory(h.journal.dir);
+    }
     await this.writeMarker(h, { version: 1, seq: slot, state: 'open', sessionId });
     if (!h.points.some((p) => p.seq === slot)) {
       await h.append([{ v: 1, t: 'point', seq: slot, timeMs: this.hooks.clock.now(), kind: 'crash', cutId: `resync-${sessionId}`, resync: true, applied: true }]);
@@ -280,7 +287,15 @@ class RetentionResyncJournal implements ResyncJournalProvider {
 
   async finishSession(h: DiskHistory, seq: number, sessionId: string, target: DiskTarget): Promise<void> {
     const earlier = `${this.sessionFile(h, seq)}.earlier`;
-    await this.writeSlot(h, seq, [earlier, this.sessionFile(h, seq)], target, []);
+    // Without `.earlier` and without a session file, a slot file that exists
+    // was never moved aside: the session died while opening, after its marker
+    // said open and before the rename, and the file holds an earlier
+    // session's pre-images, which stay. (A session file exists from just
+    // after the rename until the marker is sealed, and openSession clears a
+    // sealed session's leftovers before marking the slot open; so a slot file
+    // beside a session file is this step's own result, redone from its parts.)
+    const before = fs.existsSync(earlier) || fs.existsSync(this.sessionFile(h, seq)) ? earlier : h.journal.file(seq);
+    await this.writeSlot(h, seq, [before, this.sessionFile(h, seq)], target, []);
     await this.writeMarker(h, { version: 1, seq, state: 'sealed', sessionId });
     await fsp.rm(earlier, { force: true });
     await fsp.rm(this.sessionFile(h, seq), { force: true });

@@ -122,4 +122,42 @@ describe('the journal of a resync session the master target died in', () => {
     await failover({ retentionDir, diskId: 'disk0', point: 'disk0-1', out: `raw:${out}` });
     expect(fs.readFileSync(out).equals(point1)).toBe(true);
   });
+  it('keeps an earlier session\'s pre-images when a second session in the slot died while opening', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const first = await startLoggedMasterTarget(setup);
+    running.push(first.mt);
+    const rand = prng(9);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    const source = Buffer.alloc(DISK_BYTES);
+    const logDir = path.join(dir, 'src');
+    await sendAll(first.mt, [await makePatternLog(logDir, 'disk0', { seq: 1, cutTimeMs: baseMs + MINUTE_MS }, source, rand)]);
+    await sendAll(first.mt, [await makePatternLog(logDir, 'disk0', { seq: 2, cutTimeMs: baseMs + 2 * MINUTE_MS }, source, rand)]);
+    await first.mt.drain();
+    const point2 = Buffer.from(source);
+    // Session 1 in slot 3 overwrites 8 KiB and seals: its pre-images are 3.undo.hrl.
+    const target = await openDisk(setup.targetSpec('disk0'));
+    const s1 = (await resyncJournalFor(first.hooks)!.openSession('disk0', target, 2, 'a'.repeat(32)))!;
+    await s1.preserve(target, 8192, 8192);
+    await target.write(8192, Buffer.alloc(8192, 0xdd));
+    await target.flush();
+    await s1.finish(target);
+    source.fill(0xdd, 8192, 16384);
+    await target.close();
+    await first.mt.stop();
+    running.splice(0);
+    // Session 2 in the same slot dies right after its marker says open, before
+    // 3.undo.hrl was moved aside: the state a crash leaves there.
+    const journalDir = path.join(retentionDir, 'disk0', 'journal');
+    fs.writeFileSync(path.join(journalDir, `resync-${String(3).padStart(20, '0')}.json`), JSON.stringify({ version: 1, seq: 3, state: 'open', sessionId: 'b'.repeat(32) }));
+
+    const second = await startLoggedMasterTarget(setup);
+    running.push(second.mt);
+    await sendAll(second.mt, [await makePatternLog(logDir, 'disk0', { seq: 3, cutTimeMs: baseMs + 3 * MINUTE_MS, region: { offset: 1 << 20, length: 1 << 20 } }, source, rand)]);
+    await second.mt.drain();
+    const out = path.join(dir, 'point-2.img');
+    await failover({ retentionDir, diskId: 'disk0', point: 'disk0-2', out: `raw:${out}` });
+    expect(fs.readFileSync(out).equals(point2)).toBe(true);
+  });
 });
