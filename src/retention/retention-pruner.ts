@@ -128,12 +128,23 @@ export class DiskHistory {
   /**
    * Applies the retention window: points older than `nowMs - windowMs`
    * disappear, except the newest, which needs no journal and is what the
-   * target holds. Returns the number of points dropped.
+   * target holds, and the newest point an operator may pick: while a resync
+   * runs, the newest points are resync points (not selectable), and after
+   * an outage longer than the window the last consistent point is older
+   * than it; dropping it would leave nothing to fail over to until the
+   * resync completes. Returns the number of points dropped.
    */
   async pruneWindow(nowMs: number, windowMs: number): Promise<number> {
     const cutoff = nowMs - windowMs;
+    let keepFrom = this.points.length - 1;
+    for (let i = this.points.length - 1; i >= 0; i--) {
+      if (this.points[i]!.resync !== true) {
+        keepFrom = i;
+        break;
+      }
+    }
     let drop = 0;
-    while (drop < this.points.length - 1 && this.points[drop]!.timeMs < cutoff) drop++;
+    while (drop < keepFrom && this.points[drop]!.timeMs < cutoff) drop++;
     if (drop > 0) await this.dropOldest(drop);
     return drop;
   }

@@ -4,7 +4,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { SimulatedClock } from '../../src/platform/clock';
 import { failover, loadPoints } from '../../src/retention/failover';
 import { diskRetentionPaths } from '../../src/retention/retention-format';
-import { retentionUsage } from '../../src/retention/retention-pruner';
+import { DiskHistory, retentionUsage } from '../../src/retention/retention-pruner';
+import { selectablePoints } from '../../src/retention/recovery-points';
 import { seqOfUndoFile } from '../../src/retention/retention-format';
 import type { ApplyingHop } from '../../src/transport/master-target';
 import { runCli } from '../helpers/cli';
@@ -55,6 +56,27 @@ describe('retention policy', () => {
     expect(points.map((p) => p.seq)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
     return { dir, retentionDir, images, points, usage: await retentionUsage(retentionDir) };
   }
+
+  it('keeps the newest selectable point past the window while only resync points follow it', async () => {
+    const h = new DiskHistory(retentionTmp(), 'disk0');
+    await h.open(null);
+    const HOUR_MS = 60 * MINUTE_MS;
+    const now = Date.UTC(2026, 10, 21, 12);
+    // The last consistent point, cut 30 h ago (the source was cut off for a
+    // day), then a networked resync's slot point and a tainted log.
+    await h.append([{ v: 1, t: 'point', seq: 9, timeMs: now - 31 * HOUR_MS, kind: 'crash', cutId: 'c9', applied: true }]);
+    await h.append([{ v: 1, t: 'point', seq: 10, timeMs: now - 30 * HOUR_MS, kind: 'crash', cutId: 'c10', applied: true }]);
+    await h.append([{ v: 1, t: 'point', seq: 11, timeMs: now - 2 * HOUR_MS, kind: 'crash', cutId: 'resync-x', resync: true, applied: true }]);
+    await h.append([{ v: 1, t: 'point', seq: 12, timeMs: now - HOUR_MS, kind: 'crash', cutId: 'c12', resync: true }]);
+    await h.append([{ v: 1, t: 'applied', seq: 12 }]);
+    expect(await h.pruneWindow(now, 24 * HOUR_MS)).toBe(1);
+    expect(selectablePoints(h.points).map((p) => p.seq)).toEqual([10]);
+    // Once a consistent point follows, the old one goes as the window says.
+    await h.append([{ v: 1, t: 'point', seq: 13, timeMs: now, kind: 'crash', cutId: 'c13' }]);
+    await h.append([{ v: 1, t: 'applied', seq: 13 }]);
+    expect(await h.pruneWindow(now, 24 * HOUR_MS)).toBe(1);
+    expect(h.points.map((p) => p.seq)).toEqual([11, 12, 13]);
+  });
 
   it('prunes journal and points older than the window on a simulated clock, keeping the rest rebuildable', async () => {
     const dir = tmp();
