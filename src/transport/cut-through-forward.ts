@@ -10,7 +10,7 @@ import type { LogEnvelope } from './transport-protocol';
  * arrive, the forward is abandoned past this bound, and the log goes from
  * the spool as usual once it is committed.
  */
-export const CUT_THROUGH_MAX_QUEUED_BYTES = 32 * 1024 * 1024;
+export const CUT_THROUGH_MAX_QUEUED_BYTES = 64 * 1024 * 1024;
 
 export interface CutThroughForwardOptions {
   readonly peer: PeerOptions;
@@ -20,6 +20,12 @@ export interface CutThroughForwardOptions {
   readonly incoming: http.IncomingMessage;
   /** This hop's answer to it: one sent before the whole body arrived is a refusal, and ends the forward. */
   readonly response: http.ServerResponse;
+  /**
+   * Send nothing until start() (the log before this one has not gone out
+   * to the next hop yet, and must reach it first): what arrives meanwhile
+   * is kept, within the same bound as the socket's queue.
+   */
+  readonly deferStart?: boolean;
   readonly maxQueuedBytes?: number;
 }
 
@@ -49,6 +55,8 @@ export class CutThroughForward {
   /** Resolves true once the whole body is on the wire, false if the forward ended before. */
   readonly bodySent: Promise<boolean>;
   private readonly encoder = new Lz4FrameEncoder({ minSaving: LZ4_MIN_SAVING_UNPACED });
+  private started = false;
+  private settleResult!: { resolve: (r: SendResult) => void; reject: (err: Error) => void };
   private readonly maxQueuedBytes: number;
   private out: http.ClientRequest | undefined;
   /** Frame pieces made before the request could take them (while the frame header is prepared). */
@@ -77,6 +85,10 @@ export class CutThroughForward {
     this.bodySent = new Promise<boolean>((resolve) => {
       this.resolveBodySent = resolve;
     });
+    this.result = new Promise<SendResult>((resolve, reject) => {
+      this.settleResult = { resolve, reject };
+    });
+    this.result.catch(() => undefined);
     const { incoming } = options;
     // Listening for data would start the upload flowing before the receiver
     // pipes it anywhere; paused, it flows once the receiver's pipe resumes
@@ -87,13 +99,32 @@ export class CutThroughForward {
     incoming.on('close', this.onClose);
     options.response.on('finish', this.onAnswered);
     options.response.on('close', this.onAnswered);
-    this.result = sendLogBody(options.peer, options.envelope, (req) => this.write(req), { lz4: true, onBodySent: () => this.resolveBodySent(true) });
-    this.result.then(
-      () => this.detach(),
-      () => {
+    if (options.deferStart !== true) this.start();
+  }
+
+  /** Whether the request to the next hop has begun (at once, or at start()). */
+  get isStarted(): boolean {
+    return this.started;
+  }
+
+  /** Whether it ended before its whole body went out. */
+  get isAbandoned(): boolean {
+    return this.abandoned !== undefined;
+  }
+
+  /** Begins the request to the next hop (a no-op once begun or abandoned). */
+  start(): void {
+    if (this.started || this.abandoned !== undefined) return;
+    this.started = true;
+    sendLogBody(this.options.peer, this.options.envelope, (req) => this.write(req), { lz4: true, onBodySent: () => this.resolveBodySent(true) }).then(
+      (answer) => {
+        this.detach();
+        this.settleResult.resolve(answer);
+      },
+      (err: Error) => {
         // Refused early (a gap, a busy receiver): stop passing bytes on.
         this.abandon('the next hop refused it');
-        this.resolveBodySent(false);
+        this.settleResult.reject(err);
       },
     );
   }
@@ -107,6 +138,8 @@ export class CutThroughForward {
     this.out?.destroy(this.abandoned);
     this.writerDone?.reject(this.abandoned);
     this.resolveBodySent(false);
+    // Never begun: no request will settle it.
+    if (!this.started) this.settleResult.reject(this.abandoned);
   }
 
   private detach(): void {
@@ -150,7 +183,7 @@ export class CutThroughForward {
     if (out === undefined) {
       for (const piece of pieces) this.earlyBytes += piece.length;
       this.early.push(...pieces);
-      if (this.earlyBytes > this.maxQueuedBytes) this.abandon('the next hop did not take the request');
+      if (this.earlyBytes > this.maxQueuedBytes) this.abandon(`${this.earlyBytes} bytes arrived before the request could start`);
       return;
     }
     for (const piece of pieces) out.write(piece);

@@ -33,6 +33,8 @@ export interface SendOptions {
    * one (src/transport/upload-pipeline.ts).
    */
   readonly onBodySent?: () => void;
+  /** Called once the request's headers and first bytes are handed to the socket (the peer takes uploads of a disk in the order they begin). */
+  readonly onStarted?: () => void;
 }
 
 const DEFAULT_TIMEOUT_MS = 60_000;
@@ -180,7 +182,12 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
     // A read's pieces (up to 32 of an lz4-framed MiB) go out together, and
     // the socket's drain is awaited once after them: what is queued stays
     // bounded by the read buffers, which return only once written.
+    let started = false;
     const write = async (pieces: Buffer[], done?: () => void): Promise<void> => {
+      if (!started && pieces.length > 0) {
+        started = true;
+        queueMicrotask(() => options.onStarted?.());
+      }
       let full = false;
       for (let i = 0; i < pieces.length; i++) {
         if (closed) throw gone();

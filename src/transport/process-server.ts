@@ -33,8 +33,13 @@ interface ForwardedDisk {
    * disk takes any sequence number as its first (upload-pipeline.ts).
    */
   established: boolean;
-  /** The newest log whose whole body went to the next hop (either way): a cut-through of the log after it may start. */
-  lastSentSeq: number | undefined;
+  /**
+   * The newest log whose upload to the next hop began (either way) and had
+   * not failed: the log after it may be cut through (the next hop takes it
+   * behind that one). A cut-through of a log arriving before the log ahead
+   * of it began waits (deferStart) and begins as soon as that one does.
+   */
+  lastStartedSeq: number | undefined;
   /** Logs forwarded while they arrived, by sequence number (at most CUT_THROUGH_MAX_LOGS). */
   readonly cutThroughs: Map<number, CutThrough>;
   /** Logs forwarded while they arrived and answered by the next hop (status, tests). */
@@ -175,7 +180,7 @@ export class ProcessServer extends ApplyingHop {
       health,
       forwardedBytesTotal: 0,
       established: false,
-      lastSentSeq: undefined,
+      lastStartedSeq: undefined,
       cutThroughs: new Map(),
       cutThroughLogsTotal: 0,
       pipeline: new UploadPipeline<SpoolEntry>({
@@ -211,7 +216,9 @@ export class ProcessServer extends ApplyingHop {
     const cut = disk.cutThroughs.get(seq);
     if (cut !== undefined) {
       disk.cutThroughs.delete(seq);
-      if (cut.xxhash64 === xxhash64) {
+      // Still waiting for the log before it, which is settled now: it goes from the spool instead.
+      if (!cut.forward.isStarted) cut.forward.abandon('the spool forwards it');
+      if (cut.xxhash64 === xxhash64 && cut.forward.isStarted) {
         if (await cut.forward.bodySent) onBodySent();
         // Held by the next hop already: nothing to send (its stage events went out as it happened).
         if (await cut.outcome) return;
@@ -222,10 +229,8 @@ export class ProcessServer extends ApplyingHop {
       await sendLog(forward.peer, entry.envelope, entry.file, {
         lz4: true,
         limiter: this.limiter,
-        onBodySent: () => {
-          disk.lastSentSeq = seq;
-          onBodySent();
-        },
+        onStarted: () => this.forwardStarted(disk, seq),
+        onBodySent,
       });
       disk.established = true;
     } catch (err) {
@@ -279,22 +284,23 @@ export class ProcessServer extends ApplyingHop {
       const envelope = parseEnvelope(diskId, ctx.params.seq!, ctx.req.headers);
       const { seq } = envelope;
       if (!disk.established || disk.cutThroughs.has(seq)) return;
-      // The log before went out whole, or is being cut through itself (the
-      // master target then has its upload under way, and takes this one
-      // behind it; if that one fails it discards this one too).
-      const before = disk.cutThroughs.get(seq - 1);
-      if (disk.lastSentSeq !== seq - 1 && (before === undefined || before.settled)) return;
       if ([...disk.cutThroughs.values()].filter((c) => !c.settled).length >= CUT_THROUGH_MAX_LOGS) return;
       if (disk.drain.state !== 'idle' && disk.drain.state !== 'busy') return;
       const nextSeq = this.ledger.get(diskId).nextSeq;
       if ((nextSeq !== null && seq < nextSeq) || this.spool.get(diskId, seq) !== undefined) return;
       const pseudoEntry: SpoolEntry = { envelope, file: '', sizeBytes: envelope.logLength };
       if (disk.drain.holds(pseudoEntry)) return;
-      const forward = new CutThroughForward({ peer: this.forward.peer, envelope, incoming: ctx.req, response: ctx.res });
+      // The master target takes this log behind the one before it once that
+      // one's upload began there (the receiver streams up to three of a
+      // disk side by side; if that one fails it discards this one too). It
+      // began, or is this hop's to begin next: the log before it arrived
+      // whole (the source sends a log once the body before it is out) and
+      // is being made durable here, then forwarded first thing.
+      const before = disk.cutThroughs.get(seq - 1);
+      const deferStart = disk.lastStartedSeq !== seq - 1 && !(before !== undefined && before.forward.isStarted && !before.forward.isAbandoned);
+      const forward = new CutThroughForward({ peer: this.forward.peer, envelope, incoming: ctx.req, response: ctx.res, deferStart });
       this.reportStage('forward', 'start', pseudoEntry);
-      void forward.bodySent.then((sent) => {
-        if (sent && (disk.lastSentSeq === undefined || disk.lastSentSeq < seq)) disk.lastSentSeq = seq;
-      });
+      if (!deferStart) this.forwardStarted(disk, seq);
       const outcome = forward.result.then(
         () => {
           cut.settled = true;
@@ -317,6 +323,15 @@ export class ProcessServer extends ApplyingHop {
     } catch {
       // A malformed upload: the receiver refuses it with its own coded error.
     }
+  }
+
+  /** The upload of `seq` to the master target began: a cut-through of the log after it, waiting for that, begins now. */
+  private forwardStarted(disk: ForwardedDisk, seq: number): void {
+    disk.lastStartedSeq = seq;
+    const waiting = disk.cutThroughs.get(seq + 1);
+    if (waiting === undefined || waiting.forward.isStarted || waiting.forward.isAbandoned) return;
+    waiting.forward.start();
+    this.forwardStarted(disk, seq + 1);
   }
 }
 

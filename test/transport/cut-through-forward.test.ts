@@ -113,6 +113,39 @@ describe('process server cut-through', () => {
     expect(ps.diskStatus()[0]!.health).toBe('OK');
   }, 60_000);
 
+  it('a log arriving before the one ahead of it went on waits for that one\'s forward to begin, then follows it', async () => {
+    const dir = tmp();
+    const { mt, ps, hold, appliedSeq, appliesOf } = await hopsOf(dir);
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(34);
+    const peer = { url: ps.url, secret: SECRET };
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, rand, 40);
+    await sendLog(peer, first.envelope, first.file);
+    await ps.drain();
+    // Log 2 is held at the process server (not durable, so not forwarded yet) while log 3 arrives whole.
+    // Log 2 arrives lz4-framed, which is never cut through: it goes from the spool.
+    const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand, 40);
+    const third = await makeLog(path.join(dir, 'src'), 'disk0', 3, model, rand, 40);
+    const open = hold(2);
+    const upload2 = sendLog(peer, second.envelope, second.file, { lz4: true });
+    await new Promise((r) => setTimeout(r, 200));
+    const upload3 = sendLog(peer, third.envelope, third.file);
+    await new Promise((r) => setTimeout(r, 300));
+    const heldAt = appliedSeq();
+    open();
+    expect((await upload2).status).toBe(201);
+    expect((await upload3).status).toBe(201);
+    await ps.drain();
+    await mt.drain();
+    // Log 2 went from the spool, log 3 behind it as it had arrived.
+    expect(heldAt).toBe(1);
+    expect(ps.cutThroughLogsTotal('disk0')).toBe(1);
+    expect(appliedSeq()).toBe(3);
+    expect([appliesOf(2), appliesOf(3)]).toEqual([1, 1]);
+    expect(ps.spool.bytesUsed).toBe(0);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  }, 60_000);
+
   it('a damaged or broken-off upload forwarded in part is refused by the master target too, and the resend converges', async () => {
     const dir = tmp();
     const { mt, ps, appliedSeq, appliesOf } = await hopsOf(dir);
