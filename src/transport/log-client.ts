@@ -6,7 +6,7 @@ import { pipeline } from 'node:stream/promises';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { isErrorCode, type ErrorCode } from '../retry/error-codes';
 import type { BandwidthLimiter } from './bandwidth-limiter';
-import { LZ4_MIN_SAVING_PACED, LZ4_MIN_SAVING_UNPACED, Lz4FrameEncoder } from './lz4-frame-encoder';
+import { LZ4_FRAME_BLOCK_BYTES, LZ4_MIN_SAVING_PACED, LZ4_MIN_SAVING_UNPACED, Lz4FrameEncoder } from './lz4-frame-encoder';
 import { envelopeHeaders, logPath, PROTOCOL_VERSION, type LogEnvelope } from './transport-protocol';
 
 /**
@@ -165,8 +165,25 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
     const limiter = options.limiter !== undefined && !options.limiter.unlimited ? options.limiter : undefined;
     // Only a paced link is worth compressing blocks that barely shrink (lz4-frame-encoder.ts).
     const encoder = options.lz4 ? new Lz4FrameEncoder({ minSaving: limiter === undefined ? LZ4_MIN_SAVING_UNPACED : LZ4_MIN_SAVING_PACED }) : undefined;
+    // lz4-framed, each read goes straight into a frame's layout (block data
+    // after room for its size field, read with one readv), so a read of
+    // blocks that are stored goes out as one piece instead of two per block.
     const free: Buffer[] = [];
-    for (let i = 0; i < UPLOAD_READ_BUFFERS; i++) free.push(Buffer.allocUnsafeSlow(UPLOAD_READ_CHUNK_BYTES));
+    const slotsOf = new Map<Buffer, Buffer[]>();
+    for (let i = 0; i < UPLOAD_READ_BUFFERS; i++) {
+      if (encoder === undefined) {
+        free.push(Buffer.allocUnsafeSlow(UPLOAD_READ_CHUNK_BYTES));
+        continue;
+      }
+      const frame = Buffer.allocUnsafeSlow(Lz4FrameEncoder.laidOutBytes(UPLOAD_READ_CHUNK_BYTES));
+      const slots: Buffer[] = [];
+      for (let b = 0; b < UPLOAD_READ_CHUNK_BYTES / LZ4_FRAME_BLOCK_BYTES; b++) {
+        const at = Lz4FrameEncoder.laidOutDataOffset(b);
+        slots.push(frame.subarray(at, at + LZ4_FRAME_BLOCK_BYTES));
+      }
+      slotsOf.set(frame, slots);
+      free.push(frame);
+    }
     const gone = (): Error => Object.assign(new Error('request closed while sending its body'), { code: 'ECONNRESET' });
     /** Waits until the socket can take more (or a buffer came back). */
     const settle = (event: 'drain' | 'buffer'): Promise<void> => new Promise<void>((resolve) => {
@@ -209,12 +226,12 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
           await settle('buffer');
         }
         const buffer = free.pop()!;
-        const { bytesRead } = await fh.read(buffer, 0, buffer.length, position);
+        const slots = slotsOf.get(buffer);
+        const { bytesRead } = slots === undefined ? await fh.read(buffer, 0, buffer.length, position) : await fh.readv(slots, position);
         if (bytesRead === 0) break;
         position += bytesRead;
-        const data = buffer.subarray(0, bytesRead);
         // The buffer comes back once the socket has written the last piece that views it.
-        await write(encoder === undefined ? [data] : encoder.encode(data), () => {
+        await write(encoder === undefined ? [buffer.subarray(0, bytesRead)] : encoder.encodeLaidOut(buffer, bytesRead), () => {
           free.push(buffer);
           wake?.();
         });

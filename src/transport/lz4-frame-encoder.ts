@@ -141,6 +141,52 @@ export class Lz4FrameEncoder extends Transform {
     return out;
   }
 
+  /** Bytes a frame buffer laid out for `encodeLaidOut` needs for `dataBytes` bytes of data. */
+  static laidOutBytes(dataBytes: number): number {
+    return dataBytes + 4 * Math.ceil(dataBytes / LZ4_FRAME_BLOCK_BYTES);
+  }
+
+  /** Where block `i`'s data starts in a laid-out frame buffer (its 4-byte size field is just before). */
+  static laidOutDataOffset(i: number): number {
+    return i * (4 + LZ4_FRAME_BLOCK_BYTES) + 4;
+  }
+
+  /**
+   * Encodes data already laid out in `frame` as a frame's blocks are: each
+   * block of 64 KiB of data preceded by 4 free bytes for its size field
+   * (block i's data at laidOutDataOffset(i)), `dataBytes` bytes of data in
+   * all, in blocks that are full but the last. The size fields of stored
+   * blocks are written in place, and the pieces returned are views of
+   * `frame` for each run of stored blocks and a buffer of its own for each
+   * compressed block: one piece for the whole read when nothing compresses,
+   * where `encode` gives two per block. A sender reads a log into such a
+   * buffer (readv into the blocks' data), so nothing is copied either.
+   * Not to be mixed with `encode` in one frame.
+   */
+  encodeLaidOut(frame: Buffer, dataBytes: number): Buffer[] {
+    if (this.pendingBytes > 0) throw new Error('encodeLaidOut after encode left a partial block');
+    const out: Buffer[] = [];
+    let runStart = -1;
+    let runEnd = 0;
+    for (let i = 0, left = dataBytes; left > 0; i++) {
+      const at = Lz4FrameEncoder.laidOutDataOffset(i);
+      const length = Math.min(LZ4_FRAME_BLOCK_BYTES, left);
+      left -= length;
+      const compressed = this.tryCompress(frame.subarray(at, at + length));
+      if (compressed === undefined) {
+        frame.writeUInt32LE((UNCOMPRESSED_BIT | length) >>> 0, at - 4);
+        if (runStart < 0) runStart = at - 4;
+        runEnd = at + length;
+        continue;
+      }
+      if (runStart >= 0) out.push(frame.subarray(runStart, runEnd));
+      runStart = -1;
+      out.push(compressed);
+    }
+    if (runStart >= 0) out.push(frame.subarray(runStart, runEnd));
+    return out;
+  }
+
   /** The last (short) block, if any, and the end mark. */
   finish(): Buffer[] {
     const out: Buffer[] = [];
@@ -185,10 +231,25 @@ export class Lz4FrameEncoder extends Transform {
   }
 
   private block(data: Buffer, out: Buffer[]): void {
+    const compressed = this.tryCompress(data);
+    if (compressed !== undefined) {
+      out.push(compressed);
+      return;
+    }
+    const size = Buffer.allocUnsafe(4);
+    size.writeUInt32LE((UNCOMPRESSED_BIT | data.length) >>> 0, 0);
+    out.push(size, data);
+  }
+
+  /**
+   * The block compressed, with its size field, if it is worth it; undefined
+   * when it is to be stored (counted as stored, the back-off applied).
+   */
+  private tryCompress(data: Buffer): Buffer | undefined {
     if (this.skip > 0) {
       this.skip--;
-      this.stored(data, out);
-      return;
+      this.storedBlocks++;
+      return undefined;
     }
     const encoded = Buffer.allocUnsafe(4 + lz4.encodeBound(data.length));
     const size = lz4.encodeBlock(data, encoded.subarray(4));
@@ -196,18 +257,11 @@ export class Lz4FrameEncoder extends Transform {
       this.backoff = 0;
       this.compressedBlocks++;
       encoded.writeUInt32LE(size, 0);
-      out.push(encoded.subarray(0, 4 + size));
-      return;
+      return encoded.subarray(0, 4 + size);
     }
     this.backoff = Math.min(MAX_BACKOFF_BLOCKS, Math.max(1, this.backoff * 2));
     this.skip = this.backoff;
-    this.stored(data, out);
-  }
-
-  private stored(data: Buffer, out: Buffer[]): void {
-    const size = Buffer.allocUnsafe(4);
-    size.writeUInt32LE((UNCOMPRESSED_BIT | data.length) >>> 0, 0);
     this.storedBlocks++;
-    out.push(size, data);
+    return undefined;
   }
 }
