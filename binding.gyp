@@ -8,6 +8,7 @@
         "native/checksum.cc",
         "native/dirty-map.cc",
         "native/file-extents.cc",
+        "native/file-lock.cc",
         "native/hrl-appender.cc",
         "native/tap-transmission.cc",
         "native/xxhash64.cc"

@@ -6,6 +6,7 @@
 #include "checksum.h"
 #include "dirty-map.h"
 #include "file-extents.h"
+#include "file-lock.h"
 #include "hrl-appender.h"
 #include "tap-transmission.h"
 #include "xxhash64.h"
@@ -16,6 +17,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   blockrelay::InitChecksum(env, exports);
   blockrelay::InitDirtyMap(env, exports);
   blockrelay::InitFileExtents(env, exports);
+  blockrelay::InitFileLock(env, exports);
   blockrelay::InitHrlAppender(env, exports);
   blockrelay::InitTapTransmission(env, exports);
   blockrelay::InitXxhash64(env, exports);

@@ -1,18 +1,19 @@
-import * as fs from 'node:fs';
 import * as path from 'node:path';
+import * as fs from 'node:fs';
 import { BlockrelayError } from '../retry/blockrelay-error';
-import { processAlive } from '../platform/process-liveness';
+import { FileLock } from '../platform/file-lock';
 
 /**
- * One blockrelay instance per state directory: `DIR/blockrelay.lock` holds
- * the owner's pid. A lock whose pid is no longer alive is stale (the owner
- * was killed) and is taken over; a live one refuses the second instance.
+ * One blockrelay instance per state directory: `DIR/blockrelay.lock`,
+ * locked with flock(2) for as long as the instance runs (see FileLock: the
+ * kernel drops the lock when the process ends, so a killed owner leaves
+ * nothing stale). The file holds the owner's pid, for messages.
  */
 /** Lock files this process holds, so a second instance within one process is refused too. */
 const heldHere = new Set<string>();
 
 export class StateLock {
-  private held = false;
+  private lock: FileLock | undefined;
 
   constructor(readonly dir: string) {}
 
@@ -25,28 +26,15 @@ export class StateLock {
     if (heldHere.has(path.resolve(this.file))) {
       throw new BlockrelayError('BR_LOCKED', `state directory ${this.dir} is in use by this process (${this.file})`, { details: { pid: process.pid } });
     }
-    for (let attempt = 0; attempt < 3; attempt++) {
-      try {
-        fs.writeFileSync(this.file, `${process.pid}\n`, { flag: 'wx' });
-        this.held = true;
-        heldHere.add(path.resolve(this.file));
-        return;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new BlockrelayError('BR_IO', `cannot create ${this.file}: ${(err as Error).message}`, { cause: err });
-      }
-      const owner = Number.parseInt(fs.readFileSync(this.file, 'utf8'), 10);
-      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
-        throw new BlockrelayError('BR_LOCKED', `state directory ${this.dir} is in use by process ${owner} (${this.file})`, { details: { pid: owner } });
-      }
-      fs.rmSync(this.file, { force: true });
-    }
-    throw new BlockrelayError('BR_LOCKED', `could not take ${this.file}`);
+    this.lock = FileLock.acquire(this.file, (pid) => `state directory ${this.dir} is in use by ${pid === undefined ? 'another process' : `process ${pid}`} (${this.file})`);
+    heldHere.add(path.resolve(this.file));
   }
 
   release(): void {
-    if (!this.held) return;
-    this.held = false;
+    if (this.lock === undefined) return;
+    const lock = this.lock;
+    this.lock = undefined;
     heldHere.delete(path.resolve(this.file));
-    fs.rmSync(this.file, { force: true });
+    lock.release();
   }
 }

@@ -6,7 +6,7 @@ import type { BlockHasher } from './block-hasher';
 import { boundExtents } from './extent-list';
 import { decodeState, encodeState, MAX_NOTED_EXTENTS, type ResyncState, type ResyncTotals } from './resync-state-format';
 import { removeStrayTemporaries, syncDirectory, writeFileDurably } from '../platform/durable-file';
-import { processAlive } from '../platform/process-liveness';
+import { FileLock } from '../platform/file-lock';
 
 /** What a resync is, for deciding whether saved progress belongs to it. */
 export interface ResyncIdentity {
@@ -46,7 +46,7 @@ export class ResyncJob {
   private identity: ResyncIdentity | undefined;
   private startedAtMs = 0;
 
-  private lockHeld = false;
+  private lock: FileLock | undefined;
 
   private constructor(
     readonly statePath: string | undefined,
@@ -63,7 +63,7 @@ export class ResyncJob {
    */
   static async open(statePath: string | undefined, hasher: BlockHasher): Promise<ResyncJob> {
     if (statePath === undefined) return new ResyncJob(undefined, hasher, undefined);
-    await acquireLock(`${statePath}${LOCK_SUFFIX}`);
+    const lock = acquireLock(`${statePath}${LOCK_SUFFIX}`);
     try {
       // Progress saved by a process that died mid-save left a temporary beside the state file.
       await removeStrayTemporaries(path.dirname(statePath), [path.basename(statePath)]).catch((err: unknown) => {
@@ -76,19 +76,19 @@ export class ResyncJob {
         if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw wrapError(err, 'BR_IO', `cannot read resync state ${statePath}`);
       }
       const job = new ResyncJob(statePath, hasher, bytes === undefined ? undefined : decodeState(bytes, statePath, hasher));
-      job.lockHeld = true;
+      job.lock = lock;
       return job;
     } catch (err) {
-      await fsp.rm(`${statePath}${LOCK_SUFFIX}`, { force: true });
+      lock.release();
       throw err;
     }
   }
 
   /** Releases the state file's lock. Idempotent; the state file itself stays for a later resume. */
   async close(): Promise<void> {
-    if (!this.lockHeld || this.statePath === undefined) return;
-    this.lockHeld = false;
-    await fsp.rm(`${this.statePath}${LOCK_SUFFIX}`, { force: true });
+    const lock = this.lock;
+    this.lock = undefined;
+    lock?.release();
   }
 
   /** The saved state this job was opened with, if any. */
@@ -203,24 +203,11 @@ export const LOCK_SUFFIX = '.lock';
 
 /**
  * Takes the lock file exclusively, so two resyncs never share one state file
- * (their cursors would overwrite each other). A lock left by a process that
- * no longer runs (killed, crashed) is taken over.
+ * (their cursors would overwrite each other). The lock is flock(2) on an open
+ * descriptor (FileLock): a process that died holds nothing.
  */
-async function acquireLock(lockPath: string): Promise<void> {
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      await fsp.writeFile(lockPath, `${process.pid}\n`, { flag: 'wx' });
-      return;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw wrapError(err, 'BR_IO', `cannot create lock ${lockPath}`);
-    }
-    const owner = Number.parseInt(await fsp.readFile(lockPath, 'utf8').catch(() => ''), 10);
-    if (Number.isSafeInteger(owner) && owner > 0 && processAlive(owner)) {
-      throw new BlockrelayError('BR_LOCKED', `resync state ${lockPath.slice(0, -LOCK_SUFFIX.length)} is in use by process ${owner}`, { details: { lockPath, pid: owner } });
-    }
-    await fsp.rm(lockPath, { force: true });
-  }
-  throw new BlockrelayError('BR_LOCKED', `could not take the lock ${lockPath}: another process keeps taking it`, { details: { lockPath } });
+function acquireLock(lockPath: string): FileLock {
+  return FileLock.acquire(lockPath, (pid) => `resync state ${lockPath.slice(0, -LOCK_SUFFIX.length)} is in use by ${pid === undefined ? 'another process' : `process ${pid}`}`);
 }
 
 /** Replaces the state file whole: readers see the old or the new one (platform/durable-file). */
