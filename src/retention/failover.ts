@@ -16,7 +16,8 @@ import { isSnapshotTarget, snapshotIdOf } from './blob-snapshots';
 import { PointView } from './point-view';
 import { diskRetentionPaths } from './retention-format';
 import { RetentionHooks } from './retention-hooks';
-import { failoverComplete, listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest, writeFailoverRecord, type DiskManifest } from './retention-manifest';
+import { failoverComplete, listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest, writeFailoverRecord, type DiskManifest, type FailoverRecord } from './retention-manifest';
+import { StateLock } from '../daemon/state-lock';
 import { PointCatalog, resolvePoint, type RecoveryPoint } from './recovery-points';
 import { allocatedBytesOf } from './undo-journal';
 
@@ -323,6 +324,19 @@ export async function commitFailover(retentionDir: string, diskId: string): Prom
   if (!failoverComplete(record)) {
     throw new BlockrelayError('BR_POINT_NOT_FAILED_OVER', `the last failover of disk ${diskId} to ${record.out} did not finish, so no complete copy exists; run blockrelay failover again before commit`, { details: { disk: diskId, out: record.out } });
   }
+  // A master target running on the disk's state holds its history in memory
+  // and would write it back (or journal into a deleted directory): commit
+  // only while none runs, and keep one from starting meanwhile.
+  const stateLock = new StateLock((await readManifest(retentionDir, diskId)).stateDir);
+  stateLock.acquire();
+  try {
+    return await deleteHistory(retentionDir, diskId, points, record);
+  } finally {
+    stateLock.release();
+  }
+}
+
+async function deleteHistory(retentionDir: string, diskId: string, points: readonly RecoveryPoint[], record: FailoverRecord): Promise<{ diskId: string; out: string; pointId: string; pointsDeleted: number; journalBytesFreed: number }> {
   const paths = diskRetentionPaths(retentionDir, diskId);
   // Page-blob points are snapshots: delete them first (this needs the blob's
   // lease, so a running master target makes commit fail before anything is deleted).

@@ -123,7 +123,7 @@ describe('failover to recovery points', () => {
     expect(readRaw(out).equals(model)).toBe(true);
   });
 
-  it('switches a failed-over disk to another point, refuses a foreign output, and commit deletes the points', async () => {
+  it('switches a failed-over disk to another point, refuses a foreign output, and commit (once the master target stopped) deletes the points', async () => {
     const dir = tmp();
     const retentionDir = retentionTmp();
     const { images } = await replicate(dir, retentionDir);
@@ -137,6 +137,10 @@ describe('failover to recovery points', () => {
     await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${foreign}` })).rejects.toMatchObject({ code: 'BR_POINT_OUT_EXISTS' });
     expect(fs.readFileSync(foreign).every((b) => b === 7)).toBe(true);
 
+    // Not while the master target runs: it holds the history in memory.
+    await expect(commitFailover(retentionDir, 'disk0')).rejects.toMatchObject({ code: 'BR_LOCKED' });
+    expect((await loadPoints(retentionDir, 'disk0')).points).toHaveLength(6);
+    for (const mt of running.splice(0)) await mt.stop();
     const committed = await commitFailover(retentionDir, 'disk0');
     expect(committed).toMatchObject({ pointId: 'disk0-4', pointsDeleted: 6 });
     expect(fs.existsSync(diskRetentionPaths(retentionDir, 'disk0').journalDir)).toBe(false);

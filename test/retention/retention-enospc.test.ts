@@ -131,6 +131,7 @@ describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC 
     const whole = path.join(dir, 'restore.img');
     await failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${whole}` });
     expect(fs.readFileSync(whole).equals(model)).toBe(true);
+    for (const m of running.splice(0)) await m.stop();
     expect(await commitFailover(retentionDir, 'disk0')).toMatchObject({ pointId: 'disk0-3' });
   });
 });
