@@ -268,12 +268,13 @@ export class ProcessServer extends ApplyingHop {
    * forward from the spool would send this log next anyway: the disk is
    * forwarded (not applied here), the link is not paced (a paced link
    * would hold the upload back), the master target answered this hop's last
-   * upload of the disk and has the whole body of the log before (so it
-   * refuses this one as a gap, never takes it as a first log, if that one
-   * fails), the disk is not held by a resync session, retrying or stopped,
-   * and the log is not a resend of one held here. Anything else, and any
-   * failure of the forward, leaves the log to the spool's forwarder, which
-   * skips a log the master target already answered for.
+   * upload of the disk (so it holds the disk's sequence: it refuses this
+   * log as a gap, never takes it as a first log, if the one before fails),
+   * the upload of the log before began (else this one waits for it), the
+   * disk is not held by a resync session, retrying or stopped, and the log
+   * is not a resend of one held here. Anything else, and any failure of
+   * the forward, leaves the log to the spool's forwarder, which skips a log
+   * the master target already answered for.
    */
   private cutThrough(ctx: RouteContext): void {
     if (this.forward === undefined || this.limiter !== undefined || this.stopping) return;
