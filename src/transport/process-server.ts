@@ -64,6 +64,13 @@ interface CutThrough {
 const CUT_THROUGH_MAX_LOGS = 2;
 
 /**
+ * Cut-through forwards under way on the whole process server, all disks
+ * together: each may keep up to CUT_THROUGH_MAX_QUEUED_BYTES in memory, so
+ * this bounds what they hold at 256 MiB however many disks it serves.
+ */
+const CUT_THROUGH_MAX_LOGS_PER_HOP = 4;
+
+/**
  * The process server: receives sealed logs from sources, verifies them
  * fully, stores them on its cache volume (fsync before the answer) and
  * forwards them per disk, in order, lz4-compressed, to a master target under
@@ -286,6 +293,7 @@ export class ProcessServer extends ApplyingHop {
       const { seq } = envelope;
       if (!disk.established || disk.cutThroughs.has(seq)) return;
       if ([...disk.cutThroughs.values()].filter((c) => !c.settled).length >= CUT_THROUGH_MAX_LOGS) return;
+      if ([...this.forwarded.values()].flatMap((d) => [...d.cutThroughs.values()]).filter((c) => !c.settled).length >= CUT_THROUGH_MAX_LOGS_PER_HOP) return;
       if (disk.drain.state !== 'idle' && disk.drain.state !== 'busy') return;
       const nextSeq = this.ledger.get(diskId).nextSeq;
       if ((nextSeq !== null && seq < nextSeq) || this.spool.get(diskId, seq) !== undefined) return;
