@@ -1,9 +1,10 @@
+import * as fs from 'node:fs';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { openDisk } from '../targets/disk-spec';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../targets/disk-target';
 import { hrlByteSum, hrlChecksumFromSum } from '../tracking/hrl-format';
 import { HRL_READ_CHUNK_BYTES, type HrlLogFile, type HrlVerifiedLog } from '../tracking/hrl-reader';
-import { diskRetentionPaths } from './retention-format';
+import { diskRetentionPaths, resyncMarkerState } from './retention-format';
 import type { DiskManifest } from './retention-manifest';
 import type { RecoveryPoint } from './recovery-points';
 import { journalDamage, UndoJournal } from './undo-journal';
@@ -126,6 +127,13 @@ export class PointView implements DiskTarget {
   private readonly entries: OverlayEntry[] = [];
   private readonly payloadsAtOpen: boolean;
   private nextSeq: number;
+  /**
+   * Held pre-image logs that are resync slots still marked (open or sealed):
+   * such a file may be replaced, once by log `seq` adding its own ranges,
+   * or by a second session in the slot. Keyed by seq; the inode the view
+   * read. Unmarked segments are final and never looked at again.
+   */
+  private readonly slots = new Map<number, number>();
   private refreshing: Promise<void> = Promise.resolve();
   private closed = false;
 
@@ -174,7 +182,22 @@ export class PointView implements DiskTarget {
   }
 
   private async addLog(seq: number, opened?: { log: HrlLogFile; verified: HrlVerifiedLog }): Promise<void> {
+    // A marked slot's inode is taken before the file is opened: one replaced
+    // in between is seen as replaced later and read again (harmless). A slot
+    // opened ahead (verified in a batch) is opened again after it.
+    const slotInode = resyncMarkerState(this.journal.dir, seq) === undefined ? undefined : inodeOf(this.journal.file(seq));
+    if (slotInode !== undefined && opened !== undefined) {
+      await opened.log.close();
+      opened = undefined;
+    }
     const { log, verified } = opened ?? (await this.openLog(seq));
+    if (slotInode !== undefined) this.slots.set(seq, slotInode);
+    await this.overlay(seq, log, verified);
+    this.nextSeq = Math.max(this.nextSeq, seq + 1);
+  }
+
+  /** Adds a pre-image log's ranges where the overlay has nothing yet. */
+  private async overlay(seq: number, log: HrlLogFile, verified: HrlVerifiedLog): Promise<void> {
     const index = this.logs.length;
     this.logs.push(log);
     this.logSeqs.push(seq);
@@ -194,7 +217,35 @@ export class PointView implements DiskTarget {
       if (start < seg.end) disjoint.push({ ...seg, start, fileOffset: seg.fileOffset + (start - seg.start) });
     }
     this.segments = fillGaps(this.segments, disjoint);
-    this.nextSeq = seq + 1;
+  }
+
+  /**
+   * Follows the resync slots the view holds (docs/formats/undo-journal.md,
+   * "Resync sessions"). A slot whose session is open again (a second
+   * session) means the target is being changed with pre-images the view
+   * cannot see yet: reads fail (BR_POINT_RESYNC_RUNNING) until it ends. A
+   * slot file replaced since the view read it (the session sealed, or log
+   * `seq` added its own ranges) is a superset holding the same bytes for the
+   * old ranges, so it is added again where the overlay has nothing: this
+   * happens before any newer log is added, because no newer log is applied
+   * before that rewrite. A slot whose marker is gone is final.
+   */
+  private async followSlots(): Promise<void> {
+    for (const [seq, inode] of [...this.slots]) {
+      const state = resyncMarkerState(this.journal.dir, seq);
+      if (state === 'open') throw this.resyncRunning(seq);
+      const now = inodeOf(this.journal.file(seq));
+      if (now !== undefined && now !== inode) {
+        this.slots.set(seq, now);
+        const { log, verified } = await this.openLog(seq);
+        await this.overlay(seq, log, verified);
+      }
+      if (state === undefined) this.slots.delete(seq);
+    }
+  }
+
+  private resyncRunning(seq: number): BlockrelayError {
+    return new BlockrelayError('BR_POINT_RESYNC_RUNNING', `point ${this.point.id} cannot be read now: a resync session is changing the target in slot ${seq}; retry when it has ended`, { details: { point: this.point.id, seq } });
   }
 
   /**
@@ -243,6 +294,9 @@ export class PointView implements DiskTarget {
   /** Adds pre-images of logs applied since the view was opened. */
   private addNewLogs(): Promise<void> {
     const run = async (): Promise<void> => {
+      await this.followSlots();
+      // The slot the view needs next is being written by a session: its pre-images are not in place yet.
+      if (!this.journal.has(this.nextSeq) && resyncMarkerState(this.journal.dir, this.nextSeq) === 'open') throw this.resyncRunning(this.nextSeq);
       while (this.journal.has(this.nextSeq)) await this.addLog(this.nextSeq);
     };
     this.refreshing = this.refreshing.then(run, run);
@@ -332,5 +386,14 @@ export class PointView implements DiskTarget {
     await this.refreshing.catch(() => undefined);
     for (const log of this.logs.splice(0)) await log.close();
     if (this.ownsTarget) await this.target.close();
+  }
+}
+
+/** The inode `file` names now, or undefined when it names nothing. */
+function inodeOf(file: string): number | undefined {
+  try {
+    return fs.statSync(file).ino;
+  } catch {
+    return undefined;
   }
 }

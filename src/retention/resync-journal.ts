@@ -17,6 +17,7 @@ import { isSnapshotTarget } from './blob-snapshots';
 import { RetentionHooks } from './retention-hooks';
 import type { DiskHistory } from './retention-pruner';
 import { appendTargetContent, coalesceExtents, createSegmentWriter, UNDO_READ_CHUNK_BYTES } from './undo-journal';
+import { resyncMarkerName } from './retention-format';
 
 /**
  * Retention across a networked resync session (docs/formats/undo-journal.md,
@@ -121,7 +122,7 @@ class RetentionResyncJournal implements ResyncJournalProvider {
   }
 
   private markerFile(h: DiskHistory, seq: number): string {
-    return path.join(h.journal.dir, `resync-${seqName(seq)}.json`);
+    return path.join(h.journal.dir, resyncMarkerName(seq));
   }
 
   private sessionFile(h: DiskHistory, seq: number): string {

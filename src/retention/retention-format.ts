@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { seqName, validateDiskId } from '../transport/transport-protocol';
 
@@ -66,4 +67,31 @@ export function undoFileName(seq: number): string {
 export function seqOfUndoFile(name: string): number | undefined {
   const m = /^(\d{20})\.undo\.hrl$/.exec(name);
   return m === null ? undefined : Number(m[1]);
+}
+
+/** The marker of a resync session's slot `seq` in a journal directory (resync-journal.ts). */
+export function resyncMarkerName(seq: number): string {
+  return `resync-${seqName(seq)}.json`;
+}
+
+/**
+ * The state of slot `seq`'s resync marker: `open` while a session changes
+ * the target (an unreadable marker counts as open, as the journal itself
+ * treats it), `sealed` once the session's pre-images are the slot's file
+ * (it may still be rewritten once, when log `seq` adds its own), undefined
+ * without a marker (the slot's file, if any, is final).
+ */
+export function resyncMarkerState(journalDir: string, seq: number): 'open' | 'sealed' | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync(path.join(journalDir, resyncMarkerName(seq)), 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    return 'open';
+  }
+  try {
+    return (JSON.parse(text) as { state?: unknown }).state === 'sealed' ? 'sealed' : 'open';
+  } catch {
+    return 'open';
+  }
 }

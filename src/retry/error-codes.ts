@@ -160,6 +160,7 @@ export const ERROR_CODES = {
   BR_POINT_NOT_COMMON: { recoverable: false, description: 'The members of the group share no recovery point matching POINT (a group fails over only to a common cut).' },
   BR_POINT_OUT_EXISTS: { recoverable: false, description: 'The failover output already exists and is not this disk\'s failed-over copy.', asrCode: 78052 },
   BR_POINT_NOT_FAILED_OVER: { recoverable: false, description: 'The disk is not failed over; commit ends a failover and deletes the points.' },
+  BR_POINT_RESYNC_RUNNING: { recoverable: true, description: 'A resync session is changing the target in a slot the recovery point needs: the point cannot be read until the session ends (retry then).' },
   BR_POINT_PENDING_TIMEOUT: { recoverable: true, description: 'Failover to latest waited too long for pending logs to be applied.' },
 } as const satisfies Record<string, ErrorSpec>;
 

@@ -1,0 +1,130 @@
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { loadPoints } from '../../src/retention/failover';
+import { PointView } from '../../src/retention/point-view';
+import { readManifest } from '../../src/retention/retention-manifest';
+import { openDisk } from '../../src/targets/disk-spec';
+import type { ApplyingHop } from '../../src/transport/master-target';
+import type { ResyncJournalProvider } from '../../src/transport/resync-route';
+import { useTempDirs } from '../helpers/tmp';
+import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from './retention-fixture';
+
+const MINUTE_MS = 60_000;
+
+/** Sectors of `got` that differ from `want`. */
+function sectorsDiffering(got: Buffer, want: Buffer): number {
+  let diff = 0;
+  for (let i = 0; i < want.length; i += 512) if (!got.subarray(i, i + 512).equals(want.subarray(i, i + 512))) diff++;
+  return diff;
+}
+
+/**
+ * An open point view (an export, or a failover copy while the master target
+ * runs) across a networked resync session in the slot after it. The slot's
+ * pre-image file is written at the session's end and rewritten when the
+ * slot's own log arrives, unlike every other segment, which is final once
+ * it exists (docs/formats/undo-journal.md, "Resync sessions").
+ */
+describe('a point view across a resync session', () => {
+  const tmp = useTempDirs();
+  const retentionTmp = useRetentionDirs();
+  const running: ApplyingHop[] = [];
+  afterEach(async () => {
+    for (const mt of running.splice(0)) await mt.stop();
+  });
+
+  /** Logs 1 and 2 applied; returns the disk at point 1 and what is needed to go on. */
+  async function twoPoints(seed: number) {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    // The master target's own provider, as its resync route uses it: log 3's merge goes through it.
+    const journal = (mt as unknown as { resyncJournal: ResyncJournalProvider }).resyncJournal;
+    const rand = prng(seed);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    const source = Buffer.alloc(DISK_BYTES);
+    const logDir = path.join(dir, 'src');
+    await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 1, cutTimeMs: baseMs + MINUTE_MS }, source, rand)]);
+    const point1 = Buffer.from(source);
+    await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 2, cutTimeMs: baseMs + 2 * MINUTE_MS }, source, rand)]);
+    await mt.drain();
+    const openView = async (): Promise<PointView> => {
+      const { points } = await loadPoints(retentionDir, 'disk0');
+      return PointView.open({ retentionDir, manifest: await readManifest(retentionDir, 'disk0'), point: points.find((p) => p.seq === 1)!, newestSeq: points[points.length - 1]!.seq, verifyPayloads: 'first-read' });
+    };
+    const sendLog3 = async (): Promise<void> => {
+      // Log 3 writes where no session wrote: its own pre-images join slot 3.
+      await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 3, cutTimeMs: baseMs + 3 * MINUTE_MS, region: { offset: 1 << 20, length: 1 << 20 } }, source, rand)]);
+      await mt.drain();
+    };
+    return { setup, journal, point1, openView, sendLog3 };
+  }
+
+  it('reads point 1 exactly after log 3 adds its own pre-images to the slot the view already read', async () => {
+    const { setup, journal, point1, openView, sendLog3 } = await twoPoints(7);
+    const target = await openDisk(setup.targetSpec('disk0'));
+    const session = (await journal.openSession('disk0', target, 2, 'a'.repeat(32)))!;
+    await session.preserve(target, 8192, 4096);
+    await target.write(8192, Buffer.alloc(4096, 0xdd));
+    await target.flush();
+    await session.finish(target);
+    await target.close();
+    const view = await openView();
+    try {
+      expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
+      await sendLog3();
+      expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
+    } finally {
+      await view.close();
+    }
+  });
+
+  it('refuses reads while a session changes the target in the slot it needs next, and reads exactly after', async () => {
+    const { setup, journal, point1, openView, sendLog3 } = await twoPoints(8);
+    const view = await openView();
+    const target = await openDisk(setup.targetSpec('disk0'));
+    try {
+      expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
+      const session = (await journal.openSession('disk0', target, 2, 'b'.repeat(32)))!;
+      await session.preserve(target, 3 << 20, 4096);
+      await target.write(3 << 20, Buffer.alloc(4096, 0xdd));
+      await expect(view.read(3 << 20, 4096)).rejects.toMatchObject({ code: 'BR_POINT_RESYNC_RUNNING' });
+      await session.finish(target);
+      expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
+      await target.close();
+      await sendLog3();
+      expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
+    } finally {
+      await target.close();
+      await view.close();
+    }
+  });
+
+  it('refuses reads while a second session runs in a slot the view holds, and reads exactly after', async () => {
+    const { setup, journal, point1, openView } = await twoPoints(9);
+    const target = await openDisk(setup.targetSpec('disk0'));
+    try {
+      const first = (await journal.openSession('disk0', target, 2, 'c'.repeat(32)))!;
+      await first.preserve(target, 8192, 4096);
+      await target.write(8192, Buffer.alloc(4096, 0xdd));
+      await first.finish(target);
+      const view = await openView();
+      try {
+        expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
+        // A second session in the same slot (the first one's resync was retried).
+        const second = (await journal.openSession('disk0', target, 2, 'd'.repeat(32)))!;
+        await second.preserve(target, 2 << 20, 8192);
+        await target.write(2 << 20, Buffer.alloc(8192, 0xee));
+        await expect(view.read(2 << 20, 8192)).rejects.toMatchObject({ code: 'BR_POINT_RESYNC_RUNNING' });
+        await second.finish(target);
+        expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
+      } finally {
+        await view.close();
+      }
+    } finally {
+      await target.close();
+    }
+  });
+});
