@@ -18,7 +18,7 @@ import { diskRetentionPaths } from './retention-format';
 import { RetentionHooks } from './retention-hooks';
 import { failoverComplete, listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest, writeFailoverRecord, type DiskManifest, type FailoverRecord } from './retention-manifest';
 import { StateLock } from '../daemon/state-lock';
-import { PointCatalog, resolvePoint, type RecoveryPoint } from './recovery-points';
+import { PointCatalog, resolvePoint, selectablePoints, type RecoveryPoint } from './recovery-points';
 import { allocatedBytesOf } from './undo-journal';
 
 /** How long `--point latest` waits for pending logs by default. */
@@ -381,7 +381,10 @@ export async function groupMembers(retentionDir: string, group: string): Promise
 export async function resolveGroupPoint(retentionDir: string, group: string, spec: string, options: { clock?: Clock } = {}): Promise<{ cutId: string; members: Map<string, RecoveryPoint> }> {
   const members = await groupMembers(retentionDir, group);
   if (members.length === 0) throw new BlockrelayError('BR_RETENTION_DISK_UNKNOWN', `retention directory ${retentionDir} holds no disk of group ${group}`, { details: { group } });
-  const loaded = await Promise.all(members.map((m) => loadPoints(retentionDir, m)));
+  // Only points each member can be rebuilt at: a cut that is a resync point
+  // (tainted, not consistent) on one member is no common point, and its
+  // failover would fail after the members before it were written.
+  const loaded = (await Promise.all(members.map((m) => loadPoints(retentionDir, m)))).map((l) => ({ ...l, points: selectablePoints(l.points) }));
   const cutSets = loaded.map((l) => new Set(l.points.map((p) => p.cutId).filter((c) => c !== '')));
   const common = loaded[0]!.points.filter((p) => cutSets.every((s) => s.has(p.cutId)));
   const clock = options.clock ?? systemClock;

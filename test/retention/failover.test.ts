@@ -4,6 +4,8 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { commitFailover, failover, loadPoints, resolveGroupPoint } from '../../src/retention/failover';
 import { diskRetentionPaths, undoFileName } from '../../src/retention/retention-format';
+import { writeManifest } from '../../src/retention/retention-manifest';
+import { DiskHistory } from '../../src/retention/retention-pruner';
 import { LogSpool } from '../../src/transport/log-spool';
 import type { ApplyingHop } from '../../src/transport/master-target';
 import { openDisk } from '../../src/targets/disk-spec';
@@ -215,6 +217,23 @@ describe('failover to recovery points', () => {
     const bad = await runCli(['failover', '--retention', retentionDir, '--disk', 'disk0', '--point', 'nope', '--out', path.join(dir, 'n.vmdk')]);
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/^BR_POINT_UNKNOWN: /);
+  });
+
+  it('never resolves a group to a cut that is a resync point on one member', async () => {
+    const retentionDir = retentionTmp();
+    const now = Date.now();
+    for (const disk of ['d1', 'd2']) {
+      await writeManifest(retentionDir, { version: 1, diskId: disk, targetSpec: `raw:/nonexistent/${disk}.img`, diskSizeBytes: 1 << 20, stateDir: path.join(retentionDir, 'mt'), inboxDir: path.join(retentionDir, 'mt', 'inbox', disk), windowHours: 24, group: 'g' });
+      const h = new DiskHistory(retentionDir, disk);
+      await h.open(null);
+      await h.append([{ v: 1, t: 'point', seq: 1, timeMs: now - 60_000, kind: 'crash', cutId: 'cut-a', group: 'g', applied: true }]);
+      // cut-b: d2 is resyncing, so its log of that cut is tainted; d1's is a normal point.
+      await h.append([{ v: 1, t: 'point', seq: 2, timeMs: now - 30_000, kind: 'crash', cutId: 'cut-b', group: 'g', applied: true, ...(disk === 'd2' ? { resync: true as const } : {}) }]);
+    }
+    const latest = await resolveGroupPoint(retentionDir, 'g', 'latest-processed');
+    expect(latest.cutId).toBe('cut-a');
+    expect([...latest.members.values()].map((p) => p.id)).toEqual(['d1-1', 'd2-1']);
+    await expect(resolveGroupPoint(retentionDir, 'g', 'cut-b')).rejects.toMatchObject({ code: 'BR_POINT_NOT_COMMON' });
   });
 
   it('resolves a group only to a cut common to all members', async () => {
