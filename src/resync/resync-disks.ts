@@ -36,12 +36,18 @@ export async function resyncDisks(sourceSpec: string, targetSpec: string, option
     const source = await openDisk(sourceSpec, { readOnly: true });
     opened.push(source);
     let channel = options.channel;
+    // A full copy sends only the source's non-zero blocks, so it is right only
+    // for a target that reads as zeroes: a file or sparse image just made. A
+    // block device "created" over is used as it is, old data and all (a
+    // recycled LUN), and is compared like any existing target.
+    let fullCopy = options.create === true;
     if (channel === undefined) {
       const target = await openDisk(targetSpec, options.create === true ? { create: { sizeBytes: source.sizeBytes } } : {});
       opened.push(target);
+      fullCopy &&= target.capabilities.sparse;
       channel = inProcessChannel(new ResyncTargetService(target, hasher));
     }
-    return await runResync({ ...options, source, peer: new ResyncPeer(channel), hasher, job, fullCopy: options.create === true });
+    return await runResync({ ...options, source, peer: new ResyncPeer(channel), hasher, job, fullCopy });
   } finally {
     // Close the target first: its close flushes, and the source is read-only.
     try {

@@ -1,8 +1,10 @@
 import { execFileSync } from 'node:child_process';
+import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { resyncDisks } from '../../src/resync/resync-disks';
 import { openDisk } from '../../src/targets/disk-spec';
 import { hasTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
@@ -60,6 +62,20 @@ if (canLoop) {
 }
 
 describe.skipIf(!canLoop)('raw block device', () => {
+  it('is resynced whole by resync --create although it held old data (a recycled LUN)', async () => {
+    const dir = tempDir();
+    const sizeBytes = 4 * 1024 * 1024;
+    const device = attachLoop(sizeBytes, dir)!;
+    fs.writeFileSync(device, crypto.randomBytes(sizeBytes));
+    // The recovered disk: zeroes but for its first 4 KiB.
+    const source = path.join(dir, 'recovered.img');
+    const content = Buffer.alloc(sizeBytes);
+    crypto.randomBytes(4096).copy(content);
+    fs.writeFileSync(source, content);
+    await resyncDisks(`raw:${source}`, `raw:${device}`, { create: true });
+    expect(fs.readFileSync(device).equals(content)).toBe(true);
+  });
+
   it('reads the device size from sysfs, keeps to 512-byte sectors and refuses a create larger than the device', async () => {
     const device = attachLoop(2 * 1024 * 1024, tempDir())!;
     const t = await openDisk(`raw:${device}`);
