@@ -267,8 +267,19 @@ export class PointView implements DiskTarget {
     }
   }
 
-  private openLog(seq: number): Promise<{ log: HrlLogFile; verified: HrlVerifiedLog }> {
-    return this.journal.openVerified(seq, this.sizeBytes, { checkPayloads: this.payloadsAtOpen });
+  /**
+   * Opens a segment. The view keeps every segment from the point on open
+   * (one descriptor each; a pruned one must stay readable), so a point far
+   * back needs as many descriptors as segments: EMFILE says so plainly.
+   */
+  private async openLog(seq: number): Promise<{ log: HrlLogFile; verified: HrlVerifiedLog }> {
+    try {
+      return await this.journal.openVerified(seq, this.sizeBytes, { checkPayloads: this.payloadsAtOpen });
+    } catch (err) {
+      const errno = (err as { code?: string; cause?: { code?: string } }).cause?.code ?? (err as { code?: string }).code;
+      if (errno !== 'EMFILE') throw err;
+      throw new BlockrelayError('BR_IO', `point ${this.point.id} needs the ${this.logs.length + 1}th of its journal segments open at once and the process may open no more files; raise the open-file limit (ulimit -n, or LimitNOFILE in the unit) above the number of segments after the point`, { cause: err, details: { point: this.point.id, seq, openSegments: this.logs.length } });
+    }
   }
 
   /** Checks an entry's payload against its DataChecksum the first time it is used. */
