@@ -83,11 +83,15 @@ HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t ma
     spares_.push_back(std::make_unique<AlignedBuffer>());  // allocated when first used
     freeSpares_.push_back(i);
   }
-#if defined(__linux__) && defined(O_DIRECT)
-  // The same file once more, for direct writes of whole pages.
+#if defined(__linux__)
   const std::string self = "/proc/self/fd/" + std::to_string(fd);
+#if defined(O_DIRECT)
+  // The same file once more, for direct writes of whole pages.
   directFd_ = open(self.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
   directOk_.store(directFd_ >= 0);
+#endif
+  // And once more for the recycler's writeback waits (see syncFd_).
+  syncFd_ = open(self.c_str(), O_WRONLY | O_CLOEXEC);
 #endif
 }
 
@@ -121,6 +125,8 @@ void HrlAppenderCore::CloseDirectLocked() {
   directOk_.store(false);
   if (directFd_ >= 0) close(directFd_);
   directFd_ = -1;
+  if (syncFd_ >= 0) close(syncFd_);
+  syncFd_ = -1;
 }
 
 uint32_t HrlAppenderCore::NowTimestamp() {
@@ -233,10 +239,10 @@ void HrlAppenderCore::IoLoop(bool recycles) {
     // GB/s on this disk, and made buffered appends cost several times the
     // CPU. KEEP_SIZE leaves the file's size, so nothing a reader sees
     // changes; Finish and Abandon give back what stays unused.
-    if (preallocOk_ && preallocEnd < end + kPreallocAheadBytes - kPreallocStepBytes) {
+    if (preallocOk_ && syncFd_ >= 0 && preallocEnd < end + kPreallocAheadBytes - kPreallocStepBytes) {
       const uint64_t from = preallocEnd > end ? preallocEnd : end;
       const uint64_t to = end + kPreallocAheadBytes;
-      if (fallocate(fd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(from), static_cast<off_t>(to - from)) == 0) {
+      if (fallocate(syncFd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(from), static_cast<off_t>(to - from)) == 0) {
         preallocEnd = to;
         preallocated_.store(true);
       } else {
@@ -247,15 +253,23 @@ void HrlAppenderCore::IoLoop(bool recycles) {
     }
 #endif
 #if defined(__linux__) && defined(SYNC_FILE_RANGE_WRITE)
-    // Queues the new range for writeback without waiting for it.
-    sync_file_range(fd_, static_cast<off_t>(writebackStarted), static_cast<off_t>(end - writebackStarted), SYNC_FILE_RANGE_WRITE);
-    if (end > kCachedTailBytes && end - kCachedTailBytes > dropped) {
-      const uint64_t dropEnd = end - kCachedTailBytes;
-      // Waits for that older range's writeback (long started), then drops its clean pages.
-      sync_file_range(fd_, static_cast<off_t>(dropped), static_cast<off_t>(dropEnd - dropped),
-                      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
-      posix_fadvise(fd_, static_cast<off_t>(dropped), static_cast<off_t>(dropEnd - dropped), POSIX_FADV_DONTNEED);
-      dropped = dropEnd;
+    // Through syncFd_, never fd_: a wait for writeback reports a writeback
+    // error once per open file and marks it seen for that file (errseq).
+    // Seen here on the log's own descriptor, it would be gone for the
+    // FLUSH's fdatasync, which would then answer OK for pages that never
+    // reached the disk. On a descriptor of its own the error is still
+    // there for fd_'s next fdatasync.
+    if (syncFd_ >= 0) {
+      // Queues the new range for writeback without waiting for it.
+      sync_file_range(syncFd_, static_cast<off_t>(writebackStarted), static_cast<off_t>(end - writebackStarted), SYNC_FILE_RANGE_WRITE);
+      if (end > kCachedTailBytes && end - kCachedTailBytes > dropped) {
+        const uint64_t dropEnd = end - kCachedTailBytes;
+        // Waits for that older range's writeback (long started), then drops its clean pages.
+        sync_file_range(syncFd_, static_cast<off_t>(dropped), static_cast<off_t>(dropEnd - dropped),
+                        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+        posix_fadvise(syncFd_, static_cast<off_t>(dropped), static_cast<off_t>(dropEnd - dropped), POSIX_FADV_DONTNEED);
+        dropped = dropEnd;
+      }
     }
 #endif
     writebackStarted = end;

@@ -141,6 +141,10 @@ class HrlAppenderCore {
   // Anything else, and every write after an EINVAL from it, goes buffered.
   int directFd_ = -1;
   std::atomic<bool> directOk_{false};
+  // A third descriptor of the file, for the recycler's fallocate,
+  // sync_file_range and fadvise only, or -1 (then it does none of them).
+  int syncFd_ = -1;
+  // Closes directFd_ and syncFd_ (the recycler has stopped).
   void CloseDirectLocked();
   const uint32_t metadataSizeBytes_;
   const uint32_t maxEntryBytes_;
