@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { parseCommandArgs, writeJson, type Command, type CommandIo } from '../daemon/command';
@@ -50,6 +51,9 @@ export const convertCommand: Command = {
     const from = await openDisk(fromSpec, { readOnly: true });
     let to: DiskTarget | undefined;
     try {
+      // Only what this run creates is taken away on failure: `create` also
+      // takes an existing empty file or a block device, which must stay.
+      const made = createdFiles(toSpec).filter((f) => !fs.existsSync(f));
       to = await openDisk(toSpec, { create: { sizeBytes: from.sizeBytes } });
       let result;
       try {
@@ -61,7 +65,7 @@ export const convertCommand: Command = {
         await to.close();
       } catch (err) {
         await to.close().catch(() => undefined);
-        for (const file of createdFiles(toSpec)) await fsp.rm(file, { force: true });
+        for (const file of made) await fsp.rm(file, { force: true });
         throw err;
       }
       if (values.json === true) writeJson(io, { from: fromSpec, to: toSpec, ...result });

@@ -38,7 +38,12 @@ export function parseDiskSpec(spec: string): DiskSpec {
     }
     if (url.hostname === '') throw invalid(spec, 'no host');
     const port = url.port === '' ? NBD_DEFAULT_PORT : Number(url.port);
-    const exportName = decodeURIComponent(url.pathname.replace(/^\//, ''));
+    let exportName: string;
+    try {
+      exportName = decodeURIComponent(url.pathname.replace(/^\//, ''));
+    } catch {
+      throw invalid(spec, 'the export name has a malformed %-escape');
+    }
     const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
     return { kind: 'nbd', spec, host, port, exportName };
   }

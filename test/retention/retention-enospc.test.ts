@@ -1,6 +1,4 @@
-import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { commitFailover, failover, loadPoints } from '../../src/retention/failover';
@@ -9,39 +7,22 @@ import { PointCatalog, type CatalogRecord } from '../../src/retention/recovery-p
 import { systemVolumeProbe } from '../../src/retention/retention-volume';
 import type { ApplyingHop } from '../../src/transport/master-target';
 import { useTempDirs } from '../helpers/tmp';
+import { canMountTmpfs, useSmallVolumes } from '../helpers/tmpfs';
 import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from './retention-fixture';
-
-/** Whether this process may mount a tmpfs (root with CAP_SYS_ADMIN, as in the dev container). */
-function canMountTmpfs(): boolean {
-  if (process.getuid?.() !== 0) return false;
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-mount-probe-'));
-  try {
-    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', dir]).status !== 0) return false;
-    spawnSync('umount', [dir]);
-    return true;
-  } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
-}
 
 describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC on a small tmpfs)', () => {
   const tmp = useTempDirs();
   const retentionTmp = useRetentionDirs();
-  const mounts: string[] = [];
+  // Registered first, so (hooks run as a stack) the master targets stop before their volumes go.
+  const smallVolume = useSmallVolumes();
   const running: ApplyingHop[] = [];
   afterEach(async () => {
     for (const mt of running.splice(0)) await mt.stop();
-    for (const m of mounts.splice(0)) {
-      spawnSync('umount', [m]);
-      fs.rmSync(m, { recursive: true, force: true });
-    }
   });
 
   it('prunes oldest first when a pre-image write fails with ENOSPC, keeps applying, and never leaves a torn segment', async () => {
     const dir = tmp();
-    const retentionDir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-small-volume-'));
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', retentionDir]);
-    mounts.push(retentionDir);
+    const retentionDir = smallVolume('2m');
     const setup = retentionSetup(dir, retentionDir);
     const model = Buffer.alloc(DISK_BYTES);
     const rand = prng(99);
@@ -78,9 +59,7 @@ describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC 
     }
   });
   it('takes a catalog append that the full volume takes short as failed, and leaves no half line behind', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-tiny-volume-'));
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', dir]);
-    mounts.push(dir);
+    const dir = smallVolume('64k');
     const catalog = new PointCatalog(path.join(dir, 'points.log'), 'disk0');
     const point = (seq: number): CatalogRecord => ({ v: 1, t: 'point', seq, timeMs: 1_700_000_000_000 + seq * 60_000, kind: 'crash', cutId: `c${seq}` });
     // Lines up to just short of a page: the next one needs a new block.
@@ -120,9 +99,7 @@ describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC 
     await sendAll(mt, logs);
     await mt.drain();
     // The output's volume holds far less than the disk's data.
-    const small = fs.mkdtempSync(path.join(os.tmpdir(), 'blockrelay-small-out-'));
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', small]);
-    mounts.push(small);
+    const small = smallVolume('256k');
     await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-2', out: `vmdk:${path.join(small, 'restore.vmdk')}` })).rejects.toMatchObject({ code: 'BR_DISK_FULL' });
     expect((await retentionUsage(retentionDir)).disks[0]).toMatchObject({ failedOver: false, failoverIncomplete: true });
     await expect(commitFailover(retentionDir, 'disk0')).rejects.toMatchObject({ code: 'BR_POINT_NOT_FAILED_OVER', message: expect.stringContaining('did not finish') });

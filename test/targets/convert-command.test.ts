@@ -9,9 +9,11 @@ import { main } from '../../src/daemon/cli';
 import { runCli } from '../helpers/cli';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
+import { canMountTmpfs, useSmallVolumes } from '../helpers/tmpfs';
 import { seededRandom } from './conformance';
 
 const tempDir = useTempDirs();
+const smallVolume = useSmallVolumes();
 const haveQemu = requireTool('qemu-img');
 const MiB = 1024 * 1024;
 
@@ -105,6 +107,23 @@ describe('blockrelay convert', () => {
     expect(r.status).toBe(1);
     expect(r.stderr.trim().split('\n').pop()).toMatch(/^BR_TARGET_NAME_CONFLICT: /);
     expect(fs.readFileSync(existing, 'utf8')).toBe('precious');
+  });
+
+  it.skipIf(!canMountTmpfs())('leaves an output it did not create in place when the copy fails, and removes one it did', async () => {
+    const dir = tempDir();
+    const raw = path.join(dir, 'src.img');
+    makeRaw(raw, 4 * MiB, 16);
+    // 1 MiB of room: the 4 MiB copy fails with ENOSPC part-way.
+    const small = smallVolume('1m');
+    const given = path.join(small, 'given.img');
+    fs.writeFileSync(given, '');
+    const failed = await runInProcess(['convert', `raw:${raw}`, `raw:${given}`]);
+    expect(failed.status).toBe(1);
+    expect(failed.stderr).toMatch(/BR_DISK_FULL/);
+    expect(fs.existsSync(given)).toBe(true);
+    const made = path.join(small, 'made.img');
+    expect((await runInProcess(['convert', `raw:${raw}`, `raw:${made}`])).status).toBe(1);
+    expect(fs.existsSync(made)).toBe(false);
   });
 
   it('exits non-zero naming the code for bad specs, missing sources and bad usage', async () => {

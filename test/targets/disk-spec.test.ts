@@ -13,7 +13,7 @@ describe('disk spec parsing', () => {
   });
 
   it('refuses malformed specs with BR_TARGET_SPEC_INVALID', () => {
-    for (const bad of ['', '/plain/path', 'raw:', 'qcow2:/x', 'blob:ftp://h/a', 'blob:/local', ':x', 'nbd://']) {
+    for (const bad of ['', '/plain/path', 'raw:', 'qcow2:/x', 'blob:ftp://h/a', 'blob:/local', ':x', 'nbd://', 'nbd://host/%zz']) {
       expect(() => parseDiskSpec(bad), bad).toThrow(expect.objectContaining({ code: 'BR_TARGET_SPEC_INVALID' }));
     }
   });
