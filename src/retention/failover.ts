@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { silentLogger } from '../daemon/logger';
+import { syncDirectory } from '../platform/durable-file';
 import { createMetrics } from '../daemon/metrics';
 import { resolvesWithin, systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
@@ -205,6 +206,8 @@ async function copyRawThenOverlay(view: PointView, from: string, to: string): Pr
       if (out.sizeBytes !== view.sizeBytes) throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `target ${from} changed size during failover`, { details: { from } });
       const { bytes } = await view.writeOverlayTo(out);
       await out.flush();
+      // The new file's name must survive a power loss too: failover.json names it.
+      await syncDirectory(path.dirname(to));
       return { sizeBytes: view.sizeBytes, dataBytes: view.sizeBytes, writtenBytes: bytes, zeroBytes: 0, durationMs: Date.now() - started };
     } finally {
       await out.close();
@@ -301,6 +304,8 @@ export async function failover(options: FailoverOptions): Promise<FailoverResult
     }
     await writeFailoverRecord(options.retentionDir, { ...record, complete: false });
     const copy = await copyDisk(new AlignedExtents(view), target, { targetIsZero: !reuse && target.capabilities.sparse });
+    const outPath = (parseDiskSpec(out) as { path?: string }).path;
+    if (!reuse && outPath !== undefined) await syncDirectory(path.dirname(outPath));
     await writeFailoverRecord(options.retentionDir, { ...record, complete: true });
     return { diskId: options.diskId, point, out, drainedLogs, journalSegments: view instanceof PointView ? view.overlayLogs : 0, copy };
   } finally {

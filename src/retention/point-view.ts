@@ -161,6 +161,12 @@ export class PointView implements DiskTarget {
       }
     }
     const target = options.target ?? (await openDisk(options.manifest.targetSpec, { readOnly: true }));
+    // A target whose size changed (a raw file cut short by a crash between the
+    // two truncates of a tail zeroing) would rebuild a short disk silently.
+    if (target.sizeBytes !== options.manifest.diskSizeBytes) {
+      if (options.target === undefined) await target.close();
+      throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `point ${options.point.id} cannot be rebuilt: target ${options.manifest.targetSpec} holds ${target.sizeBytes} bytes but disk ${options.manifest.diskId} has ${options.manifest.diskSizeBytes}`, { details: { spec: options.manifest.targetSpec, sizeBytes: target.sizeBytes, diskSizeBytes: options.manifest.diskSizeBytes } });
+    }
     const view = new PointView(target, options.target === undefined, journal, options.point, options.manifest.diskId, options.verifyPayloads ?? 'open');
     try {
       await view.addLogsUpTo(options.newestSeq);

@@ -72,6 +72,7 @@ export class RetentionHooks implements ApplyHooks {
   private readonly logger: Logger;
   private readonly logOps: LogOps;
   private readonly histories = new Map<string, DiskHistory>();
+  private readonly loading = new Map<string, Promise<DiskHistory>>();
   private readonly manifests = new Map<string, string>();
   private readonly locks = new KeyedLock();
   private health: RetentionHealthSink | undefined;
@@ -92,18 +93,31 @@ export class RetentionHooks implements ApplyHooks {
     return this.options.windowHours * 3_600_000;
   }
 
-  /** The disk's history, loaded on first use. */
-  async history(diskId: string): Promise<DiskHistory> {
-    let h = this.histories.get(diskId);
-    if (h === undefined) {
-      h = new DiskHistory(this.options.dir, diskId);
-      const { salvagedDamagedLines } = await h.open(readAppliedSeq(this.options.stateDir, diskId));
-      if (salvagedDamagedLines > 0) {
-        // Replication goes on: losing the records of a few points beats stopping the disk.
-        this.logger.warn({ disk: diskId, code: 'BR_RETENTION_CATALOG_CORRUPT', damagedLines: salvagedDamagedLines, file: h.catalog.file }, 'recovery point catalog was damaged; kept its intact records');
-      }
-      this.histories.set(diskId, h);
+  /**
+   * The disk's history, loaded on first use. Callers that come while it
+   * loads share the one load: two copies of a history would each append
+   * with their own idea of the catalog's valid length, and the next append
+   * through one would cut off the other's record.
+   */
+  history(diskId: string): Promise<DiskHistory> {
+    const loaded = this.histories.get(diskId);
+    if (loaded !== undefined) return Promise.resolve(loaded);
+    let loading = this.loading.get(diskId);
+    if (loading === undefined) {
+      loading = this.load(diskId).finally(() => this.loading.delete(diskId));
+      this.loading.set(diskId, loading);
     }
+    return loading;
+  }
+
+  private async load(diskId: string): Promise<DiskHistory> {
+    const h = new DiskHistory(this.options.dir, diskId);
+    const { salvagedDamagedLines } = await h.open(readAppliedSeq(this.options.stateDir, diskId));
+    if (salvagedDamagedLines > 0) {
+      // Replication goes on: losing the records of a few points beats stopping the disk.
+      this.logger.warn({ disk: diskId, code: 'BR_RETENTION_CATALOG_CORRUPT', damagedLines: salvagedDamagedLines, file: h.catalog.file }, 'recovery point catalog was damaged; kept its intact records');
+    }
+    this.histories.set(diskId, h);
     return h;
   }
 

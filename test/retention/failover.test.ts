@@ -219,6 +219,16 @@ describe('failover to recovery points', () => {
     expect(bad.stderr).toMatch(/^BR_POINT_UNKNOWN: /);
   });
 
+  it('refuses to rebuild a point from a target whose size changed', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const { setup } = await replicate(dir, retentionDir);
+    for (const mt of running.splice(0)) await mt.stop();
+    fs.truncateSync(setup.targetSpec('disk0').slice('raw:'.length), DISK_BYTES - 65536);
+    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-2', out: `raw:${path.join(dir, 'short.img')}` })).rejects.toMatchObject({ code: 'BR_TARGET_SIZE_MISMATCH' });
+    expect(fs.existsSync(path.join(dir, 'short.img'))).toBe(false);
+  });
+
   it('never resolves a group to a cut that is a resync point on one member', async () => {
     const retentionDir = retentionTmp();
     const now = Date.now();
