@@ -48,6 +48,7 @@ export type SourceResyncState =
 export class SourceResyncs {
   private readonly states = new Map<string, SourceResyncState>();
   private readonly running = new Map<string, { controller: AbortController; done: Promise<void> }>();
+  private stopped = false;
 
   constructor(private readonly options: SourceResyncsOptions) {}
 
@@ -61,6 +62,10 @@ export class SourceResyncs {
 
   /** Starts a resync of `diskId` in the background; resolves once it is under way. */
   start(diskId: string): SourceResyncState {
+    // The control API stays open while the source stops: a resync started
+    // then would run on, unstopped, and its retry timers would keep the
+    // process alive after the stop.
+    if (this.stopped) throw new BlockrelayError('BR_SOURCE_STOPPING', `the source is stopping; start the resync of disk ${diskId} after it starts again (it resumes interrupted resyncs by itself)`, { details: { diskId } });
     const spec = this.options.diskSpecs.get(validateDiskId(diskId));
     if (spec === undefined) throw new BlockrelayError('BR_DISK_UNKNOWN', `disk ${diskId} is not protected here`);
     if (this.running.has(diskId)) throw new BlockrelayError('BR_RESYNC_SESSION_BUSY', `a resync of disk ${diskId} is already running`, { details: { diskId } });
@@ -137,6 +142,7 @@ export class SourceResyncs {
 
   /** Stops every running resync (the source is stopping); progress is saved. */
   async stop(): Promise<void> {
+    this.stopped = true;
     for (const r of this.running.values()) r.controller.abort();
     await Promise.all([...this.running.values()].map((r) => r.done));
   }

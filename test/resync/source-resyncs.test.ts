@@ -115,6 +115,8 @@ describe("the source control API's POST /v1/disks/:disk/resync", () => {
     for (let waited = 0; !fs.existsSync(first.statePath('disk0')) && waited < 10_000; waited += 10) await new Promise((r) => setTimeout(r, 10));
     await first.stop();
     expect(first.state('disk0').state).toBe('failed');
+    // A request that reaches the control API while the source stops starts nothing.
+    expect(() => first.start('disk0')).toThrow(expect.objectContaining({ code: 'BR_SOURCE_STOPPING' }));
 
     // The next one finds it and resumes it on its own.
     const next = new SourceResyncs(options);
