@@ -6,6 +6,7 @@ import { retentionHooksFromConfig } from '../retention/retention-hooks';
 import { processServerFromConfig } from '../transport/process-server';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import { resolvesWithin } from '../platform/clock';
+import { exitNow } from '../platform/exit-now';
 import { parseCommandArgs, type Command } from './command';
 import { loadConfig, type BlockrelayConfig } from './config';
 import { createLogger } from './logger';
@@ -14,10 +15,30 @@ import { createLogger } from './logger';
 export const SHUTDOWN_DRAIN_TIMEOUT_MS = 60_000;
 
 /**
- * Runs a role until SIGTERM or SIGINT, then drains what it holds within a
- * bound and stops. Resolves with the exit status.
+ * How long the stop after the drain may take: a target on a hung datastore
+ * (NFS, a dead LUN) would otherwise keep the process alive after SIGTERM.
+ * Everything acknowledged is durable in the spool or inbox already, so
+ * ending without a clean stop loses nothing; the next start goes on.
  */
-export async function runUntilSignalled(role: { drain(): Promise<void>; stop(): Promise<void> }, logger: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void }, drainTimeoutMs = SHUTDOWN_DRAIN_TIMEOUT_MS): Promise<number> {
+export const SHUTDOWN_STOP_TIMEOUT_MS = 30_000;
+
+/** How long a role whose stop ran out of time lingers for its log lines to go out. */
+const EXIT_AFTER_STOP_TIMEOUT_MS = 500;
+
+/**
+ * Runs a role until SIGTERM or SIGINT, then drains what it holds within a
+ * bound and stops within another. Resolves with the exit status; a stop
+ * that runs out of time prints BR_ROLE_STOP_TIMEOUT and ends the process
+ * with status 1 without waiting for the I/O still stuck.
+ */
+export async function runUntilSignalled(
+  role: { drain(): Promise<void>; stop(): Promise<void> },
+  logger: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void; error(obj: object, msg: string): void },
+  options: { drainTimeoutMs?: number; stopTimeoutMs?: number; exit?: (status: number) => void } = {},
+): Promise<number> {
+  const drainTimeoutMs = options.drainTimeoutMs ?? SHUTDOWN_DRAIN_TIMEOUT_MS;
+  const stopTimeoutMs = options.stopTimeoutMs ?? SHUTDOWN_STOP_TIMEOUT_MS;
+  const exit = options.exit ?? exitNow;
   const signal = await new Promise<NodeJS.Signals>((resolve) => {
     process.once('SIGTERM', () => resolve('SIGTERM'));
     process.once('SIGINT', () => resolve('SIGINT'));
@@ -25,7 +46,13 @@ export async function runUntilSignalled(role: { drain(): Promise<void>; stop(): 
   logger.info({ signal }, 'draining before exit');
   const drained = await resolvesWithin(role.drain(), drainTimeoutMs);
   if (!drained) logger.warn({ drainTimeoutMs }, 'drain did not finish in time; pending logs stay spooled for the next start');
-  await role.stop();
+  if (!(await resolvesWithin(role.stop(), stopTimeoutMs))) {
+    const message = `BR_ROLE_STOP_TIMEOUT: the role did not stop within ${stopTimeoutMs} ms (a target or volume not answering); everything acknowledged is spooled and goes on at the next start`;
+    logger.error({ code: 'BR_ROLE_STOP_TIMEOUT', stopTimeoutMs }, message);
+    process.stderr.write(`${message}\n`);
+    setTimeout(() => exit(1), EXIT_AFTER_STOP_TIMEOUT_MS).unref();
+    return 1;
+  }
   logger.info({}, 'stopped');
   return 0;
 }

@@ -135,6 +135,7 @@ export const ERROR_CODES = {
   BR_RESYNC_STATE_MISMATCH: { recoverable: false, description: 'A resync state file belongs to another source/target pair.' },
   BR_RESYNC_EXTENTS_INVALID: { recoverable: false, description: 'The extents given to a resync are malformed or outside the disk.' },
   BR_RESYNC_ABORTED: { recoverable: true, description: 'A resync was stopped before it finished; its progress is saved and it resumes.' },
+  BR_ROLE_STOP_TIMEOUT: { recoverable: true, description: 'A process server or master target did not stop within its bound after SIGTERM (a target or volume not answering); it exits 1, and what it acknowledged goes on at the next start.' },
   BR_SOURCE_STOPPING: { recoverable: true, description: 'The source is stopping and starts nothing new; send the request again once it runs (it resumes interrupted resyncs by itself).' },
   BR_RESYNC_SESSION_BUSY: { recoverable: false, description: 'Another networked resync session holds this disk (HTTP 409); wait for it to end or expire, then run the resync again.' },
   BR_RESYNC_SESSION_EXPIRED: { recoverable: true, description: 'The networked resync session ended (expired, superseded or stopped); the resync resumes from its saved progress in a new session.' },

@@ -2,6 +2,7 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { runUntilSignalled } from '../../src/daemon/role-commands';
 import { cliCommand, runCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { sendLog } from '../../src/transport/log-client';
@@ -78,5 +79,23 @@ describe('blockrelay status', () => {
     const r = await runCli(['status', '--url', 'http://127.0.0.1:9']);
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/^BR_NET_UNREACHABLE: /);
+  });
+  it('bounds the stop after SIGTERM: a role that never stops is ended with status 1, named in the log', async () => {
+    const lines: string[] = [];
+    const logger = { info: () => undefined, warn: () => undefined, error: (_o: object, msg: string) => lines.push(msg) };
+    const exits: number[] = [];
+    const stderrWrite = process.stderr.write;
+    process.stderr.write = (() => true) as typeof process.stderr.write;
+    try {
+      const running = runUntilSignalled({ drain: async () => undefined, stop: () => new Promise<void>(() => undefined) }, logger, { stopTimeoutMs: 50, exit: (status) => exits.push(status) });
+      await new Promise((resolve) => setTimeout(resolve, 10));
+      process.emit('SIGTERM');
+      expect(await running).toBe(1);
+      await new Promise((resolve) => setTimeout(resolve, 700));
+    } finally {
+      process.stderr.write = stderrWrite;
+    }
+    expect(lines.join('\n')).toContain('BR_ROLE_STOP_TIMEOUT');
+    expect(exits).toEqual([1]);
   });
 });
