@@ -3,7 +3,7 @@ import { parseCommandArgs, writeJson, type Command } from './command';
 
 interface StatusDisk {
   diskId: string;
-  health: string;
+  health?: string;
   rpoSeconds?: number | null;
   pendingBytes?: number;
   reasons?: string[];
@@ -27,14 +27,17 @@ function formatBytes(n: number | undefined): string {
 export function renderStatus(status: { role?: string; disks?: StatusDisk[] }): string {
   const lines = [`${status.role ?? 'blockrelay'}: ${status.disks?.length ?? 0} disk(s)`];
   for (const d of status.disks ?? []) {
-    const rpo = d.rpoSeconds === null || d.rpoSeconds === undefined ? '-' : `${d.rpoSeconds.toFixed(1)} s`;
-    lines.push(`  ${d.diskId.padEnd(16)} ${d.health.padEnd(8)} RPO ${rpo.padEnd(10)} pending ${formatBytes(d.pendingBytes).padEnd(10)} ${d.state ?? ''}`);
+    const rpo = typeof d.rpoSeconds === 'number' ? `${d.rpoSeconds.toFixed(1)} s` : '-';
+    lines.push(`  ${String(d.diskId).padEnd(16)} ${String(d.health ?? '-').padEnd(8)} RPO ${rpo.padEnd(10)} pending ${formatBytes(d.pendingBytes).padEnd(10)} ${d.state ?? ''}`);
     for (const r of d.reasons ?? []) lines.push(`      ${r}`);
     const last = d.recentErrors?.[d.recentErrors.length - 1];
     if (last !== undefined) lines.push(`      last error ${last.code}: ${last.message}`);
   }
   return `${lines.join('\n')}\n`;
 }
+
+/** How long `status --url` waits for the role's answer. */
+export const STATUS_FETCH_TIMEOUT_MS = 15_000;
 
 export const statusCommand: Command = {
   path: ['status'],
@@ -46,7 +49,8 @@ export const statusCommand: Command = {
     if (values.url === undefined) throw new BlockrelayError('BR_USAGE', `--url is required; usage: ${usage}`);
     let status: { role?: string; disks?: StatusDisk[] };
     try {
-      const res = await fetch(new URL('/v1/status', values.url));
+      // A role that accepts the connection and never answers must not hang the CLI.
+      const res = await fetch(new URL('/v1/status', values.url), { signal: AbortSignal.timeout(STATUS_FETCH_TIMEOUT_MS) });
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
       status = (await res.json()) as typeof status;
     } catch (err) {

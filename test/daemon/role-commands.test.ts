@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { runUntilSignalled } from '../../src/daemon/role-commands';
+import { renderStatus } from '../../src/daemon/status-command';
 import { cliCommand, runCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { sendLog } from '../../src/transport/log-client';
@@ -97,5 +98,10 @@ describe('blockrelay status', () => {
     }
     expect(lines.join('\n')).toContain('BR_ROLE_STOP_TIMEOUT');
     expect(exits).toEqual([1]);
+  });
+  it('renders a status document whose disks lack health or RPO', () => {
+    const text = renderStatus({ role: 'source', disks: [{ diskId: 'disk0' } as never, { diskId: 'disk1', health: 'OK', rpoSeconds: 1.25, pendingBytes: 2048 }] });
+    expect(text).toContain('disk0');
+    expect(text).toMatch(/disk1\s+OK\s+RPO 1\.3 s/);
   });
 });
