@@ -370,7 +370,7 @@ async function main(): Promise<void> {
       machine: { cpus: os.cpus().length, node: process.version },
       notes: [
         'fio --ioengine=nbd random writes over a preallocated raw image; time-based; medians over the repetitions',
-        'the tap and qemu-nbd each run in their own process and write the image through the page cache (no O_DIRECT); the tap writes whole staging buffers of its log with O_DIRECT (at most three at once, the rest buffered)',
+        'the tap and qemu-nbd each run in their own process and write the image through the page cache (no O_DIRECT); the tap writes whole staging buffers of its log with O_DIRECT (at most three at once, the rest buffered) into blocks it reserves ahead of the log\'s end (fallocate KEEP_SIZE)',
         'device write MB/s: what the disk under the temp directory took during each fio run (other work on the machine included). The image fits in the page cache, so qemu-nbd writes next to nothing to the disk during a run; the tap\'s log grows at the write rate and must reach the disk, so with logging the tap is bound by how fast this disk takes a growing file',
       ],
       when: new Date().toISOString(),
