@@ -9,6 +9,7 @@ import { DiskDrain, spoolQueue } from './disk-drain';
 import { sendLog, type PeerOptions } from './log-client';
 import type { LogOps } from './log-ops';
 import type { SpoolEntry } from './log-spool';
+import { RECEIVER_MAX_IN_FLIGHT } from './log-receiver';
 import { ApplyingHop, type ApplyingHopOptions, type DiskApplyStatus } from './master-target';
 import type { Route, RouteContext } from './http-api';
 import { HEADER, parseEnvelope, PROTOCOL_VERSION, validateDiskId } from './transport-protocol';
@@ -44,6 +45,12 @@ interface ForwardedDisk {
   readonly cutThroughs: Map<number, CutThrough>;
   /** Logs forwarded while they arrived and answered by the next hop (status, tests). */
   cutThroughLogsTotal: number;
+  /**
+   * Uploads of the disk to the next hop under way (from the spool and cut
+   * through): a cut-through begins only while fewer than the receiver takes
+   * (RECEIVER_MAX_IN_FLIGHT), which would refuse one more as busy.
+   */
+  uploadsInFlight: number;
 }
 
 /** A log forwarded while it arrived (cut-through-forward.ts). */
@@ -190,6 +197,7 @@ export class ProcessServer extends ApplyingHop {
       lastStartedSeq: undefined,
       cutThroughs: new Map(),
       cutThroughLogsTotal: 0,
+      uploadsInFlight: 0,
       pipeline: new UploadPipeline<SpoolEntry>({
         key: (entry) => entry.envelope.seq,
         send: (entry, onBodySent) => this.forwardOne(disk, entry, onBodySent),
@@ -232,6 +240,7 @@ export class ProcessServer extends ApplyingHop {
       }
     }
     this.reportStage('forward', 'start', entry);
+    disk.uploadsInFlight++;
     try {
       await sendLog(forward.peer, entry.envelope, entry.file, {
         lz4: true,
@@ -248,6 +257,9 @@ export class ProcessServer extends ApplyingHop {
         throw new BlockrelayError('BR_DISK_CRITICAL', `master target expects log ${String(err.details.expectedSeq)} of disk ${disk.diskId}, which this process server no longer holds; the disk needs a resync`, { cause: err });
       }
       throw err;
+    } finally {
+      disk.uploadsInFlight--;
+      this.beginWaitingCutThrough(disk);
     }
     disk.forwardedBytesTotal += entry.sizeBytes;
     this.metrics.shippedBytesTotal.inc({ disk: disk.diskId, hop: 'process-server' }, entry.sizeBytes);
@@ -292,6 +304,10 @@ export class ProcessServer extends ApplyingHop {
       const envelope = parseEnvelope(diskId, ctx.params.seq!, ctx.req.headers);
       const { seq } = envelope;
       if (!disk.established || disk.cutThroughs.has(seq)) return;
+      // Only the log just before may still be waiting to go on: behind a
+      // backlog the log would wait anyway, its bytes held in memory for
+      // nothing (and the spool's forwarder sends it as well as this would).
+      if (disk.lastStartedSeq === undefined || seq - disk.lastStartedSeq > 2) return;
       if ([...disk.cutThroughs.values()].filter((c) => !c.settled).length >= CUT_THROUGH_MAX_LOGS) return;
       if ([...this.forwarded.values()].flatMap((d) => [...d.cutThroughs.values()]).filter((c) => !c.settled).length >= CUT_THROUGH_MAX_LOGS_PER_HOP) return;
       if (disk.drain.state !== 'idle' && disk.drain.state !== 'busy') return;
@@ -305,11 +321,8 @@ export class ProcessServer extends ApplyingHop {
       // began, or is this hop's to begin next: the log before it arrived
       // whole (the source sends a log once the body before it is out) and
       // is being made durable here, then forwarded first thing.
-      const before = disk.cutThroughs.get(seq - 1);
-      const deferStart = disk.lastStartedSeq !== seq - 1 && !(before !== undefined && before.forward.isStarted && !before.forward.isAbandoned);
-      const forward = new CutThroughForward({ peer: this.forward.peer, envelope, incoming: ctx.req, response: ctx.res, deferStart });
+      const forward = new CutThroughForward({ peer: this.forward.peer, envelope, incoming: ctx.req, response: ctx.res, deferStart: true });
       this.reportStage('forward', 'start', pseudoEntry);
-      if (!deferStart) this.forwardStarted(disk, seq);
       const outcome = forward.result.then(
         () => {
           cut.settled = true;
@@ -326,21 +339,37 @@ export class ProcessServer extends ApplyingHop {
           this.logger.debug({ disk: diskId, seq, err }, `cut-through of log ${seq} failed; it goes from the spool`);
           return false;
         },
-      );
+      ).finally(() => {
+        if (forward.isStarted) disk.uploadsInFlight--;
+        this.beginWaitingCutThrough(disk);
+      });
       const cut: CutThrough = { xxhash64: envelope.xxhash64, forward, outcome, settled: false };
       disk.cutThroughs.set(seq, cut);
+      this.beginCutThrough(disk, seq);
     } catch {
       // A malformed upload: the receiver refuses it with its own coded error.
     }
   }
 
-  /** The upload of `seq` to the master target began: a cut-through of the log after it, waiting for that, begins now. */
+  /** The upload of `seq` to the master target began: a cut-through of the log after it, waiting for that, may begin now. */
   private forwardStarted(disk: ForwardedDisk, seq: number): void {
     disk.lastStartedSeq = seq;
-    const waiting = disk.cutThroughs.get(seq + 1);
+    this.beginCutThrough(disk, seq + 1);
+  }
+
+  /** Begins the cut-through of `seq` if it waits, the upload of the log before it began, and the master target takes one more upload. */
+  private beginCutThrough(disk: ForwardedDisk, seq: number): void {
+    const waiting = disk.cutThroughs.get(seq);
     if (waiting === undefined || waiting.forward.isStarted || waiting.forward.isAbandoned) return;
+    if (disk.lastStartedSeq !== seq - 1 || disk.uploadsInFlight >= RECEIVER_MAX_IN_FLIGHT) return;
+    disk.uploadsInFlight++;
     waiting.forward.start();
-    this.forwardStarted(disk, seq + 1);
+    this.forwardStarted(disk, seq);
+  }
+
+  /** An upload of the disk ended: a cut-through waiting for room begins. */
+  private beginWaitingCutThrough(disk: ForwardedDisk): void {
+    if (disk.lastStartedSeq !== undefined) this.beginCutThrough(disk, disk.lastStartedSeq + 1);
   }
 }
 
