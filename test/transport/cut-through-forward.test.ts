@@ -113,7 +113,7 @@ describe('process server cut-through', () => {
     expect(ps.diskStatus()[0]!.health).toBe('OK');
   }, 60_000);
 
-  it('a log arriving before the one ahead of it went on waits for that one\'s forward to begin, then follows it', async () => {
+  it('a log arriving before the one ahead of it went on waits for that one\'s forward to begin, then follows it; one behind a backlog goes from the spool', async () => {
     const dir = tmp();
     const { mt, ps, hold, appliedSeq, appliesOf } = await hopsOf(dir);
     const model = Buffer.alloc(DISK_SIZE);
@@ -126,22 +126,27 @@ describe('process server cut-through', () => {
     // Log 2 arrives lz4-framed, which is never cut through: it goes from the spool.
     const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand, 40);
     const third = await makeLog(path.join(dir, 'src'), 'disk0', 3, model, rand, 40);
+    const fourth = await makeLog(path.join(dir, 'src'), 'disk0', 4, model, rand, 40);
     const open = hold(2);
     const upload2 = sendLog(peer, second.envelope, second.file, { lz4: true });
     await new Promise((r) => setTimeout(r, 200));
     const upload3 = sendLog(peer, third.envelope, third.file);
+    await new Promise((r) => setTimeout(r, 200));
+    // Log 4 arrives behind two logs that have not gone on: not cut through.
+    const upload4 = sendLog(peer, fourth.envelope, fourth.file);
     await new Promise((r) => setTimeout(r, 300));
     const heldAt = appliedSeq();
     open();
     expect((await upload2).status).toBe(201);
     expect((await upload3).status).toBe(201);
+    expect((await upload4).status).toBe(201);
     await ps.drain();
     await mt.drain();
-    // Log 2 went from the spool, log 3 behind it as it had arrived.
+    // Log 2 went from the spool, log 3 behind it as it had arrived, log 4 from the spool.
     expect(heldAt).toBe(1);
     expect(ps.cutThroughLogsTotal('disk0')).toBe(1);
-    expect(appliedSeq()).toBe(3);
-    expect([appliesOf(2), appliesOf(3)]).toEqual([1, 1]);
+    expect(appliedSeq()).toBe(4);
+    expect([appliesOf(2), appliesOf(3), appliesOf(4)]).toEqual([1, 1, 1]);
     expect(ps.spool.bytesUsed).toBe(0);
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   }, 60_000);
