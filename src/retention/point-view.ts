@@ -4,7 +4,7 @@ import { openDisk } from '../targets/disk-spec';
 import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../targets/disk-target';
 import { hrlByteSum, hrlChecksumFromSum } from '../tracking/hrl-format';
 import { HRL_READ_CHUNK_BYTES, type HrlLogFile, type HrlVerifiedLog } from '../tracking/hrl-reader';
-import { diskRetentionPaths, resyncMarkerState } from './retention-format';
+import { diskRetentionPaths, readHistoryEpoch, resyncMarkerState } from './retention-format';
 import type { DiskManifest } from './retention-manifest';
 import type { RecoveryPoint } from './recovery-points';
 import { journalDamage, UndoJournal } from './undo-journal';
@@ -134,6 +134,9 @@ export class PointView implements DiskTarget {
    * read. Unmarked segments are final and never looked at again.
    */
   private readonly slots = new Map<number, number>();
+  /** The disk's history epoch when the view opened (retention-format.ts readHistoryEpoch). */
+  private epoch = 0;
+  private epochFile = '';
   private refreshing: Promise<void> = Promise.resolve();
   private closed = false;
 
@@ -168,6 +171,8 @@ export class PointView implements DiskTarget {
       throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `point ${options.point.id} cannot be rebuilt: target ${options.manifest.targetSpec} holds ${target.sizeBytes} bytes but disk ${options.manifest.diskId} has ${options.manifest.diskSizeBytes}`, { details: { spec: options.manifest.targetSpec, sizeBytes: target.sizeBytes, diskSizeBytes: options.manifest.diskSizeBytes } });
     }
     const view = new PointView(target, options.target === undefined, journal, options.point, options.manifest.diskId, options.verifyPayloads ?? 'open');
+    view.epochFile = diskRetentionPaths(options.retentionDir, options.manifest.diskId).historyEpoch;
+    view.epoch = readHistoryEpoch(view.epochFile);
     try {
       await view.addLogsUpTo(options.newestSeq);
       await view.addNewLogs();
@@ -315,6 +320,11 @@ export class PointView implements DiskTarget {
       // The slot the view needs next is being written by a session: its pre-images are not in place yet.
       if (!this.journal.has(this.nextSeq) && resyncMarkerState(this.journal.dir, this.nextSeq) === 'open') throw this.resyncRunning(this.nextSeq);
       while (this.journal.has(this.nextSeq)) await this.addLog(this.nextSeq);
+      // History dropped since the view opened: a log was applied with no
+      // segment to undo it, so the target no longer rebuilds this point.
+      if (readHistoryEpoch(this.epochFile) !== this.epoch) {
+        throw new BlockrelayError('BR_RETENTION_JOURNAL_MISSING', `point ${this.point.id} cannot be read any more: the disk's history was dropped while it was open (the retention volume filled, or a resync's pre-images were lost); the hop's log says why`, { details: { point: this.point.id } });
+      }
     };
     this.refreshing = this.refreshing.then(run, run);
     return this.refreshing;

@@ -181,6 +181,7 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     await h.dropOldestUnderPressure(h.points.length);
     await h.journal.remove(seq);
     await this.removeSlotFiles(h, seq);
+    await h.bumpHistoryEpoch();
     h.journalBytes = await h.journal.allocatedBytes();
     const err = new BlockrelayError('BR_RESYNC_HISTORY_DROPPED', `dropped all ${lost} recovery point(s) of ${h.diskId}: ${why}; history starts again with the next log`, { details: { disk: h.diskId } });
     (this.logger ?? this.hooks.options.logger)?.warn({ disk: h.diskId, code: err.code }, err.message);

@@ -11,6 +11,7 @@ import { seqName, validateDiskId } from '../transport/transport-protocol';
  * DIR/<disk>/journal/<seq:20>.undo.hrl     pre-images of the ranges log <seq> overwrote
  * DIR/<disk>/points.log                    the recovery point catalog (checksummed lines)
  * DIR/<disk>/failover.json                 present while the disk is failed over
+ * DIR/<disk>/history.epoch                 how many times the whole history was dropped
  * ```
  */
 export const RETENTION_LAYOUT = {
@@ -18,6 +19,8 @@ export const RETENTION_LAYOUT = {
   journalDirName: 'journal',
   catalogName: 'points.log',
   failoverName: 'failover.json',
+  /** Bumped before a log is applied without a pre-image (history dropped): open point views check it. */
+  historyEpochName: 'history.epoch',
   undoSuffix: '.undo.hrl',
   /** A pre-image being written; discarded on the next start. */
   tmpSuffix: '.tmp',
@@ -45,6 +48,7 @@ export interface DiskRetentionPaths {
   readonly journalDir: string;
   readonly catalog: string;
   readonly failover: string;
+  readonly historyEpoch: string;
 }
 
 export function diskRetentionPaths(retentionDir: string, diskId: string): DiskRetentionPaths {
@@ -55,7 +59,24 @@ export function diskRetentionPaths(retentionDir: string, diskId: string): DiskRe
     journalDir: path.join(root, RETENTION_LAYOUT.journalDirName),
     catalog: path.join(root, RETENTION_LAYOUT.catalogName),
     failover: path.join(root, RETENTION_LAYOUT.failoverName),
+    historyEpoch: path.join(root, RETENTION_LAYOUT.historyEpochName),
   };
+}
+
+/**
+ * The disk's history epoch: how many times its whole history was dropped
+ * to apply a log without a pre-image (0 when never). A point view notes it
+ * at open: once it changes, the target holds a log no segment can undo.
+ */
+export function readHistoryEpoch(file: string): number {
+  try {
+    const n = Number.parseInt(fs.readFileSync(file, 'utf8'), 10);
+    return Number.isSafeInteger(n) && n >= 0 ? n : Number.MAX_SAFE_INTEGER;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+    // Unreadable: nothing can be promised about the history.
+    return Number.MAX_SAFE_INTEGER;
+  }
 }
 
 /** The pre-image log of `seq`: fixed-width names, so lexical order is apply order. */

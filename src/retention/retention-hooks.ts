@@ -297,6 +297,8 @@ export class RetentionHooks implements ApplyHooks {
     const lost: RecoveryPoint[] = h.points;
     await h.dropOldestUnderPressure(h.points.length);
     await h.journal.remove(seq);
+    // After the space is freed (this path is often a full volume), before the log touches the target.
+    await h.bumpHistoryEpoch();
     this.warnFull(h, `dropped all ${lost.length} older point(s) of ${h.diskId} before log ${seq}: ${why}`);
   }
 

@@ -1,8 +1,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { removeStrayTemporaries } from '../platform/durable-file';
+import { removeStrayTemporaries, writeFileDurably } from '../platform/durable-file';
 import { wrapError } from '../retry/blockrelay-error';
-import { diskRetentionPaths } from './retention-format';
+import { diskRetentionPaths, readHistoryEpoch } from './retention-format';
 import { failoverComplete, listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
 import { appendToState, PointCatalog, type CatalogContents, type CatalogRecord, type RecoveryPoint } from './recovery-points';
 import { UndoJournal } from './undo-journal';
@@ -26,6 +26,17 @@ export class DiskHistory {
     const paths = diskRetentionPaths(retentionDir, diskId);
     this.journal = new UndoJournal(paths.journalDir);
     this.catalog = new PointCatalog(paths.catalog, diskId);
+  }
+
+  /**
+   * Says durably, before a log is applied without a pre-image, that every
+   * older point is gone: a point view opened earlier holds the segments it
+   * read and would go on serving the target's new bytes as its point's.
+   */
+  async bumpHistoryEpoch(): Promise<void> {
+    const file = diskRetentionPaths(this.retentionDir, this.diskId).historyEpoch;
+    const now = readHistoryEpoch(file);
+    await writeFileDurably(file, `${now === Number.MAX_SAFE_INTEGER ? 1 : now + 1}\n`);
   }
 
   /**

@@ -128,3 +128,41 @@ describe('a point view across a resync session', () => {
     }
   });
 });
+
+describe('a point view when the history is dropped under it', () => {
+  const tmp = useTempDirs();
+  const retentionTmp = useRetentionDirs();
+  const running: ApplyingHop[] = [];
+  afterEach(async () => {
+    for (const mt of running.splice(0)) await mt.stop();
+  });
+
+  it('fails its reads once a log was applied without a pre-image, instead of serving that log as the point', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    // Room for small pre-images only.
+    const { mt } = await startMasterTarget(setup, { capacityBytes: 256 * 1024 });
+    running.push(mt);
+    const rand = prng(13);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    const source = Buffer.alloc(DISK_BYTES);
+    const logDir = path.join(dir, 'src');
+    await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 1, cutTimeMs: baseMs + MINUTE_MS, writes: 200, region: { offset: 0, length: 1 << 20 } }, source, rand)]);
+    const point1 = Buffer.from(source);
+    await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 2, cutTimeMs: baseMs + 2 * MINUTE_MS, writes: 2, region: { offset: 0, length: 1 << 20 } }, source, rand)]);
+    await mt.drain();
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    const view = await PointView.open({ retentionDir, manifest: await readManifest(retentionDir, 'disk0'), point: points.find((p) => p.seq === 1)!, newestSeq: points[points.length - 1]!.seq, verifyPayloads: 'first-read' });
+    try {
+      expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
+      // A log whose pre-image does not fit even with all history pruned: applied without one.
+      await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 3, cutTimeMs: baseMs + 3 * MINUTE_MS, writes: 200, region: { offset: 0, length: 1 << 20 } }, source, rand)]);
+      await mt.drain();
+      expect((await loadPoints(retentionDir, 'disk0')).points.map((p) => p.seq)).toEqual([3]);
+      await expect(view.read(0, DISK_BYTES)).rejects.toMatchObject({ code: 'BR_RETENTION_JOURNAL_MISSING' });
+    } finally {
+      await view.close();
+    }
+  });
+});
