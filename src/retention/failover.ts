@@ -304,6 +304,10 @@ export async function failover(options: FailoverOptions): Promise<FailoverResult
     }
     await writeFailoverRecord(options.retentionDir, { ...record, complete: false });
     const copy = await copyDisk(new AlignedExtents(view), target, { targetIsZero: !reuse && target.capabilities.sparse });
+    // Closed before the record says complete: a VMDK output's close still writes its header.
+    const closing = target;
+    target = undefined;
+    await closing.close();
     const outPath = (parseDiskSpec(out) as { path?: string }).path;
     if (!reuse && outPath !== undefined) await syncDirectory(path.dirname(outPath));
     await writeFailoverRecord(options.retentionDir, { ...record, complete: true });
