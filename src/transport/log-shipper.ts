@@ -72,6 +72,7 @@ export class LogShipper {
       key: (log) => log.seq,
       send: (log, onBodySent) => this.upload(log, onBodySent),
       next: async (log) => (await source.sealedLogs()).find((l) => l.seq > log.seq),
+      goesAlone: (log) => log.resync === true,
     });
     this.drain = new DiskDrain<ShippableLog>({
       diskId: source.diskId,

@@ -205,6 +205,7 @@ export class ProcessServer extends ApplyingHop {
           const next = this.spool.list(diskId).find((e) => e.envelope.seq > entry.envelope.seq);
           return next === undefined || disk.drain.holds(next) ? undefined : next;
         },
+        goesAlone: (entry) => entry.envelope.resync === true,
       }),
       drain: new DiskDrain({
         diskId,
@@ -303,6 +304,8 @@ export class ProcessServer extends ApplyingHop {
       if (disk === undefined || super.acceptsDisk(diskId) || ctx.req.headers[HEADER.encoding] !== undefined) return;
       const envelope = parseEnvelope(diskId, ctx.params.seq!, ctx.req.headers);
       const { seq } = envelope;
+      // A resync log goes only once the log before it is answered (upload-pipeline.ts, goesAlone).
+      if (envelope.resync === true) return;
       if (!disk.established || disk.cutThroughs.has(seq)) return;
       // Only the log just before may still be waiting to go on: behind a
       // backlog the log would wait anyway, its bytes held in memory for

@@ -29,6 +29,13 @@ export interface UploadPipelineOptions<T> {
    * up to RECEIVER_MAX_IN_FLIGHT uploads per disk (log-receiver.ts).
    */
   readonly maxAhead?: number;
+  /**
+   * Items never started ahead: they go only once the item before them was
+   * answered. A resync log is one: a receiver admits it past a gap (it may
+   * follow folded logs), so one arriving before its predecessor would be
+   * taken, and the predecessor then answered as a duplicate and dropped.
+   */
+  readonly goesAlone?: (item: T) => boolean;
 }
 
 interface Ahead<T> {
@@ -162,7 +169,7 @@ export class UploadPipeline<T> {
       value: undefined,
       lookup: this.options.next(after).then(
         (next) => {
-          if (next === undefined || this.stopped) return drop();
+          if (next === undefined || this.stopped || this.options.goesAlone?.(next) === true) return drop();
           const ahead: Ahead<T> = { key: this.options.key(next), item: next, bodySent: false, done: Promise.resolve() };
           ahead.done = this.options.send(next, () => {
             ahead.bodySent = true;

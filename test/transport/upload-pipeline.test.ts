@@ -170,6 +170,50 @@ describe('pipelined uploads', () => {
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   }, 60_000);
 
+  it('never starts a resync log ahead: it goes once the log before it is answered', async () => {
+    // A receiver admits a resync log past a gap: one overtaking its predecessor
+    // would be taken, and the predecessor then answered as a duplicate.
+    type Item = { seq: number; resync: boolean };
+    const items: Item[] = [{ seq: 1, resync: false }, { seq: 2, resync: false }, { seq: 3, resync: true }, { seq: 4, resync: false }];
+    const events: string[] = [];
+    const answers = new Map<number, () => void>();
+    const pipeline = new UploadPipeline<Item>({
+      key: (i) => i.seq,
+      next: async (i) => items.find((x) => x.seq > i.seq),
+      goesAlone: (i) => i.resync,
+      send: (i, onBodySent) => new Promise<void>((resolve) => {
+        events.push(`start ${i.seq}`);
+        setImmediate(onBodySent);
+        answers.set(i.seq, () => {
+          events.push(`answer ${i.seq}`);
+          resolve();
+        });
+      }),
+    });
+    const tick = () => new Promise((r) => setTimeout(r, 5));
+    // The first log establishes the receiver; after it, logs go ahead.
+    const first = pipeline.send(items[0]!);
+    await tick();
+    answers.get(1)!();
+    await first;
+    const second = pipeline.send(items[1]!);
+    await tick();
+    // Log 2's body is out: log 3 (resync) is next but must not start yet.
+    expect(events).toEqual(['start 1', 'answer 1', 'start 2']);
+    answers.get(2)!();
+    await second;
+    const third = pipeline.send(items[2]!);
+    await tick();
+    expect(events).toEqual(['start 1', 'answer 1', 'start 2', 'answer 2', 'start 3', 'start 4']);
+    answers.get(3)!();
+    await third;
+    const fourth = pipeline.send(items[3]!);
+    answers.get(4)!();
+    await fourth;
+    // Log 4 was started ahead once log 3's body was out, and adopted.
+    expect(events.filter((e) => e === 'start 4')).toHaveLength(1);
+  });
+
   it('sends nothing ahead to a receiver that holds no log of the disk: a first log lost on the way is not overtaken', async () => {
     const dir = tmp();
     const { ps, mt } = await hops(dir, slowOps(0));
