@@ -339,7 +339,9 @@ export class LogSpool {
    * its length and hash, and makes it durable and verified (fsync and
    * verification run side by side: both read the same immutable bytes).
    * Nothing is visible yet; the caller commits (in sequence order) or
-   * discards it. Its bytes stay reserved against the size bound until then.
+   * discards it. Its bytes stay reserved against the size bound until then
+   * (also when it is held in memory: `options.memory`, written to its file
+   * only if it is committed).
    */
   async stage(envelope: LogEnvelope, body: Readable, options: ReceiveOptions): Promise<StagedLog> {
     if (envelope.logLength > TRANSPORT_LIMITS.maxLogBytes) throw new BlockrelayError('BR_UPLOAD_TOO_LARGE', `log of ${envelope.logLength} bytes exceeds the ${TRANSPORT_LIMITS.maxLogBytes}-byte limit`);
