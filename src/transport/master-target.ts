@@ -295,7 +295,16 @@ export class ApplyingHop {
   private async apply(disk: AppliedDisk, entry: SpoolEntry): Promise<void> {
     const { seq } = entry.envelope;
     const ledger = this.ledger.get(disk.diskId);
-    if (ledger.appliedSeq !== null && seq <= ledger.appliedSeq) return;
+    if (ledger.appliedSeq !== null && seq <= ledger.appliedSeq) {
+      // The log applied last, still held: its afterApply failed (a page
+      // blob's snapshot refused: for an app tag that point would never
+      // exist) or the hop died before it ran. It is idempotent: run it again.
+      if (seq === ledger.appliedSeq && this.options.hooks?.afterApply !== undefined) {
+        disk.target ??= await openOrCreateTarget(disk.spec, entry.envelope.diskSizeBytes);
+        await this.options.hooks.afterApply(disk.diskId, entry, disk.target);
+      }
+      return;
+    }
     // Logs apply in unbroken sequence; only a resync log may follow a gap (it carries the folded logs' extents).
     if (ledger.appliedSeq !== null && seq !== ledger.appliedSeq + 1 && entry.envelope.resync !== true) {
       throw new BlockrelayError('BR_SEQ_GAP', `disk ${disk.diskId}: log ${seq} is next in the inbox but ${ledger.appliedSeq + 1} was never received`, { details: { expectedSeq: ledger.appliedSeq + 1 } });

@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { validateConfig } from '../../src/daemon/config';
+import { BlockrelayError } from '../../src/retry/blockrelay-error';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { callJson, getDiskState, sendLog } from '../../src/transport/log-client';
 import { masterTargetFromConfig, type ApplyingHop } from '../../src/transport/master-target';
@@ -79,6 +80,33 @@ describe('master target', () => {
     await expect(sendLog(peer, third.envelope, third.file)).rejects.toMatchObject({ code: 'BR_SEQ_GAP', details: { expectedSeq: 2 } });
     await expect(sendLog(peer, { ...third.envelope, seq: 1 }, third.file)).rejects.toMatchObject({ code: 'BR_SEQ_CONFLICT' });
     await mt.drain();
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
+  });
+
+  it('runs the hooks\' afterApply again for a log whose afterApply failed (a page blob\'s snapshot refused once)', async () => {
+    const dir = tmp();
+    const calls: number[] = [];
+    let failed = false;
+    const hooks = {
+      async afterApply(_disk: string, entry: { envelope: { seq: number } }): Promise<void> {
+        calls.push(entry.envelope.seq);
+        if (!failed) {
+          failed = true;
+          throw new BlockrelayError('BR_BLOB_THROTTLED', 'Snapshot Blob failed (HTTP 503 ServerBusy)');
+        }
+      },
+    };
+    const config = validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] });
+    const mt = masterTargetFromConfig(config, hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY, hooks });
+    await mt.start();
+    running.push(mt);
+    const model = Buffer.alloc(DISK_SIZE);
+    const log = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, prng(3));
+    await sendLog({ url: mt.url, secret: SECRET }, log.envelope, log.file);
+    await mt.drain();
+    // Once for the apply that failed in afterApply, once more for the retry, which applies nothing twice.
+    expect(calls).toEqual([1, 1]);
+    expect(mt.diskStatus()[0]?.appliedSeq).toBe(1);
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   });
 
