@@ -122,7 +122,8 @@ export class PointView implements DiskTarget {
   readonly spec: string;
   readonly sizeBytes: number;
   private segments: OverlaySegment[] = [];
-  private readonly logs: HrlLogFile[] = [];
+  /** Open pre-image logs by index; undefined for one whose every byte older segments cover (closed). */
+  private readonly logs: Array<HrlLogFile | undefined> = [];
   private readonly logSeqs: number[] = [];
   private readonly entries: OverlayEntry[] = [];
   private readonly payloadsAtOpen: boolean;
@@ -210,6 +211,7 @@ export class PointView implements DiskTarget {
   /** Adds a pre-image log's ranges where the overlay has nothing yet. */
   private async overlay(seq: number, log: HrlLogFile, verified: HrlVerifiedLog): Promise<void> {
     const index = this.logs.length;
+    const entriesBefore = this.entries.length;
     this.logs.push(log);
     this.logSeqs.push(seq);
     const incoming: OverlaySegment[] = [];
@@ -227,7 +229,17 @@ export class PointView implements DiskTarget {
       const start = last === undefined ? seg.start : Math.max(seg.start, last.end);
       if (start < seg.end) disjoint.push({ ...seg, start, fileOffset: seg.fileOffset + (start - seg.start) });
     }
+    const segmentsBefore = this.segments.length;
     this.segments = fillGaps(this.segments, disjoint);
+    // fillGaps keeps every segment and adds one per gap it fills: none added
+    // means older segments cover every byte of this one, and since segments
+    // only ever fill gaps, nothing will be read from it. Its descriptor goes
+    // (a point far back holds one per segment otherwise).
+    if (this.segments.length === segmentsBefore) {
+      this.entries.length = entriesBefore;
+      this.logs[index] = undefined;
+      await log.close();
+    }
   }
 
   /**
@@ -289,7 +301,8 @@ export class PointView implements DiskTarget {
     } catch (err) {
       const errno = (err as { code?: string; cause?: { code?: string } }).cause?.code ?? (err as { code?: string }).code;
       if (errno !== 'EMFILE') throw err;
-      throw new BlockrelayError('BR_IO', `point ${this.point.id} needs the ${this.logs.length + 1}th of its journal segments open at once and the process may open no more files; raise the open-file limit (ulimit -n, or LimitNOFILE in the unit) above the number of segments after the point`, { cause: err, details: { point: this.point.id, seq, openSegments: this.logs.length } });
+      const open = this.logs.filter((l) => l !== undefined).length;
+      throw new BlockrelayError('BR_IO', `point ${this.point.id} needs more than the ${open} journal segments it holds open and the process may open no more files; raise the open-file limit (ulimit -n, or LimitNOFILE in the unit) above the number of segments after the point`, { cause: err, details: { point: this.point.id, seq, openSegments: open } });
     }
   }
 
@@ -411,7 +424,7 @@ export class PointView implements DiskTarget {
     if (this.closed) return;
     this.closed = true;
     await this.refreshing.catch(() => undefined);
-    for (const log of this.logs.splice(0)) await log.close();
+    for (const log of this.logs.splice(0)) await log?.close();
     if (this.ownsTarget) await this.target.close();
   }
 }

@@ -1,3 +1,4 @@
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { loadPoints } from '../../src/retention/failover';
@@ -161,6 +162,46 @@ describe('a point view when the history is dropped under it', () => {
       await mt.drain();
       expect((await loadPoints(retentionDir, 'disk0')).points.map((p) => p.seq)).toEqual([3]);
       await expect(view.read(0, DISK_BYTES)).rejects.toMatchObject({ code: 'BR_RETENTION_JOURNAL_MISSING' });
+    } finally {
+      await view.close();
+    }
+  });
+});
+
+describe('a point view far back', () => {
+  const tmp = useTempDirs();
+  const retentionTmp = useRetentionDirs();
+  const running: ApplyingHop[] = [];
+  afterEach(async () => {
+    for (const mt of running.splice(0)) await mt.stop();
+  });
+
+  it('holds no descriptor for a segment whose every byte an older one covers', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const rand = prng(21);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    const source = Buffer.alloc(DISK_BYTES);
+    const logDir = path.join(dir, 'src');
+    const hot = { offset: 0, length: 16384 };
+    await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 1, cutTimeMs: baseMs }, source, rand)]);
+    const point1 = Buffer.from(source);
+    // Log 2 rewrites the whole hot region; logs 3 to 30 write only inside it (a busy database page).
+    await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 2, cutTimeMs: baseMs + 1000, writes: 400, region: hot }, source, rand)]);
+    for (let seq = 3; seq <= 30; seq++) await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq, cutTimeMs: baseMs + seq * 1000, writes: 4, region: hot }, source, rand)]);
+    await mt.drain();
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    const fds = (): number => fs.readdirSync('/proc/self/fd').length;
+    const before = fds();
+    const view = await PointView.open({ retentionDir, manifest: await readManifest(retentionDir, 'disk0'), point: points.find((p) => p.seq === 1)!, newestSeq: 30 });
+    try {
+      expect(view.overlayLogs).toBe(29);
+      // The target and log 2's segment (and maybe a descriptor of the runtime's own), not 29 segments.
+      expect(fds() - before).toBeLessThanOrEqual(4);
+      expect(sectorsDiffering(await view.read(0, DISK_BYTES), point1)).toBe(0);
     } finally {
       await view.close();
     }
