@@ -32,7 +32,8 @@
  * system, every thread) per GB of logs, and the chain's stage timeline.
  *
  * Options: --quick (shorter run, same disk), --interval-ms N (cut interval),
- * --rate R (fio's target rate, default 200m),
+ * --rate R (fio's target rate, default 200m), --cut-through (the process
+ * server forwards a log while it still arrives),
  * --no-workers (both hops on the main thread), --chain-only (only the
  * chain's capacity, printed and not saved: for profiling the hops).
  *
@@ -74,6 +75,8 @@ const intervalArg = process.argv.indexOf('--interval-ms');
 // source much of its churn today (the report in bench/results says which).
 const intervalMs = intervalArg > 0 ? Number(process.argv[intervalArg + 1]) : 1000;
 const workersOff = process.argv.includes('--no-workers');
+/** The process server forwards a log while it still arrives (off by default: see ForwardOptions.cutThrough). */
+const cutThrough = process.argv.includes('--cut-through');
 /** Only the chain's own capacity (no fio, no tap): for profiling the hops. */
 const chainOnly = process.argv.includes('--chain-only');
 
@@ -188,7 +191,7 @@ async function chainCapacity(dir: string) {
   const retention = path.join(dir, 'chain-retention');
   const mt = hopOf({ role: 'master-target', config: { stateDir: path.join(dir, 'chain-mt'), listen: '127.0.0.1:0', secret, retention: { dir: retention }, disks: [{ id: 'disk0', target: `vmdk:${path.join(dir, 'chain.vmdk')}` }] }, retentionDir: retention, logLevel: 'silent' });
   await mt.start();
-  const ps = hopOf({ role: 'process-server', config: { stateDir: path.join(dir, 'chain-ps'), listen: '127.0.0.1:0', secret, cache: { dir: path.join(dir, 'chain-cache') }, forward: { url: mt.url, secret } }, logLevel: 'silent' });
+  const ps = hopOf({ role: 'process-server', config: { stateDir: path.join(dir, 'chain-ps'), listen: '127.0.0.1:0', secret, cache: { dir: path.join(dir, 'chain-cache') }, forward: { url: mt.url, secret } }, logLevel: 'silent', cutThrough });
   await ps.start();
   // Every log is taken as cut at the start: what is measured is the chain draining them.
   const started = Date.now();
@@ -266,7 +269,7 @@ async function main(): Promise<void> {
     }
     const peerMBs = await peer(dir);
     const events: LogStageEvent[] = [];
-    const demo = new Demo({ dataDir: path.join(dir, 'demo'), sizeBytes: diskBytes, nbdListen: `127.0.0.1:${await freePort()}`, intervalMs, logger: silentLogger(), hopsInWorkers: !workersOff, onStage: (e) => events.push(e) });
+    const demo = new Demo({ dataDir: path.join(dir, 'demo'), sizeBytes: diskBytes, nbdListen: `127.0.0.1:${await freePort()}`, intervalMs, logger: silentLogger(), hopsInWorkers: !workersOff, onStage: (e) => events.push(e), cutThrough });
     const manifest = await demo.start();
     const rpo: number[] = [];
     let sampling = true;
@@ -299,6 +302,7 @@ async function main(): Promise<void> {
       environment: 'one process (demo), UV_USE_IO_URING=0',
       job: `fio 64 KiB randwrite QD8, target ${targetRate}B/s, ${runtimeS} s, cuts every ${intervalMs} ms`,
       hops: workersOff ? 'process server and master target on the main thread' : 'process server and master target each in a worker thread',
+      cutThrough,
       peer: 'same fio job against qemu-nbd serving a raw file (no replication)',
       churnMBs: Number(churnMBs.toFixed(1)),
       peerMBs: Number(peerMBs.toFixed(1)),

@@ -17,7 +17,7 @@ import { createMetrics, type Metrics } from './metrics';
  */
 export type DemoHopInit =
   | { readonly role: 'master-target'; readonly config: Record<string, unknown>; readonly retentionDir: string; readonly logLevel: string }
-  | { readonly role: 'process-server'; readonly config: Record<string, unknown>; readonly logLevel: string };
+  | { readonly role: 'process-server'; readonly config: Record<string, unknown>; readonly logLevel: string; readonly cutThrough?: boolean };
 
 export interface DemoHopContext {
   readonly logger: Logger;
@@ -29,7 +29,7 @@ export interface DemoHopContext {
 export function buildDemoHop(init: DemoHopInit, context: DemoHopContext): ApplyingHop {
   const config = validateConfig(init.config);
   const extra = { logger: context.logger, metrics: context.metrics, clock: context.clock, ...(context.onStage ? { onStage: context.onStage } : {}) };
-  if (init.role === 'process-server') return processServerFromConfig(config, hrlLogOps, extra);
+  if (init.role === 'process-server') return processServerFromConfig(config, hrlLogOps, extra, { cutThrough: init.cutThrough === true });
   // The demo keeps every role on one volume; a production master target
   // refuses a retention volume shared with its state (retentionHooksFromConfig).
   const hooks = new RetentionHooks({ dir: init.retentionDir, windowHours: config.retention!.windowHours, stateDir: config.stateDir, inboxDir: path.join(config.stateDir, 'inbox') });

@@ -49,6 +49,8 @@ export interface DemoOptions {
   readonly hopsInWorkers?: boolean;
   /** Told when each log's ship, forward and apply stage starts and ends (the e2e bench's timeline). */
   readonly onStage?: LogStageSink;
+  /** The process server forwards a log while it still arrives (ForwardOptions.cutThrough; off by default). */
+  readonly cutThrough?: boolean;
 }
 
 /** A hop of the demo, in this thread or in a worker: what the demo calls on it. */
@@ -177,6 +179,7 @@ export class Demo {
       role: 'process-server',
       config: { stateDir: path.join(l.state, 'process-server'), listen: '127.0.0.1:0', secret, cache: { dir: l.cache }, forward: { url: this.mt.url, secret } },
       logLevel: this.logger.level,
+      cutThrough: this.options.cutThrough === true,
     });
     await this.ps.start();
 

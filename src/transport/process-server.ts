@@ -19,6 +19,15 @@ import type { ResyncDiskAccess } from './resync-route';
 export interface ForwardOptions {
   readonly peer: PeerOptions;
   readonly bandwidthBytesPerSecond: number;
+  /**
+   * Forward a log while it still arrives (cutThrough), where it may. Off by
+   * default: it pays where the hops have cores of their own (a log's
+   * latency becomes the longer hop instead of the sum), but with the whole
+   * chain on two shared cores (the demo, the e2e bench) the process
+   * server's receive and forward only compete for them, and a log took
+   * longer (docs/transport.md).
+   */
+  readonly cutThrough?: boolean;
 }
 
 interface ForwardedDisk {
@@ -297,7 +306,7 @@ export class ProcessServer extends ApplyingHop {
    * the master target already answered for.
    */
   private cutThrough(ctx: RouteContext): void {
-    if (this.forward === undefined || this.limiter !== undefined || this.stopping) return;
+    if (this.forward === undefined || this.forward.cutThrough !== true || this.limiter !== undefined || this.stopping) return;
     try {
       const diskId = ctx.params.disk!;
       const disk = this.forwarded.get(diskId);
@@ -376,8 +385,8 @@ export class ProcessServer extends ApplyingHop {
   }
 }
 
-/** `blockrelay process-server --config FILE`. */
-export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps, extra: Partial<ApplyingHopOptions> = {}): ProcessServer {
+/** `blockrelay process-server --config FILE`; `forwardExtra.cutThrough` turns the cut-through on (ForwardOptions). */
+export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps, extra: Partial<ApplyingHopOptions> = {}, forwardExtra: Pick<ForwardOptions, 'cutThrough'> = {}): ProcessServer {
   if (config.forward === undefined && config.disks.length === 0) {
     throw new BlockrelayError('BR_CONFIG_INVALID', "a process server needs 'forward' (a master target) or 'disks' with targets of its own (Azure side)");
   }
@@ -398,7 +407,7 @@ export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps
     new Map(config.disks.map((d) => [d.id, d.target])),
     config.forward === undefined
       ? undefined
-      : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000, ca: readCaFile(config.forward.caFile) }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond },
+      : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000, ca: readCaFile(config.forward.caFile) }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond, ...forwardExtra },
   );
 }
 

@@ -48,7 +48,7 @@ describe('process server cut-through', () => {
    * held for a log (`hold`) or made to fail once for one (`failOnce`), so a
    * test sees what the master target does before the process server answers.
    */
-  async function hopsOf(dir: string) {
+  async function hopsOf(dir: string, cutThrough = true) {
     const applied: LogStageEvent[] = [];
     const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), hrlLogOps, {
       ...quiet(),
@@ -70,7 +70,7 @@ describe('process server cut-through', () => {
         if (failures.delete(seq)) throw new BlockrelayError('BR_IO', `simulated failure of the process server's spool for log ${seq}`);
       },
     };
-    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), ops, { ...quiet(), retryPolicy: FAST_RETRY });
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), ops, { ...quiet(), retryPolicy: FAST_RETRY }, { cutThrough });
     await ps.start();
     cleanup.push(() => ps.stop());
     const hold = (seq: number): (() => void) => {
@@ -111,6 +111,30 @@ describe('process server cut-through', () => {
     expect(ps.spool.bytesUsed).toBe(0);
     expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
     expect(ps.diskStatus()[0]!.health).toBe('OK');
+  }, 60_000);
+
+  it('is off unless asked for: a log goes on only once the process server holds it', async () => {
+    const dir = tmp();
+    const { mt, ps, hold, appliedSeq } = await hopsOf(dir, false);
+    const model = Buffer.alloc(DISK_SIZE);
+    const rand = prng(35);
+    const peer = { url: ps.url, secret: SECRET };
+    const first = await makeLog(path.join(dir, 'src'), 'disk0', 1, model, rand, 40);
+    await sendLog(peer, first.envelope, first.file);
+    await ps.drain();
+    const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand, 40);
+    const open = hold(2);
+    const upload = sendLog(peer, second.envelope, second.file);
+    await new Promise((r) => setTimeout(r, 500));
+    const heldAt = appliedSeq();
+    open();
+    expect((await upload).status).toBe(201);
+    await ps.drain();
+    await mt.drain();
+    expect(heldAt).toBe(1);
+    expect(appliedSeq()).toBe(2);
+    expect(ps.cutThroughLogsTotal('disk0')).toBe(0);
+    expect(fs.readFileSync(path.join(dir, 'target.img')).equals(model)).toBe(true);
   }, 60_000);
 
   it('a log arriving before the one ahead of it went on waits for that one\'s forward to begin, then follows it; one behind a backlog goes from the spool', async () => {
