@@ -301,7 +301,8 @@ export class ApplyingHop {
       // exist) or the hop died before it ran. It is idempotent: run it again.
       if (seq === ledger.appliedSeq && this.options.hooks?.afterApply !== undefined) {
         disk.target ??= await openOrCreateTarget(disk.spec, entry.envelope.diskSizeBytes);
-        await this.options.hooks.afterApply(disk.diskId, entry, disk.target);
+        // Tainted as the apply was, so a log of an unfinished resync does not become a selectable point.
+        await this.options.hooks.afterApply(disk.diskId, this.resyncSessions.markTainted(disk.diskId, entry), disk.target);
       }
       return;
     }
