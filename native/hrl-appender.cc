@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -17,6 +18,9 @@
 namespace blockrelay {
 
 namespace {
+
+// statfs f_type of ext2/3/4 (linux/magic.h EXT4_SUPER_MAGIC).
+constexpr long kExt4SuperMagic = 0xEF53;
 
 // Metadata entry fields ([MS-HRL] §2.4; offsets as in src/tracking/hrl-format.ts).
 constexpr size_t kMeByteOffset = 0;
@@ -92,6 +96,13 @@ HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t ma
 #endif
   // And once more for the recycler's writeback waits (see syncFd_).
   syncFd_ = open(self.c_str(), O_WRONLY | O_CLOEXEC);
+  // Blocks are reserved ahead only on ext4, where it was measured to help
+  // and where a truncate to the same size gives back what stays unused.
+  // tmpfs, for one, would keep reserved memory until the file is deleted.
+  struct statfs fsInfo;
+  preallocOk_ = fstatfs(fd, &fsInfo) == 0 && fsInfo.f_type == kExt4SuperMagic;
+#else
+  preallocOk_ = false;
 #endif
 }
 

@@ -199,8 +199,9 @@ class HrlAppenderCore {
   // Waits (mu_ held) for a free spare buffer; its index.
   int TakeFreeSpareLocked();
   void StopRecyclerLocked(std::unique_lock<std::mutex>& lock);
-  // Recycler thread only: whether fallocate still works on this file.
-  bool preallocOk_ = true;
+  // Set in the constructor (ext4 only), then the recycler thread's: whether
+  // blocks are still reserved ahead (cleared when fallocate fails).
+  bool preallocOk_ = false;
   // Set once blocks were reserved past the file's end: Finish and Abandon
   // then give back those left unused.
   std::atomic<bool> preallocated_{false};
