@@ -2,14 +2,13 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { heldLogBytes, LogMemory } from '../../src/transport/held-log';
+import { HELD_LOG_ALLOCATION_STEP_BYTES, heldLogBytes, LogMemory } from '../../src/transport/held-log';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { LogSpool } from '../../src/transport/log-spool';
 import type { LogEnvelope } from '../../src/transport/transport-protocol';
 import { useTempDirs } from '../helpers/tmp';
 import { DISK_SIZE, makeLog, prng } from './transport-fixture';
 
-const MiB = 1024 * 1024;
 
 /** The upload body: the log in pieces of at most 64 KiB, as a socket delivers it. */
 function body(bytes: Buffer): Readable {
@@ -27,7 +26,7 @@ function spoolFiles(dir: string): string[] {
 describe('logs staged in memory', () => {
   const tmp = useTempDirs();
 
-  async function setup(memoryBytes = 64 * MiB): Promise<{ dir: string; spool: LogSpool; memory: LogMemory; bytes: Buffer; envelope: LogEnvelope }> {
+  async function setup(memoryBytes = HELD_LOG_ALLOCATION_STEP_BYTES): Promise<{ dir: string; spool: LogSpool; memory: LogMemory; bytes: Buffer; envelope: LogEnvelope }> {
     const dir = tmp();
     const spool = new LogSpool(path.join(dir, 'spool'), 1 << 30);
     await spool.open();
@@ -61,7 +60,7 @@ describe('logs staged in memory', () => {
     // The buffer went back to the budget as a spare, ready for the next log.
     const again = memory.take(bytes.length);
     expect(again).toBeDefined();
-    expect(memory.heldBytes).toBeLessThanOrEqual(64 * MiB);
+    expect(memory.allocations).toBe(1);
   });
 
   it('returns the memory of a discarded log and of one refused for damage, leaving nothing behind', async () => {
@@ -81,7 +80,7 @@ describe('logs staged in memory', () => {
     await expect(spool.stage(envelope, body(damaged), { lz4: false, durable: false, memory, verify: async () => undefined })).rejects.toMatchObject({ code: 'BR_UPLOAD_HASH_MISMATCH' });
     expect(spoolFiles(dir)).toEqual([]);
     // Every buffer is a spare again: the whole budget can be taken at once.
-    expect(memory.take(64 * MiB)).toBeDefined();
+    expect(memory.take(memory.maxBytes)).toBeDefined();
   });
 
   it('stages a log that does not fit the memory bound, or a durable one, to a temp file', async () => {
@@ -100,24 +99,29 @@ describe('logs staged in memory', () => {
 
 describe('held log memory budget', () => {
   it('refuses what does not fit beside the buffers in use, and reuses returned buffers', () => {
-    const memory = new LogMemory(64 * MiB);
-    const a = memory.take(20 * MiB)!;
-    const b = memory.take(20 * MiB)!;
-    expect(a.length).toBe(20 * MiB);
-    // Allocations are rounded up to 16 MiB: 2 x 32 MiB are in use.
-    expect(memory.take(1)).toBeUndefined();
+    const step = HELD_LOG_ALLOCATION_STEP_BYTES;
+    const memory = new LogMemory(4 * step);
+    const a = memory.take(step / 2)!;
+    const b = memory.take(step + 1)!;
+    expect(a.length).toBe(step / 2);
+    expect(b.length).toBe(step + 1);
+    // Allocations are rounded up to whole steps: 1 + 2 steps are in use, 1 is left.
+    expect(memory.take(step + 1)).toBeUndefined();
     memory.give(a);
-    const c = memory.take(30 * MiB)!;
-    // The returned buffer is reused, not a new one allocated.
+    // The returned buffer is reused for a log of another size within its step, not a new one allocated.
+    const c = memory.take(step - 100)!;
     expect(c.buffer).toBe(a.buffer);
+    expect(memory.allocations).toBe(2);
     memory.give(b);
     memory.give(c);
-    expect(memory.heldBytes).toBe(64 * MiB);
+    expect(memory.heldBytes).toBe(3 * step);
     // A larger log drops the spares it needs room from.
-    const d = memory.take(60 * MiB)!;
-    expect(d.length).toBe(60 * MiB);
-    expect(memory.heldBytes).toBe(64 * MiB);
+    const d = memory.take(4 * step - 1)!;
+    expect(d.length).toBe(4 * step - 1);
+    expect(memory.heldBytes).toBe(4 * step);
+    expect(memory.allocations).toBe(3);
     expect(memory.take(0)).toBeUndefined();
     expect(new LogMemory(0).take(1)).toBeUndefined();
   });
+
 });
