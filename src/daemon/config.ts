@@ -48,6 +48,12 @@ export const CONFIG_SHAPE = {
       url: field.string({ pattern: /^https?:\/\/[^\s]+$/, what: 'an http(s) URL' }),
       secret: field.string({ minLength: 16, maxLength: 1024, what: 'a shared secret of 16 to 1024 characters' }),
       bandwidthBytesPerSecond: field.integer({ min: 0, default: 0 }),
+      /**
+       * Forward a log while it still arrives from the source (off by default:
+       * it pays where the process server has cores of its own, and slowed
+       * logs down with the whole chain on two shared cores; docs/transport.md).
+       */
+      cutThrough: field.boolean({ default: false }),
       /** A forward that makes no progress for this long is abandoned and retried. */
       timeoutSeconds: field.integer({ min: 1, max: 3600, default: 60 }),
       /** CA certificate(s) that sign the master target's TLS certificate (https forward URL). */

@@ -407,7 +407,7 @@ export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps
     new Map(config.disks.map((d) => [d.id, d.target])),
     config.forward === undefined
       ? undefined
-      : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000, ca: readCaFile(config.forward.caFile) }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond, ...forwardExtra },
+      : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000, ca: readCaFile(config.forward.caFile) }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond, cutThrough: config.forward.cutThrough, ...forwardExtra },
   );
 }
 

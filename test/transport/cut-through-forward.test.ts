@@ -70,7 +70,7 @@ describe('process server cut-through', () => {
         if (failures.delete(seq)) throw new BlockrelayError('BR_IO', `simulated failure of the process server's spool for log ${seq}`);
       },
     };
-    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET } }), ops, { ...quiet(), retryPolicy: FAST_RETRY }, { cutThrough });
+    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET, cutThrough } }), ops, { ...quiet(), retryPolicy: FAST_RETRY });
     await ps.start();
     cleanup.push(() => ps.stop());
     const hold = (seq: number): (() => void) => {
