@@ -4,6 +4,7 @@ import { createLogger } from '../daemon/logger';
 import { StateLock } from '../daemon/state-lock';
 import { createMetrics } from '../daemon/metrics';
 import { resolvesWithin, systemClock } from '../platform/clock';
+import { exitNow } from '../platform/exit-now';
 import { SourceShipping } from '../transport/source-shipping';
 import { SourceControl } from '../daemon/source-control';
 import { CONTROL_SECRET_ENV } from '../daemon/tag-command';
@@ -13,7 +14,6 @@ import type { DiskTarget } from '../targets/disk-target';
 import { openDisk } from '../targets/disk-spec';
 import { SourceResyncs } from '../resync/source-resyncs';
 import * as path from 'node:path';
-import { loadNative } from '../platform/native';
 
 const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--process-server URL] [--interval-ms N] [--control HOST:PORT] [--quiesce-hook CMD] [--app-interval-minutes N] [--group G] [--stop-timeout-ms N]';
 
@@ -33,22 +33,6 @@ const SHIP_ON_STOP_TIMEOUT_MS = 60_000;
  * not even SIGKILL, ends a process before that.)
  */
 const EXIT_AFTER_STOP_TIMEOUT_MS = 500;
-
-/**
- * Ends the process without waiting for libuv's pool threads (the addon's
- * exitNow; see native/tap-transmission.cc), or process.exit where the addon
- * lacks it.
- */
-function exitNow(status: number): void {
-  let native: ((status: number) => void) | undefined;
-  try {
-    native = loadNative<{ exitNow?: (status: number) => void }>().exitNow;
-  } catch {
-    native = undefined;
-  }
-  if (native !== undefined) native(status);
-  process.exit(status);
-}
 
 /** The line a supervisor (or a test) waits for, followed by one JSON object. */
 export const SOURCE_READY_PREFIX = 'BLOCKRELAY_SOURCE_READY ';
