@@ -43,6 +43,8 @@ export interface BenchRun {
   readonly reason?: string;
   readonly result?: BenchResult;
   readonly goal: Goal;
+  /** The page cache was dropped before it started (bench/run.ts settle). */
+  readonly cachesDropped?: boolean;
 }
 
 export interface Machine {
@@ -379,7 +381,7 @@ export function renderMarkdown(summary: Summary): string {
   if (summary.quick) lines.push('This is a `--quick` run: smaller data and fewer repetitions than a full run, so ratios are noisier.', '');
   lines.push('## Machine', '', '| | |', '|---|---|');
   lines.push(`| CPU | ${cell(m.cpuModel)} |`, `| cores | ${m.cores} |`, `| memory | ${formatBytes(m.memoryBytes)} |`);
-  lines.push(`| load average (1 min) at start | ${m.loadAverage1m.toFixed(2)} |`, `| Node.js | ${m.node} |`);
+  lines.push(`| load average (1 min) at start | ${m.loadAverage1m.toFixed(2)} |`, `| page cache dropped before each scenario | ${summary.benches.length > 0 && summary.benches.every((b) => b.cachesDropped === true) ? 'yes' : 'no'} |`, `| Node.js | ${m.node} |`);
   lines.push(`| commit | \`${m.commit}\`${m.dirty ? ' (work tree had uncommitted changes)' : ''} |`, `| date | ${m.date} |`);
   lines.push(`| time | ${(summary.totalMs / 1000).toFixed(1)} s of a ${(summary.budgetMs / 1000).toFixed(0)} s budget |`, '');
   lines.push('## Summary', '', '| scenario | status | ratio vs peer | goal | goal met |', '|---|---|---|---|---|');

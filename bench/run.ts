@@ -238,9 +238,23 @@ function readPreviousSummary(file: string, quick: boolean): Summary | undefined 
   }
 }
 
-/** Writes back the dirty pages the previous scenario left (quick when there are none). */
-function settle(): void {
+/**
+ * Writes back the dirty pages the previous scenario left (quick when there
+ * are none), then, where this process may (root), drops the clean page
+ * cache too, so every scenario starts from the same cache state: the apply
+ * stage measured 2x apart on this VM between a run after a full test suite
+ * (7 GiB cached) and one after a drop. BENCH_KEEP_CACHES=1 keeps them.
+ * Returns whether the cache was dropped (recorded in the summary).
+ */
+function settle(): boolean {
   spawnSync('sync');
+  if (process.env.BENCH_KEEP_CACHES === '1') return false;
+  try {
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 async function main(): Promise<void> {
@@ -265,8 +279,8 @@ async function main(): Promise<void> {
     // Each scenario starts on a settled machine: the gigabytes an earlier one
     // wrote (e2e, tap) would otherwise be written back during the next one's
     // timing and slow it and its peer unevenly.
-    settle();
-    const run = await runBench(options.benchDir, name, options.quick, timeoutMs);
+    const cachesDropped = settle();
+    const run = { ...(await runBench(options.benchDir, name, options.quick, timeoutMs)), cachesDropped };
     process.stderr.write(`bench: ${name}: ${run.status}${run.reason ? ` (${run.reason})` : ''} in ${(run.durationMs / 1000).toFixed(1)} s\n`);
     benches.push(run);
   }
