@@ -21,12 +21,13 @@ function sectorsDiffering(got: Buffer, want: Buffer): number {
 
 /**
  * An open point view (an export, or a failover copy while the master target
- * runs) across a networked resync session in the slot after it. The slot's
- * pre-image file is written at the session's end and rewritten when the
- * slot's own log arrives, unlike every other segment, which is final once
- * it exists (docs/formats/undo-journal.md, "Resync sessions").
+ * runs) while the history behind it changes: a networked resync session in
+ * the slot after it (the slot's pre-image file is written at the session's
+ * end and rewritten when the slot's own log arrives, unlike every other
+ * segment, which is final once it exists: docs/formats/undo-journal.md,
+ * "Resync sessions"), a history dropped for space, and many segments.
  */
-describe('a point view across a resync session', () => {
+describe('a point view while the history changes under it', () => {
   const tmp = useTempDirs();
   const retentionTmp = useRetentionDirs();
   const running: ApplyingHop[] = [];
@@ -128,15 +129,6 @@ describe('a point view across a resync session', () => {
       await target.close();
     }
   });
-});
-
-describe('a point view when the history is dropped under it', () => {
-  const tmp = useTempDirs();
-  const retentionTmp = useRetentionDirs();
-  const running: ApplyingHop[] = [];
-  afterEach(async () => {
-    for (const mt of running.splice(0)) await mt.stop();
-  });
 
   it('fails its reads once a log was applied without a pre-image, instead of serving that log as the point', async () => {
     const dir = tmp();
@@ -165,15 +157,6 @@ describe('a point view when the history is dropped under it', () => {
     } finally {
       await view.close();
     }
-  });
-});
-
-describe('a point view far back', () => {
-  const tmp = useTempDirs();
-  const retentionTmp = useRetentionDirs();
-  const running: ApplyingHop[] = [];
-  afterEach(async () => {
-    for (const mt of running.splice(0)) await mt.stop();
   });
 
   it('holds no descriptor for a segment whose every byte an older one covers', async () => {
