@@ -40,7 +40,12 @@ export interface DiskTarget {
 
   /** Reads `length` bytes at `offset`; holes read as zeroes. */
   read(offset: number, length: number): Promise<Buffer>;
-  /** Writes `data` at `offset`. Durable only after `flush()`. */
+  /**
+   * Writes `data` at `offset`. Durable only after `flush()`. The target
+   * must not keep `data` once the promise resolves: callers reuse their
+   * buffers at once (the master target's logs held in memory are reused
+   * buffers, src/transport/held-log.ts), so a write-behind target must copy.
+   */
   write(offset: number, data: Buffer): Promise<void>;
   /** Makes `[offset, offset + length)` read as zeroes, sparsely where the format can. */
   writeZeroes(offset: number, length: number): Promise<void>;
