@@ -227,7 +227,7 @@ export class RetentionHooks implements ApplyHooks {
     if (this.availableBytes() < needBytes) needBytes = await undoLogOccupiedBoundBytes(extents, target);
     let pruned = 0;
     while (this.availableBytes() < needBytes && h.points.length > 1) {
-      await h.dropOldestUnderPressure(1);
+      await this.dropOldestForSpace(h);
       pruned++;
     }
     if (this.availableBytes() < needBytes) {
@@ -241,7 +241,7 @@ export class RetentionHooks implements ApplyHooks {
       // capacity bound. Not against statfs: a volume may report freed blocks late, and pruning would run on
       // to the newest point; there the file system's own ENOSPC is the limit.
       while (this.options.capacityBytes !== undefined && this.availableBytes() < 0 && h.points.length > 1) {
-        await h.dropOldestUnderPressure(1);
+        await this.dropOldestForSpace(h);
         pruned++;
       }
     } catch (err) {
@@ -249,7 +249,7 @@ export class RetentionHooks implements ApplyHooks {
       if (coded.code !== 'BR_DISK_FULL') throw coded;
       // The volume filled under us: keep the newest history that fits.
       while (h.points.length > 1) {
-        await h.dropOldestUnderPressure(1);
+        await this.dropOldestForSpace(h);
         pruned++;
         try {
           const { allocatedBytes } = await h.journal.write(seq, extents, target);
@@ -268,6 +268,19 @@ export class RetentionHooks implements ApplyHooks {
   }
 
   /**
+   * Drops the oldest point to make room. When it is the last point an
+   * operator can pick (only resync points follow it, during a resync), that
+   * is said on its own: until the resync completes, failover has nothing.
+   */
+  private async dropOldestForSpace(h: DiskHistory): Promise<void> {
+    const oldest = h.points[0];
+    if (oldest !== undefined && oldest.resync !== true && selectablePoints(h.points).length === 1) {
+      this.logger.warn({ disk: h.diskId, code: 'BR_RETENTION_VOLUME_FULL', point: oldest.id }, `retention volume ${this.options.dir} is full: dropping ${oldest.id}, the last point of ${h.diskId} an operator can fail over to; none is selectable until the running resync completes`);
+    }
+    await h.dropOldestUnderPressure(1);
+  }
+
+  /**
    * Appends a point's record; when the volume is full (the append is then
    * undone whole: recovery-points.ts), the oldest points make room, as for
    * a pre-image. Still full with one point left, it throws BR_DISK_FULL and
@@ -282,7 +295,7 @@ export class RetentionHooks implements ApplyHooks {
         return;
       } catch (err) {
         if (wrapError(err, 'BR_IO', 'catalog').code !== 'BR_DISK_FULL' || h.points.length <= 1) throw err;
-        await h.dropOldestUnderPressure(1);
+        await this.dropOldestForSpace(h);
         pruned++;
       }
     }
