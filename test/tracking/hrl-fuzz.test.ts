@@ -4,9 +4,9 @@ import { describe, expect, it } from 'vitest';
 import { isBlockrelayError } from '../../src/retry/blockrelay-error';
 import { openDisk } from '../../src/targets/disk-spec';
 import { applyHrlLogs } from '../../src/tracking/hrl-apply';
-import { hrlChecksum } from '../../src/tracking/hrl-format';
 import { HrlWriter } from '../../src/tracking/hrl-writer';
 import { useTempDirs } from '../helpers/tmp';
+import { hrlLayout, setStructureByte, type HrlLayout } from './hrl-damage';
 import { buildIndependentLog } from './hrl-independent-writer';
 
 const tempDir = useTempDirs();
@@ -40,26 +40,7 @@ async function baseLogs(dir: string): Promise<Buffer[]> {
   return [ours, theirs];
 }
 
-interface Layout {
-  readonly blocks: number[];
-  readonly entries: number[];
-}
-
-/** Where the metadata blocks and entries of a sealed MS-block log are, by walking its chain. */
-function layoutOf(log: Buffer): Layout {
-  const blocks: number[] = [];
-  const entries: number[] = [];
-  let cur = Number(log.readBigUInt64LE(44)) - MS;
-  for (;;) {
-    blocks.push(cur);
-    for (let e = 0; e < log.readUInt32LE(cur + 8); e++) entries.push(cur + 32 + e * 32);
-    const prev = Number(log.readBigUInt64LE(cur));
-    if (prev === 0) return { blocks, entries };
-    cur -= prev;
-  }
-}
-
-function mutate(base: Buffer, layout: Layout, other: Buffer, rnd: () => number): Buffer {
+function mutate(base: Buffer, layout: HrlLayout, other: Buffer, rnd: () => number): Buffer {
   const pick = (n: number): number => Math.floor(rnd() * n);
   let log = Buffer.from(base);
   const kind = pick(6);
@@ -82,10 +63,8 @@ function mutate(base: Buffer, layout: Layout, other: Buffer, rnd: () => number):
     // fix that structure's checksum, so the damage reaches the deeper checks.
     const all = [0, ...layout.blocks, ...layout.entries];
     const at = all[pick(all.length)]!;
-    log[at + pick(at === 0 ? 128 : 32)] = rnd() < 0.3 ? 0xff : pick(256);
-    if (at === 0) log.writeUInt32LE(hrlChecksum(log.subarray(0, 4096), 40), 40);
-    else if (layout.blocks.includes(at)) log.writeUInt32LE(hrlChecksum(log.subarray(at, at + 32), 12), at + 12);
-    else log.writeUInt32LE(hrlChecksum(log.subarray(at, at + 32), 8), at + 8);
+    const field = pick(at === 0 ? 128 : 32);
+    setStructureByte(log, layout, at, field, rnd() < 0.3 ? 0xff : pick(256));
   }
   return log;
 }
@@ -94,7 +73,7 @@ describe('hrl reader and apply under fuzzing', () => {
   it('never crashes, always names a BR_HRL code with an offset, and never applies any part of a batch holding a damaged log', async () => {
     const dir = tempDir();
     const logs = await baseLogs(dir);
-    const layouts = logs.map(layoutOf);
+    const layouts = logs.map((l) => hrlLayout(l, MS));
     const goodFile = path.join(dir, 'good.hrl');
     fs.writeFileSync(goodFile, logs[1]!);
     const img = path.join(dir, 'disk.img');

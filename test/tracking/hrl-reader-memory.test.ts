@@ -4,11 +4,11 @@ import { describe, expect, it } from 'vitest';
 import { isBlockrelayError } from '../../src/retry/blockrelay-error';
 import { openDisk } from '../../src/targets/disk-spec';
 import { applyHrlLogs } from '../../src/tracking/hrl-apply';
-import { hrlChecksum } from '../../src/tracking/hrl-format';
 import { HrlLogFile, type HrlVerifiedLog } from '../../src/tracking/hrl-reader';
 import { HrlWriter } from '../../src/tracking/hrl-writer';
 import { prng } from '../helpers/prng';
 import { useTempDirs } from '../helpers/tmp';
+import { hrlLayout, setStructureByte, type HrlLayout } from './hrl-damage';
 
 const tempDir = useTempDirs();
 const MS = 256;
@@ -28,26 +28,7 @@ async function baseLog(dir: string): Promise<Buffer> {
   return fs.readFileSync(file);
 }
 
-interface Structures {
-  readonly blocks: number[];
-  readonly entries: number[];
-}
-
-/** Metadata block and entry offsets of a sealed MS-block log, by its chain. */
-function structures(log: Buffer): Structures {
-  const blocks: number[] = [];
-  const entries: number[] = [];
-  let cur = Number(log.readBigUInt64LE(44)) - MS;
-  for (;;) {
-    blocks.push(cur);
-    for (let e = 0; e < log.readUInt32LE(cur + 8); e++) entries.push(cur + 32 + e * 32);
-    const prev = Number(log.readBigUInt64LE(cur));
-    if (prev === 0) return { blocks, entries };
-    cur -= prev;
-  }
-}
-
-function mutate(base: Buffer, layout: Structures, rnd: () => number): Buffer {
+function mutate(base: Buffer, layout: HrlLayout, rnd: () => number): Buffer {
   const pick = (n: number): number => Math.floor(rnd() * n);
   let log = Buffer.from(base);
   const kind = pick(4);
@@ -59,10 +40,8 @@ function mutate(base: Buffer, layout: Structures, rnd: () => number): Buffer {
     // A field of a structure changed and that structure's checksum fixed, so the damage reaches the deeper checks.
     const all = [0, ...layout.blocks, ...layout.entries];
     const s = all[pick(all.length)]!;
-    log[s + pick(s === 0 ? 128 : 32)] = pick(256);
-    if (s === 0) log.writeUInt32LE(hrlChecksum(log.subarray(0, 4096), 40), 40);
-    else if (layout.blocks.includes(s)) log.writeUInt32LE(hrlChecksum(log.subarray(s, s + 32), 12), s + 12);
-    else log.writeUInt32LE(hrlChecksum(log.subarray(s, s + 32), 8), s + 8);
+    const field = pick(s === 0 ? 128 : 32);
+    setStructureByte(log, layout, s, field, pick(256));
   }
   return log;
 }
@@ -86,7 +65,7 @@ describe('an [MS-HRL] log read from memory', () => {
   it('verifies exactly as the same bytes in a file do, damaged or not (seeded fuzz)', async () => {
     const dir = tempDir();
     const base = await baseLog(dir);
-    const layout = structures(base);
+    const layout = hrlLayout(base, MS);
     const file = path.join(dir, 'm.hrl');
     const rnd = prng(0x6e6d_0001);
     const started = Date.now();
