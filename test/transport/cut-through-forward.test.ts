@@ -12,7 +12,7 @@ import { masterTargetFromConfig } from '../../src/transport/master-target';
 import { processServerFromConfig } from '../../src/transport/process-server';
 import { envelopeHeaders, logPath, type LogEnvelope } from '../../src/transport/transport-protocol';
 import { useTempDirs } from '../helpers/tmp';
-import { DISK_SIZE, FAST_RETRY, makeLog, MT_SECRET, prng, quiet, SECRET } from './transport-fixture';
+import { DISK_SIZE, makeLog, prng, SECRET, startGatedHops } from './transport-fixture';
 
 /** Waits until `check` holds, polling (bounded). */
 async function until(check: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
@@ -42,46 +42,8 @@ describe('process server cut-through', () => {
     for (const c of cleanup.splice(0).reverse()) await c();
   });
 
-  /**
-   * A master target and a process server forwarding to it. The process
-   * server's [MS-HRL] verification (the last step before its answer) can be
-   * held for a log (`hold`) or made to fail once for one (`failOnce`), so a
-   * test sees what the master target does before the process server answers.
-   */
-  async function hopsOf(dir: string, cutThrough = true) {
-    const applied: LogStageEvent[] = [];
-    const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), hrlLogOps, {
-      ...quiet(),
-      retryPolicy: FAST_RETRY,
-      onStage: (e) => {
-        if (e.stage === 'apply' && e.phase === 'done') applied.push(e);
-      },
-    });
-    await mt.start();
-    cleanup.push(() => mt.stop());
-    const gates = new Map<number, Promise<void>>();
-    const failures = new Set<number>();
-    const ops: LogOps = {
-      ...hrlLogOps,
-      verify: async (file, diskSizeBytes) => {
-        await hrlLogOps.verify(file, diskSizeBytes);
-        const seq = Number(/(\d{20})\.hrl/.exec(file)?.[1]);
-        await gates.get(seq);
-        if (failures.delete(seq)) throw new BlockrelayError('BR_IO', `simulated failure of the process server's spool for log ${seq}`);
-      },
-    };
-    const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: mt.url, secret: MT_SECRET, cutThrough } }), ops, { ...quiet(), retryPolicy: FAST_RETRY });
-    await ps.start();
-    cleanup.push(() => ps.stop());
-    const hold = (seq: number): (() => void) => {
-      let open!: () => void;
-      gates.set(seq, new Promise<void>((resolve) => { open = resolve; }));
-      return open;
-    };
-    const appliedSeq = (): number | null => mt.diskStatus()[0]?.appliedSeq ?? null;
-    const appliesOf = (seq: number): number => applied.filter((e) => e.seq === seq).length;
-    return { mt, ps, hold, failOnce: (seq: number) => failures.add(seq), appliedSeq, appliesOf };
-  }
+  /** The gated hops (transport-fixture.ts), the cut-through on unless a test says otherwise. */
+  const hopsOf = (dir: string, cutThrough = true) => startGatedHops(dir, cleanup, { forward: { cutThrough } });
 
   it('forwards a log to the master target while it still arrives, and does not send it again from the spool', async () => {
     const dir = tmp();

@@ -2,14 +2,9 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { validateConfig } from '../../src/daemon/config';
-import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import { sendLog } from '../../src/transport/log-client';
-import type { LogOps } from '../../src/transport/log-ops';
-import { masterTargetFromConfig } from '../../src/transport/master-target';
-import { processServerFromConfig } from '../../src/transport/process-server';
 import { useTempDirs } from '../helpers/tmp';
-import { DISK_SIZE, FAST_RETRY, makeLog, MT_SECRET, prng, quiet, SECRET } from './transport-fixture';
+import { DISK_SIZE, makeLog, prng, SECRET, startGatedHops } from './transport-fixture';
 
 /** A TCP proxy to `target` that holds back, by `delayMs`, a connection from the chunk carrying `marker` on. */
 function delayingProxy(target: { host: string; port: number }, marker: string, delayMs: number): Promise<{ url: string; close: () => void }> {
@@ -58,25 +53,15 @@ describe('a resync log right after a normal one, forwarded while the normal one 
   for (const mode of ['cut-through', 'spool pipeline'] as const) {
     it(`applies both, in order (${mode})`, async () => {
       const dir = tmp();
-      const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY });
-      await mt.start();
-      cleanup.push(() => mt.stop());
-      const mtUrl = new URL(mt.url);
-      const proxy = await delayingProxy({ host: mtUrl.hostname, port: Number(mtUrl.port) }, 'PUT /v1/disks/disk0/logs/2 ', 300);
-      cleanup.push(() => proxy.close());
-      // Log 2's verification at the process server waits for the test, so log 3 arrives meanwhile.
-      const gates = new Map<number, Promise<void>>();
-      const ops: LogOps = {
-        ...hrlLogOps,
-        verify: async (file, size) => {
-          await hrlLogOps.verify(file, size);
-          await gates.get(Number(/(\d{20})\.hrl/.exec(file)?.[1]));
-        },
+      // The connection carrying log 2 to the master target is held back 300 ms.
+      const forwardVia = async (mtUrl: string): Promise<string> => {
+        const at = new URL(mtUrl);
+        const proxy = await delayingProxy({ host: at.hostname, port: Number(at.port) }, 'PUT /v1/disks/disk0/logs/2 ', 300);
+        cleanup.push(() => proxy.close());
+        return proxy.url;
       };
-      const forward = { url: proxy.url, secret: MT_SECRET, ...(mode === 'spool pipeline' ? { bandwidthBytesPerSecond: 1_000_000_000 } : {}) };
-      const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward }), ops, { ...quiet(), retryPolicy: FAST_RETRY });
-      await ps.start();
-      cleanup.push(() => ps.stop());
+      // A paced link has no cut-through: the spool's pipeline sends ahead instead.
+      const { mt, ps, hold } = await startGatedHops(dir, cleanup, { forwardVia, forward: mode === 'cut-through' ? { cutThrough: true } : { bandwidthBytesPerSecond: 1_000_000_000 } });
       const model = Buffer.alloc(DISK_SIZE);
       const rand = prng(34);
       const peer = { url: ps.url, secret: SECRET };
@@ -85,10 +70,8 @@ describe('a resync log right after a normal one, forwarded while the normal one 
       await ps.drain();
       const second = await makeLog(path.join(dir, 'src'), 'disk0', 2, model, rand, 40);
       const third = await makeLog(path.join(dir, 'src'), 'disk0', 3, model, rand, 40);
-      let open!: () => void;
-      gates.set(2, new Promise<void>((r) => {
-        open = r;
-      }));
+      // Log 2's verification at the process server waits for the test, so log 3 arrives meanwhile.
+      const open = hold(2);
       const upload2 = sendLog(peer, second.envelope, second.file, { lz4: true });
       await new Promise((r) => setTimeout(r, 200));
       const upload3 = sendLog(peer, { ...third.envelope, resync: true }, third.file);

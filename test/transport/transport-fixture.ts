@@ -78,3 +78,59 @@ export async function startHops(dir: string, targetSpec = `raw:${path.join(dir, 
     },
   };
 }
+
+/**
+ * A master target and a process server forwarding to it, whose [MS-HRL]
+ * verification at the process server (the last step before its answer) can
+ * be held for a log (`hold(seq)` returns the function that lets it go) or
+ * made to fail once (`failOnce(seq)`), so a test sees what the master
+ * target does before the process server answers. `forwardVia` puts
+ * something (a proxy) between them; `forward` adds to the process server's
+ * forward config. Both roles stop through `cleanup`.
+ */
+export async function startGatedHops(
+  dir: string,
+  cleanup: Array<() => Promise<void> | void>,
+  options: { forward?: { cutThrough?: boolean; bandwidthBytesPerSecond?: number }; forwardVia?: (mtUrl: string) => Promise<string> } = {},
+) {
+  const { validateConfig } = await import('../../src/daemon/config');
+  const { BlockrelayError } = await import('../../src/retry/blockrelay-error');
+  const { hrlLogOps } = await import('../../src/transport/hrl-log-ops');
+  const { masterTargetFromConfig } = await import('../../src/transport/master-target');
+  const { processServerFromConfig } = await import('../../src/transport/process-server');
+  type Ops = import('../../src/transport/log-ops').LogOps;
+  type StageEvent = import('../../src/transport/log-stage-events').LogStageEvent;
+  const applied: StageEvent[] = [];
+  const mt = masterTargetFromConfig(validateConfig({ stateDir: path.join(dir, 'mt'), listen: '127.0.0.1:0', secret: MT_SECRET, disks: [{ id: 'disk0', target: `raw:${path.join(dir, 'target.img')}` }] }), hrlLogOps, {
+    ...quiet(),
+    retryPolicy: FAST_RETRY,
+    onStage: (e) => {
+      if (e.stage === 'apply' && e.phase === 'done') applied.push(e);
+    },
+  });
+  await mt.start();
+  cleanup.push(() => mt.stop());
+  const gates = new Map<number, Promise<void>>();
+  const failures = new Set<number>();
+  const ops: Ops = {
+    ...hrlLogOps,
+    verify: async (file, diskSizeBytes) => {
+      await hrlLogOps.verify(file, diskSizeBytes);
+      const seq = Number(/(\d{20})\.hrl/.exec(file)?.[1]);
+      await gates.get(seq);
+      if (failures.delete(seq)) throw new BlockrelayError('BR_IO', `simulated failure of the process server's spool for log ${seq}`);
+    },
+  };
+  const forwardUrl = options.forwardVia === undefined ? mt.url : await options.forwardVia(mt.url);
+  const ps = processServerFromConfig(validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: forwardUrl, secret: MT_SECRET, ...options.forward } }), ops, { ...quiet(), retryPolicy: FAST_RETRY });
+  await ps.start();
+  cleanup.push(() => ps.stop());
+  const hold = (seq: number): (() => void) => {
+    let open!: () => void;
+    gates.set(seq, new Promise<void>((resolve) => { open = resolve; }));
+    return open;
+  };
+  const appliedSeq = (): number | null => mt.diskStatus()[0]?.appliedSeq ?? null;
+  const appliesOf = (seq: number): number => applied.filter((e) => e.seq === seq).length;
+  return { mt, ps, hold, failOnce: (seq: number) => failures.add(seq), appliedSeq, appliesOf };
+}
