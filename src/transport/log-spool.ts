@@ -65,10 +65,10 @@ export function hashHex(hasher: Hasher): string {
 }
 
 /** Writes a new file and fsyncs it (it is renamed into place later). */
-async function writeFileSynced(file: string, text: string): Promise<void> {
+async function writeFileSynced(file: string, content: string | Uint8Array): Promise<void> {
   const fh = await fsp.open(file, 'wx');
   try {
-    await fh.writeFile(text);
+    await fh.writeFile(content);
     await fh.sync();
   } finally {
     await fh.close();
@@ -178,23 +178,6 @@ class MemorySink extends Writable {
     done();
   }
 }
-
-/** Writes all of `bytes` to a new file and fsyncs it. */
-async function writeBytesSynced(file: string, bytes: Buffer): Promise<void> {
-  const fh = await fsp.open(file, 'wx');
-  try {
-    for (let at = 0; at < bytes.length; ) {
-      const { bytesWritten } = await fh.write(bytes, at, Math.min(bytes.length - at, HELD_LOG_WRITE_CHUNK_BYTES), at);
-      at += bytesWritten;
-    }
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/** A held log is spooled to its file in writes of this size. */
-const HELD_LOG_WRITE_CHUNK_BYTES = 8 * 1024 * 1024;
 
 /**
  * The writeback a durable upload starts as it is written (see
@@ -418,7 +401,7 @@ export class LogSpool {
       discard,
       commit: async () => {
         try {
-          if (held !== undefined) await Promise.all([writeBytesSynced(tmp, held), writeFileSynced(envelopeTmp, envelopeText)]);
+          if (held !== undefined) await Promise.all([writeFileSynced(tmp, held), writeFileSynced(envelopeTmp, envelopeText)]);
           else if (!durable) await Promise.all([fsyncFile(tmp), writeFileSynced(envelopeTmp, envelopeText)]);
           // Envelope first: a log is never in place without it (open() drops one that is).
           await fsp.rename(envelopeTmp, `${base}.json`);
