@@ -17,7 +17,7 @@ import { isSnapshotTarget } from './blob-snapshots';
 import { RetentionHooks } from './retention-hooks';
 import type { DiskHistory } from './retention-pruner';
 import { appendTargetContent, coalesceExtents, createSegmentWriter, UNDO_READ_CHUNK_BYTES } from './undo-journal';
-import { resyncMarkerName } from './retention-format';
+import { parseSlotMarker, RESYNC_MARKER_PATTERN, resyncMarkerName, type SlotMarker } from './retention-format';
 
 /**
  * Retention across a networked resync session (docs/formats/undo-journal.md,
@@ -58,15 +58,6 @@ import { resyncMarkerName } from './retention-format';
 export function resyncJournalFor(hooks: ApplyHooks | undefined): ResyncJournalProvider | undefined {
   return hooks instanceof RetentionHooks ? new RetentionResyncJournal(hooks) : undefined;
 }
-
-interface SlotMarker {
-  readonly version: 1;
-  readonly seq: number;
-  readonly state: 'open' | 'sealed';
-  readonly sessionId: string;
-}
-
-const MARKER_PATTERN = /^resync-(\d{20})\.json$/;
 
 /** Sorted disjoint extents, with subtraction and union. */
 function subtract(range: Extent, covered: readonly Extent[]): Extent[] {
@@ -142,17 +133,10 @@ class RetentionResyncJournal implements ResyncJournalProvider {
     if (!fs.existsSync(h.journal.dir)) return [];
     const out: SlotMarker[] = [];
     for (const name of await fsp.readdir(h.journal.dir)) {
-      if (!MARKER_PATTERN.test(name)) continue;
-      try {
-        const m = JSON.parse(await fsp.readFile(path.join(h.journal.dir, name), 'utf8')) as SlotMarker;
-        if (m.version === 1 && Number.isSafeInteger(m.seq) && (m.state === 'open' || m.state === 'sealed')) {
-          out.push(m);
-          continue;
-        }
-      } catch {
-        // Unreadable: treated as a session that may not have finished.
-      }
-      out.push({ version: 1, seq: Number(MARKER_PATTERN.exec(name)![1]), state: 'open', sessionId: 'unknown' });
+      const named = RESYNC_MARKER_PATTERN.exec(name);
+      if (named === null) continue;
+      const text = await fsp.readFile(path.join(h.journal.dir, name), 'utf8').catch(() => undefined);
+      out.push(parseSlotMarker(text, Number(named[1])));
     }
     return out;
   }

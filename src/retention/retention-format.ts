@@ -90,29 +90,49 @@ export function seqOfUndoFile(name: string): number | undefined {
   return m === null ? undefined : Number(m[1]);
 }
 
+/** A resync session slot's marker, `resync-<seq:20>.json` (docs/formats/undo-journal.md). */
+export interface SlotMarker {
+  readonly version: 1;
+  readonly seq: number;
+  readonly state: 'open' | 'sealed';
+  readonly sessionId: string;
+}
+
+export const RESYNC_MARKER_PATTERN = /^resync-(\d{20})\.json$/;
+
 /** The marker of a resync session's slot `seq` in a journal directory (resync-journal.ts). */
 export function resyncMarkerName(seq: number): string {
   return `resync-${seqName(seq)}.json`;
 }
 
 /**
+ * A marker file's content, or (unreadable, damaged or of another version)
+ * an `open` marker: a session that may not have finished, which every
+ * reader must treat as the target possibly being changed.
+ */
+export function parseSlotMarker(text: string | undefined, seq: number): SlotMarker {
+  try {
+    const m = JSON.parse(text ?? '') as SlotMarker;
+    if (m.version === 1 && m.seq === seq && (m.state === 'open' || m.state === 'sealed')) return m;
+  } catch {
+    // Unreadable: as below.
+  }
+  return { version: 1, seq, state: 'open', sessionId: 'unknown' };
+}
+
+/**
  * The state of slot `seq`'s resync marker: `open` while a session changes
- * the target (an unreadable marker counts as open, as the journal itself
- * treats it), `sealed` once the session's pre-images are the slot's file
- * (it may still be rewritten once, when log `seq` adds its own), undefined
- * without a marker (the slot's file, if any, is final).
+ * the target (or the marker cannot be read: parseSlotMarker), `sealed` once
+ * the session's pre-images are the slot's file (it may still be rewritten
+ * once, when log `seq` adds its own), undefined without a marker (the
+ * slot's file, if any, is final).
  */
 export function resyncMarkerState(journalDir: string, seq: number): 'open' | 'sealed' | undefined {
-  let text: string;
+  let text: string | undefined;
   try {
     text = fs.readFileSync(path.join(journalDir, resyncMarkerName(seq)), 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    return 'open';
   }
-  try {
-    return (JSON.parse(text) as { state?: unknown }).state === 'sealed' ? 'sealed' : 'open';
-  } catch {
-    return 'open';
-  }
+  return parseSlotMarker(text, seq).state;
 }
