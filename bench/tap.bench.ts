@@ -214,6 +214,37 @@ function fio(uri: string, serverPid: number | undefined, job: Job, out: string):
 }
 
 /**
+ * How fast this disk takes a growing file: fio writing 1 MiB blocks with
+ * O_DIRECT, four in flight, into space reserved ahead with KEEP_SIZE (as the
+ * tap's log appender does), for as long as a job runs. With data logging
+ * every byte a client writes must reach the disk in the log within the run,
+ * while qemu-nbd's image stays in the page cache, so this over qemu-nbd's
+ * rate bounds the logging ratio any tap could reach on this machine.
+ */
+function diskCeilingMiBs(dir: string): Promise<number> {
+  const file = path.join(dir, 'ceiling.bin');
+  const out = path.join(dir, 'ceiling.json');
+  return new Promise((resolve, reject) => {
+    const args = [
+      '--name=ceiling', '--ioengine=libaio', '--direct=1', '--rw=write', '--bs=1m', '--iodepth=4', '--size=16g', '--fallocate=keep',
+      '--time_based', `--runtime=${runtimeS}`, `--filename=${file}`, '--output-format=json', `--output=${out}`,
+    ];
+    const child = spawn('fio', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d) => { stderr += d; });
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      try {
+        if (code !== 0) return reject(new Error(`fio (disk ceiling) exited with ${code}: ${stderr}`));
+        resolve(JSON.parse(fs.readFileSync(out, 'utf8')).jobs[0].write.bw_bytes / MiB);
+      } finally {
+        fs.rmSync(file, { force: true });
+      }
+    });
+  });
+}
+
+/**
  * A preallocated raw image, so neither server pays for block allocation
  * during the run. It is made once and shared by every run: deleting an image
  * whose random writes are still being written back blocks for tens of
@@ -305,7 +336,12 @@ async function main(): Promise<void> {
     const image = path.join(dir, 'disk0.img');
     const logDir = path.join(dir, 'logs');
     makeImage(image);
+    const ceilings: number[] = [];
     for (let rep = 0; rep < repetitions; rep++) {
+      if (JOBS.some((j) => j.goal)) {
+        ceilings.push(await diskCeilingMiBs(dir));
+        process.stderr.write(`rep ${rep + 1}/${repetitions} disk ceiling (growing file, O_DIRECT): ${ceilings.at(-1)!.toFixed(1)} MiB/s\n`);
+      }
       for (const job of JOBS) {
         for (const server of serversOf(job)) {
           const out = path.join(dir, 'fio.json');
@@ -349,6 +385,19 @@ async function main(): Promise<void> {
         cpuRatios[`${job.key}, ${server}`] = Number((ours.serverCpuSPerGiB / peer.serverCpuSPerGiB).toFixed(3));
       }
     }
+    // What the disk allows with logging: the growing-file rate over
+    // qemu-nbd's (the best logging ratio on this disk), and the tap's share of it.
+    const ceilingRatios: Record<string, number> = {};
+    if (ceilings.length > 0) {
+      const ceiling = median(ceilings);
+      figures['disk ceiling: growing file, O_DIRECT 1 MiB QD4, MiB/s'] = Number(ceiling.toFixed(1));
+      for (const job of JOBS.filter((j) => j.goal && j.bs === '64k')) {
+        const peer = jobs[job.key]!['qemu-nbd']!;
+        const tap = jobs[job.key]!['tap logging']!;
+        ceilingRatios[`${job.key}, disk ceiling / qemu-nbd`] = Number((ceiling / peer.bwMiBs).toFixed(3));
+        ceilingRatios[`${job.key}, tap logging / disk ceiling`] = Number((tap.bwMiBs / ceiling).toFixed(3));
+      }
+    }
     // The goals are over the goal jobs only; the FLUSH job's ratios are figures.
     const goalRatios = Object.entries(ratios).filter(([k]) => JOBS.some((j) => j.goal && k.startsWith(`${j.key},`)));
     const loggingMin = Math.min(...goalRatios.filter(([k]) => k.includes('logging')).map(([, v]) => v));
@@ -363,6 +412,7 @@ async function main(): Promise<void> {
       repetitions,
       diskBytes,
       ratios,
+      ceilingRatios,
       cpuRatios,
       figures,
       goal: { text: 'tap / qemu-nbd ≥ 0.8 with data logging, ≥ 0.95 with dirty-map-only tracking', loggingMin, dirtyMin, met: loggingMin >= 0.8 && dirtyMin >= 0.95 },
@@ -372,6 +422,7 @@ async function main(): Promise<void> {
         'fio --ioengine=nbd random writes over a preallocated raw image; time-based; medians over the repetitions',
         'the tap and qemu-nbd each run in their own process and write the image through the page cache (no O_DIRECT); the tap writes whole staging buffers of its log with O_DIRECT (at most three at once, the rest buffered) into blocks it reserves ahead of the log\'s end (fallocate KEEP_SIZE)',
         'device write MB/s: what the disk under the temp directory took during each fio run (other work on the machine included). The image fits in the page cache, so qemu-nbd writes next to nothing to the disk during a run; the tap\'s log grows at the write rate and must reach the disk, so with logging the tap is bound by how fast this disk takes a growing file',
+        'disk ceiling: fio writing a growing file with O_DIRECT (1 MiB, QD4, space reserved ahead) for the same time, once per repetition; ceilingRatios give that rate over qemu-nbd\'s (the best 64 KiB logging ratio this disk allows) and the tap\'s logging rate over it',
       ],
       when: new Date().toISOString(),
     };
