@@ -8,6 +8,7 @@ import { diskRetentionPaths, readHistoryEpoch, resyncMarkerState } from './reten
 import type { DiskManifest } from './retention-manifest';
 import type { RecoveryPoint } from './recovery-points';
 import { journalDamage, UndoJournal } from './undo-journal';
+import { ViewSegments } from './view-segments';
 
 /** Largest piece of a pre-image written at once by `writeOverlayTo` (bounds memory). */
 export const POINT_VIEW_OVERLAY_CHUNK_BYTES = 4 * 1024 * 1024;
@@ -22,7 +23,7 @@ export const POINT_VIEW_PARALLEL_READS = 16;
 export interface OverlaySegment {
   readonly start: number;
   readonly end: number;
-  /** Index into the view's open pre-image logs. */
+  /** The pre-image log's index in the view's segments (view-segments.ts). */
   readonly log: number;
   /** File offset in that log of the byte at `start`. */
   readonly fileOffset: number;
@@ -103,6 +104,8 @@ export interface PointViewOptions {
    * first read without reading the whole journal; damage fails that read).
    */
   readonly verifyPayloads?: 'open' | 'first-read';
+  /** Pre-image logs kept open at once (default VIEW_SEGMENTS_MAX_OPEN); the rest are reopened through their links. */
+  readonly maxOpenSegments?: number;
 }
 
 /**
@@ -122,9 +125,12 @@ export class PointView implements DiskTarget {
   readonly spec: string;
   readonly sizeBytes: number;
   private segments: OverlaySegment[] = [];
-  /** Open pre-image logs by index; undefined for one whose every byte older segments cover (closed). */
-  private readonly logs: Array<HrlLogFile | undefined> = [];
-  private readonly logSeqs: number[] = [];
+  /** The pre-image logs, by index, with a bounded number open (R14 of review s5). */
+  private readonly files: ViewSegments;
+  /** Journal file name of each log index, for messages. */
+  private readonly logFiles: string[] = [];
+  /** Pre-image logs added to the overlay (each once, even if a slot was read again). */
+  private addedLogs = 0;
   private readonly entries: OverlayEntry[] = [];
   private readonly payloadsAtOpen: boolean;
   private nextSeq: number;
@@ -148,7 +154,10 @@ export class PointView implements DiskTarget {
     readonly point: RecoveryPoint,
     readonly diskId: string,
     verifyPayloads: 'open' | 'first-read',
+    viewsDir: string,
+    maxOpenSegments: number | undefined,
   ) {
+    this.files = new ViewSegments(viewsDir, maxOpenSegments);
     this.payloadsAtOpen = verifyPayloads === 'open';
     this.spec = `point:${diskId}@${point.id}`;
     this.sizeBytes = target.sizeBytes;
@@ -171,8 +180,9 @@ export class PointView implements DiskTarget {
       if (options.target === undefined) await target.close();
       throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `point ${options.point.id} cannot be rebuilt: target ${options.manifest.targetSpec} holds ${target.sizeBytes} bytes but disk ${options.manifest.diskId} has ${options.manifest.diskSizeBytes}`, { details: { spec: options.manifest.targetSpec, sizeBytes: target.sizeBytes, diskSizeBytes: options.manifest.diskSizeBytes } });
     }
-    const view = new PointView(target, options.target === undefined, journal, options.point, options.manifest.diskId, options.verifyPayloads ?? 'open');
-    view.epochFile = diskRetentionPaths(options.retentionDir, options.manifest.diskId).historyEpoch;
+    const paths = diskRetentionPaths(options.retentionDir, options.manifest.diskId);
+    const view = new PointView(target, options.target === undefined, journal, options.point, options.manifest.diskId, options.verifyPayloads ?? 'open', paths.views, options.maxOpenSegments);
+    view.epochFile = paths.historyEpoch;
     view.epoch = readHistoryEpoch(view.epochFile);
     try {
       await view.addLogsUpTo(options.newestSeq);
@@ -186,40 +196,58 @@ export class PointView implements DiskTarget {
 
   /** Pre-image logs in the overlay (those applied after the point). */
   get overlayLogs(): number {
-    return this.logs.length;
+    return this.addedLogs;
+  }
+
+  /** Pre-image logs open now (at most VIEW_SEGMENTS_MAX_OPEN while idle). */
+  get openSegments(): number {
+    return this.files.openSegments;
   }
 
   get overlaySegments(): readonly OverlaySegment[] {
     return this.segments;
   }
 
-  private async addLog(seq: number, opened?: { log: HrlLogFile; verified: HrlVerifiedLog }): Promise<void> {
-    // A marked slot's inode is taken before the file is opened: one replaced
-    // in between is seen as replaced later and read again (harmless). A slot
-    // opened ahead (verified in a batch) is opened again after it.
-    const slotInode = resyncMarkerState(this.journal.dir, seq) === undefined ? undefined : inodeOf(this.journal.file(seq));
-    if (slotInode !== undefined && opened !== undefined) {
-      await opened.log.close();
-      opened = undefined;
+  private async addLog(seq: number, opened?: OpenedSegment): Promise<void> {
+    opened ??= await this.openLog(seq);
+    // A marked resync slot may be replaced (docs/formats/undo-journal.md):
+    // the view must hold the file the journal names now, and note its inode
+    // to see a later replacement. The segment is read through the link it
+    // was verified through, so its inode is exactly what the view reads. A
+    // file replaced between the open and this check is opened again (a slot
+    // is replaced at most a few times, so this ends).
+    for (let tries = 0; ; tries++) {
+      const marked = resyncMarkerState(this.journal.dir, seq) !== undefined;
+      const now = inodeOf(this.journal.file(seq));
+      if (now === undefined || now === opened.inode || tries === 8) {
+        if (marked) this.slots.set(seq, opened.inode);
+        break;
+      }
+      await this.files.drop(opened.index);
+      opened = await this.openLog(seq);
     }
-    const { log, verified } = opened ?? (await this.openLog(seq));
-    if (slotInode !== undefined) this.slots.set(seq, slotInode);
-    await this.overlay(seq, log, verified);
+    await this.overlay(seq, opened);
     this.nextSeq = Math.max(this.nextSeq, seq + 1);
   }
 
   /** Adds a pre-image log's ranges where the overlay has nothing yet. */
-  private async overlay(seq: number, log: HrlLogFile, verified: HrlVerifiedLog): Promise<void> {
-    const index = this.logs.length;
+  private async overlay(seq: number, opened: OpenedSegment): Promise<void> {
+    const { index, log, verified } = opened;
     const entriesBefore = this.entries.length;
-    this.logs.push(log);
-    this.logSeqs.push(seq);
+    this.logFiles[index] = this.journal.file(seq);
+    this.addedLogs++;
     const incoming: OverlaySegment[] = [];
-    for await (const e of log.entries(verified)) {
-      if (e.dataLength === 0) continue;
-      const entry = this.entries.length;
-      this.entries.push({ log: index, seq, payloadFileOffset: e.payloadFileOffset, dataLength: e.dataLength, dataChecksum: e.dataChecksum, verified: this.payloadsAtOpen });
-      incoming.push({ start: e.byteOffset, end: e.byteOffset + e.dataLength, log: index, fileOffset: e.payloadFileOffset, entry });
+    try {
+      for await (const e of log.entries(verified)) {
+        if (e.dataLength === 0) continue;
+        const entry = this.entries.length;
+        this.entries.push({ log: index, seq, payloadFileOffset: e.payloadFileOffset, dataLength: e.dataLength, dataChecksum: e.dataChecksum, verified: this.payloadsAtOpen });
+        incoming.push({ start: e.byteOffset, end: e.byteOffset + e.dataLength, log: index, fileOffset: e.payloadFileOffset, entry });
+      }
+    } catch (err) {
+      this.entries.length = entriesBefore;
+      await this.files.drop(index);
+      throw err;
     }
     incoming.sort((a, b) => a.start - b.start);
     // The journal writes disjoint ranges; a foreign log might not, so make them disjoint here.
@@ -233,12 +261,12 @@ export class PointView implements DiskTarget {
     this.segments = fillGaps(this.segments, disjoint);
     // fillGaps keeps every segment and adds one per gap it fills: none added
     // means older segments cover every byte of this one, and since segments
-    // only ever fill gaps, nothing will be read from it. Its descriptor goes
-    // (a point far back holds one per segment otherwise).
+    // only ever fill gaps, nothing will be read from it: it goes at once.
     if (this.segments.length === segmentsBefore) {
       this.entries.length = entriesBefore;
-      this.logs[index] = undefined;
-      await log.close();
+      await this.files.drop(index);
+    } else {
+      await this.files.release(index);
     }
   }
 
@@ -259,9 +287,9 @@ export class PointView implements DiskTarget {
       if (state === 'open') throw this.resyncRunning(seq);
       const now = inodeOf(this.journal.file(seq));
       if (now !== undefined && now !== inode) {
-        this.slots.set(seq, now);
-        const { log, verified } = await this.openLog(seq);
-        await this.overlay(seq, log, verified);
+        const opened = await this.openLog(seq);
+        this.slots.set(seq, opened.inode);
+        await this.overlay(seq, opened);
       }
       if (state === undefined) this.slots.delete(seq);
     }
@@ -283,26 +311,39 @@ export class PointView implements DiskTarget {
       const settled = await Promise.allSettled(batch.map((seq) => this.openLog(seq)));
       const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed !== undefined) {
-        for (const r of settled) if (r.status === 'fulfilled') await r.value.log.close();
+        for (const r of settled) if (r.status === 'fulfilled') await this.files.drop(r.value.index);
         throw failed.reason;
       }
-      for (let i = 0; i < batch.length; i++) await this.addLog(batch[i]!, (settled[i] as PromiseFulfilledResult<{ log: HrlLogFile; verified: HrlVerifiedLog }>).value);
+      for (let i = 0; i < batch.length; i++) await this.addLog(batch[i]!, (settled[i] as PromiseFulfilledResult<OpenedSegment>).value);
     }
   }
 
   /**
-   * Opens a segment. The view keeps every segment from the point on open
-   * (one descriptor each; a pruned one must stay readable), so a point far
-   * back needs as many descriptors as segments: EMFILE says so plainly.
+   * Opens and verifies a segment, through a hard link of the view's own
+   * (view-segments.ts): a pruned segment stays readable, and descriptors
+   * stay bounded. EMFILE (possible only where the volume refuses links, so
+   * every segment stays open) says so plainly.
    */
-  private async openLog(seq: number): Promise<{ log: HrlLogFile; verified: HrlVerifiedLog }> {
+  private async openLog(seq: number): Promise<OpenedSegment> {
+    const file = this.journal.file(seq);
+    let opened: { index: number; log: HrlLogFile; inode: number };
     try {
-      return await this.journal.openVerified(seq, this.sizeBytes, { checkPayloads: this.payloadsAtOpen });
+      opened = await this.files.open(file);
     } catch (err) {
       const errno = (err as { code?: string; cause?: { code?: string } }).cause?.code ?? (err as { code?: string }).code;
+      if (errno === 'ENOENT') {
+        throw new BlockrelayError('BR_RETENTION_JOURNAL_MISSING', `point ${this.point.id} cannot be rebuilt: undo journal segment ${file} (log ${seq}) is missing`, { details: { file, seq, point: this.point.id } });
+      }
       if (errno !== 'EMFILE') throw err;
-      const open = this.logs.filter((l) => l !== undefined).length;
+      const open = this.files.openSegments;
       throw new BlockrelayError('BR_IO', `point ${this.point.id} needs more than the ${open} journal segments it holds open and the process may open no more files; raise the open-file limit (ulimit -n, or LimitNOFILE in the unit) above the number of segments after the point`, { cause: err, details: { point: this.point.id, seq, openSegments: open } });
+    }
+    try {
+      const verified = await opened.log.verify({ diskSizeBytes: this.sizeBytes, checkPayloads: this.payloadsAtOpen });
+      return { ...opened, verified };
+    } catch (err) {
+      await this.files.drop(opened.index);
+      throw journalDamage(file, seq, err);
     }
   }
 
@@ -311,17 +352,19 @@ export class PointView implements DiskTarget {
     if (index === undefined) return;
     const e = this.entries[index]!;
     if (e.verified) return;
-    const log = this.logs[e.log]!;
-    let sum = 0;
-    for (let at = 0; at < e.dataLength; at += HRL_READ_CHUNK_BYTES) {
-      const n = Math.min(HRL_READ_CHUNK_BYTES, e.dataLength - at);
-      sum = (sum + hrlByteSum(await log.readExact(e.payloadFileOffset + at, n, 'pre-image'))) >>> 0;
-    }
-    const actual = hrlChecksumFromSum(sum);
+    const file = this.logFiles[e.log]!;
+    const actual = await this.files.with(e.log, async (log) => {
+      let sum = 0;
+      for (let at = 0; at < e.dataLength; at += HRL_READ_CHUNK_BYTES) {
+        const n = Math.min(HRL_READ_CHUNK_BYTES, e.dataLength - at);
+        sum = (sum + hrlByteSum(await log.readExact(e.payloadFileOffset + at, n, 'pre-image'))) >>> 0;
+      }
+      return hrlChecksumFromSum(sum);
+    });
     // DataChecksum 0 means "not computed" in [MS-HRL]; such a payload cannot be checked.
     if (e.dataChecksum !== 0 && actual !== e.dataChecksum) {
-      const damage = new BlockrelayError('BR_HRL_DATA_CHECKSUM', `${log.path} at byte ${e.payloadFileOffset}: payload checksum 0x${actual.toString(16)} differs from DataChecksum 0x${e.dataChecksum.toString(16)}`, { details: { file: log.path, offset: e.payloadFileOffset } });
-      throw journalDamage(log.path, e.seq, damage);
+      const damage = new BlockrelayError('BR_HRL_DATA_CHECKSUM', `${file} at byte ${e.payloadFileOffset}: payload checksum 0x${actual.toString(16)} differs from DataChecksum 0x${e.dataChecksum.toString(16)}`, { details: { file, offset: e.payloadFileOffset } });
+      throw journalDamage(file, e.seq, damage);
     }
     e.verified = true;
   }
@@ -357,7 +400,7 @@ export class PointView implements DiskTarget {
       if (seg.start >= end) break;
       const s = Math.max(seg.start, offset);
       const e = Math.min(seg.end, end);
-      reads.push(this.checkEntry(seg.entry).then(() => this.logs[seg.log]!.readExact(seg.fileOffset + (s - seg.start), e - s, 'pre-image', buf.subarray(s - offset, e - offset))));
+      reads.push(this.checkEntry(seg.entry).then(() => this.files.with(seg.log, (log) => log.readExact(seg.fileOffset + (s - seg.start), e - s, 'pre-image', buf.subarray(s - offset, e - offset)))));
       if (reads.length === POINT_VIEW_PARALLEL_READS) await Promise.all(reads.splice(0));
     }
     await Promise.all(reads);
@@ -379,7 +422,7 @@ export class PointView implements DiskTarget {
       await this.checkEntry(seg.entry);
       for (let at = seg.start; at < seg.end; at += POINT_VIEW_OVERLAY_CHUNK_BYTES) {
         const n = Math.min(POINT_VIEW_OVERLAY_CHUNK_BYTES, seg.end - at);
-        await out.write(at, await this.logs[seg.log]!.readExact(seg.fileOffset + (at - seg.start), n, 'pre-image'));
+        await out.write(at, await this.files.with(seg.log, (log) => log.readExact(seg.fileOffset + (at - seg.start), n, 'pre-image')));
         bytes += n;
       }
     }
@@ -424,9 +467,18 @@ export class PointView implements DiskTarget {
     if (this.closed) return;
     this.closed = true;
     await this.refreshing.catch(() => undefined);
-    for (const log of this.logs.splice(0)) await log?.close();
+    await this.files.close();
     if (this.ownsTarget) await this.target.close();
   }
+}
+
+/** A segment opened and verified for the overlay. */
+interface OpenedSegment {
+  readonly index: number;
+  readonly log: HrlLogFile;
+  readonly verified: HrlVerifiedLog;
+  /** The inode verified (the view's link names it). */
+  readonly inode: number;
 }
 
 /** The inode `file` names now, or undefined when it names nothing. */

@@ -12,6 +12,7 @@ import { seqName, validateDiskId } from '../transport/transport-protocol';
  * DIR/<disk>/points.log                    the recovery point catalog (checksummed lines)
  * DIR/<disk>/failover.json                 present while the disk is failed over
  * DIR/<disk>/history.epoch                 how many times the whole history was dropped
+ * DIR/<disk>/views/<pid>-<hex>/<n>.hrl     an open point view's hard links to its segments
  * ```
  */
 export const RETENTION_LAYOUT = {
@@ -21,6 +22,8 @@ export const RETENTION_LAYOUT = {
   failoverName: 'failover.json',
   /** Bumped before a log is applied without a pre-image (history dropped): open point views check it. */
   historyEpochName: 'history.epoch',
+  /** Open point views' hard links to the segments they read (view-segments.ts). */
+  viewsDirName: 'views',
   undoSuffix: '.undo.hrl',
   /** A pre-image being written; discarded on the next start. */
   tmpSuffix: '.tmp',
@@ -49,6 +52,7 @@ export interface DiskRetentionPaths {
   readonly catalog: string;
   readonly failover: string;
   readonly historyEpoch: string;
+  readonly views: string;
 }
 
 export function diskRetentionPaths(retentionDir: string, diskId: string): DiskRetentionPaths {
@@ -60,6 +64,7 @@ export function diskRetentionPaths(retentionDir: string, diskId: string): DiskRe
     catalog: path.join(root, RETENTION_LAYOUT.catalogName),
     failover: path.join(root, RETENTION_LAYOUT.failoverName),
     historyEpoch: path.join(root, RETENTION_LAYOUT.historyEpochName),
+    views: path.join(root, RETENTION_LAYOUT.viewsDirName),
   };
 }
 

@@ -212,4 +212,56 @@ describe('point view', () => {
       }
     }
   });
+  it('keeps a bounded number of segments open, and reads pruned ones through its own links', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(14);
+    const logs = [];
+    let atPoint1 = Buffer.alloc(0);
+    const newestSeq = 40;
+    for (let seq = 1; seq <= newestSeq; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (60 - seq) * MINUTE_MS, writes: 6 }, model, rand));
+      if (seq === 1) atPoint1 = Buffer.from(model);
+    }
+    await sendAll(mt, logs);
+    await mt.drain();
+    const manifest = await readManifest(retentionDir, 'disk0');
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    const point = points.find((p) => p.seq === 1)!;
+    const viewsDir = path.join(retentionDir, 'disk0', 'views');
+    // A view directory left by a process that died (no such pid) goes when the next view opens.
+    fs.mkdirSync(path.join(viewsDir, '999999999-abcdef'), { recursive: true });
+    const fdsBefore = fs.readdirSync('/proc/self/fd').length;
+    const view = await PointView.open({ retentionDir, manifest, point, newestSeq, maxOpenSegments: 4 });
+    try {
+      expect(view.overlayLogs).toBe(newestSeq - 1);
+      expect(fs.readdirSync(viewsDir)).toHaveLength(1);
+      expect(view.openSegments).toBeLessThanOrEqual(4);
+      // Far more segments hold bytes of point 1 than the view keeps open.
+      expect(new Set(view.overlaySegments.map((s) => s.log)).size).toBeGreaterThan(30);
+      const check = async (): Promise<void> => {
+        for (let i = 0; i < 40; i++) {
+          const offset = Math.floor(rand() * (DISK_BYTES / 512 - 1)) * 512;
+          const length = 512 * (1 + Math.floor(rand() * Math.min(2048, (DISK_BYTES - offset) / 512)));
+          expect((await view.read(offset, length)).equals(atPoint1.subarray(offset, offset + length))).toBe(true);
+        }
+        expect((await view.read(0, DISK_BYTES)).equals(atPoint1)).toBe(true);
+        expect(view.openSegments).toBeLessThanOrEqual(4);
+        expect(fs.readdirSync('/proc/self/fd').length - fdsBefore).toBeLessThan(20);
+      };
+      await check();
+      // A prune deletes the segments while the view reads them: its links keep them.
+      await mt.stop();
+      running.splice(0);
+      for (const name of fs.readdirSync(path.join(retentionDir, 'disk0', 'journal'))) fs.rmSync(path.join(retentionDir, 'disk0', 'journal', name));
+      await check();
+    } finally {
+      await view.close();
+    }
+    expect(fs.readdirSync(viewsDir)).toEqual([]);
+  });
 });
