@@ -241,7 +241,7 @@ export class PointView implements DiskTarget {
       for await (const e of log.entries(verified)) {
         if (e.dataLength === 0) continue;
         const entry = this.entries.length;
-        this.entries.push({ log: index, seq, payloadFileOffset: e.payloadFileOffset, dataLength: e.dataLength, dataChecksum: e.dataChecksum, verified: this.payloadsAtOpen });
+        this.entries.push({ log: index, seq, payloadFileOffset: e.payloadFileOffset, dataLength: e.dataLength, dataChecksum: e.dataChecksum, verified: false });
         incoming.push({ start: e.byteOffset, end: e.byteOffset + e.dataLength, log: index, fileOffset: e.payloadFileOffset, entry });
       }
     } catch (err) {
@@ -265,9 +265,29 @@ export class PointView implements DiskTarget {
     if (this.segments.length === segmentsBefore) {
       this.entries.length = entriesBefore;
       await this.files.drop(index);
-    } else {
+      return;
+    }
+    try {
+      // Verifying at open checks the payloads the overlay uses, each whole,
+      // before the view serves anything: the same guarantee for every byte
+      // served as checking the whole segment, without reading the entries
+      // older segments shadow (for a point far back, most of the journal).
+      if (this.payloadsAtOpen) await this.checkEntriesOf(index);
+    } finally {
       await this.files.release(index);
     }
+  }
+
+  /** Checks the payload of every entry of log `index` that an overlay segment refers to. */
+  private async checkEntriesOf(index: number): Promise<void> {
+    const used = new Set<number>();
+    for (const seg of this.segments) if (seg.log === index && seg.entry !== undefined) used.add(seg.entry);
+    const pending: Promise<void>[] = [];
+    for (const entry of used) {
+      pending.push(this.checkEntry(entry));
+      if (pending.length === POINT_VIEW_PARALLEL_READS) await Promise.all(pending.splice(0));
+    }
+    await Promise.all(pending);
   }
 
   /**
@@ -339,7 +359,8 @@ export class PointView implements DiskTarget {
       throw new BlockrelayError('BR_IO', `point ${this.point.id} needs more than the ${open} journal segments it holds open and the process may open no more files; raise the open-file limit (ulimit -n, or LimitNOFILE in the unit) above the number of segments after the point`, { cause: err, details: { point: this.point.id, seq, openSegments: open } });
     }
     try {
-      const verified = await opened.log.verify({ diskSizeBytes: this.sizeBytes, checkPayloads: this.payloadsAtOpen });
+      // Payloads are checked per entry once the overlay shows the entry is used (overlay(), checkEntry()).
+      const verified = await opened.log.verify({ diskSizeBytes: this.sizeBytes, checkPayloads: false });
       return { ...opened, verified };
     } catch (err) {
       await this.files.drop(opened.index);

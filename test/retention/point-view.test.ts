@@ -175,6 +175,43 @@ describe('point view', () => {
     }
   });
 
+  it('checks at open only the payloads the overlay uses: damage older segments shadow does not stop a failover', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const setup = retentionSetup(dir, retentionDir);
+    const { mt } = await startMasterTarget(setup);
+    running.push(mt);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(21);
+    const images: Buffer[] = [];
+    const logs = [];
+    // Log 2 covers the region densely; log 3 rewrites a little of it, so for
+    // point 1 every pre-image in segment 3 is shadowed by segment 2's.
+    const region = { offset: 0, length: 16 * 1024 };
+    for (let seq = 1; seq <= 3; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (10 - seq) * MINUTE_MS, region, writes: seq === 2 ? 64 : 2 }, model, rand));
+      images.push(Buffer.from(model));
+    }
+    await sendAll(mt, logs);
+    await mt.drain();
+    const manifest = await readManifest(retentionDir, 'disk0');
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    const segment3 = path.join(retentionDir, 'disk0', 'journal', `${'3'.padStart(20, '0')}.undo.hrl`);
+    const bytes = fs.readFileSync(segment3);
+    bytes[8192] ^= 0xff;
+    fs.writeFileSync(segment3, bytes);
+    const view = await PointView.open({ retentionDir, manifest, point: points[0]!, newestSeq: 3 });
+    try {
+      // Segment 2 fills every byte segment 3 has (precondition of this case).
+      expect(new Set(view.overlaySegments.map((seg) => seg.log))).toEqual(new Set([0]));
+      expect((await view.read(0, DISK_BYTES)).equals(images[0]!)).toBe(true);
+    } finally {
+      await view.close();
+    }
+    // Point 2 needs segment 3's pre-images: its view refuses at open.
+    await expect(PointView.open({ retentionDir, manifest, point: points[1]!, newestSeq: 3 })).rejects.toMatchObject({ code: 'BR_RETENTION_JOURNAL_CORRUPT', details: { file: segment3, seq: 3 } });
+  });
+
   it('reads every point of a VMDK target in process, at random ranges, as the image was', async () => {
     const dir = tmp();
     const retentionDir = retentionTmp();
