@@ -56,8 +56,19 @@ import { parseSlotMarker, RESYNC_MARKER_PATTERN, resyncMarkerName, type SlotMark
  * session does not change: nothing is journaled for them.
  */
 export function resyncJournalFor(hooks: ApplyHooks | undefined): ResyncJournalProvider | undefined {
-  return hooks instanceof RetentionHooks ? new RetentionResyncJournal(hooks) : undefined;
+  if (!(hooks instanceof RetentionHooks)) return undefined;
+  // One provider per hooks: it caches the slot markers it writes, so a
+  // second instance over the same history would write markers the first
+  // never sees (and skip a slot merge).
+  let journal = JOURNALS.get(hooks);
+  if (journal === undefined) {
+    journal = new RetentionResyncJournal(hooks);
+    JOURNALS.set(hooks, journal);
+  }
+  return journal;
 }
+
+const JOURNALS = new WeakMap<RetentionHooks, RetentionResyncJournal>();
 
 /** Sorted disjoint extents, with subtraction and union. */
 function subtract(range: Extent, covered: readonly Extent[]): Extent[] {
@@ -160,7 +171,7 @@ class RetentionResyncJournal implements ResyncJournalProvider {
    * pre-images may be incomplete, so no older point can be trusted. Every
    * point goes, explicitly, and the next log starts a new history.
    */
-  private async invalidate(h: DiskHistory, seq: number, why: string): Promise<void> {
+  async invalidate(h: DiskHistory, seq: number, why: string): Promise<void> {
     const lost = h.points.length;
     await h.dropOldestUnderPressure(h.points.length);
     await h.journal.remove(seq);
@@ -345,16 +356,34 @@ class SlotSession implements ResyncSessionJournal {
     this.journaled = covered;
   }
 
+  /** Set once the volume could not hold the session's pre-images and the history was dropped. */
+  private dropped = false;
+
   async preserve(target: DiskTarget, offset: number, length: number): Promise<void> {
+    if (this.dropped) return;
     const fresh = subtract({ offset, length }, this.journaled);
     if (fresh.length === 0) return;
-    await appendTargetContent(this.writer, fresh, target);
-    // Durable before the caller overwrites the range.
-    await this.writer.flush();
+    try {
+      await appendTargetContent(this.writer, fresh, target);
+      // Durable before the caller overwrites the range.
+      await this.writer.flush();
+    } catch (err) {
+      if ((err as BlockrelayError).code !== 'BR_DISK_FULL') throw err;
+      // The retention volume cannot hold the pre-images. Failing the write
+      // would fail the resync attempt and, at the next one, drop the history
+      // anyway with a misleading reason; applying never stops for lack of
+      // retention space, so the history goes now, saying why, and the
+      // session's writes go on without pre-images.
+      this.dropped = true;
+      await this.writer.close().catch(() => undefined);
+      await this.owner.invalidate(this.h, this.seq, `the retention volume is full (BR_RETENTION_VOLUME_FULL): it cannot hold the pre-images of resync session ${this.sessionId}`);
+      return;
+    }
     this.journaled = coalesceExtents([...this.journaled, ...fresh]);
   }
 
   async finish(target: DiskTarget): Promise<void> {
+    if (this.dropped) return;
     await this.writer.seal();
     await this.owner.finishSession(this.h, this.seq, this.sessionId, target);
   }

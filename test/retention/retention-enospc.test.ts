@@ -5,6 +5,9 @@ import { commitFailover, failover, loadPoints } from '../../src/retention/failov
 import { retentionUsage } from '../../src/retention/retention-pruner';
 import { PointCatalog, type CatalogRecord } from '../../src/retention/recovery-points';
 import { systemVolumeProbe } from '../../src/retention/retention-volume';
+import { resyncJournalFor } from '../../src/retention/resync-journal';
+import { openDisk } from '../../src/targets/disk-spec';
+import type { ApplyHooks } from '../../src/transport/master-target';
 import type { ApplyingHop } from '../../src/transport/master-target';
 import { useTempDirs } from '../helpers/tmp';
 import { canMountTmpfs, useSmallVolumes } from '../helpers/tmpfs';
@@ -111,4 +114,45 @@ describe.skipIf(!canMountTmpfs())('a retention volume that really fills (ENOSPC 
     for (const m of running.splice(0)) await m.stop();
     expect(await commitFailover(retentionDir, 'disk0')).toMatchObject({ pointId: 'disk0-3' });
   });
+  it('drops the history, saying why, when a resync session\'s pre-images do not fit, and the session\'s writes go on', async () => {
+    const dir = tmp();
+    const retentionDir = smallVolume('2m');
+    const setup = retentionSetup(dir, retentionDir);
+    const lying = { ...systemVolumeProbe, capacity: () => ({ totalBytes: 2 ** 40, availableBytes: 2 ** 40 }) };
+    const { mt } = await startMasterTarget(setup, { probe: lying, reserveBytes: 0 });
+    running.push(mt);
+    const rand = prng(77);
+    const model = Buffer.alloc(DISK_BYTES);
+    const logDir = path.join(dir, 'src');
+    for (const seq of [1, 2]) await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq, cutTimeMs: Date.now() - (10 - seq) * 60_000, writes: 300, region: { offset: 0, length: 3 << 20 } }, model, rand)]);
+    await mt.drain();
+    expect((await loadPoints(retentionDir, 'disk0')).points.length).toBeGreaterThan(0);
+    const target = await openDisk(setup.targetSpec('disk0'));
+    // The provider is one per hooks: asked again, it is the master target's own.
+    const hop = mt as unknown as { options: { hooks: ApplyHooks }; resyncJournal: unknown };
+    const provider = resyncJournalFor(hop.options.hooks)!;
+    expect(provider).toBe(hop.resyncJournal);
+    const session = (await provider.openSession('disk0', target, 2, 'f'.repeat(32)))!;
+    // 3 MiB of written data to preserve on a 2 MiB volume.
+    for (let at = 0; at < 3 << 20; at += 256 * 1024) {
+      await session.preserve(target, at, 256 * 1024);
+      await target.write(at, Buffer.alloc(256 * 1024, 0xee));
+      Buffer.alloc(256 * 1024, 0xee).copy(model, at);
+    }
+    await target.flush();
+    await session.finish(target);
+    await target.close();
+    const journalDir = path.join(retentionDir, 'disk0', 'journal');
+    expect(fs.readdirSync(journalDir).filter((n) => n.startsWith('resync-'))).toEqual([]);
+    expect((await loadPoints(retentionDir, 'disk0')).points).toEqual([]);
+    // History starts again with the next log, whose point rebuilds exactly.
+    await sendAll(mt, [await makePatternLog(logDir, 'disk0', { seq: 3, cutTimeMs: Date.now() - 60_000, writes: 20 }, model, rand)]);
+    await mt.drain();
+    expect(fs.readFileSync(setup.targetSpec('disk0').slice(4)).equals(model)).toBe(true);
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([3]);
+    const out = path.join(dir, 'p3.img');
+    await failover({ retentionDir, diskId: 'disk0', point: points[0]!.id, out: `raw:${out}` });
+    expect(fs.readFileSync(out).equals(model)).toBe(true);
+  }, 60_000);
 });
