@@ -130,6 +130,28 @@ export const resyncCommand: Command = {
  * first session after that log; without it, and for every later session,
  * the hop anchors at what it received.
  */
+/**
+ * Where a networked resync keeps its progress when `--state` is not given:
+ * a directory that survives a reboot (the temp directory may not, and the
+ * saved progress is what lets a long resync resume rather than start over).
+ * systemd's StateDirectory (`$STATE_DIRECTORY`), else `$XDG_STATE_HOME`, else
+ * `~/.local/state`, each with `blockrelay/`; the temp directory only when
+ * none of those can be made, said on stderr.
+ */
+export function defaultStateDir(io: CommandIo): string {
+  const fromSystemd = process.env.STATE_DIRECTORY?.split(':')[0];
+  const dir = fromSystemd !== undefined && fromSystemd !== ''
+    ? fromSystemd
+    : path.join(process.env.XDG_STATE_HOME || path.join(os.homedir(), '.local', 'state'), 'blockrelay');
+  try {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    return dir;
+  } catch (err) {
+    io.stderr.write(`resync: cannot make ${dir} (${(err as Error).message}); saving progress in ${os.tmpdir()}, which a reboot may clear: give --state FILE\n`);
+    return os.tmpdir();
+  }
+}
+
 async function runNetworked(values: ParsedValues, positionals: string[], io: CommandIo): Promise<number> {
   if (positionals.length !== 1) throw new BlockrelayError('BR_USAGE', `resync with --process-server takes SOURCE only, got ${positionals.length} arguments; usage: ${USAGE}`);
   const url = values['process-server'];
@@ -154,7 +176,7 @@ async function runNetworked(values: ParsedValues, positionals: string[], io: Com
   }
   const extents = values.extents === undefined ? undefined : readExtents(values.extents);
   const [sourceSpec] = positionals as [string];
-  const statePath = values.state ?? path.join(os.tmpdir(), `blockrelay-resync-${crypto.createHash('sha256').update(`${url}\n${diskId}`).digest('hex').slice(0, 16)}.state`);
+  const statePath = values.state ?? path.join(defaultStateDir(io), `resync-${crypto.createHash('sha256').update(`${url}\n${diskId}`).digest('hex').slice(0, 16)}.state`);
 
   const result = await withProgress(io, (progress) =>
     networkedResync(sourceSpec, {

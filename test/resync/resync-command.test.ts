@@ -1,7 +1,9 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { defaultStateDir } from '../../src/resync/resync-command';
 import { runCli } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
@@ -149,5 +151,39 @@ describe.skipIf(!hasQemuImg)('blockrelay resync (CLI, real targets)', () => {
     const r = await runCli(['resync', 'raw:/nonexistent/a', 'raw:/nonexistent/b', '--block-size', '3000']);
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/^BR_USAGE: .*--block-size/m);
+  });
+});
+
+describe('networked resync progress without --state', () => {
+  const io = (): { io: { stdout: NodeJS.WritableStream; stderr: NodeJS.WritableStream }; err: () => string } => {
+    let text = '';
+    const sink = { write: (s: string) => { text += s; return true; } } as unknown as NodeJS.WritableStream;
+    return { io: { stdout: sink, stderr: sink }, err: () => text };
+  };
+  const withEnv = (env: Record<string, string | undefined>, fn: () => void): void => {
+    const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
+    for (const [k, v] of Object.entries(env)) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+    try {
+      fn();
+    } finally {
+      for (const [k, v] of Object.entries(saved)) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+    }
+  };
+
+  it('is kept where a reboot does not clear it: systemd\'s state directory, else XDG_STATE_HOME, and the temp dir only when neither can be made', () => {
+    const dir = tempDir();
+    withEnv({ STATE_DIRECTORY: path.join(dir, 'systemd'), XDG_STATE_HOME: path.join(dir, 'xdg') }, () => {
+      expect(defaultStateDir(io().io as never)).toBe(path.join(dir, 'systemd'));
+    });
+    withEnv({ STATE_DIRECTORY: undefined, XDG_STATE_HOME: path.join(dir, 'xdg') }, () => {
+      expect(defaultStateDir(io().io as never)).toBe(path.join(dir, 'xdg', 'blockrelay'));
+      expect(fs.statSync(path.join(dir, 'xdg', 'blockrelay')).isDirectory()).toBe(true);
+    });
+    fs.writeFileSync(path.join(dir, 'file'), '');
+    withEnv({ STATE_DIRECTORY: undefined, XDG_STATE_HOME: path.join(dir, 'file') }, () => {
+      const out = io();
+      expect(defaultStateDir(out.io as never)).toBe(os.tmpdir());
+      expect(out.err()).toMatch(/reboot may clear: give --state FILE/);
+    });
   });
 });
