@@ -73,7 +73,7 @@ export class ViewSegments {
     const file = link ?? journalFile;
     let log: HrlLogFile;
     try {
-      log = await HrlLogFile.open(file);
+      log = await this.openFile(file);
     } catch (err) {
       if (link !== undefined) await fsp.unlink(link).catch(() => undefined);
       throw err;
@@ -113,7 +113,7 @@ export class ViewSegments {
     try {
       if (h.log === undefined) {
         // A concurrent reader may be reopening it too: share that open.
-        h.opening ??= HrlLogFile.open(h.link!).then((log) => {
+        h.opening ??= this.openFile(h.link!).then((log) => {
           h.log = log;
           this.openCount++;
           return log;
@@ -141,14 +141,30 @@ export class ViewSegments {
     if (dir !== undefined) await fsp.rm(dir, { recursive: true, force: true }).catch(() => undefined);
   }
 
-  /** Closes the least recently used idle, linked segments until at most `maxOpen` are open. */
-  private async evict(): Promise<void> {
-    if (this.openCount <= this.maxOpen) return;
+  /**
+   * Opens a segment file; when the process is out of descriptors, closes
+   * every idle linked segment and tries once more (the bound is a target,
+   * and a low open-file limit must cost reopens, not the view).
+   */
+  private async openFile(file: string): Promise<HrlLogFile> {
+    try {
+      return await HrlLogFile.open(file);
+    } catch (err) {
+      const errno = (err as { cause?: { code?: string } }).cause?.code ?? (err as { code?: string }).code;
+      if (errno !== 'EMFILE' || this.openCount === 0) throw err;
+      await this.evict(0);
+      return await HrlLogFile.open(file);
+    }
+  }
+
+  /** Closes the least recently used idle, linked segments until at most `limit` are open. */
+  private async evict(limit = this.maxOpen): Promise<void> {
+    if (this.openCount <= limit) return;
     const idle = this.handles
       .filter((h): h is SegmentHandle => h !== undefined && h.log !== undefined && h.link !== undefined && h.users === 0 && h.opening === undefined)
       .sort((a, b) => a.lastUse - b.lastUse);
     for (const h of idle) {
-      if (this.openCount <= this.maxOpen) break;
+      if (this.openCount <= limit) break;
       // Another eviction, or a reader, may have taken it since the list was made (closes await).
       if (h.log === undefined || h.users > 0 || h.opening !== undefined) continue;
       const log = h.log;
