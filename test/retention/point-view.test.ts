@@ -10,7 +10,7 @@ import type { ApplyingHop } from '../../src/transport/master-target';
 import { REPO_ROOT } from '../helpers/cli';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
-import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs } from './retention-fixture';
+import { DISK_BYTES, makePatternLog, prng, retentionSetup, sendAll, startMasterTarget, useRetentionDirs, type LogSpec } from './retention-fixture';
 
 const MINUTE_MS = 60_000;
 
@@ -49,6 +49,31 @@ describe('point view', () => {
     for (const c of children.splice(0)) if (c.exitCode === null) c.kill('SIGKILL');
     for (const mt of running.splice(0)) await mt.stop();
   });
+
+  /**
+   * Applies logs 1..count (one a minute, ending 10 minutes ago or earlier)
+   * through a master target with retention on a raw target; `images[seq]`
+   * is the disk at point `seq`.
+   */
+  async function history(count: number, seed: number, spec: (seq: number) => Partial<LogSpec> = () => ({})) {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const { mt } = await startMasterTarget(retentionSetup(dir, retentionDir));
+    running.push(mt);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(seed);
+    const images: Buffer[] = [];
+    const logs = [];
+    for (let seq = 1; seq <= count; seq++) {
+      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (10 + count - seq) * MINUTE_MS, ...spec(seq) }, model, rand));
+      images[seq] = Buffer.from(model);
+    }
+    await sendAll(mt, logs);
+    await mt.drain();
+    const manifest = await readManifest(retentionDir, 'disk0');
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    return { dir, retentionDir, mt, images, manifest, points, rand };
+  }
 
   it('keeps the oldest pre-image of each byte when overlaying', () => {
     const seg = (start: number, end: number, log: number, fileOffset = start * 10): OverlaySegment => ({ start, end, log, fileOffset });
@@ -137,23 +162,8 @@ describe('point view', () => {
   });
 
   it('checks pre-image payloads at open, or on first use for an instant view, naming the damaged segment', async () => {
-    const dir = tmp();
-    const retentionDir = retentionTmp();
-    const setup = retentionSetup(dir, retentionDir);
-    const { mt } = await startMasterTarget(setup);
-    running.push(mt);
-    const model = Buffer.alloc(DISK_BYTES);
-    const rand = prng(8);
-    const images: Buffer[] = [];
-    const logs = [];
-    for (let seq = 1; seq <= 3; seq++) {
-      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (10 - seq) * MINUTE_MS }, model, rand));
-      images.push(Buffer.from(model));
-    }
-    await sendAll(mt, logs);
-    await mt.drain();
-    const manifest = await readManifest(retentionDir, 'disk0');
-    const point = (await loadPoints(retentionDir, 'disk0')).points[0]!;
+    const { retentionDir, images, manifest, points } = await history(3, 8);
+    const point = points[0]!;
     const segment = path.join(retentionDir, 'disk0', 'journal', `${'2'.padStart(20, '0')}.undo.hrl`);
     // Damage the first payload byte of segment 2 (payloads start after the header and the anchor block).
     const bytes = fs.readFileSync(segment);
@@ -169,33 +179,17 @@ describe('point view', () => {
       expect(err).toMatchObject({ code: 'BR_RETENTION_JOURNAL_CORRUPT', details: { file: segment, seq: 2, offset: 8192 } });
       // Bytes that do not need the damaged entry are still served.
       const clean = view.overlaySegments.find((s) => s.log !== damaged.log)!;
-      expect((await view.read(clean.start, clean.end - clean.start)).equals(images[0]!.subarray(clean.start, clean.end))).toBe(true);
+      expect((await view.read(clean.start, clean.end - clean.start)).equals(images[1]!.subarray(clean.start, clean.end))).toBe(true);
     } finally {
       await view.close();
     }
   });
 
   it('checks at open only the payloads the overlay uses: damage older segments shadow does not stop a failover', async () => {
-    const dir = tmp();
-    const retentionDir = retentionTmp();
-    const setup = retentionSetup(dir, retentionDir);
-    const { mt } = await startMasterTarget(setup);
-    running.push(mt);
-    const model = Buffer.alloc(DISK_BYTES);
-    const rand = prng(21);
-    const images: Buffer[] = [];
-    const logs = [];
     // Log 2 covers the region densely; log 3 rewrites a little of it, so for
     // point 1 every pre-image in segment 3 is shadowed by segment 2's.
     const region = { offset: 0, length: 16 * 1024 };
-    for (let seq = 1; seq <= 3; seq++) {
-      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (10 - seq) * MINUTE_MS, region, writes: seq === 2 ? 64 : 2 }, model, rand));
-      images.push(Buffer.from(model));
-    }
-    await sendAll(mt, logs);
-    await mt.drain();
-    const manifest = await readManifest(retentionDir, 'disk0');
-    const { points } = await loadPoints(retentionDir, 'disk0');
+    const { retentionDir, images, manifest, points } = await history(3, 21, (seq) => ({ region, writes: seq === 2 ? 64 : 2 }));
     const segment3 = path.join(retentionDir, 'disk0', 'journal', `${'3'.padStart(20, '0')}.undo.hrl`);
     const bytes = fs.readFileSync(segment3);
     bytes[8192] ^= 0xff;
@@ -204,7 +198,7 @@ describe('point view', () => {
     try {
       // Segment 2 fills every byte segment 3 has (precondition of this case).
       expect(new Set(view.overlaySegments.map((seg) => seg.log))).toEqual(new Set([0]));
-      expect((await view.read(0, DISK_BYTES)).equals(images[0]!)).toBe(true);
+      expect((await view.read(0, DISK_BYTES)).equals(images[1]!)).toBe(true);
     } finally {
       await view.close();
     }
@@ -250,24 +244,9 @@ describe('point view', () => {
     }
   });
   it('keeps a bounded number of segments open, and reads pruned ones through its own links', async () => {
-    const dir = tmp();
-    const retentionDir = retentionTmp();
-    const setup = retentionSetup(dir, retentionDir);
-    const { mt } = await startMasterTarget(setup);
-    running.push(mt);
-    const model = Buffer.alloc(DISK_BYTES);
-    const rand = prng(14);
-    const logs = [];
-    let atPoint1 = Buffer.alloc(0);
     const newestSeq = 40;
-    for (let seq = 1; seq <= newestSeq; seq++) {
-      logs.push(await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: Date.now() - (60 - seq) * MINUTE_MS, writes: 6 }, model, rand));
-      if (seq === 1) atPoint1 = Buffer.from(model);
-    }
-    await sendAll(mt, logs);
-    await mt.drain();
-    const manifest = await readManifest(retentionDir, 'disk0');
-    const { points } = await loadPoints(retentionDir, 'disk0');
+    const { retentionDir, mt, images, manifest, points, rand } = await history(newestSeq, 14, () => ({ writes: 6 }));
+    const atPoint1 = images[1]!;
     const point = points.find((p) => p.seq === 1)!;
     const viewsDir = path.join(retentionDir, 'disk0', 'views');
     // A view directory left by a process that died (no such pid) goes when the next view opens.
