@@ -17,6 +17,8 @@ export const BLOB_SNAPSHOT_DEFAULTS = {
 export interface SnapshotTarget extends DiskTarget {
   snapshot(): Promise<{ readonly snapshot: string; readonly spec: string }>;
   deleteSnapshot(snapshot: string): Promise<void>;
+  /** The blob's snapshots, oldest first; `ours` marks those `snapshot()` took. */
+  listSnapshots?(): Promise<ReadonlyArray<{ readonly snapshot: string; readonly ours?: boolean }>>;
 }
 
 export function isSnapshotTarget(target: DiskTarget): target is SnapshotTarget {
@@ -46,4 +48,29 @@ export function snapshotIdOf(spec: string): string {
   const id = query < 0 ? null : new URLSearchParams(spec.slice(query + 1)).get('snapshot');
   if (id === null || id === '') throw new Error(`'${spec}' names no snapshot`);
   return id;
+}
+
+/**
+ * Deletes the snapshots blockrelay took that no recovery point lists: a
+ * crash between taking a snapshot and recording its point, or a delete
+ * that failed after the catalog had dropped the point, leaves one that
+ * nothing else would ever delete (and that is billed). Only snapshots
+ * carrying blockrelay's metadata are candidates (an operator's or a backup
+ * product's are never touched), and only those older than the newest
+ * listed snapshot point: one newer may be a point being recorded right now.
+ * Returns the ids deleted.
+ */
+export async function sweepOrphanSnapshots(target: SnapshotTarget, points: readonly RecoveryPoint[]): Promise<string[]> {
+  if (target.listSnapshots === undefined) return [];
+  const listed = new Set(points.filter((p) => p.snapshot !== undefined).map((p) => snapshotIdOf(p.snapshot!)));
+  if (listed.size === 0) return [];
+  const newestListed = [...listed].sort().at(-1)!;
+  const deleted: string[] = [];
+  for (const s of await target.listSnapshots()) {
+    // Snapshot ids are fixed-width UTC time stamps: text order is time order.
+    if (s.ours !== true || listed.has(s.snapshot) || s.snapshot >= newestListed) continue;
+    await target.deleteSnapshot(s.snapshot);
+    deleted.push(s.snapshot);
+  }
+  return deleted;
 }

@@ -13,7 +13,7 @@ import { readAppliedSeq, writeManifest, type DiskManifest } from './retention-ma
 import { DiskHistory } from './retention-pruner';
 import { pointRecordFromEnvelope, selectablePoints, type CatalogRecord, type RecoveryPoint } from './recovery-points';
 import { coalesceExtents, undoLogOccupiedBoundBytes, undoLogSizeBytes } from './undo-journal';
-import { BLOB_SNAPSHOT_DEFAULTS, isSnapshotTarget, snapshotDue, snapshotIdOf, snapshotPointRecord, type SnapshotTarget } from './blob-snapshots';
+import { BLOB_SNAPSHOT_DEFAULTS, isSnapshotTarget, snapshotDue, snapshotIdOf, snapshotPointRecord, sweepOrphanSnapshots, type SnapshotTarget } from './blob-snapshots';
 import { INSTALL_DIR, systemVolumeProbe, validateRetentionVolume, type VolumeProbe } from './retention-volume';
 
 /** Largest run of folded sequence numbers filled with empty pre-images before a resync log. */
@@ -72,6 +72,8 @@ export class RetentionHooks implements ApplyHooks {
   private readonly logger: Logger;
   private readonly logOps: LogOps;
   private readonly histories = new Map<string, DiskHistory>();
+  /** Disks whose unlisted snapshots were swept in this process. */
+  private readonly sweptSnapshots = new Set<string>();
   private readonly loading = new Map<string, Promise<DiskHistory>>();
   private readonly manifests = new Map<string, string>();
   private readonly locks = new KeyedLock();
@@ -193,6 +195,7 @@ export class RetentionHooks implements ApplyHooks {
       const snap = await target.snapshot();
       await this.appendUnderPressure(h, [snapshotPointRecord(entry.envelope, snap.spec)], entry.envelope.seq);
     }
+    if (!this.sweptSnapshots.has(h.diskId)) await this.sweepSnapshots(h, target);
     const before = h.points;
     const dropped = await h.pruneWindow(this.clock.now(), this.windowMs);
     if (dropped === 0) return;
@@ -202,7 +205,21 @@ export class RetentionHooks implements ApplyHooks {
     this.logger.info({ disk: h.diskId, dropped, oldest: h.points[0]?.id }, 'retention window pruned old snapshots');
   }
 
-  /** Writes the pre-image of `seq`, pruning oldest points first if the volume cannot hold it. */
+  /**
+   * Once per disk and process: deletes snapshots a crash or a failed delete
+   * left unlisted (blob-snapshots.ts sweepOrphanSnapshots). A failure is
+   * told and tried again at the next snapshot point; it never stops applying.
+   */
+  private async sweepSnapshots(h: DiskHistory, target: SnapshotTarget): Promise<void> {
+    try {
+      const deleted = await sweepOrphanSnapshots(target, h.points);
+      this.sweptSnapshots.add(h.diskId);
+      if (deleted.length > 0) this.logger.info({ disk: h.diskId, deleted }, 'deleted snapshots no recovery point lists (left by a crash or a failed delete)');
+    } catch (err) {
+      this.logger.warn({ disk: h.diskId, err }, 'could not sweep unlisted snapshots; trying again at the next snapshot point');
+    }
+  }
+
   /**
    * A resync log follows the logs the source folded after an overflow, so
    * their sequence numbers were never applied here. Each gets an empty

@@ -125,4 +125,44 @@ describe('page-blob targets keep points as snapshots', () => {
       await live.close();
     }
   });
+  it('deletes its own snapshots that no point lists (a crash between snapshot and record), never anyone else\'s', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    blobs++;
+    const blobName = `disk-${blobs}.vhd`;
+    const config = validateConfig({
+      stateDir: path.join(dir, 'mt'),
+      listen: '127.0.0.1:0',
+      secret: SECRET,
+      retention: { dir: retentionDir, windowHours: 24 },
+      disks: [{ id: 'disk0', target: `blob:${azurite().blobEndpoint}/retention/${blobName}` }],
+    });
+    const start = async (): Promise<ApplyingHop> => {
+      const hooks = retentionHooksFromConfig(config)!;
+      const mt = masterTargetFromConfig(config, hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY, hooks });
+      await mt.start();
+      running.push(mt);
+      return mt;
+    };
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(4);
+    const first = await start();
+    await sendAll(first, [await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 1, cutTimeMs: Date.now() - 10 * MINUTE_MS }, model, rand)]);
+    await first.drain();
+    await first.stop();
+    running.splice(0);
+    // What a crash after Snapshot Blob and before the catalog append leaves,
+    // and a snapshot someone else took (no blockrelay metadata).
+    const blob = container.getBlobClient(blobName);
+    const orphan = (await blob.createSnapshot({ metadata: { blockrelaypoint: '1' } })).snapshot!;
+    const foreign = (await blob.createSnapshot()).snapshot!;
+    const second = await start();
+    await sendAll(second, [await makePatternLog(path.join(dir, 'src'), 'disk0', { seq: 2, cutTimeMs: Date.now() - 5 * MINUTE_MS, appTag: 'db' }, model, rand)]);
+    await second.drain();
+    const { points } = await loadPoints(retentionDir, 'disk0');
+    expect(points.map((p) => p.seq)).toEqual([1, 2]);
+    const listed = points.map((p) => snapshotIdOf(p.snapshot!));
+    expect(await snapshotsOf(blobName)).toEqual([...listed, foreign].sort());
+    expect(await snapshotsOf(blobName)).not.toContain(orphan);
+  });
 });

@@ -74,10 +74,20 @@ export interface PageBlobOpenOptions extends OpenOptions {
 /** Azure attaches a disk only if its virtual size is a whole number of MiB. */
 export const AZURE_DISK_SIZE_MULTIPLE_BYTES = MiB;
 
+/**
+ * Metadata a snapshot this target takes carries (`snapshot()`): it tells
+ * blockrelay's recovery-point snapshots from any other (an operator's, a
+ * backup product's), which a sweep of orphans must never delete. Metadata
+ * names are C# identifiers, so no dash.
+ */
+export const BLOCKRELAY_SNAPSHOT_METADATA = { name: 'blockrelaypoint', value: '1' } as const;
+
 /** A snapshot of a page blob disk: a read-only past point. */
 export interface PageBlobSnapshot {
   /** The service's snapshot id (a UTC time stamp). */
   readonly snapshot: string;
+  /** Taken by `snapshot()` (carries BLOCKRELAY_SNAPSHOT_METADATA); set by `listSnapshots`. */
+  readonly ours?: boolean;
   /** `blob:URL?snapshot=ID`, which opens it read-only. */
   readonly spec: string;
 }
@@ -411,7 +421,7 @@ export class PageBlobTarget implements DiskTarget {
       this.checkWritable();
       const release = await this.limit.acquire();
       try {
-        const answer = await this.client.createSnapshot({ conditions: { leaseId: this.lease!.id } });
+        const answer = await this.client.createSnapshot({ conditions: { leaseId: this.lease!.id }, metadata: { [BLOCKRELAY_SNAPSHOT_METADATA.name]: BLOCKRELAY_SNAPSHOT_METADATA.value } });
         const id = answer.snapshot;
         if (id === undefined) throw new BlockrelayError('BR_BLOB_REQUEST_FAILED', `Snapshot Blob on ${this.spec} answered without a snapshot id`, { details: { spec: this.spec } });
         return { snapshot: id, spec: blobSpec({ ...this.location, snapshot: id }) };
@@ -428,12 +438,13 @@ export class PageBlobTarget implements DiskTarget {
     this.checkUsable();
     const out: PageBlobSnapshot[] = [];
     try {
-      for await (const item of this.container.listBlobsFlat({ prefix: this.location.blobName, includeSnapshots: true })) {
+      for await (const item of this.container.listBlobsFlat({ prefix: this.location.blobName, includeSnapshots: true, includeMetadata: true })) {
         if (item.name !== this.location.blobName || item.snapshot === undefined || item.snapshot === '') continue;
         if (out.length === maxSnapshots) {
           throw new BlockrelayError('BR_BLOB_REQUEST_FAILED', `${this.spec} has more than ${maxSnapshots} snapshots`, { details: { spec: this.spec } });
         }
-        out.push({ snapshot: item.snapshot, spec: blobSpec({ ...this.location, snapshot: item.snapshot }) });
+        const ours = item.metadata?.[BLOCKRELAY_SNAPSHOT_METADATA.name] === BLOCKRELAY_SNAPSHOT_METADATA.value;
+        out.push({ snapshot: item.snapshot, spec: blobSpec({ ...this.location, snapshot: item.snapshot }), ours });
       }
     } catch (err) {
       throw this.failure(err, 'List Blobs (snapshots)');
