@@ -121,6 +121,7 @@ export const ERROR_CODES = {
   BR_DISK_UNKNOWN: { recoverable: false, description: 'The disk is not configured on this role.' },
   BR_SEQ_GAP: { recoverable: true, description: 'A log arrived ahead of its turn; the sender resends from the sequence number the receiver expects.' },
   BR_SEQ_CONFLICT: { recoverable: false, description: 'A log arrived with a sequence number already used by a different log.' },
+  BR_SEQ_UNKNOWN: { recoverable: false, description: 'A log arrived below the next expected sequence number that this receiver neither accepted nor saw skipped by a resync log; it is refused rather than answered as a duplicate.' },
   BR_UPLOAD_INCOMPLETE: { recoverable: true, description: 'An upload ended before its declared length; it is discarded and resent.' },
   BR_UPLOAD_HASH_MISMATCH: { recoverable: true, description: 'An upload does not match the xxhash64 its sender declared; it is discarded and resent.' },
   BR_UPLOAD_TOO_LARGE: { recoverable: false, description: 'An upload is larger than the receiver accepts for one log.' },

@@ -61,15 +61,16 @@ export class LogReceiver {
    */
   reconcile(): void {
     for (const diskId of this.options.spool.disks()) {
-      const entries = this.options.spool.list(diskId);
-      const newest = entries[entries.length - 1];
       const ledger = this.options.ledger.get(diskId);
-      for (const e of entries) {
-        if (!ledger.recent.some(([s]) => s === e.envelope.seq)) ledger.recent.push([e.envelope.seq, e.envelope.xxhash64]);
+      for (const e of this.options.spool.list(diskId)) {
+        const { seq, xxhash64 } = e.envelope;
+        if (ledger.recent.some(([s]) => s === seq)) continue;
+        // In order, so a spooled resync log admitted past a gap records the range it skipped again.
+        if (ledger.nextSeq === null || seq >= ledger.nextSeq) this.options.ledger.accepted(diskId, seq, xxhash64);
+        else ledger.recent.push([seq, xxhash64]);
       }
       ledger.recent.sort((a, b) => a[0] - b[0]);
       if (ledger.recent.length > LEDGER_RECENT_MAX) ledger.recent.splice(0, ledger.recent.length - LEDGER_RECENT_MAX);
-      if (newest !== undefined && (ledger.nextSeq === null || ledger.nextSeq <= newest.envelope.seq)) ledger.nextSeq = newest.envelope.seq + 1;
     }
   }
 
@@ -146,17 +147,18 @@ export class LogReceiver {
     }
     const ledger = this.options.ledger.get(diskId);
     if (chain === undefined || seq < (ledger.nextSeq ?? 0)) {
-      const admission = this.options.ledger.admit(diskId, seq, envelope.xxhash64, resync);
+      const admission = this.options.ledger.admit(diskId, seq, envelope.xxhash64, resync, envelope.follows);
       if (admission.kind === 'duplicate') {
         req.resume();
         await new Promise<void>((resolve) => {
           if (req.complete) resolve();
           else req.on('end', resolve).on('close', resolve);
         });
-        sendJson(res, 200, { diskId, seq, duplicate: true });
+        sendJson(res, 200, { diskId, seq, duplicate: true, ...(admission.folded === true ? { folded: true } : {}) });
         return;
       }
-    } else if (seq > chain.tailSeq && !resync) {
+    } else if (seq > chain.tailSeq && (!resync || (envelope.follows !== undefined && envelope.follows >= chain.tailSeq))) {
+      // Ahead of the uploads in flight; a resync log too when the log it follows is not among them.
       throw new BlockrelayError('BR_SEQ_GAP', `disk ${diskId}: log ${seq} arrived, expected ${chain.tailSeq}`, { details: { expectedSeq: chain.tailSeq } });
     } else if ((this.inflightCount.get(diskId) ?? 0) >= RECEIVER_MAX_IN_FLIGHT) {
       throw new BlockrelayError('BR_PEER_BUSY', `disk ${diskId}: ${RECEIVER_MAX_IN_FLIGHT} uploads are in flight; resend log ${seq} later`);
@@ -184,9 +186,10 @@ export class LogReceiver {
       let entry: SpoolEntry;
       try {
         // Everything before this log is settled: the ledger alone decides now.
-        if (this.options.ledger.admit(diskId, seq, envelope.xxhash64, resync).kind === 'duplicate') {
+        const admission = this.options.ledger.admit(diskId, seq, envelope.xxhash64, resync, envelope.follows);
+        if (admission.kind === 'duplicate') {
           await staged.discard();
-          sendJson(res, 200, { diskId, seq, duplicate: true });
+          sendJson(res, 200, { diskId, seq, duplicate: true, ...(admission.folded === true ? { folded: true } : {}) });
           accepted = true;
           return;
         }

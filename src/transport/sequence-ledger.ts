@@ -15,20 +15,32 @@ import { validateDiskId } from './transport-protocol';
  * - `recent`: hashes of the newest accepted logs, so a resend of one of them
  *   is recognised as a duplicate and a different log under a used number as
  *   a conflict.
+ * - `skipped`: inclusive ranges of sequence numbers a resync log was
+ *   admitted past (logs the source folded into its resync data): such a log
+ *   arriving late is a duplicate whose writes the resync carries.
+ * - `knownFrom`: the lowest sequence from which `recent` and `skipped`
+ *   account for every number below `nextSeq`; a log below it is older than
+ *   this ledger remembers.
  */
 export interface DiskLedger {
-  readonly version: 1;
+  readonly version: 2;
   nextSeq: number | null;
   appliedSeq: number | null;
   recent: Array<[number, string]>;
+  skipped: Array<[number, number]>;
+  knownFrom: number | null;
 }
 
 /** How many accepted logs' hashes each disk remembers. */
 export const LEDGER_RECENT_MAX = 256;
 
+/** How many skipped (folded) ranges each disk remembers; older ones raise `knownFrom` past them. */
+export const LEDGER_SKIPPED_MAX = 64;
+
 export type Admission =
   | { readonly kind: 'accept' }
-  | { readonly kind: 'duplicate' };
+  /** Already accepted here; `folded` when the number lies in a range a resync log skipped. */
+  | { readonly kind: 'duplicate'; readonly folded?: true };
 
 export class SequenceLedger {
   private readonly cache = new Map<string, DiskLedger>();
@@ -48,15 +60,15 @@ export class SequenceLedger {
     const cached = this.cache.get(diskId);
     if (cached !== undefined) return cached;
     const file = this.file(diskId);
-    let ledger: DiskLedger = { version: 1, nextSeq: null, appliedSeq: null, recent: [] };
+    let ledger: DiskLedger = { version: 2, nextSeq: null, appliedSeq: null, recent: [], skipped: [], knownFrom: null };
     if (fs.existsSync(file)) {
+      let text: string;
       try {
-        const parsed = JSON.parse(fs.readFileSync(file, 'utf8')) as DiskLedger;
-        if (parsed.version !== 1 || !Array.isArray(parsed.recent)) throw new Error('unknown layout');
-        ledger = parsed;
+        text = fs.readFileSync(file, 'utf8');
       } catch (err) {
-        throw new BlockrelayError('BR_APPLY_STATE_CORRUPT', `sequence ledger ${file} is unreadable: ${(err as Error).message}`, { cause: err });
+        throw new BlockrelayError('BR_IO', `cannot read sequence ledger ${file}: ${(err as Error).message}`, { cause: err, details: { file } });
       }
+      ledger = parseLedger(text, file);
     }
     this.cache.set(diskId, ledger);
     return ledger;
@@ -70,39 +82,49 @@ export class SequenceLedger {
 
   /**
    * Decides what to do with log `seq` whose body hashes to `xxhash64`:
-   * accept it (its turn), call it a duplicate (already accepted, same log),
-   * or refuse it as a gap (ahead of its turn) or a conflict (a different log
-   * under a number already used).
+   * accept it (its turn), call it a duplicate (already accepted, same log,
+   * or folded), or refuse it as a gap (ahead of its turn), a conflict (a
+   * different log under a number already used) or unknown (below its turn
+   * but neither accepted nor skipped here).
    *
    * A resync log may come ahead of its turn: the source folded the logs
    * between (after an overflow) and the resync log carries their extents.
+   * It names the log it follows (`follows`), and is admitted past the gap
+   * only once everything up to that one is (`nextSeq > follows`); before
+   * that it is a gap like any other, which the sender retries. A resync log
+   * without `follows` (an older sender or spool file) is admitted past any
+   * gap, as before this field existed: only the sender's ordering
+   * (UploadPipeline.goesAlone) then keeps it behind its predecessor.
    */
-  admit(diskId: string, seq: number, xxhash64: string, resync = false): Admission {
+  admit(diskId: string, seq: number, xxhash64: string, resync = false, follows?: number): Admission {
     const ledger = this.get(diskId);
     if (ledger.nextSeq === null || seq === ledger.nextSeq) return { kind: 'accept' };
-    if (seq > ledger.nextSeq && resync) return { kind: 'accept' };
     if (seq > ledger.nextSeq) {
-      throw new BlockrelayError('BR_SEQ_GAP', `disk ${diskId}: log ${seq} arrived, expected ${ledger.nextSeq}`, { details: { expectedSeq: ledger.nextSeq } });
+      if (resync && (follows === undefined || follows < ledger.nextSeq)) return { kind: 'accept' };
+      const why = resync ? ` (resync log following ${String(follows)})` : '';
+      throw new BlockrelayError('BR_SEQ_GAP', `disk ${diskId}: log ${seq} arrived${why}, expected ${ledger.nextSeq}`, { details: { expectedSeq: ledger.nextSeq } });
     }
     const seen = ledger.recent.find(([s]) => s === seq);
     if (seen !== undefined && seen[1] !== xxhash64) {
       throw new BlockrelayError('BR_SEQ_CONFLICT', `disk ${diskId}: log ${seq} was already accepted with hash ${seen[1]}, this one hashes to ${xxhash64}`, { details: { expectedSeq: ledger.nextSeq } });
     }
-    return { kind: 'duplicate' };
+    if (seen !== undefined) return { kind: 'duplicate' };
+    if (ledger.skipped.some(([from, to]) => seq >= from && seq <= to)) return { kind: 'duplicate', folded: true };
+    if (ledger.knownFrom === null || seq < ledger.knownFrom) return { kind: 'duplicate' };
+    throw new BlockrelayError('BR_SEQ_UNKNOWN', `disk ${diskId}: log ${seq} is below the next expected ${ledger.nextSeq} but was neither accepted nor skipped by a resync log here`, { details: { expectedSeq: ledger.nextSeq, seq } });
   }
 
   /**
    * Records log `seq` as accepted, in memory: the spool holding the log
    * durably is the record until the log leaves it, and `reconcile` (the
-   * receiver's start) rebuilds `nextSeq` and `recent` from the spool. The
-   * ledger must be saved (`persist`) before a log leaves the spool (it is
-   * forwarded), and is saved whenever a log is applied.
+   * receiver's start) rebuilds `nextSeq`, `recent` and `skipped` from the
+   * spool. The ledger must be saved (`persist`) before a log leaves the
+   * spool (it is forwarded), and is saved whenever a log is applied.
    */
   accepted(diskId: string, seq: number, xxhash64: string): void {
     const ledger = this.get(diskId);
-    ledger.nextSeq = seq + 1;
-    ledger.recent.push([seq, xxhash64]);
-    if (ledger.recent.length > LEDGER_RECENT_MAX) ledger.recent.splice(0, ledger.recent.length - LEDGER_RECENT_MAX);
+    advance(ledger, seq);
+    remember(ledger, seq, xxhash64);
     this.unsaved.add(diskId);
   }
 
@@ -119,11 +141,8 @@ export class SequenceLedger {
   async applied(diskId: string, seq: number, xxhash64?: string): Promise<void> {
     const ledger = this.get(diskId);
     ledger.appliedSeq = seq;
-    if (ledger.nextSeq === null || ledger.nextSeq <= seq) ledger.nextSeq = seq + 1;
-    if (xxhash64 !== undefined && !ledger.recent.some(([s]) => s === seq)) {
-      ledger.recent.push([seq, xxhash64]);
-      if (ledger.recent.length > LEDGER_RECENT_MAX) ledger.recent.splice(0, ledger.recent.length - LEDGER_RECENT_MAX);
-    }
+    if (ledger.nextSeq === null || ledger.nextSeq <= seq) advance(ledger, seq);
+    if (xxhash64 !== undefined && !ledger.recent.some(([s]) => s === seq)) remember(ledger, seq, xxhash64);
     await this.save(diskId);
   }
 
@@ -135,4 +154,55 @@ export class SequenceLedger {
       await writeFileDurably(file, JSON.stringify(this.get(diskId)));
     });
   }
+}
+
+/** Moves `nextSeq` past `seq`, recording the numbers it skips (a resync log admitted past a gap). */
+function advance(ledger: DiskLedger, seq: number): void {
+  if (ledger.nextSeq !== null && seq > ledger.nextSeq) ledger.skipped.push([ledger.nextSeq, seq - 1]);
+  if (ledger.knownFrom === null) ledger.knownFrom = seq;
+  ledger.nextSeq = seq + 1;
+  if (ledger.skipped.length > LEDGER_SKIPPED_MAX) {
+    const dropped = ledger.skipped.splice(0, ledger.skipped.length - LEDGER_SKIPPED_MAX);
+    ledger.knownFrom = Math.max(ledger.knownFrom, dropped[dropped.length - 1]![1] + 1);
+  }
+}
+
+/** Keeps `seq`'s hash among the newest; what falls out of the window raises `knownFrom`. */
+function remember(ledger: DiskLedger, seq: number, xxhash64: string): void {
+  ledger.recent.push([seq, xxhash64]);
+  if (ledger.recent.length > LEDGER_RECENT_MAX) {
+    const dropped = ledger.recent.splice(0, ledger.recent.length - LEDGER_RECENT_MAX);
+    const past = Math.max(...dropped.map(([s]) => s)) + 1;
+    ledger.knownFrom = Math.max(ledger.knownFrom ?? past, past);
+  }
+  const from = ledger.knownFrom ?? 0;
+  if (ledger.skipped.length > 0 && ledger.skipped[0]![1] < from) ledger.skipped = ledger.skipped.filter(([, to]) => to >= from);
+}
+
+/**
+ * Reads a ledger file. Version 1 (before `skipped`) reads as version 2 that
+ * remembers nothing below its `nextSeq`: older numbers are judged as before
+ * (a duplicate), since the ranges its resync logs skipped were not kept.
+ */
+export function parseLedger(text: string, file: string): DiskLedger {
+  const bad = (why: string, cause?: unknown): never => {
+    throw new BlockrelayError('BR_APPLY_STATE_CORRUPT', `sequence ledger ${file} is unreadable: ${why}`, { ...(cause === undefined ? {} : { cause }), details: { file } });
+  };
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    return bad((err as Error).message, err);
+  }
+  const o = raw as Record<string, unknown>;
+  const seqOrNull = (v: unknown): v is number | null => v === null || (Number.isSafeInteger(v) && (v as number) >= 0);
+  if (typeof raw !== 'object' || raw === null) return bad('not an object');
+  if (o.version !== 1 && o.version !== 2) return bad(`unknown version ${String(o.version)}`);
+  if (!seqOrNull(o.nextSeq) || !seqOrNull(o.appliedSeq)) return bad('nextSeq and appliedSeq must be sequence numbers or null');
+  if (!Array.isArray(o.recent) || !o.recent.every((e) => Array.isArray(e) && Number.isSafeInteger(e[0]) && typeof e[1] === 'string')) return bad('recent must list [seq, hash] pairs');
+  const recent = o.recent as Array<[number, string]>;
+  if (o.version === 1) return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: [], knownFrom: o.nextSeq };
+  if (!Array.isArray(o.skipped) || !o.skipped.every((e) => Array.isArray(e) && Number.isSafeInteger(e[0]) && Number.isSafeInteger(e[1]) && e[0] <= e[1])) return bad('skipped must list [from, to] ranges');
+  if (!seqOrNull(o.knownFrom)) return bad('knownFrom must be a sequence number or null');
+  return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: o.skipped as Array<[number, number]>, knownFrom: o.knownFrom };
 }

@@ -37,6 +37,13 @@ export const HEADER = {
    * it was being written, so its end is not a crash-consistent point.
    */
   resync: 'x-blockrelay-resync',
+  /**
+   * On a resync log only: the sequence number it follows, the newest log
+   * before it that the source did not fold (logs between were folded into
+   * the resync data and are never sent). A receiver admits the resync log
+   * past a gap only once it has everything up to this one.
+   */
+  follows: 'x-blockrelay-follows',
 } as const;
 
 /** Bounds the receiver enforces. */
@@ -65,6 +72,12 @@ export interface LogEnvelope {
   readonly diskSizeBytes: number;
   /** The log carries resync data; no recovery point ends with it (absent: false). */
   readonly resync?: boolean;
+  /**
+   * Resync logs only: the sequence this log follows (`seq - 1` for a resync
+   * round; the last log shipped or kept before an overflow fold). Absent on
+   * a resync log from an older sender or spool: see SequenceLedger.admit.
+   */
+  readonly follows?: number;
 }
 
 export function validateDiskId(diskId: string): string {
@@ -96,9 +109,12 @@ export function parseEnvelope(diskId: string, seqText: string, headers: Record<s
   if (group !== undefined && !/^[A-Za-z0-9._-]{1,64}$/.test(group)) throw new BlockrelayError('BR_PROTOCOL', 'group must be 1 to 64 letters, digits, ".", "_" or "-"');
   if (!/^[A-Za-z0-9._-]{0,64}$/.test(cutId)) throw new BlockrelayError('BR_PROTOCOL', 'cut id must be up to 64 letters, digits, ".", "_" or "-"');
   const logLength = wholeNumber(HEADER.logLength, one(HEADER.logLength), TRANSPORT_LIMITS.maxLogBytes);
+  const seq = wholeNumber('sequence number', seqText, TRANSPORT_LIMITS.maxSeq);
+  const resync = resyncFlag(one(HEADER.resync));
+  const follows = followsOf(one(HEADER.follows), seq, resync);
   return {
     diskId: validateDiskId(diskId),
-    seq: wholeNumber('sequence number', seqText, TRANSPORT_LIMITS.maxSeq),
+    seq,
     xxhash64: hash,
     logLength,
     cutTimeMs: wholeNumber(HEADER.cutTimeMs, one(HEADER.cutTimeMs), 8.64e15),
@@ -106,8 +122,18 @@ export function parseEnvelope(diskId: string, seqText: string, headers: Record<s
     group,
     appTag: appTag === undefined ? undefined : decodeTag(appTag),
     diskSizeBytes: wholeNumber(HEADER.diskSizeBytes, one(HEADER.diskSizeBytes), 2 ** 53 - 1),
-    ...(resyncFlag(one(HEADER.resync)) ? { resync: true } : {}),
+    ...(resync ? { resync: true } : {}),
+    ...(follows === undefined ? {} : { follows }),
   };
+}
+
+/** `follows` belongs to a resync log and names an earlier sequence. */
+function followsOf(text: string | undefined, seq: number, resync: boolean): number | undefined {
+  if (text === undefined) return undefined;
+  if (!resync) throw new BlockrelayError('BR_PROTOCOL', `${HEADER.follows} is only allowed on a resync log`);
+  const follows = wholeNumber(HEADER.follows, text, TRANSPORT_LIMITS.maxSeq);
+  if (follows >= seq) throw new BlockrelayError('BR_PROTOCOL', `${HEADER.follows} ${follows} is not before log ${seq}`);
+  return follows;
 }
 
 function decodeTag(text: string): string {
@@ -136,6 +162,7 @@ export function envelopeHeaders(env: LogEnvelope): Record<string, string> {
   if (env.group !== undefined) h[HEADER.group] = env.group;
   if (env.appTag !== undefined) h[HEADER.appTag] = encodeURIComponent(env.appTag);
   if (env.resync === true) h[HEADER.resync] = '1';
+  if (env.resync === true && env.follows !== undefined) h[HEADER.follows] = String(env.follows);
   return h;
 }
 

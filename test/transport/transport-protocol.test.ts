@@ -21,6 +21,19 @@ describe('transport envelope', () => {
     expect(parseEnvelope('disk0', '42', envelopeHeaders(resync))).toEqual({ ...resync });
   });
 
+  it('carries the sequence a resync log follows, and refuses it on a normal log or when not earlier', () => {
+    const resync: LogEnvelope = { ...base, resync: true, follows: 39 };
+    expect(parseEnvelope('disk0', '42', envelopeHeaders(resync))).toEqual(resync);
+    expect(parseEnvelope('disk0', '42', envelopeHeaders({ ...resync, follows: 0 })).follows).toBe(0);
+    // Only a resync log names one: a normal log's envelope drops it on the way out.
+    expect(envelopeHeaders({ ...base, follows: 39 })['x-blockrelay-follows']).toBeUndefined();
+    const h = envelopeHeaders(resync);
+    for (const follows of ['42', '43', '-1', 'x']) {
+      expect(() => parseEnvelope('disk0', '42', { ...h, 'x-blockrelay-follows': follows })).toThrow(expect.objectContaining({ code: 'BR_PROTOCOL' }));
+    }
+    expect(() => parseEnvelope('disk0', '42', { ...envelopeHeaders(base), 'x-blockrelay-follows': '41' })).toThrow(expect.objectContaining({ code: 'BR_PROTOCOL' }));
+  });
+
   it('refuses malformed fields with BR_PROTOCOL or BR_DISK_ID_INVALID', () => {
     const h = envelopeHeaders(base);
     const bad: Array<[string, string, Record<string, string>]> = [

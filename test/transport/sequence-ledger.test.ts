@@ -1,0 +1,88 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { LEDGER_SKIPPED_MAX, SequenceLedger } from '../../src/transport/sequence-ledger';
+import { useTempDirs } from '../helpers/tmp';
+
+const H = (n: number): string => n.toString(16).padStart(16, '0');
+
+function ledgerWith(dir: string, seqs: number[]): SequenceLedger {
+  const l = new SequenceLedger(dir);
+  for (const s of seqs) l.accepted('d', s, H(s));
+  return l;
+}
+
+describe('SequenceLedger: a resync log names the sequence it follows', () => {
+  const tmp = useTempDirs();
+
+  it('refuses a resync log as a gap while the log it follows is not admitted', () => {
+    const l = ledgerWith(tmp(), [1, 2]);
+    expect(() => l.admit('d', 4, H(4), true, 3)).toThrow(expect.objectContaining({ code: 'BR_SEQ_GAP', details: { expectedSeq: 3 } }));
+  });
+
+  it('admits a resync log past folded logs once everything up to `follows` is admitted', () => {
+    const l = ledgerWith(tmp(), [1]);
+    expect(l.admit('d', 4, H(4), true, 1)).toEqual({ kind: 'accept' });
+    l.accepted('d', 4, H(4));
+    expect(l.get('d').skipped).toEqual([[2, 3]]);
+    // A folded log arriving late is a duplicate (its writes are in the resync data).
+    expect(l.admit('d', 3, H(3))).toEqual({ kind: 'duplicate', folded: true });
+  });
+
+  it('refuses with BR_SEQ_UNKNOWN a log below nextSeq that was neither accepted nor skipped', () => {
+    const l = ledgerWith(tmp(), [1, 2, 3]);
+    // Forge the state a pre-fix receiver left: 5 accepted past an unskipped 4.
+    l.get('d').nextSeq = 6;
+    expect(() => l.admit('d', 4, H(4))).toThrow(expect.objectContaining({ code: 'BR_SEQ_UNKNOWN' }));
+    expect(l.admit('d', 2, H(2))).toEqual({ kind: 'duplicate' });
+    expect(() => l.admit('d', 2, H(99))).toThrow(expect.objectContaining({ code: 'BR_SEQ_CONFLICT' }));
+  });
+
+  it('keeps admitting a resync log without `follows` past a gap, as older senders and spool files expect', () => {
+    const l = ledgerWith(tmp(), [1]);
+    expect(l.admit('d', 5, H(5), true)).toEqual({ kind: 'accept' });
+    expect(() => l.admit('d', 5, H(5), false)).toThrow(expect.objectContaining({ code: 'BR_SEQ_GAP' }));
+  });
+
+  it('persists the skipped ranges across a restart', async () => {
+    const dir = tmp();
+    const l = ledgerWith(dir, [1]);
+    l.accepted('d', 4, H(4));
+    await l.persist('d');
+    const again = new SequenceLedger(dir);
+    expect(again.admit('d', 2, H(2))).toEqual({ kind: 'duplicate', folded: true });
+    expect(again.get('d')).toMatchObject({ version: 2, nextSeq: 5, skipped: [[2, 3]], knownFrom: 1 });
+  });
+
+  it('reads a version 1 ledger, remembering nothing below its nextSeq', () => {
+    const dir = tmp();
+    fs.mkdirSync(path.join(dir, 'disks'));
+    fs.writeFileSync(path.join(dir, 'disks', 'd.json'), JSON.stringify({ version: 1, nextSeq: 7, appliedSeq: 6, recent: [[6, H(6)]] }));
+    const l = new SequenceLedger(dir);
+    expect(l.get('d')).toEqual({ version: 2, nextSeq: 7, appliedSeq: 6, recent: [[6, H(6)]], skipped: [], knownFrom: 7 });
+    expect(l.admit('d', 3, H(3))).toEqual({ kind: 'duplicate' });
+    expect(() => l.admit('d', 9, H(9), true, 7)).toThrow(expect.objectContaining({ code: 'BR_SEQ_GAP' }));
+  });
+
+  it('refuses a damaged or unknown ledger file with BR_APPLY_STATE_CORRUPT naming the file', () => {
+    const dir = tmp();
+    fs.mkdirSync(path.join(dir, 'disks'));
+    for (const text of ['{', JSON.stringify({ version: 3, nextSeq: 1, appliedSeq: null, recent: [] }), JSON.stringify({ version: 2, nextSeq: 1, appliedSeq: null, recent: [], skipped: [[5, 2]], knownFrom: 1 })]) {
+      fs.writeFileSync(path.join(dir, 'disks', 'd.json'), text);
+      expect(() => new SequenceLedger(dir).get('d')).toThrow(expect.objectContaining({ code: 'BR_APPLY_STATE_CORRUPT', details: { file: path.join(dir, 'disks', 'd.json') } }));
+    }
+  });
+
+  it('bounds the skipped ranges, raising knownFrom past the ones it forgets', () => {
+    const l = ledgerWith(tmp(), [1]);
+    let seq = 1;
+    for (let i = 0; i < LEDGER_SKIPPED_MAX + 5; i++) {
+      seq += 3;
+      l.accepted('d', seq, H(seq));
+    }
+    const ledger = l.get('d');
+    expect(ledger.skipped).toHaveLength(LEDGER_SKIPPED_MAX);
+    expect(ledger.knownFrom).toBe(ledger.skipped[0]![0] - 1);
+    expect(l.admit('d', 2, H(2))).toEqual({ kind: 'duplicate' });
+  });
+});
