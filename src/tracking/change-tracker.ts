@@ -203,6 +203,12 @@ export class ChangeTracker {
   private reservations: ResyncReservation[] = [];
   /** Counts folds, so a resync round can tell that one happened while it ran. */
   private folds = 0;
+  /**
+   * The newest sequence the receiver acknowledged, persisted before the log
+   * is deleted; undefined for a state file from before it was kept (until
+   * the next acknowledgement). A resync log after a fold follows it.
+   */
+  private shippedSequence: number | undefined;
   /** Write intent: region -> epoch of its last intent (see WRITE_INTENT_REGION_BYTES). */
   private readonly intents = new Map<number, number>();
   /** Regions the intent file on disk holds. */
@@ -236,7 +242,7 @@ export class ChangeTracker {
   /** While a flush has let the native writers go, the records taken meanwhile (offset/length pairs). */
   private nativeSince: number[] | undefined;
 
-  private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap>; mapsGeneration: number }) {
+  private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap>; mapsGeneration: number; shippedSequence: number | undefined }) {
     this.diskId = options.diskId;
     this.diskSizeBytes = options.diskSizeBytes;
     this.dir = options.dir;
@@ -257,6 +263,7 @@ export class ChangeTracker {
     this.maps = init.maps;
     this.logMaps = init.logMaps;
     this.mapsGeneration = init.mapsGeneration;
+    this.shippedSequence = init.shippedSequence;
     this.activeMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
     this.mapsWriter = new TrackerMapsWriter(this.dir, this.diskId);
   }
@@ -344,7 +351,7 @@ export class ChangeTracker {
       if (mode === 'dirty-only') maps.resync.merge(m);
     }
     maps.dirty.merge(maps.resync);
-    const tracker: ChangeTracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId: state?.reservations?.length ? state.lastUniqueId : lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0 });
+    const tracker: ChangeTracker = new ChangeTracker(options, { mode, nextSequence: Math.max(state?.nextSequence ?? 1, maxSeq + 1), lastUniqueId: state?.reservations?.length ? state.lastUniqueId : lastUniqueId, sealed, maps, logMaps, mapsGeneration: stored?.generation ?? 0, shippedSequence: state === undefined ? 0 : state.shippedSequence });
     try {
       // The file still lists the regions just turned into resync extents; the
       // first persist of the maps (below) covers them and then empties it.
@@ -354,7 +361,8 @@ export class ChangeTracker {
       // held sequence and keeps the chain; a later round carries the data.
       for (const r of state?.reservations ?? []) {
         if (sealed.some((l) => l.sequence === r.sequence)) continue;
-        await tracker.sealResyncLog(r, undefined, undefined);
+        // A reservation from before `follows` was kept is given one now (an unfinished fold drops the sealed logs).
+        await tracker.sealResyncLog(r.follows !== undefined ? r : withFollows(r, tracker.followsFor(r.sequence, mode === 'dirty-only')), undefined, undefined);
       }
       if (mode === 'dirty-only') {
         // An overflow was under way: finish dropping the logs.
@@ -544,6 +552,11 @@ export class ChangeTracker {
     return this.locked(async () => {
       const i = this.sealed.findIndex((s) => s.name === name);
       if (i < 0) return false;
+      // Recorded before the log is deleted: every log that left the source is at or below it (followsFor).
+      if (this.shippedSequence === undefined || this.sealed[i]!.sequence > this.shippedSequence) {
+        this.shippedSequence = this.sealed[i]!.sequence;
+        await this.writeState();
+      }
       const [log] = this.sealed.splice(i, 1);
       this.sealedBytes -= log!.sizeBytes;
       this.logMaps.delete(log!.name);
@@ -616,7 +629,8 @@ export class ChangeTracker {
         const point: CutPoint = { cutId: randomGuid(), cutTimeMs: this.clock.now() };
         if (!(await this.logIo(async () => { await this.sealActive(point); }))) return undefined;
       }
-      const reservation: ResyncReservation = { sequence: this.nextSequence++, uniqueId: randomGuid(), previousUniqueId: this.lastUniqueId };
+      const sequence = this.nextSequence++;
+      const reservation = withFollows({ sequence, uniqueId: randomGuid(), previousUniqueId: this.lastUniqueId }, this.followsFor(sequence, false));
       this.reservations.push(reservation);
       this.lastUniqueId = reservation.uniqueId;
       this.mode = 'logging';
@@ -679,9 +693,12 @@ export class ChangeTracker {
     await writer.close();
     return this.locked(async () => {
       const now = this.clock.now();
+      // A fold while the log was written gave the reservation a new `follows` (the log it named was folded).
+      const follows = (this.reservations.find((r) => r.sequence === reservation.sequence) ?? reservation).follows;
       const sidecar: LogSidecar = {
         version: 1, diskId: this.diskId, sequence: reservation.sequence, uniqueId: done.uniqueId, previousUniqueId: done.previousUniqueId, sizeBytes: done.sizeBytes, entryCount: done.entryCount,
         cutId: randomGuid(), cutTime: new Date(now).toISOString(), cutTimeMs: now, recovered: snapshot === undefined, resync: true,
+        ...(follows === undefined ? {} : { follows }),
       };
       const sidecarPath = this.logPath(reservation.sequence, SIDECAR_SUFFIX);
       const sealedPath = this.logPath(reservation.sequence, SEALED_LOG_SUFFIX);
@@ -1010,6 +1027,7 @@ export class ChangeTracker {
       version: 1, diskId: this.diskId, diskSizeBytes: this.diskSizeBytes, granularityBytes: this.granularityBytes,
       mode: this.mode, nextSequence: this.nextSequence, lastUniqueId: this.lastUniqueId, activeSequence: this.activeSequence,
       ...(this.reservations.length > 0 ? { reservations: this.reservations } : {}),
+      ...(this.shippedSequence === undefined ? {} : { shippedSequence: this.shippedSequence }),
     };
     await writeFileAtomic(path.join(this.dir, `${this.diskId}.tracker.json`), JSON.stringify(state, null, 2));
   }
@@ -1192,6 +1210,8 @@ export class ChangeTracker {
   /** Folds everything unshipped into the resync map, then drops the logs and keeps tracking in the maps only. */
   private async foldLogs(reason: ResyncReason): Promise<void> {
     this.folds++;
+    // The logs a held resync log followed are being folded: it follows what is left (saved with the state below).
+    this.reservations = this.reservations.map((r) => withFollows(r, this.followsFor(r.sequence, true)));
     this.maps.resync.merge(this.maps.dirty);
     this.mode = 'dirty-only';
     this.generation++;
@@ -1210,6 +1230,29 @@ export class ChangeTracker {
       this.activeMap.clearAll();
     }
     this.report(reason);
+  }
+
+  /**
+   * The sequence a resync log at `sequence` follows: the newest log before
+   * it that is not folded, i.e. still sealed here, active or held for
+   * another resync log (none of those when `folding`), or already
+   * acknowledged (`shippedSequence`). Everything between it and `sequence`
+   * was folded into the resync map, so a receiver may skip it; nothing
+   * acknowledged is ever skipped, since a hop can hold a log its next hop
+   * has not had yet. Undefined when no such log is known and the state
+   * predates `shippedSequence`: the log is then sent without `follows`.
+   */
+  private followsFor(sequence: number, folding: boolean): number | undefined {
+    let newest = this.shippedSequence;
+    const consider = (s: number | null | undefined): void => {
+      if (s !== null && s !== undefined && s < sequence && (newest === undefined || s > newest)) newest = s;
+    };
+    if (!folding) {
+      for (const l of this.sealed) consider(l.sequence);
+      consider(this.activeSequence);
+    }
+    for (const r of this.reservations) consider(r.sequence);
+    return newest;
   }
 
   /** Deletes the active log and every sealed log with its sidecar. */
@@ -1274,6 +1317,12 @@ export class ChangeTracker {
       }).catch(() => undefined).finally(() => this.scheduleTimer());
     }, this.persistIntervalMs);
   }
+}
+
+/** `r` with `follows` set, or without it when unknown. */
+function withFollows(r: ResyncReservation, follows: number | undefined): ResyncReservation {
+  const { follows: _old, ...rest } = r;
+  return follows === undefined ? rest : { ...rest, follows };
 }
 
 function checkAppTag(appTag: string | undefined): void {

@@ -85,6 +85,13 @@ export interface TrackerState {
    * fixed in advance. One found unfilled at open is filled with an empty log.
    */
   readonly reservations?: readonly ResyncReservation[];
+  /**
+   * The newest sequence the receiver acknowledged (absent: none since this
+   * field exists). Written before the acknowledged log is deleted, so every
+   * log that left the source is at or below it: a resync log after a fold
+   * follows it (docs/transport.md, "Resync logs").
+   */
+  readonly shippedSequence?: number;
 }
 
 /** A sequence number held for a resync log, with the log's place in the UniqueId chain. */
@@ -92,6 +99,12 @@ export interface ResyncReservation {
   readonly sequence: number;
   readonly uniqueId: string;
   readonly previousUniqueId: string;
+  /**
+   * The sequence the resync log follows: the newest log before it that was
+   * not folded (absent in a state file from before this field: worked out
+   * again at open).
+   */
+  readonly follows?: number;
 }
 
 /** Suffix of a resync log while it is being written; removed with other temporaries at open. */
@@ -117,12 +130,15 @@ export function parseTrackerState(value: unknown, file: string): TrackerState {
     reservations = v.reservations.map((r: unknown) => {
       const o = r as Record<string, unknown>;
       if (typeof o !== 'object' || o === null || typeof o.uniqueId !== 'string' || typeof o.previousUniqueId !== 'string' || typeof o.sequence !== 'number' || !Number.isSafeInteger(o.sequence) || o.sequence < 1) throw bad('a reservation is malformed');
-      return { sequence: o.sequence, uniqueId: o.uniqueId, previousUniqueId: o.previousUniqueId };
+      if (o.follows !== undefined && !(typeof o.follows === 'number' && Number.isSafeInteger(o.follows) && o.follows >= 0 && o.follows < o.sequence)) throw bad(`reservation ${o.sequence} follows ${String(o.follows)}, not an earlier sequence`);
+      return { sequence: o.sequence, uniqueId: o.uniqueId, previousUniqueId: o.previousUniqueId, ...(o.follows === undefined ? {} : { follows: o.follows as number }) };
     });
   }
+  const shipped = v.shippedSequence === undefined ? undefined : int('shippedSequence');
   return {
     version: 1, diskId: v.diskId, diskSizeBytes: int('diskSizeBytes'), granularityBytes: int('granularityBytes'), mode: v.mode, nextSequence: int('nextSequence'), lastUniqueId: v.lastUniqueId, activeSequence: active,
     ...(reservations === undefined ? {} : { reservations }),
+    ...(shipped === undefined ? {} : { shippedSequence: shipped }),
   };
 }
 
@@ -145,6 +161,12 @@ export interface LogSidecar {
   readonly appTag?: string;
   /** Set on a resync log: blocks read from the disk while it changed, so its end is no recovery point. */
   readonly resync?: boolean;
+  /**
+   * Resync logs only: the sequence the log follows, sent as its envelope's
+   * `follows` (absent in a sidecar from before this field: the log is sent
+   * without it).
+   */
+  readonly follows?: number;
 }
 
 /** Longest app tag a sidecar holds, in UTF-8 bytes. */
@@ -160,6 +182,7 @@ export function parseSidecar(value: unknown, file: string): LogSidecar {
   if (typeof v.recovered !== 'boolean') throw bad('recovered missing');
   if (v.appTag !== undefined && (typeof v.appTag !== 'string' || Buffer.byteLength(v.appTag) > MAX_APP_TAG_BYTES)) throw bad('appTag is not a string of at most 256 bytes');
   if (v.resync !== undefined && typeof v.resync !== 'boolean') throw bad('resync is not true or false');
+  if (v.follows !== undefined && !(v.resync === true && typeof v.follows === 'number' && Number.isSafeInteger(v.follows) && v.follows >= 0 && v.follows < (v.sequence as number))) throw bad(`follows ${String(v.follows)} is not an earlier sequence on a resync log`);
   return v as unknown as LogSidecar;
 }
 
