@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ChangeTracker } from '../../src/tracking/change-tracker';
+import { parseSidecar, parseTrackerState } from '../../src/tracking/tracker-files';
 import { useTempDirs } from '../helpers/tmp';
 
 const SIZE = 4 * 1024 * 1024;
@@ -117,5 +118,21 @@ describe('ChangeTracker: the sequence a resync log follows', () => {
     expect(filled.resync).toBe(true);
     expect(filled.follows).toBe(held.sequence - 1);
     await reopened.close();
+  });
+});
+
+describe('tracker files: follows and shippedSequence', () => {
+  const sidecar = { version: 1, diskId: 'disk0', sequence: 9, uniqueId: 'u', previousUniqueId: 'p', sizeBytes: 1, entryCount: 0, cutId: 'c', cutTime: 't', cutTimeMs: 1, recovered: false };
+  const state = { version: 1, diskId: 'disk0', diskSizeBytes: SIZE, granularityBytes: 4096, mode: 'logging', nextSequence: 10, lastUniqueId: 'u', activeSequence: null };
+
+  it('reads them, and refuses a follows that is not an earlier sequence of a resync log', () => {
+    expect(parseSidecar({ ...sidecar, resync: true, follows: 8 }, 'f').follows).toBe(8);
+    for (const bad of [{ resync: true, follows: 9 }, { resync: true, follows: -1 }, { follows: 8 }, { resync: true, follows: '8' }]) {
+      expect(() => parseSidecar({ ...sidecar, ...bad }, 'f')).toThrow(expect.objectContaining({ code: 'BR_TRACKER_STATE_CORRUPT' }));
+    }
+    expect(parseTrackerState({ ...state, shippedSequence: 7, reservations: [{ sequence: 9, uniqueId: 'a', previousUniqueId: 'b', follows: 7 }] }, 'f')).toMatchObject({ shippedSequence: 7, reservations: [{ follows: 7 }] });
+    expect(parseTrackerState(state, 'f').shippedSequence).toBeUndefined();
+    expect(() => parseTrackerState({ ...state, reservations: [{ sequence: 9, uniqueId: 'a', previousUniqueId: 'b', follows: 9 }] }, 'f')).toThrow(expect.objectContaining({ code: 'BR_TRACKER_STATE_CORRUPT' }));
+    expect(() => parseTrackerState({ ...state, shippedSequence: -2 }, 'f')).toThrow(expect.objectContaining({ code: 'BR_TRACKER_STATE_CORRUPT' }));
   });
 });

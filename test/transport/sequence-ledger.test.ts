@@ -1,8 +1,12 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { Readable } from 'node:stream';
+import { LogReceiver } from '../../src/transport/log-receiver';
+import { hashHex, LogSpool, newXxhash64 } from '../../src/transport/log-spool';
 import { LEDGER_SKIPPED_MAX, SequenceLedger } from '../../src/transport/sequence-ledger';
 import { useTempDirs } from '../helpers/tmp';
+import { quiet } from './transport-fixture';
 
 const H = (n: number): string => n.toString(16).padStart(16, '0');
 
@@ -84,5 +88,31 @@ describe('SequenceLedger: a resync log names the sequence it follows', () => {
     expect(ledger.skipped).toHaveLength(LEDGER_SKIPPED_MAX);
     expect(ledger.knownFrom).toBe(ledger.skipped[0]![0] - 1);
     expect(l.admit('d', 2, H(2))).toEqual({ kind: 'duplicate' });
+  });
+});
+
+describe('LogReceiver.reconcile: a spooled resync log after a restart', () => {
+  const tmp = useTempDirs();
+
+  it('keeps its follows in the spool envelope and records the range it skipped again', async () => {
+    const dir = tmp();
+    const ledger = new SequenceLedger(path.join(dir, 'state'));
+    ledger.accepted('disk0', 1, H(1));
+    await ledger.persist('disk0');
+    // Resync log 4 (following 1, logs 2 and 3 folded) was spooled and answered; the ledger was not saved before the crash.
+    const body = Buffer.alloc(4096, 7);
+    const spool = new LogSpool(path.join(dir, 'spool'), 1 << 30);
+    await spool.open();
+    const envelope = { diskId: 'disk0', seq: 4, xxhash64: hashHex((await newXxhash64()).update(body)), logLength: body.length, cutTimeMs: 1, cutId: 'c4', diskSizeBytes: 1 << 20, group: undefined, appTag: undefined, resync: true, follows: 1 };
+    await spool.receive(envelope, Readable.from([body]), { lz4: false, verify: async () => undefined });
+
+    const restartedSpool = new LogSpool(path.join(dir, 'spool'), 1 << 30);
+    await restartedSpool.open();
+    expect(restartedSpool.list('disk0')[0]!.envelope).toMatchObject({ resync: true, follows: 1 });
+    const restarted = new SequenceLedger(path.join(dir, 'state'));
+    const receiver = new LogReceiver({ spool: restartedSpool, ledger: restarted, verify: async () => undefined, acceptsDisk: () => true, onAccepted: () => undefined, hop: 'test', ...quiet() });
+    receiver.reconcile();
+    expect(restarted.get('disk0')).toMatchObject({ nextSeq: 5, skipped: [[2, 3]] });
+    expect(restarted.admit('disk0', 3, H(3))).toEqual({ kind: 'duplicate', folded: true });
   });
 });
