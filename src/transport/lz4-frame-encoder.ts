@@ -70,10 +70,14 @@ async function frameHeader(): Promise<Buffer> {
   return header;
 }
 
+/**
+ * The frame's pieces come from `encodeLaidOut` (a sender reading a log into
+ * a frame's layout: log-client.ts) or `encodeChunk` (chunks that are never
+ * reused: cut-through-forward.ts), after `header()` and before `finish()`.
+ * As a Transform stream it encodes each chunk it is given with
+ * `encodeChunk` (for tests that pipe data through it).
+ */
 export class Lz4FrameEncoder extends Transform {
-  /** Bytes of an unfinished block carried over from the previous chunk. */
-  private pending: Buffer[] = [];
-  private pendingBytes = 0;
   private started = false;
   private skip = 0;
   private backoff = 0;
@@ -87,42 +91,9 @@ export class Lz4FrameEncoder extends Transform {
     this.minSaving = options.minSaving ?? LZ4_MIN_SAVING_PACED;
   }
 
-  /** The frame header: the first piece of every frame (`encode` and `finish` do not emit it). */
+  /** The frame header: the first piece of every frame (`encodeChunk`, `encodeLaidOut` and `finish` do not emit it). */
   static header(): Promise<Buffer> {
     return frameHeader();
-  }
-
-  /**
-   * Encodes `chunk` without the stream machinery (the uploader drives it
-   * with buffers it reuses): the frame's pieces for every block completed
-   * by `chunk`, in order. Stored blocks are views of `chunk`, so it must not
-   * change until the pieces are written; a block begun by a chunk whose
-   * length is not a multiple of 64 KiB is copied when it completes.
-   */
-  encode(chunk: Buffer): Buffer[] {
-    const out: Buffer[] = [];
-    let data = chunk;
-    if (this.pendingBytes > 0) {
-      const need = LZ4_FRAME_BLOCK_BYTES - this.pendingBytes;
-      if (data.length < need) {
-        this.pending.push(Buffer.from(data));
-        this.pendingBytes += data.length;
-        return out;
-      }
-      this.pending.push(data.subarray(0, need));
-      this.block(Buffer.concat(this.pending, LZ4_FRAME_BLOCK_BYTES), out);
-      this.pending = [];
-      this.pendingBytes = 0;
-      data = data.subarray(need);
-    }
-    let at = 0;
-    for (; at + LZ4_FRAME_BLOCK_BYTES <= data.length; at += LZ4_FRAME_BLOCK_BYTES) this.block(data.subarray(at, at + LZ4_FRAME_BLOCK_BYTES), out);
-    if (at < data.length) {
-      // Kept across calls: copied, as the caller may reuse its buffer.
-      this.pending.push(Buffer.from(data.subarray(at)));
-      this.pendingBytes += data.length - at;
-    }
-    return out;
   }
 
   /**
@@ -131,11 +102,9 @@ export class Lz4FrameEncoder extends Transform {
    * the next call: for a stream of chunks that are never reused, such as
    * the chunks an upload arrives in, which a cut-through forward passes on
    * (cut-through-forward.ts). Every stored block is then a view of `chunk`
-   * and no byte is copied, where `encode` copies every block that straddles
-   * two chunks. Not to be mixed with `encode` in one frame.
+   * and no byte is copied.
    */
   encodeChunk(chunk: Buffer): Buffer[] {
-    if (this.pendingBytes > 0) throw new Error('encodeChunk after encode left a partial block');
     const out: Buffer[] = [];
     for (let at = 0; at < chunk.length; at += LZ4_FRAME_BLOCK_BYTES) this.block(chunk.subarray(at, Math.min(chunk.length, at + LZ4_FRAME_BLOCK_BYTES)), out);
     return out;
@@ -159,12 +128,11 @@ export class Lz4FrameEncoder extends Transform {
    * blocks are written in place, and the pieces returned are views of
    * `frame` for each run of stored blocks and a buffer of its own for each
    * compressed block: one piece for the whole read when nothing compresses,
-   * where `encode` gives two per block. A sender reads a log into such a
-   * buffer (readv into the blocks' data), so nothing is copied either.
-   * Not to be mixed with `encode` in one frame.
+   * where a block of its own costs two pieces (size field and data). A
+   * sender reads a log into such a buffer (readv into the blocks' data), so
+   * nothing is copied either.
    */
   encodeLaidOut(frame: Buffer, dataBytes: number): Buffer[] {
-    if (this.pendingBytes > 0) throw new Error('encodeLaidOut after encode left a partial block');
     const out: Buffer[] = [];
     let runStart = -1;
     let runEnd = 0;
@@ -187,19 +155,14 @@ export class Lz4FrameEncoder extends Transform {
     return out;
   }
 
-  /** The last (short) block, if any, and the end mark. */
+  /** The frame's end mark: its last piece. */
   finish(): Buffer[] {
-    const out: Buffer[] = [];
-    if (this.pendingBytes > 0) this.block(Buffer.concat(this.pending, this.pendingBytes), out);
-    this.pending = [];
-    this.pendingBytes = 0;
-    out.push(Buffer.alloc(4)); // end mark
-    return out;
+    return [Buffer.alloc(4)];
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
     this.withHeader(() => {
-      for (const piece of this.encode(chunk)) this.push(piece);
+      for (const piece of this.encodeChunk(chunk)) this.push(piece);
     }, done);
   }
 

@@ -11,19 +11,35 @@ import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
 import { prng } from './transport-fixture';
 
-/** Encodes `data` fed in chunks of the given sizes (cycled); returns the frame and the encoder. */
-async function encode(data: Buffer, chunkSizes: number[]): Promise<{ frame: Buffer; encoder: Lz4FrameEncoder }> {
-  const chunks: Buffer[] = [];
+/** Encodes `data` fed to encodeChunk in chunks of the given sizes (cycled); returns the frame and the encoder. */
+async function encode(data: Buffer, chunkSizes: number[], options: { minSaving?: number } = {}): Promise<{ frame: Buffer; encoder: Lz4FrameEncoder }> {
+  const encoder = new Lz4FrameEncoder(options);
+  const pieces: Buffer[] = [await Lz4FrameEncoder.header()];
   for (let at = 0, i = 0; at < data.length; i++) {
     const n = Math.min(chunkSizes[i % chunkSizes.length]!, data.length - at);
-    chunks.push(data.subarray(at, at + n));
+    pieces.push(...encoder.encodeChunk(data.subarray(at, at + n)));
     at += n;
   }
-  const encoder = new Lz4FrameEncoder();
-  const out: Buffer[] = [];
-  encoder.on('data', (c: Buffer) => out.push(c));
-  await pipeline(Readable.from(chunks), encoder);
-  return { frame: Buffer.concat(out), encoder };
+  pieces.push(...encoder.finish());
+  return { frame: Buffer.concat(pieces), encoder };
+}
+
+/** Encodes `data` as a sender does (log-client.ts): read by `readBytes` into a fresh frame layout each time, then encodeLaidOut. */
+async function encodeLaidOut(data: Buffer, readBytes: number, options: { minSaving?: number } = {}): Promise<{ frame: Buffer; encoder: Lz4FrameEncoder; piecesPerRead: number[] }> {
+  const encoder = new Lz4FrameEncoder(options);
+  const pieces: Buffer[] = [await Lz4FrameEncoder.header()];
+  const piecesPerRead: number[] = [];
+  for (let at = 0; at < data.length; at += readBytes) {
+    const part = data.subarray(at, Math.min(data.length, at + readBytes));
+    // A fresh buffer per read, as the frame's pieces view it.
+    const frame = Buffer.alloc(Lz4FrameEncoder.laidOutBytes(readBytes), 0xee);
+    for (let b = 0; b * LZ4_FRAME_BLOCK_BYTES < part.length; b++) part.copy(frame, Lz4FrameEncoder.laidOutDataOffset(b), b * LZ4_FRAME_BLOCK_BYTES, Math.min(part.length, (b + 1) * LZ4_FRAME_BLOCK_BYTES));
+    const out = encoder.encodeLaidOut(frame, part.length);
+    piecesPerRead.push(out.length);
+    pieces.push(...out);
+  }
+  pieces.push(...encoder.finish());
+  return { frame: Buffer.concat(pieces), encoder, piecesPerRead };
 }
 
 /** Decodes with the receiving hop's decoder, and with the lz4 package's (another implementation). */
@@ -51,7 +67,7 @@ function random(bytes: number, seed: number): Buffer {
 describe('LZ4 frame encoder', () => {
   const tmp = useTempDirs();
 
-  it('round-trips through the receiver\'s decoder at any chunking, including empty input and partial blocks', async () => {
+  it('round-trips through the receiver\'s decoder at any chunking and read size, including empty input and short blocks', async () => {
     const cases: Array<[string, Buffer]> = [
       ['empty', Buffer.alloc(0)],
       ['one byte', Buffer.from([7])],
@@ -63,6 +79,10 @@ describe('LZ4 frame encoder', () => {
       for (const chunking of [[1 << 20], [4096, 65_537, 13], [LZ4_FRAME_BLOCK_BYTES]]) {
         const { frame } = await encode(data, chunking);
         expect((await decode(frame)).equals(data), `${name} chunked ${chunking.join('/')}`).toBe(true);
+      }
+      for (const readBytes of [LZ4_FRAME_BLOCK_BYTES, 16 * LZ4_FRAME_BLOCK_BYTES]) {
+        const { frame } = await encodeLaidOut(data, readBytes);
+        expect((await decode(frame)).equals(data), `${name} read by ${readBytes}`).toBe(true);
       }
     }
   });
@@ -89,10 +109,7 @@ describe('LZ4 frame encoder', () => {
     // Like fio's blocks: random bytes that shrink by about 6% (a 4 KiB run of zeros per 64 KiB block).
     const block = Buffer.concat([random(LZ4_FRAME_BLOCK_BYTES - 4096, 21), Buffer.alloc(4096)]);
     const data = Buffer.concat(Array.from({ length: 64 }, () => block));
-    const encodeWith = async (minSaving: number | undefined): Promise<{ frame: Buffer; encoder: Lz4FrameEncoder }> => {
-      const encoder = new Lz4FrameEncoder(minSaving === undefined ? {} : { minSaving });
-      return { frame: Buffer.concat([await Lz4FrameEncoder.header(), ...encoder.encode(data), ...encoder.finish()]), encoder };
-    };
+    const encodeWith = (minSaving: number | undefined): Promise<{ frame: Buffer; encoder: Lz4FrameEncoder }> => encodeLaidOut(data, 1 << 20, minSaving === undefined ? {} : { minSaving });
     const paced = await encodeWith(LZ4_MIN_SAVING_PACED);
     expect(paced.encoder.compressedBlocks).toBe(64);
     expect(paced.frame.length).toBeLessThan(data.length * 0.97);
@@ -122,29 +139,11 @@ describe('LZ4 frame encoder', () => {
     expect((await decode(Buffer.concat(pieces))).equals(data)).toBe(true);
     expect(encoder.compressedBlocks).toBeGreaterThan(0);
     expect(viewed).toBeGreaterThan(300_000);
-    // Mixed with encode's carried-over partial block it refuses.
-    const mixed = new Lz4FrameEncoder();
-    mixed.encode(Buffer.alloc(10));
-    expect(() => mixed.encodeChunk(Buffer.alloc(10))).toThrow(/partial block/);
   });
 
   it('encodes data laid out as a frame\'s blocks in place: one piece per run of stored blocks', async () => {
     const data = Buffer.concat([random(5 * LZ4_FRAME_BLOCK_BYTES, 10), Buffer.alloc(3 * LZ4_FRAME_BLOCK_BYTES), random(LZ4_FRAME_BLOCK_BYTES + 777, 11)]);
-    const readBytes = 4 * LZ4_FRAME_BLOCK_BYTES;
-    const encoder = new Lz4FrameEncoder({ minSaving: LZ4_MIN_SAVING_UNPACED });
-    const pieces: Buffer[] = [await Lz4FrameEncoder.header()];
-    const piecesPerRead: number[] = [];
-    for (let at = 0; at < data.length; at += readBytes) {
-      const part = data.subarray(at, Math.min(data.length, at + readBytes));
-      // A fresh buffer per read, as the frame's pieces view it.
-      const frame = Buffer.alloc(Lz4FrameEncoder.laidOutBytes(readBytes), 0xee);
-      for (let b = 0; b * LZ4_FRAME_BLOCK_BYTES < part.length; b++) part.copy(frame, Lz4FrameEncoder.laidOutDataOffset(b), b * LZ4_FRAME_BLOCK_BYTES, Math.min(part.length, (b + 1) * LZ4_FRAME_BLOCK_BYTES));
-      const out = encoder.encodeLaidOut(frame, part.length);
-      piecesPerRead.push(out.length);
-      pieces.push(...out);
-    }
-    pieces.push(...encoder.finish());
-    const frame = Buffer.concat(pieces);
+    const { frame, encoder, piecesPerRead } = await encodeLaidOut(data, 4 * LZ4_FRAME_BLOCK_BYTES, { minSaving: LZ4_MIN_SAVING_UNPACED });
     expect((await decode(frame)).equals(data)).toBe(true);
     // Random data only: the first read tries the first block, then backs off, and goes out as one piece.
     expect(piecesPerRead[0]).toBe(1);
@@ -153,13 +152,24 @@ describe('LZ4 frame encoder', () => {
     expect(frame.length).toBeLessThan(data.length);
   });
 
-  it('writes frames the lz4 command-line tool decodes', async () => {
+  it('writes frames the lz4 command-line tool decodes, from chunks and from laid-out reads', async () => {
     if (!requireTool('lz4')) return;
     const dir = tmp();
     const data = Buffer.concat([random(500_000, 6), Buffer.alloc(300_000, 0x5a), random(77, 7)]);
-    const { frame } = await encode(data, [100_000]);
-    fs.writeFileSync(path.join(dir, 'f.lz4'), frame);
-    execFileSync('lz4', ['-d', '-f', '-q', path.join(dir, 'f.lz4'), path.join(dir, 'f.out')]);
-    expect(fs.readFileSync(path.join(dir, 'f.out')).equals(data)).toBe(true);
+    const frames = [(await encode(data, [100_000])).frame, (await encodeLaidOut(data, 4 * LZ4_FRAME_BLOCK_BYTES)).frame];
+    for (const [i, frame] of frames.entries()) {
+      fs.writeFileSync(path.join(dir, `f${i}.lz4`), frame);
+      execFileSync('lz4', ['-d', '-f', '-q', path.join(dir, `f${i}.lz4`), path.join(dir, `f${i}.out`)]);
+      expect(fs.readFileSync(path.join(dir, `f${i}.out`)).equals(data), `frame ${i}`).toBe(true);
+    }
+  });
+
+  it('as a Transform stream, frames each chunk it is given', async () => {
+    const data = Buffer.concat([random(200_000, 12), Buffer.alloc(100_000)]);
+    const encoder = new Lz4FrameEncoder();
+    const out: Buffer[] = [];
+    encoder.on('data', (c: Buffer) => out.push(c));
+    await pipeline(Readable.from([data.subarray(0, 70_000), data.subarray(70_000)]), encoder);
+    expect((await decode(Buffer.concat(out))).equals(data)).toBe(true);
   });
 });
