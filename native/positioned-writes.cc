@@ -22,29 +22,32 @@ constexpr size_t kMaxIovecs = 1024;
 constexpr size_t kMaxPieces = 1 << 20;
 
 struct Piece {
-  const uint8_t* data;
+  uint8_t* data;
   size_t length;
   int64_t position;
 };
 
-// Writes pieces[first, last) that lie back to back in the file with
-// pwritev, continuing after a short write. 0 or an errno.
-int WriteRun(int fd, const std::vector<Piece>& pieces, size_t first, size_t last) {
+// Writes (or reads) pieces[first, last) that lie back to back in the file
+// with pwritev (preadv), continuing after a short transfer. 0 or an errno;
+// a read that meets the end of the file is kEndOfFile.
+constexpr int kEndOfFile = -1;
+
+int TransferRun(int fd, bool read, const std::vector<Piece>& pieces, size_t first, size_t last) {
   std::vector<iovec> iov;
   iov.reserve(last - first);
-  for (size_t i = first; i < last; i++) iov.push_back({const_cast<uint8_t*>(pieces[i].data), pieces[i].length});
+  for (size_t i = first; i < last; i++) iov.push_back({pieces[i].data, pieces[i].length});
   int64_t position = pieces[first].position;
   size_t at = 0;
   while (at < iov.size()) {
     int count = static_cast<int>(iov.size() - at < kMaxIovecs ? iov.size() - at : kMaxIovecs);
-    ssize_t n = pwritev(fd, &iov[at], count, static_cast<off_t>(position));
+    ssize_t n = read ? preadv(fd, &iov[at], count, static_cast<off_t>(position)) : pwritev(fd, &iov[at], count, static_cast<off_t>(position));
     if (n < 0) {
       if (errno == EINTR) continue;
       return errno;
     }
-    // Nothing written yet space was asked for: report it as ENOSPC, as a
-    // write(2) that cannot go on would.
-    if (n == 0) return ENOSPC;
+    // A read of nothing is the end of the file; a write of nothing when
+    // bytes were asked for is reported as ENOSPC, as write(2) would.
+    if (n == 0) return read ? kEndOfFile : ENOSPC;
     position += n;
     size_t left = static_cast<size_t>(n);
     while (left > 0 && at < iov.size()) {
@@ -61,15 +64,16 @@ int WriteRun(int fd, const std::vector<Piece>& pieces, size_t first, size_t last
   return 0;
 }
 
-// Runs the writes on a pool thread. The buffers stay alive through a
+// Runs the transfers on a pool thread. The buffers stay alive through a
 // reference to the array that holds them; Execute() touches no JS value.
-class WriteAtWorker : public Napi::AsyncWorker {
+class TransferWorker : public Napi::AsyncWorker {
  public:
-  WriteAtWorker(Napi::Env env, int fd, Napi::Array buffers, std::vector<Piece> pieces)
-      : Napi::AsyncWorker(env, "blockrelay.writeAt"),
+  TransferWorker(Napi::Env env, int fd, bool read, Napi::Array buffers, std::vector<Piece> pieces)
+      : Napi::AsyncWorker(env, read ? "blockrelay.readAt" : "blockrelay.writeAt"),
         deferred_(Napi::Promise::Deferred::New(env)),
         buffers_(Napi::Persistent(buffers.As<Napi::Object>())),
         fd_(fd),
+        read_(read),
         pieces_(std::move(pieces)) {}
 
   Napi::Promise Promise() const { return deferred_.Promise(); }
@@ -79,7 +83,7 @@ class WriteAtWorker : public Napi::AsyncWorker {
     while (first < pieces_.size()) {
       size_t last = first + 1;
       while (last < pieces_.size() && pieces_[last].position == pieces_[last - 1].position + static_cast<int64_t>(pieces_[last - 1].length)) last++;
-      err_ = WriteRun(fd_, pieces_, first, last);
+      err_ = TransferRun(fd_, read_, pieces_, first, last);
       if (err_ != 0) {
         failed_ = first;
         return;
@@ -96,7 +100,7 @@ class WriteAtWorker : public Napi::AsyncWorker {
       return;
     }
     Napi::Array out = Napi::Array::New(env, 2);
-    out.Set(uint32_t{0}, Napi::String::New(env, ErrnoName(err_)));
+    out.Set(uint32_t{0}, Napi::String::New(env, err_ == kEndOfFile ? "EOF" : ErrnoName(err_)));
     out.Set(uint32_t{1}, Napi::Number::New(env, static_cast<double>(failed_)));
     deferred_.Resolve(out);
   }
@@ -105,12 +109,13 @@ class WriteAtWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred deferred_;
   Napi::ObjectReference buffers_;
   int fd_;
+  bool read_;
   std::vector<Piece> pieces_;
   int err_ = 0;
   size_t failed_ = 0;
 };
 
-Napi::Value WriteAtJs(const Napi::CallbackInfo& info) {
+Napi::Value TransferJs(const Napi::CallbackInfo& info, bool read) {
   Napi::Env env = info.Env();
   double fd;
   if (!NumberArg(info, 0, 2147483647.0, fd) || info.Length() < 3 || !info[1].IsArray() || !info[2].IsTypedArray()) return env.Undefined();
@@ -131,16 +136,20 @@ Napi::Value WriteAtJs(const Napi::CallbackInfo& info) {
     pieces.push_back({b.Data(), b.Length(), static_cast<int64_t>(p)});
   }
   // Owned by node-addon-api once queued: it deletes itself after OnOK.
-  auto* worker = new WriteAtWorker(env, static_cast<int>(fd), buffers, std::move(pieces));
+  auto* worker = new TransferWorker(env, static_cast<int>(fd), read, buffers, std::move(pieces));
   Napi::Promise promise = worker->Promise();
   worker->Queue();
   return promise;
 }
 
+Napi::Value WriteAtJs(const Napi::CallbackInfo& info) { return TransferJs(info, false); }
+Napi::Value ReadAtJs(const Napi::CallbackInfo& info) { return TransferJs(info, true); }
+
 }  // namespace
 
 void InitPositionedWrites(Napi::Env env, Napi::Object exports) {
   exports.Set("writeAt", Napi::Function::New(env, WriteAtJs, "writeAt"));
+  exports.Set("readAt", Napi::Function::New(env, ReadAtJs, "readAt"));
 }
 
 }  // namespace blockrelay

@@ -17,6 +17,10 @@ namespace blockrelay {
 // Promise of 0, or of [errno name, index of the buffer that failed]; the
 // caller keeps fd open until it settles. Returns undefined for bad
 // arguments.
+//
+// And readAt(fd, buffers, positions): the same for reads (preadv), filling
+// each buffer whole; a read that meets the end of the file fails with the
+// name "EOF". The undo journal reads a log's pre-images through it.
 void InitPositionedWrites(Napi::Env env, Napi::Object exports);
 
 }  // namespace blockrelay

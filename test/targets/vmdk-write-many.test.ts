@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BlockrelayError, wrapError } from '../../src/retry/blockrelay-error';
 import { openDisk } from '../../src/targets/disk-spec';
-import { writeAt } from '../../src/targets/vmdk/positioned-writes';
+import { readAt, writeAt, type PositionedIoError } from '../../src/targets/vmdk/positioned-writes';
 import { VmdkSparseTarget } from '../../src/targets/vmdk/vmdk-sparse-target';
 import { prng } from '../helpers/prng';
 import { requireTool } from '../helpers/tools';
@@ -98,6 +98,45 @@ describe('vmdk monolithicSparse writeMany', () => {
     }
     await expect(writeAt(-1, [{ position: 0, buffer: Buffer.alloc(1) }])).rejects.toThrow(RangeError);
     await expect(writeAt(1, [{ position: 0, buffer: Buffer.alloc(0) }])).rejects.toThrow(RangeError);
+  });
+
+  it('readAt fills every buffer whole, neighbours or not, and names the offset where the file ends', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'r.bin');
+    const content = randomData(prng(0x71), 64 * KiB);
+    fs.writeFileSync(file, content);
+    const fd = fs.openSync(file, 'r');
+    try {
+      const spots = [40960, 0, 4096, 8192, 61440];
+      const bufs = spots.map(() => Buffer.alloc(4096));
+      await readAt(fd, spots.map((position, i) => ({ position, buffer: bufs[i]! })));
+      spots.forEach((at, i) => expect(bufs[i]!.equals(content.subarray(at, at + 4096))).toBe(true));
+      const err = await readAt(fd, [{ position: 0, buffer: Buffer.alloc(512) }, { position: 63 * KiB, buffer: Buffer.alloc(4096) }]).then(() => undefined, (e: unknown) => e as PositionedIoError);
+      expect(err?.code).toBe('EOF');
+      expect(err?.position).toBe(63 * KiB);
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('readMany of a VMDK whose grain data the file no longer holds is BR_TARGET_CORRUPT', async () => {
+    const dir = tempDir();
+    const file = path.join(dir, 'cut.vmdk');
+    const back = (await openDisk(`vmdk:${file}`, { create: { sizeBytes: 16 * MiB } })) as VmdkSparseTarget;
+    await back.write(0, randomData(prng(3), GRAIN));
+    await back.write(5 * GRAIN, randomData(prng(4), GRAIN));
+    await back.flush();
+    // Open checks every GTE against the file's end; cut the file under an
+    // open target instead: the last grain written lies at its end.
+    fs.truncateSync(file, fs.statSync(file).size - GRAIN / 2);
+    try {
+      const err = await back.readMany([{ offset: 0, buffer: Buffer.alloc(GRAIN) }, { offset: 5 * GRAIN, buffer: Buffer.alloc(GRAIN) }]).then(() => undefined, (e: unknown) => e as BlockrelayError);
+      expect(err).toBeInstanceOf(BlockrelayError);
+      expect(err?.code).toBe('BR_TARGET_CORRUPT');
+      expect(err?.message).toContain('cut off by the end of the file');
+    } finally {
+      await back.close();
+    }
   });
 
   it('reports a full volume as BR_DISK_FULL', async () => {
