@@ -6,7 +6,7 @@ import { checkBoundedHolds } from './disk-drain';
 import { sendJson, type Route } from './http-api';
 import type { LogMemory } from './held-log';
 import type { LogSpool, SpoolEntry, StagedLog } from './log-spool';
-import { LEDGER_RECENT_MAX, type SequenceLedger } from './sequence-ledger';
+import type { SequenceLedger } from './sequence-ledger';
 import { HEADER, parseEnvelope, PROTOCOL_VERSION, validateDiskId, type LogEnvelope } from './transport-protocol';
 
 /**
@@ -61,16 +61,7 @@ export class LogReceiver {
    */
   reconcile(): void {
     for (const diskId of this.options.spool.disks()) {
-      const ledger = this.options.ledger.get(diskId);
-      for (const e of this.options.spool.list(diskId)) {
-        const { seq, xxhash64 } = e.envelope;
-        if (ledger.recent.some(([s]) => s === seq)) continue;
-        // In order, so a spooled resync log admitted past a gap records the range it skipped again.
-        if (ledger.nextSeq === null || seq >= ledger.nextSeq) this.options.ledger.accepted(diskId, seq, xxhash64);
-        else ledger.recent.push([seq, xxhash64]);
-      }
-      ledger.recent.sort((a, b) => a[0] - b[0]);
-      if (ledger.recent.length > LEDGER_RECENT_MAX) ledger.recent.splice(0, ledger.recent.length - LEDGER_RECENT_MAX);
+      this.options.ledger.recallSpooled(diskId, this.options.spool.list(diskId).map((e) => e.envelope));
     }
   }
 

@@ -128,6 +128,24 @@ export class SequenceLedger {
     this.unsaved.add(diskId);
   }
 
+  /**
+   * Brings the ledger up to the logs a spool holds (in sequence order),
+   * after a restart: logs are accepted into the spool without saving the
+   * ledger. Those above `nextSeq` are taken as accepted again, in order, so
+   * a spooled resync log's skipped range is recorded again; every one's
+   * hash joins `recent`.
+   */
+  recallSpooled(diskId: string, spooled: ReadonlyArray<{ readonly seq: number; readonly xxhash64: string }>): void {
+    const ledger = this.get(diskId);
+    for (const { seq, xxhash64 } of [...spooled].sort((a, b) => a.seq - b.seq)) {
+      if (ledger.recent.some(([s]) => s === seq)) continue;
+      if (ledger.nextSeq === null || seq >= ledger.nextSeq) advance(ledger, seq);
+      remember(ledger, seq, xxhash64);
+      this.unsaved.add(diskId);
+    }
+    ledger.recent.sort((a, b) => a[0] - b[0]);
+  }
+
   /** Saves the disk's ledger if it changed since its last save. */
   async persist(diskId: string): Promise<void> {
     if (this.unsaved.has(diskId)) await this.save(diskId);
