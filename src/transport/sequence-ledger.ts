@@ -21,6 +21,9 @@ import { validateDiskId } from './transport-protocol';
  * - `knownFrom`: the lowest sequence from which `recent` and `skipped`
  *   account for every number below `nextSeq`; a log below it is older than
  *   this ledger remembers.
+ * - `startSeq`: the first log this ledger ever took (null: none yet, or a
+ *   version 1 ledger that did not keep it). Nothing below it was accepted
+ *   here, so a log below it is never a duplicate.
  */
 export interface DiskLedger {
   readonly version: 2;
@@ -29,6 +32,7 @@ export interface DiskLedger {
   recent: Array<[number, string]>;
   skipped: Array<[number, number]>;
   knownFrom: number | null;
+  startSeq: number | null;
 }
 
 /** How many accepted logs' hashes each disk remembers. */
@@ -60,7 +64,7 @@ export class SequenceLedger {
     const cached = this.cache.get(diskId);
     if (cached !== undefined) return cached;
     const file = this.file(diskId);
-    let ledger: DiskLedger = { version: 2, nextSeq: null, appliedSeq: null, recent: [], skipped: [], knownFrom: null };
+    let ledger: DiskLedger = { version: 2, nextSeq: null, appliedSeq: null, recent: [], skipped: [], knownFrom: null, startSeq: null };
     if (fs.existsSync(file)) {
       let text: string;
       try {
@@ -110,6 +114,10 @@ export class SequenceLedger {
     }
     if (seen !== undefined) return { kind: 'duplicate' };
     if (ledger.skipped.some(([from, to]) => seq >= from && seq <= to)) return { kind: 'duplicate', folded: true };
+    if (ledger.startSeq !== null && seq < ledger.startSeq) {
+      // The disk's first log here was taken as its start; one before it overtook it on the way and cannot be applied after it.
+      throw new BlockrelayError('BR_SEQ_UNKNOWN', `disk ${diskId}: log ${seq} comes before log ${ledger.startSeq}, the first this receiver took for the disk`, { details: { expectedSeq: ledger.nextSeq, seq, startSeq: ledger.startSeq } });
+    }
     if (ledger.knownFrom === null || seq < ledger.knownFrom) return { kind: 'duplicate' };
     throw new BlockrelayError('BR_SEQ_UNKNOWN', `disk ${diskId}: log ${seq} is below the next expected ${ledger.nextSeq} but was neither accepted nor skipped by a resync log here`, { details: { expectedSeq: ledger.nextSeq, seq } });
   }
@@ -178,6 +186,7 @@ export class SequenceLedger {
 function advance(ledger: DiskLedger, seq: number): void {
   if (ledger.nextSeq !== null && seq > ledger.nextSeq) ledger.skipped.push([ledger.nextSeq, seq - 1]);
   if (ledger.knownFrom === null) ledger.knownFrom = seq;
+  if (ledger.nextSeq === null) ledger.startSeq = seq;
   ledger.nextSeq = seq + 1;
   if (ledger.skipped.length > LEDGER_SKIPPED_MAX) {
     const dropped = ledger.skipped.splice(0, ledger.skipped.length - LEDGER_SKIPPED_MAX);
@@ -219,8 +228,8 @@ export function parseLedger(text: string, file: string): DiskLedger {
   if (!seqOrNull(o.nextSeq) || !seqOrNull(o.appliedSeq)) return bad('nextSeq and appliedSeq must be sequence numbers or null');
   if (!Array.isArray(o.recent) || !o.recent.every((e) => Array.isArray(e) && Number.isSafeInteger(e[0]) && typeof e[1] === 'string')) return bad('recent must list [seq, hash] pairs');
   const recent = o.recent as Array<[number, string]>;
-  if (o.version === 1) return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: [], knownFrom: o.nextSeq };
+  if (o.version === 1) return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: [], knownFrom: o.nextSeq, startSeq: null };
   if (!Array.isArray(o.skipped) || !o.skipped.every((e) => Array.isArray(e) && Number.isSafeInteger(e[0]) && Number.isSafeInteger(e[1]) && e[0] <= e[1])) return bad('skipped must list [from, to] ranges');
-  if (!seqOrNull(o.knownFrom)) return bad('knownFrom must be a sequence number or null');
-  return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: o.skipped as Array<[number, number]>, knownFrom: o.knownFrom };
+  if (!seqOrNull(o.knownFrom) || !seqOrNull(o.startSeq)) return bad('knownFrom and startSeq must be sequence numbers or null');
+  return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: o.skipped as Array<[number, number]>, knownFrom: o.knownFrom, startSeq: o.startSeq };
 }

@@ -48,6 +48,15 @@ describe('SequenceLedger: a resync log names the sequence it follows', () => {
     expect(() => l.admit('d', 5, H(5), false)).toThrow(expect.objectContaining({ code: 'BR_SEQ_GAP' }));
   });
 
+  it('refuses with BR_SEQ_UNKNOWN a log that overtook the first log a fresh ledger took, never a silent duplicate', () => {
+    const l = new SequenceLedger(tmp());
+    // Log 2 arrives first at a receiver that has nothing of the disk yet: it sets the start.
+    expect(l.admit('d', 2, H(2))).toEqual({ kind: 'accept' });
+    l.accepted('d', 2, H(2));
+    expect(() => l.admit('d', 1, H(1))).toThrow(expect.objectContaining({ code: 'BR_SEQ_UNKNOWN', details: expect.objectContaining({ startSeq: 2 }) }));
+    expect(l.admit('d', 2, H(2))).toEqual({ kind: 'duplicate' });
+  });
+
   it('persists the skipped ranges across a restart', async () => {
     const dir = tmp();
     const l = ledgerWith(dir, [1]);
@@ -55,7 +64,7 @@ describe('SequenceLedger: a resync log names the sequence it follows', () => {
     await l.persist('d');
     const again = new SequenceLedger(dir);
     expect(again.admit('d', 2, H(2))).toEqual({ kind: 'duplicate', folded: true });
-    expect(again.get('d')).toMatchObject({ version: 2, nextSeq: 5, skipped: [[2, 3]], knownFrom: 1 });
+    expect(again.get('d')).toMatchObject({ version: 2, nextSeq: 5, skipped: [[2, 3]], knownFrom: 1, startSeq: 1 });
   });
 
   it('reads a version 1 ledger, remembering nothing below its nextSeq', () => {
@@ -63,7 +72,7 @@ describe('SequenceLedger: a resync log names the sequence it follows', () => {
     fs.mkdirSync(path.join(dir, 'disks'));
     fs.writeFileSync(path.join(dir, 'disks', 'd.json'), JSON.stringify({ version: 1, nextSeq: 7, appliedSeq: 6, recent: [[6, H(6)]] }));
     const l = new SequenceLedger(dir);
-    expect(l.get('d')).toEqual({ version: 2, nextSeq: 7, appliedSeq: 6, recent: [[6, H(6)]], skipped: [], knownFrom: 7 });
+    expect(l.get('d')).toEqual({ version: 2, nextSeq: 7, appliedSeq: 6, recent: [[6, H(6)]], skipped: [], knownFrom: 7, startSeq: null });
     expect(l.admit('d', 3, H(3))).toEqual({ kind: 'duplicate' });
     expect(() => l.admit('d', 9, H(9), true, 7)).toThrow(expect.objectContaining({ code: 'BR_SEQ_GAP' }));
   });
