@@ -333,7 +333,15 @@ export class ChangeTracker {
       if (regions.length > 0) reasons.push('write-intent');
     }
     await recoverOpenLogs({ dir, diskId, clock, names, openLogs, maps, reasons });
-    const { sealed, logMaps } = await loadSealedLogs({ dir, diskId, clock, diskSizeBytes: options.diskSizeBytes, granularityBytes: granularity, names, maps, reasons });
+    const loaded = await loadSealedLogs({ dir, diskId, clock, diskSizeBytes: options.diskSizeBytes, granularityBytes: granularity, names, maps, reasons });
+    const { logMaps } = loaded;
+    // A resync log sealed before `follows` was kept follows the newest log still here below it (a
+    // resync round's predecessor), or the newest acknowledged; with neither known it goes without.
+    const sealed = loaded.sealed.map((l, i) => {
+      if (l.resync !== true || l.follows !== undefined) return l;
+      const below = i > 0 ? loaded.sealed[i - 1]!.sequence : state === undefined ? 0 : state.shippedSequence;
+      return below === undefined || below >= l.sequence ? l : { ...l, follows: below };
+    });
 
     const mode = state?.mode ?? 'logging';
     // Every log name counts, set-aside `.corrupt` ones too, so no sequence is used twice.

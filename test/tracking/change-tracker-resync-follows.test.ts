@@ -136,3 +136,38 @@ describe('tracker files: follows and shippedSequence', () => {
     expect(() => parseTrackerState({ ...state, shippedSequence: -2 }, 'f')).toThrow(expect.objectContaining({ code: 'BR_TRACKER_STATE_CORRUPT' }));
   });
 });
+
+describe('ChangeTracker: a resync log sealed before follows was kept', () => {
+  const tmp = useTempDirs();
+
+  it('follows the sealed log before it after a restart; without one and without shippedSequence it goes without', async () => {
+    const dir = tmp();
+    const tracker = await open(dir);
+    await overflow(tracker, 60);
+    // In dirty-only mode the first round seals no log before its own: after the fold it comes first.
+    const first = await tracker.resyncRound(zeroes, CHUNK);
+    await tracker.recordWrite(0, pattern(2, CHUNK));
+    const round = await tracker.resyncRound(zeroes, CHUNK);
+    expect(first!.log.follows).toBe(0);
+    await tracker.close();
+    // Strip what an older version did not write.
+    for (const log of [round!.log, first!.log]) {
+      const sidecar = JSON.parse(fs.readFileSync(log.sidecarPath, 'utf8')) as { follows?: number };
+      delete sidecar.follows;
+      fs.writeFileSync(log.sidecarPath, JSON.stringify(sidecar));
+    }
+    const stateFile = path.join(dir, 'disk0.tracker.json');
+    const state = JSON.parse(fs.readFileSync(stateFile, 'utf8')) as { shippedSequence?: number };
+    delete state.shippedSequence;
+    fs.writeFileSync(stateFile, JSON.stringify(state));
+    const reopened = await open(dir);
+    const logs = reopened.sealedLogs();
+    const sequences = logs.map((l) => l.sequence);
+    // The round's log follows the log the round sealed before it, still here.
+    expect(logs.find((l) => l.sequence === round!.log.sequence)!.follows).toBe(sequences[sequences.indexOf(round!.log.sequence) - 1]);
+    // The oldest log here, a resync log after the fold: nothing known to follow, so none.
+    expect(logs[0]!.resync).toBe(true);
+    expect(logs[0]!.follows).toBeUndefined();
+    await reopened.close();
+  });
+});
