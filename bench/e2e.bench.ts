@@ -52,7 +52,7 @@ import { createMetrics } from '../src/daemon/metrics';
 import { systemClock } from '../src/platform/clock';
 import { DiskHealth } from '../src/retry/health';
 import { HrlWriter } from '../src/tracking/hrl-writer';
-import { HopWorker, threadCpu, type ThreadCpu } from '../src/transport/hop-worker';
+import { HopWorker, threadCpu, threadGc, type ThreadCpu, type ThreadGc } from '../src/transport/hop-worker';
 import { LogShipper, type ShippableLog } from '../src/transport/log-shipper';
 import type { LogStageEvent } from '../src/transport/log-stage-events';
 import { silentLogger } from '../src/daemon/logger';
@@ -226,6 +226,8 @@ async function chainCapacity(dir: string) {
   const cpuBefore = process.cpuUsage();
   // And per thread where the platform says (Linux): the source's (this one) and each hop's.
   const threadsCpu = async (): Promise<Array<ThreadCpu | undefined>> => [threadCpu(), ...(await Promise.all([ps, mt].map((h) => (h instanceof HopWorker ? h.threadCpu() : undefined))))];
+  const threadsGc = async (): Promise<Array<ThreadGc | undefined>> => [threadGc(), ...(await Promise.all([ps, mt].map((h) => (h instanceof HopWorker ? h.threadGc() : undefined))))];
+  const gcBefore = await threadsGc();
   const threadsBefore = await threadsCpu();
   const remaining = new Map(logs.map((l) => [l.seq, { ...l, cutTimeMs: started }]));
   const shipper = newShipper(remaining, (e) => events.push(e));
@@ -237,6 +239,9 @@ async function chainCapacity(dir: string) {
   const elapsedS = (Date.now() - started) / 1000;
   const cpu = process.cpuUsage(cpuBefore);
   const threadsAfter = await threadsCpu();
+  // GC entries reach their observer a turn of the event loop late.
+  await new Promise((r) => setTimeout(r, 20));
+  const gcAfter = await threadsGc();
   await shipper.stop();
   await ps.stop();
   await mt.stop();
@@ -262,6 +267,8 @@ async function chainCapacity(dir: string) {
     cpuSecondsPerGB: { user: Number((cpu.user / 1e6 / (totalBytes / 1e9)).toFixed(2)), system: Number((cpu.system / 1e6 / (totalBytes / 1e9)).toFixed(2)) },
     // The same split by thread (user + system; 10 ms ticks): 'other' is libuv's file I/O pool and V8's GC and compiler helpers, shared by all.
     cpuSecondsPerGBByThread: threadSplit(threadsBefore, threadsAfter, cpu, totalBytes),
+    // Major garbage collections per GB of logs by thread, and their pause ms per GB (the marking V8's helper threads do beside is not in the pause).
+    majorGcPerGBByThread: gcSplit(gcBefore, gcAfter, totalBytes),
     timeline: timeline(events),
   };
 }
@@ -275,6 +282,16 @@ function threadSplit(before: Array<ThreadCpu | undefined>, after: Array<ThreadCp
   const out: Record<string, number> = {};
   used.forEach((ms, i) => { out[names[i]!] = perGB(ms); });
   out.other = perGB((total.user + total.system) / 1000 - used.reduce((a, b) => a + b, 0));
+  return out;
+}
+
+/** Major GCs (count, pause ms) per GB of logs by thread: source (this thread), process server, master target. */
+function gcSplit(before: Array<ThreadGc | undefined>, after: Array<ThreadGc | undefined>, totalBytes: number): Record<string, { count: number; pauseMs: number }> | null {
+  if (before.some((t) => t === undefined) || after.some((t) => t === undefined)) return null;
+  const perGB = (n: number): number => Number((n / (totalBytes / 1e9)).toFixed(1));
+  const names = ['source', 'processServer', 'masterTarget'];
+  const out: Record<string, { count: number; pauseMs: number }> = {};
+  before.forEach((b, i) => { out[names[i]!] = { count: perGB(after[i]!.majorCount - b!.majorCount), pauseMs: perGB(after[i]!.majorMs - b!.majorMs) }; });
   return out;
 }
 

@@ -1,5 +1,6 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { constants as perfConstants, PerformanceObserver } from 'node:perf_hooks';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import type { MetricObjectWithValues, MetricValue } from 'prom-client';
 import type { Logger } from '../daemon/logger';
@@ -37,7 +38,7 @@ export interface HopWorkerOptions {
 /** How often a worker pushes its disks' status when nothing else happens. */
 const STATUS_PUSH_MS = 250;
 
-type Call = 'start' | 'drain' | 'stop' | 'metrics' | 'cpu';
+type Call = 'start' | 'drain' | 'stop' | 'metrics' | 'cpu' | 'gc';
 
 /** CPU time one thread has used, in ms. */
 export interface ThreadCpu {
@@ -61,6 +62,45 @@ export function threadCpu(): ThreadCpu | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** Garbage collections of one thread's isolate since it first called threadGc(): counts and pause time in ms. */
+export interface ThreadGc {
+  readonly majorCount: number;
+  readonly majorMs: number;
+  readonly minorCount: number;
+  readonly minorMs: number;
+}
+
+let gcSeen: { majorCount: number; majorMs: number; minorCount: number; minorMs: number } | undefined;
+
+/**
+ * The calling thread's garbage collections (each isolate has its own
+ * collector, and a PerformanceObserver sees only its own isolate's), counted
+ * from the first call on. Major collections scale with the live heap, and
+ * their marking runs on V8's helper threads too, so their count per GB is a
+ * steadier figure of a hop's allocation than CPU time on a shared machine.
+ * Entries arrive asynchronously: a count lags by at most one turn of the
+ * event loop.
+ */
+export function threadGc(): ThreadGc {
+  if (gcSeen === undefined) {
+    const seen = (gcSeen = { majorCount: 0, majorMs: 0, minorCount: 0, minorMs: 0 });
+    const observer = new PerformanceObserver((list) => {
+      for (const entry of list.getEntries()) {
+        const kind = (entry as { detail?: { kind?: number } }).detail?.kind;
+        if (kind === perfConstants.NODE_PERFORMANCE_GC_MAJOR) {
+          seen.majorCount++;
+          seen.majorMs += entry.duration;
+        } else if (kind === perfConstants.NODE_PERFORMANCE_GC_MINOR) {
+          seen.minorCount++;
+          seen.minorMs += entry.duration;
+        }
+      }
+    });
+    observer.observe({ entryTypes: ['gc'] });
+  }
+  return { ...gcSeen };
 }
 
 type ToWorker = { readonly id: number; readonly call: Call };
@@ -143,6 +183,12 @@ export class HopWorker {
     return (await this.call('cpu')) as ThreadCpu | undefined;
   }
 
+  /** The hop's garbage collections since it started (threadGc() in its thread). */
+  async threadGc(): Promise<ThreadGc | undefined> {
+    if (this.exited) return undefined;
+    return (await this.call('gc')) as ThreadGc;
+  }
+
   /** The hop's registry as prom-client JSON, for a parent registry to aggregate. */
   async metricsJson(): Promise<MetricObjectWithValues<MetricValue<string>>[]> {
     if (this.exited) return [];
@@ -194,6 +240,7 @@ export type HopBuilder = (init: unknown, onStage: LogStageSink) => ApplyingHop;
 export function serveHopInWorker(build: HopBuilder): void {
   if (isMainThread || parentPort === null || (workerData as Record<string, unknown> | null)?.[HOP_WORKER_MARK] !== true) return;
   const port = parentPort;
+  threadGc();
   const post = (m: FromWorker): void => port.postMessage(m);
   const pushStatus = (): void => post({ kind: 'status', disks: hop.diskStatus() });
   const hop = build((workerData as { init: unknown }).init, (event) => {
@@ -223,6 +270,8 @@ export function serveHopInWorker(build: HopBuilder): void {
           return hop.metrics.registry.getMetricsAsJSON();
         case 'cpu':
           return threadCpu();
+        case 'gc':
+          return threadGc();
       }
     };
     run().then(

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { threadCpu } from '../../src/transport/hop-worker';
+import { threadCpu, threadGc } from '../../src/transport/hop-worker';
 
 describe('thread CPU of a hop', () => {
   it('counts the calling thread\'s own CPU time, and only its own (Linux)', async () => {
@@ -22,5 +22,19 @@ describe('thread CPU of a hop', () => {
     }
     expect(x).toBeGreaterThan(0);
     expect(spun.userMs + spun.systemMs - slept.userMs - slept.systemMs).toBeGreaterThanOrEqual(200);
+  });
+
+  it('counts the calling thread\'s garbage collections from its first call on', async () => {
+    const before = threadGc();
+    // Some hundred thousand short-lived objects force scavenges.
+    let keep: unknown[] = [];
+    for (let round = 0; round < 40; round++) keep = Array.from({ length: 20_000 }, (_, i) => ({ i, s: `x${i}` }));
+    expect(keep.length).toBe(20_000);
+    // Entries arrive on a later turn of the event loop.
+    await new Promise((r) => setTimeout(r, 50));
+    const after = threadGc();
+    expect(after.minorCount).toBeGreaterThan(before.minorCount);
+    expect(after.minorMs).toBeGreaterThan(before.minorMs);
+    expect(after.majorCount).toBeGreaterThanOrEqual(before.majorCount);
   });
 });
