@@ -20,6 +20,8 @@ export interface ShippableLog {
   readonly appTag?: string | undefined;
   /** The log carries resync data (its end is not a recovery point). */
   readonly resync?: boolean | undefined;
+  /** Resync logs: the sequence the log follows (transport-protocol.ts LogEnvelope.follows). */
+  readonly follows?: number | undefined;
 }
 
 /** The source's side of shipping: its sealed logs in order, and deleting one once acknowledged. */
@@ -165,6 +167,7 @@ export class LogShipper {
       appTag: log.appTag,
       diskSizeBytes: this.source.diskSizeBytes,
       ...(log.resync === true ? { resync: true } : {}),
+      ...(log.resync === true && log.follows !== undefined ? { follows: log.follows } : {}),
     };
     try {
       await sendLog(this.options.peer, envelope, log.file, { onBodySent });
@@ -174,7 +177,9 @@ export class LogShipper {
       // An overflow may fold the log away while it is being sent (the upload
       // then breaks off): it needs no retry, a resync log carries its extents.
       if (!(await this.source.sealedLogs()).some((l) => l.seq === log.seq)) return;
-      if (isBlockrelayError(err) && err.code === 'BR_SEQ_GAP') {
+      // A resync log that names the log it follows is refused as a gap only
+      // until that log is in: waiting is the answer, not a resync.
+      if (isBlockrelayError(err) && err.code === 'BR_SEQ_GAP' && !(log.resync === true && log.follows !== undefined)) {
         throw new BlockrelayError('BR_DISK_CRITICAL', `process server expects log ${String(err.details.expectedSeq)} of disk ${this.source.diskId} but the oldest log here is ${log.seq}; the disk needs a resync`, { cause: err });
       }
       throw err;
