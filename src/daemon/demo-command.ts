@@ -2,6 +2,7 @@ import { BlockrelayError } from '../retry/blockrelay-error';
 import { parseCommandArgs, parseIntegerOption, type Command } from './command';
 import { HOST_PORT_PATTERN } from './config';
 import { Demo, DEMO_DEFAULTS } from './demo';
+import { tellStopping, untilStopSignal } from './stop-signals';
 
 /** How often the live line is redrawn on a terminal (and logged otherwise). */
 const LIVE_LINE_INTERVAL_MS = 2_000;
@@ -61,10 +62,7 @@ export const demoCommand: Command = {
       io.stderr.write(tty ? `\r${line}\u001b[K` : `${line}\n`);
     }, LIVE_LINE_INTERVAL_MS);
     live.unref();
-    const signal = await new Promise<string>((resolve) => {
-      process.once('SIGTERM', () => resolve('SIGTERM'));
-      process.once('SIGINT', () => resolve('SIGINT'));
-    });
+    const signal = await untilStopSignal(tellStopping(io.stderr, 'draining everything pending to the target')).signal;
     clearInterval(live);
     io.stderr.write(`${tty ? '\n' : ''}${signal}: draining everything pending to the target...\n`);
     await demo.drainAndStop();

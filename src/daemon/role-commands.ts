@@ -10,6 +10,7 @@ import { exitNow } from '../platform/exit-now';
 import { parseCommandArgs, type Command } from './command';
 import { loadConfig, type BlockrelayConfig } from './config';
 import { createLogger } from './logger';
+import { untilStopSignal } from './stop-signals';
 
 /** How long SIGTERM waits for pending logs before stopping anyway. */
 export const SHUTDOWN_DRAIN_TIMEOUT_MS = 60_000;
@@ -39,10 +40,8 @@ export async function runUntilSignalled(
   const drainTimeoutMs = options.drainTimeoutMs ?? SHUTDOWN_DRAIN_TIMEOUT_MS;
   const stopTimeoutMs = options.stopTimeoutMs ?? SHUTDOWN_STOP_TIMEOUT_MS;
   const exit = options.exit ?? exitNow;
-  const signal = await new Promise<NodeJS.Signals>((resolve) => {
-    process.once('SIGTERM', () => resolve('SIGTERM'));
-    process.once('SIGINT', () => resolve('SIGINT'));
-  });
+  const stopSignals = untilStopSignal((s, remaining) => logger.warn({ signal: s, remaining }, 'already draining before exit; repeated signals beyond this end the process at once'), exit);
+  const signal = await stopSignals.signal;
   logger.info({ signal }, 'draining before exit');
   const drained = await resolvesWithin(role.drain(), drainTimeoutMs);
   if (!drained) logger.warn({ drainTimeoutMs }, 'drain did not finish in time; pending logs stay spooled for the next start');

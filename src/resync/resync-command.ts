@@ -12,6 +12,7 @@ import { RESYNC_DEFAULTS } from './resync-engine';
 import { resyncDisks } from './resync-disks';
 import { ResyncProgressPrinter } from './resync-progress';
 import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from './resync-wire';
+import { tellStopping, untilStopSignal } from '../daemon/stop-signals';
 
 const USAGE = 'resync SOURCE TARGET [--block-size BYTES] [--json] [--state FILE] [--extents FILE] [--create] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N]\n       resync SOURCE --process-server URL --disk ID [--ca FILE] [--after-seq N] [--state FILE] [--block-size BYTES] [--json] [--extents FILE] [--max-read-rate BYTES_PER_SEC] [--checkpoint-ms N] [--retry-ms N]';
 
@@ -67,15 +68,13 @@ async function withProgress<T>(io: CommandIo, run: (progress: { onProgress: Resy
   const tty = (io.stderr as NodeJS.WriteStream).isTTY === true;
   const printer = new ResyncProgressPrinter(io.stderr, tty);
   const controller = new AbortController();
-  const stop = (): void => controller.abort();
-  process.once('SIGINT', stop);
-  process.once('SIGTERM', stop);
+  const stopSignals = untilStopSignal(tellStopping(io.stderr, 'stopping the resync with its progress saved'));
+  void stopSignals.signal.then(() => controller.abort());
   try {
     return await run({ onProgress: printer.report, progressIntervalMs: tty ? TTY_PROGRESS_INTERVAL_MS : LOG_PROGRESS_INTERVAL_MS, signal: controller.signal });
   } finally {
     printer.finish();
-    process.removeListener('SIGINT', stop);
-    process.removeListener('SIGTERM', stop);
+    stopSignals.release();
   }
 }
 

@@ -7,6 +7,7 @@ import { validateDiskId } from '../transport/transport-protocol';
 import { commitFailover, failover, loadPoints, openPointSource, resolveDiskPoint, resolveGroupPoint, type FailoverResult } from './failover';
 import { listingOf, selectablePoints } from './recovery-points';
 import { retentionUsage } from './retention-pruner';
+import { tellStopping, untilStopSignal } from '../daemon/stop-signals';
 
 function required(values: Record<string, unknown>, name: string, usage: string): string {
   const v = values[name];
@@ -88,12 +89,9 @@ export const failoverCommand: Command = {
 
 const EXPORT_USAGE = 'export --retention DIR --disk ID --point POINT --listen HOST:PORT';
 
-/** Resolves once SIGTERM or SIGINT arrives. */
-function untilSignal(): Promise<NodeJS.Signals> {
-  return new Promise((resolve) => {
-    process.once('SIGTERM', () => resolve('SIGTERM'));
-    process.once('SIGINT', () => resolve('SIGINT'));
-  });
+/** Resolves once SIGTERM or SIGINT arrives; later ones while the export closes are told (stop-signals.ts). */
+function untilSignal(stderr: NodeJS.WritableStream): Promise<NodeJS.Signals> {
+  return untilStopSignal(tellStopping(stderr, 'closing the export')).signal;
 }
 
 /**
@@ -123,7 +121,7 @@ export const exportCommand: Command = {
     });
     try {
       const [host, port] = splitHostPort(listen);
-      const signal = untilSignal();
+      const signal = untilSignal(io.stderr);
       const addr = await server.listen(host.replace(/^\[(.*)\]$/, '$1'), port);
       const shownHost = addr.host.includes(':') ? `[${addr.host}]` : addr.host;
       io.stderr.write(`export ${diskId} at point ${point.id} (${new Date(point.timeMs).toISOString()}) ready: nbd://${shownHost}:${addr.port}/${diskId}\n`);

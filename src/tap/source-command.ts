@@ -14,6 +14,7 @@ import type { DiskTarget } from '../targets/disk-target';
 import { openDisk } from '../targets/disk-spec';
 import { SourceResyncs } from '../resync/source-resyncs';
 import * as path from 'node:path';
+import { tellStopping, untilStopSignal } from '../daemon/stop-signals';
 
 const usage = 'source --disk ID=SPEC [--disk ID=SPEC ...] --listen HOST:PORT --log-dir DIR [--process-server URL] [--interval-ms N] [--control HOST:PORT] [--quiesce-hook CMD] [--app-interval-minutes N] [--group G] [--stop-timeout-ms N]';
 
@@ -219,10 +220,7 @@ export const sourceCommand: Command = {
     for (const [id, uri] of Object.entries(role.exportUris)) io.stderr.write(`source: disk ${id} at ${uri}\n`);
     io.stderr.write(`${SOURCE_READY_PREFIX}${JSON.stringify({ listen: `${role.address.host}:${role.address.port}`, exports: role.exportUris, logDir, ...(controlApi === undefined ? {} : { control: controlApi.url }) })}\n`);
 
-    const signal = await new Promise<NodeJS.Signals>((resolve) => {
-      process.once('SIGTERM', () => resolve('SIGTERM'));
-      process.once('SIGINT', () => resolve('SIGINT'));
-    });
+    const signal = await untilStopSignal(tellStopping(io.stderr, 'stopping: finishing NBD requests and sealing the active logs')).signal;
     logger.info({ signal }, 'stopping: finishing NBD requests and sealing the active logs');
     // The bound starts at the signal and covers every step that can wait on
     // a disk: the resyncs' stop as well as the role's.
