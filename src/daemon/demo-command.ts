@@ -68,6 +68,9 @@ export const demoCommand: Command = {
     await demo.drainAndStop();
     const disk = demo.status().disks[0];
     io.stderr.write(`drained: applied up to log ${disk?.appliedSeq ?? '-'}; target ${l.target}\n`);
+    // After an overflow the target waits for a resync the drain does not run
+    // (it can take long): say so, or "drained" reads as "the target equals the disk".
+    if (disk?.resync !== undefined) io.stderr.write(`not yet in step: a resync of ${mib(disk.resync.bytes)} is still pending and runs at the next start\n`);
     return 0;
   },
 };

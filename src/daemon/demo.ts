@@ -160,6 +160,7 @@ export class Demo {
     const secret = crypto.randomBytes(24).toString('hex');
     const quiet = { logger: this.logger, metrics: this.metrics, clock: this.clock };
 
+    await this.ensureTarget();
     const mtInit: DemoHopInit = {
       role: 'master-target',
       config: {
@@ -275,6 +276,21 @@ export class Demo {
     if (inWorker) return new HopWorker({ entry: DEMO_HOP_WORKER_ENTRY, init, logger: this.logger, clock: this.clock, name: init.role, ...(this.options.onStage ? { onStage: this.options.onStage } : {}) });
     const hop = buildDemoHop(init, { logger: this.logger, metrics: this.metrics, clock: this.clock, onStage: this.options.onStage });
     return hop;
+  }
+
+  /**
+   * Creates `DIR/target/disk0.vmdk` at start when it is missing, as the
+   * layout promises: the master target would otherwise make it only when it
+   * applies the first log, so an idle demo had no target to inspect. Same
+   * size as the protected disk (the existing one when resuming); a target
+   * that exists is left to the master target, which checks its size.
+   */
+  private async ensureTarget(): Promise<void> {
+    const l = this.layout;
+    if (fs.existsSync(l.target)) return;
+    const sizeBytes = fs.existsSync(l.sourceDisk) ? fs.statSync(l.sourceDisk).size : this.options.sizeBytes;
+    const target = await openDisk(`vmdk:${l.target}`, { create: { sizeBytes } });
+    await target.close();
   }
 
   private async openProtectedDisk(): Promise<DiskTarget> {

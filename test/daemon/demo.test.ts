@@ -40,7 +40,10 @@ describe('blockrelay demo', () => {
     const first = await startDemo(dir, nbdPort);
     expect(first.manifest.nbd).toBe(`nbd://127.0.0.1:${nbdPort}/disk0`);
     expect(first.manifest.metrics).toBe(`${first.manifest.control}/metrics`);
-    for (const p of ['source/disk0.img', 'cache', 'target', 'retention']) expect(fs.existsSync(path.join(dir, p))).toBe(true);
+    for (const p of ['source/disk0.img', 'cache', 'target/disk0.vmdk', 'retention']) expect(fs.existsSync(path.join(dir, p))).toBe(true);
+    // The layout is whole before any write: the target is a VMDK of the disk's size.
+    const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', path.join(dir, 'target', 'disk0.vmdk')], { encoding: 'utf8' })) as { format: string; 'virtual-size': number };
+    expect(info).toMatchObject({ format: 'vmdk', 'virtual-size': 64 * 1024 * 1024 });
 
     // Random writes at a rate the chain keeps up with (no overflow into resync).
     execFileSync('fio', ['--name=churn', '--ioengine=nbd', `--uri=${first.manifest.nbd}`, '--rw=randwrite', '--bsrange=4k-64k', '--size=64m', '--io_size=24m', '--iodepth=8', '--rate=12m', '--randseed=7'], { stdio: 'ignore', timeout: 60_000 });
