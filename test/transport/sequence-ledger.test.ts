@@ -2,6 +2,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { Readable } from 'node:stream';
+import type { BlockrelayError } from '../../src/retry/blockrelay-error';
+import { statusForError } from '../../src/transport/http-api';
 import { LogReceiver } from '../../src/transport/log-receiver';
 import { hashHex, LogSpool, newXxhash64 } from '../../src/transport/log-spool';
 import { LEDGER_SKIPPED_MAX, SequenceLedger } from '../../src/transport/sequence-ledger';
@@ -38,6 +40,14 @@ describe('SequenceLedger: a resync log names the sequence it follows', () => {
     // Forge the state a pre-fix receiver left: 5 accepted past an unskipped 4.
     l.get('d').nextSeq = 6;
     expect(() => l.admit('d', 4, H(4))).toThrow(expect.objectContaining({ code: 'BR_SEQ_UNKNOWN' }));
+    // Answered beside the other sequence refusals, not as a server fault.
+    let unknown: unknown;
+    try {
+      l.admit('d', 4, H(4));
+    } catch (err) {
+      unknown = err;
+    }
+    expect(statusForError(unknown as BlockrelayError)).toBe(409);
     expect(l.admit('d', 2, H(2))).toEqual({ kind: 'duplicate' });
     expect(() => l.admit('d', 2, H(99))).toThrow(expect.objectContaining({ code: 'BR_SEQ_CONFLICT' }));
   });
