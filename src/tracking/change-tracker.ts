@@ -1150,10 +1150,14 @@ export class ChangeTracker {
     const sequence = this.activeSequence!;
     const done = await writer.seal();
     this.writer = undefined;
+    // While a resync is owed the replica at this cut would hold new blocks
+    // beside stale ones in the extents still to resync: no point ends here.
+    const tainted = this.maps.resync.dirtyBytes() > 0 || this.reservations.length > 0;
     const sidecar: LogSidecar = {
       version: 1, diskId: this.diskId, sequence, uniqueId: done.uniqueId, previousUniqueId: done.previousUniqueId, sizeBytes: done.sizeBytes, entryCount: done.entryCount,
       cutId: point.cutId, cutTime: new Date(point.cutTimeMs).toISOString(), cutTimeMs: point.cutTimeMs, recovered: false,
       ...(point.appTag === undefined ? {} : { appTag: point.appTag }),
+      ...(tainted ? { tainted: true } : {}),
     };
     const sidecarPath = this.logPath(sequence, SIDECAR_SUFFIX);
     await writeFileAtomic(sidecarPath, JSON.stringify(sidecar, null, 2));

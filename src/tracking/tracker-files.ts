@@ -167,6 +167,13 @@ export interface LogSidecar {
    * without it).
    */
   readonly follows?: number;
+  /**
+   * An ordinary log sealed while the disk still needed a resync (resync
+   * extents left, or a resync log's sequence held): the replica at its end
+   * mixes new and old blocks, so no selectable point ends with it. Sent as
+   * the envelope's `tainted`. Absent: false.
+   */
+  readonly tainted?: boolean;
 }
 
 /** Longest app tag a sidecar holds, in UTF-8 bytes. */
@@ -182,6 +189,7 @@ export function parseSidecar(value: unknown, file: string): LogSidecar {
   if (typeof v.recovered !== 'boolean') throw bad('recovered missing');
   if (v.appTag !== undefined && (typeof v.appTag !== 'string' || Buffer.byteLength(v.appTag) > MAX_APP_TAG_BYTES)) throw bad('appTag is not a string of at most 256 bytes');
   if (v.resync !== undefined && typeof v.resync !== 'boolean') throw bad('resync is not true or false');
+  if (v.tainted !== undefined && typeof v.tainted !== 'boolean') throw bad('tainted is not true or false');
   if (v.follows !== undefined && !(v.resync === true && typeof v.follows === 'number' && Number.isSafeInteger(v.follows) && v.follows >= 0 && v.follows < (v.sequence as number))) throw bad(`follows ${String(v.follows)} is not an earlier sequence on a resync log`);
   return v as unknown as LogSidecar;
 }

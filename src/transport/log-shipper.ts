@@ -22,6 +22,8 @@ export interface ShippableLog {
   readonly resync?: boolean | undefined;
   /** Resync logs: the sequence the log follows (transport-protocol.ts LogEnvelope.follows). */
   readonly follows?: number | undefined;
+  /** Sealed while a resync was still owed: no selectable point ends with it (LogEnvelope.tainted). */
+  readonly tainted?: boolean | undefined;
 }
 
 /** The source's side of shipping: its sealed logs in order, and deleting one once acknowledged. */
@@ -168,6 +170,7 @@ export class LogShipper {
       diskSizeBytes: this.source.diskSizeBytes,
       ...(log.resync === true ? { resync: true } : {}),
       ...(log.resync === true && log.follows !== undefined ? { follows: log.follows } : {}),
+      ...(log.tainted === true && log.resync !== true ? { tainted: true } : {}),
     };
     try {
       await sendLog(this.options.peer, envelope, log.file, { onBodySent });

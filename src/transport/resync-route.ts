@@ -518,7 +518,8 @@ export class ResyncSessions {
   markTainted(diskId: string, entry: SpoolEntry): SpoolEntry {
     if (entry.envelope.resync === true) return entry;
     const state = this.resyncState(diskId);
-    const tainted = state.inProgress || (state.taintedThrough !== null && entry.envelope.seq <= state.taintedThrough) || (state.taintedUntilMs !== undefined && entry.envelope.cutTimeMs <= state.taintedUntilMs);
+    // The source says so itself: sealed while its log-stream resync was unfinished.
+    const tainted = entry.envelope.tainted === true || state.inProgress || (state.taintedThrough !== null && entry.envelope.seq <= state.taintedThrough) || (state.taintedUntilMs !== undefined && entry.envelope.cutTimeMs <= state.taintedUntilMs);
     return tainted ? { ...entry, envelope: { ...entry.envelope, resync: true } } : entry;
   }
 

@@ -14,7 +14,7 @@ export function trackerShippingSource(tracker: ChangeTracker, extra: { group?: s
     async sealedLogs(): Promise<ShippableLog[]> {
       return tracker.sealedLogs().map((s) => {
         names.set(s.sequence, s.name);
-        return { seq: s.sequence, file: s.path, cutTimeMs: s.cutTimeMs, cutId: s.cutId.replace(/[^A-Za-z0-9._-]/g, '').slice(0, 64), group: extra.group, appTag: s.appTag, resync: s.resync === true, ...(s.follows === undefined ? {} : { follows: s.follows }) };
+        return { seq: s.sequence, file: s.path, cutTimeMs: s.cutTimeMs, cutId: s.cutId.replace(/[^A-Za-z0-9._-]/g, '').slice(0, 64), group: extra.group, appTag: s.appTag, resync: s.resync === true, ...(s.follows === undefined ? {} : { follows: s.follows }), ...(s.tainted === true ? { tainted: true } : {}) };
       });
     },
     async acknowledge(seq: number): Promise<void> {

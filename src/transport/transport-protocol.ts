@@ -44,6 +44,14 @@ export const HEADER = {
    * past a gap only once it has everything up to this one.
    */
   follows: 'x-blockrelay-follows',
+  /**
+   * `1` on an ordinary log sealed while the source still owed a resync
+   * (after an overflow, or a crash's write intents, until the last round):
+   * the target at its end mixes new and old blocks, so it ends no
+   * selectable recovery point. Unlike `resync`, it changes nothing in how
+   * the log is admitted.
+   */
+  tainted: 'x-blockrelay-tainted',
 } as const;
 
 /** Bounds the receiver enforces. */
@@ -78,6 +86,8 @@ export interface LogEnvelope {
    * a resync log from an older sender or spool: see SequenceLedger.admit.
    */
   readonly follows?: number;
+  /** Sealed while a resync was still owed: no selectable point ends with it (absent: false). See HEADER.tainted. */
+  readonly tainted?: boolean;
 }
 
 export function validateDiskId(diskId: string): string {
@@ -112,6 +122,7 @@ export function parseEnvelope(diskId: string, seqText: string, headers: Record<s
   const seq = wholeNumber('sequence number', seqText, TRANSPORT_LIMITS.maxSeq);
   const resync = resyncFlag(one(HEADER.resync));
   const follows = followsOf(one(HEADER.follows), seq, resync);
+  const tainted = flag(HEADER.tainted, one(HEADER.tainted));
   return {
     diskId: validateDiskId(diskId),
     seq,
@@ -124,6 +135,7 @@ export function parseEnvelope(diskId: string, seqText: string, headers: Record<s
     diskSizeBytes: wholeNumber(HEADER.diskSizeBytes, one(HEADER.diskSizeBytes), 2 ** 53 - 1),
     ...(resync ? { resync: true } : {}),
     ...(follows === undefined ? {} : { follows }),
+    ...(tainted ? { tainted: true } : {}),
   };
 }
 
@@ -145,9 +157,14 @@ function decodeTag(text: string): string {
 }
 
 function resyncFlag(text: string | undefined): boolean {
+  return flag(HEADER.resync, text);
+}
+
+/** A 0/1 header (absent: 0). */
+function flag(name: string, text: string | undefined): boolean {
   if (text === undefined || text === '0') return false;
   if (text === '1') return true;
-  throw new BlockrelayError('BR_PROTOCOL', `${HEADER.resync} must be 0 or 1, got '${text.slice(0, 20)}'`);
+  throw new BlockrelayError('BR_PROTOCOL', `${name} must be 0 or 1, got '${text.slice(0, 20)}'`);
 }
 
 /** The headers that carry an envelope. */
@@ -163,6 +180,7 @@ export function envelopeHeaders(env: LogEnvelope): Record<string, string> {
   if (env.appTag !== undefined) h[HEADER.appTag] = encodeURIComponent(env.appTag);
   if (env.resync === true) h[HEADER.resync] = '1';
   if (env.resync === true && env.follows !== undefined) h[HEADER.follows] = String(env.follows);
+  if (env.tainted === true) h[HEADER.tainted] = '1';
   return h;
 }
 

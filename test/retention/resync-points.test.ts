@@ -55,4 +55,34 @@ describe('resync logs and recovery points', () => {
     expect(r.point.seq).toBe(2);
     await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-5', out: `raw:${path.join(dir, 'no.img')}` })).rejects.toMatchObject({ code: 'BR_POINT_UNKNOWN' });
   });
+  it('lists no point for a log the source sealed while a resync was owed (tainted), so no failover picks a mixed image', async () => {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    const { mt } = await startMasterTarget(retentionSetup(dir, retentionDir));
+    running.push(mt);
+    const model = Buffer.alloc(DISK_BYTES);
+    const rand = prng(6);
+    const baseMs = Date.now() - 60 * MINUTE_MS;
+    const images = new Map<number, Buffer>();
+    const log = async (seq: number, minutes: number, mark: { resync?: true; tainted?: true; follows?: number } = {}) => {
+      const l = await makePatternLog(path.join(dir, 'src'), 'disk0', { seq, cutTimeMs: baseMs + minutes * MINUTE_MS }, model, rand);
+      images.set(seq, Buffer.from(model));
+      return { ...l, envelope: { ...l.envelope, ...mark } };
+    };
+    // 1 consistent; 2 and 3 sealed between resync rounds; 4 the last round; 5 after it.
+    await sendAll(mt, [await log(1, 0), await log(2, 10, { tainted: true }), await log(3, 20, { tainted: true }), await log(4, 25, { resync: true, follows: 3 })]);
+    await mt.drain();
+    const listed = async (): Promise<string[]> => (JSON.parse((await runCli(['points', 'list', '--retention', retentionDir, '--disk', 'disk0', '--json'])).stdout) as Array<{ id: string }>).map((p) => p.id);
+    expect(await listed()).toEqual(['disk0-1']);
+    const latest = await failover({ retentionDir, diskId: 'disk0', point: 'latest-processed', out: `raw:${path.join(dir, 'latest.img')}` });
+    expect(latest.point.seq).toBe(1);
+    expect(fs.readFileSync(path.join(dir, 'latest.img')).equals(images.get(1)!)).toBe(true);
+    await expect(failover({ retentionDir, diskId: 'disk0', point: 'disk0-3', out: `raw:${path.join(dir, 'no.img')}` })).rejects.toMatchObject({ code: 'BR_POINT_UNKNOWN' });
+    await sendAll(mt, [await log(5, 30)]);
+    await mt.drain();
+    expect(await listed()).toEqual(['disk0-1', 'disk0-5']);
+    const out = path.join(dir, 'p5.img');
+    await failover({ retentionDir, diskId: 'disk0', point: 'disk0-5', out: `raw:${out}` });
+    expect(fs.readFileSync(out).equals(images.get(5)!)).toBe(true);
+  });
 });
