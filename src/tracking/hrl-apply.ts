@@ -1,7 +1,7 @@
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { DiskTarget } from '../targets/disk-target';
 import { HRL_PREVIOUS_UNIQUE_ID_OFFSET } from './hrl-format';
-import { HRL_READ_CHUNK_BYTES, HrlLogFile, hrlDamage, type HrlLogEntry, type HrlVerifiedLog } from './hrl-reader';
+import { HRL_READ_CHUNK_BYTES, HrlLogFile, hrlDamage, type HrlEntryTable, type HrlVerifiedLog } from './hrl-reader';
 
 let sharedChunk: Buffer | undefined;
 let sharedChunkBusy = false;
@@ -34,8 +34,14 @@ function hasWriteMany(target: DiskTarget): target is DiskTarget & ManyWritesTarg
   return typeof (target as Partial<ManyWritesTarget>).writeMany === 'function';
 }
 
-/** A log to apply: a file, or a log held in memory (`bytes` is its whole content, `path` names it in errors). */
-export type HrlApplyInput = string | { readonly path: string; readonly bytes: Buffer };
+/**
+ * A log to apply: a file, or a log held in memory (`bytes` is its whole
+ * content, `path` names it in errors). `verified` is a full verification of
+ * those very bytes made with `collectEntries` (the transport's, on
+ * receipt): it is used instead of verifying again, with only the target's
+ * own bounds (size, alignment) checked against its entry table.
+ */
+export type HrlApplyInput = string | { readonly path: string; readonly bytes: Buffer; readonly verified?: HrlVerifiedLog };
 
 export interface HrlApplyResult {
   readonly logs: readonly HrlVerifiedLog[];
@@ -65,7 +71,13 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly HrlApplyI
     for (const file of files) {
       const log = typeof file === 'string' ? await HrlLogFile.open(file) : HrlLogFile.fromBytes(file.path, file.bytes);
       opened.push(log);
-      verified.push(await log.verify({ diskSizeBytes: target.sizeBytes, alignmentBytes: target.capabilities.alignmentBytes, checkPayloads: options.checkPayloads ?? true }));
+      const kept = typeof file === 'string' ? undefined : file.verified;
+      if (kept?.entryTable !== undefined) {
+        checkTargetBounds(log.path, kept.entryTable, target);
+        verified.push(kept);
+      } else {
+        verified.push(await log.verify({ diskSizeBytes: target.sizeBytes, alignmentBytes: target.capabilities.alignmentBytes, checkPayloads: options.checkPayloads ?? true, collectEntries: true }));
+      }
     }
     if (options.checkChain ?? true) {
       for (let i = 1; i < verified.length; i++) {
@@ -89,55 +101,62 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly HrlApplyI
         // follow one another are read together, up to a chunk, then
         // written one by one in apply order (one read instead of one per
         // entry: a log of 64 KiB writes has thousands).
-        let span: HrlLogEntry[] = [];
+        const table = await log.entryTable(verified[i]!);
+        const { byteOffsets, dataLengths, payloadFileOffsets } = table;
+        // Entries [spanFrom, spanTo) of the table, payloads back to back.
+        let spanFrom = 0;
+        let spanTo = 0;
         let spanStart = 0;
         let spanBytes = 0;
         const applySpan = async (): Promise<void> => {
-          if (span.length === 0) return;
+          if (spanTo === spanFrom) return;
           // A log in memory is written from views of its own buffer, no copy.
           const data = await log.view(spanStart, spanBytes, 'payload', chunk);
           let at = 0;
           if (hasWriteMany(target)) {
             // One call (one thread-pool job on a VMDK) for the whole span.
             const requests: Array<{ offset: number; data: Buffer }> = [];
-            for (const e of span) {
-              if (e.dataLength > 0) requests.push({ offset: e.byteOffset, data: data.subarray(at, at + e.dataLength) });
-              at += e.dataLength;
+            for (let e = spanFrom; e < spanTo; e++) {
+              const n = dataLengths[e]!;
+              if (n > 0) requests.push({ offset: byteOffsets[e]!, data: data.subarray(at, at + n) });
+              at += n;
               entries++;
-              bytes += e.dataLength;
+              bytes += n;
             }
             await target.writeMany(requests);
-            span = [];
-            spanBytes = 0;
-            return;
+          } else {
+            for (let e = spanFrom; e < spanTo; e++) {
+              // The target may keep the buffer until the write completes; the
+              // next read waits for that, so one chunk buffer is enough.
+              const n = dataLengths[e]!;
+              if (n > 0) await target.write(byteOffsets[e]!, data.subarray(at, at + n));
+              at += n;
+              entries++;
+              bytes += n;
+            }
           }
-          for (const e of span) {
-            // The target may keep the buffer until the write completes; the
-            // next read waits for that, so one chunk buffer is enough.
-            if (e.dataLength > 0) await target.write(e.byteOffset, data.subarray(at, at + e.dataLength));
-            at += e.dataLength;
-            entries++;
-            bytes += e.dataLength;
-          }
-          span = [];
+          spanFrom = spanTo;
           spanBytes = 0;
         };
-        for await (const entry of log.entries(verified[i]!)) {
-          if (span.length > 0 && (entry.payloadFileOffset !== spanStart + spanBytes || spanBytes + entry.dataLength > chunk.length)) await applySpan();
-          if (entry.dataLength > chunk.length) {
-            for (let done = 0; done < entry.dataLength; ) {
-              const n = Math.min(chunk.length, entry.dataLength - done);
-              const data = await log.view(entry.payloadFileOffset + done, n, 'payload', chunk);
-              await target.write(entry.byteOffset + done, data.subarray(0, n));
-              done += n;
+        for (let e = 0; e < table.count; e++) {
+          const payloadAt = payloadFileOffsets[e]!;
+          const n = dataLengths[e]!;
+          if (spanTo > spanFrom && (payloadAt !== spanStart + spanBytes || spanBytes + n > chunk.length)) await applySpan();
+          if (n > chunk.length) {
+            for (let done = 0; done < n; ) {
+              const len = Math.min(chunk.length, n - done);
+              const data = await log.view(payloadAt + done, len, 'payload', chunk);
+              await target.write(byteOffsets[e]! + done, data.subarray(0, len));
+              done += len;
             }
             entries++;
-            bytes += entry.dataLength;
+            bytes += n;
+            spanFrom = spanTo = e + 1;
             continue;
           }
-          if (span.length === 0) spanStart = entry.payloadFileOffset;
-          span.push(entry);
-          spanBytes += entry.dataLength;
+          if (spanTo === spanFrom) spanStart = payloadAt;
+          spanTo = e + 1;
+          spanBytes += n;
         }
         await applySpan();
         options.onLogApplied?.(verified[i]!);
@@ -149,5 +168,24 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly HrlApplyI
     return { logs: verified, entriesApplied: entries, bytesApplied: bytes };
   } finally {
     for (const log of opened) await log.close();
+  }
+}
+
+/**
+ * The target's own bounds over a log verified without them (its size and
+ * alignment): the same coded errors `verify` raises, naming the entry.
+ */
+function checkTargetBounds(file: string, table: HrlEntryTable, target: DiskTarget): void {
+  const align = target.capabilities.alignmentBytes;
+  for (let i = 0; i < table.count; i++) {
+    const byteOffset = table.byteOffsets[i]!;
+    const dataLength = table.dataLengths[i]!;
+    const entryOffset = table.entryFileOffsets[i]!;
+    if (byteOffset + dataLength > target.sizeBytes) {
+      throw hrlDamage('BR_HRL_PAST_DISK_END', file, entryOffset, `entry writes [${byteOffset}, ${byteOffset + dataLength}) past the disk end ${target.sizeBytes}`, { entryOffset, byteOffset, dataLength, diskSizeBytes: target.sizeBytes });
+    }
+    if (byteOffset % align !== 0 || dataLength % align !== 0) {
+      throw hrlDamage('BR_HRL_MISALIGNED', file, entryOffset, `entry [${byteOffset}, +${dataLength}) is not aligned to ${align} bytes`, { entryOffset, alignmentBytes: align });
+    }
   }
 }

@@ -17,7 +17,10 @@ import {
   HRL_METADATA_HEADER_SIZE,
   HRL_METADATA_SIZE_OFFSET,
   HRL_META_OPERATION_WRITE,
+  HRL_ME_BYTE_OFFSET_OFFSET,
   HRL_ME_CHECKSUM_OFFSET,
+  HRL_ME_DATA_CHECKSUM_OFFSET,
+  HRL_ME_DATA_LENGTH_OFFSET,
   HRL_ME_LOCATION_OFFSET,
   HRL_ME_META_OPERATION_OFFSET,
   HRL_ME_RESERVED_OFFSET,
@@ -32,7 +35,6 @@ import {
   HRL_VERSION_1,
   HRL_VERSION_2,
   computeHrlHeaderChecksum,
-  computeHrlMetadataEntryChecksum,
   computeHrlMetadataHeaderChecksum,
   decodeHrlHeader,
   decodeHrlMetadataEntry,
@@ -41,6 +43,7 @@ import {
   hrlChecksumFromSum,
   hrlEntriesPerBlock,
   isAllZero,
+  readU64,
   type HrlHeader,
 } from './hrl-format';
 
@@ -54,6 +57,24 @@ export interface HrlVerifyOptions {
   readonly alignmentBytes?: number;
   /** Check payloads against DataChecksum (default true); false reads only the metadata. */
   readonly checkPayloads?: boolean;
+  /** Also keep every entry in `HrlVerifiedLog.entryTable` (default false). */
+  readonly collectEntries?: boolean;
+}
+
+/**
+ * A verified log's entries in apply order as columns of typed arrays: one
+ * decode of the metadata shared by whoever walks the log next (ranges,
+ * apply) instead of an object per entry per walk. Entry i is
+ * `[byteOffsets[i], +dataLengths[i])` on the disk, its payload at
+ * `payloadFileOffsets[i]` in the log, its 32-byte entry at
+ * `entryFileOffsets[i]`. The arrays may be longer than `count`.
+ */
+export interface HrlEntryTable {
+  readonly count: number;
+  readonly byteOffsets: Float64Array;
+  readonly dataLengths: Float64Array;
+  readonly payloadFileOffsets: Float64Array;
+  readonly entryFileOffsets: Float64Array;
 }
 
 export interface HrlBlockInfo {
@@ -90,6 +111,44 @@ export interface HrlVerifiedLog {
   readonly payloadBytes: number;
   /** Entries with DataChecksum 0, whose payload cannot be checked (see docs/formats/ms-hrl.md). */
   readonly unverifiedPayloads: number;
+  /** Every entry, when verified with `collectEntries`. */
+  readonly entryTable?: HrlEntryTable;
+}
+
+/** A growable HrlEntryTable being filled by a verification. */
+export class HrlEntryTableBuilder implements HrlEntryTable {
+  count = 0;
+  byteOffsets: Float64Array;
+  dataLengths: Float64Array;
+  payloadFileOffsets: Float64Array;
+  entryFileOffsets: Float64Array;
+
+  constructor(capacity: number) {
+    const n = Math.max(16, capacity);
+    this.byteOffsets = new Float64Array(n);
+    this.dataLengths = new Float64Array(n);
+    this.payloadFileOffsets = new Float64Array(n);
+    this.entryFileOffsets = new Float64Array(n);
+  }
+
+  push(byteOffset: number, dataLength: number, payloadFileOffset: number, entryFileOffset: number): void {
+    if (this.count === this.byteOffsets.length) {
+      const grow = (a: Float64Array): Float64Array => {
+        const b = new Float64Array(a.length * 2);
+        b.set(a);
+        return b;
+      };
+      this.byteOffsets = grow(this.byteOffsets);
+      this.dataLengths = grow(this.dataLengths);
+      this.payloadFileOffsets = grow(this.payloadFileOffsets);
+      this.entryFileOffsets = grow(this.entryFileOffsets);
+    }
+    const i = this.count++;
+    this.byteOffsets[i] = byteOffset;
+    this.dataLengths[i] = dataLength;
+    this.payloadFileOffsets[i] = payloadFileOffset;
+    this.entryFileOffsets[i] = entryFileOffset;
+  }
 }
 
 /** Builds the coded error for damage at `offset` in `file`. */
@@ -214,11 +273,13 @@ export class HrlLogFile {
     if (eol > this.fileSizeBytes) {
       throw hrlDamage('BR_HRL_TRUNCATED', this.path, this.fileSizeBytes, `EOLLocation is ${eol} but the file ends at ${this.fileSizeBytes}`, { eolLocation: eol });
     }
-    const { blocks, entryCount, payloadBytes, unverified } = await this.verifyChain(eol - ms, ms, options);
+    // Sized by the header's count, bounded by what the file can hold; the count is checked below.
+    const table = options.collectEntries === true ? new HrlEntryTableBuilder(Math.min(header.totalMetadataEntries, Math.floor(this.fileSizeBytes / HRL_METADATA_ENTRY_SIZE))) : undefined;
+    const { blocks, entryCount, payloadBytes, unverified } = await this.verifyChain(eol - ms, ms, options, table);
     if (entryCount !== header.totalMetadataEntries) {
       throw hrlDamage('BR_HRL_ENTRY_COUNT_MISMATCH', this.path, HRL_TOTAL_METADATA_ENTRIES_OFFSET, `TotalMetadataEntries is ${header.totalMetadataEntries} but the blocks hold ${entryCount} valid entries`, { expected: entryCount });
     }
-    return { path: this.path, fileSizeBytes: this.fileSizeBytes, header, blocks, entryCount, payloadBytes, unverifiedPayloads: unverified };
+    return { path: this.path, fileSizeBytes: this.fileSizeBytes, header, blocks, entryCount, payloadBytes, unverifiedPayloads: unverified, ...(table === undefined ? {} : { entryTable: table }) };
   }
 
   /**
@@ -227,7 +288,7 @@ export class HrlLogFile {
    * payload in file order. Used by `verify()` with EOLLocation − MetadataSize
    * and by recovery with a remembered end of an unsealed log.
    */
-  async verifyChain(lastOffset: number, ms: number, options: HrlVerifyOptions = {}): Promise<{ blocks: HrlBlockInfo[]; entryCount: number; payloadBytes: number; unverified: number }> {
+  async verifyChain(lastOffset: number, ms: number, options: HrlVerifyOptions = {}, table?: HrlEntryTableBuilder): Promise<{ blocks: HrlBlockInfo[]; entryCount: number; payloadBytes: number; unverified: number }> {
     const blockOffsets = await this.walkChain(lastOffset, ms);
     const blocks: HrlBlockInfo[] = [];
     const block = Buffer.alloc(ms);
@@ -238,7 +299,7 @@ export class HrlLogFile {
     for (let i = blockOffsets.length - 1; i >= 0; i--) {
       const offset = blockOffsets[i]!;
       const bytes = await this.view(offset, ms, 'metadata block', block);
-      const checked = checkBlockEntries(bytes, offset, payloadStart, this.path, options);
+      const checked = checkBlockEntries(bytes, offset, payloadStart, this.path, options, table);
       if (options.checkPayloads !== false) await this.verifyPayloads(bytes, offset, payloadStart, checked.validEntries);
       unverified += checked.unverified;
       blocks.push({ offset, previousMetadataLocation: checked.previousMetadataLocation, validEntries: checked.validEntries, payloadStart });
@@ -269,6 +330,23 @@ export class HrlLogFile {
         payload += d.dataLength;
       }
     }
+  }
+
+  /**
+   * The entries of a verified log as a table: the one its verification
+   * kept (`collectEntries`), else each block read and checked again as
+   * `entries()` does, without an object per entry.
+   */
+  async entryTable(verified: HrlVerifiedLog): Promise<HrlEntryTable> {
+    if (verified.entryTable !== undefined) return verified.entryTable;
+    const ms = verified.header.metadataSize;
+    const scratch = Buffer.alloc(ms);
+    const table = new HrlEntryTableBuilder(verified.entryCount);
+    for (const info of verified.blocks) {
+      const block = await this.view(info.offset, ms, 'metadata block', scratch);
+      checkBlockEntries(block, info.offset, info.payloadStart, this.path, {}, table);
+    }
+    return table;
   }
 
   /** Reads `length` payload bytes of `entry` starting `from` bytes into it. */
@@ -325,9 +403,9 @@ export class HrlLogFile {
     const nextEntry = (at: number): void => {
       finishEntry();
       entry++;
-      const d = decodeHrlMetadataEntry(block, HRL_METADATA_HEADER_SIZE + entry * HRL_METADATA_ENTRY_SIZE);
-      entryLeft = d.dataLength;
-      expected = d.dataChecksum;
+      const field = HRL_METADATA_HEADER_SIZE + entry * HRL_METADATA_ENTRY_SIZE;
+      entryLeft = block.readUInt32LE(field + HRL_ME_DATA_LENGTH_OFFSET);
+      expected = block.readUInt32LE(field + HRL_ME_DATA_CHECKSUM_OFFSET);
       entryStart = at;
       sum = 0;
     };
@@ -410,7 +488,7 @@ export function checkMetadataHeader(head: Buffer, blockOffset: number, ms: numbe
  * entry (checksum, operation, must-be-zero bytes, range, disk bounds) and
  * that the payload lengths fill `[payloadStart, blockOffset)` exactly.
  */
-export function checkBlockEntries(block: Buffer, blockOffset: number, payloadStart: number, file: string, options: HrlVerifyOptions): { validEntries: number; previousMetadataLocation: number; unverified: number } {
+export function checkBlockEntries(block: Buffer, blockOffset: number, payloadStart: number, file: string, options: HrlVerifyOptions, table?: HrlEntryTableBuilder): { validEntries: number; previousMetadataLocation: number; unverified: number } {
   checkMetadataHeader(block, blockOffset, block.length, file);
   const head = decodeHrlMetadataHeader(block, 0);
   let total = 0;
@@ -420,33 +498,51 @@ export function checkBlockEntries(block: Buffer, blockOffset: number, payloadSta
     const at = HRL_METADATA_HEADER_SIZE + e * HRL_METADATA_ENTRY_SIZE;
     const entryOffset = blockOffset + at;
     const stored = block.readUInt32LE(at + HRL_ME_CHECKSUM_OFFSET);
-    const actual = computeHrlMetadataEntryChecksum(block, at);
+    const actual = entryChecksum(block, at);
     if (stored !== actual) {
       throw hrlDamage('BR_HRL_ENTRY_CHECKSUM', file, entryOffset + HRL_ME_CHECKSUM_OFFSET, `metadata entry checksum is 0x${hex32(stored)}, computed 0x${hex32(actual)}`, { entryOffset });
     }
-    const d = decodeHrlMetadataEntry(block, at);
-    if (d.metaOperation !== HRL_META_OPERATION_WRITE) {
-      throw hrlDamage('BR_HRL_UNSUPPORTED_OPERATION', file, entryOffset + HRL_ME_META_OPERATION_OFFSET, `MetaOperation ${d.metaOperation} is not 1 (write)`, { entryOffset });
+    // Fields read in place, not decoded into an object: this runs for
+    // every entry of every log the chain verifies.
+    const metaOperation = block[at + HRL_ME_META_OPERATION_OFFSET]!;
+    const byteOffset = readU64(block, at + HRL_ME_BYTE_OFFSET_OFFSET);
+    const dataLength = block.readUInt32LE(at + HRL_ME_DATA_LENGTH_OFFSET);
+    if (metaOperation !== HRL_META_OPERATION_WRITE) {
+      throw hrlDamage('BR_HRL_UNSUPPORTED_OPERATION', file, entryOffset + HRL_ME_META_OPERATION_OFFSET, `MetaOperation ${metaOperation} is not 1 (write)`, { entryOffset });
     }
     if (block[at + HRL_ME_LOCATION_OFFSET] !== 0 || !isAllZero(block, at + HRL_ME_RESERVED_OFFSET, at + HRL_ME_RESERVED_OFFSET + HRL_ME_RESERVED_SIZE)) {
       throw hrlDamage('BR_HRL_ENTRY_FIELD', file, entryOffset + HRL_ME_LOCATION_OFFSET, 'entry Location and Reserved bytes must be 0', { entryOffset });
     }
-    if (!Number.isFinite(d.byteOffset) || d.byteOffset + d.dataLength > Number.MAX_SAFE_INTEGER) {
+    if (!Number.isFinite(byteOffset) || byteOffset + dataLength > Number.MAX_SAFE_INTEGER) {
       throw hrlDamage('BR_HRL_ENTRY_FIELD', file, entryOffset, 'entry ByteOffset + DataLength exceeds 2^53', { entryOffset });
     }
-    if (options.diskSizeBytes !== undefined && d.byteOffset + d.dataLength > options.diskSizeBytes) {
-      throw hrlDamage('BR_HRL_PAST_DISK_END', file, entryOffset, `entry writes [${d.byteOffset}, ${d.byteOffset + d.dataLength}) past the disk end ${options.diskSizeBytes}`, { entryOffset, byteOffset: d.byteOffset, dataLength: d.dataLength, diskSizeBytes: options.diskSizeBytes });
+    if (options.diskSizeBytes !== undefined && byteOffset + dataLength > options.diskSizeBytes) {
+      throw hrlDamage('BR_HRL_PAST_DISK_END', file, entryOffset, `entry writes [${byteOffset}, ${byteOffset + dataLength}) past the disk end ${options.diskSizeBytes}`, { entryOffset, byteOffset: byteOffset, dataLength: dataLength, diskSizeBytes: options.diskSizeBytes });
     }
-    if (d.byteOffset % align !== 0 || d.dataLength % align !== 0) {
-      throw hrlDamage('BR_HRL_MISALIGNED', file, entryOffset, `entry [${d.byteOffset}, +${d.dataLength}) is not aligned to ${align} bytes`, { entryOffset, alignmentBytes: align });
+    if (byteOffset % align !== 0 || dataLength % align !== 0) {
+      throw hrlDamage('BR_HRL_MISALIGNED', file, entryOffset, `entry [${byteOffset}, +${dataLength}) is not aligned to ${align} bytes`, { entryOffset, alignmentBytes: align });
     }
-    if (d.dataChecksum === 0) unverified++;
-    total += d.dataLength;
+    if (block.readUInt32LE(at + HRL_ME_DATA_CHECKSUM_OFFSET) === 0) unverified++;
+    table?.push(byteOffset, dataLength, payloadStart + total, entryOffset);
+    total += dataLength;
   }
   if (payloadStart + total !== blockOffset) {
     throw hrlDamage('BR_HRL_PAYLOAD_MISFIT', file, blockOffset, `payload lengths sum to ${total} but the space from ${payloadStart} to this block is ${blockOffset - payloadStart}`, { payloadStart, payloadBytes: total });
   }
   return { validEntries: head.validMetadataEntries, previousMetadataLocation: head.previousMetadataLocation, unverified };
+}
+
+/**
+ * The §2.6 checksum of the 32-byte entry at `at` (its Checksum field
+ * skipped), summed here rather than through a view per entry.
+ */
+function entryChecksum(block: Buffer, at: number): number {
+  let sum = 0;
+  for (let i = 0; i < HRL_METADATA_ENTRY_SIZE; i++) {
+    if (i === HRL_ME_CHECKSUM_OFFSET) i += 4;
+    sum += block[at + i]!;
+  }
+  return ~sum >>> 0;
 }
 
 /** Opens, verifies and closes a log. */

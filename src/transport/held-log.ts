@@ -16,17 +16,34 @@ import { BlockrelayError } from '../retry/blockrelay-error';
  * by the temp path it would have been staged at, which no file takes while
  * it is held: `heldLogBytes(name)` is how LogOps implementations find it.
  */
-const held = new Map<string, Buffer>();
+const held = new Map<string, { readonly bytes: Buffer; verified: unknown }>();
 
 /** Makes `bytes` the content of the log named `name` until `releaseHeldLog(name)`. */
 export function holdLog(name: string, bytes: Buffer): void {
   if (held.has(name)) throw new BlockrelayError('BR_INTERNAL', `a log named ${name} is already held in memory`);
-  held.set(name, bytes);
+  held.set(name, { bytes, verified: undefined });
 }
 
 /** The bytes of a log held in memory under `name`, or undefined when it is a file. */
 export function heldLogBytes(name: string): Buffer | undefined {
-  return held.get(name);
+  return held.get(name)?.bytes;
+}
+
+/**
+ * Keeps what a full verification of the held log `name` found (its decoded
+ * entries), so the walks after it (ranges, apply) need not decode the
+ * metadata again. Kept only while `bytes` is still what `name` holds, and
+ * dropped with the log: a held buffer never changes while held, and a name
+ * held again later starts without one.
+ */
+export function rememberHeldLogVerification(name: string, bytes: Buffer, verified: unknown): void {
+  const h = held.get(name);
+  if (h !== undefined && h.bytes === bytes) h.verified = verified;
+}
+
+/** What `rememberHeldLogVerification` kept for the held log `name`, if anything. */
+export function heldLogVerification(name: string): unknown {
+  return held.get(name)?.verified;
 }
 
 export function releaseHeldLog(name: string): void {
