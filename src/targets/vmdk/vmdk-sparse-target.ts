@@ -359,31 +359,40 @@ export class VmdkSparseTarget implements DiskTarget {
    * the same batch allocated is found there, not allocated twice.
    */
   private async mapWrite(offset: number, data: Buffer, pieces: PositionedPiece[], updates: Map<number, number>): Promise<void> {
-    for (const g of this.grainsOf(offset, data.length)) {
-      const piece = data.subarray(g.at - offset, g.at - offset + g.length);
-      const gte = updates.get(g.index) ?? (await this.gte(g.index));
+    // The grains walked inline (no generator, no object per grain) and GT
+    // entries looked up without an await when their table is in memory:
+    // this runs for every grain of every log the master target applies.
+    const grainBytes = this.grainBytes;
+    const end = offset + data.length;
+    for (let at = offset; at < end; ) {
+      const index = Math.floor(at / grainBytes);
+      const inGrain = at - index * grainBytes;
+      const n = Math.min(grainBytes - inGrain, end - at);
+      const piece = data.subarray(at - offset, at - offset + n);
+      at += n;
+      const gte = updates.get(index) ?? this.gteNow(index) ?? (await this.gte(index));
       if (this.allocated(gte)) {
-        pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: piece });
+        pieces.push({ position: gte * SECTOR_BYTES + inGrain, buffer: piece });
         continue;
       }
       // Zeroes into an unallocated or zeroed grain change nothing a
       // reader sees; keeping the grain unallocated keeps the disk sparse.
       if (isAllZero(piece)) continue;
       let grain = piece;
-      if (piece.length !== this.grainBytes) {
-        grain = Buffer.alloc(this.grainBytes);
-        piece.copy(grain, g.inGrain);
+      if (piece.length !== grainBytes) {
+        grain = Buffer.alloc(grainBytes);
+        piece.copy(grain, inGrain);
       }
       const sector = this.nextGrainSector;
       this.nextGrainSector += this.header.grainSectors;
       pieces.push({ position: sector * SECTOR_BYTES, buffer: grain });
-      updates.set(g.index, sector);
+      updates.set(index, sector);
     }
   }
 
   /** After a write's grain data is written: its GT entries (see class doc), counters, and a flush when enough grains wait for one. */
   private async afterWrites(pieces: readonly PositionedPiece[], updates: ReadonlyMap<number, number>): Promise<void> {
-    for (const [index, sector] of updates) await this.setGte(index, sector);
+    for (const [index, sector] of updates) if (!this.setGteNow(index, sector)) await this.setGte(index, sector);
     this.dataEndSector = Math.max(this.dataEndSector, this.nextGrainSector);
     this.unflushedGrains += updates.size;
     this.wroteData ||= pieces.length > 0;
@@ -651,6 +660,23 @@ export class VmdkSparseTarget implements DiskTarget {
   private async gte(index: number): Promise<number> {
     const table = await this.table(Math.floor(index / this.header.gtesPerGt));
     return table === undefined ? GTE_UNALLOCATED : table[index % this.header.gtesPerGt]!;
+  }
+
+  /** The GT entry of grain `index` when its table is in memory or unallocated (no await), else undefined. */
+  private gteNow(index: number): number | undefined {
+    const table = this.table(Math.floor(index / this.header.gtesPerGt));
+    if (table instanceof Promise) return undefined;
+    return table === undefined ? GTE_UNALLOCATED : table[index % this.header.gtesPerGt]!;
+  }
+
+  /** `setGte` without an await when the grain's table is in memory; false (nothing done) when it must be loaded. */
+  private setGteNow(index: number, value: number): boolean {
+    const gtIndex = Math.floor(index / this.header.gtesPerGt);
+    const table = this.table(gtIndex);
+    if (table === undefined || table instanceof Promise) return false;
+    table[index % this.header.gtesPerGt] = value;
+    this.dirty.set(gtIndex, table);
+    return true;
   }
 
   private async setGte(index: number, value: number): Promise<void> {
