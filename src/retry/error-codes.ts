@@ -66,6 +66,7 @@ export const ERROR_CODES = {
   BR_HRL_CLOSED: { recoverable: false, description: 'An HRL writer or change tracker was used after it was sealed or closed.' },
   BR_TRACKER_STATE_CORRUPT: { recoverable: false, description: 'A change tracker state file or log sidecar failed validation.' },
   BR_TRACKER_RESYNC_REQUIRED: { recoverable: false, description: 'The change tracker dropped its logs (overflow or lost dirty map); the dirty extents must be resynced.' },
+  BR_TAG_RESYNC_PENDING: { recoverable: true, description: 'An app-consistent point cannot be taken while a disk of the tag still owes a resync (its replica is not in step); tag again once the resync has finished.' },
 
   // --- targets ---
   // fixed VHD files and Azure page blobs (src/targets/vhd, src/targets/blob)

@@ -188,9 +188,7 @@ export const sourceCommand: Command = {
           // With shipping, a tagged cut ships at once; without, it stays in --log-dir like every cut.
           cut: async (ids, appTag) => {
             if (shipping !== undefined) return shipping.cutWithTag(ids, appTag);
-            const sealed = (await ChangeTracker.cut(ids.map((id) => started.trackers.get(id)!), { appTag })).filter((l) => l !== undefined);
-            if (sealed[0] === undefined) throw new BlockrelayError('BR_INTERNAL', 'the app-consistent cut sealed no log (a disk in dirty-map-only mode needs a resync first)');
-            return { cutId: sealed[0].cutId, cutTimeMs: sealed[0].cutTimeMs };
+            return ChangeTracker.cutAppConsistent(ids.map((id) => started.trackers.get(id)!), appTag);
           },
           status: () => ({ role: 'source', disks: shipping?.status() ?? [...started.trackers.values()].map((t) => trackerStatus(t)) }),
           hook: values['quiesce-hook'] === undefined ? undefined : { command: values['quiesce-hook'] },

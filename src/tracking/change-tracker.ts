@@ -413,6 +413,25 @@ export class ChangeTracker {
     }
   }
 
+  /**
+   * An app-consistent cut of `trackers`: refused with BR_TAG_RESYNC_PENDING
+   * (recoverable) while any of them owes a resync, since the point would
+   * end a tainted log (see sealActive) that no failover may select, and an
+   * operator who quiesced the application must not be told it was taken.
+   * Checked before the cut and again on what it sealed (a fold can come in
+   * between). Returns the cut's identity.
+   */
+  static async cutAppConsistent(trackers: readonly ChangeTracker[], appTag: string, options: { clock?: Clock } = {}): Promise<{ cutId: string; cutTimeMs: number }> {
+    const owing = (): ChangeTracker | undefined => trackers.find((t) => t.status().resyncRequired || t.mode === 'dirty-only' || t.reservations.length > 0);
+    const refuse = (t: ChangeTracker): BlockrelayError => new BlockrelayError('BR_TAG_RESYNC_PENDING', `disk ${t.diskId} is not in step (a resync of ${t.status().resyncBytes} bytes is owed): an app-consistent point can be taken once its resync has finished`, { details: { disk: t.diskId, resyncBytes: t.status().resyncBytes } });
+    const before = owing();
+    if (before !== undefined) throw refuse(before);
+    const sealed = await ChangeTracker.cut(trackers, { ...options, appTag });
+    const tainted = sealed.findIndex((s) => s === undefined || s.tainted === true);
+    if (tainted >= 0) throw refuse(trackers[tainted]!);
+    return { cutId: sealed[0]!.cutId, cutTimeMs: sealed[0]!.cutTimeMs };
+  }
+
   /** Records a write the source made (call before or with the write to the disk). */
   async recordWrite(offset: number, data: Uint8Array): Promise<void> {
     this.checkRange(offset, data.length);

@@ -115,11 +115,11 @@ export class SourceShipping {
       if (t === undefined) throw new BlockrelayError('BR_DISK_UNKNOWN', `disk ${id} is not protected here`);
       return t;
     });
-    const sealed = (await ChangeTracker.cut(trackers, { clock: this.options.clock, appTag })).filter((s) => s !== undefined);
-    this.sealed();
-    const first = sealed[0];
-    if (first === undefined) throw new BlockrelayError('BR_INTERNAL', 'the app-consistent cut sealed no log (a disk in dirty-map-only mode needs a resync first)');
-    return { cutId: first.cutId, cutTimeMs: first.cutTimeMs };
+    try {
+      return await ChangeTracker.cutAppConsistent(trackers, appTag, { clock: this.options.clock });
+    } finally {
+      this.sealed();
+    }
   }
 
   /** Resolves when every sealed log is shipped (or its disk went Critical). */

@@ -65,4 +65,28 @@ describe('ChangeTracker: logs sealed while a resync is owed', () => {
       await tracker.close();
     }
   });
+  it('refuse an app-consistent cut while the resync is owed (its point could never be selected), and take it once in step', async () => {
+    const tracker = await ChangeTracker.open({ dir: tmp(), diskId: 'disk0', diskSizeBytes: SIZE, overflowRatio: 0.25, persistIntervalMs: 0 });
+    try {
+      await tracker.recordWrite(0, pattern(1, CHUNK));
+      expect(await ChangeTracker.cutAppConsistent([tracker], 'before')).toMatchObject({ cutId: expect.any(String) });
+      for (let i = 0; i < 20; i++) await tracker.recordWrite(i * CHUNK, pattern(10 + i, CHUNK));
+      // Dirty-map-only after the overflow: nothing could even be sealed.
+      await expect(ChangeTracker.cutAppConsistent([tracker], 'during')).rejects.toMatchObject({ code: 'BR_TAG_RESYNC_PENDING', details: { disk: 'disk0' } });
+      for (const log of tracker.sealedLogs()) await tracker.acknowledge(log.name);
+      await tracker.resyncRound(zeroes, 4 * CHUNK);
+      // Logging again, but extents are still owed.
+      await tracker.recordWrite(SIZE - CHUNK, pattern(2, CHUNK));
+      await expect(ChangeTracker.cutAppConsistent([tracker], 'between rounds')).rejects.toMatchObject({ code: 'BR_TAG_RESYNC_PENDING' });
+      while ((await tracker.resyncRound(zeroes, 16 * CHUNK)) !== undefined) {
+        for (const log of tracker.sealedLogs()) await tracker.acknowledge(log.name);
+      }
+      const taken = await ChangeTracker.cutAppConsistent([tracker], 'after');
+      const log = tracker.sealedLogs().find((l) => l.cutId === taken.cutId)!;
+      expect(log).toMatchObject({ appTag: 'after' });
+      expect(log.tainted).toBeUndefined();
+    } finally {
+      await tracker.close();
+    }
+  });
 });
