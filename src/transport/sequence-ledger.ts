@@ -230,6 +230,8 @@ export function parseLedger(text: string, file: string): DiskLedger {
   const recent = o.recent as Array<[number, string]>;
   if (o.version === 1) return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: [], knownFrom: o.nextSeq, startSeq: null };
   if (!Array.isArray(o.skipped) || !o.skipped.every((e) => Array.isArray(e) && Number.isSafeInteger(e[0]) && Number.isSafeInteger(e[1]) && e[0] <= e[1])) return bad('skipped must list [from, to] ranges');
-  if (!seqOrNull(o.knownFrom) || !seqOrNull(o.startSeq)) return bad('knownFrom and startSeq must be sequence numbers or null');
-  return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: o.skipped as Array<[number, number]>, knownFrom: o.knownFrom, startSeq: o.startSeq };
+  // startSeq came a little after version 2 itself: absent reads as unknown (null), as in a version 1 file.
+  const startSeq = o.startSeq === undefined ? null : o.startSeq;
+  if (!seqOrNull(o.knownFrom) || !seqOrNull(startSeq)) return bad('knownFrom and startSeq must be sequence numbers or null');
+  return { version: 2, nextSeq: o.nextSeq, appliedSeq: o.appliedSeq, recent, skipped: o.skipped as Array<[number, number]>, knownFrom: o.knownFrom, startSeq };
 }

@@ -85,6 +85,9 @@ describe('SequenceLedger: a resync log names the sequence it follows', () => {
     expect(l.get('d')).toEqual({ version: 2, nextSeq: 7, appliedSeq: 6, recent: [[6, H(6)]], skipped: [], knownFrom: 7, startSeq: null });
     expect(l.admit('d', 3, H(3))).toEqual({ kind: 'duplicate' });
     expect(() => l.admit('d', 9, H(9), true, 7)).toThrow(expect.objectContaining({ code: 'BR_SEQ_GAP' }));
+    // A version 2 file from before startSeq was kept reads it as unknown.
+    fs.writeFileSync(path.join(dir, 'disks', 'd.json'), JSON.stringify({ version: 2, nextSeq: 7, appliedSeq: 6, recent: [[6, H(6)]], skipped: [[3, 4]], knownFrom: 2 }));
+    expect(new SequenceLedger(dir).get('d')).toMatchObject({ skipped: [[3, 4]], knownFrom: 2, startSeq: null });
   });
 
   it('refuses a damaged or unknown ledger file with BR_APPLY_STATE_CORRUPT naming the file', () => {
