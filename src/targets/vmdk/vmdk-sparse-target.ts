@@ -412,22 +412,29 @@ export class VmdkSparseTarget implements DiskTarget {
     return this.exclusive(async () => {
       const zero: boolean[] = [];
       const pieces: Array<{ position: number; buffer: Buffer }> = [];
+      const grainBytes = this.grainBytes;
       for (const { offset, buffer } of requests) {
         let none = true;
-        for (const g of this.grainsOf(offset, buffer.length)) {
-          const into = buffer.subarray(g.at - offset, g.at - offset + g.length);
-          const gte = await this.gte(g.index);
+        // Grains walked inline, GT entries without an await when in memory (as mapWrite).
+        const end = offset + buffer.length;
+        for (let at = offset; at < end; ) {
+          const index = Math.floor(at / grainBytes);
+          const inGrain = at - index * grainBytes;
+          const n = Math.min(grainBytes - inGrain, end - at);
+          const into = buffer.subarray(at - offset, at - offset + n);
+          at += n;
+          const gte = this.gteNow(index) ?? (await this.gte(index));
           if (!this.allocated(gte)) {
             into.fill(0);
             continue;
           }
           none = false;
           if (this.compressed) {
-            const grain = await this.readCompressedGrain(g.index, gte);
-            grain.copy(into, 0, g.inGrain, g.inGrain + g.length);
+            const grain = await this.readCompressedGrain(index, gte);
+            grain.copy(into, 0, inGrain, inGrain + n);
             continue;
           }
-          pieces.push({ position: gte * SECTOR_BYTES + g.inGrain, buffer: into });
+          pieces.push({ position: gte * SECTOR_BYTES + inGrain, buffer: into });
         }
         zero.push(none);
       }
@@ -778,13 +785,19 @@ export class VmdkSparseTarget implements DiskTarget {
   }
 
   /** Every entry is unallocated, zeroed (when the flag allows), or a whole grain (compressed: a grain marker) between overHead and the end of the file. */
+  /** True when the grain at sector `v` overlaps a reserved metadata run (a loop, not a closure per GT entry). */
+  private overlapsReserved(v: number): boolean {
+    const end = v + this.header.grainSectors;
+    for (const run of this.reserved) if (v < run[1] && end > run[0]) return true;
+    return false;
+  }
+
   private checkTable(table: Uint32Array, byteOffset: number): void {
     const limit = this.dataEndSector - (this.compressed ? 1 : this.header.grainSectors);
     for (let i = 0; i < this.header.gtesPerGt; i++) {
       const v = table[i]!;
       if (v === GTE_UNALLOCATED || (v === GTE_ZEROED && this.zeroedGrainGte)) continue;
-      const intoMetadata = v < this.header.overheadSectors || this.reserved.some(([from, to]) => v < to && v + this.header.grainSectors > from);
-      if (intoMetadata || v > limit) {
+      if (v < this.header.overheadSectors || v > limit || this.overlapsReserved(v)) {
         throw corrupt(this.file, byteOffset + i * GTE_BYTES, `grain table entry ${v} points ${v > limit ? 'past the end of the file' : 'into the metadata'}`);
       }
     }
