@@ -74,7 +74,8 @@ export class Lz4FrameDecoder extends Transform {
   private blockParts: Buffer[] = [];
   private blockGot = 0;
   private contentSize: bigint | undefined;
-  private contentBytes = 0n;
+  /** Bytes of the current frame delivered (a number: a BigInt per block was garbage; frames stay far below 2^53). */
+  private contentBytes = 0;
   private contentHasher: Hasher32 | undefined;
   private skipLeft = 0;
   /** Frames decoded completely (tests, diagnostics). */
@@ -195,7 +196,7 @@ export class Lz4FrameDecoder extends Transform {
         const expected = (this.xx!.h32Raw(f.subarray(0, described), 0) >>> 8) & 0xff;
         if (f[described] !== expected) throw this.damage(this.fieldAt + described, `header checksum 0x${f[described]!.toString(16)} is not 0x${expected.toString(16)}`);
         this.contentSize = (this.flg & FLG_CONTENT_SIZE) !== 0 ? f.readBigUInt64LE(2) : undefined;
-        this.contentBytes = 0n;
+        this.contentBytes = 0;
         this.contentHasher = (this.flg & FLG_CONTENT_CHECKSUM) !== 0 ? this.xx!.create32(0) : undefined;
         this.expect('blockSize', 4);
         return;
@@ -203,7 +204,7 @@ export class Lz4FrameDecoder extends Transform {
       case 'blockSize': {
         const word = f.readUInt32LE(0);
         if (word === 0) {
-          if (this.contentSize !== undefined && this.contentSize !== this.contentBytes) {
+          if (this.contentSize !== undefined && this.contentSize !== BigInt(this.contentBytes)) {
             throw this.damage(this.fieldAt, `frame holds ${this.contentBytes} bytes, its header says ${this.contentSize}`);
           }
           if (this.contentHasher !== undefined) this.expect('contentChecksum', 4);
@@ -213,7 +214,7 @@ export class Lz4FrameDecoder extends Transform {
         this.blockStored = (word & STORED_BIT) !== 0;
         this.blockLength = (word & ~STORED_BIT) >>> 0;
         if (this.blockLength > this.blockMaxBytes) throw this.damage(this.fieldAt, `block of ${this.blockLength} bytes exceeds the frame's ${this.blockMaxBytes}-byte blocks`);
-        this.blockParts = [];
+        this.blockParts.length = 0;
         this.blockGot = 0;
         this.state = 'block';
         this.fieldAt = this.at;
@@ -261,13 +262,14 @@ export class Lz4FrameDecoder extends Transform {
       return;
     }
     if (!this.passesThrough()) this.output(this.blockData(), blockAt);
-    this.blockParts = [];
+    this.blockParts.length = 0;
     this.expect('blockSize', 4);
   }
 
   /** A whole block's data (checked against its checksum if it had one): decompressed if need be, then passed on. */
   private output(data: Buffer, blockAt: number): void {
-    this.blockParts = [];
+    // One parts array for the decoder's life: emptied, not replaced, per block.
+    this.blockParts.length = 0;
     if (this.blockStored) {
       this.deliver(data);
       return;
@@ -280,7 +282,7 @@ export class Lz4FrameDecoder extends Transform {
 
   private deliver(data: Buffer): void {
     if (data.length === 0) return;
-    this.contentBytes += BigInt(data.length);
+    this.contentBytes += data.length;
     this.contentHasher?.update(data);
     this.push(data);
   }
