@@ -259,7 +259,13 @@ export function createSegmentWriter(file: string): Promise<HrlWriter> {
  * ranges hold exactly the content the log is about to overwrite.
  */
 export function coalesceExtents(ranges: readonly Extent[]): Extent[] {
-  const sorted = ranges.filter((r) => r.length > 0).sort((a, b) => a.offset - b.offset);
+  // Ranges already sorted (coalesced ones, passed again) skip the sort. The
+  // comparator answers -1/0/1: a difference of offsets past 2^31 is a heap
+  // number, an allocation per comparison of a log's thousands of ranges.
+  let ordered = true;
+  for (let i = 1; i < ranges.length && ordered; i++) ordered = ranges[i - 1]!.offset <= ranges[i]!.offset;
+  const nonEmpty = ranges.filter((r) => r.length > 0);
+  const sorted = ordered ? nonEmpty : nonEmpty.sort((a, b) => (a.offset < b.offset ? -1 : a.offset > b.offset ? 1 : 0));
   const out: { offset: number; length: number }[] = [];
   for (const r of sorted) {
     const last = out[out.length - 1];

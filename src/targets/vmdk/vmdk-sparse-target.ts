@@ -438,7 +438,7 @@ export class VmdkSparseTarget implements DiskTarget {
         }
         zero.push(none);
       }
-      pieces.sort((a, b) => a.position - b.position);
+      pieces.sort(byPosition);
       // One thread-pool job per share of the pieces (readAt), not one per
       // run: a log's pre-images are thousands of scattered 64 KiB grains.
       // BATCH_IO_CONCURRENCY shares keep that many reads before the device.
@@ -619,7 +619,7 @@ export class VmdkSparseTarget implements DiskTarget {
       tables.push({ position: this.gd[index]! * SECTOR_BYTES, buffer: bytes });
       if (this.rgd !== undefined) tables.push({ position: this.rgd[index]! * SECTOR_BYTES, buffer: bytes });
     }
-    tables.sort((a, b) => a.position - b.position);
+    tables.sort(byPosition);
     for (const run of coalesce(tables)) await this.writeRun(run);
     // 3. directories only once the GTs they point at are durable
     if (this.gdDirty) {
@@ -899,6 +899,14 @@ export class VmdkSparseTarget implements DiskTarget {
       throw wrapError(err, 'BR_IO', `${what} on ${this.file} failed`);
     }
   }
+}
+
+/**
+ * File order of pieces: -1/0/1, not a difference (positions past 2 GiB
+ * subtract to a heap number, an allocation per comparison).
+ */
+function byPosition(a: { readonly position: number }, b: { readonly position: number }): number {
+  return a.position < b.position ? -1 : a.position > b.position ? 1 : 0;
 }
 
 async function openFile(file: string, flags: string): Promise<fsp.FileHandle> {
