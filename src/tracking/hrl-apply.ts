@@ -76,7 +76,10 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly HrlApplyI
         checkTargetBounds(log.path, kept.entryTable, target);
         verified.push(kept);
       } else {
-        verified.push(await log.verify({ diskSizeBytes: target.sizeBytes, alignmentBytes: target.capabilities.alignmentBytes, checkPayloads: options.checkPayloads ?? true, collectEntries: true }));
+        // No entry table kept here: every log is verified before the first
+        // write, and tables for a long list of logs would all be alive at
+        // once. Each log's table is built when its turn to apply comes.
+        verified.push(await log.verify({ diskSizeBytes: target.sizeBytes, alignmentBytes: target.capabilities.alignmentBytes, checkPayloads: options.checkPayloads ?? true }));
       }
     }
     if (options.checkChain ?? true) {
