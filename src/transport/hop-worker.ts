@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { constants as perfConstants, PerformanceObserver } from 'node:perf_hooks';
+import * as v8 from 'node:v8';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import type { MetricObjectWithValues, MetricValue } from 'prom-client';
 import type { Logger } from '../daemon/logger';
@@ -114,11 +115,40 @@ type FromWorker =
 const HOP_WORKER_MARK = 'blockrelayHopWorker';
 
 /**
+ * Old generation a hop worker's heap starts with, in MiB. V8 starts it
+ * small (a limit near 45 MB), so a hop streaming logs through it started a
+ * major GC every 200-400 ms whatever it allocated: 30-48 per GB applied,
+ * about a fifth of the chain's CPU on helper threads. With 256 MiB, two
+ * per GB (E7, session 6: whole chain 5.5 -> 4.3 CPU-s per GB, 236 -> 280
+ * MB/s, medians of interleaved `bench/e2e.bench.ts --chain-only --warm`
+ * runs). The cost is up to this much garbage held per worker before its
+ * first major GC.
+ */
+export const HOP_WORKER_INITIAL_OLD_SPACE_MB = 256;
+
+let heapFlagSet = false;
+
+/**
+ * V8 takes heap flags per isolate at its creation, and a Worker has no
+ * option for the initial old space (resourceLimits only caps it), so the
+ * flag is set once in this isolate before the first hop worker starts; it
+ * applies to isolates made afterwards, which are only hop workers here.
+ * The standalone roles run on the main isolate: their systemd units pass
+ * the same flag to node (docs/deploy).
+ */
+function setHopHeapFlag(): void {
+  if (heapFlagSet) return;
+  heapFlagSet = true;
+  v8.setFlagsFromString(`--initial-old-space-size=${HOP_WORKER_INITIAL_OLD_SPACE_MB}`);
+}
+
+/**
  * Under tsx (the sources run as TypeScript) a worker does not inherit the
  * loader: the worker is started from a small CommonJS shim that registers
  * tsx first. Built JavaScript runs directly.
  */
 function workerFor(entry: string, data: unknown): Worker {
+  setHopHeapFlag();
   if (path.extname(entry) !== '.ts') return new Worker(entry, { workerData: data });
   const tsxApi = require.resolve('tsx/cjs/api');
   const shim = `require(${JSON.stringify(tsxApi)}).register(); require(${JSON.stringify(entry)});`;

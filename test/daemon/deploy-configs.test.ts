@@ -53,7 +53,7 @@ describe('deployment examples in docs/deploy', () => {
     for (const unit of units) {
       const text = fs.readFileSync(example(unit), 'utf8');
       const role = unit.replace(/^blockrelay-/, '').replace(/\.service$/, '');
-      expect(text).toContain(`ExecStart=/usr/bin/env node /opt/blockrelay/dist/daemon/cli.js ${role} --config /etc/blockrelay/${role}.json`);
+      expect(text).toContain(`ExecStart=/usr/bin/env node --initial-old-space-size=256 /opt/blockrelay/dist/daemon/cli.js ${role} --config /etc/blockrelay/${role}.json`);
       expect(text).toMatch(/^Type=simple$/m);
       expect(text).toMatch(/^KillSignal=SIGTERM$/m);
       expect(Number(/^TimeoutStopSec=(\d+)$/m.exec(text)?.[1])).toBeGreaterThan(60);
