@@ -9,3 +9,10 @@ export function prng(seed: number): () => number {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+/** `length` bytes of a simple pattern that differs with `seed` (writes a test can tell apart and recompute). */
+export function pattern(seed: number, length: number): Buffer {
+  const b = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) b[i] = (seed * 31 + i * 7) & 0xff;
+  return b;
+}

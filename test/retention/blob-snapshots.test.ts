@@ -41,6 +41,22 @@ describe('page-blob targets keep points as snapshots', () => {
     for (const mt of running.splice(0)) await mt.stop();
   });
 
+  /** A master target config for one page-blob disk (a fresh blob) with retention kept `windowHours`. */
+  function blobDisk(windowHours: number) {
+    const dir = tmp();
+    const retentionDir = retentionTmp();
+    blobs++;
+    const blobName = `disk-${blobs}.vhd`;
+    const config = validateConfig({
+      stateDir: path.join(dir, 'mt'),
+      listen: '127.0.0.1:0',
+      secret: SECRET,
+      retention: { dir: retentionDir, windowHours },
+      disks: [{ id: 'disk0', target: `blob:${azurite().blobEndpoint}/retention/${blobName}` }],
+    });
+    return { dir, retentionDir, blobName, config };
+  }
+
   it('snapshots on app tags and every 5 minutes of cut time', () => {
     const env = { diskId: 'd', seq: 2, xxhash64: '0'.repeat(16), logLength: 1, cutTimeMs: 10 * MINUTE_MS, cutId: '', group: undefined, appTag: undefined, diskSizeBytes: 512 };
     const last = { id: 'd-1', seq: 1, timeMs: 6 * MINUTE_MS, kind: 'crash' as const, cutId: '' };
@@ -52,17 +68,7 @@ describe('page-blob targets keep points as snapshots', () => {
   });
 
   it('fails over to every snapshot point byte for byte, prunes snapshots by the window and deletes them on commit', async () => {
-    const dir = tmp();
-    const retentionDir = retentionTmp();
-    blobs++;
-    const blobName = `disk-${blobs}.vhd`;
-    const config = validateConfig({
-      stateDir: path.join(dir, 'mt'),
-      listen: '127.0.0.1:0',
-      secret: SECRET,
-      retention: { dir: retentionDir, windowHours: 1 },
-      disks: [{ id: 'disk0', target: `blob:${azurite().blobEndpoint}/retention/${blobName}` }],
-    });
+    const { dir, retentionDir, blobName, config } = blobDisk(1);
     const t0 = Date.now() - 3 * 60 * MINUTE_MS;
     const clock = new SimulatedClock(t0);
     const hooks = retentionHooksFromConfig(config, { clock })!;
@@ -125,18 +131,9 @@ describe('page-blob targets keep points as snapshots', () => {
       await live.close();
     }
   });
+
   it('deletes its own snapshots that no point lists (a crash between snapshot and record), never anyone else\'s', async () => {
-    const dir = tmp();
-    const retentionDir = retentionTmp();
-    blobs++;
-    const blobName = `disk-${blobs}.vhd`;
-    const config = validateConfig({
-      stateDir: path.join(dir, 'mt'),
-      listen: '127.0.0.1:0',
-      secret: SECRET,
-      retention: { dir: retentionDir, windowHours: 24 },
-      disks: [{ id: 'disk0', target: `blob:${azurite().blobEndpoint}/retention/${blobName}` }],
-    });
+    const { dir, retentionDir, blobName, config } = blobDisk(24);
     const start = async (): Promise<ApplyingHop> => {
       const hooks = retentionHooksFromConfig(config)!;
       const mt = masterTargetFromConfig(config, hrlLogOps, { ...quiet(), retryPolicy: FAST_RETRY, hooks });

@@ -3,16 +3,11 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ChangeTracker } from '../../src/tracking/change-tracker';
 import { parseSidecar, parseTrackerState } from '../../src/tracking/tracker-files';
+import { pattern } from '../helpers/prng';
 import { useTempDirs } from '../helpers/tmp';
 
 const SIZE = 4 * 1024 * 1024;
 const CHUNK = 64 * 1024;
-
-function pattern(seed: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) b[i] = (seed * 31 + i * 7) & 0xff;
-  return b;
-}
 
 const open = (dir: string) => ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: SIZE, overflowRatio: 0.25, persistIntervalMs: 0 });
 const zeroes = async (_offset: number, length: number): Promise<Buffer> => Buffer.alloc(length);

@@ -4,15 +4,10 @@ import { describe, expect, it } from 'vitest';
 import { ChangeTracker } from '../../src/tracking/change-tracker';
 import { openDisk } from '../../src/targets/disk-spec';
 import { applyHrlLogs } from '../../src/tracking/hrl-apply';
+import { pattern } from '../helpers/prng';
 import { useTempDirs } from '../helpers/tmp';
 
 const SIZE = 4 * 1024 * 1024;
-
-function pattern(seed: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) b[i] = (seed * 31 + i * 7) & 0xff;
-  return b;
-}
 
 describe('ChangeTracker resync rounds', () => {
   const tmp = useTempDirs();

@@ -3,15 +3,10 @@ import { describe, expect, it } from 'vitest';
 import { ChangeTracker } from '../../src/tracking/change-tracker';
 import { parseSidecar } from '../../src/tracking/tracker-files';
 import { useTempDirs } from '../helpers/tmp';
+import { pattern } from '../helpers/prng';
 
 const SIZE = 4 * 1024 * 1024;
 const CHUNK = 64 * 1024;
-
-function pattern(seed: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) b[i] = (seed * 31 + i * 7) & 0xff;
-  return b;
-}
 
 const zeroes = async (_offset: number, length: number): Promise<Buffer> => Buffer.alloc(length);
 
