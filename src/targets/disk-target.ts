@@ -76,8 +76,22 @@ export interface DiskTarget {
    * read as zeroes without data stored (what `extents()` calls `zero`).
    */
   readMany?(requests: readonly DiskReadRequest[]): Promise<boolean[]>;
+  /**
+   * Optional fast path for writing many ranges (a span of a log's writes):
+   * the same as `write` for each request in order (later bytes win where
+   * they overlap), in one call; on a failure some of the requests may have
+   * been written, as with a failed run of writes. Like `write`, it must not
+   * keep the callers' buffers after it resolves.
+   */
+  writeMany?(requests: readonly DiskWriteRequest[]): Promise<void>;
   /** Flushes, releases locks and leases, and marks the image clean. Idempotent. */
   close(): Promise<void>;
+}
+
+/** One write of `DiskTarget.writeMany`: `data` at `offset`. */
+export interface DiskWriteRequest {
+  readonly offset: number;
+  readonly data: Buffer;
 }
 
 /** One read of `DiskTarget.readMany`: `buffer.length` bytes at `offset` into `buffer`. */

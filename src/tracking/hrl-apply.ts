@@ -21,18 +21,6 @@ export interface HrlApplyOptions {
   readonly onLogApplied?: (log: HrlVerifiedLog) => void;
 }
 
-/**
- * A target that writes many ranges in one call, in order, as many `write`s
- * would (the sparse VMDK: one thread-pool job for a span of a log's
- * writes). Not part of DiskTarget (yet); found by its method.
- */
-interface ManyWritesTarget {
-  writeMany(requests: ReadonlyArray<{ readonly offset: number; readonly data: Buffer }>): Promise<void>;
-}
-
-function hasWriteMany(target: DiskTarget): target is DiskTarget & ManyWritesTarget {
-  return typeof (target as Partial<ManyWritesTarget>).writeMany === 'function';
-}
 
 /**
  * A log to apply: a file, or a log held in memory (`bytes` is its whole
@@ -116,7 +104,8 @@ export async function applyHrlLogs(target: DiskTarget, files: readonly HrlApplyI
           // A log in memory is written from views of its own buffer, no copy.
           const data = await log.view(spanStart, spanBytes, 'payload', chunk);
           let at = 0;
-          if (hasWriteMany(target)) {
+          // DiskTarget.writeMany where the target has it (the sparse VMDK: one thread-pool job).
+          if (target.writeMany !== undefined) {
             // One call (one thread-pool job on a VMDK) for the whole span.
             const requests: Array<{ offset: number; data: Buffer }> = [];
             for (let e = spanFrom; e < spanTo; e++) {
