@@ -251,34 +251,24 @@ export class RetentionHooks implements ApplyHooks {
       await this.dropHistory(h, seq, `the ${needBytes}-byte pre-image does not fit even with all history pruned`);
       return;
     }
+    let written;
     try {
-      const { allocatedBytes } = await h.journal.write(seq, extents, target);
-      h.journalBytes += allocatedBytes;
-      // The need was a bound on what the segment occupies, short on blocks larger than a page: keep within a
-      // capacity bound. Not against statfs: a volume may report freed blocks late, and pruning would run on
-      // to the newest point; there the file system's own ENOSPC is the limit.
-      while (this.options.capacityBytes !== undefined && this.availableBytes() < 0 && h.points.length > 1) {
-        await this.dropOldestForSpace(h);
-        pruned++;
-      }
+      // The volume may fill under us all the same: then the newest history that fits is kept.
+      written = await this.dropOldestWhileFull(h, () => h.journal.write(seq, extents, target));
     } catch (err) {
       const coded = wrapError(err, 'BR_IO', `journaling log ${seq} of ${h.diskId}`);
       if (coded.code !== 'BR_DISK_FULL') throw coded;
-      // The volume filled under us: keep the newest history that fits.
-      while (h.points.length > 1) {
-        await this.dropOldestForSpace(h);
-        pruned++;
-        try {
-          const { allocatedBytes } = await h.journal.write(seq, extents, target);
-          h.journalBytes += allocatedBytes;
-          this.warnFull(h, `pruned the ${pruned} oldest point(s) to journal log ${seq}`);
-          return;
-        } catch (retryErr) {
-          if (wrapError(retryErr, 'BR_IO', 'journal').code !== 'BR_DISK_FULL') throw retryErr;
-        }
-      }
       await this.dropHistory(h, seq, 'the volume is full');
       return;
+    }
+    h.journalBytes += written.value.allocatedBytes;
+    pruned += written.pruned;
+    // The need was a bound on what the segment occupies, short on blocks larger than a page: keep within a
+    // capacity bound. Not against statfs: a volume may report freed blocks late, and pruning would run on
+    // to the newest point; there the file system's own ENOSPC is the limit.
+    while (this.options.capacityBytes !== undefined && this.availableBytes() < 0 && h.points.length > 1) {
+      await this.dropOldestForSpace(h);
+      pruned++;
     }
     if (pruned > 0) this.warnFull(h, `pruned the ${pruned} oldest point(s) to journal log ${seq}`);
     else this.health?.clear(h.diskId);
@@ -304,14 +294,23 @@ export class RetentionHooks implements ApplyHooks {
    * the apply is retried under the policy.
    */
   private async appendUnderPressure(h: DiskHistory, records: readonly CatalogRecord[], seq: number): Promise<void> {
+    const { pruned } = await this.dropOldestWhileFull(h, () => h.append(records));
+    if (pruned > 0) this.warnFull(h, `pruned the ${pruned} oldest point(s) to record point ${seq}`);
+  }
+
+  /**
+   * Runs `write`; while it fails with BR_DISK_FULL and more than one point
+   * is left, drops the oldest and runs it again. With one point left the
+   * last BR_DISK_FULL is thrown (a failed write leaves nothing behind:
+   * pre-images go to a temporary file, catalog appends are undone whole).
+   */
+  private async dropOldestWhileFull<T>(h: DiskHistory, write: () => Promise<T>): Promise<{ value: T; pruned: number }> {
     let pruned = 0;
     for (;;) {
       try {
-        await h.append(records);
-        if (pruned > 0) this.warnFull(h, `pruned the ${pruned} oldest point(s) to record point ${seq}`);
-        return;
+        return { value: await write(), pruned };
       } catch (err) {
-        if (wrapError(err, 'BR_IO', 'catalog').code !== 'BR_DISK_FULL' || h.points.length <= 1) throw err;
+        if (wrapError(err, 'BR_IO', h.diskId).code !== 'BR_DISK_FULL' || h.points.length <= 1) throw err;
         await this.dropOldestForSpace(h);
         pruned++;
       }
