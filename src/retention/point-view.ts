@@ -127,9 +127,7 @@ export class PointView implements DiskTarget {
   private segments: OverlaySegment[] = [];
   /** The pre-image logs, by index, with a bounded number open (R14 of review s5). */
   private readonly files: ViewSegments;
-  /** Journal file name of each log index, for messages. */
-  private readonly logFiles: string[] = [];
-  /** Pre-image logs added to the overlay (each once, even if a slot was read again). */
+  /** Pre-image logs added to the overlay (a resync slot read again counts again). */
   private addedLogs = 0;
   private readonly entries: OverlayEntry[] = [];
   private readonly payloadsAtOpen: boolean;
@@ -234,7 +232,6 @@ export class PointView implements DiskTarget {
   private async overlay(seq: number, opened: OpenedSegment): Promise<void> {
     const { index, log, verified } = opened;
     const entriesBefore = this.entries.length;
-    this.logFiles[index] = this.journal.file(seq);
     this.addedLogs++;
     const incoming: OverlaySegment[] = [];
     try {
@@ -373,7 +370,7 @@ export class PointView implements DiskTarget {
     if (index === undefined) return;
     const e = this.entries[index]!;
     if (e.verified) return;
-    const file = this.logFiles[e.log]!;
+    const file = this.journal.file(e.seq);
     const actual = await this.files.with(e.log, async (log) => {
       let sum = 0;
       for (let at = 0; at < e.dataLength; at += HRL_READ_CHUNK_BYTES) {

@@ -120,7 +120,7 @@ export function parseEnvelope(diskId: string, seqText: string, headers: Record<s
   if (!/^[A-Za-z0-9._-]{0,64}$/.test(cutId)) throw new BlockrelayError('BR_PROTOCOL', 'cut id must be up to 64 letters, digits, ".", "_" or "-"');
   const logLength = wholeNumber(HEADER.logLength, one(HEADER.logLength), TRANSPORT_LIMITS.maxLogBytes);
   const seq = wholeNumber('sequence number', seqText, TRANSPORT_LIMITS.maxSeq);
-  const resync = resyncFlag(one(HEADER.resync));
+  const resync = flag(HEADER.resync, one(HEADER.resync));
   const follows = followsOf(one(HEADER.follows), seq, resync);
   const tainted = flag(HEADER.tainted, one(HEADER.tainted));
   return {
@@ -154,10 +154,6 @@ function decodeTag(text: string): string {
   } catch {
     throw new BlockrelayError('BR_PROTOCOL', `${HEADER.appTag} is not URI-encoded text`);
   }
-}
-
-function resyncFlag(text: string | undefined): boolean {
-  return flag(HEADER.resync, text);
 }
 
 /** A 0/1 header (absent: 0). */
