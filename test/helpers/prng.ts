@@ -16,3 +16,10 @@ export function pattern(seed: number, length: number): Buffer {
   for (let i = 0; i < length; i++) b[i] = (seed * 31 + i * 7) & 0xff;
   return b;
 }
+
+/** `length` bytes drawn from `rand` (a whole number of 32-bit words; a tail under 4 bytes stays zero). */
+export function randomData(rand: () => number, length: number): Buffer {
+  const out = Buffer.alloc(length);
+  for (let i = 0; i + 4 <= length; i += 4) out.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
+  return out;
+}

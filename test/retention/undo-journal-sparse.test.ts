@@ -8,18 +8,13 @@ import { verifyHrlLog } from '../../src/tracking/hrl-reader';
 import { HrlWriter } from '../../src/tracking/hrl-writer';
 import { hrlLogOps } from '../../src/transport/hrl-log-ops';
 import type { Clock } from '../../src/platform/clock';
+import { randomData } from '../helpers/prng';
 import { useTempDirs } from '../helpers/tmp';
 import { makePatternLog, prng, useRetentionDirs } from './retention-fixture';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const fixedClock: Clock = { now: () => Date.UTC(2026, 10, 21, 12, 0, 0) } as Clock;
-
-function randomData(rand: () => number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  for (let i = 0; i + 4 <= length; i += 4) b.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
-  return b;
-}
 
 describe('undo journal segments with holes', () => {
   const tmp = useTempDirs();

@@ -6,7 +6,7 @@ import { describe, expect, it } from 'vitest';
 import type { AllocationExtent, DiskTarget } from '../../src/targets/disk-target';
 import { openDisk } from '../../src/targets/disk-spec';
 import { VmdkSparseTarget } from '../../src/targets/vmdk/vmdk-sparse-target';
-import { prng } from '../helpers/prng';
+import { prng, randomData } from '../helpers/prng';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
 
@@ -14,12 +14,6 @@ const tempDir = useTempDirs();
 const MiB = 1024 * 1024;
 const KiB = 1024;
 const GRAIN = 64 * KiB;
-
-function randomData(rand: () => number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  for (let i = 0; i + 4 <= length; i += 4) out.writeUInt32LE((rand() * 4294967296) >>> 0, i);
-  return out;
-}
 
 async function collect(it: AsyncIterable<AllocationExtent>): Promise<AllocationExtent[]> {
   const out: AllocationExtent[] = [];

@@ -6,7 +6,7 @@ import { BlockrelayError, wrapError } from '../../src/retry/blockrelay-error';
 import { openDisk } from '../../src/targets/disk-spec';
 import { readAt, writeAt, type PositionedIoError } from '../../src/targets/vmdk/positioned-writes';
 import { VmdkSparseTarget } from '../../src/targets/vmdk/vmdk-sparse-target';
-import { prng } from '../helpers/prng';
+import { prng, randomData } from '../helpers/prng';
 import { requireTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
 
@@ -14,12 +14,6 @@ const tempDir = useTempDirs();
 const MiB = 1024 * 1024;
 const KiB = 1024;
 const GRAIN = 64 * KiB;
-
-function randomData(rand: () => number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  for (let i = 0; i + 4 <= length; i += 4) out.writeUInt32LE((rand() * 4294967296) >>> 0, i);
-  return out;
-}
 
 describe('vmdk monolithicSparse writeMany', () => {
   const haveQemu = requireTool('qemu-img');
