@@ -422,7 +422,7 @@ export class ChangeTracker {
    * between). Returns the cut's identity.
    */
   static async cutAppConsistent(trackers: readonly ChangeTracker[], appTag: string, options: { clock?: Clock } = {}): Promise<{ cutId: string; cutTimeMs: number }> {
-    const owing = (): ChangeTracker | undefined => trackers.find((t) => t.status().resyncRequired || t.mode === 'dirty-only' || t.reservations.length > 0);
+    const owing = (): ChangeTracker | undefined => trackers.find((t) => t.owesResync() || t.mode === 'dirty-only');
     const refuse = (t: ChangeTracker): BlockrelayError => new BlockrelayError('BR_TAG_RESYNC_PENDING', `disk ${t.diskId} is not in step (a resync of ${t.status().resyncBytes} bytes is owed): an app-consistent point can be taken once its resync has finished`, { details: { disk: t.diskId, resyncBytes: t.status().resyncBytes } });
     const before = owing();
     if (before !== undefined) throw refuse(before);
@@ -1164,6 +1164,11 @@ export class ChangeTracker {
     return run;
   }
 
+  /** Resync extents are left, or a resync log's sequence is held: the replica is not in step yet. */
+  private owesResync(): boolean {
+    return this.maps.resync.dirtyBytes() > 0 || this.reservations.length > 0;
+  }
+
   private async sealActive(point: CutPoint): Promise<SealedLogInfo> {
     const writer = this.writer!;
     const sequence = this.activeSequence!;
@@ -1171,7 +1176,7 @@ export class ChangeTracker {
     this.writer = undefined;
     // While a resync is owed the replica at this cut would hold new blocks
     // beside stale ones in the extents still to resync: no point ends here.
-    const tainted = this.maps.resync.dirtyBytes() > 0 || this.reservations.length > 0;
+    const tainted = this.owesResync();
     const sidecar: LogSidecar = {
       version: 1, diskId: this.diskId, sequence, uniqueId: done.uniqueId, previousUniqueId: done.previousUniqueId, sizeBytes: done.sizeBytes, entryCount: done.entryCount,
       cutId: point.cutId, cutTime: new Date(point.cutTimeMs).toISOString(), cutTimeMs: point.cutTimeMs, recovered: false,
