@@ -116,6 +116,9 @@ export interface HrlVerifiedLog {
 }
 
 /** A growable HrlEntryTable being filled by a verification. */
+/** Entries an entry table starts with before it grows (doubling): 64 Ki entries, 2 MiB. */
+const ENTRY_TABLE_INITIAL_CAPACITY = 65_536;
+
 export class HrlEntryTableBuilder implements HrlEntryTable {
   count = 0;
   byteOffsets: Float64Array;
@@ -274,7 +277,10 @@ export class HrlLogFile {
       throw hrlDamage('BR_HRL_TRUNCATED', this.path, this.fileSizeBytes, `EOLLocation is ${eol} but the file ends at ${this.fileSizeBytes}`, { eolLocation: eol });
     }
     // Sized by the header's count, bounded by what the file can hold; the count is checked below.
-    const table = options.collectEntries === true ? new HrlEntryTableBuilder(Math.min(header.totalMetadataEntries, Math.floor(this.fileSizeBytes / HRL_METADATA_ENTRY_SIZE))) : undefined;
+    // Sized from the header's count only up to a modest start: the count is
+    // checked against the blocks after the walk, and a damaged header must
+    // not cost memory in proportion to what it claims (the table grows).
+    const table = options.collectEntries === true ? new HrlEntryTableBuilder(Math.min(header.totalMetadataEntries, ENTRY_TABLE_INITIAL_CAPACITY, Math.floor(this.fileSizeBytes / HRL_METADATA_ENTRY_SIZE))) : undefined;
     const { blocks, entryCount, payloadBytes, unverified } = await this.verifyChain(eol - ms, ms, options, table);
     if (entryCount !== header.totalMetadataEntries) {
       throw hrlDamage('BR_HRL_ENTRY_COUNT_MISMATCH', this.path, HRL_TOTAL_METADATA_ENTRIES_OFFSET, `TotalMetadataEntries is ${header.totalMetadataEntries} but the blocks hold ${entryCount} valid entries`, { expected: entryCount });
