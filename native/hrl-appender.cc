@@ -1,6 +1,7 @@
 #include "hrl-appender.h"
 
 #include <cerrno>
+#include <iterator>
 #include <cstring>
 #include <string>
 #include <ctime>
@@ -74,8 +75,9 @@ int PwriteAll(int fd, const uint8_t* data, size_t length, uint64_t pos) {
 }
 
 HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t maxEntryBytes, size_t stagingBytes,
-                                 uint64_t writtenEnd, uint64_t lastBlockOffset)
-    : fd_(fd),
+                                 uint64_t writtenEnd, uint64_t lastBlockOffset, uint32_t coalesceMaxEntries)
+    : coalesceMaxEntries_(coalesceMaxEntries < kHrlCoalesceMaxEntries ? coalesceMaxEntries : kHrlCoalesceMaxEntries),
+      fd_(fd),
       metadataSizeBytes_(metadataSizeBytes),
       maxEntryBytes_(maxEntryBytes),
       entriesPerBlock_((metadataSizeBytes - kHrlMetadataHeaderBytes) / kHrlMetadataEntryBytes),
@@ -147,8 +149,8 @@ uint32_t HrlAppenderCore::NowTimestamp() {
   return static_cast<uint32_t>(s);
 }
 
-void HrlAppenderCore::AddEntryLocked(uint64_t byteOffset, uint32_t length, uint32_t checksum, uint32_t timestamp) {
-  uint8_t* e = block_.data() + kHrlMetadataHeaderBytes + static_cast<size_t>(entriesInBlock_) * kHrlMetadataEntryBytes;
+namespace {
+void EncodeEntry(uint8_t* e, uint64_t byteOffset, uint32_t length, uint32_t checksum, uint32_t timestamp) {
   std::memset(e, 0, kHrlMetadataEntryBytes);
   Put64(e + kMeByteOffset, byteOffset);
   Put32(e + kMeDataLength, length);
@@ -156,7 +158,112 @@ void HrlAppenderCore::AddEntryLocked(uint64_t byteOffset, uint32_t length, uint3
   e[kMeMetaOperation] = kMetaOperationWrite;
   Put32(e + kMeDataChecksum, checksum);
   Put32(e + kMeChecksum, HrlChecksum(e, kHrlMetadataEntryBytes, kMeChecksum));
+}
+}  // namespace
+
+void HrlAppenderCore::AddEntryLocked(uint64_t byteOffset, uint32_t length, uint32_t checksum, uint32_t timestamp) {
+  // Every entry is added here, after its overlaps were forgotten and right
+  // before its payload is placed at writtenEnd_ + stagedBytes_.
+  if (coalescible_.size() < coalesceMaxEntries_) {
+    coalescible_[byteOffset] = CoalescibleEntry{length, writtenEnd_ + stagedBytes_, kEntryInOpenBlock, entriesInBlock_};
+    openBlockKeys_.push_back(byteOffset);
+  }
+  uint8_t* e = block_.data() + kHrlMetadataHeaderBytes + static_cast<size_t>(entriesInBlock_) * kHrlMetadataEntryBytes;
+  EncodeEntry(e, byteOffset, length, checksum, timestamp);
   entriesInBlock_++;
+}
+
+void HrlAppenderCore::PlaceOpenBlockEntriesLocked(uint64_t blockOffset) {
+  for (uint64_t key : openBlockKeys_) {
+    auto it = coalescible_.find(key);
+    // Only an entry of this block can sit under a key inserted in it (an
+    // older one there was forgotten before the insert).
+    if (it != coalescible_.end() && it->second.entryPos == kEntryInOpenBlock) {
+      it->second.entryPos = blockOffset + kHrlMetadataHeaderBytes + static_cast<uint64_t>(it->second.slot) * kHrlMetadataEntryBytes;
+    }
+  }
+  openBlockKeys_.clear();
+}
+
+void HrlAppenderCore::ForgetOverlappingLocked(uint64_t byteOffset, uint64_t length) {
+  // Extents are disjoint, so sorted by start they are sorted by end too: the
+  // overlaps are the one entry starting before byteOffset (if it reaches
+  // past it) and those starting inside the range.
+  auto it = coalescible_.lower_bound(byteOffset);
+  if (it != coalescible_.begin()) {
+    auto before = std::prev(it);
+    if (before->first + before->second.length > byteOffset) it = before;
+  }
+  while (it != coalescible_.end() && it->first < byteOffset + length) it = coalescible_.erase(it);
+}
+
+bool HrlAppenderCore::InFlightLocked(uint64_t pos, uint64_t length) const {
+  for (const SpareRange& r : spareRanges_) {
+    if (r.busy && pos < r.pos + r.length && r.pos < pos + length) return true;
+  }
+  return false;
+}
+
+int HrlAppenderCore::RewriteLocked(CoalescibleEntry& e, uint64_t byteOffset, const uint8_t* data, size_t length,
+                                   uint32_t checksum, uint32_t timestamp) {
+  const bool payloadStaged = e.payloadPos >= writtenEnd_;
+  const bool entryInBlock = e.entryPos == kEntryInOpenBlock;
+  const bool entryStaged = !entryInBlock && e.entryPos >= writtenEnd_;
+  // A range an I/O thread is still writing (possibly O_DIRECT from the
+  // spare buffer) is left alone: the piece is appended instead.
+  if (!payloadStaged && InFlightLocked(e.payloadPos, length)) return -1;
+  if (!entryInBlock && !entryStaged && InFlightLocked(e.entryPos, kHrlMetadataEntryBytes)) return -1;
+  if (payloadStaged) {
+    uint8_t* to = staging_.data() + (e.payloadPos - writtenEnd_);
+    if (data != nullptr) std::memcpy(to, data, length);
+    else std::memset(to, 0, length);
+  } else {
+    if (data == nullptr) {
+      if (zeroes_.size() < length) {
+        zeroes_.resize(length);
+        std::memset(zeroes_.data(), 0, length);
+      }
+      data = zeroes_.data();
+    }
+    // Buffered through fd_, never the O_DIRECT descriptor.
+    if (int err = PwriteAll(fd_, data, length, e.payloadPos); err != 0) return err;
+  }
+  uint8_t entry[kHrlMetadataEntryBytes];
+  EncodeEntry(entry, byteOffset, static_cast<uint32_t>(length), checksum, timestamp);
+  if (entryInBlock) {
+    std::memcpy(block_.data() + kHrlMetadataHeaderBytes + static_cast<size_t>(e.slot) * kHrlMetadataEntryBytes, entry, sizeof entry);
+  } else if (entryStaged) {
+    std::memcpy(staging_.data() + (e.entryPos - writtenEnd_), entry, sizeof entry);
+  } else {
+    // The 32 bytes as a write of their own, after the payload's: they lie
+    // in one sector, so a power loss leaves the old entry or the new one.
+    if (int err = PwriteAll(fd_, entry, sizeof entry, e.entryPos); err != 0) return err;
+  }
+  rewrites_++;
+  rewrittenBytes_ += length;
+  rewrittenSinceSync_ = true;
+  return 0;
+}
+
+int HrlAppenderCore::CoalescePieceLocked(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t checksum,
+                                         uint32_t timestamp) {
+  if (coalesceMaxEntries_ > 0) {
+    auto it = coalescible_.find(byteOffset);
+    if (it != coalescible_.end() && it->second.length == length) {
+      int r = RewriteLocked(it->second, byteOffset, data, length, checksum, timestamp);
+      if (r >= 0) return r;
+    }
+    // Every entry it overlaps now has a later overlap (this one).
+    ForgetOverlappingLocked(byteOffset, length);
+  }
+  return AppendPieceLocked(byteOffset, data, length, checksum, timestamp);
+}
+
+bool HrlAppenderCore::TakeRewrittenSinceSync() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const bool r = rewrittenSinceSync_;
+  rewrittenSinceSync_ = false;
+  return r;
 }
 
 namespace {
@@ -235,6 +342,7 @@ void HrlAppenderCore::IoLoop(bool recycles) {
       if (direct) directWrites_--;
       if (err != 0 && error_ == 0) error_ = err;
       sparesWriting_--;
+      spareRanges_[w.index].busy = false;
       freeSpares_.push_back(w.index);
       spareDoneCv_.notify_all();
       continue;
@@ -324,6 +432,7 @@ int HrlAppenderCore::WriteStagedLocked() {
     if (spare.size() < staging_.size()) spare.resize(staging_.size());
     staging_.swap(spare);
     spareQueue_.push_back({index, stagedBytes_, writtenEnd_});
+    spareRanges_[index] = SpareRange{true, writtenEnd_, stagedBytes_};
     StartThreadLocked();
     spareQueueCv_.notify_one();
   }
@@ -363,6 +472,7 @@ int HrlAppenderCore::CloseBlockLocked() {
   // the device, and the sync after it wait once more.
   int err = WriteAtLocked(iov, count, writtenEnd_, false);
   if (err != 0) return err;
+  PlaceOpenBlockEntriesLocked(blockOffset);
   writtenEnd_ = blockOffset + metadataSizeBytes_;
   stagedBytes_ = 0;
   lastBlockOffset_ = blockOffset;
@@ -386,6 +496,7 @@ int HrlAppenderCore::StageBlockLocked() {
   Put32(h + kMhValidEntries, entriesInBlock_);
   Put32(h + kMhChecksum, HrlChecksum(h, kHrlMetadataHeaderBytes, kMhChecksum));
   std::memcpy(staging_.data() + stagedBytes_, block_.data(), metadataSizeBytes_);
+  PlaceOpenBlockEntriesLocked(blockOffset);
   stagedBytes_ += metadataSizeBytes_;
   lastBlockOffset_ = blockOffset;
   totalEntries_ += entriesInBlock_;
@@ -442,7 +553,7 @@ int HrlAppenderCore::Append(uint64_t byteOffset, const uint8_t* data, size_t len
   if (error_ != 0) return error_;
   for (size_t at = 0; at < length; at += maxEntryBytes_) {
     size_t n = length - at < maxEntryBytes_ ? length - at : maxEntryBytes_;
-    int err = AppendPieceLocked(byteOffset + at, data + at, n, HrlChecksum(data + at, n, -1), timestamp);
+    int err = CoalescePieceLocked(byteOffset + at, data + at, n, HrlChecksum(data + at, n, -1), timestamp);
     if (err != 0) {
       error_ = err;
       return err;
@@ -458,7 +569,7 @@ int HrlAppenderCore::AppendZeroes(uint64_t byteOffset, uint64_t length, uint32_t
   for (uint64_t at = 0; at < length; at += maxEntryBytes_) {
     size_t n = static_cast<size_t>(length - at < maxEntryBytes_ ? length - at : maxEntryBytes_);
     // The checksum of zero bytes: ~0.
-    int err = AppendPieceLocked(byteOffset + at, nullptr, n, 0xffffffffu, timestamp);
+    int err = CoalescePieceLocked(byteOffset + at, nullptr, n, 0xffffffffu, timestamp);
     if (err != 0) {
       error_ = err;
       return err;
@@ -528,6 +639,8 @@ HrlAppenderCore::State HrlAppenderCore::GetState() {
   s.entriesInBlock = entriesInBlock_;
   s.totalEntries = totalEntries_;
   s.error = error_;
+  s.rewrites = rewrites_;
+  s.rewrittenBytes = rewrittenBytes_;
   return s;
 }
 
@@ -578,22 +691,24 @@ class HrlAppenderWrap : public Napi::ObjectWrap<HrlAppenderWrap> {
                            InstanceMethod<&HrlAppenderWrap::AbandonJs>("abandon"),
                            InstanceMethod<&HrlAppenderWrap::StateJs>("state"),
                            InstanceMethod<&HrlAppenderWrap::SizeBytesJs>("sizeBytes"),
+                           InstanceMethod<&HrlAppenderWrap::TakeRewrittenSinceSyncJs>("takeRewrittenSinceSync"),
                        });
   }
 
-  // new HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset)
+  // new HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset[, coalesceMaxEntries])
   explicit HrlAppenderWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<HrlAppenderWrap>(info) {
-    double fd, ms, maxEntry, staging, writtenEnd, lastBlock;
+    double fd, ms, maxEntry, staging, writtenEnd, lastBlock, coalesceMax = 0;
     if (!NumberArg(info, 0, 1 << 30, fd) || !NumberArg(info, 1, 1 << 30, ms) || !NumberArg(info, 2, 4294967295.0, maxEntry) ||
         !NumberArg(info, 3, 1 << 30, staging) || !NumberArg(info, 4, kMaxSafe, writtenEnd) || !NumberArg(info, 5, kMaxSafe, lastBlock) ||
+        (info.Length() > 6 && !NumberArg(info, 6, kHrlCoalesceMaxEntries, coalesceMax)) ||
         ms < kHrlMetadataHeaderBytes + kHrlMetadataEntryBytes || static_cast<uint32_t>(ms) % kHrlMetadataEntryBytes != 0 || maxEntry < 1) {
-      Napi::TypeError::New(info.Env(), "HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset): bad argument")
+      Napi::TypeError::New(info.Env(), "HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset[, coalesceMaxEntries]): bad argument")
           .ThrowAsJavaScriptException();
       return;
     }
     core_ = std::make_shared<HrlAppenderCore>(static_cast<int>(fd), static_cast<uint32_t>(ms), static_cast<uint32_t>(maxEntry),
                                               static_cast<size_t>(staging), static_cast<uint64_t>(writtenEnd),
-                                              static_cast<uint64_t>(lastBlock));
+                                              static_cast<uint64_t>(lastBlock), static_cast<uint32_t>(coalesceMax));
     napi_type_tag_object(info.Env(), info.This(), &kAppenderTag);
   }
 
@@ -658,9 +773,9 @@ class HrlAppenderWrap : public Napi::ObjectWrap<HrlAppenderWrap> {
     return info.Env().Undefined();
   }
 
-  // [writtenEnd, stagedBytes, entriesInBlock, totalEntries, error]
+  // [writtenEnd, stagedBytes, entriesInBlock, totalEntries, error, rewrites, rewrittenBytes]
   Napi::Value StateJs(const Napi::CallbackInfo& info) {
-    Napi::Float64Array out = Napi::Float64Array::New(info.Env(), 5);
+    Napi::Float64Array out = Napi::Float64Array::New(info.Env(), 7);
     if (core_ == nullptr) return out;
     HrlAppenderCore::State s = core_->GetState();
     out[0] = static_cast<double>(s.writtenEnd);
@@ -668,7 +783,13 @@ class HrlAppenderWrap : public Napi::ObjectWrap<HrlAppenderWrap> {
     out[2] = static_cast<double>(s.entriesInBlock);
     out[3] = static_cast<double>(s.totalEntries);
     out[4] = static_cast<double>(s.error);
+    out[5] = static_cast<double>(s.rewrites);
+    out[6] = static_cast<double>(s.rewrittenBytes);
     return out;
+  }
+
+  Napi::Value TakeRewrittenSinceSyncJs(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), core_ != nullptr && core_->TakeRewrittenSinceSync());
   }
 
   Napi::Value SizeBytesJs(const Napi::CallbackInfo& info) {

@@ -16,6 +16,7 @@
 #include <string>
 #include <atomic>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -28,6 +29,9 @@ namespace blockrelay {
 
 constexpr uint32_t kHrlMetadataHeaderBytes = 32;
 constexpr uint32_t kHrlMetadataEntryBytes = 32;
+// Most coalescible entries an appender remembers (HRL_COALESCE_MAX_ENTRIES
+// in src/tracking/hrl-writer.ts): a few MB of map at most.
+constexpr uint32_t kHrlCoalesceMaxEntries = 262144;
 // Seconds between the Unix epoch and 2000-01-01, the HRL timestamp epoch.
 constexpr int64_t kHrlEpochUnixSeconds = 946684800;
 
@@ -82,12 +86,17 @@ class AlignedBuffer {
 // further append with that errno, because the file's tail is then unknown.
 class HrlAppenderCore {
  public:
+  // coalesceMaxEntries: bound of the coalescible-entry map; 0 turns
+  // coalescing of overwrites off (every piece is appended).
   HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t maxEntryBytes, size_t stagingBytes,
-                  uint64_t writtenEnd, uint64_t lastBlockOffset);
+                  uint64_t writtenEnd, uint64_t lastBlockOffset, uint32_t coalesceMaxEntries = 0);
   ~HrlAppenderCore();
 
   // Logs data for disk bytes [byteOffset, byteOffset + length), split into
-  // entries of at most maxEntryBytes.
+  // entries of at most maxEntryBytes. A piece covering exactly the extent of
+  // a coalescible entry (one no later entry overlaps) rewrites that entry's
+  // payload and entry in place instead, when neither lies in a staging
+  // buffer an I/O thread is still writing (see RewriteLocked).
   int Append(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t timestamp);
   // Logs zero-filled entries for [byteOffset, byteOffset + length).
   int AppendZeroes(uint64_t byteOffset, uint64_t length, uint32_t timestamp);
@@ -105,15 +114,23 @@ class HrlAppenderCore {
     uint64_t entriesInBlock = 0;
     uint64_t totalEntries = 0;
     int error = 0;
+    uint64_t rewrites = 0;
+    uint64_t rewrittenBytes = 0;
   };
   State GetState();
   // Bytes the log occupies once everything appended is written.
   uint64_t SizeBytes();
 
+  // Whether a piece was rewritten in place since the last call; clears it.
+  // A flush that sees it fdatasyncs even if the log's end did not move.
+  bool TakeRewrittenSinceSync();
+
   // The current HRL timestamp (seconds since 2000, clamped to 32 bits).
   static uint32_t NowTimestamp();
 
  private:
+  // One piece (at most maxEntryBytes): rewritten in place when it can be, else appended.
+  int CoalescePieceLocked(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t checksum, uint32_t timestamp);
   int AppendPieceLocked(uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t checksum, uint32_t timestamp);
   void AddEntryLocked(uint64_t byteOffset, uint32_t length, uint32_t checksum, uint32_t timestamp);
   int WriteStagedLocked();
@@ -121,6 +138,37 @@ class HrlAppenderCore {
   // Closes the full open block into the staging buffer (no I/O of its own).
   int StageBlockLocked();
   uint64_t SizeBytesLocked() const;
+
+  // Coalescing of overwrites. An entry of the open log no later entry
+  // overlaps; keyed by disk offset in coalescible_, extents pairwise disjoint.
+  struct CoalescibleEntry {
+    uint64_t length;
+    // File position of the payload: in staging_ while at or past writtenEnd_.
+    uint64_t payloadPos;
+    // File position of the 32-byte entry once its block is staged or
+    // closed (in staging_ while at or past writtenEnd_); kEntryInOpenBlock
+    // while it sits in block_ at `slot`.
+    uint64_t entryPos;
+    uint32_t slot;
+  };
+  static constexpr uint64_t kEntryInOpenBlock = ~0ull;
+  // Rewrites `e` with the piece: 0 done, -1 not now (a spare write of its
+  // range is in flight: the caller appends), else an errno.
+  int RewriteLocked(CoalescibleEntry& e, uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t checksum,
+                    uint32_t timestamp);
+  // Whether a queued or running spare write covers any of [pos, pos + length).
+  bool InFlightLocked(uint64_t pos, uint64_t length) const;
+  // Forgets every coalescible entry overlapping [byteOffset, byteOffset + length).
+  void ForgetOverlappingLocked(uint64_t byteOffset, uint64_t length);
+  // Gives the open block's coalescible entries their file position (block staged or closed at blockOffset).
+  void PlaceOpenBlockEntriesLocked(uint64_t blockOffset);
+  const uint32_t coalesceMaxEntries_;
+  std::map<uint64_t, CoalescibleEntry> coalescible_;
+  // Keys inserted into coalescible_ since the open block began.
+  std::vector<uint64_t> openBlockKeys_;
+  uint64_t rewrites_ = 0;
+  uint64_t rewrittenBytes_ = 0;
+  bool rewrittenSinceSync_ = false;
   void RecycleCacheLocked();
   // `allowDirect` false: buffered even when the range is page-aligned.
   int WriteAtLocked(struct iovec* iov, int count, uint64_t pos, bool allowDirect = true);
@@ -171,6 +219,14 @@ class HrlAppenderCore {
   };
   std::vector<std::unique_ptr<AlignedBuffer>> spares_;
   std::vector<int> freeSpares_;
+  // The file range each spare is being written to, while it is not free
+  // (a rewrite must not touch a range a spare write is still in flight for).
+  struct SpareRange {
+    bool busy = false;
+    uint64_t pos = 0;
+    uint64_t length = 0;
+  };
+  SpareRange spareRanges_[kSpareBuffers];
   std::vector<SpareWrite> spareQueue_;  // in file order; taken from the front
   size_t spareQueueHead_ = 0;
   int sparesWriting_ = 0;

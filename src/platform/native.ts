@@ -46,8 +46,13 @@ export interface NativeHrlAppender {
   finish(): number;
   /** Refuses every later append without writing what is staged. */
   abandon(): void;
-  /** [writtenEnd, stagedBytes, entriesInBlock, totalEntries, errno]. */
+  /** [writtenEnd, stagedBytes, entriesInBlock, totalEntries, errno, rewrites, rewrittenBytes]. */
   state(): Float64Array;
+  /**
+   * Whether a piece was rewritten in place (coalesced) since the last call,
+   * clearing the flag: a flush must then fdatasync even if the end did not move.
+   */
+  takeRewrittenSinceSync(): boolean;
   sizeBytes(): number;
 }
 
@@ -102,7 +107,8 @@ export interface NativeTapConnection {
 
 /** The classes of the addon the source tap's native data path uses. */
 export interface NativeTapAddon {
-  HrlAppender: new (fd: number, metadataSizeBytes: number, maxEntryBytes: number, stagingBytes: number, writtenEnd: number, lastBlockOffset: number) => NativeHrlAppender;
+  /** `coalesceMaxEntries`: bound of the coalescible-entry map; 0 turns coalescing of overwrites off. */
+  HrlAppender: new (fd: number, metadataSizeBytes: number, maxEntryBytes: number, stagingBytes: number, writtenEnd: number, lastBlockOffset: number, coalesceMaxEntries: number) => NativeHrlAppender;
   TapExport: new (diskFd: number, sizeBytes: number, minBlockBytes: number, maxBlockBytes: number, tracked: boolean, notify: () => void) => NativeTapExport;
   TapConnection: new (
     socketFd: number,

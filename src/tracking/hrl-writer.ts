@@ -30,7 +30,16 @@ export const HRL_WRITER_DEFAULTS = {
   maxEntryBytes: 1024 * 1024,
   /** Small payloads are gathered here before one positional write. */
   stagingBytes: 1024 * 1024,
+  /** Overwrites of an exact extent replace the earlier entry in place (see HrlWriter). */
+  coalesceOverwrites: true,
 } as const;
+
+/**
+ * Most coalescible entries a log's writer remembers (TypeScript and native
+ * alike): a few MB of memory at most. At the bound new entries are not
+ * remembered (they are appended, never rewritten); overlaps still forget.
+ */
+export const HRL_COALESCE_MAX_ENTRIES = 262_144;
 
 /**
  * The file operations the writer uses (a subset of fs/promises FileHandle).
@@ -53,6 +62,14 @@ export interface HrlWriterOptions {
   readonly maxEntryBytes?: number;
   readonly stagingBytes?: number;
   readonly clock?: Clock;
+  /**
+   * Rewrite an entry in place when a later append covers exactly its extent
+   * and nothing appended in between overlaps it (default true). Off, every
+   * append adds an entry (tests that count entries or compare bytes).
+   */
+  readonly coalesceOverwrites?: boolean;
+  /** Bound of the coalescible-entry map (default HRL_COALESCE_MAX_ENTRIES; smaller in tests). */
+  readonly coalesceMaxEntries?: number;
   /** Creates the log file (default: fs/promises open with 'wx+', refusing an existing file). */
   readonly openFile?: (filePath: string) => Promise<HrlWriterFile>;
 }
@@ -69,6 +86,67 @@ export interface HrlSealedLog {
 
 const ZERO_CHUNK_CHECKSUM = 0xffff_ffff;
 
+/** An entry of the open log no later entry overlaps: it may be rewritten in place. */
+interface CoalescibleEntry {
+  readonly byteOffset: number;
+  readonly length: number;
+  /** File position of the payload; while at or past the written end it is still in the staging buffer. */
+  readonly payloadPos: number;
+  /** Slot of the entry in its metadata block. */
+  readonly slot: number;
+  /** File position of the 32-byte entry once its block is closed; -1 while it is in the open block. */
+  entryPos: number;
+}
+
+/**
+ * The coalescible entries of the open log, sorted by disk offset. Their
+ * extents are pairwise disjoint (an overlapping append removes them), so
+ * their ends are sorted too and the overlaps of a range are one run.
+ * Bounded: at `maxEntries` new entries are not inserted.
+ */
+class CoalescibleEntries {
+  private readonly items: CoalescibleEntry[] = [];
+
+  constructor(private readonly maxEntries: number) {}
+
+  get size(): number {
+    return this.items.length;
+  }
+
+  /** The entry with exactly the extent `[byteOffset, byteOffset + length)`, if any. */
+  exact(byteOffset: number, length: number): CoalescibleEntry | undefined {
+    const e = this.items[this.firstAtOrAfter(byteOffset)];
+    return e !== undefined && e.byteOffset === byteOffset && e.length === length ? e : undefined;
+  }
+
+  /** Forgets every entry overlapping `[byteOffset, byteOffset + length)`: a later entry now does. */
+  removeOverlapping(byteOffset: number, length: number): void {
+    const hi = this.firstAtOrAfter(byteOffset + length);
+    let lo = hi;
+    while (lo > 0 && this.items[lo - 1]!.byteOffset + this.items[lo - 1]!.length > byteOffset) lo--;
+    if (lo < hi) this.items.splice(lo, hi - lo);
+  }
+
+  /** Inserts an entry overlapping none held (call removeOverlapping first); false at the bound. */
+  insert(e: CoalescibleEntry): boolean {
+    if (this.items.length >= this.maxEntries) return false;
+    this.items.splice(this.firstAtOrAfter(e.byteOffset), 0, e);
+    return true;
+  }
+
+  /** Index of the first entry starting at or after `byteOffset`. */
+  private firstAtOrAfter(byteOffset: number): number {
+    let lo = 0;
+    let hi = this.items.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.items[mid]!.byteOffset < byteOffset) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+}
+
 /**
  * Appends writes to a new [MS-HRL] v2 log. Layout: the 4096-byte header
  * (EOLLocation 0 while open), an empty anchor metadata block at 4096, then
@@ -82,6 +160,16 @@ const ZERO_CHUNK_CHECKSUM = 0xffff_ffff;
  * fdatasyncs, so everything appended before it survives a crash and is found
  * by `recoverHrlLog` (hrl-recovery.ts). `seal()` writes EOLLocation,
  * CurrentSize, TotalMetadataEntries and the header checksum.
+ *
+ * Overwrites coalesce (option `coalesceOverwrites`, default on): a recovery
+ * point exists only at a cut, never inside a log, so a piece covering
+ * exactly the extent of an earlier entry that no later entry overlaps
+ * replaces that entry's payload, DataChecksum and TimeStamp in place (in
+ * memory while staged, else a positional write of the payload and then one
+ * of the 32-byte entry on its own, which lies in one sector). The log then
+ * grows with the distinct extents written, not with the churn. Entry order
+ * stays apply order; timestamps are no longer monotonic. A `flush()` after
+ * a rewrite fdatasyncs even when the log's end did not move.
  *
  * Operations are serialised internally; concurrent calls run in call order.
  * A failed write or fdatasync poisons the writer: every later append, flush
@@ -120,6 +208,14 @@ export class HrlWriter {
   /** Operations queued or running; the append fast path needs 0. */
   private queued = 0;
   private zeroChunk: Buffer | undefined;
+  /** Entries that may be rewritten in place; undefined with coalescing off. */
+  private readonly coalescible: CoalescibleEntries | undefined;
+  /** The coalescible entries of the open block, given their file position when it closes. */
+  private openBlockCoalescible: CoalescibleEntry[] = [];
+  /** Set by a rewrite, cleared by a sync: flush() must fdatasync even if the end did not move. */
+  private rewrittenSinceSync = false;
+  private rewrites = 0;
+  private rewrittenByteCount = 0;
   /** The native appender holding the open block and staging buffer, when the file is real. */
   private core: NativeHrlAppender | undefined;
   /** Set by seal() and close(): appends after them fail, as queued ones would in the TypeScript path. */
@@ -143,7 +239,14 @@ export class HrlWriter {
     this.entriesPerBlock = hrlEntriesPerBlock(this.metadataSizeBytes);
     this.block = Buffer.alloc(this.metadataSizeBytes);
     this.staging = Buffer.alloc(options.stagingBytes ?? HRL_WRITER_DEFAULTS.stagingBytes);
+    this.coalesceOverwrites = options.coalesceOverwrites ?? HRL_WRITER_DEFAULTS.coalesceOverwrites;
+    this.coalesceMaxEntries = options.coalesceMaxEntries ?? HRL_COALESCE_MAX_ENTRIES;
+    this.coalescible = this.coalesceOverwrites ? new CoalescibleEntries(this.coalesceMaxEntries) : undefined;
   }
+
+  /** Whether overwrites of an exact extent rewrite the earlier entry in place. */
+  readonly coalesceOverwrites: boolean;
+  private readonly coalesceMaxEntries: number;
 
   /**
    * Creates the log (refusing an existing file), writes the open header and
@@ -153,6 +256,10 @@ export class HrlWriter {
     const ms = options.metadataSizeBytes ?? HRL_WRITER_DEFAULTS.metadataSizeBytes;
     if (!Number.isInteger(ms) || ms < HRL_MIN_METADATA_SIZE || ms > HRL_MAX_METADATA_SIZE || ms % HRL_METADATA_ENTRY_SIZE !== 0) {
       throw new BlockrelayError('BR_CONFIG_INVALID', `metadataSizeBytes must be a multiple of 32 in [${HRL_MIN_METADATA_SIZE}, ${HRL_MAX_METADATA_SIZE}], got ${ms}`);
+    }
+    const maxCoalescible = options.coalesceMaxEntries ?? HRL_COALESCE_MAX_ENTRIES;
+    if (!Number.isInteger(maxCoalescible) || maxCoalescible < 0 || maxCoalescible > HRL_COALESCE_MAX_ENTRIES) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `coalesceMaxEntries must be in [0, ${HRL_COALESCE_MAX_ENTRIES}], got ${maxCoalescible}`);
     }
     const maxEntry = options.maxEntryBytes ?? HRL_WRITER_DEFAULTS.maxEntryBytes;
     if (!Number.isInteger(maxEntry) || maxEntry < 1 || maxEntry > HRL_MAX_DATA_LENGTH) {
@@ -171,7 +278,8 @@ export class HrlWriter {
       const native = options.openFile === undefined ? loadNativeTap() : undefined;
       const fd = (fh as Partial<fsp.FileHandle>).fd;
       if (native !== undefined && typeof fd === 'number') {
-        writer.core = new native.HrlAppender(fd, writer.metadataSizeBytes, writer.maxEntryBytes, writer.staging.length, writer.writtenEnd, writer.lastBlockOffset);
+        writer.core = new native.HrlAppender(fd, writer.metadataSizeBytes, writer.maxEntryBytes, writer.staging.length, writer.writtenEnd, writer.lastBlockOffset,
+          writer.coalesceOverwrites ? writer.coalesceMaxEntries : 0);
       }
     } catch (err) {
       await fh.close().catch(() => undefined);
@@ -204,6 +312,18 @@ export class HrlWriter {
     return this.totalEntries + this.entriesInBlock;
   }
 
+  /** Appended pieces that rewrote an earlier entry in place instead of adding one. */
+  get rewriteCount(): number {
+    if (this.core !== undefined) return this.core.state()[5] ?? 0;
+    return this.rewrites;
+  }
+
+  /** Payload bytes those rewrites wrote (bytes the log did not grow by). */
+  get rewrittenBytes(): number {
+    if (this.core !== undefined) return this.core.state()[6] ?? 0;
+    return this.rewrittenByteCount;
+  }
+
   /** End of the last block made durable by `flush()` (or by creation). */
   get durableEndBytes(): number {
     return this.durableEnd;
@@ -221,10 +341,17 @@ export class HrlWriter {
     // Fast path: nothing queued and the write fits the open block and the
     // staging buffer, so it is only a copy; no I/O, no promise chain.
     if (this.appendsInMemory(data.length)) {
-      this.addEntry(byteOffset, data, hrlChecksum(data));
-      this.staging.set(data, this.stagedBytes);
-      this.stagedBytes += data.length;
-      return Promise.resolve();
+      const hit = this.coalescible?.exact(byteOffset, data.length);
+      if (hit === undefined) {
+        this.coalescible?.removeOverlapping(byteOffset, data.length);
+        this.placePiece(byteOffset, data, hrlChecksum(data));
+        return Promise.resolve();
+      }
+      // A rewrite in place needing a positional write queues like any I/O.
+      if (this.rewritesInMemory(hit)) {
+        this.rewriteInMemory(hit, data, hrlChecksum(data));
+        return Promise.resolve();
+      }
     }
     return this.serial(async () => {
       for (let at = 0; at < data.length; at += this.maxEntryBytes) {
@@ -237,7 +364,8 @@ export class HrlWriter {
   /**
    * True when an append of `length` bytes would complete synchronously (a
    * copy into the open block and the staging buffer, no I/O): then the
-   * promise `append` returns is already resolved.
+   * promise `append` returns is already resolved, unless (TypeScript path
+   * only) the append rewrites in place an entry already handed to the file.
    */
   appendsInMemory(length: number): boolean {
     if (this.failure !== undefined) return false;
@@ -277,7 +405,11 @@ export class HrlWriter {
       if (this.core !== undefined) this.syncFromCore(this.core.closeBlock(), 'write');
       else if (this.entriesInBlock > 0) await this.closeBlock();
       // Nothing written since the last sync: an idle FLUSH costs no fdatasync.
-      if (this.durableEnd === this.writtenEnd) return;
+      // A rewrite in place leaves the end where it was, yet must become durable.
+      // Taken (cleared) before the sync: a rewrite after this point sets it again for the next flush.
+      const rewritten = (this.core?.takeRewrittenSinceSync() ?? false) || this.rewrittenSinceSync;
+      this.rewrittenSinceSync = false;
+      if (this.durableEnd === this.writtenEnd && !rewritten) return;
       await this.io('fdatasync', () => this.fh.datasync());
       this.durableEnd = this.writtenEnd;
     });
@@ -401,15 +533,42 @@ export class HrlWriter {
     this.entriesInBlock++;
   }
 
-  private async appendPiece(byteOffset: number, piece: Uint8Array, dataChecksum: number): Promise<void> {
-    if (this.entriesInBlock === this.entriesPerBlock) await this.closeBlock();
+  /**
+   * Adds the entry and stages the payload of a piece that fits the open
+   * block and the staging buffer (overlapping coalescible entries already
+   * removed), and remembers it as coalescible.
+   */
+  private placePiece(byteOffset: number, piece: Uint8Array, dataChecksum: number): void {
+    this.remember(byteOffset, piece.length, this.writtenEnd + this.stagedBytes);
     this.addEntry(byteOffset, piece, dataChecksum);
+    this.staging.set(piece, this.stagedBytes);
+    this.stagedBytes += piece.length;
+  }
+
+  /** Records the entry about to take the open block's next slot, its payload at `payloadPos`. */
+  private remember(byteOffset: number, length: number, payloadPos: number): void {
+    if (this.coalescible === undefined) return;
+    const e: CoalescibleEntry = { byteOffset, length, payloadPos, slot: this.entriesInBlock, entryPos: -1 };
+    if (this.coalescible.insert(e)) this.openBlockCoalescible.push(e);
+  }
+
+  private async appendPiece(byteOffset: number, piece: Uint8Array, dataChecksum: number): Promise<void> {
+    if (this.coalescible !== undefined) {
+      const hit = this.coalescible.exact(byteOffset, piece.length);
+      if (hit !== undefined) {
+        await this.rewrite(hit, piece, dataChecksum);
+        return;
+      }
+      this.coalescible.removeOverlapping(byteOffset, piece.length);
+    }
+    if (this.entriesInBlock === this.entriesPerBlock) await this.closeBlock();
     if (piece.length <= this.staging.length - this.stagedBytes) {
-      this.staging.set(piece, this.stagedBytes);
-      this.stagedBytes += piece.length;
+      this.placePiece(byteOffset, piece, dataChecksum);
       return;
     }
     await this.writeStaged();
+    this.remember(byteOffset, piece.length, this.writtenEnd);
+    this.addEntry(byteOffset, piece, dataChecksum);
     if (piece.length >= this.staging.length) {
       const buf = Buffer.from(piece.buffer, piece.byteOffset, piece.length);
       await this.io('write', () => this.fh.write(buf, 0, buf.length, this.writtenEnd));
@@ -418,6 +577,52 @@ export class HrlWriter {
       this.staging.set(piece, 0);
       this.stagedBytes = piece.length;
     }
+  }
+
+  /** True when both the payload and the entry of `e` are still in memory (staging buffer, open block). */
+  private rewritesInMemory(e: CoalescibleEntry): boolean {
+    return e.payloadPos >= this.writtenEnd && e.entryPos < 0;
+  }
+
+  private rewriteInMemory(e: CoalescibleEntry, piece: Uint8Array, dataChecksum: number): void {
+    this.staging.set(piece, e.payloadPos - this.writtenEnd);
+    this.encodeRewrittenEntry(e, dataChecksum, this.block, HRL_METADATA_HEADER_SIZE + e.slot * HRL_METADATA_ENTRY_SIZE);
+    this.countRewrite(piece.length);
+  }
+
+  /**
+   * Rewrites entry `e` in place with `piece`: payload first, then the
+   * 32-byte entry as a write of its own (inside one sector, so a power loss
+   * leaves it old or new, never torn). Either may still be in memory.
+   */
+  private async rewrite(e: CoalescibleEntry, piece: Uint8Array, dataChecksum: number): Promise<void> {
+    if (this.rewritesInMemory(e)) {
+      this.rewriteInMemory(e, piece, dataChecksum);
+      return;
+    }
+    if (e.payloadPos >= this.writtenEnd) {
+      this.staging.set(piece, e.payloadPos - this.writtenEnd);
+    } else {
+      const buf = Buffer.from(piece.buffer, piece.byteOffset, piece.length);
+      await this.io('rewrite', () => this.fh.write(buf, 0, buf.length, e.payloadPos));
+    }
+    if (e.entryPos < 0) {
+      this.encodeRewrittenEntry(e, dataChecksum, this.block, HRL_METADATA_HEADER_SIZE + e.slot * HRL_METADATA_ENTRY_SIZE);
+    } else {
+      const entry = this.encodeRewrittenEntry(e, dataChecksum, Buffer.alloc(HRL_METADATA_ENTRY_SIZE), 0);
+      await this.io('rewrite', () => this.fh.write(entry, 0, entry.length, e.entryPos));
+    }
+    this.countRewrite(piece.length);
+  }
+
+  private encodeRewrittenEntry(e: CoalescibleEntry, dataChecksum: number, out: Buffer, at: number): Buffer {
+    return encodeHrlMetadataEntry({ byteOffset: e.byteOffset, dataLength: e.length, timestamp: hrlTimestampFromMs(this.clock.now()), dataChecksum }, out, at);
+  }
+
+  private countRewrite(length: number): void {
+    this.rewrites++;
+    this.rewrittenByteCount += length;
+    this.rewrittenSinceSync = true;
   }
 
   private async writeStaged(): Promise<void> {
@@ -434,6 +639,8 @@ export class HrlWriter {
     encodeHrlMetadataHeader({ previousMetadataLocation: blockOffset - this.lastBlockOffset, validMetadataEntries: this.entriesInBlock }, this.block, 0);
     const parts = this.stagedBytes > 0 ? [this.staging.subarray(0, this.stagedBytes), this.block] : [this.block];
     await this.io('write', () => this.fh.writev(parts, this.writtenEnd));
+    for (const e of this.openBlockCoalescible) e.entryPos = blockOffset + HRL_METADATA_HEADER_SIZE + e.slot * HRL_METADATA_ENTRY_SIZE;
+    this.openBlockCoalescible = [];
     this.writtenEnd = blockOffset + this.metadataSizeBytes;
     this.stagedBytes = 0;
     this.lastBlockOffset = blockOffset;
