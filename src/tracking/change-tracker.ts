@@ -201,6 +201,12 @@ export class ChangeTracker {
   private lastResyncReason: ResyncReason | null = null;
   /** Sequences held for resync logs being written; sealed logs after the lowest wait for it. */
   private reservations: ResyncReservation[] = [];
+  /**
+   * The sequence of the log an app-consistent cut of several trackers is
+   * sealing here while that cut is undecided: it and later logs are not
+   * handed out for shipping until then (see cutAppConsistent).
+   */
+  private appCutHold: number | undefined;
   /** Counts folds, so a resync round can tell that one happened while it ran. */
   private folds = 0;
   /**
@@ -418,18 +424,85 @@ export class ChangeTracker {
    * (recoverable) while any of them owes a resync, since the point would
    * end a tainted log (see sealActive) that no failover may select, and an
    * operator who quiesced the application must not be told it was taken.
-   * Checked before the cut and again on what it sealed (a fold can come in
-   * between). Returns the cut's identity.
+   * Returns the cut's identity.
+   *
+   * All or nothing: either every member's log carries the tag or none does.
+   * The check is made again once every lock is held (a fold or a resync
+   * round queued before the locks comes in between), so a refusal then
+   * seals nothing. What is left is a member failing during the seal itself
+   * (its log volume fails and it folds): the other members' logs are
+   * already sealed with the tag, so they are kept from the shippers
+   * (`appCutHold`) until every member's outcome is known, and on a failure
+   * their sidecars are written again without the tag before the locks are
+   * let go. Not covered: a crash of the process during the cut, which can
+   * leave the tag in the sidecars written before it; the caller was then
+   * never told the point was taken.
    */
   static async cutAppConsistent(trackers: readonly ChangeTracker[], appTag: string, options: { clock?: Clock } = {}): Promise<{ cutId: string; cutTimeMs: number }> {
-    const owing = (): ChangeTracker | undefined => trackers.find((t) => t.owesResync() || t.mode === 'dirty-only');
+    checkAppTag(appTag);
+    const owing = (): ChangeTracker | undefined => trackers.find((t) => t.owesResync() || t.mode === 'dirty-only' || t.writer === undefined);
     const refuse = (t: ChangeTracker): BlockrelayError => new BlockrelayError('BR_TAG_RESYNC_PENDING', `disk ${t.diskId} is not in step (a resync of ${t.status().resyncBytes} bytes is owed): an app-consistent point can be taken once its resync has finished`, { details: { disk: t.diskId, resyncBytes: t.status().resyncBytes } });
     const before = owing();
     if (before !== undefined) throw refuse(before);
-    const sealed = await ChangeTracker.cut(trackers, { ...options, appTag });
-    const tainted = sealed.findIndex((s) => s === undefined || s.tainted === true);
-    if (tainted >= 0) throw refuse(trackers[tainted]!);
-    return { cutId: sealed[0]!.cutId, cutTimeMs: sealed[0]!.cutTimeMs };
+    const { ordered, release } = await ChangeTracker.holdAll(trackers);
+    try {
+      const late = owing();
+      if (late !== undefined) throw refuse(late);
+      const point: CutPoint = { cutId: randomGuid(), cutTimeMs: (options.clock ?? ordered[0]?.clock ?? systemClock).now(), appTag };
+      for (const t of ordered) t.appCutHold = t.activeSequence ?? undefined;
+      // Settled, not Promise.all: every member's seal has ended before the outcome is judged.
+      const settled = await Promise.allSettled(ordered.map((t) => t.rotateHeld(point)));
+      const failed = settled.findIndex((s) => s.status === 'rejected' || s.value === undefined || s.value.tainted === true);
+      if (failed >= 0) {
+        const dropped = await Promise.allSettled(settled.map((s, i) => (s.status === 'fulfilled' && s.value !== undefined ? ordered[i]!.dropAppTag(s.value) : undefined)));
+        // A member whose maps could not even be persisted by the fold may keep the tag: that failure comes first.
+        const stuck = dropped.find((d) => d.status === 'rejected');
+        if (stuck !== undefined) throw stuck.reason;
+        const outcome = settled[failed]!;
+        throw outcome.status === 'rejected' ? outcome.reason : refuse(ordered[failed]!);
+      }
+      return { cutId: point.cutId, cutTimeMs: point.cutTimeMs };
+    } finally {
+      for (const t of ordered) t.appCutHold = undefined;
+      release();
+    }
+  }
+
+  /**
+   * Takes the lock of every tracker, queued on all at once (synchronously:
+   * a write recorded after the call lands behind it), in one global order
+   * so two such calls cannot deadlock. `release` lets all of them go.
+   */
+  private static async holdAll(trackers: readonly ChangeTracker[]): Promise<{ ordered: ChangeTracker[]; release: () => void }> {
+    const ordered = [...new Set(trackers)].sort((a, b) => (a.dir + a.diskId < b.dir + b.diskId ? -1 : 1));
+    const releases: Release[] = [];
+    const release = (): void => {
+      for (const r of releases.reverse()) r();
+    };
+    try {
+      const queued = ordered.map((t) => t.acquire());
+      for (const q of queued) releases.push(await q);
+    } catch (err) {
+      release();
+      throw err;
+    }
+    return { ordered, release };
+  }
+
+  /**
+   * An app-consistent cut failed on another member: `info`, sealed by it,
+   * becomes an ordinary crash-consistent log (its sidecar is written again
+   * without the tag). If even that write fails the log volume is failing:
+   * the logs are folded, so none keeps the tag. Called under the lock.
+   */
+  private async dropAppTag(info: SealedLogInfo): Promise<void> {
+    const i = this.sealed.indexOf(info);
+    if (i < 0 || info.appTag === undefined) return;
+    const { name, path: logPath, sidecarPath, appTag: _dropped, ...sidecar } = info;
+    await this.logIo(async () => {
+      await writeFileAtomic(sidecarPath, JSON.stringify(sidecar satisfies LogSidecar, null, 2));
+      this.sealed[i] = { ...sidecar, name, path: logPath, sidecarPath };
+    });
   }
 
   /** Records a write the source made (call before or with the write to the disk). */
@@ -565,7 +638,8 @@ export class ChangeTracker {
   sealedLogs(): SealedLogInfo[] {
     // A resync log being written comes before every log sealed after its
     // reservation: those wait, so logs always leave in sequence order.
-    const held = this.reservations.reduce((min, r) => Math.min(min, r.sequence), Number.POSITIVE_INFINITY);
+    // So does an app-consistent log while its cut is undecided on another member.
+    const held = this.reservations.reduce((min, r) => Math.min(min, r.sequence), this.appCutHold ?? Number.POSITIVE_INFINITY);
     return this.sealed.filter((s) => s.sequence < held);
   }
 
