@@ -262,8 +262,20 @@ export class ProcessServer extends ApplyingHop {
     } catch (err) {
       disk.established = false;
       if (isBlockrelayError(err) && err.code === 'BR_SEQ_GAP') {
-        // We send oldest first and delete only after an ack, so a master
-        // target expecting an older log lost state we no longer hold.
+        // Critical, not a retry: this hop is the disk's only sender to the
+        // master target, sends oldest first and deletes a log only once the
+        // master target answered for it. So a master target that expects an
+        // older log lost state it had confirmed (restored, rolled back), and
+        // the log it wants is no longer here nor at the source (which this
+        // hop acknowledged): waiting would stall the disk silently for good;
+        // a resync is what brings it back. This also holds for a resync log
+        // that names the log it follows: it goes alone, once everything
+        // before it was answered (goesAlone above), so it is refused only
+        // after the same loss. The source, by contrast, retries such a
+        // refusal (log-shipper.ts): for it the log may still be on its way.
+        // An upload started ahead (upload-pipeline.ts) that gets a gap
+        // because the one before it failed ends here too; the pipeline
+        // drops that outcome and sends the log again in turn.
         throw new BlockrelayError('BR_DISK_CRITICAL', `master target expects log ${String(err.details.expectedSeq)} of disk ${disk.diskId}, which this process server no longer holds; the disk needs a resync`, { cause: err });
       }
       throw err;
