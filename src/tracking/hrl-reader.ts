@@ -100,6 +100,36 @@ export interface HrlLogEntry {
   readonly dataChecksum: number;
 }
 
+/**
+ * An entry of an unsealed log whose payload fails its DataChecksum inside
+ * the part of the log that was durable once: a power loss tore an in-place
+ * rewrite (old entry with new payload bytes, or the reverse). Recovery
+ * reports it instead of cutting the log there.
+ */
+export interface HrlTornEntry {
+  /** File offset of the 32-byte entry. */
+  readonly entryFileOffset: number;
+  /** File offset of the payload. */
+  readonly payloadFileOffset: number;
+  readonly byteOffset: number;
+  readonly dataLength: number;
+  /** DataChecksum stored in the entry. */
+  readonly storedChecksum: number;
+  /** Checksum of the payload bytes present. */
+  readonly actualChecksum: number;
+}
+
+/**
+ * Tolerance of torn in-place rewrites, for recovery only (`verify()` never
+ * takes it): blocks ending at or below `rewritableBelowBytes` are accepted
+ * when their structure and entry checksums hold, and each payload that fails
+ * its DataChecksum is added to `torn` instead of failing the walk.
+ */
+export interface HrlRewriteTolerance {
+  readonly rewritableBelowBytes: number;
+  readonly torn: HrlTornEntry[];
+}
+
 /** The result of a full verification. */
 export interface HrlVerifiedLog {
   readonly path: string;
@@ -292,9 +322,10 @@ export class HrlLogFile {
    * Verifies the chain that ends with the metadata block at `lastOffset`:
    * the backward walk, then every block, entry and (unless turned off)
    * payload in file order. Used by `verify()` with EOLLocation − MetadataSize
-   * and by recovery with a remembered end of an unsealed log.
+   * and by recovery with a remembered end of an unsealed log (with `tolerance`
+   * for the part below the end a flush once made durable).
    */
-  async verifyChain(lastOffset: number, ms: number, options: HrlVerifyOptions = {}, table?: HrlEntryTableBuilder): Promise<{ blocks: HrlBlockInfo[]; entryCount: number; payloadBytes: number; unverified: number }> {
+  async verifyChain(lastOffset: number, ms: number, options: HrlVerifyOptions = {}, table?: HrlEntryTableBuilder, tolerance?: HrlRewriteTolerance): Promise<{ blocks: HrlBlockInfo[]; entryCount: number; payloadBytes: number; unverified: number }> {
     const blockOffsets = await this.walkChain(lastOffset, ms);
     const blocks: HrlBlockInfo[] = [];
     const block = Buffer.alloc(ms);
@@ -306,7 +337,10 @@ export class HrlLogFile {
       const offset = blockOffsets[i]!;
       const bytes = await this.view(offset, ms, 'metadata block', block);
       const checked = checkBlockEntries(bytes, offset, payloadStart, this.path, options, table);
-      if (options.checkPayloads !== false) await this.verifyPayloads(bytes, offset, payloadStart, checked.validEntries);
+      if (options.checkPayloads !== false) {
+        const torn = tolerance !== undefined && offset + ms <= tolerance.rewritableBelowBytes ? tolerance.torn : undefined;
+        await this.verifyPayloads(bytes, offset, payloadStart, checked.validEntries, torn);
+      }
       unverified += checked.unverified;
       blocks.push({ offset, previousMetadataLocation: checked.previousMetadataLocation, validEntries: checked.validEntries, payloadStart });
       entryCount += checked.validEntries;
@@ -390,9 +424,11 @@ export class HrlLogFile {
    * Checks every payload of a block against its DataChecksum. The payload
    * region `[payloadStart, blockOffset)` is read in chunks of at most
    * HRL_READ_CHUNK_BYTES (one buffer per log file, reused) and each entry's
-   * byte sum is accumulated across chunk boundaries.
+   * byte sum is accumulated across chunk boundaries. With `torn`, a
+   * mismatch is added there (recovery's tolerance of torn rewrites) instead
+   * of thrown.
    */
-  async verifyPayloads(block: Buffer, blockOffset: number, payloadStart: number, validEntries: number): Promise<void> {
+  async verifyPayloads(block: Buffer, blockOffset: number, payloadStart: number, validEntries: number, torn?: HrlTornEntry[]): Promise<void> {
     let entry = -1;
     let entryLeft = 0;
     let entryStart = payloadStart;
@@ -403,6 +439,11 @@ export class HrlLogFile {
       const actual = hrlChecksumFromSum(sum);
       if (actual !== expected) {
         const entryOffset = blockOffset + HRL_METADATA_HEADER_SIZE + entry * HRL_METADATA_ENTRY_SIZE;
+        if (torn !== undefined) {
+          const at = entryOffset - blockOffset;
+          torn.push({ entryFileOffset: entryOffset, payloadFileOffset: entryStart, byteOffset: readU64(block, at + HRL_ME_BYTE_OFFSET_OFFSET), dataLength: block.readUInt32LE(at + HRL_ME_DATA_LENGTH_OFFSET), storedChecksum: expected, actualChecksum: actual });
+          return;
+        }
         throw hrlDamage('BR_HRL_DATA_CHECKSUM', this.path, entryStart, `payload of the entry at byte ${entryOffset} has checksum 0x${hex32(actual)}, DataChecksum says 0x${hex32(expected)}`, { entryOffset });
       }
     };

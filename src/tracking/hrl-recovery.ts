@@ -1,15 +1,19 @@
 import * as fsp from 'node:fs/promises';
 import { systemClock, type Clock } from '../platform/clock';
-import { isBlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
 import {
   HRL_HEADER_SIZE,
+  HRL_METADATA_ENTRY_SIZE,
+  HRL_ME_CHECKSUM_OFFSET,
+  HRL_ME_DATA_CHECKSUM_OFFSET,
   HRL_MH_PREVIOUS_LOCATION_OFFSET,
+  computeHrlMetadataEntryChecksum,
   encodeHrlHeader,
   encodeHrlMetadataHeader,
   hrlTimestampFromMs,
   type HrlHeader,
 } from './hrl-format';
-import { HrlLogFile, checkBlockEntries, type HrlBlockInfo } from './hrl-reader';
+import { HrlLogFile, checkBlockEntries, type HrlBlockInfo, type HrlTornEntry } from './hrl-reader';
 
 /** How much of the file the forward scan reads at once. */
 const SCAN_WINDOW_BYTES = 1024 * 1024;
@@ -22,6 +26,27 @@ export interface HrlRecoveryScan {
   /** End of the last valid block: everything after it is the torn tail. */
   readonly durableEndBytes: number;
   readonly fileSizeBytes: number;
+  /**
+   * Entries of accepted blocks below `rewritableBelowBytes` whose payload
+   * fails its DataChecksum: in-place rewrites a power loss tore. In file order.
+   */
+  readonly tornEntries: readonly HrlTornEntry[];
+}
+
+/** How to scan an unsealed log. */
+export interface HrlScanOptions {
+  /** Remembered block ends tried first (see scanUnsealedHrlLog). */
+  readonly hintEndBytes?: readonly number[];
+  /**
+   * End of the part of the log a flush once made durable (the tracker's
+   * persisted `durableLogEndBytes`; 0, the default, is strict everywhere).
+   * A block ending at or below it is accepted when its structure and entry
+   * checksums hold, even if payloads fail their DataChecksum: the writer
+   * rewrites an entry and its payload in place when the same extent is
+   * written again, and a power loss can tear that rewrite long after the
+   * block was durable. Past it a bad payload is a torn append and ends the log.
+   */
+  readonly rewritableBelowBytes?: number;
 }
 
 export interface HrlRecoveredLog extends HrlRecoveryScan {
@@ -47,8 +72,13 @@ export interface HrlRecoveredLog extends HrlRecoveryScan {
  * end its last flush made durable and the end the next one will), are tried
  * first, in order: if the chain ending at one verifies back to the anchor,
  * only what follows it is scanned.
+ *
+ * Below `rewritableBelowBytes` (both in the hint chain and in the forward
+ * scan) a payload failing its DataChecksum does not reject its block; the
+ * entry is reported in `tornEntries` instead.
  */
-export async function scanUnsealedHrlLog(filePath: string, options: { hintEndBytes?: readonly number[] } = {}): Promise<HrlRecoveryScan> {
+export async function scanUnsealedHrlLog(filePath: string, options: HrlScanOptions = {}): Promise<HrlRecoveryScan> {
+  const rewritableBelow = options.rewritableBelowBytes ?? 0;
   const log = await HrlLogFile.open(filePath);
   try {
     const header = await log.readHeader();
@@ -56,13 +86,17 @@ export async function scanUnsealedHrlLog(filePath: string, options: { hintEndByt
     const blocks: HrlBlockInfo[] = [];
     const block = Buffer.alloc(ms);
     let entryCount = 0;
+    let tornEntries: HrlTornEntry[] = [];
 
     const tryBlock = async (q: number, payloadStart: number): Promise<HrlBlockInfo | undefined> => {
       if (q + ms > log.fileSizeBytes) return undefined;
       await log.readExact(q, ms, 'metadata block', block);
       try {
         const checked = checkBlockEntries(block, q, payloadStart, filePath, {});
-        await log.verifyPayloads(block, q, payloadStart, checked.validEntries);
+        // Torn entries count only once their block is accepted.
+        const torn: HrlTornEntry[] | undefined = q + ms <= rewritableBelow ? [] : undefined;
+        await log.verifyPayloads(block, q, payloadStart, checked.validEntries, torn);
+        if (torn !== undefined) for (const t of torn) tornEntries.push(t);
         return { offset: q, previousMetadataLocation: checked.previousMetadataLocation, validEntries: checked.validEntries, payloadStart };
       } catch (err) {
         if (isBlockrelayError(err) && err.code.startsWith('BR_HRL_')) return undefined;
@@ -76,8 +110,10 @@ export async function scanUnsealedHrlLog(filePath: string, options: { hintEndByt
       if (blocks.length > 0) break;
       if (!Number.isSafeInteger(hint) || hint < HRL_HEADER_SIZE + 2 * ms || hint > log.fileSizeBytes) continue;
       try {
-        const chain = await log.verifyChain(hint - ms, ms);
+        const torn: HrlTornEntry[] = [];
+        const chain = await log.verifyChain(hint - ms, ms, {}, undefined, { rewritableBelowBytes: rewritableBelow, torn });
         if (chain.blocks[0]?.offset === HRL_HEADER_SIZE) {
+          tornEntries = torn;
           // One push per block: a spread of a long chain (~120 000 blocks, a
           // flush-per-write log) overflows V8's stack as call arguments.
           for (const b of chain.blocks) blocks.push(b);
@@ -123,7 +159,7 @@ export async function scanUnsealedHrlLog(filePath: string, options: { hintEndByt
       }
     }
     const last = blocks[blocks.length - 1];
-    return { header, blocks, entryCount, durableEndBytes: last === undefined ? HRL_HEADER_SIZE : last.offset + ms, fileSizeBytes: log.fileSizeBytes };
+    return { header, blocks, entryCount, durableEndBytes: last === undefined ? HRL_HEADER_SIZE : last.offset + ms, fileSizeBytes: log.fileSizeBytes, tornEntries };
   } finally {
     await log.close();
   }
@@ -135,10 +171,16 @@ export async function scanUnsealedHrlLog(filePath: string, options: { hintEndByt
  * TotalMetadataEntries, LastModifiedTimeStamp, checksum; UniqueId and the
  * other identity fields kept). A log whose anchor block is damaged gets a
  * fresh anchor and is sealed empty. A sealed log is left untouched.
+ *
+ * Each torn rewrite found below `rewritableBelowBytes` gets a DataChecksum
+ * over the bytes present and a new entry Checksum before the seal, so the
+ * sealed log verifies. Those bytes are a state the disk itself could show
+ * for a write not yet acknowledged durable (the previous version was), and
+ * the caller resyncs the extent anyway (`tornEntries`).
  */
-export async function recoverHrlLog(filePath: string, options: { clock?: Clock; hintEndBytes?: readonly number[] } = {}): Promise<HrlRecoveredLog> {
+export async function recoverHrlLog(filePath: string, options: HrlScanOptions & { clock?: Clock } = {}): Promise<HrlRecoveredLog> {
   const clock = options.clock ?? systemClock;
-  const scan = await scanUnsealedHrlLog(filePath, { hintEndBytes: options.hintEndBytes });
+  const scan = await scanUnsealedHrlLog(filePath, options);
   if (scan.header.eolLocation !== 0) return { ...scan, discardedBytes: 0, wasUnsealed: false };
   const ms = scan.header.metadataSize;
   let end = scan.durableEndBytes;
@@ -150,6 +192,15 @@ export async function recoverHrlLog(filePath: string, options: { clock?: Clock; 
         encodeHrlMetadataHeader({ previousMetadataLocation: 0, validMetadataEntries: 0 }, anchor, 0);
         await fh.write(anchor, 0, ms, HRL_HEADER_SIZE);
         end = HRL_HEADER_SIZE + ms;
+      }
+      const entry = Buffer.alloc(HRL_METADATA_ENTRY_SIZE);
+      for (const t of scan.tornEntries) {
+        await readAll(fh, entry, t.entryFileOffset);
+        entry.writeUInt32LE(t.actualChecksum, HRL_ME_DATA_CHECKSUM_OFFSET);
+        entry.writeUInt32LE(computeHrlMetadataEntryChecksum(entry), HRL_ME_CHECKSUM_OFFSET);
+        // One 32-byte write inside one sector: a crash leaves the old entry
+        // or the new one, and a second recovery finds the same torn entries.
+        await fh.write(entry, 0, entry.length, t.entryFileOffset);
       }
       await fh.truncate(end);
       await fh.datasync();
@@ -178,4 +229,13 @@ export async function recoverHrlLog(filePath: string, options: { clock?: Clock; 
     throw wrapError(err, 'BR_IO', `cannot seal recovered HRL log ${filePath}`);
   }
   return { ...scan, durableEndBytes: end, discardedBytes: scan.fileSizeBytes - end, wasUnsealed: true };
+}
+
+async function readAll(fh: fsp.FileHandle, into: Buffer, position: number): Promise<void> {
+  let done = 0;
+  while (done < into.length) {
+    const { bytesRead } = await fh.read(into, done, into.length - done, position + done);
+    if (bytesRead === 0) throw new BlockrelayError('BR_IO', `file ends at byte ${position + done}, inside an entry the scan read`, { details: { offset: position + done } });
+    done += bytesRead;
+  }
 }

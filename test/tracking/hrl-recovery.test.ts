@@ -133,7 +133,8 @@ describe('recovery of an unsealed log', () => {
   it('recovers a log of 160 000 blocks from its remembered end (a FLUSH after every write closes one block each)', async () => {
     const file = path.join(tempDir(), 'many.hrl.open');
     // No fdatasync per flush: the layout is what a flush-per-write log has, made quickly.
-    const writer = await HrlWriter.create(file, { metadataSizeBytes: 64, openFile: async (p) => Object.assign(await fsp.open(p, 'wx+'), { datasync: async () => undefined }) });
+    // Coalescing off: each flushed write of a repeated extent is then an append, not a rewrite in place.
+    const writer = await HrlWriter.create(file, { metadataSizeBytes: 64, coalesceOverwrites: false, openFile: async (p) => Object.assign(await fsp.open(p, 'wx+'), { datasync: async () => undefined }) });
     const count = 160_000;
     const data = Buffer.alloc(16, 1);
     try {
