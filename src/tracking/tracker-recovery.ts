@@ -25,7 +25,11 @@ import {
  * `reasons` every reason for a resync they find.
  */
 
-export type ResyncReason = 'overflow' | 'dirty-map-lost' | 'torn-tail' | 'log-lost' | 'log-io-error' | 'write-intent';
+/**
+ * `torn-rewrite`: an in-place rewrite of the pending log may have been torn
+ * or lost whole by the crash (see recoverOpenLogs).
+ */
+export type ResyncReason = 'overflow' | 'dirty-map-lost' | 'torn-tail' | 'torn-rewrite' | 'log-lost' | 'log-io-error' | 'write-intent';
 
 /** A sealed log waiting to be shipped. */
 export interface SealedLogInfo extends LogSidecar {
@@ -52,28 +56,46 @@ function recoveredSidecar(diskId: string, sequence: number, fields: Pick<LogSide
 
 /**
  * Unsealed logs (`.hrl.open`): recovers the durable part, seals it, writes
- * its sidecar and gives it its sealed name. When the log `pending` belongs
- * to ends before the end recorded with `pending`, its tail was torn and the
- * pending extents become resync extents. A log whose header is unreadable
- * is set aside as `.corrupt` and every unshipped extent is resynced.
+ * its sidecar and gives it its sealed name. A log whose header is
+ * unreadable is set aside as `.corrupt` and every unshipped extent is
+ * resynced.
+ *
+ * The log `pending` belongs to is recovered tolerating torn in-place
+ * rewrites below the persisted `durableLogEndBytes` (a flush made all of it
+ * durable once; the writer rewrites an entry in place when the same extent
+ * is written again): their extents become resync extents (`torn-rewrite`)
+ * and the log is not cut there. Other open logs had no flush answered on
+ * them since the maps were written (every flush that covers a write
+ * persists maps naming the active log), so nothing in them was acknowledged
+ * and they are recovered strictly.
+ *
+ * The pending extents become resync extents whenever that log is recovered
+ * and `pending` is not empty: when the log ends before the end recorded
+ * with `pending` its tail was torn (`torn-tail`); when it reaches that end,
+ * a rewrite recorded before the maps were persisted may still have been
+ * lost whole (old entry and old payload: no trace) if the flush's log sync
+ * did not complete, and its write intent was cleared by that persist
+ * (`torn-rewrite`). This costs one flush interval's extents after a crash.
  */
 export async function recoverOpenLogs(ctx: RecoveryContext & { openLogs: readonly { n: string; seq: number | undefined }[] }): Promise<void> {
   const { dir, diskId, clock, names, maps, reasons } = ctx;
   for (const { n, seq } of ctx.openLogs) {
     const file = path.join(dir, n);
     try {
-      const hints = seq === maps.pendingLogSequence ? [maps.pendingLogEndBytes, maps.durableLogEndBytes] : [];
-      const rec = await recoverHrlLog(file, { clock, hintEndBytes: hints });
+      const isPending = seq === maps.pendingLogSequence;
+      const hints = isPending ? [maps.pendingLogEndBytes, maps.durableLogEndBytes] : [];
+      const rec = await recoverHrlLog(file, { clock, hintEndBytes: hints, rewritableBelowBytes: isPending ? maps.durableLogEndBytes : 0 });
       const sidecar = recoveredSidecar(diskId, seq!, { uniqueId: rec.header.uniqueId, previousUniqueId: rec.header.previousUniqueId, sizeBytes: rec.durableEndBytes, entryCount: rec.entryCount }, clock);
       await writeFileAtomic(path.join(dir, logBaseName(diskId, seq!) + SIDECAR_SUFFIX), JSON.stringify(sidecar, null, 2));
       await fsp.rename(file, path.join(dir, logBaseName(diskId, seq!) + SEALED_LOG_SUFFIX));
       names.push(logBaseName(diskId, seq!) + SEALED_LOG_SUFFIX);
-      // The writes persisted as pending are all in the recovered log when it
-      // reaches the end recorded with them; otherwise its tail was torn.
-      const pendingHeld = seq === maps.pendingLogSequence && rec.durableEndBytes >= maps.pendingLogEndBytes;
-      if (seq === maps.pendingLogSequence && !pendingHeld && maps.pending.dirtyBlockCount > 0) {
+      for (const t of rec.tornEntries) if (t.dataLength > 0) maps.resync.mark(t.byteOffset, t.dataLength);
+      if (rec.tornEntries.length > 0) reasons.push('torn-rewrite');
+      if (isPending && maps.pending.dirtyBlockCount > 0) {
+        // A log shorter than the end recorded with pending lost its tail; one
+        // that reaches it may still have lost a rewrite (see above).
         maps.resync.merge(maps.pending);
-        reasons.push('torn-tail');
+        reasons.push(rec.durableEndBytes >= maps.pendingLogEndBytes ? 'torn-rewrite' : 'torn-tail');
       }
     } catch (err) {
       if (!(isBlockrelayError(err) && err.code.startsWith('BR_HRL_'))) throw err;

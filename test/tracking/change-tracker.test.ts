@@ -174,7 +174,7 @@ describe('ChangeTracker', () => {
     await t2.close();
   });
 
-  it('after a crash keeps every flushed write in a recovered log, without any resync', async () => {
+  it('after a crash keeps every flushed write in a recovered log, and resyncs only the last flushed round', async () => {
     const dir = tempDir();
     const t = await open(dir);
     const model = Buffer.alloc(DISK);
@@ -189,7 +189,11 @@ describe('ChangeTracker', () => {
     const logs = t2.sealedLogs();
     expect(logs).toHaveLength(1);
     expect(logs[0]).toMatchObject({ recovered: true, entryCount: 10 });
-    expect(t2.status()).toMatchObject({ resyncRequired: false });
+    // The round the last flush persisted as pending is resynced although the
+    // log holds it: a rewrite in place in it could have been lost whole
+    // (tracker-recovery.ts). Nothing before that round is.
+    expect(t2.status()).toMatchObject({ resyncRequired: true, lastResyncReason: 'torn-rewrite' });
+    expect([...t2.resyncExtents()].reduce((n, e) => n + e.length, 0)).toBeLessThanOrEqual(10 * 4096);
     expect(await applyTo(logs.map((l) => l.path), dir)).toEqual(model);
     await t2.close();
   });
