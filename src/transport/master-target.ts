@@ -310,6 +310,16 @@ export class ApplyingHop {
     if (ledger.appliedSeq !== null && seq !== ledger.appliedSeq + 1 && entry.envelope.resync !== true) {
       throw new BlockrelayError('BR_SEQ_GAP', `disk ${disk.diskId}: log ${seq} is next in the inbox but ${ledger.appliedSeq + 1} was never received`, { details: { expectedSeq: ledger.appliedSeq + 1 } });
     }
+    // And only past logs it skips: everything up to the log it follows must
+    // be applied. The ledger admits it only then, so the spool keeps this
+    // order already; this keeps a spool that lost a log (or a ledger that
+    // went ahead of it) from applying the resync log over the missing one,
+    // whose writes would then be on no target. A resync log without
+    // `follows` (older sender) is applied as before.
+    const follows = entry.envelope.resync === true ? entry.envelope.follows : undefined;
+    if (ledger.appliedSeq !== null && follows !== undefined && follows > ledger.appliedSeq) {
+      throw new BlockrelayError('BR_SEQ_GAP', `disk ${disk.diskId}: resync log ${seq} follows log ${follows}, but only logs up to ${ledger.appliedSeq} are applied`, { details: { expectedSeq: ledger.appliedSeq + 1, follows } });
+    }
     // A log applied while a resync is unfinished (or sealed during its reads) ends no consistent point.
     entry = this.resyncSessions.markTainted(disk.diskId, entry);
     const started = process.hrtime.bigint();
