@@ -249,7 +249,8 @@ export async function appendTargetContent(writer: HrlWriter, extents: readonly E
  * resync session files.
  */
 export function createSegmentWriter(file: string): Promise<HrlWriter> {
-  return HrlWriter.create(file, { openFile: (f) => SparseSegmentFile.create(f) });
+  // Their ranges are disjoint by construction: nothing to coalesce, so no map to keep.
+  return HrlWriter.create(file, { openFile: (f) => SparseSegmentFile.create(f), coalesceOverwrites: false });
 }
 
 /**

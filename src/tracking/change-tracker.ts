@@ -62,6 +62,8 @@ export interface ChangeTrackerOptions {
   readonly metadataSizeBytes?: number;
   /** Largest HRL entry; longer writes and zero ranges are split (default 1 MiB). */
   readonly maxEntryBytes?: number;
+  /** Rewrite an exact overwrite in the open log in place (HrlWriterOptions.coalesceOverwrites; default true). */
+  readonly coalesceOverwrites?: boolean;
   readonly overflowRatio?: number;
   readonly persistIntervalMs?: number;
   /** See CHANGE_TRACKER_DEFAULTS.intentIdleClearMs; 0 clears a region after one idle persist. */
@@ -167,6 +169,7 @@ export class ChangeTracker {
   private readonly persistIntervalMs: number;
   private readonly metadataSizeBytes: number | undefined;
   private readonly maxEntryBytes: number | undefined;
+  private readonly coalesceOverwrites: boolean | undefined;
   private readonly granularityBytes: number;
   private readonly onResyncRequired: ((report: ResyncReport) => void) | undefined;
   private readonly openLogFile: ((filePath: string) => Promise<HrlWriterFile>) | undefined;
@@ -258,6 +261,7 @@ export class ChangeTracker {
     this.intentIdleClearMs = options.intentIdleClearMs ?? CHANGE_TRACKER_DEFAULTS.intentIdleClearMs;
     this.metadataSizeBytes = options.metadataSizeBytes;
     this.maxEntryBytes = options.maxEntryBytes;
+    this.coalesceOverwrites = options.coalesceOverwrites;
     this.granularityBytes = options.granularityBytes ?? DIRTY_MAP_DEFAULT_GRANULARITY_BYTES;
     this.onResyncRequired = options.onResyncRequired;
     this.openLogFile = options.openLogFile;
@@ -774,6 +778,8 @@ export class ChangeTracker {
       metadataSizeBytes: this.metadataSizeBytes,
       maxEntryBytes: this.maxEntryBytes,
       clock: this.clock,
+      // A resync log is written once per extent, disjoint: nothing to coalesce.
+      coalesceOverwrites: false,
     });
     let done;
     try {
@@ -1115,6 +1121,7 @@ export class ChangeTracker {
       previousUniqueId: this.lastUniqueId,
       metadataSizeBytes: this.metadataSizeBytes,
       maxEntryBytes: this.maxEntryBytes,
+      coalesceOverwrites: this.coalesceOverwrites,
       clock: this.clock,
       openFile: this.openLogFile,
     });

@@ -17,7 +17,8 @@ describe('applyHrlLogs reading payloads in spans', () => {
     const model = Buffer.alloc(diskBytes);
     const rand = prng(21);
     const file = path.join(dir, 'log.hrl');
-    const w = await HrlWriter.create(file, { maxEntryBytes: 2 * HRL_READ_CHUNK_BYTES });
+    // Not coalesced: the test wants thousands of overlapping entries applied in order.
+    const w = await HrlWriter.create(file, { maxEntryBytes: 2 * HRL_READ_CHUNK_BYTES, coalesceOverwrites: false });
     const write = async (offset: number, length: number): Promise<void> => {
       const data = Buffer.alloc(length);
       for (let i = 0; i < length; i += 4) data.writeUInt32LE(Math.floor(rand() * 2 ** 32), i);
