@@ -213,6 +213,11 @@ int HrlAppenderCore::RewriteLocked(CoalescibleEntry& e, uint64_t byteOffset, con
   // spare buffer) is left alone: the piece is appended instead.
   if (!payloadStaged && InFlightLocked(e.payloadPos, length)) return -1;
   if (!entryInBlock && !entryStaged && InFlightLocked(e.entryPos, kHrlMetadataEntryBytes)) return -1;
+  // An entry in the file is rewritten only at a 32-aligned position, where
+  // it cannot cross a 512-byte sector (nor a page): a power loss leaves it
+  // old or new, never half of each, which recovery would take for a damaged
+  // block. Blocks follow payloads of any length, so not every one is aligned.
+  if (!entryInBlock && !entryStaged && e.entryPos % kHrlMetadataEntryBytes != 0) return -1;
   if (payloadStaged) {
     uint8_t* to = staging_.data() + (e.payloadPos - writtenEnd_);
     if (data != nullptr) std::memcpy(to, data, length);
@@ -235,8 +240,8 @@ int HrlAppenderCore::RewriteLocked(CoalescibleEntry& e, uint64_t byteOffset, con
   } else if (entryStaged) {
     std::memcpy(staging_.data() + (e.entryPos - writtenEnd_), entry, sizeof entry);
   } else {
-    // The 32 bytes as a write of their own, after the payload's: they lie
-    // in one sector, so a power loss leaves the old entry or the new one.
+    // The 32 bytes as a write of their own, after the payload's: 32-aligned,
+    // they lie in one sector, so a power loss leaves the old entry or the new one.
     if (int err = PwriteAll(fd_, entry, sizeof entry, e.entryPos); err != 0) return err;
   }
   rewrites_++;

@@ -555,7 +555,7 @@ export class HrlWriter {
   private async appendPiece(byteOffset: number, piece: Uint8Array, dataChecksum: number): Promise<void> {
     if (this.coalescible !== undefined) {
       const hit = this.coalescible.exact(byteOffset, piece.length);
-      if (hit !== undefined) {
+      if (hit !== undefined && entryRewritable(hit)) {
         await this.rewrite(hit, piece, dataChecksum);
         return;
       }
@@ -592,8 +592,9 @@ export class HrlWriter {
 
   /**
    * Rewrites entry `e` in place with `piece`: payload first, then the
-   * 32-byte entry as a write of its own (inside one sector, so a power loss
-   * leaves it old or new, never torn). Either may still be in memory.
+   * 32-byte entry as a write of its own (32-aligned, see entryRewritable:
+   * inside one sector, so a power loss leaves it old or new, never torn).
+   * Either may still be in memory.
    */
   private async rewrite(e: CoalescibleEntry, piece: Uint8Array, dataChecksum: number): Promise<void> {
     if (this.rewritesInMemory(e)) {
@@ -656,6 +657,18 @@ export class HrlWriter {
       throw this.poison(wrapError(err, 'BR_IO', `HRL log ${this.path}: ${what} failed`));
     }
   }
+}
+
+/**
+ * Whether the 32-byte entry of `e` may be rewritten: in the open block
+ * always; in the file only at a 32-aligned position, where it cannot cross
+ * a 512-byte sector (nor a page): a power loss then leaves it old or new,
+ * never half of each (which recovery would take for a damaged block and cut
+ * there). Blocks follow payloads of any length, so their offsets are not
+ * always aligned; such an entry is appended again instead.
+ */
+function entryRewritable(e: CoalescibleEntry): boolean {
+  return e.entryPos < 0 || e.entryPos % HRL_METADATA_ENTRY_SIZE === 0;
 }
 
 /** An Error carrying an errno's name as `code`, as Node's own I/O errors do. */
