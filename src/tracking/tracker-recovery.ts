@@ -26,10 +26,11 @@ import {
  */
 
 /**
- * `torn-rewrite`: an in-place rewrite of the pending log may have been torn
- * or lost whole by the crash (see recoverOpenLogs).
+ * `torn-rewrite`: the crash tore an in-place rewrite of the pending log;
+ * `pending-after-crash`: the pending log survived whole, but a rewrite in
+ * it may have been lost without a trace (see recoverOpenLogs).
  */
-export type ResyncReason = 'overflow' | 'dirty-map-lost' | 'torn-tail' | 'torn-rewrite' | 'log-lost' | 'log-io-error' | 'write-intent';
+export type ResyncReason = 'overflow' | 'dirty-map-lost' | 'torn-tail' | 'torn-rewrite' | 'pending-after-crash' | 'log-lost' | 'log-io-error' | 'write-intent';
 
 /** A sealed log waiting to be shipped. */
 export interface SealedLogInfo extends LogSidecar {
@@ -75,7 +76,8 @@ function recoveredSidecar(diskId: string, sequence: number, fields: Pick<LogSide
  * a rewrite recorded before the maps were persisted may still have been
  * lost whole (old entry and old payload: no trace) if the flush's log sync
  * did not complete, and its write intent was cleared by that persist
- * (`torn-rewrite`). This costs one flush interval's extents after a crash.
+ * (`pending-after-crash`). This costs one flush interval's extents after a
+ * crash, whether or not anything was rewritten: the maps do not record it.
  */
 export async function recoverOpenLogs(ctx: RecoveryContext & { openLogs: readonly { n: string; seq: number | undefined }[] }): Promise<void> {
   const { dir, diskId, clock, names, maps, reasons } = ctx;
@@ -95,7 +97,7 @@ export async function recoverOpenLogs(ctx: RecoveryContext & { openLogs: readonl
         // A log shorter than the end recorded with pending lost its tail; one
         // that reaches it may still have lost a rewrite (see above).
         maps.resync.merge(maps.pending);
-        reasons.push(rec.durableEndBytes >= maps.pendingLogEndBytes ? 'torn-rewrite' : 'torn-tail');
+        reasons.push(rec.durableEndBytes >= maps.pendingLogEndBytes ? 'pending-after-crash' : 'torn-tail');
       }
     } catch (err) {
       if (!(isBlockrelayError(err) && err.code.startsWith('BR_HRL_'))) throw err;

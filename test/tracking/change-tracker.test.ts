@@ -192,7 +192,7 @@ describe('ChangeTracker', () => {
     // The round the last flush persisted as pending is resynced although the
     // log holds it: a rewrite in place in it could have been lost whole
     // (tracker-recovery.ts). Nothing before that round is.
-    expect(t2.status()).toMatchObject({ resyncRequired: true, lastResyncReason: 'torn-rewrite' });
+    expect(t2.status()).toMatchObject({ resyncRequired: true, lastResyncReason: 'pending-after-crash' });
     expect([...t2.resyncExtents()].reduce((n, e) => n + e.length, 0)).toBeLessThanOrEqual(10 * 4096);
     expect(await applyTo(logs.map((l) => l.path), dir)).toEqual(model);
     await t2.close();

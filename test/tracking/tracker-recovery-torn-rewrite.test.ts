@@ -78,8 +78,7 @@ describe('tracker recovery of torn in-place rewrites', () => {
     expect((await logEntries(logs[0]!.path)).map((e) => e.byteOffset)).toEqual([0, 1, 2, 3, 4, 5].map((i) => i * 8192));
     // The torn extent, and the pending round (its log sync is not known to have completed).
     expect([...t2.resyncExtents()]).toEqual([1, 4, 5].map((i) => ({ offset: i * 8192, length: 4096 })));
-    expect(t2.status().lastResyncReason).toBe('torn-rewrite');
-    expect(reports.map((r) => r.reason)).toContain('torn-rewrite');
+    expect(reports.map((r) => r.reason)).toEqual(['torn-rewrite', 'pending-after-crash']);
   });
 
   it('resyncs the pending round even when the log reaches its recorded end, since a rewrite in it may be lost whole', async () => {
@@ -88,7 +87,7 @@ describe('tracker recovery of torn in-place rewrites', () => {
     const t2 = await open(dir);
     expect(t2.sealedLogs()[0]).toMatchObject({ entryCount: 6 });
     expect([...t2.resyncExtents()]).toEqual([4, 5].map((i) => ({ offset: i * 8192, length: 4096 })));
-    expect(t2.status().lastResyncReason).toBe('torn-rewrite');
+    expect(t2.status().lastResyncReason).toBe('pending-after-crash');
   });
 
   it('treats a bad payload past the persisted durable end as a torn tail: the log is cut there and the pending round resynced', async () => {
