@@ -1,4 +1,3 @@
-import { Transform, type TransformCallback } from 'node:stream';
 import lz4 from 'lz4';
 import { loadXxhash, type XxhashApi } from '../platform/xxhash';
 
@@ -74,11 +73,9 @@ async function frameHeader(): Promise<Buffer> {
  * The frame's pieces come from `encodeLaidOut` (a sender reading a log into
  * a frame's layout: log-client.ts) or `encodeChunk` (chunks that are never
  * reused: cut-through-forward.ts), after `header()` and before `finish()`.
- * As a Transform stream it encodes each chunk it is given with
- * `encodeChunk` (for tests that pipe data through it).
+ * The encoder holds only the back-off state between calls.
  */
-export class Lz4FrameEncoder extends Transform {
-  private started = false;
+export class Lz4FrameEncoder {
   private skip = 0;
   private backoff = 0;
   /** Blocks stored compressed and uncompressed (tests, diagnostics). */
@@ -87,7 +84,6 @@ export class Lz4FrameEncoder extends Transform {
   private readonly minSaving: number;
 
   constructor(options: Lz4FrameEncoderOptions = {}) {
-    super();
     this.minSaving = options.minSaving ?? LZ4_MIN_SAVING_PACED;
   }
 
@@ -158,39 +154,6 @@ export class Lz4FrameEncoder extends Transform {
   /** The frame's end mark: its last piece. */
   finish(): Buffer[] {
     return [Buffer.alloc(4)];
-  }
-
-  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
-    this.withHeader(() => {
-      for (const piece of this.encodeChunk(chunk)) this.push(piece);
-    }, done);
-  }
-
-  override _flush(done: TransformCallback): void {
-    this.withHeader(() => {
-      for (const piece of this.finish()) this.push(piece);
-    }, done);
-  }
-
-  /** Runs `fn` once the frame header is out (it needs the xxhash module, loaded once). */
-  private withHeader(fn: () => void, done: TransformCallback): void {
-    if (this.started) {
-      try {
-        fn();
-        done();
-      } catch (err) {
-        done(err as Error);
-      }
-      return;
-    }
-    frameHeader().then(
-      (header) => {
-        this.started = true;
-        this.push(header);
-        this.withHeader(fn, done);
-      },
-      (err: Error) => done(err),
-    );
   }
 
   private block(data: Buffer, out: Buffer[]): void {

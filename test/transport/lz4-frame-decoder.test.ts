@@ -28,10 +28,7 @@ async function decode(stream: Buffer, pieceSizes: number[] = [65_536]): Promise<
 
 async function encodeOurs(data: Buffer): Promise<Buffer> {
   const encoder = new Lz4FrameEncoder();
-  const out: Buffer[] = [];
-  encoder.on('data', (c: Buffer) => out.push(c));
-  await pipeline(Readable.from([data]), encoder);
-  return Buffer.concat(out);
+  return Buffer.concat([await Lz4FrameEncoder.header(), ...encoder.encodeChunk(data), ...encoder.finish()]);
 }
 
 function sample(seed: number, bytes: number): Buffer {

@@ -164,12 +164,4 @@ describe('LZ4 frame encoder', () => {
     }
   });
 
-  it('as a Transform stream, frames each chunk it is given', async () => {
-    const data = Buffer.concat([random(200_000, 12), Buffer.alloc(100_000)]);
-    const encoder = new Lz4FrameEncoder();
-    const out: Buffer[] = [];
-    encoder.on('data', (c: Buffer) => out.push(c));
-    await pipeline(Readable.from([data.subarray(0, 70_000), data.subarray(70_000)]), encoder);
-    expect((await decode(Buffer.concat(out))).equals(data)).toBe(true);
-  });
 });
