@@ -99,6 +99,9 @@ export const WRITE_INTENT_REGION_BYTES = 16 * 1024 * 1024;
 /** Earlier persists remembered for the intent idle window (persists come at least every cut). */
 const MAX_PERSIST_EPOCHS = 4096;
 
+/** Ends the name of a log made ahead of the cut that takes it: `ID.next-N.hrl.spare` (see ChangeTracker.spare). */
+const SPARE_LOG_SUFFIX = '.hrl.spare';
+
 /** Most bytes one resync round reads at once from the disk. */
 const RESYNC_READ_CHUNK_BYTES = 1024 * 1024;
 
@@ -250,6 +253,25 @@ export class ChangeTracker {
   private lockHeld = false;
   /** While a flush has let the native writers go, the records taken meanwhile (offset/length pairs). */
   private nativeSince: number[] | undefined;
+  /**
+   * The next log, created ahead of the cut that will take it (prepareSpare):
+   * creating a log costs two syncs, which a cut would otherwise pay while
+   * the disk's writes wait. Named `ID.next-N.hrl.spare` until taken, a name
+   * open() deletes (a crash leaves nothing it would recover as a log).
+   */
+  private spare: HrlWriter | undefined;
+  /** The spare being created (awaited by a cut before it holds the writers). */
+  private spareMaking: Promise<void> | undefined;
+  /** Names the spares (several can exist when one is discarded while the next is made). */
+  private spareCount = 0;
+  /** Size of the log a cut is sealing while writes already go to the next (counted as unshipped). */
+  private sealingBytes = 0;
+  /**
+   * Set while a cut seals its log with writes already going to the next:
+   * the cut holds the lock, but recordWrite's fast path may run beside it
+   * (nothing else is waiting for the lock then; see recordWrite).
+   */
+  private writesPassCut = false;
 
   private constructor(options: ChangeTrackerOptions, init: { mode: 'logging' | 'dirty-only'; nextSequence: number; lastUniqueId: string; sealed: SealedLogInfo[]; maps: TrackerMaps; logMaps: Map<string, DirtyMap>; mapsGeneration: number; shippedSequence: number | undefined }) {
     this.diskId = options.diskId;
@@ -308,6 +330,8 @@ export class ChangeTracker {
     for (const n of names) {
       const ours = n.startsWith(`${diskId}.`) || (n.startsWith(`${diskId}-`) && /^\d{12}\./.test(n.slice(diskId.length + 1)));
       if (ours && n.endsWith(TMP_SUFFIX)) await unlinkIfPresent(path.join(dir, n));
+      // A next log made ahead and never taken (prepareSpare): nothing was written to it.
+      if (n.startsWith(`${diskId}.next-`) && n.endsWith(SPARE_LOG_SUFFIX)) await unlinkIfPresent(path.join(dir, n));
     }
     const openLogs = names.map((n) => ({ n, seq: parseLogName(diskId, n, OPEN_LOG_SUFFIX) })).filter((x) => x.seq !== undefined).sort((a, b) => a.seq! - b.seq!);
 
@@ -391,8 +415,10 @@ export class ChangeTracker {
       }
       await tracker.persistMaps(true);
     } catch (err) {
-      // The maps slot files may be open already.
+      // The maps slot files may be open already, and a next log being made.
       await tracker.mapsWriter.close();
+      await tracker.spareMaking;
+      await tracker.discardSpare().catch(() => undefined);
       throw err;
     }
     for (const reason of new Set(reasons)) tracker.report(reason);
@@ -416,7 +442,8 @@ export class ChangeTracker {
       const queued = ordered.map((t) => t.acquire());
       for (const q of queued) releases.push(await q);
       const point: CutPoint = { cutId: options.cutId ?? randomGuid(), cutTimeMs: (options.clock ?? ordered[0]?.clock ?? systemClock).now(), appTag: options.appTag };
-      const sealed = await Promise.all(ordered.map((t) => t.rotateHeld(point)));
+      const switched = new SwitchBarrier(ordered.length);
+      const sealed = await Promise.all(ordered.map((t) => t.rotateHeld(point, switched)));
       return trackers.map((t) => sealed[ordered.indexOf(t)]);
     } finally {
       for (const r of releases.reverse()) r();
@@ -512,12 +539,13 @@ export class ChangeTracker {
   /** Records a write the source made (call before or with the write to the disk). */
   async recordWrite(offset: number, data: Uint8Array): Promise<void> {
     this.checkRange(offset, data.length);
-    // Fast path: nobody holds or waits for the lock and the write is only a
-    // copy into the log's buffers that cannot overflow, so it completes
+    // Fast path: nobody holds or waits for the lock (or only a cut holds it,
+    // sealing its log while the next one takes writes) and the write is only
+    // a copy into the log's buffers that cannot overflow, so it completes
     // synchronously, without the lock's promise round trip.
     const writer = this.writer;
-    if (this.lockDepth === 0 && !this.closed && writer !== undefined && writer.appendsInMemory(data.length) &&
-        this.sealedBytes + writer.sizeBytes + data.length + writer.metadataSizeBytes <= this.overflowRatio * this.diskSizeBytes) {
+    if ((this.lockDepth === 0 || (this.lockDepth === 1 && this.writesPassCut)) && !this.closed && writer !== undefined && writer.appendsInMemory(data.length) &&
+        this.sealedBytes + this.sealingBytes + writer.sizeBytes + data.length + writer.metadataSizeBytes <= this.overflowRatio * this.diskSizeBytes) {
       this.markChanged(offset, data.length);
       return writer.append(offset, data);
     }
@@ -635,7 +663,7 @@ export class ChangeTracker {
   /** Seals the active log and opens the next in one step; undefined in dirty-only mode. */
   async rotate(options: { appTag?: string } = {}): Promise<SealedLogInfo | undefined> {
     checkAppTag(options.appTag);
-    return this.locked(() => this.rotateHeld({ cutId: randomGuid(), cutTimeMs: this.clock.now(), appTag: options.appTag }));
+    return this.locked(() => this.rotateHeld({ cutId: randomGuid(), cutTimeMs: this.clock.now(), appTag: options.appTag }, new SwitchBarrier(1)));
   }
 
   /** Sealed logs not yet acknowledged, in apply order. */
@@ -655,6 +683,10 @@ export class ChangeTracker {
    */
   acknowledge(name: string): Promise<boolean> {
     return this.locked(async () => {
+      // Nothing here depends on writes held: records arriving meanwhile mark
+      // the maps as always (rebuildDirty runs without an await). Held, the
+      // disk's writes waited for the unlinks and three syncs of every log.
+      this.letNativeGo();
       const i = this.sealed.findIndex((s) => s.name === name);
       if (i < 0) return false;
       // Recorded before the log is deleted: every log that left the source is at or below it (followsFor).
@@ -901,6 +933,8 @@ export class ChangeTracker {
       }
     }
     await this.persistMaps(false);
+    await this.spareMaking;
+    await this.discardSpare();
     // A clean stop: everything written is recorded and persisted.
     this.intents.clear();
     await this.writeIntents();
@@ -1095,7 +1129,7 @@ export class ChangeTracker {
     this.nativeAttentionHandled = 0;
     if (this.closed) exp.release(NATIVE_TAP_MODE.refuse, null, 0);
     else if (this.mode === 'logging' && this.writer !== undefined) {
-      const limit = Math.max(0, this.overflowRatio * this.diskSizeBytes - this.sealedBytes);
+      const limit = Math.max(0, this.overflowRatio * this.diskSizeBytes - this.sealedBytes - this.sealingBytes);
       exp.release(NATIVE_TAP_MODE.logging, this.writer.nativeAppender ?? null, limit, handled);
     } else {
       exp.release(NATIVE_TAP_MODE.dirtyOnly, null, 0);
@@ -1115,9 +1149,14 @@ export class ChangeTracker {
     return path.join(this.dir, logBaseName(this.diskId, sequence) + suffix);
   }
 
+  /**
+   * Opens the next log: the spare when there is one (a rename; writeState's
+   * directory sync below makes the name durable), else a new file.
+   */
   private async openActiveLog(): Promise<void> {
     const sequence = this.nextSequence++;
-    this.writer = await HrlWriter.create(this.logPath(sequence, OPEN_LOG_SUFFIX), {
+    const file = this.logPath(sequence, OPEN_LOG_SUFFIX);
+    this.writer = (await this.useSpare(file)) ?? await HrlWriter.create(file, {
       previousUniqueId: this.lastUniqueId,
       metadataSizeBytes: this.metadataSizeBytes,
       maxEntryBytes: this.maxEntryBytes,
@@ -1128,6 +1167,59 @@ export class ChangeTracker {
     this.activeSequence = sequence;
     this.lastUniqueId = this.writer.uniqueId;
     await this.writeState();
+    this.prepareSpare();
+  }
+
+  /**
+   * Starts creating the log that will follow the active one, in the
+   * background (logs on injected files are created in line, as tests that
+   * count them expect). It follows `lastUniqueId`; one that no longer
+   * follows it when taken (a resync log came in between) is discarded.
+   */
+  private prepareSpare(): void {
+    if (this.openLogFile !== undefined || this.closed || this.mode !== 'logging' || this.spare !== undefined || this.spareMaking !== undefined) return;
+    const file = path.join(this.dir, `${this.diskId}.next-${++this.spareCount}${SPARE_LOG_SUFFIX}`);
+    const previousUniqueId = this.lastUniqueId;
+    this.spareMaking = (async () => {
+      try {
+        const w = await HrlWriter.create(file, { previousUniqueId, metadataSizeBytes: this.metadataSizeBytes, maxEntryBytes: this.maxEntryBytes, coalesceOverwrites: this.coalesceOverwrites, clock: this.clock });
+        this.spare = w;
+        // Closed or folded meanwhile: a spare is kept only while logging.
+        if (this.closed || this.mode !== 'logging') await this.discardSpare();
+      } catch {
+        // No spare: the next cut creates its log in line (and reports a failing volume then).
+        await unlinkIfPresent(file).catch(() => undefined);
+      } finally {
+        this.spareMaking = undefined;
+      }
+    })();
+  }
+
+  /** Takes the spare under `file` if it follows the active log; undefined (and discarded) otherwise, or when the rename fails. */
+  private async useSpare(file: string): Promise<HrlWriter | undefined> {
+    const w = this.spare;
+    if (w === undefined) return undefined;
+    if (w.previousUniqueId !== this.lastUniqueId) {
+      await this.discardSpare();
+      return undefined;
+    }
+    this.spare = undefined;
+    try {
+      await fsp.rename(w.path, file);
+      return w;
+    } catch {
+      await w.close();
+      await unlinkIfPresent(w.path).catch(() => undefined);
+      return undefined;
+    }
+  }
+
+  private async discardSpare(): Promise<void> {
+    const w = this.spare;
+    this.spare = undefined;
+    if (w === undefined) return;
+    await w.close();
+    await unlinkIfPresent(w.path).catch(() => undefined);
   }
 
   private async writeState(): Promise<void> {
@@ -1253,8 +1345,32 @@ export class ChangeTracker {
   private async sealActive(point: CutPoint): Promise<SealedLogInfo> {
     const writer = this.writer!;
     const sequence = this.activeSequence!;
-    const done = await writer.seal();
     this.writer = undefined;
+    const logMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+    logMap.merge(this.activeMap);
+    let info: SealedLogInfo;
+    try {
+      info = await this.publishSealed(writer, sequence, point, logMap);
+    } catch (err) {
+      // Unsealed (or sealed but not published): the fold that follows drops the file.
+      await writer.close().catch(() => undefined);
+      throw err;
+    }
+    // Everything in the sealed log is durable: its extents stay in `dirty` until acknowledged.
+    this.activeMap.clearAll();
+    this.maps.pending.clearAll();
+    this.generation++;
+    return info;
+  }
+
+  /**
+   * Seals `writer` (log `sequence`, holding the extents of `logMap`), writes
+   * its sidecar and gives it its sealed name, durably, and lists it for
+   * shipping. The directory sync also makes durable a rename of the next
+   * log made before it (rotateHeld).
+   */
+  private async publishSealed(writer: HrlWriter, sequence: number, point: CutPoint, logMap: DirtyMap): Promise<SealedLogInfo> {
+    const done = await writer.seal();
     // While a resync is owed the replica at this cut would hold new blocks
     // beside stale ones in the extents still to resync: no point ends here.
     const tainted = this.owesResync();
@@ -1276,29 +1392,97 @@ export class ChangeTracker {
     const info: SealedLogInfo = { ...sidecar, name: path.basename(sealedPath), path: sealedPath, sidecarPath };
     this.sealed.push(info);
     this.sealedBytes += info.sizeBytes;
-    const logMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
-    logMap.merge(this.activeMap);
     this.logMaps.set(info.name, logMap);
-    // Everything in the sealed log is durable: its extents stay in `dirty` until acknowledged.
-    this.activeMap.clearAll();
-    this.maps.pending.clearAll();
-    this.generation++;
     return info;
   }
 
-  private async rotateHeld(point: CutPoint): Promise<SealedLogInfo | undefined> {
-    this.assertOpen();
-    if (this.writer === undefined) return undefined;
+  /**
+   * Seals the active log at `point` and opens the next one. With a spare
+   * (the usual case) the writes are held only while the spare takes the
+   * active log's place (a rename) on every tracker of the cut (`switched`):
+   * from then on they go to the new log while the old one is synced, sealed
+   * and published. Without `switched` (a caller that cuts several trackers
+   * its own way) they stay held until the log is sealed, as without a
+   * spare, so no tracker lets a write through before all have switched.
+   *
+   * Crash safety is that of any write after the last persist: a write to
+   * the new log before its name and the old log's seal are durable is
+   * covered by its durable write intent (the old log and its `pending`
+   * extents are recovered as an open log, the new one by its own checksums,
+   * or dropped under its spare name and resynced by intent), and no flush is
+   * answered on the new log before the cut ends (flushes wait for the lock).
+   */
+  private async rotateHeld(point: CutPoint, switched?: SwitchBarrier): Promise<SealedLogInfo | undefined> {
+    try {
+      this.assertOpen();
+      if (this.writer === undefined) return undefined;
+      const old = this.writer;
+      const oldSequence = this.activeSequence!;
+      // Made right after the previous cut, so normally ready long before this one.
+      if (this.spare === undefined) await this.spareMaking;
+      const next = await this.useSpare(this.logPath(this.nextSequence, OPEN_LOG_SUFFIX));
+      if (next === undefined) return await this.rotateInLine(point, switched);
+      // The switch: the new log takes the writes, the old one its extents.
+      const logMap = new DirtyMap(this.diskSizeBytes, this.granularityBytes);
+      logMap.merge(this.activeMap);
+      this.activeMap.clearAll();
+      this.writer = next;
+      this.activeSequence = this.nextSequence++;
+      this.lastUniqueId = next.uniqueId;
+      this.sealingBytes = old.sizeBytes;
+      if (switched !== undefined) {
+        await switched.arrive(this);
+        this.writesPassCut = true;
+        this.letNativeGo();
+      }
+      let info: SealedLogInfo;
+      try {
+        info = await this.publishSealed(old, oldSequence, point, logMap);
+      } catch (err) {
+        this.writesPassCut = false;
+        this.sealingBytes = 0;
+        await old.close().catch(() => undefined);
+        // The fold runs with the writers held, as in any other operation.
+        await this.holdNativeAgain();
+        await this.logIo(() => Promise.reject(err));
+        return undefined;
+      }
+      this.writesPassCut = false;
+      this.sealingBytes = 0;
+      // The old log is durable: what is pending now is the new log's writes.
+      this.maps.pending.clearAll();
+      this.maps.pending.merge(this.activeMap);
+      this.generation++;
+      await this.writeState();
+      await this.persistMaps(false);
+      this.prepareSpare();
+      return info;
+    } finally {
+      this.writesPassCut = false;
+      void switched?.arrive(this);
+    }
+  }
+
+  /** rotateHeld without a spare: seal, then create the next log, with the writes held throughout. */
+  private async rotateInLine(point: CutPoint, switched: SwitchBarrier | undefined): Promise<SealedLogInfo | undefined> {
     let info: SealedLogInfo | undefined;
     if (!(await this.logIo(async () => { info = await this.sealActive(point); }))) return undefined;
     // The log just sealed is dropped with the others if the next one cannot be created.
     if (!(await this.logIo(() => this.openActiveLog()))) return undefined;
+    void switched?.arrive(this);
     await this.persistMaps(false);
     return info;
   }
 
+  /** Takes the native writers' hold again after letNativeGo (released with the lock). */
+  private async holdNativeAgain(): Promise<void> {
+    if (this.native === undefined || this.nativeHeld) return;
+    this.nativeHeld = true;
+    this.applyNativeRecords(await this.native.hold());
+  }
+
   private unshippedBytes(): number {
-    return this.sealedBytes + (this.writer?.sizeBytes ?? 0);
+    return this.sealedBytes + this.sealingBytes + (this.writer?.sizeBytes ?? 0);
   }
 
   private async checkOverflow(): Promise<void> {
@@ -1372,11 +1556,13 @@ export class ChangeTracker {
     return newest;
   }
 
-  /** Deletes the active log and every sealed log with its sidecar. */
+  /** Deletes the active log, the spare and every sealed log with its sidecar. */
   private async dropAllLogs(): Promise<void> {
+    await this.discardSpare();
     if (this.writer !== undefined) {
       await this.writer.close();
-      await unlinkIfPresent(this.writer.path);
+      // Its own path is the spare's name when it was created ahead (openActiveLog).
+      if (this.activeSequence !== null) await unlinkIfPresent(this.logPath(this.activeSequence, OPEN_LOG_SUFFIX));
       this.writer = undefined;
       this.activeSequence = null;
     }
@@ -1433,6 +1619,31 @@ export class ChangeTracker {
         if (!this.closed) await this.persistMaps(false, true);
       }).catch(() => undefined).finally(() => this.scheduleTimer());
     }, this.persistIntervalMs);
+  }
+}
+
+/**
+ * The trackers of one cut each arrive once they have switched to their next
+ * log; `arrive` resolves when all have (later calls of a tracker that
+ * arrived already count once). Their writers are let go only then, so no
+ * write after the cut reaches any tracker's sealed log.
+ */
+class SwitchBarrier {
+  private readonly all: Promise<void>;
+  private open!: () => void;
+  private readonly arrived = new Set<ChangeTracker>();
+
+  constructor(private readonly count: number) {
+    this.all = new Promise<void>((r) => { this.open = r; });
+    if (count <= 0) this.open();
+  }
+
+  arrive(who: ChangeTracker): Promise<void> {
+    if (!this.arrived.has(who)) {
+      this.arrived.add(who);
+      if (this.arrived.size >= this.count) this.open();
+    }
+    return this.all;
   }
 }
 
