@@ -11,6 +11,7 @@ import { useTempDirs } from '../helpers/tmp';
 const tempDir = useTempDirs();
 const DISK = 1024 * 1024;
 const SECTOR = 512;
+const PAGE = 4096;
 const CALLS = 80;
 const SAMPLES = 150;
 
@@ -52,19 +53,36 @@ class RecordingLog implements HrlWriterFile {
   }
 }
 
-/** The log as a power loss after `crashAt` operations may leave it. */
+/**
+ * The log as a power loss after `crashAt` operations may leave it: a write
+ * after the last sync is lost, whole, or torn into any subset of the
+ * 512-byte sectors (or 4096-byte pages) it touches, at absolute positions.
+ */
 function crashImage(crashAt: number, rnd: () => number): Buffer {
   const synced = Math.max(0, ...RecordingLog.syncs.filter((s) => s <= crashAt));
+  const unit = rnd() < 0.5 ? SECTOR : PAGE;
   let image = Buffer.alloc(0);
+  const apply = (position: number, data: Buffer): void => {
+    if (position + data.length > image.length) image = Buffer.concat([image, Buffer.alloc(position + data.length - image.length)]);
+    data.copy(image, position);
+  };
   for (let i = 0; i < crashAt; i++) {
     const op = RecordingLog.ops[i]!;
-    let data = op.data;
-    if (i >= synced) {
-      if (rnd() < 0.4) continue;
-      if (rnd() < 0.4) data = data.subarray(0, Math.floor(rnd() * Math.ceil(data.length / SECTOR)) * SECTOR);
+    if (i < synced) {
+      apply(op.position, op.data);
+      continue;
     }
-    if (op.position + data.length > image.length) image = Buffer.concat([image, Buffer.alloc(op.position + data.length - image.length)]);
-    data.copy(image, op.position);
+    if (rnd() < 0.4) continue;
+    if (rnd() >= 0.4) {
+      apply(op.position, op.data);
+      continue;
+    }
+    const end = op.position + op.data.length;
+    for (let at = op.position; at < end; ) {
+      const next = Math.min(end, (Math.floor(at / unit) + 1) * unit);
+      if (rnd() < 0.5) apply(at, op.data.subarray(at - op.position, next - op.position));
+      at = next;
+    }
   }
   return image;
 }
@@ -116,7 +134,9 @@ describe('ChangeTracker under simulated power loss', () => {
       if (kind === 'write') {
         // Often the exact extent of an earlier write: the writer rewrites its entry in place.
         const again = writes.length > 0 && rnd() < 0.5 ? writes[Math.floor(rnd() * writes.length)]! : undefined;
-        const length = again?.length ?? SECTOR * (1 + Math.floor(rnd() * 6));
+        // Some lengths are not a multiple of 32, so later metadata blocks (and
+        // their entries) sit at unaligned file positions.
+        const length = again?.length ?? (rnd() < 0.2 ? 100 + Math.floor(rnd() * 900) : SECTOR * (1 + Math.floor(rnd() * 6)));
         const offset = again?.offset ?? Math.floor(rnd() * (DISK / SECTOR - 8)) * SECTOR;
         const data = Buffer.alloc(length, (c * 7 + 1) & 0xff);
         data.writeUInt32LE(c, 0);

@@ -8,6 +8,7 @@ import { useTempDirs } from '../helpers/tmp';
 
 const tempDir = useTempDirs();
 const SECTOR = 512;
+const PAGE = 4096;
 
 /** Records every write and sync instead of touching a disk. */
 class RecordingFile implements HrlWriterFile {
@@ -43,10 +44,13 @@ function prng(seed: number): () => number {
 /**
  * What a power loss after `crashAt` operations may leave: every operation
  * before the last completed sync, plus any subset of the later ones, each
- * possibly torn at a sector boundary (a prefix of its sectors reached the disk).
+ * possibly torn: any subset of the 512-byte sectors (or, for page-cache
+ * writeback, 4096-byte pages) it touches reached the disk, counted at
+ * absolute file positions, so a small write across a boundary can tear too.
  */
 function crashImage(file: RecordingFile, crashAt: number, rnd: () => number): Buffer {
   const synced = Math.max(0, ...file.syncs.filter((s) => s <= crashAt));
+  const unit = rnd() < 0.5 ? SECTOR : PAGE;
   let image = Buffer.alloc(0);
   const apply = (position: number, data: Buffer): void => {
     if (position + data.length > image.length) image = Buffer.concat([image, Buffer.alloc(position + data.length - image.length)]);
@@ -56,10 +60,17 @@ function crashImage(file: RecordingFile, crashAt: number, rnd: () => number): Bu
     const op = file.ops[i]!;
     if (i < synced) apply(op.position, op.data);
     else if (rnd() < 0.6) {
-      const torn = rnd() < 0.4;
-      const sectors = Math.ceil(op.data.length / SECTOR);
-      const keep = torn ? Math.floor(rnd() * sectors) * SECTOR : op.data.length;
-      apply(op.position, op.data.subarray(0, keep));
+      if (rnd() >= 0.4) {
+        apply(op.position, op.data);
+        continue;
+      }
+      // Torn: each unit of the file the write touches reached the disk or not.
+      const end = op.position + op.data.length;
+      for (let at = op.position; at < end; ) {
+        const next = Math.min(end, (Math.floor(at / unit) + 1) * unit);
+        if (rnd() < 0.5) apply(at, op.data.subarray(at - op.position, next - op.position));
+        at = next;
+      }
     }
   }
   return image;
