@@ -5,6 +5,7 @@ import { SimulatedClock } from '../../src/platform/clock';
 import { ChangeTracker, type ResyncReport } from '../../src/tracking/change-tracker';
 import { HrlLogFile } from '../../src/tracking/hrl-reader';
 import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
+import { OPEN_LOG_SUFFIX, parseLogName, readTrackerMaps } from '../../src/tracking/tracker-files';
 import { useTempDirs } from '../helpers/tmp';
 
 const tempDir = useTempDirs();
@@ -98,5 +99,33 @@ describe('tracker recovery of torn in-place rewrites', () => {
     expect(t2.sealedLogs()[0]).toMatchObject({ entryCount: 4 });
     expect([...t2.resyncExtents()]).toEqual([4, 5].map((i) => ({ offset: i * 8192, length: 4096 })));
     expect(t2.status().lastResyncReason).toBe('torn-tail');
+  });
+
+  it('never persists maps naming a log while an older log is still open, so only the pending log can hold acknowledged rewrites', async () => {
+    // recoverOpenLogs recovers every open log but the pending one strictly:
+    // right only while a log is sealed (and synced) before the maps name the next.
+    const dir = tempDir();
+    const t = await open(dir);
+    let newestNamed = 0;
+    const check = async (step: string): Promise<void> => {
+      const maps = await readTrackerMaps(dir, 'disk0');
+      if (maps === undefined || maps.pendingLogSequence === 0) return;
+      newestNamed = Math.max(newestNamed, maps.pendingLogSequence);
+      const open = fs.readdirSync(dir).map((n) => parseLogName('disk0', n, OPEN_LOG_SUFFIX)).filter((x) => x !== undefined);
+      expect(open.filter((seq) => seq < maps.pendingLogSequence), step).toEqual([]);
+    };
+    for (let round = 0; round < 6; round++) {
+      await t.recordWrite(round * 8192, Buffer.alloc(4096, round + 1));
+      await t.recordWrite(round * 8192, Buffer.alloc(4096, round + 0x41)); // an exact overwrite: a rewrite
+      await t.flush();
+      await check(`round ${round} after flush`);
+      await t.rotate();
+      await check(`round ${round} after rotate`);
+      if (round % 2 === 0) {
+        await t.flush();
+        await check(`round ${round} after an idle flush`);
+      }
+    }
+    expect(newestNamed).toBeGreaterThanOrEqual(6);
   });
 });
