@@ -2,7 +2,7 @@ import * as http from 'node:http';
 import * as https from 'node:https';
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError } from '../retry/blockrelay-error';
-import { errorFromNetwork, errorFromResponse, type PeerOptions } from '../transport/log-client';
+import { errorFromResponse, peerRequest, type PeerOptions } from '../transport/log-client';
 import type { ResyncChannel } from './resync-peer';
 import { HASH_REQUEST_FIXED_BYTES, MAX_HASH_SPAN_BYTES, MAX_RANGES_PER_REQUEST, MAX_WRITE_DATA_BYTES, MIN_BLOCK_BYTES, RANGE_BYTES, RUN_HEADER_BYTES, WIRE_HEADER_BYTES } from './resync-wire';
 import { HASH_BYTES } from './block-hasher';
@@ -167,67 +167,21 @@ export async function postResync(peer: PeerOptions, method: 'POST' | 'DELETE', d
   }
 }
 
-function postOnce(peer: PeerOptions, method: 'POST' | 'DELETE', diskId: string, headers: Record<string, string>, body: Buffer | undefined, agent: http.Agent | undefined): Promise<Buffer> {
-  const url = new URL(resyncPath(diskId), peer.url);
-  const secure = url.protocol === 'https:';
-  const lib = secure ? https : http;
-  const what = `${method} ${url.href}`;
-  return new Promise<Buffer>((resolve, reject) => {
-    let settled = false;
-    const finish = (fn: () => void): void => {
-      if (!settled) {
-        settled = true;
-        fn();
-      }
-    };
-    const req = lib.request(
-      url,
-      {
-        method,
-        headers: {
-          ...headers,
-          authorization: `Bearer ${peer.secret}`,
-          'content-type': 'application/octet-stream',
-          'content-length': String(body?.length ?? 0),
-        },
-        agent: agent ?? false,
-        ...(secure && peer.ca ? { ca: peer.ca } : {}),
-        timeout: peer.timeoutMs ?? DEFAULT_TIMEOUT_MS,
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        let size = 0;
-        res.on('data', (c: Buffer) => {
-          size += c.length;
-          if (size > MAX_RESYNC_REPLY_BYTES) {
-            res.destroy();
-            finish(() => reject(new BlockrelayError('BR_RESYNC_PROTOCOL', `${what}: reply exceeds ${MAX_RESYNC_REPLY_BYTES} bytes`, { details: { offset: size } })));
-            return;
-          }
-          chunks.push(c);
-        });
-        res.on('end', () =>
-          finish(() => {
-            const answer = Buffer.concat(chunks);
-            const status = res.statusCode ?? 0;
-            if (status === 200) resolve(answer);
-            else reject(errorFromResponse(status, answer.toString('utf8', 0, Math.min(answer.length, 64 * 1024))));
-          }),
-        );
-        res.on('error', (err) => finish(() => reject(errorFromNetwork(err, what))));
-        res.on('aborted', () => finish(() => reject(errorFromNetwork(Object.assign(new Error('answer cut short'), { code: 'ECONNRESET' }), what))));
-      },
-    );
-    req.on('timeout', () => req.destroy(Object.assign(new Error('timeout'), { code: 'ETIMEDOUT' })));
-    req.on('error', (err) =>
-      finish(() => {
-        const coded = errorFromNetwork(err, what);
-        const stale = req.reusedSocket && (err as NodeJS.ErrnoException).code === 'ECONNRESET';
-        reject(stale ? Object.assign(coded, { reusedSocket: true }) : coded);
-      }),
-    );
-    req.end(body);
+async function postOnce(peer: PeerOptions, method: 'POST' | 'DELETE', diskId: string, headers: Record<string, string>, body: Buffer | undefined, agent: http.Agent | undefined): Promise<Buffer> {
+  const answer = await peerRequest(peer, {
+    method,
+    path: resyncPath(diskId),
+    headers: { ...headers, 'content-type': 'application/octet-stream', 'content-length': String(body?.length ?? 0) },
+    body: body === undefined ? undefined : async (req) => {
+      req.end(body);
+    },
+    agent: agent ?? false,
+    defaultTimeoutMs: DEFAULT_TIMEOUT_MS,
+    maxAnswerBytes: MAX_RESYNC_REPLY_BYTES,
+    answerTooLarge: 'BR_RESYNC_PROTOCOL',
   });
+  if (answer.status === 200) return answer.body;
+  throw errorFromResponse(answer.status, answer.body.toString('utf8', 0, Math.min(answer.body.length, 64 * 1024)));
 }
 
 /**

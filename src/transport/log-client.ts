@@ -68,19 +68,54 @@ export function errorFromNetwork(err: NodeJS.ErrnoException, what: string): Bloc
   return new BlockrelayError(timeout ? 'BR_NET_TIMEOUT' : 'BR_NET_UNREACHABLE', `${what}: ${err.code ?? ''} ${err.message}`.trim(), { cause: err });
 }
 
-interface Answer {
-  status: number;
-  body: string;
-}
-
 /** Writes a request's body and ends it; rejects if the body cannot be written (the request is destroyed then). */
 export type BodyWriter = (req: http.ClientRequest) => Promise<void>;
 
-function request(peer: PeerOptions, method: string, path: string, headers: Record<string, string>, body: Readable | BodyWriter | undefined, onBodySent?: () => void): Promise<Answer> {
-  const url = new URL(path, peer.url);
+/** One request to a peer (see peerRequest). */
+export interface PeerRequest {
+  readonly method: string;
+  /** Path and query, resolved against the peer's URL. */
+  readonly path: string;
+  /** Sent as given, with the peer's secret as a bearer token added. */
+  readonly headers: Record<string, string>;
+  /** Writes and ends the body; none: the request is sent without one. */
+  readonly body?: BodyWriter | undefined;
+  /** Called once the body is written, before the answer (SendOptions.onBodySent). */
+  readonly onBodySent?: (() => void) | undefined;
+  /** Connections: this module's kept-alive pool when undefined, a caller's pool, or false for a connection of its own. */
+  readonly agent?: http.Agent | false | undefined;
+  /** The request's timeout when the peer names none (default 60 s). */
+  readonly defaultTimeoutMs?: number;
+  /** Answer bytes kept (default 64 KiB, ample for the JSON answers of the log routes). */
+  readonly maxAnswerBytes?: number;
+  /** An answer longer than maxAnswerBytes fails with this code; undefined: it is cut there (the rest is read and dropped). */
+  readonly answerTooLarge?: ErrorCode | undefined;
+}
+
+/** A peer's answer: status and (bounded) body. */
+export interface PeerAnswer {
+  readonly status: number;
+  readonly body: Buffer;
+}
+
+const DEFAULT_MAX_ANSWER_BYTES = 64 * 1024;
+
+/**
+ * One HTTP(S) request to a peer, every failure coded: socket failures and
+ * timeouts become BR_NET_UNREACHABLE / BR_NET_TIMEOUT (recoverable), an
+ * answer cut short too. Resolves with any status; the caller maps the ones
+ * it does not expect (errorFromResponse). A failure on a kept-alive
+ * connection the peer had closed as it was reused (ECONNRESET on a reused
+ * socket) carries `reusedSocket: true`, so an idempotent exchange may be
+ * sent again on a fresh connection.
+ */
+export function peerRequest(peer: PeerOptions, r: PeerRequest): Promise<PeerAnswer> {
+  const url = new URL(r.path, peer.url);
   const secure = url.protocol === 'https:';
   const lib = secure ? https : http;
-  return new Promise<Answer>((resolve, reject) => {
+  const what = `${r.method} ${url.href}`;
+  const maxAnswerBytes = r.maxAnswerBytes ?? DEFAULT_MAX_ANSWER_BYTES;
+  return new Promise<PeerAnswer>((resolve, reject) => {
     let settled = false;
     const finish = (fn: () => void): void => {
       if (!settled) {
@@ -91,36 +126,49 @@ function request(peer: PeerOptions, method: string, path: string, headers: Recor
     const req = lib.request(
       url,
       {
-        method,
-        headers: { ...headers, authorization: `Bearer ${peer.secret}` },
-        agent: secure ? (peer.ca ? undefined : agents.https) : agents.http,
+        method: r.method,
+        headers: { ...r.headers, authorization: `Bearer ${peer.secret}` },
+        agent: r.agent !== undefined ? r.agent : secure ? (peer.ca ? undefined : agents.https) : agents.http,
         ...(secure && peer.ca ? { ca: peer.ca } : {}),
-        timeout: peer.timeoutMs ?? DEFAULT_TIMEOUT_MS,
+        timeout: peer.timeoutMs ?? r.defaultTimeoutMs ?? DEFAULT_TIMEOUT_MS,
       },
       (res) => {
         const chunks: Buffer[] = [];
         let size = 0;
         res.on('data', (c: Buffer) => {
-          // Answers are small JSON documents; bound what we keep.
-          if (size < 64 * 1024) chunks.push(c);
+          if (size + c.length > maxAnswerBytes && r.answerTooLarge !== undefined) {
+            const code = r.answerTooLarge;
+            // Settled first: destroying the answer reports it cut short, synchronously.
+            finish(() => reject(new BlockrelayError(code, `${what}: answer exceeds ${maxAnswerBytes} bytes`, { details: { offset: size + c.length } })));
+            res.destroy();
+            return;
+          }
+          if (size < maxAnswerBytes) chunks.push(c.length <= maxAnswerBytes - size ? c : c.subarray(0, maxAnswerBytes - size));
           size += c.length;
         });
-        res.on('end', () => finish(() => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') })));
-        res.on('error', (err) => finish(() => reject(errorFromNetwork(err, `${method} ${url.href}`))));
+        res.on('end', () => finish(() => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) })));
+        res.on('error', (err) => finish(() => reject(errorFromNetwork(err, what))));
+        res.on('aborted', () => finish(() => reject(errorFromNetwork(Object.assign(new Error('answer cut short'), { code: 'ECONNRESET' }), what))));
       },
     );
     req.on('timeout', () => req.destroy(Object.assign(new Error('timeout'), { code: 'ETIMEDOUT' })));
-    req.on('error', (err) => finish(() => reject(errorFromNetwork(err, `${method} ${url.href}`))));
-    if (body === undefined) {
+    req.on('error', (err) =>
+      finish(() => {
+        const coded = errorFromNetwork(err, what);
+        const stale = req.reusedSocket && (err as NodeJS.ErrnoException).code === 'ECONNRESET';
+        reject(stale ? Object.assign(coded, { reusedSocket: true }) : coded);
+      }),
+    );
+    if (r.body === undefined) {
       req.end();
       return;
     }
-    (typeof body === 'function' ? body(req) : pipeline(body, req)).then(() => {
-      if (!settled) onBodySent?.();
+    r.body(req).then(() => {
+      if (!settled) r.onBodySent?.();
     }, (err: NodeJS.ErrnoException) => {
       // The peer may answer (e.g. 401, spool full) before reading the whole
       // body; its answer, not our broken pipe, is what happened.
-      setTimeout(() => finish(() => reject(errorFromNetwork(err, `${method} ${url.href}`))), 200);
+      setTimeout(() => finish(() => reject(errorFromNetwork(err, what))), 200);
     });
   });
 }
@@ -275,9 +323,9 @@ export async function sendLogBody(peer: PeerOptions, envelope: LogEnvelope, body
   };
   if (options.lz4) headers['x-blockrelay-encoding'] = 'lz4';
   else headers['content-length'] = String(envelope.logLength);
-  const answer = await request(peer, 'PUT', logPath(envelope.diskId, envelope.seq), headers, body, options.onBodySent);
+  const answer = await peerRequest(peer, { method: 'PUT', path: logPath(envelope.diskId, envelope.seq), headers, body, onBodySent: options.onBodySent });
   if (answer.status === 200 || answer.status === 201) return { status: answer.status, duplicate: answer.status === 200 };
-  throw errorFromResponse(answer.status, answer.body);
+  throw errorFromResponse(answer.status, answer.body.toString('utf8'));
 }
 
 /** What a hop knows of a disk: the next sequence number it expects (null: any). */
@@ -287,16 +335,22 @@ export interface DiskState {
 }
 
 export async function getDiskState(peer: PeerOptions, diskId: string): Promise<DiskState> {
-  const answer = await request(peer, 'GET', `/${PROTOCOL_VERSION}/disks/${encodeURIComponent(diskId)}`, {}, undefined);
-  if (answer.status !== 200) throw errorFromResponse(answer.status, answer.body);
-  return JSON.parse(answer.body) as DiskState;
+  const answer = await peerRequest(peer, { method: 'GET', path: `/${PROTOCOL_VERSION}/disks/${encodeURIComponent(diskId)}`, headers: {} });
+  const text = answer.body.toString('utf8');
+  if (answer.status !== 200) throw errorFromResponse(answer.status, text);
+  return JSON.parse(text) as DiskState;
 }
 
 /** A JSON call to a peer's API (status, tags); used by the CLI. */
 export async function callJson(peer: PeerOptions, method: string, path: string, body?: unknown): Promise<unknown> {
   const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-  const stream = payload === undefined ? undefined : PassThrough.from(payload) as Readable;
-  const answer = await request(peer, method, path, payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': String(payload.length) }, stream);
-  if (answer.status < 200 || answer.status >= 300) throw errorFromResponse(answer.status, answer.body);
-  return answer.body === '' ? undefined : JSON.parse(answer.body);
+  const answer = await peerRequest(peer, {
+    method,
+    path,
+    headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': String(payload.length) },
+    body: payload === undefined ? undefined : (req) => pipeline(PassThrough.from(payload) as Readable, req),
+  });
+  const text = answer.body.toString('utf8');
+  if (answer.status < 200 || answer.status >= 300) throw errorFromResponse(answer.status, text);
+  return text === '' ? undefined : JSON.parse(text);
 }
