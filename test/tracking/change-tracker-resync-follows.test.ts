@@ -100,10 +100,17 @@ describe('ChangeTracker: the sequence a resync log follows', () => {
     await tracker.beginResync();
     await tracker.recordWrite(0, pattern(2, CHUNK));
     void tracker.resyncRound(() => new Promise<Buffer>(() => undefined), CHUNK);
-    await new Promise((r) => setTimeout(r, 100));
     const stateFile = path.join(dir, 'disk0.tracker.json');
-    const state = JSON.parse(fs.readFileSync(stateFile, 'utf8')) as { reservations: Array<{ sequence: number; follows?: number }>; shippedSequence?: number };
-    const held = state.reservations[0]!;
+    type State = { reservations?: Array<{ sequence: number; follows?: number }>; shippedSequence?: number };
+    const readState = (): State => JSON.parse(fs.readFileSync(stateFile, 'utf8')) as State;
+    // The round holds its sequence (state written) before it reads, which
+    // never ends here; on a loaded machine that takes a while, so wait for it.
+    let state = readState();
+    for (let waitedMs = 0; (state.reservations?.length ?? 0) === 0 && waitedMs < 10_000; waitedMs += 20) {
+      await new Promise((r) => setTimeout(r, 20));
+      state = readState();
+    }
+    const held = state.reservations![0]!;
     expect(held.follows).toBe(held.sequence - 1);
     delete held.follows;
     delete state.shippedSequence;
