@@ -44,6 +44,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { cpuTimeFromProcStat } from '../src/platform/cpu-time';
 import { SourceRole } from '../src/tap/source-role';
 import { RawTarget } from '../src/targets/raw/raw-target';
 
@@ -108,29 +109,14 @@ interface Sample {
   deviceWriteMBs: number;
 }
 
-const CLK_TCK = (() => {
-  try {
-    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
-  } catch {
-    return 100;
-  }
-})();
-
 /**
  * User plus system CPU seconds a process has used so far (all its threads,
  * from /proc), or NaN. On a machine shared with other work the IOPS of a run
  * swing with the load; the server's own CPU per GiB written does much less.
  */
 function cpuSeconds(pid: number | undefined): number {
-  if (pid === undefined) return Number.NaN;
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // After "pid (comm) ": state is field 3, utime 14 and stime 15.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
-  } catch {
-    return Number.NaN;
-  }
+  const used = pid === undefined ? undefined : cpuTimeFromProcStat(`/proc/${pid}/stat`);
+  return used === undefined ? Number.NaN : (used.userMs + used.systemMs) / 1000;
 }
 
 /** /sys/dev/block/MAJ:MIN/stat of the device holding `dir` (Linux), or undefined. */

@@ -1,4 +1,3 @@
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { constants as perfConstants, PerformanceObserver } from 'node:perf_hooks';
 import * as v8 from 'node:v8';
@@ -6,6 +5,7 @@ import { isMainThread, parentPort, Worker, workerData } from 'node:worker_thread
 import type { MetricObjectWithValues, MetricValue } from 'prom-client';
 import type { Logger } from '../daemon/logger';
 import { systemClock, type Clock } from '../platform/clock';
+import { cpuTimeFromProcStat, type CpuTime } from '../platform/cpu-time';
 import { BlockrelayError } from '../retry/blockrelay-error';
 import type { LogStageEvent, LogStageSink } from './log-stage-events';
 import type { ApplyingHop, DiskApplyStatus } from './master-target';
@@ -42,27 +42,16 @@ const STATUS_PUSH_MS = 250;
 type Call = 'start' | 'drain' | 'stop' | 'metrics' | 'cpu' | 'gc';
 
 /** CPU time one thread has used, in ms. */
-export interface ThreadCpu {
-  readonly userMs: number;
-  readonly systemMs: number;
-}
+export type ThreadCpu = CpuTime;
 
 /**
- * CPU time of the calling thread (Linux: /proc/thread-self/stat, in clock
- * ticks of 10 ms); undefined where that is not available. Node 20 has no
- * per-thread figure of its own, and process.cpuUsage() sums every thread:
- * the e2e bench splits the chain's CPU between the source and the hops with
- * this.
+ * CPU time of the calling thread (Linux: /proc/thread-self/stat);
+ * undefined where that is not available. Node 20 has no per-thread figure
+ * of its own, and process.cpuUsage() sums every thread: the e2e bench
+ * splits the chain's CPU between the source and the hops with this.
  */
 export function threadCpu(): ThreadCpu | undefined {
-  try {
-    const stat = fs.readFileSync('/proc/thread-self/stat', 'utf8');
-    // Fields after the command name (which may hold spaces), from field 3 on: utime and stime are fields 14 and 15.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return { userMs: Number(fields[11]) * 10, systemMs: Number(fields[12]) * 10 };
-  } catch {
-    return undefined;
-  }
+  return cpuTimeFromProcStat('/proc/thread-self/stat');
 }
 
 /** Garbage collections of one thread's isolate since it first called threadGc(): counts and pause time in ms. */
