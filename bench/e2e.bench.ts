@@ -34,7 +34,9 @@
  * Options: --quick (shorter run, same disk), --interval-ms N (cut interval),
  * --rate R (fio's target rate, default 200m), --cut-through (the process
  * server forwards a log while it still arrives),
- * --no-workers (both hops on the main thread), --chain-only (only the
+ * --no-workers (both hops on the main thread), --default-old-space (V8's
+ * own starting old generation for the main isolate, where the source runs,
+ * instead of the one `npm start` gives it), --chain-only (only the
  * chain's capacity, printed and not saved: for profiling the hops), --warm
  * (the chain's capacity after two logs warmed it up: see `warm`).
  *
@@ -46,7 +48,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as crypto from 'node:crypto';
-import { Demo } from '../src/daemon/demo';
+import { DEMO_INITIAL_OLD_SPACE_MB, Demo } from '../src/daemon/demo';
 import { DEMO_HOP_WORKER_ENTRY, buildDemoHop, type DemoHopInit } from '../src/daemon/demo-hops';
 import { createMetrics } from '../src/daemon/metrics';
 import { systemClock } from '../src/platform/clock';
@@ -366,11 +368,14 @@ async function main(): Promise<void> {
   }
 }
 
-// The demo's roles run in this process; like every blockrelay role they run
-// with libuv's thread pool for file I/O (see bench/tap.bench.ts and
-// docs/operations.md), which must be set before node starts: re-run so.
-if (process.env.UV_USE_IO_URING !== '0') {
-  const child = spawn(process.execPath, [...process.execArgv, __filename, ...process.argv.slice(2)], { stdio: 'inherit', env: { ...process.env, UV_USE_IO_URING: '0' } });
+// The demo's roles run in this process as `npm start` runs them: with
+// libuv's thread pool for file I/O (see bench/tap.bench.ts and
+// docs/operations.md) and the main isolate's starting old generation of
+// DEMO_INITIAL_OLD_SPACE_MB (the source runs there), both of which must be
+// set before node starts: re-run so (--default-old-space leaves V8's own).
+if (process.env.BLOCKRELAY_E2E_CHILD !== '1') {
+  const heap = process.argv.includes('--default-old-space') ? [] : [`--initial-old-space-size=${DEMO_INITIAL_OLD_SPACE_MB}`];
+  const child = spawn(process.execPath, [...heap, ...process.execArgv, __filename, ...process.argv.slice(2)], { stdio: 'inherit', env: { ...process.env, UV_USE_IO_URING: '0', BLOCKRELAY_E2E_CHILD: '1' } });
   child.on('exit', (code) => { process.exitCode = code ?? 1; });
 } else {
   main().catch((err) => {

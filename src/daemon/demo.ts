@@ -17,6 +17,14 @@ import { createMetrics, type Metrics } from './metrics';
 import { SourceControl } from './source-control';
 import { CONTROL_SECRET_ENV } from './tag-command';
 
+/**
+ * The starting old generation `npm start` gives the demo's main isolate
+ * (node --initial-old-space-size), where the source role runs; the hop
+ * workers get the same from hop-worker.ts. With V8's small default the
+ * source thread ran 9-11 major GCs per GB of churn (session 6).
+ */
+export const DEMO_INITIAL_OLD_SPACE_MB = 256;
+
 /** Defaults of `blockrelay demo`, units in the names. */
 export const DEMO_DEFAULTS = {
   sizeBytes: 1024 ** 3,
