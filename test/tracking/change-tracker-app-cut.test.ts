@@ -68,23 +68,44 @@ describe('ChangeTracker.cutAppConsistent of several disks', () => {
     }
   });
 
-  it('keeps no log with the tag when a member fails during the seal, and ships none of them before the outcome is known', async () => {
-    const dir = tmp();
+  /**
+   * Disks a (one write) and b (a gated log volume) in one directory; an
+   * app-consistent cut of both is started and has sealed both logs, b
+   * waiting to open its next one. `openB` lets that open go on (true) or
+   * fail with EIO (false); `end` lets the cut end (also after a failed
+   * assertion, or the closes would wait for its locks) and closes both.
+   */
+  async function cutWaitingOnB(dir: string) {
     const logsB = new GatedLogs();
     const a = await ChangeTracker.open({ dir, diskId: 'a', diskSizeBytes: SIZE, persistIntervalMs: 0 });
     const b = await ChangeTracker.open({ dir, diskId: 'b', diskSizeBytes: SIZE, persistIntervalMs: 0, openLogFile: logsB.open });
-    let fail: (ok: boolean) => void = () => undefined;
-    let cut: Promise<unknown> = Promise.resolve();
+    let openB: (ok: boolean) => void = () => undefined;
+    logsB.gate = new Promise<boolean>((r) => { openB = r; });
+    await a.recordWrite(0, pattern(1, CHUNK));
+    const cut = ChangeTracker.cutAppConsistent([a, b], 'quiesced');
+    const end = async (): Promise<void> => {
+      openB(false);
+      await cut.catch(() => undefined);
+      await a.close();
+      await b.close();
+    };
     try {
-      await a.recordWrite(0, pattern(1, CHUNK));
-      await b.recordWrite(0, pattern(2, CHUNK));
-      logsB.gate = new Promise<boolean>((r) => { fail = r; });
-      cut = ChangeTracker.cutAppConsistent([a, b], 'quiesced');
-      // b has sealed its log and waits to open the next one; a has sealed its log with the tag.
       await until('both seals', () => logsB.reached && a.status().sealedLogs === 1);
+    } catch (err) {
+      await end();
+      throw err;
+    }
+    return { a, b, cut, openB, end };
+  }
+
+  it('keeps no log with the tag when a member fails during the seal, and ships none of them before the outcome is known', async () => {
+    const dir = tmp();
+    const { a, b, cut, openB, end } = await cutWaitingOnB(dir);
+    try {
+      // a has sealed its log with the tag: no shipper sees it yet, nor b's.
       expect(a.sealedLogs()).toEqual([]);
       expect(b.sealedLogs()).toEqual([]);
-      fail(false);
+      openB(false);
       await expect(cut).rejects.toMatchObject({ code: 'BR_TAG_RESYNC_PENDING', details: { disk: 'b' } });
       // b folded (its sealed log with it); a's log is an ordinary one, in memory and on disk.
       expect(b.status()).toMatchObject({ mode: 'dirty-only', sealedLogs: 0 });
@@ -98,28 +119,15 @@ describe('ChangeTracker.cutAppConsistent of several disks', () => {
       expect(again.sealedLogs().map((l) => l.appTag)).toEqual([undefined, undefined]);
       await again.close();
     } finally {
-      // An assertion failed while the cut waited: let it end, or the closes wait for its locks.
-      fail(false);
-      await cut.catch(() => undefined);
-      await a.close();
-      await b.close();
+      await end();
     }
   });
 
   it('hands every member its tagged log once all seals succeeded', async () => {
-    const dir = tmp();
-    const logsB = new GatedLogs();
-    const a = await ChangeTracker.open({ dir, diskId: 'a', diskSizeBytes: SIZE, persistIntervalMs: 0 });
-    const b = await ChangeTracker.open({ dir, diskId: 'b', diskSizeBytes: SIZE, persistIntervalMs: 0, openLogFile: logsB.open });
-    let go: (ok: boolean) => void = () => undefined;
-    let cut: Promise<{ cutId: string }> = Promise.resolve({ cutId: '' });
+    const { a, b, cut, openB, end } = await cutWaitingOnB(tmp());
     try {
-      await a.recordWrite(0, pattern(1, CHUNK));
-      logsB.gate = new Promise<boolean>((r) => { go = r; });
-      cut = ChangeTracker.cutAppConsistent([a, b], 'quiesced');
-      await until('both seals', () => logsB.reached && a.status().sealedLogs === 1);
       expect(a.sealedLogs()).toEqual([]);
-      go(true);
+      openB(true);
       const taken = await cut;
       for (const t of [a, b]) {
         const [log] = t.sealedLogs();
@@ -127,10 +135,7 @@ describe('ChangeTracker.cutAppConsistent of several disks', () => {
         expect(sidecarTag(log!)).toBe('quiesced');
       }
     } finally {
-      go(true);
-      await cut.catch(() => undefined);
-      await a.close();
-      await b.close();
+      await end();
     }
   });
 });
