@@ -182,7 +182,11 @@ class CoalescibleEntries {
  * (see `nativeAppender`). Appends are then synchronous (a copy, and now and
  * then a positional write of the staging buffer); flush and seal keep their
  * fdatasyncs on the libuv thread pool. Injected files (tests that simulate
- * power loss) use the TypeScript path below, which writes byte-identical logs.
+ * power loss) use the TypeScript path below, which writes byte-identical logs
+ * with coalescing off. With it on, the native appender appends a piece the
+ * TypeScript path would rewrite when the earlier entry's range is still in
+ * flight to the file (a spare buffer being written): the logs then differ in
+ * bytes, never in what they apply.
  */
 export class HrlWriter {
   readonly path: string;
