@@ -73,9 +73,9 @@ const rateArg = process.argv.indexOf('--rate');
 const targetRate = rateArg > 0 ? process.argv[rateArg + 1]! : '200m';
 const intervalArg = process.argv.indexOf('--interval-ms');
 // 1 s by default (the demo's default, and the interval of earlier figures);
-// shorter intervals bound the RPO by the chain's latency but, with writes
-// scattered over the disk, the tracker's write-intent re-marking costs the
-// source much of its churn today (the report in bench/results says which).
+// shorter intervals bound the RPO by the chain's latency and capacity (a cut
+// holds the guest's writes only for the switch to a log made ahead: see
+// docs/transport.md, "The source at short cuts").
 const intervalMs = intervalArg > 0 ? Number(process.argv[intervalArg + 1]) : 1000;
 const workersOff = process.argv.includes('--no-workers');
 /** The process server forwards a log while it still arrives (off by default: see ForwardOptions.cutThrough). */
