@@ -50,5 +50,8 @@ describe('a hop worker\'s heap', () => {
     await new Promise((r) => setTimeout(r, 50));
     const gc = await worker.threadGc();
     expect(gc?.majorCount, 'major collections in the hop worker while the probe filled its heap').toBe(0);
+    // Filling 160 MiB took the worker's thread CPU time, which it reports from its own /proc stat line.
+    const cpu = await worker.threadCpu();
+    if (process.platform === 'linux') expect(cpu!.userMs + cpu!.systemMs).toBeGreaterThan(0);
   });
 });
