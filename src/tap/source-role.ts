@@ -244,13 +244,23 @@ export class SourceRole {
     if (errors.length > 0) throw errors[0];
   }
 
-  private schedule(): void {
+  /**
+   * Cuts start `intervalMs` apart, not `intervalMs` after the previous cut
+   * ended: a cut now holds the writes only for its switch to the next log
+   * and spends the rest sealing the old one while the writes go on, so
+   * waiting a whole interval after it would stretch every log by the seal's
+   * time (at 250 ms cuts under 200 MB/s, logs of about 80 MB instead of 50)
+   * and the RPO with it. A cut longer than the interval is followed at once
+   * by the next (cuts never overlap).
+   */
+  private schedule(delayMs: number = this.intervalMs): void {
     if (this.stopped) return;
     this.timer = this.clock.setTimer(() => {
       this.timer = undefined;
+      const startedMs = this.clock.now();
       this.cutNow()
         .catch((err: unknown) => this.logger.warn({ err }, 'cut failed; retrying at the next interval'))
-        .finally(() => this.schedule());
-    }, this.intervalMs);
+        .finally(() => this.schedule(Math.max(0, this.intervalMs - (this.clock.now() - startedMs))));
+    }, delayMs);
   }
 }
