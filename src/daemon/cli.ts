@@ -1,4 +1,6 @@
 #!/usr/bin/env node
+// First: sizes libuv's thread pool before anything can start it (see thread-pool.ts).
+import './thread-pool';
 import { allCommands } from './commands';
 import type { Command, CommandIo } from './command';
 import { isBlockrelayError } from '../retry/blockrelay-error';
