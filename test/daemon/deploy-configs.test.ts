@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../src/daemon/config';
+import { ROLE_THREADPOOL_SIZE } from '../../src/daemon/thread-pool';
 import { parseDiskSpec } from '../../src/targets/disk-spec';
 import { hasTool } from '../helpers/tools';
 import { useTempDirs } from '../helpers/tmp';
@@ -55,6 +56,9 @@ describe('deployment examples in docs/deploy', () => {
       const role = unit.replace(/^blockrelay-/, '').replace(/\.service$/, '');
       expect(text).toContain(`ExecStart=/usr/bin/env node --initial-old-space-size=256 /opt/blockrelay/dist/daemon/cli.js ${role} --config /etc/blockrelay/${role}.json`);
       expect(text).toMatch(/^Type=simple$/m);
+      // The pool size the CLI would default to anyway, stated where operators look, and io_uring off.
+      expect(text).toMatch(new RegExp(`^Environment=UV_THREADPOOL_SIZE=${ROLE_THREADPOOL_SIZE}$`, 'm'));
+      expect(text).toMatch(/^Environment=UV_USE_IO_URING=0$/m);
       expect(text).toMatch(/^KillSignal=SIGTERM$/m);
       expect(Number(/^TimeoutStopSec=(\d+)$/m.exec(text)?.[1])).toBeGreaterThan(60);
       expect(text).toMatch(/^ProtectSystem=full$/m);
