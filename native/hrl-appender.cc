@@ -201,6 +201,10 @@ bool HrlAppenderCore::InFlightLocked(uint64_t pos, uint64_t length) const {
   for (const SpareRange& r : spareRanges_) {
     if (r.busy && pos < r.pos + r.length && r.pos < pos + length) return true;
   }
+  for (const auto& j : rewriteJobs_) {
+    if (!j->payload.empty() && pos < j->payloadPos + j->payload.size() && j->payloadPos < pos + length) return true;
+    if (j->hasEntry && pos < j->entryPos + kHrlMetadataEntryBytes && j->entryPos < pos + length) return true;
+  }
   return false;
 }
 
@@ -218,20 +222,22 @@ int HrlAppenderCore::RewriteLocked(CoalescibleEntry& e, uint64_t byteOffset, con
   // old or new, never half of each, which recovery would take for a damaged
   // block. Blocks follow payloads of any length, so not every one is aligned.
   if (!entryInBlock && !entryStaged && e.entryPos % kHrlMetadataEntryBytes != 0) return -1;
+  std::unique_ptr<RewriteJob> job;
+  if (!payloadStaged || (!entryInBlock && !entryStaged)) {
+    // Part of it goes to the file, by an I/O thread; bounded, else appended.
+    const uint64_t bytes = (payloadStaged ? 0 : length) + kHrlMetadataEntryBytes;
+    if (rewriteJobs_.size() >= kMaxRewriteJobs || rewriteBytes_ + bytes > kMaxRewriteBytes || recyclerStop_) return -1;
+    job = std::make_unique<RewriteJob>();
+  }
   if (payloadStaged) {
     uint8_t* to = staging_.data() + (e.payloadPos - writtenEnd_);
     if (data != nullptr) std::memcpy(to, data, length);
     else std::memset(to, 0, length);
   } else {
-    if (data == nullptr) {
-      if (zeroes_.size() < length) {
-        zeroes_.resize(length);
-        std::memset(zeroes_.data(), 0, length);
-      }
-      data = zeroes_.data();
-    }
-    // Buffered through fd_, never the O_DIRECT descriptor.
-    if (int err = PwriteAll(fd_, data, length, e.payloadPos); err != 0) return err;
+    // Copied: the caller may reuse its buffer once Append returns.
+    if (data != nullptr) job->payload.assign(data, data + length);
+    else job->payload.assign(length, 0);
+    job->payloadPos = e.payloadPos;
   }
   uint8_t entry[kHrlMetadataEntryBytes];
   EncodeEntry(entry, byteOffset, static_cast<uint32_t>(length), checksum, timestamp);
@@ -240,9 +246,15 @@ int HrlAppenderCore::RewriteLocked(CoalescibleEntry& e, uint64_t byteOffset, con
   } else if (entryStaged) {
     std::memcpy(staging_.data() + (e.entryPos - writtenEnd_), entry, sizeof entry);
   } else {
-    // The 32 bytes as a write of their own, after the payload's: 32-aligned,
-    // they lie in one sector, so a power loss leaves the old entry or the new one.
-    if (int err = PwriteAll(fd_, entry, sizeof entry, e.entryPos); err != 0) return err;
+    std::memcpy(job->entry, entry, sizeof entry);
+    job->hasEntry = true;
+    job->entryPos = e.entryPos;
+  }
+  if (job != nullptr) {
+    rewriteBytes_ += job->payload.size() + (job->hasEntry ? kHrlMetadataEntryBytes : 0);
+    rewriteJobs_.push_back(std::move(job));
+    StartThreadLocked();
+    spareQueueCv_.notify_one();
   }
   rewrites_++;
   rewrittenBytes_ += length;
@@ -305,7 +317,7 @@ void HrlAppenderCore::RecycleCacheLocked() {
 int HrlAppenderCore::WaitSpareLocked() {
   // mu_ is held by the caller: adopt it for the wait and leave it held.
   std::unique_lock<std::mutex> lock(mu_, std::adopt_lock);
-  spareDoneCv_.wait(lock, [this] { return spareQueueHead_ == spareQueue_.size() && sparesWriting_ == 0; });
+  spareDoneCv_.wait(lock, [this] { return spareQueueHead_ == spareQueue_.size() && sparesWriting_ == 0 && rewriteJobs_.empty(); });
   lock.release();
   return error_;
 }
@@ -328,9 +340,12 @@ void HrlAppenderCore::IoLoop(bool recycles) {
     if (recycles) {
       while (!recyclerStop_ && recycleSignalled_ == writebackStarted) recycleCv_.wait(lock);
     } else {
-      while (!recyclerStop_ && spareQueueHead_ == spareQueue_.size()) spareQueueCv_.wait(lock);
+      while (!recyclerStop_ && spareQueueHead_ == spareQueue_.size() && !RewriteWaitingLocked()) spareQueueCv_.wait(lock);
     }
-    if (!recycles && spareQueueHead_ < spareQueue_.size()) {
+    // Rewrites first: they are small, and the appends they replace would be
+    // spare writes of their own; behind a steady stream of spares they would
+    // wait, fill their bound, and turn every later rewrite into an append.
+    if (!recycles && spareQueueHead_ < spareQueue_.size() && !RewriteWaitingLocked()) {
       // A full staging buffer: written even when stopping, before the descriptor goes.
       const SpareWrite w = spareQueue_[spareQueueHead_++];
       if (spareQueueHead_ == spareQueue_.size()) {
@@ -349,6 +364,39 @@ void HrlAppenderCore::IoLoop(bool recycles) {
       sparesWriting_--;
       spareRanges_[w.index].busy = false;
       freeSpares_.push_back(w.index);
+      spareDoneCv_.notify_all();
+      continue;
+    }
+    if (!recycles && RewriteWaitingLocked()) {
+      // A rewrite (written even when stopping, like a spare). Jobs run in
+      // queue order; two never cover the same range (see InFlightLocked).
+      RewriteJob* job = nullptr;
+      for (auto& j : rewriteJobs_) {
+        if (!j->running) {
+          job = j.get();
+          break;
+        }
+      }
+      job->running = true;
+      lock.unlock();
+      // Buffered through fd_, never the O_DIRECT descriptor. The 32 bytes
+      // as a write of their own, after the payload's: 32-aligned, they lie
+      // in one sector, so a power loss leaves the old entry or the new one.
+      int err = job->payload.empty() ? 0 : PwriteAll(fd_, job->payload.data(), job->payload.size(), job->payloadPos);
+      if (err == 0 && job->hasEntry) err = PwriteAll(fd_, job->entry, kHrlMetadataEntryBytes, job->entryPos);
+      lock.lock();
+      if (err != 0 && error_ == 0) error_ = err;
+      // Set again now it is written: a flush that took the flag while this
+      // job was still queued may have started its fdatasync before the
+      // write, so the next flush must sync even if nothing else changed.
+      rewrittenSinceSync_ = true;
+      for (auto it = rewriteJobs_.begin(); it != rewriteJobs_.end(); ++it) {
+        if (it->get() == job) {
+          rewriteBytes_ -= job->payload.size() + (job->hasEntry ? kHrlMetadataEntryBytes : 0);
+          rewriteJobs_.erase(it);
+          break;
+        }
+      }
       spareDoneCv_.notify_all();
       continue;
     }

@@ -156,8 +156,34 @@ class HrlAppenderCore {
   // range is in flight: the caller appends), else an errno.
   int RewriteLocked(CoalescibleEntry& e, uint64_t byteOffset, const uint8_t* data, size_t length, uint32_t checksum,
                     uint32_t timestamp);
-  // Whether a queued or running spare write covers any of [pos, pos + length).
+  // Whether a queued or running spare write or rewrite covers any of [pos, pos + length).
   bool InFlightLocked(uint64_t pos, uint64_t length) const;
+  // The part of a rewrite that goes to the file, written by an I/O thread
+  // (payload, then the 32-byte entry): a buffered write there can wait for
+  // the inode lock behind a direct append of the spare writers, which must
+  // not stall the appending thread (the tap's logger). Its ranges count as
+  // in flight until written, so a later rewrite of them appends instead and
+  // two rewrites of one range are never reordered.
+  struct RewriteJob {
+    std::vector<uint8_t> payload;  // empty when the payload was rewritten in memory
+    uint64_t payloadPos = 0;
+    uint8_t entry[kHrlMetadataEntryBytes];
+    bool hasEntry = false;
+    uint64_t entryPos = 0;
+    bool running = false;
+  };
+  // Bounds of the queued rewrites; past them a rewrite is not taken (the piece is appended).
+  static constexpr size_t kMaxRewriteJobs = 64;
+  static constexpr uint64_t kMaxRewriteBytes = 8ull << 20;
+  std::vector<std::unique_ptr<RewriteJob>> rewriteJobs_;  // queued and running, in queue order
+  uint64_t rewriteBytes_ = 0;
+  // Whether a queued rewrite waits for an I/O thread.
+  bool RewriteWaitingLocked() const {
+    for (const auto& j : rewriteJobs_) {
+      if (!j->running) return true;
+    }
+    return false;
+  }
   // Forgets every coalescible entry overlapping [byteOffset, byteOffset + length).
   void ForgetOverlappingLocked(uint64_t byteOffset, uint64_t length);
   // Gives the open block's coalescible entries their file position (block staged or closed at blockOffset).

@@ -168,16 +168,19 @@ describe.each<Path>(['typescript', 'native'])('HrlWriter coalescing of overwrite
     const file = path.join(tempDir(), 'overlap.hrl');
     const w = await createLog(file, via, { metadataSizeBytes: 256, stagingBytes: 8192, maxEntryBytes: 4096 });
     await w.append(0, Buffer.alloc(4096, 1));
-    await w.append(2048, Buffer.alloc(10, 2)); // overlaps [0, 4096): that entry is no longer rewritable
+    await w.append(2048, Buffer.alloc(32, 2)); // overlaps [0, 4096): that entry is no longer rewritable
     await w.append(0, Buffer.alloc(4096, 3)); // appended
     await w.appendZeroes(8192, 8192);
+    // (Each flush waits for the native appender's file writes: a range still in flight is appended, not rewritten.)
+    await w.flush();
     await w.appendZeroes(8192, 8192); // two exact pieces: rewritten
+    await w.flush();
     await w.append(8192, Buffer.alloc(4096, 4)); // exact first piece of the zero range
     expect(w.rewriteCount).toBe(3);
     await w.seal();
     const entries = await entriesOf(file);
     expect(entries.map((e) => [e.byteOffset, e.dataLength, e.data[0]])).toEqual([
-      [0, 4096, 1], [2048, 10, 2], [0, 4096, 3], [8192, 4096, 4], [12288, 4096, 0],
+      [0, 4096, 1], [2048, 32, 2], [0, 4096, 3], [8192, 4096, 4], [12288, 4096, 0],
     ]);
   });
 
@@ -288,7 +291,7 @@ describe('HrlWriter coalescing durability', () => {
     await w.seal();
   });
 
-  it('native: reports a rewrite since the last sync once, so the flush syncs', async () => {
+  it('native: reports a rewrite since the last sync (set again when its file write lands), so the flush syncs', async () => {
     const w = await HrlWriter.create(path.join(tempDir(), 'native-sync.hrl'));
     const core = w.nativeAppender!;
     expect(core).toBeDefined();
@@ -297,6 +300,9 @@ describe('HrlWriter coalescing durability', () => {
     expect(core.takeRewrittenSinceSync()).toBe(false);
     await w.append(0, Buffer.alloc(4096, 2));
     expect(core.takeRewrittenSinceSync()).toBe(true);
+    // The file part of the rewrite is written by an I/O thread, which sets
+    // the flag again once written; the flush waits for it, then takes it.
+    await w.flush();
     expect(core.takeRewrittenSinceSync()).toBe(false);
     await w.append(0, Buffer.alloc(4096, 3));
     await w.flush();
