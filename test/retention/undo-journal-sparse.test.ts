@@ -36,6 +36,9 @@ describe('undo journal segments with holes', () => {
       const w = await HrlWriter.create(file, {
         uniqueId: '6f1c4c55-8f0e-4d3a-9a57-1b2c3d4e5f60',
         clock: fixedClock,
+        // Segment writers never coalesce (createSegmentWriter); with coalescing
+        // the native path may append a piece the TypeScript path rewrites.
+        coalesceOverwrites: false,
         ...(sparse ? { openFile: async (f: string) => (opened = await SparseSegmentFile.create(f)) } : {}),
       });
       for (const [offset, data] of appends) await w.append(offset, data);
