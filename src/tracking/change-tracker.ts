@@ -1200,7 +1200,8 @@ export class ChangeTracker {
     const w = this.spare;
     if (w === undefined) return undefined;
     if (w.previousUniqueId !== this.lastUniqueId) {
-      await this.discardSpare();
+      // Off the caller's path (a resync round's held section): its name is unique.
+      void this.discardSpare().catch(() => undefined);
       return undefined;
     }
     this.spare = undefined;
