@@ -1,6 +1,7 @@
 import type * as fsp from 'node:fs/promises';
 import { MAX_HASHED_READ_BYTES, preadHashBlocks } from '../platform/block-hashing';
 import { canPunchHoles, fileAllocation, type FileExtentOps } from '../platform/file-extents';
+import { PoolJobLimit } from '../platform/pool-job-limit';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import type { AllocationExtent } from './disk-target';
 
@@ -37,6 +38,12 @@ export interface FileSpanOptions {
    * Formats whose extent must hold every byte (a flat VMDK) say so here.
    */
   readonly shortReadError?: (fileOffset: number) => Error;
+  /**
+   * The bound on this file's thread-pool jobs in flight; by default one of
+   * its own (TARGET_POOL_JOBS in src/platform/pool-job-limit.ts). Spans of
+   * one file may share one.
+   */
+  readonly poolJobs?: PoolJobLimit;
 }
 
 /**
@@ -71,6 +78,13 @@ export class FileSpan {
   private closed = false;
   /** Hole punches and hashed reads on the thread pool: close() waits for them before the descriptor goes. */
   private readonly poolOps = new Set<Promise<unknown>>();
+  /**
+   * Every call below that runs on the thread pool goes through this bound:
+   * on a hung device each keeps a pool thread, and callers fan out (a
+   * resync writes a request's runs all at once), so without it one hung
+   * file could hold every thread of the process and stall its other disks.
+   */
+  private readonly poolJobs: PoolJobLimit;
 
   constructor(options: FileSpanOptions) {
     this.path = options.path;
@@ -81,6 +95,7 @@ export class FileSpan {
     this.ownsFileTail = options.ownsFileTail;
     this.punchAlignBytes = options.punchAlignBytes ?? 1;
     this.shortReadError = options.shortReadError;
+    this.poolJobs = options.poolJobs ?? new PoolJobLimit();
     const blockAligned = this.fileOffset % FILE_SPAN_EXTENT_GRANULARITY_BYTES === 0;
     this.punching = options.punchHoles && blockAligned;
     // The seeks and the punch refuse a descriptor that close() has let go.
@@ -297,7 +312,7 @@ export class FileSpan {
 
   private async io<T>(op: () => Promise<T>, what: string): Promise<T> {
     try {
-      return await op();
+      return await this.poolJobs.run(op);
     } catch (err) {
       throw wrapError(err, 'BR_IO', `${what} on ${this.path} failed`);
     }
