@@ -331,7 +331,8 @@ export class ChangeTracker {
       const ours = n.startsWith(`${diskId}.`) || (n.startsWith(`${diskId}-`) && /^\d{12}\./.test(n.slice(diskId.length + 1)));
       if (ours && n.endsWith(TMP_SUFFIX)) await unlinkIfPresent(path.join(dir, n));
       // A next log made ahead and never taken (prepareSpare): nothing was written to it.
-      if (n.startsWith(`${diskId}.next-`) && n.endsWith(SPARE_LOG_SUFFIX)) await unlinkIfPresent(path.join(dir, n));
+      // Exactly `ID.next-N.hrl.spare`: a disk named `ID.next-x` may share the directory.
+      if (n.startsWith(`${diskId}.next-`) && n.endsWith(SPARE_LOG_SUFFIX) && /^\d+$/.test(n.slice(diskId.length + 6, n.length - SPARE_LOG_SUFFIX.length))) await unlinkIfPresent(path.join(dir, n));
     }
     const openLogs = names.map((n) => ({ n, seq: parseLogName(diskId, n, OPEN_LOG_SUFFIX) })).filter((x) => x.seq !== undefined).sort((a, b) => a.seq! - b.seq!);
 
@@ -434,19 +435,22 @@ export class ChangeTracker {
    */
   static async cut(trackers: readonly ChangeTracker[], options: { cutId?: string; clock?: Clock; appTag?: string } = {}): Promise<(SealedLogInfo | undefined)[]> {
     checkAppTag(options.appTag);
-    const ordered = [...new Set(trackers)].sort((a, b) => (a.dir + a.diskId < b.dir + b.diskId ? -1 : 1));
-    const releases: Release[] = [];
+    // Every lock queued at once, synchronously: any write recorded after
+    // cut() was called lands behind the cut, in the next logs.
+    const { ordered, release } = await ChangeTracker.holdAll(trackers);
     try {
-      // Queue on every lock at once, synchronously: any write recorded after
-      // cut() was called lands behind the cut, in the next logs.
-      const queued = ordered.map((t) => t.acquire());
-      for (const q of queued) releases.push(await q);
       const point: CutPoint = { cutId: options.cutId ?? randomGuid(), cutTimeMs: (options.clock ?? ordered[0]?.clock ?? systemClock).now(), appTag: options.appTag };
       const switched = new SwitchBarrier(ordered.length);
-      const sealed = await Promise.all(ordered.map((t) => t.rotateHeld(point, switched)));
+      // Settled, not Promise.all: when one member's seal fails, the others'
+      // are still running, and their locks must stay held until they end
+      // (a flush or an acknowledgement must not run inside a seal).
+      const settled = await Promise.allSettled(ordered.map((t) => t.rotateHeld(point, switched)));
+      const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+      if (failed !== undefined) throw failed.reason;
+      const sealed = settled.map((s) => (s as PromiseFulfilledResult<SealedLogInfo | undefined>).value);
       return trackers.map((t) => sealed[ordered.indexOf(t)]);
     } finally {
-      for (const r of releases.reverse()) r();
+      release();
     }
   }
 
@@ -482,6 +486,8 @@ export class ChangeTracker {
       const point: CutPoint = { cutId: randomGuid(), cutTimeMs: (options.clock ?? ordered[0]?.clock ?? systemClock).now(), appTag };
       for (const t of ordered) t.appCutHold = t.activeSequence ?? undefined;
       // Settled, not Promise.all: every member's seal has ended before the outcome is judged.
+      // No switch barrier: writes stay held through the seals (app cuts are
+      // rare, and the outcome is judged before any write goes on).
       const settled = await Promise.allSettled(ordered.map((t) => t.rotateHeld(point)));
       const failed = settled.findIndex((s) => s.status === 'rejected' || s.value === undefined || s.value.tainted === true);
       if (failed >= 0) {

@@ -102,4 +102,17 @@ describe('ChangeTracker cut with the next log made ahead', () => {
     expect(again.status().resyncRequired).toBe(false);
     expect(again.sealedLogs().map((l) => l.entryCount)).toEqual([1, 0]);
   });
+
+  it("deletes at open only its own spares, not those of a disk whose id starts with its own and '.next-'", async () => {
+    const dir = tempDir();
+    // A spare another disk would leave: `disk0.next-a` is a valid disk id sharing the directory.
+    const other = 'disk0.next-a.next-1.hrl.spare';
+    const mine = 'disk0.next-7.hrl.spare';
+    fs.writeFileSync(path.join(dir, other), '');
+    fs.writeFileSync(path.join(dir, mine), '');
+    await open(dir);
+    const names = fs.readdirSync(dir);
+    expect(names).toContain(other);
+    expect(names).not.toContain(mine);
+  });
 });
