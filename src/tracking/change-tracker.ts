@@ -1213,6 +1213,7 @@ export class ChangeTracker {
     this.spare = undefined;
     try {
       await fsp.rename(w.path, file);
+      w.renamed(file);
       return w;
     } catch {
       await w.close();

@@ -189,7 +189,11 @@ class CoalescibleEntries {
  * bytes, never in what they apply.
  */
 export class HrlWriter {
-  readonly path: string;
+  /** The file's name; `renamed` updates it when the caller moves the file. */
+  get path(): string {
+    return this.filePath;
+  }
+  private filePath: string;
   readonly uniqueId: string;
   readonly previousUniqueId: string;
   readonly metadataSizeBytes: number;
@@ -232,7 +236,7 @@ export class HrlWriter {
   private failure: BlockrelayError | undefined;
 
   private constructor(private readonly fh: HrlWriterFile, filePath: string, options: HrlWriterOptions) {
-    this.path = filePath;
+    this.filePath = filePath;
     this.uniqueId = options.uniqueId ?? randomGuid();
     this.previousUniqueId = options.previousUniqueId ?? NIL_GUID;
     this.vhd2DataWriteGuid = options.vhd2DataWriteGuid ?? NIL_GUID;
@@ -300,6 +304,15 @@ export class HrlWriter {
   get nativeAppender(): NativeHrlAppender | undefined {
     return this.core;
   }
+  /**
+   * Tells the writer its file was renamed (the tracker makes the next log
+   * ahead under another name and renames it at the cut), so its messages
+   * and `seal()` name the file where it is. The open descriptor is unaffected.
+   */
+  renamed(newPath: string): void {
+    this.filePath = newPath;
+  }
+
 
   /** Bytes the log occupies once everything appended is written (payloads plus the open block). */
   get sizeBytes(): number {

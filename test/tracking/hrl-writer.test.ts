@@ -241,3 +241,21 @@ describe('HrlWriter native appender under concurrent callers', () => {
     expect(at).toBe(zeroBytes);
   });
 });
+
+describe('HrlWriter after its file is renamed', () => {
+  const tmp = useTempDirs();
+
+  it('names the new path once told, and seals the file there', async () => {
+    const dir = tmp();
+    const first = path.join(dir, 'disk0.next-1.hrl.spare');
+    const moved = path.join(dir, 'disk0-000000000002.hrl.open');
+    const w = await HrlWriter.create(first);
+    fs.renameSync(first, moved);
+    w.renamed(moved);
+    expect(w.path).toBe(moved);
+    await w.append(0, Buffer.alloc(4096, 7));
+    const sealed = await w.seal();
+    expect(sealed.path).toBe(moved);
+    expect((await verifyHrlLog(moved)).entryCount).toBe(1);
+  });
+});
