@@ -124,6 +124,11 @@ export interface TrackerStatus {
   readonly unshippedBytes: number;
   readonly sealedLogs: number;
   readonly activeLogEntries: number;
+  /**
+   * Payload bytes the active log rewrote in place (exact overwrites
+   * coalesced, HrlWriterOptions.coalesceOverwrites): bytes it did not grow by.
+   */
+  readonly activeLogRewrittenBytes: number;
   readonly lastResyncReason: ResyncReason | null;
   /**
    * FLUSH rounds run so far: each persists the maps and syncs the log once,
@@ -888,6 +893,7 @@ export class ChangeTracker {
       unshippedBytes: this.unshippedBytes(),
       sealedLogs: this.sealed.length,
       activeLogEntries: this.writer?.entryCount ?? 0,
+      activeLogRewrittenBytes: this.writer?.rewrittenBytes ?? 0,
       lastResyncReason: this.lastResyncReason,
       flushRounds: this.flushRounds,
     };
