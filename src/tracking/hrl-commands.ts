@@ -157,7 +157,11 @@ const recoverUsage = 'hrl recover FILE [--json]';
 const recover: Command = {
   path: ['hrl', 'recover'],
   usage: recoverUsage,
-  summary: 'seal a log left open by a crash: keep its durable metadata blocks, cut the torn tail (a sealed log is left as it is)',
+  // Strict: a payload that fails its checksum ends the log. A source's open
+  // log may hold an in-place rewrite torn by a power loss below blocks a
+  // FLUSH made durable; only the tracker knows that bound (its maps), so a
+  // tracker directory is recovered by starting the source, not by this.
+  summary: 'seal a log left open by a crash: keep its durable metadata blocks, cut the torn tail (a sealed log is left as it is). Strict: for a source\'s tracker directory start the source instead, which knows where a torn in-place rewrite may lie',
   async run(argv: string[], io: CommandIo): Promise<number> {
     const { values, positionals } = parseCommandArgs(argv, { json: { type: 'boolean' } }, recoverUsage);
     if (positionals.length !== 1) throw new BlockrelayError('BR_USAGE', `expected one FILE; usage: ${recoverUsage}`);
