@@ -145,10 +145,10 @@ export interface HrlVerifiedLog {
   readonly entryTable?: HrlEntryTable;
 }
 
-/** A growable HrlEntryTable being filled by a verification. */
 /** Entries an entry table starts with before it grows (doubling): 64 Ki entries, 2 MiB. */
 const ENTRY_TABLE_INITIAL_CAPACITY = 65_536;
 
+/** A growable HrlEntryTable being filled by a verification. */
 export class HrlEntryTableBuilder implements HrlEntryTable {
   count = 0;
   byteOffsets: Float64Array;

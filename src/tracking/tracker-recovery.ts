@@ -74,9 +74,10 @@ function recoveredSidecar(diskId: string, sequence: number, fields: Pick<LogSide
  * and `pending` is not empty: when the log ends before the end recorded
  * with `pending` its tail was torn (`torn-tail`); when it reaches that end,
  * a rewrite recorded before the maps were persisted may still have been
- * lost whole (old entry and old payload: no trace) if the flush's log sync
- * did not complete, and its write intent was cleared by that persist
- * (`pending-after-crash`). This costs one flush interval's extents after a
+ * lost whole (old entry and old payload: no trace) when no completed log
+ * sync covered it; its write intent goes once a persist that recorded it is
+ * intentIdleClearMs old and the region idle, leaving `pending` as its only
+ * trace (`pending-after-crash`). This costs one flush interval's extents after a
  * crash, whether or not anything was rewritten: the maps do not record it.
  */
 export async function recoverOpenLogs(ctx: RecoveryContext & { openLogs: readonly { n: string; seq: number | undefined }[] }): Promise<void> {
