@@ -7,6 +7,7 @@ import { ChangeTracker } from '../../src/tracking/change-tracker';
 import { HrlLogFile } from '../../src/tracking/hrl-reader';
 import type { HrlWriterFile } from '../../src/tracking/hrl-writer';
 import { useTempDirs } from '../helpers/tmp';
+import { applyTornWrite } from '../helpers/power-loss';
 
 const tempDir = useTempDirs();
 const DISK = 1024 * 1024;
@@ -77,12 +78,7 @@ function crashImage(crashAt: number, rnd: () => number): Buffer {
       apply(op.position, op.data);
       continue;
     }
-    const end = op.position + op.data.length;
-    for (let at = op.position; at < end; ) {
-      const next = Math.min(end, (Math.floor(at / unit) + 1) * unit);
-      if (rnd() < 0.5) apply(at, op.data.subarray(at - op.position, next - op.position));
-      at = next;
-    }
+    applyTornWrite(apply, op.position, op.data, unit, rnd);
   }
   return image;
 }

@@ -5,6 +5,7 @@ import { HrlLogFile } from '../../src/tracking/hrl-reader';
 import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
 import { HrlWriter, type HrlWriterFile } from '../../src/tracking/hrl-writer';
 import { useTempDirs } from '../helpers/tmp';
+import { applyTornWrite } from '../helpers/power-loss';
 
 const tempDir = useTempDirs();
 const SECTOR = 512;
@@ -64,13 +65,7 @@ function crashImage(file: RecordingFile, crashAt: number, rnd: () => number): Bu
         apply(op.position, op.data);
         continue;
       }
-      // Torn: each unit of the file the write touches reached the disk or not.
-      const end = op.position + op.data.length;
-      for (let at = op.position; at < end; ) {
-        const next = Math.min(end, (Math.floor(at / unit) + 1) * unit);
-        if (rnd() < 0.5) apply(at, op.data.subarray(at - op.position, next - op.position));
-        at = next;
-      }
+      applyTornWrite(apply, op.position, op.data, unit, rnd);
     }
   }
   return image;

@@ -1,0 +1,13 @@
+/**
+ * Applies a write a power loss tore: each `unitBytes`-aligned unit of the
+ * file the write touches (absolute sector or page boundaries, not offsets
+ * from the write's start) reached the disk or not, independently.
+ */
+export function applyTornWrite(apply: (position: number, data: Buffer) => void, position: number, data: Buffer, unitBytes: number, rnd: () => number): void {
+  const end = position + data.length;
+  for (let at = position; at < end; ) {
+    const next = Math.min(end, (Math.floor(at / unitBytes) + 1) * unitBytes);
+    if (rnd() < 0.5) apply(at, data.subarray(at - position, next - position));
+    at = next;
+  }
+}
