@@ -75,8 +75,10 @@ int PwriteAll(int fd, const uint8_t* data, size_t length, uint64_t pos) {
 }
 
 HrlAppenderCore::HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t maxEntryBytes, size_t stagingBytes,
-                                 uint64_t writtenEnd, uint64_t lastBlockOffset, uint32_t coalesceMaxEntries)
+                                 uint64_t writtenEnd, uint64_t lastBlockOffset, uint32_t coalesceMaxEntries,
+                                 uint32_t coalesceMinBytes)
     : coalesceMaxEntries_(coalesceMaxEntries < kHrlCoalesceMaxEntries ? coalesceMaxEntries : kHrlCoalesceMaxEntries),
+      coalesceMinBytes_(coalesceMinBytes < 1 ? 1 : coalesceMinBytes),
       fd_(fd),
       metadataSizeBytes_(metadataSizeBytes),
       maxEntryBytes_(maxEntryBytes),
@@ -164,7 +166,7 @@ void EncodeEntry(uint8_t* e, uint64_t byteOffset, uint32_t length, uint32_t chec
 void HrlAppenderCore::AddEntryLocked(uint64_t byteOffset, uint32_t length, uint32_t checksum, uint32_t timestamp) {
   // Every entry is added here, after its overlaps were forgotten and right
   // before its payload is placed at writtenEnd_ + stagedBytes_.
-  if (coalescible_.size() < coalesceMaxEntries_) {
+  if (coalescible_.size() < coalesceMaxEntries_ && length >= coalesceMinBytes_) {
     coalescible_[byteOffset] = CoalescibleEntry{length, writtenEnd_ + stagedBytes_, kEntryInOpenBlock, entriesInBlock_};
     openBlockKeys_.push_back(byteOffset);
   }
@@ -759,20 +761,22 @@ class HrlAppenderWrap : public Napi::ObjectWrap<HrlAppenderWrap> {
                        });
   }
 
-  // new HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset[, coalesceMaxEntries])
+  // new HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset[, coalesceMaxEntries[, coalesceMinBytes]])
   explicit HrlAppenderWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<HrlAppenderWrap>(info) {
-    double fd, ms, maxEntry, staging, writtenEnd, lastBlock, coalesceMax = 0;
+    double fd, ms, maxEntry, staging, writtenEnd, lastBlock, coalesceMax = 0, coalesceMin = 1;
     if (!NumberArg(info, 0, 1 << 30, fd) || !NumberArg(info, 1, 1 << 30, ms) || !NumberArg(info, 2, 4294967295.0, maxEntry) ||
         !NumberArg(info, 3, 1 << 30, staging) || !NumberArg(info, 4, kMaxSafe, writtenEnd) || !NumberArg(info, 5, kMaxSafe, lastBlock) ||
         (info.Length() > 6 && !NumberArg(info, 6, kHrlCoalesceMaxEntries, coalesceMax)) ||
+        (info.Length() > 7 && !NumberArg(info, 7, 4294967295.0, coalesceMin)) ||
         ms < kHrlMetadataHeaderBytes + kHrlMetadataEntryBytes || static_cast<uint32_t>(ms) % kHrlMetadataEntryBytes != 0 || maxEntry < 1) {
-      Napi::TypeError::New(info.Env(), "HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset[, coalesceMaxEntries]): bad argument")
+      Napi::TypeError::New(info.Env(), "HrlAppender(fd, metadataSizeBytes, maxEntryBytes, stagingBytes, writtenEnd, lastBlockOffset[, coalesceMaxEntries[, coalesceMinBytes]]): bad argument")
           .ThrowAsJavaScriptException();
       return;
     }
     core_ = std::make_shared<HrlAppenderCore>(static_cast<int>(fd), static_cast<uint32_t>(ms), static_cast<uint32_t>(maxEntry),
                                               static_cast<size_t>(staging), static_cast<uint64_t>(writtenEnd),
-                                              static_cast<uint64_t>(lastBlock), static_cast<uint32_t>(coalesceMax));
+                                              static_cast<uint64_t>(lastBlock), static_cast<uint32_t>(coalesceMax),
+                                              static_cast<uint32_t>(coalesceMin));
     napi_type_tag_object(info.Env(), info.This(), &kAppenderTag);
   }
 

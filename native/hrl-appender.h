@@ -88,8 +88,11 @@ class HrlAppenderCore {
  public:
   // coalesceMaxEntries: bound of the coalescible-entry map; 0 turns
   // coalescing of overwrites off (every piece is appended).
+  // coalesceMinBytes: pieces shorter than this are never remembered, so
+  // they are always appended (their upkeep costs more than they save).
   HrlAppenderCore(int fd, uint32_t metadataSizeBytes, uint32_t maxEntryBytes, size_t stagingBytes,
-                  uint64_t writtenEnd, uint64_t lastBlockOffset, uint32_t coalesceMaxEntries = 0);
+                  uint64_t writtenEnd, uint64_t lastBlockOffset, uint32_t coalesceMaxEntries = 0,
+                  uint32_t coalesceMinBytes = 1);
   ~HrlAppenderCore();
 
   // Logs data for disk bytes [byteOffset, byteOffset + length), split into
@@ -189,6 +192,7 @@ class HrlAppenderCore {
   // Gives the open block's coalescible entries their file position (block staged or closed at blockOffset).
   void PlaceOpenBlockEntriesLocked(uint64_t blockOffset);
   const uint32_t coalesceMaxEntries_;
+  const uint32_t coalesceMinBytes_;
   std::map<uint64_t, CoalescibleEntry> coalescible_;
   // Keys inserted into coalescible_ since the open block began.
   std::vector<uint64_t> openBlockKeys_;

@@ -108,7 +108,7 @@ export interface NativeTapConnection {
 /** The classes of the addon the source tap's native data path uses. */
 export interface NativeTapAddon {
   /** `coalesceMaxEntries`: bound of the coalescible-entry map; 0 turns coalescing of overwrites off. */
-  HrlAppender: new (fd: number, metadataSizeBytes: number, maxEntryBytes: number, stagingBytes: number, writtenEnd: number, lastBlockOffset: number, coalesceMaxEntries: number) => NativeHrlAppender;
+  HrlAppender: new (fd: number, metadataSizeBytes: number, maxEntryBytes: number, stagingBytes: number, writtenEnd: number, lastBlockOffset: number, coalesceMaxEntries: number, coalesceMinBytes?: number) => NativeHrlAppender;
   TapExport: new (diskFd: number, sizeBytes: number, minBlockBytes: number, maxBlockBytes: number, tracked: boolean, notify: () => void) => NativeTapExport;
   TapConnection: new (
     socketFd: number,

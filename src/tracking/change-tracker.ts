@@ -50,6 +50,13 @@ export const CHANGE_TRACKER_DEFAULTS = {
    * written in the last few seconds are resynced (16 MiB each at most).
    */
   intentIdleClearMs: 5000,
+  /**
+   * Writes shorter than this are appended, never rewritten in place: at 4 KiB
+   * the map upkeep and a positional rewrite per write cost more CPU than the
+   * bytes they save (tap bench, 4 KiB QD16: 1.00 of qemu-nbd coalesced, 1.44
+   * appended), while a 64 KiB rewrite costs no more than its append.
+   */
+  coalesceMinBytes: 32 * 1024,
 } as const;
 
 export interface ChangeTrackerOptions {
@@ -64,6 +71,8 @@ export interface ChangeTrackerOptions {
   readonly maxEntryBytes?: number;
   /** Rewrite an exact overwrite in the open log in place (HrlWriterOptions.coalesceOverwrites; default true). */
   readonly coalesceOverwrites?: boolean;
+  /** Shortest write coalesced (HrlWriterOptions.coalesceMinBytes; default CHANGE_TRACKER_DEFAULTS.coalesceMinBytes). */
+  readonly coalesceMinBytes?: number;
   readonly overflowRatio?: number;
   readonly persistIntervalMs?: number;
   /** See CHANGE_TRACKER_DEFAULTS.intentIdleClearMs; 0 clears a region after one idle persist. */
@@ -178,6 +187,7 @@ export class ChangeTracker {
   private readonly metadataSizeBytes: number | undefined;
   private readonly maxEntryBytes: number | undefined;
   private readonly coalesceOverwrites: boolean | undefined;
+  private readonly coalesceMinBytes: number;
   private readonly granularityBytes: number;
   private readonly onResyncRequired: ((report: ResyncReport) => void) | undefined;
   private readonly openLogFile: ((filePath: string) => Promise<HrlWriterFile>) | undefined;
@@ -289,6 +299,7 @@ export class ChangeTracker {
     this.metadataSizeBytes = options.metadataSizeBytes;
     this.maxEntryBytes = options.maxEntryBytes;
     this.coalesceOverwrites = options.coalesceOverwrites;
+    this.coalesceMinBytes = options.coalesceMinBytes ?? CHANGE_TRACKER_DEFAULTS.coalesceMinBytes;
     this.granularityBytes = options.granularityBytes ?? DIRTY_MAP_DEFAULT_GRANULARITY_BYTES;
     this.onResyncRequired = options.onResyncRequired;
     this.openLogFile = options.openLogFile;
@@ -1173,6 +1184,7 @@ export class ChangeTracker {
       metadataSizeBytes: this.metadataSizeBytes,
       maxEntryBytes: this.maxEntryBytes,
       coalesceOverwrites: this.coalesceOverwrites,
+      coalesceMinBytes: this.coalesceMinBytes,
       clock: this.clock,
       openFile: this.openLogFile,
     });
@@ -1194,7 +1206,7 @@ export class ChangeTracker {
     const previousUniqueId = this.lastUniqueId;
     this.spareMaking = (async () => {
       try {
-        const w = await HrlWriter.create(file, { previousUniqueId, metadataSizeBytes: this.metadataSizeBytes, maxEntryBytes: this.maxEntryBytes, coalesceOverwrites: this.coalesceOverwrites, clock: this.clock });
+        const w = await HrlWriter.create(file, { previousUniqueId, metadataSizeBytes: this.metadataSizeBytes, maxEntryBytes: this.maxEntryBytes, coalesceOverwrites: this.coalesceOverwrites, coalesceMinBytes: this.coalesceMinBytes, clock: this.clock });
         this.spare = w;
         // Closed or folded meanwhile: a spare is kept only while logging.
         if (this.closed || this.mode !== 'logging') await this.discardSpare();

@@ -70,6 +70,12 @@ export interface HrlWriterOptions {
   readonly coalesceOverwrites?: boolean;
   /** Bound of the coalescible-entry map (default HRL_COALESCE_MAX_ENTRIES; smaller in tests). */
   readonly coalesceMaxEntries?: number;
+  /**
+   * Pieces shorter than this are never rewritten in place, only appended
+   * (default 1: every piece may be). Small rewrites save few bytes and cost
+   * map upkeep and a positional write each; the change tracker sets 32 KiB.
+   */
+  readonly coalesceMinBytes?: number;
   /** Creates the log file (default: fs/promises open with 'wx+', refusing an existing file). */
   readonly openFile?: (filePath: string) => Promise<HrlWriterFile>;
 }
@@ -249,12 +255,14 @@ export class HrlWriter {
     this.staging = Buffer.alloc(options.stagingBytes ?? HRL_WRITER_DEFAULTS.stagingBytes);
     this.coalesceOverwrites = options.coalesceOverwrites ?? HRL_WRITER_DEFAULTS.coalesceOverwrites;
     this.coalesceMaxEntries = options.coalesceMaxEntries ?? HRL_COALESCE_MAX_ENTRIES;
+    this.coalesceMinBytes = options.coalesceMinBytes ?? 1;
     this.coalescible = this.coalesceOverwrites ? new CoalescibleEntries(this.coalesceMaxEntries) : undefined;
   }
 
   /** Whether overwrites of an exact extent rewrite the earlier entry in place. */
   readonly coalesceOverwrites: boolean;
   private readonly coalesceMaxEntries: number;
+  private readonly coalesceMinBytes: number;
 
   /**
    * Creates the log (refusing an existing file), writes the open header and
@@ -268,6 +276,10 @@ export class HrlWriter {
     const maxCoalescible = options.coalesceMaxEntries ?? HRL_COALESCE_MAX_ENTRIES;
     if (!Number.isInteger(maxCoalescible) || maxCoalescible < 0 || maxCoalescible > HRL_COALESCE_MAX_ENTRIES) {
       throw new BlockrelayError('BR_CONFIG_INVALID', `coalesceMaxEntries must be in [0, ${HRL_COALESCE_MAX_ENTRIES}], got ${maxCoalescible}`);
+    }
+    const minCoalesced = options.coalesceMinBytes ?? 1;
+    if (!Number.isInteger(minCoalesced) || minCoalesced < 1 || minCoalesced > HRL_MAX_DATA_LENGTH) {
+      throw new BlockrelayError('BR_CONFIG_INVALID', `coalesceMinBytes must be in [1, ${HRL_MAX_DATA_LENGTH}], got ${minCoalesced}`);
     }
     const maxEntry = options.maxEntryBytes ?? HRL_WRITER_DEFAULTS.maxEntryBytes;
     if (!Number.isInteger(maxEntry) || maxEntry < 1 || maxEntry > HRL_MAX_DATA_LENGTH) {
@@ -287,7 +299,7 @@ export class HrlWriter {
       const fd = (fh as Partial<fsp.FileHandle>).fd;
       if (native !== undefined && typeof fd === 'number') {
         writer.core = new native.HrlAppender(fd, writer.metadataSizeBytes, writer.maxEntryBytes, writer.staging.length, writer.writtenEnd, writer.lastBlockOffset,
-          writer.coalesceOverwrites ? writer.coalesceMaxEntries : 0);
+          writer.coalesceOverwrites ? writer.coalesceMaxEntries : 0, writer.coalesceMinBytes);
       }
     } catch (err) {
       await fh.close().catch(() => undefined);
@@ -564,7 +576,7 @@ export class HrlWriter {
 
   /** Records the entry about to take the open block's next slot, its payload at `payloadPos`. */
   private remember(byteOffset: number, length: number, payloadPos: number): void {
-    if (this.coalescible === undefined) return;
+    if (this.coalescible === undefined || length < this.coalesceMinBytes) return;
     const e: CoalescibleEntry = { byteOffset, length, payloadPos, slot: this.entriesInBlock, entryPos: -1 };
     if (this.coalescible.insert(e)) this.openBlockCoalescible.push(e);
   }

@@ -4,7 +4,7 @@ import type { ChangeTrackerOptions } from '../../src/tracking/change-tracker';
 export const CRASH_DISK_BYTES = 4 * 1024 * 1024;
 
 export function crashTrackerOptions(dir: string): ChangeTrackerOptions {
-  return { dir, diskId: 'disk0', diskSizeBytes: CRASH_DISK_BYTES, metadataSizeBytes: 512, persistIntervalMs: 50, overflowRatio: 1 };
+  return { dir, diskId: 'disk0', diskSizeBytes: CRASH_DISK_BYTES, metadataSizeBytes: 512, persistIntervalMs: 50, overflowRatio: 1, coalesceMinBytes: 1 };
 }
 
 export interface PlannedWrite {

@@ -115,7 +115,7 @@ describe('ChangeTracker under simulated power loss', () => {
     const dir = tempDir();
     const live = path.join(dir, 'live');
     const clock = new SimulatedClock();
-    const tracker = await ChangeTracker.open({ dir: live, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, clock, openLogFile: RecordingLog.open });
+    const tracker = await ChangeTracker.open({ dir: live, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, clock, openLogFile: RecordingLog.open, coalesceMinBytes: 1 });
     const rnd = prng(4242);
     // A flush persists the maps and syncs the log at once, so a crash in its
     // log writes may find its maps on disk or the ones before: `states`

@@ -202,6 +202,21 @@ describe.each<Path>(['typescript', 'native'])('HrlWriter coalescing of overwrite
     for (let i = 0; i < 10; i++) expect(image[i * 4096]).toBe(20 + i);
   });
 
+  it('appends pieces shorter than coalesceMinBytes and rewrites the longer ones', async () => {
+    const file = path.join(tempDir(), 'min.hrl');
+    const w = await createLog(file, via, { coalesceMinBytes: 8192, metadataSizeBytes: 256, stagingBytes: 65536 });
+    await w.append(0, Buffer.alloc(4096, 1));
+    await w.append(65536, Buffer.alloc(8192, 2));
+    await w.append(0, Buffer.alloc(4096, 3)); // too short to be remembered: appended
+    await w.append(65536, Buffer.alloc(8192, 4)); // rewritten in place
+    expect(w.rewriteCount).toBe(1);
+    expect(w.rewrittenBytes).toBe(8192);
+    const sealed = await w.seal();
+    expect(sealed.entryCount).toBe(3);
+    const image = await applyToZeroImage(path.dirname(file), [file], 81920);
+    expect([image[0], image[65536], image[65536 + 8191]]).toEqual([3, 4, 4]);
+  });
+
   it('rewrites an entry in the file only at a 32-aligned position (one that cannot cross a sector)', async () => {
     const file = path.join(tempDir(), 'aligned.hrl');
     const w = await createLog(file, via, { metadataSizeBytes: 256, stagingBytes: 8192 });

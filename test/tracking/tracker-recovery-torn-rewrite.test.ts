@@ -18,7 +18,7 @@ afterEach(async () => {
 });
 
 async function open(dir: string, extra: Partial<Parameters<typeof ChangeTracker.open>[0]> = {}): Promise<ChangeTracker> {
-  const t = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 512, persistIntervalMs: 0, clock: new SimulatedClock(), ...extra });
+  const t = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 512, persistIntervalMs: 0, clock: new SimulatedClock(), coalesceMinBytes: 1, ...extra });
   opened.push(t);
   return t;
 }
