@@ -4,7 +4,7 @@ import { systemClock, type Clock, type TimerHandle } from '../platform/clock';
 import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { DIRTY_MAP_DEFAULT_GRANULARITY_BYTES, DirtyMap, type DirtyExtent } from './dirty-map';
 import { NIL_GUID, randomGuid } from './hrl-format';
-import { HrlWriter, type HrlWriterFile } from './hrl-writer';
+import { HrlWriter, type HrlWriterFile, type HrlWriterOptions } from './hrl-writer';
 import { syncDirectory } from '../platform/durable-file';
 import { DISK_ID_PATTERN } from '../platform/disk-id';
 import { NATIVE_TAP_MODE, type NativeTapExport } from '../platform/native';
@@ -1179,15 +1179,7 @@ export class ChangeTracker {
   private async openActiveLog(): Promise<void> {
     const sequence = this.nextSequence++;
     const file = this.logPath(sequence, OPEN_LOG_SUFFIX);
-    this.writer = (await this.useSpare(file)) ?? await HrlWriter.create(file, {
-      previousUniqueId: this.lastUniqueId,
-      metadataSizeBytes: this.metadataSizeBytes,
-      maxEntryBytes: this.maxEntryBytes,
-      coalesceOverwrites: this.coalesceOverwrites,
-      coalesceMinBytes: this.coalesceMinBytes,
-      clock: this.clock,
-      openFile: this.openLogFile,
-    });
+    this.writer = (await this.useSpare(file)) ?? await HrlWriter.create(file, this.activeLogOptions(this.lastUniqueId));
     this.activeSequence = sequence;
     this.lastUniqueId = this.writer.uniqueId;
     await this.writeState();
@@ -1206,7 +1198,7 @@ export class ChangeTracker {
     const previousUniqueId = this.lastUniqueId;
     this.spareMaking = (async () => {
       try {
-        const w = await HrlWriter.create(file, { previousUniqueId, metadataSizeBytes: this.metadataSizeBytes, maxEntryBytes: this.maxEntryBytes, coalesceOverwrites: this.coalesceOverwrites, coalesceMinBytes: this.coalesceMinBytes, clock: this.clock });
+        const w = await HrlWriter.create(file, this.activeLogOptions(previousUniqueId));
         this.spare = w;
         // Closed or folded meanwhile: a spare is kept only while logging.
         if (this.closed || this.mode !== 'logging') await this.discardSpare();
@@ -1217,6 +1209,19 @@ export class ChangeTracker {
         this.spareMaking = undefined;
       }
     })();
+  }
+
+  /** How an active log (made in line or ahead as the spare) is written, following `previousUniqueId`. */
+  private activeLogOptions(previousUniqueId: string): HrlWriterOptions {
+    return {
+      previousUniqueId,
+      metadataSizeBytes: this.metadataSizeBytes,
+      maxEntryBytes: this.maxEntryBytes,
+      coalesceOverwrites: this.coalesceOverwrites,
+      coalesceMinBytes: this.coalesceMinBytes,
+      clock: this.clock,
+      openFile: this.openLogFile,
+    };
   }
 
   /** Takes the spare under `file` if it follows the active log; undefined (and discarded) otherwise, or when the rename fails. */
@@ -1234,8 +1239,7 @@ export class ChangeTracker {
       w.renamed(file);
       return w;
     } catch {
-      await w.close();
-      await unlinkIfPresent(w.path).catch(() => undefined);
+      await closeAndDelete(w);
       return undefined;
     }
   }
@@ -1243,9 +1247,7 @@ export class ChangeTracker {
   private async discardSpare(): Promise<void> {
     const w = this.spare;
     this.spare = undefined;
-    if (w === undefined) return;
-    await w.close();
-    await unlinkIfPresent(w.path).catch(() => undefined);
+    if (w !== undefined) await closeAndDelete(w);
   }
 
   private async writeState(): Promise<void> {
@@ -1587,8 +1589,7 @@ export class ChangeTracker {
     await this.discardSpare();
     if (this.writer !== undefined) {
       await this.writer.close();
-      // Its own path is the spare's name when it was created ahead (openActiveLog).
-      if (this.activeSequence !== null) await unlinkIfPresent(this.logPath(this.activeSequence, OPEN_LOG_SUFFIX));
+      await unlinkIfPresent(this.writer.path);
       this.writer = undefined;
       this.activeSequence = null;
     }
@@ -1671,6 +1672,12 @@ class SwitchBarrier {
     }
     return this.all;
   }
+}
+
+/** Closes a log that never became one of the chain (a spare) and deletes its file. */
+async function closeAndDelete(w: HrlWriter): Promise<void> {
+  await w.close();
+  await unlinkIfPresent(w.path).catch(() => undefined);
 }
 
 /** `r` with `follows` set, or without it when unknown. */

@@ -36,7 +36,7 @@ export const HRL_WRITER_DEFAULTS = {
 
 /**
  * Most coalescible entries a log's writer remembers (TypeScript and native
- * alike): a few MB of memory at most. At the bound new entries are not
+ * alike): about 25 MB of map per open log at most. At the bound new entries are not
  * remembered (they are appended, never rewritten); overlaps still forget.
  */
 export const HRL_COALESCE_MAX_ENTRIES = 262_144;
@@ -316,6 +316,7 @@ export class HrlWriter {
   get nativeAppender(): NativeHrlAppender | undefined {
     return this.core;
   }
+
   /**
    * Tells the writer its file was renamed (the tracker makes the next log
    * ahead under another name and renames it at the cut), so its messages
@@ -324,7 +325,6 @@ export class HrlWriter {
   renamed(newPath: string): void {
     this.filePath = newPath;
   }
-
 
   /** Bytes the log occupies once everything appended is written (payloads plus the open block). */
   get sizeBytes(): number {
