@@ -117,6 +117,8 @@ export interface HrlTornEntry {
   readonly storedChecksum: number;
   /** Checksum of the payload bytes present. */
   readonly actualChecksum: number;
+  /** The 32 entry bytes as the scan read them (recovery rewrites its checksums in a copy). */
+  readonly entry: Buffer;
 }
 
 /**
@@ -441,7 +443,7 @@ export class HrlLogFile {
         const entryOffset = blockOffset + HRL_METADATA_HEADER_SIZE + entry * HRL_METADATA_ENTRY_SIZE;
         if (torn !== undefined) {
           const at = entryOffset - blockOffset;
-          torn.push({ entryFileOffset: entryOffset, payloadFileOffset: entryStart, byteOffset: readU64(block, at + HRL_ME_BYTE_OFFSET_OFFSET), dataLength: block.readUInt32LE(at + HRL_ME_DATA_LENGTH_OFFSET), storedChecksum: expected, actualChecksum: actual });
+          torn.push({ entryFileOffset: entryOffset, payloadFileOffset: entryStart, byteOffset: readU64(block, at + HRL_ME_BYTE_OFFSET_OFFSET), dataLength: block.readUInt32LE(at + HRL_ME_DATA_LENGTH_OFFSET), storedChecksum: expected, actualChecksum: actual, entry: Buffer.from(block.subarray(at, at + HRL_METADATA_ENTRY_SIZE)) });
           return;
         }
         throw hrlDamage('BR_HRL_DATA_CHECKSUM', this.path, entryStart, `payload of the entry at byte ${entryOffset} has checksum 0x${hex32(actual)}, DataChecksum says 0x${hex32(expected)}`, { entryOffset });

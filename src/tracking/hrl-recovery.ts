@@ -1,9 +1,8 @@
 import * as fsp from 'node:fs/promises';
 import { systemClock, type Clock } from '../platform/clock';
-import { BlockrelayError, isBlockrelayError, wrapError } from '../retry/blockrelay-error';
+import { isBlockrelayError, wrapError } from '../retry/blockrelay-error';
 import {
   HRL_HEADER_SIZE,
-  HRL_METADATA_ENTRY_SIZE,
   HRL_ME_CHECKSUM_OFFSET,
   HRL_ME_DATA_CHECKSUM_OFFSET,
   HRL_MH_PREVIOUS_LOCATION_OFFSET,
@@ -193,9 +192,8 @@ export async function recoverHrlLog(filePath: string, options: HrlScanOptions & 
         await fh.write(anchor, 0, ms, HRL_HEADER_SIZE);
         end = HRL_HEADER_SIZE + ms;
       }
-      const entry = Buffer.alloc(HRL_METADATA_ENTRY_SIZE);
       for (const t of scan.tornEntries) {
-        await readAll(fh, entry, t.entryFileOffset);
+        const entry = Buffer.from(t.entry);
         entry.writeUInt32LE(t.actualChecksum, HRL_ME_DATA_CHECKSUM_OFFSET);
         entry.writeUInt32LE(computeHrlMetadataEntryChecksum(entry), HRL_ME_CHECKSUM_OFFSET);
         // One 32-byte write inside one sector: a crash leaves the old entry
@@ -229,13 +227,4 @@ export async function recoverHrlLog(filePath: string, options: HrlScanOptions & 
     throw wrapError(err, 'BR_IO', `cannot seal recovered HRL log ${filePath}`);
   }
   return { ...scan, durableEndBytes: end, discardedBytes: scan.fileSizeBytes - end, wasUnsealed: true };
-}
-
-async function readAll(fh: fsp.FileHandle, into: Buffer, position: number): Promise<void> {
-  let done = 0;
-  while (done < into.length) {
-    const { bytesRead } = await fh.read(into, done, into.length - done, position + done);
-    if (bytesRead === 0) throw new BlockrelayError('BR_IO', `file ends at byte ${position + done}, inside an entry the scan read`, { details: { offset: position + done } });
-    done += bytesRead;
-  }
 }
