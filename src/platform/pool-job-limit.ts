@@ -1,4 +1,5 @@
 import { BlockrelayError } from '../retry/blockrelay-error';
+import { InFlightLimit } from './in-flight-limit';
 
 /**
  * Thread-pool jobs one target file may have in flight (see
@@ -18,36 +19,32 @@ export const TARGET_POOL_JOBS = 4;
  * are bounded by the callers' own bounds (a request's runs, a log's span).
  */
 export class PoolJobLimit {
-  private running = 0;
-  private readonly waiting: Array<() => void> = [];
+  private readonly slots: InFlightLimit;
 
   constructor(readonly limit: number = TARGET_POOL_JOBS) {
     if (!Number.isSafeInteger(limit) || limit < 1 || limit > 1024) {
       throw new BlockrelayError('BR_USAGE', `a pool job limit must be 1 to 1024, got ${limit}`, { details: { limit } });
     }
+    this.slots = new InFlightLimit(limit);
   }
 
   /** Jobs running now (at most `limit`). */
   get inFlight(): number {
-    return this.running;
+    return this.slots.inFlight;
   }
 
   /** Jobs waiting for one of the running ones to finish. */
   get queued(): number {
-    return this.waiting.length;
+    return this.slots.waiting;
   }
 
   /** Runs `job` once fewer than `limit` run; its slot passes to the next waiter when it settles. */
   async run<T>(job: () => Promise<T>): Promise<T> {
-    if (this.running < this.limit) this.running++;
-    else await new Promise<void>((resolve) => this.waiting.push(resolve));
+    const release = await this.slots.acquire();
     try {
       return await job();
     } finally {
-      const next = this.waiting.shift();
-      // The slot goes straight to the next waiter: `running` stays as it is.
-      if (next !== undefined) next();
-      else this.running--;
+      release();
     }
   }
 }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { InFlightLimit, runBounded } from '../../src/targets/blob/in-flight-limit';
+import { InFlightLimit, runBounded } from '../../src/platform/in-flight-limit';
 
 const tick = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 

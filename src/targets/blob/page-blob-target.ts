@@ -18,7 +18,7 @@ import {
 } from '../vhd/vhd-footer';
 import { wrapBlobError } from './blob-errors';
 import { blobSpec, blobUrl, containerUrl, parseBlobUrl, type BlobLocation } from './blob-url';
-import { InFlightLimit, runBounded } from './in-flight-limit';
+import { InFlightLimit, runBounded } from '../../platform/in-flight-limit';
 import { CONNECTION_STRING_ENV, blobAccess } from './storage-credentials';
 
 const MiB = 1024 * 1024;

@@ -17,6 +17,11 @@ export class InFlightLimit {
     return this.active;
   }
 
+  /** Callers waiting for a slot. */
+  get waiting(): number {
+    return this.waiters.length;
+  }
+
   /** Waits for a slot; the returned function gives it back (once). */
   async acquire(): Promise<() => void> {
     if (this.active >= this.maxInFlight) {
