@@ -253,7 +253,7 @@ int HrlAppenderCore::RewriteLocked(CoalescibleEntry& e, uint64_t byteOffset, con
     job->entryPos = e.entryPos;
   }
   if (job != nullptr) {
-    rewriteBytes_ += job->payload.size() + (job->hasEntry ? kHrlMetadataEntryBytes : 0);
+    rewriteBytes_ += job->Bytes();
     rewriteJobs_.push_back(std::move(job));
     StartThreadLocked();
     spareQueueCv_.notify_one();
@@ -405,7 +405,7 @@ void HrlAppenderCore::IoLoop(bool recycles) {
       rewrittenSinceSync_ = true;
       for (auto it = rewriteJobs_.begin(); it != rewriteJobs_.end(); ++it) {
         if (it->get() == job) {
-          rewriteBytes_ -= job->payload.size() + (job->hasEntry ? kHrlMetadataEntryBytes : 0);
+          rewriteBytes_ -= job->Bytes();
           rewriteJobs_.erase(it);
           break;
         }

@@ -174,6 +174,8 @@ class HrlAppenderCore {
     bool hasEntry = false;
     uint64_t entryPos = 0;
     bool running = false;
+    // What it holds against kMaxRewriteBytes.
+    uint64_t Bytes() const { return payload.size() + (hasEntry ? kHrlMetadataEntryBytes : 0); }
   };
   // Bounds of the queued rewrites; past them a rewrite is not taken (the piece is appended).
   static constexpr size_t kMaxRewriteJobs = 64;
