@@ -32,6 +32,7 @@
  * system, every thread) per GB of logs, and the chain's stage timeline.
  *
  * Options: --quick (shorter run, same disk), --interval-ms N (cut interval),
+ * --logs-out FILE (every RPO sample and stage event of the churn run),
  * --rate R (fio's target rate, default 200m), --cut-through (the process
  * server forwards a log while it still arrives),
  * --no-workers (both hops on the main thread), --default-old-space (V8's
@@ -78,6 +79,10 @@ const intervalArg = process.argv.indexOf('--interval-ms');
 // docs/transport.md, "The source at short cuts").
 const intervalMs = intervalArg > 0 ? Number(process.argv[intervalArg + 1]) : 1000;
 const workersOff = process.argv.includes('--no-workers');
+const logsOutArg = process.argv.indexOf('--logs-out');
+// --logs-out FILE: every RPO sample and every stage event of the churn run, for a per-log
+// timeline (which stage a backlog builds in, and when).
+const logsOut = logsOutArg > 0 ? path.resolve(process.argv[logsOutArg + 1]!) : undefined;
 /** The process server forwards a log while it still arrives (off by default: see ForwardOptions.cutThrough). */
 const cutThrough = process.argv.includes('--cut-through');
 /** Only the chain's own capacity (no fio, no tap): for profiling the hops. */
@@ -315,13 +320,20 @@ async function main(): Promise<void> {
     const demo = new Demo({ dataDir: path.join(dir, 'demo'), sizeBytes: diskBytes, nbdListen: `127.0.0.1:${await freePort()}`, intervalMs, logger: silentLogger(), hopsInWorkers: !workersOff, onStage: (e) => events.push(e), cutThrough });
     const manifest = await demo.start();
     const rpo: number[] = [];
+    // The largest RPO sample in each second of the churn: where the p99 comes from (a backlog that
+    // builds over the run shows as a rising series, a stall as one spike).
+    const rpoMaxBySecond: number[] = [];
     let sampling = true;
     const started = Date.now();
     const sampler = (async () => {
       while (sampling) {
         const d = demo.status().disks[0];
         const newestPointMs = d?.lastPointTimeMs !== null && d?.lastPointTimeMs !== undefined && d.lastPointTimeMs >= started ? d.lastPointTimeMs : started;
-        rpo.push((Date.now() - newestPointMs) / 1000);
+        const now = Date.now();
+        const sample = (now - newestPointMs) / 1000;
+        rpo.push(sample);
+        const second = Math.floor((now - started) / 1000);
+        rpoMaxBySecond[second] = Math.max(rpoMaxBySecond[second] ?? 0, sample);
         await new Promise((r) => setTimeout(r, 100));
       }
     })();
@@ -329,6 +341,7 @@ async function main(): Promise<void> {
     const churnEnded = Date.now();
     sampling = false;
     await sampler;
+    if (logsOut !== undefined) fs.writeFileSync(logsOut, `${JSON.stringify({ startedMs: started, churnEndedMs: churnEnded, rpo, events }, null, 0)}\n`);
     const beforeDrain = demo.status().disks[0]!;
     const overflowed = beforeDrain.resync !== undefined;
     // Drain: everything written must reach the target.
@@ -354,6 +367,7 @@ async function main(): Promise<void> {
       rpoP50Seconds: percentile(rpo, 50),
       rpoP99Seconds: percentile(rpo, 99),
       rpoSamples: rpo.length,
+      rpoMaxBySecondS: Array.from(rpoMaxBySecond, (x) => Number((x ?? 0).toFixed(2))),
       drainAfterChurnMs: drainedMs,
       overflowedIntoResync: overflowed,
       timeline: timeline(events),
