@@ -10,6 +10,7 @@
         "native/file-extents.cc",
         "native/file-lock.cc",
         "native/hrl-appender.cc",
+        "native/page-cache.cc",
         "native/positioned-writes.cc",
         "native/tap-transmission.cc",
         "native/xxhash64.cc"

@@ -8,6 +8,7 @@
 #include "file-extents.h"
 #include "file-lock.h"
 #include "hrl-appender.h"
+#include "page-cache.h"
 #include "positioned-writes.h"
 #include "tap-transmission.h"
 #include "xxhash64.h"
@@ -20,6 +21,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   blockrelay::InitFileExtents(env, exports);
   blockrelay::InitFileLock(env, exports);
   blockrelay::InitHrlAppender(env, exports);
+  blockrelay::InitPageCache(env, exports);
   blockrelay::InitPositionedWrites(env, exports);
   blockrelay::InitTapTransmission(env, exports);
   blockrelay::InitXxhash64(env, exports);

@@ -10,6 +10,7 @@ import { syncDirectory } from '../platform/durable-file';
 import { RETENTION_LAYOUT, seqOfUndoFile, undoFileName } from './retention-format';
 import { writevAll } from '../platform/io-vectors';
 import { BackgroundSync } from '../platform/background-sync';
+import { dropFileCache } from '../platform/page-cache';
 
 /** Pre-images are read from the target in pieces of at most this many bytes (bounds memory). */
 export const UNDO_READ_CHUNK_BYTES = 1024 * 1024;
@@ -74,6 +75,17 @@ const ZERO_PAGE = Buffer.alloc(HOLE_PAGE_BYTES);
  * device writes the segment while the pre-images are still being read and
  * the seal's sync finds little left to do; its error, if any, is thrown by
  * the next `datasync()` (a later sync's success would hide it).
+ *
+ * After every sync (background or `datasync()`) the file's pages are
+ * dropped from the page cache (`dropFileCache`): a segment is written once
+ * and read only at failover, export, rollback or a resync slot's end, so
+ * keeping it cached only grew the cache by the log's size per log, each new
+ * page a host fault on this VM (free page reporting), and pushed out the
+ * target's pages that the next pre-image reads want. Synced pages are
+ * clean and freed at once; pages written after the sync began are dirty
+ * and stay until the next one. Readers are unaffected (they read the
+ * device). The drop never comes before the sync that makes the bytes
+ * durable, so crash safety is as before.
  */
 export class SparseSegmentFile implements HrlWriterFile {
   /** Byte ranges written so far: sorted, disjoint, touching ones merged. */
@@ -82,7 +94,10 @@ export class SparseSegmentFile implements HrlWriterFile {
   private fileBytes = 0;
   /** Bytes left as holes so far. */
   holeBytes = 0;
-  private readonly writeback = new BackgroundSync(() => this.fh.datasync(), () => SEGMENT_WRITEBACK_BYTES);
+  private readonly writeback = new BackgroundSync(async () => {
+    await this.fh.datasync();
+    this.dropCache();
+  }, () => SEGMENT_WRITEBACK_BYTES);
 
   private constructor(private readonly fh: fsp.FileHandle) {}
 
@@ -144,6 +159,16 @@ export class SparseSegmentFile implements HrlWriterFile {
       this.fileBytes = this.endBytes;
     }
     await this.fh.datasync();
+    this.dropCache();
+  }
+
+  /**
+   * Drops the file's clean pages from the page cache (see the class
+   * comment). Advisory: a refusal leaves them cached, costing memory, not
+   * data, so it is not an error.
+   */
+  private dropCache(): void {
+    dropFileCache(this.fh.fd, 0, 0);
   }
 
   async close(): Promise<void> {
