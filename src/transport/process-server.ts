@@ -5,6 +5,7 @@ import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { DiskHealth } from '../retry/health';
 import { BandwidthLimiter } from './bandwidth-limiter';
 import { CutThroughForward } from './cut-through-forward';
+import { LogMemory } from './held-log';
 import { DiskDrain, spoolQueue } from './disk-drain';
 import { sendLog, type PeerOptions } from './log-client';
 import type { LogOps } from './log-ops';
@@ -87,6 +88,17 @@ const CUT_THROUGH_MAX_LOGS = 2;
 const CUT_THROUGH_MAX_LOGS_PER_HOP = 4;
 
 /**
+ * Bytes of spooled logs the process server keeps in memory beside their
+ * files by default (`cache.memoryBytes`): verified from there and forwarded
+ * from there, instead of two reads of each file back (LogSpool.holdCommittedLogs).
+ * Four logs of the e2e bench's 250 ms cuts (about 50 MB each, buffers taken
+ * in 64 MiB steps): one streaming in, one being verified, two forwarded and
+ * waiting for the master target's answer. Larger logs, and logs past the
+ * bound, go through the file as before.
+ */
+export const PROCESS_SERVER_HELD_LOG_MAX_BYTES = 256 * 1024 * 1024;
+
+/**
  * The process server: receives sealed logs from sources, verifies them
  * fully, stores them on its cache volume (fsync before the answer) and
  * forwards them per disk, in order, lz4-compressed, to a master target under
@@ -106,8 +118,11 @@ export class ProcessServer extends ApplyingHop {
     options: ApplyingHopOptions,
     localTargets: ReadonlyMap<string, string>,
     private readonly forward: ForwardOptions | undefined,
+    heldLogMaxBytes: number = PROCESS_SERVER_HELD_LOG_MAX_BYTES,
   ) {
     super(options, localTargets);
+    /** Spooled logs held in memory beside their files; 0 holds none. */
+    this.spool.holdCommittedLogs(new LogMemory(heldLogMaxBytes));
     this.limiter = forward && forward.bandwidthBytesPerSecond > 0 ? new BandwidthLimiter(forward.bandwidthBytesPerSecond, this.clock) : undefined;
   }
 
@@ -146,6 +161,8 @@ export class ProcessServer extends ApplyingHop {
       await d.pipeline.stop();
     }));
     await super.stop();
+    // Nothing sends or applies from the spool any more: its held logs' memory goes back.
+    this.spool.releaseHeldLogs();
   }
 
   override diskStatus(): DiskApplyStatus[] {
@@ -420,6 +437,7 @@ export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps
     config.forward === undefined
       ? undefined
       : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000, ca: readCaFile(config.forward.caFile) }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond, cutThrough: config.forward.cutThrough, ...forwardExtra },
+    config.cache?.memoryBytes ?? PROCESS_SERVER_HELD_LOG_MAX_BYTES,
   );
 }
 
