@@ -82,6 +82,12 @@ export interface ChangeTrackerOptions {
   readonly onResyncRequired?: (report: ResyncReport) => void;
   /** Creates log files (default: fs/promises); tests inject failures through it. */
   readonly openLogFile?: (filePath: string) => Promise<HrlWriterFile>;
+  /**
+   * With `openLogFile`: make the next log ahead through it as well, so a cut
+   * takes a spare as on real files (default false: logs on injected files are
+   * created in line, as tests that count them expect). Power-loss tests set it.
+   */
+  readonly spareOnInjectedFiles?: boolean;
 }
 
 export type { ResyncReason, SealedLogInfo } from './tracker-recovery';
@@ -121,6 +127,8 @@ export interface ResyncReport {
   /** The first extents (up to CHANGE_TRACKER_DEFAULTS.reportExtentsMax); `resyncExtents()` lists all. */
   readonly extents: readonly DirtyExtent[];
   readonly extentsTruncated: boolean;
+  /** The failure that made the logs fold (reason 'log-io-error'), e.g. a seal's fdatasync failing with EIO. */
+  readonly cause?: { readonly code: string; readonly message: string };
 }
 
 export interface TrackerStatus {
@@ -191,6 +199,7 @@ export class ChangeTracker {
   private readonly granularityBytes: number;
   private readonly onResyncRequired: ((report: ResyncReport) => void) | undefined;
   private readonly openLogFile: ((filePath: string) => Promise<HrlWriterFile>) | undefined;
+  private readonly spareOnInjectedFiles: boolean;
   private mode: 'logging' | 'dirty-only';
   private nextSequence: number;
   private lastUniqueId: string;
@@ -303,6 +312,7 @@ export class ChangeTracker {
     this.granularityBytes = options.granularityBytes ?? DIRTY_MAP_DEFAULT_GRANULARITY_BYTES;
     this.onResyncRequired = options.onResyncRequired;
     this.openLogFile = options.openLogFile;
+    this.spareOnInjectedFiles = options.spareOnInjectedFiles ?? false;
     this.mode = init.mode;
     this.nextSequence = init.nextSequence;
     this.lastUniqueId = init.lastUniqueId;
@@ -451,8 +461,13 @@ export class ChangeTracker {
    */
   static async cut(trackers: readonly ChangeTracker[], options: { cutId?: string; clock?: Clock; appTag?: string } = {}): Promise<(SealedLogInfo | undefined)[]> {
     checkAppTag(options.appTag);
+    // A cut right after another (one longer than the interval) finds the
+    // next log still being made: wait for it before holding the writes, so
+    // the held window never includes a log's creation (its two syncs).
+    // Writes recorded during that wait land before the cut (nextLogReady).
+    if (trackers.some((t) => t.spareMaking !== undefined)) await ChangeTracker.sparesReady(trackers);
     // Every lock queued at once, synchronously: any write recorded after
-    // cut() was called lands behind the cut, in the next logs.
+    // the spares were ready lands behind the cut, in the next logs.
     const { ordered, release } = await ChangeTracker.holdAll(trackers);
     try {
       const point: CutPoint = { cutId: options.cutId ?? randomGuid(), cutTimeMs: (options.clock ?? ordered[0]?.clock ?? systemClock).now(), appTag: options.appTag };
@@ -526,6 +541,25 @@ export class ChangeTracker {
    * a write recorded after the call lands behind it), in one global order
    * so two such calls cannot deadlock. `release` lets all of them go.
    */
+  /**
+   * Resolves once the next log, made ahead after the last cut, is ready (at
+   * once when none is being made). A cut waits for it before it holds the
+   * writes: from then on every write recorded after `cut()` is called lands
+   * behind the cut; during the wait, writes still go to the active log.
+   */
+  async nextLogReady(): Promise<void> {
+    await this.spareMaking;
+  }
+
+  /**
+   * Waits for the next logs being made ahead (prepareSpare; never rejects),
+   * with no write held. Called only when one is being made: otherwise the
+   * locks are queued synchronously with the cut() call.
+   */
+  private static async sparesReady(trackers: readonly ChangeTracker[]): Promise<void> {
+    await Promise.all(trackers.map((t) => t.spareMaking));
+  }
+
   private static async holdAll(trackers: readonly ChangeTracker[]): Promise<{ ordered: ChangeTracker[]; release: () => void }> {
     const ordered = [...new Set(trackers)].sort((a, b) => (a.dir + a.diskId < b.dir + b.diskId ? -1 : 1));
     const releases: Release[] = [];
@@ -685,6 +719,7 @@ export class ChangeTracker {
   /** Seals the active log and opens the next in one step; undefined in dirty-only mode. */
   async rotate(options: { appTag?: string } = {}): Promise<SealedLogInfo | undefined> {
     checkAppTag(options.appTag);
+    if (this.spareMaking !== undefined) await this.nextLogReady();
     return this.locked(() => this.rotateHeld({ cutId: randomGuid(), cutTimeMs: this.clock.now(), appTag: options.appTag }, new SwitchBarrier(1)));
   }
 
@@ -705,19 +740,29 @@ export class ChangeTracker {
    */
   acknowledge(name: string): Promise<boolean> {
     return this.locked(async () => {
-      // Nothing here depends on writes held: records arriving meanwhile mark
+      const i = this.sealed.findIndex((s) => s.name === name);
+      if (i < 0) return false;
+      // Out of the overflow sum before the native writers go: the limit they
+      // are handed then counts the room this log frees (nothing refreshes it
+      // later, as they are no longer held when the lock is released).
+      const [log] = this.sealed.splice(i, 1);
+      this.sealedBytes -= log!.sizeBytes;
+      // Nothing below depends on writes held: records arriving meanwhile mark
       // the maps as always (rebuildDirty runs without an await). Held, the
       // disk's writes waited for the unlinks and three syncs of every log.
       this.letNativeGo();
-      const i = this.sealed.findIndex((s) => s.name === name);
-      if (i < 0) return false;
       // Recorded before the log is deleted: every log that left the source is at or below it (followsFor).
-      if (this.shippedSequence === undefined || this.sealed[i]!.sequence > this.shippedSequence) {
-        this.shippedSequence = this.sealed[i]!.sequence;
-        await this.writeState();
+      if (this.shippedSequence === undefined || log!.sequence > this.shippedSequence) {
+        this.shippedSequence = log!.sequence;
+        try {
+          await this.writeState();
+        } catch (err) {
+          // Still listed: a later acknowledgement deletes it.
+          this.sealed.splice(i, 0, log!);
+          this.sealedBytes += log!.sizeBytes;
+          throw err;
+        }
       }
-      const [log] = this.sealed.splice(i, 1);
-      this.sealedBytes -= log!.sizeBytes;
       this.logMaps.delete(log!.name);
       await unlinkIfPresent(log!.path);
       await unlinkIfPresent(log!.sidecarPath);
@@ -1189,11 +1234,11 @@ export class ChangeTracker {
   /**
    * Starts creating the log that will follow the active one, in the
    * background (logs on injected files are created in line, as tests that
-   * count them expect). It follows `lastUniqueId`; one that no longer
+   * count them expect, unless `spareOnInjectedFiles`). It follows `lastUniqueId`; one that no longer
    * follows it when taken (a resync log came in between) is discarded.
    */
   private prepareSpare(): void {
-    if (this.openLogFile !== undefined || this.closed || this.mode !== 'logging' || this.spare !== undefined || this.spareMaking !== undefined) return;
+    if ((this.openLogFile !== undefined && !this.spareOnInjectedFiles) || this.closed || this.mode !== 'logging' || this.spare !== undefined || this.spareMaking !== undefined) return;
     const file = path.join(this.dir, `${this.diskId}.next-${++this.spareCount}${SPARE_LOG_SUFFIX}`);
     const previousUniqueId = this.lastUniqueId;
     this.spareMaking = (async () => {
@@ -1446,7 +1491,9 @@ export class ChangeTracker {
       if (this.writer === undefined) return undefined;
       const old = this.writer;
       const oldSequence = this.activeSequence!;
-      // Made right after the previous cut, so normally ready long before this one.
+      // Made right after the previous cut, and cut()/rotate() wait for it before
+      // they hold the writes; waited here only by cutAppConsistent, or when
+      // one was discarded and the next is being made.
       if (this.spare === undefined) await this.spareMaking;
       const next = await this.useSpare(this.logPath(this.nextSequence, OPEN_LOG_SUFFIX));
       if (next === undefined) return await this.rotateInLine(point, switched);
@@ -1531,13 +1578,13 @@ export class ChangeTracker {
       return true;
     } catch (err) {
       if (!(isBlockrelayError(err) && (err.code === 'BR_IO' || err.code === 'BR_DISK_FULL'))) throw err;
-      await this.foldLogs('log-io-error');
+      await this.foldLogs('log-io-error', err);
       return false;
     }
   }
 
   /** Folds everything unshipped into the resync map, then drops the logs and keeps tracking in the maps only. */
-  private async foldLogs(reason: ResyncReason): Promise<void> {
+  private async foldLogs(reason: ResyncReason, cause?: BlockrelayError): Promise<void> {
     this.folds++;
     // The logs a held resync log followed are being folded: it follows what is left (saved with the state below).
     this.reservations = this.reservations.map((r) => withFollows(r, this.followsFor(r.sequence, true)));
@@ -1558,7 +1605,7 @@ export class ChangeTracker {
       this.logMaps.clear();
       this.activeMap.clearAll();
     }
-    this.report(reason);
+    this.report(reason, cause);
   }
 
   /**
@@ -1622,7 +1669,7 @@ export class ChangeTracker {
     this.generation++;
   }
 
-  private report(reason: ResyncReason): void {
+  private report(reason: ResyncReason, cause?: BlockrelayError): void {
     this.lastResyncReason = reason;
     if (this.onResyncRequired === undefined) return;
     const extents: DirtyExtent[] = [];
@@ -1634,7 +1681,10 @@ export class ChangeTracker {
       }
       extents.push(e);
     }
-    this.onResyncRequired({ diskId: this.diskId, reason, resyncBytes: this.maps.resync.dirtyBytes(), extents, extentsTruncated: truncated });
+    this.onResyncRequired({
+      diskId: this.diskId, reason, resyncBytes: this.maps.resync.dirtyBytes(), extents, extentsTruncated: truncated,
+      ...(cause === undefined ? {} : { cause: { code: cause.code, message: cause.message } }),
+    });
   }
 
   private scheduleTimer(): void {

@@ -146,3 +146,33 @@ async function settledHoldCount(count: () => number): Promise<number> {
   for (let i = 0; i < 100 && count() !== 0; i++) await new Promise((r) => setTimeout(r, 10));
   return count();
 }
+
+describe('ChangeTracker.acknowledge with the native tap attached', () => {
+  const tmp = useTempDirs();
+
+  it('hands the native writers an overflow limit that counts the room the acknowledged log frees', async () => {
+    const diskSizeBytes = 64 * 1024 * 1024;
+    const t = await ChangeTracker.open({ dir: tmp(), diskId: 'disk0', diskSizeBytes, persistIntervalMs: 0, overflowRatio: 1 });
+    await t.recordWrite(0, Buffer.alloc(4 << 20, 1));
+    const sealed = await t.rotate();
+    expect(sealed!.sizeBytes).toBeGreaterThan(4 << 20);
+    /** The limits the tracker hands the writers as it lets them go. */
+    const limits: number[] = [];
+    const exp = new (class extends CountingExport {
+      override release(...args: unknown[]): void {
+        limits.push(args[2] as number);
+        super.release();
+      }
+    })();
+    t.attachNative(exp);
+    expect(limits.at(-1)).toBe(diskSizeBytes - sealed!.sizeBytes);
+    expect(await t.acknowledge(sealed!.name)).toBe(true);
+    expect(await settledHolds(exp)).toBe(0);
+    // Nothing later refreshes it while the writers run unheld: the last limit
+    // must already count the deleted log (else a native write near the limit
+    // raises attention and waits for a fold check that has nothing to fold).
+    expect(limits.at(-1)).toBe(diskSizeBytes);
+    t.detachNative(exp);
+    await t.close();
+  });
+});

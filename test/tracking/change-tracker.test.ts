@@ -143,6 +143,9 @@ describe('ChangeTracker', () => {
     const b = await ChangeTracker.open({ dir, diskId: 'b', diskSizeBytes: DISK, persistIntervalMs: 0, clock });
     await a.recordWrite(...block(1, 1));
     await b.recordWrite(...block(2, 2));
+    // A cut waits for next logs still being made before it holds the writes
+    // (those recorded during that wait land before it); here they are ready.
+    await Promise.all([a.nextLogReady(), b.nextLogReady()]);
     const cut = ChangeTracker.cut([a, b]);
     const during = [a.recordWrite(...block(3, 3)), b.recordWrite(...block(4, 4))];
     const [sa, sb] = await cut;
