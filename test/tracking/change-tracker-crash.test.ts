@@ -43,9 +43,14 @@ function runAndKill(dir: string, first: number, seed: number, runMs: number): Pr
   });
 }
 
-/** Entry keys (offset:length:data checksum) of every log in `dirs`, logs checked on the way. */
-async function loggedWrites(dirs: string[]): Promise<{ keys: Set<string>; logs: { name: string; uniqueId: string; previousUniqueId: string }[] }> {
+/**
+ * Entry keys (offset:length:data checksum) of every log in `dirs`, logs
+ * checked on the way, and each key's logs (by name: a log shipped just
+ * before a kill is in both directories).
+ */
+async function loggedWrites(dirs: string[]): Promise<{ keys: Set<string>; logsOf: Map<string, Set<string>>; logs: { name: string; uniqueId: string; previousUniqueId: string }[] }> {
   const keys = new Set<string>();
+  const logsOf = new Map<string, Set<string>>();
   const logs: { name: string; uniqueId: string; previousUniqueId: string }[] = [];
   for (const dir of dirs) {
     for (const name of fs.readdirSync(dir).filter((n) => n.endsWith('.hrl'))) {
@@ -53,7 +58,13 @@ async function loggedWrites(dirs: string[]): Promise<{ keys: Set<string>; logs: 
       try {
         const v = await log.verify({ diskSizeBytes: CRASH_DISK_BYTES });
         logs.push({ name, uniqueId: v.header.uniqueId, previousUniqueId: v.header.previousUniqueId });
-        for await (const e of log.entries(v)) keys.add(`${e.byteOffset}:${e.dataLength}:${e.dataChecksum}`);
+        for await (const e of log.entries(v)) {
+          const key = `${e.byteOffset}:${e.dataLength}:${e.dataChecksum}`;
+          keys.add(key);
+          const names = logsOf.get(key) ?? new Set<string>();
+          names.add(name);
+          logsOf.set(key, names);
+        }
       } finally {
         await log.close();
       }
@@ -63,7 +74,7 @@ async function loggedWrites(dirs: string[]): Promise<{ keys: Set<string>; logs: 
   // A log copied to shipped/ just before a kill, and so not yet acknowledged,
   // is in both places (it is shipped again; the receiver drops the repeat).
   const unique = logs.filter((l, i) => i === 0 || l.name !== logs[i - 1]!.name || l.uniqueId !== logs[i - 1]!.uniqueId);
-  return { keys, logs: unique };
+  return { keys, logsOf, logs: unique };
 }
 
 function acknowledgedWrites(journal: string): number[] {
@@ -101,18 +112,28 @@ describe('ChangeTracker under SIGKILL', () => {
         // Only the resync extents survive shipping (acknowledge rebuilds the dirty
         // map from the remaining logs), so a write in no log must be in them.
         const resync = [...tracker.resyncExtents()];
-        const { keys, logs } = await loggedWrites([path.join(dir, 'shipped'), logsDir]);
+        const { keys, logsOf, logs } = await loggedWrites([path.join(dir, 'shipped'), logsDir]);
         // Shipped and unshipped logs form one chain in name order.
         for (let i = 1; i < logs.length; i++) expect(logs[i]!.previousUniqueId, logs[i]!.name).toBe(logs[i - 1]!.uniqueId);
         const acked = acknowledgedWrites(path.join(dir, 'journal.txt'));
         // The open log coalesces: a later write of exactly the same extent
         // rewrites an earlier entry in place, so the earlier write's own key
         // is gone and the later one's stands for the extent's final state.
+        // Only within one log: the later write must be in a log that also
+        // holds a write recorded before this one (so the log was open when
+        // this one was recorded); a later log's write of the extent does not
+        // excuse a write its own log lost.
         const lastAcked = acked.length > 0 ? Math.max(...acked) : 0;
+        const keyOf = (o: PlannedWrite): string => `${o.offset}:${o.length}:${hrlChecksum(o.data)}`;
         const replacedLater = (i: number, w: PlannedWrite): boolean => {
+          const roundFirst = Math.floor(i / INDEX_STRIDE) * INDEX_STRIDE;
           for (let j = i + 1; j <= lastAcked + REPLACEMENT_LOOKAHEAD; j++) {
             const o = writeOf(j);
-            if (o.offset === w.offset && o.length === w.length && keys.has(`${o.offset}:${o.length}:${hrlChecksum(o.data)}`)) return true;
+            if (o.offset !== w.offset || o.length !== w.length) continue;
+            for (const log of logsOf.get(keyOf(o)) ?? []) {
+              // A log never spans a restart: earlier writes of this round only.
+              for (let k = i - 1; k >= roundFirst; k--) if (logsOf.get(keyOf(writeOf(k)))?.has(log)) return true;
+            }
           }
           return false;
         };
