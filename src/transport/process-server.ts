@@ -89,14 +89,15 @@ const CUT_THROUGH_MAX_LOGS_PER_HOP = 4;
 
 /**
  * Bytes of spooled logs the process server keeps in memory beside their
- * files by default (`cache.memoryBytes`): verified from there and forwarded
- * from there, instead of two reads of each file back (LogSpool.holdCommittedLogs).
- * Four logs of the e2e bench's 250 ms cuts (about 50 MB each, buffers taken
- * in 64 MiB steps): one streaming in, one being verified, two forwarded and
- * waiting for the master target's answer. Larger logs, and logs past the
- * bound, go through the file as before.
+ * files by default (`cache.memoryBytes`), verified and forwarded from there
+ * instead of two reads of each file back (LogSpool.holdCommittedLogs): none.
+ * Measured on the shared two-core test VM (session 8), holding 256 MiB made
+ * the chain cost more CPU per GB, not less (more system time: fresh buffer
+ * pages fault in expensively on this VM, docs/transport.md), so it is off
+ * until measured on a quiet machine; 256 MiB holds four logs of the e2e
+ * bench's 250 ms cuts (buffers taken in 64 MiB steps).
  */
-export const PROCESS_SERVER_HELD_LOG_MAX_BYTES = 256 * 1024 * 1024;
+export const PROCESS_SERVER_HELD_LOG_MAX_BYTES = 0;
 
 /**
  * The process server: receives sealed logs from sources, verifies them

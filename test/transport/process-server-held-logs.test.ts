@@ -179,7 +179,7 @@ describe('process server: spooled logs held in memory beside their files', () =>
     const dir = tmp();
     const model = Buffer.alloc(DISK_SIZE);
     const rand = prng(91);
-    const psConfig = (forwardUrl: string) => validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, forward: { url: forwardUrl, secret: MT_SECRET, timeoutSeconds: 1 } });
+    const psConfig = (forwardUrl: string) => validateConfig({ stateDir: path.join(dir, 'ps'), listen: '127.0.0.1:0', secret: SECRET, cache: { dir: path.join(dir, 'ps', 'cache'), memoryBytes: 256 * 1024 * 1024 }, forward: { url: forwardUrl, secret: MT_SECRET, timeoutSeconds: 1 } });
     // No master target yet: the logs are answered (durable here) and wait to be forwarded.
     const ps1 = processServerFromConfig(psConfig('http://127.0.0.1:1'), hrlLogOps, { ...quiet(), retryPolicy: { ...FAST_RETRY, maxRetries: 1_000_000 } });
     await ps1.start();
