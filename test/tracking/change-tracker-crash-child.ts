@@ -32,6 +32,11 @@ async function main(): Promise<void> {
   const journal = path.join(dir!, 'journal.txt');
   const tracker = await ChangeTracker.open(crashTrackerOptions(path.join(dir!, 'logs')));
   process.stdout.write('ready\n');
+  // A cut runs beside the writes (not awaited), as the source role's timer
+  // cuts while the guest writes: writes pass it into the next log while the
+  // old one seals, so kills land inside the switch window too. A failed cut
+  // ends the child with an error, which fails the test.
+  let cutting: Promise<unknown> | undefined;
   for (let i = first; ; i++) {
     const w = writeOf(i);
     if (w.zero) await tracker.recordZeroes(w.offset, w.length);
@@ -42,7 +47,11 @@ async function main(): Promise<void> {
       // Writes first..i are acknowledged as durable from here on.
       fs.appendFileSync(journal, `${first} ${i + 1}\n`);
     } else if (r < 0.2) {
-      await tracker.rotate();
+      if (cutting === undefined) {
+        cutting = tracker.rotate().finally(() => {
+          cutting = undefined;
+        });
+      }
     } else if (r < 0.25) {
       const oldest = tracker.sealedLogs()[0];
       if (oldest !== undefined) {
