@@ -39,8 +39,6 @@ export const CONFIG_SHAPE = {
     {
       dir: field.string(),
       maxBytes: field.integer({ min: 64 * 1024 * 1024, default: 64 * 1024 ** 3 }),
-      /** Spooled logs held in memory beside their files (process-server.ts PROCESS_SERVER_HELD_LOG_MAX_BYTES); 0, the default, holds none. */
-      memoryBytes: field.integer({ min: 0, max: 16 * 1024 ** 3, default: 0 }),
     },
     { optional: true },
   ),

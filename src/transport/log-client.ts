@@ -4,7 +4,6 @@ import * as https from 'node:https';
 import { PassThrough, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { BlockrelayError } from '../retry/blockrelay-error';
-import { heldLogBytes } from './held-log';
 import { isErrorCode, type ErrorCode } from '../retry/error-codes';
 import type { BandwidthLimiter } from './bandwidth-limiter';
 import { LZ4_FRAME_BLOCK_BYTES, LZ4_MIN_SAVING_PACED, LZ4_MIN_SAVING_UNPACED, Lz4FrameEncoder } from './lz4-frame-encoder';
@@ -188,13 +187,7 @@ const UPLOAD_READ_BUFFERS = 4;
  * Streams a log file into a request: read into a few buffers that are
  * reused once the socket has taken their bytes (a fresh buffer per read
  * made the runtime run a full garbage collection every 64 MiB or so),
- * lz4-framed and paced when asked, then ends the request. A log held in
- * memory under the file's name (held-log.ts: the process server's spool,
- * LogSpool.holdCommittedLogs) is sent from there instead, in the same
- * 1 MiB steps, its stored blocks as views of the held buffer: the bytes on
- * the wire are the same as from the file (the same blocks, compressed or
- * stored alike). The holder keeps the buffer unchanged until the request
- * is answered or failed.
+ * lz4-framed and paced when asked, then ends the request.
  */
 function logFileBody(file: string, options: SendOptions): BodyWriter {
   return async (req) => {
@@ -209,10 +202,9 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
       wake?.();
     };
     req.once('close', onClose);
-    const held = heldLogBytes(file);
-    let fh: fsp.FileHandle | undefined;
+    let fh: fsp.FileHandle;
     try {
-      if (held === undefined) fh = await fsp.open(file, 'r');
+      fh = await fsp.open(file, 'r');
     } catch (err) {
       req.off('close', onClose);
       req.destroy(err as Error);
@@ -226,7 +218,7 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
     // blocks that are stored goes out as one piece instead of two per block.
     const free: Buffer[] = [];
     const slotsOf = new Map<Buffer, Buffer[]>();
-    for (let i = 0; i < (held === undefined ? UPLOAD_READ_BUFFERS : 0); i++) {
+    for (let i = 0; i < UPLOAD_READ_BUFFERS; i++) {
       if (encoder === undefined) {
         free.push(Buffer.allocUnsafeSlow(UPLOAD_READ_CHUNK_BYTES));
         continue;
@@ -276,12 +268,7 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
     };
     try {
       if (encoder !== undefined) await write([await Lz4FrameEncoder.header()]);
-      for (let position = 0; held !== undefined && position < held.length; position += UPLOAD_READ_CHUNK_BYTES) {
-        if (closed) throw gone();
-        const view = held.subarray(position, Math.min(held.length, position + UPLOAD_READ_CHUNK_BYTES));
-        await write(encoder === undefined ? [view] : encoder.encodeChunk(view));
-      }
-      for (let position = 0; fh !== undefined; ) {
+      for (let position = 0; ;) {
         while (free.length === 0) {
           if (closed) throw gone();
           await settle('buffer');
@@ -313,7 +300,7 @@ function logFileBody(file: string, options: SendOptions): BodyWriter {
       throw err;
     } finally {
       req.off('close', onClose);
-      await fh?.close();
+      await fh.close();
     }
   };
 }

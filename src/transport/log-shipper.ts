@@ -4,11 +4,9 @@ import type { Clock } from '../platform/clock';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import type { DiskHealth } from '../retry/health';
 import type { RetryPolicy } from '../retry/retry-policy';
-import * as fsp from 'node:fs/promises';
 import { DiskDrain } from './disk-drain';
-import { holdLog, releaseHeldLog, type LogMemory } from './held-log';
 import { sendLog, type PeerOptions } from './log-client';
-import { hashFile, hashHex, newXxhash64 } from './log-spool';
+import { hashFile } from './log-spool';
 import type { LogStageSink } from './log-stage-events';
 import { UploadPipeline } from './upload-pipeline';
 
@@ -46,17 +44,7 @@ export interface LogShipperOptions {
   readonly retryPolicy?: RetryPolicy;
   /** Told when each log's shipping starts and ends (the e2e bench's timeline). */
   readonly onStage?: LogStageSink;
-  /**
-   * Sealed logs are read once into a buffer from this budget when they fit,
-   * hashed there and sent from there (held-log.ts, log-client.ts), instead
-   * of one read to hash and another to send. Without it, or past its bound,
-   * a log is read twice as before.
-   */
-  readonly memory?: LogMemory;
 }
-
-/** Bytes one read of a sealed log into its held buffer takes at a time. */
-const HOLD_READ_CHUNK_BYTES = 4 * 1024 * 1024;
 
 /**
  * Ships one disk's sealed logs to its process server, oldest first, and
@@ -82,10 +70,6 @@ export class LogShipper {
   private readonly hashes = new Map<string, Promise<LogHash>>();
   /** The next sealed log goes out while the one before it waits for its answer. */
   private readonly pipeline: UploadPipeline<ShippableLog>;
-  /** Sealed logs held in memory (options.memory), by file. */
-  private readonly held = new Map<string, Buffer>();
-  /** Logs whose upload is under way: their held buffer is given back only once it ended. */
-  private readonly sending = new Set<string>();
 
   constructor(private readonly source: ShippingSource, private readonly options: LogShipperOptions) {
     this.pipeline = new UploadPipeline<ShippableLog>({
@@ -100,7 +84,7 @@ export class LogShipper {
         next: async () => (await source.sealedLogs())[0],
         complete: async (log) => {
           await source.acknowledge(log.seq);
-          this.forget(log.file);
+          this.hashes.delete(log.file);
         },
         describe: (log) => `log ${log.seq}`,
       },
@@ -132,81 +116,20 @@ export class LogShipper {
   async stop(): Promise<void> {
     await this.drain.stop();
     await this.pipeline.stop();
-    // Nothing sends any more: held logs' memory goes back (a hash still being computed gives its own back as it ends).
-    this.hashes.clear();
-    for (const file of [...this.held.keys()]) this.release(file);
-  }
-
-  /** Logs held in memory and their bytes (tests). */
-  heldLogs(): { logs: number; bytes: number } {
-    let bytes = 0;
-    for (const b of this.held.values()) bytes += b.length;
-    return { logs: this.held.size, bytes };
-  }
-
-  /** Forgets a log's hash and gives back its held buffer (once no upload sends from it). */
-  private forget(file: string): void {
-    this.hashes.delete(file);
-    this.release(file);
-  }
-
-  private release(file: string): void {
-    if (this.sending.has(file)) return;
-    const buffer = this.held.get(file);
-    if (buffer === undefined) return;
-    this.held.delete(file);
-    releaseHeldLog(file);
-    this.options.memory!.give(buffer);
   }
 
   /** The log's hash: computed once, shared by its uploads (a failed computation is forgotten). */
   private hashOf(file: string): Promise<LogHash> {
     let hashed = this.hashes.get(file);
     if (hashed === undefined) {
-      const computing = this.options.memory === undefined ? hashFile(file) : this.readAndHash(file);
+      const computing = hashFile(file);
       hashed = computing;
       this.hashes.set(file, computing);
-      computing.then(
-        () => {
-          // Forgotten while it was read (acknowledged, folded, stopped): nothing keeps it.
-          if (this.hashes.get(file) !== computing) this.release(file);
-        },
-        () => {
-          if (this.hashes.get(file) === computing) this.hashes.delete(file);
-        },
-      );
+      computing.catch(() => {
+        if (this.hashes.get(file) === computing) this.hashes.delete(file);
+      });
     }
     return hashed;
-  }
-
-  /**
-   * Reads a sealed log into a buffer from the memory budget, hashing it as
-   * it is read, and holds it under its file name so its upload sends from
-   * memory (one read of the log where hashing and sending took two). A log
-   * that does not fit is hashed from its file as without a budget.
-   */
-  private async readAndHash(file: string): Promise<LogHash> {
-    const fh = await fsp.open(file, 'r');
-    let buffer: Buffer | undefined;
-    try {
-      const { size } = await fh.stat();
-      buffer = this.options.memory!.take(size);
-      if (buffer === undefined) return await hashFile(file);
-      const hasher = await newXxhash64();
-      for (let at = 0; at < size; ) {
-        const { bytesRead } = await fh.read(buffer, at, Math.min(HOLD_READ_CHUNK_BYTES, size - at), at);
-        if (bytesRead === 0) throw new BlockrelayError('BR_IO', `sealed log ${file} ended at byte ${at} of ${size} while it was read`, { details: { offset: at } });
-        hasher.update(buffer.subarray(at, at + bytesRead));
-        at += bytesRead;
-      }
-      holdLog(file, buffer);
-      this.held.set(file, buffer);
-      buffer = undefined;
-      return { xxhash64: hashHex(hasher), sizeBytes: size };
-    } finally {
-      if (buffer !== undefined) this.options.memory!.give(buffer);
-      await fh.close();
-    }
   }
 
   /** Starts hashing the oldest sealed logs, and forgets the hashes of logs no longer sealed (acknowledged, folded). */
@@ -218,7 +141,7 @@ export class LogShipper {
       return;
     }
     const sealed = new Set(logs.map((l) => l.file));
-    for (const file of [...this.hashes.keys()]) if (!sealed.has(file)) this.forget(file);
+    for (const file of [...this.hashes.keys()]) if (!sealed.has(file)) this.hashes.delete(file);
     for (const log of logs.slice(0, HASH_AHEAD_LOGS)) this.hashOf(log.file).catch(() => undefined);
   }
 
@@ -249,13 +172,11 @@ export class LogShipper {
       ...(log.resync === true && log.follows !== undefined ? { follows: log.follows } : {}),
       ...(log.tainted === true && log.resync !== true ? { tainted: true } : {}),
     };
-    this.sending.add(log.file);
     try {
       await sendLog(this.options.peer, envelope, log.file, { onBodySent });
     } catch (err) {
       // A retry hashes the file afresh: nothing cached outlives a failed upload.
-      this.sending.delete(log.file);
-      this.forget(log.file);
+      this.hashes.delete(log.file);
       // An overflow may fold the log away while it is being sent (the upload
       // then breaks off): it needs no retry, a resync log carries its extents.
       if (!(await this.source.sealedLogs()).some((l) => l.seq === log.seq)) return;
@@ -265,10 +186,6 @@ export class LogShipper {
         throw new BlockrelayError('BR_DISK_CRITICAL', `process server expects log ${String(err.details.expectedSeq)} of disk ${this.source.diskId} but the oldest log here is ${log.seq}; the disk needs a resync`, { cause: err });
       }
       throw err;
-    } finally {
-      this.sending.delete(log.file);
-      // Forgotten while it was sent: its memory goes back now.
-      if (!this.hashes.has(log.file)) this.release(log.file);
     }
     this.shippedBytesTotal += sizeBytes;
     this.options.metrics.shippedBytesTotal.inc({ disk: this.source.diskId, hop: 'source' }, sizeBytes);

@@ -109,11 +109,7 @@ export async function hashFile(file: string): Promise<{ xxhash64: string; sizeBy
 /** Counts and hashes bytes passing through, refusing more than `maxBytes`; `onChunk` may refuse one by throwing. */
 class HashingCounter extends Transform {
   bytes = 0;
-  /**
-   * `copyInto`: a buffer of `maxBytes` that receives a copy of every byte
-   * passing (a durable log also held in memory, LogSpool.holdCommittedLogs).
-   */
-  constructor(private readonly hasher: Hasher, private readonly maxBytes: number, private readonly onChunk?: () => void, private readonly copyInto?: Buffer) {
+  constructor(private readonly hasher: Hasher, private readonly maxBytes: number, private readonly onChunk?: () => void) {
     super();
   }
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
@@ -129,8 +125,6 @@ class HashingCounter extends Transform {
       return;
     }
     this.hasher.update(chunk);
-    // In bounds: bytes past maxBytes were refused above.
-    if (this.copyInto !== undefined) chunk.copy(this.copyInto, this.bytes - chunk.length);
     done(null, chunk);
   }
 }
@@ -247,17 +241,8 @@ export interface StagedLog {
   discard(): Promise<void>;
 }
 
-/** A committed log held in memory beside its file (LogSpool.holdCommittedLogs). */
-interface CommittedHold {
-  readonly bytes: Buffer;
-  readonly memory: LogMemory;
-}
-
 export class LogSpool {
   private stagedCount = 0;
-  private committedMemory: LogMemory | undefined;
-  /** Committed logs held in memory, by their spool file name. */
-  private readonly committedHolds = new Map<string, CommittedHold>();
   private readonly entries = new Map<string, Map<number, SpoolEntry>>();
   private usedBytes = 0;
   private reservedBytes = 0;
@@ -266,45 +251,6 @@ export class LogSpool {
     readonly dir: string,
     readonly maxBytes: number,
   ) {}
-
-  /**
-   * Keeps durable logs in memory too, from `memory` when they fit (the
-   * process server): a log streams into its temp file as always (the answer
-   * still means fsynced here) and into a buffer beside it, is verified from
-   * the buffer instead of read back, and stays held under its spool file
-   * name once committed, so the forward reads it from memory
-   * (held-log.ts `heldLogBytes`, log-client.ts) instead of reading the file
-   * a third time. Released when the log is removed (the next hop answered)
-   * or by `releaseHeldLogs()`; a log that does not fit, or one found by
-   * `open()` after a restart, is read from its file.
-   */
-  holdCommittedLogs(memory: LogMemory): void {
-    this.committedMemory = memory;
-  }
-
-  /** Logs committed and still held in memory, and their bytes (status, tests). */
-  heldLogs(): { logs: number; bytes: number } {
-    let bytes = 0;
-    for (const h of this.committedHolds.values()) bytes += h.bytes.length;
-    return { logs: this.committedHolds.size, bytes };
-  }
-
-  /**
-   * Gives back the memory of every committed log held (on stop; the files
-   * stay). The caller makes sure nothing still sends from it: a buffer given
-   * back may be handed to the next log.
-   */
-  releaseHeldLogs(): void {
-    for (const file of [...this.committedHolds.keys()]) this.releaseCommitted(file);
-  }
-
-  private releaseCommitted(file: string): void {
-    const h = this.committedHolds.get(file);
-    if (h === undefined) return;
-    this.committedHolds.delete(file);
-    releaseHeldLog(file);
-    h.memory.give(h.bytes);
-  }
 
   /** Loads what a previous run left, discarding incomplete uploads. */
   async open(): Promise<void> {
@@ -393,11 +339,8 @@ export class LogSpool {
     const tmp = `${base}.hrl.${stamp}.tmp`;
     const envelopeTmp = `${base}.json.${stamp}.tmp`;
     const envelopeText = JSON.stringify(envelope);
-    // Held in memory: named by `tmp`. Not durable, no file takes that name
-    // until commit() writes it; durable (holdCommittedLogs), the file is
-    // written beside the buffer and the buffer stays held after commit.
-    const memory = durable ? this.committedMemory : options.memory;
-    let held = memory?.take(envelope.logLength);
+    // Held in memory (never durable): named by `tmp`, which no file takes until commit() writes it.
+    let held = durable ? undefined : options.memory?.take(envelope.logLength);
     let settled = false;
     const release = (): void => {
       if (!settled) this.reservedBytes -= envelope.logLength;
@@ -406,7 +349,7 @@ export class LogSpool {
     const releaseHeld = (): void => {
       if (held === undefined) return;
       releaseHeldLog(tmp);
-      memory!.give(held);
+      options.memory!.give(held);
       held = undefined;
     };
     const discard = async (): Promise<void> => {
@@ -420,12 +363,12 @@ export class LogSpool {
       const hasher = await newXxhash64();
       const writeback = new Writeback(tmp);
       try {
-        if (held !== undefined && !durable) {
+        if (held !== undefined) {
           const counter = new HashingCounter(hasher, envelope.logLength);
           await receiveInto(envelope, body, options.lz4, counter, new MemorySink(held));
         } else {
           const out = fs.createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 });
-          const counter = new HashingCounter(hasher, envelope.logLength, durable ? () => writeback.check(out.bytesWritten) : undefined, held);
+          const counter = new HashingCounter(hasher, envelope.logLength, durable ? () => writeback.check(out.bytesWritten) : undefined);
           await receiveInto(envelope, body, options.lz4, counter, out);
         }
         const actual = hashHex(hasher);
@@ -458,7 +401,7 @@ export class LogSpool {
       discard,
       commit: async () => {
         try {
-          if (held !== undefined && !durable) await Promise.all([writeFileSynced(tmp, held), writeFileSynced(envelopeTmp, envelopeText)]);
+          if (held !== undefined) await Promise.all([writeFileSynced(tmp, held), writeFileSynced(envelopeTmp, envelopeText)]);
           else if (!durable) await Promise.all([fsyncFile(tmp), writeFileSynced(envelopeTmp, envelopeText)]);
           // Envelope first: a log is never in place without it (open() drops one that is).
           await fsp.rename(envelopeTmp, `${base}.json`);
@@ -468,16 +411,8 @@ export class LogSpool {
           await discard();
           throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
         }
-        const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
-        // A log committed again under its name (a resend replacing it) is held afresh, if at all.
-        this.releaseCommitted(entry.file);
-        if (held !== undefined && durable) {
-          releaseHeldLog(tmp);
-          holdLog(entry.file, held);
-          this.committedHolds.set(entry.file, { bytes: held, memory: memory! });
-          held = undefined;
-        }
         releaseHeld();
+        const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
         const prior = this.get(envelope.diskId, envelope.seq);
         if (prior !== undefined) this.usedBytes -= prior.sizeBytes;
         release();
@@ -495,7 +430,6 @@ export class LogSpool {
     await fsp.rm(entry.file.replace(/\.hrl$/, '.json'), { force: true });
     this.entries.get(diskId)?.delete(seq);
     this.usedBytes -= entry.sizeBytes;
-    this.releaseCommitted(entry.file);
   }
 
   private add(entry: SpoolEntry): void {

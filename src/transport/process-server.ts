@@ -5,7 +5,6 @@ import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { DiskHealth } from '../retry/health';
 import { BandwidthLimiter } from './bandwidth-limiter';
 import { CutThroughForward } from './cut-through-forward';
-import { LogMemory } from './held-log';
 import { DiskDrain, spoolQueue } from './disk-drain';
 import { sendLog, type PeerOptions } from './log-client';
 import type { LogOps } from './log-ops';
@@ -88,18 +87,6 @@ const CUT_THROUGH_MAX_LOGS = 2;
 const CUT_THROUGH_MAX_LOGS_PER_HOP = 4;
 
 /**
- * Bytes of spooled logs the process server keeps in memory beside their
- * files by default (`cache.memoryBytes`), verified and forwarded from there
- * instead of two reads of each file back (LogSpool.holdCommittedLogs): none.
- * Measured on the shared two-core test VM (session 8), holding 256 MiB made
- * the chain cost more CPU per GB, not less (more system time: fresh buffer
- * pages fault in expensively on this VM, docs/transport.md), so it is off
- * until measured on a quiet machine; 256 MiB holds four logs of the e2e
- * bench's 250 ms cuts (buffers taken in 64 MiB steps).
- */
-export const PROCESS_SERVER_HELD_LOG_MAX_BYTES = 0;
-
-/**
  * The process server: receives sealed logs from sources, verifies them
  * fully, stores them on its cache volume (fsync before the answer) and
  * forwards them per disk, in order, lz4-compressed, to a master target under
@@ -119,11 +106,8 @@ export class ProcessServer extends ApplyingHop {
     options: ApplyingHopOptions,
     localTargets: ReadonlyMap<string, string>,
     private readonly forward: ForwardOptions | undefined,
-    heldLogMaxBytes: number = PROCESS_SERVER_HELD_LOG_MAX_BYTES,
   ) {
     super(options, localTargets);
-    /** Spooled logs held in memory beside their files; 0 holds none. */
-    this.spool.holdCommittedLogs(new LogMemory(heldLogMaxBytes));
     this.limiter = forward && forward.bandwidthBytesPerSecond > 0 ? new BandwidthLimiter(forward.bandwidthBytesPerSecond, this.clock) : undefined;
   }
 
@@ -162,8 +146,6 @@ export class ProcessServer extends ApplyingHop {
       await d.pipeline.stop();
     }));
     await super.stop();
-    // Nothing sends or applies from the spool any more: its held logs' memory goes back.
-    this.spool.releaseHeldLogs();
   }
 
   override diskStatus(): DiskApplyStatus[] {
@@ -438,7 +420,6 @@ export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps
     config.forward === undefined
       ? undefined
       : { peer: { url: config.forward.url, secret: config.forward.secret, timeoutMs: config.forward.timeoutSeconds * 1000, ca: readCaFile(config.forward.caFile) }, bandwidthBytesPerSecond: config.forward.bandwidthBytesPerSecond, cutThrough: config.forward.cutThrough, ...forwardExtra },
-    config.cache?.memoryBytes ?? PROCESS_SERVER_HELD_LOG_MAX_BYTES,
   );
 }
 

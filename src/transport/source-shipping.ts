@@ -6,7 +6,6 @@ import { DiskHealth } from '../retry/health';
 import type { RetryPolicy } from '../retry/retry-policy';
 import { ChangeTracker, type DiskReader } from '../tracking/change-tracker';
 import type { PeerOptions } from './log-client';
-import { LogMemory } from './held-log';
 import { LogShipper } from './log-shipper';
 import type { LogStageSink } from './log-stage-events';
 import { trackerShippingSource } from './tracker-shipping';
@@ -47,18 +46,7 @@ export interface SourceShippingOptions {
   readonly resyncRoundMaxBytes?: number;
   /** Told when each log's shipping starts and ends (the e2e bench's timeline). */
   readonly onStage?: LogStageSink;
-  /** Bytes of sealed logs read into memory to hash and send with one read (SOURCE_HELD_LOG_MAX_BYTES by default; 0: none). */
-  readonly heldLogMaxBytes?: number;
 }
-
-/**
- * Sealed logs the source may hold in memory at once by default, all disks
- * together (log-shipper.ts `memory`): none. Like the process server's
- * (process-server.ts PROCESS_SERVER_HELD_LOG_MAX_BYTES) it measured worse
- * on the shared test VM; 256 MiB holds the two logs per disk it hashes
- * ahead, in 64 MiB steps, for a few disks of the e2e bench's log sizes.
- */
-export const SOURCE_HELD_LOG_MAX_BYTES = 0;
 
 export interface SourceDiskStatus {
   readonly diskId: string;
@@ -90,7 +78,6 @@ export class SourceShipping {
 
   constructor(private readonly options: SourceShippingOptions) {
     this.lastCutMs = options.clock.now();
-    const memory = new LogMemory(options.heldLogMaxBytes ?? SOURCE_HELD_LOG_MAX_BYTES);
     for (const [diskId, tracker] of options.trackers) {
       const health = new DiskHealth(diskId);
       const shipper = new LogShipper(trackerShippingSource(tracker, options.group === undefined ? {} : { group: options.group }), {
@@ -99,7 +86,6 @@ export class SourceShipping {
         logger: options.logger,
         metrics: options.metrics,
         health,
-        memory,
         ...(options.retryPolicy ? { retryPolicy: options.retryPolicy } : {}),
         ...(options.onStage ? { onStage: options.onStage } : {}),
       });
