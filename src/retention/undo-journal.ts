@@ -95,8 +95,9 @@ export class SparseSegmentFile implements HrlWriterFile {
   /** Bytes left as holes so far. */
   holeBytes = 0;
   private readonly writeback = new BackgroundSync(async () => {
+    const synced = this.endBytes;
     await this.fh.datasync();
-    this.dropCache();
+    this.dropCache(synced);
   }, () => SEGMENT_WRITEBACK_BYTES);
 
   private constructor(private readonly fh: fsp.FileHandle) {}
@@ -158,8 +159,9 @@ export class SparseSegmentFile implements HrlWriterFile {
       await this.fh.truncate(this.endBytes);
       this.fileBytes = this.endBytes;
     }
+    const synced = this.endBytes;
     await this.fh.datasync();
-    this.dropCache();
+    this.dropCache(synced);
   }
 
   /**
@@ -167,8 +169,17 @@ export class SparseSegmentFile implements HrlWriterFile {
    * comment). Advisory: a refusal leaves them cached, costing memory, not
    * data, so it is not an error.
    */
-  private dropCache(): void {
-    dropFileCache(this.fh.fd, 0, 0);
+  private dropCache(syncedBytes: number): void {
+    // Only what the sync just made durable: pages written since are dirty,
+    // and advising them away would start their writeback early. A throw
+    // here (a closed handle) must not turn the sync that succeeded into a
+    // failure: the drop is advice.
+    if (syncedBytes <= 0) return;
+    try {
+      dropFileCache(this.fh.fd, 0, syncedBytes);
+    } catch {
+      // Kept cached: costs memory, not data.
+    }
   }
 
   async close(): Promise<void> {

@@ -537,11 +537,6 @@ export class ChangeTracker {
   }
 
   /**
-   * Takes the lock of every tracker, queued on all at once (synchronously:
-   * a write recorded after the call lands behind it), in one global order
-   * so two such calls cannot deadlock. `release` lets all of them go.
-   */
-  /**
    * Resolves once the next log, made ahead after the last cut, is ready (at
    * once when none is being made). A cut waits for it before it holds the
    * writes: from then on every write recorded after `cut()` is called lands
@@ -560,6 +555,11 @@ export class ChangeTracker {
     await Promise.all(trackers.map((t) => t.spareMaking));
   }
 
+  /**
+   * Takes the lock of every tracker, queued on all at once (synchronously:
+   * a write recorded after the call lands behind it), in one global order
+   * so two such calls cannot deadlock. `release` lets all of them go.
+   */
   private static async holdAll(trackers: readonly ChangeTracker[]): Promise<{ ordered: ChangeTracker[]; release: () => void }> {
     const ordered = [...new Set(trackers)].sort((a, b) => (a.dir + a.diskId < b.dir + b.diskId ? -1 : 1));
     const releases: Release[] = [];
