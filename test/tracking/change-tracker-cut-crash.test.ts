@@ -32,6 +32,27 @@ class GatedFile implements HrlWriterFile {
   static lastWritten: GatedFile | undefined;
   /** Decides a datasync: undefined goes on at once, a promise is awaited first (a rejection fails the sync). */
   static gate: ((f: GatedFile) => Promise<void> | undefined) | undefined;
+
+  /**
+   * Stops the next datasync of a file `pick` accepts until `end()` (with an
+   * error: the sync fails with it); others go on. `reached` resolves with the
+   * stopped file. One file only: the gate is cleared when it stops one.
+   */
+  static stopNextSync(pick: (f: GatedFile) => boolean): { reached: Promise<GatedFile>; end: (err?: Error) => void } {
+    let end!: (err?: Error) => void;
+    const stopped = new Promise<void>((resolve, reject) => {
+      end = (err) => (err === undefined ? resolve() : reject(err));
+    });
+    let reach!: (f: GatedFile) => void;
+    const reached = new Promise<GatedFile>((r) => (reach = r));
+    GatedFile.gate = (f) => {
+      if (!pick(f)) return undefined;
+      GatedFile.gate = undefined;
+      reach(f);
+      return stopped;
+    };
+    return { reached, end };
+  }
   readonly ops: { position: number; data: Buffer }[] = [];
   syncedOps = 0;
   private constructor(readonly openedAs: string, readonly inode: number, private readonly fh: fsp.FileHandle) {}
@@ -178,40 +199,27 @@ async function writeWhileStopped(work: Workload, n: number): Promise<{ passed: B
   return { passed: [...done], rest };
 }
 
-/**
- * Brings `t` into a cut whose old log's seal stops at its first fdatasync:
- * the switch is done (the spare took the active log's place), writes go
- * into the new log. `fail` decides how the stopped sync ends.
- */
 /** Waits until a file opened after the first `since` (the spare made by the last cut) has synced its anchor. */
 async function spareMade(since: number): Promise<void> {
   for (let i = 0; i < 2000 && !(GatedFile.opened.length > since && GatedFile.opened.at(-1)!.syncedOps > 0); i++) await new Promise((r) => setTimeout(r, 2));
   expect(GatedFile.opened.length).toBeGreaterThan(since);
 }
 
+/**
+ * Brings `t` into a cut whose old log's seal stops at its first fdatasync:
+ * the switch is done (the spare took the active log's place), writes go
+ * into the new log. `end` decides how the stopped sync ends.
+ */
 async function stopInSeal(t: ChangeTracker): Promise<{ cut: Promise<unknown>; old: GatedFile; spare: GatedFile; end: (err?: Error) => void }> {
   // The cut waits for the spare (the file opened last) before it holds the
   // writes; the first other file to sync after that is the old log, sealing.
   const spare = GatedFile.opened.at(-1)!;
   expect(spare.openedAs.endsWith('.hrl.spare')).toBe(true);
-  let old: GatedFile | undefined;
-  let end!: (err?: Error) => void;
-  const stopped = new Promise<void>((resolve, reject) => {
-    end = (err) => (err === undefined ? resolve() : reject(err));
-  });
-  let reached!: () => void;
-  const inSeal = new Promise<void>((r) => (reached = r));
-  GatedFile.gate = (f) => {
-    if (f === spare) return undefined;
-    old = f;
-    GatedFile.gate = undefined;
-    reached();
-    return stopped;
-  };
+  const { reached, end } = GatedFile.stopNextSync((f) => f !== spare);
   const cut = ChangeTracker.cut([t]);
   cut.catch(() => undefined);
-  await inSeal;
-  return { cut, old: old!, spare, end };
+  const old = await reached;
+  return { cut, old, spare, end };
 }
 
 describe('ChangeTracker cut through the spare, on injected files', () => {
@@ -356,15 +364,7 @@ describe('ChangeTracker cut right after another', () => {
     await t.nextLogReady();
     // The spare the next cut makes stops in its anchor's sync until released.
     const before = GatedFile.opened.length;
-    let release!: () => void;
-    const stopped = new Promise<void>((r) => (release = r));
-    let reached!: () => void;
-    const inCreate = new Promise<void>((r) => (reached = r));
-    GatedFile.gate = (f) => {
-      if (GatedFile.opened.indexOf(f) < before || !f.openedAs.endsWith('.hrl.spare')) return undefined;
-      reached();
-      return stopped;
-    };
+    const { reached: inCreate, end: release } = GatedFile.stopNextSync((f) => GatedFile.opened.indexOf(f) >= before && f.openedAs.endsWith('.hrl.spare'));
     await t.rotate();
     await inCreate;
     // A cut at once (one that followed a long seal): the spare is not ready.
@@ -380,7 +380,6 @@ describe('ChangeTracker cut right after another', () => {
     for (let i = 0; i < 20; i++) await turn();
     expect(wrote, 'a write completes while the next log is being made').toBe(true);
     expect(cutDone).toBe(false);
-    GatedFile.gate = undefined;
     release();
     const [sealed] = await cut;
     await write;
