@@ -94,11 +94,7 @@ export class SparseSegmentFile implements HrlWriterFile {
   private fileBytes = 0;
   /** Bytes left as holes so far. */
   holeBytes = 0;
-  private readonly writeback = new BackgroundSync(async () => {
-    const synced = this.endBytes;
-    await this.fh.datasync();
-    this.dropCache(synced);
-  }, () => SEGMENT_WRITEBACK_BYTES);
+  private readonly writeback = new BackgroundSync(() => this.syncAndDropCache(), () => SEGMENT_WRITEBACK_BYTES);
 
   private constructor(private readonly fh: fsp.FileHandle) {}
 
@@ -159,6 +155,11 @@ export class SparseSegmentFile implements HrlWriterFile {
       await this.fh.truncate(this.endBytes);
       this.fileBytes = this.endBytes;
     }
+    await this.syncAndDropCache();
+  }
+
+  /** fdatasync, then drop what it made durable from the page cache (the class comment). */
+  private async syncAndDropCache(): Promise<void> {
     const synced = this.endBytes;
     await this.fh.datasync();
     this.dropCache(synced);
