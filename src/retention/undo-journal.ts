@@ -283,11 +283,13 @@ export async function appendTargetContent(writer: HrlWriter, extents: readonly E
 /**
  * A writer for a new journal file (`file` must not exist) that leaves zero
  * payloads as holes (`SparseSegmentFile`): undo segments, resync slots and
- * resync session files.
+ * resync session files. `scratchUntilSealed`: the caller renames the file
+ * into place after the seal and discards it after a crash before that
+ * (see `HrlWriterOptions.scratchUntilSealed`), so only the seal syncs it.
  */
-export function createSegmentWriter(file: string): Promise<HrlWriter> {
+export function createSegmentWriter(file: string, options: { scratchUntilSealed?: boolean } = {}): Promise<HrlWriter> {
   // Their ranges are disjoint by construction: nothing to coalesce, so no map to keep.
-  return HrlWriter.create(file, { openFile: (f) => SparseSegmentFile.create(f), coalesceOverwrites: false });
+  return HrlWriter.create(file, { openFile: (f) => SparseSegmentFile.create(f), coalesceOverwrites: false, scratchUntilSealed: options.scratchUntilSealed ?? false });
 }
 
 /**
@@ -377,7 +379,7 @@ if (HRL_METADATA_HEADER_SIZE + hrlEntriesPerBlock(HRL_DEFAULT_METADATA_SIZE) * H
  * rolling back to a point is applying pre-image logs newest first.
  *
  * Crash safety: a pre-image is written to `<seq>.undo.hrl.tmp`, sealed
- * (which fsyncs it), renamed into place and the directory fsynced, and only
+ * (whose one fdatasync makes payloads and header durable), renamed into place and the directory fsynced, and only
  * then does the master target start applying the log. So after a crash:
  * - a `.tmp` file means apply had not started: the target still holds the
  *   old data; the file is discarded and the pre-image written again;
@@ -481,7 +483,11 @@ export class UndoJournal {
     }
     let writer: HrlWriter | undefined;
     try {
-      writer = await createSegmentWriter(tmp);
+      // A `.tmp` segment is discarded by `open()` after a crash and gets its
+      // name only by the rename below, after the seal's fdatasync: only that
+      // one sync is needed (the create's anchor and directory syncs and the
+      // seal's sync before its header protected nothing a crash could see).
+      writer = await createSegmentWriter(tmp, { scratchUntilSealed: true });
       await appendTargetContent(writer, extents, target);
       // SparseSegmentFile writes until every byte is written or the call
       // fails, so no write can come out short without an error: structures

@@ -78,6 +78,18 @@ export interface HrlWriterOptions {
   readonly coalesceMinBytes?: number;
   /** Creates the log file (default: fs/promises open with 'wx+', refusing an existing file). */
   readonly openFile?: (filePath: string) => Promise<HrlWriterFile>;
+  /**
+   * The file is a scratch name the caller renames into place after `seal()`
+   * and a crash before that rename discards (undo segments: `<seq>.undo.hrl.tmp`).
+   * Nothing may read it unsealed, so nothing needs to be durable before the
+   * seal: `create` skips the anchor's fdatasync and the directory sync, and
+   * `seal` fdatasyncs once, after the header is written, making payloads,
+   * blocks and header durable together before the caller's rename. Three
+   * syncs of a log's file become one, and a directory sync goes (the
+   * caller's sync after the rename covers the name). Default false: a log
+   * recoverable unsealed (`recoverHrlLog`) needs every sync.
+   */
+  readonly scratchUntilSealed?: boolean;
 }
 
 /** What `seal()` reports. */
@@ -257,7 +269,11 @@ export class HrlWriter {
     this.coalesceMaxEntries = options.coalesceMaxEntries ?? HRL_COALESCE_MAX_ENTRIES;
     this.coalesceMinBytes = options.coalesceMinBytes ?? 1;
     this.coalescible = this.coalesceOverwrites ? new CoalescibleEntries(this.coalesceMaxEntries) : undefined;
+    this.scratchUntilSealed = options.scratchUntilSealed ?? false;
   }
+
+  /** See `HrlWriterOptions.scratchUntilSealed`: only the seal's last sync makes anything durable. */
+  private readonly scratchUntilSealed: boolean;
 
   /** Whether overwrites of an exact extent rewrite the earlier entry in place. */
   readonly coalesceOverwrites: boolean;
@@ -294,7 +310,7 @@ export class HrlWriter {
     const writer = new HrlWriter(fh, filePath, options);
     try {
       await writer.writeAnchor();
-      await syncDirectory(path.dirname(filePath));
+      if (!writer.scratchUntilSealed) await syncDirectory(path.dirname(filePath));
       const native = options.openFile === undefined ? loadNativeTap() : undefined;
       const fd = (fh as Partial<fsp.FileHandle>).fd;
       if (native !== undefined && typeof fd === 'number') {
@@ -464,8 +480,12 @@ export class HrlWriter {
         vhd2DataWriteGuid: this.vhd2DataWriteGuid,
       });
       await this.io('seal', async () => {
-        // The payloads and blocks must be durable before the header claims them.
-        await this.fh.datasync();
+        // The payloads and blocks must be durable before the header claims
+        // them: a crash in between would leave a sealed header over missing
+        // data. A scratch file has no such moment (its name appears only
+        // after this seal, by the caller's rename), so its one sync follows
+        // the header.
+        if (!this.scratchUntilSealed) await this.fh.datasync();
         await this.fh.write(header, 0, header.length, 0);
         await this.fh.datasync();
         await this.fh.close();
@@ -548,8 +568,10 @@ export class HrlWriter {
     const anchor = Buffer.alloc(this.metadataSizeBytes);
     encodeHrlMetadataHeader({ previousMetadataLocation: 0, validMetadataEntries: 0 }, anchor, 0);
     await this.fh.writev([header, anchor], 0);
-    await this.fh.datasync();
     this.writtenEnd = HRL_HEADER_SIZE + this.metadataSizeBytes;
+    // A scratch file is not read before its seal (see scratchUntilSealed): its anchor need not be durable yet.
+    if (this.scratchUntilSealed) return;
+    await this.fh.datasync();
     this.durableEnd = this.writtenEnd;
   }
 

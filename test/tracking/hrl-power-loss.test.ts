@@ -203,6 +203,33 @@ describe('HrlWriter under simulated power loss', () => {
     expect(tornSeen).toBeGreaterThan(0);
   });
 
+  it('seals a scratch file with one sync after its header, and a log in place with the payloads synced before the header', async () => {
+    const dir = tempDir();
+    const sealWith = async (scratchUntilSealed: boolean): Promise<RecordingFile> => {
+      const recording = new RecordingFile();
+      const w = await HrlWriter.create(path.join(dir, `${scratchUntilSealed ? 'scratch' : 'placed'}.hrl`), { metadataSizeBytes: 256, stagingBytes: 2048, coalesceOverwrites: false, scratchUntilSealed, openFile: async () => recording });
+      for (let i = 0; i < 40; i++) await w.append(i * 4096, Buffer.alloc(1024 + i * 64, i + 1));
+      await w.seal();
+      return recording;
+    };
+    const scratch = await sealWith(true);
+    // One sync, after every write: the header (written at 0 by the seal, last) is in it.
+    expect(scratch.syncs).toEqual([scratch.ops.length]);
+    expect(scratch.ops[scratch.ops.length - 1]!.position).toBe(0);
+    // What that sync made durable is the whole sealed log: the image a rename then publishes.
+    const image = crashImage(scratch, scratch.ops.length, prng(7));
+    const file = path.join(dir, 'scratch-image.hrl');
+    fs.writeFileSync(file, image);
+    const entries = await entriesOf(file);
+    expect(entries).toHaveLength(40);
+    expect(entries[39]).toBe(`${39 * 4096}:${Buffer.alloc(1024 + 39 * 64, 40).toString('hex')}`);
+    const placed = await sealWith(false);
+    // In place, the header must not be durable before what it claims: a sync right before it, one after.
+    const headerAt = placed.ops.length - 1;
+    expect(placed.ops[headerAt]!.position).toBe(0);
+    expect(placed.syncs.slice(-2)).toEqual([headerAt, headerAt + 1]);
+  });
+
   it('syncs on flush only when something was written since the last sync', async () => {
     const recording = new RecordingFile();
     const w = await HrlWriter.create(path.join(tempDir(), 'idle.hrl'), { openFile: async () => recording });
