@@ -105,4 +105,19 @@ export interface OpenOptions {
   /** Create the disk with this size; refused if a disk that is not ours exists there. */
   readonly create?: { readonly sizeBytes: number; readonly diskUuid?: string };
   readonly readOnly?: boolean;
+  /**
+   * What becomes of written pages in the page cache once a flush (or the
+   * target's own background sync) made them durable: 'keep' (the default:
+   * the kernel decides) or 'drop-durable' (dropped at once, the way a
+   * hypervisor's cache=none disk never fills the host's cache). For a
+   * replication target: written at the churn's rate, read back only for
+   * pre-images and resync, its cached pages only crowd out others, and on a
+   * VM with free page reporting every fresh page costs a host fault
+   * (docs/transport.md, "Page cache that grows"). File targets only; the
+   * others ignore it.
+   */
+  readonly pageCache?: PageCachePolicy;
 }
+
+/** See {@link OpenOptions.pageCache}. */
+export type PageCachePolicy = 'keep' | 'drop-durable';

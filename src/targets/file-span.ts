@@ -2,8 +2,9 @@ import type * as fsp from 'node:fs/promises';
 import { MAX_HASHED_READ_BYTES, preadHashBlocks } from '../platform/block-hashing';
 import { canPunchHoles, fileAllocation, type FileExtentOps } from '../platform/file-extents';
 import { PoolJobLimit } from '../platform/pool-job-limit';
+import { DurablePageDropper } from '../platform/page-cache';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
-import type { AllocationExtent } from './disk-target';
+import type { AllocationExtent, PageCachePolicy } from './disk-target';
 
 /** Largest zero buffer written at once where a range cannot be punched: bounds memory for huge ranges. */
 const ZERO_CHUNK_BYTES = 1024 * 1024;
@@ -44,6 +45,8 @@ export interface FileSpanOptions {
    * one file may share one.
    */
   readonly poolJobs?: PoolJobLimit;
+  /** What becomes of synced pages: see OpenOptions.pageCache ('keep' by default). */
+  readonly pageCache?: PageCachePolicy;
 }
 
 /**
@@ -85,6 +88,8 @@ export class FileSpan {
    * file could hold every thread of the process and stall its other disks.
    */
   private readonly poolJobs: PoolJobLimit;
+  /** With pageCache 'drop-durable': drops the file's clean pages after each successful datasync. */
+  private readonly dropper: DurablePageDropper | undefined;
 
   constructor(options: FileSpanOptions) {
     this.path = options.path;
@@ -96,6 +101,7 @@ export class FileSpan {
     this.punchAlignBytes = options.punchAlignBytes ?? 1;
     this.shortReadError = options.shortReadError;
     this.poolJobs = options.poolJobs ?? new PoolJobLimit();
+    this.dropper = options.pageCache === 'drop-durable' ? new DurablePageDropper(() => this.handle.fd) : undefined;
     const blockAligned = this.fileOffset % FILE_SPAN_EXTENT_GRANULARITY_BYTES === 0;
     this.punching = options.punchHoles && blockAligned;
     // The seeks and the punch refuse a descriptor that close() has let go.
@@ -267,6 +273,7 @@ export class FileSpan {
     // return after this one: this sync is good only if those were too.
     if (this.syncsInFlight.size > 0) await Promise.allSettled([...this.syncsInFlight]);
     this.throwIfSyncFailed();
+    this.dropper?.synced();
   }
 
   private throwIfSyncFailed(): void {
@@ -281,6 +288,7 @@ export class FileSpan {
     this.closed = true;
     // A punch or hashed read still running on the thread pool holds the descriptor number.
     await Promise.allSettled([...this.poolOps]);
+    await this.dropper?.close();
     await this.handle.close();
   }
 

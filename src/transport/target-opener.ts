@@ -11,18 +11,21 @@ import type { DiskTarget } from '../targets/disk-target';
  */
 export async function openOrCreateTarget(spec: string, sizeBytes: number): Promise<DiskTarget> {
   const parsed = parseDiskSpec(spec);
+  // Written at the churn's rate and read back only for pre-images and
+  // resync: its pages leave the cache once durable (OpenOptions.pageCache).
+  const pageCache = 'drop-durable';
   let exists = true;
   if (parsed.kind !== 'blob' && parsed.kind !== 'nbd') exists = fs.existsSync(parsed.path);
   let target: DiskTarget;
   if (exists) {
     try {
-      target = await openDisk(spec);
+      target = await openDisk(spec, { pageCache });
     } catch (err) {
       if (parsed.kind !== 'blob' || (err as { code?: string }).code !== 'BR_FILE_NOT_FOUND' && !/not ?found|does not exist/i.test((err as Error).message)) throw err;
-      target = await openDisk(spec, { create: { sizeBytes } });
+      target = await openDisk(spec, { create: { sizeBytes }, pageCache });
     }
   } else {
-    target = await openDisk(spec, { create: { sizeBytes } });
+    target = await openDisk(spec, { create: { sizeBytes }, pageCache });
   }
   if (target.sizeBytes !== sizeBytes) {
     await target.close();

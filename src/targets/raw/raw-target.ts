@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { nativeFileExtents, type FileExtentOps } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
-import type { OpenOptions } from '../disk-target';
+import type { OpenOptions, PageCachePolicy } from '../disk-target';
 import { FILE_SPAN_EXTENT_GRANULARITY_BYTES, FileSpan } from '../file-span';
 import { FileSpanTarget, openForTarget, statForOpen } from '../file-span-target';
 import { checkOpen } from '../request-bounds';
@@ -111,15 +111,15 @@ export class RawTarget extends FileSpanTarget {
   }
 
   /** Builds the target for an open regular file, probing hole punching when it is writable. */
-  private static async forFile(spec: string, path: string, handle: fsp.FileHandle, sizeBytes: number, readOnly: boolean, ops: FileExtentOps): Promise<RawTarget> {
+  private static async forFile(spec: string, path: string, handle: fsp.FileHandle, sizeBytes: number, readOnly: boolean, ops: FileExtentOps, pageCache: PageCachePolicy | undefined): Promise<RawTarget> {
     const punchHoles = !readOnly && (await FileSpan.probePunching(handle, sizeBytes, ops));
-    return new RawTarget(spec, new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: true, punchHoles, ownsFileTail: true, ops }), SECTOR_BYTES_IF_DEVICE.file, readOnly);
+    return new RawTarget(spec, new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: true, punchHoles, ownsFileTail: true, ops, pageCache }), SECTOR_BYTES_IF_DEVICE.file, readOnly);
   }
 
   /** Builds the target for an open block device; it punches only where sysfs says the device can zero without writing. */
-  private static forBlockDevice(spec: string, path: string, handle: fsp.FileHandle, stat: fs.Stats, sizeBytes: number, readOnly: boolean, ops: FileExtentOps): RawTarget {
+  private static forBlockDevice(spec: string, path: string, handle: fsp.FileHandle, stat: fs.Stats, sizeBytes: number, readOnly: boolean, ops: FileExtentOps, pageCache: PageCachePolicy | undefined): RawTarget {
     const zeroing = blockDeviceZeroing(stat);
-    const span = new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: false, punchHoles: !readOnly && zeroing.canPunch, punchAlignBytes: zeroing.logicalBlockBytes, ownsFileTail: false, ops });
+    const span = new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: false, punchHoles: !readOnly && zeroing.canPunch, punchAlignBytes: zeroing.logicalBlockBytes, ownsFileTail: false, ops, pageCache });
     return new RawTarget(spec, span, SECTOR_BYTES_IF_DEVICE.device, readOnly);
   }
 
@@ -144,7 +144,7 @@ export class RawTarget extends FileSpanTarget {
           throw new BlockrelayError('BR_TARGET_SIZE_MISMATCH', `block device ${path} holds ${deviceBytes} bytes, fewer than the ${create.sizeBytes} asked for`, { details: { spec, deviceBytes, sizeBytes: create.sizeBytes } });
         }
         const handle = await openForTarget(path, 'r+');
-        return RawTarget.forBlockDevice(spec, path, handle, stat, create.sizeBytes, false, ops);
+        return RawTarget.forBlockDevice(spec, path, handle, stat, create.sizeBytes, false, ops, options.pageCache);
       }
       if (stat !== undefined && !(stat.isFile() && stat.size === 0)) {
         throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} already exists and is not an empty file; refusing to create ${spec} over it`, { details: { spec, path } });
@@ -158,7 +158,7 @@ export class RawTarget extends FileSpanTarget {
         await handle.close();
         throw wrapError(err, 'BR_IO', `cannot size ${path} to ${create.sizeBytes} bytes`);
       }
-      return RawTarget.forFile(spec, path, handle, create.sizeBytes, false, ops);
+      return RawTarget.forFile(spec, path, handle, create.sizeBytes, false, ops, options.pageCache);
     }
     if (stat === undefined) throw new BlockrelayError('BR_FILE_NOT_FOUND', `${path} does not exist`, { details: { spec, path } });
     if (!stat.isFile() && !stat.isBlockDevice()) {
@@ -167,9 +167,9 @@ export class RawTarget extends FileSpanTarget {
     if (stat.isBlockDevice()) {
       const deviceBytes = blockDeviceSizeBytes(stat, path);
       const handle = await openForTarget(path, readOnly ? 'r' : 'r+');
-      return RawTarget.forBlockDevice(spec, path, handle, stat, deviceBytes, readOnly, ops);
+      return RawTarget.forBlockDevice(spec, path, handle, stat, deviceBytes, readOnly, ops, options.pageCache);
     }
     const handle = await openForTarget(path, readOnly ? 'r' : 'r+');
-    return RawTarget.forFile(spec, path, handle, stat.size, readOnly, ops);
+    return RawTarget.forFile(spec, path, handle, stat.size, readOnly, ops, options.pageCache);
   }
 }

@@ -150,9 +150,9 @@ export async function openVmdk(file: string, options: OpenOptions, subformat: Vm
   if (!readOnly) await refuseIfParent(file);
   const claim = id.diskUuid === undefined ? undefined : claimDiskUuid(id.diskUuid, spec, !readOnly);
   try {
-    if (id.layout === 'sparse') return await VmdkSparseTarget.open(file, spec, readOnly, claim);
-    if (id.layout === 'split') return await VmdkSplitTarget.open(file, id.descriptor!, spec, readOnly, claim);
-    return await VmdkFlatTarget.open(file, id.descriptor!, spec, readOnly, claim);
+    if (id.layout === 'sparse') return await VmdkSparseTarget.open(file, spec, readOnly, claim, options.pageCache);
+    if (id.layout === 'split') return await VmdkSplitTarget.open(file, id.descriptor!, spec, readOnly, claim, options.pageCache);
+    return await VmdkFlatTarget.open(file, id.descriptor!, spec, readOnly, claim, options.pageCache);
   } catch (err) {
     claim?.release();
     throw err;

@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { nativeFileExtents } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
 import { xxh64 } from '../../tracking/dirty-map';
-import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
+import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, PageCachePolicy } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { FileSpan } from '../file-span';
 import { checkOpen, checkRequest } from '../request-bounds';
@@ -108,7 +108,7 @@ export class VmdkFlatTarget implements DiskTarget {
   }
 
   /** Opens the extents a parsed descriptor lists; refuses kinds of extent this target cannot serve. */
-  static async open(file: string, descriptor: VmdkDescriptor, spec: string, readOnly: boolean, claim?: DiskUuidClaim): Promise<VmdkFlatTarget> {
+  static async open(file: string, descriptor: VmdkDescriptor, spec: string, readOnly: boolean, claim?: DiskUuidClaim, pageCache: PageCachePolicy = 'keep'): Promise<VmdkFlatTarget> {
     const opened: FlatExtent[] = [];
     try {
       let start = 0;
@@ -149,6 +149,7 @@ export class VmdkFlatTarget implements DiskTarget {
           ownsFileTail: false,
           ops: nativeFileExtents,
           shortReadError: (at) => corrupt(dataFile, at, 'flat extent ends early'),
+          pageCache,
         });
         opened.push({ start, length, span });
         if (regularFile && stat.size < fileOffset + length) throw corrupt(dataFile, stat.size, `flat extent is truncated: ${stat.size} bytes, descriptor needs ${fileOffset + length}`);

@@ -3,7 +3,7 @@ import * as os from 'node:os';
 import * as zlib from 'node:zlib';
 import * as path from 'node:path';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
-import type { AllocationExtent, DiskReadRequest, DiskTarget, DiskTargetCapabilities } from '../disk-target';
+import type { AllocationExtent, DiskReadRequest, DiskTarget, DiskTargetCapabilities, PageCachePolicy } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { checkOpen, checkRequest } from '../request-bounds';
 import { newCid } from './vmdk-content-id';
@@ -34,6 +34,7 @@ import {
   type SparseHeader,
 } from './vmdk-format';
 import { BackgroundSync } from '../../platform/background-sync';
+import { DurablePageDropper } from '../../platform/page-cache';
 import { buffersAfter, writevAll } from '../../platform/io-vectors';
 import { readAt, writeAt, type PositionedIoError, type PositionedPiece } from './positioned-writes';
 
@@ -145,7 +146,13 @@ export class VmdkSparseTarget implements DiskTarget {
   private unflushedGrains = 0;
   private wroteData = false;
   /** Syncs started in the background as grains are written; the first error one met is reported by the next flush. */
-  private readonly writeback = new BackgroundSync(() => this.handle.datasync(), () => VmdkSparseTarget.writebackBytes);
+  private readonly writeback = new BackgroundSync(() => this.handle.datasync().then(() => this.dropper?.synced()), () => VmdkSparseTarget.writebackBytes);
+  /**
+   * With pageCache 'drop-durable': drops the file's clean pages after every
+   * sync. Grain tables stay in this object's own cache, so what is dropped
+   * is grain data, read back only for pre-images and resync.
+   */
+  private readonly dropper: DurablePageDropper | undefined;
   /** True while flushLocked runs: its own grain-table writes start no background sync (see kickWriteback). */
   private flushing = false;
   /** Whether this session already gave the embedded descriptor a new CID. */
@@ -166,7 +173,9 @@ export class VmdkSparseTarget implements DiskTarget {
     fileSizeBytes: number,
     readOnly: boolean,
     private readonly claim: DiskUuidClaim | undefined,
+    pageCache: PageCachePolicy,
   ) {
+    this.dropper = pageCache === 'drop-durable' && !readOnly ? new DurablePageDropper(() => this.handle.fd) : undefined;
     this.sizeBytes = header.capacitySectors * SECTOR_BYTES;
     this.grainBytes = header.grainSectors * SECTOR_BYTES;
     this.gtSectors = gtSectors(header);
@@ -259,7 +268,7 @@ export class VmdkSparseTarget implements DiskTarget {
    * found at open as a coded error and never causes a write. Opening for
    * writing sets `uncleanShutdown`.
    */
-  static async open(file: string, spec: string, readOnly: boolean, claim?: DiskUuidClaim): Promise<VmdkSparseTarget> {
+  static async open(file: string, spec: string, readOnly: boolean, claim?: DiskUuidClaim, pageCache: PageCachePolicy = 'keep'): Promise<VmdkSparseTarget> {
     // Grain tables are used as host-order Uint32Arrays over little-endian bytes.
     if (os.endianness() !== 'LE') throw new BlockrelayError('BR_TARGET_UNSUPPORTED', 'sparse VMDK access needs a little-endian host');
     const handle = await openFile(file, readOnly ? 'r' : 'r+');
@@ -279,7 +288,7 @@ export class VmdkSparseTarget implements DiskTarget {
       const tables = gtCount(header);
       const gd = await readDirectory(handle, header.gdOffsetSectors, tables);
       const rgd = (header.flags & FLAG_REDUNDANT_GRAIN_TABLE) !== 0 ? await readDirectory(handle, header.rgdOffsetSectors, tables) : undefined;
-      const target = new VmdkSparseTarget(spec, file, handle, header, descriptor, gd, rgd, size, readOnly, claim);
+      const target = new VmdkSparseTarget(spec, file, handle, header, descriptor, gd, rgd, size, readOnly, claim, pageCache);
       await target.validateTables(header.uncleanShutdown);
       if (!readOnly) await target.writeHeader(true);
       return target;
@@ -524,6 +533,8 @@ export class VmdkSparseTarget implements DiskTarget {
       } finally {
         this.claim?.release();
         await this.writeback.idle();
+        // After the background sync (whose end may start a drop): the drop's descriptor must stay open under it.
+        await this.dropper?.close();
         await this.handle.close();
       }
     });
@@ -602,7 +613,10 @@ export class VmdkSparseTarget implements DiskTarget {
       throw wrapError(err, 'BR_IO', `sync on ${this.file} failed`);
     });
     if (this.dirty.size === 0 && !this.gdDirty) {
-      if (this.wroteData) await this.io(() => this.handle.datasync(), 'sync');
+      if (this.wroteData) {
+        await this.io(() => this.handle.datasync(), 'sync');
+        this.dropper?.synced();
+      }
       this.wroteData = false;
       return;
     }
@@ -629,6 +643,7 @@ export class VmdkSparseTarget implements DiskTarget {
       if (this.rgd !== undefined) await this.io(() => this.handle.write(dir(this.rgd!), 0, this.rgd!.length * GTE_BYTES, this.header.rgdOffsetSectors * SECTOR_BYTES), 'write redundant grain directory');
     }
     await this.io(() => this.handle.datasync(), 'sync');
+    this.dropper?.synced();
     this.dirty.clear();
     this.gdDirty = false;
     this.unflushedGrains = 0;

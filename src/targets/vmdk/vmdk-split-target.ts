@@ -1,6 +1,6 @@
 import * as path from 'node:path';
 import { BlockrelayError } from '../../retry/blockrelay-error';
-import type { AllocationExtent, DiskTarget, DiskTargetCapabilities } from '../disk-target';
+import type { AllocationExtent, DiskTarget, DiskTargetCapabilities, PageCachePolicy } from '../disk-target';
 import type { DiskUuidClaim } from '../disk-uuid-registry';
 import { checkOpen, checkRequest } from '../request-bounds';
 import { DescriptorCidBump } from './vmdk-content-id';
@@ -46,7 +46,7 @@ export class VmdkSplitTarget implements DiskTarget {
   }
 
   /** Opens every SPARSE extent the descriptor lists; each must hold at least the sectors the descriptor gives it. */
-  static async open(file: string, descriptor: VmdkDescriptor, spec: string, readOnly: boolean, claim?: DiskUuidClaim): Promise<VmdkSplitTarget> {
+  static async open(file: string, descriptor: VmdkDescriptor, spec: string, readOnly: boolean, claim?: DiskUuidClaim, pageCache: PageCachePolicy = 'keep'): Promise<VmdkSplitTarget> {
     const parts: SplitExtent[] = [];
     try {
       let start = 0;
@@ -54,7 +54,7 @@ export class VmdkSplitTarget implements DiskTarget {
         if (e.type !== 'SPARSE') throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${file}: ${e.type} extents cannot be mixed with SPARSE ones`, { details: { file } });
         if (e.access !== 'RW' && !readOnly) throw new BlockrelayError('BR_TARGET_READ_ONLY', `${file}: extent ${e.fileName} is ${e.access}; open it read-only`, { details: { file } });
         const extentFile = path.resolve(path.dirname(file), e.fileName!);
-        const target = await VmdkSparseTarget.open(extentFile, `${spec} (extent ${e.fileName})`, readOnly);
+        const target = await VmdkSparseTarget.open(extentFile, `${spec} (extent ${e.fileName})`, readOnly, undefined, pageCache);
         const length = e.sectors * SECTOR_BYTES;
         parts.push({ start, length, target });
         if (target.sizeBytes < length) throw corrupt(extentFile, 12, `extent capacity ${target.sizeBytes} bytes is less than the ${length} bytes the descriptor gives it`);
