@@ -32,6 +32,8 @@
  * system, every thread) per GB of logs, and the chain's stage timeline.
  *
  * Options: --quick (shorter run, same disk), --interval-ms N (cut interval),
+ * --cut-bytes N (cut once the active log holds N bytes; default the source
+ * role's SOURCE_ROLE_DEFAULTS.cutBytes),
  * --logs-out FILE (every RPO sample and stage event of the churn run),
  * --rate R (fio's target rate, default 200m), --cut-through (the process
  * server forwards a log while it still arrives),
@@ -59,6 +61,7 @@ import { HopWorker, threadCpu, threadGc, type ThreadCpu, type ThreadGc } from '.
 import { LogShipper, type ShippableLog } from '../src/transport/log-shipper';
 import type { LogStageEvent } from '../src/transport/log-stage-events';
 import { silentLogger } from '../src/daemon/logger';
+import { SOURCE_ROLE_DEFAULTS } from '../src/tap/source-role';
 import { freePort } from '../test/helpers/net';
 import { hasTool } from '../test/helpers/tools';
 
@@ -78,6 +81,10 @@ const intervalArg = process.argv.indexOf('--interval-ms');
 // holds the guest's writes only for the switch to a log made ahead: see
 // docs/transport.md, "The source at short cuts").
 const intervalMs = intervalArg > 0 ? Number(process.argv[intervalArg + 1]) : 1000;
+const cutBytesArg = process.argv.indexOf('--cut-bytes');
+// --cut-bytes N: the source also cuts once its active log holds N bytes
+// (SourceRoleOptions.cutBytes; the role's default otherwise).
+const cutBytes = cutBytesArg > 0 ? Number(process.argv[cutBytesArg + 1]) : SOURCE_ROLE_DEFAULTS.cutBytes;
 const workersOff = process.argv.includes('--no-workers');
 const logsOutArg = process.argv.indexOf('--logs-out');
 // --logs-out FILE: every RPO sample and every stage event of the churn run, for a per-log
@@ -317,7 +324,7 @@ async function main(): Promise<void> {
     }
     const peerMBs = await peer(dir);
     const events: LogStageEvent[] = [];
-    const demo = new Demo({ dataDir: path.join(dir, 'demo'), sizeBytes: diskBytes, nbdListen: `127.0.0.1:${await freePort()}`, intervalMs, logger: silentLogger(), hopsInWorkers: !workersOff, onStage: (e) => events.push(e), cutThrough });
+    const demo = new Demo({ dataDir: path.join(dir, 'demo'), sizeBytes: diskBytes, nbdListen: `127.0.0.1:${await freePort()}`, intervalMs, cutBytes, logger: silentLogger(), hopsInWorkers: !workersOff, onStage: (e) => events.push(e), cutThrough });
     const manifest = await demo.start();
     const rpo: number[] = [];
     // The largest RPO sample in each second of the churn: where the p99 comes from (a backlog that
@@ -356,7 +363,7 @@ async function main(): Promise<void> {
       quick,
       disk: `${diskBytes / MiB} MiB sparse raw -> sparse VMDK with undo journal`,
       environment: 'one process (demo), UV_USE_IO_URING=0',
-      job: `fio 64 KiB randwrite QD8, target ${targetRate}B/s, ${runtimeS} s, cuts every ${intervalMs} ms`,
+      job: `fio 64 KiB randwrite QD8, target ${targetRate}B/s, ${runtimeS} s, cuts every ${intervalMs} ms or once the active log holds ${cutBytes} bytes (${(cutBytes / MiB).toFixed(0)} MiB), whichever comes first`,
       hops: workersOff ? 'process server and master target on the main thread' : 'process server and master target each in a worker thread',
       cutThrough,
       peer: 'same fio job against qemu-nbd serving a raw file (no replication)',

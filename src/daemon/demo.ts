@@ -50,6 +50,8 @@ export interface DemoOptions {
   readonly sizeBytes: number;
   readonly nbdListen: string;
   readonly intervalMs?: number;
+  /** Cut once the active log holds this many bytes, before the interval ends (default SOURCE_ROLE_DEFAULTS.cutBytes). */
+  readonly cutBytes?: number;
   readonly clock?: Clock;
   readonly logger?: Logger;
   /**
@@ -204,6 +206,7 @@ export class Demo {
       listenHost: host,
       listenPort: port,
       intervalMs: this.options.intervalMs ?? DEMO_DEFAULTS.intervalMs,
+      cutBytes: this.options.cutBytes,
       clock: this.clock,
       logger: this.logger,
       onSealed: () => this.shipping?.sealed(),

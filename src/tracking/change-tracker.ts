@@ -141,6 +141,8 @@ export interface TrackerStatus {
   readonly unshippedBytes: number;
   readonly sealedLogs: number;
   readonly activeLogEntries: number;
+  /** Bytes of the active log (payloads plus its open block), in both the TS and the native write path. */
+  readonly activeLogBytes: number;
   /**
    * Payload bytes the active log rewrote in place (exact overwrites
    * coalesced, HrlWriterOptions.coalesceOverwrites): bytes it did not grow by.
@@ -949,6 +951,7 @@ export class ChangeTracker {
       unshippedBytes: this.unshippedBytes(),
       sealedLogs: this.sealed.length,
       activeLogEntries: this.writer?.entryCount ?? 0,
+      activeLogBytes: this.writer?.sizeBytes ?? 0,
       activeLogRewrittenBytes: this.writer?.rewrittenBytes ?? 0,
       lastResyncReason: this.lastResyncReason,
       flushRounds: this.flushRounds,
