@@ -9,16 +9,26 @@ namespace blockrelay {
 
 namespace {
 
+// The (fd, offset, length) both calls take; false when one is missing or out of range.
+bool DropArgs(const Napi::CallbackInfo& info, int& fd, off_t& offset, off_t& length) {
+  double f;
+  double o;
+  double l;
+  if (!NumberArg(info, 0, 2147483647.0, f) || !NumberArg(info, 1, kMaxSafe, o) || !NumberArg(info, 2, kMaxSafe, l)) return false;
+  fd = static_cast<int>(f);
+  offset = static_cast<off_t>(o);
+  length = static_cast<off_t>(l);
+  return true;
+}
+
 Napi::Value DropFileCacheJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  double fd;
-  double offset;
-  double length;
-  if (!NumberArg(info, 0, 2147483647.0, fd)) return env.Undefined();
-  if (!NumberArg(info, 1, kMaxSafe, offset)) return env.Undefined();
-  if (!NumberArg(info, 2, kMaxSafe, length)) return env.Undefined();
+  int fd;
+  off_t offset;
+  off_t length;
+  if (!DropArgs(info, fd, offset, length)) return env.Undefined();
   // posix_fadvise returns the error number instead of setting errno.
-  int rc = posix_fadvise(static_cast<int>(fd), static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
+  int rc = posix_fadvise(fd, offset, length, POSIX_FADV_DONTNEED);
   if (rc == 0) return Napi::Number::New(env, 0);
   return Napi::String::New(env, ErrnoName(rc));
 }
@@ -55,14 +65,12 @@ class DropWorker : public Napi::AsyncWorker {
 
 Napi::Value DropFileCacheAsyncJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  double fd;
-  double offset;
-  double length;
-  if (!NumberArg(info, 0, 2147483647.0, fd)) return env.Undefined();
-  if (!NumberArg(info, 1, kMaxSafe, offset)) return env.Undefined();
-  if (!NumberArg(info, 2, kMaxSafe, length)) return env.Undefined();
+  int fd;
+  off_t offset;
+  off_t length;
+  if (!DropArgs(info, fd, offset, length)) return env.Undefined();
   // Owned by node-addon-api once queued: it deletes itself after OnOK.
-  auto* worker = new DropWorker(env, static_cast<int>(fd), static_cast<off_t>(offset), static_cast<off_t>(length));
+  auto* worker = new DropWorker(env, fd, offset, length);
   Napi::Promise promise = worker->Promise();
   worker->Queue();
   return promise;
