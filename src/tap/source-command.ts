@@ -84,7 +84,9 @@ export function parseDiskFlags(values: readonly string[]): { id: string; spec: s
 /**
  * `blockrelay source`: the source tap role. Serves each protected disk as an
  * NBD export named by its id, records every write in the disk's change
- * tracker, and seals all disks' logs at one cut every `--interval-ms`.
+ * tracker, and seals all disks' logs at one cut every `--interval-ms`, or
+ * sooner once any disk's active log holds SOURCE_ROLE_DEFAULTS.cutBytes (no
+ * flag: the command line is DESIGN.md's contract).
  * Without `--process-server` the sealed logs stay in `--log-dir` as
  * `ID-SEQUENCE.hrl`, lexical order being apply order per disk. With it, each
  * sealed log is shipped to the process server (shared secret from
