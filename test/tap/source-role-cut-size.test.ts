@@ -143,21 +143,24 @@ describe('SourceRole cuts by size', () => {
       const cutBytes = 2 * MiB;
       const role = await startRole(dir, { cutBytes, intervalMs: 600_000, nativeDataPath, onSealed: (logs) => cuts.push(logs) });
       const a = await connect(role, 'a');
-      // About 40 MB/s, paced on this event loop so a delayed poll is met by a delayed writer.
+      // About 20-30 MB/s, paced on this event loop so a delayed poll is met by a delayed writer.
       const streamBytes = 16 * MiB;
       for (let done = 0; done < streamBytes; done += 256 * 1024) {
         await writeStream(a, done, 256 * 1024);
-        await new Promise((r) => setTimeout(r, 5));
+        await new Promise((r) => setTimeout(r, 8));
       }
       expect(role.trackers.get('a')!.canAttachNative, 'whether the native writers are attached').toBe(!nativeDataPath);
       await vi.waitFor(() => expect(role.trackers.get('a')!.status().activeLogBytes).toBeLessThan(cutBytes), { timeout: 10_000 });
       const sizes = cuts.map((c) => c.find((l) => l.diskId === 'a')!.sizeBytes);
-      // Every log cut by size: at least cutBytes, and not much more (a poll every 25 ms at ~40 MB/s).
-      expect(sizes.length).toBeGreaterThanOrEqual(5);
+      // Every log cut by size: at least cutBytes, and not much more: what the
+      // stream writes in one 25 ms poll period, plus the previous cut's seal
+      // when it ran long (the poll waits for it) on a loaded machine.
+      expect(sizes.length).toBeGreaterThanOrEqual(4);
       for (const s of sizes) {
         expect(s).toBeGreaterThanOrEqual(cutBytes);
-        expect(s).toBeLessThan(2 * cutBytes);
+        expect(s).toBeLessThan(3 * cutBytes);
       }
+      expect([...sizes].sort((x, y) => x - y)[Math.floor(sizes.length / 2)]).toBeLessThan(1.5 * cutBytes);
       expect(role.cutsByTrigger()).toEqual({ interval: 0, size: sizes.length });
       for (const c of cuts) expect(new Set(c.map((l) => l.cutId)).size).toBe(1);
     });
