@@ -196,15 +196,16 @@ export class SourceRole {
   /**
    * Seals every disk's active log at one cut and opens the next ones, unless
    * no disk logged anything since the last cut (empty logs would only add
-   * points without changes). Cuts never overlap.
+   * points without changes). Cuts never overlap. `trigger` is what the log
+   * line names as the cut's cause (the role's own cuts pass theirs).
    */
-  cutNow(): Promise<readonly SealedLogInfo[]> {
+  cutNow(trigger: CutTrigger | 'call' = 'call'): Promise<readonly SealedLogInfo[]> {
     const run = this.cutInProgress.then(async () => {
       const trackers = [...this.trackers.values()];
       if (!trackers.some((t) => t.status().activeLogEntries > 0)) return [];
       const sealed = (await ChangeTracker.cut(trackers, { clock: this.clock })).filter((s): s is SealedLogInfo => s !== undefined);
       if (sealed.length > 0) {
-        this.logger.info({ logs: sealed.map((s) => s.name), cutId: sealed[0]!.cutId }, 'sealed logs at a cut');
+        this.logger.info({ logs: sealed.map((s) => s.name), cutId: sealed[0]!.cutId, trigger }, 'sealed logs at a cut');
         this.onSealed?.(sealed);
       }
       return sealed;
@@ -314,7 +315,7 @@ export class SourceRole {
     this.timer = undefined;
     this.scheduledCutRunning = true;
     const startedMs = this.clock.now();
-    this.cutNow()
+    this.cutNow(trigger)
       .then((sealed) => {
         if (sealed.length > 0) this.cutCounts[trigger]++;
       })

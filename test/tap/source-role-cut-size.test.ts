@@ -58,7 +58,9 @@ describe('SourceRole cuts by size', () => {
     const dir = tempDir();
     const clock = new SimulatedClock();
     const cuts: (readonly SealedLogInfo[])[] = [];
-    const role = await startRole(dir, { clock, onSealed: (logs) => cuts.push(logs) });
+    const triggers: unknown[] = [];
+    const logger = { info: (obj: object, msg: string) => msg === 'sealed logs at a cut' && triggers.push((obj as { trigger?: unknown }).trigger), warn: () => {} };
+    const role = await startRole(dir, { clock, logger, onSealed: (logs) => cuts.push(logs) });
     const a = await connect(role, 'a');
     const b = await connect(role, 'b');
 
@@ -91,6 +93,8 @@ describe('SourceRole cuts by size', () => {
     await vi.waitFor(() => expect(cuts.length).toBe(2), { timeout: 10_000 });
     await clock.advance(0);
     expect(role.cutsByTrigger()).toEqual({ interval: 1, size: 1 });
+    // What an operator reads in the log: why each cut came.
+    expect(triggers).toEqual(['size', 'interval']);
     expect(new Set(cuts[1]!.map((l) => l.cutId)).size).toBe(1);
   });
 
