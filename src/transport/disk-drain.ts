@@ -13,6 +13,15 @@ export interface DrainQueue<T> {
   next(): Promise<T | undefined>;
   /** Called once `handle` succeeded for the item: drop it from the queue. */
   complete(item: T): Promise<void>;
+  /**
+   * What the queue holds now in `item`'s place, or undefined once it left
+   * the queue. Each attempt (a retry too) handles what this returns, so a
+   * retry sends what the queue holds then, not what it held at the first
+   * attempt: a spool may take a log again under a spooled log's number
+   * (its ledger lost), which replaces that log and its file. Absent: items
+   * never change in place.
+   */
+  current?(item: T): T | undefined;
   /** A short name of the item for logs, e.g. its sequence number. */
   describe(item: T): string;
   /** What the queue holds for this drain and how full its store is (a hold's bound is measured against it). */
@@ -41,8 +50,12 @@ export interface QueueUsage {
 export function spoolQueue(spool: LogSpool, diskId: string, beforeRemove?: () => Promise<void>): DrainQueue<SpoolEntry> {
   return {
     next: async () => spool.list(diskId)[0],
+    // A commit makes a new entry object: identity tells a replacement from the log handled.
+    current: (entry) => spool.get(diskId, entry.envelope.seq),
     complete: async (entry) => {
       await beforeRemove?.();
+      // Replaced while it was handled: the replacement was not, and stays queued (it is the oldest, so it goes next).
+      if (spool.get(diskId, entry.envelope.seq) !== entry) return;
       await spool.remove(diskId, entry.envelope.seq);
     },
     describe: (entry) => `log ${entry.envelope.seq}`,
@@ -287,8 +300,8 @@ export class DiskDrain<T = SpoolEntry> {
         continue;
       }
       try {
-        await this.handleWithRetry(next);
-        await queue.complete(next);
+        const handled = await this.handleWithRetry(next);
+        if (handled !== undefined) await queue.complete(handled);
         this.options.health.reportSuccess(this.options.stage);
       } catch (err) {
         const coded = isBlockrelayError(err) ? err : new BlockrelayError('BR_INTERNAL', String(err), { cause: err });
@@ -304,9 +317,18 @@ export class DiskDrain<T = SpoolEntry> {
     }
   }
 
-  private async handleWithRetry(item: T): Promise<void> {
+  /**
+   * Handles `item` under the retry policy; returns what was handled (the
+   * queue's item in its place at the last attempt, see DrainQueue.current),
+   * or undefined when it left the queue before an attempt.
+   */
+  private async handleWithRetry(item: T): Promise<T | undefined> {
     const { diskId, clock, logger, metrics, health, stage, queue } = this.options;
-    this.retry = new RetryLoop(() => this.options.handle(item), {
+    let handled: T | undefined = item;
+    this.retry = new RetryLoop(async () => {
+      handled = queue.current === undefined ? item : queue.current(item);
+      if (handled !== undefined) await this.options.handle(handled);
+    }, {
       clock,
       ...(this.options.retryPolicy ? { policy: this.options.retryPolicy } : {}),
       onFailure: (event) => {
@@ -324,5 +346,6 @@ export class DiskDrain<T = SpoolEntry> {
     } finally {
       this.retry = undefined;
     }
+    return handled;
   }
 }
