@@ -755,13 +755,21 @@ export class ChangeTracker {
       this.letNativeGo();
       // Recorded before the log is deleted: every log that left the source is at or below it (followsFor).
       if (this.shippedSequence === undefined || log!.sequence > this.shippedSequence) {
+        const shippedBefore = this.shippedSequence;
         this.shippedSequence = log!.sequence;
         try {
           await this.writeState();
         } catch (err) {
-          // Still listed: a later acknowledgement deletes it.
+          // Still listed: a later acknowledgement deletes it, and writes the
+          // state again (it skips that while shippedSequence says it is done).
+          this.shippedSequence = shippedBefore;
           this.sealed.splice(i, 0, log!);
           this.sealedBytes += log!.sizeBytes;
+          // The writers went with a limit that does not count the log: held
+          // again, the lock's release hands them one that does. Not a bare
+          // releaseNative: the export counts holds, and one the tracker does
+          // not hold would end another's (pauseNative's).
+          await this.holdNativeAgain();
           throw err;
         }
       }

@@ -175,4 +175,39 @@ describe('ChangeTracker.acknowledge with the native tap attached', () => {
     t.detachNative(exp);
     await t.close();
   });
+
+  it('after a failed state write counts the log in the limit again, and a retried acknowledgement writes the state', async () => {
+    const dir = tmp();
+    const diskSizeBytes = 64 * 1024 * 1024;
+    const t = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes, persistIntervalMs: 0, overflowRatio: 1 });
+    await t.recordWrite(0, Buffer.alloc(4 << 20, 1));
+    const sealed = await t.rotate();
+    const limits: number[] = [];
+    const exp = new (class extends CountingExport {
+      override release(...args: unknown[]): void {
+        limits.push(args[2] as number);
+        super.release();
+      }
+    })();
+    t.attachNative(exp);
+    // The state file's name taken by a non-empty directory: the rename that
+    // replaces it fails (a real failed state write, after the writers went).
+    const statePath = path.join(dir, 'disk0.tracker.json');
+    fs.rmSync(statePath);
+    fs.mkdirSync(path.join(statePath, 'blocker'), { recursive: true });
+    await expect(t.acknowledge(sealed!.name)).rejects.toMatchObject({ code: 'BR_IO' });
+    expect(await settledHolds(exp)).toBe(0);
+    expect(t.sealedLogs().map((l) => l.name)).toEqual([sealed!.name]);
+    expect(limits.at(-1), 'the log still listed is counted again').toBe(diskSizeBytes - sealed!.sizeBytes);
+
+    fs.rmSync(statePath, { recursive: true });
+    expect(await t.acknowledge(sealed!.name)).toBe(true);
+    const state = JSON.parse(fs.readFileSync(statePath, 'utf8')) as { shippedSequence?: number };
+    expect(state.shippedSequence, 'the retry wrote the state before deleting the log').toBe(sealed!.sequence);
+    expect(fs.existsSync(sealed!.path)).toBe(false);
+    expect(await settledHolds(exp)).toBe(0);
+    expect(limits.at(-1)).toBe(diskSizeBytes);
+    t.detachNative(exp);
+    await t.close();
+  });
 });
