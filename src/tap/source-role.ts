@@ -117,6 +117,13 @@ export class SourceRole {
   private sizeTimer: TimerHandle | undefined;
   /** Whether a scheduled cut (interval or size) is under way; the size poll does not start another. */
   private scheduledCutRunning = false;
+  /**
+   * Set when a scheduled cut fails, cleared when one succeeds: a full log
+   * whose cut keeps failing (say the log volume refuses the next log) would
+   * otherwise be retried at every poll, 40 times a second. The interval
+   * timer retries it instead, as before the size trigger.
+   */
+  private sizeCutsPaused = false;
   private readonly cutCounts: Record<CutTrigger, number> = { interval: 0, size: 0 };
   private cutInProgress: Promise<unknown> = Promise.resolve();
   private stopped = false;
@@ -318,8 +325,12 @@ export class SourceRole {
     this.cutNow(trigger)
       .then((sealed) => {
         if (sealed.length > 0) this.cutCounts[trigger]++;
+        this.sizeCutsPaused = false;
       })
-      .catch((err: unknown) => this.logger.warn({ err, trigger }, 'cut failed; retrying at the next interval'))
+      .catch((err: unknown) => {
+        this.sizeCutsPaused = true;
+        this.logger.warn({ err, trigger }, 'cut failed; retrying at the next interval');
+      })
       .finally(() => {
         this.scheduledCutRunning = false;
         this.schedule(Math.max(0, this.intervalMs - (this.clock.now() - startedMs)));
@@ -340,7 +351,7 @@ export class SourceRole {
     if (this.stopped) return;
     this.sizeTimer = this.clock.setTimer(() => {
       this.sizeTimer = undefined;
-      if (!this.stopped && !this.scheduledCutRunning && this.anyLogFull()) this.startScheduledCut('size');
+      if (!this.stopped && !this.scheduledCutRunning && !this.sizeCutsPaused && this.anyLogFull()) this.startScheduledCut('size');
       this.watchSize();
     }, SOURCE_ROLE_DEFAULTS.sizeCheckIntervalMs);
   }

@@ -4,7 +4,8 @@ import { useTempDirs } from '../helpers/tmp';
 import { NbdClient } from '../../src/tap/nbd-client';
 import { SOURCE_ROLE_CUT_BYTES_MAX, SOURCE_ROLE_CUT_BYTES_MIN, SOURCE_ROLE_DEFAULTS, SourceRole, type SourceRoleOptions } from '../../src/tap/source-role';
 import { SimulatedClock } from '../../src/platform/clock';
-import type { SealedLogInfo } from '../../src/tracking/change-tracker';
+import { ChangeTracker, type SealedLogInfo } from '../../src/tracking/change-tracker';
+import { BlockrelayError } from '../../src/retry/blockrelay-error';
 import { RawTarget } from '../../src/targets/raw/raw-target';
 
 /**
@@ -119,6 +120,41 @@ describe('SourceRole cuts by size', () => {
     await vi.waitFor(() => expect(cuts.length).toBe(1), { timeout: 10_000 });
     await clock.advance(0);
     expect(role.cutsByTrigger()).toEqual({ interval: 1, size: 0 });
+  });
+
+  it('retries a failed size cut at the next interval, not at every poll', async () => {
+    const dir = tempDir();
+    const clock = new SimulatedClock();
+    const cuts: (readonly SealedLogInfo[])[] = [];
+    const failures: unknown[] = [];
+    const logger = { info: () => {}, warn: (obj: object, msg: string) => msg.startsWith('cut failed') && failures.push((obj as { trigger?: unknown }).trigger) };
+    const role = await startRole(dir, { clock, logger, onSealed: (logs) => cuts.push(logs) });
+    const a = await connect(role, 'a');
+    await writeStream(a, 0, 2 * MiB);
+    // The trackers fold their logs on I/O errors rather than fail a cut, so
+    // the one failure is injected at the group cut the role calls.
+    const cut = vi.spyOn(ChangeTracker, 'cut').mockRejectedValueOnce(new BlockrelayError('BR_IO', 'injected: the cut failed'));
+    await clock.advance(POLL_MS);
+    await vi.waitFor(() => expect(failures.length + cuts.length).toBeGreaterThan(0), { timeout: 10_000 });
+    await clock.advance(0);
+    // The cut failed; the log is still full, yet the polls of the next second start none.
+    expect(cuts).toEqual([]);
+    expect(failures).toEqual(['size']);
+    expect(role.trackers.get('a')!.status().activeLogBytes).toBeGreaterThanOrEqual(MiB);
+    await clock.advance(1000);
+    expect(failures).toEqual(['size']);
+    expect(cuts).toEqual([]);
+    // The interval retries it; once a cut succeeds, size cuts resume.
+    cut.mockRestore();
+    await clock.advance(INTERVAL_MS - 1000);
+    await vi.waitFor(() => expect(cuts.length).toBe(1), { timeout: 10_000 });
+    await clock.advance(0);
+    expect(role.cutsByTrigger()).toEqual({ interval: 1, size: 0 });
+    await writeStream(a, 4 * MiB, MiB + 64 * 1024);
+    await clock.advance(POLL_MS);
+    await vi.waitFor(() => expect(cuts.length).toBe(2), { timeout: 10_000 });
+    await clock.advance(0);
+    expect(role.cutsByTrigger()).toEqual({ interval: 1, size: 1 });
   });
 
   it('refuses a cutBytes that is not a whole number from 1 MiB to 4 GiB before serving anything', async () => {
