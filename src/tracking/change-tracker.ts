@@ -362,6 +362,17 @@ export class ChangeTracker {
       // Exactly `ID.next-N.hrl.spare`: a disk named `ID.next-x` may share the directory.
       if (n.startsWith(`${diskId}.next-`) && n.endsWith(SPARE_LOG_SUFFIX) && /^\d+$/.test(n.slice(diskId.length + 6, n.length - SPARE_LOG_SUFFIX.length))) await unlinkIfPresent(path.join(dir, n));
     }
+    // The sidecar of an acknowledged log (at or below shippedSequence, which
+    // acknowledge writes first) with no file of that log left: acknowledge
+    // was stopped between its two unlinks. Any other sidecar without its log
+    // is not a leftover of ours and stays.
+    const shipped = state?.shippedSequence ?? 0;
+    for (const n of names) {
+      const seq = parseLogName(diskId, n, SIDECAR_SUFFIX);
+      if (seq === undefined || seq > shipped) continue;
+      const base = logBaseName(diskId, seq);
+      if (!names.some((m) => m !== n && m.startsWith(`${base}.`))) await unlinkIfPresent(path.join(dir, n));
+    }
     const openLogs = names.map((n) => ({ n, seq: parseLogName(diskId, n, OPEN_LOG_SUFFIX) })).filter((x) => x.seq !== undefined).sort((a, b) => a.seq! - b.seq!);
 
     const reasons: ResyncReason[] = [];
