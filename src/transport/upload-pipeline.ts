@@ -36,6 +36,14 @@ export interface UploadPipelineOptions<T> {
    * taken, and the predecessor then answered as a duplicate and dropped.
    */
   readonly goesAlone?: (item: T) => boolean;
+  /**
+   * Whether an upload started ahead for `ahead` carried `item` (default:
+   * the same sequence number is enough). A queue may replace an item under
+   * its number while it is ahead (a spool taking a log again after a lost
+   * ledger, with new content): adopting that upload would count the
+   * replacement as sent, and the drain would then delete it unsent.
+   */
+  readonly sameItem?: (ahead: T, item: T) => boolean;
 }
 
 interface Ahead<T> {
@@ -88,7 +96,7 @@ export class UploadPipeline<T> {
       const slot = this.aheads.shift();
       const ahead = slot === undefined ? undefined : await slot.lookup;
       if (ahead !== undefined) {
-        if (ahead.key === key) {
+        if (ahead.key === key && (this.options.sameItem?.(ahead.item, item) ?? true)) {
           // Its body may be out already: the next one may go now (else its
           // own callback starts it once the body is out, this being current).
           if (ahead.bodySent) bodyOut();
@@ -97,8 +105,9 @@ export class UploadPipeline<T> {
           if (adopted) return;
           current.bodySent = false;
         } else {
-          // Not the item the drain reached (e.g. the queue changed): the
-          // uploads ahead are of no use; let them settle first.
+          // Not the item the drain reached (e.g. the queue changed, or
+          // replaced it under its number): the uploads ahead are of no
+          // use; let them settle first.
           const stale = [ahead, ...(await this.takeAheads())];
           for (const a of stale) await a.done.catch(() => undefined);
         }
