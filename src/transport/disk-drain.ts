@@ -54,9 +54,10 @@ export function spoolQueue(spool: LogSpool, diskId: string, beforeRemove?: () =>
     current: (entry) => spool.get(diskId, entry.envelope.seq),
     complete: async (entry) => {
       await beforeRemove?.();
-      // Replaced while it was handled: the replacement was not, and stays queued (it is the oldest, so it goes next).
-      if (spool.get(diskId, entry.envelope.seq) !== entry) return;
-      await spool.remove(diskId, entry.envelope.seq);
+      // Replaced while it was handled: the replacement was not, and stays
+      // queued (it is the oldest, so it goes next). remove() checks that
+      // under the log's lock, so a replacement committed meanwhile stays too.
+      await spool.remove(diskId, entry.envelope.seq, entry);
     },
     describe: (entry) => `log ${entry.envelope.seq}`,
     usage: () => ({ queuedBytes: spool.pendingBytes(diskId), storeUsedBytes: spool.bytesUsed, storeCapacityBytes: spool.maxBytes }),

@@ -246,6 +246,8 @@ export class LogSpool {
   private readonly entries = new Map<string, Map<number, SpoolEntry>>();
   private usedBytes = 0;
   private reservedBytes = 0;
+  /** Per log (`disk/seq`), the tail of the commits and removes of it in progress; see remove(). */
+  private readonly locks = new Map<string, Promise<void>>();
 
   constructor(
     readonly dir: string,
@@ -403,33 +405,71 @@ export class LogSpool {
         try {
           if (held !== undefined) await Promise.all([writeFileSynced(tmp, held), writeFileSynced(envelopeTmp, envelopeText)]);
           else if (!durable) await Promise.all([fsyncFile(tmp), writeFileSynced(envelopeTmp, envelopeText)]);
-          // Envelope first: a log is never in place without it (open() drops one that is).
-          await fsp.rename(envelopeTmp, `${base}.json`);
-          await fsp.rename(tmp, `${base}.hrl`);
-          await syncDirectory(diskDir);
         } catch (err) {
           await discard();
           throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
         }
-        releaseHeld();
-        const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
-        const prior = this.get(envelope.diskId, envelope.seq);
-        if (prior !== undefined) this.usedBytes -= prior.sizeBytes;
-        release();
-        this.add(entry);
-        return entry;
+        // The renames and the entry swap under the log's lock: a remove() of
+        // a log this replaces runs wholly before or after them (see remove).
+        return this.underLock(envelope.diskId, envelope.seq, async () => {
+          try {
+            // Envelope first: a log is never in place without it (open() drops one that is).
+            await fsp.rename(envelopeTmp, `${base}.json`);
+            await fsp.rename(tmp, `${base}.hrl`);
+            await syncDirectory(diskDir);
+          } catch (err) {
+            await discard();
+            throw wrapError(err, 'BR_IO', `spooling ${envelope.diskId} seq ${envelope.seq}`);
+          }
+          releaseHeld();
+          const entry: SpoolEntry = { envelope, file: `${base}.hrl`, sizeBytes: envelope.logLength };
+          const prior = this.get(envelope.diskId, envelope.seq);
+          if (prior !== undefined) this.usedBytes -= prior.sizeBytes;
+          release();
+          this.add(entry);
+          return entry;
+        });
       },
     };
   }
 
-  /** Deletes a log once the next hop holds it durably (or it was applied). */
-  async remove(diskId: string, seq: number): Promise<void> {
-    const entry = this.get(diskId, seq);
-    if (entry === undefined) return;
-    await fsp.rm(entry.file, { force: true });
-    await fsp.rm(entry.file.replace(/\.hrl$/, '.json'), { force: true });
-    this.entries.get(diskId)?.delete(seq);
-    this.usedBytes -= entry.sizeBytes;
+  /**
+   * Deletes a log once the next hop holds it durably (or it was applied).
+   * With `expected`, only if the spool still holds that very entry under
+   * `seq`: a log taken again under its number (a commit renames over the
+   * same path) is a different entry, not yet handled, and stays. The check,
+   * the unlinks and the entry's removal run under the log's lock, which a
+   * commit takes for its renames: otherwise a commit landing between the
+   * lookup and the unlink lost the replacement's file and entry.
+   */
+  async remove(diskId: string, seq: number, expected?: SpoolEntry): Promise<void> {
+    await this.underLock(diskId, seq, async () => {
+      const entry = this.get(diskId, seq);
+      if (entry === undefined || (expected !== undefined && entry !== expected)) return;
+      await fsp.rm(entry.file, { force: true });
+      await fsp.rm(entry.file.replace(/\.hrl$/, '.json'), { force: true });
+      this.entries.get(diskId)?.delete(seq);
+      this.usedBytes -= entry.sizeBytes;
+    });
+  }
+
+  /** Runs `fn` after every earlier holder of the lock of `diskId`'s log `seq` finished (a promise chain per log, dropped when idle). */
+  private async underLock<R>(diskId: string, seq: number, fn: () => Promise<R>): Promise<R> {
+    const key = `${diskId}/${seq}`;
+    const prior = this.locks.get(key) ?? Promise.resolve();
+    let release!: () => void;
+    const mine = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const tail = prior.then(() => mine);
+    this.locks.set(key, tail);
+    await prior;
+    try {
+      return await fn();
+    } finally {
+      release();
+      if (this.locks.get(key) === tail) this.locks.delete(key);
+    }
   }
 
   private add(entry: SpoolEntry): void {
