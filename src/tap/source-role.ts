@@ -35,6 +35,9 @@ export const SOURCE_ROLE_DEFAULTS = {
   stopTimeoutMs: 30_000,
 } as const;
 
+/** The role's own cuts are logged at most this often (each line counts the cuts since the last). */
+export const CUT_LOG_INTERVAL_MS = 60_000;
+
 /** Bounds of `SourceRoleOptions.cutBytes`. */
 export const SOURCE_ROLE_CUT_BYTES_MIN = 1024 * 1024;
 export const SOURCE_ROLE_CUT_BYTES_MAX = 4 * 1024 * 1024 * 1024;
@@ -126,6 +129,9 @@ export class SourceRole {
   private sizeCutsPaused = false;
   private readonly cutCounts: Record<CutTrigger, number> = { interval: 0, size: 0 };
   private cutInProgress: Promise<unknown> = Promise.resolve();
+  /** When the last 'sealed logs at a cut' line was written, and the cuts since (see logCut). */
+  private lastCutLogMs: number | undefined;
+  private cutsSinceLogLine = 0;
   private stopped = false;
 
   private constructor(init: {
@@ -212,7 +218,7 @@ export class SourceRole {
       if (!trackers.some((t) => t.status().activeLogEntries > 0)) return [];
       const sealed = (await ChangeTracker.cut(trackers, { clock: this.clock })).filter((s): s is SealedLogInfo => s !== undefined);
       if (sealed.length > 0) {
-        this.logger.info({ logs: sealed.map((s) => s.name), cutId: sealed[0]!.cutId, trigger }, 'sealed logs at a cut');
+        this.logCut(sealed, trigger);
         this.onSealed?.(sealed);
       }
       return sealed;
@@ -292,6 +298,21 @@ export class SourceRole {
     const sealed = [...this.trackers.values()].flatMap((t) => t.sealedLogs().map((s) => s.name));
     this.logger.info({ sealedLogs: sealed.length }, 'source tap stopped');
     if (errors.length > 0) throw errors[0];
+  }
+
+  /**
+   * One info line per cut a caller asked for (an app-consistent tag), but
+   * for the role's own cuts at most one per CUT_LOG_INTERVAL_MS, counting
+   * the cuts since the last: a busy disk cuts several times a second
+   * (cutBytes), which would be hundreds of thousands of lines a day.
+   */
+  private logCut(sealed: readonly SealedLogInfo[], trigger: CutTrigger | 'call'): void {
+    const nowMs = this.clock.now();
+    this.cutsSinceLogLine++;
+    if (trigger !== 'call' && this.lastCutLogMs !== undefined && nowMs - this.lastCutLogMs < CUT_LOG_INTERVAL_MS) return;
+    this.logger.info({ logs: sealed.map((s) => s.name), cutId: sealed[0]!.cutId, trigger, cutsSinceLastLine: this.cutsSinceLogLine }, 'sealed logs at a cut');
+    this.lastCutLogMs = nowMs;
+    this.cutsSinceLogLine = 0;
   }
 
   /** Scheduled cuts that sealed logs so far, by what started them (cutNow calls not counted). */

@@ -94,9 +94,20 @@ describe('SourceRole cuts by size', () => {
     await vi.waitFor(() => expect(cuts.length).toBe(2), { timeout: 10_000 });
     await clock.advance(0);
     expect(role.cutsByTrigger()).toEqual({ interval: 1, size: 1 });
-    // What an operator reads in the log: why each cut came.
-    expect(triggers).toEqual(['size', 'interval']);
     expect(new Set(cuts[1]!.map((l) => l.cutId)).size).toBe(1);
+    // What an operator reads in the log: why the cut came, at most one line
+    // a minute for the role's own cuts (the interval cut 10 s later has none)...
+    expect(triggers).toEqual(['size']);
+    // ...and the next line, a minute on, counts the cuts since the last.
+    const lines: Array<{ trigger?: unknown; cutsSinceLastLine?: unknown }> = [];
+    logger.info = (obj: object, msg: string) => msg === 'sealed logs at a cut' && lines.push(obj as { trigger?: unknown; cutsSinceLastLine?: unknown });
+    for (let i = 0; i < 6; i++) {
+      await b.write(16384 + i * 4096, Buffer.alloc(4096, 9));
+      await clock.advance(INTERVAL_MS);
+      await vi.waitFor(() => expect(cuts.length).toBe(3 + i), { timeout: 10_000 });
+      await clock.advance(0);
+    }
+    expect(lines).toEqual([expect.objectContaining({ trigger: 'interval', cutsSinceLastLine: 6 })]);
   });
 
   it('cuts a quiet disk only when the interval ends, and an idle role not at all', async () => {
