@@ -34,6 +34,8 @@ export const CONFIG_SHAPE = {
     level: field.enumOf(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], { default: 'info' }),
   }),
   rpoThresholdSeconds: field.integer({ min: 10, max: 7 * 86_400, default: HEALTH_DEFAULTS.rpoThresholdMs / 1000 }),
+  /** Master target, process server: one log's apply (or forward) running longer warns APPLY_STALLED. */
+  applyStallSeconds: field.integer({ min: 1, max: 7 * 86_400, default: HEALTH_DEFAULTS.applyStallMs / 1000 }),
   /** Process server: the spool on the cache volume. */
   cache: field.object(
     {

@@ -22,6 +22,7 @@ export function createMetrics(options: { defaultMetrics?: boolean } = {}) {
     errorsTotal: new Counter({ name: 'blockrelay_errors_total', help: 'Errors by stable code.', labelNames: ['disk', 'code'] as const, registers: [registry] }),
     retriesTotal: new Counter({ name: 'blockrelay_retries_total', help: 'Retries scheduled by the retry policy.', labelNames: ['disk', 'code'] as const, registers: [registry] }),
     resyncBytesTotal: new Counter({ name: 'blockrelay_resync_sent_bytes_total', help: 'Bytes of differing blocks sent by resync.', labelNames: disk, registers: [registry] }),
+    inHandSeconds: new Gauge({ name: 'blockrelay_log_in_hand_seconds', help: 'How long the log being applied (or forwarded) at a disk has been running; 0 when none is.', labelNames: ['disk', 'stage'] as const, registers: [registry] }),
     applySeconds: new Histogram({ name: 'blockrelay_apply_seconds', help: 'Time to apply one log to its target.', labelNames: disk, buckets: [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30], registers: [registry] }),
   };
   return metrics;

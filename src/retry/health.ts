@@ -5,15 +5,19 @@ import type { ErrorCode } from './error-codes';
  * Health of one replicated disk, as operators see it:
  * - OK: replicating within the RPO threshold.
  * - Warning: RPO over the threshold, a resync pending or running, a
- *   recoverable error being retried, or the retention volume short of space.
+ *   recoverable error being retried, the retention volume short of space,
+ *   or one log's apply (or forward) running longer than the stall bound.
  * - Critical: a non-recoverable error stopped the disk's pipeline; it stays
  *   Critical until an operator clears it.
  */
 export type HealthState = 'OK' | 'Warning' | 'Critical';
 
+/** Reasons that are states, not errors: each is on or off as its source last reported. */
+export type HealthFlag = 'RPO_EXCEEDED' | 'RESYNC_PENDING' | 'RESYNC_RUNNING' | 'APPLY_STALLED';
+
 /** Why a disk is not OK; each reason stands until its own source clears it. */
 export interface HealthIssue {
-  readonly code: ErrorCode | 'RPO_EXCEEDED' | 'RESYNC_PENDING' | 'RESYNC_RUNNING';
+  readonly code: ErrorCode | HealthFlag;
   readonly message: string;
   readonly sinceMs: number;
   readonly critical: boolean;
@@ -21,6 +25,12 @@ export interface HealthIssue {
 
 export const HEALTH_DEFAULTS = {
   rpoThresholdMs: 15 * 60_000,
+  /**
+   * One log's apply (or forward) running longer than this warns
+   * (APPLY_STALLED): a hung target otherwise shows only as a busy disk until
+   * the RPO passes its threshold. Warning, not Critical: it may recover.
+   */
+  applyStallMs: 60_000,
   /** Last errors kept per disk for the status page; older ones are dropped. */
   recentErrorsMax: 20,
 } as const;
@@ -43,6 +53,7 @@ export class DiskHealth {
   constructor(
     readonly diskId: string,
     private readonly rpoThresholdMs: number = HEALTH_DEFAULTS.rpoThresholdMs,
+    private readonly applyStallMs: number = HEALTH_DEFAULTS.applyStallMs,
   ) {}
 
   get state(): HealthState {
@@ -104,7 +115,18 @@ export class DiskHealth {
     this.setFlag('RESYNC_RUNNING', state === 'running', 'resync in progress', nowMs);
   }
 
-  private setFlag(code: 'RPO_EXCEEDED' | 'RESYNC_PENDING' | 'RESYNC_RUNNING', on: boolean, message: string, nowMs: number): void {
+  /**
+   * The log in hand at the disk's `stage` ('apply', 'forward'), described
+   * as `what` (e.g. "log 7"), has been running `runningMs` (undefined: none
+   * in hand). Over the stall bound it warns APPLY_STALLED, with the
+   * seconds; it clears once that log ends or another one is in hand.
+   */
+  reportInHand(stage: string, what: string | undefined, runningMs: number | undefined, nowMs: number): void {
+    const over = what !== undefined && runningMs !== undefined && runningMs > this.applyStallMs;
+    this.setFlag('APPLY_STALLED', over, `${stage} of ${what ?? 'a log'} running for ${Math.round((runningMs ?? 0) / 1000)} s, over the ${Math.round(this.applyStallMs / 1000)} s bound`, nowMs);
+  }
+
+  private setFlag(code: HealthFlag, on: boolean, message: string, nowMs: number): void {
     const prior = this.issues.get(code);
     if (!on) {
       this.issues.delete(code);

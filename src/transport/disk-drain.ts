@@ -117,8 +117,32 @@ export class DiskDrain<T = SpoolEntry> {
   /** A runNow() in progress: the loop waits for it before taking the next item. */
   private direct: Promise<void> | undefined;
   lastError: BlockrelayError | undefined;
+  /** The item whose `handle` runs now (one at a time: the loop waits for a runNow()), and since when. */
+  private handling: { readonly item: T; readonly sinceMs: number } | undefined;
 
   constructor(private readonly options: DiskDrainOptions<T>) {}
+
+  /**
+   * The item being handled now (its apply or forward running, not a retry
+   * wait), described as the queue names it, and when that attempt began
+   * (the injected clock): a hung target shows as one attempt that never
+   * ends (DiskHealth.reportInHand).
+   */
+  inHand(): { readonly description: string; readonly sinceMs: number } | undefined {
+    const h = this.handling;
+    return h === undefined ? undefined : { description: this.options.queue.describe(h.item), sinceMs: h.sinceMs };
+  }
+
+  /** Runs `handle` on `item`, recorded as in hand while it runs. */
+  private async handleTracked(item: T): Promise<void> {
+    const mine = { item, sinceMs: this.options.clock.now() };
+    this.handling = mine;
+    try {
+      await this.options.handle(item);
+    } finally {
+      if (this.handling === mine) this.handling = undefined;
+    }
+  }
 
   get state(): DrainState {
     return this.stateValue;
@@ -235,7 +259,7 @@ export class DiskDrain<T = SpoolEntry> {
   async runNow(item: T): Promise<boolean> {
     if (this.wakeUp === undefined || this.woken || this.stopping || this.direct !== undefined || this.holdBack !== undefined || this.stateValue !== 'idle') return false;
     this.stateValue = 'busy';
-    const run = this.options.handle(item);
+    const run = this.handleTracked(item);
     this.direct = run.then(() => undefined, () => undefined);
     try {
       await run;
@@ -328,7 +352,7 @@ export class DiskDrain<T = SpoolEntry> {
     let handled: T | undefined = item;
     this.retry = new RetryLoop(async () => {
       handled = queue.current === undefined ? item : queue.current(item);
-      if (handled !== undefined) await this.options.handle(handled);
+      if (handled !== undefined) await this.handleTracked(handled);
     }, {
       clock,
       ...(this.options.retryPolicy ? { policy: this.options.retryPolicy } : {}),

@@ -6,7 +6,7 @@ import { StateLock } from '../daemon/state-lock';
 import { systemClock, type Clock } from '../platform/clock';
 import { BlockrelayError, wrapError } from '../retry/blockrelay-error';
 import { removeStrayTemporaries } from '../platform/durable-file';
-import { DiskHealth } from '../retry/health';
+import { DiskHealth, HEALTH_DEFAULTS } from '../retry/health';
 import type { RetryPolicy } from '../retry/retry-policy';
 import type { DiskTarget } from '../targets/disk-target';
 import { DiskDrain, spoolQueue } from './disk-drain';
@@ -77,6 +77,8 @@ export interface ApplyingHopOptions {
   readonly spoolDir: string;
   readonly spoolMaxBytes: number;
   readonly rpoThresholdSeconds: number;
+  /** One log's apply (or forward) running longer than this warns APPLY_STALLED (default 60 s). */
+  readonly applyStallSeconds?: number;
   readonly logOps: LogOps;
   readonly clock?: Clock;
   readonly logger?: Logger;
@@ -276,7 +278,7 @@ export class ApplyingHop {
   protected addApplier(diskId: string, spec: string): void {
     validateDiskId(diskId);
     this.attached.attach(diskId, spec);
-    const health = new DiskHealth(diskId, this.options.rpoThresholdSeconds * 1000);
+    const health = this.newDiskHealth(diskId);
     const disk: AppliedDisk = { diskId, spec, health, drain: undefined as unknown as DiskDrain, target: undefined, appliedBytesTotal: 0, lastPointTimeMs: null };
     disk.drain = new DiskDrain({
       diskId,
@@ -345,8 +347,23 @@ export class ApplyingHop {
     this.options.onStage?.({ diskId, seq, stage, phase, atMs: this.clock.now(), cutTimeMs, sizeBytes: entry.sizeBytes });
   }
 
+  /** A disk's health, with this hop's RPO threshold and stall bound. */
+  protected newDiskHealth(diskId: string): DiskHealth {
+    return new DiskHealth(diskId, this.options.rpoThresholdSeconds * 1000, (this.options.applyStallSeconds ?? HEALTH_DEFAULTS.applyStallMs / 1000) * 1000);
+  }
+
+  /** How long the log in hand at `drain` has been running, into its health (APPLY_STALLED) and the in-hand gauge. */
+  protected reportInHand(diskId: string, stage: 'apply' | 'forward', drain: DiskDrain, health: DiskHealth): void {
+    const now = this.clock.now();
+    const inHand = drain.inHand();
+    const runningMs = inHand === undefined ? undefined : Math.max(0, now - inHand.sinceMs);
+    health.reportInHand(stage, inHand?.description, runningMs, now);
+    this.metrics.inHandSeconds.set({ disk: diskId, stage }, (runningMs ?? 0) / 1000);
+  }
+
   protected updateGauges(disk: AppliedDisk): void {
     const now = this.clock.now();
+    this.reportInHand(disk.diskId, 'apply', disk.drain, disk.health);
     const rpoMs = disk.lastPointTimeMs === null ? undefined : Math.max(0, now - disk.lastPointTimeMs);
     disk.health.reportRpo(rpoMs, now);
     if (rpoMs !== undefined) this.metrics.rpoSeconds.set({ disk: disk.diskId }, rpoMs / 1000);
@@ -411,6 +428,7 @@ export function masterTargetFromConfig(config: BlockrelayConfig, logOps: LogOps,
       spoolDir: path.join(config.stateDir, 'inbox'),
       spoolMaxBytes: config.cache?.maxBytes ?? 64 * 1024 ** 3,
       rpoThresholdSeconds: config.rpoThresholdSeconds,
+      applyStallSeconds: config.applyStallSeconds,
       logOps,
       hopName: 'master-target',
       applyOnReceive: true,

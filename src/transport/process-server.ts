@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import type { BlockrelayConfig } from '../daemon/config';
 import { BlockrelayError, isBlockrelayError } from '../retry/blockrelay-error';
 import { DiskHealth } from '../retry/health';
+import { HEALTH_GAUGE_VALUE } from '../daemon/metrics';
 import { BandwidthLimiter } from './bandwidth-limiter';
 import { CutThroughForward } from './cut-through-forward';
 import { DiskDrain, spoolQueue } from './disk-drain';
@@ -151,6 +152,8 @@ export class ProcessServer extends ApplyingHop {
   override diskStatus(): DiskApplyStatus[] {
     const local = super.diskStatus();
     const forwarded = [...this.forwarded.values()].map((d) => {
+      this.reportInHand(d.diskId, 'forward', d.drain, d.health);
+      this.metrics.health.set({ disk: d.diskId }, HEALTH_GAUGE_VALUE[d.health.state]);
       const ledger = this.ledger.get(d.diskId);
       return {
         diskId: d.diskId,
@@ -197,7 +200,7 @@ export class ProcessServer extends ApplyingHop {
     const existing = this.forwarded.get(diskId);
     if (existing !== undefined) return existing;
     validateDiskId(diskId);
-    const health = new DiskHealth(diskId, this.options.rpoThresholdSeconds * 1000);
+    const health = this.newDiskHealth(diskId);
     const disk: ForwardedDisk = {
       diskId,
       health,
@@ -415,6 +418,7 @@ export function processServerFromConfig(config: BlockrelayConfig, logOps: LogOps
       spoolDir: cacheDir,
       spoolMaxBytes: config.cache?.maxBytes ?? 64 * 1024 ** 3,
       rpoThresholdSeconds: config.rpoThresholdSeconds,
+      applyStallSeconds: config.applyStallSeconds,
       logOps,
       hopName: 'process-server',
       ...extra,
