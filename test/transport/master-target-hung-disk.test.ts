@@ -13,6 +13,13 @@ import { DISK_SIZE, makeLog, prng, type WrittenLog } from './transport-fixture';
 const MT_SECRET = 'master-target-secret-123';
 /** The smallest RPO threshold the config allows: the hung disk passes it while the test runs. */
 const RPO_THRESHOLD_SECONDS = 10;
+/** One log's apply running longer than this warns APPLY_STALLED (60 s by default): the hang passes it at once. */
+const APPLY_STALL_SECONDS = 2;
+
+/** The last log the master target applied for `diskId` (its disk state answer carries it beside nextSeq). */
+async function appliedSeq(peer: Parameters<typeof getDiskState>[0], diskId: string): Promise<number | null> {
+  return ((await getDiskState(peer, diskId)) as Awaited<ReturnType<typeof getDiskState>> & { appliedSeq: number | null }).appliedSeq;
+}
 
 /**
  * A TCP proxy in front of an NBD server that can stop passing bytes either
@@ -153,6 +160,7 @@ describe.skipIf(!requireTool('qemu-nbd'))('master target with two disks, one of 
       listen: `127.0.0.1:${mtPort}`,
       secret: MT_SECRET,
       rpoThresholdSeconds: RPO_THRESHOLD_SECONDS,
+      applyStallSeconds: APPLY_STALL_SECONDS,
       disks: [
         { id: 'disk0', target: `raw:${target0}` },
         { id: 'disk1', target: `nbd://127.0.0.1:${proxyPort}/disk1` },
@@ -169,7 +177,7 @@ describe.skipIf(!requireTool('qemu-nbd'))('master target with two disks, one of 
     // Its last point is close to the RPO threshold already, so the hang passes it within the test.
     const first1 = { ...logs1[0]!.envelope, cutTimeMs: Date.now() - (RPO_THRESHOLD_SECONDS - 3) * 1000 };
     expect(await sendLog(peer, first1, logs1[0]!.file)).toMatchObject({ status: 201 });
-    expect((await getDiskState(peer, 'disk1')).appliedSeq).toBe(1);
+    expect((await appliedSeq(peer, 'disk1'))).toBe(1);
 
     // disk1's datastore stops answering; its next log is taken up and its apply hangs.
     proxy.stall();
@@ -190,14 +198,16 @@ describe.skipIf(!requireTool('qemu-nbd'))('master target with two disks, one of 
       const log = await makeLog(path.join(dir, 'src0'), 'disk0', seq, model0, rand, 30);
       expect(await sendLog(peer, log.envelope, log.file)).toMatchObject({ status: 201 });
     }
-    expect((await getDiskState(peer, 'disk0')).appliedSeq).toBe(logs);
+    expect((await appliedSeq(peer, 'disk0'))).toBe(logs);
     expect(fs.readFileSync(target0).equals(model0)).toBe(true);
     expect(hungAnswered).toBe(false);
 
-    // The operator sees which disk is stuck: disk1 busy on log 2 and past its RPO threshold; disk0 fine.
+    // The operator sees which disk is stuck: disk1 busy on log 2, its apply
+    // stalled past the bound, then past its RPO threshold too; disk0 fine.
     let disks = await status(mtPort);
     const statusDeadline = Date.now() + 20_000;
-    while (disks.find((d) => d.diskId === 'disk1')?.health === 'OK') {
+    const stuck = (d: StatusDisk | undefined): boolean => /APPLY_STALLED/.test(d?.reasons.join('\n') ?? '') && /RPO/.test(d?.reasons.join('\n') ?? '');
+    while (!stuck(disks.find((d) => d.diskId === 'disk1'))) {
       if (Date.now() > statusDeadline) throw new Error(`disk1 never showed as stuck: ${JSON.stringify(disks)}`);
       await new Promise((r) => setTimeout(r, 250));
       disks = await status(mtPort);
@@ -207,13 +217,19 @@ describe.skipIf(!requireTool('qemu-nbd'))('master target with two disks, one of 
     expect(disk0).toMatchObject({ health: 'OK', appliedSeq: logs });
     expect(disk1).toMatchObject({ state: 'busy', appliedSeq: 1 });
     expect(disk1.health).not.toBe('OK');
+    expect(disk1.health).toBe('Warning');
     expect(disk1.reasons.join('\n')).toMatch(/RPO/);
+    expect(disk1.reasons.join('\n')).toMatch(new RegExp(`APPLY_STALLED: apply of log 2 running for \\d+ s, over the ${APPLY_STALL_SECONDS} s bound`));
+    const metrics = await (await fetch(`http://127.0.0.1:${mtPort}/metrics`)).text();
+    const inHand = /blockrelay_log_in_hand_seconds\{disk="disk1",stage="apply"\} ([\d.]+)/.exec(metrics);
+    expect(Number(inHand?.[1])).toBeGreaterThan(APPLY_STALL_SECONDS);
     expect(hungAnswered).toBe(false);
 
     // The datastore answers again: the held apply finishes and is acknowledged; nothing was lost.
     proxy.answer();
     expect(await hungSend).toMatchObject({ status: 201 });
-    expect((await getDiskState(peer, 'disk1')).appliedSeq).toBe(2);
+    expect((await appliedSeq(peer, 'disk1'))).toBe(2);
+    expect((await status(mtPort)).find((d) => d.diskId === 'disk1')!.reasons.join('\n')).not.toMatch(/APPLY_STALLED/);
     expect(spawnSync('sync').status).toBe(0);
     expect(fs.readFileSync(image).equals(model1)).toBe(true);
   }, 90_000);
