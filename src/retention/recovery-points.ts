@@ -236,23 +236,50 @@ export function pointOfRecord(diskId: string, record: CatalogRecord & { t: 'poin
   return { id: pointId(diskId, record.seq), seq: record.seq, timeMs: record.timeMs, kind: record.kind, cutId: record.cutId, ...(record.name !== undefined ? { name: record.name } : {}), ...(record.group !== undefined ? { group: record.group } : {}), ...(record.snapshot !== undefined ? { snapshot: record.snapshot } : {}), ...(record.resync === true ? { resync: true as const } : {}) };
 }
 
+/** Whether `points` (ascending by seq, as the catalog keeps them) holds `seq`; O(1) for a seq past the newest. */
+function holdsSeq(points: readonly RecoveryPoint[], seq: number): boolean {
+  const newest = points[points.length - 1];
+  if (newest === undefined || newest.seq < seq) return false;
+  return points.some((p) => p.seq === seq);
+}
+
 /**
- * The catalog state after appending `record` to one holding `points` and
- * `pending`, by the same rules as `parseCatalog` for records appended in
- * sequence order (as the hooks append them): a new point settles the
- * pending one (the master target applies in order), an `applied` record
- * settles the point it names. Lets the master target keep the catalog in
- * memory instead of reading it back after every append.
+ * Applies `record` to `state` in place, by the same rules as `parseCatalog`
+ * for records appended in sequence order (as the hooks append them): a new
+ * point settles the pending one (the master target applies in order), an
+ * `applied` record settles the point it names. O(1) per record for the
+ * records the hooks append (a seq past the newest), whatever the number of
+ * points: `state.points` grows by push, so whoever holds that array sees it
+ * grow (DiskHistory replaces the array, never shrinks it in place, when
+ * points are dropped).
+ */
+export function applyRecordToState(diskId: string, state: { points: RecoveryPoint[]; pending: RecoveryPoint | undefined }, record: CatalogRecord): void {
+  if (record.t === 'applied') {
+    if (state.pending === undefined || state.pending.seq !== record.seq) return;
+    state.points.push(state.pending);
+    state.pending = undefined;
+    return;
+  }
+  if (state.pending?.seq === record.seq || holdsSeq(state.points, record.seq)) return;
+  if (state.pending !== undefined) state.points.push(state.pending);
+  const point = pointOfRecord(diskId, record);
+  if (record.applied === true) {
+    state.points.push(point);
+    state.pending = undefined;
+  } else {
+    state.pending = point;
+  }
+}
+
+/**
+ * The catalog state after appending `record`, as a new state (the given one
+ * is left as it was: this copies the points, O(points); the master target
+ * uses `applyRecordToState`).
  */
 export function appendToState(diskId: string, state: { points: RecoveryPoint[]; pending: RecoveryPoint | undefined }, record: CatalogRecord): { points: RecoveryPoint[]; pending: RecoveryPoint | undefined } {
-  if (record.t === 'applied') {
-    if (state.pending?.seq !== record.seq) return state;
-    return { points: [...state.points, state.pending], pending: undefined };
-  }
-  if (state.pending?.seq === record.seq || state.points.some((p) => p.seq === record.seq)) return state;
-  const points = state.pending === undefined ? [...state.points] : [...state.points, state.pending];
-  const point = pointOfRecord(diskId, record);
-  return record.applied === true ? { points: [...points, point], pending: undefined } : { points, pending: point };
+  const next = { points: [...state.points], pending: state.pending };
+  applyRecordToState(diskId, next, record);
+  return next;
 }
 
 export function listingOf(p: RecoveryPoint): PointListing {

@@ -4,7 +4,7 @@ import { removeStrayTemporaries, writeFileDurably } from '../platform/durable-fi
 import { wrapError } from '../retry/blockrelay-error';
 import { diskRetentionPaths, readHistoryEpoch } from './retention-format';
 import { failoverComplete, listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
-import { appendToState, PointCatalog, type CatalogContents, type CatalogRecord, type RecoveryPoint } from './recovery-points';
+import { applyRecordToState, PointCatalog, type CatalogContents, type CatalogRecord, type RecoveryPoint } from './recovery-points';
 import { UndoJournal } from './undo-journal';
 import { systemVolumeProbe, type VolumeProbe } from './retention-volume';
 
@@ -72,8 +72,9 @@ export class DiskHistory {
   /** Appends records, fdatasynced unless `sync: false` (a record the ledger makes redundant). */
   async append(records: readonly CatalogRecord[], options: { sync?: boolean } = {}): Promise<void> {
     this.validBytes += await this.catalog.append(records, this.validBytes, options);
-    let state: { points: RecoveryPoint[]; pending: RecoveryPoint | undefined } = { points: this.points, pending: this.pending };
-    for (const r of records) state = appendToState(this.diskId, state, r);
+    // In place (O(records), not O(points)): `points` only ever grows by push; drops replace the array.
+    const state = { points: this.points, pending: this.pending };
+    for (const r of records) applyRecordToState(this.diskId, state, r);
     this.points = state.points;
     this.pending = state.pending;
   }
@@ -143,10 +144,21 @@ export class DiskHistory {
    * runs, the newest points are resync points (not selectable), and after
    * an outage longer than the window the last consistent point is older
    * than it; dropping it would leave nothing to fail over to until the
-   * resync completes. Returns the number of points dropped.
+   * resync completes.
+   *
+   * In batches: dropping points rewrites the whole catalog, so aged points
+   * are dropped only once at least `PRUNE_BATCH.fraction` of the catalog
+   * has aged out, or the oldest aged point is more than `pruneLagMs(windowMs)`
+   * past the window's start. Per applied log that costs a bounded number of
+   * catalog lines, whatever the window holds; the window may hold up to
+   * that much extra. Space pressure does not wait (`dropOldestUnderPressure`).
+   * Returns the number of points dropped.
    */
   async pruneWindow(nowMs: number, windowMs: number): Promise<number> {
     const cutoff = nowMs - windowMs;
+    const oldest = this.points[0];
+    // Nothing aged: the common case costs O(1).
+    if (oldest === undefined || oldest.timeMs >= cutoff) return 0;
     let keepFrom = this.points.length - 1;
     for (let i = this.points.length - 1; i >= 0; i--) {
       if (this.points[i]!.resync !== true) {
@@ -156,9 +168,30 @@ export class DiskHistory {
     }
     let drop = 0;
     while (drop < keepFrom && this.points[drop]!.timeMs < cutoff) drop++;
-    if (drop > 0) await this.dropOldest(drop);
+    if (drop === 0) return 0;
+    const batchPoints = Math.max(1, Math.ceil(this.points.length * PRUNE_BATCH.fraction));
+    const overdue = oldest.timeMs < cutoff - pruneLagMs(windowMs);
+    if (drop < batchPoints && !overdue) return 0;
+    await this.dropOldest(drop);
     return drop;
   }
+}
+
+/**
+ * When the window prunes (DiskHistory.pruneWindow): once this fraction of
+ * the catalog has aged out, or once the oldest aged point is `pruneLagMs`
+ * past the window's start. A rewrite then carries ~100 points per dropped
+ * point at a steady cut rate, independent of how many the window holds.
+ */
+export const PRUNE_BATCH = {
+  fraction: 0.01,
+  /** Least lag allowed past the window's start before pruning anyway. */
+  minLagMs: 60_000,
+} as const;
+
+/** How far past the window's start the oldest aged point may be before pruning runs whatever the batch: 1% of the window, at least a minute. */
+export function pruneLagMs(windowMs: number): number {
+  return Math.max(PRUNE_BATCH.minLagMs, Math.ceil(windowMs * PRUNE_BATCH.fraction));
 }
 
 /** Space and history of one disk, for the status page and `blockrelay retention status`. */
