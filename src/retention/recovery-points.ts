@@ -237,7 +237,7 @@ export function pointOfRecord(diskId: string, record: CatalogRecord & { t: 'poin
 }
 
 /** Whether `points` (ascending by seq, as the catalog keeps them) holds `seq`; O(1) for a seq past the newest. */
-function holdsSeq(points: readonly RecoveryPoint[], seq: number): boolean {
+export function holdsSeq(points: readonly RecoveryPoint[], seq: number): boolean {
   const newest = points[points.length - 1];
   if (newest === undefined || newest.seq < seq) return false;
   return points.some((p) => p.seq === seq);

@@ -145,7 +145,7 @@ export class RetentionHooks implements ApplyHooks {
       // A page blob keeps its points as snapshots, taken after the apply.
       if (isSnapshotTarget(target)) return;
       const { seq } = entry.envelope;
-      const recorded = h.pending?.seq === seq || h.points.some((p) => p.seq === seq);
+      const recorded = h.records(seq);
       if (entry.envelope.resync === true && !recorded) await this.fillSkipped(h, seq, target);
       if (!h.journal.has(seq)) {
         if (recorded) {

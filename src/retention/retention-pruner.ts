@@ -4,7 +4,7 @@ import { removeStrayTemporaries, writeFileDurably } from '../platform/durable-fi
 import { wrapError } from '../retry/blockrelay-error';
 import { diskRetentionPaths, readHistoryEpoch } from './retention-format';
 import { failoverComplete, listRetentionDisks, readAppliedSeq, readFailoverRecord, readManifest } from './retention-manifest';
-import { applyRecordToState, PointCatalog, type CatalogContents, type CatalogRecord, type RecoveryPoint } from './recovery-points';
+import { applyRecordToState, holdsSeq, PointCatalog, type CatalogContents, type CatalogRecord, type RecoveryPoint } from './recovery-points';
 import { UndoJournal } from './undo-journal';
 import { systemVolumeProbe, type VolumeProbe } from './retention-volume';
 
@@ -77,6 +77,11 @@ export class DiskHistory {
     for (const r of records) applyRecordToState(this.diskId, state, r);
     this.points = state.points;
     this.pending = state.pending;
+  }
+
+  /** Whether `seq`'s point is recorded (pending or applied); O(1) for a log past the newest point. */
+  records(seq: number): boolean {
+    return this.pending?.seq === seq || holdsSeq(this.points, seq);
   }
 
   adopt(contents: CatalogContents): void {
