@@ -21,6 +21,8 @@ export class DiskHistory {
   validBytes = 0;
   /** Bytes the journal's segments occupy on the volume (allocated, not apparent length). */
   journalBytes = 0;
+  /** Every segment at or below this sequence is deleted (set once a removal has listed the journal). */
+  private removedThroughSeq: number | undefined;
 
   constructor(readonly retentionDir: string, readonly diskId: string) {
     const paths = diskRetentionPaths(retentionDir, diskId);
@@ -129,16 +131,36 @@ export class DiskHistory {
     return freed;
   }
 
-  /** Deletes pre-images at or below `floor`, by default the oldest point (rolling back to it never applies them). */
+  /**
+   * Deletes pre-images at or below `floor`, by default the oldest point
+   * (rolling back to it never applies them).
+   *
+   * The first call lists the journal directory; after it, every segment up
+   * to the floor is known gone, and segments are only ever written above
+   * the newest point (so above any floor), so the next call deletes just
+   * the sequences between the old floor and the new one, by name, instead
+   * of listing what may be hundreds of thousands of files. A floor that
+   * moves back, jumps by more than `MAX_UNLISTED_REMOVE_RANGE` or is
+   * unbounded lists again.
+   */
   async removeUnneeded(floorSeq?: number): Promise<number> {
     const floor = floorSeq ?? this.points[0]?.seq ?? this.pending?.seq ?? Number.POSITIVE_INFINITY;
+    const from = this.removedThroughSeq;
+    let seqs: Iterable<number>;
+    if (from !== undefined && Number.isFinite(floor) && floor >= from && floor - from <= MAX_UNLISTED_REMOVE_RANGE) {
+      seqs = sequenceRange(from + 1, floor);
+    } else {
+      seqs = await this.journal.list();
+    }
     let freed = 0;
-    for (const seq of await this.journal.list()) {
+    for (const seq of seqs) {
       if (seq > floor) break;
       freed += await this.journal.segmentAllocatedBytes(seq);
       await this.journal.remove(seq);
     }
     this.journalBytes = Math.max(0, this.journalBytes - freed);
+    // A listing is the truth up to the floor, wherever an earlier floor was.
+    this.removedThroughSeq = Number.isFinite(floor) ? floor : undefined;
     return freed;
   }
 
@@ -197,6 +219,13 @@ export const PRUNE_BATCH = {
 /** How far past the window's start the oldest aged point may be before pruning runs whatever the batch: 1% of the window, at least a minute. */
 export function pruneLagMs(windowMs: number): number {
   return Math.max(PRUNE_BATCH.minLagMs, Math.ceil(windowMs * PRUNE_BATCH.fraction));
+}
+
+/** Most sequences `removeUnneeded` deletes by name without listing the journal (one batch is ~1% of a window). */
+const MAX_UNLISTED_REMOVE_RANGE = 100_000;
+
+function* sequenceRange(first: number, last: number): Generator<number> {
+  for (let seq = first; seq <= last; seq++) yield seq;
 }
 
 /** Space and history of one disk, for the status page and `blockrelay retention status`. */

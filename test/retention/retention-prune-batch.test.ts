@@ -83,6 +83,26 @@ describe('retention window pruning in batches', () => {
     expect((await h.catalog.read(count)).points[0]!.seq).toBe(2);
   });
 
+  it('lists the journal directory once, then removes later batches\' segments by name', async () => {
+    const count = 500;
+    const windowMs = count * POINT_INTERVAL_MS;
+    const h = await fullHistory(retentionTmp(), count, true);
+    const list = vi.spyOn(h.journal, 'list');
+    for (let seq = count + 1; seq <= count + 60; seq++) {
+      // Each log's own pre-image, as the hooks write it before its point.
+      fs.writeFileSync(h.journal.file(seq), '');
+      await applyLog(h, seq, windowMs);
+    }
+    expect(list.mock.calls.length).toBe(1);
+    const oldest = h.points[0]!.seq;
+    expect(oldest).toBeGreaterThan(50);
+    // Exactly the segments above the oldest point are left: none leaked, none needed lost.
+    const left = fs.readdirSync(h.journal.dir).length;
+    expect(left).toBe(count + 60 - oldest);
+    expect(h.journal.has(oldest)).toBe(false);
+    expect(h.journal.has(oldest + 1)).toBe(true);
+  });
+
   it('still drops one point at once under volume pressure, segments first', async () => {
     const h = await fullHistory(retentionTmp(), 500, true);
     const freedOrder: string[] = [];
