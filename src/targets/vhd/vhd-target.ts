@@ -5,7 +5,7 @@ import type { Clock } from '../../platform/clock';
 import { systemClock } from '../../platform/clock';
 import { nativeFileExtents } from '../../platform/file-extents';
 import { BlockrelayError, wrapError } from '../../retry/blockrelay-error';
-import type { OpenOptions } from '../disk-target';
+import type { OpenOptions, PageCachePolicy } from '../disk-target';
 import { claimDiskUuid, type DiskUuidClaim } from '../disk-uuid-registry';
 import { FileSpan } from '../file-span';
 import { FileSpanTarget, openForTarget, statForOpen } from '../file-span-target';
@@ -76,11 +76,11 @@ export class VhdTarget extends FileSpanTarget {
   }
 
   /** Wraps an open, validated file: its data span, hole punching probed when writable. */
-  private static async assemble(spec: string, path: string, handle: fsp.FileHandle, footer: VhdFooter, uuidClaim: DiskUuidClaim, readOnly: boolean): Promise<VhdTarget> {
+  private static async assemble(spec: string, path: string, handle: fsp.FileHandle, footer: VhdFooter, uuidClaim: DiskUuidClaim, readOnly: boolean, pageCache: PageCachePolicy | undefined): Promise<VhdTarget> {
     const sizeBytes = footer.currentSizeBytes;
     const ops = nativeFileExtents;
     const punchHoles = !readOnly && (await FileSpan.probePunching(handle, sizeBytes + VHD_FOOTER_SIZE_BYTES, ops));
-    const span = new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: true, punchHoles, punchAlignBytes: VHD_SECTOR_SIZE_BYTES, ownsFileTail: false, ops });
+    const span = new FileSpan({ path, handle, fileOffsetBytes: 0, sizeBytes, regularFile: true, punchHoles, punchAlignBytes: VHD_SECTOR_SIZE_BYTES, ownsFileTail: false, ops, pageCache });
     return new VhdTarget(spec, span, footer, uuidClaim, readOnly);
   }
 
@@ -118,7 +118,7 @@ export class VhdTarget extends FileSpanTarget {
         throw new BlockrelayError('BR_USAGE', `disk uuid ${JSON.stringify(diskUuid)} for ${spec} is not a UUID`, { details: { spec } });
       }
       if (stat !== undefined && !(stat.isFile() && stat.size === 0)) {
-        const existing = await VhdTarget.openExistingIfOurs(path, spec, stat, sizeBytes, diskUuid);
+        const existing = await VhdTarget.openExistingIfOurs(path, spec, stat, sizeBytes, diskUuid, options.pageCache);
         if (existing !== undefined) return existing;
         throw new BlockrelayError('BR_TARGET_NAME_CONFLICT', `${path} already exists and is not this disk; refusing to create ${spec} over it`, {
           details: { spec, path },
@@ -143,7 +143,7 @@ export class VhdTarget extends FileSpanTarget {
         if (handle !== undefined && stat === undefined) await fsp.rm(path, { force: true }).catch(() => undefined);
         throw wrapError(err, 'BR_IO', `cannot create ${spec}`);
       }
-      return VhdTarget.assemble(spec, path, handle, footer, uuidClaim, false);
+      return VhdTarget.assemble(spec, path, handle, footer, uuidClaim, false, options.pageCache);
     }
     if (stat === undefined) throw new BlockrelayError('BR_FILE_NOT_FOUND', `${path} does not exist`, { details: { spec, path } });
     if (!stat.isFile()) throw new BlockrelayError('BR_TARGET_UNSUPPORTED', `${path} is not a regular file`, { details: { spec, path } });
@@ -151,7 +151,7 @@ export class VhdTarget extends FileSpanTarget {
     try {
       const footer = await readFixedFooter(handle, stat.size, path);
       const uuidClaim = claimDiskUuid(footer.uniqueId, spec, !readOnly);
-      return await VhdTarget.assemble(spec, path, handle, footer, uuidClaim, readOnly);
+      return await VhdTarget.assemble(spec, path, handle, footer, uuidClaim, readOnly, options.pageCache);
     } catch (err) {
       await handle.close();
       throw err;
@@ -165,6 +165,7 @@ export class VhdTarget extends FileSpanTarget {
     stat: fs.Stats,
     sizeBytes: number,
     diskUuid: string | undefined,
+    pageCache: PageCachePolicy | undefined,
   ): Promise<VhdTarget | undefined> {
     if (diskUuid === undefined || !stat.isFile() || stat.size !== sizeBytes + VHD_FOOTER_SIZE_BYTES) return undefined;
     const handle = await openForTarget(path, 'r+');
@@ -174,7 +175,7 @@ export class VhdTarget extends FileSpanTarget {
         await handle.close();
         return undefined;
       }
-      return await VhdTarget.assemble(spec, path, handle, footer, claimDiskUuid(footer.uniqueId, spec, true), false);
+      return await VhdTarget.assemble(spec, path, handle, footer, claimDiskUuid(footer.uniqueId, spec, true), false, pageCache);
     } catch (err) {
       await handle.close();
       if (err instanceof BlockrelayError && err.code.startsWith('BR_VHD_')) return undefined;
