@@ -11,3 +11,14 @@ export function applyTornWrite(apply: (position: number, data: Buffer) => void, 
     at = next;
   }
 }
+
+/** A file as a power loss leaves it, built from the writes that reached the disk at absolute positions; grows as a write lands past its end. */
+export class CrashImage {
+  bytes = Buffer.alloc(0);
+
+  /** Puts `data` at `position` (a bound function: pass it to applyTornWrite as is). */
+  readonly apply = (position: number, data: Buffer): void => {
+    if (position + data.length > this.bytes.length) this.bytes = Buffer.concat([this.bytes, Buffer.alloc(position + data.length - this.bytes.length)]);
+    data.copy(this.bytes, position);
+  };
+}

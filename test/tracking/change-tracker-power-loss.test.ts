@@ -8,7 +8,7 @@ import { HrlLogFile } from '../../src/tracking/hrl-reader';
 import type { HrlWriterFile } from '../../src/tracking/hrl-writer';
 import { TrackerMapsWriter } from '../../src/tracking/tracker-files';
 import { useTempDirs } from '../helpers/tmp';
-import { applyTornWrite } from '../helpers/power-loss';
+import { applyTornWrite, CrashImage } from '../helpers/power-loss';
 
 const tempDir = useTempDirs();
 const DISK = 1024 * 1024;
@@ -63,11 +63,8 @@ class RecordingLog implements HrlWriterFile {
 function crashImage(crashAt: number, rnd: () => number): Buffer {
   const synced = Math.max(0, ...RecordingLog.syncs.filter((s) => s <= crashAt));
   const unit = rnd() < 0.5 ? SECTOR : PAGE;
-  let image = Buffer.alloc(0);
-  const apply = (position: number, data: Buffer): void => {
-    if (position + data.length > image.length) image = Buffer.concat([image, Buffer.alloc(position + data.length - image.length)]);
-    data.copy(image, position);
-  };
+  const image = new CrashImage();
+  const apply = image.apply;
   for (let i = 0; i < crashAt; i++) {
     const op = RecordingLog.ops[i]!;
     if (i < synced) {
@@ -81,7 +78,7 @@ function crashImage(crashAt: number, rnd: () => number): Buffer {
     }
     applyTornWrite(apply, op.position, op.data, unit, rnd);
   }
-  return image;
+  return image.bytes;
 }
 
 const STATE_FILES = ['disk0.maps.0', 'disk0.maps.1', 'disk0.tracker.json'];
@@ -109,6 +106,28 @@ async function recoveredState(tracker: ChangeTracker): Promise<{ image: Buffer; 
     }
   }
   return { image, written };
+}
+
+/**
+ * Each byte of the first `covered` writes reads, in the recovered logs, as
+ * that write or a later one left it (a later write may or may not have
+ * survived), unless it is in a resync extent; throws naming the byte.
+ */
+async function expectCoveredWritesKept(recovered: ChangeTracker, writes: ReadonlyArray<{ offset: number; length: number; data: Buffer }>, covered: number, where: string): Promise<void> {
+  const { image, written } = await recoveredState(recovered);
+  const resync = [...recovered.resyncExtents()];
+  const inResync = (at: number): boolean => resync.some((e) => e.offset <= at && at < e.offset + e.length);
+  for (let w = 0; w < covered; w++) {
+    const { offset, length } = writes[w]!;
+    for (let at = offset; at < offset + length; at++) {
+      let ok = written[at] === 1 && image[at] === writes[w]!.data[at - offset];
+      for (let v = w + 1; !ok && v < writes.length; v++) {
+        const later = writes[v]!;
+        if (later.offset <= at && at < later.offset + later.length && written[at] === 1 && image[at] === later.data[at - later.offset]) ok = true;
+      }
+      if (!ok && !inResync(at)) throw new Error(`${where}: byte ${at} of write ${w} [${offset}, +${length}) is neither that write's nor a later one's in the recovered logs, and in no resync extent`);
+    }
+  }
 }
 
 describe('ChangeTracker under simulated power loss', () => {
@@ -166,28 +185,12 @@ describe('ChangeTracker under simulated power loss', () => {
       const recovered = await ChangeTracker.open({ dir: crashDir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, clock });
       try {
         expect(recovered.status().resyncBytes).toBeLessThan(DISK);
-        const { image, written } = await recoveredState(recovered);
-        const resync = [...recovered.resyncExtents()];
-        const inResync = (at: number): boolean => resync.some((e) => e.offset <= at && at < e.offset + e.length);
         // Writes recorded before the newest flush whose maps are on disk
         // (this call when it is a flush and its maps made it; an unanswered
         // flush promised nothing).
         const lastFlush = calls.slice(0, order === 0 ? c + 1 : c).map((k, i) => ({ k, i })).filter(({ k }) => k.kind === 'flush').pop();
         const covered = lastFlush === undefined ? 0 : calls[lastFlush.i]!.writes;
-        // Each byte of such a write reads, in the recovered logs, as that
-        // write or a later one left it (a later write may or may not have
-        // survived), unless it is in a resync extent.
-        for (let w = 0; w < covered; w++) {
-          const { offset, length } = writes[w]!;
-          for (let at = offset; at < offset + length; at++) {
-            let ok = written[at] === 1 && image[at] === writes[w]!.data[at - offset];
-            for (let v = w + 1; !ok && v < writes.length; v++) {
-              const later = writes[v]!;
-              if (later.offset <= at && at < later.offset + later.length && written[at] === 1 && image[at] === later.data[at - later.offset]) ok = true;
-            }
-            if (!ok && !inResync(at)) throw new Error(`sample ${sample} (call ${c}, op ${crashAt}): byte ${at} of write ${w} [${offset}, +${length}) is neither that write's nor a later one's in the recovered logs, and in no resync extent`);
-          }
-        }
+        await expectCoveredWritesKept(recovered, writes, covered, `sample ${sample} (call ${c}, op ${crashAt})`);
         checked++;
       } finally {
         await recovered.close({ seal: false });
@@ -267,18 +270,15 @@ class CutRecorder {
   image(file: number, crashAt: number, rnd: () => number): Buffer {
     const synced = Math.max(0, ...this.syncs.filter((s) => s.file === file && s.doneAt <= crashAt).map((s) => s.coversBefore));
     const unit = rnd() < 0.5 ? SECTOR : PAGE;
-    let image = Buffer.alloc(0);
-    const apply = (position: number, data: Buffer): void => {
-      if (position + data.length > image.length) image = Buffer.concat([image, Buffer.alloc(position + data.length - image.length)]);
-      data.copy(image, position);
-    };
+    const image = new CrashImage();
+    const apply = image.apply;
     for (let i = 0; i < crashAt; i++) {
       const op = this.ops[i]!;
       if (op.file !== file) continue;
       if (i < synced || rnd() >= 0.6) apply(op.position, op.data);
       else if (rnd() < 0.5) applyTornWrite(apply, op.position, op.data, unit, rnd);
     }
-    return image;
+    return image.bytes;
   }
 }
 
@@ -374,20 +374,7 @@ describe('ChangeTracker under simulated power loss with cuts beside the writes',
 
       const recovered = await ChangeTracker.open({ dir: crashDir, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, clock });
       try {
-        const { image, written } = await recoveredState(recovered);
-        const resync = [...recovered.resyncExtents()];
-        const inResync = (at: number): boolean => resync.some((e) => e.offset <= at && at < e.offset + e.length);
-        for (let w = 0; w < covered; w++) {
-          const { offset, length } = writes[w]!;
-          for (let at = offset; at < offset + length; at++) {
-            let ok = written[at] === 1 && image[at] === writes[w]!.data[at - offset];
-            for (let v = w + 1; !ok && v < writes.length; v++) {
-              const later = writes[v]!;
-              if (later.offset <= at && at < later.offset + later.length && written[at] === 1 && image[at] === later.data[at - later.offset]) ok = true;
-            }
-            if (!ok && !inResync(at)) throw new Error(`seed ${seed} sample ${sample} (op ${crashAt} of ${rec.ops.length}): byte ${at} of write ${w} [${offset}, +${length}) is neither that write's nor a later one's in the recovered logs, and in no resync extent`);
-          }
-        }
+        await expectCoveredWritesKept(recovered, writes, covered, `seed ${seed} sample ${sample} (op ${crashAt} of ${rec.ops.length})`);
       } finally {
         await recovered.close({ seal: false });
       }

@@ -5,7 +5,7 @@ import { HrlLogFile } from '../../src/tracking/hrl-reader';
 import { recoverHrlLog } from '../../src/tracking/hrl-recovery';
 import { HrlWriter, type HrlWriterFile } from '../../src/tracking/hrl-writer';
 import { useTempDirs } from '../helpers/tmp';
-import { applyTornWrite } from '../helpers/power-loss';
+import { applyTornWrite, CrashImage } from '../helpers/power-loss';
 
 const tempDir = useTempDirs();
 const SECTOR = 512;
@@ -52,11 +52,8 @@ function prng(seed: number): () => number {
 function crashImage(file: RecordingFile, crashAt: number, rnd: () => number): Buffer {
   const synced = Math.max(0, ...file.syncs.filter((s) => s <= crashAt));
   const unit = rnd() < 0.5 ? SECTOR : PAGE;
-  let image = Buffer.alloc(0);
-  const apply = (position: number, data: Buffer): void => {
-    if (position + data.length > image.length) image = Buffer.concat([image, Buffer.alloc(position + data.length - image.length)]);
-    data.copy(image, position);
-  };
+  const image = new CrashImage();
+  const apply = image.apply;
   for (let i = 0; i < crashAt; i++) {
     const op = file.ops[i]!;
     if (i < synced) apply(op.position, op.data);
@@ -68,7 +65,7 @@ function crashImage(file: RecordingFile, crashAt: number, rnd: () => number): Bu
       applyTornWrite(apply, op.position, op.data, unit, rnd);
     }
   }
-  return image;
+  return image.bytes;
 }
 
 async function entriesOf(file: string): Promise<string[]> {
