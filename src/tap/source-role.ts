@@ -301,8 +301,8 @@ export class SourceRole {
   }
 
   /**
-   * One info line per cut a caller asked for (an app-consistent tag), but
-   * for the role's own cuts at most one per CUT_LOG_INTERVAL_MS, counting
+   * One info line per cut a caller asked for through `cutNow`, but for the
+   * role's own cuts at most one per CUT_LOG_INTERVAL_MS, counting
    * the cuts since the last: a busy disk cuts several times a second
    * (cutBytes), which would be hundreds of thousands of lines a day.
    */
