@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { getDiskState, sendLog } from '../../src/transport/log-client';
 import { cliCommand } from '../helpers/cli';
-import { freePort } from '../helpers/net';
+import { freePort, waitForPort } from '../helpers/net';
 import { useTempDirs } from '../helpers/tmp';
 import { requireTool } from '../helpers/tools';
 import { DISK_SIZE, makeLog, prng, type WrittenLog } from './transport-fixture';
@@ -77,22 +77,6 @@ class StallingProxy {
   }
 }
 
-async function waitForPort(port: number, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const socket = net.connect(port, '127.0.0.1', () => {
-        socket.destroy();
-        resolve(true);
-      });
-      socket.on('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing listens on ${port}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 /** Starts `blockrelay master-target --config FILE` as a child and waits until it listens. */
 async function startMasterTarget(configFile: string, children: ChildProcess[]): Promise<void> {
   const { command, args } = cliCommand(['master-target', '--config', configFile]);
@@ -147,7 +131,7 @@ describe.skipIf(!requireTool('qemu-nbd'))('master target with two disks, one of 
     fs.truncateSync(image, DISK_SIZE);
     const nbdPort = await freePort();
     children.push(spawn('qemu-nbd', ['--persistent', '--format=raw', '--bind=127.0.0.1', `--port=${nbdPort}`, '--export-name=disk1', image], { stdio: 'ignore' }));
-    await waitForPort(nbdPort, 10_000);
+    await waitForPort(nbdPort, 10_000, 'qemu-nbd');
     const proxy = new StallingProxy(nbdPort);
     proxies.push(proxy);
     const proxyPort = await proxy.listen();
