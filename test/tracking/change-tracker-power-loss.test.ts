@@ -109,6 +109,21 @@ async function recoveredState(tracker: ChangeTracker): Promise<{ image: Buffer; 
 }
 
 /**
+ * Write number `c` of a harness: with chance `repeatChance` the exact extent
+ * of an earlier write (the writer then rewrites its entry in place), else a
+ * new one; some lengths are not a multiple of 32, so later metadata blocks
+ * (and their entries) sit at unaligned file positions. Its bytes name `c`.
+ */
+function randomWrite(rnd: () => number, writes: ReadonlyArray<{ offset: number; length: number }>, c: number, repeatChance: number): { offset: number; length: number; data: Buffer } {
+  const again = writes.length > 0 && rnd() < repeatChance ? writes[Math.floor(rnd() * writes.length)]! : undefined;
+  const length = again?.length ?? (rnd() < 0.2 ? 100 + Math.floor(rnd() * 900) : SECTOR * (1 + Math.floor(rnd() * 6)));
+  const offset = again?.offset ?? Math.floor(rnd() * (DISK / SECTOR - 8)) * SECTOR;
+  const data = Buffer.alloc(length, (c * 7 + 1) & 0xff);
+  data.writeUInt32LE(c, 0);
+  return { offset, length, data };
+}
+
+/**
  * Each byte of the first `covered` writes reads, in the recovered logs, as
  * that write or a later one left it (a later write may or may not have
  * survived), unless it is in a resync extent; throws naming the byte.
@@ -148,16 +163,9 @@ describe('ChangeTracker under simulated power loss', () => {
       const opsBefore = RecordingLog.ops.length;
       const kind = rnd() < 0.25 ? 'flush' : 'write';
       if (kind === 'write') {
-        // Often the exact extent of an earlier write: the writer rewrites its entry in place.
-        const again = writes.length > 0 && rnd() < 0.5 ? writes[Math.floor(rnd() * writes.length)]! : undefined;
-        // Some lengths are not a multiple of 32, so later metadata blocks (and
-        // their entries) sit at unaligned file positions.
-        const length = again?.length ?? (rnd() < 0.2 ? 100 + Math.floor(rnd() * 900) : SECTOR * (1 + Math.floor(rnd() * 6)));
-        const offset = again?.offset ?? Math.floor(rnd() * (DISK / SECTOR - 8)) * SECTOR;
-        const data = Buffer.alloc(length, (c * 7 + 1) & 0xff);
-        data.writeUInt32LE(c, 0);
-        await tracker.recordWrite(offset, data);
-        writes.push({ offset, length, data });
+        const w = randomWrite(rnd, writes, c, 0.5);
+        await tracker.recordWrite(w.offset, w.data);
+        writes.push(w);
       } else {
         await tracker.flush();
       }
@@ -316,13 +324,9 @@ describe('ChangeTracker under simulated power loss with cuts beside the writes',
     try {
       const tracker = await ChangeTracker.open({ dir: live, diskId: 'disk0', diskSizeBytes: DISK, metadataSizeBytes: 256, persistIntervalMs: 0, clock, openLogFile: rec.open, spareOnInjectedFiles: true, coalesceMinBytes: 1 });
       const oneWrite = async (c: number): Promise<void> => {
-        const again = writes.length > 0 && rnd() < 0.4 ? writes[Math.floor(rnd() * writes.length)]! : undefined;
-        const length = again?.length ?? (rnd() < 0.2 ? 100 + Math.floor(rnd() * 900) : SECTOR * (1 + Math.floor(rnd() * 6)));
-        const offset = again?.offset ?? Math.floor(rnd() * (DISK / SECTOR - 8)) * SECTOR;
-        const data = Buffer.alloc(length, (c * 7 + 1) & 0xff);
-        data.writeUInt32LE(c, 0);
-        await tracker.recordWrite(offset, data);
-        writes.push({ offset, length, data });
+        const w = randomWrite(rnd, writes, c, 0.4);
+        await tracker.recordWrite(w.offset, w.data);
+        writes.push(w);
       };
       for (let c = 0; c < CUT_CALLS; c++) {
         const r = rnd();
