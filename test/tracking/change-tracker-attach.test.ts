@@ -28,6 +28,15 @@ class CountingExport implements NativeTapExport {
   }
 }
 
+/** A CountingExport that keeps the overflow limit the tracker hands the writers at each release. */
+class LimitRecordingExport extends CountingExport {
+  readonly limits: number[] = [];
+  override release(...args: unknown[]): void {
+    this.limits.push(args[2] as number);
+    super.release();
+  }
+}
+
 /** Holds end asynchronously (a resume takes the lock once more first): waits for the count to settle. */
 async function settledHolds(exp: CountingExport): Promise<number> {
   for (let i = 0; i < 100 && exp.holds !== 0; i++) await new Promise((r) => setTimeout(r, 10));
@@ -156,14 +165,8 @@ describe('ChangeTracker.acknowledge with the native tap attached', () => {
     await t.recordWrite(0, Buffer.alloc(4 << 20, 1));
     const sealed = await t.rotate();
     expect(sealed!.sizeBytes).toBeGreaterThan(4 << 20);
-    /** The limits the tracker hands the writers as it lets them go. */
-    const limits: number[] = [];
-    const exp = new (class extends CountingExport {
-      override release(...args: unknown[]): void {
-        limits.push(args[2] as number);
-        super.release();
-      }
-    })();
+    const exp = new LimitRecordingExport();
+    const limits = exp.limits;
     t.attachNative(exp);
     expect(limits.at(-1)).toBe(diskSizeBytes - sealed!.sizeBytes);
     expect(await t.acknowledge(sealed!.name)).toBe(true);
@@ -182,13 +185,8 @@ describe('ChangeTracker.acknowledge with the native tap attached', () => {
     const t = await ChangeTracker.open({ dir, diskId: 'disk0', diskSizeBytes, persistIntervalMs: 0, overflowRatio: 1 });
     await t.recordWrite(0, Buffer.alloc(4 << 20, 1));
     const sealed = await t.rotate();
-    const limits: number[] = [];
-    const exp = new (class extends CountingExport {
-      override release(...args: unknown[]): void {
-        limits.push(args[2] as number);
-        super.release();
-      }
-    })();
+    const exp = new LimitRecordingExport();
+    const limits = exp.limits;
     t.attachNative(exp);
     // The state file's name taken by a non-empty directory: the rename that
     // replaces it fails (a real failed state write, after the writers went).
