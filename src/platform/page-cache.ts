@@ -43,8 +43,8 @@ export function dropFileCache(fd: number, offsetBytes: number, lengthBytes: numb
  * covers the whole file: pages written after the sync that asked are still
  * dirty and stay (their writeback is only started), so the call never
  * touches data that is not yet durable. Advisory: a refusal or a throw is
- * kept as `lastRefusal` for status, never reported as a failure of the sync
- * it followed.
+ * kept as `lastRefusal`, never reported as a failure of the sync it
+ * followed.
  *
  * Why a replication target wants this (measured, docs/transport.md, "Page
  * cache that grows"): a VMDK written at 200 MB/s grows the cache by 200 MB/s
@@ -56,11 +56,20 @@ export class DurablePageDropper {
   private running: Promise<void> | undefined;
   private again = false;
   private closed = false;
-  /** The errno name of the last refused drop, if any (advisory: nothing depends on it). */
+  /** The errno name of the last refused drop, if any (advisory: no code acts on it; tests read it). */
   lastRefusal: string | undefined;
 
-  /** `fd` is read at each drop: the descriptor of a handle this object does not own. */
-  constructor(private readonly fd: () => number) {}
+  /**
+   * `fd` is read at each drop: the descriptor of a handle this object does
+   * not own. `runJob` runs the drop's pool job under the owner's bound on
+   * pool jobs per file (FileSpan's PoolJobLimit), so a hung file holds no
+   * more pool threads for its drop than for its other I/O; by default the
+   * job runs as is.
+   */
+  constructor(
+    private readonly fd: () => number,
+    private readonly runJob: <T>(job: () => Promise<T>) => Promise<T> = (job) => job(),
+  ) {}
 
   /** After a sync of the file succeeded: drops its clean pages in the background. */
   synced(): void {
@@ -87,7 +96,7 @@ export class DurablePageDropper {
       try {
         const fd = this.fd();
         requireInteger('fd', fd, 0, MAX_FD);
-        const rc = await (loadNative<PageCacheAddon>().dropFileCacheAsync(fd, 0, 0) ?? Promise.resolve('EINVAL'));
+        const rc = await this.runJob(() => loadNative<PageCacheAddon>().dropFileCacheAsync(fd, 0, 0) ?? Promise.resolve('EINVAL'));
         this.lastRefusal = rc === 0 ? this.lastRefusal : rc;
       } catch (err) {
         this.lastRefusal = (err as { code?: string }).code ?? 'EINVAL';

@@ -101,7 +101,8 @@ export class FileSpan {
     this.punchAlignBytes = options.punchAlignBytes ?? 1;
     this.shortReadError = options.shortReadError;
     this.poolJobs = options.poolJobs ?? new PoolJobLimit();
-    this.dropper = options.pageCache === 'drop-durable' ? new DurablePageDropper(() => this.handle.fd) : undefined;
+    // Its pool job counts against this file's bound like every other.
+    this.dropper = options.pageCache === 'drop-durable' ? new DurablePageDropper(() => this.handle.fd, (job) => this.poolJobs.run(job)) : undefined;
     const blockAligned = this.fileOffset % FILE_SPAN_EXTENT_GRANULARITY_BYTES === 0;
     this.punching = options.punchHoles && blockAligned;
     // The seeks and the punch refuse a descriptor that close() has let go.

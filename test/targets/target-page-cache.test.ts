@@ -3,8 +3,11 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { nativeFileExtents } from '../../src/platform/file-extents';
 import { DurablePageDropper } from '../../src/platform/page-cache';
+import { PoolJobLimit } from '../../src/platform/pool-job-limit';
 import { openDisk } from '../../src/targets/disk-spec';
+import { FileSpan } from '../../src/targets/file-span';
 import type { DiskTarget, PageCachePolicy } from '../../src/targets/disk-target';
 import { VmdkSparseTarget } from '../../src/targets/vmdk/vmdk-sparse-target';
 import { openOrCreateTarget } from '../../src/transport/target-opener';
@@ -147,6 +150,26 @@ describe('pageCache drop-durable', () => {
     } finally {
       await target.close();
     }
+  });
+});
+
+describe('FileSpan with drop-durable', () => {
+  it("runs its drop as one of the file's bounded pool jobs", async () => {
+    const file = path.join(tempDir(), 'span');
+    fs.writeFileSync(file, crypto.randomBytes(MiB));
+    const handle = await fs.promises.open(file, 'r+');
+    const jobs = new PoolJobLimit(1);
+    const span = new FileSpan({ path: file, handle, fileOffsetBytes: 0, sizeBytes: MiB, regularFile: true, punchHoles: false, ownsFileTail: true, ops: nativeFileExtents, poolJobs: jobs, pageCache: 'drop-durable' });
+    try {
+      await span.datasync();
+      // The sync gave its slot back; the drop it started holds it now (its
+      // pool job cannot have answered before this continuation runs), so a
+      // hung file's drop counts against the same bound as its writes.
+      expect(jobs.inFlight).toBe(1);
+    } finally {
+      await span.close();
+    }
+    expect(jobs.inFlight).toBe(0);
   });
 });
 
